@@ -1,0 +1,181 @@
+"""The error tree shared by agents and orchestrator (the bottom of the import graph).
+
+::
+
+    RbdfleetError
+    ├── BindingUnavailable(module, package)   a Python binding (rados, rbd, libvirt) is missing
+    └── AgentError                            carries a wire code and an HTTP status
+        ├── BadRequest          400           DecodeError, UnsupportedVersion, BadPath
+        ├── GrantRejected       401/403       BadSignature, GrantExpired, ForeignGrant
+        ├── Conflict            409           StaleEpoch, NotWriter
+        ├── NotFound            404
+        ├── TooLarge            413
+        ├── CatchingUp          503
+        ├── FormatError         500           BadMagic, UnsupportedFormat, ChecksumMismatch, TornRecord
+        └── DeviceError(op, errno)  500       EIO / EPERM: where a fenced writer stops
+
+Agent errors cross the wire as JSON ``{"error": code, "message": ..., **fields}``;
+:func:`error_from_wire` turns such a body back into the same class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RbdfleetError(Exception):
+    """Root of every error rbdfleet raises on purpose."""
+
+
+class BindingUnavailable(RbdfleetError):
+    """A Python binding that comes from a Debian package is not importable."""
+
+    def __init__(self, module: str, package: str) -> None:
+        super().__init__(
+            f"Python module {module!r} is not importable: install the Debian package "
+            f"{package!r} (apt-get install {package}) and use a venv made with "
+            f"--system-site-packages"
+        )
+        self.module = module
+        self.package = package
+
+
+_REGISTRY: dict[str, type[AgentError]] = {}
+
+
+class AgentError(RbdfleetError):
+    """An error with a wire code and an HTTP status; ``fields`` travel with it."""
+
+    code: ClassVar[str] = "agent_error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields = fields
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.code] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON body sent for this error."""
+        return {"error": self.code, "message": self.message, **self.fields}
+
+
+_REGISTRY[AgentError.code] = AgentError
+
+
+def error_from_wire(body: dict[str, Any], status: int = 500) -> AgentError:
+    """Rebuild the error an agent or coordinator sent; unknown codes become AgentError."""
+    fields = {k: v for k, v in body.items() if k not in ("error", "message")}
+    cls = _REGISTRY.get(str(body.get("error")), AgentError)
+    err = cls.__new__(cls)
+    AgentError.__init__(err, str(body.get("message", "")), **fields)
+    if cls is AgentError:
+        err.fields.setdefault("status", status)
+    return err
+
+
+class BadRequest(AgentError):
+    code = "bad_request"
+    status = 400
+
+
+class DecodeError(BadRequest):
+    code = "decode_error"
+
+
+class UnsupportedVersion(BadRequest):
+    code = "unsupported_version"
+
+
+class BadPath(BadRequest):
+    code = "bad_path"
+
+
+class GrantRejected(AgentError):
+    code = "grant_rejected"
+    status = 403
+
+
+class BadSignature(GrantRejected):
+    code = "bad_signature"
+    status = 401
+
+
+class GrantExpired(GrantRejected):
+    code = "grant_expired"
+    status = 401
+
+
+class ForeignGrant(GrantRejected):
+    """A valid grant for another fleet, node or role."""
+
+    code = "foreign_grant"
+    status = 403
+
+
+class Conflict(AgentError):
+    code = "conflict"
+    status = 409
+
+
+class StaleEpoch(Conflict):
+    code = "stale_epoch"
+
+
+class NotWriter(Conflict):
+    code = "not_writer"
+
+
+class AlreadyExists(Conflict):
+    code = "already_exists"
+
+
+class NotFound(AgentError):
+    code = "not_found"
+    status = 404
+
+
+class TooLarge(AgentError):
+    code = "too_large"
+    status = 413
+
+
+class NoSpace(AgentError):
+    code = "no_space"
+    status = 507
+
+
+class CatchingUp(AgentError):
+    code = "catching_up"
+    status = 503
+
+
+class FormatError(AgentError):
+    code = "format_error"
+    status = 500
+
+
+class BadMagic(FormatError):
+    code = "bad_magic"
+
+
+class UnsupportedFormat(FormatError):
+    code = "unsupported_format"
+
+
+class ChecksumMismatch(FormatError):
+    code = "checksum_mismatch"
+
+
+class TornRecord(FormatError):
+    code = "torn_record"
+
+
+class DeviceError(AgentError):
+    """An I/O error from the backend: EIO after a fence, EPERM/EROFS on a read-only disk."""
+
+    code = "device_error"
+    status = 500

@@ -1,0 +1,1 @@
+"""rbdfleet control plane: provisioning, deployment, coordinator, client and CLI."""

@@ -1,0 +1,112 @@
+"""The orchestrator's errors, under :class:`agents.errors.RbdfleetError`.
+
+::
+
+    OrchestratorError
+    ├── ConfigError(key, reason)
+    ├── SandboxError                   sandbox up/down could not proceed
+    ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost
+    ├── HypervisorError                libvirt: DomainNotFound, DeviceAttachError
+    ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, RemoteCommandFailed
+    ├── DeployError(results)
+    ├── AgentUnreachable(node, address)
+    └── CoordinationError              NoEligibleWriter, FencingFailed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.errors import RbdfleetError
+
+
+class OrchestratorError(RbdfleetError):
+    """Root of the orchestrator's errors."""
+
+
+class ConfigError(OrchestratorError):
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+class SandboxError(OrchestratorError):
+    """The sandbox could not be brought up or down; the message says what to do."""
+
+
+class StorageError(OrchestratorError):
+    """An error from Ceph, translated once in the Ceph adapter."""
+
+
+class ImageNotFound(StorageError):
+    pass
+
+
+class ImageExists(StorageError):
+    pass
+
+
+class ImageBusy(StorageError):
+    pass
+
+
+class LeaseLost(StorageError):
+    pass
+
+
+class HypervisorError(OrchestratorError):
+    """An error from libvirt, translated once in the libvirt adapter."""
+
+
+class DomainNotFound(HypervisorError):
+    pass
+
+
+class DeviceAttachError(HypervisorError):
+    pass
+
+
+class RemoteError(OrchestratorError):
+    def __init__(self, host: str, message: str) -> None:
+        super().__init__(f"{host}: {message}")
+        self.host = host
+
+
+class HostUnreachable(RemoteError):
+    pass
+
+
+class HostKeyMismatch(RemoteError):
+    pass
+
+
+class RemoteCommandFailed(RemoteError):
+    def __init__(self, host: str, message: str, rc: int) -> None:
+        super().__init__(host, message)
+        self.rc = rc
+
+
+class DeployError(OrchestratorError):
+    def __init__(self, message: str, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.results = results
+
+
+class AgentUnreachable(OrchestratorError):
+    def __init__(self, node: str, address: str, reason: str = "") -> None:
+        super().__init__(f"agent {node} at {address} unreachable{': ' + reason if reason else ''}")
+        self.node = node
+        self.address = address
+
+
+class CoordinationError(OrchestratorError):
+    pass
+
+
+class NoEligibleWriter(CoordinationError):
+    pass
+
+
+class FencingFailed(CoordinationError):
+    pass
