@@ -1,0 +1,48 @@
+# rbdfleet — every target that runs code runs `setup` first; `setup` is idempotent.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+DEBS := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd python3-libvirt \
+        python3-venv libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-block-extra \
+        qemu-utils openssh-server openssh-client debootstrap busybox-static iproute2 nftables \
+        zstd e2fsprogs procps
+DEMO_DIR ?= /var/tmp/rbdfleet-demo
+PYTEST_ARGS ?=
+
+.PHONY: setup debs venv test demo lint unit clean
+
+setup: debs venv
+
+debs:
+	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(DEBS) 2>/dev/null | awk '$$4!="installed"{print $$1}'; \
+	  for p in $(DEBS); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done); \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${missing// /}" ]; then \
+	  echo "setup: installing Debian packages: $$missing"; \
+	  [ "$$(id -u)" = 0 ] || { echo "setup: must run as root to install packages" >&2; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "setup: Debian packages present"; fi
+
+$(VENV)/.stamp: pyproject.toml
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+lint: setup
+	$(VENV)/bin/ruff check agents orchestrator tests bench
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -m unit -q $(PYTEST_ARGS)
+
+test: setup
+	@bash tests/run-all.sh $(PYTEST_ARGS)
+
+demo: setup
+	@bash bench/../orchestrator/sandbox/demo.sh $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,23 @@
+"""Test-suite wiring: fixture plugins and the rule that every test names its tier."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.ceph",
+    "tests.fixtures.hosts",
+    "tests.fixtures.vms",
+    "tests.fixtures.agents",
+]
+
+TIERS = {"unit", "contract", "integration", "fault"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test without a tier marker is an error, not a silent member of no tier."""
+    untiered = [i.nodeid for i in items if not TIERS & {m.name for m in i.iter_markers()}]
+    if untiered:
+        raise pytest.UsageError(
+            "tests without a tier marker (unit/contract/integration/fault): " + ", ".join(untiered)
+        )
