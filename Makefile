@@ -9,7 +9,7 @@ DEBS := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd python3
 DEMO_DIR ?= /var/tmp/rbdfleet-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup debs venv test demo lint unit clean
+.PHONY: setup debs venv test demo demo-down lint unit clean
 
 setup: debs venv
 
@@ -38,11 +38,16 @@ lint: setup
 unit: setup
 	$(VENV)/bin/pytest -m unit -q $(PYTEST_ARGS)
 
+# Every tier (unit, contract, integration, fault; vm included) in one pytest run, so the
+# last line is pytest's summary. The real parts start through orchestrator.sandbox fixtures.
 test: setup
-	@bash tests/run-all.sh $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
-	@bash bench/../orchestrator/sandbox/demo.sh $(DEMO_DIR)
+	$(PY) -m orchestrator.sandbox.demo --dir $(DEMO_DIR)
+
+demo-down: setup
+	$(VENV)/bin/rbdfleet sandbox down --dir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
