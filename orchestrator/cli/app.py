@@ -19,3 +19,7 @@ app.add_typer(sandbox.app, name="sandbox")
 def main() -> None:
     """Console-script entry point."""
     run_reporting_errors(app)
+
+
+if __name__ == "__main__":
+    main()
