@@ -1,0 +1,548 @@
+"""Every /v1 message between clients, agents and the coordinator, as versioned frozen dataclasses.
+
+Wire form: a JSON object with a version field ``v`` (:data:`PROTOCOL_VERSION`) next to the
+message's fields. Nested messages are plain objects without ``v``; tuples travel as arrays.
+
+Invariants:
+- ``decode(encode(m)) == m`` for every message ``m``.
+- :meth:`Message.decode` raises ``UnsupportedVersion`` (400) for a ``v`` it does not speak and
+  ``DecodeError`` (400) for anything malformed (bad JSON, missing field, wrong type), naming the
+  field. Unknown extra fields are ignored, so a v1 peer may add optional fields.
+- Pure: no I/O, no clock. Headers of a streamed PUT are handled by :class:`PutRequest`.
+
+Who sends what (routes in docs/agent-api.md):
+
+=====================  ==========================================  ========================
+message                 from → to                                   route
+=====================  ==========================================  ========================
+PutRequest (headers)    client → writer                             PUT /v1/files/<path>
+MkdirRequest            client → writer                             POST /v1/mkdir
+RenameRequest           client → writer                             POST /v1/rename
+WriteAck                writer → client                             answer to the three above
+                                                                    and DELETE /v1/files/<path>
+EntryInfo, ListResponse agent → client                              GET /v1/stat, /v1/list
+RecordPush / RecordAck  writer → reader / reader → writer           POST /v1/records
+Health                  agent → anyone                              GET /v1/health
+PromoteRequest          coordinator → agent (control grant)         POST /v1/promote
+DemoteRequest           coordinator → agent (control grant)         POST /v1/demote
+Heartbeat               agent → coordinator                         POST <coordinator>/v1/heartbeat
+SelfTestReport          agent → coordinator                         POST <coordinator>/v1/selftest
+LaggingReaderReport     writer → coordinator                        POST <coordinator>/v1/lagging
+ErrorBody               anyone → caller, with an HTTP status        any failed request
+=====================  ==========================================  ========================
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Final, Self, Union, get_args, get_origin, get_type_hints
+
+from agents.errors import AgentError, DecodeError, UnsupportedVersion, error_from_wire
+
+__all__ = [
+    "AUTH_HEADER",
+    "BEARER",
+    "MTIME_HEADER",
+    "PROTOCOL_VERSION",
+    "READERS_HEADER",
+    "SIZE_HEADER",
+    "SUPPORTED_VERSIONS",
+    "VERSION_HEADER",
+    "DemoteRequest",
+    "EntryInfo",
+    "ErrorBody",
+    "Health",
+    "Heartbeat",
+    "LaggingReaderReport",
+    "ListResponse",
+    "Message",
+    "MkdirRequest",
+    "PromoteRequest",
+    "PutRequest",
+    "ReaderAddress",
+    "RecordAck",
+    "RecordPush",
+    "RenameRequest",
+    "SelfTestCheck",
+    "SelfTestReport",
+    "WriteAck",
+    "bearer_token",
+    "format_readers",
+    "parse_readers",
+]
+
+PROTOCOL_VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = (1,)
+
+AUTH_HEADER: Final = "Authorization"
+BEARER: Final = "Bearer "
+VERSION_HEADER: Final = "X-Rbdfleet-Version"
+SIZE_HEADER: Final = "X-Rbdfleet-Size"
+READERS_HEADER: Final = "X-Rbdfleet-Readers"
+MTIME_HEADER: Final = "X-Rbdfleet-Mtime"
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) as the Python type ``tp``; DecodeError naming ``where`` if not."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise DecodeError(f"{where} must be an array", field=where)
+        (item,) = [a for a in get_args(tp) if a is not Ellipsis]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise DecodeError(f"{where} must be an object", field=where)
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise DecodeError(f"{where} must be a boolean", field=where)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DecodeError(f"{where} must be an integer", field=where)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DecodeError(f"{where} must be a number", field=where)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise DecodeError(f"{where} must be a string", field=where)
+        return value
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return tp._from_fields(value, where)
+    raise TypeError(f"protocol field type {tp!r} is not supported")  # a bug in this module
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Message):
+        return value._fields_json()
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+class Message:
+    """Base of every /v1 message: versioned JSON encode/decode driven by the dataclass fields."""
+
+    def _fields_json(self) -> dict[str, Any]:
+        return {f.name: _to_json(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (with ``v``) for this message."""
+        return {"v": PROTOCOL_VERSION, **self._fields_json()}
+
+    def encode(self) -> bytes:
+        """UTF-8 JSON bytes of :meth:`to_json`."""
+        return json.dumps(self.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def _from_fields(cls, obj: Any, where: str) -> Self:
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{where} must be a JSON object", field=where)
+        hints = _hints(cls)
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            name = f"{where}.{f.name}" if where else f.name
+            if f.name in obj:
+                kwargs[f.name] = _convert(hints[f.name], obj[f.name], name)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise DecodeError(f"missing field {name!r}", field=name)
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            raise DecodeError(f"invalid {cls.__name__}: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Self:
+        """Build from a parsed JSON object, checking its version."""
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{cls.__name__} must be a JSON object")
+        version = obj.get("v")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise DecodeError(f"{cls.__name__} needs an integer version field 'v'", field="v")
+        if version not in SUPPORTED_VERSIONS:
+            raise UnsupportedVersion(
+                f"protocol version {version} is not supported",
+                got=version, supported=list(SUPPORTED_VERSIONS),
+            )
+        return cls._from_fields(obj, "")
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> Self:
+        """Parse JSON bytes; DecodeError / UnsupportedVersion on bad input."""
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DecodeError(f"{cls.__name__} is not valid JSON") from exc
+        return cls.from_json(obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client → writer
+
+
+@dataclass(frozen=True)
+class ReaderAddress(Message):
+    """A reader as the client names it: node name and ``host:port`` (or URL) address."""
+
+    node: str
+    address: str
+
+
+def parse_readers(text: str) -> tuple[ReaderAddress, ...]:
+    """``"r1=10.0.0.2:7480,r2=10.0.0.3:7480"`` → reader addresses; DecodeError if malformed."""
+    readers = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        node, sep, address = part.partition("=")
+        if not sep or not node.strip() or not address.strip():
+            raise DecodeError(f"{READERS_HEADER} entry {part!r} is not node=address",
+                              field=READERS_HEADER)
+        readers.append(ReaderAddress(node.strip(), address.strip()))
+    return tuple(readers)
+
+
+def format_readers(readers: tuple[ReaderAddress, ...]) -> str:
+    """The :data:`READERS_HEADER` value for ``readers`` (inverse of :func:`parse_readers`)."""
+    for r in readers:
+        if any(c in r.node + r.address for c in ",= \r\n"):
+            raise ValueError(f"reader {r.node!r}/{r.address!r} cannot go in a header")
+    return ",".join(f"{r.node}={r.address}" for r in readers)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The grant token from ``Authorization: Bearer <token>``; DecodeError when absent."""
+    value = headers.get(AUTH_HEADER) or ""
+    if not value.startswith(BEARER) or not value[len(BEARER):].strip():
+        raise DecodeError("request carries no grant (Authorization: Bearer <token>)",
+                          field=AUTH_HEADER)
+    return value[len(BEARER):].strip()
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise DecodeError(f"header {name} must be a non-negative integer", field=name)
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PutRequest(Message):
+    """The headers of ``PUT /v1/files/<path>``; the body (``size`` bytes) is streamed.
+
+    ``readers`` are the reader addresses the client was given with its grants (patent S302);
+    the writer pushes to them when they match the fleet's, else to the configured ones.
+    """
+
+    grant: str
+    size: int
+    readers: tuple[ReaderAddress, ...] = ()
+    mtime: float | None = None
+
+    def to_headers(self) -> dict[str, str]:
+        """HTTP headers for this request (Content-Length is ``size``)."""
+        headers = {
+            AUTH_HEADER: BEARER + self.grant,
+            VERSION_HEADER: str(PROTOCOL_VERSION),
+            "Content-Length": str(self.size),
+            SIZE_HEADER: str(self.size),
+        }
+        if self.readers:
+            headers[READERS_HEADER] = format_readers(self.readers)
+        if self.mtime is not None:
+            headers[MTIME_HEADER] = repr(self.mtime)
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> PutRequest:
+        """Parse request headers (a case-insensitive mapping such as ``http.client`` gives).
+
+        The size comes from Content-Length; ``X-Rbdfleet-Size``, when present, must agree.
+        """
+        version = headers.get(VERSION_HEADER)
+        if version is not None:
+            if not version.strip().isdigit():
+                raise DecodeError(f"header {VERSION_HEADER} must be an integer",
+                                  field=VERSION_HEADER)
+            if int(version) not in SUPPORTED_VERSIONS:
+                raise UnsupportedVersion(f"protocol version {version} is not supported",
+                                         got=int(version), supported=list(SUPPORTED_VERSIONS))
+        length = _header_int(headers, "Content-Length")
+        expected = _header_int(headers, SIZE_HEADER)
+        if length is None:
+            raise DecodeError("PUT needs a Content-Length (chunked bodies are not accepted)",
+                              field="Content-Length")
+        if expected is not None and expected != length:
+            raise DecodeError(f"{SIZE_HEADER} {expected} != Content-Length {length}",
+                              field=SIZE_HEADER)
+        mtime_text = headers.get(MTIME_HEADER)
+        mtime: float | None = None
+        if mtime_text is not None:
+            try:
+                mtime = float(mtime_text)
+            except ValueError as exc:
+                raise DecodeError(f"header {MTIME_HEADER} must be a number",
+                                  field=MTIME_HEADER) from exc
+        return cls(grant=bearer_token(headers), size=length,
+                   readers=parse_readers(headers.get(READERS_HEADER) or ""), mtime=mtime)
+
+
+@dataclass(frozen=True)
+class MkdirRequest(Message):
+    """Body of ``POST /v1/mkdir``."""
+
+    path: str
+    parents: bool = False
+
+
+@dataclass(frozen=True)
+class RenameRequest(Message):
+    """Body of ``POST /v1/rename``."""
+
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class WriteAck(Message):
+    """The writer's answer to a put/delete/mkdir/rename, sent once the record is durable and
+    every in-sync reader acked (``acked``) or was reported lagging (``lagging``)."""
+
+    op: str
+    path: str
+    seq: int
+    epoch: int
+    size: int = 0
+    crc: int | None = None
+    dst: str | None = None
+    acked: tuple[str, ...] = ()
+    lagging: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent → client (reads)
+
+
+@dataclass(frozen=True)
+class EntryInfo(Message):
+    """One file or directory as ``stat`` and ``list`` show it (``version`` = seq that wrote it)."""
+
+    path: str
+    kind: str
+    size: int
+    version: int
+    epoch: int
+    mtime: float
+    crc: int | None = None
+
+
+@dataclass(frozen=True)
+class ListResponse(Message):
+    """Answer of ``GET /v1/list/<dir>``: the directory's entries at ``applied_seq``."""
+
+    path: str
+    entries: tuple[EntryInfo, ...]
+    applied_seq: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer ↔ reader
+
+
+@dataclass(frozen=True)
+class RecordPush(Message):
+    """Journal records the writer sends to a reader (patent S305), oldest first.
+
+    ``records`` are base64 of ``Record.encode()``: the exact journal bytes, so the reader
+    verifies their checksum as it would on disk. ``commit_seq`` is the writer's last durable seq.
+    """
+
+    fleet: str
+    epoch: int
+    writer: str
+    records: tuple[str, ...]
+    commit_seq: int
+
+    @staticmethod
+    def pack(record_bytes: bytes) -> str:
+        """One encoded record as it travels in ``records``."""
+        return base64.b64encode(record_bytes).decode("ascii")
+
+    def record_bytes(self) -> list[bytes]:
+        """The encoded records; DecodeError for bad base64."""
+        try:
+            return [base64.b64decode(r, validate=True) for r in self.records]
+        except (binascii.Error, ValueError) as exc:
+            raise DecodeError("record push carries bad base64", field="records") from exc
+
+
+@dataclass(frozen=True)
+class RecordAck(Message):
+    """A reader's answer to a push: what it applied, and the oldest seq it still reads from."""
+
+    node: str
+    epoch: int
+    applied_seq: int
+    safe_seq: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+@dataclass(frozen=True)
+class Health(Message):
+    """``GET /v1/health``: role, epoch, applied seq and the last self-test result.
+
+    ``selftest`` is ``"ok"``, ``"failed"`` or ``"pending"`` (not run yet); ``catching_up`` is
+    true while a reader is behind the journal it knows of.
+    """
+
+    node: str
+    fleet: str
+    role: str
+    epoch: int
+    applied_seq: int
+    safe_seq: int
+    selftest: str
+    catching_up: bool = False
+    in_sync: tuple[str, ...] = ()
+    lagging: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Sent by every agent to the coordinator every heartbeat interval."""
+
+    node: str
+    fleet: str
+    role: str
+    epoch: int
+    applied_seq: int
+    safe_seq: int
+    selftest: str
+    address: str
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class SelfTestCheck(Message):
+    """One check of a self-test (e.g. ``device-read``, ``journal-readable``)."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SelfTestReport(Message):
+    """The VM's own failure detection (patent): sent to the coordinator after each self-test."""
+
+    node: str
+    fleet: str
+    role: str
+    epoch: int
+    ok: bool
+    checks: tuple[SelfTestCheck, ...]
+    at: float
+
+
+@dataclass(frozen=True)
+class LaggingReaderReport(Message):
+    """The writer could not get ``reader``'s ack for ``target_seq`` in time: the coordinator
+    stops handing that reader to clients until it reports it caught up."""
+
+    fleet: str
+    writer: str
+    epoch: int
+    reader: str
+    address: str
+    applied_seq: int
+    target_seq: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PromoteRequest(Message):
+    """Coordinator → agent (control grant for ``node``): become the writer of ``epoch``."""
+
+    fleet: str
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class DemoteRequest(Message):
+    """Coordinator → agent (control grant for ``node``): stop writing at once, become a reader
+    of ``epoch``; ``writer``/``writer_address`` name the new writer when known."""
+
+    fleet: str
+    node: str
+    epoch: int
+    writer: str | None = None
+    writer_address: str | None = None
+
+
+@dataclass(frozen=True)
+class ErrorBody(Message):
+    """A failed request's body: ``{"v", "error", "message", **fields}`` (flat on the wire)."""
+
+    error: str
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    KEYS: ClassVar[frozenset[str]] = frozenset({"v", "error", "message"})
+
+    @classmethod
+    def from_error(cls, err: AgentError) -> ErrorBody:
+        """The body for ``err`` (its ``to_wire()``)."""
+        wire = err.to_wire()
+        return cls(error=str(wire["error"]), message=str(wire["message"]),
+                   fields={k: v for k, v in wire.items() if k not in cls.KEYS})
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat: the error's fields sit next to ``error`` and ``message``."""
+        return {**self.fields, "v": PROTOCOL_VERSION, "error": self.error, "message": self.message}
+
+    @classmethod
+    def _from_fields(cls, obj: Any, where: str) -> ErrorBody:
+        if not isinstance(obj, dict):
+            raise DecodeError("error body must be a JSON object")
+        error, message = obj.get("error"), obj.get("message")
+        if not isinstance(error, str) or not isinstance(message, str):
+            raise DecodeError("error body needs string 'error' and 'message'")
+        return cls(error=error, message=message,
+                   fields={k: v for k, v in obj.items() if k not in cls.KEYS})
+
+    def to_exception(self, status: int) -> AgentError:
+        """The AgentError subclass registered for ``error`` (AgentError when unknown)."""
+        return error_from_wire({"error": self.error, "message": self.message, **self.fields},
+                               status)
