@@ -55,7 +55,7 @@ def traces_left(directory: Path, state: dict[str, object]) -> list[str]:
             if (key == "netns" and name in netns.split()) or \
                (key == "domain" and name in domains) or \
                (key == "network" and name in networks) or \
-               (key in ("link", "bridge") and f" {name}:" in links or f" {name}@" in links):
+               (key in ("link", "bridge") and (f" {name}:" in links or f" {name}@" in links)):
                 left.append(f"{key} {name}")
         subnet = res.get("subnet")
         if res["kind"].endswith("route") and subnet and subnet in routes:
