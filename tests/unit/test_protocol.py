@@ -1,0 +1,123 @@
+"""Protocol: every message round-trips; bad versions and malformed bodies are refused by type."""
+
+from __future__ import annotations
+
+import json
+import types
+from dataclasses import fields
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agents.core import protocol as p
+from agents.errors import DecodeError, StaleEpoch, UnsupportedVersion
+
+pytestmark = pytest.mark.unit
+
+MESSAGES = [
+    p.ReaderAddress, p.PutRequest, p.MkdirRequest, p.RenameRequest, p.WriteAck, p.EntryInfo,
+    p.ListResponse, p.RecordPush, p.RecordAck, p.Health, p.Heartbeat, p.SelfTestCheck,
+    p.SelfTestReport, p.LaggingReaderReport, p.PromoteRequest, p.DemoteRequest,
+]
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10))
+
+
+def strategy(tp: Any) -> st.SearchStrategy[Any]:
+    """Values of the protocol field type ``tp``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return st.one_of(*[strategy(a) for a in get_args(tp)])
+    if tp is type(None):
+        return st.none()
+    if origin is tuple:
+        return st.lists(strategy(get_args(tp)[0]), max_size=3).map(tuple)
+    if origin is dict:
+        return st.dictionaries(st.text(max_size=8).filter(lambda k: k not in ("v", "error",
+                               "message")), JSON_SCALARS, max_size=3)
+    if tp is float:
+        return st.floats(allow_nan=False, allow_infinity=False)
+    if tp in (str, int, bool):
+        return st.from_type(tp)
+    hints = get_type_hints(tp)
+    return st.builds(tp, **{f.name: strategy(hints[f.name]) for f in fields(tp)})
+
+
+ALL = st.one_of(*[strategy(m) for m in [*MESSAGES, p.ErrorBody]])
+
+
+@given(ALL)
+def test_round_trip(message: p.Message) -> None:
+    assert type(message).decode(message.encode()) == message
+    assert json.loads(message.encode())["v"] == p.PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize("cls", MESSAGES)
+def test_unknown_version(cls: type[p.Message]) -> None:
+    with pytest.raises(UnsupportedVersion) as info:
+        cls.decode(b'{"v": 2}')
+    assert info.value.fields == {"got": 2, "supported": [1]}
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"\xff", b"[]", b"3", b'{"v": "1"}', b'{"v": true}', b"{}",
+             b'{"v": 1}', b'{"v": 1, "node": "n", "epoch": 1, "applied_seq": "7", "safe_seq": 1}',
+             b'{"v": 1, "node": "n", "epoch": true, "applied_seq": 7, "safe_seq": 1}'],
+)
+def test_malformed(body: bytes) -> None:
+    with pytest.raises(DecodeError):
+        p.RecordAck.decode(body)
+
+
+def test_nested_errors_name_the_field() -> None:
+    body = {"v": 1, "path": "/", "applied_seq": 1,
+            "entries": [{"path": "/a", "kind": "file", "size": "x", "version": 1, "epoch": 1,
+                         "mtime": 0}]}
+    with pytest.raises(DecodeError) as info:
+        p.ListResponse.from_json(body)
+    assert info.value.fields["field"] == "entries[0].size"
+
+
+def test_unknown_fields_are_ignored_and_defaults_fill_in() -> None:
+    ack = p.WriteAck.decode(b'{"v":1,"op":"put","path":"/a","seq":3,"epoch":1,"future":1}')
+    assert ack == p.WriteAck(op="put", path="/a", seq=3, epoch=1)
+
+
+def test_error_body_is_flat_and_rebuilds_the_error() -> None:
+    err = StaleEpoch("old epoch", current=4, got=3)
+    body = p.ErrorBody.from_error(err)
+    wire = json.loads(body.encode())
+    assert wire == {"v": 1, "error": "stale_epoch", "message": "old epoch", "current": 4, "got": 3}
+    back = p.ErrorBody.decode(body.encode()).to_exception(409)
+    assert isinstance(back, StaleEpoch) and back.fields == {"current": 4, "got": 3}
+
+
+def test_put_headers_round_trip_and_checks() -> None:
+    req = p.PutRequest(grant="tok", size=10,
+                       readers=(p.ReaderAddress("r1", "10.0.0.2:7480"),
+                                p.ReaderAddress("r2", "https://h:1")), mtime=12.5)
+    assert p.PutRequest.from_headers(req.to_headers()) == req
+    headers = req.to_headers()
+    with pytest.raises(DecodeError):
+        p.PutRequest.from_headers({**headers, p.SIZE_HEADER: "11"})
+    with pytest.raises(DecodeError):
+        p.PutRequest.from_headers({k: v for k, v in headers.items() if k != "Content-Length"})
+    with pytest.raises(DecodeError):
+        p.PutRequest.from_headers({k: v for k, v in headers.items() if k != p.AUTH_HEADER})
+    with pytest.raises(DecodeError):
+        p.PutRequest.from_headers({**headers, p.READERS_HEADER: "r1"})
+    with pytest.raises(DecodeError):
+        p.PutRequest.from_headers({**headers, "Content-Length": "-1"})
+    with pytest.raises(UnsupportedVersion):
+        p.PutRequest.from_headers({**headers, p.VERSION_HEADER: "9"})
+
+
+def test_record_push_carries_exact_bytes() -> None:
+    raw = [bytes(range(256)) * 16, b""]
+    push = p.RecordPush(fleet="f", epoch=2, writer="w", records=tuple(map(p.RecordPush.pack, raw)),
+                        commit_seq=9)
+    assert p.RecordPush.decode(push.encode()).record_bytes() == raw
+    with pytest.raises(DecodeError):
+        p.RecordPush(fleet="f", epoch=2, writer="w", records=("!!",), commit_seq=1).record_bytes()
