@@ -179,3 +179,9 @@ class DeviceError(AgentError):
 
     code = "device_error"
     status = 500
+
+
+class IllegalTransition(Conflict):
+    """A role change the agent's state machine refuses (names the state and the event)."""
+
+    code = "illegal_transition"
