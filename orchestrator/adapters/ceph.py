@@ -1,0 +1,398 @@
+"""Ceph adapter: the ONE orchestrator module that imports ``rados`` and ``rbd``.
+
+* :func:`connect` / :func:`cluster` open a guarded, translated librados handle others reuse.
+* :class:`RbdImageStore` (ImageStore), :class:`CephxCredentialStore` (CredentialStore) and
+  :class:`BlocklistFencer` (Fencer) implement the ports in ``orchestrator.ports``.
+* :func:`translate_ceph_errors` maps binding errors to ``orchestrator.errors`` once.
+
+What Ceph does not guarantee, and what we do about it:
+
+* The exclusive-lock feature is cooperative: it never stops a second live read-write
+  client. The fence is the OSD blocklist of exact client addresses, never the lock.
+* An ``osd blocklist add`` that returned is not yet enforced by every OSD (notes/ceph.md G3):
+  the fencer calls ``wait_for_latest_osdmap()`` before it returns.
+* ``osd blocklist ls`` prints two concatenated JSON arrays in 16.2 (G5): parsed with
+  ``raw_decode``.
+* A client talks to one monitor: its session is listed by that monitor only, so
+  :meth:`CephxCredentialStore.sessions` asks every monitor.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from agents.errors import BindingUnavailable
+from orchestrator.config import CephConfig
+from orchestrator.errors import ImageBusy, ImageExists, ImageNotFound, StorageError
+from orchestrator.ports import (
+    Characteristics,
+    ClientSession,
+    ImageInfo,
+    MonHost,
+    SecretKey,
+    Watcher,
+)
+
+try:  # Debian's python3-rados / python3-rbd; absent on a plain venv
+    import rados as _rados
+except ImportError:  # pragma: no cover - depends on the host
+    _rados = None
+try:
+    import rbd as _rbd
+except ImportError:  # pragma: no cover - depends on the host
+    _rbd = None
+
+LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "BlocklistFencer",
+    "CephxCredentialStore",
+    "RbdImageStore",
+    "cluster",
+    "connect",
+    "rados_module",
+    "rbd_module",
+    "translate_ceph_errors",
+]
+
+# Caps of a VM's own user: read-write RBD on the fleet's pool only (QEMU opens every RBD disk
+# read-write in librbd, so a read-only profile cannot attach; notes/libvirt.md §6). The mon
+# profile lets its librbd blocklist a dead lock owner, as a new writer must.
+def vm_user_caps(pool: str) -> dict[str, str]:
+    """The caps ``ensure_user`` gives a VM's cephx user."""
+    return {"mon": "profile rbd", "osd": f"profile rbd pool={pool}"}
+
+
+def rados_module() -> Any:
+    """The ``rados`` binding, or BindingUnavailable naming the Debian package."""
+    if _rados is None:
+        raise BindingUnavailable("rados", "python3-rados")
+    return _rados
+
+
+def rbd_module() -> Any:
+    """The ``rbd`` binding, or BindingUnavailable naming the Debian package."""
+    if _rbd is None:
+        raise BindingUnavailable("rbd", "python3-rbd")
+    return _rbd
+
+
+@contextlib.contextmanager
+def translate_ceph_errors(what: str) -> Iterator[None]:
+    """Re-raise ``rados``/``rbd`` errors inside the block as StorageError subclasses.
+
+    ``what`` says what was being done ("create image rbd/x"); it must never contain a key.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        translated = _translate(exc, what)
+        if translated is None:
+            raise
+        raise translated from exc
+
+
+def _translate(exc: BaseException, what: str) -> StorageError | None:
+    rbd, rados = _rbd, _rados
+    if rbd is not None:
+        if isinstance(exc, rbd.ImageNotFound):
+            return ImageNotFound(f"{what}: image not found")
+        if isinstance(exc, rbd.ImageExists):
+            return ImageExists(f"{what}: image exists")
+        if isinstance(exc, rbd.ImageBusy):
+            return ImageBusy(f"{what}: image busy (it still has watchers)")
+        if isinstance(exc, rbd.Error):
+            return StorageError(f"{what}: {_describe(exc)}")
+    if rados is not None:
+        if isinstance(exc, rados.PermissionDeniedError | rados.PermissionError):
+            return StorageError(f"{what}: permission denied (check the cephx user and keyring)")
+        if isinstance(exc, rados.TimedOut):
+            return StorageError(f"{what}: timed out (is the cluster reachable?)")
+        if isinstance(exc, rados.ObjectNotFound):
+            return StorageError(f"{what}: not found")
+        if isinstance(exc, rados.Error):
+            return StorageError(f"{what}: {_describe(exc)}")
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    errno = getattr(exc, "errno", None)
+    text = str(exc) or type(exc).__name__
+    return f"{text} (errno {errno})" if errno else text
+
+
+def connect(config: CephConfig, timeout: float = 30.0) -> Any:
+    """A connected ``rados.Rados`` for ``config.user`` with its keyring; caller shuts it down.
+
+    ``rbd_cache`` is off: the image is shared and a host-side cache would serve stale data.
+    """
+    rados = rados_module()
+    where = f"connect to Ceph ({config.conf}) as client.{config.user}"
+    if not config.conf.exists():
+        raise StorageError(f"{where}: {config.conf} does not exist")
+    if not config.keyring.exists():
+        raise StorageError(f"{where}: keyring {config.keyring} does not exist")
+    with translate_ceph_errors(where):
+        handle = rados.Rados(
+            conffile=str(config.conf),
+            rados_id=config.user,
+            conf={"keyring": str(config.keyring), "rbd_cache": "false"},
+        )
+        try:
+            handle.connect(timeout=int(timeout))
+        except BaseException:
+            handle.shutdown()
+            raise
+    return handle
+
+
+@contextlib.contextmanager
+def cluster(config: CephConfig, timeout: float = 30.0) -> Iterator[Any]:
+    """``with cluster(cfg) as handle:`` a connected ``rados.Rados``, shut down on exit."""
+    handle = connect(config, timeout)
+    try:
+        yield handle
+    finally:
+        handle.shutdown()
+
+
+def mon_command(handle: Any, command: dict[str, Any], what: str, target: str | None = None,
+                inbuf: bytes = b"") -> bytes:
+    """Run a mon command (JSON); a non-zero return becomes StorageError with the mon's text.
+
+    ``what`` describes the command for the message; the command itself (which may carry a
+    key in ``inbuf``) is never logged or put into the message.
+    """
+    with translate_ceph_errors(what):
+        if target is None:
+            ret, out, status = handle.mon_command(json.dumps(command), inbuf, timeout=30)
+        else:
+            ret, out, status = handle.mon_command(json.dumps(command), inbuf, timeout=30,
+                                                  target=target)
+    if ret != 0:
+        raise StorageError(f"{what}: {status.strip() or 'failed'} (errno {-ret})")
+    return bytes(out)
+
+
+class RbdImageStore:
+    """ImageStore over one librados handle (not thread-safe: one store per thread)."""
+
+    CHARACTERISTICS = Characteristics.NONE
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._rbd = rbd_module()
+
+    @contextlib.contextmanager
+    def _ioctx(self, pool: str) -> Iterator[Any]:
+        with translate_ceph_errors(f"open pool {pool}"):
+            ioctx = self._handle.open_ioctx(pool)
+        try:
+            yield ioctx
+        finally:
+            ioctx.close()
+
+    def pool_exists(self, pool: str) -> bool:
+        """True when ``pool`` exists."""
+        with translate_ceph_errors(f"look up pool {pool}"):
+            return bool(self._handle.pool_exists(pool))
+
+    def create_pool(self, pool: str) -> None:
+        """Create ``pool``, enable the rbd application and initialise it for RBD."""
+        with translate_ceph_errors(f"create pool {pool}"):
+            self._handle.create_pool(pool)
+        mon_command(self._handle, {"prefix": "osd pool application enable", "pool": pool,
+                                   "app": "rbd", "yes_i_really_mean_it": True},
+                    f"enable rbd on pool {pool}")
+        with self._ioctx(pool) as ioctx, translate_ceph_errors(f"initialise pool {pool}"):
+            self._rbd.RBD().pool_init(ioctx, False)
+
+    def image_info(self, pool: str, name: str) -> ImageInfo | None:
+        """The image, or None when it does not exist."""
+        with self._ioctx(pool) as ioctx:
+            try:
+                with translate_ceph_errors(f"open image {pool}/{name}"), \
+                        self._rbd.Image(ioctx, name, read_only=True) as image:
+                    return ImageInfo(pool, name, int(image.size()), int(image.features()))
+            except ImageNotFound:
+                return None
+
+    def create_image(self, pool: str, name: str, size: int, features: int) -> None:
+        """Create the image with exactly ``features``; ImageExists when the name is taken."""
+        with self._ioctx(pool) as ioctx, translate_ceph_errors(f"create image {pool}/{name}"):
+            self._rbd.RBD().create(ioctx, name, size, old_format=False, features=features)
+
+    def remove_image(self, pool: str, name: str) -> None:
+        """Remove the image; ImageBusy while it has watchers, ImageNotFound when absent."""
+        with self._ioctx(pool) as ioctx, translate_ceph_errors(f"remove image {pool}/{name}"):
+            self._rbd.RBD().remove(ioctx, name)
+
+    def watchers(self, pool: str, name: str) -> list[Watcher]:
+        """Every client watching the image header (one per open handle)."""
+        with self._ioctx(pool) as ioctx, \
+                translate_ceph_errors(f"list watchers of {pool}/{name}"), \
+                self._rbd.Image(ioctx, name, read_only=True) as image:
+            return [Watcher(addr=str(w["addr"]), global_id=int(w["id"]))
+                    for w in image.watchers_list()]
+
+
+class CephxCredentialStore:
+    """CredentialStore over the mon commands of one librados handle."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def list_users(self, prefix: str) -> list[str]:
+        """Entity names ``client.<id>`` whose id starts with ``prefix``."""
+        out = mon_command(self._handle, {"prefix": "auth ls", "format": "json"}, "list users")
+        entities = [str(e["entity"]) for e in json.loads(out).get("auth_dump", [])]
+        return sorted(e for e in entities if e.startswith(f"client.{prefix}"))
+
+    def ensure_user(self, user: str, pool: str) -> SecretKey:
+        """Create ``client.<user>`` with :func:`vm_user_caps`, or fix the caps of an existing one;
+        returns its key (never logged)."""
+        entity = f"client.{user}"
+        caps = vm_user_caps(pool)
+        flat = [part for kind, cap in sorted(caps.items()) for part in (kind, cap)]
+        try:
+            out = mon_command(self._handle, {"prefix": "auth get-or-create", "entity": entity,
+                                             "caps": flat, "format": "json"},
+                              f"create user {entity}")
+        except StorageError as exc:
+            if "doesn't match" not in str(exc) and "does not match" not in str(exc):
+                raise
+            # It exists with other caps: set ours (auth caps replaces them all).
+            mon_command(self._handle, {"prefix": "auth caps", "entity": entity, "caps": flat},
+                        f"set caps of {entity}")
+            out = mon_command(self._handle, {"prefix": "auth get", "entity": entity,
+                                             "format": "json"}, f"read user {entity}")
+        records = json.loads(out)
+        key = records[0]["key"] if isinstance(records, list) else records["key"]
+        return SecretKey(base64.b64decode(key))
+
+    def remove_user(self, user: str) -> None:
+        """Delete ``client.<user>``; absent is fine."""
+        mon_command(self._handle, {"prefix": "auth rm", "entity": f"client.{user}"},
+                    f"remove user client.{user}")
+
+    def mon_names(self) -> list[str]:
+        """Names of the monitors in the monmap."""
+        out = mon_command(self._handle, {"prefix": "mon dump", "format": "json"}, "read monmap")
+        return [str(m["name"]) for m in json.loads(out)["mons"]]
+
+    def mon_hosts(self) -> tuple[MonHost, ...]:
+        """Each monitor's msgr2 address (its first address when it has no v2 one)."""
+        out = mon_command(self._handle, {"prefix": "mon dump", "format": "json"}, "read monmap")
+        hosts = []
+        for mon in json.loads(out)["mons"]:
+            addrs = mon.get("public_addrs", {}).get("addrvec", [])
+            chosen = next((a for a in addrs if a.get("type") == "v2"), addrs[0] if addrs else None)
+            if chosen is None:
+                continue
+            host, _, port = str(chosen["addr"]).rpartition(":")
+            hosts.append(MonHost(host.strip("[]"), int(port)))
+        return tuple(hosts)
+
+    def sessions(self) -> list[ClientSession]:
+        """Client sessions of every monitor (``sessions`` sent to each one by name)."""
+        result = []
+        for name in self.mon_names():
+            out = mon_command(self._handle, {"prefix": "sessions", "format": "json"},
+                              f"list sessions of mon.{name}", target=name)
+            result.extend(_parse_sessions(json.loads(out)))
+        return result
+
+
+def _parse_sessions(sessions: list[Any]) -> list[ClientSession]:
+    """Client entries of a mon's ``sessions`` dump (the JSON form of 16.2)."""
+    result = []
+    for entry in sessions:
+        if not isinstance(entry, dict):
+            continue
+        name = entry.get("name") or {}
+        entity = str(entry.get("entity_name", ""))
+        if not entity.startswith("client."):
+            continue
+        global_id = entry.get("global_id")
+        if global_id is None and isinstance(name, dict):
+            global_id = name.get("num")
+        addr = entry.get("addr") or entry.get("con_addr") or ""
+        if isinstance(addr, dict):
+            addr = addr.get("addr", "")
+        result.append(ClientSession(int(global_id or 0), entity, str(addr)))
+    return result
+
+
+class BlocklistFencer:
+    """Fencer: blocklist exactly the addresses a VM's cephx user has on the fleet's image.
+
+    A VM's clients are the image's watchers whose global id belongs to a mon session of
+    the VM's own cephx user (one user per VM makes that mapping exact).
+    """
+
+    CHARACTERISTICS = Characteristics.FENCES_BY_CLIENT_ADDRESS | Characteristics.WAITS_FOR_OSDMAP
+
+    def __init__(self, handle: Any, pool: str, image: str, users: dict[str, str],
+                 expire_seconds: float = 3600.0) -> None:
+        """``users`` maps VM name → cephx id (without ``client.``)."""
+        self._handle = handle
+        self._images = RbdImageStore(handle)
+        self._credentials = CephxCredentialStore(handle)
+        self._pool = pool
+        self._image = image
+        self._users = users
+        self._expire = expire_seconds
+
+    def clients(self, vm: str) -> list[str]:
+        """The VM's client addresses among the image's watchers."""
+        return client_addresses(self._images.watchers(self._pool, self._image),
+                                self._credentials.sessions(), self._user_of(vm))
+
+    def _user_of(self, vm: str) -> str:
+        try:
+            return self._users[vm]
+        except KeyError:
+            raise StorageError(f"fence {vm}: not a VM of this fleet") from None
+
+    def fence(self, vm: str) -> list[str]:
+        """Blocklist the VM's addresses, then wait until every OSD enforces it."""
+        addresses = self.clients(vm)
+        for addr in addresses:
+            mon_command(self._handle, {"prefix": "osd blocklist", "blocklistop": "add",
+                                       "addr": addr, "expire": self._expire},
+                        f"blocklist {addr} of {vm}")
+            LOG.info("fenced vm=%s addr=%s", vm, addr)
+        if addresses:
+            with translate_ceph_errors("wait for the latest osdmap"):
+                self._handle.wait_for_latest_osdmap()
+        return addresses
+
+    def unfence(self, addresses: list[str]) -> None:
+        """Remove blocklist entries (the fenced librados clients still must reconnect)."""
+        for addr in addresses:
+            mon_command(self._handle, {"prefix": "osd blocklist", "blocklistop": "rm",
+                                       "addr": addr}, f"un-blocklist {addr}")
+
+    def blocklist(self) -> list[str]:
+        """Addresses currently blocklisted."""
+        out = mon_command(self._handle, {"prefix": "osd blocklist ls", "format": "json"},
+                          "list the blocklist")
+        text = out.decode().strip()
+        if not text:
+            return []
+        entries, _ = json.JSONDecoder().raw_decode(text)  # 16.2 prints two arrays (G5)
+        return [str(e["addr"]) for e in entries]
+
+
+def client_addresses(watchers: list[Watcher], sessions: list[ClientSession],
+                     user: str) -> list[str]:
+    """Addresses of the watchers whose global id has a mon session as ``client.<user>``."""
+    ids = {s.global_id for s in sessions if s.entity == f"client.{user}"}
+    return sorted({w.addr for w in watchers if w.global_id in ids})

@@ -1,0 +1,386 @@
+"""The fleet config (``rbdfleet.toml``, schema in docs/config.md) as frozen dataclasses.
+
+:func:`load` reads the file, applies ``RBDFLEET_<SECTION>_<KEY>`` overrides from the given
+environment and calls :func:`validate`; :func:`from_mapping` does the same from an already
+parsed mapping. Both are pure apart from reading the one file. Every problem is a
+:class:`~orchestrator.errors.ConfigError` naming the key (``fleet.writer``, ``vm[2].name``...).
+
+Invariants of a validated :class:`FleetConfig`:
+
+* exactly one writer, naming a non-spare VM of the fleet (none only when there is no VM:
+  a Ceph-only config, as ``sandbox up`` writes without VMs);
+* VM names and (uri, domain) pairs are unique, and so are VM addresses;
+* the image size is a positive multiple of 4 KiB (the agents' O_DIRECT alignment);
+* every path is absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+__all__ = [
+    "SIZE_UNITS",
+    "CephConfig",
+    "FleetConfig",
+    "FleetSettings",
+    "HostConfig",
+    "LibvirtConfig",
+    "SandboxConfig",
+    "SshConfig",
+    "VmConfig",
+    "format_size",
+    "from_mapping",
+    "load",
+    "parse_size",
+    "validate",
+]
+
+SIZE_UNITS: dict[str, int] = {
+    "B": 1,
+    "KiB": 1 << 10,
+    "MiB": 1 << 20,
+    "GiB": 1 << 30,
+    "TiB": 1 << 40,
+}
+_ALIGN = 4096
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+# Names end up in cephx ids, libvirt secret usages, RBD image names and disk serials.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+ENV_PREFIX = "RBDFLEET_"
+
+
+@dataclass(frozen=True)
+class CephConfig:
+    """How the orchestrator reaches the cluster, and the fleet's pool."""
+
+    conf: Path
+    keyring: Path
+    user: str = "admin"
+    pool: str = "rbd"
+    create_pool: bool = False
+    mon_host: str | None = None
+
+
+@dataclass(frozen=True)
+class LibvirtConfig:
+    """Default hypervisor connection for VMs that do not name their own."""
+
+    uri: str = "qemu:///system"
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    """SSH identity and pinned host keys used to reach the VMs."""
+
+    key: Path | None = None  # required when the config has VMs or hosts
+    known_hosts: Path | None = None
+    user: str = "root"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    """The ``[fleet]`` table: the shared image and who starts as writer."""
+
+    name: str
+    image: str
+    size: int
+    writer: str
+    secret_file: Path
+    agent_port: int = 7480
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """One ``[[vm]]`` table; ``uri`` is already resolved to the default when omitted."""
+
+    name: str
+    domain: str
+    uri: str
+    address: str
+    spare: bool = False
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """A sandbox network-namespace host (tests, Ansible)."""
+
+    name: str
+    address: str
+    root: Path
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Present only in sandbox-written configs."""
+
+    dir: Path
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The whole ``rbdfleet.toml``."""
+
+    ceph: CephConfig
+    libvirt: LibvirtConfig
+    ssh: SshConfig
+    fleet: FleetSettings
+    vms: tuple[VmConfig, ...]
+    hosts: tuple[HostConfig, ...] = ()
+    sandbox: SandboxConfig | None = None
+    source: Path | None = field(default=None, compare=False)
+
+    def vm(self, name: str) -> VmConfig:
+        """The VM called ``name``; ConfigError when the fleet has none."""
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise ConfigError("vm", f"fleet {self.fleet.name!r} has no VM named {name!r}")
+
+    @property
+    def active_vms(self) -> tuple[VmConfig, ...]:
+        """The VMs attached at provisioning time (spares are attached only on demand)."""
+        return tuple(vm for vm in self.vms if not vm.spare)
+
+
+def parse_size(value: object, key: str = "fleet.size") -> int:
+    """Bytes from ``"1GiB"``, ``"512 MiB"``, ``"4096B"``, ``"4096"`` or an int."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like '1GiB', got {value!r}")
+    if isinstance(value, int):
+        number, unit = value, "B"
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        number, unit = int(match.group(1)), match.group(2) or "B"
+    else:
+        raise ConfigError(key, f"expected a size like '1GiB', got {value!r}")
+    if unit not in SIZE_UNITS:
+        raise ConfigError(key, f"unknown unit {unit!r} (use one of {', '.join(SIZE_UNITS)})")
+    return number * SIZE_UNITS[unit]
+
+
+def format_size(size: int) -> str:
+    """The largest exact unit: 1073741824 → ``'1GiB'``, 4097 → ``'4097B'``."""
+    for unit, factor in reversed(SIZE_UNITS.items()):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def load(path: Path | str, env: Mapping[str, str] = os.environ) -> FleetConfig:
+    """Read and validate ``path``, with ``RBDFLEET_<SECTION>_<KEY>`` overrides from ``env``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("path", f"{path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("path", f"{path} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("path", f"{path} is not valid TOML: {exc}") from exc
+    return dataclasses.replace(from_mapping(data, env), source=path)
+
+
+def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> FleetConfig:
+    """Build and validate a FleetConfig from parsed TOML plus optional env overrides."""
+    merged = _apply_env({k: v for k, v in data.items()}, env or {})
+    config = _build(merged)
+    validate(config)
+    return config
+
+
+_SCALAR_SECTIONS = ("ceph", "libvirt", "ssh", "fleet", "sandbox")
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``RBDFLEET_<SECTION>_<KEY>`` values (strings; typed later) on the tables."""
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        section, _, key = rest.partition("_")
+        if section not in _SCALAR_SECTIONS or not key:
+            continue
+        table = dict(data.get(section) or {})
+        table[key] = value
+        data[section] = table
+    return data
+
+
+def _table(data: Mapping[str, Any], name: str, required: bool = True) -> Mapping[str, Any]:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(name, "section missing")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, "must be a table")
+    return value
+
+
+def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{where}.{key}", "missing")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}.{key}", f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _path(table: Mapping[str, Any], key: str, where: str) -> Path:
+    path = Path(_str(table, key, where))
+    if not path.is_absolute():
+        raise ConfigError(f"{where}.{key}", f"path must be absolute, got {str(path)!r}")
+    return path
+
+
+def _bool(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{where}.{key}", f"expected true or false, got {value!r}")
+
+
+def _int(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}", f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ConfigError(f"{where}.{key}", f"expected an integer, got {value!r}")
+
+
+def _writer(table: Mapping[str, Any]) -> str:
+    value = table.get("writer", "")
+    if isinstance(value, list):
+        if len(value) > 1:
+            raise ConfigError("fleet.writer", f"two writers {value!r}: a fleet has exactly one")
+        if not value:
+            raise ConfigError("fleet.writer", "no writer: a fleet has exactly one")
+        value = value[0]
+    if not isinstance(value, str):
+        raise ConfigError("fleet.writer", f"expected a VM name, got {value!r}")
+    return value
+
+
+def _build(data: Mapping[str, Any]) -> FleetConfig:
+    ceph_t = _table(data, "ceph")
+    mon_host = ceph_t.get("mon_host")
+    ceph = CephConfig(
+        conf=_path(ceph_t, "conf", "ceph"),
+        keyring=_path(ceph_t, "keyring", "ceph"),
+        user=_str(ceph_t, "user", "ceph", "admin"),
+        pool=_str(ceph_t, "pool", "ceph", "rbd"),
+        create_pool=_bool(ceph_t, "create_pool", "ceph", False),
+        mon_host=None if mon_host in (None, "") else _str(ceph_t, "mon_host", "ceph"),
+    )
+    libvirt_t = _table(data, "libvirt", required=False)
+    libvirt = LibvirtConfig(uri=_str(libvirt_t, "uri", "libvirt", "qemu:///system"))
+    ssh_t = _table(data, "ssh", required=False)
+    ssh = SshConfig(
+        key=_path(ssh_t, "key", "ssh") if "key" in ssh_t else None,
+        known_hosts=_path(ssh_t, "known_hosts", "ssh") if "known_hosts" in ssh_t else None,
+        user=_str(ssh_t, "user", "ssh", "root"),
+    )
+    fleet_t = _table(data, "fleet")
+    if "size" not in fleet_t:
+        raise ConfigError("fleet.size", "missing")
+    fleet = FleetSettings(
+        name=_str(fleet_t, "name", "fleet"),
+        image=_str(fleet_t, "image", "fleet"),
+        size=parse_size(fleet_t["size"]),
+        writer=_writer(fleet_t),
+        secret_file=_path(fleet_t, "secret_file", "fleet"),
+        agent_port=_int(fleet_t, "agent_port", "fleet", 7480),
+    )
+    vm_list = data.get("vm", [])
+    if not isinstance(vm_list, list):
+        raise ConfigError("vm", "must be an array of tables ([[vm]])")
+    vms = []
+    for i, vm_t in enumerate(vm_list):
+        where = f"vm[{i}]"
+        if not isinstance(vm_t, Mapping):
+            raise ConfigError(where, "must be a table")
+        vms.append(
+            VmConfig(
+                name=_str(vm_t, "name", where),
+                domain=_str(vm_t, "domain", where),
+                uri=_str(vm_t, "uri", where, libvirt.uri),
+                address=_str(vm_t, "address", where),
+                spare=_bool(vm_t, "spare", where, False),
+            )
+        )
+    host_list = data.get("host", [])
+    if not isinstance(host_list, list):
+        raise ConfigError("host", "must be an array of tables ([[host]])")
+    hosts = []
+    for i, host_t in enumerate(host_list):
+        where = f"host[{i}]"
+        if not isinstance(host_t, Mapping):
+            raise ConfigError(where, "must be a table")
+        hosts.append(
+            HostConfig(
+                name=_str(host_t, "name", where),
+                address=_str(host_t, "address", where),
+                root=_path(host_t, "root", where),
+            )
+        )
+    sandbox_t = _table(data, "sandbox", required=False)
+    sandbox = SandboxConfig(dir=_path(sandbox_t, "dir", "sandbox")) if sandbox_t else None
+    return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox)
+
+
+def validate(config: FleetConfig) -> None:
+    """Raise ConfigError for the first rule ``config`` breaks (see the module docstring)."""
+    fleet = config.fleet
+    if not _NAME_RE.match(fleet.name):
+        raise ConfigError("fleet.name", f"{fleet.name!r}: use letters, digits, '_', '-', '.'")
+    if not _IMAGE_RE.match(fleet.image):
+        raise ConfigError("fleet.image", f"{fleet.image!r}: use letters, digits, '_', '-', '.'")
+    if not _NAME_RE.match(config.ceph.pool):
+        raise ConfigError("ceph.pool", f"{config.ceph.pool!r} is not a valid pool name")
+    if fleet.size <= 0 or fleet.size % _ALIGN:
+        raise ConfigError(
+            "fleet.size", f"{fleet.size} bytes: must be a positive multiple of 4 KiB"
+        )
+    if not 1 <= fleet.agent_port <= 65535:
+        raise ConfigError("fleet.agent_port", f"{fleet.agent_port} is not a TCP port")
+    if (config.vms or config.hosts) and (config.ssh.key is None or config.ssh.known_hosts is None):
+        raise ConfigError("ssh.key", "ssh.key and ssh.known_hosts are required with VMs or hosts")
+    if not config.vms:
+        if fleet.writer:
+            raise ConfigError("fleet.writer", f"{fleet.writer!r} is not a VM of the fleet")
+        return  # a Ceph-only config (no [[vm]]): nothing to attach, no writer
+    seen_names: set[str] = set()
+    seen_domains: set[tuple[str, str]] = set()
+    seen_addresses: set[str] = set()
+    for i, vm in enumerate(config.vms):
+        if not _NAME_RE.match(vm.name):
+            raise ConfigError(f"vm[{i}].name", f"{vm.name!r}: use letters, digits, '_', '-', '.'")
+        if vm.name in seen_names:
+            raise ConfigError(f"vm[{i}].name", f"{vm.name!r} appears twice")
+        if (vm.uri, vm.domain) in seen_domains:
+            raise ConfigError(f"vm[{i}].domain", f"{vm.domain!r} on {vm.uri} appears twice")
+        if vm.address in seen_addresses:
+            raise ConfigError(f"vm[{i}].address", f"{vm.address!r} appears twice")
+        seen_names.add(vm.name)
+        seen_domains.add((vm.uri, vm.domain))
+        seen_addresses.add(vm.address)
+    if fleet.writer not in seen_names:
+        raise ConfigError("fleet.writer", f"{fleet.writer!r} is not a VM of the fleet")
+    if config.vm(fleet.writer).spare:
+        raise ConfigError("fleet.writer", f"{fleet.writer!r} is a spare; a spare cannot write")

@@ -1,0 +1,244 @@
+"""The orchestrator's ports: what the use cases need from Ceph, libvirt, the clock...
+
+Ports are :class:`typing.Protocol` classes injected by constructor; adapters live in
+``orchestrator/adapters`` (one binding per module) and fakes in ``orchestrator/testing``.
+Values crossing a port are frozen dataclasses of plain types, never binding objects.
+Others add their ports here additively (StateStore, RemoteShell, AgentClient...).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "AttachedDisk",
+    "Characteristics",
+    "ClientSession",
+    "Clock",
+    "CredentialStore",
+    "DiskMode",
+    "DiskSpec",
+    "DomainInfo",
+    "Fencer",
+    "Hypervisor",
+    "ImageInfo",
+    "ImageStore",
+    "MonHost",
+    "SecretKey",
+    "Watcher",
+]
+
+
+class Characteristics(enum.Flag):
+    """Guarantees an adapter declares (``CHARACTERISTICS``); a use case refuses a weak one."""
+
+    NONE = 0
+    FENCES_BY_CLIENT_ADDRESS = enum.auto()  # fence() cuts exactly one VM's librados clients
+    WAITS_FOR_OSDMAP = enum.auto()  # fence() returns only once OSDs enforce it
+    HOT_PLUG = enum.auto()  # disks attach to / detach from running domains
+    PRIVATE_SECRETS = enum.auto()  # secret values cannot be read back from the hypervisor
+
+
+class SecretKey:
+    """A cephx key (raw bytes). Its repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        """The raw key, for the one call that must hand it over (libvirt secret value)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "SecretKey(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretKey) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class DiskMode(enum.StrEnum):
+    """How a VM holds the shared disk."""
+
+    RW = "rw"
+    RO = "ro"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """An RBD image as it is."""
+
+    pool: str
+    name: str
+    size: int
+    features: int
+
+
+@dataclass(frozen=True)
+class Watcher:
+    """A client watching the image header: one per open librbd handle (one per attach)."""
+
+    addr: str  # "ip:port/nonce", the unit the OSD blocklist takes
+    global_id: int  # the N of client.N
+
+
+@dataclass(frozen=True)
+class ClientSession:
+    """A mon session: maps a client's global id to its cephx entity."""
+
+    global_id: int
+    entity: str  # e.g. "client.rbdfleet-demo-vm1"
+    addr: str
+
+
+@dataclass(frozen=True)
+class MonHost:
+    """A monitor address QEMU connects to."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """The shared RBD disk as one VM should see it."""
+
+    pool: str
+    image: str
+    serial: str  # unique to the fleet; the guest finds the disk by it
+    user: str  # cephx id without "client.", the VM's own user
+    secret_uuid: str  # libvirt secret holding that user's key
+    mon_hosts: tuple[MonHost, ...]
+    mode: DiskMode
+    target: str = "vdz"  # only a hint: the guest names disks by probe order
+
+
+@dataclass(frozen=True)
+class AttachedDisk:
+    """An RBD disk found in a domain's XML."""
+
+    serial: str
+    pool: str
+    image: str
+    user: str
+    mode: DiskMode
+    target: str
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A libvirt domain as the provisioner needs it."""
+
+    uri: str
+    name: str
+    active: bool
+    disks: tuple[AttachedDisk, ...]
+
+
+class ImageStore(Protocol):
+    """RBD pools and images."""
+
+    def pool_exists(self, pool: str) -> bool:
+        """True when ``pool`` exists."""
+        ...
+
+    def create_pool(self, pool: str) -> None:
+        """Create ``pool`` with the rbd application enabled and initialised."""
+        ...
+
+    def image_info(self, pool: str, name: str) -> ImageInfo | None:
+        """The image, or None when it does not exist."""
+        ...
+
+    def create_image(self, pool: str, name: str, size: int, features: int) -> None:
+        """Create the image; ImageExists when the name is taken."""
+        ...
+
+    def remove_image(self, pool: str, name: str) -> None:
+        """Remove the image; ImageBusy while it has watchers, ImageNotFound when absent."""
+        ...
+
+    def watchers(self, pool: str, name: str) -> list[Watcher]:
+        """Every client watching the image header."""
+        ...
+
+
+class CredentialStore(Protocol):
+    """Cephx users, one per VM, and the mon sessions that tie clients to them."""
+
+    def list_users(self, prefix: str) -> list[str]:
+        """Entity names (``client.<id>``) whose id starts with ``prefix``."""
+        ...
+
+    def ensure_user(self, user: str, pool: str) -> SecretKey:
+        """Create ``client.<user>`` with ``profile rbd`` on ``pool`` (or check its caps)."""
+        ...
+
+    def remove_user(self, user: str) -> None:
+        """Delete ``client.<user>``; absent is fine."""
+        ...
+
+    def sessions(self) -> list[ClientSession]:
+        """Client sessions of every monitor."""
+        ...
+
+    def mon_hosts(self) -> tuple[MonHost, ...]:
+        """The monitors' msgr2 addresses, as QEMU should be told."""
+        ...
+
+
+class Fencer(Protocol):
+    """Cuts a VM off the shared image."""
+
+    def fence(self, vm: str) -> list[str]:
+        """Blocklist exactly ``vm``'s client addresses on the image and wait until the OSDs
+        enforce it; returns the addresses (empty when the VM has no client on the image)."""
+        ...
+
+
+class Hypervisor(Protocol):
+    """Domains, ceph secrets and hot-plugged disks, across libvirt connections (by URI)."""
+
+    def domain(self, uri: str, name: str) -> DomainInfo:
+        """The domain and its RBD disks; DomainNotFound when it is not defined."""
+        ...
+
+    def secret_uuid(self, uri: str, usage: str) -> str | None:
+        """UUID of the ceph secret with this usage name, or None."""
+        ...
+
+    def ensure_secret(self, uri: str, usage: str, key: SecretKey) -> str:
+        """Define (or update) a private ceph secret; returns its UUID."""
+        ...
+
+    def remove_secret(self, uri: str, usage: str) -> None:
+        """Undefine the ceph secret; absent is fine."""
+        ...
+
+    def attach_disk(self, uri: str, domain: str, disk: DiskSpec) -> None:
+        """Attach: LIVE|CONFIG on a running domain, CONFIG on a stopped one."""
+        ...
+
+    def detach_disk(self, uri: str, domain: str, serial: str) -> None:
+        """Detach the disk with ``serial`` (LIVE|CONFIG or CONFIG) and wait until it is gone."""
+        ...
+
+
+class Clock(Protocol):
+    """Time as an input: real in the shell, fake in tests."""
+
+    def monotonic(self) -> float:
+        """Seconds from an arbitrary origin, never going back."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``."""
+        ...
