@@ -185,3 +185,30 @@ class IllegalTransition(Conflict):
     """A role change the agent's state machine refuses (names the state and the event)."""
 
     code = "illegal_transition"
+
+
+# Storage engine (agents.volume): additive, owned by the storage engine.
+
+
+class NotEmpty(Conflict):
+    """A directory that still has entries cannot be deleted or replaced."""
+
+    code = "not_empty"
+
+
+class WrongKind(Conflict):
+    """The path exists but is a directory where a file is needed, or the reverse."""
+
+    code = "wrong_kind"
+
+
+class SequenceGap(CatchingUp):
+    """A pushed record does not follow the last applied one (fields: applied, got)."""
+
+    code = "sequence_gap"
+
+
+class JournalWrapped(CatchingUp):
+    """The records asked for were overwritten by the circular journal: reload the checkpoint."""
+
+    code = "journal_wrapped"
