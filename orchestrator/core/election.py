@@ -1,0 +1,469 @@
+"""Writer election and reader routing: ``step(state, event) -> (state, [Action])``. Pure.
+
+The state says what the fleet *should* look like and which steps towards it are confirmed
+done; :func:`plan` derives the remaining actions from it, so re-running a half-finished
+failover (after a failed fence, or on a new coordinator that loaded the persisted map) emits
+exactly the missing steps again.
+
+Invariants (the laws; tests check them over random event sequences):
+
+* Actions come out in law order: ``PersistEpoch`` -> ``FenceNode`` -> ``PromoteNode`` ->
+  ``PublishMap`` (then side actions ``AttachSpare`` / ``DemoteNode``). The executor runs them
+  in that order and stops at the first failure.
+* A writer is never promoted before every node that held the write grant at an older epoch and
+  was not confirmed fenced is fenced; the new epoch is persisted before anything else.
+* A map naming a new writer is published only after that writer's promotion succeeded.
+* Exactly one writer per epoch; the epoch only grows.
+* After a failure the plan is held back until ``retry_at`` (a :class:`Tick` past it resumes).
+
+What a holder of this state may assume (kazoo's habit): ``map`` is the intended map; when
+``map.phase == "failover"``, clients must not be sent to ``map.writer`` yet, and nodes in
+``to_fence`` may still be writing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ElectionConfig:
+    """``retry_delay``: seconds to hold a failed plan before trying again."""
+
+    retry_delay: float = 0.3
+
+
+# -- actions (imperative) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PersistEpoch:
+    """Guarded write of ``map`` (a new epoch) to the state store before anything else."""
+
+    map: FleetMap
+
+
+@dataclass(frozen=True)
+class FenceNode:
+    """Cut ``node`` from the shared image (blocklist / power off); must succeed before promote."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class PromoteNode:
+    """Make ``node`` the writer at ``epoch`` (hypervisor RW re-attach + agent promotion)."""
+
+    node: str
+    epoch: int
+    address: str
+
+
+@dataclass(frozen=True)
+class PublishMap:
+    """Persist (guarded) and announce ``map`` to watchers and clients."""
+
+    map: FleetMap
+
+
+@dataclass(frozen=True)
+class AttachSpare:
+    """Attach the image read-only to spare ``node`` and start its agent (it then catches up)."""
+
+    node: str
+    epoch: int
+    address: str
+
+
+@dataclass(frozen=True)
+class DemoteNode:
+    """Tell a stale writer (older epoch) to step down; best effort, it is fenced already."""
+
+    node: str
+    epoch: int
+    address: str
+
+
+Action = PersistEpoch | FenceNode | PromoteNode | PublishMap | AttachSpare | DemoteNode
+
+ACTION_ORDER: tuple[type, ...] = (
+    PersistEpoch,
+    FenceNode,
+    PromoteNode,
+    PublishMap,
+    AttachSpare,
+    DemoteNode,
+)
+
+# -- events (past tense) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeFailed:
+    """The liveness detector confirmed ``node`` dead."""
+
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class HeartbeatObserved:
+    """An agent told its role, epoch and last applied seq (heartbeat or probe answer)."""
+
+    node: str
+    role: str
+    epoch: int
+    applied_seq: int
+    at: float
+
+
+@dataclass(frozen=True)
+class ReaderLagging:
+    """The writer reports ``node`` did not ack in time: stop handing it out."""
+
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class FailoverRequested:
+    """Operator: move the write grant to ``to`` (None: the best in-sync reader)."""
+
+    to: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class FenceRequested:
+    """Operator: fence ``node`` (a writer is replaced, a reader is taken out)."""
+
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class BatchExecuted:
+    """The executor ran a batch: ``done`` succeeded in order, ``failed`` (if any) stopped it."""
+
+    done: tuple[Action, ...]
+    failed: Action | None
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; resumes a held-back plan."""
+
+    now: float
+
+
+Event = (
+    NodeFailed
+    | HeartbeatObserved
+    | ReaderLagging
+    | FailoverRequested
+    | FenceRequested
+    | BatchExecuted
+    | Tick
+)
+
+# -- state ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ElectionState:
+    """Intended map + which steps towards it are confirmed (see module docstring)."""
+
+    map: FleetMap
+    persisted_epoch: int
+    published_revision: int
+    promoted: bool = True
+    to_fence: frozenset[str] = frozenset()
+    to_attach: frozenset[str] = frozenset()
+    to_demote: frozenset[str] = frozenset()
+    retry_at: float | None = None
+    last_error: str = ""
+    config: ElectionConfig = field(default_factory=ElectionConfig)
+
+
+def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> ElectionState:
+    """State of a coordinator that just became active with ``persisted`` loaded from the store.
+
+    A map persisted mid-failover is resumed from the fence: the predecessor coordinator may
+    have fenced and promoted already, but fencing and promotion are idempotent and the new
+    coordinator cannot know, so it does both again before publishing.
+    """
+    cfg = config or ElectionConfig()
+    if persisted.phase == "failover":
+        stale = frozenset(m.name for m in persisted.members if m.role == "out")
+        return ElectionState(
+            map=persisted,
+            persisted_epoch=persisted.epoch,
+            published_revision=persisted.revision,
+            promoted=persisted.writer is None,
+            to_fence=stale,
+            config=cfg,
+        )
+    return ElectionState(
+        map=persisted,
+        persisted_epoch=persisted.epoch,
+        published_revision=persisted.revision,
+        config=cfg,
+    )
+
+
+def target_map(state: ElectionState) -> FleetMap:
+    """The map to publish once every pending step is done."""
+    m = state.map
+    if m.phase == "failover" and m.writer is not None:
+        return m.complete_failover()
+    return m
+
+
+def plan(state: ElectionState) -> list[Action]:
+    """The actions still needed to reach ``target_map(state)``, in law order."""
+    m = state.map
+    actions: list[Action] = []
+    if m.epoch > state.persisted_epoch:
+        actions.append(PersistEpoch(m))
+    actions.extend(FenceNode(n, m.epoch) for n in sorted(state.to_fence))
+    if m.phase == "failover" and m.writer is not None and not state.promoted:
+        actions.append(PromoteNode(m.writer, m.epoch, m.member(m.writer).address))
+    final = target_map(state)
+    if final.revision > state.published_revision:
+        actions.append(PublishMap(final))
+    for n in sorted(state.to_attach):
+        actions.append(AttachSpare(n, m.epoch, m.member(n).address))
+    for n in sorted(state.to_demote):
+        actions.append(DemoteNode(n, m.epoch, m.member(n).address))
+    return actions
+
+
+def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action]]:
+    """Fold ``event`` in and return the new state and the actions to run now (maybe none)."""
+    now = _time_of(event)
+    if isinstance(event, NodeFailed):
+        state = _node_failed(state, event.node)
+    elif isinstance(event, HeartbeatObserved):
+        state = _heartbeat(state, event)
+    elif isinstance(event, ReaderLagging):
+        state = _reader_lagging(state, event.node)
+    elif isinstance(event, FailoverRequested):
+        state = _failover_requested(state, event.to)
+    elif isinstance(event, FenceRequested):
+        state = _fence_requested(state, event.node)
+    elif isinstance(event, BatchExecuted):
+        state = _batch_executed(state, event)
+    if state.retry_at is not None and now < state.retry_at:
+        return state, []
+    if state.retry_at is not None:
+        state = replace(state, retry_at=None)
+    return state, plan(state)
+
+
+# -- transitions ----------------------------------------------------------------------------
+
+
+def _time_of(event: Event) -> float:
+    return event.now if isinstance(event, Tick) else event.at
+
+
+def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> ElectionState:
+    """Start a failover away from the current writer (if any), fencing ``fence`` first."""
+    m = state.map
+    to_fence = state.to_fence | fence
+    if to is None:
+        cand = m.promotion_candidate(exclude=to_fence)
+        to = cand.name if cand is not None else None
+    if to is None:
+        if m.writer is None:
+            return replace(state, to_fence=to_fence, last_error="no eligible writer")
+        new = m.remove_writer()
+        return replace(
+            state, map=new, to_fence=to_fence, promoted=True, last_error="no eligible writer"
+        )
+    if to in to_fence:
+        raise IllegalTransition(to, "fenced", "writer", "a node being fenced cannot write")
+    new = m.begin_failover(to)
+    return replace(
+        state,
+        map=new,
+        to_fence=to_fence,
+        promoted=False,
+        to_demote=state.to_demote - {to},
+        last_error="",
+    )
+
+
+def _node_failed(state: ElectionState, node: str) -> ElectionState:
+    m = state.map
+    if not m.has(node):
+        return state
+    member = m.member(node)
+    if member.role == "out":
+        return state
+    if member.role == "writer":
+        return _fail_over(state, frozenset({node}), None)
+    if member.role == "spare":
+        return replace(state, map=m.set_role(node, "out"), to_attach=state.to_attach - {node})
+    # A reader: route around it at once, replace it with a spare if there is one.
+    new = m.set_role(node, "out")
+    to_attach = state.to_attach - {node}
+    spare = next((s for s in new.members if s.role == "spare"), None)
+    if spare is not None:
+        new = new.set_role(spare.name, "reader", in_sync=False)
+        to_attach = to_attach | {spare.name}
+    return replace(state, map=new, to_attach=to_attach)
+
+
+def _target_seq(m: FleetMap) -> int:
+    if m.writer is not None:
+        return m.member(m.writer).applied_seq
+    return max((r.applied_seq for r in m.in_sync_readers()), default=0)
+
+
+def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
+    m = state.map
+    if not m.has(hb.node):
+        return state
+    member = m.member(hb.node)
+    if hb.role == "writer" and member.role != "writer":
+        # A writer of an older epoch is alive: it is (or will be) fenced; make it step down.
+        return replace(state, to_demote=state.to_demote | {hb.node})
+    if member.role == "writer":
+        if m.phase == "stable" and hb.epoch == m.epoch:
+            return replace(state, map=_with_seq(m, member, hb.applied_seq))
+        return state
+    if member.role == "out" and hb.role == "reader" and hb.node not in state.to_fence:
+        m = m.set_role(hb.node, "reader", in_sync=False)
+        member = m.member(hb.node)
+    if member.role != "reader" or hb.role != "reader":
+        return replace(state, map=m)
+    caught_up = hb.applied_seq >= _target_seq(m) and member.in_sync is False
+    if caught_up:
+        m = m.set_progress(hb.node, hb.applied_seq, True)
+    else:
+        m = _with_seq(m, member, hb.applied_seq)
+    return replace(state, map=m, to_attach=state.to_attach - {hb.node})
+
+
+def _with_seq(m: FleetMap, member: Member, seq: int) -> FleetMap:
+    """Record an advisory applied seq without a new revision (not worth announcing)."""
+    if member.applied_seq == seq:
+        return m
+    members = tuple(replace(x, applied_seq=seq) if x.name == member.name else x for x in m.members)
+    return replace(m, members=members)
+
+
+def _reader_lagging(state: ElectionState, node: str) -> ElectionState:
+    m = state.map
+    if not m.has(node) or m.member(node).role != "reader" or not m.member(node).in_sync:
+        return state
+    member = m.member(node)
+    return replace(state, map=m.set_progress(node, member.applied_seq, False))
+
+
+def _failover_requested(state: ElectionState, to: str | None) -> ElectionState:
+    m = state.map
+    if m.phase != "stable" or state.to_fence:
+        raise IllegalTransition(m.fleet, m.phase, "failover", "a failover is in progress")
+    if m.writer is None:
+        raise IllegalTransition(m.fleet, "no writer", "failover")
+    if to is not None and not m.has(to):
+        raise IllegalTransition(to, "absent", "writer", "not a member")
+    if to is not None and m.member(to).role == "writer":
+        raise IllegalTransition(to, "writer", "writer", "already the writer")
+    return _fail_over(state, frozenset({m.writer}), to)
+
+
+def _fence_requested(state: ElectionState, node: str) -> ElectionState:
+    m = state.map
+    if not m.has(node):
+        raise IllegalTransition(node, "absent", "fenced", "not a member")
+    member = m.member(node)
+    if member.role == "writer":
+        # The writer (or, mid-failover, the named candidate) is cut: another one is chosen.
+        return _fail_over(state, frozenset({node}), None)
+    state = replace(state, to_fence=state.to_fence | {node})
+    if member.role in ("reader", "spare"):
+        state = replace(state, map=m.set_role(node, "out"), to_attach=state.to_attach - {node})
+    return state
+
+
+def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
+    for action in ev.done:
+        if isinstance(action, PersistEpoch):
+            state = replace(state, persisted_epoch=max(state.persisted_epoch, action.map.epoch))
+        elif isinstance(action, FenceNode):
+            state = replace(state, to_fence=state.to_fence - {action.node})
+        elif isinstance(action, PromoteNode):
+            if state.map.writer == action.node and state.map.epoch == action.epoch:
+                state = replace(state, promoted=True)
+        elif isinstance(action, PublishMap):
+            published = action.map
+            state = replace(
+                state,
+                published_revision=max(state.published_revision, published.revision),
+                persisted_epoch=max(state.persisted_epoch, published.epoch),
+            )
+            if state.map.phase == "failover" and target_map(state) == published:
+                state = replace(state, map=published)
+        elif isinstance(action, AttachSpare):
+            state = replace(state, to_attach=state.to_attach - {action.node})
+        else:
+            state = replace(state, to_demote=state.to_demote - {action.node})
+    failed = ev.failed
+    if failed is None:
+        return replace(state, last_error="")
+    state = replace(state, retry_at=ev.at + state.config.retry_delay, last_error=ev.reason)
+    if isinstance(failed, PromoteNode) and state.map.writer == failed.node:
+        # The candidate could not take the grant: it may have started promoting, so it is
+        # fenced too and another in-sync reader gets the next epoch.
+        state = _fail_over(state, frozenset({failed.node}), None)
+    elif isinstance(failed, DemoteNode):
+        # Best effort: a fenced stale writer that cannot be reached needs no demotion.
+        state = replace(state, to_demote=state.to_demote - {failed.node}, retry_at=None)
+    return state
+
+
+def assert_law_order(actions: list[Action]) -> None:
+    """Raise IllegalTransition when ``actions`` break the law order (used by tests and executor)."""
+    for first, then in itertools.pairwise(actions):
+        if ACTION_ORDER.index(type(then)) < ACTION_ORDER.index(type(first)):
+            raise IllegalTransition(
+                "actions", type(first).__name__, type(then).__name__, "out of law order"
+            )
+
+
+__all__ = [
+    "ACTION_ORDER",
+    "Action",
+    "AttachSpare",
+    "BatchExecuted",
+    "DemoteNode",
+    "ElectionConfig",
+    "ElectionState",
+    "Event",
+    "FailoverRequested",
+    "FenceNode",
+    "FenceRequested",
+    "HeartbeatObserved",
+    "NodeFailed",
+    "PersistEpoch",
+    "PromoteNode",
+    "PublishMap",
+    "ReaderLagging",
+    "Tick",
+    "assert_law_order",
+    "plan",
+    "resume",
+    "step",
+    "target_map",
+]

@@ -1,0 +1,187 @@
+"""Failure detection from three sources, confirmed before anyone acts. Pure; time is an input.
+
+Sources (the patent's three): the coordinator's own probes and the agents' heartbeats, failure
+reports from clients, and self-test reports from the agents themselves.
+
+Invariants:
+
+* One lost packet never kills a node: a single failed probe, a single client report or a
+  late heartbeat only makes it ``SUSPECT``. ``DEAD`` needs ``confirm_failures`` consecutive
+  failed probes, or silence for ``dead_after``, or the node's own failed self-test (a report
+  that a lost packet cannot forge).
+* Any successful contact (heartbeat or probe) resets the failure count and the reports, and
+  clears a failed self-test only when the heartbeat says the self-test passes again.
+* ``verdict`` is a function of the recorded observations and ``now`` alone.
+
+Defaults meet DESIGN §9 (writer killed -> new writer accepting writes <= 3 s p99): a killed
+agent refuses connections at once, so three probes 0.2 s apart confirm it in ~0.6 s; a paused
+one times out each probe (0.3 s) and is confirmed by ``dead_after`` = 1.2 s of silence. That
+leaves > 1.5 s for fence (~0.1 s), promotion (journal replay) and announcement.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+
+from orchestrator.errors import ConfigError
+
+
+class Verdict(enum.Enum):
+    """What the detector believes about a node."""
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    """Timings in seconds; see the module docstring for why these defaults."""
+
+    probe_interval: float = 0.2
+    probe_timeout: float = 0.3
+    suspect_after: float = 0.5
+    dead_after: float = 1.2
+    confirm_failures: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("probe_interval", "probe_timeout", "suspect_after", "dead_after"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"coordinator.{name}", "must be > 0")
+        if self.confirm_failures < 2:
+            raise ConfigError("coordinator.confirm_failures", "must be >= 2: one loss is no death")
+        if self.dead_after <= self.suspect_after:
+            raise ConfigError("coordinator.dead_after", "must exceed suspect_after")
+
+
+# -- observations (events, past tense) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeartbeatReceived:
+    """The agent's periodic heartbeat arrived (``selftest_ok`` from its own self-test)."""
+
+    node: str
+    at: float
+    selftest_ok: bool = True
+
+
+@dataclass(frozen=True)
+class ProbeSucceeded:
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class ProbeFailed:
+    node: str
+    at: float
+
+
+@dataclass(frozen=True)
+class FailureReported:
+    """A client could not use ``node`` (connection refused, timeout, 5xx)."""
+
+    node: str
+    at: float
+    reporter: str = ""
+
+
+@dataclass(frozen=True)
+class SelfTestFailed:
+    """The agent on ``node`` reports its own device or journal is broken."""
+
+    node: str
+    at: float
+    reason: str = ""
+
+
+Observation = HeartbeatReceived | ProbeSucceeded | ProbeFailed | FailureReported | SelfTestFailed
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """What has been seen of one node since its last successful contact."""
+
+    last_ok: float
+    failed_probes: int = 0
+    reports: int = 0
+    selftest_failed: bool = False
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """The detector's state: one record per watched node."""
+
+    config: LivenessConfig = field(default_factory=LivenessConfig)
+    nodes: tuple[tuple[str, NodeRecord], ...] = ()
+
+    def record(self, node: str) -> NodeRecord | None:
+        """The record of ``node`` or None when not watched."""
+        for name, rec in self.nodes:
+            if name == node:
+                return rec
+        return None
+
+    def watch(self, node: str, now: float) -> Liveness:
+        """Start watching ``node`` as if it had just answered (a grace period of dead_after)."""
+        if self.record(node) is not None:
+            return self
+        return self._put(node, NodeRecord(last_ok=now))
+
+    def forget(self, node: str) -> Liveness:
+        """Stop watching ``node``."""
+        return replace(self, nodes=tuple((n, r) for n, r in self.nodes if n != node))
+
+    def observe(self, obs: Observation) -> Liveness:
+        """Fold one observation in; observations about unwatched nodes start watching them."""
+        rec = self.record(obs.node) or NodeRecord(last_ok=obs.at)
+        if isinstance(obs, HeartbeatReceived):
+            rec = NodeRecord(last_ok=max(rec.last_ok, obs.at), selftest_failed=not obs.selftest_ok)
+        elif isinstance(obs, ProbeSucceeded):
+            rec = NodeRecord(last_ok=max(rec.last_ok, obs.at), selftest_failed=rec.selftest_failed)
+        elif isinstance(obs, ProbeFailed):
+            rec = replace(rec, failed_probes=rec.failed_probes + 1)
+        elif isinstance(obs, FailureReported):
+            rec = replace(rec, reports=rec.reports + 1)
+        else:
+            rec = replace(rec, selftest_failed=True)
+        return self._put(obs.node, rec)
+
+    def verdict(self, node: str, now: float) -> Verdict:
+        """ALIVE / SUSPECT / DEAD for ``node`` at ``now`` (unwatched nodes are ALIVE)."""
+        rec = self.record(node)
+        if rec is None:
+            return Verdict.ALIVE
+        cfg = self.config
+        silence = now - rec.last_ok
+        if rec.selftest_failed or rec.failed_probes >= cfg.confirm_failures:
+            return Verdict.DEAD
+        if silence >= cfg.dead_after:
+            return Verdict.DEAD
+        if rec.failed_probes or rec.reports or silence >= cfg.suspect_after:
+            return Verdict.SUSPECT
+        return Verdict.ALIVE
+
+    def verdicts(self, now: float) -> dict[str, Verdict]:
+        """Every watched node's verdict at ``now``."""
+        return {name: self.verdict(name, now) for name, _ in self.nodes}
+
+    def _put(self, node: str, rec: NodeRecord) -> Liveness:
+        rest = tuple((n, r) for n, r in self.nodes if n != node)
+        return replace(self, nodes=tuple(sorted((*rest, (node, rec)), key=lambda p: p[0])))
+
+
+__all__ = [
+    "FailureReported",
+    "HeartbeatReceived",
+    "Liveness",
+    "LivenessConfig",
+    "NodeRecord",
+    "Observation",
+    "ProbeFailed",
+    "ProbeSucceeded",
+    "SelfTestFailed",
+    "Verdict",
+]
