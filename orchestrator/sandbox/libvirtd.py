@@ -1,0 +1,165 @@
+"""libvirtd for the sandbox without systemd: start ``virtlogd`` + ``libvirtd`` unless running.
+
+Two host fixes come first (notes/libvirt.md §2): ``/dev/kvm`` must be ``root:kvm 0660`` (else
+libvirt re-probes QEMU on every call and a define takes a minute, even on TCG-only hosts) and
+``/var/lib/libvirt/dnsmasq`` must exist (else the first domain start on a network fails).
+
+A daemon we start is recorded in the StateFile (kind ``libvirt.daemon``, pid + start time) as
+soon as its pid is known, before anything relies on it; only those may be stopped by ``down``,
+by pid, and libvirtd only while no domain or network is left on it, since other sandboxes on
+the machine may share the same daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import grp
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import SandboxError
+from orchestrator.sandbox.state import StateFile
+
+__all__ = ["SYSTEM_URI", "TEARDOWN", "ensure_libvirtd", "libvirtd_running", "stop_daemon"]
+
+Progress = Callable[[str], None]
+
+SYSTEM_URI = "qemu:///system"
+LOCK_PATH = Path("/run/rbdfleet/libvirtd.lock")
+# name -> (binary, pid file). virtlogd first: libvirtd hands it every console log.
+DAEMONS = {
+    "virtlogd": ("/usr/sbin/virtlogd", Path("/run/virtlogd.pid")),
+    "libvirtd": ("/usr/sbin/libvirtd", Path("/run/libvirtd.pid")),
+}
+START_TIMEOUT = 90.0  # the first start on a machine probes QEMU's capabilities: ~9 s idle
+
+
+def ensure_libvirtd(state: StateFile, progress: Progress | None = None) -> None:
+    """Make ``qemu:///system`` answer, starting virtlogd and libvirtd if needed.
+
+    Idempotent and safe when several sandboxes call it at once (a machine-wide lock).
+    Raises :class:`SandboxError` naming the log to read when the daemon does not come up.
+    """
+    say = progress or (lambda _msg: None)
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _fix_host()
+        for name, (binary, pid_file) in DAEMONS.items():
+            if _running_pid(pid_file) is not None:
+                continue
+            say(f"starting {name}")
+            pid = _start(name, binary, pid_file)
+            state.record("libvirt.daemon", name=name, pid=pid, start_time=_start_time(pid))
+        _wait_answering(say)
+
+
+def libvirtd_running() -> bool:
+    """Whether the libvirtd of the pid file is alive."""
+    return _running_pid(DAEMONS["libvirtd"][1]) is not None
+
+
+def stop_daemon(resource: dict[str, Any]) -> None:
+    """Undo a ``libvirt.daemon`` record: SIGTERM the pid if it is still the same process.
+
+    libvirtd is left running while it still has domains or networks: they may belong to
+    another sandbox (QEMU processes would survive, but nobody could manage them).
+    """
+    pid, name = int(resource["pid"]), str(resource["name"])
+    if _start_time(pid) != resource.get("start_time"):
+        return  # gone, or the pid was reused by another process
+    if name == "libvirtd" and _libvirt_in_use():
+        return
+    if name == "virtlogd" and libvirtd_running():
+        return  # libvirtd (ours or not) still hands console logs to it
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _start_time(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {"libvirt.daemon": stop_daemon}
+
+
+def _fix_host() -> None:
+    kvm = Path("/dev/kvm")
+    if kvm.exists():
+        try:
+            kvm_gid = grp.getgrnam("kvm").gr_gid
+        except KeyError:
+            kvm_gid = None
+        if kvm_gid is not None:
+            info = kvm.stat()
+            if info.st_gid != kvm_gid or info.st_mode & 0o777 != 0o660:
+                os.chown(kvm, 0, kvm_gid)
+                os.chmod(kvm, 0o660)
+    Path("/var/lib/libvirt/dnsmasq").mkdir(parents=True, exist_ok=True)
+    Path("/run/libvirt").mkdir(parents=True, exist_ok=True)
+
+
+def _start(name: str, binary: str, pid_file: Path) -> int:
+    """Start ``binary -d`` (it daemonizes and writes ``pid_file``); return the daemon's pid."""
+    result = subprocess.run([binary, "-d"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SandboxError(f"{name} -d failed (rc {result.returncode}): {result.stderr.strip()}")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pid = _running_pid(pid_file)
+        if pid is not None:
+            return pid
+        time.sleep(0.05)
+    raise SandboxError(f"{name} started but {pid_file} names no live process")
+
+
+def _wait_answering(say: Progress) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    announced = False
+    last = ""
+    while time.monotonic() < deadline:
+        result = subprocess.run(["virsh", "-c", SYSTEM_URI, "version"], capture_output=True,
+                                text=True, check=False)
+        if result.returncode == 0:
+            return
+        last = result.stderr.strip()
+        if not announced:
+            say("waiting for libvirtd to answer (the first start probes QEMU, ~10 s)")
+            announced = True
+        time.sleep(0.1)
+    raise SandboxError(
+        f"libvirtd did not answer on {SYSTEM_URI} within {START_TIMEOUT:.0f} s: {last}; "
+        "see /var/log/libvirt/libvirtd.log"
+    )
+
+
+def _libvirt_in_use() -> bool:
+    for listing in (["list", "--all", "--name"], ["net-list", "--all", "--name"]):
+        result = subprocess.run(["virsh", "-c", SYSTEM_URI, *listing], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0 or result.stdout.strip():
+            return True  # in use, or cannot tell: leave it running
+    return False
+
+
+def _running_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _start_time(pid) is not None else None
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (identity against pid reuse), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
