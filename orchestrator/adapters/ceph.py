@@ -311,22 +311,17 @@ class CephxCredentialStore:
 
 
 def _parse_sessions(sessions: list[Any]) -> list[ClientSession]:
-    """Client entries of a mon's ``sessions`` dump (the JSON form of 16.2)."""
+    """Client entries of a mon's ``sessions`` dump (JSON of 16.2: ``entity_name``,
+    ``global_id``, ``addrs.addrvec[].{addr,nonce}``)."""
     result = []
     for entry in sessions:
-        if not isinstance(entry, dict):
-            continue
-        name = entry.get("name") or {}
         entity = str(entry.get("entity_name", ""))
-        if not entity.startswith("client."):
+        if entry.get("con_type") != "client" or not entity.startswith("client."):
             continue
-        global_id = entry.get("global_id")
-        if global_id is None and isinstance(name, dict):
-            global_id = name.get("num")
-        addr = entry.get("addr") or entry.get("con_addr") or ""
-        if isinstance(addr, dict):
-            addr = addr.get("addr", "")
-        result.append(ClientSession(int(global_id or 0), entity, str(addr)))
+        addrvec = (entry.get("addrs") or {}).get("addrvec") or [entry.get("socket_addr") or {}]
+        first = addrvec[0] if addrvec else {}
+        addr = f"{first.get('addr', '')}/{first.get('nonce', 0)}"
+        result.append(ClientSession(int(entry.get("global_id", 0)), entity, addr))
     return result
 
 
