@@ -1,0 +1,767 @@
+"""A throwaway Ceph cluster on loopback: 1 mon, 1 mgr, 1-3 OSDs, everything inside one directory.
+
+The recipe is notes/ceph.md §2-§4: a conf whose every path points into DIR, all keys made up
+front with ``ceph-authtool``, mon mkfs + start while the OSDs mkfs in parallel, every mon
+command through ONE ``ceph`` process on stdin, then the mgr and the OSDs, readiness by polling
+``osd stat`` (answered by the mon; ``pg stat`` waits for the mgr's 5 s stats) and
+``rbd pool init``.
+
+Only the Ceph CLI tools are run here (stdlib + subprocess); the ``rados``/``rbd`` bindings
+belong to the Ceph adapter.
+
+Daemons run in the foreground (``-f``) as our children in their own session, so the pid we
+record is the daemon's own from the first instant; each one is recorded in the
+:class:`~orchestrator.sandbox.state.StateFile` right after it is spawned and before anything
+waits on it. Teardown signals a recorded pid only when ``/proc/PID`` still names a ``ceph-``
+binary run with this cluster's conf and its start time (field 22 of ``/proc/PID/stat``) is the
+recorded one, so a reused pid is never hit. OSDs stop first, then the mgr, then the mon.
+
+What this does not guarantee: memstore OSDs lose every PG on restart (use bluestore to
+restart), and the mon port is chosen by a bind test, so a process binding it between the test
+and the mon's start makes the start fail (it is then undone and reported).
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import SandboxError
+from orchestrator.sandbox.state import StateFile
+
+__all__ = [
+    "OBJECTSTORES",
+    "POOL",
+    "REQUIRED_BINARIES",
+    "TEARDOWN",
+    "CephCluster",
+    "OsdStat",
+    "cluster_from_conf",
+    "cluster_from_dir",
+    "cluster_health",
+    "cluster_processes",
+    "kill_daemon",
+    "parse_osd_stat",
+    "remove_cluster_dir",
+    "render_conf",
+    "restart_osd",
+    "start_cluster",
+    "start_osd",
+    "stop_cluster",
+    "stop_osd",
+]
+
+LOG = logging.getLogger(__name__)
+
+POOL = "rbd"
+OBJECTSTORES = ("memstore", "bluestore")
+MON_ID = "a"
+MGR_ID = "x"
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 20.0
+POLL_INTERVAL_S = 0.2
+# Mon ports come from below the kernel's ephemeral range (32768+), so outgoing client
+# connections never take the port between the bind test and the mon's start.
+PORT_RANGE = (20000, 32000)
+
+# binary -> Debian package that ships it
+REQUIRED_BINARIES: dict[str, str] = {
+    "ceph-mon": "ceph-mon",
+    "ceph-mgr": "ceph-mgr",
+    "ceph-osd": "ceph-osd",
+    "monmaptool": "ceph-base",
+    "ceph-authtool": "ceph-common",
+    "ceph": "ceph-common",
+    "rbd": "ceph-common",
+}
+
+# entity -> caps, per notes/ceph.md §3 step 1
+_ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
+_MON_CAPS = {"mon": "allow *"}
+_MGR_CAPS = {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
+_OSD_CAPS = {"mon": "allow profile osd", "mgr": "allow profile osd", "osd": "allow *"}
+
+# teardown order of daemon groups
+_GROUP_ORDER = ("osd", "mgr", "mon")
+
+
+@dataclass(frozen=True)
+class CephCluster:
+    """A sandbox cluster: where it lives and how clients reach it."""
+
+    dir: Path
+    conf: Path  # mode 0644: QEMU (libvirt-qemu) reads it
+    keyring: Path  # client.admin keyring, mode 0600
+    fsid: str
+    mon_v2: str  # "127.0.0.1:PORT", msgr2
+    mon_v1: str  # "127.0.0.1:PORT+1", legacy msgr1
+    osds: int
+    objectstore: str
+    pool: str = POOL
+    mgr: bool = True
+
+    @property
+    def mon_host(self) -> str:
+        """The ``mon_host`` value clients use: ``[v2:...,v1:...]``."""
+        return f"[v2:{self.mon_v2},v1:{self.mon_v1}]"
+
+    @property
+    def mon_port(self) -> int:
+        """The msgr2 port of the mon."""
+        return int(self.mon_v2.rsplit(":", 1)[1])
+
+    def env(self) -> dict[str, str]:
+        """Environment for Ceph CLI tools aimed at this cluster (the keyring is in [client])."""
+        return {**os.environ, "CEPH_CONF": str(self.conf)}
+
+
+@dataclass(frozen=True)
+class OsdStat:
+    """The mon's ``osd stat``."""
+
+    epoch: int
+    osds: int
+    up: int
+    in_: int
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def render_conf(
+    dir: Path, fsid: str, mon_port: int, *, osds: int, objectstore: str
+) -> str:
+    """The ceph.conf of a sandbox cluster (notes/ceph.md §2); every path is inside ``dir``.
+
+    ``$id`` and ``$name`` are Ceph's own metavariables and stay literal.
+    """
+    if objectstore not in OBJECTSTORES:
+        raise ValueError(f"objectstore must be one of {OBJECTSTORES}, not {objectstore!r}")
+    size = 3 if osds >= 3 else 1
+    d = str(dir)
+    return f"""\
+# rbdfleet sandbox cluster: every path is inside {d}
+[global]
+fsid = {fsid}
+mon_host = [v2:127.0.0.1:{mon_port},v1:127.0.0.1:{mon_port + 1}]
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+ms_bind_ipv6 = false
+auth_cluster_required = cephx
+auth_service_required = cephx
+auth_client_required = cephx
+auth_allow_insecure_global_id_reclaim = false
+run_dir = {d}/run
+osd_crush_chooseleaf_type = 0
+osd_pool_default_size = {size}
+osd_pool_default_min_size = 0
+osd_pool_default_pg_num = 8
+osd_pool_default_pgp_num = 8
+osd_pool_default_pg_autoscale_mode = off
+mon_allow_pool_size_one = true
+mon_allow_pool_delete = true
+mon_warn_on_pool_no_redundancy = false
+mon_data_avail_warn = 2
+mon_data_avail_crit = 1
+mon_max_pg_per_osd = 1000
+osd_objectstore = {objectstore}
+osd_crush_initial_weight = 1
+paxos_propose_interval = 0.01
+
+[mon]
+mon_data = {d}/mon.$id
+keyring = {d}/mon.$id/keyring
+log_file = {d}/log/$name.log
+pid_file = {d}/run/$name.pid
+admin_socket = {d}/run/$name.asok
+mon_cluster_log_file = {d}/log/cluster.log
+
+[mgr]
+mgr_data = {d}/mgr.$id
+keyring = {d}/keys/$name.keyring
+log_file = {d}/log/$name.log
+pid_file = {d}/run/$name.pid
+admin_socket = {d}/run/$name.asok
+
+[osd]
+osd_data = {d}/osd.$id
+keyring = {d}/keys/$name.keyring
+log_file = {d}/log/$name.log
+pid_file = {d}/run/$name.pid
+admin_socket = {d}/run/$name.asok
+memstore_device_bytes = 4294967296
+bluestore_block_create = true
+bluestore_block_size = 8589934592
+bluestore_fsck_on_mkfs = false
+bdev_aio_poll_ms = 20
+osd_memory_target = 1073741824
+
+[client]
+keyring = {d}/keyring
+log_file = {d}/log/client.log
+"""
+
+
+def _read_conf(conf: Path) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(inline_comment_prefixes=("#", ";"), strict=False)
+    try:
+        parser.read_string(conf.read_text())
+    except (OSError, configparser.Error) as exc:
+        raise SandboxError(f"{conf}: not a readable ceph.conf ({exc})") from exc
+    return parser
+
+
+_MON_HOST = re.compile(r"v2:(?P<v2>[\d.]+:\d+)(?:,v1:(?P<v1>[\d.]+:\d+))?")
+
+
+def parse_osd_stat(text: str) -> OsdStat:
+    """Parse ``ceph osd stat -f json`` (``{"epoch":..,"num_osds":..,"num_up_osds":..}``)."""
+    data = json.loads(text)
+    return OsdStat(
+        epoch=int(data["epoch"]),
+        osds=int(data["num_osds"]),
+        up=int(data["num_up_osds"]),
+        in_=int(data["num_in_osds"]),
+    )
+
+
+def _proc_starttime(stat: str) -> tuple[str, int]:
+    """(state, starttime) from the text of /proc/PID/stat; comm may hold spaces and ')'."""
+    rest = stat[stat.rindex(")") + 2 :].split()
+    # rest[0] is field 3 (state); field 22 (starttime) is rest[19]
+    return rest[0], int(rest[19])
+
+
+def _owns(cmdline: bytes, conf: str) -> bool:
+    """A ceph daemon (``ceph-*`` binary) started with this conf."""
+    args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
+    return bool(args) and os.path.basename(args[0]).startswith("ceph-") and conf in args
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _read_proc(pid: int) -> tuple[str, int, bytes] | None:
+    """(state, starttime, cmdline) of a live pid, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state, start = _proc_starttime(stat)
+    return state, start, cmdline
+
+
+def _starttime(pid: int) -> int:
+    info = _read_proc(pid)
+    if info is None:
+        raise SandboxError(f"process {pid} vanished before it could be recorded")
+    return info[1]
+
+
+def _reap(pid: int) -> None:
+    """Collect our own exited child so it does not linger as a zombie."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(res: dict[str, Any]) -> bool:
+    """The recorded daemon still runs (same pid, same start time, ceph- with our conf)."""
+    _reap(int(res["pid"]))
+    info = _read_proc(int(res["pid"]))
+    if info is None:
+        return False
+    state, start, cmdline = info
+    return state != "Z" and start == int(res["starttime"]) and _owns(cmdline, str(res["conf"]))
+
+
+def _signal_group(resources: Sequence[dict[str, Any]], grace: float) -> None:
+    """SIGTERM every still-alive daemon of the group, wait, SIGKILL after ``grace``."""
+    pending = [r for r in resources if _alive(r)]
+    for r in pending:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(r["pid"]), signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pending = [r for r in pending if _alive(r)]
+    for r in pending:
+        LOG.warning("ceph daemon %s (pid %s) ignored SIGTERM for %.0fs: SIGKILL",
+                    r["name"], r["pid"], grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(r["pid"]), signal.SIGKILL)
+    deadline = time.monotonic() + 10.0
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pending = [r for r in pending if _alive(r)]
+    if pending:
+        names = ", ".join(f"{r['name']} (pid {r['pid']})" for r in pending)
+        raise SandboxError(f"ceph daemons survived SIGKILL: {names}")
+
+
+def kill_daemon(resource: dict[str, Any], grace: float = STOP_GRACE_S) -> None:
+    """Undo one ``ceph.daemon`` record: SIGTERM, then SIGKILL after ``grace``; idempotent."""
+    _signal_group([resource], grace)
+
+
+def cluster_processes(conf: Path) -> list[int]:
+    """Pids of live (non-zombie) ``ceph-*`` processes started with ``conf``: for checks only."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = _read_proc(int(entry.name))
+        if info is not None and info[0] != "Z" and _owns(info[2], str(conf)):
+            found.append(int(entry.name))
+    return found
+
+
+# names start_cluster creates inside DIR; remove_cluster_dir removes exactly these
+_DIR_ENTRIES = ("ceph.conf", "keyring", "keys", "monmap", "run", "log", "mon.a", "mgr.x")
+
+
+def remove_cluster_dir(resource: dict[str, Any]) -> None:
+    """Undo a ``ceph.dir`` record: remove what a sandbox cluster puts in DIR, then DIR if empty."""
+    d = Path(resource["path"])
+    if not d.is_dir():
+        return
+    for entry in d.iterdir():
+        if entry.name in _DIR_ENTRIES or re.fullmatch(r"osd\.\d+", entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
+
+
+TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
+    "ceph.daemon": kill_daemon,
+    "ceph.dir": remove_cluster_dir,
+}
+
+
+# --------------------------------------------------------------------------- start
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self, what: str) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise SandboxError(f"ceph cluster start exceeded {self.seconds:.0f}s while {what}")
+        return left
+
+
+def _check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise SandboxError("the sandbox Ceph cluster must be started as root")
+    missing = {b: p for b, p in REQUIRED_BINARIES.items() if shutil.which(b) is None}
+    if missing:
+        pkgs = " ".join(sorted(set(missing.values())))
+        raise SandboxError(
+            f"missing Ceph binaries {', '.join(sorted(missing))}: apt-get install {pkgs}"
+        )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_mon_port(rng: random.Random) -> int:
+    """An even port P with P and P+1 both free on 127.0.0.1 (never 3300/6789)."""
+    lo, hi = PORT_RANGE
+    for _ in range(200):
+        port = rng.randrange(lo, hi, 2)
+        if _port_free(port) and _port_free(port + 1):
+            return port
+    raise SandboxError(f"no free mon port pair found in {lo}-{hi}")
+
+
+def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None = None,
+         env: dict[str, str] | None = None) -> str:
+    """Run a short Ceph tool; a failure raises SandboxError with its output."""
+    try:
+        done = subprocess.run(
+            argv, input=input, capture_output=True, text=True, env=env,
+            timeout=deadline.left(what),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SandboxError(f"{what}: {argv[0]} did not finish in time") from exc
+    if done.returncode != 0:
+        out = (done.stderr or done.stdout).strip()[-2000:]
+        raise SandboxError(f"{what}: {argv[0]} exited {done.returncode}: {out}")
+    return done.stdout
+
+
+class _Starter:
+    """One start (or restart) of daemons: spawns, records, and remembers what it must undo."""
+
+    def __init__(self, dir: Path, conf: Path, state: StateFile, deadline: _Deadline) -> None:
+        self.dir = dir
+        self.conf = conf
+        self.state = state
+        self.deadline = deadline
+        self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        self.oneshots: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, argv: list[str], *, oneshot: bool = False) -> None:
+        """Start a process in its own session and record it before anything relies on it.
+
+        A one-shot (mkfs) is recorded too, so a start killed mid-way can still end it.
+        """
+        out = (self.dir / "log" / f"{name}.out").open("ab")
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            out.close()
+        self.state.record(
+            "ceph.daemon", pid=proc.pid, name=name, conf=str(self.conf),
+            starttime=_starttime(proc.pid),
+        )
+        (self.oneshots if oneshot else self.daemons)[name] = proc
+
+    def wait_exit(self, name: str, what: str) -> None:
+        """Wait for a one-shot process (mkfs) and forget its record; fail on non-zero exit."""
+        proc = self.oneshots.pop(name)
+        try:
+            rc = proc.wait(timeout=self.deadline.left(what))
+        except subprocess.TimeoutExpired as exc:
+            raise SandboxError(f"{what} did not finish in time") from exc
+        self.state.forget("ceph.daemon", pid=proc.pid, name=name)
+        if rc != 0:
+            raise SandboxError(f"{what} exited {rc}: {_tail(self.dir / 'log' / f'{name}.out')}")
+
+    def check_alive(self) -> None:
+        """Fail fast when a daemon started by us has died."""
+        for name, proc in self.daemons.items():
+            rc = proc.poll()
+            if rc is not None:
+                log = self.dir / "log" / f"{name}.log"
+                raise SandboxError(f"{name} exited {rc} during start: {_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return f"(no {path.name})"
+    return " | ".join(text[-lines:]) or f"({path.name} is empty)"
+
+
+def _make_keys(dir: Path, osds: int, deadline: _Deadline) -> None:
+    """Every key up front (notes/ceph.md §3.1): one keyring per entity, all in the mon's."""
+    keys = dir / "keys"
+    keys.mkdir(mode=0o700)
+    entities: list[tuple[str, Path, dict[str, str]]] = [
+        ("mon.", keys / "mon.keyring", _MON_CAPS),
+        ("client.admin", dir / "keyring", _ADMIN_CAPS),
+        (f"mgr.{MGR_ID}", keys / f"mgr.{MGR_ID}.keyring", _MGR_CAPS),
+    ] + [(f"osd.{n}", keys / f"osd.{n}.keyring", _OSD_CAPS) for n in range(osds)]
+    procs = []
+    for name, path, caps in entities:
+        argv = ["ceph-authtool", "--create-keyring", str(path), "--gen-key", "-n", name]
+        for service, cap in caps.items():
+            argv += ["--cap", service, cap]
+        procs.append((name, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE, text=True)))
+    for name, proc in procs:
+        try:
+            _, err = proc.communicate(timeout=deadline.left("making keys"))
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            raise SandboxError(f"ceph-authtool for {name} did not finish") from exc
+        if proc.returncode != 0:
+            raise SandboxError(f"ceph-authtool for {name} failed: {err.strip()[-500:]}")
+    # the mon's mkfs keyring holds every entity; keyring files are INI sections, so they concatenate
+    mkfs_keyring = keys / "mon-mkfs.keyring"
+    mkfs_keyring.write_text("".join(p.read_text() for _, p, _ in entities))
+    for _, path, _ in entities:
+        path.chmod(0o600)
+    mkfs_keyring.chmod(0o600)
+
+
+def _refuse_existing(dir: Path) -> None:
+    conf = dir / "ceph.conf"
+    if conf.exists():
+        running = cluster_processes(conf)
+        if running:
+            raise SandboxError(
+                f"{dir} already holds a running Ceph cluster (pids {running}); stop it first"
+            )
+        raise SandboxError(f"{dir} already holds a (stopped) Ceph cluster; remove it first")
+    if dir.exists() and any(dir.iterdir()):
+        raise SandboxError(f"{dir} is not empty; a sandbox cluster needs an empty directory")
+
+
+def _osd_stat(conf: Path, timeout: float) -> OsdStat:
+    out = subprocess.run(
+        ["ceph", "-c", str(conf), "--connect-timeout", str(max(1, int(timeout))),
+         "osd", "stat", "-f", "json"],
+        capture_output=True, text=True, timeout=timeout + 5,
+    )
+    if out.returncode != 0:
+        raise SandboxError(f"ceph osd stat exited {out.returncode}: {out.stderr.strip()[-500:]}")
+    return parse_osd_stat(out.stdout)
+
+
+def _wait_osds_up(starter: _Starter, count: int) -> OsdStat:
+    while True:
+        starter.check_alive()
+        left = starter.deadline.left(f"waiting for {count} OSDs up")
+        try:
+            stat = _osd_stat(starter.conf, min(10.0, left))
+        except (SandboxError, subprocess.TimeoutExpired, ValueError, KeyError):
+            stat = None
+        if stat is not None and stat.up >= count:
+            return stat
+        time.sleep(POLL_INTERVAL_S)
+
+
+def start_cluster(
+    dir: Path,
+    state: StateFile,
+    *,
+    osds: int = 1,
+    objectstore: str = "memstore",
+    mgr: bool = True,
+    progress: Callable[[str], None] | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> CephCluster:
+    """Start a fresh cluster in ``dir`` (absent or empty) with pool ``rbd`` ready for images.
+
+    Every daemon is in ``state`` before it is relied on. A failed start is undone before the
+    :class:`SandboxError` is raised; a start killed outright is undone from ``state`` with
+    :data:`TEARDOWN`. Pool size is 3 with 3+ OSDs, else 1.
+    """
+    say = progress or (lambda _msg: None)
+    if osds < 1:
+        raise SandboxError(f"a cluster needs at least one OSD, not {osds}")
+    if objectstore not in OBJECTSTORES:
+        raise SandboxError(f"objectstore must be one of {OBJECTSTORES}, not {objectstore!r}")
+    _check_prerequisites()
+    dir = dir.absolute()
+    _refuse_existing(dir)
+    deadline = _Deadline(timeout)
+    conf = dir / "ceph.conf"
+    state.record("ceph.dir", path=str(dir))
+    starter = _Starter(dir, conf, state, deadline)
+    try:
+        cluster = _start(dir, starter, osds=osds, objectstore=objectstore, mgr=mgr, say=say)
+    except BaseException as exc:
+        _undo_start(dir, conf, state)
+        if isinstance(exc, SandboxError):
+            raise SandboxError(f"ceph cluster start in {dir} failed (undone): {exc}") from exc
+        raise
+    return cluster
+
+
+def _undo_start(dir: Path, conf: Path, state: StateFile) -> None:
+    try:
+        _stop_recorded(conf, state, grace=5.0)
+    finally:
+        remove_cluster_dir({"path": str(dir)})
+        state.forget("ceph.dir", path=str(dir))
+
+
+def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bool,
+           say: Callable[[str], None]) -> CephCluster:
+    deadline = starter.deadline
+    conf = starter.conf
+    dir.mkdir(parents=True, exist_ok=True)
+    dir.chmod(0o755)  # QEMU (libvirt-qemu) must reach ceph.conf
+    for sub in ("run", "log", f"mon.{MON_ID}", *(f"osd.{n}" for n in range(osds))):
+        (dir / sub).mkdir(mode=0o750)
+    if mgr:
+        (dir / f"mgr.{MGR_ID}").mkdir(mode=0o750)
+    fsid = str(uuid.uuid4())
+    port = _pick_mon_port(random.Random())
+    conf.write_text(render_conf(dir, fsid, port, osds=osds, objectstore=objectstore))
+    conf.chmod(0o644)
+    say(f"ceph: conf written, mon on 127.0.0.1:{port}")
+
+    _make_keys(dir, osds, deadline)
+    say("ceph: keys made")
+
+    osd_uuids = [str(uuid.uuid4()) for _ in range(osds)]
+    for n, osd_uuid in enumerate(osd_uuids):
+        starter.spawn(f"osd.{n}.mkfs", ["ceph-osd", "-c", str(conf), "-i", str(n), "--mkfs",
+                                        "--no-mon-config", "--osd-uuid", osd_uuid],
+                      oneshot=True)
+    monmap = dir / "monmap"
+    _run(["monmaptool", "--create", "--fsid", fsid, "--addv", MON_ID,
+          f"[v2:127.0.0.1:{port},v1:127.0.0.1:{port + 1}]", str(monmap)],
+         deadline, "creating the monmap")
+    _run(["ceph-mon", "-c", str(conf), "-i", MON_ID, "--mkfs", "--monmap", str(monmap),
+          "--keyring", str(dir / "keys" / "mon-mkfs.keyring")], deadline, "mon mkfs")
+    starter.spawn(f"mon.{MON_ID}", ["ceph-mon", "-f", "-c", str(conf), "-i", MON_ID])
+    say("ceph: mon started")
+
+    commands = [f"osd new {u} {n}" for n, u in enumerate(osd_uuids)]
+    commands += [f"osd pool create {POOL} 8 8 replicated",
+                 f"osd pool application enable {POOL} rbd"]
+    _run(["ceph", "-c", str(conf), "--connect-timeout", "30"], deadline,
+         "registering OSDs and the pool", input="\n".join(commands) + "\n")
+    starter.check_alive()
+    say("ceph: OSDs and pool registered")
+
+    if mgr:
+        starter.spawn(f"mgr.{MGR_ID}", ["ceph-mgr", "-f", "-c", str(conf), "-i", MGR_ID])
+    for n in range(osds):
+        starter.wait_exit(f"osd.{n}.mkfs", f"osd.{n} mkfs")
+    for n in range(osds):
+        starter.spawn(f"osd.{n}", ["ceph-osd", "-f", "-c", str(conf), "-i", str(n)])
+    say(f"ceph: {osds} OSD(s) started")
+
+    _wait_osds_up(starter, osds)
+    say("ceph: OSDs up")
+    _run(["rbd", "-c", str(conf), "pool", "init", POOL], deadline, "rbd pool init")
+    starter.check_alive()
+    say(f"ceph: pool {POOL} ready")
+    return cluster_from_dir(dir)
+
+
+# --------------------------------------------------------------------------- existing clusters
+
+
+def cluster_from_conf(conf: Path) -> CephCluster:
+    """Describe the sandbox cluster whose ceph.conf is ``conf`` (it need not be running)."""
+    conf = conf.absolute()
+    parser = _read_conf(conf)
+    try:
+        fsid = parser.get("global", "fsid")
+        mon_host = parser.get("global", "mon_host")
+        keyring = Path(parser.get("client", "keyring"))
+    except (configparser.Error, KeyError) as exc:
+        raise SandboxError(f"{conf}: missing {exc}") from exc
+    match = _MON_HOST.search(mon_host)
+    if match is None:
+        raise SandboxError(f"{conf}: mon_host {mon_host!r} has no v2 address")
+    v2 = match["v2"]
+    host, port = v2.rsplit(":", 1)
+    v1 = match["v1"] or f"{host}:{int(port) + 1}"
+    dir = conf.parent
+    osds = sum(1 for p in dir.glob("osd.*") if p.is_dir() and re.fullmatch(r"osd\.\d+", p.name))
+    return CephCluster(
+        dir=dir, conf=conf, keyring=keyring, fsid=fsid, mon_v2=v2, mon_v1=v1, osds=osds,
+        objectstore=parser.get("global", "osd_objectstore", fallback="memstore"),
+        pool=POOL, mgr=(dir / f"mgr.{MGR_ID}").is_dir(),
+    )
+
+
+def cluster_from_dir(dir: Path) -> CephCluster:
+    """Re-read the sandbox cluster in ``dir`` (for status, stop and restarts)."""
+    conf = dir.absolute() / "ceph.conf"
+    if not conf.is_file():
+        raise SandboxError(f"{dir} holds no sandbox Ceph cluster (no ceph.conf)")
+    return cluster_from_conf(conf)
+
+
+def _daemon_records(conf: Path, state: StateFile) -> list[dict[str, Any]]:
+    return [r for r in state.resources if r["kind"] == "ceph.daemon" and r["conf"] == str(conf)]
+
+
+def _stop_recorded(conf: Path, state: StateFile, *, grace: float) -> None:
+    """Stop recorded daemons of ``conf`` group by group (OSDs, mgr, mon), then forget them."""
+    records = _daemon_records(conf, state)
+    for group in _GROUP_ORDER:
+        members = [r for r in records if r["name"].split(".")[0] == group]
+        _signal_group(members, grace)
+        for r in members:
+            state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
+    rest = [r for r in records if r["name"].split(".")[0] not in _GROUP_ORDER]
+    _signal_group(rest, grace)
+    for r in rest:
+        state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
+
+
+def stop_cluster(cluster: CephCluster, state: StateFile, *, remove_dir: bool = True,
+                 grace: float = STOP_GRACE_S) -> None:
+    """Stop every recorded daemon (OSDs, mgr, mon; SIGKILL after ``grace``), then remove DIR.
+
+    With ``remove_dir=False`` a bluestore cluster keeps its data for a later start.
+    """
+    try:
+        _stop_recorded(cluster.conf, state, grace=grace)
+    finally:
+        if remove_dir:
+            remove_cluster_dir({"path": str(cluster.dir)})
+            state.forget("ceph.dir", path=str(cluster.dir))
+
+
+def stop_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False) -> None:
+    """Stop one OSD: SIGTERM (or SIGKILL with ``kill=True``, a crash) and wait until it is gone."""
+    name = f"osd.{osd_id}"
+    records = [r for r in _daemon_records(cluster.conf, state) if r["name"] == name]
+    if not any(_alive(r) for r in records):
+        raise SandboxError(f"{name} of {cluster.dir} is not running")
+    if kill:
+        for r in records:
+            if _alive(r):
+                os.kill(int(r["pid"]), signal.SIGKILL)
+    _signal_group(records, STOP_GRACE_S)
+    for r in records:
+        state.forget("ceph.daemon", pid=r["pid"], name=name)
+
+
+def start_osd(cluster: CephCluster, osd_id: int, state: StateFile,
+              *, timeout: float = 60.0) -> None:
+    """Start one stopped OSD and wait until the mon counts every OSD up again."""
+    if not 0 <= osd_id < cluster.osds:
+        raise SandboxError(f"{cluster.dir} has no osd.{osd_id}")
+    name = f"osd.{osd_id}"
+    if any(_alive(r) for r in _daemon_records(cluster.conf, state) if r["name"] == name):
+        raise SandboxError(f"{name} of {cluster.dir} is already running")
+    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout))
+    starter.spawn(name, ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(osd_id)])
+    _wait_osds_up(starter, cluster.osds)
+
+
+def restart_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False) -> None:
+    """Stop (SIGTERM, or SIGKILL with ``kill=True``) and start one OSD; bluestore keeps its data."""
+    stop_osd(cluster, osd_id, state, kill=kill)
+    start_osd(cluster, osd_id, state)
+
+
+def cluster_health(cluster: CephCluster, *, timeout: float = 5.0) -> dict[str, Any]:
+    """Cheap status for ``sandbox status``: the mon's ``osd stat`` (never ``pg stat``).
+
+    Never raises for an unreachable cluster: ``reachable`` is False and ``error`` says why.
+    """
+    report: dict[str, Any] = {
+        "fsid": cluster.fsid, "mon": cluster.mon_v2, "objectstore": cluster.objectstore,
+        "pool": cluster.pool, "osds_expected": cluster.osds,
+        "processes": len(cluster_processes(cluster.conf)),
+    }
+    try:
+        stat = _osd_stat(cluster.conf, timeout)
+    except (SandboxError, subprocess.TimeoutExpired, ValueError, KeyError, OSError) as exc:
+        return {**report, "reachable": False, "error": str(exc) or type(exc).__name__}
+    return {**report, "reachable": True, "epoch": stat.epoch, "osds": stat.osds,
+            "up": stat.up, "in": stat.in_, "ok": stat.up == stat.osds == cluster.osds}
