@@ -1,0 +1,215 @@
+"""libvirt adapter: the ONE orchestrator module that imports ``libvirt``.
+
+:class:`LibvirtHypervisor` implements ``orchestrator.ports.Hypervisor`` over one connection
+per URI (opened on first use). :func:`translate_libvirt_errors` maps ``libvirt.libvirtError``
+to ``orchestrator.errors`` once.
+
+What libvirt does not guarantee, and what we do about it:
+
+* Detach is an unplug *request* to the guest: the call may return before the disk is gone.
+  :meth:`LibvirtHypervisor.detach_disk` waits until the live XML no longer has it.
+* ``<target dev>`` is only a hint; the guest names disks by probe order. The serial is
+  what identifies the disk, here and in the guest.
+* Secrets are defined ``private='yes'``: their value cannot be read back, so an existing
+  secret's value is re-set whenever the key is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from agents.errors import BindingUnavailable
+from orchestrator.adapters import domain_xml
+from orchestrator.errors import DeviceAttachError, DomainNotFound, HypervisorError
+from orchestrator.ports import Characteristics, DiskSpec, DomainInfo, SecretKey
+
+try:  # Debian's python3-libvirt
+    import libvirt as _libvirt
+except ImportError:  # pragma: no cover - depends on the host
+    _libvirt = None
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["LibvirtHypervisor", "libvirt_module", "translate_libvirt_errors"]
+
+DETACH_TIMEOUT_S = 20.0
+
+
+def libvirt_module() -> Any:
+    """The ``libvirt`` binding, or BindingUnavailable naming the Debian package."""
+    if _libvirt is None:
+        raise BindingUnavailable("libvirt", "python3-libvirt")
+    return _libvirt
+
+
+@contextlib.contextmanager
+def translate_libvirt_errors(what: str, domain: str | None = None,
+                             attach: bool = False) -> Iterator[None]:
+    """Re-raise ``libvirt.libvirtError`` inside the block as HypervisorError subclasses."""
+    try:
+        yield
+    except HypervisorError:
+        raise
+    except Exception as exc:
+        lv = _libvirt
+        if lv is None or not isinstance(exc, lv.libvirtError):
+            raise
+        code = exc.get_error_code()
+        message = (exc.get_error_message() or str(exc)).strip()
+        if code == lv.VIR_ERR_NO_DOMAIN and domain is not None:
+            raise DomainNotFound(f"{what}: no domain named {domain!r}") from exc
+        if attach:
+            raise DeviceAttachError(f"{what}: {message}") from exc
+        raise HypervisorError(f"{what}: {message}") from exc
+
+
+class LibvirtHypervisor:
+    """Hypervisor over libvirt connections, one per URI, closed by :meth:`close`."""
+
+    CHARACTERISTICS = Characteristics.HOT_PLUG | Characteristics.PRIVATE_SECRETS
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._libvirt = libvirt_module()
+        self._connections: dict[str, Any] = {}
+        self._monotonic = monotonic
+        self._sleep = sleep
+
+    def __enter__(self) -> LibvirtHypervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every connection opened so far."""
+        for conn in self._connections.values():
+            with contextlib.suppress(Exception):
+                conn.close()
+        self._connections.clear()
+
+    def _conn(self, uri: str) -> Any:
+        conn = self._connections.get(uri)
+        if conn is None:
+            with translate_libvirt_errors(f"connect to libvirt at {uri}"):
+                conn = self._libvirt.open(uri)
+            if conn is None:  # older bindings return None instead of raising
+                raise HypervisorError(f"connect to libvirt at {uri}: failed")
+            self._connections[uri] = conn
+        return conn
+
+    def _domain(self, uri: str, name: str) -> Any:
+        with translate_libvirt_errors(f"look up domain {name} on {uri}", domain=name):
+            return self._conn(uri).lookupByName(name)
+
+    def _xml(self, dom: Any, inactive: bool) -> str:
+        flags = self._libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        with translate_libvirt_errors(f"read XML of domain {dom.name()}"):
+            return str(dom.XMLDesc(flags))
+
+    def domain(self, uri: str, name: str) -> DomainInfo:
+        """The domain and its RBD disks (live ones when running, else persistent ones)."""
+        dom = self._domain(uri, name)
+        with translate_libvirt_errors(f"read state of domain {name}"):
+            active = bool(dom.isActive())
+        disks = domain_xml.parse_disks(self._xml(dom, inactive=not active))
+        return DomainInfo(uri=uri, name=name, active=active, disks=tuple(disks))
+
+    def domains(self, uri: str) -> list[DomainInfo]:
+        """Every domain on ``uri`` with its RBD disks."""
+        with translate_libvirt_errors(f"list domains on {uri}"):
+            names = [str(d.name()) for d in self._conn(uri).listAllDomains(0)]
+        result = []
+        for name in names:
+            with contextlib.suppress(DomainNotFound):  # undefined meanwhile
+                result.append(self.domain(uri, name))
+        return result
+
+    def secret_uuid(self, uri: str, usage: str) -> str | None:
+        """UUID of the ceph secret with this usage name, or None."""
+        lv = self._libvirt
+        try:
+            secret = self._conn(uri).secretLookupByUsage(lv.VIR_SECRET_USAGE_TYPE_CEPH, usage)
+        except lv.libvirtError as exc:
+            if exc.get_error_code() == lv.VIR_ERR_NO_SECRET:
+                return None
+            with translate_libvirt_errors(f"look up secret {usage} on {uri}"):
+                raise
+        return str(secret.UUIDString())
+
+    def list_secrets(self, uri: str, prefix: str) -> list[str]:
+        """Usage names of the ceph secrets on ``uri`` that start with ``prefix``."""
+        lv = self._libvirt
+        with translate_libvirt_errors(f"list secrets on {uri}"):
+            secrets = self._conn(uri).listAllSecrets(0)
+            usages = [str(s.usageID()) for s in secrets
+                      if s.usageType() == lv.VIR_SECRET_USAGE_TYPE_CEPH]
+        return sorted(u for u in usages if u.startswith(prefix))
+
+    def ensure_secret(self, uri: str, usage: str, key: SecretKey) -> str:
+        """Define (or reuse) the private ceph secret ``usage`` and set its value to ``key``."""
+        conn = self._conn(uri)
+        with translate_libvirt_errors(f"define secret {usage} on {uri}"):
+            uuid = self.secret_uuid(uri, usage)
+            if uuid is None:
+                secret = conn.secretDefineXML(domain_xml.secret_xml(usage, f"rbdfleet {usage}"))
+            else:
+                secret = conn.secretLookupByUUIDString(uuid)
+            secret.setValue(key.reveal())
+            return str(secret.UUIDString())
+
+    def remove_secret(self, uri: str, usage: str) -> None:
+        """Undefine the ceph secret ``usage``; absent is fine."""
+        uuid = self.secret_uuid(uri, usage)
+        if uuid is None:
+            return
+        with translate_libvirt_errors(f"remove secret {usage} on {uri}"):
+            self._conn(uri).secretLookupByUUIDString(uuid).undefine()
+
+    def attach_disk(self, uri: str, domain: str, disk: DiskSpec) -> None:
+        """Attach LIVE|CONFIG to a running domain, CONFIG only to a stopped one."""
+        lv = self._libvirt
+        dom = self._domain(uri, domain)
+        what = f"attach {disk.serial} ({disk.mode}) to {domain}"
+        with translate_libvirt_errors(what, domain=domain, attach=True):
+            active = bool(dom.isActive())
+            used = domain_xml.targets(self._xml(dom, inactive=True))
+            if active:
+                used |= domain_xml.targets(self._xml(dom, inactive=False))
+            spec = DiskSpec(disk.pool, disk.image, disk.serial, disk.user, disk.secret_uuid,
+                            disk.mon_hosts, disk.mode, domain_xml.free_target(used))
+            flags = lv.VIR_DOMAIN_AFFECT_CONFIG
+            if active:
+                flags |= lv.VIR_DOMAIN_AFFECT_LIVE
+            dom.attachDeviceFlags(domain_xml.disk_xml(spec), flags)
+
+    def detach_disk(self, uri: str, domain: str, serial: str) -> None:
+        """Detach the disk with ``serial`` from the live domain and its persistent config,
+        and wait until the live domain no longer has it; absent is fine."""
+        lv = self._libvirt
+        dom = self._domain(uri, domain)
+        what = f"detach {serial} from {domain}"
+        with translate_libvirt_errors(what, domain=domain, attach=True):
+            active = bool(dom.isActive())
+            if active:
+                live = domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial)
+                if live is not None:
+                    dom.detachDeviceFlags(live, lv.VIR_DOMAIN_AFFECT_LIVE)
+            persistent = domain_xml.disk_element_xml(self._xml(dom, inactive=True), serial)
+            if persistent is not None:
+                dom.detachDeviceFlags(persistent, lv.VIR_DOMAIN_AFFECT_CONFIG)
+            if active:
+                self._wait_gone(dom, serial, what)
+
+    def _wait_gone(self, dom: Any, serial: str, what: str) -> None:
+        deadline = self._monotonic() + DETACH_TIMEOUT_S
+        while domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial) is not None:
+            if self._monotonic() > deadline:
+                raise DeviceAttachError(
+                    f"{what}: the guest did not release the disk within {DETACH_TIMEOUT_S:.0f} s"
+                )
+            self._sleep(0.05)
