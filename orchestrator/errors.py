@@ -5,7 +5,8 @@
     OrchestratorError
     ├── ConfigError(key, reason)
     ├── SandboxError                   sandbox up/down could not proceed
-    ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost
+    ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost,
+    │                                  StaleMap
     ├── HypervisorError                libvirt: DomainNotFound, DeviceAttachError
     ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, RemoteCommandFailed
     ├── DeployError(results)
@@ -53,6 +54,15 @@ class ImageBusy(StorageError):
 
 class LeaseLost(StorageError):
     pass
+
+
+class StaleMap(StorageError):
+    """A guarded write found another revision stored than the one expected (nothing written)."""
+
+    def __init__(self, message: str, expected: int | None, found: int | None) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.found = found
 
 
 class HypervisorError(OrchestratorError):

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from agents.core.protocol import DemoteRequest, Health, PromoteRequest
+    from orchestrator.core.fleetmap import FleetMap
 
 __all__ = [
+    "AgentControl",
     "AttachedDisk",
     "Characteristics",
     "ClientSession",
@@ -26,7 +31,10 @@ __all__ = [
     "ImageInfo",
     "ImageStore",
     "MonHost",
+    "RoleSwitch",
     "SecretKey",
+    "SpareProvisioner",
+    "StateStore",
     "Watcher",
 ]
 
@@ -241,4 +249,75 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds``."""
+        ...
+
+
+# -- coordinator ports (engineer G) -------------------------------------------------------
+
+
+class StateStore(Protocol):
+    """One fleet's coordinator state, kept behind a lease: one active coordinator per fleet.
+
+    Every write is guarded: it succeeds only while the caller holds the lease AND the stored
+    revision is the one the caller expects; otherwise nothing is written (LeaseLost /
+    StaleMap). ``acquire`` takes or renews the lease for ``lease_seconds`` (exact).
+    """
+
+    fleet: str
+    lease_seconds: float
+
+    def acquire(self) -> bool:
+        """Take or renew the lease; False when another holder has it. Never blocks."""
+        ...
+
+    def release(self) -> None:
+        """Give the lease up (a no-op when not held)."""
+        ...
+
+    def load(self) -> FleetMap | None:
+        """The stored map, or None for a fleet never stored."""
+        ...
+
+    def save(self, new: FleetMap, expected_revision: int | None) -> None:
+        """Guarded write of ``new`` (``expected_revision`` None: the fleet must not exist yet)."""
+        ...
+
+    def advertise(self, url: str) -> None:
+        """Guarded write of the active coordinator's URL (clients and standbys read it)."""
+        ...
+
+    def coordinator_url(self) -> str | None:
+        """The URL last advertised by an active coordinator, or None."""
+        ...
+
+
+class AgentControl(Protocol):
+    """The coordinator's calls to an agent (HTTP /v1 in production)."""
+
+    def health(self, address: str, timeout: float) -> Health:
+        """The agent's role, epoch, applied seq and self-test; AgentUnreachable on failure."""
+        ...
+
+    def promote(self, address: str, request: PromoteRequest, grant: str) -> None:
+        """Make the agent the writer at ``request.epoch`` (it replays, then accepts writes)."""
+        ...
+
+    def demote(self, address: str, request: DemoteRequest, grant: str) -> None:
+        """Make the agent stop writing at once."""
+        ...
+
+
+class RoleSwitch(Protocol):
+    """The hypervisor side of a promotion: the new writer's disk becomes read-write."""
+
+    def make_writer(self, node: str) -> None:
+        """Re-attach ``node``'s shared disk read-write (readers keep ``<readonly/>``)."""
+        ...
+
+
+class SpareProvisioner(Protocol):
+    """Brings a spare VM into the fleet as a reader."""
+
+    def attach_spare(self, node: str) -> None:
+        """Attach the image read-only to ``node`` and start its agent; returns once started."""
         ...
