@@ -8,7 +8,8 @@
     ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost,
     │                                  StaleMap
     ├── HypervisorError                libvirt: DomainNotFound, DeviceAttachError
-    ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, RemoteCommandFailed
+    ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, UnsafeTarget,
+    │                                  RemoteCommandFailed(rc)
     ├── DeployError(results)
     ├── AgentUnreachable(node, address)
     └── CoordinationError              NoEligibleWriter, FencingFailed
@@ -89,6 +90,10 @@ class HostUnreachable(RemoteError):
 
 class HostKeyMismatch(RemoteError):
     pass
+
+
+class UnsafeTarget(RemoteError):
+    """The address is neither loopback nor behind a local bridge: we refuse to connect."""
 
 
 class RemoteCommandFailed(RemoteError):
