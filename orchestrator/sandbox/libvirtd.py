@@ -39,8 +39,11 @@ DAEMONS = {
 START_TIMEOUT = 90.0  # the first start on a machine probes QEMU's capabilities: ~9 s idle
 
 
-def ensure_libvirtd(state: StateFile, progress: Progress | None = None) -> None:
+def ensure_libvirtd(state: StateFile | None, progress: Progress | None = None) -> None:
     """Make ``qemu:///system`` answer, starting virtlogd and libvirtd if needed.
+
+    Daemons started here are recorded in ``state``; with ``state=None`` they are not
+    recorded, so no ``down`` will stop them (teardown paths use that).
 
     Idempotent and safe when several sandboxes call it at once (a machine-wide lock).
     Raises :class:`SandboxError` naming the log to read when the daemon does not come up.
@@ -55,7 +58,9 @@ def ensure_libvirtd(state: StateFile, progress: Progress | None = None) -> None:
                 continue
             say(f"starting {name}")
             pid = _start(name, binary, pid_file)
-            state.record("libvirt.daemon", name=name, pid=pid, start_time=_start_time(pid))
+            if state is not None:
+                state.record("libvirt.daemon", name=name, pid=pid,
+                             start_time=_start_time(pid))
         _wait_answering(say)
 
 

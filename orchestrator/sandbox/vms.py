@@ -1,0 +1,648 @@
+"""Sandbox VMs: N small Debian guests booted in parallel on an isolated libvirt network.
+
+Each sandbox gets a run id, so several coexist on one machine: domains
+``rbdfleet-<runid>-vmN``, a transient network ``rbdfleet-<runid>`` on bridge ``rbfbr-<runid>``
+(no DHCP, no DNS, no forwarding), and the first free ``10.87.X.0/24`` (X even). The guests boot the
+cached image (:mod:`orchestrator.sandbox.guest`) from per-VM qcow2 overlays; the static
+address comes from the kernel command line.
+
+SSH is pinned both ways: the sandbox makes one client key and, per VM, a host key pair on
+the host, and hands both to the guest on a tiny read-only seed disk (serial
+``rbdfleet-seed``, a tar archive) that the guest's init installs into ``/run``. The
+``known_hosts`` written here holds exactly those host keys; nothing ever connects with
+``StrictHostKeyChecking=no``.
+
+Routing guard (notes/testhosts.md pitfall 8): ``unreachable <the subnet's /23> metric 9999``
+is added before the bridge exists and removed last, so while the bridge is down the guests'
+addresses never route off the machine; and every SSH connection first checks that ``ip route get``
+sends the address out of our bridge.
+
+Everything is recorded in the StateFile before use; :data:`TEARDOWN` maps each record kind
+to its undo function, and every undo function is idempotent. libvirt is driven through
+``virsh`` (the ``libvirt`` binding belongs to the hypervisor adapter), which costs ~50 ms a
+call and keeps the sandbox free of a long-lived connection.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import ipaddress
+import json
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from orchestrator.errors import HostUnreachable, HypervisorError, SandboxError
+from orchestrator.sandbox import guest, libvirtd
+from orchestrator.sandbox.libvirtd import SYSTEM_URI, ensure_libvirtd, libvirtd_running
+from orchestrator.sandbox.state import StateFile
+
+__all__ = [
+    "TEARDOWN",
+    "SandboxVM",
+    "VmSet",
+    "boot_vms",
+    "choose_subnet",
+    "domain_xml",
+    "guard_network",
+    "network_xml",
+    "vm_exec",
+]
+
+Progress = Callable[[str], None]
+
+SUBNET_POOL = ipaddress.IPv4Network("10.87.0.0/16")
+GUARD_METRIC = 9999
+RUNTIME_ROOT = Path("/var/lib/rbdfleet/vms")  # QEMU (user libvirt-qemu) must traverse it
+LOCK_DIR = Path("/run/rbdfleet")
+BOOT_TIMEOUT = 300.0  # TCG, 3 VMs on 2 busy cores: ~20-30 s; generous for a loaded machine
+SSH_OPTIONS_COMMON = (
+    "-F", "/dev/null",  # no user config can loosen the options below
+    "-o", "StrictHostKeyChecking=yes",
+    "-o", "GlobalKnownHostsFile=/dev/null",
+    "-o", "IdentitiesOnly=yes",
+    "-o", "BatchMode=yes",
+    "-o", "ConnectTimeout=10",
+    "-o", "ServerAliveInterval=5",
+    "-o", "ServerAliveCountMax=6",
+    "-o", "LogLevel=ERROR",
+)
+
+
+@dataclass(frozen=True)
+class SandboxVM:
+    """One booted guest: ``name`` is rbdfleet's (vm1), ``domain`` libvirt's."""
+
+    name: str
+    domain: str
+    address: str
+    uri: str
+    console_log: Path
+
+
+@dataclass(frozen=True)
+class VmSet:
+    """The VMs of one sandbox and what it takes to reach them.
+
+    ``disk_dir`` is a directory QEMU can open files in (pytest's tmp dirs are 0700, so
+    shared raw disk files for tests belong here); it is removed at teardown.
+    """
+
+    run_id: str
+    vms: tuple[SandboxVM, ...]
+    network: str
+    bridge: str
+    subnet: str
+    gateway: str
+    ssh_key: Path
+    known_hosts: Path
+    control_dir: Path
+    disk_dir: Path
+    domain_type: str
+
+    def vm(self, name: str) -> SandboxVM:
+        """The VM called ``name`` (``vm1``...)."""
+        for candidate in self.vms:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(name)
+
+    def exec(self, vm: SandboxVM | str, argv: Sequence[str], timeout: float = 60.0
+             ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` as root on ``vm`` over the pinned, multiplexed SSH connection."""
+        target = self.vm(vm) if isinstance(vm, str) else vm
+        return vm_exec(target, self.ssh_key, self.known_hosts, argv, timeout,
+                       control_dir=self.control_dir)
+
+    def ssh_argv(self, vm: SandboxVM | str) -> list[str]:
+        """``ssh`` argv prefix (up to and including ``root@ADDR``) for scripts and tools."""
+        target = self.vm(vm) if isinstance(vm, str) else vm
+        return _ssh_argv(target.address, self.ssh_key, self.known_hosts, self.control_dir)
+
+
+@dataclass
+class _Plan:
+    """Names and paths of a sandbox being booted (before anything exists)."""
+
+    run_id: str
+    subnet: ipaddress.IPv4Network
+    dir: Path
+    runtime: Path
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def network(self) -> str:
+        return f"rbdfleet-{self.run_id}"
+
+    @property
+    def bridge(self) -> str:
+        return f"rbfbr-{self.run_id}"  # <= 15 chars (IFNAMSIZ)
+
+    @property
+    def gateway(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    def address(self, index: int) -> str:
+        return str(self.subnet.network_address + 10 + index)
+
+    def mac(self, index: int) -> str:
+        third = int(self.subnet.network_address.packed[2])
+        return f"52:54:00:87:{third:02x}:{10 + index:02x}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure builders
+
+
+def network_xml(name: str, bridge: str, gateway: str, prefix: int) -> str:
+    """An isolated network: no ``<forward>``, no DHCP, DNS off, so libvirt starts no dnsmasq."""
+    return (
+        f"<network>\n  <name>{escape(name)}</name>\n"
+        f"  <bridge name={quoteattr(bridge)} stp='off' delay='0'/>\n"
+        "  <dns enable='no'/>\n"
+        f"  <ip address={quoteattr(gateway)} prefix='{prefix}'/>\n</network>\n"
+    )
+
+
+def domain_xml(
+    *, domain: str, domain_type: str, memory_mib: int, kernel: Path, initrd: Path,
+    cmdline: str, overlay: Path, seed: Path, network: str, mac: str, console_log: Path,
+) -> str:
+    """Domain XML for one sandbox guest (direct kernel boot, virtio everywhere).
+
+    The root overlay comes first so the guest probes it as ``/dev/vda``; the seed disk is
+    read-only and found in the guest by its serial. ``<rom enabled='no'/>`` drops the NIC's
+    iPXE ROM (~3.5 s of TCG); the TCG translation cache is capped, else each VM grows to
+    ~1.4 GiB RSS.
+    """
+    tcg = "<tcg><tb-cache unit='MiB'>128</tb-cache></tcg>" if domain_type == "qemu" else ""
+    return f"""<domain type={quoteattr(domain_type)}>
+  <name>{escape(domain)}</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{escape(str(kernel))}</kernel>
+    <initrd>{escape(str(initrd))}</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
+  </os>
+  <features><acpi/>{tcg}</features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file={quoteattr(str(overlay))}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(str(seed))}/>
+      <target dev='vdb' bus='virtio'/>
+      <serial>{guest.SEED_SERIAL}</serial>
+      <readonly/>
+    </disk>
+    <interface type='network'>
+      <source network={quoteattr(network)}/>
+      <mac address={quoteattr(mac)}/>
+      <model type='virtio'/>
+      <rom enabled='no'/>
+    </interface>
+    <serial type='pty'>
+      <log file={quoteattr(str(console_log))} append='off'/>
+      <target port='0'/>
+    </serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def choose_subnet(
+    taken: Sequence[ipaddress.IPv4Network], pool: ipaddress.IPv4Network = SUBNET_POOL
+) -> ipaddress.IPv4Network:
+    """The first /24 of ``pool`` whose guard /23 (see :func:`guard_network`) overlaps none of
+    ``taken``; default routes are ignored."""
+    relevant = [net for net in taken if net.prefixlen > 0]
+    for guard in pool.subnets(new_prefix=23):
+        if not any(guard.overlaps(net) for net in relevant):
+            return next(guard.subnets(new_prefix=24))
+    raise SandboxError(f"no free /23 left in {pool}: remove stale sandboxes (sandbox down)")
+
+
+def guard_network(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    """The prefix of the ``unreachable`` guard route for ``subnet``: its /23.
+
+    Not the /24 itself: libvirt's ``net-create`` refuses a network whose exact prefix is
+    already routed ("Network is already in use by interface *"). The /23 is less specific
+    than the bridge's /24, so it loses while the bridge is up and catches everything while
+    the bridge is absent or down.
+    """
+    return subnet.supernet(new_prefix=23)
+
+
+def accelerator(kvm_module_loaded: bool, probe: Callable[[], bool]) -> str:
+    """libvirt domain type: ``kvm`` only if a real KVM module is loaded and a probe boot works.
+
+    ``/dev/kvm`` alone proves nothing (here it is PVM, which hangs stock kernels).
+    """
+    if kvm_module_loaded and probe():
+        return "kvm"
+    return "qemu"
+
+
+# ---------------------------------------------------------------------------------------------
+# Boot
+
+
+def boot_vms(
+    dir: Path, state: StateFile, count: int, *, memory_mib: int = 256,
+    progress: Progress | None = None, timeout: float = BOOT_TIMEOUT,
+) -> VmSet:
+    """Boot ``count`` guests in parallel and return once each answers ``ssh ... true``.
+
+    ``dir`` receives the SSH client key, ``known_hosts`` and the console logs; VM disks live
+    under ``/var/lib/rbdfleet/vms/<runid>``. Every resource is recorded in ``state`` before
+    use, so :data:`TEARDOWN` (applied in reverse order) undoes a half-finished boot too.
+    """
+    if count < 1:
+        raise ValueError("count must be >= 1")
+    say = progress or (lambda _msg: None)
+    started = time.monotonic()
+    image = guest.ensure_guest_image(progress=say)
+    ensure_libvirtd(state, progress=say)
+    run_id = secrets.token_hex(3)
+    dir = dir.resolve()
+    (dir / "console").mkdir(parents=True, exist_ok=True)
+    ssh_dir = dir / "ssh"
+    ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    subnet = _reserve_subnet(state, say)
+    plan = _Plan(run_id=run_id, subnet=subnet, dir=dir, runtime=RUNTIME_ROOT / run_id)
+    plan.names = [f"vm{i}" for i in range(1, count + 1)]
+    say(f"sandbox {run_id}: network {plan.network} on {plan.bridge}, {subnet}")
+    state.record("vm.network", name=plan.network, uri=SYSTEM_URI)
+    _virsh_with_file("net-create", network_xml(plan.network, plan.bridge, plan.gateway, 24))
+
+    state.record("vm.dir", path=str(plan.runtime))
+    RUNTIME_ROOT.mkdir(parents=True, exist_ok=True)
+    RUNTIME_ROOT.chmod(0o755)
+    plan.runtime.mkdir(mode=0o711)
+    control_dir = plan.runtime / "cm"
+    control_dir.mkdir(mode=0o700)
+    disk_dir = plan.runtime / "disks"
+    disk_dir.mkdir(mode=0o755)
+
+    ssh_key = ssh_dir / "id_ed25519"
+    known_hosts = ssh_dir / "known_hosts"
+    _keygen(ssh_key, f"rbdfleet-{run_id}-client")
+    client_public = (ssh_key.with_suffix(".pub")).read_text()
+
+    domain_type = accelerator(_kvm_module_loaded(), lambda: _probe_kvm(plan, image, state))
+    vms: list[SandboxVM] = []
+    pinned: list[str] = []
+    for index, name in enumerate(plan.names, start=1):
+        vm = SandboxVM(name=name, domain=f"rbdfleet-{run_id}-{name}", address=plan.address(index),
+                       uri=SYSTEM_URI, console_log=dir / "console" / f"{name}.log")
+        host_public = _write_seed(plan.runtime / f"{name}.seed", client_public, vm.domain)
+        pinned.append(f"{vm.address} {host_public}")
+        overlay = plan.runtime / f"{name}.qcow2"
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.base),
+              str(overlay)])
+        xml = domain_xml(
+            domain=vm.domain, domain_type=domain_type, memory_mib=memory_mib,
+            kernel=image.kernel, initrd=image.initrd,
+            cmdline=guest.kernel_cmdline(f"{vm.address}/24", name),
+            overlay=overlay, seed=plan.runtime / f"{name}.seed", network=plan.network,
+            mac=plan.mac(index), console_log=vm.console_log,
+        )
+        state.record("vm.domain", name=vm.domain, uri=SYSTEM_URI)
+        _virsh_with_file("define", xml)
+        vms.append(vm)
+    known_hosts.write_text("".join(line if line.endswith("\n") else line + "\n"
+                                   for line in pinned))
+    known_hosts.chmod(0o600)
+
+    say(f"sandbox {run_id}: starting {count} {domain_type.upper()} guest(s)")
+    for vm in vms:
+        vm.console_log.unlink(missing_ok=True)
+        _virsh("start", vm.domain)
+    deadline = time.monotonic() + timeout
+    errors: dict[str, BaseException] = {}
+
+    def wait(vm: SandboxVM) -> None:
+        try:
+            _wait_ready(vm, plan.bridge, ssh_key, known_hosts, control_dir, state, deadline,
+                        say)
+        except BaseException as exc:  # reported below, per VM
+            errors[vm.name] = exc
+
+    threads = [threading.Thread(target=wait, args=(vm,), daemon=True) for vm in vms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        first = next(iter(errors.values()))
+        raise SandboxError(
+            "; ".join(f"{name}: {exc}" for name, exc in sorted(errors.items()))
+        ) from first
+    say(f"sandbox {run_id}: {count} VM(s) answer SSH after {time.monotonic() - started:.1f} s")
+    return VmSet(
+        run_id=run_id, vms=tuple(vms), network=plan.network, bridge=plan.bridge,
+        subnet=str(subnet), gateway=plan.gateway, ssh_key=ssh_key, known_hosts=known_hosts,
+        control_dir=control_dir, disk_dir=disk_dir, domain_type=domain_type,
+    )
+
+
+def vm_exec(
+    vm: SandboxVM, ssh_key: Path, known_hosts: Path, argv: Sequence[str], timeout: float,
+    *, control_dir: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as root on ``vm`` with the system ``ssh`` and the pinned ``known_hosts``.
+
+    With ``control_dir`` the connection is multiplexed (one master per VM, ~0.15 s per
+    command instead of a 2-3 s TCG handshake). A host key other than the pinned one is
+    refused by ssh (rc 255). The result is returned whatever the exit status.
+    """
+    command = [*_ssh_argv(vm.address, ssh_key, known_hosts, control_dir), shlex.join(argv)]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              check=False, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise HostUnreachable(vm.name, f"{shlex.join(argv)!r} timed out after {timeout} s"
+                              ) from exc
+
+
+def _ssh_argv(address: str, ssh_key: Path, known_hosts: Path, control_dir: Path | None
+              ) -> list[str]:
+    argv = ["ssh", *SSH_OPTIONS_COMMON, "-i", str(ssh_key),
+            "-o", f"UserKnownHostsFile={known_hosts}"]
+    if control_dir is not None:
+        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%h",
+                 "-o", "ControlPersist=600"]
+    return [*argv, f"root@{address}"]
+
+
+def _wait_ready(
+    vm: SandboxVM, bridge: str, ssh_key: Path, known_hosts: Path, control_dir: Path,
+    state: StateFile, deadline: float, say: Progress,
+) -> None:
+    """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``."""
+    while True:
+        text = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
+        if guest.FAILED_MARKER in text:
+            raise SandboxError(f"guest init failed; console:\n{_tail(text)}")
+        if guest.READY_MARKER in text:
+            break
+        if time.monotonic() > deadline:
+            raise SandboxError(f"no {guest.READY_MARKER} on the console; tail:\n{_tail(text)}")
+        time.sleep(0.2)
+    say(f"{vm.name}: console ready")
+    _assert_routed_to(vm.address, bridge)
+    while not _ssh_banner(vm.address):
+        if time.monotonic() > deadline:
+            raise HostUnreachable(vm.name, "no SSH banner on port 22")
+        time.sleep(0.2)
+    state.record("vm.ssh_master", control_path=str(control_dir / vm.address),
+                 address=vm.address, ssh_key=str(ssh_key), known_hosts=str(known_hosts))
+    while True:
+        result = vm_exec(vm, ssh_key, known_hosts, ["true"], timeout=60, control_dir=control_dir)
+        if result.returncode == 0:
+            break
+        if time.monotonic() > deadline:
+            raise HostUnreachable(vm.name, f"ssh true failed: {result.stderr.strip()}")
+        time.sleep(0.5)
+    say(f"{vm.name}: ssh ok ({vm.address})")
+
+
+def _assert_routed_to(address: str, bridge: str) -> None:
+    """Refuse to connect unless the kernel sends ``address`` out of our own bridge."""
+    result = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True,
+                            text=True, check=False)
+    routes = json.loads(result.stdout) if result.returncode == 0 and result.stdout else []
+    if not routes or routes[0].get("dev") != bridge:
+        raise SandboxError(f"{address} would not route via {bridge}: {result.stdout.strip()} "
+                           f"{result.stderr.strip()}; refusing to connect")
+
+
+def _ssh_banner(address: str) -> bool:
+    try:
+        with socket.create_connection((address, 22), timeout=2) as sock:
+            sock.settimeout(5)
+            return sock.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _reserve_subnet(state: StateFile, say: Progress) -> ipaddress.IPv4Network:
+    """Pick a free /24 and claim it with the guard route, under a machine-wide lock.
+
+    The guard route itself is what the next picker sees as taken.
+    """
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_DIR / "vm-subnet.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subnet = choose_subnet(_networks_in_use())
+        guard = guard_network(subnet)
+        state.record("vm.route", subnet=str(guard), metric=GUARD_METRIC)
+        _run(["ip", "route", "add", "unreachable", str(guard), "metric", str(GUARD_METRIC)])
+    say(f"guard route: unreachable {guard} metric {GUARD_METRIC}")
+    return subnet
+
+
+def _networks_in_use() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 prefix on an interface or in any routing table of this namespace."""
+    taken: list[ipaddress.IPv4Network] = []
+    addrs = json.loads(_run(["ip", "-j", "-4", "addr", "show"]) or "[]")
+    for link in addrs:
+        for info in link.get("addr_info", []):
+            taken.append(ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}",
+                                               strict=False))
+    routes = json.loads(_run(["ip", "-j", "-4", "route", "show", "table", "all"]) or "[]")
+    for route in routes:
+        dst = route.get("dst", "")
+        if dst and dst != "default":
+            taken.append(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+    return taken
+
+
+def _keygen(path: Path, comment: str) -> None:
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+    path.chmod(0o600)
+
+
+def _write_seed(seed: Path, authorized_keys: str, comment: str) -> str:
+    """Write the VM's seed disk (tar: host key pair + authorized_keys); return the public host key.
+
+    The host's copy of the private host key exists only inside the 0600 seed file.
+    """
+    with tempfile.TemporaryDirectory(dir=seed.parent) as tmp:
+        key = Path(tmp) / "ssh_host_ed25519_key"
+        _keygen(key, comment)
+        public = key.with_suffix(".pub").read_text()
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for name, data, mode in (
+                ("ssh_host_ed25519_key", key.read_bytes(), 0o600),
+                ("ssh_host_ed25519_key.pub", public.encode(), 0o644),
+                ("authorized_keys", authorized_keys.encode(), 0o600),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+                archive.addfile(info, io.BytesIO(data))
+    seed.touch(mode=0o600)
+    seed.write_bytes(buffer.getvalue())  # a multiple of 10 KiB: a valid raw disk size
+    return " ".join(public.split()[:2])  # "ssh-ed25519 AAAA...", without the comment
+
+
+def _kvm_module_loaded() -> bool:
+    return any(Path(f"/sys/module/{m}").exists() for m in ("kvm_intel", "kvm_amd"))
+
+
+def _probe_kvm(plan: _Plan, image: guest.GuestImage, state: StateFile) -> bool:
+    """Boot the guest kernel once under KVM, without disks: does it reach its initramfs?"""
+    domain = f"rbdfleet-{plan.run_id}-kvmprobe"
+    log = plan.runtime / "kvmprobe.log"
+    xml = (
+        f"<domain type='kvm'><name>{domain}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>"
+        f"<os><type arch='x86_64' machine='pc'>hvm</type><kernel>{image.kernel}</kernel>"
+        f"<initrd>{image.initrd}</initrd><cmdline>console=ttyS0 panic=-1</cmdline></os>"
+        "<on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><devices>"
+        f"<serial type='pty'><log file='{log}' append='off'/><target port='0'/></serial>"
+        "<memballoon model='none'/></devices></domain>"
+    )
+    state.record("vm.domain", name=domain, uri=SYSTEM_URI)
+    try:
+        _virsh_with_file("create", xml)
+    except HypervisorError:
+        return False
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if log.exists() and "Run /init as init process" in log.read_text(errors="replace"):
+                return True
+            time.sleep(0.2)
+        return False
+    finally:
+        destroy_domain({"name": domain, "uri": SYSTEM_URI})
+
+
+# ---------------------------------------------------------------------------------------------
+# libvirt through virsh, and other commands
+
+
+def _virsh(*args: str, uri: str = SYSTEM_URI) -> str:
+    result = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True,
+                            check=False, timeout=120)
+    if result.returncode != 0:
+        raise HypervisorError(f"virsh {args[0]} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def _virsh_with_file(command: str, xml: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".xml") as handle:
+        handle.write(xml)
+        handle.flush()
+        return _virsh(command, handle.name)
+
+
+def _run(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    if result.returncode != 0:
+        raise SandboxError(f"{shlex.join(argv)} failed (rc {result.returncode}): "
+                           f"{result.stderr.strip()}")
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Teardown: one idempotent undo function per record kind
+
+
+def _missing(exc: HypervisorError) -> bool:
+    text = str(exc)
+    return "not found" in text or "no domain" in text or "no network" in text
+
+
+def destroy_domain(resource: dict[str, Any]) -> None:
+    """Destroy (if running) and undefine the domain recorded by exact name."""
+    uri = str(resource.get("uri", SYSTEM_URI))
+    if uri == SYSTEM_URI and not libvirtd_running():
+        # Another sandbox's ``down`` may have stopped the shared daemon; our QEMU still
+        # runs and only libvirtd can stop it cleanly. Restarted unrecorded: left running.
+        ensure_libvirtd(None)
+    for command in ("destroy", "undefine"):
+        try:
+            _virsh(command, str(resource["name"]), uri=uri)
+        except HypervisorError as exc:
+            if not (_missing(exc) or "not running" in str(exc)):
+                raise
+
+
+def destroy_network(resource: dict[str, Any]) -> None:
+    """Destroy the transient network recorded by exact name."""
+    try:
+        _virsh("net-destroy", str(resource["name"]), uri=str(resource.get("uri", SYSTEM_URI)))
+    except HypervisorError as exc:
+        if not _missing(exc):
+            raise
+
+
+def remove_guard_route(resource: dict[str, Any]) -> None:
+    """Delete the ``unreachable SUBNET metric 9999`` guard route (last of all)."""
+    argv = ["ip", "route", "del", "unreachable", str(resource["subnet"]),
+            "metric", str(resource.get("metric", GUARD_METRIC))]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if result.returncode != 0 and "No such process" not in result.stderr:
+        raise SandboxError(f"{shlex.join(argv)}: {result.stderr.strip()}")
+
+
+def remove_runtime_dir(resource: dict[str, Any]) -> None:
+    """Remove the VMs' overlays, seeds, shared disk files and control sockets."""
+    path = Path(str(resource["path"]))
+    if path.parent != RUNTIME_ROOT:
+        raise SandboxError(f"refusing to remove {path}: not under {RUNTIME_ROOT}")
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def close_ssh_master(resource: dict[str, Any]) -> None:
+    """Ask the VM's SSH ControlMaster to exit (a no-op when it is already gone)."""
+    control = Path(str(resource["control_path"]))
+    if not control.exists():
+        return
+    subprocess.run(
+        ["ssh", *SSH_OPTIONS_COMMON, "-o", f"ControlPath={control}", "-O", "exit",
+         f"root@{resource['address']}"],
+        capture_output=True, text=True, check=False, timeout=15,
+    )
+
+
+TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
+    "vm.ssh_master": close_ssh_master,
+    "vm.domain": destroy_domain,
+    "vm.dir": remove_runtime_dir,
+    "vm.network": destroy_network,
+    "vm.route": remove_guard_route,
+    **libvirtd.TEARDOWN,  # boot_vms records the daemons it starts in the same StateFile
+}
