@@ -219,6 +219,10 @@ class Hypervisor(Protocol):
         """The domain and its RBD disks; DomainNotFound when it is not defined."""
         ...
 
+    def domains(self, uri: str) -> list[DomainInfo]:
+        """Every domain defined on ``uri``, with its RBD disks."""
+        ...
+
     def secret_uuid(self, uri: str, usage: str) -> str | None:
         """UUID of the ceph secret with this usage name, or None."""
         ...

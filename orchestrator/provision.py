@@ -1,0 +1,316 @@
+"""Provisioning use case over ports: shared image, one cephx user per VM, libvirt attach.
+
+``Provisioner`` observes Ceph and libvirt through the ports, asks the pure planner
+(:mod:`orchestrator.core.placement`) for a plan, refuses any plan that would ever show two
+writers, and runs the actions in order, stopping at the first failure. A failed run re-raises
+the original error with the actions already done attached (:func:`check_partial` reads
+them) so the caller can report them and how to undo them (:func:`undo_hint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agents.errors import RbdfleetError
+from orchestrator.adapters.domain_xml import fleet_serial
+from orchestrator.config import FleetConfig
+from orchestrator.core import placement
+from orchestrator.core.placement import (
+    Action,
+    Attach,
+    CreateImage,
+    CreatePool,
+    Desired,
+    DesiredVm,
+    Detach,
+    EnsureCredentials,
+    Observed,
+    Plan,
+    RemoveImage,
+    RemoveSecret,
+    RemoveUser,
+)
+from orchestrator.errors import ConfigError, HypervisorError, ImageBusy
+from orchestrator.ports import (
+    AttachedDisk,
+    Clock,
+    CredentialStore,
+    DiskMode,
+    DiskSpec,
+    Hypervisor,
+    ImageStore,
+    MonHost,
+)
+
+LOG = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_FEATURES",
+    "Applied",
+    "Provisioner",
+    "SystemClock",
+    "VmAttachment",
+    "check_partial",
+    "desired_from_config",
+    "parse_mon_host",
+    "undo_hint",
+]
+
+# layering | exclusive-lock (rbd.RBD_FEATURE_*), see docs/provisioning.md: the writer's QEMU
+# takes the lock on its first write and names itself in `rbd lock ls`; a new writer's librbd
+# breaks (and blocklists) a dead owner's lock. object-map / fast-diff / journaling are left
+# out, as OpenStack Cinder does for multi-attach volumes: they are per-lock-owner state.
+RBD_FEATURE_LAYERING = 1
+RBD_FEATURE_EXCLUSIVE_LOCK = 4
+IMAGE_FEATURES = RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK
+
+# A killed client's watch lasts osd_client_watch_timeout (30 s): removal waits that long.
+REMOVE_IMAGE_TIMEOUT_S = 40.0
+
+
+class SystemClock:
+    """The real clock."""
+
+    def monotonic(self) -> float:
+        """``time.monotonic()``."""
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep()``."""
+        time.sleep(seconds)
+
+
+def desired_from_config(config: FleetConfig) -> Desired:
+    """What the config asks for, in the planner's terms."""
+    fleet = config.fleet
+    return Desired(
+        fleet=fleet.name,
+        pool=config.ceph.pool,
+        image=fleet.image,
+        size=fleet.size,
+        features=IMAGE_FEATURES,
+        create_pool=config.ceph.create_pool,
+        serial=fleet_serial(fleet.name, config.ceph.pool, fleet.image),
+        writer=fleet.writer,
+        vms=tuple(DesiredVm(vm.name, vm.uri, vm.domain, placement.vm_user(fleet.name, vm.name),
+                            vm.spare) for vm in config.vms),
+    )
+
+
+def parse_mon_host(value: str) -> tuple[MonHost, ...]:
+    """``"127.0.0.1:13300"``, ``"a:1,b:2"`` or ``"[v2:127.0.0.1:13300,v1:...]"`` → monitors
+    (msgr2 entries preferred, as QEMU should use them)."""
+    entries: list[tuple[str, str]] = []
+    for group in value.replace(" ", ",").split(","):
+        item = group.strip().strip("[]")
+        if not item:
+            continue
+        proto, _, rest = item.partition(":") if item.startswith(("v1:", "v2:")) else ("", "", item)
+        host, _, port = rest.rstrip("]").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("ceph.mon_host", f"{value!r}: expected host:port entries")
+        entries.append((proto, f"{host.strip('[]')}:{port}"))
+    if any(proto == "v2" for proto, _ in entries):
+        entries = [e for e in entries if e[0] == "v2"]
+    hosts = []
+    for _, hostport in entries:
+        host, _, port = hostport.rpartition(":")
+        hosts.append(MonHost(host, int(port)))
+    if not hosts:
+        raise ConfigError("ceph.mon_host", f"{value!r}: no monitor address")
+    return tuple(hosts)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One action that ran, and how long it took (seconds)."""
+
+    action: Action
+    seconds: float
+
+
+@dataclass(frozen=True)
+class VmAttachment:
+    """A row of ``rbdfleet vm list``."""
+
+    vm: str | None  # None: a domain holding the disk that is not in the fleet
+    domain: str
+    uri: str
+    active: bool | None  # None: the domain does not exist
+    mode: DiskMode | None  # None: not attached
+    user: str | None
+    spare: bool
+
+
+class Provisioner:
+    """Provision, role switch and deprovision of one fleet, over injected ports."""
+
+    def __init__(self, config: FleetConfig, images: ImageStore, credentials: CredentialStore,
+                 hypervisor: Hypervisor, clock: Clock | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.desired = desired_from_config(config)
+        self._images = images
+        self._credentials = credentials
+        self._hypervisor = hypervisor
+        self._clock = clock or SystemClock()
+        self._progress = progress or (lambda _msg: None)
+
+    @property
+    def serial(self) -> str:
+        """The disk serial of this fleet (what the guests look for)."""
+        return self.desired.serial
+
+    def observe(self) -> Observed:
+        """Ceph and libvirt as they are: pool, image, domains on the fleet's URIs, users,
+        secrets."""
+        desired = self.desired
+        pool_exists = self._images.pool_exists(desired.pool)
+        image = self._images.image_info(desired.pool, desired.image) if pool_exists else None
+        domains: dict[tuple[str, str], bool] = {}
+        disks: dict[tuple[str, str], AttachedDisk] = {}
+        for uri in sorted({vm.uri for vm in desired.vms}):
+            for info in self._hypervisor.domains(uri):
+                domains[(uri, info.name)] = info.active
+                ours = [d for d in info.disks if d.serial == desired.serial]
+                if ours:
+                    disks[(uri, info.name)] = ours[0]
+        wanted_users = {vm.user: vm.uri for vm in desired.vms}
+        for (uri, _), disk in disks.items():
+            if disk.user:
+                wanted_users.setdefault(disk.user, uri)
+        existing = {e.removeprefix("client.") for e in self._credentials.list_users("rbdfleet-")}
+        secrets = set()
+        pairs = {(vm.uri, vm.user) for vm in desired.vms}
+        pairs |= {(uri, d.user) for (uri, _), d in disks.items() if d.user}
+        for uri, user in sorted(pairs):
+            usage = placement.secret_usage(user)
+            if self._hypervisor.secret_uuid(uri, usage) is not None:
+                secrets.add((uri, usage))
+        return Observed(pool_exists, image, domains, disks,
+                        frozenset(u for u in existing if u in wanted_users), frozenset(secrets))
+
+    def plan(self, observed: Observed | None = None) -> Plan:
+        """The provisioning plan from the current (or given) state."""
+        return placement.plan_provision(self.desired, observed or self.observe())
+
+    def provision(self, dry_run: bool = False) -> tuple[Plan, list[Applied]]:
+        """Converge Ceph and libvirt to the config; with ``dry_run`` only plan."""
+        observed = self.observe()
+        plan = placement.plan_provision(self.desired, observed)
+        return plan, ([] if dry_run else self.apply(plan, observed))
+
+    def set_role(self, vm: str, role: str, dry_run: bool = False) -> tuple[Plan, list[Applied]]:
+        """Make ``vm`` the writer (demoting the old one first) or a reader."""
+        observed = self.observe()
+        plan = placement.plan_set_role(self.desired, observed, vm, role)
+        return plan, ([] if dry_run else self.apply(plan, observed))
+
+    def deprovision(self, delete_image: bool = False,
+                    dry_run: bool = False) -> tuple[Plan, list[Applied]]:
+        """Detach everywhere; with ``delete_image`` remove secrets, users and the image."""
+        observed = self.observe()
+        plan = placement.plan_deprovision(self.desired, observed, delete_image)
+        return plan, ([] if dry_run else self.apply(plan, observed))
+
+    def attachments(self) -> list[VmAttachment]:
+        """Each VM's attachment and mode, plus domains outside the fleet holding the disk."""
+        observed = self.observe()
+        rows = []
+        for vm in self.desired.vms:
+            disk = observed.disks.get(vm.key)
+            rows.append(VmAttachment(vm.name, vm.domain, vm.uri, observed.domains.get(vm.key),
+                                     disk.mode if disk else None, disk.user if disk else None,
+                                     vm.spare))
+        fleet_keys = {vm.key for vm in self.desired.vms}
+        for key, disk in sorted(observed.disks.items()):
+            if key not in fleet_keys:
+                rows.append(VmAttachment(None, key[1], key[0], observed.domains.get(key),
+                                         disk.mode, disk.user, False))
+        return rows
+
+    def apply(self, plan: Plan, observed: Observed) -> list[Applied]:
+        """Run ``plan`` in order; stop at the first failure, which is re-raised with
+        ``exc.done`` listing the actions that completed."""
+        placement.check_single_writer(observed, plan)
+        done: list[Applied] = []
+        mon_hosts: tuple[MonHost, ...] | None = None
+        for action in plan.actions:
+            started = self._clock.monotonic()
+            try:
+                if isinstance(action, Attach) and mon_hosts is None:
+                    mon_hosts = self._mon_hosts()
+                self._run(action, mon_hosts or ())
+            except RbdfleetError as exc:
+                exc.done = done  # type: ignore[attr-defined]
+                LOG.error("provision step failed action=%r error=%s", str(action), exc)
+                raise
+            elapsed = self._clock.monotonic() - started
+            done.append(Applied(action, elapsed))
+            LOG.info("provision step done action=%r seconds=%.3f", str(action), elapsed)
+            self._progress(f"{action} ({elapsed:.2f} s)")
+        return done
+
+    def _mon_hosts(self) -> tuple[MonHost, ...]:
+        if self.config.ceph.mon_host:
+            return parse_mon_host(self.config.ceph.mon_host)
+        return self._credentials.mon_hosts()
+
+    def _run(self, action: Action, mon_hosts: tuple[MonHost, ...]) -> None:
+        desired = self.desired
+        if isinstance(action, CreatePool):
+            self._images.create_pool(action.pool)
+        elif isinstance(action, CreateImage):
+            self._images.create_image(action.pool, action.image, action.size, action.features)
+        elif isinstance(action, EnsureCredentials):
+            key = self._credentials.ensure_user(action.user, desired.pool)
+            self._hypervisor.ensure_secret(action.uri, action.usage, key)
+        elif isinstance(action, Detach):
+            self._hypervisor.detach_disk(action.uri, action.domain, desired.serial)
+        elif isinstance(action, Attach):
+            uuid = self._hypervisor.secret_uuid(action.uri, action.usage)
+            if uuid is None:
+                raise HypervisorError(f"attach to {action.domain}: secret {action.usage!r} "
+                                      f"is missing on {action.uri}")
+            self._hypervisor.attach_disk(action.uri, action.domain, DiskSpec(
+                desired.pool, desired.image, desired.serial, action.user, uuid, mon_hosts,
+                action.mode))
+        elif isinstance(action, RemoveSecret):
+            self._hypervisor.remove_secret(action.uri, action.usage)
+        elif isinstance(action, RemoveUser):
+            self._credentials.remove_user(action.user)
+        elif isinstance(action, RemoveImage):
+            self._remove_image(action)
+        else:  # pragma: no cover - the Action union is closed
+            raise TypeError(f"unknown action {action!r}")
+
+    def _remove_image(self, action: RemoveImage) -> None:
+        deadline = self._clock.monotonic() + REMOVE_IMAGE_TIMEOUT_S
+        while True:
+            try:
+                self._images.remove_image(action.pool, action.image)
+                return
+            except ImageBusy:
+                # QEMU closes librbd asynchronously after a detach; a killed client's watch
+                # lingers until the OSD times it out.
+                if self._clock.monotonic() > deadline:
+                    raise
+                self._clock.sleep(0.5)
+
+
+def undo_hint(done: list[Applied], fleet: str) -> str:
+    """What to run to undo a partial apply."""
+    if not done:
+        return "nothing was changed"
+    return (f"to undo: rbdfleet deprovision (add --delete-image to also remove the image, "
+            f"users and secrets of fleet {fleet})")
+
+
+def check_partial(exc: BaseException) -> list[Applied]:
+    """The actions that completed before ``exc`` ended an apply (empty if none)."""
+    done = getattr(exc, "done", None)
+    return list(done) if isinstance(done, list) else []
+
