@@ -25,6 +25,7 @@ RecordPush / RecordAck  writer → reader / reader → writer           POST /v1
 Health                  agent → anyone                              GET /v1/health
 PromoteRequest          coordinator → agent (control grant)         POST /v1/promote
 DemoteRequest           coordinator → agent (control grant)         POST /v1/demote
+ReaderSet               coordinator → writer (control grant)        POST /v1/readers
 Heartbeat               agent → coordinator                         POST <coordinator>/v1/heartbeat
 SelfTestReport          agent → coordinator                         POST <coordinator>/v1/selftest
 LaggingReaderReport     writer → coordinator                        POST <coordinator>/v1/lagging
@@ -65,6 +66,7 @@ __all__ = [
     "PromoteRequest",
     "PutRequest",
     "ReaderAddress",
+    "ReaderSet",
     "RecordAck",
     "RecordPush",
     "RenameRequest",
@@ -509,6 +511,16 @@ class DemoteRequest(Message):
     epoch: int
     writer: str | None = None
     writer_address: str | None = None
+
+
+@dataclass(frozen=True)
+class ReaderSet(Message):
+    """Coordinator → writer (control grant): the fleet's readers the writer pushes to, e.g.
+    after a spare was added or a reader replaced. Replaces the configured set."""
+
+    fleet: str
+    epoch: int
+    readers: tuple[ReaderAddress, ...]
 
 
 @dataclass(frozen=True)

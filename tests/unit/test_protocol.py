@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 MESSAGES = [
     p.ReaderAddress, p.PutRequest, p.MkdirRequest, p.RenameRequest, p.WriteAck, p.EntryInfo,
     p.ListResponse, p.RecordPush, p.RecordAck, p.Health, p.Heartbeat, p.SelfTestCheck,
-    p.SelfTestReport, p.LaggingReaderReport, p.PromoteRequest, p.DemoteRequest,
+    p.SelfTestReport, p.LaggingReaderReport, p.PromoteRequest, p.DemoteRequest, p.ReaderSet,
 ]
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10))
 
