@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
+from orchestrator.cli import vm as vm_cli
 from orchestrator.cli._exit import run_reporting_errors
 
 app = typer.Typer(
@@ -14,6 +16,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(sandbox.app, name="sandbox")
+app.command("provision")(provision_cli.provision)
+app.command("deprovision")(provision_cli.deprovision)
+app.add_typer(vm_cli.app, name="vm")
 
 
 def main() -> None:

@@ -1,0 +1,116 @@
+"""`rbdfleet vm`: each VM's attachment, role switch, the VM's Ceph clients, and its fence."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+
+from agents.errors import RbdfleetError
+from orchestrator.adapters.ceph import BlocklistFencer
+from orchestrator.cli.provision import (
+    DEFAULT_CONFIG,
+    ConfigOption,
+    JsonOption,
+    check_fleet,
+    open_provisioner,
+    report,
+    report_partial,
+)
+from orchestrator.config import FleetConfig
+from orchestrator.core.placement import vm_user
+
+app = typer.Typer(help="The fleet's VMs: attachments, roles, Ceph clients, fencing.",
+                  no_args_is_help=True)
+
+
+class Role(StrEnum):
+    WRITER = "writer"
+    READER = "reader"
+
+
+FleetArg = Annotated[str, typer.Argument(help="fleet name (must match the config)")]
+VmArg = Annotated[str, typer.Argument(help="VM name from the config")]
+
+
+@app.command("list")
+def list_vms(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+    """Each VM's domain, whether it runs, and how it holds the shared disk."""
+    with open_provisioner(config) as (provisioner, _, cfg):
+        rows = provisioner.attachments()
+    if as_json:
+        typer.echo(json.dumps({"fleet": cfg.fleet.name, "serial": provisioner.serial, "vms": [
+            {"vm": r.vm, "domain": r.domain, "uri": r.uri, "active": r.active,
+             "mode": r.mode.value if r.mode else None, "user": r.user, "spare": r.spare}
+            for r in rows]}, indent=2))
+        return
+    typer.echo(f"fleet {cfg.fleet.name}  image {cfg.ceph.pool}/{cfg.fleet.image}  "
+               f"serial {provisioner.serial}")
+    typer.echo(f"{'VM':<12} {'DOMAIN':<28} {'STATE':<8} {'DISK':<9} USER")
+    for r in rows:
+        state = {True: "running", False: "stopped", None: "missing"}[r.active]
+        mode = {None: "-", "rw": "rw writer", "ro": "ro reader"}[r.mode.value if r.mode else None]
+        name = (r.vm or "(not in fleet)") + (" spare" if r.spare else "")
+        typer.echo(f"{name:<12} {r.domain:<28} {state:<8} {mode:<9} {r.user or '-'}")
+
+
+@app.command("set-role")
+def set_role(
+    fleet: FleetArg,
+    vm: VmArg,
+    role: Annotated[Role, typer.Argument(help="writer or reader")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-attach so exactly one VM has the disk read-write: demote the old writer, then
+    promote. Refuses anything that would leave two writers (or none)."""
+    with open_provisioner(config) as (provisioner, _, cfg):
+        check_fleet(cfg, fleet)
+        try:
+            plan, applied = provisioner.set_role(vm, role.value, dry_run=dry_run)
+        except RbdfleetError as exc:
+            report_partial(exc, cfg.fleet.name)
+            raise
+        report(plan, applied, dry_run, as_json, f"nothing to do: {vm} is already {role.value}")
+
+
+@app.command("clients")
+def clients(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
+            as_json: JsonOption = False) -> None:
+    """The VM's client addresses among the image's watchers (through its own cephx user)."""
+    with open_provisioner(config) as (_, handle, cfg):
+        check_fleet(cfg, fleet)
+        cfg.vm(vm)
+        addresses = _fencer(handle, cfg).clients(vm)
+    if as_json:
+        typer.echo(json.dumps({"vm": vm, "user": vm_user(cfg.fleet.name, vm),
+                               "clients": addresses}))
+        return
+    for addr in addresses:
+        typer.echo(addr)
+
+
+@app.command("fence")
+def fence(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
+          as_json: JsonOption = False) -> None:
+    """Blocklist exactly the VM's client addresses on the image and wait for the osdmap:
+    its next I/O to the shared disk fails with EIO; the other VMs are untouched."""
+    with open_provisioner(config) as (_, handle, cfg):
+        check_fleet(cfg, fleet)
+        cfg.vm(vm)
+        addresses = _fencer(handle, cfg).fence(vm)
+    if as_json:
+        typer.echo(json.dumps({"vm": vm, "blocklisted": addresses}))
+        return
+    if not addresses:
+        typer.echo(f"{vm} has no client on the image: nothing to fence")
+    for addr in addresses:
+        typer.echo(f"blocklisted {addr}")
+
+
+def _fencer(handle: Any, cfg: FleetConfig) -> BlocklistFencer:
+    return BlocklistFencer(handle, cfg.ceph.pool, cfg.fleet.image,
+                           {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms})
