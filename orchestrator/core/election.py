@@ -313,8 +313,12 @@ def _node_failed(state: ElectionState, node: str) -> ElectionState:
         return _fail_over(state, frozenset({node}), None)
     if member.role == "spare":
         return replace(state, map=m.set_role(node, "out"), to_attach=state.to_attach - {node})
-    # A reader: route around it at once, replace it with a spare if there is one.
-    new = m.set_role(node, "out")
+    return _reader_out(state, node)
+
+
+def _reader_out(state: ElectionState, node: str) -> ElectionState:
+    """Route clients around reader ``node`` at once; replace it with a spare if there is one."""
+    new = state.map.set_role(node, "out")
     to_attach = state.to_attach - {node}
     spare = next((s for s in new.members if s.role == "spare"), None)
     if spare is not None:
@@ -392,8 +396,10 @@ def _fence_requested(state: ElectionState, node: str) -> ElectionState:
         # The writer (or, mid-failover, the named candidate) is cut: another one is chosen.
         return _fail_over(state, frozenset({node}), None)
     state = replace(state, to_fence=state.to_fence | {node})
-    if member.role in ("reader", "spare"):
-        state = replace(state, map=m.set_role(node, "out"), to_attach=state.to_attach - {node})
+    if member.role == "reader":
+        return _reader_out(state, node)
+    if member.role == "spare":
+        return replace(state, map=m.set_role(node, "out"), to_attach=state.to_attach - {node})
     return state
 
 

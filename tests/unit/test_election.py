@@ -1,0 +1,231 @@
+"""Election: law order, confirm-before-act, fencing before promotion, one writer per epoch."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from orchestrator.core import election as el
+from orchestrator.core.fleetmap import IllegalTransition, initial_map
+from orchestrator.testing.simnet import SimFleet
+
+pytestmark = pytest.mark.unit
+
+
+def state3() -> el.ElectionState:
+    m = initial_map(
+        "f",
+        "w",
+        {
+            "w": ("w:1", "writer"),
+            "r1": ("r1:1", "reader"),
+            "r2": ("r2:1", "reader"),
+            "s": ("s:1", "spare"),
+        },
+    )
+    m = m.set_progress("r1", 10, True).set_progress("r2", 12, True)
+    return el.ElectionState(map=m, persisted_epoch=1, published_revision=m.revision)
+
+
+def kinds(actions: list[el.Action]) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def test_writer_failure_plans_persist_fence_promote_publish_in_that_order() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    assert kinds(actions) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
+    persist, fence, promote, publish = actions
+    assert isinstance(persist, el.PersistEpoch) and persist.map.epoch == 2
+    assert persist.map.phase == "failover"
+    assert fence == el.FenceNode("w", 2)
+    assert promote == el.PromoteNode("r2", 2, "r2:1")  # highest applied seq
+    assert isinstance(publish, el.PublishMap)
+    assert [t.name for t in publish.map.write_targets()] == ["r2", "r1"]
+    st1, more = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    assert more == [] and st1.map == publish.map and st1.map.phase == "stable"
+
+
+def test_failed_fence_blocks_promotion_and_is_retried_after_the_delay() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st1, more = el.step(st0, el.BatchExecuted(tuple(actions[:1]), actions[1], "EIO", 1.1))
+    assert more == []  # held back
+    assert st1.last_error == "EIO"
+    st2, more = el.step(st1, el.Tick(1.2))
+    assert more == []
+    _st3, more = el.step(st2, el.Tick(1.1 + st2.config.retry_delay))
+    assert kinds(more) == ["FenceNode", "PromoteNode", "PublishMap"]  # epoch already persisted
+
+
+def test_failed_promotion_fences_the_candidate_and_moves_on_at_a_new_epoch() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions[:2]), actions[2], "refused", 1.1))
+    _st2, more = el.step(st1, el.Tick(2.0))
+    assert kinds(more) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
+    assert more[1] == el.FenceNode("r2", 3)
+    assert more[2] == el.PromoteNode("r1", 3, "r1:1")
+
+
+def test_reader_failure_routes_around_at_once_and_attaches_a_spare() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("r1", 1.0))
+    assert kinds(actions) == ["PublishMap", "AttachSpare"]
+    publish = actions[0]
+    assert isinstance(publish, el.PublishMap) and publish.map.epoch == 1
+    assert [t.name for t in publish.map.write_targets()] == ["w", "r2"]
+    assert actions[1] == el.AttachSpare("s", 1, "s:1")
+    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    # The spare is handed out only once its heartbeat shows it caught up with the writer.
+    st2, _ = el.step(st1, el.HeartbeatObserved("w", "writer", 1, 20, 1.2))
+    st3, acts = el.step(st2, el.HeartbeatObserved("s", "reader", 1, 19, 1.3))
+    assert acts == []
+    st4, acts = el.step(st3, el.HeartbeatObserved("s", "reader", 1, 20, 1.4))
+    assert kinds(acts) == ["PublishMap"]
+    assert "s" in [m.name for m in st4.map.in_sync_readers()]
+
+
+def test_lagging_reader_is_dropped_until_caught_up() -> None:
+    st0, acts = el.step(state3(), el.ReaderLagging("r1", 1.0))
+    assert kinds(acts) == ["PublishMap"]
+    assert "r1" not in [m.name for m in st0.map.write_targets()]
+
+
+def test_stale_writer_heartbeat_gets_a_demotion() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    _st2, acts = el.step(st1, el.HeartbeatObserved("w", "writer", 1, 9, 2.0))
+    assert acts == [el.DemoteNode("w", 2, "w:1")]
+
+
+def test_manual_failover_to_a_catching_up_reader_is_refused_naming_the_pair() -> None:
+    s = state3()
+    s = el.step(s, el.ReaderLagging("r1", 0.5))[0]
+    with pytest.raises(IllegalTransition, match="catching-up reader -> writer"):
+        el.step(s, el.FailoverRequested("r1", 1.0))
+    with pytest.raises(IllegalTransition, match="spare -> writer"):
+        el.step(state3(), el.FailoverRequested("s", 1.0))
+
+
+def test_manual_failover_fences_the_live_writer_first() -> None:
+    _, acts = el.step(state3(), el.FailoverRequested("r1", 1.0))
+    assert kinds(acts) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
+    assert acts[1] == el.FenceNode("w", 2) and acts[2] == el.PromoteNode("r1", 2, "r1:1")
+
+
+def test_fencing_a_reader_takes_it_out_then_fences() -> None:
+    _, acts = el.step(state3(), el.FenceRequested("r1", 1.0))
+    assert kinds(acts) == ["FenceNode", "PublishMap", "AttachSpare"]
+
+
+def test_a_new_coordinator_resumes_a_half_done_failover_from_the_fence() -> None:
+    _st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    persisted = actions[0]
+    assert isinstance(persisted, el.PersistEpoch)
+    fresh = el.resume(persisted.map)
+    assert kinds(el.plan(fresh)) == ["FenceNode", "PromoteNode", "PublishMap"]
+
+
+def test_no_eligible_writer_leaves_the_fleet_without_writer_until_one_is_in_sync() -> None:
+    m = initial_map("f", "w", {"w": ("w:1", "writer"), "r": ("r:1", "reader")})
+    s = el.ElectionState(map=m, persisted_epoch=1, published_revision=m.revision)
+    s, acts = el.step(s, el.NodeFailed("w", 1.0))
+    assert kinds(acts) == ["PersistEpoch", "FenceNode", "PublishMap"]
+    assert s.map.writer is None and s.last_error == "no eligible writer"
+
+
+# -- scenario through the simulated network -------------------------------------------------
+
+
+def test_one_lost_probe_causes_no_failover() -> None:
+    sim = SimFleet.build(["w", "r1", "r2"])
+    sim.drop_probes("w", 1)
+    sim.run(3.0)
+    assert sim.published[-1].epoch == 1 and len(sim.published) == 1
+
+
+def test_killed_writer_is_replaced_and_a_resumed_one_cannot_write() -> None:
+    sim = SimFleet.build(["w", "r1", "r2"])
+    sim.run(0.5)
+    assert sim.client_write()
+    sim.pause("w")
+    sim.run(2.5)
+    assert sim.published[-1].writer in ("r1", "r2") and sim.published[-1].epoch == 2
+    sim.resume("w")
+    assert not sim.stale_write("w"), "\n".join(sim.trace)
+    sim.run(0.5)
+    assert sim.nodes["w"].role == "reader"  # demoted
+    assert sim.client_write()
+
+
+# -- properties over random nemesis schedules ------------------------------------------------
+
+NEMESIS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "kill",
+                "pause",
+                "pause_writer",
+                "resume",
+                "drop",
+                "fence_fail",
+                "promote_fail",
+                "write",
+                "stale",
+                "run",
+            ]
+        ),
+        st.integers(0, 4),
+    ),
+    max_size=25,
+)
+
+
+@seed(20261126)
+@settings(max_examples=200, deadline=None)
+@given(NEMESIS)
+def test_laws_hold_under_random_faults(schedule: list[tuple[str, int]]) -> None:
+    sim = SimFleet.build(["n0", "n1", "n2", "n3"], spares=1)
+    names = sorted(sim.nodes)
+    for op, arg in schedule:
+        name = names[arg % len(names)]
+        if op == "kill":
+            sim.kill(name)
+        elif op == "pause":
+            sim.pause(name)
+        elif op == "pause_writer" and sim.published[-1].writer:
+            sim.pause(sim.published[-1].writer)
+        elif op == "resume":
+            sim.resume(name)
+            sim.stale_write(name)  # in-flight work of a resumed ex-writer runs at once
+            sim.client_write()
+        elif op == "drop":
+            sim.drop_probes(name, 1)
+        elif op == "fence_fail":
+            sim.set_fail_fences(arg)
+        elif op == "promote_fail":
+            sim.set_fail_promotions(1)
+        elif op == "write":
+            sim.client_write()
+        elif op == "stale":
+            for n in names:  # every resumed ex-writer tries to write on its old belief
+                sim.stale_write(n)
+        sim.run(0.3 * (arg + 1))
+    transcript = "\n".join(sim.trace)
+    # One writer per epoch, in acknowledgements and in published maps.
+    per_epoch: dict[int, set[str]] = {}
+    for epoch, node, _ in sim.acks:
+        per_epoch.setdefault(epoch, set()).add(node)
+    for m in sim.published:
+        if m.writer is not None:
+            per_epoch.setdefault(m.epoch, set()).add(m.writer)
+    assert all(len(v) == 1 for v in per_epoch.values()), transcript
+    # Epochs of published maps never go back.
+    epochs = [m.epoch for m in sim.published]
+    assert epochs == sorted(epochs), transcript
+    # No write is acknowledged at an older epoch once a newer writer was published.
+    for i, (epoch, _, t) in enumerate(sim.acks):
+        later_newer = [e for e, _, t2 in sim.acks[:i] if e > epoch and t2 <= t]
+        assert not later_newer, f"write at epoch {epoch} after one at {later_newer}\n{transcript}"
+    # Every batch respects law order; PromoteNode never precedes fencing the old writer.
+    for batch in sim.batches:
+        el.assert_law_order(batch)

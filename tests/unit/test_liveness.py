@@ -1,0 +1,116 @@
+"""Failure detector: suspect on one loss, dead only when confirmed; truth table + properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
+
+from orchestrator.core.liveness import (
+    FailureReported,
+    HeartbeatReceived,
+    Liveness,
+    LivenessConfig,
+    Observation,
+    ProbeFailed,
+    ProbeSucceeded,
+    SelfTestFailed,
+    Verdict,
+)
+from orchestrator.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+CFG = LivenessConfig(probe_interval=0.2, suspect_after=0.5, dead_after=1.2, confirm_failures=3)
+A, S, D = Verdict.ALIVE, Verdict.SUSPECT, Verdict.DEAD
+
+
+def run(observations: list[Observation], now: float) -> Verdict:
+    lv = Liveness(CFG).watch("n", 0.0)
+    for obs in observations:
+        lv = lv.observe(obs)
+    return lv.verdict("n", now)
+
+
+# Truth table: observations (all about node n) and the verdict at `now`.
+@pytest.mark.parametrize(
+    ("observations", "now", "expected"),
+    [
+        ([], 0.1, A),
+        ([], 0.5, S),  # quiet for suspect_after
+        ([], 1.2, D),  # quiet for dead_after
+        ([HeartbeatReceived("n", 1.0)], 1.4, A),
+        ([ProbeFailed("n", 0.1)], 0.1, S),  # one lost probe: suspect only
+        ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.3)], 0.3, S),
+        ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.3), ProbeFailed("n", 0.5)], 0.5, D),
+        (
+            [
+                ProbeFailed("n", 0.1),
+                ProbeFailed("n", 0.3),
+                ProbeSucceeded("n", 0.4),
+                ProbeFailed("n", 0.5),
+            ],
+            0.5,
+            S,
+        ),  # success resets the count
+        ([FailureReported("n", 0.1, "client-1")], 0.1, S),  # a client report alone: suspect
+        ([FailureReported("n", 0.1)] * 10, 0.2, S),  # ... even many of them
+        ([FailureReported("n", 0.1), HeartbeatReceived("n", 0.2)], 0.2, A),
+        ([SelfTestFailed("n", 0.1, "EIO on journal")], 0.1, D),  # its own word
+        ([HeartbeatReceived("n", 0.1, selftest_ok=False)], 0.1, D),
+        ([SelfTestFailed("n", 0.1), ProbeSucceeded("n", 0.2)], 0.2, D),  # a probe can't clear it
+        ([SelfTestFailed("n", 0.1), HeartbeatReceived("n", 0.3)], 0.3, A),  # a passing one can
+    ],
+)
+def test_truth_table(observations: list[Observation], now: float, expected: Verdict) -> None:
+    assert run(observations, now) is expected
+
+
+def test_unwatched_nodes_are_alive_and_forget_stops_watching() -> None:
+    lv = Liveness(CFG).watch("n", 0.0)
+    assert lv.verdict("other", 99.0) is A
+    assert lv.forget("n").verdicts(99.0) == {}
+    assert lv.verdicts(99.0) == {"n": D}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"confirm_failures": 1}, {"dead_after": 0.4, "suspect_after": 0.5}, {"probe_timeout": 0}],
+)
+def test_config_refuses_settings_that_act_on_one_loss(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        LivenessConfig(**kwargs)  # type: ignore[arg-type]
+
+
+@seed(5)
+@settings(max_examples=300)
+@given(
+    n=st.integers(min_value=10, max_value=60),
+    lost=st.integers(min_value=0, max_value=59),
+    reports=st.lists(st.integers(min_value=0, max_value=59), max_size=5),
+)
+def test_one_lost_heartbeat_or_probe_never_kills(n: int, lost: int, reports: list[int]) -> None:
+    """A node that answers every probe_interval except once is never DEAD, whatever clients say."""
+    lv = Liveness(CFG).watch("n", 0.0)
+    for i in range(n):
+        t = (i + 1) * CFG.probe_interval
+        if i == lost:
+            lv = lv.observe(ProbeFailed("n", t))
+        else:
+            lv = lv.observe(ProbeSucceeded("n", t) if i % 2 else HeartbeatReceived("n", t))
+        if i in reports:
+            lv = lv.observe(FailureReported("n", t))
+        assert lv.verdict("n", t) is not D
+        assert lv.verdict("n", t + CFG.probe_interval / 2) is not D
+
+
+@seed(6)
+@settings(max_examples=200)
+@given(start=st.floats(min_value=0, max_value=1000), probes=st.integers(3, 10))
+def test_a_dead_node_is_confirmed_within_confirm_failures_probes(start: float, probes: int) -> None:
+    lv = Liveness(CFG).watch("n", start)
+    t = start
+    for _ in range(probes):
+        t += CFG.probe_interval
+        lv = lv.observe(ProbeFailed("n", t))
+    assert lv.verdict("n", t) is D
