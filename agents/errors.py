@@ -212,3 +212,20 @@ class JournalWrapped(CatchingUp):
     """The records asked for were overwritten by the circular journal: reload the checkpoint."""
 
     code = "journal_wrapped"
+
+
+# Agent HTTP layer (agents.server): additive.
+
+
+class MethodNotAllowed(BadRequest):
+    """The route exists but not for this HTTP method."""
+
+    code = "method_not_allowed"
+    status = 405
+
+
+class RangeNotSatisfiable(BadRequest):
+    """A Range header outside the file (fields: size)."""
+
+    code = "range_not_satisfiable"
+    status = 416
