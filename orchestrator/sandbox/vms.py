@@ -58,6 +58,7 @@ __all__ = [
     "domain_xml",
     "guard_network",
     "network_xml",
+    "tear_down",
     "vm_exec",
 ]
 
@@ -636,6 +637,27 @@ def close_ssh_master(resource: dict[str, Any]) -> None:
          f"root@{resource['address']}"],
         capture_output=True, text=True, check=False, timeout=15,
     )
+
+
+def tear_down(state: StateFile) -> list[str]:
+    """Undo every resource in ``state`` this module knows, newest first; return the errors.
+
+    A resource is forgotten once undone, so a second call retries only what failed. Kinds
+    of other modules are left alone.
+    """
+    errors: list[str] = []
+    for resource in reversed(state.resources):
+        undo = TEARDOWN.get(resource["kind"])
+        if undo is None:
+            continue
+        try:
+            undo(resource)
+        except Exception as exc:  # keep going: a stuck domain must not strand the route
+            errors.append(f"{resource['kind']} {resource}: {exc}")
+            continue
+        fields = {k: v for k, v in resource.items() if k != "kind"}
+        state.forget(resource["kind"], **fields)
+    return errors
 
 
 TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
