@@ -58,7 +58,7 @@ def observed(state: str = "", *, pool: bool = True, image: int | None = SIZE,
         disks[(URI, f"d-{name}")] = disk(name, DiskMode(mode))
         domains[(URI, f"d-{name}")] = True
     all_users = {placement.vm_user("demo", n) for n in (*users, *extra_domains)}
-    secrets = frozenset((URI, placement.secret_usage(u)) for u in all_users) if creds else frozenset()
+    secrets = frozenset((URI, placement.secret_usage(u)) for u in all_users if creds)
     return Observed(pool, ImageInfo("rbd", "img", image, 5) if image else None, domains, disks,
                     frozenset(all_users) if creds else frozenset(), secrets)
 
@@ -172,7 +172,8 @@ def test_adding_and_removing_a_vm_touches_only_that_vm() -> None:
 
 
 def test_spare_is_not_attached_but_kept_when_attached() -> None:
-    assert kinds(placement.plan_provision(desired(spares=("vm3",)), observed("vm1=rw vm2=ro"))) == []
+    spare = desired(spares=("vm3",))
+    assert kinds(placement.plan_provision(spare, observed("vm1=rw vm2=ro"))) == []
     assert placement.plan_provision(desired(spares=("vm3",)),
                                     observed("vm1=rw vm2=ro vm3=ro")).empty
 
