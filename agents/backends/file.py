@@ -1,0 +1,138 @@
+"""BlockDevice on a file or block device with pread/pwrite, O_DIRECT when the filesystem
+allows it (not tmpfs), fdatasync on flush.
+
+What it does not guarantee: without O_DIRECT (tmpfs, some FUSE filesystems) a second handle in
+another process still sees writes at once (same page cache), but another *host* would not.
+With O_DIRECT every buffer must be page aligned: data is staged through an mmap buffer.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from agents.device import ALIGN
+from agents.errors import DeviceError
+
+__all__ = ["FileDevice", "device_error"]
+
+
+def device_error(op: str, exc: OSError, where: str) -> DeviceError:
+    """The project's error for an OSError from the medium (errno kept, path not leaked twice)."""
+    code = exc.errno or errno.EIO
+    return DeviceError(f"{op} {where} failed: {os.strerror(code)}", op=op, errno=code)
+
+
+class _Buffers(threading.local):
+    """One page-aligned staging buffer per thread, grown on demand (O_DIRECT needs them)."""
+
+    def __init__(self) -> None:
+        self.buf: mmap.mmap | None = None
+
+    def get(self, size: int) -> mmap.mmap:
+        if self.buf is None or len(self.buf) < size:
+            if self.buf is not None:
+                self.buf.close()
+            self.buf = mmap.mmap(-1, max(size, 1 << 20))
+        return self.buf
+
+
+class FileDevice:
+    """A file (or block device) as a BlockDevice. ``direct=None`` tries O_DIRECT and falls
+    back to buffered I/O where the filesystem refuses it; ``True`` requires it."""
+
+    def __init__(self, path: str | Path, read_only: bool = False, *, direct: bool | None = None):
+        self.path = Path(path)
+        self.read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        self._fd = -1
+        self.direct = False
+        if direct is not False:
+            try:
+                self._fd = os.open(self.path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError as exc:
+                if direct or exc.errno != errno.EINVAL:
+                    raise device_error("open", exc, str(self.path)) from exc
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, flags)
+            except OSError as exc:
+                raise device_error("open", exc, str(self.path)) from exc
+        try:
+            self._size = os.lseek(self._fd, 0, os.SEEK_END) // ALIGN * ALIGN
+        except OSError as exc:
+            os.close(self._fd)
+            raise device_error("size", exc, str(self.path)) from exc
+        self._buffers = _Buffers()
+
+    def size(self) -> int:
+        """Size in bytes, rounded down to 4 KiB."""
+        return self._size
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            raise DeviceError("device is closed", op="io", errno=errno.EBADF)
+        if offset % ALIGN or length % ALIGN:
+            raise ValueError(f"unaligned I/O at {offset}+{length}")
+        if offset < 0 or offset + length > self._size:
+            raise ValueError(f"I/O at {offset}+{length} is past the end of the device")
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Read straight from the medium (O_DIRECT) or the shared page cache."""
+        self._check(offset, length)
+        try:
+            if not self.direct:
+                data = os.pread(self._fd, length, offset)
+            else:
+                buf = self._buffers.get(length)
+                view = memoryview(buf)[:length]
+                try:
+                    got = os.preadv(self._fd, [view], offset)
+                    data = bytes(view[:got])
+                finally:
+                    view.release()
+        except OSError as exc:
+            raise device_error("read", exc, f"at {offset}") from exc
+        if len(data) != length:
+            raise DeviceError(f"short read at {offset}", op="read", errno=errno.EIO)
+        return data
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        """Write ``data`` (a multiple of 4 KiB) at ``offset``."""
+        self._check(offset, len(data))
+        if self.read_only:
+            raise DeviceError("write to a read-only device", op="write", errno=errno.EROFS)
+        try:
+            if not self.direct:
+                done = os.pwrite(self._fd, data, offset)
+            else:
+                buf = self._buffers.get(len(data))
+                view = memoryview(buf)[: len(data)]
+                try:
+                    view[:] = data
+                    done = os.pwritev(self._fd, [view], offset)
+                finally:
+                    view.release()
+        except OSError as exc:
+            raise device_error("write", exc, f"at {offset}") from exc
+        if done != len(data):
+            raise DeviceError(f"short write at {offset}", op="write", errno=errno.EIO)
+
+    def flush(self) -> None:
+        """fdatasync: completed writes are durable when it returns."""
+        if self.read_only:
+            return
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise device_error("flush", exc, str(self.path)) from exc
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

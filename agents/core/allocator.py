@@ -1,0 +1,181 @@
+"""Extent allocator for the data area, rebuilt from the index at start-up.
+
+Invariants (checked by the property tests):
+- An extent is in exactly one of three states: free, in use (handed out by :meth:`allocate`
+  or named by the index), or quarantined (freed by the record ``seq``).
+- :meth:`allocate` never hands out a byte that is in use or quarantined.
+- Quarantined extents become free only through :meth:`release_through` with a seq at least the
+  freeing record's: a reader that may still read them has acknowledged that record.
+- Free extents are kept sorted and coalesced; every offset and length is a multiple of 4 KiB.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from agents.device import ALIGN
+from agents.errors import FormatError, NoSpace
+
+
+@dataclass(frozen=True, order=True)
+class Extent:
+    """A run of bytes on the device: ``[offset, offset + length)``."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """First byte after the extent."""
+        return self.offset + self.length
+
+
+class OverlappingExtents(FormatError):
+    """Two live structures claim the same bytes (found while rebuilding the allocator)."""
+
+    code = "overlapping_extents"
+
+
+class Allocator:
+    """Free-space map of ``[start, end)`` with a quarantine of recently freed extents."""
+
+    def __init__(self, start: int, end: int) -> None:
+        if start % ALIGN or end % ALIGN or end < start:
+            raise ValueError("allocator bounds must be 4 KiB aligned")
+        self.start = start
+        self.end = end
+        self._starts: list[int] = [start] if end > start else []
+        self._lengths: dict[int, int] = {start: end - start} if end > start else {}
+        self._quarantine: list[tuple[int, Extent]] = []
+
+    @classmethod
+    def rebuild(
+        cls,
+        start: int,
+        end: int,
+        used: Iterable[Extent],
+        quarantined: Iterable[tuple[int, Extent]] = (),
+    ) -> Allocator:
+        """Free space = ``[start, end)`` minus ``used`` and ``quarantined`` ((seq, extent)).
+
+        Raises OverlappingExtents when two of them overlap or one leaves the area.
+        """
+        alloc = cls(start, end)
+        held = [(e, None) for e in used] + [(e, seq) for seq, e in quarantined]
+        held.sort(key=lambda pair: pair[0].offset)
+        free: list[Extent] = []
+        cursor = start
+        for extent, _seq in held:
+            if extent.length <= 0 or extent.offset < start or extent.end > end:
+                raise OverlappingExtents(
+                    f"extent {extent.offset}+{extent.length} is outside the data area"
+                )
+            if extent.offset < cursor:
+                raise OverlappingExtents(
+                    f"extent {extent.offset}+{extent.length} overlaps another one",
+                    offset=extent.offset,
+                )
+            if extent.offset > cursor:
+                free.append(Extent(cursor, extent.offset - cursor))
+            cursor = extent.end
+        if cursor < end:
+            free.append(Extent(cursor, end - cursor))
+        alloc._starts = [e.offset for e in free]
+        alloc._lengths = {e.offset: e.length for e in free}
+        alloc._quarantine = sorted(
+            ((seq, e) for e, seq in held if seq is not None), key=lambda p: p[0]
+        )
+        return alloc
+
+    def free_bytes(self) -> int:
+        """Bytes available to :meth:`allocate` now."""
+        return sum(self._lengths.values())
+
+    def quarantined(self) -> list[tuple[int, Extent]]:
+        """(freeing seq, extent) pairs not yet released, oldest first."""
+        return list(self._quarantine)
+
+    def free_extents(self) -> list[Extent]:
+        """The free extents, sorted."""
+        return [Extent(s, self._lengths[s]) for s in self._starts]
+
+    def allocate(self, nbytes: int) -> list[Extent]:
+        """Extents totalling ``nbytes`` rounded up to 4 KiB: one extent if one fits (first
+        fit), else the largest free extents first. Raises NoSpace, leaving the map unchanged."""
+        need = -(-max(nbytes, 0) // ALIGN) * ALIGN
+        if need == 0:
+            return []
+        for s in self._starts:
+            if self._lengths[s] >= need:
+                self._take(s, need)
+                return [Extent(s, need)]
+        if self.free_bytes() < need:
+            raise NoSpace(
+                f"no space for {need} bytes ({self.free_bytes()} free, "
+                f"{sum(e.length for _, e in self._quarantine)} quarantined)",
+                needed=need,
+            )
+        got: list[Extent] = []
+        for s in sorted(self._starts, key=lambda s: -self._lengths[s]):
+            take = min(self._lengths[s], need)
+            self._take(s, take)
+            got.append(Extent(s, take))
+            need -= take
+            if need == 0:
+                break
+        return got
+
+    def _take(self, start: int, length: int) -> None:
+        """Remove ``[start, start+length)`` from the head of the free extent at ``start``."""
+        rest = self._lengths.pop(start) - length
+        i = bisect.bisect_left(self._starts, start)
+        if rest:
+            self._starts[i] = start + length
+            self._lengths[start + length] = rest
+        else:
+            del self._starts[i]
+
+    def give_back(self, extents: Iterable[Extent]) -> None:
+        """Return extents that were allocated but never named by a durable record."""
+        for extent in extents:
+            self._insert_free(extent)
+
+    def quarantine(self, seq: int, extents: Iterable[Extent]) -> None:
+        """Extents freed by record ``seq``: unusable until ``release_through(>= seq)``."""
+        for extent in extents:
+            self._quarantine.append((seq, extent))
+        self._quarantine.sort(key=lambda p: p[0])
+
+    def release_through(self, seq: int) -> int:
+        """Free the extents quarantined by records with seq <= ``seq``; returns bytes freed."""
+        freed = 0
+        while self._quarantine and self._quarantine[0][0] <= seq:
+            _, extent = self._quarantine.pop(0)
+            self._insert_free(extent)
+            freed += extent.length
+        return freed
+
+    def _insert_free(self, extent: Extent) -> None:
+        if extent.length <= 0:
+            return
+        i = bisect.bisect_left(self._starts, extent.offset)
+        start, length = extent.offset, extent.length
+        if i < len(self._starts) and self._starts[i] < extent.end:
+            raise ValueError(f"freeing {extent} which is already free")
+        if i > 0:
+            prev = self._starts[i - 1]
+            if prev + self._lengths[prev] > start:
+                raise ValueError(f"freeing {extent} which is already free")
+            if prev + self._lengths[prev] == start:
+                start = prev
+                length += self._lengths.pop(prev)
+                del self._starts[i - 1]
+                i -= 1
+        if i < len(self._starts) and self._starts[i] == extent.end:
+            nxt = self._starts[i]
+            length += self._lengths.pop(nxt)
+            del self._starts[i]
+        self._starts.insert(i, start)
+        self._lengths[start] = length

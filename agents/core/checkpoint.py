@@ -1,0 +1,116 @@
+"""A/B checkpoints: the whole index (plus the allocator's quarantine) at one seq.
+
+Invariants:
+- A checkpoint at ``seq`` holds exactly the state after applying records ``1..seq``; record
+  ``seq + 1`` starts at ``journal_pos`` in the journal ring (or at 0 if it did not fit there).
+- A new checkpoint goes to the slot NOT holding the newest valid one, so a torn checkpoint
+  write leaves the previous one intact; :func:`choose` picks the valid one with the highest seq.
+- Valid = magic, known version, header CRC and body CRC all match.
+
+Layout (little endian): one 4 KiB header block, then the zlib-compressed JSON body::
+
+    0 4s magic b"RBFC"   4 u16 version (1)   6 u16 pad   8 u64 seq   16 u64 epoch
+    24 u64 journal_pos   32 u64 body_len   40 u32 body crc32   44 u32 header crc32 (of 0..44)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from agents.core.allocator import Extent
+from agents.core.index import Index
+from agents.core.record import padded
+from agents.device import ALIGN
+from agents.errors import BadMagic, ChecksumMismatch, NoSpace, TornRecord, UnsupportedFormat
+
+MAGIC = b"RBFC"
+VERSION = 1
+HEADER = struct.Struct("<4sH2xQQQQI")
+CRC = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """The first block of a checkpoint slot."""
+
+    seq: int
+    epoch: int
+    journal_pos: int
+    body_len: int
+    body_crc: int
+
+    @property
+    def total(self) -> int:
+        """Bytes of header + body, padded."""
+        return ALIGN + padded(self.body_len)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A decoded checkpoint."""
+
+    header: CheckpointHeader
+    index: Index
+    quarantine: list[tuple[int, Extent]]
+
+
+def encode(
+    index: Index, quarantine: list[tuple[int, Extent]], journal_pos: int, slot_bytes: int
+) -> bytes:
+    """Header + body, padded to 4 KiB; NoSpace if it exceeds the slot."""
+    body_doc: dict[str, Any] = {
+        "index": index.to_json(),
+        "quarantine": [[seq, e.offset, e.length] for seq, e in quarantine],
+    }
+    body = zlib.compress(json.dumps(body_doc, separators=(",", ":")).encode("utf-8"), 1)
+    head = HEADER.pack(
+        MAGIC, VERSION, index.applied_seq, index.epoch, journal_pos, len(body), zlib.crc32(body)
+    )
+    head += CRC.pack(zlib.crc32(head))
+    out = head + bytes(ALIGN - len(head)) + body
+    out += bytes(padded(len(out)) - len(out))
+    if len(out) > slot_bytes:
+        raise NoSpace(
+            f"checkpoint of {len(out)} bytes does not fit its {slot_bytes}-byte slot",
+            needed=len(out),
+        )
+    return out
+
+
+def decode_header(block: bytes) -> CheckpointHeader:
+    """Parse a checkpoint's first block; raises BadMagic, ChecksumMismatch,
+    UnsupportedFormat."""
+    if len(block) < HEADER.size + CRC.size or block[:4] != MAGIC:
+        raise BadMagic("no checkpoint here (bad magic)")
+    (crc,) = CRC.unpack_from(block, HEADER.size)
+    if zlib.crc32(block[: HEADER.size]) != crc:
+        raise ChecksumMismatch("checkpoint header checksum mismatch")
+    _, version, seq, epoch, pos, body_len, body_crc = HEADER.unpack_from(block)
+    if version != VERSION:
+        raise UnsupportedFormat(f"checkpoint format {version} (this agent reads {VERSION})")
+    return CheckpointHeader(seq, epoch, pos, body_len, body_crc)
+
+
+def decode(header: CheckpointHeader, body: bytes) -> Checkpoint:
+    """Parse the body that follows ``header``; raises TornRecord / ChecksumMismatch."""
+    data = bytes(body[: header.body_len])
+    if len(data) < header.body_len:
+        raise TornRecord("checkpoint body cut short")
+    if zlib.crc32(data) != header.body_crc:
+        raise ChecksumMismatch("checkpoint body checksum mismatch", seq=header.seq)
+    doc = json.loads(zlib.decompress(data).decode("utf-8"))
+    index = Index.from_json(doc["index"])
+    if index.applied_seq != header.seq:
+        raise ChecksumMismatch("checkpoint body and header disagree on seq")
+    quarantine = [(seq, Extent(off, n)) for seq, off, n in doc["quarantine"]]
+    return Checkpoint(header, index, quarantine)
+
+
+def choose(headers: list[CheckpointHeader | None]) -> list[int]:
+    """Slot numbers of the valid headers, newest (highest seq) first."""
+    valid = [(h.seq, i) for i, h in enumerate(headers) if h is not None]
+    return [i for _, i in sorted(valid, reverse=True)]

@@ -1,0 +1,371 @@
+"""The namespace: path -> current version (entry + extents + chunk checksums or inline bytes).
+
+Invariants:
+- ``apply(record)`` is deterministic and all-or-nothing: it validates first, then mutates, so
+  a refused record leaves the index as it was. Replaying a journal gives the live state.
+- ``/`` always exists; every entry's parent is a directory; a directory's children are
+  exactly the entries whose parent it is.
+- Nodes are immutable: a reader holding a node reads that version even after an overwrite.
+- ``apply`` returns the extents the record stopped referencing (overwrite, delete, rename
+  over a file): the caller quarantines them under the record's seq.
+"""
+
+from __future__ import annotations
+
+import base64
+import posixpath
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from agents.core.allocator import Extent
+from agents.core.record import Record
+from agents.errors import AlreadyExists, BadPath, NotEmpty, NotFound, StaleEpoch, WrongKind
+
+MAX_NAME = 255
+MAX_PATH = 4096
+
+
+def normalize_path(path: str) -> str:
+    """The one validator of paths: absolute POSIX, no ``..``/``.``/empty components, no NUL,
+    valid UTF-8, components <= 255 bytes, whole path <= 4096 bytes. Returns ``/a/b``."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise BadPath("path must be absolute (start with '/')", path=repr(path)[:100])
+    if "\x00" in path:
+        raise BadPath("path contains NUL")
+    try:
+        encoded = path.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadPath("path is not valid UTF-8") from exc
+    if len(encoded) > MAX_PATH:
+        raise BadPath(f"path longer than {MAX_PATH} bytes")
+    if path == "/":
+        return "/"
+    parts = path[1:].split("/")
+    if parts and parts[-1] == "":
+        parts.pop()
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise BadPath(f"path component {part!r} is not allowed", path=path[:200])
+        if len(part.encode("utf-8")) > MAX_NAME:
+            raise BadPath(f"path component longer than {MAX_NAME} bytes")
+    return "/" + "/".join(parts)
+
+
+def parent_of(path: str) -> str:
+    """Parent directory of a normalized path (``/`` for top-level entries)."""
+    return posixpath.dirname(path)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What ``stat``/``list`` return about one path."""
+
+    path: str
+    kind: Literal["file", "dir"]
+    size: int
+    version: int
+    epoch: int
+    mtime: float
+    crc: int | None
+
+
+@dataclass(frozen=True)
+class Node:
+    """One version of a path: the entry plus where its bytes are."""
+
+    entry: Entry
+    extents: tuple[Extent, ...] = ()
+    sums: tuple[int, ...] = ()
+    chunk: int = 0
+    inline: bytes | None = None
+
+    def locate(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Device (offset, length) pieces holding file bytes ``[offset, offset + length)``;
+        the extents lay the file out in order, so a range may span several of them."""
+        return locate(self.extents, offset, length)
+
+    def to_json(self) -> dict[str, Any]:
+        """Checkpoint form."""
+        e = self.entry
+        out: dict[str, Any] = {
+            "path": e.path,
+            "kind": e.kind,
+            "size": e.size,
+            "version": e.version,
+            "epoch": e.epoch,
+            "mtime": e.mtime,
+            "crc": e.crc,
+        }
+        if e.kind == "file":
+            out["chunk"] = self.chunk
+            out["extents"] = [[x.offset, x.length] for x in self.extents]
+            out["sums"] = list(self.sums)
+            if self.inline is not None:
+                out["inline"] = base64.b64encode(self.inline).decode("ascii")
+        return out
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Node:
+        """Inverse of :meth:`to_json`."""
+        entry = Entry(
+            d["path"], d["kind"], d["size"], d["version"], d["epoch"], d["mtime"], d["crc"]
+        )
+        inline = base64.b64decode(d["inline"]) if "inline" in d else None
+        return Node(
+            entry,
+            tuple(Extent(o, n) for o, n in d.get("extents", [])),
+            tuple(d.get("sums", [])),
+            d.get("chunk", 0),
+            inline,
+        )
+
+
+def locate(extents: Iterable[Extent], offset: int, length: int) -> list[tuple[int, int]]:
+    """Device (offset, length) pieces for logical bytes ``[offset, offset + length)`` of a
+    file laid out over ``extents`` in order; ValueError if the range passes their end."""
+    pieces: list[tuple[int, int]] = []
+    logical = 0
+    end = offset + length
+    for extent in extents:
+        if logical >= end:
+            break
+        lo = max(offset, logical)
+        hi = min(end, logical + extent.length)
+        if lo < hi:
+            pieces.append((extent.offset + lo - logical, hi - lo))
+        logical += extent.length
+    if sum(n for _, n in pieces) != length:
+        raise ValueError(f"range {offset}+{length} passes the end of the extents")
+    return pieces
+
+
+def put_payload(
+    path: str,
+    *,
+    size: int,
+    mtime: float,
+    crc: int,
+    chunk: int,
+    extents: list[Extent],
+    sums: list[int],
+    inline: bytes | None,
+) -> dict[str, Any]:
+    """The payload of a put record (inline files carry their bytes as ``data``)."""
+    payload: dict[str, Any] = {"path": path, "size": size, "mtime": mtime, "crc": crc}
+    if inline is not None:
+        payload["data"] = inline
+    else:
+        payload["chunk"] = chunk
+        payload["extents"] = [[e.offset, e.length] for e in extents]
+        payload["sums"] = sums
+    return payload
+
+
+class Index:
+    """The namespace at ``applied_seq``; the highest epoch seen is ``epoch``."""
+
+    def __init__(self) -> None:
+        root = Node(Entry("/", "dir", 0, 0, 0, 0.0, None))
+        self.nodes: dict[str, Node] = {"/": root}
+        self.children: dict[str, set[str]] = {"/": set()}
+        self.applied_seq = 0
+        self.epoch = 0
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def get(self, path: str) -> Node:
+        """The node at a normalized path; raises NotFound."""
+        node = self.nodes.get(path)
+        if node is None:
+            raise NotFound(f"no such file or directory: {path}", path=path)
+        return node
+
+    def listdir(self, path: str) -> list[Entry]:
+        """Entries of a directory, sorted by path; raises NotFound / WrongKind."""
+        node = self.get(path)
+        if node.entry.kind != "dir":
+            raise WrongKind(f"not a directory: {path}", path=path)
+        return [self.nodes[c].entry for c in sorted(self.children[path])]
+
+    def walk(self) -> Iterator[Node]:
+        """Every node, parents before children."""
+        for path in sorted(self.nodes, key=lambda p: (p.count("/"), p)):
+            yield self.nodes[path]
+
+    def used_extents(self) -> list[Extent]:
+        """Every extent named by a file."""
+        return [x for node in self.nodes.values() for x in node.extents]
+
+    # ---- mutation ------------------------------------------------------------------------
+
+    def apply(self, record: Record) -> list[Extent]:
+        """Apply one record (validated first, all-or-nothing); returns the extents it frees."""
+        handler = {
+            "put": self._put,
+            "delete": self._delete,
+            "mkdir": self._mkdir,
+            "rename": self._rename,
+            "epoch-start": self._epoch_start,
+        }[record.op]
+        freed = handler(record)
+        self.applied_seq = record.seq
+        self.epoch = max(self.epoch, record.epoch)
+        return freed
+
+    def _missing_parents(self, path: str) -> list[str]:
+        """Ancestors of ``path`` that do not exist, outermost first; WrongKind if one is a
+        file."""
+        missing: list[str] = []
+        parent = parent_of(path)
+        while True:
+            node = self.nodes.get(parent)
+            if node is not None:
+                if node.entry.kind != "dir":
+                    raise WrongKind(f"not a directory: {parent}", path=parent)
+                break
+            missing.append(parent)
+            parent = parent_of(parent)
+        return missing[::-1]
+
+    def _link(self, node: Node) -> None:
+        path = node.entry.path
+        if path not in self.nodes:
+            self.children[parent_of(path)].add(path)
+        self.nodes[path] = node
+        if node.entry.kind == "dir":
+            self.children.setdefault(path, set())
+
+    def _unlink(self, path: str) -> Node:
+        node = self.nodes.pop(path)
+        self.children[parent_of(path)].discard(path)
+        if node.entry.kind == "dir":
+            del self.children[path]
+        return node
+
+    def _dir(self, path: str, record: Record, mtime: float) -> Node:
+        return Node(Entry(path, "dir", 0, record.seq, record.epoch, mtime, None))
+
+    def _put(self, record: Record) -> list[Extent]:
+        p = record.payload
+        path = normalize_path(p["path"])
+        if path == "/":
+            raise WrongKind("cannot write to /", path=path)
+        old = self.nodes.get(path)
+        if old is not None and old.entry.kind == "dir":
+            raise WrongKind(f"is a directory: {path}", path=path)
+        missing = self._missing_parents(path)
+        mtime = float(p["mtime"])
+        entry = Entry(path, "file", int(p["size"]), record.seq, record.epoch, mtime, p["crc"])
+        if "data" in p:
+            node = Node(entry, inline=p["data"])
+        else:
+            node = Node(
+                entry,
+                tuple(Extent(o, n) for o, n in p["extents"]),
+                tuple(p["sums"]),
+                int(p["chunk"]),
+            )
+        for d in missing:
+            self._link(self._dir(d, record, mtime))
+        self._link(node)
+        return list(old.extents) if old is not None else []
+
+    def _delete(self, record: Record) -> list[Extent]:
+        path = normalize_path(record.payload["path"])
+        if path == "/":
+            raise WrongKind("cannot delete /", path=path)
+        node = self.get(path)
+        if node.entry.kind == "dir" and self.children[path]:
+            raise NotEmpty(f"directory not empty: {path}", path=path)
+        self._unlink(path)
+        return list(node.extents)
+
+    def _mkdir(self, record: Record) -> list[Extent]:
+        p = record.payload
+        path = normalize_path(p["path"])
+        mtime = float(p["mtime"])
+        existing = self.nodes.get(path)
+        if existing is not None:
+            if existing.entry.kind == "dir" and p.get("parents"):
+                return []
+            if existing.entry.kind == "dir":
+                raise AlreadyExists(f"directory exists: {path}", path=path)
+            raise WrongKind(f"exists and is a file: {path}", path=path)
+        missing = self._missing_parents(path)
+        if missing and not p.get("parents"):
+            raise NotFound(f"parent directory missing: {missing[-1]}", path=missing[-1])
+        for d in [*missing, path]:
+            self._link(self._dir(d, record, mtime))
+        return []
+
+    def _rename(self, record: Record) -> list[Extent]:
+        p = record.payload
+        src = normalize_path(p["src"])
+        dst = normalize_path(p["dst"])
+        node = self.get(src)
+        if src == "/" or dst == "/":
+            raise WrongKind("cannot rename /", path="/")
+        if dst == src:
+            return []
+        if dst.startswith(src + "/"):
+            raise BadPath(f"cannot move {src} inside itself", path=dst)
+        dst_parent = self.nodes.get(parent_of(dst))
+        if dst_parent is None:
+            raise NotFound(f"parent directory missing: {parent_of(dst)}", path=parent_of(dst))
+        if dst_parent.entry.kind != "dir":
+            raise WrongKind(f"not a directory: {parent_of(dst)}", path=parent_of(dst))
+        old = self.nodes.get(dst)
+        if old is not None and (old.entry.kind == "dir" or node.entry.kind == "dir"):
+            raise AlreadyExists(f"destination exists: {dst}", path=dst)
+        freed = list(old.extents) if old is not None else []
+        if old is not None:
+            self._unlink(dst)
+        moved = [src]
+        if node.entry.kind == "dir":
+            moved += sorted(
+                (q for q in self.nodes if q.startswith(src + "/")), key=lambda q: q.count("/")
+            )
+        nodes = [self._unlink(q) for q in reversed(moved)][::-1]
+        for n in nodes:
+            new_path = dst + n.entry.path[len(src) :]
+            entry = replace(n.entry, path=new_path)
+            if n.entry.path == src:
+                entry = replace(entry, version=record.seq, epoch=record.epoch)
+            self._link(replace(n, entry=entry))
+        return freed
+
+    def _epoch_start(self, record: Record) -> list[Extent]:
+        if record.epoch < self.epoch:
+            raise StaleEpoch(
+                f"epoch {record.epoch} is below {self.epoch}", current=self.epoch, got=record.epoch
+            )
+        return []
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole namespace as JSON-able data (for checkpoints)."""
+        return {
+            "applied_seq": self.applied_seq,
+            "epoch": self.epoch,
+            "nodes": [n.to_json() for n in self.walk()],
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Index:
+        """Inverse of :meth:`to_json`."""
+        index = Index()
+        for raw in d["nodes"]:
+            node = Node.from_json(raw)
+            if node.entry.path == "/":
+                index.nodes["/"] = node
+                continue
+            index._link(node)
+        index.applied_seq = d["applied_seq"]
+        index.epoch = d["epoch"]
+        return index
+
+    def snapshot(self) -> dict[str, Node]:
+        """Copy of the path -> node map (for equality checks)."""
+        return dict(self.nodes)

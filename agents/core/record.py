@@ -1,0 +1,127 @@
+"""Journal record codec: ``{seq, epoch, op, payload, crc}`` as 4 KiB-aligned bytes.
+
+Invariants:
+- ``Record.decode(r.encode()) == r`` for every record whose payload is JSON-able (plus one
+  optional ``data`` bytes value, the inline content of a small file).
+- A record decodes only if it is complete and its CRC-32 matches: any truncation below its
+  length, any flipped bit inside it raises ``TornRecord`` or ``ChecksumMismatch``.
+- The encoded length is a multiple of 4096 (records are written with O_DIRECT) and does not
+  depend on ``seq``, ``epoch`` or ``commit_seq`` (the writer sizes a batch before numbering it).
+
+Layout (little endian), then zero padding to the next 4 KiB boundary::
+
+    0  4s  magic b"RBFR"          24 u64 commit_seq (highest seq durable when written)
+    4  u16 format version (1)      32 u8  op code      33 3x pad
+    6  u16 flags (1: has blob)     36 u32 json_len     40 u32 blob_len
+    8  u32 length (header..crc)    44 json payload, blob, u32 crc32 of bytes [0, length-4)
+    12 u64 seq   20... (see HEADER)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.device import ALIGN
+from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
+
+MAGIC = b"RBFR"
+VERSION = 1
+HEADER = struct.Struct("<4sHHIQQQB3xII")
+CRC = struct.Struct("<I")
+FLAG_BLOB = 1
+
+OPS: dict[str, int] = {"put": 1, "delete": 2, "mkdir": 3, "rename": 4, "epoch-start": 5}
+OP_NAMES: dict[int, str] = {code: name for name, code in OPS.items()}
+BLOB_KEY = "data"
+
+
+def padded(length: int) -> int:
+    """``length`` rounded up to the 4 KiB alignment."""
+    return -(-length // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Record:
+    """One metadata change, exactly as stored in the journal and pushed to readers."""
+
+    seq: int
+    epoch: int
+    op: str
+    payload: dict[str, Any]
+    commit_seq: int = field(default=0, compare=False)
+
+    def encode(self) -> bytes:
+        """The record's journal bytes (padded to 4 KiB)."""
+        if self.op not in OPS:
+            raise ValueError(f"unknown journal op {self.op!r}")
+        body = dict(self.payload)
+        blob = body.pop(BLOB_KEY, None)
+        if blob is not None and not isinstance(blob, bytes):
+            raise TypeError("payload 'data' must be bytes")
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        js = text.encode("utf-8")
+        blob_bytes = blob or b""
+        length = HEADER.size + len(js) + len(blob_bytes) + CRC.size
+        head = HEADER.pack(
+            MAGIC,
+            VERSION,
+            FLAG_BLOB if blob is not None else 0,
+            length,
+            self.seq,
+            self.epoch,
+            self.commit_seq,
+            OPS[self.op],
+            len(js),
+            len(blob_bytes),
+        )
+        raw = b"".join((head, js, blob_bytes))
+        raw += CRC.pack(zlib.crc32(raw))
+        return raw + bytes(padded(length) - length)
+
+    @staticmethod
+    def peek_length(data: bytes) -> int | None:
+        """The padded length announced by a record header, or None if ``data`` is no header."""
+        if len(data) < HEADER.size or data[:4] != MAGIC:
+            return None
+        length = HEADER.unpack_from(data)[3]
+        if length < HEADER.size + CRC.size:
+            return None
+        return padded(length)
+
+    @staticmethod
+    def decode(data: bytes) -> Record:
+        """Parse one record; raises TornRecord, ChecksumMismatch or UnsupportedFormat."""
+        if len(data) < HEADER.size:
+            raise TornRecord("journal record shorter than its header", got=len(data))
+        magic, version, flags, length, seq, epoch, commit, op, js_len, blob_len = (
+            HEADER.unpack_from(data)
+        )
+        if magic != MAGIC:
+            raise TornRecord("no journal record here (bad magic)")
+        if length != HEADER.size + js_len + blob_len + CRC.size:
+            raise TornRecord("journal record lengths disagree", length=length)
+        if len(data) < length:
+            raise TornRecord("journal record cut short", length=length, got=len(data))
+        (crc,) = CRC.unpack_from(data, length - CRC.size)
+        if zlib.crc32(memoryview(data)[: length - CRC.size]) != crc:
+            raise ChecksumMismatch("journal record checksum mismatch", seq=seq)
+        if version != VERSION:
+            raise UnsupportedFormat(
+                f"journal record format {version} (this agent reads {VERSION})", got=version
+            )
+        if op not in OP_NAMES or flags & ~FLAG_BLOB:
+            raise UnsupportedFormat("unknown journal op or flags", op=op, flags=flags)
+        start = HEADER.size
+        try:
+            payload = json.loads(bytes(data[start : start + js_len]).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise TornRecord("journal record payload is not JSON") from exc
+        if not isinstance(payload, dict):
+            raise TornRecord("journal record payload is not an object")
+        if flags & FLAG_BLOB:
+            payload[BLOB_KEY] = bytes(data[start + js_len : start + js_len + blob_len])
+        return Record(seq, epoch, OP_NAMES[op], payload, commit_seq=commit)

@@ -1,0 +1,175 @@
+"""Superblock codec: the image's geometry, stored twice (blocks 0 and 1).
+
+Invariants:
+- Copy ``g % 2`` holds generation ``g``; a writer only ever rewrites the copy of the older
+  generation, so a torn write leaves the other copy valid and :func:`choose` picks it.
+- A copy is valid only with the magic, a known format version and a matching CRC-32.
+- Everything a new writer or fsck needs (region offsets, chunk size, fleet) is in here.
+
+Layout (little endian, one 4 KiB block, zero padded)::
+
+    0  8s  magic b"RBDFLEET"     10 u64 generation   18 u32 block size (4096)
+    8  u16 format version (1)    22 u64 device size  30 u64 journal offset  38 u64 journal bytes
+    46 u64 checkpoint A offset   54 u64 checkpoint B offset   62 u64 checkpoint bytes
+    70 u64 data offset   78 u64 data bytes   86 u32 chunk size   90 u32 inline max
+    94 16s volume uuid   110 u16 fleet name length, fleet name (UTF-8), then u32 crc32
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+
+from agents.device import ALIGN
+from agents.errors import BadMagic, ChecksumMismatch, FormatError, UnsupportedFormat
+
+MAGIC = b"RBDFLEET"
+VERSION = 1
+FIXED = struct.Struct("<8sHQIQQQQQQQQII16sH")
+CRC = struct.Struct("<I")
+SLOTS = (0, ALIGN)
+MAX_FLEET = 255
+
+
+@dataclass(frozen=True)
+class Superblock:
+    """The image's geometry; offsets and sizes are bytes, multiples of 4 KiB."""
+
+    generation: int
+    device_size: int
+    journal_offset: int
+    journal_bytes: int
+    checkpoint_offsets: tuple[int, int]
+    checkpoint_bytes: int
+    data_offset: int
+    data_bytes: int
+    chunk_size: int
+    inline_max: int
+    volume_id: str
+    fleet: str
+
+    @property
+    def slot(self) -> int:
+        """Byte offset of the copy this generation is written to."""
+        return SLOTS[self.generation % 2]
+
+    def encode(self) -> bytes:
+        """One 4 KiB block."""
+        name = self.fleet.encode("utf-8")
+        if len(name) > MAX_FLEET:
+            raise ValueError("fleet name longer than 255 bytes")
+        raw = FIXED.pack(
+            MAGIC,
+            VERSION,
+            self.generation,
+            ALIGN,
+            self.device_size,
+            self.journal_offset,
+            self.journal_bytes,
+            self.checkpoint_offsets[0],
+            self.checkpoint_offsets[1],
+            self.checkpoint_bytes,
+            self.data_offset,
+            self.data_bytes,
+            self.chunk_size,
+            self.inline_max,
+            uuid.UUID(self.volume_id).bytes,
+            len(name),
+        )
+        raw += name
+        raw += CRC.pack(zlib.crc32(raw))
+        return raw + bytes(ALIGN - len(raw))
+
+    @staticmethod
+    def decode(block: bytes) -> Superblock:
+        """Parse one copy; raises BadMagic, UnsupportedFormat or ChecksumMismatch."""
+        if len(block) < FIXED.size or block[:8] != MAGIC:
+            raise BadMagic("no rbdfleet superblock here (bad magic)")
+        fields = FIXED.unpack_from(block)
+        name_len = fields[-1]
+        end = FIXED.size + name_len
+        if name_len > MAX_FLEET or end + CRC.size > len(block):
+            raise ChecksumMismatch("superblock fleet name length is corrupt")
+        (crc,) = CRC.unpack_from(block, end)
+        if zlib.crc32(block[:end]) != crc:
+            raise ChecksumMismatch("superblock checksum mismatch")
+        if fields[1] != VERSION:
+            raise UnsupportedFormat(
+                f"image format {fields[1]} (this agent reads {VERSION})", got=fields[1]
+            )
+        if fields[3] != ALIGN:
+            raise UnsupportedFormat(f"block size {fields[3]} (expected {ALIGN})")
+        return Superblock(
+            generation=fields[2],
+            device_size=fields[4],
+            journal_offset=fields[5],
+            journal_bytes=fields[6],
+            checkpoint_offsets=(fields[7], fields[8]),
+            checkpoint_bytes=fields[9],
+            data_offset=fields[10],
+            data_bytes=fields[11],
+            chunk_size=fields[12],
+            inline_max=fields[13],
+            volume_id=str(uuid.UUID(bytes=fields[14])),
+            fleet=block[FIXED.size : end].decode("utf-8"),
+        )
+
+
+def choose(copies: list[bytes]) -> Superblock:
+    """The valid copy with the highest generation; raises the first copy's error if none is."""
+    valid: list[Superblock] = []
+    errors: list[FormatError] = []
+    for block in copies:
+        try:
+            valid.append(Superblock.decode(block))
+        except (FormatError, UnicodeDecodeError, ValueError) as exc:
+            errors.append(exc if isinstance(exc, FormatError) else ChecksumMismatch(str(exc)))
+    if valid:
+        return max(valid, key=lambda sb: sb.generation)
+    raise errors[0]
+
+
+def layout(
+    device_size: int,
+    *,
+    fleet: str,
+    volume_id: str,
+    journal_bytes: int | None = None,
+    chunk_size: int = 1 << 20,
+    inline_max: int = 3072,
+) -> Superblock:
+    """Plan the regions of a fresh image of ``device_size`` bytes.
+
+    Superblocks, journal (default 1/64 of the image, 1-256 MiB), two checkpoint slots
+    (default 1/32 of the image each, 1-256 MiB) and the data area, in that order.
+    """
+    size = device_size // ALIGN * ALIGN
+    mib = 1 << 20
+    if journal_bytes is None:
+        journal_bytes = min(max(size // 64, mib), 256 * mib)
+    journal_bytes = max(journal_bytes // ALIGN * ALIGN, 16 * ALIGN)
+    checkpoint_bytes = min(max(size // 32, mib), 256 * mib) // ALIGN * ALIGN
+    journal_offset = 2 * ALIGN
+    ckpt_a = journal_offset + journal_bytes
+    ckpt_b = ckpt_a + checkpoint_bytes
+    data_offset = ckpt_b + checkpoint_bytes
+    if data_offset + chunk_size > size:
+        raise ValueError(f"device of {device_size} bytes is too small for an rbdfleet volume")
+    if chunk_size % ALIGN or chunk_size <= 0:
+        raise ValueError("chunk size must be a positive multiple of 4096")
+    return Superblock(
+        generation=1,
+        device_size=size,
+        journal_offset=journal_offset,
+        journal_bytes=journal_bytes,
+        checkpoint_offsets=(ckpt_a, ckpt_b),
+        checkpoint_bytes=checkpoint_bytes,
+        data_offset=data_offset,
+        data_bytes=size - data_offset,
+        chunk_size=chunk_size,
+        inline_max=inline_max,
+        volume_id=volume_id,
+        fleet=fleet,
+    )

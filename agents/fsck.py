@@ -1,0 +1,218 @@
+"""Read-only consistency check of an rbdfleet image: ``rbdfleet-agent fsck IMAGE``.
+
+Checks both superblocks, the checkpoints, every journal record of the chain (and that its end
+is a torn tail, not a corrupt record), every file's layout and data checksums, overlapping
+extents, and that free + used + quarantined space covers the data area exactly.
+Exit status: 0 clean, 1 problems found (each printed with its location), 2 not checkable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agents.core import superblock
+from agents.core.allocator import Allocator, Extent
+from agents.core.checkpoint import decode_header
+from agents.core.index import Node
+from agents.device import ALIGN, BlockDevice
+from agents.errors import AgentError, FormatError, RbdfleetError
+from agents.volume import Volume, _JournalView
+
+__all__ = ["Problem", "check", "main"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One inconsistency: where it is, what kind, and the details."""
+
+    location: str
+    kind: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.kind}: {self.detail}"
+
+
+def check(device: BlockDevice) -> list[Problem]:
+    """Every problem found on ``device`` (read-only; nothing is repaired)."""
+    problems: list[Problem] = []
+    raw = device.read_at(0, 2 * ALIGN)
+    names = ("A", "B")
+    for name, slot in zip(names, superblock.SLOTS, strict=True):
+        try:
+            superblock.Superblock.decode(raw[slot : slot + ALIGN])
+        except FormatError as exc:
+            problems.append(Problem(f"superblock {name} (offset {slot})", "superblock", str(exc)))
+    try:
+        sb = superblock.choose([raw[s : s + ALIGN] for s in superblock.SLOTS])
+    except FormatError:
+        return problems
+    vol = Volume(device, sb)
+    try:
+        vol._load_checkpoint()
+    except FormatError as exc:
+        for i, off in enumerate(sb.checkpoint_offsets):
+            try:
+                decode_header(device.read_at(off, ALIGN))
+            except FormatError as err:
+                problems.append(
+                    Problem(f"checkpoint {names[i]} (offset {off})", "checkpoint", str(err))
+                )
+        problems.append(Problem("checkpoints", "checkpoint", f"no usable checkpoint: {exc}"))
+        return problems
+    view = _JournalView(device, sb.journal_offset, sb.journal_bytes)
+    try:
+        vol._follow(view)
+    except AgentError as exc:
+        problems.append(
+            Problem(
+                f"journal record seq {vol._cursor.next_seq} "
+                f"(offset {sb.journal_offset + vol._cursor.pos})",
+                "journal",
+                f"record does not apply: {exc}",
+            )
+        )
+    try:
+        vol._check_break(view)
+    except FormatError as exc:
+        problems.append(
+            Problem(
+                f"journal record seq {vol._cursor.next_seq} "
+                f"(offset {sb.journal_offset + vol._cursor.pos})",
+                "journal",
+                str(exc),
+            )
+        )
+    problems += _check_files(vol, device)
+    return problems
+
+
+def _check_files(vol: Volume, device: BlockDevice) -> list[Problem]:
+    problems: list[Problem] = []
+    sb = vol.superblock
+    area = (sb.data_offset, sb.data_offset + sb.data_bytes)
+    owners: list[tuple[Extent, str]] = []
+    for node in vol._index.walk():
+        entry = node.entry
+        if entry.kind != "file":
+            continue
+        where = f"file {entry.path}"
+        if node.inline is not None:
+            if len(node.inline) != entry.size:
+                problems.append(Problem(where, "layout", "inline size differs from the entry"))
+            continue
+        chunk = node.chunk
+        want = -(-entry.size // chunk) if chunk else -1
+        if chunk <= 0 or chunk % ALIGN or len(node.sums) != want:
+            problems.append(
+                Problem(where, "layout", f"{len(node.sums)} checksums for {want} chunks")
+            )
+            continue
+        bad_extent = False
+        for x in node.extents:
+            owners.append((x, entry.path))
+            if x.offset % ALIGN or x.length % ALIGN or x.offset < area[0] or x.end > area[1]:
+                problems.append(
+                    Problem(
+                        f"{where} extent {x.offset}+{x.length}",
+                        "layout",
+                        "outside the data area or unaligned",
+                    )
+                )
+                bad_extent = True
+        if bad_extent or sum(x.length for x in node.extents) < entry.size:
+            if not bad_extent:
+                problems.append(Problem(where, "layout", "extents shorter than the file"))
+            continue
+        problems += _check_data(device, node)
+    quarantined = vol._allocator.quarantined()
+    owners += [(x, f"quarantine (seq {seq})") for seq, x in quarantined]
+    owners.sort(key=lambda p: p[0].offset)
+    for (a, who_a), (b, who_b) in itertools.pairwise(owners):
+        if b.offset < a.end:
+            problems.append(
+                Problem(f"device offset {b.offset}", "overlap", f"{who_a} and {who_b} share bytes")
+            )
+    try:
+        alloc = Allocator.rebuild(area[0], area[1], vol._index.used_extents(), quarantined)
+        used = sum(x.length for x, _ in owners)
+        if alloc.free_bytes() + used != sb.data_bytes:
+            problems.append(Problem("data area", "allocator", "free + used + quarantined != area"))
+    except FormatError as exc:
+        if not any(p.kind == "overlap" for p in problems):
+            problems.append(Problem("data area", "allocator", str(exc)))
+    return problems
+
+
+def _check_data(device: BlockDevice, node: Node) -> list[Problem]:
+    import zlib
+
+    problems: list[Problem] = []
+    entry = node.entry
+    for i, want in enumerate(node.sums):
+        lo = i * node.chunk
+        n = min(node.chunk, entry.size - lo)
+        pieces = node.locate(lo, n + (-n % ALIGN))
+        try:
+            data = b"".join(device.read_at(off, ln) for off, ln in pieces)[:n]
+        except RbdfleetError as exc:
+            problems.append(Problem(f"file {entry.path} chunk {i}", "io", str(exc)))
+            continue
+        if zlib.crc32(data) != want:
+            problems.append(
+                Problem(
+                    f"file {entry.path} chunk {i} (device offset {pieces[0][0]})",
+                    "checksum",
+                    "data does not match its checksum",
+                )
+            )
+    return problems
+
+
+def open_image(image: str, *, conf: str | None, user: str, keyring: str | None) -> BlockDevice:
+    """A read-only device for IMAGE: a path, or ``rbd:POOL/IMAGE``."""
+    if image.startswith("rbd:"):
+        pool, _, name = image[4:].partition("/")
+        if not pool or not name or not conf:
+            raise SystemExit("fsck: rbd images are named rbd:POOL/IMAGE and need --conf")
+        from agents.backends.librbd import RbdDevice
+
+        return RbdDevice(conf, pool, name, user, keyring=keyring, read_only=True)
+    from agents.backends.file import FileDevice
+
+    return FileDevice(image, read_only=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rbdfleet-agent fsck IMAGE [--conf C --user U --keyring K]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="rbdfleet-agent fsck", description=__doc__)
+    parser.add_argument("image", help="file, block device, or rbd:POOL/IMAGE")
+    parser.add_argument("--conf", help="ceph.conf (rbd: images)")
+    parser.add_argument("--user", default="admin", help="cephx id (rbd: images)")
+    parser.add_argument("--keyring", help="keyring file of --user (rbd: images)")
+    args = parser.parse_args(argv)
+    try:
+        device = open_image(args.image, conf=args.conf, user=args.user, keyring=args.keyring)
+    except RbdfleetError as exc:
+        print(f"fsck: cannot open {args.image}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        problems = check(device)
+    except RbdfleetError as exc:
+        print(f"fsck: cannot check {args.image}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        device.close()
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(f"fsck: {args.image}: clean")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,812 @@
+"""The storage engine's shell: the on-disk format (docs/format.md) over a BlockDevice.
+
+One ``Volume`` per agent. The writer (device writable, after :meth:`Volume.start_epoch`)
+stores data copy-on-write, group-commits journal records and checkpoints; readers apply
+pushed records (:meth:`Volume.apply`) or follow the journal on disk (:meth:`Volume.refresh`).
+Both serve verified reads of a consistent version.
+
+Concurrency: any number of threads may call put/read/stat at once. Journal writes are done by
+one *leader* at a time; puts that arrive meanwhile queue and the next leader writes all of
+them in one journal write (group commit). A device error during a journal write fails the
+volume for good (``DeviceError`` on every later write): after a fence that is the point.
+What this layer does not guarantee: durability of a record whose put() raised.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import errno
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.core import checkpoint as ckpt
+from agents.core import journal
+from agents.core.allocator import Allocator, Extent
+from agents.core.index import Entry, Index, Node, locate, normalize_path, put_payload
+from agents.core.record import Record
+from agents.core.superblock import SLOTS, Superblock, choose, layout
+from agents.device import ALIGN, BlockDevice
+from agents.errors import (
+    AgentError,
+    BadRequest,
+    CatchingUp,
+    ChecksumMismatch,
+    DeviceError,
+    FormatError,
+    JournalWrapped,
+    NotWriter,
+    SequenceGap,
+    StaleEpoch,
+    TornRecord,
+    WrongKind,
+)
+
+__all__ = ["Entry", "Record", "Volume", "normalize_path"]
+
+WRITE_UNIT = 4 << 20  # bytes per data write submitted to the device
+IN_FLIGHT = 4  # data writes / chunk reads in flight per stream
+JOURNAL_WINDOW = 256 << 10  # bytes read at once when following the journal
+CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in use
+
+
+@dataclass
+class _Ticket:
+    """One record waiting for a group commit."""
+
+    op: str
+    payload: dict[str, Any]
+    epoch: int
+    nbytes: int
+    record: Record | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class _Pins:
+    """Open read streams: seq applied when each started (a multiset)."""
+
+    counts: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+class _JournalView:
+    """Reads of the journal ring through a window cache (one per scan: never stale across
+    scans)."""
+
+    def __init__(self, device: BlockDevice, base: int, ring: int) -> None:
+        self._device = device
+        self._base = base
+        self._ring = ring
+        self._start = 0
+        self._buf = b""
+
+    def read(self, start: int, length: int) -> bytes:
+        if start + length > self._ring:
+            raise ValueError("journal read past the ring")
+        if not (self._start <= start and start + length <= self._start + len(self._buf)):
+            want = min(self._ring - start, max(length, JOURNAL_WINDOW))
+            self._buf = self._device.read_at(self._base + start, want)
+            self._start = start
+        return self._buf[start - self._start : start - self._start + length]
+
+    def record_at(self, start: int) -> Record | None:
+        """The valid record starting at ``start``, or None (torn, corrupt or no record)."""
+        if start >= self._ring:
+            return None
+        nbytes = Record.peek_length(self.read(start, ALIGN))
+        if nbytes is None or start + nbytes > self._ring:
+            return None
+        try:
+            return Record.decode(self.read(start, nbytes))
+        except (TornRecord, ChecksumMismatch):
+            return None
+
+
+class Volume:
+    """An rbdfleet volume on one BlockDevice (see the module docstring)."""
+
+    def __init__(self, device: BlockDevice, sb: Superblock) -> None:
+        self._device = device
+        self._sb = sb
+        self._ring = sb.journal_bytes
+        self._lock = threading.RLock()  # index, allocator, cursor, pins
+        self._cond = threading.Condition(threading.Lock())  # group-commit queue, leadership
+        self._queue: builtins.list[_Ticket] = []
+        self._leading = False
+        self._failed: DeviceError | None = None
+        self._writer_epoch: int | None = None
+        self._index = Index()
+        self._allocator = Allocator(sb.data_offset, sb.data_offset + sb.data_bytes)
+        self._cursor = journal.Cursor(0, 1, 0)
+        self._used = 0  # ring bytes consumed since the newest checkpoint
+        self._checkpoint_slot = 0
+        self._positions: collections.deque[tuple[int, int, int]] = collections.deque()
+        self._pins = _Pins()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    @staticmethod
+    def format(device: BlockDevice, *, fleet: str, journal_bytes: int | None = None) -> None:
+        """Write an empty volume: journal zeroed, checkpoint at seq 0, both superblocks."""
+        if device.read_only:
+            raise DeviceError("cannot format a read-only device", op="format", errno=errno.EROFS)
+        sb = layout(
+            device.size(), fleet=fleet, volume_id=str(uuid.uuid4()), journal_bytes=journal_bytes
+        )
+        zero = bytes(min(sb.journal_bytes, 1 << 20))
+        for off in range(0, sb.journal_bytes, len(zero)):
+            n = min(len(zero), sb.journal_bytes - off)
+            device.write_at(sb.journal_offset + off, zero[:n])
+        device.write_at(sb.checkpoint_offsets[1], bytes(ALIGN))
+        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(Index(), [], 0, sb.checkpoint_bytes))
+        device.flush()
+        # superblocks last: an image is a volume only once everything else is in place
+        older = Superblock(**{**sb.__dict__, "generation": 1})
+        newer = Superblock(**{**sb.__dict__, "generation": 2})
+        device.write_at(older.slot, older.encode())
+        device.write_at(newer.slot, newer.encode())
+        device.flush()
+
+    @classmethod
+    def open(cls, device: BlockDevice) -> Volume:
+        """Superblock -> newest valid checkpoint -> replay the journal. Never writes.
+
+        Raises ChecksumMismatch when the journal chain is broken by a corrupt record that
+        later durable records prove was committed."""
+        raw = device.read_at(0, 2 * ALIGN)
+        sb = choose([raw[s : s + ALIGN] for s in SLOTS])
+        if sb.device_size > device.size():
+            raise FormatError(
+                "the device is smaller than the volume it holds",
+                volume=sb.device_size,
+                device=device.size(),
+            )
+        vol = cls(device, sb)
+        with vol._lock:
+            vol._load_checkpoint()
+            view = _JournalView(device, sb.journal_offset, sb.journal_bytes)
+            vol._follow(view)
+            vol._check_break(view)
+        return vol
+
+    def close(self) -> None:
+        """Stop the I/O threads (the device stays open: its owner closes it)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # ---- properties ----------------------------------------------------------------------
+
+    @property
+    def fleet(self) -> str:
+        """Fleet name recorded at format time."""
+        return self._sb.fleet
+
+    @property
+    def superblock(self) -> Superblock:
+        """The image's geometry."""
+        return self._sb
+
+    @property
+    def epoch(self) -> int:
+        """Highest epoch seen in applied records."""
+        return self._index.epoch
+
+    @property
+    def applied_seq(self) -> int:
+        """Seq of the last applied record."""
+        return self._index.applied_seq
+
+    @property
+    def writer_epoch(self) -> int | None:
+        """The epoch this volume writes in, once :meth:`start_epoch` succeeded."""
+        return self._writer_epoch
+
+    # ---- journal following (caller holds self._lock) -------------------------------------
+
+    def _load_checkpoint(self) -> None:
+        """Replace the state by the newest valid checkpoint."""
+        headers: builtins.list[ckpt.CheckpointHeader | None] = []
+        for off in self._sb.checkpoint_offsets:
+            try:
+                headers.append(ckpt.decode_header(self._device.read_at(off, ALIGN)))
+            except FormatError:
+                headers.append(None)
+        errors: builtins.list[FormatError] = []
+        for slot in ckpt.choose(headers):
+            header = headers[slot]
+            assert header is not None
+            off = self._sb.checkpoint_offsets[slot]
+            if header.total > self._sb.checkpoint_bytes:
+                errors.append(ChecksumMismatch("checkpoint larger than its slot", slot=slot))
+                continue
+            body = self._device.read_at(off + ALIGN, header.total - ALIGN)
+            try:
+                loaded = ckpt.decode(header, body)
+            except (FormatError, ValueError, KeyError) as exc:
+                errors.append(
+                    exc if isinstance(exc, FormatError) else ChecksumMismatch(str(exc), slot=slot)
+                )
+                continue
+            self._index = loaded.index
+            self._allocator = Allocator.rebuild(
+                self._sb.data_offset,
+                self._sb.data_offset + self._sb.data_bytes,
+                loaded.index.used_extents(),
+                loaded.quarantine,
+            )
+            self._cursor = journal.Cursor(header.journal_pos, header.seq + 1, header.epoch)
+            self._used = 0
+            self._checkpoint_slot = slot
+            self._positions.clear()
+            return
+        if errors:
+            raise errors[0]
+        raise ChecksumMismatch("no valid checkpoint on the image")
+
+    def _follow(self, view: _JournalView) -> builtins.list[Record]:
+        """Apply the valid chain from the cursor on; returns what was applied."""
+        applied: builtins.list[Record] = []
+        while True:
+            for start in journal.candidates(self._cursor.pos, self._ring):
+                record = view.record_at(start)
+                if record is not None and self._cursor.accepts(record):
+                    break
+            else:
+                return applied
+            self._apply_at(record, start, len(record.encode()))
+            applied.append(record)
+
+    def _apply_at(self, record: Record, start: int, nbytes: int) -> None:
+        """Apply ``record`` stored at ring offset ``start``; account the ring bytes."""
+        freed = self._index.apply(record)
+        self._allocator.quarantine(record.seq, freed)
+        self._note_position(record.seq, self._cursor.pos, start, nbytes)
+        self._cursor.advance(start, nbytes)
+        self._cursor.epoch = self._index.epoch
+
+    def _note_position(self, seq: int, head: int, start: int, nbytes: int) -> None:
+        """Remember where ``seq`` lives; forget records the new bytes overwrote."""
+        self._used += journal.consumed(head, start, nbytes, self._ring)
+        spans = [(start, start + nbytes)]
+        if start == 0 and head != 0:
+            spans.append((head, self._ring))
+        while self._positions:
+            _, old_start, _ = self._positions[0]
+            if any(lo <= old_start < hi for lo, hi in spans):
+                self._positions.popleft()
+            else:
+                break
+        self._positions.append((seq, start, nbytes))
+
+    def _check_break(self, view: _JournalView) -> None:
+        """Scan the ring for valid records proving the chain's end is corruption."""
+        missing = self._cursor.next_seq
+        for start in range(0, self._ring, ALIGN):
+            if Record.peek_length(view.read(start, ALIGN)) is None:
+                continue
+            record = view.record_at(start)
+            if record is not None and journal.proves_corruption(
+                record, missing, self._cursor.epoch
+            ):
+                raise ChecksumMismatch(
+                    f"journal record seq {missing} is corrupt or missing although record "
+                    f"seq {record.seq} (at journal offset {start}) shows it was committed",
+                    seq=missing,
+                    journal_offset=self._cursor.pos,
+                )
+
+    def _newest_checkpoint_seq(self) -> int:
+        best = -1
+        for off in self._sb.checkpoint_offsets:
+            try:
+                best = max(best, ckpt.decode_header(self._device.read_at(off, ALIGN)).seq)
+            except FormatError:
+                continue
+        return best
+
+    def _refresh_locked(self) -> builtins.list[Record]:
+        applied: builtins.list[Record] = []
+        for _ in range(8):
+            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+            applied += self._follow(view)
+            if self._newest_checkpoint_seq() <= self._index.applied_seq:
+                return applied
+            # the writer checkpointed past us and may have overwritten our next record
+            self._load_checkpoint()
+            applied.clear()
+        raise CatchingUp(
+            "the journal moves faster than this reader can follow it",
+            applied=self._index.applied_seq,
+        )
+
+    # ---- reader side ---------------------------------------------------------------------
+
+    def refresh(self) -> builtins.list[Record]:
+        """Read and apply new valid records from the on-disk journal. If the writer wrapped
+        past this reader, reload the newest checkpoint (then only the records after it are
+        returned)."""
+        with self._lock:
+            return self._refresh_locked()
+
+    def apply(self, record: Record) -> None:
+        """Apply a pushed record. Records of an epoch below the highest seen and records
+        already applied are ignored; a record beyond ``applied_seq + 1`` raises SequenceGap."""
+        with self._lock:
+            if record.epoch < self._index.epoch or record.seq <= self._index.applied_seq:
+                return
+            if record.seq != self._index.applied_seq + 1:
+                raise SequenceGap(
+                    f"record {record.seq} does not follow {self._index.applied_seq}",
+                    applied=self._index.applied_seq,
+                    got=record.seq,
+                )
+            nbytes = len(record.encode())
+            self._apply_at(record, journal.place(self._cursor.pos, nbytes, self._ring), nbytes)
+
+    def records_since(self, seq: int) -> builtins.list[Record]:
+        """Records ``seq + 1 .. applied_seq`` read back from disk; JournalWrapped if the
+        journal no longer holds them (the reader must then refresh from the checkpoint)."""
+        with self._lock:
+            if seq >= self._index.applied_seq:
+                return []
+            wanted = {s: (start, n) for s, start, n in self._positions if s > seq}
+            if seq + 1 not in wanted:
+                oldest = self._positions[0][0] if self._positions else self._index.applied_seq
+                raise JournalWrapped(
+                    f"records after {seq} are no longer in the journal",
+                    wanted=seq + 1,
+                    oldest=oldest,
+                )
+            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+            out: builtins.list[Record] = []
+            for s in range(seq + 1, self._index.applied_seq + 1):
+                start, _ = wanted[s]
+                record = view.record_at(start)
+                if record is None or record.seq != s:
+                    raise JournalWrapped(
+                        f"record {s} was overwritten in the journal", wanted=s, oldest=s
+                    )
+                out.append(record)
+            return out
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def stat(self, path: str) -> Entry:
+        """The entry at ``path``; NotFound if absent."""
+        path = normalize_path(path)
+        with self._lock:
+            return self._index.get(path).entry
+
+    def list(self, path: str) -> builtins.list[Entry]:
+        """Entries of directory ``path``, sorted."""
+        path = normalize_path(path)
+        with self._lock:
+            return self._index.listdir(path)
+
+    def read(self, path: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream ``[offset, offset+length)`` of the version current now, verified chunk by
+        chunk (ChecksumMismatch, never wrong bytes). The version stays pinned (its extents
+        are not reused, see :meth:`safe_seq`) until the iterator is exhausted or closed."""
+        path = normalize_path(path)
+        with self._lock:
+            node = self._index.get(path)
+            if node.entry.kind != "file":
+                raise WrongKind(f"is a directory: {path}", path=path)
+            if offset < 0 or (length is not None and length < 0):
+                raise BadRequest("negative offset or length")
+            end = node.entry.size if length is None else min(node.entry.size, offset + length)
+            pin = self._index.applied_seq
+            self._pins.counts[pin] += 1
+        return _ReadStream(self, node, offset, max(offset, end), pin)
+
+    def _unpin(self, pin: int) -> None:
+        with self._lock:
+            self._pins.counts[pin] -= 1
+            if self._pins.counts[pin] <= 0:
+                del self._pins.counts[pin]
+
+    def safe_seq(self) -> int:
+        """min(applied_seq, oldest seq pinned by an open read): what a reader reports."""
+        with self._lock:
+            pins = [s for s, n in self._pins.counts.items() if n > 0]
+            return min([self._index.applied_seq, *pins])
+
+    def fsck(self) -> builtins.list[Any]:
+        """Check the device read-only (see agents.fsck.check)."""
+        from agents import fsck  # fsck builds on Volume; imported here to keep one direction
+
+        return fsck.check(self._device)
+
+    # ---- writer side ---------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="volume-io")
+            return self._pool
+
+    def _check_writer(self, epoch: int) -> None:
+        if self._failed is not None:
+            raise DeviceError(
+                f"volume failed earlier: {self._failed.message}", **self._failed.fields
+            )
+        if self._writer_epoch is None:
+            raise NotWriter("this volume is not the writer (no start_epoch yet)")
+        if epoch != self._writer_epoch:
+            raise StaleEpoch(
+                f"epoch {epoch} is not the writer's epoch {self._writer_epoch}",
+                current=self._writer_epoch,
+                got=epoch,
+            )
+
+    def start_epoch(self, epoch: int) -> Record:
+        """Become the writer for ``epoch`` (> every epoch seen): follow the journal to its
+        valid end (dropping a torn tail), then write the epoch-start record there."""
+        if self._device.read_only:
+            raise DeviceError("the device is read-only", op="write", errno=errno.EROFS)
+        with self._leadership():
+            with self._lock:
+                view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+                self._refresh_locked()
+                self._check_break(view)
+                if epoch <= self._index.epoch:
+                    raise StaleEpoch(
+                        f"epoch {epoch} is not above the highest seen ({self._index.epoch})",
+                        current=self._index.epoch,
+                        got=epoch,
+                    )
+                self._writer_epoch = epoch
+                self._failed = None
+            ticket = self._ticket("epoch-start", {"epoch": epoch}, epoch)
+            self._write_batch([ticket])
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.record is not None
+        return ticket.record
+
+    def put(
+        self, path: str, chunks: Iterable[bytes], size: int, *, epoch: int, mtime: float
+    ) -> Record:
+        """Store a file: data to fresh extents (pipelined, flushed), then one record that
+        joins a group commit. Returns once the record is durable."""
+        path = normalize_path(path)
+        self._check_writer(epoch)
+        if size < 0:
+            raise BadRequest("negative size")
+        if size <= self._sb.inline_max:
+            data = b"".join(_bounded(chunks, size))
+            if len(data) != size:
+                raise BadRequest(f"got {len(data)} bytes, announced {size}", size=size)
+            payload = put_payload(
+                path,
+                size=size,
+                mtime=mtime,
+                crc=zlib.crc32(data),
+                chunk=0,
+                extents=[],
+                sums=[],
+                inline=data,
+            )
+            return self._commit(self._ticket("put", payload, epoch))
+        with self._lock:
+            extents = self._allocator.allocate(size)
+        committed = False
+        try:
+            crc, sums = self._write_data(extents, chunks, size)
+            payload = put_payload(
+                path,
+                size=size,
+                mtime=mtime,
+                crc=crc,
+                chunk=self._sb.chunk_size,
+                extents=extents,
+                sums=sums,
+                inline=None,
+            )
+            record = self._commit(self._ticket("put", payload, epoch))
+            committed = True
+            return record
+        finally:
+            if not committed and self._failed is None:
+                with self._lock:
+                    self._allocator.give_back(extents)
+
+    def _write_data(
+        self, extents: builtins.list[Extent], chunks: Iterable[bytes], size: int
+    ) -> tuple[int, builtins.list[int]]:
+        """Stream ``chunks`` onto ``extents``: WRITE_UNIT pieces, IN_FLIGHT at once."""
+        pool = self._executor()
+        chunk = self._sb.chunk_size
+        unit = max(WRITE_UNIT // chunk, 1) * chunk
+        inflight: collections.deque[Future[None]] = collections.deque()
+        sums: builtins.list[int] = []
+        crc = 0
+        logical = 0
+        buf = bytearray()
+
+        def emit(block: bytes) -> None:
+            nonlocal crc, logical
+            for i in range(0, len(block), chunk):
+                sums.append(zlib.crc32(block[i : i + chunk]))
+            crc = zlib.crc32(block, crc)
+            padded = block + bytes(-len(block) % ALIGN)
+            done = 0
+            for dev_off, n in locate(extents, logical, len(padded)):
+                while len(inflight) >= IN_FLIGHT:
+                    inflight.popleft().result()
+                piece = padded[done : done + n] if n != len(padded) else padded
+                inflight.append(pool.submit(self._device.write_at, dev_off, piece))
+                done += n
+            logical += len(block)
+
+        try:
+            for piece in _bounded(chunks, size):
+                buf += piece
+                while len(buf) >= unit:
+                    emit(bytes(buf[:unit]))
+                    del buf[:unit]
+            if logical + len(buf) != size:
+                raise BadRequest(f"got {logical + len(buf)} bytes, announced {size}", size=size)
+            if buf:
+                emit(bytes(buf))
+            while inflight:
+                inflight.popleft().result()
+        finally:
+            for fut in inflight:
+                fut.cancel()
+            for fut in inflight:
+                if not fut.cancelled():
+                    fut.exception()
+        return crc, sums
+
+    def delete(self, path: str, *, epoch: int) -> Record:
+        """Remove a file or an empty directory (its extents go to quarantine)."""
+        path = normalize_path(path)
+        self._check_writer(epoch)
+        return self._commit(self._ticket("delete", {"path": path}, epoch))
+
+    def mkdir(self, path: str, *, epoch: int, parents: bool = False) -> Record:
+        """Create a directory (and its missing parents with ``parents=True``)."""
+        path = normalize_path(path)
+        self._check_writer(epoch)
+        payload = {"path": path, "parents": parents, "mtime": time.time()}
+        return self._commit(self._ticket("mkdir", payload, epoch))
+
+    def rename(self, src: str, dst: str, *, epoch: int) -> Record:
+        """Move a file or directory; a file replaces an existing destination file."""
+        src, dst = normalize_path(src), normalize_path(dst)
+        self._check_writer(epoch)
+        return self._commit(self._ticket("rename", {"src": src, "dst": dst}, epoch))
+
+    def release_through(self, seq: int) -> None:
+        """Extents freed by records with seq <= ``seq`` may be reused from now on."""
+        with self._lock:
+            self._allocator.release_through(min(seq, self._index.applied_seq))
+
+    def checkpoint(self) -> None:
+        """Write the whole index to the older checkpoint slot (frees the journal)."""
+        if self._device.read_only or self._writer_epoch is None:
+            raise NotWriter("only the writer checkpoints")
+        with self._leadership(), self._lock:
+            self._checkpoint_locked()
+
+    # ---- group commit --------------------------------------------------------------------
+
+    def _ticket(self, op: str, payload: dict[str, Any], epoch: int) -> _Ticket:
+        nbytes = len(Record(0, epoch, op, payload).encode())
+        if nbytes > self._ring // 4:
+            raise BadRequest(
+                f"metadata record of {nbytes} bytes exceeds a quarter of the journal",
+                size=nbytes,
+            )
+        return _Ticket(op, payload, epoch, nbytes)
+
+    class _Leadership:
+        def __init__(self, vol: Volume) -> None:
+            self.vol = vol
+
+        def __enter__(self) -> None:
+            with self.vol._cond:
+                while self.vol._leading:
+                    self.vol._cond.wait()
+                self.vol._leading = True
+
+        def __exit__(self, *exc: object) -> None:
+            with self.vol._cond:
+                self.vol._leading = False
+                self.vol._cond.notify_all()
+
+    def _leadership(self) -> Volume._Leadership:
+        return Volume._Leadership(self)
+
+    def _commit(self, ticket: _Ticket) -> Record:
+        budget = self._ring // 4
+        with self._cond:
+            self._queue.append(ticket)
+            while self._leading and not ticket.done:
+                self._cond.wait()
+            if not ticket.done:
+                self._leading = True
+                batch: builtins.list[_Ticket] = []
+                total = 0
+                while self._queue and (not batch or total + self._queue[0].nbytes <= budget):
+                    total += self._queue[0].nbytes
+                    batch.append(self._queue.pop(0))
+        if not ticket.done:
+            try:
+                self._write_batch(batch)
+            except BaseException as exc:
+                for t in batch:
+                    if t.error is None:
+                        t.error = exc
+                        t.record = None
+                raise
+            finally:
+                with self._cond:
+                    for t in batch:
+                        t.done = True
+                    self._leading = False
+                    self._cond.notify_all()
+        if ticket.error is not None:
+            raise ticket.error
+        assert ticket.record is not None
+        return ticket.record
+
+    def _write_batch(self, batch: builtins.list[_Ticket]) -> None:
+        """Leader only: number, apply and write a batch of records; flush data before and
+        the journal after."""
+        writes: builtins.list[tuple[int, bytes]] = []
+        with self._lock:
+            if self._failed is not None:
+                raise DeviceError(f"volume failed earlier: {self._failed.message}")
+            need = sum(t.nbytes for t in batch) + max(t.nbytes for t in batch)
+            if self._used + need > self._ring * CHECKPOINT_AT:
+                self._checkpoint_locked()
+            durable = self._index.applied_seq
+            for t in batch:
+                if t.epoch != self._writer_epoch:
+                    t.error = StaleEpoch(
+                        f"epoch {t.epoch} is not the writer's epoch {self._writer_epoch}",
+                        current=self._writer_epoch,
+                        got=t.epoch,
+                    )
+                    continue
+                record = Record(self._index.applied_seq + 1, t.epoch, t.op, t.payload, durable)
+                data = record.encode()
+                start = journal.place(self._cursor.pos, len(data), self._ring)
+                try:
+                    self._apply_at(record, start, len(data))
+                except AgentError as exc:
+                    t.error = exc
+                    continue
+                t.record = record
+                if writes and writes[-1][0] + len(writes[-1][1]) == start:
+                    writes[-1] = (writes[-1][0], writes[-1][1] + data)
+                else:
+                    writes.append((start, data))
+        if not writes:
+            return
+        try:
+            self._device.flush()  # the batch's file data is durable before its records
+            for start, data in writes:
+                self._device.write_at(self._sb.journal_offset + start, data)
+            self._device.flush()
+        except DeviceError as exc:
+            self._failed = exc
+            raise
+
+    def _checkpoint_locked(self) -> None:
+        slot = 1 - self._checkpoint_slot
+        data = ckpt.encode(
+            self._index, self._allocator.quarantined(), self._cursor.pos, self._sb.checkpoint_bytes
+        )
+        try:
+            self._device.write_at(self._sb.checkpoint_offsets[slot], data)
+            self._device.flush()
+        except DeviceError as exc:
+            self._failed = exc
+            raise
+        self._checkpoint_slot = slot
+        self._used = 0
+
+
+def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """Pass chunks through; BadRequest as soon as they exceed ``size`` bytes."""
+    total = 0
+    for piece in chunks:
+        total += len(piece)
+        if total > size:
+            raise BadRequest(f"more bytes than the announced {size}", size=size)
+        yield piece
+
+
+class _ReadStream(Iterator[bytes]):
+    """Verified chunk reads of one pinned version, IN_FLIGHT chunks read ahead."""
+
+    def __init__(self, vol: Volume, node: Node, start: int, end: int, pin: int) -> None:
+        self._vol = vol
+        self._node = node
+        self._start = start
+        self._end = end
+        self._pin: int | None = pin
+        self._ahead: collections.deque[Future[bytes]] = collections.deque()
+        self._inline_done = False
+        chunk = node.chunk
+        self._next_chunk = start // chunk if chunk else 0
+        self._last_chunk = (end - 1) // chunk if chunk and end > start else -1
+
+    def __iter__(self) -> _ReadStream:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return self._next()
+        except BaseException:
+            self.close()
+            raise
+
+    def _next(self) -> bytes:
+        node = self._node
+        if node.inline is not None:
+            if self._inline_done or self._start >= self._end:
+                self.close()
+                raise StopIteration
+            self._inline_done = True
+            if zlib.crc32(node.inline) != node.entry.crc:
+                raise ChecksumMismatch(
+                    f"inline data of {node.entry.path} does not match its checksum",
+                    path=node.entry.path,
+                )
+            return node.inline[self._start : self._end]
+        pool = self._vol._executor()
+        while self._next_chunk <= self._last_chunk and len(self._ahead) < IN_FLIGHT:
+            self._ahead.append(pool.submit(self._read_chunk, self._next_chunk))
+            self._next_chunk += 1
+        if not self._ahead:
+            self.close()
+            raise StopIteration
+        return self._ahead.popleft().result()
+
+    def _read_chunk(self, i: int) -> bytes:
+        node = self._node
+        chunk = node.chunk
+        lo = i * chunk
+        n = min(chunk, node.entry.size - lo)
+        padded = n + (-n % ALIGN)
+        data = b"".join(self._vol._device.read_at(off, ln) for off, ln in node.locate(lo, padded))[
+            :n
+        ]
+        if zlib.crc32(data) != node.sums[i]:
+            first = node.locate(lo, padded)[0][0]
+            raise ChecksumMismatch(
+                f"data of {node.entry.path} chunk {i} (device offset {first}) does not match "
+                f"its checksum",
+                path=node.entry.path,
+                chunk=i,
+                device_offset=first,
+            )
+        a = max(self._start, lo) - lo
+        b = min(self._end, lo + n) - lo
+        return data[a:b]
+
+    def close(self) -> None:
+        """Stop reading ahead and unpin the version."""
+        while self._ahead:
+            fut = self._ahead.popleft()
+            if not fut.cancel():
+                fut.exception()
+        if self._pin is not None:
+            pin, self._pin = self._pin, None
+            self._vol._unpin(pin)
+
+    def __del__(self) -> None:
+        self.close()
