@@ -1,0 +1,521 @@
+"""The agent: one node of a fleet. Checks grants, runs the role state machine's actions, and
+hands requests to the reader or writer role. The HTTP layer (agents.server) calls it; the
+daemon (agents.daemon) builds it from the config.
+
+Grants on requests (every /v1 request but health carries one):
+
+==================  ==========================  =====================  =======================
+request             grant role                  grant node             grant epoch
+==================  ==========================  =====================  =======================
+put/delete/mkdir/   writer                      this node              == current (newer: the
+rename                                                                 writer steps down, 409)
+get/list/stat       reader or writer            this node              >= current (newer: the
+                                                                       reader catches up first)
+records (push)      writer                      the pushing writer     >= current
+promote/demote/     control                     this node              the epoch asked for
+readers
+==================  ==========================  =====================  =======================
+
+Outgoing requests (pushes, coordinator reports) carry a grant the agent signs for itself with
+the fleet secret (role = its role, current epoch, ``grant_ttl`` seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agents.core import roles
+from agents.core.grants import CONTROL, READER, WRITER, Grant, sign, verify
+from agents.core.protocol import (
+    DemoteRequest,
+    Health,
+    Heartbeat,
+    LaggingReaderReport,
+    Message,
+    PromoteRequest,
+    ReaderSet,
+    RecordAck,
+    RecordPush,
+    SelfTestCheck,
+    SelfTestReport,
+)
+from agents.device import ALIGN, BlockDevice
+from agents.errors import (
+    AgentError,
+    CatchingUp,
+    DeviceError,
+    ForeignGrant,
+    IllegalTransition,
+    NotWriter,
+    StaleEpoch,
+)
+from agents.metrics import Registry
+from agents.peers import Peer, post_message
+from agents.reader import ReaderRole
+from agents.volume import Volume
+from agents.writer import ReaderLink, WriterRole
+
+__all__ = ["Agent", "AgentSettings", "OpenDevice"]
+
+LOG = logging.getLogger(__name__)
+
+OpenDevice = Callable[[bool], BlockDevice]  # read_only -> device
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """What the daemon's config gives the agent (see docs/agent.md)."""
+
+    node: str
+    fleet: str
+    secret: bytes = field(repr=False)
+    advertise: str
+    readers: dict[str, str] = field(default_factory=dict)
+    coordinator: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    ack_timeout: float = 2.0
+    retry_interval: float = 0.5
+    tail_interval: float = 0.5
+    heartbeat_interval: float = 1.0
+    selftest_interval: float = 10.0
+    report_timeout: float = 2.0
+    grant_ttl: float = 60.0
+
+
+class Agent:
+    """One agent. Thread-safe; role changes are serialized by one lock."""
+
+    def __init__(self, settings: AgentSettings, open_device: OpenDevice,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._open_device = open_device
+        self._clock = clock
+        self.state = roles.initial()
+        self._role_lock = threading.RLock()
+        self.reader: ReaderRole | None = None
+        self.writer: WriterRole | None = None
+        self._promoting: tuple[BlockDevice, Volume] | None = None
+        self._retired: list[ReaderRole] = []
+        self.writer_hint: tuple[str | None, str | None] = (None, None)  # node, address
+        self.selftest = "pending"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.metrics = Registry()
+        self._build_metrics()
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _build_metrics(self) -> None:
+        m = self.metrics
+        self.m_requests = m.counter("rbdfleet_agent_requests_total", "HTTP requests answered",
+                                    ("method", "route", "status"))
+        self.m_latency = m.histogram("rbdfleet_agent_request_seconds",
+                                     "HTTP request duration", ("route",))
+        self.m_bytes_in = m.counter("rbdfleet_agent_bytes_written_total",
+                                    "File bytes received by puts")
+        self.m_bytes_out = m.counter("rbdfleet_agent_bytes_read_total", "File bytes served")
+        self.m_checksum = m.counter("rbdfleet_agent_checksum_errors_total",
+                                    "Reads refused because data or a record failed its checksum")
+        self.m_lagging = m.counter("rbdfleet_agent_lagging_reports_total",
+                                   "Readers reported lagging to the coordinator")
+        self.m_pushes = m.counter("rbdfleet_agent_pushes_total", "Record pushes sent", ("result",))
+        m.gauge("rbdfleet_agent_epoch", "Highest epoch this agent knows", lambda: self.state.epoch)
+        m.gauge("rbdfleet_agent_is_writer", "1 while this agent accepts writes",
+                lambda: float(self.state.accepts_writes))
+        m.gauge("rbdfleet_agent_applied_seq", "Last journal seq applied", lambda: self.applied_seq)
+        m.gauge("rbdfleet_agent_selftest_ok", "1 when the last self-test passed",
+                lambda: float(self.selftest == "ok"))
+        m.gauge("rbdfleet_agent_in_sync_readers", "Readers in the writer's in-sync set",
+                lambda: float(len(self._links(True))))
+
+    # -- state views ---------------------------------------------------------------------
+
+    @property
+    def volume(self) -> Volume | None:
+        """The volume requests are served from (the writer's, else the reader's)."""
+        if self.writer is not None:
+            return self.writer.volume
+        return self.reader.volume if self.reader is not None else None
+
+    @property
+    def applied_seq(self) -> int:
+        """Last seq applied by the serving volume (-1 before the device is open)."""
+        volume = self.volume
+        return volume.applied_seq if volume is not None else -1
+
+    def _links(self, in_sync: bool) -> list[ReaderLink]:
+        writer = self.writer
+        if writer is None:
+            return []
+        return [lk for lk in writer.readers().values() if lk.in_sync == in_sync]
+
+    def health(self) -> Health:
+        """The /v1/health answer."""
+        volume = self.volume
+        catching_up = False
+        if self.reader is not None and self.writer is None:
+            try:
+                self.reader.check_current()
+            except CatchingUp:
+                catching_up = True
+        return Health(
+            node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
+            epoch=self.state.epoch,
+            applied_seq=volume.applied_seq if volume else -1,
+            safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
+            catching_up=catching_up,
+            in_sync=tuple(sorted(lk.node for lk in self._links(True))),
+            lagging=tuple(sorted(lk.node for lk in self._links(False))),
+        )
+
+    # -- role changes --------------------------------------------------------------------
+
+    def handle(self, event: roles.Event) -> None:
+        """Step the role machine and run its actions in order; feed back what they produce."""
+        with self._role_lock:
+            queue: list[roles.Event] = [event]
+            while queue:
+                current = queue.pop(0)
+                before = self.state
+                self.state, actions = roles.step(self.state, current)
+                if self.state != before:
+                    LOG.info("event=role_changed node=%s from=%s/%d to=%s/%d cause=%s",
+                             self.settings.node, before.role, before.epoch, self.state.role,
+                             self.state.epoch, type(current).__name__)
+                for action in actions:
+                    try:
+                        follow = self._run(action)
+                    except AgentError as exc:
+                        if self.state.role != "promoting":
+                            raise
+                        LOG.error("event=promotion_failed node=%s action=%s error=%s",
+                                  self.settings.node, type(action).__name__, exc.code)
+                        self.state, undo = roles.step(self.state,
+                                                      roles.PromotionFailed(exc.code))
+                        for step in undo:
+                            self._run(step)
+                        raise
+                    if follow is not None:
+                        queue.append(follow)
+
+    def _open_reader(self) -> None:
+        if self.reader is None:
+            def open_ro() -> tuple[BlockDevice, Volume]:
+                device = self._open_device(True)
+                try:
+                    return device, Volume.open(device)
+                except BaseException:
+                    device.close()
+                    raise
+            self.reader = ReaderRole(self.settings.node, open_ro)
+            self.reader.catch_up()
+
+    def _run(self, action: roles.Action) -> roles.Event | None:
+        """Run one action; an event to feed back, if the action produced one."""
+        match action:
+            case roles.OpenReadOnly():
+                self._open_reader()
+                assert self.reader is not None
+                if self.reader.volume.epoch > self.state.epoch:
+                    return roles.NewerEpochSeen(self.reader.volume.epoch)
+            case roles.OpenReadWrite():
+                device = self._open_device(False)
+                try:
+                    self._promoting = (device, Volume.open(device))
+                except BaseException:
+                    device.close()
+                    raise
+            case roles.ReplayJournalTail():
+                volume = self._promoting[1] if self._promoting else self._writer_volume()
+                volume.refresh()
+            case roles.WriteEpochRecord(epoch=epoch):
+                if self._promoting is None:  # re-elected writer: reuse its handle
+                    assert self.writer is not None
+                    self._promoting = (self.writer.device, self.writer.volume)
+                    self.writer = None
+                record = self._promoting[1].start_epoch(epoch)
+                LOG.info("event=epoch_record node=%s epoch=%d seq=%d", self.settings.node,
+                         epoch, record.seq)
+                return roles.EpochRecordWritten(epoch)
+            case roles.AcceptWrites(epoch=epoch):
+                assert self._promoting is not None
+                device, volume = self._promoting
+                self._promoting = None
+                self.writer = WriterRole(
+                    node=self.settings.node, fleet=self.settings.fleet, epoch=epoch,
+                    device=device, volume=volume, send_push=self._send_push,
+                    report_lagging=self._report_lagging, ack_timeout=self.settings.ack_timeout,
+                    retry_interval=self.settings.retry_interval)
+                self.writer.set_readers(self.settings.readers)
+                if self.reader is not None:  # reads in flight keep their handle until stop
+                    self._retired.append(self.reader)
+                    self.reader = None
+            case roles.StopWrites():
+                if self.writer is not None:
+                    self.writer.stop_writes()
+            case roles.CloseReadWrite():
+                if self.writer is not None:
+                    self.writer.close()
+                    self.writer = None
+                if self._promoting is not None:
+                    self._promoting[1].close()
+                    self._promoting[0].close()
+                    self._promoting = None
+            case roles.CloseDevice():
+                for role in [*self._retired, *([self.reader] if self.reader else [])]:
+                    role.close()
+                self._retired.clear()
+                self.reader = None
+        return None
+
+    def _writer_volume(self) -> Volume:
+        if self.writer is None:
+            raise NotWriter("not the writer", writer=self.writer_hint[0])
+        return self.writer.volume
+
+    def note_epoch(self, epoch: int) -> None:
+        """A record, push or grant carried ``epoch``: a writer of an older epoch steps down."""
+        if epoch > self.state.epoch:
+            try:
+                self.handle(roles.NewerEpochSeen(epoch))
+            except IllegalTransition as exc:
+                LOG.warning("event=epoch_ignored epoch=%d error=%s", epoch, exc.message)
+
+    def fenced(self, exc: DeviceError) -> None:
+        """A write failed on the device (EIO after a blocklist, EROFS): stop writing."""
+        LOG.error("event=device_fenced node=%s errno=%s", self.settings.node,
+                  exc.fields.get("errno"))
+        with contextlib.suppress(IllegalTransition):  # another request handled the fence
+            self.handle(roles.DeviceFenced(int(exc.fields.get("errno") or 0)))
+
+    # -- grants --------------------------------------------------------------------------
+
+    def _verify(self, token: str, *, roles_: set[str], node: str | None,
+                epoch: int | None, newer_ok: bool) -> Grant:
+        return verify(token, self.settings.secret, now=self._clock(), fleet=self.settings.fleet,
+                      node=node, roles=roles_, epoch=epoch, newer_epoch_ok=newer_ok)
+
+    def writer_for(self, token: str) -> WriterRole:
+        """The writer role, if ``token`` is a write grant for this node and current epoch."""
+        grant = self._verify(token, roles_={WRITER}, node=self.settings.node,
+                             epoch=self.state.epoch, newer_ok=True)
+        if grant.epoch > self.state.epoch:
+            current = self.state.epoch
+            self.note_epoch(grant.epoch)
+            raise StaleEpoch(f"this agent is at epoch {current}, the grant at {grant.epoch}",
+                             current=current, got=grant.epoch)
+        writer = self.writer
+        if writer is None or not writer.accepting or not self.state.accepts_writes:
+            node, address = self.writer_hint
+            raise NotWriter(f"{self.settings.node} is not the writer ({self.state.role})",
+                            writer=node, writer_address=address, epoch=self.state.epoch)
+        return writer
+
+    def volume_for_read(self, token: str) -> Volume:
+        """The volume to read from, if ``token`` is a read or write grant for this node."""
+        grant = self._verify(token, roles_={READER, WRITER}, node=self.settings.node,
+                             epoch=self.state.epoch, newer_ok=True)
+        reader = self.reader
+        if grant.epoch > self.state.epoch and reader is not None:
+            reader.catch_up()
+            self.note_epoch(reader.volume.epoch)
+            if self.state.epoch < grant.epoch:
+                raise CatchingUp(f"reader at epoch {self.state.epoch}, grant at {grant.epoch}",
+                                 applied=reader.volume.applied_seq, target=-1)
+        writer = self.writer
+        if writer is not None:
+            return writer.volume
+        if reader is None:
+            raise CatchingUp("agent is starting", applied=-1, target=-1)
+        reader.check_current()
+        return reader.volume
+
+    def receive_push(self, token: str, push: RecordPush) -> RecordAck:
+        """Apply a writer's push (this agent is a reader of the same or an older epoch)."""
+        grant = self._verify(token, roles_={WRITER}, node=push.writer, epoch=self.state.epoch,
+                             newer_ok=True)
+        if grant.epoch != push.epoch or push.fleet != self.settings.fleet:
+            raise ForeignGrant("push does not match its grant", field="epoch")
+        self.note_epoch(push.epoch)
+        reader = self.reader
+        if reader is None or self.writer is not None:
+            raise NotWriter(f"{self.settings.node} is {self.state.role}, not a reader",
+                            writer=self.settings.node, epoch=self.state.epoch)
+        ack = reader.receive(push)
+        self.note_epoch(reader.volume.epoch)
+        if self.writer_hint[0] != push.writer:
+            self.writer_hint = (push.writer, None)
+        return ack
+
+    def _control(self, token: str, fleet: str, node: str, epoch: int) -> None:
+        grant = self._verify(token, roles_={CONTROL}, node=self.settings.node, epoch=None,
+                             newer_ok=False)
+        if fleet != self.settings.fleet or node != self.settings.node or grant.epoch != epoch:
+            raise ForeignGrant("control request does not match its grant", field="epoch")
+
+    def promote(self, token: str, request: PromoteRequest) -> Health:
+        """Become the writer of ``request.epoch`` (control grant)."""
+        self._control(token, request.fleet, request.node, request.epoch)
+        self.handle(roles.PromoteRequested(request.epoch))
+        self.writer_hint = (self.settings.node, self.settings.advertise)
+        return self.health()
+
+    def demote(self, token: str, request: DemoteRequest) -> Health:
+        """Stop writing at once and become a reader of ``request.epoch`` (control grant)."""
+        self._control(token, request.fleet, request.node, request.epoch)
+        self.handle(roles.DemoteRequested(request.epoch))
+        self.writer_hint = (request.writer, request.writer_address)
+        return self.health()
+
+    def set_readers(self, token: str, request: ReaderSet) -> Health:
+        """Replace the writer's reader set (control grant of the current epoch)."""
+        self._control(token, request.fleet, self.settings.node, request.epoch)
+        writer = self.writer
+        if writer is None or request.epoch != self.state.epoch:
+            raise NotWriter(f"{self.settings.node} is not the writer of epoch {request.epoch}",
+                            writer=self.writer_hint[0], epoch=self.state.epoch)
+        writer.set_readers({r.node: r.address for r in request.readers})
+        return self.health()
+
+    # -- outgoing ------------------------------------------------------------------------
+
+    def own_grant(self) -> str:
+        """A short grant for this agent's own outgoing requests."""
+        role = WRITER if self.state.accepts_writes else READER
+        grant = Grant(self.settings.fleet, self.settings.node, role, self.state.epoch,
+                      self._clock() + self.settings.grant_ttl)
+        return sign(grant, self.settings.secret)
+
+    def _peer(self, address: str) -> Peer:
+        return Peer(address, tls=self.settings.tls, ca_file=self.settings.ca_file)
+
+    def _send_push(self, link: ReaderLink, push: RecordPush) -> RecordAck:
+        try:
+            answer = post_message(self._peer(link.address), "/v1/records", push,
+                                  grant=self.own_grant(), timeout=self.settings.ack_timeout)
+        except AgentError:
+            self.m_pushes.inc("failed")
+            raise
+        self.m_pushes.inc("ok")
+        return RecordAck.from_json(answer)
+
+    def _to_coordinator(self, path: str, message: Message) -> None:
+        if self.settings.coordinator is None:
+            return
+        post_message(self._peer(self.settings.coordinator), path, message,
+                     grant=self.own_grant(), timeout=self.settings.report_timeout)
+
+    def _report_lagging(self, report: LaggingReaderReport) -> None:
+        self.m_lagging.inc()
+        if self.settings.coordinator is None:
+            LOG.warning("event=lagging_not_reported reader=%s reason=no_coordinator",
+                        report.reader)
+            return
+        self._to_coordinator("/v1/lagging", report)
+
+    def report_corruption(self, path: str, error: AgentError) -> None:
+        """A checksum failed while reading ``path``: count, log, tell the coordinator."""
+        self.m_checksum.inc()
+        LOG.error("event=checksum_error node=%s path=%r error=%s detail=%r", self.settings.node,
+                  path, error.code, error.message)
+        check = SelfTestCheck("data-checksum", False, f"{path}: {error.message}")
+        self._spawn(lambda: self._send_selftest(SelfTestReport(
+            node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
+            epoch=self.state.epoch, ok=False, checks=(check,), at=self._clock())))
+
+    def _send_selftest(self, report: SelfTestReport) -> None:
+        try:
+            self._to_coordinator("/v1/selftest", report)
+        except AgentError as exc:
+            LOG.warning("event=selftest_report_failed error=%s", exc.code)
+
+    # -- self-test and background loops --------------------------------------------------
+
+    def run_selftest(self) -> SelfTestReport:
+        """Check the device and the journal can be read, and that the role is settled."""
+        checks = []
+        role = self.writer or self.reader
+        if role is None:
+            checks.append(SelfTestCheck("device-read", False, "no device open"))
+        else:
+            for name, probe in (("device-read", lambda: role.device.read_at(0, ALIGN)),
+                                ("journal-read",
+                                 lambda: role.volume.records_since(role.volume.applied_seq))):
+                try:
+                    probe()
+                    checks.append(SelfTestCheck(name, True))
+                except (AgentError, OSError) as exc:
+                    checks.append(SelfTestCheck(name, False, f"{type(exc).__name__}: {exc}"))
+        checks.append(SelfTestCheck("role", self.state.role in ("reader", "writer"),
+                                    self.state.role))
+        report = SelfTestReport(node=self.settings.node, fleet=self.settings.fleet,
+                                role=self.state.role, epoch=self.state.epoch,
+                                ok=all(c.ok for c in checks), checks=tuple(checks),
+                                at=self._clock())
+        self.selftest = "ok" if report.ok else "failed"
+        if not report.ok:
+            LOG.error("event=selftest_failed node=%s checks=%s", self.settings.node,
+                      ",".join(c.name for c in checks if not c.ok))
+        return report
+
+    def _spawn(self, target: Callable[[], None]) -> None:
+        threading.Thread(target=target, daemon=True).start()
+
+    def _loop(self, name: str, interval: float, body: Callable[[], None]) -> None:
+        def run() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    body()
+                except AgentError as exc:
+                    LOG.warning("event=%s_failed node=%s error=%s message=%r", name,
+                                self.settings.node, exc.code, exc.message)
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _tail(self) -> None:
+        reader = self.reader
+        if reader is not None and self.writer is None:
+            reader.catch_up()
+            self.note_epoch(reader.volume.epoch)
+
+    def _heartbeat(self) -> None:
+        volume = self.volume
+        self._to_coordinator("/v1/heartbeat", Heartbeat(
+            node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
+            epoch=self.state.epoch, applied_seq=volume.applied_seq if volume else -1,
+            safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
+            address=self.settings.advertise, sent_at=self._clock()))
+
+    def _selftest_and_report(self) -> None:
+        self._to_coordinator("/v1/selftest", self.run_selftest())
+
+    def start(self, *, become_writer_at: int | None = None) -> None:
+        """Open the device read-only, catch up, optionally promote, start background loops.
+
+        ``become_writer_at``: bootstrap without a coordinator (config ``role = "writer"``);
+        the epoch is raised above the journal's if needed.
+        """
+        self.handle(roles.Started(0))
+        if become_writer_at is not None:
+            self.handle(roles.PromoteRequested(max(become_writer_at, self.state.epoch + 1)))
+            self.writer_hint = (self.settings.node, self.settings.advertise)
+        self.run_selftest()
+        self._loop("tail", self.settings.tail_interval, self._tail)
+        self._loop("selftest", self.settings.selftest_interval, self._selftest_and_report)
+        if self.settings.coordinator is not None:
+            self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat)
+
+    def stop(self) -> None:
+        """Stop the loops, stop writes, close every handle (SIGTERM path)."""
+        self._stop.set()
+        with contextlib.suppress(IllegalTransition):  # already stopped
+            self.handle(roles.StopRequested())
+        for thread in self._threads:
+            thread.join(timeout=5)

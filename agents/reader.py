@@ -1,0 +1,111 @@
+"""Reader role (shell): apply pushed records in seq order, fill gaps from the shared image's
+journal, tail the journal on its own as a backstop, and say when it is catching up.
+
+The device is opened read-only (the reader never writes). Reads themselves (stat, list, read)
+go straight to the volume, which verifies checksums; this module decides only *whether* the
+reader may serve (:meth:`ReaderRole.check_current`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from agents.core.protocol import RecordAck, RecordPush
+from agents.device import BlockDevice
+from agents.errors import CatchingUp, JournalWrapped, SequenceGap
+from agents.volume import Record, Volume
+
+__all__ = ["OpenVolume", "ReaderRole"]
+
+LOG = logging.getLogger(__name__)
+
+OpenVolume = Callable[[], tuple[BlockDevice, Volume]]
+
+
+class ReaderRole:
+    """The reader side of one agent. Thread-safe: pushes, the tail loop and reads may overlap.
+
+    ``open_volume`` opens the device read-only and the volume on it; it is called again when
+    the journal wrapped past this reader (the checkpoint is reloaded).
+    """
+
+    def __init__(self, node: str, open_volume: OpenVolume) -> None:
+        self.node = node
+        self._open = open_volume
+        self.device, self.volume = open_volume()
+        self._retired: list[BlockDevice] = []
+        self._lock = threading.Lock()
+        self.known_commit_seq = self.volume.applied_seq
+        self.synced = False
+        self.writer: str | None = None
+
+    # -- catching up ---------------------------------------------------------------------
+
+    def _refresh_locked(self) -> list[Record]:
+        try:
+            records = self.volume.refresh()
+        except JournalWrapped:
+            LOG.warning("event=journal_wrapped node=%s applied_seq=%d action=reload_checkpoint",
+                        self.node, self.volume.applied_seq)
+            # Open reads keep the old handle; it is closed when the role closes.
+            self._retired.append(self.device)
+            self.volume.close()
+            self.device, self.volume = self._open()
+            return []
+        self.synced = True
+        self.known_commit_seq = max(self.known_commit_seq, self.volume.applied_seq)
+        return records
+
+    def catch_up(self) -> int:
+        """Read and apply new records from the on-disk journal; the new applied seq."""
+        with self._lock:
+            records = self._refresh_locked()
+            if records:
+                LOG.debug("event=tail_applied node=%s count=%d applied_seq=%d", self.node,
+                          len(records), self.volume.applied_seq)
+            return self.volume.applied_seq
+
+    def receive(self, push: RecordPush) -> RecordAck:
+        """Apply pushed records in seq order; gaps are filled from the journal on the image."""
+        records = sorted((Record.decode(b) for b in push.record_bytes()), key=lambda r: r.seq)
+        with self._lock:
+            self.writer = push.writer
+            self.known_commit_seq = max(self.known_commit_seq, push.commit_seq)
+            for record in records:
+                if record.seq <= self.volume.applied_seq:
+                    continue
+                if record.seq > self.volume.applied_seq + 1:
+                    # Every pushed record is durable before it is sent, so the journal has the
+                    # missing ones.
+                    self._refresh_locked()
+                    if record.seq <= self.volume.applied_seq:
+                        continue
+                if record.seq != self.volume.applied_seq + 1:
+                    raise SequenceGap(
+                        f"record {record.seq} does not follow {self.volume.applied_seq} and "
+                        "the journal does not have the missing records yet",
+                        applied=self.volume.applied_seq, got=record.seq)
+                self.volume.apply(record)
+            if self.volume.applied_seq < push.commit_seq:
+                self._refresh_locked()
+            return RecordAck(node=self.node, epoch=self.volume.epoch,
+                             applied_seq=self.volume.applied_seq, safe_seq=self.volume.safe_seq())
+
+    def check_current(self) -> None:
+        """Raise CatchingUp (503) while this reader is behind what it knows was committed."""
+        applied, target = self.volume.applied_seq, self.known_commit_seq
+        if not self.synced or applied < target:
+            raise CatchingUp(f"reader {self.node} is catching up ({applied}/{target})",
+                             applied=applied, target=target)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every device handle this role opened."""
+        with self._lock:
+            self.volume.close()
+            for device in [*self._retired, self.device]:
+                device.close()
+            self._retired.clear()
