@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
     from agents.core.protocol import DemoteRequest, Health, PromoteRequest
+    from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost
     from orchestrator.core.fleetmap import FleetMap
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "ImageInfo",
     "ImageStore",
     "MonHost",
+    "RemoteShell",
     "RoleSwitch",
     "SecretKey",
     "SpareProvisioner",
@@ -324,4 +329,31 @@ class SpareProvisioner(Protocol):
 
     def attach_spare(self, node: str) -> None:
         """Attach the image read-only to ``node`` and start its agent; returns once started."""
+        ...
+
+
+# -- remote hosts (engineer C) ---------------------------------------------------------------
+
+
+class RemoteShell(Protocol):
+    """Commands and files on a host (SSH in production: ``adapters.ssh.ParamikoShell``).
+
+    Errors: HostUnreachable (incl. a command past its deadline), HostKeyMismatch,
+    UnsafeTarget, RemoteCommandFailed(rc) — all RemoteError(host).
+    """
+
+    def run(self, host: SshHost, cmd: RemoteCommand, timeout: float = 30.0, *,
+            check: bool = False, stdin: bytes | None = None) -> RemoteResult:
+        """Run ``cmd``; ``check``: a non-zero exit raises RemoteCommandFailed."""
+        ...
+
+    def put_file(self, host: SshHost, source: Path | bytes, remote_path: str,
+                 mode: int = 0o644, timeout: float = 60.0) -> None:
+        """Write a file atomically (temp name, chmod, rename); the parent must exist."""
+        ...
+
+    def start_background(self, host: SshHost, cmd: RemoteCommand, *, workdir: str,
+                         log_path: str, env: Mapping[str, str] | None = None,
+                         timeout: float = 30.0) -> int:
+        """Start ``cmd`` detached from the session; return its (host-local) pid."""
         ...
