@@ -70,25 +70,31 @@ class MemoryStateStore:
         self.fleet = fleet
         self.holder = holder
         self.lease_seconds = lease_seconds
+        self._held = False
 
     def _holds(self, rec: _Record) -> bool:
         return rec.holder == self.holder and self.board.clock.monotonic() < rec.expires
 
     def acquire(self) -> bool:
-        """Take the lease when free or expired, renew it when ours."""
+        """Take the lease when free or expired; renew it when held (LeaseLost if it ran out)."""
         with self.board.lock:
             rec = self.board.record(self.fleet)
             now = self.board.clock.monotonic()
+            if self._held and not self._holds(rec):
+                self._held = False
+                raise LeaseLost(f"fleet {self.fleet}: lease lost")
             if rec.holder not in (None, self.holder) and now < rec.expires:
                 return False
             rec.holder = self.holder
             rec.expires = now + self.lease_seconds
+            self._held = True
             return True
 
     def release(self) -> None:
         """Drop the lease if we hold it."""
         with self.board.lock:
             rec = self.board.record(self.fleet)
+            self._held = False
             if rec.holder == self.holder:
                 rec.holder = None
                 rec.expires = 0.0
@@ -104,6 +110,7 @@ class MemoryStateStore:
         with self.board.lock:
             rec = self.board.record(self.fleet)
             if not self._holds(rec):
+                self._held = False
                 raise LeaseLost(f"fleet {self.fleet}: {self.holder} does not hold the lease")
             if rec.revision != expected_revision:
                 raise StaleMap(
