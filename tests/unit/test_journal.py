@@ -1,0 +1,118 @@
+"""Journal record codec and chain rules: round trip, torn/corrupt records never decode,
+placement is one rule, commit_seq tells corruption from a torn tail."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agents.core import journal
+from agents.core.record import OPS, Record
+from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
+
+pytestmark = pytest.mark.unit
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+payloads = st.dictionaries(
+    st.text(max_size=12).filter(lambda k: k != "data"), json_values, max_size=6
+).flatmap(lambda d: st.one_of(st.just(d), st.binary(max_size=5000).map(lambda b: {**d, "data": b})))
+records = st.builds(
+    Record,
+    seq=st.integers(0, 2**63 - 1),
+    epoch=st.integers(0, 2**63 - 1),
+    op=st.sampled_from(sorted(OPS)),
+    payload=payloads,
+    commit_seq=st.integers(0, 2**63 - 1),
+)
+
+
+@given(records)
+def test_round_trip_is_exact_and_aligned(record: Record) -> None:
+    data = record.encode()
+    assert len(data) % 4096 == 0
+    back = Record.decode(data)
+    assert back == record
+    assert back.commit_seq == record.commit_seq
+    assert Record.peek_length(data) == len(data)
+
+
+@given(records, st.data())
+def test_truncated_record_never_decodes(record: Record, data: st.DataObject) -> None:
+    raw = record.encode()
+    length = struct.unpack_from("<I", raw, 8)[0]  # bytes before the zero padding
+    cut = data.draw(st.integers(0, length - 1))
+    with pytest.raises((TornRecord, ChecksumMismatch)):
+        Record.decode(raw[:cut])
+
+
+@given(records, st.data())
+def test_flipped_bit_never_decodes(record: Record, data: st.DataObject) -> None:
+    raw = bytearray(record.encode())
+    length = struct.unpack_from("<I", raw, 8)[0]
+    bit = data.draw(st.integers(0, length * 8 - 1))
+    raw[bit // 8] ^= 1 << (bit % 8)
+    try:
+        got = Record.decode(bytes(raw))
+    except (TornRecord, ChecksumMismatch, UnsupportedFormat):
+        return
+    raise AssertionError(f"flipped bit {bit} went unnoticed: decoded {got}")
+
+
+def test_unknown_version_with_valid_crc_is_unsupported() -> None:
+    raw = bytearray(Record(1, 1, "mkdir", {"path": "/a"}).encode())
+    length = struct.unpack_from("<I", raw, 8)[0]
+    struct.pack_into("<H", raw, 4, 99)
+    struct.pack_into("<I", raw, length - 4, zlib.crc32(bytes(raw[: length - 4])))
+    with pytest.raises(UnsupportedFormat):
+        Record.decode(bytes(raw))
+
+
+def test_garbage_and_zeros_are_not_records() -> None:
+    assert Record.peek_length(bytes(4096)) is None
+    with pytest.raises(TornRecord):
+        Record.decode(bytes(4096))
+
+
+@given(st.integers(0, 64), st.integers(1, 16), st.integers(16, 64))
+def test_place_fits_or_wraps_to_zero(pos_blocks: int, n_blocks: int, ring_blocks: int) -> None:
+    ring, pos, n = ring_blocks * 4096, min(pos_blocks, ring_blocks) * 4096, n_blocks * 4096
+    start = journal.place(pos, n, ring)
+    assert start + n <= ring
+    assert start == pos or start == 0
+    assert start in journal.candidates(pos, ring)
+    used = journal.consumed(pos, start, n, ring)
+    assert used == n + (ring - pos if start != pos else 0)
+
+
+def test_record_larger_than_ring_is_refused() -> None:
+    with pytest.raises(ValueError):
+        journal.place(0, 8192, 4096)
+
+
+def test_cursor_accepts_only_the_next_seq_and_no_older_epoch() -> None:
+    cursor = journal.Cursor(pos=0, next_seq=5, epoch=3)
+    assert cursor.accepts(Record(5, 3, "delete", {}))
+    assert cursor.accepts(Record(5, 4, "delete", {}))
+    assert not cursor.accepts(Record(5, 2, "delete", {}))
+    assert not cursor.accepts(Record(6, 3, "delete", {}))
+    cursor.advance(8192, 4096)
+    assert (cursor.pos, cursor.next_seq) == (12288, 6)
+
+
+def test_commit_seq_separates_corruption_from_torn_tail() -> None:
+    # same batch as the missing record (commit_seq below it): a torn batch, not corruption
+    assert not journal.proves_corruption(Record(11, 1, "put", {}, commit_seq=9), 10, 1)
+    # a later batch that knew seq 10 was durable: corruption
+    assert journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 1)
+    # a fenced writer's leftover (older epoch) proves nothing
+    assert not journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 2)
