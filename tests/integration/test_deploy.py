@@ -1,0 +1,116 @@
+"""Agent deployment over SSH to namespace hosts: copy, configure, start/stop, idempotence."""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator.adapters.ssh import ParamikoShell
+from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
+from orchestrator.errors import DeployError
+from orchestrator.sandbox.hosts import HostSet
+from tests.fixtures.hosts import shell_for
+
+pytestmark = pytest.mark.integration
+
+# Stands in for the daemon: proves the package imports from the install dir, then waits.
+HOLD = ("-c", "import agents, sys, time; "
+              "open('imported-from', 'w').write(agents.__file__ + ' ' + sys.argv[-1]); "
+              "time.sleep(600)")
+
+
+@pytest.fixture(scope="module")
+def package() -> AgentPackage:
+    return AgentPackage.build()
+
+
+@pytest.fixture
+def shell3(hosts3: HostSet) -> Iterator[ParamikoShell]:
+    with shell_for(hosts3, connect_timeout=1.0) as shell:
+        yield shell
+
+
+def targets_for(hosts: HostSet, **config: object) -> list[DeployTarget]:
+    return [DeployTarget(h, prefix=str(h.root), config={"node": h.name, **config})
+            for h in hosts.hosts]
+
+
+def test_deploy_copies_configures_starts_and_then_does_nothing(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage) -> None:
+    deployer = AgentDeployer(shell3, package, launch=HOLD, settle=0.3)
+    targets = targets_for(hosts3, port=7480)
+    first = deployer.deploy(targets)
+    for target in targets:
+        result, root = first[target.host.name], Path(target.prefix)
+        assert result.ok and result.changed and result.pid is not None
+        assert result.version == package.version
+        release = root / "opt/rbdfleet/releases" / package.version
+        assert (root / "opt/rbdfleet/current").resolve() == release
+        assert {p.name for p in (release / "agents").iterdir()} >= {"__init__.py", "py.typed"}
+        config = root / "etc/rbdfleet/agent.json"
+        assert json.loads(config.read_text()) == {"node": target.host.name, "port": 7480}
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        imported = (root / "var/lib/rbdfleet/imported-from").read_text().split()
+        assert imported == [str(release / "agents/__init__.py"), str(config)]
+        assert not list((root / "opt/rbdfleet").glob(".incoming-*"))
+    stamp = {t.host.name: Path(t.prefix, "opt/rbdfleet/current").lstat().st_mtime_ns
+             for t in targets}
+    again = deployer.deploy(targets)
+    for target in targets:
+        name = target.host.name
+        assert (again[name].ok, again[name].changed, again[name].actions) == (True, False, ())
+        assert again[name].pid == first[name].pid
+        assert Path(target.prefix, "opt/rbdfleet/current").lstat().st_mtime_ns == stamp[name]
+
+
+def test_a_changed_config_restarts_only_that_host(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage) -> None:
+    deployer = AgentDeployer(shell3, package, launch=HOLD, settle=0.3)
+    targets = targets_for(hosts3, port=7480)
+    first = deployer.deploy(targets)
+    targets[1] = DeployTarget(targets[1].host, targets[1].prefix, {"node": "h2", "port": 7481})
+    second = deployer.deploy(targets)
+    assert second["h2"].actions[0] == "configured" and "stopped" in second["h2"].actions
+    assert second["h2"].pid is not None and second["h2"].pid != first["h2"].pid
+    assert (second["h1"].changed, second["h3"].changed) == (False, False)
+    assert (second["h1"].pid, second["h3"].pid) == (first["h1"].pid, first["h3"].pid)
+
+
+def test_one_failed_host_never_hides_the_others(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage) -> None:
+    hosts3.crash("h2")
+    deployer = AgentDeployer(shell3, package, launch=HOLD, settle=0.3)
+    with pytest.raises(DeployError, match="h2") as info:
+        deployer.deploy(targets_for(hosts3))
+    results = info.value.results
+    assert results["h1"].ok and results["h3"].ok and results["h1"].pid is not None
+    assert not results["h2"].ok and "h2" in str(results["h2"].error)
+    hosts3.start("h2")
+    healed = deployer.deploy(targets_for(hosts3))
+    assert healed["h2"].changed and not healed["h1"].changed
+
+
+def test_stop_status_and_an_agent_that_dies_at_start(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage) -> None:
+    targets = targets_for(hosts3)
+    deployer = AgentDeployer(shell3, package, launch=HOLD, settle=0.3)
+    started = deployer.deploy(targets)
+    stopped = deployer.stop(targets)
+    assert all(r.ok and r.changed and r.pid is None for r in stopped.values())
+    h1 = hosts3.host("h1")
+    ps = hosts3.exec_on("h1", ["ps", "-e", "-o", "pid="]).stdout.split()
+    assert str(started["h1"].pid) not in ps
+    assert not Path(h1.root, "run/rbdfleet/agent.pid").exists()
+    assert all(not r.changed for r in deployer.stop(targets).values())  # nothing to stop
+    status = deployer.status(targets)
+    assert all(r.pid is None and r.version == package.version for r in status.values())
+
+    dying = AgentDeployer(shell3, package,
+                          launch=("-c", "import sys; sys.exit('bad agent config')"), settle=0.5)
+    with pytest.raises(DeployError) as info:
+        dying.start(targets[:1])
+    assert "bad agent config" in str(info.value.results["h1"].error)
