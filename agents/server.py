@@ -238,7 +238,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- files ---------------------------------------------------------------------------
 
     def put_file(self) -> Answer:
-        path = self._path_after("/v1/files")
+        path = self._path_after("/v1/files/")
         self.close_connection = True  # until the body is fully read
         request = PutRequest.from_headers(self._headers_map())
         if request.size > self.server.max_body:
@@ -262,7 +262,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             yield data
 
     def get_file(self) -> None:
-        path = self._path_after("/v1/files")
+        path = self._path_after("/v1/files/")
         volume = self.agent.volume_for_read(self._token())
         for _ in range(8):  # retried only if an overwrite lands between stat and read
             entry = volume.stat(path)
@@ -315,7 +315,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         yield from rest
 
     def delete_file(self) -> Answer:
-        path = self._path_after("/v1/files")
+        path = self._path_after("/v1/files/")
         request = PutRequest.from_headers({**self._headers_map(), "Content-Length": "0"})
         ack = self.agent.writer_for(request.grant).delete(path, readers=request.readers)
         return Answer(200, ack)
@@ -339,14 +339,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def list_dir(self) -> Answer:
         raw = urllib.parse.urlsplit(self.path).path
-        path = "/" if raw.rstrip("/") == "/v1/list" else self._path_after("/v1/list")
+        path = "/" if raw.rstrip("/") == "/v1/list" else self._path_after("/v1/list/")
         volume = self.agent.volume_for_read(self._token())
         applied = volume.applied_seq
         entries = tuple(_entry_info(e) for e in volume.list(path))
         return Answer(200, ListResponse(path=path, entries=entries, applied_seq=applied))
 
     def stat(self) -> Answer:
-        path = self._path_after("/v1/stat")
+        path = self._path_after("/v1/stat/")
         volume = self.agent.volume_for_read(self._token())
         return Answer(200, _entry_info(volume.stat(path)))
 
@@ -422,9 +422,10 @@ class AgentServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], agent: Agent, *, max_body: int,
+    agent: Agent  # set by the daemon before serving: the advertised address needs the port
+
+    def __init__(self, address: tuple[str, int], *, max_body: int,
                  tls: tuple[str, str] | None = None) -> None:
-        self.agent = agent
         self.max_body = max_body
         self._tls: ssl.SSLContext | None = None
         if tls is not None:

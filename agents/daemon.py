@@ -1,0 +1,338 @@
+"""``rbdfleet-agent``: the agent daemon's command line (config file + flags, signals, logs).
+
+Subcommands:
+- ``serve --config FILE [flags]``: run the agent until SIGTERM/SIGINT (graceful: stop
+  accepting, stop writes, close the device, exit 0). See docs/agent.md for the config.
+- ``format --backend SPEC --fleet NAME``: write an empty volume (provisioning, tests).
+- ``fsck IMAGE [...]``: :func:`agents.fsck.main`.
+
+Logs: one line per event on stderr, ``key=value`` pairs; secrets never appear (the fleet
+secret is read from its 0600 file and only ever handed to the grant functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import stat
+import sys
+import threading
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agents.agent import Agent, AgentSettings
+from agents.device import BlockDevice
+from agents.errors import RbdfleetError
+from agents.server import AgentServer, serve
+
+__all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
+
+LOG = logging.getLogger("agents.daemon")
+
+SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+class AgentConfigError(RbdfleetError):
+    """The agent's config is wrong: ``key`` names the setting, ``reason`` says why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config {key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every setting of ``serve`` (docs/agent.md); flags override the file."""
+
+    node: str
+    fleet: str
+    backend: str
+    secret_file: str
+    listen: str = "0.0.0.0:7480"
+    advertise: str | None = None
+    role: str = "reader"
+    epoch: int = 1
+    coordinator: str | None = None
+    readers: dict[str, str] = field(default_factory=dict)
+    ceph_conf: str | None = None
+    ceph_user: str = "admin"
+    ceph_keyring: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    max_body: int = 64 << 30
+    ack_timeout: float = 2.0
+    retry_interval: float = 0.5
+    tail_interval: float = 0.5
+    heartbeat_interval: float = 1.0
+    selftest_interval: float = 10.0
+    log_level: str = "info"
+    ready_file: str | None = None
+
+
+def parse_size(key: str, value: Any) -> int:
+    """``4096``, ``"64MiB"``, ``"2GiB"`` → bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        for unit, factor in sorted(SIZE_UNITS.items(), key=lambda u: -len(u[0])):
+            number = value.strip().removesuffix(unit)
+            if number != value.strip() and number.strip().isdigit():
+                return int(number) * factor
+        if value.strip().isdigit():
+            return int(value)
+    raise AgentConfigError(key, f"{value!r} is not a size (e.g. 4096, 64MiB, 2GiB)")
+
+
+def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """``[ceph] conf = ...`` → ``ceph_conf``; ``[timing]`` keys go to the top level."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("ceph", "tls") and isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        elif key == "timing" and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
+    """Read a TOML (``.toml``) or JSON config file, apply ``overrides``, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise AgentConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            raw = json.loads(text) if not path.endswith(".toml") else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise AgentConfigError("config", f"{path} does not parse: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise AgentConfigError("config", "top level must be a table/object")
+    values = {**_flatten(raw), **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name: f for f in fields(AgentConfig)}
+    for key in values:
+        if key not in known:
+            raise AgentConfigError(key, "unknown setting")
+    for key in ("node", "fleet", "backend", "secret_file"):
+        if not isinstance(values.get(key), str) or not values[key]:
+            raise AgentConfigError(key, "required (a non-empty string)")
+    if "max_body" in values:
+        values["max_body"] = parse_size("max_body", values["max_body"])
+    for key in ("ack_timeout", "retry_interval", "tail_interval", "heartbeat_interval",
+                "selftest_interval"):
+        if key in values:
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise AgentConfigError(key, "must be a positive number of seconds")
+            values[key] = float(value)
+    epoch = values.get("epoch", 1)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise AgentConfigError("epoch", "must be an integer >= 1")
+    if values.get("role", "reader") not in ("reader", "writer"):
+        raise AgentConfigError("role", "must be 'reader' or 'writer'")
+    readers = values.get("readers", {})
+    if not isinstance(readers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in readers.items()):
+        raise AgentConfigError("readers", "must map node names to host:port addresses")
+    if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
+        raise AgentConfigError("tls", "cert and key go together")
+    if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise AgentConfigError("log_level", "one of debug, info, warning, error")
+    _split_address("listen", values.get("listen", AgentConfig.listen))
+    return AgentConfig(**values)
+
+
+def _split_address(key: str, address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise AgentConfigError(key, f"{address!r} is not host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def read_secret(path: str) -> bytes:
+    """The fleet secret; refused unless the file is private (no group/other access)."""
+    try:
+        st = os.stat(path)
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise AgentConfigError("secret_file", f"{path} must have mode 0600 (no group/other)")
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise AgentConfigError("secret_file", f"cannot read {path}: {exc.strerror}") from exc
+    if not secret:
+        raise AgentConfigError("secret_file", f"{path} is empty")
+    return secret
+
+
+def open_backend(spec: str, *, read_only: bool, ceph_conf: str | None = None,
+                 ceph_user: str = "admin", ceph_keyring: str | None = None) -> BlockDevice:
+    """Open the device named by ``spec``: ``file:PATH``, ``device:SERIAL``,
+    ``device-path:/dev/X`` or ``rbd:POOL/IMAGE`` (with the ceph settings)."""
+    scheme, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise AgentConfigError("backend", f"{spec!r} is not SCHEME:TARGET")
+    if scheme == "file":
+        from agents.backends.file import FileDevice
+
+        return FileDevice(rest, read_only=read_only)
+    if scheme in ("device", "device-path"):
+        from agents.backends.direct import DirectDevice, find_device_by_serial
+
+        path = find_device_by_serial(rest) if scheme == "device" else Path(rest)
+        return DirectDevice(path, read_only=read_only)
+    if scheme == "rbd":
+        pool, _, image = rest.partition("/")
+        if not pool or not image:
+            raise AgentConfigError("backend", "rbd backends are rbd:POOL/IMAGE")
+        if not ceph_conf:
+            raise AgentConfigError("ceph.conf", "required for an rbd backend")
+        from agents.backends.librbd import RbdDevice
+
+        return RbdDevice(ceph_conf, pool, image, ceph_user, keyring=ceph_keyring,
+                         read_only=read_only)
+    raise AgentConfigError("backend", f"unknown scheme {scheme!r} (file, device, device-path, "
+                                      "rbd)")
+
+
+def setup_logging(level: str) -> None:
+    """One structured line per event on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "ts=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _write_ready(path: str, address: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    Path(tmp).write_text(address + "\n")
+    os.replace(tmp, path)
+
+
+def run(config: AgentConfig) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code."""
+    secret = read_secret(config.secret_file)
+    host, port = _split_address("listen", config.listen)
+
+    def open_device(read_only: bool) -> BlockDevice:
+        return open_backend(config.backend, read_only=read_only, ceph_conf=config.ceph_conf,
+                            ceph_user=config.ceph_user, ceph_keyring=config.ceph_keyring)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        LOG.info("event=signal signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+    # Bind first: the advertised address may need the port the OS picked.
+    server = AgentServer((host, port), max_body=config.max_body, tls=tls)
+    bound = int(server.server_address[1])
+    local = f"{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
+    settings = AgentSettings(
+        node=config.node, fleet=config.fleet, secret=secret,
+        advertise=config.advertise or local, readers=dict(config.readers),
+        coordinator=config.coordinator, tls=tls is not None, ca_file=config.tls_ca,
+        ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
+        tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,
+        selftest_interval=config.selftest_interval)
+    agent = Agent(settings, open_device)
+    server.agent = agent
+    try:
+        agent.start(become_writer_at=config.epoch if config.role == "writer" else None)
+    except RbdfleetError as exc:
+        LOG.error("event=start_failed node=%s error=%s", config.node, exc)
+        server.server_close()
+        agent.stop()
+        return 1
+    thread = threading.Thread(target=serve, args=(server,), name="http", daemon=True)
+    thread.start()
+    LOG.info("event=serving node=%s fleet=%s role=%s epoch=%d listen=%s:%d advertise=%s tls=%s",
+             config.node, config.fleet, agent.state.role, agent.state.epoch, host, bound,
+             settings.advertise, tls is not None)
+    if config.ready_file:
+        _write_ready(config.ready_file, local)
+    stop.wait()
+    LOG.info("event=stopping node=%s", config.node)
+    server.shutdown()
+    agent.stop()
+    server.server_close()
+    LOG.info("event=stopped node=%s", config.node)
+    return 0
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the agent")
+    p.add_argument("--config", help="TOML (.toml) or JSON config file")
+    for name in ("node", "fleet", "backend", "secret-file", "listen", "advertise", "role",
+                 "coordinator", "ceph-conf", "ceph-user", "ceph-keyring", "tls-cert", "tls-key",
+                 "tls-ca", "max-body", "log-level", "ready-file"):
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"))
+    p.add_argument("--epoch", type=int)
+    for name in ("ack-timeout", "retry-interval", "tail-interval", "heartbeat-interval",
+                 "selftest-interval"):
+        p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float)
+    p.add_argument("--reader", action="append", default=[], metavar="NODE=ADDRESS",
+                   help="a reader the writer pushes to (repeatable; replaces the file's)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rbdfleet-agent`` / ``python -m agents``; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["fsck"]:
+        from agents.fsck import main as fsck_main
+
+        return fsck_main(args_list[1:])
+    parser = argparse.ArgumentParser(prog="rbdfleet-agent", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    fmt = sub.add_parser("format", help="write an empty volume on a device")
+    fmt.add_argument("--backend", required=True)
+    fmt.add_argument("--fleet", required=True)
+    fmt.add_argument("--journal-bytes", type=int)
+    fmt.add_argument("--ceph-conf")
+    fmt.add_argument("--ceph-user", default="admin")
+    fmt.add_argument("--ceph-keyring")
+    sub.add_parser("fsck", help="check an image read-only (see: rbdfleet-agent fsck -h)")
+    args = parser.parse_args(args_list)
+    try:
+        if args.command == "format":
+            from agents.volume import Volume
+
+            device = open_backend(args.backend, read_only=False, ceph_conf=args.ceph_conf,
+                                  ceph_user=args.ceph_user, ceph_keyring=args.ceph_keyring)
+            try:
+                Volume.format(device, fleet=args.fleet, journal_bytes=args.journal_bytes)
+            finally:
+                device.close()
+            print(f"formatted {args.backend} for fleet {args.fleet}")
+            return 0
+        overrides = {k: v for k, v in vars(args).items()
+                     if k not in ("command", "config", "reader")}
+        if args.reader:
+            readers = {}
+            for item in args.reader:
+                node, sep, address = item.partition("=")
+                if not sep:
+                    raise AgentConfigError("reader", f"{item!r} is not NODE=ADDRESS")
+                readers[node] = address
+            overrides["readers"] = readers
+        config = load_config(args.config, overrides)
+        setup_logging(config.log_level)
+        return run(config)
+    except RbdfleetError as exc:
+        print(f"rbdfleet-agent: {exc}", file=sys.stderr)
+        return 2

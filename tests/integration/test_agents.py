@@ -1,0 +1,117 @@
+"""Agents as real processes: 1 writer + 2 readers on a file image and on an RBD image.
+
+Proves the write flow (patent S301–S305): a put is acknowledged once durable and acked by the
+in-sync readers, after which every reader serves the new version; ranged and streamed reads;
+the namespace ops; promotion/demotion by control grants; health, metrics, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from tests.fixtures.agents import AgentFleet
+
+pytestmark = pytest.mark.integration
+
+READERS = ("r1", "r2")
+
+
+def _roundtrip(fleet: AgentFleet) -> None:
+    c = fleet.client
+    wg = fleet.grant("w", "writer", 1)
+    data = os.urandom(3 << 20) + b"tail"
+    resp = c.put(fleet["w"].address, "/dir/big.bin", data, wg,
+                 readers=fleet.reader_addresses(*READERS))
+    assert resp.status == 201, resp.body
+    ack = resp.json()
+    assert ack["op"] == "put" and ack["size"] == len(data)
+    assert sorted(ack["acked"]) == list(READERS) and ack["lagging"] == []
+    for node in ("w", *READERS):  # visible at once at every reader: no waiting
+        got = c.get(fleet[node].address, "/dir/big.bin", fleet.grant(node, "reader", 1))
+        assert got.status == 200, got.body
+        assert hashlib.sha256(got.body).digest() == hashlib.sha256(data).digest()
+        assert got.headers["x-rbdfleet-seq"] == str(ack["seq"])
+        part = c.get(fleet[node].address, "/dir/big.bin", fleet.grant(node, "reader", 1),
+                     range_="bytes=1048570-1048590")
+        assert part.status == 206 and part.body == data[1048570:1048591]
+        assert part.headers["content-range"] == f"bytes 1048570-1048590/{len(data)}"
+    # small file (inline), overwrite, stat, list, mkdir, rename, delete
+    assert c.put(fleet["w"].address, "/dir/small", b"v1", wg).status == 201
+    assert c.put(fleet["w"].address, "/dir/small", b"version-2", wg).status == 201
+    rg = fleet.grant("r1", "reader", 1)
+    assert c.get(fleet["r1"].address, "/dir/small", rg).body == b"version-2"
+    assert c.call(fleet["w"].address, "POST", "/v1/mkdir", wg,
+                  {"path": "/a/b/c", "parents": True}).status == 201
+    assert c.call(fleet["w"].address, "POST", "/v1/rename", wg,
+                  {"src": "/dir/small", "dst": "/a/b/c/moved"}).status == 200
+    listing = c.call(fleet["r2"].address, "GET", "/v1/list/a/b/c",
+                     fleet.grant("r2", "reader", 1)).json()
+    assert [e["path"] for e in listing["entries"]] == ["/a/b/c/moved"]
+    stat = c.call(fleet["r1"].address, "GET", "/v1/stat/a/b/c/moved", rg).json()
+    assert stat["size"] == 9 and stat["kind"] == "file"
+    assert c.request(fleet["w"].address, "DELETE", "/v1/files/a/b/c/moved",
+                     headers={"Authorization": "Bearer " + wg}).status == 200
+    assert c.get(fleet["r2"].address, "/a/b/c/moved", fleet.grant("r2", "reader", 1)).status \
+        == 404
+    root = c.call(fleet["r1"].address, "GET", "/v1/list", rg).json()
+    assert sorted(e["path"] for e in root["entries"]) == ["/a", "/dir"]
+
+
+def test_file_fleet_roundtrip(file_fleet: AgentFleet) -> None:
+    _roundtrip(file_fleet)
+
+
+def test_rbd_fleet_roundtrip(rbd_fleet: AgentFleet) -> None:
+    _roundtrip(rbd_fleet)
+
+
+def test_promote_demote_and_health(file_fleet: AgentFleet) -> None:
+    fleet, c = file_fleet, file_fleet.client
+    assert c.put(fleet["w"].address, "/before", b"x" * 5000,
+                 fleet.grant("w", "writer", 1)).status == 201
+    # demote the writer: it stops writing at once
+    resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "control", 2),
+                  {"fleet": "test", "node": "w", "epoch": 2, "writer": "r1"})
+    assert resp.status == 200, resp.body
+    assert resp.json()["role"] == "reader"
+    refused = c.put(fleet["w"].address, "/after", b"y", fleet.grant("w", "writer", 2))
+    assert refused.status == 409 and refused.json()["error"] == "not_writer"
+    assert refused.json()["writer"] == "r1"
+    # promote r1 to epoch 2: replays the tail, writes the epoch record, then accepts writes
+    resp = c.call(fleet["r1"].address, "POST", "/v1/promote", fleet.grant("r1", "control", 2),
+                  {"fleet": "test", "node": "r1", "epoch": 2})
+    assert resp.status == 200, resp.body
+    assert resp.json()["role"] == "writer" and resp.json()["epoch"] == 2
+    # the new writer pushes to nobody yet; tell it its readers
+    resp = c.call(fleet["r1"].address, "POST", "/v1/readers", fleet.grant("r1", "control", 2),
+                  {"fleet": "test", "epoch": 2,
+                   "readers": [{"node": n, "address": fleet[n].address} for n in ("w", "r2")]})
+    assert resp.status == 200, resp.body
+    put = c.put(fleet["r1"].address, "/after", b"z" * 10, fleet.grant("r1", "writer", 2))
+    assert put.status == 201, put.body
+    assert sorted(put.json()["acked"]) == ["r2", "w"]
+    for node in ("w", "r2"):
+        got = c.get(fleet[node].address, "/after", fleet.grant(node, "reader", 2))
+        assert got.status == 200 and got.body == b"z" * 10
+        assert fleet.epoch(node) == 2
+    # an old-epoch write grant at the new writer is stale
+    stale = c.put(fleet["r1"].address, "/x", b"1", fleet.grant("r1", "writer", 1))
+    assert stale.status == 409 and stale.json()["error"] == "stale_epoch"
+    health = fleet.health("r1")
+    assert health["selftest"] == "ok" and health["in_sync"] == ["r2", "w"]
+    metrics = c.request(fleet["r1"].address, "GET", "/metrics")
+    assert metrics.status == 200
+    assert b"rbdfleet_agent_is_writer 1" in metrics.body
+    assert b'rbdfleet_agent_requests_total{method="PUT",route="put",status="201"}' \
+        in metrics.body
+
+
+def test_sigterm_is_graceful(file_fleet: AgentFleet) -> None:
+    for node in ("w", *READERS):
+        assert file_fleet[node].stop() == 0
+        assert "event=stopped" in file_fleet[node].log.read_text()
+    assert b"fleet-secret" not in b"".join(
+        file_fleet[n].log.read_bytes() for n in ("w", *READERS))
