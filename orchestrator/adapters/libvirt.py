@@ -67,6 +67,10 @@ def translate_libvirt_errors(what: str, domain: str | None = None,
         raise HypervisorError(f"{what}: {message}") from exc
 
 
+def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
+    """libvirt error callback that keeps quiet (the error is raised as libvirtError)."""
+
+
 class LibvirtHypervisor:
     """Hypervisor over libvirt connections, one per URI, closed by :meth:`close`."""
 
@@ -75,6 +79,9 @@ class LibvirtHypervisor:
     def __init__(self, monotonic: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self._libvirt = libvirt_module()
+        # libvirt's default handler prints every error to stderr, expected ones too (a
+        # secret looked up before it exists); errors reach us as exceptions anyway.
+        self._libvirt.registerErrorHandler(_ignore_libvirt_error, None)
         self._connections: dict[str, Any] = {}
         self._monotonic = monotonic
         self._sleep = sleep
