@@ -1,0 +1,279 @@
+"""Volume on MemoryDevice and FileDevice: every op round trips, readers follow by push and by
+journal, versions stay consistent under overwrite, the journal wraps through checkpoints."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.backends.file import FileDevice
+from agents.device import BlockDevice
+from agents.errors import (
+    AlreadyExists,
+    BadRequest,
+    ChecksumMismatch,
+    DeviceError,
+    NoSpace,
+    NotFound,
+    NotWriter,
+    SequenceGap,
+    StaleEpoch,
+    WrongKind,
+)
+from agents.testing import MemoryDevice
+from agents.volume import Record, Volume
+
+pytestmark = pytest.mark.unit
+
+SIZE = 32 << 20
+Opener = Callable[[bool], BlockDevice]
+
+
+@pytest.fixture(params=["memory", "file"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """``open(read_only)`` -> a new handle on one fresh medium."""
+    handles: list[BlockDevice] = []
+    if request.param == "memory":
+        medium = MemoryDevice(SIZE)
+
+        def open_memory(read_only: bool) -> BlockDevice:
+            dev = medium.reopen(read_only=read_only)
+            handles.append(dev)
+            return dev
+
+        yield open_memory
+    else:
+        image = tmp_path / "image"
+        with image.open("wb") as f:
+            f.truncate(SIZE)
+
+        def open_file(read_only: bool) -> BlockDevice:
+            dev = FileDevice(image, read_only)
+            handles.append(dev)
+            return dev
+
+        yield open_file
+    for h in handles:
+        h.close()
+
+
+def writer(opener: Opener, epoch: int = 1, **fmt: int) -> Volume:
+    dev = opener(False)
+    Volume.format(dev, fleet="t", **fmt)
+    vol = Volume.open(dev)
+    vol.start_epoch(epoch)
+    return vol
+
+
+def put(vol: Volume, path: str, data: bytes, epoch: int = 1, piece: int = 100_000) -> Record:
+    chunks = (data[i : i + piece] for i in range(0, len(data), piece))
+    return vol.put(path, chunks, len(data), epoch=epoch, mtime=123.5)
+
+
+def read(vol: Volume, path: str, offset: int = 0, length: int | None = None) -> bytes:
+    return b"".join(vol.read(path, offset, length))
+
+
+def test_every_op_round_trips(opener: Opener) -> None:
+    vol = writer(opener)
+    big = os.urandom(3 * (1 << 20) + 12345)
+    r = put(vol, "/dir/big", big)
+    assert (r.op, r.seq, r.epoch) == ("put", 2, 1)
+    put(vol, "/dir/small", b"tiny")
+    put(vol, "/empty", b"")
+    assert read(vol, "/dir/big") == big
+    assert read(vol, "/dir/big", 1 << 20, 5) == big[1 << 20 : (1 << 20) + 5]
+    assert read(vol, "/dir/big", len(big) - 10, 100) == big[-10:]
+    assert read(vol, "/dir/small", 1) == b"iny"
+    assert read(vol, "/empty") == b""
+    st = vol.stat("/dir/big")
+    assert (st.kind, st.size, st.version, st.epoch, st.mtime) == ("file", len(big), 2, 1, 123.5)
+    assert [e.path for e in vol.list("/dir")] == ["/dir/big", "/dir/small"]
+    vol.mkdir("/x/y", epoch=1, parents=True)
+    with pytest.raises(AlreadyExists):
+        vol.mkdir("/x", epoch=1)
+    vol.rename("/dir", "/x/y/moved", epoch=1)
+    assert read(vol, "/x/y/moved/big") == big
+    with pytest.raises(NotFound):
+        vol.stat("/dir/big")
+    vol.delete("/x/y/moved/small", epoch=1)
+    with pytest.raises(NotFound):
+        read(vol, "/x/y/moved/small")
+    with pytest.raises(WrongKind):
+        vol.read("/x")
+    # a fresh open (what a reader or a new writer does) sees the same namespace
+    again = Volume.open(opener(True))
+    assert again.applied_seq == vol.applied_seq and again.epoch == 1
+    assert again.stat("/x/y/moved/big") == vol.stat("/x/y/moved/big")
+    assert read(again, "/x/y/moved/big") == big
+    assert vol.fsck() == []
+
+
+def test_overwrite_is_copy_on_write_and_quarantined(opener: Opener) -> None:
+    vol = writer(opener)
+    put(vol, "/f", b"a" * 100_000)
+    old_extents = vol._index.get("/f").extents
+    put(vol, "/f", b"b" * 100_000)
+    assert vol._index.get("/f").extents != old_extents
+    assert [e for _, e in vol._allocator.quarantined()] == list(old_extents)
+    vol.release_through(vol.applied_seq)
+    assert vol._allocator.quarantined() == []
+
+
+def test_reader_sees_old_or_new_never_a_mix(opener: Opener) -> None:
+    vol = writer(opener)
+    old = os.urandom(4 << 20)
+    put(vol, "/f", old)
+    reader = Volume.open(opener(True))
+    stream = reader.read("/f")
+    first = next(stream)
+    assert reader.safe_seq() == 2  # the read pins the version it started on
+    new = os.urandom(4 << 20)
+    rec = put(vol, "/f", new)
+    reader.apply(rec)
+    assert reader.safe_seq() == 2 and reader.applied_seq == 3
+    # the writer releases only what every reader acknowledged: the old extents stay
+    vol.release_through(reader.safe_seq())
+    put(vol, "/g", os.urandom(4 << 20))  # first fit: would land on the old extents if free
+    assert first + b"".join(stream) == old
+    assert reader.safe_seq() == 3
+    assert read(reader, "/f") == new
+
+
+def test_reused_extents_give_checksum_errors_never_wrong_bytes(opener: Opener) -> None:
+    vol = writer(opener)
+    put(vol, "/f", b"x" * (2 << 20))
+    stream = vol.read("/f")
+    vol.delete("/f", epoch=1)
+    vol.release_through(vol.applied_seq)  # a buggy caller ignoring safe_seq
+    put(vol, "/g", b"y" * (2 << 20))
+    with pytest.raises(ChecksumMismatch):
+        b"".join(stream)
+
+
+def test_reader_follows_by_push_and_by_journal(opener: Opener) -> None:
+    vol = writer(opener)
+    by_push = Volume.open(opener(True))
+    by_disk = Volume.open(opener(True))
+    pushed = [put(vol, f"/p{i}", os.urandom(5000 * (i + 1))) for i in range(5)]
+    pushed.append(vol.mkdir("/d", epoch=1))
+    for record in pushed:
+        by_push.apply(Record.decode(record.encode()))
+    by_push.apply(pushed[0])  # duplicates are ignored
+    assert [r.seq for r in by_disk.refresh()] == [r.seq for r in pushed]
+    assert by_disk.refresh() == []
+    for vol_r in (by_push, by_disk):
+        assert vol_r.applied_seq == vol.applied_seq
+        assert vol_r._index.snapshot() == vol._index.snapshot()
+        assert read(vol_r, "/p3") == read(vol, "/p3")
+    later = [put(vol, "/q", b"1"), put(vol, "/r", b"2")]
+    with pytest.raises(SequenceGap):
+        by_push.apply(later[1])
+    assert vol.records_since(pushed[-1].seq) == later
+    for record in vol.records_since(by_push.applied_seq):
+        by_push.apply(record)
+    assert by_push.applied_seq == vol.applied_seq
+
+
+def test_epochs_fence_old_writers(opener: Opener) -> None:
+    vol = writer(opener, epoch=3)
+    with pytest.raises(StaleEpoch):
+        put(vol, "/a", b"x", epoch=2)
+    reader = Volume.open(opener(True))
+    with pytest.raises(NotWriter):
+        put(reader, "/a", b"x", epoch=3)
+    with pytest.raises(DeviceError):
+        reader.start_epoch(4)
+    rec = put(vol, "/a", b"v3", epoch=3)
+    successor = Volume.open(opener(False))
+    with pytest.raises(StaleEpoch):
+        successor.start_epoch(3)
+    start = successor.start_epoch(4)
+    assert (start.op, start.seq, start.epoch) == ("epoch-start", rec.seq + 1, 4)
+    # records of an older epoch are ignored by readers
+    reader.apply(rec)
+    reader.apply(start)
+    stale = Record(start.seq + 1, 3, "delete", {"path": "/a"})
+    reader.apply(stale)
+    assert reader.applied_seq == start.seq and read(reader, "/a") == b"v3"
+
+
+def test_bad_puts_leave_no_trace(opener: Opener) -> None:
+    vol = writer(opener)
+    free = vol._allocator.free_bytes()
+    with pytest.raises(BadRequest):
+        vol.put("/a", [b"x" * 10_000], 20_000, epoch=1, mtime=0)
+    with pytest.raises(BadRequest):
+        vol.put("/a", [b"x" * 30_000], 20_000, epoch=1, mtime=0)
+    vol.mkdir("/d", epoch=1)
+    with pytest.raises(WrongKind):
+        put(vol, "/d", b"z" * 10_000)
+    with pytest.raises(NoSpace):
+        vol.put("/huge", iter(()), SIZE, epoch=1, mtime=0)
+    assert vol._allocator.free_bytes() == free
+    with pytest.raises(NotFound):
+        vol.stat("/a")
+    assert vol.fsck() == []
+
+
+def test_group_commit_shares_journal_writes(opener: Opener) -> None:
+    vol = writer(opener)
+    writes: list[int] = []
+    real = vol._device.write_at
+
+    def counting(offset: int, data: bytes) -> None:
+        if vol._sb.journal_offset <= offset < vol._sb.journal_offset + vol._sb.journal_bytes:
+            writes.append(len(data))
+        real(offset, data)
+
+    vol._device.write_at = counting  # type: ignore[method-assign]
+    n_threads, per_thread = 8, 25
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for i in range(per_thread):
+                put(vol, f"/t{k}/{i}", os.urandom(4096))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert vol.applied_seq == 1 + n_threads * per_thread
+    assert len(writes) < n_threads * per_thread, "every put paid its own journal write"
+    reader = Volume.open(opener(True))
+    assert reader._index.snapshot() == vol._index.snapshot()
+
+
+def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
+    vol = writer(opener, journal_bytes=64 << 10)  # 16 blocks: wraps every few records
+    lagging = Volume.open(opener(True))
+    follower = Volume.open(opener(True))
+    contents: dict[str, bytes] = {}
+    for i in range(120):
+        path = f"/w/{i % 7}"
+        contents[path] = os.urandom(100 + (i * 997) % 9000)
+        put(vol, path, contents[path])
+        if i % 3 == 0:
+            follower.refresh()
+        if i % 10 == 0:
+            vol.release_through(follower.safe_seq())
+    assert vol.applied_seq == 121
+    # a reader that fell behind past the wrap reloads the newest checkpoint
+    lagging.refresh()
+    follower.refresh()
+    fresh = Volume.open(opener(True))
+    for v in (lagging, follower, fresh):
+        assert v.applied_seq == vol.applied_seq
+        assert v._index.snapshot() == vol._index.snapshot()
+        for path, data in contents.items():
+            assert read(v, path) == data
+    assert vol.fsck() == []
