@@ -1,0 +1,157 @@
+"""Runs the election's actions in the order given and stops at the first failure.
+
+The order is the law (persist -> fence -> promote -> publish): this module never reorders,
+skips or retries; it reports which actions succeeded and which one failed, and the election
+decides what comes next. Before every action other than a store write the lease is renewed,
+so a coordinator that lost its lease (paused, partitioned) stops before touching a node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agents.core.grants import CONTROL, Grant, sign
+from agents.core.protocol import DemoteRequest, PromoteRequest, ReaderAddress, ReaderSet
+from agents.errors import RbdfleetError
+from orchestrator.core import election as el
+from orchestrator.core.fleetmap import FleetMap
+from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
+from orchestrator.ports import AgentControl, Fencer, RoleSwitch, SpareProvisioner, StateStore
+
+LOG = logging.getLogger(__name__)
+
+CONTROL_GRANT_TTL = 10.0
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Actions that succeeded (in order), the one that failed (or None) and why."""
+
+    done: tuple[el.Action, ...]
+    failed: el.Action | None
+    reason: str
+    lease_lost: bool = False
+
+
+class Executor:
+    """Executes actions of one fleet against the ports; one instance per active term."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        fencer: Fencer,
+        agents: AgentControl,
+        secret: bytes,
+        wall: Callable[[], float],
+        announce: Callable[[FleetMap], None],
+        persisted: FleetMap,
+        role_switch: RoleSwitch | None = None,
+        spares: SpareProvisioner | None = None,
+        send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.fencer = fencer
+        self.agents = agents
+        self.secret = secret
+        self.wall = wall
+        self.announce = announce
+        self.persisted = persisted
+        self.role_switch = role_switch
+        self.spares = spares
+        self.send_reader_set = send_reader_set
+
+    def control_grant(self, node: str, epoch: int) -> str:
+        """A control grant for ``node`` at ``epoch`` (promote, demote, reader set)."""
+        grant = Grant(self.store.fleet, node, CONTROL, epoch, self.wall() + CONTROL_GRANT_TTL)
+        return sign(grant, self.secret)
+
+    def run(self, actions: list[el.Action]) -> BatchResult:
+        """Run ``actions`` in order; stop at the first failure."""
+        el.assert_law_order(actions)
+        done: list[el.Action] = []
+        for action in actions:
+            try:
+                if not isinstance(action, el.PersistEpoch | el.PublishMap):
+                    self.store.acquire()  # renew; LeaseLost if it ran out: touch nothing
+                self._run_one(action)
+            except (LeaseLost, StaleMap) as exc:
+                LOG.error("event=action_refused action=%s reason=%s", _name(action), exc)
+                return BatchResult(tuple(done), action, str(exc), lease_lost=True)
+            except RbdfleetError as exc:
+                LOG.warning("event=action_failed action=%s reason=%s", _name(action), exc)
+                return BatchResult(tuple(done), action, str(exc))
+            LOG.info("event=action_done action=%s", _name(action))
+            done.append(action)
+        return BatchResult(tuple(done), None, "")
+
+    def _save(self, new: FleetMap) -> None:
+        if new.revision == self.persisted.revision and new == self.persisted:
+            return
+        self.store.save(new, self.persisted.revision)
+        self.persisted = new
+
+    def _run_one(self, action: el.Action) -> None:
+        fleet = self.store.fleet
+        if isinstance(action, el.PersistEpoch):
+            self._save(action.map)
+        elif isinstance(action, el.FenceNode):
+            self.fencer.fence(action.node)
+        elif isinstance(action, el.PromoteNode):
+            if self.role_switch is not None:
+                self.role_switch.make_writer(action.node)
+            promote = PromoteRequest(fleet=fleet, node=action.node, epoch=action.epoch)
+            grant = self.control_grant(action.node, action.epoch)
+            self.agents.promote(action.address, promote, grant)
+        elif isinstance(action, el.PublishMap):
+            self._save(action.map)
+            self.announce(action.map)
+            self._tell_writer(action.map)
+        elif isinstance(action, el.AttachSpare):
+            if self.spares is None:
+                raise NoSpareProvisioner(f"no spare provisioner to attach {action.node}")
+            self.spares.attach_spare(action.node)
+        else:
+            m = self.persisted
+            writer_address = m.member(m.writer).address if m.writer else None
+            request = DemoteRequest(
+                fleet=fleet,
+                node=action.node,
+                epoch=action.epoch,
+                writer=m.writer,
+                writer_address=writer_address,
+            )
+            self.agents.demote(
+                action.address, request, self.control_grant(action.node, action.epoch)
+            )
+
+    def _tell_writer(self, m: FleetMap) -> None:
+        """Best effort: the writer learns the readers to push to (it also gets them per put)."""
+        if self.send_reader_set is None or m.writer is None or m.phase != "stable":
+            return
+        readers = tuple(ReaderAddress(r.name, r.address) for r in m.members if r.role == "reader")
+        request = ReaderSet(fleet=m.fleet, epoch=m.epoch, readers=readers)
+        try:
+            self.send_reader_set(
+                m.member(m.writer).address, request, self.control_grant(m.writer, m.epoch)
+            )
+        except RbdfleetError as exc:
+            LOG.warning("event=reader_set_not_sent writer=%s reason=%s", m.writer, exc)
+
+
+class NoSpareProvisioner(CoordinationError):
+    """A spare must be attached but the coordinator was started without a provisioner."""
+
+
+def _name(action: el.Action) -> str:
+    node = getattr(action, "node", None)
+    epoch = getattr(action, "epoch", None)
+    if node is None:
+        m = action.map  # type: ignore[union-attr]
+        return f"{type(action).__name__}(epoch={m.epoch},rev={m.revision},writer={m.writer})"
+    return f"{type(action).__name__}({node},epoch={epoch})"
+
+
+__all__ = ["BatchResult", "Executor", "NoSpareProvisioner"]

@@ -1,0 +1,454 @@
+"""The coordinator's imperative shell: one loop per fleet around the pure election.
+
+Each :class:`FleetService` owns a thread that, every ``loop_interval``:
+
+1. renews (active) or tries to take (standby) the fleet's lease in the StateStore; a lost
+   lease makes it a standby at once, and a standby that wins loads the persisted map and
+   resumes any half-done failover (:func:`orchestrator.core.election.resume`);
+2. when active: folds queued events in (agent heartbeats, self-test and lagging reports,
+   client failure reports, operator requests), probes every member's ``/v1/health``, turns
+   confirmed deaths into ``NodeFailed``, ticks the election and runs the returned actions
+   through the :class:`~orchestrator.coordinator.executor.Executor`.
+
+Only this thread touches the election state; API threads talk to it through a queue, and
+read the last published map (guarded by a condition variable that also wakes watchers).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agents.core.grants import READER, WRITER, Grant, sign
+from agents.core.protocol import Health, ReaderSet
+from agents.errors import RbdfleetError
+from orchestrator.coordinator.executor import Executor
+from orchestrator.core import election as el
+from orchestrator.core.fleetmap import FleetMap, Member
+from orchestrator.core.liveness import (
+    FailureReported,
+    HeartbeatReceived,
+    Liveness,
+    LivenessConfig,
+    Observation,
+    ProbeFailed,
+    ProbeSucceeded,
+    SelfTestFailed,
+    Verdict,
+)
+from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
+from orchestrator.ports import AgentControl, Clock, Fencer, RoleSwitch, SpareProvisioner, StateStore
+
+LOG = logging.getLogger(__name__)
+
+
+class NotActive(CoordinationError):
+    """This coordinator is a standby for the fleet; ``coordinator`` names the active one."""
+
+    def __init__(self, fleet: str, coordinator: str | None) -> None:
+        where = f" (active: {coordinator})" if coordinator else ""
+        super().__init__(f"not the active coordinator of fleet {fleet}{where}")
+        self.fleet = fleet
+        self.coordinator = coordinator
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Timings and identity of one coordinator process."""
+
+    url: str
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    election: el.ElectionConfig = field(default_factory=el.ElectionConfig)
+    loop_interval: float = 0.05
+    grant_ttl: float = 60.0
+    max_batches_per_event: int = 8
+
+
+@dataclass(frozen=True)
+class Target:
+    """One address handed to a client, with its role label and grant."""
+
+    node: str
+    address: str
+    role: str
+    grant: str
+
+    def to_json(self) -> dict[str, str]:
+        """Wire form."""
+        return {"node": self.node, "address": self.address, "role": self.role, "grant": self.grant}
+
+
+@dataclass(frozen=True)
+class _Request:
+    event: el.Event
+    done: threading.Event
+    outcome: list[Any]
+
+
+class FleetService:
+    """Lease, loop and events of one fleet (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        fencer: Fencer,
+        agents: AgentControl,
+        secret: bytes,
+        settings: ServiceSettings,
+        clock: Clock,
+        wall: Callable[[], float],
+        bootstrap: FleetMap | None = None,
+        role_switch: RoleSwitch | None = None,
+        spares: SpareProvisioner | None = None,
+        send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
+    ) -> None:
+        self.fleet = store.fleet
+        self.store = store
+        self.fencer = fencer
+        self.agents = agents
+        self.secret = secret
+        self.settings = settings
+        self.clock = clock
+        self.wall = wall
+        self.bootstrap = bootstrap
+        self.role_switch = role_switch
+        self.spares = spares
+        self.send_reader_set = send_reader_set
+        self._events: queue.Queue[Observation | el.Event | _Request] = queue.Queue()
+        self._published_lock = threading.Condition()
+        self._published: FleetMap | None = None
+        self._state: el.ElectionState | None = None
+        self._executor: Executor | None = None
+        self._liveness = Liveness(settings.liveness)
+        self._next_lease = 0.0
+        self._next_probe = 0.0
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._probes = concurrent.futures.ThreadPoolExecutor(
+            max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
+        )
+        self.stats: dict[str, float] = {"failovers": 0, "terms": 0, "batches_failed": 0}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread = threading.Thread(target=self._run, name=f"fleet-{self.fleet}", daemon=True)
+        self._thread.start()
+
+    def stop(self, release: bool = True) -> None:
+        """Stop the loop; release the lease so a standby takes over at once."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._probes.shutdown(wait=False, cancel_futures=True)
+        if release and self._state is not None:
+            try:
+                self.store.release()
+            except RbdfleetError as exc:
+                LOG.warning("event=release_failed fleet=%s reason=%s", self.fleet, exc)
+
+    @property
+    def active(self) -> bool:
+        """Whether this process is the fleet's active coordinator right now."""
+        return self._state is not None
+
+    # -- API side (any thread) ------------------------------------------------------------
+
+    def submit(self, event: Observation | el.Event) -> None:
+        """Queue an observation or election event for the loop."""
+        self._events.put(event)
+        self._wake.set()
+
+    def request(self, event: el.Event, timeout: float = 30.0) -> FleetMap:
+        """Run an operator event (failover, fence) and wait until its batch ran.
+
+        Raises IllegalTransition when refused, NotActive on a standby, CoordinationError
+        when the batch stopped at a failure.
+        """
+        self.require_active()
+        req = _Request(event, threading.Event(), [])
+        self._events.put(req)
+        self._wake.set()
+        if not req.done.wait(timeout):
+            raise CoordinationError(f"fleet {self.fleet}: request not done within {timeout} s")
+        outcome = req.outcome[0]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert isinstance(outcome, FleetMap)
+        return outcome
+
+    def require_active(self) -> FleetMap:
+        """The published map; NotActive on a standby."""
+        with self._published_lock:
+            published = self._published
+        if self._state is None or published is None:
+            raise NotActive(self.fleet, self._advertised())
+        return published
+
+    def _advertised(self) -> str | None:
+        try:
+            return self.store.coordinator_url()
+        except RbdfleetError:
+            return None
+
+    def wait_map(self, after_revision: int, timeout: float) -> FleetMap:
+        """Long-poll: the published map once its revision exceeds ``after_revision``."""
+        self.require_active()
+        deadline = self.clock.monotonic() + timeout
+        with self._published_lock:
+            while True:
+                m = self._published
+                if m is not None and m.revision > after_revision:
+                    return m
+                left = deadline - self.clock.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    break
+                self._published_lock.wait(min(left, 0.5))
+        return self.require_active()
+
+    def targets(self, kind: str) -> tuple[FleetMap, list[Target]]:
+        """Grants for a write (writer first, then in-sync readers) or a read (readers, writer)."""
+        m = self.require_active()
+        members = m.write_targets() if kind == "write" else m.read_targets()
+        expires = self.wall() + self.settings.grant_ttl
+        out = []
+        for member in members:
+            role = WRITER if member.name == m.writer else READER
+            token = sign(Grant(self.fleet, member.name, role, m.epoch, expires), self.secret)
+            out.append(Target(member.name, member.address, role, token))
+        return m, out
+
+    def status(self) -> dict[str, Any]:
+        """Everything an operator wants to see about this fleet here."""
+        now = self.clock.monotonic()
+        state = self._state
+        with self._published_lock:
+            published = self._published
+        verdicts = {n: v.value for n, v in self._liveness.verdicts(now).items()}
+        return {
+            "fleet": self.fleet,
+            "active": state is not None,
+            "coordinator": self.settings.url if state is not None else self._advertised(),
+            "map": None if published is None else published.to_json(),
+            "liveness": verdicts,
+            "pending": [] if state is None else [_describe(a) for a in el.plan(state)],
+            "last_error": "" if state is None else state.last_error,
+            "stats": dict(self.stats),
+        }
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._iterate()
+            except (LeaseLost, StaleMap) as exc:
+                self._step_down(str(exc))
+            except Exception:  # a bug: keep the traceback, keep serving (a standby may win)
+                LOG.exception("event=loop_error fleet=%s", self.fleet)
+                self._step_down("loop error")
+                self._stop.wait(self.settings.loop_interval)
+            self._wake.wait(self.settings.loop_interval)
+            self._wake.clear()
+
+    def _iterate(self) -> None:
+        now = self.clock.monotonic()
+        if now >= self._next_lease:
+            self._next_lease = now + self.store.lease_seconds / 4
+            if self._state is None:
+                if self.store.acquire():
+                    self._become_active(now)
+            else:
+                self.store.acquire()
+        if self._state is None:
+            self._drain_while_standby()
+            return
+        self._drain(now)
+        if now >= self._next_probe:
+            self._next_probe = now + self.settings.liveness.probe_interval
+            self._probe_all()
+        self._confirm_deaths(self.clock.monotonic())
+        self._feed(el.Tick(self.clock.monotonic()))
+
+    def _become_active(self, now: float) -> None:
+        stored = self.store.load()
+        if stored is None:
+            if self.bootstrap is None:
+                LOG.error("event=no_map fleet=%s reason=nothing stored, no bootstrap", self.fleet)
+                self.store.release()
+                return
+            self.store.save(self.bootstrap, None)
+            stored = self.bootstrap
+        self.store.advertise(self.settings.url)
+        self._state = el.resume(stored, self.settings.election)
+        self._executor = Executor(
+            store=self.store,
+            fencer=self.fencer,
+            agents=self.agents,
+            secret=self.secret,
+            wall=self.wall,
+            announce=self._announce,
+            persisted=stored,
+            role_switch=self.role_switch,
+            spares=self.spares,
+            send_reader_set=self.send_reader_set,
+        )
+        live = Liveness(self.settings.liveness)
+        for m in stored.members:
+            if m.role in ("writer", "reader"):
+                live = live.watch(m.name, now)
+        self._liveness = live
+        self.stats["terms"] += 1
+        LOG.info(
+            "event=became_active fleet=%s epoch=%d revision=%d phase=%s",
+            self.fleet,
+            stored.epoch,
+            stored.revision,
+            stored.phase,
+        )
+        if stored.phase == "stable":
+            self._announce(stored)
+        self._execute(el.plan(self._state))
+
+    def _step_down(self, reason: str) -> None:
+        if self._state is None:
+            return
+        LOG.warning("event=stepped_down fleet=%s reason=%s", self.fleet, reason)
+        self._state = None
+        self._executor = None
+        with self._published_lock:
+            self._published = None
+            self._published_lock.notify_all()
+
+    def _announce(self, m: FleetMap) -> None:
+        with self._published_lock:
+            self._published = m
+            self._published_lock.notify_all()
+        LOG.info(
+            "event=map_published fleet=%s epoch=%d revision=%d writer=%s in_sync=%s",
+            self.fleet,
+            m.epoch,
+            m.revision,
+            m.writer,
+            ",".join(r.name for r in m.in_sync_readers()),
+        )
+
+    def _drain_while_standby(self) -> None:
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                item.outcome.append(NotActive(self.fleet, self._advertised()))
+                item.done.set()
+
+    def _drain(self, now: float) -> None:
+        while self._state is not None:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                try:
+                    self._feed(item.event)
+                    item.outcome.append(self.require_active())
+                except (LeaseLost, StaleMap):
+                    raise
+                except RbdfleetError as exc:
+                    item.outcome.append(exc)
+                finally:
+                    if not item.outcome:
+                        item.outcome.append(CoordinationError("request not completed"))
+                    item.done.set()
+            elif isinstance(
+                item, HeartbeatReceived | ProbeSucceeded | ProbeFailed | SelfTestFailed
+            ):
+                self._liveness = self._liveness.observe(item)
+            elif isinstance(item, FailureReported):
+                self._liveness = self._liveness.observe(item)
+                self._next_probe = now  # a client says it failed: probe it right now
+            else:
+                self._feed(item)
+
+    def _feed(self, event: el.Event) -> None:
+        state = self._state
+        if state is None:
+            return
+        self._state, actions = el.step(state, event)
+        self._execute(actions)
+
+    def _execute(self, actions: list[el.Action]) -> None:
+        batches = 0
+        while actions and self._state is not None and self._executor is not None:
+            batches += 1
+            if batches > self.settings.max_batches_per_event:
+                return  # the next tick resumes: never spin inside one event
+            result = self._executor.run(actions)
+            if result.lease_lost:
+                raise LeaseLost(result.reason)
+            if result.failed is not None:
+                self.stats["batches_failed"] += 1
+            if any(isinstance(a, el.PromoteNode) for a in result.done):
+                self.stats["failovers"] += 1
+            ev = el.BatchExecuted(result.done, result.failed, result.reason, self.clock.monotonic())
+            self._state, actions = el.step(self._state, ev)
+
+    def _probe_all(self) -> None:
+        state = self._state
+        if state is None:
+            return
+        members = [m for m in state.map.members if m.role != "spare"]
+        timeout = self.settings.liveness.probe_timeout
+        futures = {m.name: self._probes.submit(self._probe, m, timeout) for m in members}
+        for name, fut in futures.items():
+            try:
+                health = fut.result(timeout=timeout + 1.0)
+            except (concurrent.futures.TimeoutError, RbdfleetError):
+                health = None
+            self._observe_probe(name, health)
+
+    def _probe(self, member: Member, timeout: float) -> Health:
+        return self.agents.health(member.address, timeout)
+
+    def _observe_probe(self, name: str, health: Health | None) -> None:
+        at = self.clock.monotonic()
+        if health is None:
+            self._liveness = self._liveness.observe(ProbeFailed(name, at))
+            return
+        self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
+        if health.selftest == "failed":
+            self._liveness = self._liveness.observe(SelfTestFailed(name, at, "health"))
+        self._feed(el.HeartbeatObserved(name, health.role, health.epoch, health.applied_seq, at))
+
+    def _confirm_deaths(self, now: float) -> None:
+        state = self._state
+        if state is None:
+            return
+        for name, verdict in self._liveness.verdicts(now).items():
+            if verdict is not Verdict.DEAD:
+                continue
+            self._liveness = self._liveness.forget(name)
+            if state.map.has(name) and state.map.member(name).role != "out":
+                LOG.warning("event=node_confirmed_dead fleet=%s node=%s", self.fleet, name)
+                self._feed(el.NodeFailed(name, now))
+                state = self._state
+                if state is None:
+                    return
+
+
+def _describe(action: el.Action) -> str:
+    node = getattr(action, "node", None)
+    return f"{type(action).__name__}({node})" if node else type(action).__name__
+
+
+__all__ = ["FleetService", "NotActive", "ServiceSettings", "Target"]
