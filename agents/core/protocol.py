@@ -43,7 +43,13 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Final, Self, Union, get_args, get_origin, get_type_hints
 
-from agents.errors import AgentError, DecodeError, UnsupportedVersion, error_from_wire
+from agents.errors import (
+    AgentError,
+    BadSignature,
+    DecodeError,
+    UnsupportedVersion,
+    error_from_wire,
+)
 
 __all__ = [
     "AUTH_HEADER",
@@ -239,11 +245,11 @@ def format_readers(readers: tuple[ReaderAddress, ...]) -> str:
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
-    """The grant token from ``Authorization: Bearer <token>``; DecodeError when absent."""
+    """The grant token from ``Authorization: Bearer <token>``; BadSignature (401) when absent."""
     value = headers.get(AUTH_HEADER) or ""
     if not value.startswith(BEARER) or not value[len(BEARER):].strip():
-        raise DecodeError("request carries no grant (Authorization: Bearer <token>)",
-                          field=AUTH_HEADER)
+        raise BadSignature("request carries no grant (Authorization: Bearer <token>)",
+                           field=AUTH_HEADER)
     return value[len(BEARER):].strip()
 
 

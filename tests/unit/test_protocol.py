@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.core import protocol as p
-from agents.errors import DecodeError, StaleEpoch, UnsupportedVersion
+from agents.errors import BadSignature, DecodeError, StaleEpoch, UnsupportedVersion
 
 pytestmark = pytest.mark.unit
 
@@ -104,7 +104,7 @@ def test_put_headers_round_trip_and_checks() -> None:
         p.PutRequest.from_headers({**headers, p.SIZE_HEADER: "11"})
     with pytest.raises(DecodeError):
         p.PutRequest.from_headers({k: v for k, v in headers.items() if k != "Content-Length"})
-    with pytest.raises(DecodeError):
+    with pytest.raises(BadSignature):
         p.PutRequest.from_headers({k: v for k, v in headers.items() if k != p.AUTH_HEADER})
     with pytest.raises(DecodeError):
         p.PutRequest.from_headers({**headers, p.READERS_HEADER: "r1"})
