@@ -53,11 +53,15 @@ __all__ = [
     "BlocklistFencer",
     "CephxCredentialStore",
     "RbdImageStore",
+    "client_addresses",
     "cluster",
     "connect",
+    "mon_command",
+    "parse_sessions",
     "rados_module",
     "rbd_module",
     "translate_ceph_errors",
+    "vm_user_caps",
 ]
 
 # Caps of a VM's own user: read-write RBD on the fleet's pool only (QEMU opens every RBD disk
@@ -306,11 +310,11 @@ class CephxCredentialStore:
         for name in self.mon_names():
             out = mon_command(self._handle, {"prefix": "sessions", "format": "json"},
                               f"list sessions of mon.{name}", target=name)
-            result.extend(_parse_sessions(json.loads(out)))
+            result.extend(parse_sessions(json.loads(out)))
         return result
 
 
-def _parse_sessions(sessions: list[Any]) -> list[ClientSession]:
+def parse_sessions(sessions: list[Any]) -> list[ClientSession]:
     """Client entries of a mon's ``sessions`` dump (JSON of 16.2: ``entity_name``,
     ``global_id``, ``addrs.addrvec[].{addr,nonce}``)."""
     result = []
