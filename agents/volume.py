@@ -175,6 +175,7 @@ class Volume:
             view = _JournalView(device, sb.journal_offset, sb.journal_bytes)
             vol._follow(view)
             vol._check_break(view)
+            vol._rebuild_allocator()
         return vol
 
     def close(self) -> None:
@@ -251,6 +252,17 @@ class Volume:
         if errors:
             raise errors[0]
         raise ChecksumMismatch("no valid checkpoint on the image")
+
+    def _rebuild_allocator(self) -> None:
+        """Free space from the index and the quarantine. Replayed and pushed records only
+        quarantine what they free (a reader allocates nothing), so a volume about to write
+        rebuilds its map first."""
+        self._allocator = Allocator.rebuild(
+            self._sb.data_offset,
+            self._sb.data_offset + self._sb.data_bytes,
+            self._index.used_extents(),
+            self._allocator.quarantined(),
+        )
 
     def _follow(self, view: _JournalView) -> builtins.list[Record]:
         """Apply the valid chain from the cursor on; returns what was applied."""
@@ -458,6 +470,7 @@ class Volume:
                 view = _JournalView(self._device, self._sb.journal_offset, self._ring)
                 self._refresh_locked()
                 self._check_break(view)
+                self._rebuild_allocator()
                 if epoch <= self._index.epoch:
                     raise StaleEpoch(
                         f"epoch {epoch} is not above the highest seen ({self._index.epoch})",
