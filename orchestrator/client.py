@@ -1,0 +1,673 @@
+"""Client library: the patent's flow over HTTP, following the fleet map transparently.
+
+* :class:`CoordinatorClient` asks the (active) coordinator for targets and grants, watches the
+  map (long poll), reports failures and carries operator requests. Standbys answer 503
+  ``not_active`` naming the active coordinator; the client follows them.
+* :class:`FleetClient` puts (streamed, never fully buffered) to the writer with the readers'
+  addresses, reads from the in-sync readers (then the writer), and lists, stats, deletes,
+  renames and makes directories. A 409 (stale epoch, not the writer), an expired grant, a 503
+  or an unreachable node makes it fetch the newer map and retry, within ``RetryPolicy.timeout``.
+  Failures it sees at a node are reported to the coordinator (client-side detection).
+* :class:`HttpAgentControl` is the coordinator's AgentControl port over the same HTTP code.
+
+A write whose request may have reached the writer before the connection broke is never
+resent blindly: it raises :class:`RequestOutcomeUnknown`. One that was refused before being
+sent (connection refused) or answered with an error is safe to retry and is.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from agents.core.grants import CONTROL, Grant, sign
+from agents.core.protocol import (
+    AUTH_HEADER,
+    BEARER,
+    READERS_HEADER,
+    DemoteRequest,
+    Health,
+    MkdirRequest,
+    PromoteRequest,
+    PutRequest,
+    ReaderAddress,
+    ReaderSet,
+    RenameRequest,
+    format_readers,
+)
+from agents.errors import (
+    AgentError,
+    CatchingUp,
+    Conflict,
+    GrantRejected,
+    NotFound,
+    RbdfleetError,
+    error_from_wire,
+)
+from orchestrator.coordinator.api import CLIENT_NODE, CoordinationFailed, NotActiveError
+from orchestrator.errors import AgentUnreachable
+
+LOG = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+SEQ_HEADER = "X-Rbdfleet-Seq"  # the version an agent served (agents/server.py)
+CLIENT_GRANT_TTL = 60.0
+
+
+class Readable(Protocol):
+    """A request body streamed by ``http.client`` (a file or a wrapper around one)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class RequestOutcomeUnknown(AgentUnreachable):
+    """The connection broke after a write request was sent: it may or may not have happened."""
+
+
+@dataclass(frozen=True)
+class Response:
+    """Status, headers and the JSON body of an answered request."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+
+
+def _url(address: str, path: str, tls: bool) -> urllib.parse.SplitResult:
+    base = address if "://" in address else ("https://" if tls else "http://") + address
+    return urllib.parse.urlsplit(base.rstrip("/") + path)
+
+
+class Transport:
+    """HTTP/1.1 to agents and coordinators; errors mapped once (here) into the project's tree."""
+
+    def __init__(self, tls: bool = False, ca_file: str | None = None) -> None:
+        self.tls = tls
+        self.ca_file = ca_file
+
+    def connect(
+        self, address: str, path: str, timeout: float
+    ) -> tuple[http.client.HTTPConnection, str]:
+        """An unconnected HTTP(S) connection to ``address`` and the request target for ``path``."""
+        url = _url(address, path, self.tls)
+        if url.hostname is None:
+            raise AgentUnreachable("?", address, "address has no host")
+        target = url.path + (f"?{url.query}" if url.query else "")
+        if url.scheme == "https":
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            return http.client.HTTPSConnection(
+                url.hostname, url.port or 443, timeout=timeout, context=ctx
+            ), target
+        return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout), target
+
+    def request(
+        self,
+        node: str,
+        address: str,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes | Readable | None = None,
+        timeout: float,
+        sink: Callable[[http.client.HTTPResponse], None] | None = None,
+    ) -> Response:
+        """Send one request; a non-2xx answer raises the error its body names.
+
+        ``sink`` consumes a 2xx body itself (streamed gets); else the body is parsed as JSON.
+        """
+        conn, target = self.connect(address, path, timeout)
+        sent = False
+        try:
+            conn.connect()
+            conn.blocksize = CHUNK
+            sent = True
+            conn.request(method, target, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            status = resp.status
+            resp_headers = {k.lower(): v for k, v in resp.getheaders()}
+            if 200 <= status < 300 and sink is not None:
+                sink(resp)
+                return Response(status, resp_headers, None)
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if sent and method != "GET":
+                raise RequestOutcomeUnknown(node, address, reason) from exc
+            raise AgentUnreachable(node, address, reason) from exc
+        finally:
+            conn.close()
+        data: Any = None
+        if raw:
+            try:
+                data = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                data = raw.decode(errors="replace")
+        if not 200 <= status < 300:
+            if isinstance(data, dict) and "error" in data:
+                raise error_from_wire(data, status)
+            raise AgentError(f"{address}: HTTP {status}", status=status)
+        return Response(status, resp_headers, data)
+
+
+# -- the coordinator's port to agents ---------------------------------------------------------
+
+
+class HttpAgentControl:
+    """AgentControl over HTTP (health probes, promote, demote, reader set)."""
+
+    def __init__(self, transport: Transport | None = None, control_timeout: float = 30.0) -> None:
+        self.transport = transport or Transport()
+        self.control_timeout = control_timeout
+
+    def health(self, address: str, timeout: float) -> Health:
+        """GET /v1/health."""
+        resp = self.transport.request(address, address, "GET", "/v1/health", timeout=timeout)
+        return Health.from_json(resp.body)
+
+    def _post(self, address: str, path: str, payload: bytes, grant: str) -> None:
+        headers = {"Content-Type": "application/json", AUTH_HEADER: BEARER + grant}
+        self.transport.request(
+            address,
+            address,
+            "POST",
+            path,
+            headers=headers,
+            body=payload,
+            timeout=self.control_timeout,
+        )
+
+    def promote(self, address: str, request: PromoteRequest, grant: str) -> None:
+        """POST /v1/promote (returns once the agent accepts writes)."""
+        self._post(address, "/v1/promote", request.encode(), grant)
+
+    def demote(self, address: str, request: DemoteRequest, grant: str) -> None:
+        """POST /v1/demote."""
+        self._post(address, "/v1/demote", request.encode(), grant)
+
+    def send_reader_set(self, address: str, request: ReaderSet, grant: str) -> None:
+        """POST /v1/readers."""
+        self._post(address, "/v1/readers", request.encode(), grant)
+
+
+# -- coordinator client -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node a client is sent to, with its label and grant."""
+
+    node: str
+    address: str
+    role: str
+    grant: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Target:
+        """Parse the coordinator's form."""
+        return cls(str(data["node"]), str(data["address"]), str(data["role"]), str(data["grant"]))
+
+
+@dataclass(frozen=True)
+class Targets:
+    """An answer to a write or read request: epoch, revision and the ordered targets."""
+
+    epoch: int
+    revision: int
+    ordered: tuple[Target, ...]
+
+    @property
+    def readers(self) -> tuple[Target, ...]:
+        """The reader-labelled targets."""
+        return tuple(t for t in self.ordered if t.role == "reader")
+
+
+class CoordinatorClient:
+    """Talks to whichever of ``urls`` is the fleet's active coordinator."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        fleet: str,
+        secret: bytes,
+        *,
+        transport: Transport | None = None,
+        timeout: float = 5.0,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one coordinator URL is needed")
+        self.urls = list(urls)
+        self.fleet = fleet
+        self._secret = secret
+        self.transport = transport or Transport()
+        self.timeout = timeout
+        self.wall = wall
+
+    def _grant(self) -> str:
+        grant = Grant(self.fleet, CLIENT_NODE, CONTROL, 0, self.wall() + CLIENT_GRANT_TTL)
+        return sign(grant, self._secret)
+
+    def call(
+        self,
+        method: str,
+        route: str,
+        payload: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """One request to the active coordinator, following ``not_active`` answers."""
+        errors: list[str] = []
+        tried: set[str] = set()
+        queue = list(self.urls)
+        while queue:
+            url = queue.pop(0)
+            if url in tried:
+                continue
+            tried.add(url)
+            headers = {AUTH_HEADER: BEARER + self._grant(), "Content-Type": "application/json"}
+            body = None if payload is None else json.dumps(payload).encode()
+            try:
+                resp = self.transport.request(
+                    "coordinator",
+                    url,
+                    method,
+                    route,
+                    headers=headers,
+                    body=body,
+                    timeout=timeout or self.timeout,
+                )
+            except NotActiveError as exc:
+                active = exc.fields.get("coordinator")
+                errors.append(f"{url}: standby")
+                if isinstance(active, str) and active not in tried:
+                    queue.insert(0, active)
+                continue
+            except RequestOutcomeUnknown:
+                raise
+            except AgentUnreachable as exc:
+                errors.append(str(exc))
+                continue
+            if url != self.urls[0]:
+                self.urls.remove(url) if url in self.urls else None
+                self.urls.insert(0, url)
+            return resp.body
+        raise AgentUnreachable("coordinator", ",".join(self.urls), "; ".join(errors))
+
+    def targets(self, kind: str, path: str) -> Targets:
+        """Grants and addresses for a ``write`` or a ``read`` of ``path``."""
+        body = self.call("POST", f"/v1/fleets/{self.fleet}/{kind}", {"path": path})
+        return Targets(
+            int(body["epoch"]),
+            int(body["revision"]),
+            tuple(Target.from_json(t) for t in body["ordered"]),
+        )
+
+    def map(self, after: int = -1, wait: float = 0.0) -> dict[str, Any]:
+        """The fleet map as JSON; with ``wait``, once its revision exceeds ``after``."""
+        route = f"/v1/fleets/{self.fleet}/map?after={after}&wait={wait}"
+        body = self.call("GET", route, None, timeout=self.timeout + wait)
+        return dict(body["map"])
+
+    def report(self, node: str, reason: str) -> None:
+        """Tell the coordinator a node failed a request (best effort)."""
+        try:
+            self.call(
+                "POST",
+                f"/v1/fleets/{self.fleet}/report",
+                {"node": node, "reason": reason[:500], "reporter": "client"},
+            )
+        except RbdfleetError as exc:
+            LOG.warning("event=report_failed node=%s reason=%s", node, exc)
+
+    def failover(self, to: str | None) -> dict[str, Any]:
+        """Operator: move the write grant (fence first); returns the new map."""
+        return dict(
+            self.call("POST", f"/v1/fleets/{self.fleet}/failover", {"to": to}, timeout=60)["map"]
+        )
+
+    def fence(self, node: str) -> dict[str, Any]:
+        """Operator: fence ``node``; returns the new map."""
+        return dict(
+            self.call("POST", f"/v1/fleets/{self.fleet}/fence", {"node": node}, timeout=60)["map"]
+        )
+
+    def status(self) -> dict[str, Any]:
+        """``/v1/status`` of the active coordinator (all its fleets)."""
+        return dict(self.call("GET", "/v1/status"))
+
+
+# -- fleet client -----------------------------------------------------------------------------
+
+
+@dataclass
+class RetryPolicy:
+    """Retry follows the map until ``timeout``; ``sleep`` and ``clock`` are injectable."""
+
+    timeout: float = 30.0
+    backoff: float = 0.05
+    max_backoff: float = 0.5
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    retryable: tuple[type[BaseException], ...] = field(
+        default=(
+            Conflict,
+            GrantRejected,
+            CatchingUp,
+            AgentUnreachable,
+            NotActiveError,
+            CoordinationFailed,
+        )
+    )
+
+    def attempts(self) -> Iterator[int]:
+        """Yields attempt numbers, sleeping between them, until the timeout passes."""
+        deadline = self.clock() + self.timeout
+        delay = self.backoff
+        n = 0
+        while True:
+            yield n
+            n += 1
+            if self.clock() + delay > deadline:
+                return
+            self.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What the writer acknowledged."""
+
+    node: str
+    epoch: int
+    seq: int
+    body: dict[str, Any]
+
+
+def _quote(path: str) -> str:
+    return urllib.parse.quote(path.lstrip("/"), safe="/")
+
+
+class FleetClient:
+    """put/get/ls/stat/rm/mv/mkdir through the fleet, following the map."""
+
+    def __init__(
+        self,
+        coordinator: CoordinatorClient,
+        *,
+        retry: RetryPolicy | None = None,
+        transport: Transport | None = None,
+        io_timeout: float = 30.0,
+    ) -> None:
+        self.coordinator = coordinator
+        self.retry = retry or RetryPolicy()
+        self.transport = transport or coordinator.transport
+        self.io_timeout = io_timeout
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _write(
+        self, path: str, send: Callable[[Target, tuple[ReaderAddress, ...]], Response]
+    ) -> WriteResult:
+        last: BaseException | None = None
+        for _ in self.retry.attempts():
+            try:
+                targets = self.coordinator.targets("write", path)
+            except self.retry.retryable as exc:
+                last = exc
+                continue
+            writer = targets.ordered[0]
+            readers = tuple(ReaderAddress(t.node, t.address) for t in targets.readers)
+            try:
+                resp = send(writer, readers)
+            except RequestOutcomeUnknown as exc:
+                self.coordinator.report(writer.node, str(exc))
+                raise
+            except AgentUnreachable as exc:
+                self.coordinator.report(writer.node, str(exc))
+                last = exc
+                continue
+            except self.retry.retryable as exc:
+                last = exc  # 409 / 401 / 503: the map moved on; fetch it again
+                continue
+            body = resp.body if isinstance(resp.body, dict) else {}
+            return WriteResult(
+                writer.node, int(body.get("epoch", targets.epoch)), int(body.get("seq", -1)), body
+            )
+        assert last is not None
+        raise last
+
+    def put(
+        self,
+        source: IO[bytes],
+        remote: str,
+        size: int,
+        *,
+        progress: Callable[[int], None] | None = None,
+    ) -> WriteResult:
+        """Stream ``size`` bytes from ``source`` (seekable) to ``remote`` on the writer."""
+        start = source.tell()
+
+        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+            source.seek(start)
+            headers = PutRequest(grant=writer.grant, size=size, readers=readers).to_headers()
+            body = _Progress(source, progress) if progress else source
+            return self.transport.request(
+                writer.node,
+                writer.address,
+                "PUT",
+                f"/v1/files/{_quote(remote)}",
+                headers=headers,
+                body=body,
+                timeout=self.io_timeout,
+            )
+
+        return self._write(remote, send)
+
+    def put_bytes(self, data: bytes, remote: str) -> WriteResult:
+        """Put a small in-memory value."""
+        import io
+
+        return self.put(io.BytesIO(data), remote, len(data))
+
+    def delete(self, remote: str) -> WriteResult:
+        """Remove a file or an empty directory."""
+
+        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+            headers = {AUTH_HEADER: BEARER + writer.grant}
+            if readers:
+                headers[READERS_HEADER] = format_readers(readers)
+            return self.transport.request(
+                writer.node,
+                writer.address,
+                "DELETE",
+                f"/v1/files/{_quote(remote)}",
+                headers=headers,
+                timeout=self.io_timeout,
+            )
+
+        return self._write(remote, send)
+
+    def _post_json(
+        self, route: str, payload: bytes
+    ) -> Callable[[Target, tuple[ReaderAddress, ...]], Response]:
+        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+            headers = {AUTH_HEADER: BEARER + writer.grant, "Content-Type": "application/json"}
+            if readers:
+                headers[READERS_HEADER] = format_readers(readers)
+            return self.transport.request(
+                writer.node,
+                writer.address,
+                "POST",
+                route,
+                headers=headers,
+                body=payload,
+                timeout=self.io_timeout,
+            )
+
+        return send
+
+    def mkdir(self, remote: str, parents: bool = False) -> WriteResult:
+        """Make a directory."""
+        return self._write(
+            remote, self._post_json("/v1/mkdir", MkdirRequest(remote, parents).encode())
+        )
+
+    def rename(self, src: str, dst: str) -> WriteResult:
+        """Rename ``src`` to ``dst``."""
+        return self._write(src, self._post_json("/v1/rename", RenameRequest(src, dst).encode()))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _read(self, path: str, call: Callable[[Target], Any]) -> Any:
+        last: BaseException | None = None
+        for _ in self.retry.attempts():
+            try:
+                targets = self.coordinator.targets("read", path)
+            except self.retry.retryable as exc:
+                last = exc
+                continue
+            for target in targets.ordered:
+                try:
+                    return call(target)
+                except NotFound:
+                    raise
+                except AgentUnreachable as exc:
+                    self.coordinator.report(target.node, str(exc))
+                    last = exc
+                except (AgentError, RbdfleetError) as exc:
+                    if not isinstance(exc, self.retry.retryable):
+                        if isinstance(exc, AgentError) and exc.status < 500:
+                            raise
+                        self.coordinator.report(target.node, str(exc))
+                    last = exc
+            if last is None:
+                last = CoordinationFailed(f"no reader for fleet {self.coordinator.fleet}")
+        assert last is not None
+        raise last
+
+    def get(
+        self, remote: str, sink: IO[bytes], *, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Stream ``remote`` into ``sink`` (seekable: a retry rewrites it); returns the size."""
+        start = sink.tell()
+
+        def call(target: Target) -> int:
+            sink.seek(start)
+            sink.truncate()
+            got = [0]
+
+            def consume(resp: http.client.HTTPResponse) -> None:
+                while True:
+                    chunk = resp.read(CHUNK)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+                    got[0] += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+                expected = resp.getheader("Content-Length")
+                if expected is not None and int(expected) != got[0]:
+                    raise AgentUnreachable(target.node, target.address, "body cut short")
+
+            self.transport.request(
+                target.node,
+                target.address,
+                "GET",
+                f"/v1/files/{_quote(remote)}",
+                headers={AUTH_HEADER: BEARER + target.grant},
+                timeout=self.io_timeout,
+                sink=consume,
+            )
+            return got[0]
+
+        return int(self._read(remote, call))
+
+    def get_bytes(self, remote: str) -> bytes:
+        """A whole (small) file in memory."""
+        import io
+
+        buf = io.BytesIO()
+        self.get(remote, buf)
+        return buf.getvalue()
+
+    def get_with_version(self, remote: str) -> tuple[bytes, int, str]:
+        """(content, version, node that served it) of a small file."""
+        import io
+
+        def call(target: Target) -> tuple[bytes, int, str]:
+            buf = io.BytesIO()
+            version = [-1]
+
+            def consume(resp: http.client.HTTPResponse) -> None:
+                buf.write(resp.read())
+                version[0] = int(resp.getheader(SEQ_HEADER) or -1)
+
+            self.transport.request(
+                target.node,
+                target.address,
+                "GET",
+                f"/v1/files/{_quote(remote)}",
+                headers={AUTH_HEADER: BEARER + target.grant},
+                timeout=self.io_timeout,
+                sink=consume,
+            )
+            return buf.getvalue(), version[0], target.node
+
+        result: tuple[bytes, int, str] = self._read(remote, call)
+        return result
+
+    def _get_json(self, route: str, path: str) -> Any:
+        def call(target: Target) -> Any:
+            return self.transport.request(
+                target.node,
+                target.address,
+                "GET",
+                route,
+                headers={AUTH_HEADER: BEARER + target.grant},
+                timeout=self.io_timeout,
+            ).body
+
+        return self._read(path, call)
+
+    def ls(self, remote: str = "/") -> dict[str, Any]:
+        """The directory listing (``ListResponse`` JSON)."""
+        route = "/v1/list" if remote.strip("/") == "" else f"/v1/list/{_quote(remote)}"
+        return dict(self._get_json(route, remote))
+
+    def stat(self, remote: str) -> dict[str, Any]:
+        """One entry (``EntryInfo`` JSON)."""
+        return dict(self._get_json(f"/v1/stat/{_quote(remote)}", remote))
+
+
+class _Progress:
+    """A file wrapper that reports how many bytes were read (for progress bars)."""
+
+    def __init__(self, source: IO[bytes], progress: Callable[[int], None]) -> None:
+        self.source = source
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.source.read(n)
+        if data:
+            self.progress(len(data))
+        return data
+
+
+__all__ = [
+    "CoordinatorClient",
+    "FleetClient",
+    "HttpAgentControl",
+    "RequestOutcomeUnknown",
+    "RetryPolicy",
+    "Target",
+    "Targets",
+    "Transport",
+    "WriteResult",
+]
