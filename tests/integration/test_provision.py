@@ -274,15 +274,18 @@ def test_removing_and_adding_a_vm_touches_only_that_vm(fleet: Fleet) -> None:
     fleet.write("two", render(fleet.cluster, fleet.vms, fleet.name, fleet.image,
                               names=("vm1", "vm2")))
     with LibvirtHypervisor() as hv:
+        before = modes(fleet, hv)
         plan, _ = fleet.provisioner(hv, "two").provision()
         user3 = vm_user(fleet.name, "vm3")
-        assert [type(a).__name__ for a in plan.actions] == ["Detach", "RemoveSecret",
-                                                             "RemoveUser"]
-        assert modes(fleet, hv, "two") == {"vm1": DiskMode.RW, "vm2": DiskMode.RO}
+        assert [(type(a).__name__, getattr(a, "vm", None)) for a in plan.actions] == [
+            ("Detach", "vm3"), ("RemoveSecret", None), ("RemoveUser", None)]
+        assert modes(fleet, hv, "two") == {"vm1": before["vm1"], "vm2": before["vm2"]}
         assert hv.secret_uuid("qemu:///system", secret_usage(user3)) is None
+        assert ceph.CephxCredentialStore(fleet.handle).list_users(user3) == []
         plan, _ = fleet.provisioner(hv).provision()
-        assert [type(a).__name__ for a in plan.actions] == ["EnsureCredentials", "Attach"]
-        assert modes(fleet, hv) == {"vm1": DiskMode.RW, "vm2": DiskMode.RO, "vm3": DiskMode.RO}
+        assert [(type(a).__name__, getattr(a, "vm", None)) for a in plan.actions] == [
+            ("EnsureCredentials", "vm3"), ("Attach", "vm3")]
+        assert modes(fleet, hv) == before
 
 
 def _assert_unchanged(fleet: Fleet, label: str, error: type[Exception], match: str) -> None:
