@@ -277,8 +277,9 @@ def test_removing_and_adding_a_vm_touches_only_that_vm(fleet: Fleet) -> None:
         before = modes(fleet, hv)
         plan, _ = fleet.provisioner(hv, "two").provision()
         user3 = vm_user(fleet.name, "vm3")
-        assert [(type(a).__name__, getattr(a, "vm", None)) for a in plan.actions] == [
-            ("Detach", "vm3"), ("RemoveSecret", None), ("RemoveUser", None)]
+        domain3 = fleet.vms.vm("vm3").domain
+        assert [(type(a).__name__, getattr(a, "domain", None)) for a in plan.actions] == [
+            ("Detach", domain3), ("RemoveSecret", None), ("RemoveUser", None)]
         assert modes(fleet, hv, "two") == {"vm1": before["vm1"], "vm2": before["vm2"]}
         assert hv.secret_uuid("qemu:///system", secret_usage(user3)) is None
         assert ceph.CephxCredentialStore(fleet.handle).list_users(user3) == []
