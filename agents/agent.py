@@ -429,6 +429,14 @@ class Agent:
             node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
             epoch=self.state.epoch, ok=False, checks=(check,), at=self._clock())))
 
+    def report_start_failure(self, exc: Exception) -> None:
+        """Tell the coordinator (when configured) this agent could not open its volume."""
+        check = SelfTestCheck("open-volume", False, f"{type(exc).__name__}: {exc}")
+        self.selftest = "failed"
+        self._send_selftest(SelfTestReport(
+            node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
+            epoch=self.state.epoch, ok=False, checks=(check,), at=self._clock()))
+
     def _send_selftest(self, report: SelfTestReport) -> None:
         try:
             self._to_coordinator("/v1/selftest", report)

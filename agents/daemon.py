@@ -29,7 +29,7 @@ from typing import Any
 
 from agents.agent import Agent, AgentSettings
 from agents.device import BlockDevice
-from agents.errors import RbdfleetError
+from agents.errors import AgentError, RbdfleetError
 from agents.server import AgentServer, serve
 
 __all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
@@ -253,7 +253,9 @@ def run(config: AgentConfig) -> int:
     try:
         agent.start(become_writer_at=config.epoch if config.role == "writer" else None)
     except RbdfleetError as exc:
-        LOG.error("event=start_failed node=%s error=%s", config.node, exc)
+        code = exc.code if isinstance(exc, AgentError) else type(exc).__name__
+        LOG.error("event=start_failed node=%s code=%s error=%s", config.node, code, exc)
+        agent.report_start_failure(exc)
         server.server_close()
         agent.stop()
         return 1
