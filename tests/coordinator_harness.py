@@ -1,0 +1,163 @@
+"""Real coordinators (in-process threads) over real agent processes, for integration/fault tests.
+
+Fencers for agents that run as local processes instead of VMs:
+
+* :class:`PidFencer` — STONITH: SIGKILL the node's agent process (works on a stopped one too).
+  The right fence for a file image, where no storage-side fence exists.
+* :class:`LockOwnerFencer` — for an RBD image: blocklist the addresses that own the image's
+  exclusive lock (the writer's librbd handle), then ``wait_for_latest_osdmap``. The VM path
+  uses the orchestrator's per-VM BlocklistFencer instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.adapters.rados_state import RadosStateStore
+from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
+from orchestrator.coordinator.api import CoordinatorAPI
+from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.core.fleetmap import FleetMap, Role, initial_map
+from orchestrator.core.liveness import LivenessConfig
+from orchestrator.ports import StateStore
+from tests.fixtures.agents import TEST_SECRET, AgentFleet
+
+
+class MonotonicClock:
+    """The real clock behind the Clock port."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass
+class PidFencer:
+    """Fence = SIGKILL of the node's agent process (recorded: node, time)."""
+
+    fleet: AgentFleet
+    fenced: list[tuple[str, float]] = field(default_factory=list)
+
+    def fence(self, vm: str) -> list[str]:
+        agent = self.fleet.agents[vm]
+        if agent.alive:
+            agent.kill()
+        self.fenced.append((vm, time.monotonic()))
+        return []
+
+
+@dataclass
+class LockOwnerFencer:
+    """Fence = blocklist the RBD image's exclusive-lock owners, then wait for the osdmap."""
+
+    client: Any
+    pool: str
+    image: str
+    fenced: list[tuple[str, list[str], float]] = field(default_factory=list)
+
+    def fence(self, vm: str) -> list[str]:
+        import rbd
+
+        with (
+            self.client.open_ioctx(self.pool) as ioctx,
+            rbd.Image(ioctx, self.image, read_only=True) as img,
+        ):
+            owners = [o["owner"] for o in img.lock_get_owners()]
+        for addr in owners:
+            ret, _, status = self.client.mon_command(
+                json.dumps(
+                    {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": 600.0}
+                ),
+                b"",
+                timeout=30,
+            )
+            if ret != 0:
+                raise RuntimeError(f"blocklist {addr}: {status}")
+        self.client.wait_for_latest_osdmap()
+        self.fenced.append((vm, owners, time.monotonic()))
+        return owners
+
+
+def bootstrap_map(fleet: AgentFleet, writer: str = "w", spares: tuple[str, ...] = ()) -> FleetMap:
+    """Epoch-1 map of the running agents (+ spares not started yet)."""
+    members: dict[str, tuple[str, Role]] = {}
+    for name, agent in fleet.agents.items():
+        role: Role = "writer" if name == writer else "reader"
+        members[name] = (agent.address, role)
+    for name in spares:
+        members[name] = (fleet.agents[name].address if name in fleet.agents else "", "spare")
+    return initial_map(fleet.name, writer, members)
+
+
+@dataclass
+class Coordinator:
+    """One coordinator process-equivalent: API server + the fleet's service."""
+
+    api: CoordinatorAPI
+    url: str
+    service: FleetService | None = None
+
+    def stop(self, release: bool = True) -> None:
+        if self.service is not None:
+            self.service.stop(release=release)
+        self.api.shutdown()
+
+
+def start_api() -> Coordinator:
+    """An API server on a free loopback port with no fleet yet."""
+    api = CoordinatorAPI({}, {}, time.time)
+    host, port = api.serve("127.0.0.1", 0)
+    return Coordinator(api, f"http://{host}:{port}")
+
+
+def start_service(
+    coordinator: Coordinator,
+    store: StateStore,
+    fencer: Any,
+    bootstrap: FleetMap | None,
+    liveness: LivenessConfig | None = None,
+) -> FleetService:
+    """Attach and start the fleet's service on ``coordinator``."""
+    agents = HttpAgentControl(control_timeout=30.0)
+    service = FleetService(
+        store=store,
+        fencer=fencer,
+        agents=agents,
+        secret=TEST_SECRET,
+        settings=ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig()),
+        clock=MonotonicClock(),
+        wall=time.time,
+        bootstrap=bootstrap,
+        send_reader_set=agents.send_reader_set,
+    )
+    coordinator.api.services[store.fleet] = service
+    coordinator.api.secrets[store.fleet] = TEST_SECRET
+    coordinator.service = service
+    service.start()
+    return service
+
+
+def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> RadosStateStore:
+    """A RadosStateStore with a unique holder."""
+    return RadosStateStore(client, pool, fleet, f"coord-{uuid.uuid4().hex[:8]}", lease)
+
+
+def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0) -> FleetClient:
+    """A client of ``fleet`` through the coordinators ``urls``."""
+    coordinator = CoordinatorClient(urls, fleet, TEST_SECRET, timeout=5.0)
+    return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout), io_timeout=10.0)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Poll every 20 ms."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)

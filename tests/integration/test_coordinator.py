@@ -1,0 +1,102 @@
+"""The coordinator over real agent processes on a file image, state in real RADOS."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.errors import NotFound
+from orchestrator.core.fleetmap import FleetMap
+from tests.coordinator_harness import (
+    Coordinator,
+    PidFencer,
+    bootstrap_map,
+    fleet_client,
+    rados_store,
+    start_api,
+    start_service,
+    wait_until,
+)
+from tests.fixtures.agents import AgentFleet, FleetFactory
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def coordinated(
+    fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
+) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
+    coordinator = start_api()
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(
+        f"file:{image}", name=f"it-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
+    )
+    fencer = PidFencer(fleet)
+    store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
+    service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
+    wait_until(
+        lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
+        20,
+        "coordinator active with 2 in-sync readers",
+    )
+    yield fleet, coordinator, fencer
+    coordinator.stop()
+    store.close()
+
+
+def test_put_get_and_namespace_ops_follow_the_patent_flow(coordinated: Any) -> None:
+    fleet, coordinator, _ = coordinated
+    client = fleet_client([coordinator.url], fleet.name)
+    targets = client.coordinator.targets("write", "/a.txt")
+    assert [t.node for t in targets.ordered] == ["w", "r1", "r2"]  # ordered: writer first
+    assert [t.role for t in targets.ordered] == ["writer", "reader", "reader"]  # labelled
+    ack = client.put_bytes(b"hello fleet", "/a.txt")
+    assert ack.node == "w" and ack.epoch == 1
+    reads = client.coordinator.targets("read", "/a.txt")
+    assert [t.node for t in reads.ordered] == ["r1", "r2", "w"]
+    assert client.get_bytes("/a.txt") == b"hello fleet"
+    client.mkdir("/d")
+    client.rename("/a.txt", "/d/b.txt")
+    assert client.stat("/d/b.txt")["size"] == len(b"hello fleet")
+    assert [e["path"].rsplit("/", 1)[-1] for e in client.ls("/d")["entries"]] == ["b.txt"]
+    client.delete("/d/b.txt")
+    with pytest.raises(NotFound):
+        client.get_bytes("/d/b.txt")
+
+
+def test_manual_failover_fences_promotes_and_clients_follow(coordinated: Any) -> None:
+    fleet, coordinator, fencer = coordinated
+    client = fleet_client([coordinator.url], fleet.name)
+    client.put_bytes(b"v1", "/k")
+    watched: list[FleetMap] = []
+    before = int(client.coordinator.map()["revision"])
+
+    def watch() -> None:
+        watched.append(FleetMap.from_json(client.coordinator.map(after=before, wait=20)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    new_map = client.coordinator.failover("r1")
+    watcher.join(30)
+    assert new_map["writer"] == "r1" and new_map["epoch"] == 2
+    assert [n for n, _ in fencer.fenced] == ["w"] and not fleet["w"].alive
+    assert watched and watched[0].revision > before  # the long poll woke up
+    ack = client.put_bytes(b"v2", "/k")
+    assert (ack.node, ack.epoch) == ("r1", 2)
+    assert client.get_bytes("/k") == b"v2"
+    status = client.coordinator.status()["fleets"][0]
+    assert status["active"] and status["map"]["writer"] == "r1"
+
+
+def test_illegal_failover_is_refused_naming_the_pair(coordinated: Any) -> None:
+    fleet, coordinator, _ = coordinated
+    client = fleet_client([coordinator.url], fleet.name)
+    with pytest.raises(Exception, match="writer -> writer"):
+        client.coordinator.failover("w")
