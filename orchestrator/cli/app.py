@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from orchestrator.cli import coordinator as coordinator_cli
+from orchestrator.cli import files as files_cli
 from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
+from orchestrator.cli import status as status_cli
 from orchestrator.cli import vm as vm_cli
 from orchestrator.cli._exit import run_reporting_errors
 
@@ -19,6 +22,9 @@ app.add_typer(sandbox.app, name="sandbox")
 app.command("provision")(provision_cli.provision)
 app.command("deprovision")(provision_cli.deprovision)
 app.add_typer(vm_cli.app, name="vm")
+coordinator_cli.register(app)
+files_cli.register(app)
+status_cli.register(app)
 
 
 def main() -> None:

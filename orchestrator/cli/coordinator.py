@@ -1,0 +1,295 @@
+"""`rbdfleet coordinator run`, `failover`, `fence`, and the `[coordinator]` config table.
+
+The `[coordinator]` table of rbdfleet.toml (docs/config.md, docs/coordinator.md) is read here,
+with ``RBDFLEET_COORDINATOR_<KEY>`` overrides; the rest of the file is the shared fleet config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator import config as fleet_config
+from orchestrator.adapters.ceph import BlocklistFencer
+from orchestrator.adapters.rados_state import RadosStateStore
+from orchestrator.cli.provision import (
+    DEFAULT_CONFIG,
+    ConfigOption,
+    JsonOption,
+    check_fleet,
+    open_provisioner,
+)
+from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
+from orchestrator.config import FleetConfig
+from orchestrator.coordinator.api import CoordinatorAPI
+from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.core.election import ElectionConfig
+from orchestrator.core.fleetmap import FleetMap, Role, initial_map
+from orchestrator.core.liveness import LivenessConfig
+from orchestrator.core.placement import vm_user
+from orchestrator.errors import ConfigError
+
+LOG = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="The coordinator (name node): grants, failure detection, failover.", no_args_is_help=True
+)
+
+ENV_PREFIX = "RBDFLEET_COORDINATOR_"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The ``[coordinator]`` table (every key optional)."""
+
+    urls: tuple[str, ...] = ("http://127.0.0.1:7470",)
+    listen: str = "127.0.0.1:7470"
+    lease_seconds: float = 2.0
+    probe_interval: float = 0.2
+    probe_timeout: float = 0.3
+    suspect_after: float = 0.5
+    dead_after: float = 1.2
+    confirm_failures: int = 3
+    retry_delay: float = 0.3
+    grant_ttl: float = 60.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def liveness(self) -> LivenessConfig:
+        """The failure detector's timings."""
+        return LivenessConfig(
+            probe_interval=self.probe_interval,
+            probe_timeout=self.probe_timeout,
+            suspect_after=self.suspect_after,
+            dead_after=self.dead_after,
+            confirm_failures=self.confirm_failures,
+        )
+
+
+_FLOATS = (
+    "lease_seconds",
+    "probe_interval",
+    "probe_timeout",
+    "suspect_after",
+    "dead_after",
+    "retry_delay",
+    "grant_ttl",
+)
+
+
+def coordinator_config(path: Path, env: Mapping[str, str] = os.environ) -> CoordinatorConfig:
+    """Read ``[coordinator]`` from ``path`` plus ``RBDFLEET_COORDINATOR_*`` overrides."""
+    try:
+        table = dict(tomllib.loads(path.read_text()).get("coordinator") or {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError("path", f"{path}: {exc}") from exc
+    for var, value in env.items():
+        if var.startswith(ENV_PREFIX):
+            table[var[len(ENV_PREFIX) :].lower()] = value
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"coordinator.{key}"
+        if key == "urls":
+            urls = value.split(",") if isinstance(value, str) else value
+            if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+                raise ConfigError(where, "must be a list of URLs")
+            kwargs["urls"] = tuple(u.strip() for u in urls)
+        elif key in _FLOATS:
+            try:
+                kwargs[key] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(where, "must be a number") from None
+        elif key == "confirm_failures":
+            try:
+                kwargs[key] = int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(where, "must be an integer") from None
+        elif key in ("listen", "tls_cert", "tls_key"):
+            kwargs[key] = str(value)
+        else:
+            raise ConfigError(where, "unknown key")
+    result = CoordinatorConfig(**kwargs)
+    result.liveness()  # validates the timings
+    return result
+
+
+def read_secret(cfg: FleetConfig) -> bytes:
+    """The fleet secret; refused when group/other may read it."""
+    path = cfg.fleet.secret_file
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("fleet.secret_file", f"{path} cannot be read: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ConfigError("fleet.secret_file", f"{path} must be mode 0600")
+    if not data.strip():
+        raise ConfigError("fleet.secret_file", f"{path} is empty")
+    return data.strip()
+
+
+def open_client(config_path: Path, timeout: float = 30.0) -> tuple[FleetClient, FleetConfig]:
+    """A FleetClient for the config's fleet through its coordinators."""
+    cfg = fleet_config.load(config_path)
+    ccfg = coordinator_config(config_path)
+    coordinator = CoordinatorClient(list(ccfg.urls), cfg.fleet.name, read_secret(cfg))
+    return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout)), cfg
+
+
+def bootstrap_map(cfg: FleetConfig) -> FleetMap:
+    """Epoch 1 from the config: the configured writer, readers, spares."""
+    members: dict[str, tuple[str, Role]] = {}
+    for vm in cfg.vms:
+        role: Role = (
+            "spare" if vm.spare else ("writer" if vm.name == cfg.fleet.writer else "reader")
+        )
+        members[vm.name] = (f"{vm.address}:{cfg.fleet.agent_port}", role)
+    return initial_map(cfg.fleet.name, cfg.fleet.writer, members)
+
+
+class _ProvisionerRoles:
+    """RoleSwitch + SpareProvisioner over the provisioning use case (libvirt re-attach)."""
+
+    def __init__(self, provisioner: Any) -> None:
+        self.provisioner = provisioner
+
+    def make_writer(self, node: str) -> None:
+        self.provisioner.set_role(node, "writer")
+
+    def attach_spare(self, node: str) -> None:
+        # The agent on the spare is deployed with the fleet (`rbdfleet deploy`); attaching its
+        # disk read-only lets it open the image and catch up.
+        self.provisioner.set_role(node, "reader")
+
+
+class _RealClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+ListenOption = Annotated[str | None, typer.Option("--listen", help="HOST:PORT to serve on")]
+AdvertiseOption = Annotated[
+    str | None, typer.Option("--advertise", help="URL clients and standbys use for this one")
+]
+
+
+@app.command("run")
+def run(
+    config: ConfigOption = DEFAULT_CONFIG,
+    listen: ListenOption = None,
+    advertise: AdvertiseOption = None,
+) -> None:
+    """Serve the fleet's client API; active under the RADOS lease, standby otherwise."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ccfg = coordinator_config(config)
+    host, _, port = (listen or ccfg.listen).rpartition(":")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with open_provisioner(config) as (provisioner, handle, cfg):
+        secret = read_secret(cfg)
+        api = CoordinatorAPI({}, {cfg.fleet.name: secret}, time.time)
+        bound_host, bound_port = api.serve(
+            host or "127.0.0.1", int(port), ccfg.tls_cert, ccfg.tls_key
+        )
+        scheme = "https" if ccfg.tls_cert else "http"
+        url = advertise or f"{scheme}://{bound_host}:{bound_port}"
+        holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        store = RadosStateStore(handle, cfg.ceph.pool, cfg.fleet.name, holder, ccfg.lease_seconds)
+        fencer = BlocklistFencer(
+            handle,
+            cfg.ceph.pool,
+            cfg.fleet.image,
+            {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms},
+        )
+        agents = HttpAgentControl()
+        roles = _ProvisionerRoles(provisioner)
+        service = FleetService(
+            store=store,
+            fencer=fencer,
+            agents=agents,
+            secret=secret,
+            settings=ServiceSettings(
+                url=url,
+                liveness=ccfg.liveness(),
+                election=ElectionConfig(retry_delay=ccfg.retry_delay),
+                grant_ttl=ccfg.grant_ttl,
+            ),
+            clock=_RealClock(),
+            wall=time.time,
+            bootstrap=bootstrap_map(cfg),
+            role_switch=roles,
+            spares=roles,
+            send_reader_set=agents.send_reader_set,
+        )
+        api.services[cfg.fleet.name] = service
+        service.start()
+        LOG.info("event=coordinator_serving fleet=%s url=%s holder=%s", cfg.fleet.name, url, holder)
+        typer.echo(f"coordinator for fleet {cfg.fleet.name} serving on {url}", err=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            service.stop()
+            api.shutdown()
+            store.close()
+
+
+FleetArg = Annotated[str, typer.Argument(help="fleet name (must match the config)")]
+
+
+def failover(
+    fleet: FleetArg,
+    to: Annotated[str | None, typer.Option("--to", help="the in-sync reader to promote")] = None,
+    config: ConfigOption = DEFAULT_CONFIG,
+    as_json: JsonOption = False,
+) -> None:
+    """Move the write grant: persist epoch+1, fence the writer, promote, publish."""
+    client, cfg = open_client(config)
+    check_fleet(cfg, fleet)
+    new = client.coordinator.failover(to)
+    _print_map(new, as_json)
+
+
+def fence(
+    fleet: FleetArg,
+    vm: Annotated[str, typer.Argument(help="the VM to fence")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    as_json: JsonOption = False,
+) -> None:
+    """Fence a VM through the coordinator (a writer is replaced first, in law order)."""
+    client, cfg = open_client(config)
+    check_fleet(cfg, fleet)
+    new = client.coordinator.fence(vm)
+    _print_map(new, as_json)
+
+
+def _print_map(m: dict[str, Any], as_json: bool) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    typer.echo(f"fleet {m['fleet']}: epoch {m['epoch']} writer {m['writer']} ({m['phase']})")
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``coordinator run``, ``failover`` and ``fence`` to the root app."""
+    root.add_typer(app, name="coordinator")
+    root.command("failover")(failover)
+    root.command("fence")(fence)
