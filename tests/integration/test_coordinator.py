@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -100,3 +104,46 @@ def test_illegal_failover_is_refused_naming_the_pair(coordinated: Any) -> None:
     client = fleet_client([coordinator.url], fleet.name)
     with pytest.raises(Exception, match="writer -> writer"):
         client.coordinator.failover("w")
+
+
+def test_cli_put_get_ls_status_as_subprocesses(coordinated: Any, tmp_path: Path) -> None:
+    fleet, coordinator, _ = coordinated
+    conf = tmp_path / "rbdfleet.toml"
+    conf.write_text(
+        '[ceph]\nconf = "/nonexistent/ceph.conf"\nkeyring = "/nonexistent/keyring"\n'
+        f'[fleet]\nname = "{fleet.name}"\nimage = "img"\nsize = "64MiB"\nwriter = ""\n'
+        f'secret_file = "{fleet.secret_file}"\n'
+        f'[coordinator]\nurls = ["http://127.0.0.1:9", "{coordinator.url}"]\n'
+    )
+    local = tmp_path / "big.bin"
+    local.write_bytes(os.urandom(9 << 20))  # above the progress-bar threshold
+    env = {**os.environ, "RBDFLEET_CONFIG": str(conf)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli.app", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    cli("put", str(local), "/big.bin")
+    cli("get", "/big.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+    listing = json.loads(cli("ls", "/", "--json"))
+    assert [e["path"] for e in listing["entries"]] == ["/big.bin"]
+    status = json.loads(cli("status", "--json"))
+    assert status["map"]["writer"] == "w" and status["active"] is True
+    table = cli("status")
+    assert "in-sync" in table and "w " in table
+    missing = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli.app", "get", "/nope", str(tmp_path / "x")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 10 and "rbdfleet: error" in missing.stderr
