@@ -1,0 +1,239 @@
+"""``AnsibleRunner``: deploy agents with the playbooks in ``ansible/``, run as a program.
+
+Ansible is never imported (DESIGN §6): ``ansible-playbook`` from the project's venv runs as a
+subprocess with ``ANSIBLE_CONFIG=ansible/ansible.cfg``. Each run gets its own work directory
+holding the inventory (JSON, which Ansible's YAML inventory plugin reads), the extra vars
+(a 0600 file, never argv), the SSH control sockets and Ansible's local temp files.
+
+Connections use ``ansible_connection=ssh`` (the paramiko plugin is deprecated in 2.19) with
+the pinned ``known_hosts`` and ``StrictHostKeyChecking=yes``: an unknown or changed host key
+fails that host. The same target guard as the SSH adapter is applied to every address first.
+
+Results come from the ``PLAY RECAP`` (one line per host) and the ``fatal: [host]`` lines
+(the first failure message per host). Any failed or unreachable host raises
+:class:`~orchestrator.errors.DeployError` with every host's recap; what Ansible does not
+tell (e.g. a host missing from the recap because the play never reached it) is reported as
+a failure of that host, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agents.errors import BindingUnavailable
+from orchestrator.adapters.ssh import require_local_target
+from orchestrator.config import FleetConfig
+from orchestrator.deploy import DEFAULT_LAUNCH, AgentPackage
+from orchestrator.errors import DeployError
+
+__all__ = ["ANSIBLE_DIR", "AnsibleRunner", "InventoryHost", "PlayRecap", "PlaybookRun"]
+
+ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
+
+_RECAP = re.compile(
+    r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)\s+skipped=(?P<skipped>\d+)\s+"
+    r"rescued=(?P<rescued>\d+)\s+ignored=(?P<ignored>\d+)")
+_FATAL = re.compile(r"^fatal: \[(?P<host>[^\]\s]+)[^\]]*\]: (?P<kind>FAILED|UNREACHABLE)! => "
+                    r"(?P<body>.*)$")
+
+
+@dataclass(frozen=True)
+class InventoryHost:
+    """One host of the ``agents`` group: address, install prefix and the agent's config."""
+
+    name: str
+    address: str
+    prefix: str = "/"
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def from_fleet(config: FleetConfig,
+                   agent_config: Callable[[str], Mapping[str, Any]]) -> list[InventoryHost]:
+        """The fleet's VMs (prefix ``/``) and sandbox hosts (prefix = their root)."""
+        vms = [InventoryHost(vm.name, vm.address, "/", agent_config(vm.name))
+               for vm in config.vms]
+        hosts = [InventoryHost(h.name, h.address, str(h.root), agent_config(h.name))
+                 for h in config.hosts]
+        return vms + hosts
+
+
+@dataclass(frozen=True)
+class PlayRecap:
+    """One host's line of the play recap, plus its first failure message."""
+
+    host: str
+    ok: int = 0
+    changed: int = 0
+    unreachable: int = 0
+    failed: int = 0
+    skipped: int = 0
+    rescued: int = 0
+    ignored: int = 0
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.error is None and self.failed == 0 and self.unreachable == 0
+
+
+@dataclass(frozen=True)
+class PlaybookRun:
+    """A finished ``ansible-playbook`` run."""
+
+    playbook: str
+    rc: int
+    recap: dict[str, PlayRecap]
+    output: str
+    seconds: float
+
+
+def parse_output(output: str, hosts: Sequence[str]) -> dict[str, PlayRecap]:
+    """Recap per host from ``ansible-playbook`` output (default callback, no colour)."""
+    errors: dict[str, str] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for line in output.splitlines():
+        fatal = _FATAL.match(line)
+        if fatal and fatal["host"] not in errors:
+            errors[fatal["host"]] = _failure_message(fatal["kind"], fatal["body"])
+        recap = _RECAP.match(line)
+        if recap:
+            counts[recap["host"]] = {k: int(v) for k, v in recap.groupdict().items()
+                                     if k != "host"}
+    result = {}
+    for host in hosts:
+        if host in counts:
+            result[host] = PlayRecap(host, **counts[host], error=errors.get(host))
+        else:
+            result[host] = PlayRecap(host, error=errors.get(host, "not in the play recap"))
+    return result
+
+
+def _failure_message(kind: str, body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return f"{kind}: {body[:300]}"
+    if not isinstance(data, dict):
+        return f"{kind}: {body[:300]}"
+    detail = data.get("msg") or data.get("stderr") or data.get("stdout") or body
+    return f"{kind}: {str(detail).strip()[:300]}"
+
+
+class AnsibleRunner:
+    """Runs ``ansible/playbooks/*.yml`` against hosts with pinned SSH keys."""
+
+    def __init__(self, workdir: Path, *, ssh_key: Path, known_hosts: Path, user: str = "root",
+                 ansible_dir: Path = ANSIBLE_DIR, timeout: float = 900.0,
+                 target_guard: Callable[[str], None] = require_local_target,
+                 controller_addr: str | None = None) -> None:
+        self.workdir = workdir
+        self.ssh_key = ssh_key
+        self.known_hosts = known_hosts
+        self.user = user
+        self.ansible_dir = ansible_dir
+        self.timeout = timeout
+        self.target_guard = target_guard
+        self.controller_addr = controller_addr
+        self.playbook_bin = Path(sys.executable).parent / "ansible-playbook"
+        if not self.playbook_bin.exists():
+            raise BindingUnavailable("ansible-playbook", "ansible-core")
+
+    def deploy_agents(self, hosts: Sequence[InventoryHost], package: AgentPackage, *,
+                      launch: Sequence[str] = DEFAULT_LAUNCH) -> PlaybookRun:
+        """Run ``deploy-agents.yml``: validate, copy ``package``, write config, start."""
+        return self.run("deploy-agents.yml", hosts, self._package_vars(package, launch))
+
+    def validate(self, hosts: Sequence[InventoryHost], package: AgentPackage) -> PlaybookRun:
+        """Run ``validate.yml``: facts, variables and python3 checks; changes nothing."""
+        return self.run("validate.yml", hosts, self._package_vars(package, DEFAULT_LAUNCH))
+
+    def run(self, playbook: str, hosts: Sequence[InventoryHost],
+            extra_vars: Mapping[str, Any] | None = None) -> PlaybookRun:
+        """Run ``ansible/playbooks/PLAYBOOK``; DeployError(recaps) if any host failed."""
+        for host in hosts:
+            self.target_guard(host.address)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        inventory = self.write_inventory(hosts)
+        vars_file = self.workdir / "extra-vars.json"
+        fd = os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(dict(extra_vars or {}), out)
+        argv = [str(self.playbook_bin), "-i", str(inventory), "-e", f"@{vars_file}",
+                str(self.ansible_dir / "playbooks" / playbook)]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(argv, cwd=self.ansible_dir, env=self._env(),
+                                  capture_output=True, text=True, timeout=self.timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise DeployError(f"{playbook} did not finish in {self.timeout} s", {}) from exc
+        output = proc.stdout + proc.stderr
+        run = PlaybookRun(playbook, proc.returncode,
+                          parse_output(proc.stdout, [h.name for h in hosts]), output,
+                          round(time.monotonic() - started, 2))
+        failed = sorted(name for name, recap in run.recap.items() if not recap.succeeded)
+        if failed or proc.returncode != 0:
+            detail = "; ".join(f"{n}: {run.recap[n].error}" for n in failed) or \
+                output.strip()[-500:]
+            raise DeployError(f"{playbook} failed (rc {proc.returncode}): {detail}",
+                              dict(run.recap))
+        return run
+
+    def write_inventory(self, hosts: Sequence[InventoryHost]) -> Path:
+        """The ``agents`` group as a JSON inventory in the work directory."""
+        common_args = shlex.join(["-o", f"UserKnownHostsFile={self.known_hosts}",
+                                  "-o", "StrictHostKeyChecking=yes",
+                                  "-o", "GlobalKnownHostsFile=/dev/null"])
+        group_vars: dict[str, Any] = {
+            "ansible_user": self.user,
+            "ansible_connection": "ssh",
+            "ansible_ssh_private_key_file": str(self.ssh_key),
+            "ansible_ssh_common_args": common_args,
+            "ansible_python_interpreter": "/usr/bin/python3",
+        }
+        if self.controller_addr:
+            group_vars["controller_addr"] = self.controller_addr
+        inventory = {"all": {"children": {"agents": {
+            "hosts": {h.name: {"ansible_host": h.address, "ansible_port": 22,
+                               "host_root": h.prefix, "rbdfleet_agent_config": dict(h.config)}
+                      for h in hosts},
+            "vars": group_vars,
+        }}}}
+        path = self.workdir / "inventory.json"
+        path.write_text(json.dumps(inventory, indent=2, sort_keys=True))
+        return path
+
+    def _package_vars(self, package: AgentPackage, launch: Sequence[str]) -> dict[str, Any]:
+        tarball = self.workdir / f"agents-{package.version}.tar.gz"
+        if not tarball.exists():
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            tarball.write_bytes(package.tarball)
+        return {"rbdfleet_agent_package": str(tarball),
+                "rbdfleet_agent_version": package.version,
+                "rbdfleet_agent_launch": list(launch)}
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+        (self.workdir / "cp").mkdir(exist_ok=True)
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        env.update({
+            "ANSIBLE_CONFIG": str(self.ansible_dir / "ansible.cfg"),
+            "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.workdir / "cp"),
+            "ANSIBLE_LOCAL_TEMP": str(self.workdir / "tmp"),
+            "ANSIBLE_HOME": str(self.workdir / "home"),
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "PATH": f"{self.playbook_bin.parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        })
+        return env
