@@ -55,9 +55,9 @@ from agents.errors import (
     StaleEpoch,
 )
 from agents.metrics import Registry
-from agents.peers import Peer, post_message
+from agents.peers import Peer, PeerSession, post_message
 from agents.reader import ReaderRole
-from agents.volume import Volume
+from agents.volume import Record, Volume
 from agents.writer import ReaderLink, WriterRole
 
 __all__ = ["Agent", "AgentSettings", "OpenDevice"]
@@ -101,6 +101,8 @@ class Agent:
         self.reader: ReaderRole | None = None
         self.writer: WriterRole | None = None
         self._promoting: tuple[BlockDevice, Volume] | None = None
+        self._epoch_record: Record | None = None
+        self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
         self._retired: list[ReaderRole] = []
         self.writer_hint: tuple[str | None, str | None] = (None, None)  # node, address
         self.selftest = "pending"
@@ -240,6 +242,7 @@ class Agent:
                     self._promoting = (self.writer.device, self.writer.volume)
                     self.writer = None
                 record = self._promoting[1].start_epoch(epoch)
+                self._epoch_record = record
                 LOG.info("event=epoch_record node=%s epoch=%d seq=%d", self.settings.node,
                          epoch, record.seq)
                 return roles.EpochRecordWritten(epoch)
@@ -253,6 +256,9 @@ class Agent:
                     report_lagging=self._report_lagging, ack_timeout=self.settings.ack_timeout,
                     retry_interval=self.settings.retry_interval)
                 self.writer.set_readers(self.settings.readers)
+                if self._epoch_record is not None:
+                    self.writer.announce(self._epoch_record)
+                    self._epoch_record = None
                 if self.reader is not None:  # reads in flight keep their handle until stop
                     self._retired.append(self.reader)
                     self.reader = None
@@ -263,6 +269,9 @@ class Agent:
                 if self.writer is not None:
                     self.writer.close()
                     self.writer = None
+                for session in self._sessions.values():
+                    session.close()
+                self._sessions.clear()
                 if self._promoting is not None:
                     self._promoting[1].close()
                     self._promoting[0].close()
@@ -396,9 +405,13 @@ class Agent:
         return Peer(address, tls=self.settings.tls, ca_file=self.settings.ca_file)
 
     def _send_push(self, link: ReaderLink, push: RecordPush) -> RecordAck:
+        key = (link.node, link.address)
+        session = self._sessions.get(key)
+        if session is None:  # only this link's pusher thread uses it
+            session = PeerSession(self._peer(link.address), self.settings.ack_timeout)
+            self._sessions[key] = session
         try:
-            answer = post_message(self._peer(link.address), "/v1/records", push,
-                                  grant=self.own_grant(), timeout=self.settings.ack_timeout)
+            answer = session.post("/v1/records", push, grant=self.own_grant())
         except AgentError:
             self.m_pushes.inc("failed")
             raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import ssl
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
 from agents.errors import AgentError, DecodeError
 
-__all__ = ["Peer", "PeerUnreachable", "post_message"]
+__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message"]
 
 
 class PeerUnreachable(AgentError):
@@ -47,6 +46,8 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
     if url.hostname is None:
         raise PeerUnreachable(f"peer address {peer.address!r} has no host", address=peer.address)
     if url.scheme == "https":
+        import ssl
+
         context = ssl.create_default_context(cafile=peer.ca_file)
         return http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout,
                                            context=context)
@@ -55,28 +56,53 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
     return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout)
 
 
-def post_message(peer: Peer, path: str, message: Message, *, grant: str | None,
-                 timeout: float) -> dict[str, Any]:
-    """POST ``message`` to ``path`` on ``peer``; the JSON answer as a dict (``{}`` if empty).
+class PeerSession:
+    """One keep-alive HTTP/1.1 connection to a peer, reopened when it breaks.
 
-    Raises PeerUnreachable for transport errors and the sent AgentError for an error answer.
+    Not thread-safe: one per sending thread (e.g. per reader link). A request that fails on a
+    reused connection (the peer closed it while idle) is sent once more on a fresh one, so use
+    it only for idempotent messages (pushes, reports).
     """
-    url = peer.url(path)
-    body = message.encode()
-    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
-    if grant is not None:
-        headers[AUTH_HEADER] = BEARER + grant
-    conn = _connection(peer, url, timeout)
-    try:
-        conn.request("POST", url.path or "/", body=body, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
-        status = response.status
-    except (OSError, http.client.HTTPException) as exc:
-        raise PeerUnreachable(f"{peer.address}: {type(exc).__name__}: {exc}",
-                              address=peer.address) from exc
-    finally:
-        conn.close()
+
+    def __init__(self, peer: Peer, timeout: float) -> None:
+        self.peer = peer
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, message: Message, *, grant: str | None) -> dict[str, Any]:
+        """POST ``message``; the JSON answer (see :func:`post_message`)."""
+        url = self.peer.url(path)
+        body = message.encode()
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        if grant is not None:
+            headers[AUTH_HEADER] = BEARER + grant
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = _connection(self.peer, url, self.timeout)
+            try:
+                self._conn.request("POST", url.path or "/", body=body, headers=headers)
+                response = self._conn.getresponse()
+                data = response.read()
+                status = response.status
+                if response.will_close:
+                    self.close()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                if attempt == 2 or not reused:
+                    raise PeerUnreachable(f"{self.peer.address}: {type(exc).__name__}: {exc}",
+                                          address=self.peer.address) from exc
+        return _answer(self.peer, status, data)
+
+    def close(self) -> None:
+        """Drop the connection (the next post opens a new one)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _answer(peer: Peer, status: int, data: bytes) -> dict[str, Any]:
     try:
         answer = json.loads(data) if data else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -91,3 +117,17 @@ def post_message(peer: Peer, path: str, message: Message, *, grant: str | None,
     if not isinstance(answer, dict):
         raise DecodeError(f"{peer.address} answered with a non-object", address=peer.address)
     return answer
+
+
+def post_message(peer: Peer, path: str, message: Message, *, grant: str | None,
+                 timeout: float) -> dict[str, Any]:
+    """POST ``message`` to ``path`` on ``peer`` over a fresh connection; the JSON answer as a
+    dict (``{}`` if empty).
+
+    Raises PeerUnreachable for transport errors and the sent AgentError for an error answer.
+    """
+    session = PeerSession(peer, timeout)
+    try:
+        return session.post(path, message, grant=grant)
+    finally:
+        session.close()

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import socket
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -201,7 +200,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except AgentError as err:
             status = err.status
             self._fail(err)
-        except (ConnectionError, TimeoutError, ssl.SSLError) as exc:
+        except OSError as exc:  # client gone: reset, timeout, TLS error (SSLError)
             self.close_connection = True
             LOG.info("event=client_gone route=%s error=%s", route_name, type(exc).__name__)
         except Exception:
@@ -220,7 +219,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             self._send_error(err)
-        except (ConnectionError, TimeoutError, ssl.SSLError):
+        except OSError:
             self.close_connection = True
 
     def do_GET(self) -> None:
@@ -427,8 +426,10 @@ class AgentServer(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], *, max_body: int,
                  tls: tuple[str, str] | None = None) -> None:
         self.max_body = max_body
-        self._tls: ssl.SSLContext | None = None
+        self._tls: Any = None  # ssl.SSLContext when TLS is on
         if tls is not None:
+            import ssl
+
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._tls.load_cert_chain(*tls)
         super().__init__(address, Handler)
@@ -440,11 +441,11 @@ class AgentServer(http.server.ThreadingHTTPServer):
         return sock, addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
+        if self._tls is not None:
             request.settimeout(Handler.timeout)
             try:
                 request.do_handshake()
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:  # ssl.SSLError is an OSError
                 LOG.info("event=tls_handshake_failed client=%s error=%s", client_address[0],
                          type(exc).__name__)
                 return

@@ -31,6 +31,7 @@ __all__ = ["ReaderLink", "WriterRole"]
 LOG = logging.getLogger(__name__)
 
 MAX_PUSH_BATCH = 256  # beyond this a push sends only the commit seq; the reader reads the journal
+ORDER_WAIT = 0.02  # seconds a pusher waits for a missing lower seq before sending past it
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ReaderLink:
     reporting: bool = False
     pending: list[Record] = field(default_factory=list)
     retired: bool = False
+    sent_seq: int = -1
 
 
 SendPush = Callable[[ReaderLink, RecordPush], RecordAck]
@@ -227,10 +229,14 @@ class WriterRole:
                     self._cond.wait(self.retry_interval)
                     if link.retired or not self._accepting or link.in_sync:
                         continue
+                else:
+                    self._wait_for_order(link)
                 batch, link.pending = sorted(link.pending, key=lambda r: r.seq), []
-            commit = self.volume.applied_seq
-            records = () if len(batch) > MAX_PUSH_BATCH else tuple(
-                RecordPush.pack(r.encode()) for r in batch)
+            if batch and len(batch) <= MAX_PUSH_BATCH:
+                records = tuple(RecordPush.pack(r.encode()) for r in batch)
+                commit = batch[-1].seq
+            else:  # catching up, or too far behind for a push: the reader reads the journal
+                records, commit = (), self.volume.applied_seq
             push = RecordPush(fleet=self.fleet, epoch=self.epoch, writer=self.node,
                               records=records, commit_seq=commit)
             try:
@@ -239,6 +245,7 @@ class WriterRole:
                 self._mark_lagging(link, commit, f"push failed: {exc.code}: {exc.message}")
                 continue
             with self._cond:
+                link.sent_seq = max(link.sent_seq, commit)
                 link.applied_seq = max(link.applied_seq, ack.applied_seq)
                 link.safe_seq = ack.safe_seq
                 if not link.in_sync and ack.applied_seq >= commit:
@@ -246,6 +253,27 @@ class WriterRole:
                     LOG.info("event=reader_in_sync node=%s reader=%s applied_seq=%d",
                              self.node, link.node, ack.applied_seq)
                 self._cond.notify_all()
+
+    def _wait_for_order(self, link: ReaderLink) -> None:
+        """Hold a batch briefly while a lower seq is still being queued (concurrent writes
+        finish their group commit in any order), so readers rarely see a gap. Caller holds
+        the condition."""
+        deadline = self._clock() + ORDER_WAIT
+        while link.pending and link.sent_seq >= 0 and not link.retired:
+            if min(r.seq for r in link.pending) <= link.sent_seq + 1:
+                return
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
+    def announce(self, record: Record) -> None:
+        """Queue ``record`` (e.g. the epoch-start record) for every in-sync reader; no wait."""
+        with self._cond:
+            for link in self._links.values():
+                if link.in_sync:
+                    link.pending.append(record)
+            self._cond.notify_all()
 
     def _release(self) -> None:
         with self._cond:

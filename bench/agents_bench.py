@@ -1,0 +1,267 @@
+"""Agents vs ``rbd bench`` on the same cluster, same run (DESIGN §9 ratios).
+
+Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
+- large-file write through the writer (PUT, streamed) vs ``rbd bench`` sequential write;
+- large-file read from one reader (GET, streamed) vs ``rbd bench`` sequential read;
+- 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency;
+- visibility lag: time from the writer's ack to the reader serving the file (p50/p99; it
+  includes one GET round trip, so it is an upper bound);
+- idle RSS of a reader agent.
+
+Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
+
+    .venv/bin/python bench/agents_bench.py [--size-mib 256] [--objectstore bluestore]
+        [--small-seconds 5] [--clients 8] [--json out.json] [--conf CEPH_CONF]
+
+``--conf`` uses a running cluster instead (pool ``rbd``; the image is created and removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agents.core.protocol import PutRequest  # noqa: E402
+from orchestrator.sandbox.ceph import CephCluster, cluster_from_conf, start_cluster, stop_cluster  # noqa: E402
+from orchestrator.sandbox.state import StateFile  # noqa: E402
+from tests.fixtures.agents import AgentFleet, format_image  # noqa: E402
+
+MiB = 1 << 20
+BLOCK = 4 * MiB
+
+
+def rbd_bench(conf: Path, spec: str, io_type: str, total: int) -> float:
+    """``rbd bench`` sequential 4M, 16 threads, rbd_cache off: bytes/s."""
+    out = subprocess.run(
+        ["rbd", "-c", str(conf), "bench", "--io-type", io_type, "--io-size", "4M",
+         "--io-threads", "16", "--io-total", str(total), "--io-pattern", "seq",
+         "--rbd-cache=false", spec],
+        capture_output=True, text=True, check=True, timeout=600).stdout
+    # "elapsed: 0   ops: 8   ops/sec: 35.0877   bytes/sec: 140 MiB/s": elapsed is whole
+    # seconds and bytes/sec rounded, so use ops/sec x the 4 MiB op size.
+    match = re.search(r"ops/sec:\s*([\d.]+)", out)
+    if match is None:
+        raise RuntimeError(f"cannot parse rbd bench output:\n{out}")
+    return float(match.group(1)) * BLOCK
+
+
+def _conn(address: str) -> http.client.HTTPConnection:
+    host, _, port = address.rpartition(":")
+    return http.client.HTTPConnection(host, int(port), timeout=300)
+
+
+def put_large(fleet: AgentFleet, path: str, size: int) -> float:
+    """Stream ``size`` bytes to the writer; bytes/s from first byte to the ack."""
+    block = os.urandom(BLOCK)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // BLOCK):
+            yield block
+
+    grant = fleet.grant("w", "writer", fleet.epoch("w"))
+    conn = _conn(fleet["w"].address)
+    started = time.perf_counter()
+    conn.request("PUT", "/v1/files" + path, body=body(),
+                 headers=PutRequest(grant=grant, size=size).to_headers())
+    resp = conn.getresponse()
+    resp.read()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    if resp.status != 201:
+        raise RuntimeError(f"large put failed: {resp.status}")
+    return size / elapsed
+
+
+def get_large(fleet: AgentFleet, node: str, path: str, size: int) -> float:
+    """Stream the file from ``node``, discarding it; bytes/s."""
+    grant = fleet.grant(node, "reader", fleet.epoch(node))
+    conn = _conn(fleet[node].address)
+    started = time.perf_counter()
+    conn.request("GET", "/v1/files" + path, headers={"Authorization": "Bearer " + grant})
+    resp = conn.getresponse()
+    got = 0
+    while chunk := resp.read(BLOCK):
+        got += len(chunk)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    if resp.status != 200 or got != size:
+        raise RuntimeError(f"large get failed: {resp.status}, {got} of {size} bytes")
+    return size / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def small_puts(fleet: AgentFleet, seconds: float, clients: int) -> dict[str, float]:
+    """4 KiB puts from ``clients`` threads (one keep-alive connection each) for ``seconds``."""
+    grant = fleet.grant("w", "writer", fleet.epoch("w"))
+    payload = os.urandom(4096)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+    readers = fleet.reader_addresses("r1", "r2")
+
+    def client(n: int) -> None:
+        conn = _conn(fleet["w"].address)
+        headers = PutRequest(grant=grant, size=len(payload), readers=readers).to_headers()
+        i = 0
+        mine = []
+        while time.perf_counter() < stop:
+            started = time.perf_counter()
+            conn.request("PUT", f"/v1/files/small/c{n}-{i}", body=payload, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 201 or json.loads(body)["lagging"]:
+                raise RuntimeError(f"small put: {resp.status} {body[:200]!r}")
+            mine.append(time.perf_counter() - started)
+            i += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    return {"puts": len(latencies), "puts_per_s": len(latencies) / elapsed,
+            "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3}
+
+
+def visibility_lag(fleet: AgentFleet, count: int) -> dict[str, float]:
+    """Put a 4 KiB file, then GET it from r1 until served: time from the ack (ms)."""
+    wgrant = fleet.grant("w", "writer", fleet.epoch("w"))
+    rgrant = fleet.grant("r1", "reader", fleet.epoch("r1"))
+    wconn, rconn = _conn(fleet["w"].address), _conn(fleet["r1"].address)
+    payload = os.urandom(4096)
+    headers = PutRequest(grant=wgrant, size=len(payload),
+                         readers=fleet.reader_addresses("r1", "r2")).to_headers()
+    lags = []
+    for i in range(count):
+        wconn.request("PUT", f"/v1/files/lag/{i}", body=payload, headers=headers)
+        resp = wconn.getresponse()
+        resp.read()
+        acked = time.perf_counter()
+        while True:
+            rconn.request("GET", f"/v1/files/lag/{i}",
+                          headers={"Authorization": "Bearer " + rgrant})
+            got = rconn.getresponse()
+            got.read()
+            if got.status == 200:
+                break
+        lags.append(time.perf_counter() - acked)
+    wconn.close()
+    rconn.close()
+    return {"samples": count, "p50_ms": pct(lags, 0.5) * 1e3, "p99_ms": pct(lags, 0.99) * 1e3,
+            "max_ms": max(lags) * 1e3}
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every measurement on one image of ``cluster``."""
+    size = args.size_mib * MiB
+    image_size = 2 * size + 256 * MiB
+    bench_image = f"bench-{uuid.uuid4().hex[:8]}"
+    agent_image = f"bench-agents-{uuid.uuid4().hex[:8]}"
+    conf = cluster.conf
+    results: dict[str, Any] = {"size_mib": args.size_mib, "objectstore": cluster.objectstore}
+    for name in (bench_image, agent_image):
+        subprocess.run(["rbd", "-c", str(conf), "create", "--size", f"{image_size // MiB}M",
+                        f"{cluster.pool}/{name}"], check=True, timeout=120)
+    fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{agent_image}", work,
+                       extra={"ceph_conf": str(conf), "ceph_user": "admin",
+                              "ceph_keyring": str(cluster.keyring), "log_level": "info"})
+    try:
+        spec = f"{cluster.pool}/{bench_image}"
+        results["rbd_bench_write_mib_s"] = rbd_bench(conf, spec, "write", size) / MiB
+        results["rbd_bench_read_mib_s"] = rbd_bench(conf, spec, "read", size) / MiB
+        format_image(fleet.backend, "bench", ceph_conf=str(conf), ceph_user="admin",
+                     ceph_keyring=str(cluster.keyring))
+        for node in ("r1", "r2"):
+            fleet.add(node)
+        fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+        time.sleep(2)
+        results["agent_idle_rss_mib"] = {n: round(rss_kib(fleet[n].proc.pid) / 1024, 1)
+                                         for n in ("w", "r1", "r2")}  # type: ignore[union-attr]
+        results["agent_write_mib_s"] = put_large(fleet, "/large", size) / MiB
+        results["agent_read_mib_s"] = get_large(fleet, "r1", "/large", size) / MiB
+        results["write_ratio"] = results["agent_write_mib_s"] / results["rbd_bench_write_mib_s"]
+        results["read_ratio"] = results["agent_read_mib_s"] / results["rbd_bench_read_mib_s"]
+        results["small_4k"] = small_puts(fleet, args.small_seconds, args.clients)
+        results["visibility_lag"] = visibility_lag(fleet, args.lag_samples)
+    finally:
+        fleet.close()
+        for name in (bench_image, agent_image):
+            subprocess.run(["rbd", "-c", str(conf), "rm", "--no-progress",
+                            f"{cluster.pool}/{name}"], capture_output=True, timeout=120)
+    return results
+
+
+def main() -> int:
+    """Run the benchmark and print (and optionally save) the results."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--objectstore", default="bluestore", choices=("bluestore", "memstore"))
+    parser.add_argument("--small-seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--lag-samples", type=int, default=200)
+    parser.add_argument("--conf", help="use this running cluster's ceph.conf")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    if args.size_mib % 4:
+        parser.error("--size-mib must be a multiple of 4")
+    work = Path(tempfile.mkdtemp(prefix="rbdfleet-bench-", dir="/var/tmp"))
+    work.chmod(0o755)
+    (work / "agents").mkdir()
+    try:
+        if args.conf:
+            results = run(cluster_from_conf(Path(args.conf)), args, work / "agents")
+        else:
+            state = StateFile(work / "state.json")
+            cluster = start_cluster(work / "ceph", state, osds=1,
+                                    objectstore=args.objectstore, mgr=False)
+            try:
+                results = run(cluster, args, work / "agents")
+            finally:
+                stop_cluster(cluster, state)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_average"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
