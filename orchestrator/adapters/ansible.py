@@ -126,8 +126,11 @@ def _failure_message(kind: str, body: str) -> str:
         return f"{kind}: {body[:300]}"
     if not isinstance(data, dict):
         return f"{kind}: {body[:300]}"
-    detail = data.get("msg") or data.get("stderr") or data.get("stdout") or body
-    return f"{kind}: {str(detail).strip()[:300]}"
+    detail = data.get("msg") or data.get("stderr") or data.get("stdout")
+    if not detail and "rc" in data:  # a command that failed silently: say which and how
+        cmd = data.get("cmd")
+        detail = f"{shlex.join(cmd) if isinstance(cmd, list) else cmd} exited {data['rc']}"
+    return f"{kind}: {str(detail or body).strip()[:300]}"
 
 
 class AnsibleRunner:

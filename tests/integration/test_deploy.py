@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
@@ -114,3 +115,35 @@ def test_stop_status_and_an_agent_that_dies_at_start(
     with pytest.raises(DeployError) as info:
         dying.start(targets[:1])
     assert "bad agent config" in str(info.value.results["h1"].error)
+
+
+def test_ansible_deploys_the_same_layout_and_the_ssh_deployer_agrees(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage, tmp_path: Path) -> None:
+    """The one Ansible end-to-end run (3 playbook runs; ~20 s idle, up to ~90 s under load)."""
+    targets = targets_for(hosts3, port=7480)
+    inventory = [InventoryHost(t.host.name, t.host.address, t.prefix, t.config) for t in targets]
+    runner = AnsibleRunner(tmp_path / "ansible", ssh_key=hosts3.ssh_key,
+                           known_hosts=hosts3.known_hosts, controller_addr=hosts3.gateway)
+    first = runner.deploy_agents(inventory, package, launch=HOLD)
+    assert all(r.succeeded and r.changed > 0 for r in first.recap.values()), first.recap
+    # Same release, same config bytes, same pidfile: the SSH deployer has nothing to do.
+    seen = AgentDeployer(shell3, package, launch=HOLD).deploy(targets)
+    for target in targets:
+        result = seen[target.host.name]
+        assert (result.changed, result.version) == (False, package.version)
+        assert result.pid is not None
+        release = Path(target.prefix, "opt/rbdfleet/releases", package.version)
+        imported = Path(target.prefix, "var/lib/rbdfleet/imported-from").read_text().split()
+        assert imported[0] == str(release / "agents/__init__.py")
+    again = runner.deploy_agents(inventory, package, launch=HOLD)
+    assert all(r.succeeded and r.changed == 0 for r in again.recap.values()), again.recap
+
+    only_h1_h3 = tmp_path / "known_hosts"
+    pinned = hosts3.known_hosts.read_text().splitlines()
+    only_h1_h3.write_text(f"{pinned[0]}\n{pinned[2]}\n")
+    strict = AnsibleRunner(tmp_path / "strict", ssh_key=hosts3.ssh_key, known_hosts=only_h1_h3)
+    with pytest.raises(DeployError) as info:
+        strict.validate(inventory, package)
+    recap = info.value.results
+    assert recap["h1"].succeeded and recap["h3"].succeeded
+    assert recap["h2"].unreachable == 1 and "Host key verification failed" in recap["h2"].error
