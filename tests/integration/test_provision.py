@@ -199,6 +199,31 @@ def test_provision_attaches_writer_rw_readers_ro_and_second_run_is_a_noop(fleet:
     assert users == [f"client.{vm_user(fleet.name, v)}" for v in ("vm1", "vm2", "vm3")]
 
 
+def rbdfleet(fleet: Fleet, label: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a subprocess, as an operator runs it."""
+    return subprocess.run([str(REPO / ".venv" / "bin" / "rbdfleet"), *args,
+                           "--config", str(fleet.configs[label])],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cli_reports_noop_lists_vms_and_maps_errors_to_exit_codes(fleet: Fleet) -> None:
+    again = rbdfleet(fleet, "main", "provision")
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr
+    listing = json.loads(rbdfleet(fleet, "main", "vm", "list", "--json").stdout)
+    assert {r["vm"]: r["mode"] for r in listing["vms"]} == {"vm1": "rw", "vm2": "ro", "vm3": "ro"}
+    clients = json.loads(rbdfleet(fleet, "main", "vm", "clients", fleet.name, "vm1",
+                                  "--json").stdout)
+    assert len(clients["clients"]) == 1
+    wrong_fleet = rbdfleet(fleet, "main", "vm", "clients", "other-fleet", "vm1")
+    assert wrong_fleet.returncode == 2 and "other-fleet" in wrong_fleet.stderr
+    fleet.write("cli-ghost", render(fleet.cluster, fleet.vms, fleet.name, fleet.image, extra_vm=(
+        '[[vm]]\nname = "vm9"\ndomain = "no-such-domain-rbdfleet"\naddress = "10.87.9.9"\n')))
+    ghost = rbdfleet(fleet, "cli-ghost", "provision", "--dry-run")
+    assert ghost.returncode == 6, ghost.stderr
+    assert ghost.stderr.strip().splitlines()[-1].startswith("rbdfleet: error: ")
+    assert "Traceback" not in ghost.stderr
+
+
 def test_writer_write_is_read_back_identical_by_every_reader(fleet: Fleet) -> None:
     serial = fleet.provisioner(LibvirtHypervisor()).serial
     devs = {vm: fleet.device(vm, serial) for vm in ("vm1", "vm2", "vm3")}
