@@ -51,11 +51,13 @@ __all__ = [
     "TEARDOWN",
     "CephCluster",
     "OsdStat",
+    "OsdState",
     "cluster_from_conf",
     "cluster_from_dir",
     "cluster_health",
     "cluster_processes",
     "kill_daemon",
+    "parse_osd_dump",
     "parse_osd_stat",
     "remove_cluster_dir",
     "render_conf",
@@ -240,6 +242,20 @@ def parse_osd_stat(text: str) -> OsdStat:
     )
 
 
+@dataclass(frozen=True)
+class OsdState:
+    """One OSD in ``ceph osd dump``: up or not, and the osdmap epoch its incarnation booted in."""
+
+    up: bool
+    up_from: int
+
+
+def parse_osd_dump(text: str) -> dict[int, OsdState]:
+    """Parse ``ceph osd dump -f json`` into ``{osd id: OsdState}``."""
+    return {int(o["osd"]): OsdState(up=bool(o["up"]), up_from=int(o["up_from"]))
+            for o in json.loads(text)["osds"]}
+
+
 def _proc_starttime(stat: str) -> tuple[str, int]:
     """(state, starttime) from the text of /proc/PID/stat; comm may hold spaces and ')'."""
     rest = stat[stat.rindex(")") + 2 :].split()
@@ -256,22 +272,34 @@ def _owns(cmdline: bytes, conf: str) -> bool:
 # --------------------------------------------------------------------------- processes
 
 
-def _read_proc(pid: int) -> tuple[str, int, bytes] | None:
-    """(state, starttime, cmdline) of a live pid, or None if it is gone."""
+@dataclass(frozen=True)
+class _ProcInfo:
+    live: bool  # False for a zombie whose every thread has exited
+    starttime: int
+    cmdline: bytes
+
+
+def _read_proc(pid: int) -> _ProcInfo | None:
+    """What /proc says of ``pid``, or None if it is gone.
+
+    A daemon whose main thread has exited shows state Z while its other threads still shut
+    down (and still hold its pid file lock): it counts as live until no thread is left.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except (FileNotFoundError, ProcessLookupError):
         return None
     state, start = _proc_starttime(stat)
-    return state, start, cmdline
+    return _ProcInfo(live=not (state == "Z" and threads <= 1), starttime=start, cmdline=cmdline)
 
 
 def _starttime(pid: int) -> int:
     info = _read_proc(pid)
     if info is None:
         raise SandboxError(f"process {pid} vanished before it could be recorded")
-    return info[1]
+    return info.starttime
 
 
 def _reap(pid: int) -> None:
@@ -280,35 +308,47 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _alive(res: dict[str, Any]) -> bool:
-    """The recorded daemon still runs (same pid, same start time, ceph- with our conf)."""
+def _is_ours(res: dict[str, Any]) -> bool:
+    """The recorded daemon runs: same pid and start time, a ``ceph-`` binary with our conf.
+
+    Checked before any signal, so a reused pid is never signalled.
+    """
     _reap(int(res["pid"]))
     info = _read_proc(int(res["pid"]))
-    if info is None:
-        return False
-    state, start, cmdline = info
-    return state != "Z" and start == int(res["starttime"]) and _owns(cmdline, str(res["conf"]))
+    return (info is not None and info.live and info.starttime == int(res["starttime"])
+            and _owns(info.cmdline, str(res["conf"])))
 
 
-def _signal_group(resources: Sequence[dict[str, Any]], grace: float) -> None:
-    """SIGTERM every still-alive daemon of the group, wait, SIGKILL after ``grace``."""
-    pending = [r for r in resources if _alive(r)]
-    for r in pending:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(r["pid"]), signal.SIGTERM)
-    deadline = time.monotonic() + grace
+def _gone(res: dict[str, Any]) -> bool:
+    """No thread of the recorded process is left (a zombie's cmdline is empty: not checked)."""
+    _reap(int(res["pid"]))
+    info = _read_proc(int(res["pid"]))
+    return info is None or not info.live or info.starttime != int(res["starttime"])
+
+
+def _wait_gone(resources: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + seconds
+    pending = [r for r in resources if not _gone(r)]
     while pending and time.monotonic() < deadline:
         time.sleep(0.02)
-        pending = [r for r in pending if _alive(r)]
+        pending = [r for r in pending if not _gone(r)]
+    return pending
+
+
+def _signal_group(resources: Sequence[dict[str, Any]], grace: float,
+                  first: signal.Signals = signal.SIGTERM) -> None:
+    """Signal every daemon of the group that is still ours, wait, SIGKILL after ``grace``."""
+    targets = [r for r in resources if _is_ours(r)]
+    for r in targets:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(r["pid"]), first)
+    pending = _wait_gone(targets, grace)
     for r in pending:
-        LOG.warning("ceph daemon %s (pid %s) ignored SIGTERM for %.0fs: SIGKILL",
-                    r["name"], r["pid"], grace)
+        LOG.warning("ceph daemon %s (pid %s) still there %.0fs after %s: SIGKILL",
+                    r["name"], r["pid"], grace, first.name)
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(r["pid"]), signal.SIGKILL)
-    deadline = time.monotonic() + 10.0
-    while pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-        pending = [r for r in pending if _alive(r)]
+    pending = _wait_gone(pending, 10.0)
     if pending:
         names = ", ".join(f"{r['name']} (pid {r['pid']})" for r in pending)
         raise SandboxError(f"ceph daemons survived SIGKILL: {names}")
@@ -326,7 +366,7 @@ def cluster_processes(conf: Path) -> list[int]:
         if not entry.name.isdigit():
             continue
         info = _read_proc(int(entry.name))
-        if info is not None and info[0] != "Z" and _owns(info[2], str(conf)):
+        if info is not None and info.live and _owns(info.cmdline, str(conf)):
             found.append(int(entry.name))
     return found
 
@@ -520,27 +560,43 @@ def _refuse_existing(dir: Path) -> None:
         raise SandboxError(f"{dir} is not empty; a sandbox cluster needs an empty directory")
 
 
-def _osd_stat(conf: Path, timeout: float) -> OsdStat:
-    out = subprocess.run(
-        ["ceph", "-c", str(conf), "--connect-timeout", str(max(1, int(timeout))),
-         "osd", "stat", "-f", "json"],
-        capture_output=True, text=True, timeout=timeout + 5,
-    )
+def _ceph_json(conf: Path, args: list[str], timeout: float) -> str:
+    """One mon command through the ``ceph`` CLI, JSON out; bounded by ``timeout``."""
+    try:
+        out = subprocess.run(
+            ["ceph", "-c", str(conf), "--connect-timeout", str(max(1, int(timeout))),
+             *args, "-f", "json"],
+            capture_output=True, text=True, timeout=timeout + 5,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SandboxError(f"ceph {' '.join(args)} did not answer in {timeout:.0f}s") from exc
     if out.returncode != 0:
-        raise SandboxError(f"ceph osd stat exited {out.returncode}: {out.stderr.strip()[-500:]}")
-    return parse_osd_stat(out.stdout)
+        raise SandboxError(f"ceph {' '.join(args)} exited {out.returncode}: "
+                           f"{out.stderr.strip()[-500:]}")
+    return out.stdout
 
 
-def _wait_osds_up(starter: _Starter, count: int) -> OsdStat:
+def _osd_boots(conf: Path, timeout: float) -> dict[int, int]:
+    return {n: s.up_from for n, s in parse_osd_dump(_ceph_json(conf, ["osd", "dump"], timeout))
+            .items() if s.up}
+
+
+def _wait_osds_booted(starter: _Starter, ids: Sequence[int], before: dict[int, int]) -> None:
+    """Wait until each OSD in ``ids`` is up in a NEW incarnation (``up_from`` past ``before``).
+
+    An OSD killed with SIGKILL stays "up" in the osdmap until its successor boots, so "up"
+    alone would not prove the restarted one is there.
+    """
+    what = f"waiting for osd {', '.join(map(str, ids))} to boot"
     while True:
         starter.check_alive()
-        left = starter.deadline.left(f"waiting for {count} OSDs up")
+        left = starter.deadline.left(what)
         try:
-            stat = _osd_stat(starter.conf, min(10.0, left))
-        except (SandboxError, subprocess.TimeoutExpired, ValueError, KeyError):
-            stat = None
-        if stat is not None and stat.up >= count:
-            return stat
+            booted = _osd_boots(starter.conf, min(10.0, left))
+        except (SandboxError, ValueError, KeyError):
+            booted = {}
+        if all(booted.get(n, 0) > before.get(n, 0) for n in ids):
+            return
         time.sleep(POLL_INTERVAL_S)
 
 
@@ -639,7 +695,7 @@ def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bo
         starter.spawn(f"osd.{n}", ["ceph-osd", "-f", "-c", str(conf), "-i", str(n)])
     say(f"ceph: {osds} OSD(s) started")
 
-    _wait_osds_up(starter, osds)
+    _wait_osds_booted(starter, range(osds), {})
     say("ceph: OSDs up")
     _run(["rbd", "-c", str(conf), "pool", "init", POOL], deadline, "rbd pool init")
     starter.check_alive()
@@ -715,32 +771,31 @@ def stop_cluster(cluster: CephCluster, state: StateFile, *, remove_dir: bool = T
             state.forget("ceph.dir", path=str(cluster.dir))
 
 
+def _osd_records(cluster: CephCluster, osd_id: int, state: StateFile) -> list[dict[str, Any]]:
+    if not 0 <= osd_id < cluster.osds:
+        raise SandboxError(f"{cluster.dir} has no osd.{osd_id}")
+    return [r for r in _daemon_records(cluster.conf, state) if r["name"] == f"osd.{osd_id}"]
+
+
 def stop_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False) -> None:
     """Stop one OSD: SIGTERM (or SIGKILL with ``kill=True``, a crash) and wait until it is gone."""
-    name = f"osd.{osd_id}"
-    records = [r for r in _daemon_records(cluster.conf, state) if r["name"] == name]
-    if not any(_alive(r) for r in records):
-        raise SandboxError(f"{name} of {cluster.dir} is not running")
-    if kill:
-        for r in records:
-            if _alive(r):
-                os.kill(int(r["pid"]), signal.SIGKILL)
-    _signal_group(records, STOP_GRACE_S)
+    records = _osd_records(cluster, osd_id, state)
+    if not any(_is_ours(r) for r in records):
+        raise SandboxError(f"osd.{osd_id} of {cluster.dir} is not running")
+    _signal_group(records, STOP_GRACE_S, first=signal.SIGKILL if kill else signal.SIGTERM)
     for r in records:
-        state.forget("ceph.daemon", pid=r["pid"], name=name)
+        state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
 
 
 def start_osd(cluster: CephCluster, osd_id: int, state: StateFile,
               *, timeout: float = 60.0) -> None:
-    """Start one stopped OSD and wait until the mon counts every OSD up again."""
-    if not 0 <= osd_id < cluster.osds:
-        raise SandboxError(f"{cluster.dir} has no osd.{osd_id}")
-    name = f"osd.{osd_id}"
-    if any(_alive(r) for r in _daemon_records(cluster.conf, state) if r["name"] == name):
-        raise SandboxError(f"{name} of {cluster.dir} is already running")
+    """Start one stopped OSD and wait until the mon has seen it boot."""
+    if any(_is_ours(r) for r in _osd_records(cluster, osd_id, state)):
+        raise SandboxError(f"osd.{osd_id} of {cluster.dir} is already running")
     starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout))
-    starter.spawn(name, ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(osd_id)])
-    _wait_osds_up(starter, cluster.osds)
+    before = _osd_boots(cluster.conf, min(10.0, timeout))
+    starter.spawn(f"osd.{osd_id}", ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(osd_id)])
+    _wait_osds_booted(starter, [osd_id], before)
 
 
 def restart_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False) -> None:
@@ -760,8 +815,8 @@ def cluster_health(cluster: CephCluster, *, timeout: float = 5.0) -> dict[str, A
         "processes": len(cluster_processes(cluster.conf)),
     }
     try:
-        stat = _osd_stat(cluster.conf, timeout)
-    except (SandboxError, subprocess.TimeoutExpired, ValueError, KeyError, OSError) as exc:
+        stat = parse_osd_stat(_ceph_json(cluster.conf, ["osd", "stat"], timeout))
+    except (SandboxError, ValueError, KeyError, OSError) as exc:
         return {**report, "reachable": False, "error": str(exc) or type(exc).__name__}
     return {**report, "reachable": True, "epoch": stat.epoch, "osds": stat.osds,
             "up": stat.up, "in": stat.in_, "ok": stat.up == stat.osds == cluster.osds}
