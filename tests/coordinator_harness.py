@@ -23,6 +23,7 @@ from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
+from orchestrator.errors import FencingFailed
 from orchestrator.ports import StateStore
 from tests.fixtures.agents import TEST_SECRET, AgentFleet
 
@@ -62,24 +63,29 @@ class LockOwnerFencer:
     fenced: list[tuple[str, list[str], float]] = field(default_factory=list)
 
     def fence(self, vm: str) -> list[str]:
+        import rados
         import rbd
 
-        with (
-            self.client.open_ioctx(self.pool) as ioctx,
-            rbd.Image(ioctx, self.image, read_only=True) as img,
-        ):
-            owners = [o["owner"] for o in img.lock_get_owners()]
-        for addr in owners:
-            ret, _, status = self.client.mon_command(
-                json.dumps(
-                    {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": 600.0}
-                ),
-                b"",
-                timeout=30,
-            )
-            if ret != 0:
-                raise RuntimeError(f"blocklist {addr}: {status}")
-        self.client.wait_for_latest_osdmap()
+        try:
+            with (
+                self.client.open_ioctx(self.pool) as ioctx,
+                rbd.Image(ioctx, self.image, read_only=True) as img,
+            ):
+                lockers = img.list_lockers()
+            owners = [addr for _, _, addr in (lockers or {}).get("lockers", [])]
+            for addr in owners:
+                command = {
+                    "prefix": "osd blocklist",
+                    "blocklistop": "add",
+                    "addr": addr,
+                    "expire": 600.0,
+                }
+                ret, _, status = self.client.mon_command(json.dumps(command), b"", timeout=30)
+                if ret != 0:
+                    raise FencingFailed(f"blocklist {addr} of {vm}: {status}")
+            self.client.wait_for_latest_osdmap()
+        except (rbd.Error, rados.Error) as exc:
+            raise FencingFailed(f"fence {vm}: {exc}") from exc
         self.fenced.append((vm, owners, time.monotonic()))
         return owners
 

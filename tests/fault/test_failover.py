@@ -1,0 +1,316 @@
+"""Jepsen-style faults against real agent processes driven by a real coordinator.
+
+Generator: client threads put unique values and get them back (history recorded: invoke, then
+ok / fail / unknown). Nemesis: kill -9 of the writer, SIGSTOP/SIGCONT of the writer, kill -9 of
+a reader, loss of the active coordinator. Checkers (orchestrator.testing.history): one writer
+per epoch, every read the latest acknowledged version or a concurrent one, every acknowledged
+write readable at the end, and no failed read at all. Runtime ~60 s in total.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.errors import NotFound, RbdfleetError
+from orchestrator.client import FleetClient, RequestOutcomeUnknown
+from orchestrator.errors import LeaseLost
+from orchestrator.testing.history import History, check_all
+from tests.coordinator_harness import (
+    Coordinator,
+    LockOwnerFencer,
+    PidFencer,
+    bootstrap_map,
+    fleet_client,
+    rados_store,
+    start_api,
+    start_service,
+    wait_until,
+)
+from tests.fixtures.agents import AgentFleet, FleetFactory
+
+pytestmark = pytest.mark.fault
+
+SEED = int(time.time()) % 100000
+KEYS = [f"/k{i}" for i in range(4)]
+
+
+class Workload:
+    """Writers and readers over a few keys, recording a history until stopped."""
+
+    def __init__(self, client: FleetClient, history: History, seed: int) -> None:
+        self.client = client
+        self.history = history
+        self.rng = random.Random(seed)
+        self.stop = threading.Event()
+        self.counter = itertools.count()
+        self.threads: list[threading.Thread] = []
+        self.acks: list[tuple[float, str, int]] = []
+
+    def start(self, writers: int = 2, readers: int = 2) -> None:
+        for i in range(writers):
+            self.threads.append(threading.Thread(target=self._writer, args=(f"w{i}",)))
+        for i in range(readers):
+            self.threads.append(threading.Thread(target=self._reader, args=(f"r{i}",)))
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _writer(self, name: str) -> None:
+        while not self.stop.is_set():
+            key = self.rng.choice(KEYS)
+            value = f"{name}-{next(self.counter)}"
+            op = self.history.invoke(name, "put", key, value)
+            try:
+                ack = self.client.put_bytes(value.encode(), key)
+            except RequestOutcomeUnknown:
+                self.history.unknown(op)
+            except RbdfleetError:
+                self.history.unknown(op)  # may have been durable before the error
+            else:
+                self.history.ok(op, epoch=ack.epoch, node=ack.node)
+                self.acks.append((time.monotonic(), ack.node, ack.epoch))
+            time.sleep(0.01)
+
+    def _reader(self, name: str) -> None:
+        while not self.stop.is_set():
+            key = self.rng.choice(KEYS)
+            op = self.history.invoke(name, "get", key)
+            try:
+                value: str | None = self.client.get_bytes(key).decode()
+            except NotFound:
+                value = None
+            except RbdfleetError:
+                self.history.fail(op)
+                continue
+            self.history.ok(op, value)
+            time.sleep(0.005)
+
+
+def final_state(client: FleetClient) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for key in KEYS:
+        try:
+            out[key] = client.get_bytes(key).decode()
+        except NotFound:
+            out[key] = None
+    return out
+
+
+def assert_history_clean(history: History, client: FleetClient, seed: int) -> None:
+    ops = history.ops()
+    anomalies = check_all(ops, final_state(client))
+    failed_reads = [o for o in ops if o.kind == "get" and o.outcome == "fail"]
+    assert not anomalies, f"seed {seed}: " + "; ".join(map(str, anomalies[:5]))
+    assert not failed_reads, f"seed {seed}: {len(failed_reads)} failed reads"
+    assert sum(1 for o in ops if o.kind == "put" and o.outcome == "ok") > 10
+
+
+@pytest.fixture
+def coordinated_file(
+    fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
+) -> Iterator[tuple[AgentFleet, Coordinator]]:
+    coordinator = start_api()
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(
+        f"file:{image}", name=f"ff-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
+    )
+    store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
+    service = start_service(coordinator, store, PidFencer(fleet), bootstrap_map(fleet))
+    wait_until(
+        lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
+        20,
+        "2 in-sync readers",
+    )
+    yield fleet, coordinator
+    coordinator.stop()
+    store.close()
+
+
+def test_writer_killed_under_load_loses_no_acknowledged_write(coordinated_file: Any) -> None:
+    fleet, coordinator = coordinated_file
+    client = fleet_client([coordinator.url], fleet.name)
+    history = History()
+    work = Workload(client, history, SEED)
+    work.start()
+    time.sleep(1.5)
+    killed_at = time.monotonic()
+    fleet["w"].kill()
+    wait_until(lambda: any(e == 2 for _, _, e in work.acks), 15, "a write acknowledged at epoch 2")
+    first_new = min(t for t, _, e in work.acks if e == 2)
+    time.sleep(1.0)
+    work.finish()
+    assert_history_clean(history, client, SEED)
+    service = coordinator.service
+    assert service is not None
+    m = service.require_active()
+    assert m.epoch == 2 and m.writer in ("r1", "r2") and m.member("w").role == "out"
+    print(f"\nseed {SEED}: writer kill -> first ack at epoch 2 after {first_new - killed_at:.2f} s")
+
+
+def test_killed_reader_is_routed_around_without_failed_reads(coordinated_file: Any) -> None:
+    fleet, coordinator = coordinated_file
+    client = fleet_client([coordinator.url], fleet.name)
+    history = History()
+    work = Workload(client, history, SEED + 1)
+    work.start(writers=1, readers=3)
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    fleet["r1"].kill()
+    wait_until(
+        lambda: "r1" not in [t.node for t in client.coordinator.targets("read", "/").ordered],
+        10,
+        "r1 routed around",
+    )
+    rerouted = time.monotonic() - killed_at
+    time.sleep(1.0)
+    work.finish()
+    assert_history_clean(history, client, SEED + 1)
+    print(f"\nseed {SEED + 1}: reader kill -> routed around after {rerouted:.2f} s")
+
+
+def test_active_coordinator_lost_standby_takes_over_and_fails_over(
+    fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
+) -> None:
+    first, second = start_api(), start_api()
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(
+        f"file:{image}", name=f"fc-{uuid.uuid4().hex[:8]}", coordinator=second.url
+    )
+    store_a = rados_store(rados_admin, ceph_cluster.pool, fleet.name, lease=2.0)
+    store_b = rados_store(rados_admin, ceph_cluster.pool, fleet.name, lease=2.0)
+    try:
+        a = start_service(first, store_a, PidFencer(fleet), bootstrap_map(fleet))
+        wait_until(lambda: a.active, 10, "first coordinator active")
+        b = start_service(second, store_b, PidFencer(fleet), bootstrap_map(fleet))
+        time.sleep(0.5)
+        assert not b.active
+        client = fleet_client([second.url, first.url], fleet.name)  # standby listed first
+        client.put_bytes(b"before", "/x")
+        lost_at = time.monotonic()
+        first.stop(release=False)  # dies holding the lease: the standby must wait it out
+        wait_until(lambda: b.active, 10, "standby active")
+        took_over = time.monotonic() - lost_at
+        assert took_over <= 2.0 + 1.0  # within the lease (+ one renewal period + margin)
+        with pytest.raises(LeaseLost):
+            store_a.save(b.require_active(), b.require_active().revision)  # the ex-active
+        assert client.get_bytes("/x") == b"before"
+        fleet["w"].kill()
+        wait_until(lambda: b.require_active().writer in ("r1", "r2"), 15, "failover by standby")
+        client.put_bytes(b"after", "/x")
+        assert client.get_bytes("/x") == b"after"
+        print(f"\ncoordinator lost -> standby active after {took_over:.2f} s")
+    finally:
+        second.stop()
+        store_a.close()
+        store_b.close()
+
+
+def _checksums(client: FleetClient, paths: list[str]) -> dict[str, str]:
+    return {p: hashlib.sha256(client.get_bytes(p)).hexdigest() for p in paths}
+
+
+def test_paused_writer_on_rbd_is_fenced_and_cannot_change_a_byte(
+    fleet_factory: FleetFactory, rbd_image: Any, rados_admin: Any
+) -> None:
+    cluster, image = rbd_image
+    coordinator = start_api()
+    ceph = {"conf": str(cluster.conf), "user": "admin", "keyring": str(cluster.keyring)}
+    fleet = fleet_factory(
+        f"rbd:{cluster.pool}/{image}",
+        name=f"fr-{uuid.uuid4().hex[:8]}",
+        ceph=ceph,
+        coordinator=coordinator.url,
+    )
+    store = rados_store(rados_admin, cluster.pool, fleet.name)
+    fencer = LockOwnerFencer(rados_admin, cluster.pool, image)
+    try:
+        service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
+        wait_until(
+            lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
+            20,
+            "2 in-sync readers",
+        )
+        client = fleet_client([coordinator.url], fleet.name)
+        for i in range(5):
+            client.put_bytes(f"old-{i}".encode() * 100, f"/f{i}")
+        old_writer = fleet["w"]
+        stale_grant = fleet.grant("w", "writer", 1)
+        old_writer.pause()
+        # A request that reaches the paused writer: it runs only after SIGCONT.
+        stale: list[Any] = []
+        sender = threading.Thread(target=lambda: stale.append(_try_put(fleet, stale_grant)))
+        sender.start()
+        wait_until(lambda: service.require_active().writer in ("r1", "r2"), 20, "failover")
+        assert fencer.fenced and fencer.fenced[0][0] == "w" and fencer.fenced[0][1]
+        for i in range(5, 8):
+            client.put_bytes(f"new-{i}".encode() * 100, f"/f{i}")
+        paths = [f"/f{i}" for i in range(8)]
+        before = _checksums(client, paths)
+        old_writer.resume()
+        sender.join(30)
+        after_resume = _try_put(fleet, stale_grant)
+        time.sleep(1.0)
+        assert stale and stale[0] >= 400, f"stale put answered {stale}"
+        assert after_resume >= 400, f"put to the resumed ex-writer answered {after_resume}"
+        assert _checksums(client, paths) == before
+        wait_until(lambda: _role(fleet, "w") != "writer", 15, "ex-writer stepped down")
+        fsck = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agents",
+                "fsck",
+                f"rbd:{cluster.pool}/{image}",
+                "--conf",
+                str(cluster.conf),
+                "--keyring",
+                str(cluster.keyring),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        print(
+            f"\npaused writer: fenced {fencer.fenced[0][1]}, in-flight put -> {stale[0]}, "
+            f"put after SIGCONT -> {after_resume}, role now {_role(fleet, 'w')}"
+        )
+    finally:
+        coordinator.stop()
+        store.close()
+
+
+def _try_put(fleet: AgentFleet, grant: str) -> int:
+    """Status of a put straight to the old writer with an epoch-1 grant (599: no answer)."""
+    try:
+        resp = fleet.client.put(fleet["w"].address, "/f0", b"STALE" * 100, grant)
+    except Exception:
+        return 599
+    return int(resp.status)
+
+
+def _role(fleet: AgentFleet, node: str) -> str:
+    try:
+        return str(fleet.health(node)["role"])
+    except Exception:
+        return "unreachable"
