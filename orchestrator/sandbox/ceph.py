@@ -47,6 +47,7 @@ from orchestrator.sandbox.state import StateFile
 __all__ = [
     "OBJECTSTORES",
     "POOL",
+    "PROBES",
     "REQUIRED_BINARIES",
     "TEARDOWN",
     "CephCluster",
@@ -56,6 +57,7 @@ __all__ = [
     "cluster_from_dir",
     "cluster_health",
     "cluster_processes",
+    "daemon_alive",
     "kill_daemon",
     "parse_osd_dump",
     "parse_osd_stat",
@@ -393,6 +395,17 @@ def remove_cluster_dir(resource: dict[str, Any]) -> None:
 TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
     "ceph.daemon": kill_daemon,
     "ceph.dir": remove_cluster_dir,
+}
+
+
+def daemon_alive(resource: dict[str, Any]) -> bool:
+    """A ``ceph.daemon`` record's process still runs (same pid, start time, binary and conf)."""
+    return _is_ours(resource)
+
+
+PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "ceph.daemon": daemon_alive,
+    "ceph.dir": lambda resource: Path(resource["path"]).is_dir(),
 }
 
 
