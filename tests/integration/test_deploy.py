@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 
 from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost
 from orchestrator.adapters.ssh import ParamikoShell
-from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
+from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
 from tests.fixtures.hosts import shell_for
@@ -147,3 +151,45 @@ def test_ansible_deploys_the_same_layout_and_the_ssh_deployer_agrees(
     recap = info.value.results
     assert recap["h1"].succeeded and recap["h3"].succeeded
     assert recap["h2"].unreachable == 1 and "Host key verification failed" in recap["h2"].error
+
+
+def health(address: str, deadline: float) -> dict[str, object]:
+    """The agent's /v1/health, polled until it answers or ``deadline`` passes."""
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}:7480/v1/health", timeout=2) as resp:
+                return dict(json.loads(resp.read()))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
+        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage, tmp_path: Path) -> None:
+    """python3 -m agents serve on each host; the hosts share the image like VMs share a disk."""
+    image = tmp_path / "shared.img"
+    with open(image, "wb") as out:
+        out.truncate(32 << 20)
+    subprocess.run([sys.executable, "-m", "agents", "format", "--backend", f"file:{image}",
+                    "--fleet", "t"], check=True, capture_output=True)
+    secret = tmp_path / "fleet.secret"
+    secret.write_text("s" * 64)
+    secret.chmod(0o600)
+    readers = {h.name: f"{h.address}:7480" for h in hosts3.hosts[1:]}
+    targets = [DeployTarget(h, str(h.root), {
+        "node": h.name, "fleet": "t", "backend": f"file:{image}", "secret_file": str(secret),
+        "listen": "0.0.0.0:7480", "advertise": f"{h.address}:7480",
+        "role": "writer" if h.name == "h1" else "reader",
+        **({"readers": readers} if h.name == "h1" else {})}) for h in hosts3.hosts]
+    deployer = AgentDeployer(shell3, package, launch=DEFAULT_LAUNCH)
+    started = deployer.deploy(targets)
+    deadline = time.monotonic() + 60
+    seen = {h.name: health(h.address, deadline) for h in hosts3.hosts}
+    assert {n: (s["node"], s["role"]) for n, s in seen.items()} == {
+        "h1": ("h1", "writer"), "h2": ("h2", "reader"), "h3": ("h3", "reader")}
+    assert sorted(seen["h1"]["in_sync"]) == ["h2", "h3"]  # type: ignore[call-overload]
+    stopped = deployer.stop(targets)
+    assert all(stopped[n].actions == (f"stopped pid {started[n].pid}",) for n in stopped)
+    log = Path(targets[0].prefix, "var/log/rbdfleet/agent.log").read_text()
+    assert "event=signal signal=SIGTERM" in log and "event=stopped node=h1" in log
