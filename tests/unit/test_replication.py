@@ -1,0 +1,175 @@
+"""Writer ↔ reader replication logic in one process (MemoryDevice, pushes as function calls):
+acks, lagging readers reported then back in sync, gap filling from the journal, the wait set
+the client's reader addresses choose, quarantine release, and stop_writes."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from agents.core.protocol import LaggingReaderReport, ReaderAddress, RecordAck, RecordPush
+from agents.errors import NotFound, NotWriter
+from agents.peers import PeerUnreachable
+from agents.reader import ReaderRole
+from agents.testing import MemoryDevice
+from agents.volume import Volume
+from agents.writer import ReaderLink, WriterRole
+
+pytestmark = pytest.mark.unit
+
+
+class Cluster:
+    """A writer and two readers sharing one MemoryDevice; pushes are direct calls."""
+
+    def __init__(self) -> None:
+        self.medium = MemoryDevice(16 << 20)
+        Volume.format(self.medium, fleet="f")
+        device = self.medium.reopen()
+        volume = Volume.open(device)
+        volume.start_epoch(1)
+        self.readers = {n: ReaderRole(n, self._open_ro) for n in ("r1", "r2")}
+        for reader in self.readers.values():
+            reader.catch_up()
+        self.down: set[str] = set()
+        self.pushes: list[tuple[str, RecordPush]] = []
+        self.reports: list[LaggingReaderReport] = []
+        self.writer = WriterRole(node="w", fleet="f", epoch=1, device=device, volume=volume,
+                                 send_push=self._send, report_lagging=self.reports.append,
+                                 ack_timeout=0.3, retry_interval=0.05)
+        self.writer.set_readers({"r1": "a1", "r2": "a2"})
+
+    def _open_ro(self) -> tuple[MemoryDevice, Volume]:
+        device = self.medium.reopen(read_only=True)
+        return device, Volume.open(device)
+
+    def _send(self, link: ReaderLink, push: RecordPush) -> RecordAck:
+        if link.node in self.down:
+            raise PeerUnreachable(f"{link.node} is down", address=link.address)
+        self.pushes.append((link.node, push))
+        return self.readers[link.node].receive(push)
+
+    def close(self) -> None:
+        self.writer.close()
+        for reader in self.readers.values():
+            reader.close()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def test_put_is_acked_by_both_readers(cluster: Cluster) -> None:
+    ack = cluster.writer.put("/a", [b"x" * 5000], 5000, mtime=1.0)
+    assert ack.acked == ("r1", "r2") and ack.lagging == ()
+    for reader in cluster.readers.values():
+        assert b"".join(reader.volume.read("/a")) == b"x" * 5000
+        reader.check_current()
+
+
+def test_unreachable_reader_is_reported_then_catches_up(cluster: Cluster) -> None:
+    cluster.down.add("r2")
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    assert ack.acked == ("r1",) and ack.lagging == ("r2",)
+    assert [r.reader for r in cluster.reports] == ["r2"]
+    assert cluster.reports[0].target_seq == ack.seq
+    cluster.writer.put("/b", [b"2"], 1, mtime=1.0)  # no second report while lagging
+    assert len(cluster.reports) == 1
+    cluster.down.clear()
+    pause = threading.Event()
+    for _ in range(250):  # the link retries every retry_interval (0.05 s)
+        if cluster.writer.readers()["r2"].in_sync:
+            break
+        pause.wait(0.02)
+    assert cluster.writer.readers()["r2"].in_sync
+    assert b"".join(cluster.readers["r2"].volume.read("/b")) == b"2"
+    ack = cluster.writer.put("/c", [b"3"], 1, mtime=1.0)
+    assert ack.acked == ("r1", "r2")
+
+
+def test_silent_reader_is_reported_after_ack_timeout(cluster: Cluster) -> None:
+    gate = threading.Event()
+    original = cluster.readers["r1"].receive
+
+    def slow(push: RecordPush) -> RecordAck:
+        gate.wait(5)
+        return original(push)
+
+    cluster.readers["r1"].receive = slow  # type: ignore[method-assign]
+    try:
+        ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    finally:
+        gate.set()
+    assert ack.lagging == ("r1",) and ack.acked == ("r2",)
+    assert cluster.reports[0].reason.startswith("no ack within")
+
+
+def test_client_readers_choose_the_wait_set_only_when_they_match(cluster: Cluster) -> None:
+    cluster.down.add("r2")
+    matching = (ReaderAddress("r1", "a1"),)
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0, readers=matching)
+    assert ack.acked == ("r1",) and ack.lagging == ()
+    foreign = (ReaderAddress("r1", "evil:1"),)
+    ack = cluster.writer.put("/b", [b"1"], 1, mtime=1.0, readers=foreign)
+    assert ack.acked == ("r1",) and ack.lagging == ("r2",)
+
+
+def test_reader_fills_a_gap_from_the_journal(cluster: Cluster) -> None:
+    cluster.down.add("r1")
+    cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    reader = cluster.readers["r1"]
+    before = reader.volume.applied_seq
+    later = cluster.writer.volume.records_since(before)[-1:]
+    push = RecordPush(fleet="f", epoch=1, writer="w",
+                      records=tuple(RecordPush.pack(r.encode()) for r in later),
+                      commit_seq=later[-1].seq)
+    ack = reader.receive(push)
+    assert ack.applied_seq == later[-1].seq
+    assert b"".join(reader.volume.read("/a")) == b"1"
+
+
+def test_quarantine_waits_for_reader_pins(cluster: Cluster) -> None:
+    big = b"v1" * (64 << 10)
+    cluster.writer.put("/f", [big], len(big), mtime=1.0)
+    stream = cluster.readers["r1"].volume.read("/f")
+    pinned = cluster.readers["r1"].volume.safe_seq()
+    ack = cluster.writer.put("/f", [b"v2" * (64 << 10)], len(big), mtime=2.0)
+    assert cluster.writer.readers()["r1"].safe_seq == pinned < ack.seq
+    assert b"".join(stream) == big  # the old version is still whole
+    cluster.writer.put("/g", [b"x"], 1, mtime=3.0)
+    assert cluster.writer.readers()["r1"].safe_seq > pinned
+
+
+def test_stop_writes_refuses_new_writes_and_aborts_a_streaming_put(cluster: Cluster) -> None:
+    started, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield b"a" * 65536
+        started.set()
+        release.wait(5)
+        yield b"b" * 65536
+
+    def put() -> None:
+        try:
+            cluster.writer.put("/big", chunks(), 131072, mtime=1.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    assert started.wait(5)
+    stopper = threading.Thread(target=cluster.writer.stop_writes)
+    stopper.start()
+    release.set()
+    thread.join(5)
+    stopper.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], NotWriter)
+    with pytest.raises(NotWriter):
+        cluster.writer.put("/x", [b"1"], 1, mtime=1.0)
+    with pytest.raises(NotFound):
+        cluster.writer.volume.stat("/big")
