@@ -25,7 +25,14 @@ from typing import Any
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox.state import StateFile
 
-__all__ = ["SYSTEM_URI", "TEARDOWN", "ensure_libvirtd", "libvirtd_running", "stop_daemon"]
+__all__ = [
+    "SYSTEM_URI",
+    "TEARDOWN",
+    "balance_vm_cpu_share",
+    "ensure_libvirtd",
+    "libvirtd_running",
+    "stop_daemon",
+]
 
 Progress = Callable[[str], None]
 
@@ -86,6 +93,25 @@ def stop_daemon(resource: dict[str, Any]) -> None:
     deadline = time.monotonic() + 10
     while _start_time(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def balance_vm_cpu_share(
+    running_domains: int, cgroup_cpu: Path = Path("/sys/fs/cgroup/cpu")
+) -> int | None:
+    """Weigh libvirt's ``machine`` cpu cgroup like one ordinary task per running VM.
+
+    Without systemd, libvirt puts every QEMU under the cgroup-v1 group ``machine``, whose
+    ``cpu.shares`` is 1024, the weight of ONE process in the root group. On a busy host all
+    VMs together then get a single task's share: at load 18 each guest ran at 3 % CPU and
+    none booted in 5 minutes. Call after starting domains, with the number of running
+    domains (all sandboxes'). Returns the new ``cpu.shares`` (None without cgroup-v1 cpu).
+    """
+    shares = cgroup_cpu / "machine" / "cpu.shares"
+    if not shares.exists():
+        return None
+    wanted = 1024 * max(1, running_domains)
+    shares.write_text(str(wanted))
+    return wanted
 
 
 TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {"libvirt.daemon": stop_daemon}

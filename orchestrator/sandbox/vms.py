@@ -46,7 +46,12 @@ from xml.sax.saxutils import escape, quoteattr
 
 from orchestrator.errors import HostUnreachable, HypervisorError, SandboxError
 from orchestrator.sandbox import guest, libvirtd
-from orchestrator.sandbox.libvirtd import SYSTEM_URI, ensure_libvirtd, libvirtd_running
+from orchestrator.sandbox.libvirtd import (
+    SYSTEM_URI,
+    balance_vm_cpu_share,
+    ensure_libvirtd,
+    libvirtd_running,
+)
 from orchestrator.sandbox.state import StateFile
 
 __all__ = [
@@ -344,6 +349,7 @@ def boot_vms(
     for vm in vms:
         vm.console_log.unlink(missing_ok=True)
         _virsh("start", vm.domain)
+    balance_vm_cpu_share(len(_virsh("list", "--name").split()))
     deadline = time.monotonic() + timeout
     errors: dict[str, BaseException] = {}
 

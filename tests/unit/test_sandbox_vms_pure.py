@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import guest
+from orchestrator.sandbox.libvirtd import balance_vm_cpu_share
 from orchestrator.sandbox.vms import (
     SUBNET_POOL,
     accelerator,
@@ -187,3 +188,13 @@ def test_a_failed_build_leaves_no_image_and_no_work_dir(tmp_path: Path) -> None:
     calls: list[str] = []
     guest.ensure_guest_image(tmp_path, builder=_quick_builder(calls, delay=0))
     assert len(calls) == 1  # the next caller builds
+
+
+def test_vm_cpu_share_weighs_one_task_per_running_domain(tmp_path: Path) -> None:
+    assert balance_vm_cpu_share(3, tmp_path) is None  # no cgroup-v1 cpu controller
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    (machine / "cpu.shares").write_text("1024\n")
+    assert balance_vm_cpu_share(3, tmp_path) == 3072
+    assert (machine / "cpu.shares").read_text() == "3072"
+    assert balance_vm_cpu_share(0, tmp_path) == 1024
