@@ -344,7 +344,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(fleet: Fleet) -> None:
     fd = os.open(bad, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, b"[client.admin]\n\tkey = AQBbtG5mAAAAABAAx0CmJ2tPcvVaGt1mJnJ0Yg==\n")
     os.close(fd)
-    with pytest.raises(StorageError, match=r"permission denied|connect") as err:
+    with pytest.raises(StorageError, match="permission denied") as err:
         ceph.connect(load(fleet.write("key", render(c, v, n, img, keyring=bad)), env={}).ceph,
                      timeout=10)
     assert "AQBbtG5m" not in str(err.value)
