@@ -1,0 +1,160 @@
+"""Pure parts of the agent's shell: Range parsing, route table, metrics text, daemon config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agents.daemon import AgentConfigError, load_config, parse_size, read_secret
+from agents.errors import MethodNotAllowed, NotFound, RangeNotSatisfiable
+from agents.metrics import Registry
+from agents.server import ROUTES, _match, parse_range
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 10, None),
+        ("bytes=0-0", 10, (0, 1)),
+        ("bytes=2-5", 10, (2, 6)),
+        ("bytes=2-", 10, (2, 10)),
+        ("bytes=5-100", 10, (5, 10)),
+        ("bytes=-3", 10, (7, 10)),
+        ("bytes=-30", 10, (0, 10)),
+        ("bytes=0-1,4-5", 10, None),
+    ],
+)
+def test_ranges(header: str | None, size: int, expected: tuple[int, int] | None) -> None:
+    assert parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=10-", "bytes=5-2", "bytes=-", "items=0-1",
+                                    "bytes=x-1", "bytes=-0"])
+def test_unsatisfiable_ranges(header: str) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, 10)
+
+
+@given(st.integers(1, 10**9), st.integers(0, 10**9), st.integers(0, 10**9))
+def test_ranges_stay_inside_the_file(size: int, a: int, b: int) -> None:
+    try:
+        span = parse_range(f"bytes={a}-{b}", size)
+    except RangeNotSatisfiable:
+        assert a >= size or b < a
+        return
+    assert span is not None
+    start, end = span
+    assert 0 <= start < end <= size
+
+
+def test_routes() -> None:
+    assert _match("PUT", "/v1/files/a/b").name == "put"
+    assert _match("GET", "/v1/list").name == "list"
+    assert _match("GET", "/v1/list/x").name == "list"
+    with pytest.raises(MethodNotAllowed) as info:
+        _match("PATCH", "/v1/files/a")
+    assert info.value.fields["allowed"] == ["DELETE", "GET", "PUT"]
+    with pytest.raises(NotFound):
+        _match("GET", "/v1/filesx")
+    assert len({(r.method, r.path) for r in ROUTES}) == len(ROUTES)
+
+
+def test_metrics_text() -> None:
+    reg = Registry()
+    c = reg.counter("x_total", "help x", ("route",))
+    c.inc('a"b')
+    c.inc('a"b', amount=2)
+    reg.gauge("g", "help g", lambda: 1.5)
+    h = reg.histogram("h_seconds", "help h")
+    h.observe(0.003)
+    h.observe(100)
+    text = reg.render()
+    assert '# TYPE x_total counter\nx_total{route="a\\"b"} 3\n' in text
+    assert "g 1.5\n" in text
+    assert 'h_seconds_bucket{le="0.005"} 1\n' in text
+    assert 'h_seconds_bucket{le="+Inf"} 2\n' in text
+    assert "h_seconds_count 2\n" in text
+    with pytest.raises(ValueError):
+        reg.counter("x_total", "again")
+    with pytest.raises(ValueError):
+        c.inc()
+
+
+def _write(tmp: Path, name: str, text: str) -> str:
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_toml_json_and_overrides(tmp_path: Path) -> None:
+    toml = _write(tmp_path, "a.toml", """
+node = "vm1"
+fleet = "demo"
+backend = "rbd:rbd/img"
+secret_file = "/s"
+max_body = "2GiB"
+[readers]
+vm2 = "10.0.0.2:7480"
+[ceph]
+conf = "/c"
+user = "u"
+[tls]
+cert = "/crt"
+key = "/key"
+[timing]
+ack_timeout = 3
+""")
+    config = load_config(toml, {"listen": "127.0.0.1:0", "role": None})
+    assert (config.ceph_conf, config.ceph_user, config.tls_cert) == ("/c", "u", "/crt")
+    assert config.max_body == 2 << 30 and config.ack_timeout == 3.0
+    assert config.readers == {"vm2": "10.0.0.2:7480"} and config.listen == "127.0.0.1:0"
+    as_json = _write(tmp_path, "a.json", json.dumps(
+        {"node": "n", "fleet": "f", "backend": "file:/x", "secret_file": "/s"}))
+    assert load_config(as_json, {"role": "writer"}).role == "writer"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({}, "node"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "nope": 1}, "nope"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "role": "boss"},
+         "role"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "epoch": 0}, "epoch"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s",
+          "ack_timeout": -1}, "ack_timeout"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "listen": "x"},
+         "listen"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "tls_cert": "c"},
+         "tls"),
+        ({"node": "n", "fleet": "f", "backend": "b", "secret_file": "s", "max_body": "lots"},
+         "max_body"),
+    ],
+)
+def test_config_errors_name_the_key(settings: dict[str, object], key: str) -> None:
+    with pytest.raises(AgentConfigError) as info:
+        load_config(None, settings)
+    assert info.value.key == key
+
+
+def test_sizes() -> None:
+    assert parse_size("k", "64MiB") == 64 << 20
+    assert parse_size("k", 4096) == 4096
+    assert parse_size("k", "1024") == 1024
+
+
+def test_secret_file_must_be_private(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_bytes(b"s3cret\n")
+    path.chmod(0o644)
+    with pytest.raises(AgentConfigError) as info:
+        read_secret(str(path))
+    assert "s3cret" not in str(info.value)
+    path.chmod(0o600)
+    assert read_secret(str(path)) == b"s3cret"
