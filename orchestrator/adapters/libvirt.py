@@ -115,13 +115,14 @@ class LibvirtHypervisor:
 
     def _xml(self, dom: Any, inactive: bool) -> str:
         flags = self._libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        with translate_libvirt_errors(f"read XML of domain {dom.name()}"):
+        name = str(dom.name())
+        with translate_libvirt_errors(f"read XML of domain {name}", domain=name):
             return str(dom.XMLDesc(flags))
 
     def domain(self, uri: str, name: str) -> DomainInfo:
         """The domain and its RBD disks (live ones when running, else persistent ones)."""
         dom = self._domain(uri, name)
-        with translate_libvirt_errors(f"read state of domain {name}"):
+        with translate_libvirt_errors(f"read state of domain {name}", domain=name):
             active = bool(dom.isActive())
         disks = domain_xml.parse_disks(self._xml(dom, inactive=not active))
         return DomainInfo(uri=uri, name=name, active=active, disks=tuple(disks))

@@ -27,7 +27,7 @@ import pytest
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.config import CephConfig, FleetConfig, load
-from orchestrator.core.placement import secret_usage, vm_user
+from orchestrator.core.placement import Attach, secret_usage, vm_user
 from orchestrator.errors import (
     ConfigError,
     CoordinationError,
@@ -312,6 +312,34 @@ def test_removing_and_adding_a_vm_touches_only_that_vm(fleet: Fleet) -> None:
         assert [(type(a).__name__, getattr(a, "vm", None)) for a in plan.actions] == [
             ("EnsureCredentials", "vm3"), ("Attach", "vm3")]
         assert modes(fleet, hv) == before
+
+
+def test_stopped_domain_gets_the_disk_in_its_config_only(fleet: Fleet) -> None:
+    import libvirt
+
+    domain = f"rbdfleet-{fleet.name}-stopped"
+    conn = libvirt.open("qemu:///system")
+    dom = conn.defineXML(f"<domain type='qemu'><name>{domain}</name><memory unit='MiB'>64"
+                         "</memory><os><type arch='x86_64'>hvm</type></os></domain>")
+    try:
+        fleet.write("stopped", render(fleet.cluster, fleet.vms, fleet.name, fleet.image, extra_vm=(
+            f'[[vm]]\nname = "vm4"\ndomain = "{domain}"\naddress = "10.87.9.4"\n')))
+        with LibvirtHypervisor() as hv:
+            plan, _ = fleet.provisioner(hv, "stopped").provision()
+            attaches = [a for a in plan.actions if isinstance(a, Attach)]
+            assert [(a.vm, a.mode, a.live) for a in attaches] == [("vm4", DiskMode.RO, False)]
+            assert not dom.isActive()
+            assert fleet.provisioner(hv, "stopped").provision()[0].empty
+            serial = fleet.provisioner(hv).serial
+            assert f"<serial>{serial}</serial>" in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            # back to the three VMs: the stopped domain loses the disk, nobody else moves
+            plan, _ = fleet.provisioner(hv).provision()
+            assert [(type(a).__name__, getattr(a, "domain", None)) for a in plan.actions] == [
+                ("Detach", domain), ("RemoveSecret", None), ("RemoveUser", None)]
+            assert serial not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        dom.undefine()
+        conn.close()
 
 
 def _assert_unchanged(fleet: Fleet, label: str, error: type[Exception], match: str) -> None:
