@@ -51,6 +51,7 @@ class Executor:
         role_switch: RoleSwitch | None = None,
         spares: SpareProvisioner | None = None,
         send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
+        on_done: Callable[[el.Action], None] | None = None,
     ) -> None:
         self.store = store
         self.fencer = fencer
@@ -62,6 +63,7 @@ class Executor:
         self.role_switch = role_switch
         self.spares = spares
         self.send_reader_set = send_reader_set
+        self.on_done = on_done
 
     def control_grant(self, node: str, epoch: int) -> str:
         """A control grant for ``node`` at ``epoch`` (promote, demote, reader set)."""
@@ -85,6 +87,8 @@ class Executor:
                 return BatchResult(tuple(done), action, str(exc))
             LOG.info("event=action_done action=%s", _name(action))
             done.append(action)
+            if self.on_done is not None:
+                self.on_done(action)
         return BatchResult(tuple(done), None, "")
 
     def _save(self, new: FleetMap) -> None:

@@ -16,6 +16,7 @@ read the last published map (guarded by a condition variable that also wakes wat
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -135,6 +136,8 @@ class FleetService:
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
         )
         self.stats: dict[str, float] = {"failovers": 0, "terms": 0, "batches_failed": 0}
+        # (monotonic time, what, node): deaths confirmed and actions done, for status/benchmarks
+        self.timeline: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=4096)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -301,6 +304,7 @@ class FleetService:
             role_switch=self.role_switch,
             spares=self.spares,
             send_reader_set=self.send_reader_set,
+            on_done=self._record_action,
         )
         live = Liveness(self.settings.liveness)
         for m in stored.members:
@@ -328,6 +332,10 @@ class FleetService:
         with self._published_lock:
             self._published = None
             self._published_lock.notify_all()
+
+    def _record_action(self, action: el.Action) -> None:
+        node = getattr(action, "node", None) or getattr(getattr(action, "map", None), "writer", "")
+        self.timeline.append((self.clock.monotonic(), type(action).__name__, str(node or "")))
 
     def _announce(self, m: FleetMap) -> None:
         with self._published_lock:
@@ -440,6 +448,7 @@ class FleetService:
             self._liveness = self._liveness.forget(name)
             if state.map.has(name) and state.map.member(name).role != "out":
                 LOG.warning("event=node_confirmed_dead fleet=%s node=%s", self.fleet, name)
+                self.timeline.append((now, "NodeFailed", name))
                 self._feed(el.NodeFailed(name, now))
                 state = self._state
                 if state is None:

@@ -1,0 +1,244 @@
+"""Writer failover benchmark: N kill -9 of the writer under load, timings split by phase.
+
+Setup: a sandbox Ceph cluster (coordinator state in RADOS, lease 2 s), one writer + two
+readers as real agent processes on a file image (``--backend file``) or an RBD image
+(``--backend rbd``, fence = blocklist of the exclusive-lock owner). One client thread puts
+4 KiB values continuously, two read them back from the in-sync readers.
+
+Per kill, measured from the SIGKILL (monotonic clock, same process):
+  detect    -> the coordinator confirmed the writer dead (NodeFailed)
+  fence     -> FenceNode done
+  promote   -> PromoteNode done (agent replayed the journal and accepts writes)
+  announce  -> PublishMap done (the new map is persisted and published)
+  writable  -> the client's first put acknowledged at the new epoch (DESIGN §9: <= 3 s p99)
+Reads: failed reads / total reads during the whole run (DESIGN §9: 0).
+
+The killed agent is restarted as a reader and must be back in sync before the next kill.
+
+    .venv/bin/python -m bench.failover_bench --kills 20 [--backend file|rbd] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from agents.errors import NotFound, RbdfleetError
+from orchestrator.client import FleetClient
+from tests.coordinator_harness import (
+    LockOwnerFencer,
+    PidFencer,
+    bootstrap_map,
+    fleet_client,
+    rados_store,
+    start_api,
+    start_service,
+    wait_until,
+)
+from tests.fixtures.agents import AgentFleet, format_image
+from tests.fixtures.ceph import connect_admin, managed_cluster
+
+PHASES = ("detect", "fence", "promote", "announce", "writable")
+
+
+class Load:
+    """A putting thread and reading threads; records acks (time, epoch) and read outcomes."""
+
+    def __init__(self, client: FleetClient) -> None:
+        self.client = client
+        self.stop = threading.Event()
+        self.acks: list[tuple[float, int]] = []
+        self.reads_ok = 0
+        self.reads_failed = 0
+        self.threads = [threading.Thread(target=self._put)] + [
+            threading.Thread(target=self._get) for _ in range(2)
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+    def _put(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                ack = self.client.put_bytes(b"x" * 4096, f"/bench/{n % 16}")
+            except RbdfleetError:
+                continue
+            self.acks.append((time.monotonic(), ack.epoch))
+
+    def _get(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            try:
+                self.client.get_bytes(f"/bench/{n % 16}")
+            except NotFound:
+                pass
+            except RbdfleetError:
+                self.reads_failed += 1
+                continue
+            self.reads_ok += 1
+            time.sleep(0.002)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def run(kills: int, backend: str, workdir: Path) -> dict[str, Any]:
+    with managed_cluster("rbdfleet-bench-failover-", osds=1, objectstore="memstore") as managed:
+        cluster = managed.cluster
+        admin = connect_admin(cluster)
+        coordinator = start_api()
+        fleet = AgentFleet(
+            f"bench-{uuid.uuid4().hex[:6]}", "", workdir, extra={"coordinator": coordinator.url}
+        )
+        ceph: dict[str, Any] = {}
+        if backend == "rbd":
+            import rbd
+
+            image = f"bench-{uuid.uuid4().hex[:6]}"
+            with admin.open_ioctx(cluster.pool) as ioctx:
+                rbd.RBD().create(
+                    ioctx,
+                    image,
+                    64 << 20,
+                    old_format=False,
+                    features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
+                )
+            fleet.backend = f"rbd:{cluster.pool}/{image}"
+            ceph = {
+                "ceph_conf": str(cluster.conf),
+                "ceph_user": "admin",
+                "ceph_keyring": str(cluster.keyring),
+            }
+            fleet.extra.update(ceph)
+            fencer: Any = LockOwnerFencer(admin, cluster.pool, image)
+        else:
+            path = workdir / "image.raw"
+            with path.open("wb") as f:
+                f.truncate(64 << 20)
+            fleet.backend = f"file:{path}"
+            fencer = PidFencer(fleet)
+        format_image(fleet.backend, fleet.name, **ceph)
+        for node in ("r1", "r2"):
+            fleet.add(node)
+        fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+        store = rados_store(admin, cluster.pool, fleet.name)
+        service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
+        client = fleet_client([coordinator.url], fleet.name)
+        samples: dict[str, list[float]] = {p: [] for p in PHASES}
+        load = Load(client)
+        try:
+            wait_until(
+                lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
+                30,
+                "ready",
+            )
+            load.start()
+            for i in range(kills):
+                time.sleep(1.0)
+                m = service.require_active()
+                assert m.writer is not None
+                victim, epoch = m.writer, m.epoch
+                mark = len(service.timeline)
+                killed_at = time.monotonic()
+                fleet[victim].kill()
+                wait_until(
+                    lambda epoch=epoch: any(e > epoch for _, e in load.acks[-50:]),
+                    30,
+                    f"writes at a new epoch after kill {i + 1}",
+                )
+                events = list(service.timeline)[mark:]
+                first = {}
+                for t, what, _node in events:
+                    first.setdefault(what, t)
+                writable = min(t for t, e in load.acks if e > epoch)
+                for phase, key in (
+                    ("detect", "NodeFailed"),
+                    ("fence", "FenceNode"),
+                    ("promote", "PromoteNode"),
+                    ("announce", "PublishMap"),
+                ):
+                    samples[phase].append(first.get(key, float("nan")) - killed_at)
+                samples["writable"].append(writable - killed_at)
+                print(
+                    f"kill {i + 1:>2}: {victim} -> {service.require_active().writer} "
+                    + " ".join(f"{p}={samples[p][-1]:.3f}" for p in PHASES),
+                    flush=True,
+                )
+                # Bring the victim back as a reader and wait until it is in sync again.
+                agent = fleet[victim]
+                agent.config["role"] = "reader"
+                agent.config["readers"] = {}
+                agent.start()
+                wait_until(
+                    lambda v=victim: (
+                        v in [r.name for r in service.require_active().in_sync_readers()]
+                    ),
+                    60,
+                    f"{victim} back in sync",
+                )
+        finally:
+            load.finish()
+            coordinator.stop()
+            store.close()
+            fleet.close()
+            admin.shutdown()
+    result: dict[str, Any] = {"kills": kills, "backend": backend}
+    for phase in PHASES:
+        values = samples[phase]
+        result[phase] = {
+            "p50": statistics.median(values),
+            "p99": percentile(values, 99),
+            "max": max(values),
+        }
+    total = load.reads_ok + load.reads_failed
+    result["reads"] = {"total": total, "failed": load.reads_failed}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--backend", choices=("file", "rbd"), default="file")
+    parser.add_argument("--json", type=Path, help="write the result here too")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="rbdfleet-failover-bench-") as tmp:
+        result = run(args.kills, args.backend, Path(tmp))
+    print(f"\nwriter failover, {args.kills} kills, {args.backend} image (seconds from SIGKILL)")
+    print(f"{'phase':<10} {'p50':>7} {'p99':>7} {'max':>7}")
+    for phase in PHASES:
+        r = result[phase]
+        print(f"{phase:<10} {r['p50']:>7.3f} {r['p99']:>7.3f} {r['max']:>7.3f}")
+    reads = result["reads"]
+    print(f"reads: {reads['total']} total, {reads['failed']} failed")
+    target = result["writable"]["p99"] <= 3.0 and reads["failed"] == 0
+    print(f"DESIGN §9 (writable <= 3 s p99, 0 failed reads): {'met' if target else 'NOT met'}")
+    if args.json:
+        with contextlib.suppress(OSError):
+            args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
