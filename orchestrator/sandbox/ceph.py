@@ -79,6 +79,8 @@ MGR_ID = "x"
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 20.0
 POLL_INTERVAL_S = 0.2
+MON_PORT_ATTEMPTS = 3
+MON_BIND_WAIT_S = 20.0
 # Mon ports come from below the kernel's ephemeral range (32768+), so outgoing client
 # connections never take the port between the bind test and the mon's start.
 PORT_RANGE = (20000, 32000)
@@ -345,7 +347,7 @@ def _signal_group(resources: Sequence[dict[str, Any]], grace: float,
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(r["pid"]), first)
     pending = _wait_gone(targets, grace)
-    for r in pending:
+    for r in pending if first != signal.SIGKILL else []:
         LOG.warning("ceph daemon %s (pid %s) still there %.0fs after %s: SIGKILL",
                     r["name"], r["pid"], grace, first.name)
         with contextlib.suppress(ProcessLookupError):
@@ -374,7 +376,8 @@ def cluster_processes(conf: Path) -> list[int]:
 
 
 # names start_cluster creates inside DIR; remove_cluster_dir removes exactly these
-_DIR_ENTRIES = ("ceph.conf", "keyring", "keys", "monmap", "run", "log", "mon.a", "mgr.x")
+_DIR_ENTRIES = ("ceph.conf", "ceph.conf.tmp", "keyring", "keys", "monmap", "run", "log",
+                f"mon.{MON_ID}", f"mgr.{MGR_ID}")
 
 
 def remove_cluster_dir(resource: dict[str, Any]) -> None:
@@ -510,6 +513,14 @@ class _Starter:
         self.state.forget("ceph.daemon", pid=proc.pid, name=name)
         if rc != 0:
             raise SandboxError(f"{what} exited {rc}: {_tail(self.dir / 'log' / f'{name}.out')}")
+
+    def stop(self, name: str) -> None:
+        """SIGKILL a daemon of this start and forget it (a mon that lost its port race)."""
+        proc = self.daemons.pop(name)
+        records = [r for r in _daemon_records(self.conf, self.state) if r["pid"] == proc.pid]
+        _signal_group(records, STOP_GRACE_S, first=signal.SIGKILL)
+        proc.wait()
+        self.state.forget("ceph.daemon", pid=proc.pid, name=name)
 
     def check_alive(self) -> None:
         """Fail fast when a daemon started by us has died."""
@@ -659,6 +670,78 @@ def _undo_start(dir: Path, conf: Path, state: StateFile) -> None:
         state.forget("ceph.dir", path=str(dir))
 
 
+def _write_conf(conf: Path, text: str) -> None:
+    """Atomically (OSD mkfs may be reading it), mode 0644: QEMU (libvirt-qemu) reads it."""
+    tmp = conf.with_name(conf.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, conf)
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on 127.0.0.1:``port`` (from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # 0A = LISTEN
+            inodes.add(fields[9])
+    return inodes
+
+
+def _binds(pid: int, ports: Sequence[int]) -> bool:
+    """``pid`` itself holds a listening socket on every one of ``ports`` (not a squatter)."""
+    try:
+        links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return all(any(f"socket:[{i}]" in links for i in _listening_inodes(p)) for p in ports)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _start_mon(starter: _Starter, fsid: str, port: int) -> bool:
+    """monmap, mkfs and start of the mon on ``port``/``port+1``; False if the port was taken.
+
+    A mon that cannot bind retries for ~15 s (ms_bind_retry_count) before it dies, so its
+    sockets are checked directly instead of waiting for that.
+    """
+    dir, conf, deadline = starter.dir, starter.conf, starter.deadline
+    mon_dir = dir / f"mon.{MON_ID}"
+    if mon_dir.exists():
+        shutil.rmtree(mon_dir)
+    mon_dir.mkdir(mode=0o750)
+    monmap = dir / "monmap"
+    _run(["monmaptool", "--create", "--clobber", "--fsid", fsid, "--addv", MON_ID,
+          f"[v2:127.0.0.1:{port},v1:127.0.0.1:{port + 1}]", str(monmap)],
+         deadline, "creating the monmap")
+    _run(["ceph-mon", "-c", str(conf), "-i", MON_ID, "--mkfs", "--monmap", str(monmap),
+          "--keyring", str(dir / "keys" / "mon-mkfs.keyring")], deadline, "mon mkfs")
+    name = f"mon.{MON_ID}"
+    starter.spawn(name, ["ceph-mon", "-f", "-c", str(conf), "-i", MON_ID])
+    log = dir / "log" / f"{name}.log"
+    log_start = log.stat().st_size if log.exists() else 0  # earlier attempts log there too
+    bind_deadline = time.monotonic() + MON_BIND_WAIT_S
+    while True:
+        starter.check_alive()
+        pid = starter.daemons[name].pid
+        if _binds(pid, (port, port + 1)):
+            return True
+        taken = b"Address already in use" in _read_from(log, log_start)
+        if taken or time.monotonic() > bind_deadline:
+            starter.stop(name)
+            return False
+        deadline.left("waiting for the mon to bind its port")
+        time.sleep(0.02)
+
+
 def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bool,
            say: Callable[[str], None]) -> CephCluster:
     deadline = starter.deadline
@@ -670,27 +753,29 @@ def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bo
     if mgr:
         (dir / f"mgr.{MGR_ID}").mkdir(mode=0o750)
     fsid = str(uuid.uuid4())
-    port = _pick_mon_port(random.Random())
-    conf.write_text(render_conf(dir, fsid, port, osds=osds, objectstore=objectstore))
-    conf.chmod(0o644)
-    say(f"ceph: conf written, mon on 127.0.0.1:{port}")
+    rng = random.Random()
+    port = _pick_mon_port(rng)
+    _write_conf(conf, render_conf(dir, fsid, port, osds=osds, objectstore=objectstore))
+    say("ceph: conf written")
 
     _make_keys(dir, osds, deadline)
     say("ceph: keys made")
 
     osd_uuids = [str(uuid.uuid4()) for _ in range(osds)]
-    for n, osd_uuid in enumerate(osd_uuids):
+    for n, osd_uuid in enumerate(osd_uuids):  # mkfs needs no mon: in parallel with it
         starter.spawn(f"osd.{n}.mkfs", ["ceph-osd", "-c", str(conf), "-i", str(n), "--mkfs",
                                         "--no-mon-config", "--osd-uuid", osd_uuid],
                       oneshot=True)
-    monmap = dir / "monmap"
-    _run(["monmaptool", "--create", "--fsid", fsid, "--addv", MON_ID,
-          f"[v2:127.0.0.1:{port},v1:127.0.0.1:{port + 1}]", str(monmap)],
-         deadline, "creating the monmap")
-    _run(["ceph-mon", "-c", str(conf), "-i", MON_ID, "--mkfs", "--monmap", str(monmap),
-          "--keyring", str(dir / "keys" / "mon-mkfs.keyring")], deadline, "mon mkfs")
-    starter.spawn(f"mon.{MON_ID}", ["ceph-mon", "-f", "-c", str(conf), "-i", MON_ID])
-    say("ceph: mon started")
+    for attempt in range(1, MON_PORT_ATTEMPTS + 1):
+        if _start_mon(starter, fsid, port):
+            break
+        LOG.warning("mon port %d (or %d) was taken before the mon bound it (attempt %d)",
+                    port, port + 1, attempt)
+        port = _pick_mon_port(rng)
+        _write_conf(conf, render_conf(dir, fsid, port, osds=osds, objectstore=objectstore))
+    else:
+        raise SandboxError(f"the mon could not bind a free port in {MON_PORT_ATTEMPTS} attempts")
+    say(f"ceph: mon started on 127.0.0.1:{port}")
 
     commands = [f"osd new {u} {n}" for n, u in enumerate(osd_uuids)]
     commands += [f"osd pool create {POOL} 8 8 replicated",

@@ -225,3 +225,35 @@ def test_bluestore_osd_restart_keeps_data(bluestore_cluster: ManagedCluster) -> 
     assert _read(cluster, "keep") == data
     health: dict[str, Any] = cluster_health(cluster)
     assert health["ok"], health
+
+
+def test_mon_port_taken_after_the_bind_test_is_retried(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from orchestrator.sandbox import ceph
+
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    picks: list[int] = []
+    real_pick = ceph._pick_mon_port
+
+    def pick_taken_first(rng: Any) -> int:
+        # the race: the pair looked free to the bind test, then someone bound the v1 port
+        picks.append(taken - 1 if not picks else real_pick(rng))
+        return picks[-1]
+
+    monkeypatch.setattr(ceph, "_pick_mon_port", pick_taken_first)
+    state = StateFile(workdir / "state.json")
+    try:
+        cluster = start_cluster(workdir / "c", state, mgr=False)
+        assert len(picks) == 2 and cluster.mon_port == picks[1]
+        assert cluster_health(cluster)["ok"]
+        stop_cluster(cluster, state)
+    finally:
+        squatter.close()
+    assert state.resources == []
