@@ -10,11 +10,11 @@ Invariants:
 
 Layout (little endian), then zero padding to the next 4 KiB boundary::
 
-    0  4s  magic b"RBFR"          24 u64 commit_seq (highest seq durable when written)
-    4  u16 format version (1)      32 u8  op code      33 3x pad
-    6  u16 flags (1: has blob)     36 u32 json_len     40 u32 blob_len
-    8  u32 length (header..crc)    44 json payload, blob, u32 crc32 of bytes [0, length-4)
-    12 u64 seq   20... (see HEADER)
+    0  4s  magic b"RBFR"           28 u64 commit_seq (highest seq durable when written)
+    4  u16 format version (1)      36 u8  op code      37 3x pad
+    6  u16 flags (1: has blob)     40 u32 json_len     44 u32 blob_len
+    8  u32 length (header..crc)    48 json payload, blob, u32 crc32 of bytes [0, length-4)
+    12 u64 seq                     20 u64 epoch
 """
 
 from __future__ import annotations
