@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
+from orchestrator.coordinator.executor import Executor
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import IllegalTransition, initial_map
+from orchestrator.errors import FencingFailed
+from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from orchestrator.testing.simnet import SimFleet
 
 pytestmark = pytest.mark.unit
@@ -229,3 +234,71 @@ def test_laws_hold_under_random_faults(schedule: list[tuple[str, int]]) -> None:
     # Every batch respects law order; PromoteNode never precedes fencing the old writer.
     for batch in sim.batches:
         el.assert_law_order(batch)
+
+
+# -- the executor: order, first failure, lease -----------------------------------------------
+
+
+class RecordingPorts:
+    """Fencer + AgentControl recording calls; ``fail_fence`` makes fences fail."""
+
+    def __init__(self, fail_fence: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail_fence = fail_fence
+
+    def fence(self, vm: str) -> list[str]:
+        self.calls.append(f"fence {vm}")
+        if self.fail_fence:
+            raise FencingFailed(f"cannot fence {vm}")
+        return []
+
+    def health(self, address: str, timeout: float) -> Any:
+        raise AssertionError("not probed here")
+
+    def promote(self, address: str, request: Any, grant: str) -> None:
+        self.calls.append(f"promote {request.node}@{request.epoch}")
+
+    def demote(self, address: str, request: Any, grant: str) -> None:
+        self.calls.append(f"demote {request.node}")
+
+
+def executor_for(ports: RecordingPorts, lease: float = 2.0) -> tuple[Executor, FakeClock]:
+    clock = FakeClock()
+    s = state3()
+    store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", lease)
+    assert store.acquire()
+    store.save(s.map, None)
+    announced: list[Any] = []
+    ex = Executor(
+        store=store,
+        fencer=ports,
+        agents=ports,
+        secret=b"k",
+        wall=lambda: 0.0,
+        announce=announced.append,
+        persisted=s.map,
+    )
+    return ex, clock
+
+
+def test_executor_runs_in_law_order_and_stops_at_the_first_failure() -> None:
+    _, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    ports = RecordingPorts(fail_fence=True)
+    ex, _ = executor_for(ports)
+    result = ex.run(actions)
+    assert kinds(list(result.done)) == ["PersistEpoch"] and isinstance(result.failed, el.FenceNode)
+    assert ports.calls == ["fence w"]  # never promoted
+    ok = RecordingPorts()
+    ex, _ = executor_for(ok)
+    assert ex.run(actions).failed is None
+    assert ok.calls == ["fence w", "promote r2@2"]
+    assert ex.store.load() == actions[-1].map  # type: ignore[union-attr]
+
+
+def test_executor_with_a_lost_lease_touches_no_node() -> None:
+    _, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    ports = RecordingPorts()
+    ex, clock = executor_for(ports, lease=2.0)
+    clock.forward(2.5)  # paused past the lease
+    result = ex.run(actions)
+    assert result.lease_lost and result.done == () and ports.calls == []
