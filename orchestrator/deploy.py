@@ -34,7 +34,7 @@ import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,22 +279,27 @@ class AgentDeployer:
     # per host ------------------------------------------------------------------------------
 
     def _deploy_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
-        actions, probe = self._install_one(target)
+        actions, probe = self._install(target, self._probe(target))
         if probe.pid is not None and actions:
             self._stop(target)
             actions.append("stopped")
-            probe = self._probe(target)
-        if probe.pid is None:
-            actions += self._start_one(target)[0]
-            probe = self._probe(target)
-        return actions, probe
+            probe = replace(probe, pid=None)
+        started, probe = self._start(target, probe)
+        return actions + started, probe
 
     def _install_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
+        return self._install(target, self._probe(target))
+
+    def _start_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
+        return self._start(target, self._probe(target))
+
+    def _install(self, target: DeployTarget, probe: _Probe) -> tuple[list[str], _Probe]:
+        """Bring package and config up to date, given what ``probe`` found."""
         layout, actions = target.layout, []
-        probe = self._probe(target)
         config = target.config_bytes()
+        config_sha = hashlib.sha256(config).hexdigest()
         stale_package = probe.version != self.package.version
-        stale_config = probe.config_sha256 != hashlib.sha256(config).hexdigest()
+        stale_config = probe.config_sha256 != config_sha
         if stale_package or stale_config:
             self._run(target, RemoteCommand(Executable.MKDIR, ["-p", *layout.directories()]))
         if stale_package:
@@ -308,11 +313,11 @@ class AgentDeployer:
             self.shell.put_file(target.host, config, layout.config_path, 0o600,
                                 self.command_timeout)
             actions.append("configured")
-        return actions, (self._probe(target) if actions else probe)
+        return actions, replace(probe, version=self.package.version, config_sha256=config_sha)
 
-    def _start_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
+    def _start(self, target: DeployTarget, probe: _Probe) -> tuple[list[str], _Probe]:
+        """Start the agent unless ``probe`` found it running; check it stays up."""
         layout = target.layout
-        probe = self._probe(target)
         if probe.pid is not None:
             return [], probe
         if probe.version is None:
