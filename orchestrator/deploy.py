@@ -41,6 +41,7 @@ from typing import Any
 import agents
 from agents.errors import RbdfleetError
 from orchestrator.adapters.ssh import Executable, RemoteCommand, SshHost
+from orchestrator.config import FleetConfig
 from orchestrator.errors import DeployError, RemoteCommandFailed
 from orchestrator.ports import RemoteShell
 
@@ -210,6 +211,15 @@ class DeployTarget:
     @property
     def layout(self) -> AgentLayout:
         return AgentLayout(self.prefix)
+
+    @staticmethod
+    def from_fleet(config: FleetConfig,
+                   agent_config: Callable[[str], Mapping[str, Any]]) -> list[DeployTarget]:
+        """The fleet's VMs (prefix ``/``) and sandbox hosts (prefix = their root);
+        ``agent_config(name)`` gives each agent's config."""
+        vms = [DeployTarget(vm, "/", agent_config(vm.name)) for vm in config.vms]
+        hosts = [DeployTarget(h, str(h.root), agent_config(h.name)) for h in config.hosts]
+        return vms + hosts
 
     def config_bytes(self) -> bytes:
         return (json.dumps(dict(self.config), indent=2, sort_keys=True) + "\n").encode()

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agents.errors import BindingUnavailable
+from orchestrator.config import SshConfig
 from orchestrator.errors import (
+    ConfigError,
     HostKeyMismatch,
     HostUnreachable,
     RemoteCommandFailed,
@@ -233,6 +235,13 @@ class ParamikoShell:
         self.target_guard = target_guard
         self._lock = threading.Lock()
         self._connections: dict[str, _Connection] = {}
+
+    @classmethod
+    def from_config(cls, ssh: SshConfig, **options: Any) -> ParamikoShell:
+        """A shell with the ``[ssh]`` table's user, key and pinned known_hosts."""
+        if ssh.key is None or ssh.known_hosts is None:
+            raise ConfigError("ssh.key", "ssh.key and ssh.known_hosts are required for SSH")
+        return cls(user=ssh.user, key_file=ssh.key, known_hosts=ssh.known_hosts, **options)
 
     # public --------------------------------------------------------------------------------
 
