@@ -64,6 +64,7 @@ __all__ = [
     "remove_cluster_dir",
     "render_conf",
     "restart_osd",
+    "resume_cluster",
     "start_cluster",
     "start_osd",
     "stop_cluster",
@@ -476,11 +477,13 @@ def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None =
 class _Starter:
     """One start (or restart) of daemons: spawns, records, and remembers what it must undo."""
 
-    def __init__(self, dir: Path, conf: Path, state: StateFile, deadline: _Deadline) -> None:
+    def __init__(self, dir: Path, conf: Path, state: StateFile, deadline: _Deadline,
+                 *, bound_to_caller: bool = False) -> None:
         self.dir = dir
         self.conf = conf
         self.state = state
         self.deadline = deadline
+        self.bound_to_caller = bound_to_caller
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
         self.oneshots: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -488,7 +491,11 @@ class _Starter:
         """Start a process in its own session and record it before anything relies on it.
 
         A one-shot (mkfs) is recorded too, so a start killed mid-way can still end it.
+        Bound to the caller, the process gets SIGTERM when the calling thread dies
+        (``setpriv --pdeathsig`` execs it, so the pid stays the daemon's).
         """
+        if self.bound_to_caller:
+            argv = ["setpriv", "--pdeathsig", "TERM", *argv]
         out = (self.dir / "log" / f"{name}.out").open("ab")
         try:
             proc = subprocess.Popen(
@@ -633,12 +640,15 @@ def start_cluster(
     mgr: bool = True,
     progress: Callable[[str], None] | None = None,
     timeout: float = START_TIMEOUT_S,
+    bound_to_caller: bool = False,
 ) -> CephCluster:
     """Start a fresh cluster in ``dir`` (absent or empty) with pool ``rbd`` ready for images.
 
     Every daemon is in ``state`` before it is relied on. A failed start is undone before the
     :class:`SandboxError` is raised; a start killed outright is undone from ``state`` with
-    :data:`TEARDOWN`. Pool size is 3 with 3+ OSDs, else 1.
+    :data:`TEARDOWN`. Pool size is 3 with 3+ OSDs, else 1. ``bound_to_caller=True`` (test
+    fixtures) makes the daemons get SIGTERM if the calling thread dies without stopping them;
+    leave it off when the cluster must outlive the caller (``sandbox up``).
     """
     say = progress or (lambda _msg: None)
     if osds < 1:
@@ -651,7 +661,7 @@ def start_cluster(
     deadline = _Deadline(timeout)
     conf = dir / "ceph.conf"
     state.record("ceph.dir", path=str(dir))
-    starter = _Starter(dir, conf, state, deadline)
+    starter = _Starter(dir, conf, state, deadline, bound_to_caller=bound_to_caller)
     try:
         cluster = _start(dir, starter, osds=osds, objectstore=objectstore, mgr=mgr, say=say)
     except BaseException as exc:
@@ -724,10 +734,15 @@ def _start_mon(starter: _Starter, fsid: str, port: int) -> bool:
          deadline, "creating the monmap")
     _run(["ceph-mon", "-c", str(conf), "-i", MON_ID, "--mkfs", "--monmap", str(monmap),
           "--keyring", str(dir / "keys" / "mon-mkfs.keyring")], deadline, "mon mkfs")
+    return _spawn_mon(starter, port)
+
+
+def _spawn_mon(starter: _Starter, port: int) -> bool:
+    """Start the mon and wait until it holds its two ports; False (mon stopped) if taken."""
     name = f"mon.{MON_ID}"
-    starter.spawn(name, ["ceph-mon", "-f", "-c", str(conf), "-i", MON_ID])
-    log = dir / "log" / f"{name}.log"
+    log = starter.dir / "log" / f"{name}.log"
     log_start = log.stat().st_size if log.exists() else 0  # earlier attempts log there too
+    starter.spawn(name, ["ceph-mon", "-f", "-c", str(starter.conf), "-i", MON_ID])
     bind_deadline = time.monotonic() + MON_BIND_WAIT_S
     while True:
         starter.check_alive()
@@ -738,7 +753,7 @@ def _start_mon(starter: _Starter, fsid: str, port: int) -> bool:
         if taken or time.monotonic() > bind_deadline:
             starter.stop(name)
             return False
-        deadline.left("waiting for the mon to bind its port")
+        starter.deadline.left("waiting for the mon to bind its port")
         time.sleep(0.02)
 
 
@@ -841,28 +856,31 @@ def _daemon_records(conf: Path, state: StateFile) -> list[dict[str, Any]]:
     return [r for r in state.resources if r["kind"] == "ceph.daemon" and r["conf"] == str(conf)]
 
 
-def _stop_recorded(conf: Path, state: StateFile, *, grace: float) -> None:
+def _stop_recorded(conf: Path, state: StateFile, *, grace: float,
+                   first: signal.Signals = signal.SIGTERM) -> None:
     """Stop recorded daemons of ``conf`` group by group (OSDs, mgr, mon), then forget them."""
     records = _daemon_records(conf, state)
     for group in _GROUP_ORDER:
         members = [r for r in records if r["name"].split(".")[0] == group]
-        _signal_group(members, grace)
+        _signal_group(members, grace, first)
         for r in members:
             state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
     rest = [r for r in records if r["name"].split(".")[0] not in _GROUP_ORDER]
-    _signal_group(rest, grace)
+    _signal_group(rest, grace, first)
     for r in rest:
         state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
 
 
 def stop_cluster(cluster: CephCluster, state: StateFile, *, remove_dir: bool = True,
-                 grace: float = STOP_GRACE_S) -> None:
+                 grace: float = STOP_GRACE_S, kill: bool = False) -> None:
     """Stop every recorded daemon (OSDs, mgr, mon; SIGKILL after ``grace``), then remove DIR.
 
-    With ``remove_dir=False`` a bluestore cluster keeps its data for a later start.
+    With ``remove_dir=False`` a bluestore cluster keeps its data for :func:`resume_cluster`;
+    ``kill=True`` sends SIGKILL at once (a crash of the whole cluster).
     """
     try:
-        _stop_recorded(cluster.conf, state, grace=grace)
+        _stop_recorded(cluster.conf, state, grace=grace,
+                       first=signal.SIGKILL if kill else signal.SIGTERM)
     finally:
         if remove_dir:
             remove_cluster_dir({"path": str(cluster.dir)})
@@ -886,20 +904,60 @@ def stop_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool 
 
 
 def start_osd(cluster: CephCluster, osd_id: int, state: StateFile,
-              *, timeout: float = 60.0) -> None:
+              *, timeout: float = 60.0, bound_to_caller: bool = False) -> None:
     """Start one stopped OSD and wait until the mon has seen it boot."""
     if any(_is_ours(r) for r in _osd_records(cluster, osd_id, state)):
         raise SandboxError(f"osd.{osd_id} of {cluster.dir} is already running")
-    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout))
+    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout),
+                       bound_to_caller=bound_to_caller)
     before = _osd_boots(cluster.conf, min(10.0, timeout))
     starter.spawn(f"osd.{osd_id}", ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(osd_id)])
     _wait_osds_booted(starter, [osd_id], before)
 
 
-def restart_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False) -> None:
+def restart_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False,
+                bound_to_caller: bool = False) -> None:
     """Stop (SIGTERM, or SIGKILL with ``kill=True``) and start one OSD; bluestore keeps its data."""
     stop_osd(cluster, osd_id, state, kill=kill)
-    start_osd(cluster, osd_id, state)
+    start_osd(cluster, osd_id, state, bound_to_caller=bound_to_caller)
+
+
+def resume_cluster(dir: Path, state: StateFile, *, timeout: float = START_TIMEOUT_S,
+                   bound_to_caller: bool = False) -> CephCluster:
+    """Start every daemon of a stopped bluestore cluster again (its data kept; notes §4).
+
+    Refused for memstore (its OSDs come back owning no PG) and for a running cluster. A
+    failed resume stops what it started and keeps the directory.
+    """
+    cluster = cluster_from_dir(dir)
+    running = cluster_processes(cluster.conf)
+    if running:
+        raise SandboxError(f"{cluster.dir} already runs a Ceph cluster (pids {running})")
+    if cluster.objectstore != "bluestore":
+        raise SandboxError(f"{cluster.dir} is {cluster.objectstore}: its OSDs lose every PG when "
+                           "stopped; start a new cluster instead")
+    _check_prerequisites()
+    if not any(r["kind"] == "ceph.dir" and r["path"] == str(cluster.dir)
+               for r in state.resources):
+        state.record("ceph.dir", path=str(cluster.dir))
+    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout),
+                       bound_to_caller=bound_to_caller)
+    try:
+        if not _spawn_mon(starter, cluster.mon_port):
+            raise SandboxError(f"mon port {cluster.mon_port} or {cluster.mon_port + 1} is taken")
+        before = _osd_boots(cluster.conf, min(10.0, starter.deadline.left("asking the mon")))
+        if cluster.mgr:
+            starter.spawn(f"mgr.{MGR_ID}",
+                          ["ceph-mgr", "-f", "-c", str(cluster.conf), "-i", MGR_ID])
+        for n in range(cluster.osds):
+            starter.spawn(f"osd.{n}", ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(n)])
+        _wait_osds_booted(starter, range(cluster.osds), before)
+    except BaseException as exc:
+        _stop_recorded(cluster.conf, state, grace=5.0)
+        if isinstance(exc, SandboxError):
+            raise SandboxError(f"resuming the ceph cluster in {dir} failed: {exc}") from exc
+        raise
+    return cluster
 
 
 def cluster_health(cluster: CephCluster, *, timeout: float = 5.0) -> dict[str, Any]:

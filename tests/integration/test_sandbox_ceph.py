@@ -26,6 +26,7 @@ from orchestrator.sandbox.ceph import (
     cluster_from_dir,
     cluster_health,
     cluster_processes,
+    resume_cluster,
     start_cluster,
     stop_cluster,
 )
@@ -225,6 +226,61 @@ def test_bluestore_osd_restart_keeps_data(bluestore_cluster: ManagedCluster) -> 
     assert _read(cluster, "keep") == data
     health: dict[str, Any] = cluster_health(cluster)
     assert health["ok"], health
+
+
+def test_bluestore_cluster_crash_and_resume_keeps_data(bluestore_cluster: ManagedCluster) -> None:
+    cluster = bluestore_cluster.cluster
+    data = os.urandom(4 * MIB)
+    assert _write_read(cluster, "crash", data, create=True) == data
+    bluestore_cluster.stop(kill=True)  # every daemon SIGKILLed
+    assert cluster_processes(cluster.conf) == []
+    bluestore_cluster.resume()
+    assert _read(cluster, "crash") == data
+    assert cluster_health(cluster)["ok"]
+    with pytest.raises(SandboxError, match="already runs"):
+        bluestore_cluster.resume()
+
+
+def test_memstore_cluster_is_not_resumed(workdir: Path) -> None:
+    state = StateFile(workdir / "state.json")
+    cluster = start_cluster(workdir / "m", state, mgr=False)
+    stop_cluster(cluster, state, remove_dir=False)
+    with pytest.raises(SandboxError, match="lose every PG"):
+        resume_cluster(cluster.dir, state)
+    assert cluster_processes(cluster.conf) == []
+    stop_cluster(cluster, state)
+    assert state.resources == []
+
+
+_BOUND = """
+import sys, time
+from pathlib import Path
+from orchestrator.sandbox.ceph import start_cluster
+from orchestrator.sandbox.state import StateFile
+base = Path(sys.argv[1])
+start_cluster(base / "ceph", StateFile(base / "state.json"), mgr=False, bound_to_caller=True)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_bound_cluster_dies_with_its_caller(workdir: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BOUND, str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        conf = workdir / "ceph" / "ceph.conf"
+        assert len(cluster_processes(conf)) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while cluster_processes(conf) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cluster_processes(conf) == []
 
 
 def test_mon_port_taken_after_the_bind_test_is_retried(

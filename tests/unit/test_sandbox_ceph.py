@@ -128,7 +128,7 @@ def test_public_names_are_pinned() -> None:
         "OBJECTSTORES", "POOL", "PROBES", "REQUIRED_BINARIES", "TEARDOWN", "CephCluster",
         "OsdStat", "OsdState", "cluster_from_conf", "cluster_from_dir", "cluster_health",
         "cluster_processes", "daemon_alive", "kill_daemon", "parse_osd_dump", "parse_osd_stat",
-        "remove_cluster_dir", "render_conf", "restart_osd", "start_cluster", "start_osd",
-        "stop_cluster", "stop_osd",
+        "remove_cluster_dir", "render_conf", "restart_osd", "resume_cluster", "start_cluster",
+        "start_osd", "stop_cluster", "stop_osd",
     }
     assert set(ceph.TEARDOWN) == set(ceph.PROBES) == {"ceph.daemon", "ceph.dir"}
