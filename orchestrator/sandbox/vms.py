@@ -411,7 +411,8 @@ def _wait_ready(
     vm: SandboxVM, bridge: str, ssh_key: Path, known_hosts: Path, control_dir: Path,
     state: StateFile, deadline: float, say: Progress,
 ) -> None:
-    """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``."""
+    """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``;
+    then the guest's clock is set from the host's."""
     while True:
         text = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
         if guest.FAILED_MARKER in text:
@@ -436,6 +437,10 @@ def _wait_ready(
         if time.monotonic() > deadline:
             raise HostUnreachable(vm.name, f"ssh true failed: {result.stderr.strip()}")
         time.sleep(0.5)
+    # The guest read the 1-second CMOS clock while starved of CPU: it can be >1 s behind,
+    # which grant expiry checks would notice. Set it from the host (off by one SSH hop).
+    vm_exec(vm, ssh_key, known_hosts, ["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30,
+            control_dir=control_dir)
     say(f"{vm.name}: ssh ok ({vm.address})")
 
 
@@ -648,21 +653,35 @@ def close_ssh_master(resource: dict[str, Any]) -> None:
 def tear_down(state: StateFile) -> list[str]:
     """Undo every resource in ``state`` this module knows, newest first; return the errors.
 
-    A resource is forgotten once undone, so a second call retries only what failed. Kinds
-    of other modules are left alone.
+    Consecutive records of one kind (the VMs' domains, their SSH masters) are independent
+    and undone in parallel: destroying a TCG domain waits ~2 s for QEMU to exit. A resource
+    is forgotten once undone, so a second call retries only what failed. Kinds of other
+    modules are left alone.
     """
     errors: list[str] = []
-    for resource in reversed(state.resources):
-        undo = TEARDOWN.get(resource["kind"])
-        if undo is None:
-            continue
+    known = [r for r in reversed(state.resources) if r["kind"] in TEARDOWN]
+    batches: list[list[dict[str, Any]]] = []
+    for resource in known:
+        if batches and batches[-1][0]["kind"] == resource["kind"]:
+            batches[-1].append(resource)
+        else:
+            batches.append([resource])
+
+    def undo(resource: dict[str, Any]) -> None:
         try:
-            undo(resource)
+            TEARDOWN[resource["kind"]](resource)
         except Exception as exc:  # keep going: a stuck domain must not strand the route
             errors.append(f"{resource['kind']} {resource}: {exc}")
-            continue
+            return
         fields = {k: v for k, v in resource.items() if k != "kind"}
         state.forget(resource["kind"], **fields)
+
+    for batch in batches:
+        threads = [threading.Thread(target=undo, args=(r,)) for r in batch]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     return errors
 
 
