@@ -3,7 +3,8 @@
 Setup: a sandbox Ceph cluster (coordinator state in RADOS, lease 2 s), one writer + two
 readers as real agent processes on a file image (``--backend file``) or an RBD image
 (``--backend rbd``, fence = blocklist of the exclusive-lock owner). One client thread puts
-4 KiB values continuously, two read them back from the in-sync readers.
+``--value-size`` byte values (default 4 KiB) continuously, two read them back from the
+in-sync readers.
 
 Per kill, measured from the SIGKILL (monotonic clock, same process):
   detect    -> the coordinator confirmed the writer dead (NodeFailed)
@@ -15,7 +16,8 @@ Reads: failed reads / total reads during the whole run (DESIGN §9: 0).
 
 The killed agent is restarted as a reader and must be back in sync before the next kill.
 
-    .venv/bin/python -m bench.failover_bench --kills 20 [--backend file|rbd] [--json OUT]
+    .venv/bin/python -m bench.failover_bench --kills 20 [--backend file|rbd] [--value-size N]
+                                             [--json OUT]
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ PHASES = ("detect", "fence", "promote", "announce", "writable")
 class Load:
     """A putting thread and reading threads; records acks (time, epoch) and read outcomes."""
 
-    def __init__(self, client: FleetClient) -> None:
+    def __init__(self, client: FleetClient, value_size: int) -> None:
         self.client = client
+        self.value = b"x" * value_size
         self.stop = threading.Event()
         self.acks: list[tuple[float, int]] = []
         self.reads_ok = 0
@@ -77,7 +80,7 @@ class Load:
         while not self.stop.is_set():
             n += 1
             try:
-                ack = self.client.put_bytes(b"x" * 4096, f"/bench/{n % 16}")
+                ack = self.client.put_bytes(self.value, f"/bench/{n % 16}")
             except RbdfleetError:
                 continue
             self.acks.append((time.monotonic(), ack.epoch))
@@ -104,7 +107,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def run(kills: int, backend: str, workdir: Path) -> dict[str, Any]:
+def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, Any]:
     with managed_cluster("rbdfleet-bench-failover-", osds=1, objectstore="memstore") as managed:
         cluster = managed.cluster
         admin = connect_admin(cluster)
@@ -147,7 +150,7 @@ def run(kills: int, backend: str, workdir: Path) -> dict[str, Any]:
         service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
         client = fleet_client([coordinator.url], fleet.name)
         samples: dict[str, list[float]] = {p: [] for p in PHASES}
-        load = Load(client)
+        load = Load(client, value_size)
         try:
             wait_until(
                 lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
@@ -204,7 +207,7 @@ def run(kills: int, backend: str, workdir: Path) -> dict[str, Any]:
             store.close()
             fleet.close()
             admin.shutdown()
-    result: dict[str, Any] = {"kills": kills, "backend": backend}
+    result: dict[str, Any] = {"kills": kills, "backend": backend, "value_size": value_size}
     for phase in PHASES:
         values = samples[phase]
         result[phase] = {
@@ -221,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--backend", choices=("file", "rbd"), default="file")
+    parser.add_argument("--value-size", type=int, default=4096, help="bytes per put")
     parser.add_argument("--json", type=Path, help="write the result here too")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="rbdfleet-failover-bench-") as tmp:
-        result = run(args.kills, args.backend, Path(tmp))
+        result = run(args.kills, args.backend, Path(tmp), args.value_size)
     print(f"\nwriter failover, {args.kills} kills, {args.backend} image (seconds from SIGKILL)")
     print(f"{'phase':<10} {'p50':>7} {'p99':>7} {'max':>7}")
     for phase in PHASES:
