@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost
-from orchestrator.adapters.ssh import ParamikoShell
+from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand
 from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
+from orchestrator.sandbox.vms import VmSet
 from tests.fixtures.hosts import shell_for
 
 pytestmark = pytest.mark.integration
@@ -193,3 +194,42 @@ def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
     assert all(stopped[n].actions == (f"stopped pid {started[n].pid}",) for n in stopped)
     log = Path(targets[0].prefix, "var/log/rbdfleet/agent.log").read_text()
     assert "event=signal signal=SIGTERM" in log and "event=stopped node=h1" in log
+
+
+FORMAT_LOCAL_IMAGE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from agents.daemon import main
+with open(sys.argv[2], "wb") as image:
+    image.truncate(16 << 20)
+sys.exit(main(["format", "--backend", "file:" + sys.argv[2], "--fleet", "vmtest"]))
+"""
+
+
+def test_deploy_to_real_vms_runs_the_agent_and_is_idempotent(
+        sandbox_vms: VmSet, package: AgentPackage) -> None:
+    """The real agent on TCG guests (prefix "/"), each on a volume in its own filesystem."""
+    targets = [DeployTarget(vm, "/", {
+        "node": vm.name, "fleet": "vmtest", "backend": "file:/var/lib/rbdfleet/vol.img",
+        "secret_file": "/etc/rbdfleet/fleet.secret", "listen": "0.0.0.0:7480",
+        "role": "writer"}) for vm in sandbox_vms.vms]
+    with ParamikoShell(user="root", key_file=sandbox_vms.ssh_key,
+                       known_hosts=sandbox_vms.known_hosts, connect_timeout=10.0) as shell:
+        deployer = AgentDeployer(shell, package, settle=1.0, command_timeout=120.0)
+        installed = deployer.install(targets)
+        assert all(r.changed and r.version == package.version for r in installed.values())
+        for target in targets:
+            layout = target.layout
+            shell.put_file(target.host, b"v" * 64, "/etc/rbdfleet/fleet.secret", 0o600)
+            shell.run(target.host, RemoteCommand(Executable.PYTHON3, [
+                "-c", FORMAT_LOCAL_IMAGE, layout.release(package.version),
+                "/var/lib/rbdfleet/vol.img"]), timeout=120.0, check=True)
+        started = deployer.start(targets)
+        deadline = time.monotonic() + 120
+        for vm in sandbox_vms.vms:
+            seen = health(vm.address, deadline)
+            assert (seen["node"], seen["role"], seen["fleet"]) == (vm.name, "writer", "vmtest")
+        again = deployer.deploy(targets)
+        assert all(not r.changed and r.pid == started[n].pid for n, r in again.items())
+        stopped = deployer.stop(targets)
+        assert all(r.pid is None and r.changed for r in stopped.values())
