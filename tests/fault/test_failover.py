@@ -314,3 +314,72 @@ def _role(fleet: AgentFleet, node: str) -> str:
         return str(fleet.health(node)["role"])
     except Exception:
         return "unreachable"
+
+
+class ProcessSpares:
+    """SpareProvisioner for agent processes: 'attach' = start the spare's agent (read-only)."""
+
+    def __init__(self, fleet: AgentFleet) -> None:
+        self.fleet = fleet
+        self.attached: list[tuple[str, float]] = []
+
+    def attach_spare(self, node: str) -> None:
+        self.fleet[node].start()
+        self.attached.append((node, time.monotonic()))
+
+
+def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
+    fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
+) -> None:
+    coordinator = start_api()
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(
+        f"file:{image}", name=f"fs-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
+    )
+    spare = fleet.add("s1")  # started once to learn its address, then stopped: not attached
+    spare.stop()
+    store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
+    spares = ProcessSpares(fleet)
+    try:
+        service = FleetServiceWithSpares.start(coordinator, store, fleet, spares)
+        wait_until(
+            lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
+            20,
+            "ready",
+        )
+        client = fleet_client([coordinator.url], fleet.name)
+        for i in range(20):
+            client.put_bytes(f"v{i}".encode(), f"/s{i}")
+        killed_at = time.monotonic()
+        fleet["r1"].kill()
+        wait_until(
+            lambda: "s1" in [r.name for r in service.require_active().in_sync_readers()],
+            30,
+            "spare s1 in sync",
+        )
+        in_sync_after = time.monotonic() - killed_at
+        m = service.require_active()
+        assert m.member("r1").role == "out" and m.member("s1").role == "reader"
+        assert [n for n, _ in spares.attached] == ["s1"]
+        client.put_bytes(b"after", "/s0")
+        assert client.get_with_version("/s0")[0] == b"after"
+        print(f"\nreader kill -> spare attached and in sync after {in_sync_after:.2f} s")
+    finally:
+        coordinator.stop()
+        store.close()
+
+
+class FleetServiceWithSpares:
+    """start_service with a spare provisioner (the harness default has none)."""
+
+    @staticmethod
+    def start(
+        coordinator: Coordinator, store: Any, fleet: AgentFleet, spares: ProcessSpares
+    ) -> Any:
+        service = start_service(
+            coordinator, store, PidFencer(fleet), bootstrap_map(fleet, spares=("s1",))
+        )
+        service.spares = spares
+        return service
