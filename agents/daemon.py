@@ -29,7 +29,7 @@ from typing import Any
 
 from agents.agent import Agent, AgentSettings
 from agents.device import BlockDevice
-from agents.errors import AgentError, RbdfleetError
+from agents.errors import AgentError, FormatError, RbdfleetError
 from agents.server import AgentServer, serve
 
 __all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
@@ -275,6 +275,29 @@ def run(config: AgentConfig) -> int:
     return 0
 
 
+def _is_blank(device: BlockDevice, fleet: str) -> bool:
+    """True for an all-zero superblock area; False for a volume of ``fleet``.
+
+    Anything else (another fleet's volume, foreign or damaged data) is refused: ``format
+    --if-blank`` never overwrites data it does not recognise as blank.
+    """
+    from agents.core.superblock import SLOTS, choose
+    from agents.device import ALIGN
+
+    head = device.read_at(0, 2 * ALIGN)
+    if not any(head):
+        return True
+    try:
+        found = choose([head[s : s + ALIGN] for s in SLOTS]).fleet
+    except FormatError as exc:
+        raise AgentConfigError("backend", f"not blank and not a volume ({exc}): "
+                                          "refusing to format") from exc
+    if found != fleet:
+        raise AgentConfigError("backend", f"holds a volume of fleet {found!r}, not {fleet!r}: "
+                                          "refusing to format")
+    return False
+
+
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the agent")
     p.add_argument("--config", help="TOML (.toml) or JSON config file")
@@ -305,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fmt.add_argument("--backend", required=True)
     fmt.add_argument("--fleet", required=True)
     fmt.add_argument("--journal-bytes", type=int)
+    fmt.add_argument("--if-blank", action="store_true",
+                     help="format only a blank (all-zero) head; keep a volume of this fleet")
     fmt.add_argument("--ceph-conf")
     fmt.add_argument("--ceph-user", default="admin")
     fmt.add_argument("--ceph-keyring")
@@ -317,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = open_backend(args.backend, read_only=False, ceph_conf=args.ceph_conf,
                                   ceph_user=args.ceph_user, ceph_keyring=args.ceph_keyring)
             try:
+                if args.if_blank and not _is_blank(device, args.fleet):
+                    print(f"{args.backend} already holds a volume of fleet {args.fleet}")
+                    return 0
                 Volume.format(device, fleet=args.fleet, journal_bytes=args.journal_bytes)
             finally:
                 device.close()
