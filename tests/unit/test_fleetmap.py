@@ -121,3 +121,22 @@ def test_encode_decode_round_trip(members: list[str], data: st.DataObject) -> No
             m = m.set_progress(n, data.draw(st.integers(0, 10**9)), data.draw(st.booleans()))
     assert FleetMap.decode(m.encode()) == m
     assert FleetMap.decode(m.encode()).encode() == m.encode()
+
+
+@pytest.mark.parametrize("module", ["fleetmap", "election", "liveness"])
+def test_core_modules_do_no_io(module: str) -> None:
+    """The pure core imports no I/O module and calls no clock, sleep or open."""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).parents[2] / "orchestrator" / "core" / f"{module}.py"
+    tree = ast.parse(source.read_text())
+    banned = {"socket", "subprocess", "threading", "time", "os", "http", "urllib", "rados", "rbd"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & banned, ast.dump(node)
+        elif isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in banned, node.module
+            assert not (node.module or "").startswith("orchestrator.adapters")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "open", f"{module} calls open()"
