@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from orchestrator.sandbox.hosts import (
     teardown_run,
 )
 from orchestrator.sandbox.state import StateFile
-from tests.fixtures.hosts import host_set
+from tests.fixtures.hosts import host_set, sweep_orphans
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +151,29 @@ def test_bad_count_is_refused_before_anything_is_made(tmp_path: Path) -> None:
     with pytest.raises(SandboxError, match="host count"):
         start_hosts(tmp_path / "hosts", state, 0)
     assert state.resources == []
+
+
+def test_sets_of_a_killed_session_are_swept_and_live_ones_kept(
+        hosts3: HostSet, tmp_path: Path) -> None:
+    orphan_dir = tmp_path / "pytest-0" / "t"
+    orphan_dir.mkdir(parents=True)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pathlib import Path\n"
+         "from tests.fixtures.hosts import host_set\n"
+         "with host_set(Path(sys.argv[1]), 1):\n"
+         "    print('up', flush=True); time.sleep(120)\n", str(orphan_dir)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert owner.stdout is not None and owner.stdout.readline() == "up\n"
+    recorded = StateFile(orphan_dir / "state.json").resources
+    sweep_orphans(tmp_path)  # the owner is alive: nothing happens
+    assert StateFile(orphan_dir / "state.json").resources == recorded
+    os.kill(owner.pid, signal.SIGKILL)  # a killed pytest: no teardown ran
+    owner.wait()
+    owner.stdout.close()
+    sweep_orphans(tmp_path)
+    assert StateFile(orphan_dir / "state.json").resources == []
+    netns = [r["name"] for r in recorded if r["kind"] == "testhost.netns"]
+    assert netns and not Path("/run/netns", netns[0]).exists()
+    assert ssh_banner(hosts3.host("h1")).startswith(b"SSH-2.0-")  # a live set is untouched
