@@ -37,6 +37,8 @@ TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
 # Host RAM a TCG guest costs with a bounded translation cache (notes/libvirt.md §3), plus Ceph.
 VM_RAM_MIB = 400
 CEPH_RAM_MIB = 1024
+# The coordinator's port on the VM network's gateway (each sandbox has its own gateway).
+COORDINATOR_PORT = 7470
 
 
 def default_dir() -> Path:
@@ -251,6 +253,12 @@ def render_config(directory: Path, cluster: Any, vm_set: Any, host_set: Any,
         lines += ["", "[[vm]]", f"name = {_toml_str(vm.name)}", f"domain = {_toml_str(vm.domain)}",
                   f"uri = {_toml_str(vm.uri)}", f"address = {_toml_str(vm.address)}",
                   "spare = false"]
+    if vm_set is not None:
+        # The coordinator serves on the VM network's gateway: the agents in the guests send it
+        # heartbeats and reports, and host-side clients reach it there too (one per sandbox).
+        url = f"http://{vm_set.gateway}:{COORDINATOR_PORT}"
+        lines += ["", "[coordinator]", f"urls = [{_toml_str(url)}]",
+                  f"listen = {_toml_str(f'{vm_set.gateway}:{COORDINATOR_PORT}')}"]
     for host in host_set.hosts if host_set else []:
         lines += ["", "[[host]]", f"name = {_toml_str(host.name)}",
                   f"address = {_toml_str(host.address)}", f"root = {_toml_str(host.root)}"]
