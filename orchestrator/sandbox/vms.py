@@ -128,14 +128,48 @@ class VmSet:
     def exec(self, vm: SandboxVM | str, argv: Sequence[str], timeout: float = 60.0
              ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` as root on ``vm`` over the pinned, multiplexed SSH connection."""
-        target = self.vm(vm) if isinstance(vm, str) else vm
+        target = self._target(vm)
         return vm_exec(target, self.ssh_key, self.known_hosts, argv, timeout,
                        control_dir=self.control_dir)
 
     def ssh_argv(self, vm: SandboxVM | str) -> list[str]:
         """``ssh`` argv prefix (up to and including ``root@ADDR``) for scripts and tools."""
-        target = self.vm(vm) if isinstance(vm, str) else vm
+        target = self._target(vm)
         return _ssh_argv(target.address, self.ssh_key, self.known_hosts, self.control_dir)
+
+    # Fault hooks (kazoo-style methods, no monkeypatching). Each takes a VM or its name.
+
+    def pause(self, vm: SandboxVM | str) -> None:
+        """Freeze the guest (``virsh suspend``): TCP still reaches the bridge, nothing answers."""
+        _virsh("suspend", self._target(vm).domain)
+
+    def resume(self, vm: SandboxVM | str) -> None:
+        """Thaw a paused guest."""
+        _virsh("resume", self._target(vm).domain)
+
+    def crash(self, vm: SandboxVM | str) -> None:
+        """Power the guest off hard (``virsh destroy``), like a host losing power.
+
+        Its SSH master is closed first: one left waiting on a dead peer would hold every
+        later command for ~30 s (ServerAliveInterval x ServerAliveCountMax).
+        """
+        target = self._target(vm)
+        close_ssh_master({"control_path": str(self.control_dir / target.address),
+                          "address": target.address})
+        _virsh("destroy", target.domain)
+
+    def start(self, vm: SandboxVM | str, timeout: float = BOOT_TIMEOUT,
+              progress: Progress | None = None) -> None:
+        """Boot a crashed guest again and wait until it answers SSH (same keys, same disk)."""
+        target = self._target(vm)
+        target.console_log.unlink(missing_ok=True)
+        _virsh("start", target.domain)
+        balance_vm_cpu_share(len(_virsh("list", "--name").split()))
+        _wait_ready(target, self.bridge, self.ssh_key, self.known_hosts, self.control_dir,
+                    time.monotonic() + timeout, progress or (lambda _msg: None))
+
+    def _target(self, vm: SandboxVM | str) -> SandboxVM:
+        return self.vm(vm) if isinstance(vm, str) else vm
 
 
 @dataclass
@@ -345,6 +379,9 @@ def boot_vms(
                                    for line in pinned))
     known_hosts.chmod(0o600)
 
+    for vm in vms:  # the masters appear at the first ssh; recorded before that
+        state.record("vm.ssh_master", control_path=str(control_dir / vm.address),
+                     address=vm.address)
     say(f"sandbox {run_id}: starting {count} {domain_type.upper()} guest(s)")
     for vm in vms:
         vm.console_log.unlink(missing_ok=True)
@@ -355,8 +392,7 @@ def boot_vms(
 
     def wait(vm: SandboxVM) -> None:
         try:
-            _wait_ready(vm, plan.bridge, ssh_key, known_hosts, control_dir, state, deadline,
-                        say)
+            _wait_ready(vm, plan.bridge, ssh_key, known_hosts, control_dir, deadline, say)
         except BaseException as exc:  # reported below, per VM
             errors[vm.name] = exc
 
@@ -409,7 +445,7 @@ def _ssh_argv(address: str, ssh_key: Path, known_hosts: Path, control_dir: Path 
 
 def _wait_ready(
     vm: SandboxVM, bridge: str, ssh_key: Path, known_hosts: Path, control_dir: Path,
-    state: StateFile, deadline: float, say: Progress,
+    deadline: float, say: Progress,
 ) -> None:
     """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``;
     then the guest's clock is set from the host's."""
@@ -428,8 +464,6 @@ def _wait_ready(
         if time.monotonic() > deadline:
             raise HostUnreachable(vm.name, "no SSH banner on port 22")
         time.sleep(0.2)
-    state.record("vm.ssh_master", control_path=str(control_dir / vm.address),
-                 address=vm.address, ssh_key=str(ssh_key), known_hosts=str(known_hosts))
     while True:
         result = vm_exec(vm, ssh_key, known_hosts, ["true"], timeout=60, control_dir=control_dir)
         if result.returncode == 0:

@@ -1,8 +1,8 @@
 """The sandbox VMs, for real: libvirtd, the cached guest image, TCG guests, pinned SSH.
 
-Runtime: ~45-70 s on 2 busy cores with a cached image (3-VM session boot ~20-30 s, a second
-1-VM sandbox for the teardown check ~15 s, shared-disk cross-read ~5 s). An uncached image
-adds ~85 s once per recipe change.
+Runtime: ~1.5-3 min on 2 busy cores with a cached image (3-VM session boot 25-75 s by load,
+a second 1-VM sandbox booted twice for the fault hooks and the teardown check ~40 s,
+shared-disk cross-read ~6 s). An uncached image adds ~90 s once per recipe change.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import HostUnreachable
 from orchestrator.sandbox import guest
 from orchestrator.sandbox.state import StateFile
 from orchestrator.sandbox.vms import (
@@ -149,7 +150,11 @@ def test_guest_image_carries_no_keys() -> None:
     assert "File not found" in root_ssh.stderr
 
 
-def test_second_sandbox_coexists_and_teardown_leaves_nothing(
+def _domstate(domain: str) -> str:
+    return _run(["virsh", "-q", "-c", "qemu:///system", "domstate", domain]).strip()
+
+
+def test_second_sandbox_coexists_survives_faults_and_teardown_leaves_nothing(
     sandbox_vms: VmSet, tmp_path: Path
 ) -> None:
     state = StateFile(tmp_path / "state.json")
@@ -158,6 +163,20 @@ def test_second_sandbox_coexists_and_teardown_leaves_nothing(
         assert other.subnet != sandbox_vms.subnet
         assert other.vms[0].domain != sandbox_vms.vms[0].domain
         assert other.exec("vm1", ["hostname"]).stdout.strip() == "vm1"
+        # fault hooks: a paused guest answers nothing, then resumes where it was
+        other.exec("vm1", ["sh", "-c", "echo before > /root/mark && sync"])
+        other.pause("vm1")
+        assert _domstate(other.vms[0].domain) == "paused"
+        with pytest.raises(HostUnreachable):
+            other.exec("vm1", ["true"], timeout=5)
+        other.resume("vm1")
+        assert other.exec("vm1", ["true"]).returncode == 0
+        # a crashed guest boots again with the same pinned host key and the same disk
+        other.crash("vm1")
+        assert _domstate(other.vms[0].domain) == "shut off"
+        other.start("vm1")
+        again = other.exec("vm1", ["cat", "/root/mark"])
+        assert again.returncode == 0 and again.stdout == "before\n"
     finally:
         errors = tear_down(state)
     assert errors == []
