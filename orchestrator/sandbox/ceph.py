@@ -3,8 +3,9 @@
 The recipe is notes/ceph.md §2-§4: a conf whose every path points into DIR, all keys made up
 front with ``ceph-authtool``, mon mkfs + start while the OSDs mkfs in parallel, every mon
 command through ONE ``ceph`` process on stdin, then the mgr and the OSDs, readiness by polling
-``osd stat`` (answered by the mon; ``pg stat`` waits for the mgr's 5 s stats) and
-``rbd pool init``.
+the mon's osdmap (``osd dump``: each OSD up in a new incarnation; never ``pg stat``, which waits
+for the mgr's 5 s stats) and ``rbd pool init``. Clients need only ``CEPH_CONF``: the
+client.admin keyring is named in ``[client]``.
 
 Only the Ceph CLI tools are run here (stdlib + subprocess); the ``rados``/``rbd`` bindings
 belong to the Ceph adapter.
@@ -16,9 +17,12 @@ waits on it. Teardown signals a recorded pid only when ``/proc/PID`` still names
 binary run with this cluster's conf and its start time (field 22 of ``/proc/PID/stat``) is the
 recorded one, so a reused pid is never hit. OSDs stop first, then the mgr, then the mon.
 
+Mon ports are picked by a bind test; if another process takes the pair before the mon binds
+it, the mon is stopped and another pair is tried (its own sockets are checked, since a mon that
+cannot bind retries for ~15 s before it dies).
+
 What this does not guarantee: memstore OSDs lose every PG on restart (use bluestore to
-restart), and the mon port is chosen by a bind test, so a process binding it between the test
-and the mon's start makes the start fail (it is then undone and reported).
+restart or resume); a daemon that dies later is not restarted (``cluster_health`` shows it).
 """
 
 from __future__ import annotations
@@ -131,10 +135,6 @@ class CephCluster:
     def mon_port(self) -> int:
         """The msgr2 port of the mon."""
         return int(self.mon_v2.rsplit(":", 1)[1])
-
-    def env(self) -> dict[str, str]:
-        """Environment for Ceph CLI tools aimed at this cluster (the keyring is in [client])."""
-        return {**os.environ, "CEPH_CONF": str(self.conf)}
 
 
 @dataclass(frozen=True)
@@ -307,10 +307,15 @@ def _starttime(pid: int) -> int:
     return info.starttime
 
 
-def _reap(pid: int) -> None:
-    """Collect our own exited child so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+def _reap(res: dict[str, Any], info: _ProcInfo | None) -> None:
+    """Collect the recorded process if it is our own exited child, so no zombie lingers.
+
+    Only when the start time matches: a reused pid may be another child of this process
+    whose exit status is not ours to take.
+    """
+    if info is not None and not info.live and info.starttime == int(res["starttime"]):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(int(res["pid"]), os.WNOHANG)
 
 
 def _is_ours(res: dict[str, Any]) -> bool:
@@ -318,16 +323,16 @@ def _is_ours(res: dict[str, Any]) -> bool:
 
     Checked before any signal, so a reused pid is never signalled.
     """
-    _reap(int(res["pid"]))
     info = _read_proc(int(res["pid"]))
+    _reap(res, info)
     return (info is not None and info.live and info.starttime == int(res["starttime"])
             and _owns(info.cmdline, str(res["conf"])))
 
 
 def _gone(res: dict[str, Any]) -> bool:
     """No thread of the recorded process is left (a zombie's cmdline is empty: not checked)."""
-    _reap(int(res["pid"]))
     info = _read_proc(int(res["pid"]))
+    _reap(res, info)
     return info is None or not info.live or info.starttime != int(res["starttime"])
 
 
@@ -458,13 +463,11 @@ def _pick_mon_port(rng: random.Random) -> int:
     raise SandboxError(f"no free mon port pair found in {lo}-{hi}")
 
 
-def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None = None,
-         env: dict[str, str] | None = None) -> str:
+def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None = None) -> str:
     """Run a short Ceph tool; a failure raises SandboxError with its output."""
     try:
         done = subprocess.run(
-            argv, input=input, capture_output=True, text=True, env=env,
-            timeout=deadline.left(what),
+            argv, input=input, capture_output=True, text=True, timeout=deadline.left(what),
         )
     except subprocess.TimeoutExpired as exc:
         raise SandboxError(f"{what}: {argv[0]} did not finish in time") from exc
@@ -570,12 +573,14 @@ def _make_keys(dir: Path, osds: int, deadline: _Deadline) -> None:
             raise SandboxError(f"ceph-authtool for {name} did not finish") from exc
         if proc.returncode != 0:
             raise SandboxError(f"ceph-authtool for {name} failed: {err.strip()[-500:]}")
-    # the mon's mkfs keyring holds every entity; keyring files are INI sections, so they concatenate
+    # the mon's mkfs keyring holds every entity; keyring files are INI sections, so they
+    # concatenate. ceph-authtool already made each keyring 0600; this one is born 0600.
     mkfs_keyring = keys / "mon-mkfs.keyring"
-    mkfs_keyring.write_text("".join(p.read_text() for _, p, _ in entities))
+    fd = os.open(mkfs_keyring, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("".join(p.read_text() for _, p, _ in entities))
     for _, path, _ in entities:
         path.chmod(0o600)
-    mkfs_keyring.chmod(0o600)
 
 
 def _refuse_existing(dir: Path) -> None:
