@@ -150,9 +150,7 @@ class OsdStat:
 # --------------------------------------------------------------------------- pure helpers
 
 
-def render_conf(
-    dir: Path, fsid: str, mon_port: int, *, osds: int, objectstore: str
-) -> str:
+def render_conf(dir: Path, fsid: str, mon_port: int, *, osds: int, objectstore: str) -> str:
     """The ceph.conf of a sandbox cluster (notes/ceph.md §2); every path is inside ``dir``.
 
     ``$id`` and ``$name`` are Ceph's own metavariables and stay literal.
@@ -224,13 +222,17 @@ log_file = {d}/log/client.log
 """
 
 
-def _read_conf(conf: Path) -> configparser.RawConfigParser:
+def _read_conf_text(text: str) -> configparser.RawConfigParser:
     parser = configparser.RawConfigParser(inline_comment_prefixes=("#", ";"), strict=False)
+    parser.read_string(text)
+    return parser
+
+
+def _read_conf(conf: Path) -> configparser.RawConfigParser:
     try:
-        parser.read_string(conf.read_text())
+        return _read_conf_text(conf.read_text())
     except (OSError, configparser.Error) as exc:
         raise SandboxError(f"{conf}: not a readable ceph.conf ({exc})") from exc
-    return parser
 
 
 _MON_HOST = re.compile(r"v2:(?P<v2>[\d.]+:\d+)(?:,v1:(?P<v1>[\d.]+:\d+))?")
@@ -257,8 +259,10 @@ class OsdState:
 
 def parse_osd_dump(text: str) -> dict[int, OsdState]:
     """Parse ``ceph osd dump -f json`` into ``{osd id: OsdState}``."""
-    return {int(o["osd"]): OsdState(up=bool(o["up"]), up_from=int(o["up_from"]))
-            for o in json.loads(text)["osds"]}
+    return {
+        int(o["osd"]): OsdState(up=bool(o["up"]), up_from=int(o["up_from"]))
+        for o in json.loads(text)["osds"]
+    }
 
 
 def _proc_starttime(stat: str) -> tuple[str, int]:
@@ -325,8 +329,12 @@ def _is_ours(res: dict[str, Any]) -> bool:
     """
     info = _read_proc(int(res["pid"]))
     _reap(res, info)
-    return (info is not None and info.live and info.starttime == int(res["starttime"])
-            and _owns(info.cmdline, str(res["conf"])))
+    return (
+        info is not None
+        and info.live
+        and info.starttime == int(res["starttime"])
+        and _owns(info.cmdline, str(res["conf"]))
+    )
 
 
 def _gone(res: dict[str, Any]) -> bool:
@@ -345,8 +353,9 @@ def _wait_gone(resources: list[dict[str, Any]], seconds: float) -> list[dict[str
     return pending
 
 
-def _signal_group(resources: Sequence[dict[str, Any]], grace: float,
-                  first: signal.Signals = signal.SIGTERM) -> None:
+def _signal_group(
+    resources: Sequence[dict[str, Any]], grace: float, first: signal.Signals = signal.SIGTERM
+) -> None:
     """Signal every daemon of the group that is still ours, wait, SIGKILL after ``grace``."""
     targets = [r for r in resources if _is_ours(r)]
     for r in targets:
@@ -354,8 +363,13 @@ def _signal_group(resources: Sequence[dict[str, Any]], grace: float,
             os.kill(int(r["pid"]), first)
     pending = _wait_gone(targets, grace)
     for r in pending if first != signal.SIGKILL else []:
-        LOG.warning("ceph daemon %s (pid %s) still there %.0fs after %s: SIGKILL",
-                    r["name"], r["pid"], grace, first.name)
+        LOG.warning(
+            "ceph daemon %s (pid %s) still there %.0fs after %s: SIGKILL",
+            r["name"],
+            r["pid"],
+            grace,
+            first.name,
+        )
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(r["pid"]), signal.SIGKILL)
     pending = _wait_gone(pending, 10.0)
@@ -382,8 +396,17 @@ def cluster_processes(conf: Path) -> list[int]:
 
 
 # names start_cluster creates inside DIR; remove_cluster_dir removes exactly these
-_DIR_ENTRIES = ("ceph.conf", "ceph.conf.tmp", "keyring", "keys", "monmap", "run", "log",
-                f"mon.{MON_ID}", f"mgr.{MGR_ID}")
+_DIR_ENTRIES = (
+    "ceph.conf",
+    "ceph.conf.tmp",
+    "keyring",
+    "keys",
+    "monmap",
+    "run",
+    "log",
+    f"mon.{MON_ID}",
+    f"mgr.{MGR_ID}",
+)
 
 
 def remove_cluster_dir(resource: dict[str, Any]) -> None:
@@ -467,7 +490,11 @@ def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None =
     """Run a short Ceph tool; a failure raises SandboxError with its output."""
     try:
         done = subprocess.run(
-            argv, input=input, capture_output=True, text=True, timeout=deadline.left(what),
+            argv,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=deadline.left(what),
         )
     except subprocess.TimeoutExpired as exc:
         raise SandboxError(f"{what}: {argv[0]} did not finish in time") from exc
@@ -480,8 +507,15 @@ def _run(argv: list[str], deadline: _Deadline, what: str, *, input: str | None =
 class _Starter:
     """One start (or restart) of daemons: spawns, records, and remembers what it must undo."""
 
-    def __init__(self, dir: Path, conf: Path, state: StateFile, deadline: _Deadline,
-                 *, bound_to_caller: bool = False) -> None:
+    def __init__(
+        self,
+        dir: Path,
+        conf: Path,
+        state: StateFile,
+        deadline: _Deadline,
+        *,
+        bound_to_caller: bool = False,
+    ) -> None:
         self.dir = dir
         self.conf = conf
         self.state = state
@@ -502,13 +536,19 @@ class _Starter:
         out = (self.dir / "log" / f"{name}.out").open("ab")
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         finally:
             out.close()
         self.state.record(
-            "ceph.daemon", pid=proc.pid, name=name, conf=str(self.conf),
+            "ceph.daemon",
+            pid=proc.pid,
+            name=name,
+            conf=str(self.conf),
             starttime=_starttime(proc.pid),
         )
         (self.oneshots if oneshot else self.daemons)[name] = proc
@@ -563,8 +603,14 @@ def _make_keys(dir: Path, osds: int, deadline: _Deadline) -> None:
         argv = ["ceph-authtool", "--create-keyring", str(path), "--gen-key", "-n", name]
         for service, cap in caps.items():
             argv += ["--cap", service, cap]
-        procs.append((name, subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE, text=True)))
+        procs.append(
+            (
+                name,
+                subprocess.Popen(
+                    argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                ),
+            )
+        )
     for name, proc in procs:
         try:
             _, err = proc.communicate(timeout=deadline.left("making keys"))
@@ -600,21 +646,35 @@ def _ceph_json(conf: Path, args: list[str], timeout: float) -> str:
     """One mon command through the ``ceph`` CLI, JSON out; bounded by ``timeout``."""
     try:
         out = subprocess.run(
-            ["ceph", "-c", str(conf), "--connect-timeout", str(max(1, int(timeout))),
-             *args, "-f", "json"],
-            capture_output=True, text=True, timeout=timeout + 5,
+            [
+                "ceph",
+                "-c",
+                str(conf),
+                "--connect-timeout",
+                str(max(1, int(timeout))),
+                *args,
+                "-f",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
         )
     except subprocess.TimeoutExpired as exc:
         raise SandboxError(f"ceph {' '.join(args)} did not answer in {timeout:.0f}s") from exc
     if out.returncode != 0:
-        raise SandboxError(f"ceph {' '.join(args)} exited {out.returncode}: "
-                           f"{out.stderr.strip()[-500:]}")
+        raise SandboxError(
+            f"ceph {' '.join(args)} exited {out.returncode}: {out.stderr.strip()[-500:]}"
+        )
     return out.stdout
 
 
 def _osd_boots(conf: Path, timeout: float) -> dict[int, int]:
-    return {n: s.up_from for n, s in parse_osd_dump(_ceph_json(conf, ["osd", "dump"], timeout))
-            .items() if s.up}
+    return {
+        n: s.up_from
+        for n, s in parse_osd_dump(_ceph_json(conf, ["osd", "dump"], timeout)).items()
+        if s.up
+    }
 
 
 def _wait_osds_booted(starter: _Starter, ids: Sequence[int], before: dict[int, int]) -> None:
@@ -734,11 +794,37 @@ def _start_mon(starter: _Starter, fsid: str, port: int) -> bool:
         shutil.rmtree(mon_dir)
     mon_dir.mkdir(mode=0o750)
     monmap = dir / "monmap"
-    _run(["monmaptool", "--create", "--clobber", "--fsid", fsid, "--addv", MON_ID,
-          f"[v2:127.0.0.1:{port},v1:127.0.0.1:{port + 1}]", str(monmap)],
-         deadline, "creating the monmap")
-    _run(["ceph-mon", "-c", str(conf), "-i", MON_ID, "--mkfs", "--monmap", str(monmap),
-          "--keyring", str(dir / "keys" / "mon-mkfs.keyring")], deadline, "mon mkfs")
+    _run(
+        [
+            "monmaptool",
+            "--create",
+            "--clobber",
+            "--fsid",
+            fsid,
+            "--addv",
+            MON_ID,
+            f"[v2:127.0.0.1:{port},v1:127.0.0.1:{port + 1}]",
+            str(monmap),
+        ],
+        deadline,
+        "creating the monmap",
+    )
+    _run(
+        [
+            "ceph-mon",
+            "-c",
+            str(conf),
+            "-i",
+            MON_ID,
+            "--mkfs",
+            "--monmap",
+            str(monmap),
+            "--keyring",
+            str(dir / "keys" / "mon-mkfs.keyring"),
+        ],
+        deadline,
+        "mon mkfs",
+    )
     return _spawn_mon(starter, port)
 
 
@@ -762,8 +848,15 @@ def _spawn_mon(starter: _Starter, port: int) -> bool:
         time.sleep(0.02)
 
 
-def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bool,
-           say: Callable[[str], None]) -> CephCluster:
+def _start(
+    dir: Path,
+    starter: _Starter,
+    *,
+    osds: int,
+    objectstore: str,
+    mgr: bool,
+    say: Callable[[str], None],
+) -> CephCluster:
     deadline = starter.deadline
     conf = starter.conf
     dir.mkdir(parents=True, exist_ok=True)
@@ -783,14 +876,30 @@ def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bo
 
     osd_uuids = [str(uuid.uuid4()) for _ in range(osds)]
     for n, osd_uuid in enumerate(osd_uuids):  # mkfs needs no mon: in parallel with it
-        starter.spawn(f"osd.{n}.mkfs", ["ceph-osd", "-c", str(conf), "-i", str(n), "--mkfs",
-                                        "--no-mon-config", "--osd-uuid", osd_uuid],
-                      oneshot=True)
+        starter.spawn(
+            f"osd.{n}.mkfs",
+            [
+                "ceph-osd",
+                "-c",
+                str(conf),
+                "-i",
+                str(n),
+                "--mkfs",
+                "--no-mon-config",
+                "--osd-uuid",
+                osd_uuid,
+            ],
+            oneshot=True,
+        )
     for attempt in range(1, MON_PORT_ATTEMPTS + 1):
         if _start_mon(starter, fsid, port):
             break
-        LOG.warning("mon port %d (or %d) was taken before the mon bound it (attempt %d)",
-                    port, port + 1, attempt)
+        LOG.warning(
+            "mon port %d (or %d) was taken before the mon bound it (attempt %d)",
+            port,
+            port + 1,
+            attempt,
+        )
         port = _pick_mon_port(rng)
         _write_conf(conf, render_conf(dir, fsid, port, osds=osds, objectstore=objectstore))
     else:
@@ -798,10 +907,16 @@ def _start(dir: Path, starter: _Starter, *, osds: int, objectstore: str, mgr: bo
     say(f"ceph: mon started on 127.0.0.1:{port}")
 
     commands = [f"osd new {u} {n}" for n, u in enumerate(osd_uuids)]
-    commands += [f"osd pool create {POOL} 8 8 replicated",
-                 f"osd pool application enable {POOL} rbd"]
-    _run(["ceph", "-c", str(conf), "--connect-timeout", "30"], deadline,
-         "registering OSDs and the pool", input="\n".join(commands) + "\n")
+    commands += [
+        f"osd pool create {POOL} 8 8 replicated",
+        f"osd pool application enable {POOL} rbd",
+    ]
+    _run(
+        ["ceph", "-c", str(conf), "--connect-timeout", "30"],
+        deadline,
+        "registering OSDs and the pool",
+        input="\n".join(commands) + "\n",
+    )
     starter.check_alive()
     say("ceph: OSDs and pool registered")
 
@@ -843,9 +958,16 @@ def cluster_from_conf(conf: Path) -> CephCluster:
     dir = conf.parent
     osds = sum(1 for p in dir.glob("osd.*") if p.is_dir() and re.fullmatch(r"osd\.\d+", p.name))
     return CephCluster(
-        dir=dir, conf=conf, keyring=keyring, fsid=fsid, mon_v2=v2, mon_v1=v1, osds=osds,
+        dir=dir,
+        conf=conf,
+        keyring=keyring,
+        fsid=fsid,
+        mon_v2=v2,
+        mon_v1=v1,
+        osds=osds,
         objectstore=parser.get("global", "osd_objectstore", fallback="memstore"),
-        pool=POOL, mgr=(dir / f"mgr.{MGR_ID}").is_dir(),
+        pool=POOL,
+        mgr=(dir / f"mgr.{MGR_ID}").is_dir(),
     )
 
 
@@ -861,8 +983,9 @@ def _daemon_records(conf: Path, state: StateFile) -> list[dict[str, Any]]:
     return [r for r in state.resources if r["kind"] == "ceph.daemon" and r["conf"] == str(conf)]
 
 
-def _stop_recorded(conf: Path, state: StateFile, *, grace: float,
-                   first: signal.Signals = signal.SIGTERM) -> None:
+def _stop_recorded(
+    conf: Path, state: StateFile, *, grace: float, first: signal.Signals = signal.SIGTERM
+) -> None:
     """Stop recorded daemons of ``conf`` group by group (OSDs, mgr, mon), then forget them."""
     records = _daemon_records(conf, state)
     for group in _GROUP_ORDER:
@@ -876,16 +999,23 @@ def _stop_recorded(conf: Path, state: StateFile, *, grace: float,
         state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
 
 
-def stop_cluster(cluster: CephCluster, state: StateFile, *, remove_dir: bool = True,
-                 grace: float = STOP_GRACE_S, kill: bool = False) -> None:
+def stop_cluster(
+    cluster: CephCluster,
+    state: StateFile,
+    *,
+    remove_dir: bool = True,
+    grace: float = STOP_GRACE_S,
+    kill: bool = False,
+) -> None:
     """Stop every recorded daemon (OSDs, mgr, mon; SIGKILL after ``grace``), then remove DIR.
 
     With ``remove_dir=False`` a bluestore cluster keeps its data for :func:`resume_cluster`;
     ``kill=True`` sends SIGKILL at once (a crash of the whole cluster).
     """
     try:
-        _stop_recorded(cluster.conf, state, grace=grace,
-                       first=signal.SIGKILL if kill else signal.SIGTERM)
+        _stop_recorded(
+            cluster.conf, state, grace=grace, first=signal.SIGKILL if kill else signal.SIGTERM
+        )
     finally:
         if remove_dir:
             remove_cluster_dir({"path": str(cluster.dir)})
@@ -908,27 +1038,41 @@ def stop_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool 
         state.forget("ceph.daemon", pid=r["pid"], name=r["name"])
 
 
-def start_osd(cluster: CephCluster, osd_id: int, state: StateFile,
-              *, timeout: float = 60.0, bound_to_caller: bool = False) -> None:
+def start_osd(
+    cluster: CephCluster,
+    osd_id: int,
+    state: StateFile,
+    *,
+    timeout: float = 60.0,
+    bound_to_caller: bool = False,
+) -> None:
     """Start one stopped OSD and wait until the mon has seen it boot."""
     if any(_is_ours(r) for r in _osd_records(cluster, osd_id, state)):
         raise SandboxError(f"osd.{osd_id} of {cluster.dir} is already running")
-    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout),
-                       bound_to_caller=bound_to_caller)
+    starter = _Starter(
+        cluster.dir, cluster.conf, state, _Deadline(timeout), bound_to_caller=bound_to_caller
+    )
     before = _osd_boots(cluster.conf, min(10.0, timeout))
     starter.spawn(f"osd.{osd_id}", ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(osd_id)])
     _wait_osds_booted(starter, [osd_id], before)
 
 
-def restart_osd(cluster: CephCluster, osd_id: int, state: StateFile, *, kill: bool = False,
-                bound_to_caller: bool = False) -> None:
+def restart_osd(
+    cluster: CephCluster,
+    osd_id: int,
+    state: StateFile,
+    *,
+    kill: bool = False,
+    bound_to_caller: bool = False,
+) -> None:
     """Stop (SIGTERM, or SIGKILL with ``kill=True``) and start one OSD; bluestore keeps its data."""
     stop_osd(cluster, osd_id, state, kill=kill)
     start_osd(cluster, osd_id, state, bound_to_caller=bound_to_caller)
 
 
-def resume_cluster(dir: Path, state: StateFile, *, timeout: float = START_TIMEOUT_S,
-                   bound_to_caller: bool = False) -> CephCluster:
+def resume_cluster(
+    dir: Path, state: StateFile, *, timeout: float = START_TIMEOUT_S, bound_to_caller: bool = False
+) -> CephCluster:
     """Start every daemon of a stopped bluestore cluster again (its data kept; notes §4).
 
     Refused for memstore (its OSDs come back owning no PG) and for a running cluster. A
@@ -939,21 +1083,24 @@ def resume_cluster(dir: Path, state: StateFile, *, timeout: float = START_TIMEOU
     if running:
         raise SandboxError(f"{cluster.dir} already runs a Ceph cluster (pids {running})")
     if cluster.objectstore != "bluestore":
-        raise SandboxError(f"{cluster.dir} is {cluster.objectstore}: its OSDs lose every PG when "
-                           "stopped; start a new cluster instead")
+        raise SandboxError(
+            f"{cluster.dir} is {cluster.objectstore}: its OSDs lose every PG when "
+            "stopped; start a new cluster instead"
+        )
     _check_prerequisites()
-    if not any(r["kind"] == "ceph.dir" and r["path"] == str(cluster.dir)
-               for r in state.resources):
+    if not any(r["kind"] == "ceph.dir" and r["path"] == str(cluster.dir) for r in state.resources):
         state.record("ceph.dir", path=str(cluster.dir))
-    starter = _Starter(cluster.dir, cluster.conf, state, _Deadline(timeout),
-                       bound_to_caller=bound_to_caller)
+    starter = _Starter(
+        cluster.dir, cluster.conf, state, _Deadline(timeout), bound_to_caller=bound_to_caller
+    )
     try:
         if not _spawn_mon(starter, cluster.mon_port):
             raise SandboxError(f"mon port {cluster.mon_port} or {cluster.mon_port + 1} is taken")
         before = _osd_boots(cluster.conf, min(10.0, starter.deadline.left("asking the mon")))
         if cluster.mgr:
-            starter.spawn(f"mgr.{MGR_ID}",
-                          ["ceph-mgr", "-f", "-c", str(cluster.conf), "-i", MGR_ID])
+            starter.spawn(
+                f"mgr.{MGR_ID}", ["ceph-mgr", "-f", "-c", str(cluster.conf), "-i", MGR_ID]
+            )
         for n in range(cluster.osds):
             starter.spawn(f"osd.{n}", ["ceph-osd", "-f", "-c", str(cluster.conf), "-i", str(n)])
         _wait_osds_booted(starter, range(cluster.osds), before)
@@ -971,13 +1118,23 @@ def cluster_health(cluster: CephCluster, *, timeout: float = 5.0) -> dict[str, A
     Never raises for an unreachable cluster: ``reachable`` is False and ``error`` says why.
     """
     report: dict[str, Any] = {
-        "fsid": cluster.fsid, "mon": cluster.mon_v2, "objectstore": cluster.objectstore,
-        "pool": cluster.pool, "osds_expected": cluster.osds,
+        "fsid": cluster.fsid,
+        "mon": cluster.mon_v2,
+        "objectstore": cluster.objectstore,
+        "pool": cluster.pool,
+        "osds_expected": cluster.osds,
         "processes": len(cluster_processes(cluster.conf)),
     }
     try:
         stat = parse_osd_stat(_ceph_json(cluster.conf, ["osd", "stat"], timeout))
     except (SandboxError, ValueError, KeyError, OSError) as exc:
         return {**report, "reachable": False, "error": str(exc) or type(exc).__name__}
-    return {**report, "reachable": True, "epoch": stat.epoch, "osds": stat.osds,
-            "up": stat.up, "in": stat.in_, "ok": stat.up == stat.osds == cluster.osds}
+    return {
+        **report,
+        "reachable": True,
+        "epoch": stat.epoch,
+        "osds": stat.osds,
+        "up": stat.up,
+        "in": stat.in_,
+        "ok": stat.up == stat.osds == cluster.osds,
+    }

@@ -157,8 +157,11 @@ print("DONE", flush=True)
 @pytest.mark.parametrize("kill_after", ["mon started", "OSD(s) started"])
 def test_killed_start_is_undone_from_the_state_file(workdir: Path, kill_after: str) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STARTER, str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-c", _STARTER, str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.stdout is not None
     seen = []
@@ -210,8 +213,14 @@ def test_non_root_is_refused(workdir: Path) -> None:
         "    print(exc)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
-        user=65534, group=65534, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        user=65534,
+        group=65534,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert "must be started as root" in done.stdout, done.stdout + done.stderr
 
@@ -245,6 +254,8 @@ def test_memstore_cluster_is_not_resumed(workdir: Path) -> None:
     state = StateFile(workdir / "state.json")
     cluster = start_cluster(workdir / "m", state, mgr=False)
     stop_cluster(cluster, state, remove_dir=False)
+    health = cluster_health(cluster, timeout=1.0)
+    assert not health["reachable"] and health["processes"] == 0, health
     with pytest.raises(SandboxError, match="lose every PG"):
         resume_cluster(cluster.dir, state)
     assert cluster_processes(cluster.conf) == []
@@ -266,8 +277,11 @@ time.sleep(600)
 
 def test_bound_cluster_dies_with_its_caller(workdir: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _BOUND, str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        [sys.executable, "-c", _BOUND, str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.stdout is not None
     try:
