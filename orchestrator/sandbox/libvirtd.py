@@ -26,9 +26,11 @@ from orchestrator.errors import SandboxError
 from orchestrator.sandbox.state import StateFile
 
 __all__ = [
+    "PROBES",
     "SYSTEM_URI",
     "TEARDOWN",
     "balance_vm_cpu_share",
+    "daemon_alive",
     "ensure_libvirtd",
     "libvirtd_running",
     "stop_daemon",
@@ -66,8 +68,7 @@ def ensure_libvirtd(state: StateFile | None, progress: Progress | None = None) -
             say(f"starting {name}")
             pid = _start(name, binary, pid_file)
             if state is not None:
-                state.record("libvirt.daemon", name=name, pid=pid,
-                             start_time=_start_time(pid))
+                state.record("libvirt.daemon", name=name, pid=pid, start_time=_start_time(pid))
         _wait_answering(say)
 
 
@@ -114,7 +115,14 @@ def balance_vm_cpu_share(
     return wanted
 
 
+def daemon_alive(resource: dict[str, Any]) -> bool:
+    """Whether a ``libvirt.daemon`` record's process still runs (same pid, same start)."""
+    return _start_time(int(resource["pid"])) == resource.get("start_time")
+
+
 TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {"libvirt.daemon": stop_daemon}
+# kind -> "is this recorded resource still there?" (for ``sandbox status``)
+PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {"libvirt.daemon": daemon_alive}
 
 
 def _fix_host() -> None:
@@ -152,8 +160,9 @@ def _wait_answering(say: Progress) -> None:
     announced = False
     last = ""
     while time.monotonic() < deadline:
-        result = subprocess.run(["virsh", "-c", SYSTEM_URI, "version"], capture_output=True,
-                                text=True, check=False)
+        result = subprocess.run(
+            ["virsh", "-c", SYSTEM_URI, "version"], capture_output=True, text=True, check=False
+        )
         if result.returncode == 0:
             return
         last = result.stderr.strip()
@@ -169,8 +178,9 @@ def _wait_answering(say: Progress) -> None:
 
 def _libvirt_in_use() -> bool:
     for listing in (["list", "--all", "--name"], ["net-list", "--all", "--name"]):
-        result = subprocess.run(["virsh", "-c", SYSTEM_URI, *listing], capture_output=True,
-                                text=True, check=False)
+        result = subprocess.run(
+            ["virsh", "-c", SYSTEM_URI, *listing], capture_output=True, text=True, check=False
+        )
         if result.returncode != 0 or result.stdout.strip():
             return True  # in use, or cannot tell: leave it running
     return False
@@ -190,7 +200,7 @@ def _start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     if fields[0] == "Z":
         return None
     return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
@@ -55,6 +55,7 @@ from orchestrator.sandbox.libvirtd import (
 from orchestrator.sandbox.state import StateFile
 
 __all__ = [
+    "PROBES",
     "TEARDOWN",
     "SandboxVM",
     "VmSet",
@@ -75,15 +76,24 @@ RUNTIME_ROOT = Path("/var/lib/rbdfleet/vms")  # QEMU (user libvirt-qemu) must tr
 LOCK_DIR = Path("/run/rbdfleet")
 BOOT_TIMEOUT = 300.0  # TCG, 3 VMs on 2 busy cores: ~20-30 s; generous for a loaded machine
 SSH_OPTIONS_COMMON = (
-    "-F", "/dev/null",  # no user config can loosen the options below
-    "-o", "StrictHostKeyChecking=yes",
-    "-o", "GlobalKnownHostsFile=/dev/null",
-    "-o", "IdentitiesOnly=yes",
-    "-o", "BatchMode=yes",
-    "-o", "ConnectTimeout=10",
-    "-o", "ServerAliveInterval=5",
-    "-o", "ServerAliveCountMax=6",
-    "-o", "LogLevel=ERROR",
+    "-F",
+    "/dev/null",  # no user config can loosen the options below
+    "-o",
+    "StrictHostKeyChecking=yes",
+    "-o",
+    "GlobalKnownHostsFile=/dev/null",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "ConnectTimeout=10",
+    "-o",
+    "ServerAliveInterval=5",
+    "-o",
+    "ServerAliveCountMax=6",
+    "-o",
+    "LogLevel=ERROR",
 )
 
 
@@ -125,12 +135,14 @@ class VmSet:
                 return candidate
         raise KeyError(name)
 
-    def exec(self, vm: SandboxVM | str, argv: Sequence[str], timeout: float = 60.0
-             ) -> subprocess.CompletedProcess[str]:
+    def exec(
+        self, vm: SandboxVM | str, argv: Sequence[str], timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` as root on ``vm`` over the pinned, multiplexed SSH connection."""
         target = self._target(vm)
-        return vm_exec(target, self.ssh_key, self.known_hosts, argv, timeout,
-                       control_dir=self.control_dir)
+        return vm_exec(
+            target, self.ssh_key, self.known_hosts, argv, timeout, control_dir=self.control_dir
+        )
 
     def ssh_argv(self, vm: SandboxVM | str) -> list[str]:
         """``ssh`` argv prefix (up to and including ``root@ADDR``) for scripts and tools."""
@@ -154,33 +166,40 @@ class VmSet:
         later command for ~30 s (ServerAliveInterval x ServerAliveCountMax).
         """
         target = self._target(vm)
-        close_ssh_master({"control_path": str(self.control_dir / target.address),
-                          "address": target.address})
+        close_ssh_master(
+            {"control_path": str(self.control_dir / target.address), "address": target.address}
+        )
         _virsh("destroy", target.domain)
 
-    def start(self, vm: SandboxVM | str, timeout: float = BOOT_TIMEOUT,
-              progress: Progress | None = None) -> None:
+    def start(
+        self, vm: SandboxVM | str, timeout: float = BOOT_TIMEOUT, progress: Progress | None = None
+    ) -> None:
         """Boot a crashed guest again and wait until it answers SSH (same keys, same disk)."""
         target = self._target(vm)
         target.console_log.unlink(missing_ok=True)
         _virsh("start", target.domain)
         balance_vm_cpu_share(len(_virsh("list", "--name").split()))
-        _wait_ready(target, self.bridge, self.ssh_key, self.known_hosts, self.control_dir,
-                    time.monotonic() + timeout, progress or (lambda _msg: None))
+        _wait_ready(
+            target,
+            self.bridge,
+            self.ssh_key,
+            self.known_hosts,
+            self.control_dir,
+            time.monotonic() + timeout,
+            progress or (lambda _msg: None),
+        )
 
     def _target(self, vm: SandboxVM | str) -> SandboxVM:
         return self.vm(vm) if isinstance(vm, str) else vm
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    """Names and paths of a sandbox being booted (before anything exists)."""
+    """Names and addresses of a sandbox being booted (before anything exists)."""
 
     run_id: str
     subnet: ipaddress.IPv4Network
-    dir: Path
     runtime: Path
-    names: list[str] = field(default_factory=list)
 
     @property
     def network(self) -> str:
@@ -217,8 +236,18 @@ def network_xml(name: str, bridge: str, gateway: str, prefix: int) -> str:
 
 
 def domain_xml(
-    *, domain: str, domain_type: str, memory_mib: int, kernel: Path, initrd: Path,
-    cmdline: str, overlay: Path, seed: Path, network: str, mac: str, console_log: Path,
+    *,
+    domain: str,
+    domain_type: str,
+    memory_mib: int,
+    kernel: Path,
+    initrd: Path,
+    cmdline: str,
+    overlay: Path,
+    seed: Path,
+    network: str,
+    mac: str,
+    console_log: Path,
 ) -> str:
     """Domain XML for one sandbox guest (direct kernel boot, virtio everywhere).
 
@@ -312,8 +341,13 @@ def accelerator(kvm_module_loaded: bool, probe: Callable[[], bool]) -> str:
 
 
 def boot_vms(
-    dir: Path, state: StateFile, count: int, *, memory_mib: int = 256,
-    progress: Progress | None = None, timeout: float = BOOT_TIMEOUT,
+    dir: Path,
+    state: StateFile,
+    count: int,
+    *,
+    memory_mib: int = 256,
+    progress: Progress | None = None,
+    timeout: float = BOOT_TIMEOUT,
 ) -> VmSet:
     """Boot ``count`` guests in parallel and return once each answers ``ssh ... true``.
 
@@ -334,8 +368,7 @@ def boot_vms(
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     subnet = _reserve_subnet(state, say)
-    plan = _Plan(run_id=run_id, subnet=subnet, dir=dir, runtime=RUNTIME_ROOT / run_id)
-    plan.names = [f"vm{i}" for i in range(1, count + 1)]
+    plan = _Plan(run_id=run_id, subnet=subnet, runtime=RUNTIME_ROOT / run_id)
     say(f"sandbox {run_id}: network {plan.network} on {plan.bridge}, {subnet}")
     state.record("vm.network", name=plan.network, uri=SYSTEM_URI)
     _virsh_with_file("net-create", network_xml(plan.network, plan.bridge, plan.gateway, 24))
@@ -357,31 +390,55 @@ def boot_vms(
     domain_type = accelerator(_kvm_module_loaded(), lambda: _probe_kvm(plan, image, state))
     vms: list[SandboxVM] = []
     pinned: list[str] = []
-    for index, name in enumerate(plan.names, start=1):
-        vm = SandboxVM(name=name, domain=f"rbdfleet-{run_id}-{name}", address=plan.address(index),
-                       uri=SYSTEM_URI, console_log=dir / "console" / f"{name}.log")
+    for index in range(1, count + 1):
+        name = f"vm{index}"
+        vm = SandboxVM(
+            name=name,
+            domain=f"rbdfleet-{run_id}-{name}",
+            address=plan.address(index),
+            uri=SYSTEM_URI,
+            console_log=dir / "console" / f"{name}.log",
+        )
         host_public = _write_seed(plan.runtime / f"{name}.seed", client_public, vm.domain)
         pinned.append(f"{vm.address} {host_public}")
         overlay = plan.runtime / f"{name}.qcow2"
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(image.base),
-              str(overlay)])
+        _run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                str(image.base),
+                str(overlay),
+            ]
+        )
         xml = domain_xml(
-            domain=vm.domain, domain_type=domain_type, memory_mib=memory_mib,
-            kernel=image.kernel, initrd=image.initrd,
+            domain=vm.domain,
+            domain_type=domain_type,
+            memory_mib=memory_mib,
+            kernel=image.kernel,
+            initrd=image.initrd,
             cmdline=guest.kernel_cmdline(f"{vm.address}/24", name),
-            overlay=overlay, seed=plan.runtime / f"{name}.seed", network=plan.network,
-            mac=plan.mac(index), console_log=vm.console_log,
+            overlay=overlay,
+            seed=plan.runtime / f"{name}.seed",
+            network=plan.network,
+            mac=plan.mac(index),
+            console_log=vm.console_log,
         )
         state.record("vm.domain", name=vm.domain, uri=SYSTEM_URI)
         _virsh_with_file("define", xml)
         vms.append(vm)
-    known_hosts.write_text("".join(line if line.endswith("\n") else line + "\n"
-                                   for line in pinned))
+    known_hosts.write_text("".join(f"{line}\n" for line in pinned))
     known_hosts.chmod(0o600)
 
     for vm in vms:  # the masters appear at the first ssh; recorded before that
-        state.record("vm.ssh_master", control_path=str(control_dir / vm.address),
-                     address=vm.address)
+        state.record(
+            "vm.ssh_master", control_path=str(control_dir / vm.address), address=vm.address
+        )
     say(f"sandbox {run_id}: starting {count} {domain_type.upper()} guest(s)")
     for vm in vms:
         vm.console_log.unlink(missing_ok=True)
@@ -408,15 +465,28 @@ def boot_vms(
         ) from first
     say(f"sandbox {run_id}: {count} VM(s) answer SSH after {time.monotonic() - started:.1f} s")
     return VmSet(
-        run_id=run_id, vms=tuple(vms), network=plan.network, bridge=plan.bridge,
-        subnet=str(subnet), gateway=plan.gateway, ssh_key=ssh_key, known_hosts=known_hosts,
-        control_dir=control_dir, disk_dir=disk_dir, domain_type=domain_type,
+        run_id=run_id,
+        vms=tuple(vms),
+        network=plan.network,
+        bridge=plan.bridge,
+        subnet=str(subnet),
+        gateway=plan.gateway,
+        ssh_key=ssh_key,
+        known_hosts=known_hosts,
+        control_dir=control_dir,
+        disk_dir=disk_dir,
+        domain_type=domain_type,
     )
 
 
 def vm_exec(
-    vm: SandboxVM, ssh_key: Path, known_hosts: Path, argv: Sequence[str], timeout: float,
-    *, control_dir: Path | None = None,
+    vm: SandboxVM,
+    ssh_key: Path,
+    known_hosts: Path,
+    argv: Sequence[str],
+    timeout: float,
+    *,
+    control_dir: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` as root on ``vm`` with the system ``ssh`` and the pinned ``known_hosts``.
 
@@ -426,26 +496,49 @@ def vm_exec(
     """
     command = [*_ssh_argv(vm.address, ssh_key, known_hosts, control_dir), shlex.join(argv)]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              check=False, stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as exc:
-        raise HostUnreachable(vm.name, f"{shlex.join(argv)!r} timed out after {timeout} s"
-                              ) from exc
+        raise HostUnreachable(vm.name, f"{shlex.join(argv)!r} timed out after {timeout} s") from exc
 
 
-def _ssh_argv(address: str, ssh_key: Path, known_hosts: Path, control_dir: Path | None
-              ) -> list[str]:
-    argv = ["ssh", *SSH_OPTIONS_COMMON, "-i", str(ssh_key),
-            "-o", f"UserKnownHostsFile={known_hosts}"]
+def _ssh_argv(
+    address: str, ssh_key: Path, known_hosts: Path, control_dir: Path | None
+) -> list[str]:
+    argv = [
+        "ssh",
+        *SSH_OPTIONS_COMMON,
+        "-i",
+        str(ssh_key),
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+    ]
     if control_dir is not None:
-        argv += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir}/%h",
-                 "-o", "ControlPersist=600"]
+        argv += [
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            f"ControlPath={control_dir}/%h",
+            "-o",
+            "ControlPersist=600",
+        ]
     return [*argv, f"root@{address}"]
 
 
 def _wait_ready(
-    vm: SandboxVM, bridge: str, ssh_key: Path, known_hosts: Path, control_dir: Path,
-    deadline: float, say: Progress,
+    vm: SandboxVM,
+    bridge: str,
+    ssh_key: Path,
+    known_hosts: Path,
+    control_dir: Path,
+    deadline: float,
+    say: Progress,
 ) -> None:
     """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``;
     then the guest's clock is set from the host's."""
@@ -473,19 +566,28 @@ def _wait_ready(
         time.sleep(0.5)
     # The guest read the 1-second CMOS clock while starved of CPU: it can be >1 s behind,
     # which grant expiry checks would notice. Set it from the host (off by one SSH hop).
-    vm_exec(vm, ssh_key, known_hosts, ["date", "-u", "-s", f"@{time.time():.3f}"], timeout=30,
-            control_dir=control_dir)
+    vm_exec(
+        vm,
+        ssh_key,
+        known_hosts,
+        ["date", "-u", "-s", f"@{time.time():.3f}"],
+        timeout=30,
+        control_dir=control_dir,
+    )
     say(f"{vm.name}: ssh ok ({vm.address})")
 
 
 def _assert_routed_to(address: str, bridge: str) -> None:
     """Refuse to connect unless the kernel sends ``address`` out of our own bridge."""
-    result = subprocess.run(["ip", "-j", "route", "get", address], capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        ["ip", "-j", "route", "get", address], capture_output=True, text=True, check=False
+    )
     routes = json.loads(result.stdout) if result.returncode == 0 and result.stdout else []
     if not routes or routes[0].get("dev") != bridge:
-        raise SandboxError(f"{address} would not route via {bridge}: {result.stdout.strip()} "
-                           f"{result.stderr.strip()}; refusing to connect")
+        raise SandboxError(
+            f"{address} would not route via {bridge}: {result.stdout.strip()} "
+            f"{result.stderr.strip()}; refusing to connect"
+        )
 
 
 def _ssh_banner(address: str) -> bool:
@@ -523,8 +625,9 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     addrs = json.loads(_run(["ip", "-j", "-4", "addr", "show"]) or "[]")
     for link in addrs:
         for info in link.get("addr_info", []):
-            taken.append(ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}",
-                                               strict=False))
+            taken.append(
+                ipaddress.IPv4Network(f"{info['local']}/{info['prefixlen']}", strict=False)
+            )
     routes = json.loads(_run(["ip", "-j", "-4", "route", "show", "table", "all"]) or "[]")
     for route in routes:
         dst = route.get("dst", "")
@@ -534,6 +637,9 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
 
 
 def _keygen(path: Path, comment: str) -> None:
+    """A fresh ed25519 key pair (an older one at ``path`` is replaced, not prompted about)."""
+    path.unlink(missing_ok=True)
+    path.with_suffix(".pub").unlink(missing_ok=True)
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
     path.chmod(0o600)
 
@@ -599,8 +705,9 @@ def _probe_kvm(plan: _Plan, image: guest.GuestImage, state: StateFile) -> bool:
 
 
 def _virsh(*args: str, uri: str = SYSTEM_URI) -> str:
-    result = subprocess.run(["virsh", "-q", "-c", uri, *args], capture_output=True, text=True,
-                            check=False, timeout=120)
+    result = subprocess.run(
+        ["virsh", "-q", "-c", uri, *args], capture_output=True, text=True, check=False, timeout=120
+    )
     if result.returncode != 0:
         raise HypervisorError(f"virsh {args[0]} failed: {result.stderr.strip()}")
     return result.stdout
@@ -614,10 +721,13 @@ def _virsh_with_file(command: str, xml: str) -> str:
 
 
 def _run(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+    result = subprocess.run(
+        argv, capture_output=True, text=True, check=False, timeout=120, stdin=subprocess.DEVNULL
+    )
     if result.returncode != 0:
-        raise SandboxError(f"{shlex.join(argv)} failed (rc {result.returncode}): "
-                           f"{result.stderr.strip()}")
+        raise SandboxError(
+            f"{shlex.join(argv)} failed (rc {result.returncode}): {result.stderr.strip()}"
+        )
     return result.stdout
 
 
@@ -656,8 +766,15 @@ def destroy_network(resource: dict[str, Any]) -> None:
 
 def remove_guard_route(resource: dict[str, Any]) -> None:
     """Delete the ``unreachable SUBNET metric 9999`` guard route (last of all)."""
-    argv = ["ip", "route", "del", "unreachable", str(resource["subnet"]),
-            "metric", str(resource.get("metric", GUARD_METRIC))]
+    argv = [
+        "ip",
+        "route",
+        "del",
+        "unreachable",
+        str(resource["subnet"]),
+        "metric",
+        str(resource.get("metric", GUARD_METRIC)),
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0 and "No such process" not in result.stderr:
         raise SandboxError(f"{shlex.join(argv)}: {result.stderr.strip()}")
@@ -678,9 +795,19 @@ def close_ssh_master(resource: dict[str, Any]) -> None:
     if not control.exists():
         return
     subprocess.run(
-        ["ssh", *SSH_OPTIONS_COMMON, "-o", f"ControlPath={control}", "-O", "exit",
-         f"root@{resource['address']}"],
-        capture_output=True, text=True, check=False, timeout=15,
+        [
+            "ssh",
+            *SSH_OPTIONS_COMMON,
+            "-o",
+            f"ControlPath={control}",
+            "-O",
+            "exit",
+            f"root@{resource['address']}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=15,
     )
 
 
@@ -727,3 +854,24 @@ TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
     "vm.route": remove_guard_route,
     **libvirtd.TEARDOWN,  # boot_vms records the daemons it starts in the same StateFile
 }
+# kind -> "is this recorded resource still there?" (for ``sandbox status``)
+PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "vm.ssh_master": lambda r: Path(str(r["control_path"])).is_socket(),
+    "vm.domain": lambda r: _probe_virsh("domstate", r) == "running",
+    "vm.dir": lambda r: Path(str(r["path"])).is_dir(),
+    "vm.network": lambda r: _probe_virsh("net-info", r) != "",
+    "vm.route": lambda r: "unreachable" in _run(["ip", "route", "show", "exact", str(r["subnet"])]),
+    **libvirtd.PROBES,
+}
+
+
+def _probe_virsh(command: str, resource: dict[str, Any]) -> str:
+    """``virsh COMMAND NAME`` output, or "" when the object (or libvirtd) is not there."""
+    result = subprocess.run(
+        ["virsh", "-q", "-c", str(resource.get("uri", SYSTEM_URI)), command, str(resource["name"])],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""

@@ -19,6 +19,7 @@ from orchestrator.errors import HostUnreachable
 from orchestrator.sandbox import guest
 from orchestrator.sandbox.state import StateFile
 from orchestrator.sandbox.vms import (
+    PROBES,
     SandboxVM,
     VmSet,
     boot_vms,
@@ -89,7 +90,7 @@ def _disk_xml(path: Path, serial: str) -> str:
 def _find_by_serial(vms: VmSet, vm: SandboxVM, serial: str, timeout: float = 60) -> str:
     script = (
         f'for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = {serial} ] '
-        '&& echo /dev/${d##*/}; done'
+        "&& echo /dev/${d##*/}; done"
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,8 +135,11 @@ def test_shareable_file_disk_written_in_one_vm_is_read_in_another(sandbox_vms: V
         assert digest == written.stdout.strip()
     finally:
         for vm in attached:
-            subprocess.run(["virsh", "-q", "-c", vm.uri, "detach-device", vm.domain, str(xml),
-                            "--live"], capture_output=True, check=False)
+            subprocess.run(
+                ["virsh", "-q", "-c", vm.uri, "detach-device", vm.domain, str(xml), "--live"],
+                capture_output=True,
+                check=False,
+            )
         disk.unlink(missing_ok=True)
         xml.unlink(missing_ok=True)
 
@@ -145,8 +149,12 @@ def test_guest_image_carries_no_keys() -> None:
     listing = _run(["debugfs", "-R", "ls -l /etc/ssh", str(image.base)])
     assert "sshd_config.d" in listing
     assert "ssh_host_" not in listing
-    root_ssh = subprocess.run(["debugfs", "-R", "stat /root/.ssh", str(image.base)],
-                              capture_output=True, text=True, check=False)
+    root_ssh = subprocess.run(
+        ["debugfs", "-R", "stat /root/.ssh", str(image.base)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "File not found" in root_ssh.stderr
 
 
@@ -177,9 +185,19 @@ def test_second_sandbox_coexists_survives_faults_and_teardown_leaves_nothing(
         other.start("vm1")
         again = other.exec("vm1", ["cat", "/root/mark"])
         assert again.returncode == 0 and again.stdout == "before\n"
+        recorded = [r for r in state.resources if r["kind"].startswith("vm.")]
+        assert {r["kind"] for r in recorded} == {
+            "vm.route",
+            "vm.network",
+            "vm.dir",
+            "vm.domain",
+            "vm.ssh_master",
+        }
+        assert all(PROBES[r["kind"]](r) for r in recorded)
     finally:
         errors = tear_down(state)
     assert errors == []
+    assert not any(PROBES[r["kind"]](r) for r in recorded)
     assert [r for r in state.resources if r["kind"].startswith("vm.")] == []
     domains = _run(["virsh", "-q", "-c", "qemu:///system", "list", "--all", "--name"]).split()
     networks = _run(["virsh", "-q", "-c", "qemu:///system", "net-list", "--all", "--name"])
