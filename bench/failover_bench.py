@@ -160,6 +160,15 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
             load.start()
             for i in range(kills):
                 time.sleep(1.0)
+                wait_until(
+                    lambda: (
+                        service.active
+                        and service.require_active().writer is not None
+                        and len(service.require_active().in_sync_readers()) == 2
+                    ),
+                    60,
+                    f"a writer and 2 in-sync readers before kill {i + 1}",
+                )
                 m = service.require_active()
                 assert m.writer is not None
                 victim, epoch = m.writer, m.epoch

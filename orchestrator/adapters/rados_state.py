@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import struct
+import threading
 from typing import Any
 
 from orchestrator.adapters.ceph import rados_module, translate_ceph_errors
@@ -93,6 +94,7 @@ class RadosStateStore:
         self.lease_seconds = lease_seconds
         self._oid = object_name(fleet)
         self._held = False
+        self._lease_lock = threading.Lock()  # renewals may come from a lease thread too
         with translate_ceph_errors(f"open pool {pool}"):
             self._ioctx = client.open_ioctx(pool)
 
@@ -106,6 +108,10 @@ class RadosStateStore:
         A holder renews with MUST_RENEW: if the lease was lost meanwhile this raises LeaseLost
         (the caller steps down and must reload). A non-holder gets False while someone holds it.
         """
+        with self._lease_lock:
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         rados = self._rados
         flags = LOCK_FLAG_MUST_RENEW if self._held else LOCK_FLAG_MAY_RENEW
         data = encode_lock(self.holder, self.lease_seconds, flags, "rbdfleet coordinator")
@@ -127,12 +133,13 @@ class RadosStateStore:
     def release(self) -> None:
         """Unlock if held (absent or broken lock is fine)."""
         rados = self._rados
-        was_held, self._held = self._held, False
-        if not was_held:
-            return
-        what = f"release lease on {self._oid}"
-        with translate_ceph_errors(what), contextlib.suppress(rados.ObjectNotFound):
-            self._ioctx.unlock(self._oid, LOCK_NAME, self.holder)
+        with self._lease_lock:
+            was_held, self._held = self._held, False
+            if not was_held:
+                return
+            what = f"release lease on {self._oid}"
+            with translate_ceph_errors(what), contextlib.suppress(rados.ObjectNotFound):
+                self._ioctx.unlock(self._oid, LOCK_NAME, self.holder)
 
     def load(self) -> FleetMap | None:
         """The stored map, or None."""

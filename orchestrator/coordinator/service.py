@@ -131,6 +131,7 @@ class FleetService:
         self._next_probe = 0.0
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._lease_lost = threading.Event()
         self._thread: threading.Thread | None = None
         self._probes = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
@@ -145,6 +146,10 @@ class FleetService:
         """Start the loop thread."""
         self._thread = threading.Thread(target=self._run, name=f"fleet-{self.fleet}", daemon=True)
         self._thread.start()
+        self._lease_thread = threading.Thread(
+            target=self._renew, name=f"lease-{self.fleet}", daemon=True
+        )
+        self._lease_thread.start()
 
     def stop(self, release: bool = True) -> None:
         """Stop the loop; release the lease so a standby takes over at once."""
@@ -152,6 +157,7 @@ class FleetService:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            self._lease_thread.join(timeout=10)
         self._probes.shutdown(wait=False, cancel_futures=True)
         if release and self._state is not None:
             try:
@@ -263,15 +269,29 @@ class FleetService:
             self._wake.wait(self.settings.loop_interval)
             self._wake.clear()
 
+    def _renew(self) -> None:
+        """Renew the lease every lease/4 while active, even while the loop runs a long action."""
+        while not self._stop.wait(self.store.lease_seconds / 4):
+            if self._state is None:
+                continue
+            try:
+                self.store.acquire()
+            except (LeaseLost, StaleMap) as exc:
+                LOG.error("event=lease_lost fleet=%s reason=%s", self.fleet, exc)
+                self._lease_lost.set()
+                self._wake.set()
+            except RbdfleetError as exc:  # transient: the OSD still refuses us once it ran out
+                LOG.warning("event=lease_renewal_failed fleet=%s reason=%s", self.fleet, exc)
+
     def _iterate(self) -> None:
         now = self.clock.monotonic()
-        if now >= self._next_lease:
+        if self._lease_lost.is_set():
+            self._lease_lost.clear()
+            raise LeaseLost(f"fleet {self.fleet}: lease renewal failed")
+        if self._state is None and now >= self._next_lease:
             self._next_lease = now + self.store.lease_seconds / 4
-            if self._state is None:
-                if self.store.acquire():
-                    self._become_active(now)
-            else:
-                self.store.acquire()
+            if self.store.acquire():
+                self._become_active(now)
         if self._state is None:
             self._drain_while_standby()
             return

@@ -261,6 +261,7 @@ def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action
         state = _fence_requested(state, event.node)
     elif isinstance(event, BatchExecuted):
         state = _batch_executed(state, event)
+    state = _elect_if_writerless(state)
     if state.retry_at is not None and now < state.retry_at:
         return state, []
     if state.retry_at is not None:
@@ -273,6 +274,16 @@ def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action
 
 def _time_of(event: Event) -> float:
     return event.now if isinstance(event, Tick) else event.at
+
+
+def _elect_if_writerless(state: ElectionState) -> ElectionState:
+    """A fleet left without writer (no reader was in sync) elects one as soon as it can."""
+    m = state.map
+    if m.phase != "failover" or m.writer is not None or state.to_fence:
+        return state
+    if m.promotion_candidate() is None:
+        return state
+    return _fail_over(state, frozenset(), None)
 
 
 def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> ElectionState:

@@ -129,12 +129,18 @@ def test_a_new_coordinator_resumes_a_half_done_failover_from_the_fence() -> None
     assert kinds(el.plan(fresh)) == ["FenceNode", "PromoteNode", "PublishMap"]
 
 
-def test_no_eligible_writer_leaves_the_fleet_without_writer_until_one_is_in_sync() -> None:
+def test_no_eligible_writer_leaves_the_fleet_writerless_until_a_reader_is_in_sync() -> None:
     m = initial_map("f", "w", {"w": ("w:1", "writer"), "r": ("r:1", "reader")})
     s = el.ElectionState(map=m, persisted_epoch=1, published_revision=m.revision)
     s, acts = el.step(s, el.NodeFailed("w", 1.0))
     assert kinds(acts) == ["PersistEpoch", "FenceNode", "PublishMap"]
     assert s.map.writer is None and s.last_error == "no eligible writer"
+    s, acts = el.step(s, el.BatchExecuted(tuple(acts), None, "", 1.1))
+    assert acts == []
+    # The reader catches up from the journal: it is elected at once, at a new epoch.
+    s, acts = el.step(s, el.HeartbeatObserved("r", "reader", 1, 0, 2.0))
+    assert kinds(acts) == ["PersistEpoch", "PromoteNode", "PublishMap"]
+    assert acts[1] == el.PromoteNode("r", 3, "r:1")
 
 
 # -- scenario through the simulated network -------------------------------------------------
