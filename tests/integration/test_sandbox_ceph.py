@@ -31,7 +31,7 @@ from orchestrator.sandbox.ceph import (
     stop_cluster,
 )
 from orchestrator.sandbox.state import StateFile
-from tests.fixtures.ceph import ManagedCluster, connect_admin
+from tests.fixtures.ceph import ManagedCluster, connect_admin, remove_image
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +327,46 @@ def test_mon_port_taken_after_the_bind_test_is_retried(
     finally:
         squatter.close()
     assert state.resources == []
+
+
+@pytest.mark.parametrize("rbd_image", [16 * MIB], indirect=True)
+def test_rbd_image_size_is_a_parameter(
+    rbd_image: tuple[CephCluster, str], rados_admin: Any
+) -> None:
+    import rbd
+
+    cluster, name = rbd_image
+    with rados_admin.open_ioctx(cluster.pool) as ioctx, rbd.Image(ioctx, name) as img:
+        assert img.size() == 16 * MIB
+
+
+_HOLDER = """
+import sys, time, rados, rbd
+c = rados.Rados(conffile=sys.argv[1], rados_id="admin")
+c.connect()
+img = rbd.Image(c.open_ioctx("rbd"), sys.argv[2])
+img.write(b"x" * 4096, 0)  # takes the exclusive lock
+print(c.get_addrs(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_image_of_a_killed_client_is_removed_without_blocklisting_the_admin(
+    ceph_cluster: CephCluster, rados_admin: Any, rbd_image_factory: Any
+) -> None:
+    import rbd
+
+    name = rbd_image_factory(4 * MIB)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ceph_cluster.conf), name],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    dead_addr = holder.stdout.readline().strip()
+    holder.kill()
+    holder.wait()
+    with rados_admin.open_ioctx(ceph_cluster.pool) as ioctx:
+        with rbd.Image(ioctx, name, read_only=True) as img:
+            assert dead_addr in [w["addr"] for w in img.watchers_list()]  # the leftover watch
+        remove_image(rados_admin, ceph_cluster.pool, name)
+        assert name not in rbd.RBD().list(ioctx)
+        rbd.RBD().create(ioctx, name, MIB)  # the admin client still works
+        rbd.RBD().remove(ioctx, name)
