@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -29,12 +30,15 @@ from typing import Any
 
 from agents.agent import Agent, AgentSettings
 from agents.device import BlockDevice
-from agents.errors import AgentError, FormatError, RbdfleetError
+from agents.errors import AgentError, FormatError, NotFound, RbdfleetError
 from agents.server import AgentServer, serve
 
 __all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
 
 LOG = logging.getLogger("agents.daemon")
+
+# How long a `device:SERIAL` backend waits for its disk to appear in the guest (hot-plug).
+DEVICE_WAIT_S = 15.0
 
 SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 
@@ -225,8 +229,18 @@ def run(config: AgentConfig) -> int:
     host, port = _split_address("listen", config.listen)
 
     def open_device(read_only: bool) -> BlockDevice:
-        return open_backend(config.backend, read_only=read_only, ceph_conf=config.ceph_conf,
-                            ceph_user=config.ceph_user, ceph_keyring=config.ceph_keyring)
+        # A promotion re-attaches the VM's disk read-write: the guest sees it ~1 s after
+        # libvirt's attach returns, so a `device:SERIAL` backend waits for it (bounded).
+        deadline = time.monotonic() + DEVICE_WAIT_S
+        while True:
+            try:
+                return open_backend(config.backend, read_only=read_only,
+                                    ceph_conf=config.ceph_conf, ceph_user=config.ceph_user,
+                                    ceph_keyring=config.ceph_keyring)
+            except NotFound:
+                if not config.backend.startswith("device:") or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     stop = threading.Event()
 

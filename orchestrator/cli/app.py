@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from orchestrator.cli import coordinator as coordinator_cli
+from orchestrator.cli import deploy as deploy_cli
 from orchestrator.cli import files as files_cli
 from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
@@ -25,6 +26,7 @@ app.add_typer(vm_cli.app, name="vm")
 coordinator_cli.register(app)
 files_cli.register(app)
 status_cli.register(app)
+deploy_cli.register(app)
 
 
 def main() -> None:

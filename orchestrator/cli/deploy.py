@@ -1,0 +1,92 @@
+"""`rbdfleet deploy` / `rbdfleet undeploy`: the fleet's agents on its VMs over SSH.
+
+Composition root of :class:`~orchestrator.rollout.FleetRollout`: the ``[ssh]`` table's key and
+pinned known_hosts (``ParamikoShell``), the fleet secret, and the first ``[coordinator]`` URL
+the agents report to. In a sandbox config (``[sandbox]`` present) SSH only reaches addresses
+on a local bridge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator import config as fleet_config
+from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
+from orchestrator.cli.coordinator import coordinator_config, read_secret
+from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, JsonOption
+from orchestrator.deploy import AgentDeployer, AgentPackage, HostResult
+from orchestrator.rollout import FleetRollout
+
+FormatOption = Annotated[
+    bool,
+    typer.Option(
+        "--format-if-blank/--no-format",
+        help="on the writer VM, format the shared image when it is blank",
+    ),
+]
+
+
+@contextlib.contextmanager
+def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
+    """A FleetRollout for the fleet in ``config_path``; closes its SSH connections."""
+    cfg = fleet_config.load(config_path)
+    coordinator = coordinator_config(config_path).urls[0]
+    guard = require_local_target if cfg.sandbox is not None else allow_any_target
+    with ParamikoShell.from_config(cfg.ssh, target_guard=guard) as shell:
+        deployer = AgentDeployer(shell, AgentPackage.build())
+        yield FleetRollout(
+            cfg,
+            shell,
+            deployer,
+            read_secret(cfg),
+            coordinator=coordinator,
+            progress=lambda msg: typer.echo(f"  {msg}", err=True),
+        )
+
+
+def deploy(
+    config: ConfigOption = DEFAULT_CONFIG,
+    format_if_blank: FormatOption = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Install the agent on every VM, format a blank image on the writer, start the readers
+    and then the writer. Running it again changes nothing."""
+    with open_rollout(config) as rollout:
+        report = rollout.deploy(format_if_blank=format_if_blank)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    _print_hosts(report.hosts)
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
+    typer.echo(f"deploy {'changed' if report.changed else 'changed nothing'} ({steps})")
+
+
+def undeploy(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
+    """Stop every VM's agent (SIGTERM, then SIGKILL after a grace period)."""
+    with open_rollout(config) as rollout:
+        results = rollout.stop()
+    if as_json:
+        typer.echo(json.dumps({n: {"actions": list(r.actions)} for n, r in results.items()}))
+        return
+    _print_hosts(results)
+
+
+def _print_hosts(results: dict[str, HostResult]) -> None:
+    typer.echo(f"{'VM':<12} {'PID':>7} {'VERSION':<17} ACTIONS")
+    for name, r in sorted(results.items()):
+        pid = str(r.pid) if r.pid is not None else "-"
+        typer.echo(
+            f"{name:<12} {pid:>7} {r.version or '-':<17} {', '.join(r.actions) or 'unchanged'}"
+        )
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``deploy`` and ``undeploy`` to the root app."""
+    root.command("deploy")(deploy)
+    root.command("undeploy")(undeploy)

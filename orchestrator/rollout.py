@@ -1,0 +1,273 @@
+"""Roll a fleet's agents out to its VMs: secret, per-VM config, blank volume formatted, start.
+
+The use case behind ``rbdfleet deploy``, over :class:`~orchestrator.deploy.AgentDeployer` (the
+per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteShell`:
+
+1. install the agent package and each VM's config (:func:`agent_config`) on every VM;
+2. write the fleet secret to ``/etc/rbdfleet/fleet.secret`` (0600) on every VM;
+3. on every VM, wait until the guest sees the shared disk (found by its fleet serial, never
+   by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
+   ``rbdfleet-agent format --if-blank`` through its read-write disk: an all-zero image gets
+   an empty volume, this fleet's volume is kept, anything else is refused;
+4. start the readers, then the writer (it pushes to them from its first put).
+
+Roles come from ``[fleet] writer`` (epoch 1): deploy is the bootstrap. Agents already running
+with the same package and config are left alone, so a second deploy changes nothing.
+Spare VMs are not deployed: their disk is attached only when the coordinator needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agents.errors import RbdfleetError
+from orchestrator.adapters.domain_xml import fleet_serial
+from orchestrator.adapters.ssh import Executable, RemoteCommand
+from orchestrator.config import FleetConfig
+from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
+from orchestrator.errors import DeployError, RemoteCommandFailed
+from orchestrator.ports import RemoteShell
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["GUEST_SECRET", "FleetRollout", "RolloutReport", "agent_config"]
+
+# Where the fleet secret lives in a guest (mode 0600); the agent config names it.
+GUEST_SECRET = "/etc/rbdfleet/fleet.secret"
+
+# Waits for the fleet's disk in the guest (hot-plug shows it ~1 s after the attach), then with
+# "format" runs `rbdfleet-agent format --if-blank` on it. argv: release serial fleet wait mode.
+_DISK = r"""
+import sys, time
+release, serial, fleet, wait, mode = sys.argv[1:6]
+sys.path.insert(0, release)
+from agents.backends.direct import find_device_by_serial
+from agents.errors import NotFound
+deadline = time.monotonic() + float(wait)
+while True:
+    try:
+        print("disk %s" % find_device_by_serial(serial), flush=True)
+        break
+    except NotFound as exc:
+        if time.monotonic() > deadline:
+            sys.exit("the fleet's disk is not visible in the guest: %s" % exc)
+        time.sleep(0.2)
+if mode == "format":
+    from agents.daemon import main
+    sys.exit(main(["format", "--backend", "device:" + serial, "--fleet", fleet, "--if-blank"]))
+"""
+
+
+def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None) -> dict[str, Any]:
+    """The agent config (docs/agent.md) of ``vm``: its disk by serial, its role at epoch 1.
+
+    The agent listens on the VM's address; the writer pushes to every other non-spare VM.
+    """
+    me = cfg.vm(vm)
+    port = cfg.fleet.agent_port
+    config: dict[str, Any] = {
+        "node": me.name,
+        "fleet": cfg.fleet.name,
+        "backend": "device:" + fleet_serial(cfg.fleet.name, cfg.ceph.pool, cfg.fleet.image),
+        "secret_file": GUEST_SECRET,
+        "listen": f"{me.address}:{port}",
+        "advertise": f"{me.address}:{port}",
+        "role": "writer" if me.name == cfg.fleet.writer else "reader",
+        "epoch": 1,
+    }
+    if me.name == cfg.fleet.writer:
+        config["readers"] = {
+            v.name: f"{v.address}:{port}" for v in cfg.active_vms if v.name != me.name
+        }
+    if coordinator:
+        config["coordinator"] = coordinator
+    return config
+
+
+@dataclass
+class RolloutReport:
+    """What ``deploy`` did: per-VM results, the writer's format outcome, step timings (s)."""
+
+    hosts: dict[str, HostResult] = field(default_factory=dict)
+    disks: dict[str, str] = field(default_factory=dict)  # vm -> guest device path
+    formatted: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was installed, configured, formatted or started."""
+        return any(r.changed for r in self.hosts.values()) or self.formatted.startswith("formatted")
+
+    def to_json(self) -> dict[str, Any]:
+        """Machine-readable form (``rbdfleet deploy --json``)."""
+        return {
+            "changed": self.changed,
+            "formatted": self.formatted,
+            "disks": dict(self.disks),
+            "timings": dict(self.timings),
+            "hosts": {
+                name: {
+                    "ok": r.ok,
+                    "changed": r.changed,
+                    "actions": list(r.actions),
+                    "pid": r.pid,
+                    "version": r.version,
+                    "error": r.error,
+                    "seconds": r.seconds,
+                }
+                for name, r in sorted(self.hosts.items())
+            },
+        }
+
+
+class FleetRollout:
+    """Deploy, stop and inspect the agents of one fleet's VMs (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: FleetConfig,
+        shell: RemoteShell,
+        deployer: AgentDeployer,
+        secret: bytes,
+        *,
+        coordinator: str | None = None,
+        disk_wait: float = 60.0,
+        progress: Callable[[str], None] = LOG.info,
+    ) -> None:
+        """``secret``: the fleet secret (copied to each VM, never logged); ``coordinator``:
+        the URL agents send heartbeats and reports to."""
+        self.cfg = cfg
+        self.shell = shell
+        self.deployer = deployer
+        self._secret = secret
+        self.coordinator = coordinator
+        self.disk_wait = disk_wait
+        self.progress = progress
+
+    def targets(self) -> list[DeployTarget]:
+        """One target per non-spare VM, writer last."""
+        vms = sorted(self.cfg.active_vms, key=lambda v: v.name == self.cfg.fleet.writer)
+        return [
+            DeployTarget(vm, "/", agent_config(self.cfg, vm.name, coordinator=self.coordinator))
+            for vm in vms
+        ]
+
+    def deploy(self, *, format_if_blank: bool = True) -> RolloutReport:
+        """Steps 1-4 of the module docstring; DeployError (every VM's result) on a failure."""
+        report = RolloutReport()
+        targets = self.targets()
+        writer = [t for t in targets if t.host.name == self.cfg.fleet.writer]
+        readers = [t for t in targets if t.host.name != self.cfg.fleet.writer]
+
+        def timed(name: str, step: Callable[[], Any]) -> Any:
+            started = time.monotonic()
+            result = step()
+            report.timings[name] = round(time.monotonic() - started, 2)
+            return result
+
+        report.hosts.update(timed("install", lambda: self.deployer.install(targets)))
+        self.progress(
+            f"agent {self.deployer.package.version} installed on "
+            f"{', '.join(t.host.name for t in targets)}"
+        )
+        timed("secret", lambda: self._each(targets, self._put_secret))
+        outputs = timed(
+            "disk",
+            lambda: self._each(targets, lambda t: self._disk(t, format_if_blank and t in writer)),
+        )
+        for name, out in outputs.items():
+            lines = out.strip().splitlines()
+            report.disks[name] = lines[0].removeprefix("disk ") if lines else ""
+            if name == self.cfg.fleet.writer and len(lines) > 1:
+                report.formatted = lines[-1]
+        self.progress(
+            "shared disk visible in every guest: "
+            + ", ".join(f"{n} {d}" for n, d in sorted(report.disks.items()))
+        )
+        if report.formatted:
+            self.progress(f"writer {self.cfg.fleet.writer}: {report.formatted}")
+        started = {
+            **timed("start_readers", lambda: self.deployer.deploy(readers)),
+            **timed("start_writer", lambda: self.deployer.deploy(writer)),
+        }
+        for name, result in started.items():
+            installed = report.hosts[name]
+            report.hosts[name] = replace(
+                result,
+                changed=installed.changed or result.changed,
+                actions=installed.actions + result.actions,
+            )
+        for name, result in sorted(report.hosts.items()):
+            self.progress(
+                f"agent on {name}: pid {result.pid} ({', '.join(result.actions) or 'unchanged'})"
+            )
+        return report
+
+    def stop(self) -> dict[str, HostResult]:
+        """Stop every VM's agent (SIGTERM, SIGKILL after the deployer's grace)."""
+        return self.deployer.stop(self.targets())
+
+    def status(self) -> dict[str, HostResult]:
+        """Installed version and running pid per VM."""
+        return self.deployer.status(self.targets())
+
+    # per VM ---------------------------------------------------------------------------------
+
+    def _put_secret(self, target: DeployTarget) -> str:
+        self.shell.run(
+            target.host,
+            RemoteCommand(Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]),
+            check=True,
+        )
+        self.shell.put_file(target.host, self._secret + b"\n", GUEST_SECRET, 0o600)
+        return ""
+
+    def _disk(self, target: DeployTarget, format_it: bool) -> str:
+        release = target.layout.release(self.deployer.package.version)
+        serial = target.config["backend"].removeprefix("device:")
+        cmd = RemoteCommand(
+            Executable.PYTHON3,
+            [
+                "-c",
+                _DISK,
+                release,
+                serial,
+                self.cfg.fleet.name,
+                str(self.disk_wait),
+                "format" if format_it else "wait",
+            ],
+        )
+        result = self.shell.run(target.host, cmd, self.disk_wait + 120.0)
+        if result.rc != 0:
+            raise RemoteCommandFailed(
+                target.host.name, (result.stderr or result.stdout).strip()[-400:], rc=result.rc
+            )
+        return result.stdout
+
+    def _each(
+        self, targets: list[DeployTarget], step: Callable[[DeployTarget], str]
+    ) -> dict[str, str]:
+        """Run ``step`` on every target in parallel; DeployError naming each failed VM."""
+
+        def one(target: DeployTarget) -> tuple[str, str | RbdfleetError]:
+            try:
+                return target.host.name, step(target)
+            except RbdfleetError as exc:
+                return target.host.name, exc
+
+        with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+            outcomes = dict(pool.map(one, targets))
+        failed = {n: o for n, o in outcomes.items() if isinstance(o, RbdfleetError)}
+        if failed:
+            results = {
+                n: HostResult(n, ok=n not in failed, error=str(failed.get(n) or "") or None)
+                for n in outcomes
+            }
+            raise DeployError("; ".join(f"{n}: {e}" for n, e in sorted(failed.items())), results)
+        return {n: str(o) for n, o in outcomes.items()}
