@@ -280,6 +280,8 @@ class Volume:
     def _apply_at(self, record: Record, start: int, nbytes: int) -> None:
         """Apply ``record`` stored at ring offset ``start``; account the ring bytes."""
         freed = self._index.apply(record)
+        if record.op == "put" and "extents" in record.payload:
+            self._allocator.forget_quarantined(Extent(o, n) for o, n in record.payload["extents"])
         self._allocator.quarantine(record.seq, freed)
         self._note_position(record.seq, self._cursor.pos, start, nbytes)
         self._cursor.advance(start, nbytes)
@@ -465,12 +467,20 @@ class Volume:
         valid end (dropping a torn tail), then write the epoch-start record there."""
         if self._device.read_only:
             raise DeviceError("the device is read-only", op="write", errno=errno.EROFS)
+        if self._failed is not None:
+            raise DeviceError(
+                "this volume failed a write (its index may hold records that are not durable): "
+                "open the volume again",
+                **self._failed.fields,
+            )
         with self._leadership():
             with self._lock:
                 view = _JournalView(self._device, self._sb.journal_offset, self._ring)
                 self._refresh_locked()
                 self._check_break(view)
-                self._rebuild_allocator()
+                if self._writer_epoch is None:
+                    # a writer's own map also holds extents of puts in flight: keep it
+                    self._rebuild_allocator()
                 if epoch <= self._index.epoch:
                     raise StaleEpoch(
                         f"epoch {epoch} is not above the highest seen ({self._index.epoch})",
@@ -478,7 +488,6 @@ class Volume:
                         got=epoch,
                     )
                 self._writer_epoch = epoch
-                self._failed = None
             ticket = self._ticket("epoch-start", {"epoch": epoch}, epoch)
             self._write_batch([ticket])
         if ticket.error is not None:

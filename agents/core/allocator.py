@@ -12,6 +12,7 @@ Invariants (checked by the property tests):
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -48,7 +49,11 @@ class Allocator:
         self.end = end
         self._starts: list[int] = [start] if end > start else []
         self._lengths: dict[int, int] = {start: end - start} if end > start else {}
-        self._quarantine: list[tuple[int, Extent]] = []
+        # quarantined extents never overlap: by start offset, plus a seq-ordered heap
+        # (entries whose offset left the map or changed seq are skipped when popped)
+        self._q_map: dict[int, tuple[int, Extent]] = {}
+        self._q_starts: list[int] = []
+        self._q_heap: list[tuple[int, int]] = []
 
     @classmethod
     def rebuild(
@@ -84,9 +89,7 @@ class Allocator:
             free.append(Extent(cursor, end - cursor))
         alloc._starts = [e.offset for e in free]
         alloc._lengths = {e.offset: e.length for e in free}
-        alloc._quarantine = sorted(
-            ((seq, e) for e, seq in held if seq is not None), key=lambda p: p[0]
-        )
+        alloc.quarantine_each((seq, e) for e, seq in held if seq is not None)
         return alloc
 
     def free_bytes(self) -> int:
@@ -95,7 +98,7 @@ class Allocator:
 
     def quarantined(self) -> list[tuple[int, Extent]]:
         """(freeing seq, extent) pairs not yet released, oldest first."""
-        return list(self._quarantine)
+        return sorted(self._q_map.values(), key=lambda p: (p[0], p[1].offset))
 
     def free_extents(self) -> list[Extent]:
         """The free extents, sorted."""
@@ -114,7 +117,7 @@ class Allocator:
         if self.free_bytes() < need:
             raise NoSpace(
                 f"no space for {need} bytes ({self.free_bytes()} free, "
-                f"{sum(e.length for _, e in self._quarantine)} quarantined)",
+                f"{sum(e.length for _, e in self._q_map.values())} quarantined)",
                 needed=need,
             )
         got: list[Extent] = []
@@ -144,17 +147,50 @@ class Allocator:
 
     def quarantine(self, seq: int, extents: Iterable[Extent]) -> None:
         """Extents freed by record ``seq``: unusable until ``release_through(>= seq)``."""
+        self.quarantine_each((seq, e) for e in extents)
+
+    def quarantine_each(self, pairs: Iterable[tuple[int, Extent]]) -> None:
+        """Quarantine several (seq, extent) pairs."""
+        for seq, extent in pairs:
+            if extent.length <= 0:
+                continue
+            i = bisect.bisect_left(self._q_starts, extent.offset)
+            for j in (i - 1, i):
+                if 0 <= j < len(self._q_starts):
+                    other = self._q_map[self._q_starts[j]][1]
+                    if other.offset < extent.end and extent.offset < other.end:
+                        raise ValueError(f"{extent} is already quarantined")
+            self._q_starts.insert(i, extent.offset)
+            self._q_map[extent.offset] = (seq, extent)
+            heapq.heappush(self._q_heap, (seq, extent.offset))
+
+    def forget_quarantined(self, extents: Iterable[Extent]) -> None:
+        """A record put data on ``extents``: any quarantined extent they overlap had been
+        released and reused by the writer (release_through is not journaled, so a replay
+        learns it here). Drops those quarantine entries whole."""
         for extent in extents:
-            self._quarantine.append((seq, extent))
-        self._quarantine.sort(key=lambda p: p[0])
+            i = bisect.bisect_left(self._q_starts, extent.offset)
+            j = max(i - 1, 0)
+            while j < len(self._q_starts) and self._q_starts[j] < extent.end:
+                other = self._q_map[self._q_starts[j]][1]
+                if other.end > extent.offset:
+                    del self._q_map[other.offset]
+                    del self._q_starts[j]
+                else:
+                    j += 1
 
     def release_through(self, seq: int) -> int:
         """Free the extents quarantined by records with seq <= ``seq``; returns bytes freed."""
         freed = 0
-        while self._quarantine and self._quarantine[0][0] <= seq:
-            _, extent = self._quarantine.pop(0)
-            self._insert_free(extent)
-            freed += extent.length
+        while self._q_heap and self._q_heap[0][0] <= seq:
+            q_seq, offset = heapq.heappop(self._q_heap)
+            entry = self._q_map.get(offset)
+            if entry is None or entry[0] != q_seq:
+                continue
+            del self._q_map[offset]
+            del self._q_starts[bisect.bisect_left(self._q_starts, offset)]
+            self._insert_free(entry[1])
+            freed += entry[1].length
         return freed
 
     def _insert_free(self, extent: Extent) -> None:

@@ -111,3 +111,14 @@ def test_fragmented_allocation_uses_several_extents() -> None:
     assert sum(e.length for e in got) == 4 * B and len(got) == 2
     with pytest.raises(NoSpace):
         alloc.allocate(B)
+
+
+def test_forget_quarantined_drops_released_and_reused_entries() -> None:
+    alloc = Allocator(START, END)
+    alloc.quarantine(3, [Extent(START, 4 * B), Extent(START + 8 * B, B)])
+    alloc.forget_quarantined([Extent(START + 2 * B, 7 * B)])  # overlaps both, partly
+    assert alloc.quarantined() == []
+    assert alloc.release_through(10) == 0
+    alloc.quarantine(5, [Extent(START, B)])
+    with pytest.raises(ValueError):
+        alloc.quarantine(6, [Extent(START, 2 * B)])

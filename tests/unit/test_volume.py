@@ -290,3 +290,16 @@ def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
         for path, data in contents.items():
             assert read(v, path) == data
     assert vol.fsck() == []
+
+
+def test_replay_learns_released_extents_were_reused(opener: Opener) -> None:
+    vol = writer(opener)
+    for i in range(3):
+        put(vol, f"/f{i}", b"%d" % i * 300_000)
+        vol.delete(f"/f{i}", epoch=1)
+        vol.release_through(vol.applied_seq)  # the next put reuses the same extents
+    put(vol, "/last", b"L" * 300_000)
+    reader = Volume.open(opener(True))
+    assert read(reader, "/last") == b"L" * 300_000
+    assert reader._allocator.quarantined() == vol._allocator.quarantined() == []
+    assert vol.fsck() == []
