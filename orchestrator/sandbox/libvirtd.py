@@ -18,7 +18,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "balance_vm_cpu_share",
     "daemon_alive",
     "ensure_libvirtd",
+    "libvirtd_held",
     "libvirtd_running",
     "stop_daemon",
 ]
@@ -48,18 +50,20 @@ DAEMONS = {
 START_TIMEOUT = 90.0  # the first start on a machine probes QEMU's capabilities: ~9 s idle
 
 
-def ensure_libvirtd(state: StateFile | None, progress: Progress | None = None) -> None:
-    """Make ``qemu:///system`` answer, starting virtlogd and libvirtd if needed.
+@contextmanager
+def libvirtd_held(state: StateFile | None, progress: Progress | None = None) -> Iterator[None]:
+    """Make ``qemu:///system`` answer (starting virtlogd and libvirtd if needed) and keep
+    any ``down`` from stopping it while the block runs.
 
     Daemons started here are recorded in ``state``; with ``state=None`` they are not
-    recorded, so no ``down`` will stop them (teardown paths use that).
-
-    Idempotent and safe when several sandboxes call it at once (a machine-wide lock).
-    Raises :class:`SandboxError` naming the log to read when the daemon does not come up.
+    recorded, so no ``down`` will stop them (teardown paths use that). Safe when several
+    sandboxes call it at once: the start runs under a machine-wide exclusive lock, the block
+    under a shared one, which :func:`stop_daemon` must take exclusively. Raises
+    :class:`SandboxError` naming the log to read when the daemon does not come up.
     """
     say = progress or (lambda _msg: None)
     LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_PATH, "w") as lock:
+    with open(LOCK_PATH, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         _fix_host()
         for name, (binary, pid_file) in DAEMONS.items():
@@ -70,6 +74,18 @@ def ensure_libvirtd(state: StateFile | None, progress: Progress | None = None) -
             if state is not None:
                 state.record("libvirt.daemon", name=name, pid=pid, start_time=_start_time(pid))
         _wait_answering(say)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
+
+
+def ensure_libvirtd(state: StateFile | None, progress: Progress | None = None) -> None:
+    """Make ``qemu:///system`` answer, starting virtlogd and libvirtd if needed.
+
+    See :func:`libvirtd_held`; callers that create libvirt objects next should hold it
+    until the first object exists, so a concurrent ``down`` cannot stop the daemon between.
+    """
+    with libvirtd_held(state, progress):
+        pass
 
 
 def libvirtd_running() -> bool:
@@ -80,20 +96,27 @@ def libvirtd_running() -> bool:
 def stop_daemon(resource: dict[str, Any]) -> None:
     """Undo a ``libvirt.daemon`` record: SIGTERM the pid if it is still the same process.
 
-    libvirtd is left running while it still has domains or networks: they may belong to
-    another sandbox (QEMU processes would survive, but nobody could manage them).
+    Other sandboxes on the machine may share the daemon, so libvirtd stays up while any
+    domain, active network or secret remains, or while a sandbox holds
+    :func:`libvirtd_held` (it is booting); virtlogd stays up while libvirtd runs.
     """
     pid, name = int(resource["pid"]), str(resource["name"])
-    if _start_time(pid) != resource.get("start_time"):
+    if not daemon_alive(resource):
         return  # gone, or the pid was reused by another process
-    if name == "libvirtd" and _libvirt_in_use():
-        return
-    if name == "virtlogd" and libvirtd_running():
-        return  # libvirtd (ours or not) still hands console logs to it
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _start_time(pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        if name == "libvirtd" and _libvirt_in_use():
+            return
+        if name == "virtlogd" and libvirtd_running():
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while daemon_alive(resource) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def balance_vm_cpu_share(
@@ -177,9 +200,11 @@ def _wait_answering(say: Progress) -> None:
 
 
 def _libvirt_in_use() -> bool:
-    for listing in (["list", "--all", "--name"], ["net-list", "--all", "--name"]):
+    # Debian's persistent but inactive "default" network does not count.
+    for listing in (["list", "--all", "--name"], ["net-list", "--name"], ["secret-list"]):
         result = subprocess.run(
-            ["virsh", "-c", SYSTEM_URI, *listing], capture_output=True, text=True, check=False
+            ["virsh", "-q", "-c", SYSTEM_URI, *listing], capture_output=True, text=True,
+            check=False,
         )
         if result.returncode != 0 or result.stdout.strip():
             return True  # in use, or cannot tell: leave it running

@@ -50,6 +50,7 @@ from orchestrator.sandbox.libvirtd import (
     SYSTEM_URI,
     balance_vm_cpu_share,
     ensure_libvirtd,
+    libvirtd_held,
     libvirtd_running,
 )
 from orchestrator.sandbox.state import StateFile
@@ -360,18 +361,18 @@ def boot_vms(
     say = progress or (lambda _msg: None)
     started = time.monotonic()
     image = guest.ensure_guest_image(progress=say)
-    ensure_libvirtd(state, progress=say)
     run_id = secrets.token_hex(3)
     dir = dir.resolve()
     (dir / "console").mkdir(parents=True, exist_ok=True)
     ssh_dir = dir / "ssh"
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    subnet = _reserve_subnet(state, say)
-    plan = _Plan(run_id=run_id, subnet=subnet, runtime=RUNTIME_ROOT / run_id)
-    say(f"sandbox {run_id}: network {plan.network} on {plan.bridge}, {subnet}")
-    state.record("vm.network", name=plan.network, uri=SYSTEM_URI)
-    _virsh_with_file("net-create", network_xml(plan.network, plan.bridge, plan.gateway, 24))
+    with libvirtd_held(state, progress=say):  # until our network exists, no down stops it
+        subnet = _reserve_subnet(state, say)
+        plan = _Plan(run_id=run_id, subnet=subnet, runtime=RUNTIME_ROOT / run_id)
+        say(f"sandbox {run_id}: network {plan.network} on {plan.bridge}, {subnet}")
+        state.record("vm.network", name=plan.network, uri=SYSTEM_URI)
+        _virsh_with_file("net-create", network_xml(plan.network, plan.bridge, plan.gateway, 24))
 
     state.record("vm.dir", path=str(plan.runtime))
     RUNTIME_ROOT.mkdir(parents=True, exist_ok=True)
