@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SandboxError
-from orchestrator.sandbox import ceph, hosts, libvirtd, vms
+from orchestrator.sandbox import ceph, hosts, libvirtd, processes, vms
 from orchestrator.sandbox.state import StateFile
 
 LOG = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
     **hosts.TEARDOWN,
     **libvirtd.TEARDOWN,
     **vms.TEARDOWN,
+    **processes.TEARDOWN,
 }
 
 # Host RAM a TCG guest costs with a bounded translation cache (notes/libvirt.md §3), plus Ceph.
@@ -298,6 +299,7 @@ PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
     **getattr(hosts, "PROBES", {}),
     **getattr(libvirtd, "PROBES", {}),
     **getattr(vms, "PROBES", {}),
+    **processes.PROBES,
 }
 
 
