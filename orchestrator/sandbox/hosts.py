@@ -312,8 +312,26 @@ class HostSet:
         _run(["ip", "link", "set", self.host(name).veth, "down"])
 
     def heal(self, name: str) -> None:
-        """Undo :meth:`partition`."""
-        _run(["ip", "link", "set", self.host(name).veth, "up"])
+        """Undo :meth:`partition`; returns once the link carries traffic again.
+
+        Neighbour entries that went FAILED during the cut are flushed (on the bridge, in the
+        host and in its peers), else the first packets after a heal fail with "No route to
+        host" until the kernel retries resolution on its own.
+        """
+        host = self.host(name)
+        _run(["ip", "link", "set", host.veth, "up"])
+        operstate = Path("/sys/class/net", host.veth, "operstate")
+        deadline = time.monotonic() + 5.0
+        while operstate.read_text().strip() != "up":
+            if time.monotonic() > deadline:
+                raise SandboxError(f"{host.veth} of {name} did not come up within 5 s")
+            time.sleep(0.01)
+        _run(["ip", "neigh", "flush", "dev", self.bridge, "to", host.address])
+        _run(["ip", "-n", host.netns, "neigh", "flush", "dev", "eth0"])
+        for peer in self.hosts:
+            if peer.name != name:
+                _run(["ip", "-n", peer.netns, "neigh", "flush", "dev", "eth0", "to",
+                      host.address])
 
     # looking inside ------------------------------------------------------------------------
 
