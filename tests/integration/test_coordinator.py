@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,9 @@ from typing import Any
 
 import pytest
 
-from agents.errors import NotFound
+from agents.core.protocol import SelfTestCheck, SelfTestReport
+from agents.errors import ForeignGrant, NotFound
+from agents.peers import Peer, post_message
 from orchestrator.core.fleetmap import FleetMap
 from tests.coordinator_harness import (
     Coordinator,
@@ -147,3 +150,45 @@ def test_cli_put_get_ls_status_as_subprocesses(coordinated: Any, tmp_path: Path)
         timeout=120,
     )
     assert missing.returncode == 10 and "rbdfleet: error" in missing.stderr
+
+
+def test_a_failed_self_test_report_of_the_writer_triggers_failover(coordinated: Any) -> None:
+    fleet, coordinator, fencer = coordinated
+    report = SelfTestReport(
+        node="w",
+        fleet=fleet.name,
+        role="writer",
+        epoch=1,
+        ok=False,
+        checks=(SelfTestCheck("device-read", False, "EIO"),),
+        at=time.time(),
+    )
+    post_message(
+        Peer(coordinator.url),
+        "/v1/selftest",
+        report,
+        grant=fleet.grant("w", "writer", 1),
+        timeout=10,
+    )
+    service = coordinator.service
+    assert service is not None
+    wait_until(lambda: service.require_active().writer in ("r1", "r2"), 15, "failover")
+    assert [n for n, _ in fencer.fenced] == ["w"]
+
+
+def test_agent_reports_need_the_agents_own_grant(coordinated: Any) -> None:
+    fleet, coordinator, _ = coordinated
+    report = SelfTestReport(
+        node="w", fleet=fleet.name, role="writer", epoch=1, ok=False, checks=(), at=time.time()
+    )
+    with pytest.raises(ForeignGrant):  # r1 cannot report on behalf of w
+        post_message(
+            Peer(coordinator.url),
+            "/v1/selftest",
+            report,
+            grant=fleet.grant("r1", "reader", 1),
+            timeout=10,
+        )
+    time.sleep(0.5)
+    service = coordinator.service
+    assert service is not None and service.require_active().writer == "w"
