@@ -1,67 +1,328 @@
-"""`make demo`: bring up the sandbox and run the main job on it, leaving it running.
+"""`make demo`: bring up the sandbox and run the whole mission on it, leaving it running.
+
+1. ``rbdfleet provision``: the shared RBD image, writer read-write, readers ``<readonly/>``;
+2. ``rbdfleet deploy``: the agents into the VMs over SSH (pinned host keys), each on the disk
+   found by its serial; the writer formats the blank image (``format --if-blank``);
+3. ``rbdfleet coordinator run`` in the background, state in RADOS, fencing by Ceph blocklist
+   and role switch through libvirt;
+4. ``rbdfleet put`` / ``get`` / ``status``;
+5. the writer's agent is killed (``kill -9`` in its VM) while a stale writer process in that
+   VM keeps writing to the shared disk: the coordinator fences it, switches roles, promotes a
+   reader; ``rbdfleet put`` works again, the stale writer's next write fails with EIO, and
+   every acknowledged file reads back intact.
 
 Usage: python -m orchestrator.sandbox.demo [--dir DIR] [--vms N]
+:class:`Mission` holds the steps; ``tests/integration/test_mission_vm.py`` asserts the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agents.errors import RbdfleetError
-from orchestrator.sandbox import lifecycle
+from orchestrator import config as fleet_config
+from orchestrator.adapters.domain_xml import fleet_serial
+from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand, shell_script
+from orchestrator.cli.coordinator import coordinator_config, open_client
+from orchestrator.client import FleetClient
+from orchestrator.config import FleetConfig
+from orchestrator.deploy import AgentLayout
+from orchestrator.errors import SandboxError
+from orchestrator.sandbox import lifecycle, processes
+from orchestrator.sandbox.state import StateFile
+
+Say = Callable[[str], None]
+
+# In the old writer's VM: keep writing to the shared disk, one 4 KiB block rewritten with its
+# own bytes (so a write that lands changes nothing), until a write fails; print the errno.
+_STALE_WRITER = r'''
+import errno, mmap, os, sys, time
+serial = sys.argv[1]
+names = [n for n in sorted(os.listdir("/sys/block"))
+         if os.path.exists("/sys/block/%s/serial" % n)
+         and open("/sys/block/%s/serial" % n).read().strip() == serial]
+fd = os.open("/dev/" + names[0], os.O_RDWR | os.O_DIRECT)
+offset = os.lseek(fd, 0, os.SEEK_END) - 4096
+block = mmap.mmap(-1, 4096)
+done = 0
+print("stale writer on /dev/%s started" % names[0], flush=True)
+while True:
+    try:
+        os.preadv(fd, [block], offset)
+        os.pwritev(fd, [block], offset)
+        os.fsync(fd)
+    except OSError as exc:
+        print("write failed errno=%d %s after %d writes" % (
+            exc.errno, errno.errorcode.get(exc.errno, "?"), done), flush=True)
+        break
+    done += 1
+    time.sleep(0.05)
+'''
+STALE_LOG = "/tmp/rbdfleet-stale-writer.log"
 
 
-def say(message: str) -> None:
-    print(f"demo: {message}", flush=True)
+def sha256(data: bytes) -> str:
+    """Hex digest, for narration and comparisons."""
+    return hashlib.sha256(data).hexdigest()
 
 
-def rbd_round_trip(ceph_conf: Path, workdir: Path) -> None:
-    """Write 4 MiB into a fresh RBD image from the host and read it back, byte for byte."""
-    env = {**os.environ, "CEPH_CONF": str(ceph_conf)}
-    payload = os.urandom(4 << 20)
-    source, back = workdir / "demo-in.bin", workdir / "demo-out.bin"
-    source.write_bytes(payload)
-    image = f"rbd/demo-smoke-{int(time.time())}"
-    subprocess.run(["rbd", "import", "--no-progress", str(source), image], env=env, check=True)
-    subprocess.run(["rbd", "export", "--no-progress", image, str(back)], env=env, check=True)
-    subprocess.run(["rbd", "rm", "--no-progress", image], env=env, check=True)
-    same = hashlib.sha256(back.read_bytes()).hexdigest() == hashlib.sha256(payload).hexdigest()
-    source.unlink()
-    back.unlink()
-    if not same:
-        raise SystemExit("demo: the RBD round trip returned different bytes")
-    say(f"wrote 4 MiB to {image} from the host and read the same bytes back")
+@dataclass
+class Mission:
+    """The mission's steps on one fleet config; each returns what it measured or found."""
+
+    config_path: Path
+    state: StateFile
+    say: Say = print
+    timings: dict[str, float] = field(default_factory=dict)
+    echo_cli: bool = True
+
+    def __post_init__(self) -> None:
+        self.config: FleetConfig = fleet_config.load(self.config_path)
+        self.shell = ParamikoShell.from_config(self.config.ssh)
+
+    def close(self) -> None:
+        """Close SSH connections (the fleet keeps running)."""
+        self.shell.close()
+
+    # -- the CLI, as a user runs it -----------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 300.0, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """Run ``rbdfleet ARGS -c CONFIG`` as a subprocess, echoing the command and output."""
+        argv = [sys.executable, "-m", "orchestrator.cli.app", *args]
+        env = {**os.environ, "RBDFLEET_CONFIG": str(self.config_path)}
+        if self.echo_cli:
+            self.say("$ rbdfleet " + shlex.join(args))
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        if self.echo_cli:
+            for line in (done.stdout + done.stderr).rstrip().splitlines():
+                print(f"    {line}", flush=True)
+        if check and done.returncode != 0:
+            raise SandboxError(f"rbdfleet {' '.join(args)} exited {done.returncode}: "
+                               f"{done.stderr.strip()[-600:]}")
+        return done
+
+    def timed(self, name: str, func: Callable[[], Any]) -> Any:
+        """Run ``func`` and keep its wall time under ``name``."""
+        started = time.monotonic()
+        result = func()
+        self.timings[name] = round(time.monotonic() - started, 2)
+        return result
+
+    # -- steps 1-3 ----------------------------------------------------------------------
+
+    def provision(self) -> None:
+        """Step 1: image, cephx users, attach (writer rw, readers ro)."""
+        self.timed("provision", lambda: self.cli("provision"))
+        self.cli("vm", "list")
+
+    def deploy(self) -> None:
+        """Step 2: agents into the VMs; the writer formats the blank image."""
+        self.timed("deploy", lambda: self.cli("deploy"))
+
+    def start_coordinator(self, log: Path) -> int:
+        """Step 3: ``rbdfleet coordinator run`` in the background, recorded in the state
+        file (``sandbox down`` stops it); waits until it serves every member in sync."""
+        argv = [sys.executable, "-m", "orchestrator.cli.app", "coordinator", "run",
+                "--config", str(self.config_path)]
+        self.say("$ rbdfleet coordinator run &   (log: " + str(log) + ")")
+        pid = processes.start_process(self.state, argv, log=log,
+                                      marker=str(self.config_path))
+        readers = len(self.config.active_vms) - 1
+        started = time.monotonic()
+        self.wait(lambda: len(self._map().get("members", [])) > 0 and sum(
+            1 for m in self._map()["members"] if m["role"] == "reader" and m["in_sync"])
+            == readers, 120, f"the coordinator serving {readers} in-sync readers "
+                             f"(see {log})")
+        self.timings["coordinator_ready"] = round(time.monotonic() - started, 2)
+        return pid
+
+    def client(self, timeout: float = 60.0) -> FleetClient:
+        """A library client following the coordinators of the config."""
+        return open_client(self.config_path, timeout)[0]
+
+    def _map(self) -> dict[str, Any]:
+        try:
+            return self.client(5.0).coordinator.map()
+        except RbdfleetError:
+            return {}
+
+    def fleet_map(self) -> dict[str, Any]:
+        """The published map (empty while no coordinator answers)."""
+        return self._map()
+
+    @staticmethod
+    def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``predicate`` every 0.2 s; SandboxError naming ``what`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise SandboxError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.2)
+
+    # -- step 4 -------------------------------------------------------------------------
+
+    def put_get(self, workdir: Path, size: int = 4 << 20) -> str:
+        """Step 4: ``rbdfleet put`` a file, ``get`` it back from a reader; its sha256."""
+        local = workdir / "hello.bin"
+        local.write_bytes(os.urandom(size))
+        self.timed("first_put", lambda: self.cli("put", str(local), "/demo/hello.bin"))
+        back = workdir / "hello.back"
+        self.cli("get", "/demo/hello.bin", str(back))
+        if back.read_bytes() != local.read_bytes():
+            raise SandboxError("rbdfleet get returned other bytes than were put")
+        digest = sha256(local.read_bytes())
+        self.say(f"read back from a reader: sha256 {digest[:16]}... identical")
+        back.unlink()
+        self.cli("status")
+        return digest
+
+    def put_many(self, count: int, prefix: str = "/demo/acked") -> dict[str, str]:
+        """``count`` small acknowledged puts through the library: path -> sha256."""
+        client, acked = self.client(), {}
+        for i in range(count):
+            data = os.urandom(4096 + i)
+            client.put_bytes(data, f"{prefix}-{i:03d}.bin")
+            acked[f"{prefix}-{i:03d}.bin"] = sha256(data)
+        return acked
+
+    def verify(self, acked: dict[str, str]) -> list[str]:
+        """Paths whose read differs from what was acknowledged (empty: none lost)."""
+        client = self.client()
+        return [p for p, digest in sorted(acked.items()) if sha256(client.get_bytes(p)) != digest]
+
+    # -- step 5 -------------------------------------------------------------------------
+
+    def start_stale_writer(self, vm: str) -> int:
+        """In ``vm``, a process that keeps writing to the shared disk through the handle it
+        holds now (as the old writer would), logging the errno of its first failed write."""
+        serial = fleet_serial(self.config.fleet.name, self.config.ceph.pool,
+                              self.config.fleet.image)
+        host = self.config.vm(vm)
+        self.shell.run(host, RemoteCommand(Executable.RM, ["-f", STALE_LOG]), check=True)
+        pid = self.shell.start_background(
+            host, RemoteCommand(Executable.PYTHON3, ["-c", _STALE_WRITER, serial]),
+            workdir="/tmp", log_path=STALE_LOG)
+        self.wait(lambda: "started" in self.stale_writer_log(vm), 30, "the stale writer")
+        return pid
+
+    def stale_writer_log(self, vm: str) -> str:
+        """What the stale writer in ``vm`` printed so far."""
+        result = self.shell.run(self.config.vm(vm), RemoteCommand(Executable.CAT, [STALE_LOG]))
+        return result.stdout
+
+    def kill_agent(self, vm: str) -> None:
+        """``kill -9`` the agent in ``vm`` (a crash, no goodbye)."""
+        pidfile = AgentLayout("/").pidfile
+        self.say(f"$ ssh {vm} 'kill -9 $(cat {pidfile})'")
+        self.shell.run(self.config.vm(vm), shell_script(f"kill -9 $(cat {pidfile})"),
+                       check=True)
+
+    def fail_over(self, workdir: Path) -> dict[str, Any]:
+        """Step 5: kill the writer's agent, time until ``rbdfleet put`` is acknowledged by a
+        new writer; the new map."""
+        old = self.config.fleet.writer
+        local = workdir / "after-failover.bin"
+        local.write_bytes(os.urandom(1 << 20))
+        self.kill_agent(old)
+        killed = time.monotonic()
+        done = self.cli("put", "--timeout", "120", str(local), "/demo/after-failover.bin",
+                        "--json", timeout=180)
+        self.timings["failover_put"] = round(time.monotonic() - killed, 2)
+        ack = json.loads(done.stdout)
+        self.wait(lambda: self._map().get("phase") == "stable", 60, "a stable map")
+        new_map = self._map()
+        if ack.get("node") == old or new_map.get("writer") in (None, old):
+            raise SandboxError(f"no new writer after killing {old}'s agent: {new_map}")
+        return new_map
+
+
+def _coordinator_ready(config_path: Path) -> None:
+    if not coordinator_config(config_path).urls:
+        raise SandboxError(f"{config_path} has no [coordinator] urls")
+
+
+def run_mission(directory: Path, say: Say) -> dict[str, float]:
+    """Steps 1-5 on the sandbox in ``directory``; the timings."""
+    config_path = directory / "rbdfleet.toml"
+    _coordinator_ready(config_path)
+    state = StateFile(lifecycle.state_path(directory))
+    mission = Mission(config_path, state, say)
+    try:
+        writer = mission.config.fleet.writer
+        say("step 1/5: provision the shared RBD image (writer rw, readers <readonly/>)")
+        mission.provision()
+        say("step 2/5: deploy the agents into the VMs over SSH; the writer formats the image")
+        mission.deploy()
+        say("step 3/5: start the coordinator (state in RADOS, blocklist fence, libvirt roles)")
+        pid = mission.start_coordinator(directory / "coordinator.log")
+        say(f"coordinator pid {pid}, ready in {mission.timings['coordinator_ready']} s")
+        say("step 4/5: put a file, get it from a reader, status")
+        mission.put_get(directory)
+        acked = mission.put_many(20)
+        say(f"{len(acked)} more small puts acknowledged before the failure")
+        say(f"step 5/5: kill -9 the writer's agent on {writer}; a stale writer process there "
+            "keeps writing to the shared disk")
+        mission.start_stale_writer(writer)
+        new_map = mission.fail_over(directory)
+        say(f"new writer {new_map['writer']} at epoch {new_map['epoch']}: put acknowledged "
+            f"{mission.timings['failover_put']} s after the kill")
+        mission.wait(lambda: "failed" in mission.stale_writer_log(writer), 30,
+                     "the stale writer's failed write")
+        say(f"old writer {writer}: {mission.stale_writer_log(writer).strip().splitlines()[-1]}")
+        lost = mission.verify(acked)
+        if lost:
+            raise SandboxError(f"acknowledged writes lost: {lost}")
+        say(f"all {len(acked)} acknowledged files read back intact after the failover")
+        mission.cli("status")
+        mission.cli("vm", "list")
+    finally:
+        mission.close()
+    return mission.timings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=lifecycle.default_dir())
     parser.add_argument("--vms", type=int, default=3)
     args = parser.parse_args(argv)
     directory = args.dir.absolute()
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"demo [{time.monotonic() - started:6.1f}s] {message}", flush=True)
+
     try:
         if lifecycle.state_path(directory).exists():
-            say(f"a sandbox is already recorded in {directory}; reusing it")
-            summary = lifecycle.status(directory)["summary"]
-            ceph_conf = Path(summary["ceph_conf"])
-        else:
-            say(f"bringing up the sandbox in {directory} (Ceph + {args.vms} VMs)")
-            result = lifecycle.up(directory, lifecycle.SandboxRequest(vms=args.vms),
-                                  progress=say)
-            ceph_conf = result.ceph_conf
-        rbd_round_trip(ceph_conf, directory)
+            raise SandboxError(f"a sandbox is already recorded in {directory}: the demo runs "
+                               f"on a fresh one (make demo-down DEMO_DIR={directory} first)")
+        if args.vms < 2:
+            raise SandboxError("the mission needs a writer and at least one reader: --vms >= 2")
+        say(f"bringing up the sandbox in {directory} (Ceph + {args.vms} VMs)")
+        up = lifecycle.up(directory, lifecycle.SandboxRequest(vms=args.vms), progress=say)
+        timings = {"sandbox_up": up.timings.get("total", 0.0), **run_mission(directory, say)}
     except RbdfleetError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
+        print(f"demo: the sandbox is left as it is; stop it with: make demo-down "
+              f"DEMO_DIR={directory}", file=sys.stderr)
         return 1
-    subprocess.run([sys.executable, "-m", "orchestrator.cli.app", "sandbox", "status", "--dir",
-                    str(directory)], check=False)
-    say(f"the sandbox keeps running; stop it with: make demo-down DEMO_DIR={directory}")
+    say("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    say(f"everything keeps running. Try: export RBDFLEET_CONFIG={directory}/rbdfleet.toml; "
+        "rbdfleet status")
+    say(f"stop it all (coordinator, VMs, Ceph): make demo-down DEMO_DIR={directory}")
     return 0
 
 
