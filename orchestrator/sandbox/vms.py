@@ -737,8 +737,10 @@ def _run(argv: list[str]) -> str:
 
 
 def _missing(exc: HypervisorError) -> bool:
+    # virsh 9.0 says only "failed to get domain 'X'" for a missing domain
     text = str(exc)
-    return "not found" in text or "no domain" in text or "no network" in text
+    return any(sign in text for sign in ("not found", "failed to get domain",
+                                         "failed to get network"))
 
 
 def destroy_domain(resource: dict[str, Any]) -> None:

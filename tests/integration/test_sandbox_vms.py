@@ -212,3 +212,17 @@ def test_second_sandbox_coexists_survives_faults_and_teardown_leaves_nothing(
     assert sandbox_vms.exec("vm1", ["true"]).returncode == 0
     for vm in sandbox_vms.vms:
         assert vm.domain in domains
+
+
+def test_teardown_of_records_whose_resources_never_appeared_is_clean(tmp_path: Path) -> None:
+    """A boot killed between ``record`` and create leaves records of nothing: down is clean."""
+    state = StateFile(tmp_path / "state.json")
+    ghost = f"rbdfleet-gh{secrets.token_hex(2)}"
+    state.record("vm.route", subnet="10.87.254.0/23", metric=9999)
+    state.record("vm.network", name=ghost, uri="qemu:///system")
+    state.record("vm.dir", path=f"/var/lib/rbdfleet/vms/{ghost}")
+    state.record("vm.domain", name=f"{ghost}-vm1", uri="qemu:///system")
+    state.record("vm.ssh_master", control_path=str(tmp_path / "cm" / "10.87.254.11"),
+                 address="10.87.254.11")
+    assert tear_down(state) == []
+    assert state.resources == []
