@@ -21,7 +21,6 @@ import stat
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -116,6 +115,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
             text = Path(path).read_text()
         except OSError as exc:
             raise AgentConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+        import tomllib  # only TOML configs pay for it (~1 MiB of the idle footprint)
+
         try:
             raw = json.loads(text) if not path.endswith(".toml") else tomllib.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
