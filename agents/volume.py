@@ -51,7 +51,8 @@ from agents.errors import (
 __all__ = ["Entry", "Record", "Volume", "normalize_path"]
 
 WRITE_UNIT = 4 << 20  # bytes per data write submitted to the device
-IN_FLIGHT = 4  # data writes / chunk reads in flight per stream
+IN_FLIGHT = 4  # data writes / reads in flight per stream
+READ_UNIT = 4 << 20  # bytes per read task (whole chunks)
 JOURNAL_WINDOW = 256 << 10  # bytes read at once when following the journal
 CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in use
 
@@ -557,26 +558,39 @@ class Volume:
         logical = 0
         buf = bytearray()
 
+        def store(block: bytes, offset: int, first: int) -> None:
+            # on an I/O thread: chunk checksums (zlib releases the GIL) then the writes
+            view = memoryview(block)
+            for k, i in enumerate(range(0, len(block), chunk)):
+                sums[first + k] = zlib.crc32(view[i : i + chunk])
+            padded = block if len(block) % ALIGN == 0 else block + bytes(-len(block) % ALIGN)
+            pieces = locate(extents, offset, len(padded))
+            if len(pieces) == 1:
+                self._device.write_at(pieces[0][0], padded)
+                return
+            done = 0
+            for dev_off, n in pieces:
+                self._device.write_at(dev_off, padded[done : done + n])
+                done += n
+
         def emit(block: bytes) -> None:
             nonlocal crc, logical
-            for i in range(0, len(block), chunk):
-                sums.append(zlib.crc32(block[i : i + chunk]))
             crc = zlib.crc32(block, crc)
-            padded = block + bytes(-len(block) % ALIGN)
-            done = 0
-            for dev_off, n in locate(extents, logical, len(padded)):
-                while len(inflight) >= IN_FLIGHT:
-                    inflight.popleft().result()
-                piece = padded[done : done + n] if n != len(padded) else padded
-                inflight.append(pool.submit(self._device.write_at, dev_off, piece))
-                done += n
+            first = len(sums)
+            sums.extend([0] * -(-len(block) // chunk))
+            while len(inflight) >= IN_FLIGHT:
+                inflight.popleft().result()
+            inflight.append(pool.submit(store, block, logical, first))
             logical += len(block)
 
         try:
             for piece in _bounded(chunks, size):
+                if not buf and len(piece) == unit:
+                    emit(piece)  # the common streaming case: no copy
+                    continue
                 buf += piece
                 while len(buf) >= unit:
-                    emit(bytes(buf[:unit]))
+                    emit(bytes(memoryview(buf)[:unit]))
                     del buf[:unit]
             if logical + len(buf) != size:
                 raise BadRequest(f"got {logical + len(buf)} bytes, announced {size}", size=size)
@@ -754,7 +768,7 @@ def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 
 class _ReadStream(Iterator[bytes]):
-    """Verified chunk reads of one pinned version, IN_FLIGHT chunks read ahead."""
+    """Verified reads of one pinned version: READ_UNIT pieces, IN_FLIGHT read ahead."""
 
     def __init__(self, vol: Volume, node: Node, start: int, end: int, pin: int) -> None:
         self._vol = vol
@@ -762,11 +776,15 @@ class _ReadStream(Iterator[bytes]):
         self._start = start
         self._end = end
         self._pin: int | None = pin
-        self._ahead: collections.deque[Future[bytes]] = collections.deque()
+        self._ahead: collections.deque[Future[tuple[bytes, ChecksumMismatch | None]]] = (
+            collections.deque()
+        )
+        self._error: ChecksumMismatch | None = None
         self._inline_done = False
         chunk = node.chunk
         self._next_chunk = start // chunk if chunk else 0
         self._last_chunk = (end - 1) // chunk if chunk and end > start else -1
+        self._per_task = max(READ_UNIT // chunk, 1) if chunk else 1
 
     def __iter__(self) -> _ReadStream:
         return self
@@ -780,6 +798,8 @@ class _ReadStream(Iterator[bytes]):
 
     def _next(self) -> bytes:
         node = self._node
+        if self._error is not None:
+            raise self._error
         if node.inline is not None:
             if self._inline_done or self._start >= self._end:
                 self.close()
@@ -793,34 +813,54 @@ class _ReadStream(Iterator[bytes]):
             return node.inline[self._start : self._end]
         pool = self._vol._executor()
         while self._next_chunk <= self._last_chunk and len(self._ahead) < IN_FLIGHT:
-            self._ahead.append(pool.submit(self._read_chunk, self._next_chunk))
-            self._next_chunk += 1
+            last = min(self._next_chunk + self._per_task - 1, self._last_chunk)
+            self._ahead.append(pool.submit(self._read_chunks, self._next_chunk, last))
+            self._next_chunk = last + 1
         if not self._ahead:
             self.close()
             raise StopIteration
-        return self._ahead.popleft().result()
+        data, self._error = self._ahead.popleft().result()
+        if self._error is not None:
+            self.close()
+            if not data:
+                raise self._error
+        return data
 
-    def _read_chunk(self, i: int) -> bytes:
+    def _read_chunks(self, first: int, last: int) -> tuple[bytes, ChecksumMismatch | None]:
+        """Chunks ``first..last`` (one device read per extent piece), verified, cut to the
+        requested range. A bad chunk ends the data there and comes back as the error (served
+        after the good bytes before it)."""
         node = self._node
         chunk = node.chunk
-        lo = i * chunk
-        n = min(chunk, node.entry.size - lo)
-        padded = n + (-n % ALIGN)
-        data = b"".join(self._vol._device.read_at(off, ln) for off, ln in node.locate(lo, padded))[
-            :n
-        ]
-        if zlib.crc32(data) != node.sums[i]:
-            first = node.locate(lo, padded)[0][0]
-            raise ChecksumMismatch(
-                f"data of {node.entry.path} chunk {i} (device offset {first}) does not match "
-                f"its checksum",
-                path=node.entry.path,
-                chunk=i,
-                device_offset=first,
-            )
+        lo = first * chunk
+        hi = min((last + 1) * chunk, node.entry.size)
+        span = hi - lo
+        pieces = node.locate(lo, span + (-span % ALIGN))
+        device = self._vol._device
+        if len(pieces) == 1:
+            data = device.read_at(*pieces[0])
+        else:
+            data = b"".join(device.read_at(off, ln) for off, ln in pieces)
+        view = memoryview(data)
+        error: ChecksumMismatch | None = None
+        for i in range(first, last + 1):
+            a = (i - first) * chunk
+            b = min(a + chunk, span)
+            if zlib.crc32(view[a:b]) != node.sums[i]:
+                where = node.locate(i * chunk, ALIGN)[0][0]
+                error = ChecksumMismatch(
+                    f"data of {node.entry.path} chunk {i} (device offset {where}) does not "
+                    f"match its checksum",
+                    path=node.entry.path,
+                    chunk=i,
+                    device_offset=where,
+                )
+                hi = lo + a
+                break
+        view.release()
         a = max(self._start, lo) - lo
-        b = min(self._end, lo + n) - lo
-        return data[a:b]
+        b = max(min(self._end, hi) - lo, a)
+        return (data if (a, b) == (0, len(data)) else data[a:b]), error
 
     def close(self) -> None:
         """Stop reading ahead and unpin the version."""
