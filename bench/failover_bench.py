@@ -207,7 +207,7 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
                 try:
                     agent.start()
                 except RuntimeError as exc:  # the agent refused to start (its own check)
-                    stopped = f"{victim} could not restart after kill {i + 1}: " + str(exc)[:300]
+                    stopped = f"{victim} could not restart after kill {i + 1}: " + str(exc)[-300:]
                     print(stopped, flush=True)
                     break
                 wait_until(
