@@ -173,3 +173,27 @@ def test_fenced_librbd_writer_gets_eshutdown(rbd_image: tuple[Any, str], rados_a
         rados_admin.mon_command(
             json.dumps({"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}), b""
         )
+
+
+def test_fsck_cli_on_an_rbd_image(
+    rbd_image: tuple[Any, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agents import fsck
+
+    cluster, image = rbd_image
+    dev = _rbd(cluster, image, False)
+    try:
+        Volume.format(dev, fleet="fsck")
+        vol = Volume.open(dev)
+        vol.start_epoch(1)
+        vol.put("/f", [b"r" * 200_000], 200_000, epoch=1, mtime=0)
+        args = [f"rbd:{cluster.pool}/{image}", "--conf", str(cluster.conf)]
+        args += ["--user", "admin", "--keyring", str(cluster.keyring)]
+        assert fsck.main(args) == 0  # a read-only handle beside the writer's lock
+        offset = vol._index.get("/f").extents[0].offset
+        dev.write_at(offset, bytes(4096))
+        assert fsck.main(args) == 1
+        assert f"file /f chunk 0 (device offset {offset}): checksum" in capsys.readouterr().out
+        vol.close()
+    finally:
+        dev.close()
