@@ -11,7 +11,8 @@
         ├── NotFound            404
         ├── TooLarge            413
         ├── CatchingUp          503
-        ├── FormatError         500           BadMagic, UnsupportedFormat, ChecksumMismatch, TornRecord
+        ├── FormatError         500           BadMagic, UnsupportedFormat, ChecksumMismatch,
+        │                                     TornRecord
         └── DeviceError(op, errno)  500       EIO / EPERM: where a fenced writer stops
 
 Agent errors cross the wire as JSON ``{"error": code, "message": ..., **fields}``;

@@ -1,4 +1,4 @@
-"""`rbdfleet sandbox`: a throwaway Ceph cluster, namespace SSH hosts and libvirt VMs on one machine."""
+"""`rbdfleet sandbox`: a throwaway Ceph cluster, namespace SSH hosts and VMs on one machine."""
 
 from __future__ import annotations
 
