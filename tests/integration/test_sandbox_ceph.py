@@ -126,6 +126,12 @@ def test_two_clusters_side_by_side_then_stop_leaves_nothing(workdir: Path) -> No
 
     pids = cluster_processes(first.conf) + cluster_processes(second.conf)
     assert len(pids) == 4  # mon + osd each
+    stop_cluster(first, state, remove_dir=False)
+    health = cluster_health(first, timeout=1.0)
+    assert not health["reachable"] and health["processes"] == 0, health
+    with pytest.raises(SandboxError, match="lose every PG"):  # memstore: create, use, destroy
+        resume_cluster(first.dir, state)
+    assert cluster_processes(first.conf) == []
     stop_cluster(first, state)
     stop_cluster(second, state)
     for pid in pids:
@@ -248,19 +254,6 @@ def test_bluestore_cluster_crash_and_resume_keeps_data(bluestore_cluster: Manage
     assert cluster_health(cluster)["ok"]
     with pytest.raises(SandboxError, match="already runs"):
         bluestore_cluster.resume()
-
-
-def test_memstore_cluster_is_not_resumed(workdir: Path) -> None:
-    state = StateFile(workdir / "state.json")
-    cluster = start_cluster(workdir / "m", state, mgr=False)
-    stop_cluster(cluster, state, remove_dir=False)
-    health = cluster_health(cluster, timeout=1.0)
-    assert not health["reachable"] and health["processes"] == 0, health
-    with pytest.raises(SandboxError, match="lose every PG"):
-        resume_cluster(cluster.dir, state)
-    assert cluster_processes(cluster.conf) == []
-    stop_cluster(cluster, state)
-    assert state.resources == []
 
 
 _BOUND = """
