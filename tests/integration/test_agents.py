@@ -1,6 +1,6 @@
 """Agents as real processes: 1 writer + 2 readers on a file image and on an RBD image.
 
-Proves the write flow (patent S301–S305): a put is acknowledged once durable and acked by the
+Proves the write flow (patent S301-S305): a put is acknowledged once durable and acked by the
 in-sync readers, after which every reader serves the new version; ranged and streamed reads;
 the namespace ops; promotion/demotion by control grants; health, metrics, SIGTERM.
 """
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from tests.fixtures.agents import AgentFleet
+from tests.fixtures.agents import AgentClient, AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +118,26 @@ def test_sigterm_is_graceful(file_fleet: AgentFleet) -> None:
         assert "event=stopped" in file_fleet[node].log.read_text()
     assert b"fleet-secret" not in b"".join(
         file_fleet[n].log.read_bytes() for n in ("w", *READERS))
+
+
+def test_tls_fleet(fleet_factory: FleetFactory, tmp_path: Path) -> None:
+    """With a cert and key the agents serve HTTPS, and the writer pushes over HTTPS."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+                    "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    key.chmod(0o600)
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(32 << 20)
+    fleet = fleet_factory(f"file:{image}", tls_cert=str(cert), tls_key=str(key),
+                          tls_ca=str(cert))
+    fleet.client.tls = ssl.create_default_context(cafile=str(cert))
+    put = fleet.client.put(fleet["w"].address, "/secure", b"s" * 1000,
+                           fleet.grant("w", "writer", 1))
+    assert put.status == 201 and put.json()["acked"] == ["r1", "r2"], put.body
+    got = fleet.client.get(fleet["r2"].address, "/secure", fleet.grant("r2", "reader", 1))
+    assert got.body == b"s" * 1000
+    with pytest.raises(OSError):  # plain HTTP gets no answer from a TLS agent
+        AgentClient(timeout=2).request(fleet["r1"].address, "GET", "/v1/health")
