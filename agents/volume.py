@@ -305,8 +305,29 @@ class Volume:
         self._positions.append((seq, start, nbytes))
 
     def _check_break(self, view: _JournalView) -> None:
-        """Scan the ring for valid records proving the chain's end is corruption."""
-        missing = self._cursor.next_seq
+        """Scan the ring for a valid record proving the chain's end is corruption; raise
+        ChecksumMismatch if so. A live writer may have written the missing record (and the
+        proof) while we scanned: then following the chain again gets past it, and the check
+        starts over from the new end."""
+        for _ in range(8):
+            missing = self._cursor.next_seq
+            proof = self._find_proof(view, missing)
+            if proof is None:
+                return
+            self._refresh_locked()
+            if self._cursor.next_seq == missing:
+                raise ChecksumMismatch(
+                    f"journal record seq {missing} is corrupt or missing although record "
+                    f"seq {proof[1].seq} (at journal offset {proof[0]}) shows it was committed",
+                    seq=missing,
+                    journal_offset=self._cursor.pos,
+                )
+            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+        raise CatchingUp(
+            "the journal moved on during every check of its end", applied=self.applied_seq
+        )
+
+    def _find_proof(self, view: _JournalView, missing: int) -> tuple[int, Record] | None:
         for start in range(0, self._ring, ALIGN):
             if Record.peek_length(view.read(start, ALIGN)) is None:
                 continue
@@ -314,12 +335,8 @@ class Volume:
             if record is not None and journal.proves_corruption(
                 record, missing, self._cursor.epoch
             ):
-                raise ChecksumMismatch(
-                    f"journal record seq {missing} is corrupt or missing although record "
-                    f"seq {record.seq} (at journal offset {start}) shows it was committed",
-                    seq=missing,
-                    journal_offset=self._cursor.pos,
-                )
+                return start, record
+        return None
 
     def _newest_checkpoint_seq(self) -> int:
         best = -1

@@ -303,3 +303,20 @@ def test_replay_learns_released_extents_were_reused(opener: Opener) -> None:
     assert read(reader, "/last") == b"L" * 300_000
     assert reader._allocator.quarantined() == vol._allocator.quarantined() == []
     assert vol.fsck() == []
+
+
+def test_records_written_during_the_end_check_are_not_corruption(opener: Opener) -> None:
+    from agents.volume import _JournalView
+
+    vol = writer(opener)
+    put(vol, "/a", b"1")
+    reader = Volume.open(opener(True))
+    # the writer goes on between the reader's chain walk and its scan of the ring: /c's
+    # commit_seq proves /b was durable, and /b is there when the reader looks again
+    put(vol, "/b", b"2")
+    put(vol, "/c", b"3")
+    sb = reader.superblock
+    with reader._lock:
+        reader._check_break(_JournalView(reader._device, sb.journal_offset, sb.journal_bytes))
+    assert reader.applied_seq == vol.applied_seq
+    assert read(reader, "/c") == b"3"
