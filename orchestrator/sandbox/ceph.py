@@ -637,7 +637,8 @@ def _refuse_existing(dir: Path) -> None:
             raise SandboxError(
                 f"{dir} already holds a running Ceph cluster (pids {running}); stop it first"
             )
-        raise SandboxError(f"{dir} already holds a (stopped) Ceph cluster; remove it first")
+        raise SandboxError(f"{dir} already holds a stopped Ceph cluster: resume it "
+                           "(resume_cluster, bluestore only) or remove the directory first")
     if dir.exists() and any(dir.iterdir()):
         raise SandboxError(f"{dir} is not empty; a sandbox cluster needs an empty directory")
 
