@@ -24,6 +24,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,9 +98,10 @@ class Mission:
 
     # -- the CLI, as a user runs it -----------------------------------------------------
 
-    def cli(self, *args: str, timeout: float = 300.0, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
-        """Run ``rbdfleet ARGS -c CONFIG`` as a subprocess, echoing the command and output."""
+    def cli(self, *args: str, timeout: float = 300.0, check: bool = True,
+            progress: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``rbdfleet ARGS`` (config from ``RBDFLEET_CONFIG``) as a subprocess, echoing
+        the command and its output (stderr too with ``progress``, or when it fails)."""
         argv = [sys.executable, "-m", "orchestrator.cli.app", *args]
         env = {**os.environ, "RBDFLEET_CONFIG": str(self.config_path)}
         if self.echo_cli:
@@ -107,7 +109,8 @@ class Mission:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
         if self.echo_cli:
-            for line in (done.stdout + done.stderr).rstrip().splitlines():
+            shown = done.stderr if progress or done.returncode else ""
+            for line in (shown + done.stdout).rstrip().splitlines():
                 print(f"    {line}", flush=True)
         if check and done.returncode != 0:
             raise SandboxError(f"rbdfleet {' '.join(args)} exited {done.returncode}: "
@@ -130,7 +133,7 @@ class Mission:
 
     def deploy(self) -> None:
         """Step 2: agents into the VMs; the writer formats the blank image."""
-        self.timed("deploy", lambda: self.cli("deploy"))
+        self.timed("deploy", lambda: self.cli("deploy", progress=True))
 
     def start_coordinator(self, log: Path) -> int:
         """Step 3: ``rbdfleet coordinator run`` in the background, recorded in the state
@@ -230,6 +233,21 @@ class Mission:
         self.shell.run(self.config.vm(vm), shell_script(f"kill -9 $(cat {pidfile})"),
                        check=True)
 
+    def _time_new_writer(self, old: str, killed: float) -> None:
+        """Poll the map every 50 ms: seconds from the kill until another writer is announced
+        (``failover_announced``), the coordinator's part of the failover."""
+        client = self.client(5.0)
+        deadline = killed + 120
+        while time.monotonic() < deadline:
+            try:
+                current = client.coordinator.map()
+            except RbdfleetError:
+                current = {}
+            if current.get("writer") not in (None, old) and current.get("phase") == "stable":
+                self.timings["failover_announced"] = round(time.monotonic() - killed, 2)
+                return
+            time.sleep(0.05)
+
     def fail_over(self, workdir: Path) -> dict[str, Any]:
         """Step 5: kill the writer's agent, time until ``rbdfleet put`` is acknowledged by a
         new writer; the new map."""
@@ -238,9 +256,13 @@ class Mission:
         local.write_bytes(os.urandom(1 << 20))
         self.kill_agent(old)
         killed = time.monotonic()
+        watcher = threading.Thread(target=self._time_new_writer, args=(old, killed),
+                                   daemon=True)
+        watcher.start()
         done = self.cli("put", "--timeout", "120", str(local), "/demo/after-failover.bin",
                         "--json", timeout=180)
         self.timings["failover_put"] = round(time.monotonic() - killed, 2)
+        watcher.join(60)
         ack = json.loads(done.stdout)
         self.wait(lambda: self._map().get("phase") == "stable", 60, "a stable map")
         new_map = self._map()
@@ -277,8 +299,9 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
             "keeps writing to the shared disk")
         mission.start_stale_writer(writer)
         new_map = mission.fail_over(directory)
-        say(f"new writer {new_map['writer']} at epoch {new_map['epoch']}: put acknowledged "
-            f"{mission.timings['failover_put']} s after the kill")
+        say(f"new writer {new_map['writer']} at epoch {new_map['epoch']}: announced "
+            f"{mission.timings.get('failover_announced', '?')} s and the put acknowledged "
+            f"{mission.timings['failover_put']} s (CLI start included) after the kill")
         mission.wait(lambda: "failed" in mission.stale_writer_log(writer), 30,
                      "the stale writer's failed write")
         say(f"old writer {writer}: {mission.stale_writer_log(writer).strip().splitlines()[-1]}")

@@ -1,0 +1,143 @@
+"""The whole mission on real VMs: provision -> deploy -> coordinator -> put/get -> failover.
+
+The session's three TCG guests (``sandbox_vms``) and Ceph cluster (``ceph_cluster``), one
+fleet for the module with its own name, image, cephx users and disk serial; the tests run in
+file order and hand the fleet on, as the demo does (``orchestrator.sandbox.demo.Mission``
+holds the steps; every product command runs as ``rbdfleet`` in a subprocess). The module
+undeploys, stops its coordinator and deprovisions (image deleted) at the end, so the shared
+VMs keep no disk of it. Budget: ~2-3 min with the VMs already booted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.sandbox import processes
+from orchestrator.sandbox.ceph import CephCluster
+from orchestrator.sandbox.demo import Mission, sha256
+from orchestrator.sandbox.lifecycle import render_config
+from orchestrator.sandbox.state import StateFile
+from orchestrator.sandbox.vms import VmSet
+
+pytestmark = [pytest.mark.integration, pytest.mark.vm]
+
+WRITER, READERS = "vm1", ("vm2", "vm3")
+
+
+def _say(message: str) -> None:
+    print(f"[mission] {message}", file=sys.stderr, flush=True)
+
+
+@pytest.fixture(scope="module")
+def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
+            sandbox_vms: VmSet) -> Iterator[Mission]:
+    """A fleet config for the session's VMs and cluster; everything it made undone after."""
+    directory = tmp_path_factory.mktemp("mission")
+    fleet = f"m{uuid.uuid4().hex[:6]}"
+    secret = directory / "fleet.secret"
+    secret.touch(mode=0o600)
+    secret.write_text(os.urandom(32).hex() + "\n")
+    text = render_config(directory, ceph_cluster, sandbox_vms, None, secret)
+    text = text.replace('name = "demo"', f'name = "{fleet}"')
+    text = text.replace('image = "rbdfleet-demo"', f'image = "{fleet}"')
+    text = text.replace('size = "1GiB"', 'size = "256MiB"')
+    config = directory / "rbdfleet.toml"
+    config.write_text(text)
+    state = StateFile(directory / "state.json")
+    m = Mission(config, state, _say)
+    try:
+        yield m
+    finally:
+        for res in reversed(state.resources):
+            with contextlib.suppress(Exception):
+                processes.stop_process(res)
+        with contextlib.suppress(Exception):
+            m.cli("undeploy", timeout=120, check=False)
+        with contextlib.suppress(Exception):
+            m.cli("deprovision", "--delete-image", timeout=180, check=False)
+        m.close()
+
+
+def _health(address: str) -> dict[str, Any]:
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/v1/health")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        result: dict[str, Any] = json.loads(resp.read())
+        return result
+    finally:
+        conn.close()
+
+
+def _modes(mission: Mission) -> dict[str, str | None]:
+    listing = json.loads(mission.cli("vm", "list", "--json").stdout)
+    return {row["vm"]: row["mode"] for row in listing["vms"] if row["vm"]}
+
+
+def test_provision_attaches_the_writer_rw_and_the_readers_ro(mission: Mission) -> None:
+    mission.provision()
+    assert _modes(mission) == {WRITER: "rw", **{r: "ro" for r in READERS}}
+
+
+def test_deploy_formats_the_blank_image_and_starts_every_agent(mission: Mission) -> None:
+    mission.deploy()
+    port = mission.config.fleet.agent_port
+    roles = {vm.name: _health(f"{vm.address}:{port}") for vm in mission.config.vms}
+    assert {n: h["role"] for n, h in roles.items()} == {
+        WRITER: "writer", **{r: "reader" for r in READERS}}
+    assert all(h["epoch"] == 1 and h["fleet"] == mission.config.fleet.name
+               for h in roles.values())
+    again = json.loads(mission.cli("deploy", "--json").stdout)
+    assert again["changed"] is False  # idempotent: the volume is kept, nothing restarted
+    assert "already holds a volume" in again["formatted"]
+
+
+def test_coordinator_serves_the_writer_and_two_in_sync_readers(mission: Mission) -> None:
+    assert mission.start_coordinator(mission.config_path.parent / "coordinator.log") > 0
+    fleet_map = mission.fleet_map()
+    assert fleet_map["writer"] == WRITER and fleet_map["epoch"] == 1
+    assert sorted(m["name"] for m in fleet_map["members"]
+                  if m["role"] == "reader" and m["in_sync"]) == list(READERS)
+
+
+def test_put_get_from_a_reader_and_status(mission: Mission, tmp_path: Path) -> None:
+    mission.put_get(tmp_path, size=2 << 20)
+    status = json.loads(mission.cli("status", "--json").stdout)
+    assert status["active"] and status["map"]["writer"] == WRITER
+
+
+def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
+        mission: Mission, tmp_path: Path) -> None:
+    acked = mission.put_many(10)
+    mission.start_stale_writer(WRITER)
+    new_map = mission.fail_over(tmp_path)
+    new_writer = new_map["writer"]
+    assert new_writer in READERS and new_map["epoch"] == 2
+    # the coordinator switched roles through libvirt: exactly one rw disk, the new writer's
+    assert _modes(mission) == {WRITER: "ro", new_writer: "rw",
+                               **{r: "ro" for r in READERS if r != new_writer}}
+    # the old writer's handle on its read-write disk was fenced by the Ceph blocklist
+    mission.wait(lambda: "failed" in mission.stale_writer_log(WRITER), 30, "the stale write")
+    assert "errno=5 EIO" in mission.stale_writer_log(WRITER)
+    assert mission.verify(acked) == []
+    after = sha256((tmp_path / "after-failover.bin").read_bytes())
+    assert mission.verify({"/demo/after-failover.bin": after}) == []
+    status = json.loads(mission.cli("status", "--json").stdout)
+    members = {m["name"]: m for m in status["map"]["members"]}
+    assert members[WRITER]["role"] == "out"
+    assert [n for n, m in members.items() if m["role"] == "reader" and m["in_sync"]] == [
+        r for r in READERS if r != new_writer]
+    _say(f"timings: {mission.timings}")
+
