@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from agents.core.protocol import RecordAck, RecordPush
 from agents.device import BlockDevice
-from agents.errors import CatchingUp, JournalWrapped, SequenceGap
+from agents.errors import CatchingUp, SequenceGap
 from agents.volume import Record, Volume
 
 __all__ = ["OpenVolume", "ReaderRole"]
@@ -27,15 +27,12 @@ OpenVolume = Callable[[], tuple[BlockDevice, Volume]]
 class ReaderRole:
     """The reader side of one agent. Thread-safe: pushes, the tail loop and reads may overlap.
 
-    ``open_volume`` opens the device read-only and the volume on it; it is called again when
-    the journal wrapped past this reader (the checkpoint is reloaded).
+    ``open_volume`` opens the device read-only and the volume on it.
     """
 
     def __init__(self, node: str, open_volume: OpenVolume) -> None:
         self.node = node
-        self._open = open_volume
         self.device, self.volume = open_volume()
-        self._retired: list[BlockDevice] = []
         self._lock = threading.Lock()
         self.known_commit_seq = self.volume.applied_seq
         self.synced = False
@@ -44,16 +41,9 @@ class ReaderRole:
     # -- catching up ---------------------------------------------------------------------
 
     def _refresh_locked(self) -> list[Record]:
-        try:
-            records = self.volume.refresh()
-        except JournalWrapped:
-            LOG.warning("event=journal_wrapped node=%s applied_seq=%d action=reload_checkpoint",
-                        self.node, self.volume.applied_seq)
-            # Open reads keep the old handle; it is closed when the role closes.
-            self._retired.append(self.device)
-            self.volume.close()
-            self.device, self.volume = self._open()
-            return []
+        # Volume.refresh reloads the newest checkpoint itself when the writer wrapped the
+        # journal past this reader, and raises CatchingUp (503) if it cannot keep up.
+        records = self.volume.refresh()
         self.synced = True
         self.known_commit_seq = max(self.known_commit_seq, self.volume.applied_seq)
         return records
@@ -103,9 +93,7 @@ class ReaderRole:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close every device handle this role opened."""
+        """Stop the volume's I/O threads and close the read-only handle."""
         with self._lock:
             self.volume.close()
-            for device in [*self._retired, self.device]:
-                device.close()
-            self._retired.clear()
+            self.device.close()

@@ -32,6 +32,7 @@ from agents.core.protocol import (
     MkdirRequest,
     PromoteRequest,
     PutRequest,
+    ReaderAddress,
     ReaderSet,
     RecordPush,
     RenameRequest,
@@ -333,7 +334,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                       readers=self._readers())
         return Answer(200, ack)
 
-    def _readers(self) -> tuple[Any, ...]:
+    def _readers(self) -> tuple[ReaderAddress, ...]:
         request = PutRequest.from_headers({**self._headers_map(), "Content-Length": "0"})
         return request.readers
 
