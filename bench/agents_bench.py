@@ -6,7 +6,8 @@ Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 - 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency;
 - visibility lag: time from the writer's ack to the reader serving the file (p50/p99; it
   includes one GET round trip, so it is an upper bound);
-- idle RSS of a reader agent.
+- idle RSS of the agents (librbd backend) and of one agent on a file image (the footprint of
+  the ``device:`` backend that agents in VMs use).
 
 Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
 
@@ -185,6 +186,24 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def file_agent_rss(work: Path) -> float:
+    """Idle RSS (MiB) of an agent on a file image: the footprint of the ``device:`` backend
+    VMs use (same code path, O_DIRECT file I/O, no librbd in the process)."""
+    work.mkdir()
+    image = work / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(16 * MiB)
+    fleet = AgentFleet("rss", f"file:{image}", work, extra={"log_level": "info"})
+    format_image(fleet.backend, "rss")
+    try:
+        agent = fleet.add("f1")
+        time.sleep(2)
+        assert agent.proc is not None
+        return round(rss_kib(agent.proc.pid) / 1024, 1)
+    finally:
+        fleet.close()
+
+
 def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every measurement on one image of ``cluster``."""
     size = args.size_mib * MiB
@@ -209,8 +228,10 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
             fleet.add(node)
         fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
         time.sleep(2)
-        results["agent_idle_rss_mib"] = {n: round(rss_kib(fleet[n].proc.pid) / 1024, 1)
-                                         for n in ("w", "r1", "r2")}  # type: ignore[union-attr]
+        results["agent_idle_rss_mib_librbd"] = {
+            n: round(rss_kib(fleet[n].proc.pid) / 1024, 1)  # type: ignore[union-attr]
+            for n in ("w", "r1", "r2")}
+        results["agent_idle_rss_mib_file"] = file_agent_rss(work / "rss")
         results["agent_write_mib_s"] = put_large(fleet, "/large", size) / MiB
         results["agent_read_mib_s"] = get_large(fleet, "r1", "/large", size) / MiB
         results["write_ratio"] = results["agent_write_mib_s"] / results["rbd_bench_write_mib_s"]
