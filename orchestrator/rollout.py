@@ -9,11 +9,15 @@ per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteS
    by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
    ``rbdfleet-agent format --if-blank`` through its read-write disk: an all-zero image gets
    an empty volume, this fleet's volume is kept, anything else is refused;
-4. start the readers, then the writer (it pushes to them from its first put).
+4. start the readers, then the writer (it pushes to them from its first put), and wait
+   until every started agent answers ``/v1/health``.
 
-Roles come from ``[fleet] writer`` (epoch 1): deploy is the bootstrap. Agents already running
-with the same package and config are left alone, so a second deploy changes nothing.
-Spare VMs are not deployed: their disk is attached only when the coordinator needs them.
+Roles: from the coordinator's map when one answers (its writer and epoch: after a failover
+the old writer comes back as a reader), else from ``[fleet] writer`` at epoch 1 (bootstrap).
+An agent already running this package version is left alone, whatever its config says:
+restarting a live writer would be a failover (to change a running agent's config, undeploy
+it first). So a second deploy changes nothing. Spare VMs are not deployed: their disk is
+attached only when the coordinator needs them.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agents.core.protocol import Health
 from agents.errors import RbdfleetError
 from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.adapters.ssh import Executable, RemoteCommand
@@ -64,12 +69,15 @@ if mode == "format":
 """
 
 
-def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None) -> dict[str, Any]:
-    """The agent config (docs/agent.md) of ``vm``: its disk by serial, its role at epoch 1.
+def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
+                 writer: str | None = None, epoch: int = 1) -> dict[str, Any]:
+    """The agent config (docs/agent.md) of ``vm``: its disk by serial, its role.
 
+    ``writer``/``epoch``: the fleet's current writer (default ``[fleet] writer``) and epoch.
     The agent listens on the VM's address; the writer pushes to every other non-spare VM.
     """
     me = cfg.vm(vm)
+    writer = cfg.fleet.writer if writer is None else writer
     port = cfg.fleet.agent_port
     config: dict[str, Any] = {
         "node": me.name,
@@ -78,10 +86,10 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None) -> dict[
         "secret_file": GUEST_SECRET,
         "listen": f"{me.address}:{port}",
         "advertise": f"{me.address}:{port}",
-        "role": "writer" if me.name == cfg.fleet.writer else "reader",
-        "epoch": 1,
+        "role": "writer" if me.name == writer else "reader",
+        "epoch": epoch,
     }
-    if me.name == cfg.fleet.writer:
+    if me.name == writer:
         config["readers"] = {
             v.name: f"{v.address}:{port}" for v in cfg.active_vms if v.name != me.name
         }
@@ -137,33 +145,42 @@ class FleetRollout:
         secret: bytes,
         *,
         coordinator: str | None = None,
+        health: Callable[[str, float], Health] | None = None,
+        fleet_map: Mapping[str, Any] | None = None,
         disk_wait: float = 60.0,
+        ready_wait: float = 120.0,
         progress: Callable[[str], None] = LOG.info,
     ) -> None:
         """``secret``: the fleet secret (copied to each VM, never logged); ``coordinator``:
-        the URL agents send heartbeats and reports to."""
+        the URL agents report to; ``health(address, timeout)`` probes a started agent;
+        ``fleet_map``: the coordinator's current map (None at bootstrap)."""
         self.cfg = cfg
         self.shell = shell
         self.deployer = deployer
         self._secret = secret
         self.coordinator = coordinator
+        self.health = health
+        self.writer: str | None = cfg.fleet.writer
+        self.epoch = 1
+        if fleet_map is not None:
+            self.writer, self.epoch = fleet_map.get("writer"), int(fleet_map["epoch"])
         self.disk_wait = disk_wait
+        self.ready_wait = ready_wait
         self.progress = progress
 
     def targets(self) -> list[DeployTarget]:
         """One target per non-spare VM, writer last."""
-        vms = sorted(self.cfg.active_vms, key=lambda v: v.name == self.cfg.fleet.writer)
+        vms = sorted(self.cfg.active_vms, key=lambda v: v.name == self.writer)
         return [
-            DeployTarget(vm, "/", agent_config(self.cfg, vm.name, coordinator=self.coordinator))
+            DeployTarget(vm, "/", agent_config(self.cfg, vm.name, coordinator=self.coordinator,
+                                               writer=self.writer or "", epoch=self.epoch))
             for vm in vms
         ]
 
     def deploy(self, *, format_if_blank: bool = True) -> RolloutReport:
         """Steps 1-4 of the module docstring; DeployError (every VM's result) on a failure."""
         report = RolloutReport()
-        targets = self.targets()
-        writer = [t for t in targets if t.host.name == self.cfg.fleet.writer]
-        readers = [t for t in targets if t.host.name != self.cfg.fleet.writer]
+        version = self.deployer.package.version
 
         def timed(name: str, step: Callable[[], Any]) -> Any:
             started = time.monotonic()
@@ -171,42 +188,44 @@ class FleetRollout:
             report.timings[name] = round(time.monotonic() - started, 2)
             return result
 
-        report.hosts.update(timed("install", lambda: self.deployer.install(targets)))
-        self.progress(
-            f"agent {self.deployer.package.version} installed on "
-            f"{', '.join(t.host.name for t in targets)}"
-        )
-        timed("secret", lambda: self._each(targets, self._put_secret))
-        outputs = timed(
-            "disk",
-            lambda: self._each(targets, lambda t: self._disk(t, format_if_blank and t in writer)),
-        )
+        targets = self.targets()
+        found = timed("probe", lambda: self.deployer.status(targets))
+        running = {n for n, r in found.items() if r.pid is not None and r.version == version}
+        report.hosts.update({n: found[n] for n in running})
+        if running:
+            self.progress(f"agent {version} already running on {', '.join(sorted(running))}: "
+                          "left alone")
+        todo = [t for t in targets if t.host.name not in running]
+        if not todo:
+            return report
+        writer = [t for t in todo if t.host.name == self.writer]
+        readers = [t for t in todo if t.host.name != self.writer]
+        report.hosts.update(timed("install", lambda: self.deployer.install(todo)))
+        self.progress(f"agent {version} installed on {', '.join(t.host.name for t in todo)}")
+        timed("secret", lambda: self._each(todo, self._put_secret))
+        outputs = timed("disk", lambda: self._each(
+            todo, lambda t: self._disk(t, format_if_blank and t in writer)))
         for name, out in outputs.items():
             lines = out.strip().splitlines()
             report.disks[name] = lines[0].removeprefix("disk ") if lines else ""
-            if name == self.cfg.fleet.writer and len(lines) > 1:
+            if name == self.writer and len(lines) > 1:
                 report.formatted = lines[-1]
-        self.progress(
-            "shared disk visible in every guest: "
-            + ", ".join(f"{n} {d}" for n, d in sorted(report.disks.items()))
-        )
+        self.progress("shared disk visible in the guests: " + ", ".join(
+            f"{n} {d}" for n, d in sorted(report.disks.items())))
         if report.formatted:
-            self.progress(f"writer {self.cfg.fleet.writer}: {report.formatted}")
-        started = {
-            **timed("start_readers", lambda: self.deployer.deploy(readers)),
-            **timed("start_writer", lambda: self.deployer.deploy(writer)),
-        }
+            self.progress(f"writer {self.writer}: {report.formatted}")
+        started = {**timed("start_readers", lambda: self.deployer.deploy(readers)),
+                   **timed("start_writer", lambda: self.deployer.deploy(writer))}
         for name, result in started.items():
             installed = report.hosts[name]
-            report.hosts[name] = replace(
-                result,
-                changed=installed.changed or result.changed,
-                actions=installed.actions + result.actions,
-            )
-        for name, result in sorted(report.hosts.items()):
-            self.progress(
-                f"agent on {name}: pid {result.pid} ({', '.join(result.actions) or 'unchanged'})"
-            )
+            report.hosts[name] = replace(result, changed=installed.changed or result.changed,
+                                         actions=installed.actions + result.actions)
+        if self.health is not None:
+            timed("ready", lambda: self._each(todo, self._wait_ready))
+        for name in sorted(t.host.name for t in todo):
+            result = report.hosts[name]
+            self.progress(f"agent on {name}: pid {result.pid} "
+                          f"({', '.join(result.actions) or 'unchanged'})")
         return report
 
     def stop(self) -> dict[str, HostResult]:
@@ -220,39 +239,40 @@ class FleetRollout:
     # per VM ---------------------------------------------------------------------------------
 
     def _put_secret(self, target: DeployTarget) -> str:
-        self.shell.run(
-            target.host,
-            RemoteCommand(Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]),
-            check=True,
-        )
+        self.shell.run(target.host, RemoteCommand(
+            Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]), check=True)
         self.shell.put_file(target.host, self._secret + b"\n", GUEST_SECRET, 0o600)
         return ""
 
     def _disk(self, target: DeployTarget, format_it: bool) -> str:
         release = target.layout.release(self.deployer.package.version)
         serial = target.config["backend"].removeprefix("device:")
-        cmd = RemoteCommand(
-            Executable.PYTHON3,
-            [
-                "-c",
-                _DISK,
-                release,
-                serial,
-                self.cfg.fleet.name,
-                str(self.disk_wait),
-                "format" if format_it else "wait",
-            ],
-        )
+        cmd = RemoteCommand(Executable.PYTHON3, [
+            "-c", _DISK, release, serial, self.cfg.fleet.name, str(self.disk_wait),
+            "format" if format_it else "wait"])
         result = self.shell.run(target.host, cmd, self.disk_wait + 120.0)
         if result.rc != 0:
-            raise RemoteCommandFailed(
-                target.host.name, (result.stderr or result.stdout).strip()[-400:], rc=result.rc
-            )
+            message = (result.stderr or result.stdout).strip()[-400:]
+            raise RemoteCommandFailed(target.host.name, message, rc=result.rc)
         return result.stdout
 
-    def _each(
-        self, targets: list[DeployTarget], step: Callable[[DeployTarget], str]
-    ) -> dict[str, str]:
+    def _wait_ready(self, target: DeployTarget) -> str:
+        """Poll the agent's /v1/health until it answers (it binds, then replays the journal)."""
+        assert self.health is not None
+        address = target.config["advertise"]
+        deadline = time.monotonic() + self.ready_wait
+        while True:
+            try:
+                return self.health(address, 5.0).role
+            except RbdfleetError as exc:
+                if time.monotonic() > deadline:
+                    raise RemoteCommandFailed(target.host.name, f"agent at {address} not "
+                                              f"answering after {self.ready_wait:.0f} s: {exc}",
+                                              rc=-1) from exc
+                time.sleep(0.2)
+
+    def _each(self, targets: list[DeployTarget],
+              step: Callable[[DeployTarget], str]) -> dict[str, str]:
         """Run ``step`` on every target in parallel; DeployError naming each failed VM."""
 
         def one(target: DeployTarget) -> tuple[str, str | RbdfleetError]:
@@ -265,9 +285,7 @@ class FleetRollout:
             outcomes = dict(pool.map(one, targets))
         failed = {n: o for n, o in outcomes.items() if isinstance(o, RbdfleetError)}
         if failed:
-            results = {
-                n: HostResult(n, ok=n not in failed, error=str(failed.get(n) or "") or None)
-                for n in outcomes
-            }
+            results = {n: HostResult(n, ok=n not in failed, error=str(failed.get(n) or "") or None)
+                       for n in outcomes}
             raise DeployError("; ".join(f"{n}: {e}" for n, e in sorted(failed.items())), results)
         return {n: str(o) for n, o in outcomes.items()}

@@ -12,7 +12,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,9 @@ from orchestrator import config as fleet_config
 from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, JsonOption
+from orchestrator.client import CoordinatorClient, HttpAgentControl
 from orchestrator.deploy import AgentDeployer, AgentPackage, HostResult
+from orchestrator.errors import AgentUnreachable
 from orchestrator.rollout import FleetRollout
 
 FormatOption = Annotated[
@@ -34,9 +36,17 @@ FormatOption = Annotated[
 
 @contextlib.contextmanager
 def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
-    """A FleetRollout for the fleet in ``config_path``; closes its SSH connections."""
+    """A FleetRollout for the fleet in ``config_path``; closes its SSH connections.
+
+    Roles come from the active coordinator's map when one answers, else from the config.
+    """
     cfg = fleet_config.load(config_path)
-    coordinator = coordinator_config(config_path).urls[0]
+    urls = list(coordinator_config(config_path).urls)
+    secret = read_secret(cfg)
+    try:
+        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, secret).map()
+    except AgentUnreachable:
+        fleet_map = None  # no coordinator yet: the bootstrap roles of the config
     guard = require_local_target if cfg.sandbox is not None else allow_any_target
     with ParamikoShell.from_config(cfg.ssh, target_guard=guard) as shell:
         deployer = AgentDeployer(shell, AgentPackage.build())
@@ -44,8 +54,10 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
             cfg,
             shell,
             deployer,
-            read_secret(cfg),
-            coordinator=coordinator,
+            secret,
+            coordinator=urls[0],
+            health=HttpAgentControl().health,
+            fleet_map=fleet_map,
             progress=lambda msg: typer.echo(f"  {msg}", err=True),
         )
 
@@ -56,7 +68,8 @@ def deploy(
     as_json: JsonOption = False,
 ) -> None:
     """Install the agent on every VM, format a blank image on the writer, start the readers
-    and then the writer. Running it again changes nothing."""
+    and then the writer. Agents already running are left alone (running it again changes
+    nothing); after a failover a stopped old writer comes back as a reader."""
     with open_rollout(config) as rollout:
         report = rollout.deploy(format_if_blank=format_if_blank)
     if as_json:

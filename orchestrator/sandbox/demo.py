@@ -233,6 +233,14 @@ class Mission:
         self.shell.run(self.config.vm(vm), shell_script(f"kill -9 $(cat {pidfile})"),
                        check=True)
 
+    def rejoin(self, vm: str) -> None:
+        """``rbdfleet deploy`` again: ``vm``'s stopped agent comes back as a reader (roles
+        from the coordinator's map) and catches up until the coordinator has it in sync."""
+        self.timed("rejoin", lambda: self.cli("deploy", progress=True))
+        self.wait(lambda: any(m["name"] == vm and m["role"] == "reader" and m["in_sync"]
+                              for m in self._map().get("members", [])), 120,
+                  f"{vm} back as an in-sync reader")
+
     def _time_new_writer(self, old: str, killed: float) -> None:
         """Poll the map every 50 ms: seconds from the kill until another writer is announced
         (``failover_announced``), the coordinator's part of the failover."""
@@ -309,8 +317,11 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
         if lost:
             raise SandboxError(f"acknowledged writes lost: {lost}")
         say(f"all {len(acked)} acknowledged files read back intact after the failover")
-        mission.cli("status")
         mission.cli("vm", "list")
+        say(f"bring {writer} back: deploy restarts its agent as a reader of epoch "
+            f"{new_map['epoch']}; it catches up from the journal")
+        mission.rejoin(writer)
+        mission.cli("status")
     finally:
         mission.close()
     return mission.timings

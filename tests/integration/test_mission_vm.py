@@ -32,6 +32,7 @@ from orchestrator.sandbox.vms import VmSet
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
 WRITER, READERS = "vm1", ("vm2", "vm3")
+SHARED: dict[str, str] = {}  # handed from one test to the next (they run in file order)
 
 
 def _say(message: str) -> None:
@@ -134,6 +135,7 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
     assert mission.verify(acked) == []
     after = sha256((tmp_path / "after-failover.bin").read_bytes())
     assert mission.verify({"/demo/after-failover.bin": after}) == []
+    SHARED['after-failover'] = after
     status = json.loads(mission.cli("status", "--json").stdout)
     members = {m["name"]: m for m in status["map"]["members"]}
     assert members[WRITER]["role"] == "out"
@@ -141,3 +143,13 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
         r for r in READERS if r != new_writer]
     _say(f"timings: {mission.timings}")
 
+
+
+def test_old_writer_rejoins_as_an_in_sync_reader(mission: Mission) -> None:
+    mission.rejoin(WRITER)
+    port = mission.config.fleet.agent_port
+    health = _health(f"{mission.config.vm(WRITER).address}:{port}")
+    assert health["role"] == "reader" and health["epoch"] == 2
+    reads = mission.client().coordinator.targets("read", "/demo/after-failover.bin")
+    assert WRITER in [t.node for t in reads.ordered]  # handed out to clients again
+    assert mission.verify({"/demo/after-failover.bin": SHARED["after-failover"]}) == []
