@@ -64,7 +64,7 @@ def check(device: BlockDevice) -> list[Problem]:
                 )
         problems.append(Problem("checkpoints", "checkpoint", f"no usable checkpoint: {exc}"))
         return problems
-    view = _JournalView(device, sb.journal_offset, sb.journal_bytes)
+    view = _JournalView(device, sb)
     try:
         vol._follow(view)
     except AgentError as exc:

@@ -81,10 +81,11 @@ class _JournalView:
     """Reads of the journal ring through a window cache (one per scan: never stale across
     scans)."""
 
-    def __init__(self, device: BlockDevice, base: int, ring: int) -> None:
+    def __init__(self, device: BlockDevice, sb: Superblock) -> None:
         self._device = device
-        self._base = base
-        self._ring = ring
+        self._base = sb.journal_offset
+        self._ring = sb.journal_bytes
+        self._tag = sb.volume_tag
         self._start = 0
         self._buf = b""
         self._window = 4 * ALIGN  # grows while the scan goes on: an idle refresh reads 16 KiB
@@ -107,9 +108,10 @@ class _JournalView:
         if nbytes is None or start + nbytes > self._ring:
             return None
         try:
-            return Record.decode(self.read(start, nbytes))
+            record = Record.decode(self.read(start, nbytes))
         except (TornRecord, ChecksumMismatch):
             return None
+        return record if record.volume_tag == self._tag else None
 
 
 class Volume:
@@ -138,16 +140,15 @@ class Volume:
 
     @staticmethod
     def format(device: BlockDevice, *, fleet: str, journal_bytes: int | None = None) -> None:
-        """Write an empty volume: journal zeroed, checkpoint at seq 0, both superblocks."""
+        """Write an empty volume: checkpoint at seq 0 in slot A, slot B blanked, then both
+        superblocks (a new volume uuid, hence a new journal tag)."""
         if device.read_only:
             raise DeviceError("cannot format a read-only device", op="format", errno=errno.EROFS)
         sb = layout(
             device.size(), fleet=fleet, volume_id=str(uuid.uuid4()), journal_bytes=journal_bytes
         )
-        zero = bytes(min(sb.journal_bytes, 1 << 20))
-        for off in range(0, sb.journal_bytes, len(zero)):
-            n = min(len(zero), sb.journal_bytes - off)
-            device.write_at(sb.journal_offset + off, zero[:n])
+        # the ring is not zeroed (thin images stay thin): records carry the volume tag, so
+        # those of an earlier format of this image never join the chain
         device.write_at(sb.checkpoint_offsets[1], bytes(ALIGN))
         device.write_at(sb.checkpoint_offsets[0], ckpt.encode(Index(), [], 0, sb.checkpoint_bytes))
         device.flush()
@@ -175,7 +176,7 @@ class Volume:
         vol = cls(device, sb)
         with vol._lock:
             vol._load_checkpoint()
-            view = _JournalView(device, sb.journal_offset, sb.journal_bytes)
+            view = _JournalView(device, sb)
             vol._follow(view)
             vol._check_break(view)
             vol._rebuild_allocator()
@@ -322,7 +323,7 @@ class Volume:
                     seq=missing,
                     journal_offset=self._cursor.pos,
                 )
-            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+            view = _JournalView(self._device, self._sb)
         raise CatchingUp(
             "the journal moved on during every check of its end", applied=self.applied_seq
         )
@@ -350,7 +351,7 @@ class Volume:
     def _refresh_locked(self) -> builtins.list[Record]:
         applied: builtins.list[Record] = []
         for _ in range(8):
-            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+            view = _JournalView(self._device, self._sb)
             applied += self._follow(view)
             if self._newest_checkpoint_seq() <= self._index.applied_seq:
                 return applied
@@ -375,6 +376,11 @@ class Volume:
         """Apply a pushed record. Records of an epoch below the highest seen and records
         already applied are ignored; a record beyond ``applied_seq + 1`` raises SequenceGap."""
         with self._lock:
+            if record.volume_tag != self._sb.volume_tag:
+                raise FormatError(
+                    "pushed record belongs to another volume (journal tag mismatch)",
+                    seq=record.seq,
+                )
             if record.epoch < self._index.epoch or record.seq <= self._index.applied_seq:
                 return
             if record.seq != self._index.applied_seq + 1:
@@ -400,7 +406,7 @@ class Volume:
                     wanted=seq + 1,
                     oldest=oldest,
                 )
-            view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+            view = _JournalView(self._device, self._sb)
             out: builtins.list[Record] = []
             for s in range(seq + 1, self._index.applied_seq + 1):
                 start, _ = wanted[s]
@@ -495,7 +501,7 @@ class Volume:
             )
         with self._leadership():
             with self._lock:
-                view = _JournalView(self._device, self._sb.journal_offset, self._ring)
+                view = _JournalView(self._device, self._sb)
                 self._refresh_locked()
                 self._check_break(view)
                 if self._writer_epoch is None:
@@ -735,7 +741,14 @@ class Volume:
                         got=t.epoch,
                     )
                     continue
-                record = Record(self._index.applied_seq + 1, t.epoch, t.op, t.payload, durable)
+                record = Record(
+                    self._index.applied_seq + 1,
+                    t.epoch,
+                    t.op,
+                    t.payload,
+                    commit_seq=durable,
+                    volume_tag=self._sb.volume_tag,
+                )
                 data = record.encode()
                 start = journal.place(self._cursor.pos, len(data), self._ring)
                 try:

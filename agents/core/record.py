@@ -11,10 +11,11 @@ Invariants:
 Layout (little endian), then zero padding to the next 4 KiB boundary::
 
     0  4s  magic b"RBFR"           28 u64 commit_seq (highest seq durable when written)
-    4  u16 format version (1)      36 u8  op code      37 3x pad
-    6  u16 flags (1: has blob)     40 u32 json_len     44 u32 blob_len
-    8  u32 length (header..crc)    48 json payload, blob, u32 crc32 of bytes [0, length-4)
-    12 u64 seq                     20 u64 epoch
+    4  u16 format version (1)      36 u32 volume tag (from the volume uuid: records of an
+    6  u16 flags (1: has blob)            earlier format of the same image never count)
+    8  u32 length (header..crc)    40 u8  op code      41 3x pad
+    12 u64 seq                     44 u32 json_len     48 u32 blob_len
+    20 u64 epoch                   52 json payload, blob, u32 crc32 of bytes [0, length-4)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
 
 MAGIC = b"RBFR"
 VERSION = 1
-HEADER = struct.Struct("<4sHHIQQQB3xII")
+HEADER = struct.Struct("<4sHHIQQQIB3xII")
 CRC = struct.Struct("<I")
 FLAG_BLOB = 1
 
@@ -53,6 +54,7 @@ class Record:
     op: str
     payload: dict[str, Any]
     commit_seq: int = field(default=0, compare=False)
+    volume_tag: int = field(default=0, compare=False)
 
     def encode(self) -> bytes:
         """The record's journal bytes (padded to 4 KiB)."""
@@ -74,6 +76,7 @@ class Record:
             self.seq,
             self.epoch,
             self.commit_seq,
+            self.volume_tag,
             OPS[self.op],
             len(js),
             len(blob_bytes),
@@ -97,7 +100,7 @@ class Record:
         """Parse one record; raises TornRecord, ChecksumMismatch or UnsupportedFormat."""
         if len(data) < HEADER.size:
             raise TornRecord("journal record shorter than its header", got=len(data))
-        magic, version, flags, length, seq, epoch, commit, op, js_len, blob_len = (
+        magic, version, flags, length, seq, epoch, commit, tag, op, js_len, blob_len = (
             HEADER.unpack_from(data)
         )
         if magic != MAGIC:
@@ -124,4 +127,4 @@ class Record:
             raise TornRecord("journal record payload is not an object")
         if flags & FLAG_BLOB:
             payload[BLOB_KEY] = bytes(data[start + js_len : start + js_len + blob_len])
-        return Record(seq, epoch, OP_NAMES[op], payload, commit_seq=commit)
+        return Record(seq, epoch, OP_NAMES[op], payload, commit_seq=commit, volume_tag=tag)

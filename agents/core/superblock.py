@@ -51,6 +51,11 @@ class Superblock:
     fleet: str
 
     @property
+    def volume_tag(self) -> int:
+        """32 bits of the volume uuid, stamped on every journal record of this format."""
+        return uuid.UUID(self.volume_id).int >> 96
+
+    @property
     def slot(self) -> int:
         """Byte offset of the copy this generation is written to."""
         return SLOTS[self.generation % 2]

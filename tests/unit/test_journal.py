@@ -33,6 +33,7 @@ records = st.builds(
     op=st.sampled_from(sorted(OPS)),
     payload=payloads,
     commit_seq=st.integers(0, 2**63 - 1),
+    volume_tag=st.integers(0, 2**32 - 1),
 )
 
 
@@ -42,7 +43,7 @@ def test_round_trip_is_exact_and_aligned(record: Record) -> None:
     assert len(data) % 4096 == 0
     back = Record.decode(data)
     assert back == record
-    assert back.commit_seq == record.commit_seq
+    assert (back.commit_seq, back.volume_tag) == (record.commit_seq, record.volume_tag)
     assert Record.peek_length(data) == len(data)
 
 

@@ -17,6 +17,7 @@ from agents.errors import (
     BadRequest,
     ChecksumMismatch,
     DeviceError,
+    FormatError,
     NoSpace,
     NotFound,
     NotWriter,
@@ -197,7 +198,8 @@ def test_epochs_fence_old_writers(opener: Opener) -> None:
     # records of an older epoch are ignored by readers
     reader.apply(rec)
     reader.apply(start)
-    stale = Record(start.seq + 1, 3, "delete", {"path": "/a"})
+    tag = vol.superblock.volume_tag
+    stale = Record(start.seq + 1, 3, "delete", {"path": "/a"}, volume_tag=tag)
     reader.apply(stale)
     assert reader.applied_seq == start.seq and read(reader, "/a") == b"v3"
 
@@ -317,6 +319,23 @@ def test_records_written_during_the_end_check_are_not_corruption(opener: Opener)
     put(vol, "/c", b"3")
     sb = reader.superblock
     with reader._lock:
-        reader._check_break(_JournalView(reader._device, sb.journal_offset, sb.journal_bytes))
+        reader._check_break(_JournalView(reader._device, sb))
     assert reader.applied_seq == vol.applied_seq
     assert read(reader, "/c") == b"3"
+
+
+def test_reformat_forgets_the_old_journal(opener: Opener) -> None:
+    vol = writer(opener)
+    for i in range(5):
+        put(vol, f"/old{i}", b"x" * 5000)
+    dev = opener(False)
+    Volume.format(dev, fleet="again")  # the ring is not zeroed: the tag keeps old records out
+    fresh = Volume.open(dev)
+    assert (fresh.applied_seq, fresh.fleet, fresh.list("/")) == (0, "again", [])
+    fresh.start_epoch(1)
+    put(fresh, "/new", b"n")
+    assert [e.path for e in Volume.open(opener(True)).list("/")] == ["/new"]
+    assert fresh.fsck() == []
+    foreign = Record(3, 1, "delete", {"path": "/new"}, volume_tag=vol.superblock.volume_tag)
+    with pytest.raises(FormatError):
+        fresh.apply(foreign)
