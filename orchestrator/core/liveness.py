@@ -7,16 +7,18 @@ Invariants:
 
 * One lost packet never kills a node: a single failed probe, a single client report or a
   late heartbeat only makes it ``SUSPECT``. ``DEAD`` needs ``confirm_failures`` consecutive
-  failed probes, or silence for ``dead_after``, or the node's own failed self-test (a report
+  failed probes with no contact for ``suspect_after`` (a node whose heartbeats still arrive is
+  slow, not dead), or silence for ``dead_after``, or the node's own failed self-test (a report
   that a lost packet cannot forge).
 * Any successful contact (heartbeat or probe) resets the failure count and the reports, and
   clears a failed self-test only when the heartbeat says the self-test passes again.
 * ``verdict`` is a function of the recorded observations and ``now`` alone.
 
 Defaults meet DESIGN §9 (writer killed -> new writer accepting writes <= 3 s p99): a killed
-agent refuses connections at once, so three probes 0.2 s apart confirm it in ~0.6 s; a paused
-one times out each probe (0.3 s) and is confirmed by ``dead_after`` = 1.2 s of silence. That
-leaves > 1.5 s for fence (~0.1 s), promotion (journal replay) and announcement.
+agent refuses connections at once, so three probes (sped up by the first client's report)
+confirm it as soon as ``suspect_after`` = 0.5 s passed since its last heartbeat; a paused one
+times out each probe (0.3 s) and is confirmed by ``dead_after`` = 1.2 s of silence. That leaves
+> 1.5 s for fence (~0.1 s), promotion (journal replay) and announcement.
 """
 
 from __future__ import annotations
@@ -156,8 +158,10 @@ class Liveness:
             return Verdict.ALIVE
         cfg = self.config
         silence = now - rec.last_ok
-        if rec.selftest_failed or rec.failed_probes >= cfg.confirm_failures:
+        if rec.selftest_failed:
             return Verdict.DEAD
+        if rec.failed_probes >= cfg.confirm_failures and silence >= cfg.suspect_after:
+            return Verdict.DEAD  # probes fail AND no heartbeat came meanwhile
         if silence >= cfg.dead_after:
             return Verdict.DEAD
         if rec.failed_probes or rec.reports or silence >= cfg.suspect_after:

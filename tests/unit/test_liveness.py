@@ -43,6 +43,19 @@ def run(observations: list[Observation], now: float) -> Verdict:
         ([ProbeFailed("n", 0.1)], 0.1, S),  # one lost probe: suspect only
         ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.3)], 0.3, S),
         ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.3), ProbeFailed("n", 0.5)], 0.5, D),
+        ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.15), ProbeFailed("n", 0.2)], 0.2, S),
+        ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.15), ProbeFailed("n", 0.2)], 0.5, D),
+        # heartbeats still arrive: probes that time out mean slow, not dead
+        (
+            [
+                HeartbeatReceived("n", 0.4),
+                ProbeFailed("n", 0.5),
+                ProbeFailed("n", 0.6),
+                ProbeFailed("n", 0.7),
+            ],
+            0.7,
+            S,
+        ),
         (
             [
                 ProbeFailed("n", 0.1),
