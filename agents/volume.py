@@ -51,7 +51,9 @@ from agents.errors import (
 __all__ = ["Entry", "Record", "Volume", "normalize_path"]
 
 WRITE_UNIT = 4 << 20  # bytes per data write submitted to the device
-IN_FLIGHT = 4  # data writes / reads in flight per stream
+IN_FLIGHT = 4  # data writes in flight per put
+READ_AHEAD = 4  # read units in flight per read stream
+IO_THREADS = 8  # per volume, shared by all streams
 READ_UNIT = 4 << 20  # bytes per read task (whole chunks)
 JOURNAL_WINDOW = 256 << 10  # bytes read at once when following the journal
 CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in use
@@ -471,7 +473,7 @@ class Volume:
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="volume-io")
+                self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="volume-io")
             return self._pool
 
     def _check_writer(self, epoch: int) -> None:
@@ -798,7 +800,7 @@ def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 
 class _ReadStream(Iterator[bytes]):
-    """Verified reads of one pinned version: READ_UNIT pieces, IN_FLIGHT read ahead."""
+    """Verified reads of one pinned version: READ_UNIT pieces, READ_AHEAD in flight."""
 
     def __init__(self, vol: Volume, node: Node, start: int, end: int, pin: int) -> None:
         self._vol = vol
@@ -842,7 +844,7 @@ class _ReadStream(Iterator[bytes]):
                 )
             return node.inline[self._start : self._end]
         pool = self._vol._executor()
-        while self._next_chunk <= self._last_chunk and len(self._ahead) < IN_FLIGHT:
+        while self._next_chunk <= self._last_chunk and len(self._ahead) < READ_AHEAD:
             last = min(self._next_chunk + self._per_task - 1, self._last_chunk)
             self._ahead.append(pool.submit(self._read_chunks, self._next_chunk, last))
             self._next_chunk = last + 1
