@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -367,3 +368,39 @@ def test_hostile_input_changes_nothing(fleet_factory: FleetFactory, tmp_path: Pa
     assert fleet.health("w")["applied_seq"] == before
     listing = c.call(fleet["w"].address, "GET", "/v1/list", wg).json()
     assert [e["path"] for e in listing["entries"]] == ["/ok"]
+
+
+def test_rbd_writer_killed_then_fenced_and_replaced(rbd_fleet: AgentFleet,
+                                                    rados_admin: Any) -> None:
+    """On RBD: kill -9 the writer mid-put, fence it as the coordinator does (blocklist the
+    address holding the image's exclusive lock, then wait for the new osdmap), promote a
+    reader: it takes the lock, the partial put is invisible and the next put succeeds."""
+    import rbd
+
+    fleet, c = rbd_fleet, rbd_fleet.client
+    assert c.put(fleet["w"].address, "/keep", b"k" * 9000,
+                 fleet.grant("w", "writer", 1)).status == 201
+    started = threading.Event()
+    outcome = _put_in_background(fleet, "w", "/big", 24 * MiB, started,
+                                 fleet.grant("w", "writer", 1))
+    assert started.wait(60)
+    fleet["w"].kill()
+    outcome[0].join(60)  # type: ignore[attr-defined]
+    pool, _, image = fleet.backend.removeprefix("rbd:").partition("/")
+    with rados_admin.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
+        owners = [o["owner"] for o in img.lock_get_owners()]
+    assert len(owners) == 1
+    ret, _, status = rados_admin.mon_command(json.dumps(
+        {"prefix": "osd blocklist", "blocklistop": "add", "addr": owners[0], "expire": 600.0}),
+        b"")
+    assert ret == 0, status
+    rados_admin.wait_for_latest_osdmap()
+    _promote(fleet, "r1", 2, readers=("r2",))
+    for node in ("r1", "r2"):
+        grant = fleet.grant(node, "reader", 2)
+        assert c.get(fleet[node].address, "/big", grant).status == 404
+        assert c.get(fleet[node].address, "/keep", grant).body == b"k" * 9000
+    put = c.put(fleet["r1"].address, "/next", b"n" * 70000, fleet.grant("r1", "writer", 2))
+    assert put.status == 201 and put.json()["acked"] == ["r2"], put.body
+    assert c.get(fleet["r2"].address, "/next", fleet.grant("r2", "reader", 2)).body \
+        == b"n" * 70000
