@@ -7,18 +7,23 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
 from agents.device import BlockDevice
 from agents.errors import (
     AlreadyExists,
+    BadPath,
     BadRequest,
     ChecksumMismatch,
     DeviceError,
     FormatError,
     NoSpace,
+    NotEmpty,
     NotFound,
     NotWriter,
     SequenceGap,
@@ -339,3 +344,64 @@ def test_reformat_forgets_the_old_journal(opener: Opener) -> None:
     foreign = Record(3, 1, "delete", {"path": "/new"}, volume_tag=vol.superblock.volume_tag)
     with pytest.raises(FormatError):
         fresh.apply(foreign)
+
+
+vol_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.sampled_from(["/a", "/b", "/d/c", "/d/e/f"]),
+            st.sampled_from([0, 10, 3000, 5000, 1 << 20, 1_500_000]),
+        ),
+        st.tuples(st.just("delete"), st.sampled_from(["/a", "/b", "/d", "/d/c"]), st.just(0)),
+        st.tuples(st.just("mkdir"), st.sampled_from(["/d", "/d/e", "/x/y"]), st.booleans()),
+        st.tuples(
+            st.just("rename"),
+            st.sampled_from(["/a", "/d", "/b"]),
+            st.sampled_from(["/b", "/z", "/d/q"]),
+        ),
+        st.tuples(st.just("checkpoint"), st.just(""), st.just(0)),
+        st.tuples(st.just("release"), st.just(""), st.just(0)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vol_ops)
+def test_reopen_and_push_replicas_equal_the_writer(script: list[tuple[str, Any, Any]]) -> None:
+    dev = MemoryDevice(16 << 20)
+    Volume.format(dev, fleet="prop", journal_bytes=64 << 10)
+    vol = Volume.open(dev)
+    vol.start_epoch(1)
+    pushed = Volume.open(dev.reopen(read_only=True))
+    for i, (op, a, b) in enumerate(script):
+        try:
+            if op == "put":
+                data = bytes([i % 251]) * b
+                rec = vol.put(a, [data], b, epoch=1, mtime=float(i))
+            elif op == "delete":
+                rec = vol.delete(a, epoch=1)
+            elif op == "mkdir":
+                rec = vol.mkdir(a, epoch=1, parents=b)
+            elif op == "rename":
+                rec = vol.rename(a, b, epoch=1)
+            elif op == "checkpoint":
+                vol.checkpoint()
+                continue
+            else:
+                vol.release_through(pushed.safe_seq())
+                continue
+        except (NotFound, AlreadyExists, WrongKind, NotEmpty, BadPath):
+            continue
+        pushed.apply(rec)
+    fresh = Volume.open(dev.reopen(read_only=True))
+    for other in (pushed, fresh):
+        assert other.applied_seq == vol.applied_seq
+        assert other._index.snapshot() == vol._index.snapshot()
+    # a fresh open is conservative: what the writer still quarantines, it does too
+    assert set(vol._allocator.quarantined()) <= set(fresh._allocator.quarantined())
+    for node in vol._index.walk():
+        if node.entry.kind == "file":
+            assert b"".join(fresh.read(node.entry.path)) == b"".join(vol.read(node.entry.path))
+    assert vol.fsck() == []
