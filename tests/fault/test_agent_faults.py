@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from agents.core.protocol import PutRequest
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, choose
 from agents.device import ALIGN
-from tests.fixtures.agents import REPO, AgentFleet, FleetFactory, ReportSink
+from tests.fixtures.agents import REPO, AgentFleet, FleetFactory, ReportSink, Response
 
 pytestmark = pytest.mark.fault
 
@@ -90,9 +91,23 @@ def _slow_body(total: int, chunk: int, started: threading.Event, after: int,
             time.sleep(pause)
 
 
+@dataclass
+class Background:
+    """A put running on a thread: its outcome once ``thread`` is joined."""
+
+    thread: threading.Thread
+    outcome: list[Response | Exception]
+
+    def failed(self) -> bool:
+        """True unless the put was acknowledged."""
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return not (isinstance(self.outcome[0], Response) and self.outcome[0].status == 201)
+
+
 def _put_in_background(fleet: AgentFleet, node: str, path: str, total: int,
-                       started: threading.Event, grant: str) -> list[object]:
-    outcome: list[object] = []
+                       started: threading.Event, grant: str) -> Background:
+    outcome: list[Response | Exception] = []
 
     def run() -> None:
         try:
@@ -104,8 +119,12 @@ def _put_in_background(fleet: AgentFleet, node: str, path: str, total: int,
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    outcome.append(thread)
-    return outcome
+    return Background(thread, outcome)
+
+
+def _connect(address: str, timeout: float = 60) -> http.client.HTTPConnection:
+    host, _, port = address.rpartition(":")
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
 
 def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...]) -> None:
@@ -132,8 +151,7 @@ def test_writer_killed_mid_put_leaves_nothing_partial(file_fleet: AgentFleet) ->
                                  fleet.grant("w", "writer", 1))
     assert started.wait(60)
     fleet["w"].kill()
-    outcome[0].join(60)  # type: ignore[attr-defined]
-    assert not (isinstance(outcome[-1], object) and getattr(outcome[-1], "status", 0) == 201)
+    assert outcome.failed()
     for node in ("r1", "r2"):
         rg = fleet.grant(node, "reader", 1)
         assert c.get(fleet[node].address, "/big", rg).status == 404
@@ -160,9 +178,7 @@ def test_demote_stops_an_inflight_put(file_fleet: AgentFleet) -> None:
     resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "control", 2),
                   {"fleet": fleet.name, "node": "w", "epoch": 2})
     assert resp.status == 200 and resp.json()["role"] == "reader"
-    outcome[0].join(60)  # type: ignore[attr-defined]
-    result = outcome[-1]
-    assert not hasattr(result, "status") or result.status != 201  # type: ignore[attr-defined]
+    assert outcome.failed()
     for node in ("w", "r1", "r2"):
         grant = fleet.grant(node, "reader", 1 if node != "w" else 2)
         assert c.get(fleet[node].address, "/big", grant).status in (404, 409)
@@ -184,7 +200,7 @@ def test_corrupted_data_block_is_never_served(fleet_factory: FleetFactory, tmp_p
     assert start > 0 and start % ALIGN == 0
     _flip(image, start + 2 * MiB + 17)  # third 1 MiB chunk
     rg = fleet.grant("r1", "reader", 1)
-    conn = http.client.HTTPConnection(*fleet["r1"].address.split(":"), timeout=30)
+    conn = _connect(fleet["r1"].address, 30)
     conn.request("GET", "/v1/files/f", headers={"Authorization": "Bearer " + rg})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -282,7 +298,7 @@ def test_overwrite_while_streaming_gives_whole_old(fleet_factory: FleetFactory,
     versions = [os.urandom(16 * MiB) for _ in range(4)]
     assert c.put(fleet["w"].address, "/v", versions[0], wg).status == 201
     rg = fleet.grant("r1", "reader", 1)
-    conn = http.client.HTTPConnection(*fleet["r1"].address.split(":"), timeout=60)
+    conn = _connect(fleet["r1"].address, 60)
     conn.request("GET", "/v1/files/v", headers={"Authorization": "Bearer " + rg})
     resp = conn.getresponse()
     head = resp.read(MiB)
@@ -297,7 +313,7 @@ def test_overwrite_while_streaming_gives_whole_old(fleet_factory: FleetFactory,
 
 def _raw(fleet: AgentFleet, method: str, path: str, headers: dict[str, str],
          body: bytes = b"") -> tuple[int, dict[str, object]]:
-    conn = http.client.HTTPConnection(*fleet["w"].address.split(":"), timeout=30)
+    conn = _connect(fleet["w"].address, 30)
     conn.putrequest(method, path, skip_accept_encoding=True)
     if body and "Content-Length" not in headers:
         headers = {**headers, "Content-Length": str(len(body))}
@@ -385,7 +401,7 @@ def test_rbd_writer_killed_then_fenced_and_replaced(rbd_fleet: AgentFleet,
                                  fleet.grant("w", "writer", 1))
     assert started.wait(60)
     fleet["w"].kill()
-    outcome[0].join(60)  # type: ignore[attr-defined]
+    assert outcome.failed()
     pool, _, image = fleet.backend.removeprefix("rbd:").partition("/")
     with rados_admin.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as img:
         owners = [o["owner"] for o in img.lock_get_owners()]
