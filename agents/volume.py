@@ -137,6 +137,7 @@ class Volume:
         self._positions: collections.deque[tuple[int, int, int]] = collections.deque()
         self._pins = _Pins()
         self._pool: ThreadPoolExecutor | None = None
+        self._durable_seq = 0
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Volume:
             vol._follow(view)
             vol._check_break(view)
             vol._rebuild_allocator()
+            vol._durable_seq = vol._index.applied_seq
         return vol
 
     def close(self) -> None:
@@ -209,8 +211,10 @@ class Volume:
 
     @property
     def applied_seq(self) -> int:
-        """Seq of the last applied record."""
-        return self._index.applied_seq
+        """Seq of the last applied record that is durable: on the writer, a group commit's
+        records count once its journal write is flushed (the index holds them a moment
+        earlier, for validation)."""
+        return self._durable_seq
 
     @property
     def writer_epoch(self) -> int | None:
@@ -251,6 +255,7 @@ class Volume:
                 loaded.quarantine,
             )
             self._cursor = journal.Cursor(header.journal_pos, header.seq + 1, header.epoch)
+            self._durable_seq = header.seq
             self._used = 0
             self._checkpoint_slot = slot
             self._positions.clear()
@@ -355,6 +360,7 @@ class Volume:
         for _ in range(8):
             view = _JournalView(self._device, self._sb)
             applied += self._follow(view)
+            self._durable_seq = self._index.applied_seq
             if self._newest_checkpoint_seq() <= self._index.applied_seq:
                 return applied
             # the writer checkpointed past us and may have overwritten our next record
@@ -370,7 +376,9 @@ class Volume:
     def refresh(self) -> builtins.list[Record]:
         """Read and apply new valid records from the on-disk journal. If the writer wrapped
         past this reader, reload the newest checkpoint (then only the records after it are
-        returned)."""
+        returned). A writer's own index is the journal's truth: there it returns []."""
+        if self._writer_epoch is not None:
+            return []
         with self._lock:
             return self._refresh_locked()
 
@@ -393,12 +401,13 @@ class Volume:
                 )
             nbytes = len(record.encode())
             self._apply_at(record, journal.place(self._cursor.pos, nbytes, self._ring), nbytes)
+            self._durable_seq = record.seq
 
     def records_since(self, seq: int) -> builtins.list[Record]:
         """Records ``seq + 1 .. applied_seq`` read back from disk; JournalWrapped if the
         journal no longer holds them (the reader must then refresh from the checkpoint)."""
         with self._lock:
-            if seq >= self._index.applied_seq:
+            if seq >= self._durable_seq:
                 return []
             wanted = {s: (start, n) for s, start, n in self._positions if s > seq}
             if seq + 1 not in wanted:
@@ -410,7 +419,7 @@ class Volume:
                 )
             view = _JournalView(self._device, self._sb)
             out: builtins.list[Record] = []
-            for s in range(seq + 1, self._index.applied_seq + 1):
+            for s in range(seq + 1, self._durable_seq + 1):
                 start, _ = wanted[s]
                 record = view.record_at(start)
                 if record is None or record.seq != s:
@@ -460,7 +469,7 @@ class Volume:
         """min(applied_seq, oldest seq pinned by an open read): what a reader reports."""
         with self._lock:
             pins = [s for s, n in self._pins.counts.items() if n > 0]
-            return min([self._index.applied_seq, *pins])
+            return min([self._durable_seq, *pins])
 
     def fsck(self) -> builtins.list[Any]:
         """Check the device read-only (see agents.fsck.check)."""
@@ -773,6 +782,8 @@ class Volume:
         except DeviceError as exc:
             self._failed = exc
             raise
+        with self._lock:
+            self._durable_seq = max(t.record.seq for t in batch if t.record is not None)
 
     def _checkpoint_locked(self) -> None:
         slot = 1 - self._checkpoint_slot
