@@ -195,6 +195,12 @@ class WriterRole:
             self._mark_lagging(link, seq, f"no ack within {self.ack_timeout}s")
         with self._cond:
             acked = {lk.node for lk in links if lk.applied_seq >= seq}
+            if not self._accepting and acked != {lk.node for lk in links}:
+                # Demoted mid-wait: the missing readers were neither acked nor reported, so
+                # this write cannot be acknowledged; its record is durable (outcome unknown).
+                raise NotWriter(f"{self.node} stopped writing before every reader acked "
+                                f"seq {seq}; the write's outcome is unknown", writer=None,
+                                seq=seq, outcome="unknown")
         return acked, {lk.node for lk in links} - acked
 
     def _mark_lagging(self, link: ReaderLink, target: int, reason: str) -> None:

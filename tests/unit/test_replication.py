@@ -173,3 +173,35 @@ def test_stop_writes_refuses_new_writes_and_aborts_a_streaming_put(cluster: Clus
         cluster.writer.put("/x", [b"1"], 1, mtime=1.0)
     with pytest.raises(NotFound):
         cluster.writer.volume.stat("/big")
+
+
+def test_demoted_while_waiting_for_acks_is_not_acknowledged(cluster: Cluster) -> None:
+    gate = threading.Event()
+    original = cluster.readers["r1"].receive
+
+    def slow(push: RecordPush) -> RecordAck:
+        gate.wait(5)
+        return original(push)
+
+    cluster.readers["r1"].receive = slow  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    pause = threading.Event()
+    for _ in range(250):  # the put is waiting once r2 acked it
+        if cluster.writer.readers()["r2"].applied_seq >= cluster.writer.volume.applied_seq:
+            break
+        pause.wait(0.02)
+    cluster.writer.stop_writes()
+    gate.set()
+    thread.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], NotWriter)
+    assert errors[0].fields["outcome"] == "unknown"
+    assert cluster.reports == []
