@@ -101,8 +101,8 @@ def test_deploy_formats_the_blank_image_and_starts_every_agent(mission: Mission)
     assert all(h["epoch"] == 1 and h["fleet"] == mission.config.fleet.name
                for h in roles.values())
     again = json.loads(mission.cli("deploy", "--json").stdout)
-    assert again["changed"] is False  # idempotent: the volume is kept, nothing restarted
-    assert "already holds a volume" in again["formatted"]
+    assert again["changed"] is False  # running agents left alone, the volume untouched
+    assert not again["formatted"] and all(not h["actions"] for h in again["hosts"].values())
 
 
 def test_coordinator_serves_the_writer_and_two_in_sync_readers(mission: Mission) -> None:
