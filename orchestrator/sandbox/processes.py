@@ -73,7 +73,8 @@ def stop_process(resource: dict[str, Any], grace: float = STOP_GRACE_S) -> None:
         time.sleep(0.05)
     if _ours(resource):
         os.kill(pid, signal.SIGKILL)
-        _reap(pid)
+        time.sleep(0.05)
+    _reap(pid)  # our own child (the demo, a test) is a zombie until reaped
 
 
 def _reap(pid: int) -> None:
