@@ -583,9 +583,9 @@ class Volume:
         self, extents: builtins.list[Extent], chunks: Iterable[bytes], size: int
     ) -> tuple[int, builtins.list[int]]:
         """Stream ``chunks`` onto ``extents``: WRITE_UNIT pieces, IN_FLIGHT at once."""
-        pool = self._executor()
         chunk = self._sb.chunk_size
         unit = max(WRITE_UNIT // chunk, 1) * chunk
+        pool = self._executor() if size > unit else None
         inflight: collections.deque[Future[None]] = collections.deque()
         sums: builtins.list[int] = []
         crc = 0
@@ -612,9 +612,13 @@ class Volume:
             crc = zlib.crc32(block, crc)
             first = len(sums)
             sums.extend([0] * -(-len(block) // chunk))
-            while len(inflight) >= IN_FLIGHT:
-                inflight.popleft().result()
-            inflight.append(pool.submit(store, block, logical, first))
+            if size <= unit:  # one write: do it here, a thread hop costs more than it hides
+                store(block, logical, first)
+            else:
+                while len(inflight) >= IN_FLIGHT:
+                    inflight.popleft().result()
+                assert pool is not None
+                inflight.append(pool.submit(store, block, logical, first))
             logical += len(block)
 
         try:
