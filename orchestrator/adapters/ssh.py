@@ -125,7 +125,7 @@ def shell_script(script: str) -> RemoteCommand:
 
 @dataclass(frozen=True)
 class RemoteResult:
-    """Exit status and decoded output of one remote command."""
+    """Exit status and decoded output of one remote command (rc -1: killed by a signal)."""
 
     rc: int
     stdout: str
@@ -262,14 +262,19 @@ class ParamikoShell:
                     chan.sendall(stdin)
                 chan.shutdown_write()
                 rc, out, err = _collect(chan, deadline)
+                # No exit status: the server closed the channel cleanly (EOF first) when the
+                # command died of a signal (paramiko ignores "exit-signal"); without an EOF
+                # the connection itself was lost.
+                ended_by_signal = rc < 0 and chan.eof_received
             finally:
                 chan.close()
-        if rc < 0:
+        if rc < 0 and not ended_by_signal:
             raise HostUnreachable(host.name, f"connection lost while running {cmd.executable}")
         result = RemoteResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and rc != 0:
+            how = "was killed by a signal" if ended_by_signal else f"exited {rc}"
             raise RemoteCommandFailed(
-                host.name, f"{cmd.executable.value} exited {rc}: {result.stderr.strip()[-300:]}",
+                host.name, f"{cmd.executable.value} {how}: {result.stderr.strip()[-300:]}",
                 rc=rc)
         return result
 

@@ -64,6 +64,10 @@ def test_exit_status_output_and_stdin_come_back(hosts3: HostSet, shell3: Paramik
     assert info.value.rc == 1 and info.value.host == "h1"
     echoed = shell3.run(h1, RemoteCommand(Executable.CAT), stdin=b"x" * 300_000)
     assert echoed.stdout == "x" * 300_000
+    suicide = RemoteCommand(Executable.PYTHON3, ["-c", "import os; os.kill(os.getpid(), 9)"])
+    assert shell3.run(h1, suicide).rc == -1  # a signal death is the command's, not the link's
+    with pytest.raises(RemoteCommandFailed, match="killed by a signal"):
+        shell3.run(h1, suicide, check=True)
 
 
 def test_a_changed_host_key_is_refused(hosts3: HostSet, tmp_path: Path) -> None:
@@ -93,7 +97,16 @@ def test_crashed_host_is_unreachable_then_back_after_start(
         hosts3: HostSet, shell3: ParamikoShell) -> None:
     h1 = hosts3.host("h1")
     assert shell3.run(h1, HOSTNAME).rc == 0
-    hosts3.crash("h1")
+    sleeper = RemoteCommand(Executable.SH, ["-c", "echo started; exec sleep 60"])
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(shell3.run, h1, sleeper, 30.0)
+        deadline = time.monotonic() + 10
+        while "sleep" not in hosts3.exec_on("h1", ["ps", "-e", "-o", "comm="]).stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        hosts3.crash("h1")
+        with pytest.raises(HostUnreachable, match="h1"):  # mid-command: the link, not a signal
+            running.result()
     with pytest.raises(HostUnreachable) as info:
         shell3.run(h1, HOSTNAME)
     assert info.value.host == "h1"
