@@ -183,17 +183,22 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
                     f"writes at a new epoch after kill {i + 1}",
                 )
                 events = list(service.timeline)[mark:]
-                first: dict[str, float] = {}
-                for t, what, _node in events:
-                    first.setdefault(what, t)
                 writable = min(t for t, e in load.acks if e > epoch)
+                # Each phase is the first such event after the previous phase (a map published
+                # for another reason, e.g. a reader back in sync, does not count).
+                since = killed_at
                 for phase, key in (
                     ("detect", "NodeFailed"),
                     ("fence", "FenceNode"),
                     ("promote", "PromoteNode"),
                     ("announce", "PublishMap"),
                 ):
-                    samples[phase].append(first.get(key, float("nan")) - killed_at)
+                    at = next((t for t, what, _ in events if what == key and t >= since), None)
+                    if at is None:
+                        samples[phase].append(float("nan"))
+                        continue
+                    samples[phase].append(at - killed_at)
+                    since = at
                 samples["writable"].append(writable - killed_at)
                 print(
                     f"kill {i + 1:>2}: {victim} -> {service.require_active().writer} "
