@@ -266,16 +266,18 @@ def test_paused_reader_is_reported_and_catches_up(fleet_factory: FleetFactory, t
                                                   report_sink: ReportSink) -> None:
     """SIGSTOP of a reader: the put is acked after ack_timeout with the reader reported
     lagging to the coordinator; after SIGCONT it catches up and serves the new version."""
-    fleet = fleet_factory(_make_image(tmp_path / "img", 64 * MiB), coordinator=report_sink.url)
+    fleet = fleet_factory(_make_image(tmp_path / "img", 64 * MiB), coordinator=report_sink.url,
+                          ack_timeout=1.5)
     c = fleet.client
     wg = fleet.grant("w", "writer", 1)
     fleet["r1"].pause()
     try:
         put = c.put(fleet["w"].address, "/p", b"paused", wg)
-        assert put.status == 201 and put.json()["lagging"] == ["r1"]
+        assert put.status == 201 and "r1" in put.json()["lagging"]
         reports = report_sink.messages("/v1/lagging")
-        assert [r["reader"] for r in reports] == ["r1"]
-        assert reports[0]["target_seq"] >= put.json()["seq"] - 1
+        assert "r1" in [r["reader"] for r in reports]
+        report = next(r for r in reports if r["reader"] == "r1")
+        assert report["target_seq"] >= put.json()["seq"] - 1
     finally:
         fleet["r1"].resume()
     rg = fleet.grant("r1", "reader", 1)
