@@ -37,7 +37,7 @@ class Cluster:
         self.reports: list[LaggingReaderReport] = []
         self.writer = WriterRole(node="w", fleet="f", epoch=1, device=device, volume=volume,
                                  send_push=self._send, report_lagging=self.reports.append,
-                                 ack_timeout=0.3, retry_interval=0.05)
+                                 ack_timeout=5.0, retry_interval=0.05)
         self.writer.set_readers({"r1": "a1", "r2": "a2"})
 
     def _open_ro(self) -> tuple[MemoryDevice, Volume]:
@@ -100,6 +100,7 @@ def test_silent_reader_is_reported_after_ack_timeout(cluster: Cluster) -> None:
         return original(push)
 
     cluster.readers["r1"].receive = slow  # type: ignore[method-assign]
+    cluster.writer.ack_timeout = 0.3
     try:
         ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
     finally:
@@ -184,6 +185,7 @@ def test_demoted_while_waiting_for_acks_is_not_acknowledged(cluster: Cluster) ->
         return original(push)
 
     cluster.readers["r1"].receive = slow  # type: ignore[method-assign]
+    cluster.writer.ack_timeout = 0.5
     errors: list[BaseException] = []
 
     def put() -> None:
