@@ -201,9 +201,11 @@ def test_demoted_while_waiting_for_acks_is_not_acknowledged(cluster: Cluster) ->
         if cluster.writer.readers()["r2"].applied_seq >= cluster.writer.volume.applied_seq:
             break
         pause.wait(0.02)
-    cluster.writer.stop_writes()
-    gate.set()
-    thread.join(5)
+    stopper = threading.Thread(target=cluster.writer.stop_writes)
+    stopper.start()
+    thread.join(5)  # the put gives up after ack_timeout, r1 still silent
+    gate.set()  # r1's pusher may finish now: stop_writes joins it
+    stopper.join(5)
     assert len(errors) == 1 and isinstance(errors[0], NotWriter)
     assert errors[0].fields["outcome"] == "unknown"
     assert cluster.reports == []
