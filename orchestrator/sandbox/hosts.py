@@ -451,7 +451,7 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
     return [n for n in used if isinstance(n, ipaddress.IPv4Network)]
 
 
-def _claim_subnet(state: StateFile, run: str) -> ipaddress.IPv4Network:
+def _claim_subnet(state: StateFile, run: str, dir: Path) -> ipaddress.IPv4Network:
     """Add the guard route for the first free 10.250.X.0/24 and return that subnet.
 
     The route add is the lock between concurrent host sets: it fails with "File exists" when
@@ -466,11 +466,23 @@ def _claim_subnet(state: StateFile, run: str) -> ipaddress.IPv4Network:
         if proc.returncode == 0:
             # Recorded after the add, not before: until the add succeeds the prefix may be
             # another set's, and teardown must never remove someone else's guard route.
-            state.record(KIND_ROUTE, run=run, subnet=str(candidate))
+            state.record(KIND_ROUTE, run=run, subnet=str(candidate), dir=str(dir))
             return candidate
         if "File exists" not in proc.stderr:
             raise SandboxError(f"ip route add unreachable {candidate}: {proc.stderr.strip()}")
     raise SandboxError(f"no free /24 left in {SUBNET_POOL}")
+
+
+def _refuse_busy_dir(state: StateFile, dir: Path) -> None:
+    """A second set in the same directory would overwrite the first one's keys."""
+    resources = state.resources
+    for route in resources:
+        if route["kind"] == KIND_ROUTE and route.get("dir") == str(dir):
+            alive = [r for r in resources if r["kind"] == KIND_SSHD
+                     and r["run"] == route["run"] and PROBES[KIND_SSHD](r)]
+            if alive:
+                raise SandboxError(f"host set {route['run']} is running in {dir}; "
+                                   f"tear it down first or use another directory")
 
 
 def _keygen(paths: Sequence[Path]) -> None:
@@ -528,6 +540,7 @@ def start_hosts(dir: Path, state: StateFile, count: int, *,
     if os.geteuid() != 0:
         raise SandboxError("namespace hosts need root (ip netns, unshare)")
     dir = dir.absolute()
+    _refuse_busy_dir(state, dir)
     dir.mkdir(parents=True, exist_ok=True)
     run = secrets.token_hex(3)
     client_key = dir / "client_key"
@@ -540,7 +553,7 @@ def start_hosts(dir: Path, state: StateFile, count: int, *,
     authorized_keys.write_text(client_key.with_suffix(".pub").read_text())
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
 
-    subnet = _claim_subnet(state, run)
+    subnet = _claim_subnet(state, run, dir)
     addresses = list(subnet.hosts())
     gateway = str(addresses[0])
     bridge = f"tb{run}"

@@ -146,11 +146,17 @@ def test_two_sets_side_by_side_and_teardown_from_the_state_file(tmp_path: Path) 
             assert ssh_banner(host).startswith(b"SSH-2.0-")
 
 
-def test_bad_count_is_refused_before_anything_is_made(tmp_path: Path) -> None:
-    state = StateFile(tmp_path / "state.json")
+def test_bad_count_or_busy_directory_is_refused_before_anything_is_made(
+        hosts3: HostSet, tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "other-state.json")
     with pytest.raises(SandboxError, match="host count"):
         start_hosts(tmp_path / "hosts", state, 0)
     assert state.resources == []
+    before = hosts3.state.resources
+    keys = hosts3.known_hosts.read_text()
+    with pytest.raises(SandboxError, match=f"host set {hosts3.run} is running"):
+        start_hosts(hosts3.dir, hosts3.state, 1)
+    assert hosts3.state.resources == before and hosts3.known_hosts.read_text() == keys
 
 
 def test_sets_of_a_killed_session_are_swept_and_live_ones_kept(
