@@ -501,6 +501,12 @@ class Agent:
         thread.start()
 
     def _tail(self) -> None:
+        if self.state.role == "reader" and self.reader is None:
+            # OpenReadOnly failed earlier (device gone, e.g. right after a fence): retry here
+            with self._role_lock:
+                if self.state.role == "reader" and self.reader is None:
+                    self._open_reader()
+                    LOG.info("event=reader_reopened node=%s", self.settings.node)
         reader = self.reader
         if reader is not None and self.writer is None:
             reader.catch_up()
