@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from agents.core import superblock
 from agents.core.allocator import Allocator, Extent
 from agents.core.checkpoint import decode_header
-from agents.core.index import Node
+from agents.core.index import Node, file_crc
 from agents.device import ALIGN, BlockDevice
 from agents.errors import AgentError, FormatError, RbdfleetError
 from agents.volume import Volume, _JournalView
@@ -124,6 +124,8 @@ def _check_files(vol: Volume, device: BlockDevice) -> list[Problem]:
                     )
                 )
                 bad_extent = True
+        if file_crc(node.sums, entry.size, chunk) != entry.crc:
+            problems.append(Problem(where, "layout", "file checksum differs from its chunks'"))
         if bad_extent or sum(x.length for x in node.extents) < entry.size:
             if not bad_extent:
                 problems.append(Problem(where, "layout", "extents shorter than the file"))

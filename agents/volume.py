@@ -29,7 +29,15 @@ from typing import Any
 from agents.core import checkpoint as ckpt
 from agents.core import journal
 from agents.core.allocator import Allocator, Extent
-from agents.core.index import Entry, Index, Node, locate, normalize_path, put_payload
+from agents.core.index import (
+    Entry,
+    Index,
+    Node,
+    file_crc,
+    locate,
+    normalize_path,
+    put_payload,
+)
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, Superblock, choose, layout
 from agents.device import ALIGN, BlockDevice
@@ -588,7 +596,6 @@ class Volume:
         pool = self._executor() if size > unit else None
         inflight: collections.deque[Future[None]] = collections.deque()
         sums: builtins.list[int] = []
-        crc = 0
         logical = 0
         buf = bytearray()
 
@@ -608,8 +615,7 @@ class Volume:
                 done += n
 
         def emit(block: bytes) -> None:
-            nonlocal crc, logical
-            crc = zlib.crc32(block, crc)
+            nonlocal logical
             first = len(sums)
             sums.extend([0] * -(-len(block) // chunk))
             if size <= unit:  # one write: do it here, a thread hop costs more than it hides
@@ -642,7 +648,7 @@ class Volume:
             for fut in inflight:
                 if not fut.cancelled():
                     fut.exception()
-        return crc, sums
+        return file_crc(sums, size, chunk), sums
 
     def delete(self, path: str, *, epoch: int) -> Record:
         """Remove a file or an empty directory (its extents go to quarantine)."""

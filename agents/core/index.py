@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import base64
+import functools
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -138,6 +139,66 @@ def locate(extents: Iterable[Extent], offset: int, length: int) -> list[tuple[in
     if sum(n for _, n in pieces) != length:
         raise ValueError(f"range {offset}+{length} passes the end of the extents")
     return pieces
+
+
+def _gf2_times(matrix: tuple[int, ...] | list[int], vector: int) -> int:
+    total = 0
+    i = 0
+    while vector:
+        if vector & 1:
+            total ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return total
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, matrix[n]) for n in range(32)]
+
+
+@functools.lru_cache(maxsize=64)
+def _crc32_shift(length: int) -> tuple[int, ...]:
+    """The GF(2) operator (32 columns) that appends ``length`` zero bytes to a CRC-32
+    register: zlib's crc32_combine, with the operator kept so it is built once per length."""
+    odd = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    steps: list[list[int]] = []
+    n = length
+    while n:
+        even = _gf2_square(odd)
+        if n & 1:
+            steps.append(even)
+        n >>= 1
+        if not n:
+            break
+        odd = _gf2_square(even)
+        if n & 1:
+            steps.append(odd)
+        n >>= 1
+    columns = []
+    for bit in range(32):
+        v = 1 << bit
+        for step in steps:
+            v = _gf2_times(step, v)
+        columns.append(v)
+    return tuple(columns)
+
+
+def crc32_combine(crc1: int, crc2: int, length2: int) -> int:
+    """CRC-32 of ``a + b`` from ``crc32(a)``, ``crc32(b)`` and ``len(b)`` (no data needed),
+    so a file's CRC comes from its chunk checksums."""
+    if length2 <= 0:
+        return crc1
+    return _gf2_times(_crc32_shift(length2), crc1) ^ crc2
+
+
+def file_crc(sums: Iterable[int], size: int, chunk: int) -> int:
+    """CRC-32 of a whole file from the CRC-32 of each of its ``chunk``-byte pieces."""
+    crc = 0
+    for i, part in enumerate(sums):
+        crc = crc32_combine(crc, part, min(chunk, size - i * chunk))
+    return crc
 
 
 def put_payload(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.core.allocator import Extent
-from agents.core.index import Index, locate, normalize_path
+from agents.core.index import Index, crc32_combine, file_crc, locate, normalize_path
 from agents.core.record import Record
 from agents.errors import AgentError, AlreadyExists, BadPath, NotEmpty, NotFound, WrongKind
 
@@ -195,3 +196,14 @@ def test_checkpoint_plus_tail_is_full_replay(
         restored.apply(record)
     assert restored.snapshot() == w.index.snapshot()
     _consistent(restored)
+
+
+@given(st.binary(max_size=3000), st.binary(max_size=3000))
+def test_crc32_combine_matches_zlib(a: bytes, b: bytes) -> None:
+    assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+@given(st.binary(max_size=20_000), st.sampled_from([4096, 8192, 12288]))
+def test_file_crc_from_chunk_sums(data: bytes, chunk: int) -> None:
+    sums = [zlib.crc32(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    assert file_crc(sums, len(data), chunk) == zlib.crc32(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def test_every_op_round_trips(opener: Opener) -> None:
     assert read(vol, "/empty") == b""
     st = vol.stat("/dir/big")
     assert (st.kind, st.size, st.version, st.epoch, st.mtime) == ("file", len(big), 2, 1, 123.5)
+    assert st.crc == zlib.crc32(big) and vol.stat("/dir/small").crc == zlib.crc32(b"tiny")
     assert [e.path for e in vol.list("/dir")] == ["/dir/big", "/dir/small"]
     vol.mkdir("/x/y", epoch=1, parents=True)
     with pytest.raises(AlreadyExists):
