@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import contextlib
 import errno
 import threading
 import time
@@ -23,7 +24,7 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agents.core import checkpoint as ckpt
@@ -78,13 +79,6 @@ class _Ticket:
     record: Record | None = None
     error: BaseException | None = None
     done: bool = False
-
-
-@dataclass
-class _Pins:
-    """Open read streams: seq applied when each started (a multiset)."""
-
-    counts: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
 class _JournalView:
@@ -143,7 +137,7 @@ class Volume:
         self._used = 0  # ring bytes consumed since the newest checkpoint
         self._checkpoint_slot = 0
         self._positions: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._pins = _Pins()
+        self._pins: collections.Counter[int] = collections.Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._durable_seq = 0
 
@@ -464,19 +458,19 @@ class Volume:
                 raise BadRequest("negative offset or length")
             end = node.entry.size if length is None else min(node.entry.size, offset + length)
             pin = self._index.applied_seq
-            self._pins.counts[pin] += 1
+            self._pins[pin] += 1
         return _ReadStream(self, node, offset, max(offset, end), pin)
 
     def _unpin(self, pin: int) -> None:
         with self._lock:
-            self._pins.counts[pin] -= 1
-            if self._pins.counts[pin] <= 0:
-                del self._pins.counts[pin]
+            self._pins[pin] -= 1
+            if self._pins[pin] <= 0:
+                del self._pins[pin]
 
     def safe_seq(self) -> int:
         """min(applied_seq, oldest seq pinned by an open read): what a reader reports."""
         with self._lock:
-            pins = [s for s, n in self._pins.counts.items() if n > 0]
+            pins = [s for s, n in self._pins.items() if n > 0]
             return min([self._durable_seq, *pins])
 
     def fsck(self) -> builtins.list[Any]:
@@ -692,23 +686,19 @@ class Volume:
             )
         return _Ticket(op, payload, epoch, nbytes)
 
-    class _Leadership:
-        def __init__(self, vol: Volume) -> None:
-            self.vol = vol
-
-        def __enter__(self) -> None:
-            with self.vol._cond:
-                while self.vol._leading:
-                    self.vol._cond.wait()
-                self.vol._leading = True
-
-        def __exit__(self, *exc: object) -> None:
-            with self.vol._cond:
-                self.vol._leading = False
-                self.vol._cond.notify_all()
-
-    def _leadership(self) -> Volume._Leadership:
-        return Volume._Leadership(self)
+    @contextlib.contextmanager
+    def _leadership(self) -> Iterator[None]:
+        """Be the only thread writing the journal (or a checkpoint) for the block's duration."""
+        with self._cond:
+            while self._leading:
+                self._cond.wait()
+            self._leading = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
 
     def _commit(self, ticket: _Ticket) -> Record:
         budget = self._ring // 4
