@@ -216,6 +216,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _fail(self, err: AgentError) -> None:
         if isinstance(err, DeviceError):
             self.agent.fenced(err)
+        if (self.headers.get("Content-Length") or "0").strip() != "0":
+            self.close_connection = True  # the body may be unread: never parse it as a request
         if getattr(self, "_streaming", False):
             self.close_connection = True  # headers already sent: cut the body short
             return
