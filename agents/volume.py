@@ -339,8 +339,9 @@ class Volume:
 
     def _find_proof(self, view: _JournalView, missing: int) -> tuple[int, Record] | None:
         for start in range(0, self._ring, ALIGN):
-            if Record.peek_length(view.read(start, ALIGN)) is None:
-                continue
+            numbers = Record.peek_numbers(view.read(start, ALIGN))
+            if numbers is None or numbers[0] < missing or numbers[2] < missing:
+                continue  # no record, or an older one: not worth verifying
             record = view.record_at(start)
             if record is not None and journal.proves_corruption(
                 record, missing, self._cursor.epoch

@@ -96,6 +96,15 @@ class Record:
         return padded(length)
 
     @staticmethod
+    def peek_numbers(data: bytes) -> tuple[int, int, int, int] | None:
+        """(seq, epoch, commit_seq, volume_tag) from a header, unverified (a cheap filter
+        before :meth:`decode`), or None if ``data`` is no header."""
+        if Record.peek_length(data) is None:
+            return None
+        fields = HEADER.unpack_from(data)
+        return fields[4], fields[5], fields[6], fields[7]
+
+    @staticmethod
     def decode(data: bytes) -> Record:
         """Parse one record; raises TornRecord, ChecksumMismatch or UnsupportedFormat."""
         if len(data) < HEADER.size:

@@ -117,3 +117,15 @@ def test_commit_seq_separates_corruption_from_torn_tail() -> None:
     assert journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 1)
     # a fenced writer's leftover (older epoch) proves nothing
     assert not journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 2)
+
+
+@given(records)
+def test_peek_numbers_matches_decode(record: Record) -> None:
+    raw = record.encode()
+    assert Record.peek_numbers(raw) == (
+        record.seq,
+        record.epoch,
+        record.commit_seq,
+        record.volume_tag,
+    )
+    assert Record.peek_numbers(bytes(4096)) is None
