@@ -422,3 +422,19 @@ def test_rbd_writer_killed_then_fenced_and_replaced(rbd_fleet: AgentFleet,
     assert put.status == 201 and put.json()["acked"] == ["r2"], put.body
     assert c.get(fleet["r2"].address, "/next", fleet.grant("r2", "reader", 2)).body \
         == b"n" * 70000
+
+
+def test_refused_body_is_not_read_as_the_next_request(file_fleet: AgentFleet) -> None:
+    """A request refused before its body is read (no grant) does not leave that body on a
+    keep-alive connection to be parsed as the next request."""
+    conn = _connect(file_fleet["r1"].address, 30)
+    body = json.dumps({"v": 1, "fleet": "test", "epoch": 1, "writer": "w", "records": [],
+                       "commit_seq": 0}).encode()
+    conn.request("POST", "/v1/records", body=body)
+    first = conn.getresponse()
+    assert first.status == 401
+    first.read()
+    conn.request("GET", "/v1/health")
+    second = conn.getresponse()
+    assert second.status == 200 and json.loads(second.read())["node"] == "r1"
+    conn.close()
