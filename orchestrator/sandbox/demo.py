@@ -62,13 +62,12 @@ while True:
     try:
         os.preadv(fd, [block], offset)
         os.pwritev(fd, [block], offset)
-        os.fsync(fd)
     except OSError as exc:
         print("write failed errno=%d %s after %d writes" % (
             exc.errno, errno.errorcode.get(exc.errno, "?"), done), flush=True)
         break
     done += 1
-    time.sleep(0.05)
+    time.sleep(0.01)
 '''
 STALE_LOG = "/tmp/rbdfleet-stale-writer.log"
 
@@ -226,6 +225,20 @@ class Mission:
         result = self.shell.run(self.config.vm(vm), RemoteCommand(Executable.CAT, [STALE_LOG]))
         return result.stdout
 
+    def stale_write_outcome(self, vm: str) -> str:
+        """The stale writer's failed write, explained: EIO is the Ceph fence (its QEMU client
+        blocklisted); ENOSPC/ENXIO mean the role switch had already pulled the disk away."""
+        line = self.stale_writer_log(vm).strip().splitlines()[-1]
+        if "errno=5 " in line:
+            return f"{line}: fenced, its QEMU's Ceph client is blocklisted"
+        return f"{line}: its read-write disk was already detached by the role switch"
+
+    def fenced_addresses(self, vm: str, log: Path) -> list[str]:
+        """The client addresses the coordinator blocklisted for ``vm`` (from its log)."""
+        marker = f"fenced vm={vm} addr="
+        return [line.split(marker, 1)[1].split()[0] for line in log.read_text().splitlines()
+                if marker in line]
+
     def kill_agent(self, vm: str) -> None:
         """``kill -9`` the agent in ``vm`` (a crash, no goodbye)."""
         pidfile = AgentLayout("/").pidfile
@@ -312,7 +325,9 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
             f"{mission.timings['failover_put']} s (CLI start included) after the kill")
         mission.wait(lambda: "failed" in mission.stale_writer_log(writer), 30,
                      "the stale writer's failed write")
-        say(f"old writer {writer}: {mission.stale_writer_log(writer).strip().splitlines()[-1]}")
+        say(f"old writer {writer}: {mission.stale_write_outcome(writer)}")
+        fenced = mission.fenced_addresses(writer, directory / "coordinator.log")
+        say(f"blocklisted for {writer}: {', '.join(fenced)}")
         lost = mission.verify(acked)
         if lost:
             raise SandboxError(f"acknowledged writes lost: {lost}")
