@@ -8,6 +8,8 @@
   on the OSDs (flush is then a no-op barrier).
 - After a fence (``osd blocklist``), every call raises ``ConnectionShutdown`` (108): mapped to
   DeviceError errno ESHUTDOWN. The handle cannot recover; a new RbdDevice is needed.
+  The next writer's ``lock_acquire`` breaks a blocklisted owner's lock (~80 ms measured); an
+  owner that died WITHOUT a fence keeps it until its watch expires (~30 s): fence first.
 - Keys never appear in arguments or messages: the keyring is named by path only.
 """
 

@@ -150,7 +150,7 @@ def test_second_librbd_writer_is_refused_by_ceph(rbd_image: tuple[Any, str]) -> 
     second.close()
 
 
-def test_fenced_librbd_writer_gets_eshutdown(rbd_image: tuple[Any, str], rados_admin: Any) -> None:
+def test_fenced_librbd_writer_gets_eshutdown_and_is_replaced(rbd_image: tuple[Any, str], rados_admin: Any) -> None:
     cluster, image = rbd_image
     writer = _rbd(cluster, image, False)
     try:
@@ -168,6 +168,10 @@ def test_fenced_librbd_writer_gets_eshutdown(rbd_image: tuple[Any, str], rados_a
             for _ in range(50):  # the fence lands within ms (notes G3); bounded, no sleep
                 writer.write_at(0, b"b" * 4096)
         assert err.value.fields["errno"] == errno.ESHUTDOWN
+        # the next writer's lock_acquire breaks the fenced owner's managed lock
+        successor = _rbd(cluster, image, False)
+        successor.write_at(0, b"c" * 4096)
+        successor.close()
     finally:
         writer.close()
         rados_admin.mon_command(
