@@ -150,7 +150,9 @@ def test_second_librbd_writer_is_refused_by_ceph(rbd_image: tuple[Any, str]) -> 
     second.close()
 
 
-def test_fenced_librbd_writer_gets_eshutdown_and_is_replaced(rbd_image: tuple[Any, str], rados_admin: Any) -> None:
+def test_fenced_librbd_writer_gets_eshutdown_and_is_replaced(
+    rbd_image: tuple[Any, str], rados_admin: Any
+) -> None:
     cluster, image = rbd_image
     writer = _rbd(cluster, image, False)
     try:
