@@ -366,8 +366,12 @@ class RetryPolicy:
         )
     )
 
-    def attempts(self) -> Iterator[int]:
-        """Yields attempt numbers, sleeping between them, until the timeout passes."""
+    def attempts(self, wait: Callable[[float], None] | None = None) -> Iterator[int]:
+        """Yields attempt numbers, waiting between them, until the timeout passes.
+
+        ``wait(delay)`` replaces the sleep: a client waits on the map instead (it returns as
+        soon as a newer map is published).
+        """
         deadline = self.clock() + self.timeout
         delay = self.backoff
         n = 0
@@ -376,7 +380,7 @@ class RetryPolicy:
             n += 1
             if self.clock() + delay > deadline:
                 return
-            self.sleep(delay)
+            (wait or self.sleep)(delay)
             delay = min(delay * 2, self.max_backoff)
 
 
@@ -416,12 +420,24 @@ class FleetClient:
         self, path: str, send: Callable[[Target, tuple[ReaderAddress, ...]], Response]
     ) -> WriteResult:
         last: BaseException | None = None
-        for _ in self.retry.attempts():
+        seen = [-1]  # revision of the map the last attempt used
+
+        def wait_for_newer_map(delay: float) -> None:
+            if seen[0] < 0:
+                self.retry.sleep(delay)
+                return
+            try:
+                self.coordinator.map(after=seen[0], wait=delay)
+            except RbdfleetError:
+                self.retry.sleep(delay)
+
+        for _ in self.retry.attempts(wait_for_newer_map):
             try:
                 targets = self.coordinator.targets("write", path)
             except self.retry.retryable as exc:
                 last = exc
                 continue
+            seen[0] = targets.revision
             writer = targets.ordered[0]
             readers = tuple(ReaderAddress(t.node, t.address) for t in targets.readers)
             try:
