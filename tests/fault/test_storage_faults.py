@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -271,3 +272,72 @@ def test_kill_9_of_a_writer_process_loses_no_acknowledged_put(tmp_path: Path, ep
                 assert path not in acked
         assert fsck.check(reader_dev) == []
         reader_dev.close()
+
+
+def test_fenced_librbd_writer_stops_and_a_successor_carries_on(
+    rbd_image: tuple[Any, str], rados_admin: Any
+) -> None:
+    """Real Ceph: the writer is blocklisted mid-stream; its next put fails, the volume refuses
+    every later write; a new writer (next epoch) takes the lock over and the reader, which
+    never stopped serving, follows it. No acknowledged put is lost."""
+    import errno
+    import json
+
+    from agents.backends.librbd import RbdDevice
+
+    cluster, image = rbd_image
+
+    def device(read_only: bool) -> RbdDevice:
+        return RbdDevice(
+            str(cluster.conf),
+            cluster.pool,
+            image,
+            "admin",
+            keyring=str(cluster.keyring),
+            read_only=read_only,
+        )
+
+    first = device(False)
+    reader_dev = device(True)
+    addr = first.client_address
+    try:
+        Volume.format(first, fleet="fence")
+        old = Volume.open(first)
+        old.start_epoch(1)
+        reader = Volume.open(reader_dev)
+        acked: dict[str, bytes] = {}
+        for i in range(5):
+            data = os.urandom(200_000 + i)
+            reader.apply(old.put(f"/f{i}", [data], len(data), epoch=1, mtime=i))
+            acked[f"/f{i}"] = data
+        cmd = {"prefix": "osd blocklist", "blocklistop": "add", "addr": addr, "expire": 60.0}
+        assert rados_admin.mon_command(json.dumps(cmd), b"")[0] == 0
+        rados_admin.wait_for_latest_osdmap()
+        with pytest.raises(DeviceError) as err:
+            for i in range(20):  # the fence lands within a few ms (notes G3)
+                old.put(f"/late{i}", [b"x" * 5000], 5000, epoch=1, mtime=0)
+        assert err.value.fields["errno"] == errno.ESHUTDOWN
+        with pytest.raises(DeviceError):
+            old.put("/after", [b"y"], 1, epoch=1, mtime=0)
+        # readers keep serving meanwhile
+        assert b"".join(reader.read("/f3")) == acked["/f3"]
+        second = device(False)
+        try:
+            new = Volume.open(second)
+            start = new.start_epoch(2)
+            rec = new.put("/f0", [b"new"], 3, epoch=2, mtime=9)
+            got = reader.refresh()
+            assert got[-1] == rec and start in got
+            assert b"".join(reader.read("/f0")) == b"new"
+            for path in ("/f1", "/f2", "/f3", "/f4"):
+                assert b"".join(reader.read(path)) == acked[path]
+            assert fsck.check(reader_dev) == []
+            new.close()
+        finally:
+            second.close()
+        old.close()
+    finally:
+        reader_dev.close()
+        first.close()
+        cmd = {"prefix": "osd blocklist", "blocklistop": "rm", "addr": addr}
+        rados_admin.mon_command(json.dumps(cmd), b"")
