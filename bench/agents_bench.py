@@ -2,7 +2,8 @@
 
 Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 - large-file write through the writer (PUT, streamed) vs ``rbd bench`` sequential write;
-- large-file read from one reader (GET, streamed) vs ``rbd bench`` sequential read;
+- large-file read from one reader (GET, streamed) vs ``rbd bench`` sequential read, and the
+  same file read by ``Volume.read`` in the benchmark process (the engine without the agent);
 - 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency;
 - visibility lag: time from the writer's ack to the reader serving the file (p50/p99; it
   includes one GET round trip, so it is an upper bound);
@@ -39,6 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.core.protocol import PutRequest  # noqa: E402
+from agents.daemon import open_backend  # noqa: E402
+from agents.volume import Volume  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, cluster_from_conf, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
 from tests.fixtures.agents import AgentFleet, format_image  # noqa: E402
@@ -103,6 +106,23 @@ def get_large(fleet: AgentFleet, node: str, path: str, size: int) -> float:
     conn.close()
     if resp.status != 200 or got != size:
         raise RuntimeError(f"large get failed: {resp.status}, {got} of {size} bytes")
+    return size / elapsed
+
+
+def volume_read(backend: str, path: str, size: int, **ceph: Any) -> float:
+    """The storage engine alone: ``Volume.read`` in this process (read-only handle), bytes/s.
+    Separates the engine's speed from the agent's HTTP and process overhead."""
+    device = open_backend(backend, read_only=True, **ceph)
+    try:
+        volume = Volume.open(device)
+        started = time.perf_counter()
+        got = sum(len(chunk) for chunk in volume.read(path))
+        elapsed = time.perf_counter() - started
+        volume.close()
+    finally:
+        device.close()
+    if got != size:
+        raise RuntimeError(f"volume read {got} of {size} bytes")
     return size / elapsed
 
 
@@ -234,6 +254,9 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         results["agent_idle_rss_mib_file"] = file_agent_rss(work / "rss")
         results["agent_write_mib_s"] = put_large(fleet, "/large", size) / MiB
         results["agent_read_mib_s"] = get_large(fleet, "r1", "/large", size) / MiB
+        results["volume_read_in_process_mib_s"] = volume_read(
+            fleet.backend, "/large", size, ceph_conf=str(conf), ceph_user="admin",
+            ceph_keyring=str(cluster.keyring)) / MiB
         results["write_ratio"] = results["agent_write_mib_s"] / results["rbd_bench_write_mib_s"]
         results["read_ratio"] = results["agent_read_mib_s"] / results["rbd_bench_read_mib_s"]
         results["small_4k"] = small_puts(fleet, args.small_seconds, args.clients)
