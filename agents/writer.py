@@ -83,7 +83,9 @@ class WriterRole:
     # -- readers -------------------------------------------------------------------------
 
     def set_readers(self, readers: Mapping[str, str]) -> None:
-        """Make ``readers`` (node → address) the fleet's reader set; links start or retire."""
+        """Make ``readers`` (node → address) the fleet's reader set; links start or retire.
+        The writer's own node is skipped (a map may list every member)."""
+        readers = {node: address for node, address in readers.items() if node != self.node}
         with self._cond:
             for node, link in list(self._links.items()):
                 if readers.get(node) != link.address:

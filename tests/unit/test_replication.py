@@ -209,3 +209,10 @@ def test_demoted_while_waiting_for_acks_is_not_acknowledged(cluster: Cluster) ->
     assert len(errors) == 1 and isinstance(errors[0], NotWriter)
     assert errors[0].fields["outcome"] == "unknown"
     assert cluster.reports == []
+
+
+def test_reader_set_skips_the_writer_itself(cluster: Cluster) -> None:
+    cluster.writer.set_readers({"w": "self:1", "r1": "a1"})
+    assert sorted(cluster.writer.readers()) == ["r1"]
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    assert ack.acked == ("r1",) and ack.lagging == ()
