@@ -624,7 +624,7 @@ class Volume:
 
         try:
             for piece in _bounded(chunks, size):
-                if not buf and len(piece) == unit:
+                if not buf and len(piece) == unit and isinstance(piece, bytes):
                     emit(piece)  # the common streaming case: no copy
                     continue
                 buf += piece

@@ -407,3 +407,11 @@ def test_reopen_and_push_replicas_equal_the_writer(script: list[tuple[str, Any, 
         if node.entry.kind == "file":
             assert b"".join(fresh.read(node.entry.path)) == b"".join(vol.read(node.entry.path))
     assert vol.fsck() == []
+
+
+def test_put_accepts_any_bytes_like_pieces(opener: Opener) -> None:
+    vol = writer(opener)
+    data = os.urandom(4 << 20) + os.urandom(100)
+    pieces = [bytearray(data[: 4 << 20]), memoryview(data)[4 << 20 :]]
+    vol.put("/f", pieces, len(data), epoch=1, mtime=0)  # type: ignore[arg-type]
+    assert read(vol, "/f") == data
