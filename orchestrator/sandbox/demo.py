@@ -35,7 +35,7 @@ from agents.errors import RbdfleetError
 from orchestrator import config as fleet_config
 from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand, shell_script
-from orchestrator.cli.coordinator import coordinator_config, open_client
+from orchestrator.cli.coordinator import open_client
 from orchestrator.client import FleetClient
 from orchestrator.config import FleetConfig
 from orchestrator.deploy import AgentLayout
@@ -292,15 +292,9 @@ class Mission:
         return new_map
 
 
-def _coordinator_ready(config_path: Path) -> None:
-    if not coordinator_config(config_path).urls:
-        raise SandboxError(f"{config_path} has no [coordinator] urls")
-
-
 def run_mission(directory: Path, say: Say) -> dict[str, float]:
     """Steps 1-5 on the sandbox in ``directory``; the timings."""
     config_path = directory / "rbdfleet.toml"
-    _coordinator_ready(config_path)
     state = StateFile(lifecycle.state_path(directory))
     mission = Mission(config_path, state, say)
     try:
