@@ -203,3 +203,43 @@ def test_fsck_cli_on_an_rbd_image(
         vol.close()
     finally:
         dev.close()
+
+
+class _CachingDevice(MemoryDevice):
+    """A broken backend: its reads come from a private cache, so it misses others' writes."""
+
+    def __init__(self, medium: MemoryDevice, read_only: bool) -> None:
+        self.__dict__.update(medium.reopen(read_only=read_only).__dict__)
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self._cache.setdefault((offset, length), super().read_at(offset, length))
+
+
+class _LaxReadOnlyDevice(MemoryDevice):
+    """A broken backend: its read-only handles accept writes."""
+
+    def write_at(self, offset: int, data: bytes) -> None:
+        self.read_only, was = False, self.read_only
+        try:
+            super().write_at(offset, data)
+        finally:
+            self.read_only = was
+
+
+@pytest.mark.parametrize("broken", ["stale-cache", "writable-reader"])
+def test_the_contract_catches_broken_backends(broken: str) -> None:
+    medium = MemoryDevice(SIZE)
+    if broken == "stale-cache":
+
+        def make(ro: bool) -> BlockDevice:
+            return _CachingDevice(medium, ro)
+    else:
+
+        def make(ro: bool) -> BlockDevice:
+            dev = _LaxReadOnlyDevice.__new__(_LaxReadOnlyDevice)
+            dev.__dict__.update(medium.reopen(read_only=ro).__dict__)
+            return dev
+
+    with pytest.raises(AssertionError):
+        check_block_device(make)
