@@ -55,7 +55,7 @@ from agents.errors import (
     StaleEpoch,
 )
 from agents.metrics import Registry
-from agents.peers import Peer, PeerSession, post_message
+from agents.peers import Peer, PeerSession
 from agents.reader import ReaderRole
 from agents.volume import Record, Volume
 from agents.writer import ReaderLink, WriterRole
@@ -103,6 +103,7 @@ class Agent:
         self._promoting: tuple[BlockDevice, Volume] | None = None
         self._epoch_record: Record | None = None
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
+        self._coordinator_sessions = threading.local()
         self._retired: list[ReaderRole] = []
         self.writer_hint: tuple[str | None, str | None] = (None, None)  # node, address
         self.selftest = "pending"
@@ -421,8 +422,12 @@ class Agent:
     def _to_coordinator(self, path: str, message: Message) -> None:
         if self.settings.coordinator is None:
             return
-        post_message(self._peer(self.settings.coordinator), path, message,
-                     grant=self.own_grant(), timeout=self.settings.report_timeout)
+        session: PeerSession | None = getattr(self._coordinator_sessions, "session", None)
+        if session is None:  # one keep-alive connection per reporting thread
+            session = PeerSession(self._peer(self.settings.coordinator),
+                                  self.settings.report_timeout)
+            self._coordinator_sessions.session = session
+        session.post(path, message, grant=self.own_grant())
 
     def _report_lagging(self, report: LaggingReaderReport) -> None:
         self.m_lagging.inc()

@@ -1,8 +1,9 @@
 """Outgoing HTTP/1.1 + JSON from an agent: writer → reader pushes, agent → coordinator reports.
 
-One function, :func:`post_message`, with a timeout, optional TLS (CA file), and the error
-mapping done once here: transport failures raise :class:`PeerUnreachable`; an error answer
-becomes the AgentError subclass its body names (``agents.errors.error_from_wire``).
+:class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
+optional TLS (CA file), and the error mapping done once here: transport failures raise
+:class:`PeerUnreachable`; an error answer becomes the AgentError subclass its body names
+(``agents.errors.error_from_wire``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ class PeerSession:
         self._conn: http.client.HTTPConnection | None = None
 
     def post(self, path: str, message: Message, *, grant: str | None) -> dict[str, Any]:
-        """POST ``message``; the JSON answer (see :func:`post_message`)."""
+        """POST ``message`` to ``path``; the JSON answer as a dict (``{}`` if empty).
+
+        Raises PeerUnreachable for transport errors and the sent AgentError for an error
+        answer."""
         url = self.peer.url(path)
         body = message.encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
@@ -121,8 +125,8 @@ def _answer(peer: Peer, status: int, data: bytes) -> dict[str, Any]:
 
 def post_message(peer: Peer, path: str, message: Message, *, grant: str | None,
                  timeout: float) -> dict[str, Any]:
-    """POST ``message`` to ``path`` on ``peer`` over a fresh connection; the JSON answer as a
-    dict (``{}`` if empty).
+    """POST ``message`` to ``path`` on ``peer`` over a fresh connection (one-off requests;
+    :class:`PeerSession` for repeated ones); the JSON answer as a dict (``{}`` if empty).
 
     Raises PeerUnreachable for transport errors and the sent AgentError for an error answer.
     """
