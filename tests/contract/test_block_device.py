@@ -243,3 +243,26 @@ def test_the_contract_catches_broken_backends(broken: str) -> None:
 
     with pytest.raises(AssertionError):
         check_block_device(make)
+
+
+def test_missing_binding_names_the_debian_package(tmp_path: Path) -> None:
+    """Without system site-packages (a VM with bare python3), librbd is an install error."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        "from agents.backends.librbd import RbdDevice\n"
+        "from agents.errors import BindingUnavailable\n"
+        "try:\n    RbdDevice('c', 'p', 'i', 'u')\n"
+        "except BindingUnavailable as exc:\n    print(exc.module, exc.package)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    assert out.stdout.split() == ["rados", "python3-rados"]
