@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("file", "rbd"), default="file")
     parser.add_argument("--value-size", type=int, default=4096, help="bytes per put")
     parser.add_argument("--json", type=Path, help="write the result here too")
+    parser.add_argument("--keep", type=Path, help="run in this directory and keep agent logs")
     args = parser.parse_args(argv)
     samples: dict[str, list[float]] = {p: [] for p in PHASES}
     reads_ok = reads_failed = runs = 0
@@ -258,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     # A run ends early when a killed agent refuses to restart; fresh runs continue the count.
     while len(samples["writable"]) < args.kills and runs < 6:
         runs += 1
-        with tempfile.TemporaryDirectory(prefix="rbdfleet-failover-bench-") as tmp:
+        with contextlib.ExitStack() as stack:
+            if args.keep:
+                tmp = str(args.keep / f"run{runs}")
+                Path(tmp).mkdir(parents=True, exist_ok=True)
+            else:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbdfleet-fb-"))
             part = run(
                 args.kills - len(samples["writable"]), args.backend, Path(tmp), args.value_size
             )
