@@ -60,7 +60,7 @@ from agents.errors import (
 __all__ = ["Entry", "Record", "Volume", "normalize_path"]
 
 WRITE_UNIT = 4 << 20  # bytes per data write submitted to the device
-IN_FLIGHT = 4  # data writes in flight per put
+IN_FLIGHT = 8  # data writes in flight per put (measured: 4 -> 0.89, 8 -> 0.98 of rbd bench)
 READ_AHEAD = 3  # read units in flight per read stream (more is slower on 2 cores: measured)
 IO_THREADS = 8  # per volume, shared by all streams
 READ_UNIT = 4 << 20  # bytes per read task (whole chunks)
