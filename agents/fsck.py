@@ -39,6 +39,11 @@ class Problem:
 
 def check(device: BlockDevice) -> list[Problem]:
     """Every problem found on ``device`` (read-only; nothing is repaired)."""
+    return _check(device)[0]
+
+
+def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
+    """The problems, and the volume state as far as it could be recovered."""
     problems: list[Problem] = []
     raw = device.read_at(0, 2 * ALIGN)
     names = ("A", "B")
@@ -50,7 +55,7 @@ def check(device: BlockDevice) -> list[Problem]:
     try:
         sb = superblock.choose([raw[s : s + ALIGN] for s in superblock.SLOTS])
     except FormatError:
-        return problems
+        return problems, None
     vol = Volume(device, sb)
     try:
         vol._load_checkpoint()
@@ -63,7 +68,7 @@ def check(device: BlockDevice) -> list[Problem]:
                     Problem(f"checkpoint {names[i]} (offset {off})", "checkpoint", str(err))
                 )
         problems.append(Problem("checkpoints", "checkpoint", f"no usable checkpoint: {exc}"))
-        return problems
+        return problems, None
     view = _JournalView(device, sb)
     try:
         vol._follow(view)
@@ -88,7 +93,7 @@ def check(device: BlockDevice) -> list[Problem]:
             )
         )
     problems += _check_files(vol, device)
-    return problems
+    return problems, vol
 
 
 def _check_files(vol: Volume, device: BlockDevice) -> list[Problem]:
@@ -203,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsck: cannot open {args.image}: {exc}", file=sys.stderr)
         return 2
     try:
-        problems = check(device)
+        problems, vol = _check(device)
     except RbdfleetError as exc:
         print(f"fsck: cannot check {args.image}: {exc}", file=sys.stderr)
         return 2
@@ -211,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device.close()
     for problem in problems:
         print(problem)
+    if vol is not None:
+        kinds = [n.entry.kind for n in vol._index.walk()]
+        print(
+            f"fsck: {args.image}: fleet {vol.fleet}, seq {vol._index.applied_seq}, "
+            f"epoch {vol.epoch}, {kinds.count('file')} files, {kinds.count('dir')} directories"
+        )
     if not problems:
         print(f"fsck: {args.image}: clean")
     return 1 if problems else 0
