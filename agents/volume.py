@@ -737,7 +737,7 @@ class Volume:
     def _write_batch(self, batch: builtins.list[_Ticket]) -> None:
         """Leader only: number, apply and write a batch of records; flush data before and
         the journal after."""
-        writes: builtins.list[tuple[int, bytes]] = []
+        writes: builtins.list[tuple[int, int, builtins.list[bytes]]] = []  # start, bytes, parts
         with self._lock:
             if self._failed is not None:
                 raise DeviceError(f"volume failed earlier: {self._failed.message}")
@@ -769,16 +769,17 @@ class Volume:
                     t.error = exc
                     continue
                 t.record = record
-                if writes and writes[-1][0] + len(writes[-1][1]) == start:
-                    writes[-1] = (writes[-1][0], writes[-1][1] + data)
+                if writes and writes[-1][0] + writes[-1][1] == start:
+                    writes[-1][2].append(data)  # contiguous: one device write
+                    writes[-1] = (writes[-1][0], writes[-1][1] + len(data), writes[-1][2])
                 else:
-                    writes.append((start, data))
+                    writes.append((start, len(data), [data]))
         if not writes:
             return
         try:
             self._device.flush()  # the batch's file data is durable before its records
-            for start, data in writes:
-                self._device.write_at(self._sb.journal_offset + start, data)
+            for start, _, parts in writes:
+                self._device.write_at(self._sb.journal_offset + start, b"".join(parts))
             self._device.flush()
         except DeviceError as exc:
             self._failed = exc
