@@ -2,7 +2,9 @@
 
 Checks both superblocks, the checkpoints, every journal record of the chain (and that its end
 is a torn tail, not a corrupt record), every file's layout and data checksums, overlapping
-extents, and that free + used + quarantined space covers the data area exactly.
+extents, and that free + used + quarantined space covers the data area exactly. Normal after
+a crash and not reported: a torn journal tail, and a torn checkpoint slot while the other
+slot is valid (the writer was writing it).
 Exit status: 0 clean, 1 problems found (each printed with its location), 2 not checkable.
 """
 
