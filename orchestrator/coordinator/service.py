@@ -426,8 +426,13 @@ class FleetService:
                 raise LeaseLost(result.reason)
             if result.failed is not None:
                 self.stats["batches_failed"] += 1
-            if any(isinstance(a, el.PromoteNode) for a in result.done):
+            for promoted in (a for a in result.done if isinstance(a, el.PromoteNode)):
                 self.stats["failovers"] += 1
+                # Our own role switch swapped its disk and the promotion held it busy: probes
+                # that failed meanwhile are stale, its answer to the promote is fresh contact
+                # (seen on VMs: the new writer confirmed dead 60 ms after its promotion).
+                now = self.clock.monotonic()
+                self._liveness = self._liveness.forget(promoted.node).watch(promoted.node, now)
             ev = el.BatchExecuted(result.done, result.failed, result.reason, self.clock.monotonic())
             self._state, actions = el.step(self._state, ev)
 
