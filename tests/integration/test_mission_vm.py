@@ -146,6 +146,7 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
     assert mission.verify({"/demo/after-failover.bin": after}) == []
     SHARED['after-failover'] = after
     status = json.loads(mission.cli("status", "--json").stdout)
+    assert status["map"]["epoch"] == 2  # one failover, no second one after the promotion
     members = {m["name"]: m for m in status["map"]["members"]}
     assert members[WRITER]["role"] == "out"
     assert [n for n, m in members.items() if m["role"] == "reader" and m["in_sync"]] == [
