@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.sandbox.state import StateFile
 
-__all__ = ["PROBES", "TEARDOWN", "start_process", "stop_process"]
+__all__ = ["PROBES", "TEARDOWN", "running", "start_process", "stop_process"]
 
 STOP_GRACE_S = 10.0
 
@@ -35,6 +35,11 @@ def _identity(pid: int) -> tuple[int, bytes] | None:
     if fields[0] == "Z":
         return None
     return int(fields[19]), cmdline
+
+
+def running(pid: int) -> bool:
+    """True while ``pid`` is a live process; a zombie awaiting its (lazy) reaper has ended."""
+    return _identity(pid) is not None
 
 
 def _ours(resource: dict[str, Any]) -> bool:

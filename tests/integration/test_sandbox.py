@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from orchestrator.sandbox import lifecycle
+from orchestrator.sandbox import lifecycle, processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -25,41 +27,42 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
                           check=False)
 
 
-def recorded_pids(state: dict[str, object]) -> list[int]:
-    resources = state["resources"]
-    assert isinstance(resources, list)
-    return [int(r["pid"]) for r in resources if "pid" in r]
+# libvirtd is shared by every sandbox on the machine: `down` stops it only when unused.
+SHARED_KINDS = {"libvirt.daemon"}
 
 
-def traces_left(directory: Path, state: dict[str, object]) -> list[str]:
-    """Everything the state recorded that still exists, seen by outside tools."""
+def _out(*argv: str) -> str:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False).stdout
+
+
+def traces_left(state: dict[str, Any]) -> list[str]:
+    """Everything the state recorded that still exists, as outside tools see it."""
+    netns = _out("ip", "netns", "list").split()
+    links = {line.split(":")[1].strip().split("@")[0] for line in _out("ip", "-o", "link")
+             .splitlines()}
+    routes = _out("ip", "route", "show", "table", "all")
+    domains = _out("virsh", "-c", "qemu:///system", "list", "--all", "--name").split()
+    networks = _out("virsh", "-c", "qemu:///system", "net-list", "--all", "--name").split()
+    checks: dict[str, Callable[[dict[str, Any]], bool]] = {
+        "testhost.netns": lambda r: r["name"] in netns,
+        "testhost.bridge": lambda r: r["name"] in links,
+        "testhost.veth": lambda r: r["name"] in links,
+        "testhost.route": lambda r: f"unreachable {r['subnet']}" in routes,
+        "vm.route": lambda r: f"unreachable {r['subnet']}" in routes,
+        "vm.domain": lambda r: r["name"] in domains,
+        "vm.network": lambda r: r["name"] in networks,
+        "ceph.dir": lambda r: Path(r["path"]).exists(),
+        "vm.dir": lambda r: Path(r["path"]).exists(),
+    }
     left = []
-    for pid in recorded_pids(state):
-        if Path(f"/proc/{pid}").exists():
-            left.append(f"pid {pid}")
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    domains = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                             capture_output=True, text=True).stdout.split()
-    networks = subprocess.run(["virsh", "-c", "qemu:///system", "net-list", "--all", "--name"],
-                              capture_output=True, text=True).stdout.split()
-    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True,
-                            text=True).stdout
-    resources = state["resources"]
-    assert isinstance(resources, list)
-    for res in resources:
-        for key in ("netns", "domain", "network", "link", "bridge"):
-            name = res.get(key)
-            if not name:
-                continue
-            if (key == "netns" and name in netns.split()) or \
-               (key == "domain" and name in domains) or \
-               (key == "network" and name in networks) or \
-               (key in ("link", "bridge") and (f" {name}:" in links or f" {name}@" in links)):
-                left.append(f"{key} {name}")
-        subnet = res.get("subnet")
-        if res["kind"].endswith("route") and subnet and subnet in routes:
-            left.append(f"route {subnet}")
+    for res in state["resources"]:
+        kind = res["kind"]
+        # Daemons of a finished `up` are reaped lazily by PID 1: a zombie counts as gone.
+        if "pid" in res and kind not in SHARED_KINDS and processes.running(int(res["pid"])):
+            left.append(f"{kind} pid {res['pid']}")
+        check = checks.get(kind)
+        if check is not None and check(res):
+            left.append(f"{kind} {res}")
     return left
 
 
@@ -80,13 +83,16 @@ def test_up_status_down_leaves_nothing(tmp_path: Path) -> None:
     assert report["running"] is True
     assert all(r["alive"] is not False for r in report["resources"])
     state = json.loads((directory / "state.json").read_text())
+    seen = " ".join(traces_left(state))
+    for kind in ("ceph.daemon", "testhost.netns", "vm.domain", "vm.network", "vm.route"):
+        assert kind in seen  # the checker sees what is up, so an empty list below means gone
 
     again = run_cli("sandbox", "up", "--dir", str(directory), "--vms", "0")
     assert again.returncode != 0 and "already" in again.stderr
 
     down = run_cli("sandbox", "down", "--dir", str(directory))
     assert down.returncode == 0, down.stderr
-    assert traces_left(directory, state) == []
+    assert traces_left(state) == []
     assert not (directory / "state.json").exists()
 
 
@@ -109,7 +115,7 @@ def test_down_after_killed_up(tmp_path: Path) -> None:
     state = json.loads(state_file.read_text())
     down = run_cli("sandbox", "down", "--dir", str(directory))
     assert down.returncode == 0, down.stderr
-    assert traces_left(directory, state) == []
+    assert traces_left(state) == []
 
 
 def test_two_sandboxes_side_by_side(tmp_path: Path) -> None:
