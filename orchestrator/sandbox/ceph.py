@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SandboxError
+from orchestrator.sandbox import identity
 from orchestrator.sandbox.state import StateFile
 
 __all__ = [
@@ -265,117 +266,51 @@ def parse_osd_dump(text: str) -> dict[int, OsdState]:
     }
 
 
-def _proc_starttime(stat: str) -> tuple[str, int]:
-    """(state, starttime) from the text of /proc/PID/stat; comm may hold spaces and ')'."""
-    rest = stat[stat.rindex(")") + 2 :].split()
-    # rest[0] is field 3 (state); field 22 (starttime) is rest[19]
-    return rest[0], int(rest[19])
-
-
-def _owns(cmdline: bytes, conf: str) -> bool:
+def _owns(argv: Sequence[str], conf: str) -> bool:
     """A ceph daemon (``ceph-*`` binary) started with this conf."""
-    args = [a.decode(errors="replace") for a in cmdline.split(b"\0") if a]
-    return bool(args) and os.path.basename(args[0]).startswith("ceph-") and conf in args
+    return bool(argv) and os.path.basename(argv[0]).startswith("ceph-") and conf in argv
 
 
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass(frozen=True)
-class _ProcInfo:
-    live: bool  # False for a zombie whose every thread has exited
-    starttime: int
-    cmdline: bytes
-
-
-def _read_proc(pid: int) -> _ProcInfo | None:
-    """What /proc says of ``pid``, or None if it is gone.
-
-    A daemon whose main thread has exited shows state Z while its other threads still shut
-    down (and still hold its pid file lock): it counts as live until no thread is left.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        threads = len(os.listdir(f"/proc/{pid}/task"))
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    state, start = _proc_starttime(stat)
-    return _ProcInfo(live=not (state == "Z" and threads <= 1), starttime=start, cmdline=cmdline)
-
-
 def _starttime(pid: int) -> int:
-    info = _read_proc(pid)
-    if info is None:
+    start = identity.start_time(pid)
+    if start is None:
         raise SandboxError(f"process {pid} vanished before it could be recorded")
-    return info.starttime
-
-
-def _reap(res: dict[str, Any], info: _ProcInfo | None) -> None:
-    """Collect the recorded process if it is our own exited child, so no zombie lingers.
-
-    Only when the start time matches: a reused pid may be another child of this process
-    whose exit status is not ours to take.
-    """
-    if info is not None and not info.live and info.starttime == int(res["starttime"]):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(int(res["pid"]), os.WNOHANG)
+    return start
 
 
 def _is_ours(res: dict[str, Any]) -> bool:
     """The recorded daemon runs: same pid and start time, a ``ceph-`` binary with our conf.
 
-    Checked before any signal, so a reused pid is never signalled.
+    Checked before any signal, so a reused pid is never signalled. A daemon whose main thread
+    has exited counts as running until its last thread is gone (:mod:`.identity`); its command
+    line is empty by then, so it is no longer signalled, only waited for.
     """
-    info = _read_proc(int(res["pid"]))
-    _reap(res, info)
-    return (
-        info is not None
-        and info.live
-        and info.starttime == int(res["starttime"])
-        and _owns(info.cmdline, str(res["conf"]))
-    )
-
-
-def _gone(res: dict[str, Any]) -> bool:
-    """No thread of the recorded process is left (a zombie's cmdline is empty: not checked)."""
-    info = _read_proc(int(res["pid"]))
-    _reap(res, info)
-    return info is None or not info.live or info.starttime != int(res["starttime"])
-
-
-def _wait_gone(resources: list[dict[str, Any]], seconds: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + seconds
-    pending = [r for r in resources if not _gone(r)]
-    while pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-        pending = [r for r in pending if not _gone(r)]
-    return pending
+    pid, start = int(res["pid"]), int(res["starttime"])
+    identity.reap(pid, start)
+    return identity.same_process(pid, start) and _owns(identity.command_line(pid), str(res["conf"]))
 
 
 def _signal_group(
     resources: Sequence[dict[str, Any]], grace: float, first: signal.Signals = signal.SIGTERM
 ) -> None:
     """Signal every daemon of the group that is still ours, wait, SIGKILL after ``grace``."""
-    targets = [r for r in resources if _is_ours(r)]
-    for r in targets:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(r["pid"]), first)
-    pending = _wait_gone(targets, grace)
-    for r in pending if first != signal.SIGKILL else []:
+    targets = {int(r["pid"]): int(r["starttime"]) for r in resources if _is_ours(r)}
+    outcome = identity.terminate(targets, grace, first=first)
+    names = {int(r["pid"]): r["name"] for r in resources}
+    for pid in outcome.killed:
         LOG.warning(
             "ceph daemon %s (pid %s) still there %.0fs after %s: SIGKILL",
-            r["name"],
-            r["pid"],
+            names[pid],
+            pid,
             grace,
             first.name,
         )
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(r["pid"]), signal.SIGKILL)
-    pending = _wait_gone(pending, 10.0)
-    if pending:
-        names = ", ".join(f"{r['name']} (pid {r['pid']})" for r in pending)
-        raise SandboxError(f"ceph daemons survived SIGKILL: {names}")
+    if outcome.survivors:
+        left = ", ".join(f"{names[pid]} (pid {pid})" for pid in outcome.survivors)
+        raise SandboxError(f"ceph daemons survived SIGKILL: {left}")
 
 
 def kill_daemon(resource: dict[str, Any], grace: float = STOP_GRACE_S) -> None:
@@ -389,9 +324,9 @@ def cluster_processes(conf: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        info = _read_proc(int(entry.name))
-        if info is not None and info.live and _owns(info.cmdline, str(conf)):
-            found.append(int(entry.name))
+        pid = int(entry.name)
+        if identity.running(pid) and _owns(identity.command_line(pid), str(conf)):
+            found.append(pid)
     return found
 
 

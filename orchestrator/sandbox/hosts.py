@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from orchestrator.errors import SandboxError
+from orchestrator.sandbox import identity
 from orchestrator.sandbox.state import StateFile
 
 Progress = Callable[[str], None]
@@ -95,20 +96,6 @@ def _ip_json(*args: str) -> list[dict[str, Any]]:
     return list(json.loads(out)) if out.strip() else []
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks), or None if pid is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _same_process(pid: int, start: int) -> bool:
-    return process_start_time(pid) == start
-
-
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -132,49 +119,17 @@ def _pids_in_namespace(namespace: str) -> list[int]:
     return pids
 
 
-def process_alive(pid: int, start: int) -> bool:
-    """True while the process ``pid`` started at ``start`` runs (a zombie has ended)."""
-    return _same_process(pid, start) and not _is_zombie(pid)
-
-
-def _wait_gone(pids: dict[int, int], timeout: float) -> bool:
-    """Wait until none of ``{pid: start_time}`` lives."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p, s in pids.items() if process_alive(p, s)]
-        if not alive:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _reap(pid: int) -> None:
-    """Collect a killed child of ours so it does not linger as a zombie (pitfall 13)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 # --- teardown: one undo function per recorded kind -------------------------------------------
 
 
 def _undo_sshd(res: dict[str, Any]) -> None:
     """SIGKILL the host's ``unshare`` wrapper (it ignores SIGTERM); its pid namespace dies."""
     pid, start = int(res["pid"]), int(res["start"])
-    if not _same_process(pid, start):
+    inner = {c: s for c in _children(pid) if (s := identity.start_time(c)) is not None}
+    if not identity.send(pid, start, signal.SIGKILL):
+        identity.reap(pid, start)
         return
-    inner = {c: s for c in _children(pid) if (s := process_start_time(c)) is not None}
-    os.kill(pid, signal.SIGKILL)
-    _reap(pid)
-    if not _wait_gone({pid: start, **inner}, timeout=5.0):
+    if identity.wait_gone({pid: start, **inner}, timeout=5.0):
         raise SandboxError(f"host {res.get('host')}: pid {pid} or its namespace survived SIGKILL")
 
 
@@ -207,7 +162,7 @@ TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {
 }
 
 PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
-    KIND_SSHD: lambda r: process_alive(int(r["pid"]), int(r["start"])),
+    KIND_SSHD: lambda r: identity.same_process(int(r["pid"]), int(r["start"])),
     KIND_VETH: lambda r: Path("/sys/class/net", r["name"]).exists(),
     KIND_NETNS: lambda r: Path("/run/netns", r["name"]).exists(),
     KIND_BRIDGE: lambda r: Path("/sys/class/net", r["name"]).exists(),
@@ -292,11 +247,10 @@ class HostSet:
         """Shut the host down cleanly: SIGTERM its processes but pid 1, wait ``grace``, crash."""
         pid1 = self.pid1(name)
         others = {p: s for p in self.pids(name) if p != pid1
-                  and (s := process_start_time(p)) is not None}
-        for pid in others:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        _wait_gone(others, grace)
+                  and (s := identity.start_time(p)) is not None}
+        for pid, start in others.items():
+            identity.send(pid, start, signal.SIGTERM)
+        identity.wait_gone(others, grace)
         self.crash(name)
 
     def freeze(self, name: str) -> None:
@@ -407,7 +361,7 @@ class HostSet:
                 start_new_session=True)
         finally:
             log.close()
-        start = process_start_time(popen.pid)
+        start = identity.start_time(popen.pid)
         if start is None:  # died before we could look: readiness reports the log
             start = -1
         running = _Running(popen, start, log_offset)

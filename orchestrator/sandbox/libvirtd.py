@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SandboxError
+from orchestrator.sandbox import identity
 from orchestrator.sandbox.state import StateFile
 
 __all__ = [
@@ -47,6 +48,7 @@ DAEMONS = {
     "virtlogd": ("/usr/sbin/virtlogd", Path("/run/virtlogd.pid")),
     "libvirtd": ("/usr/sbin/libvirtd", Path("/run/libvirtd.pid")),
 }
+STOP_TIMEOUT = 10.0  # SIGTERM is not followed by SIGKILL: a shared daemon shuts down cleanly
 START_TIMEOUT = 90.0  # the first start on a machine probes QEMU's capabilities: ~9 s idle
 
 
@@ -72,7 +74,9 @@ def libvirtd_held(state: StateFile | None, progress: Progress | None = None) -> 
             say(f"starting {name}")
             pid = _start(name, binary, pid_file)
             if state is not None:
-                state.record("libvirt.daemon", name=name, pid=pid, start_time=_start_time(pid))
+                state.record(
+                    "libvirt.daemon", name=name, pid=pid, start_time=identity.start_time(pid)
+                )
         _wait_answering(say)
         fcntl.flock(lock, fcntl.LOCK_SH)
         yield
@@ -113,10 +117,9 @@ def stop_daemon(resource: dict[str, Any]) -> None:
             return
         if name == "virtlogd" and libvirtd_running():
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        while daemon_alive(resource) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        start = int(resource["start_time"])
+        if identity.send(pid, start, signal.SIGTERM):
+            identity.wait_gone({pid: start}, STOP_TIMEOUT)
 
 
 def balance_vm_cpu_share(
@@ -140,7 +143,8 @@ def balance_vm_cpu_share(
 
 def daemon_alive(resource: dict[str, Any]) -> bool:
     """Whether a ``libvirt.daemon`` record's process still runs (same pid, same start)."""
-    return _start_time(int(resource["pid"])) == resource.get("start_time")
+    start = resource.get("start_time")
+    return start is not None and identity.same_process(int(resource["pid"]), int(start))
 
 
 TEARDOWN: dict[str, Callable[[dict[str, Any]], None]] = {"libvirt.daemon": stop_daemon}
@@ -216,16 +220,4 @@ def _running_pid(pid_file: Path) -> int | None:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _start_time(pid) is not None else None
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (identity against pid reuse), None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[19])  # field 22 of stat(5), counted after "pid (comm)"
+    return pid if identity.running(pid) else None

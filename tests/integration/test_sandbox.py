@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.sandbox import lifecycle, processes
+from orchestrator.sandbox import identity, lifecycle
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -58,7 +58,7 @@ def traces_left(state: dict[str, Any]) -> list[str]:
     for res in state["resources"]:
         kind = res["kind"]
         # Daemons of a finished `up` are reaped lazily by PID 1: a zombie counts as gone.
-        if "pid" in res and kind not in SHARED_KINDS and processes.running(int(res["pid"])):
+        if "pid" in res and kind not in SHARED_KINDS and identity.running(int(res["pid"])):
             left.append(f"{kind} pid {res['pid']}")
         check = checks.get(kind)
         if check is not None and check(res):

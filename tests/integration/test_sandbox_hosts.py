@@ -16,11 +16,10 @@ from orchestrator.errors import SandboxError
 from orchestrator.sandbox.hosts import (
     HostSet,
     TestHost,
-    process_alive,
-    process_start_time,
     start_hosts,
     teardown_run,
 )
+from orchestrator.sandbox.identity import same_process, start_time
 from orchestrator.sandbox.state import StateFile
 from tests.fixtures.hosts import host_set, sweep_orphans
 
@@ -67,10 +66,10 @@ def test_crash_kills_every_process_and_start_brings_the_host_back(hosts3: HostSe
     hosts3.exec_on("h1", ["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 </dev/null &"])
     marker = hosts3.host("h1").root / "survives"
     marker.write_text("still here")
-    before = {p: process_start_time(p) or 0 for p in hosts3.pids("h1")}
+    before = {p: start_time(p) or 0 for p in hosts3.pids("h1")}
     assert len(before) >= 2
     hosts3.crash("h1")
-    assert not [p for p, s in before.items() if process_alive(p, s)]
+    assert not [p for p, s in before.items() if same_process(p, s)]
     with pytest.raises(ConnectionRefusedError):
         ssh_banner(hosts3.host("h1"))
     assert ssh_banner(hosts3.host("h2")).startswith(b"SSH-2.0-")
@@ -80,7 +79,7 @@ def test_crash_kills_every_process_and_start_brings_the_host_back(hosts3: HostSe
     # The crashed wrapper's record is gone, the new one is recorded and alive.
     records = [r for r in hosts3.state.resources
                if r["kind"] == "testhost.sshd" and r["host"] == "h1"]
-    assert len(records) == 1 and process_alive(records[0]["pid"], records[0]["start"])
+    assert len(records) == 1 and same_process(records[0]["pid"], records[0]["start"])
 
 
 def test_partition_cuts_one_host_until_healed(hosts3: HostSet) -> None:
@@ -131,7 +130,7 @@ def test_two_sets_side_by_side_and_teardown_from_the_state_file(tmp_path: Path) 
         for res in recorded:
             kind = res["kind"]
             if kind == "testhost.sshd":
-                assert not process_alive(res["pid"], res["start"])
+                assert not same_process(res["pid"], res["start"])
             elif kind == "testhost.netns":
                 assert not Path("/run/netns", res["name"]).exists()
             elif kind in ("testhost.veth", "testhost.bridge"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sandbox import processes
+from orchestrator.sandbox import identity, processes
 from orchestrator.sandbox.state import StateFile
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def test_recorded_then_stopped_by_pid(tmp_path: Path) -> None:
     assert processes.PROBES["process"](res)
     processes.TEARDOWN["process"](res)
     assert not processes.PROBES["process"](res)
-    assert not processes.running(pid)
+    assert not identity.running(pid)
 
 
 def test_a_process_that_is_not_ours_is_never_signalled(tmp_path: Path) -> None:
