@@ -78,6 +78,15 @@ class DeviceAttachError(HypervisorError):
     pass
 
 
+class DetachPending(DeviceAttachError):
+    """The disk left the domain's persistent config, but the running (or paused) guest has
+    not released it yet: a live detach is an unplug request only a running guest completes."""
+
+    def __init__(self, message: str, domain: str) -> None:
+        super().__init__(message)
+        self.domain = domain
+
+
 class RemoteError(OrchestratorError):
     def __init__(self, host: str, message: str) -> None:
         super().__init__(f"{host}: {message}")

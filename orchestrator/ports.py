@@ -30,6 +30,7 @@ __all__ = [
     "DiskMode",
     "DiskSpec",
     "DomainInfo",
+    "FenceProof",
     "Fencer",
     "Hypervisor",
     "ImageInfo",
@@ -217,6 +218,15 @@ class Fencer(Protocol):
         ...
 
 
+class FenceProof(Protocol):
+    """Tells whether a VM is verifiably cut off the shared image (its clients blocklisted)."""
+
+    def is_fenced(self, vm: str) -> bool:
+        """True only when every Ceph client of ``vm`` on the image is on the OSD blocklist and
+        the OSDs enforce it (latest osdmap waited for)."""
+        ...
+
+
 class Hypervisor(Protocol):
     """Domains, ceph secrets and hot-plugged disks, across libvirt connections (by URI)."""
 
@@ -244,8 +254,12 @@ class Hypervisor(Protocol):
         """Attach: LIVE|CONFIG on a running domain, CONFIG on a stopped one."""
         ...
 
-    def detach_disk(self, uri: str, domain: str, serial: str) -> None:
-        """Detach the disk with ``serial`` (LIVE|CONFIG or CONFIG) and wait until it is gone."""
+    def detach_disk(self, uri: str, domain: str, serial: str,
+                    live_timeout: float | None = None) -> None:
+        """Detach the disk with ``serial``: from the persistent config at once, then from the
+        running domain, waiting until it is gone (at most ``live_timeout`` seconds, None: the
+        adapter's default). DetachPending when the guest has not released it by then (or is
+        paused, so cannot): the config no longer has it, the live domain still does."""
         ...
 
 
@@ -321,6 +335,10 @@ class RoleSwitch(Protocol):
 
     def make_writer(self, node: str) -> None:
         """Re-attach ``node``'s shared disk read-write (readers keep ``<readonly/>``)."""
+        ...
+
+    def make_reader(self, node: str) -> None:
+        """Re-attach ``node``'s shared disk ``<readonly/>`` (a demoted, fenced old writer)."""
         ...
 
 

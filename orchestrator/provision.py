@@ -5,6 +5,15 @@
 writers, and runs the actions in order, stopping at the first failure. A failed run re-raises
 the original error with the actions already done attached (:func:`check_partial` reads
 them) so the caller can report them and how to undo them (:func:`undo_hint`).
+
+The rule for a writer that cannot let go (paused or hung guest): its read-write disk leaves
+the persistent config at once, and the live unplug is attempted for a short bound. When it
+does not complete, the role switch goes on only if the :class:`~orchestrator.ports.FenceProof`
+proves the VM's Ceph clients blocklisted (a fenced librbd cannot write a byte again): the new
+writer is attached read-write next to that fenced, useless attachment, logged as such, and the
+VM's read-only re-attach is left for later (``pending_detach``). The next ``provision``, or
+``set_role(vm, "reader")`` (the coordinator's demotion), completes it once the guest runs.
+Without that proof the detach failure stops the plan: never two live writers.
 """
 
 from __future__ import annotations
@@ -33,13 +42,20 @@ from orchestrator.core.placement import (
     RemoveSecret,
     RemoveUser,
 )
-from orchestrator.errors import ConfigError, HypervisorError, ImageBusy
+from orchestrator.errors import (
+    ConfigError,
+    CoordinationError,
+    DetachPending,
+    HypervisorError,
+    ImageBusy,
+)
 from orchestrator.ports import (
     AttachedDisk,
     Clock,
     CredentialStore,
     DiskMode,
     DiskSpec,
+    FenceProof,
     Hypervisor,
     ImageStore,
     MonHost,
@@ -66,6 +82,10 @@ __all__ = [
 RBD_FEATURE_LAYERING = 1
 RBD_FEATURE_EXCLUSIVE_LOCK = 4
 IMAGE_FEATURES = RBD_FEATURE_LAYERING | RBD_FEATURE_EXCLUSIVE_LOCK
+
+# How long a fenced writer's guest gets to release its disk before the role switch goes on
+# without it (a healthy TCG guest takes ~0.25 s; a paused one never does).
+FENCED_DETACH_WAIT_S = 2.0
 
 # A killed client's watch lasts osd_client_watch_timeout (30 s): removal waits that long.
 REMOVE_IMAGE_TIMEOUT_S = 40.0
@@ -150,8 +170,12 @@ class Provisioner:
 
     def __init__(self, config: FleetConfig, images: ImageStore, credentials: CredentialStore,
                  hypervisor: Hypervisor, clock: Clock | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 fence_proof: FenceProof | None = None) -> None:
         self.config = config
+        self.fence_proof = fence_proof
+        # domains whose fenced read-write disk is still live (guest paused): VM names
+        self.pending_detach: set[str] = set()
         self.desired = desired_from_config(config)
         self._images = images
         self._credentials = credentials
@@ -191,7 +215,18 @@ class Provisioner:
             if self._hypervisor.secret_uuid(uri, usage) is not None:
                 secrets.add((uri, usage))
         return Observed(pool_exists, image, domains, disks,
-                        frozenset(u for u in existing if u in wanted_users), frozenset(secrets))
+                        frozenset(u for u in existing if u in wanted_users), frozenset(secrets),
+                        self._fenced_holders(disks))
+
+    def _fenced_holders(self, disks: dict[tuple[str, str], AttachedDisk]
+                        ) -> frozenset[tuple[str, str]]:
+        """Among several read-write holders, those proven fenced (the proof costs a few mon
+        commands: asked only when there is more than one holder)."""
+        rw = [vm for vm in self.desired.vms
+              if (d := disks.get(vm.key)) is not None and d.mode is DiskMode.RW]
+        if len(rw) < 2 or self.fence_proof is None:
+            return frozenset()
+        return frozenset(vm.key for vm in rw if self.fence_proof.is_fenced(vm.name))
 
     def plan(self, observed: Observed | None = None) -> Plan:
         """The provisioning plan from the current (or given) state."""
@@ -234,16 +269,42 @@ class Provisioner:
 
     def apply(self, plan: Plan, observed: Observed) -> list[Applied]:
         """Run ``plan`` in order; stop at the first failure, which is re-raised with
-        ``exc.done`` listing the actions that completed."""
+        ``exc.done`` listing the actions that completed.
+
+        A read-write detach that the guest does not complete is passed over only for a VM
+        proven fenced (see the module docstring); that VM's later attach is then skipped and
+        its name kept in ``pending_detach``.
+        """
         placement.check_single_writer(observed, plan)
         done: list[Applied] = []
         mon_hosts: tuple[MonHost, ...] | None = None
+        fenced_live: set[tuple[str, str]] = set()
+        fenced = set(observed.fenced)
+        live_rw = {key for key, disk in observed.disks.items() if disk.mode is DiskMode.RW}
         for action in plan.actions:
             started = self._clock.monotonic()
+            if isinstance(action, Attach) and (action.uri, action.domain) in fenced_live:
+                LOG.warning("provision step deferred action=%r reason=live detach pending",
+                            str(action))
+                self._progress(f"{action}: deferred until {action.domain} releases its "
+                               "fenced read-write disk (run `rbdfleet provision` once it runs)")
+                continue
             try:
                 if isinstance(action, Attach) and mon_hosts is None:
                     mon_hosts = self._mon_hosts()
-                self._run(action, mon_hosts or ())
+                if isinstance(action, Attach) and action.mode is DiskMode.RW:
+                    self._check_no_live_writer(action, live_rw, fenced)
+                if isinstance(action, Detach):
+                    key = (action.uri, action.domain)
+                    if self._detach(action):
+                        fenced_live.add(key)
+                        fenced.add(key)
+                    else:
+                        live_rw.discard(key)
+                else:
+                    self._run(action, mon_hosts or ())
+                    if isinstance(action, Attach) and action.mode is DiskMode.RW:
+                        live_rw.add((action.uri, action.domain))
             except RbdfleetError as exc:
                 exc.done = done  # type: ignore[attr-defined]
                 LOG.error("provision step failed action=%r error=%s", str(action), exc)
@@ -253,6 +314,39 @@ class Provisioner:
             LOG.info("provision step done action=%r seconds=%.3f", str(action), elapsed)
             self._progress(f"{action} ({elapsed:.2f} s)")
         return done
+
+    def _detach(self, action: Detach) -> bool:
+        """Detach; True when the guest kept a read-write disk whose VM is proven fenced (the
+        caller goes on), DetachPending re-raised when it is not proven fenced."""
+        fenced_vm = (action.vm is not None and action.mode is DiskMode.RW
+                     and self.fence_proof is not None and self.fence_proof.is_fenced(action.vm))
+        try:
+            self._hypervisor.detach_disk(action.uri, action.domain, self.desired.serial,
+                                         FENCED_DETACH_WAIT_S if fenced_vm else None)
+        except DetachPending as exc:
+            if not fenced_vm or action.vm is None or self.fence_proof is None \
+                    or not self.fence_proof.is_fenced(action.vm):  # proven again, right now
+                raise
+            LOG.warning("provision detach pending vm=%s domain=%s reason=%s: its Ceph clients "
+                        "are blocklisted, going on without it", action.vm, action.domain, exc)
+            self.pending_detach.add(action.vm)
+            return True
+        if action.vm is not None:
+            self.pending_detach.discard(action.vm)
+        return False
+
+    def _check_no_live_writer(self, action: Attach, live_rw: set[tuple[str, str]],
+                              fenced: set[tuple[str, str]]) -> None:
+        """The two-writer guard at run time: every other domain still holding the disk
+        read-write must be proven fenced, and that is logged, never silent."""
+        target = (action.uri, action.domain)
+        for key in sorted(live_rw - {target}):
+            if key not in fenced:
+                raise CoordinationError(f"refused: {action} while {key[1]} still holds the "
+                                        "disk read-write and is not proven fenced")
+            LOG.warning("provision attach rw domain=%s while domain=%s still holds a fenced "
+                        "read-write disk (its Ceph clients are blocklisted)", action.domain,
+                        key[1])
 
     def _mon_hosts(self) -> tuple[MonHost, ...]:
         if self.config.ceph.mon_host:
@@ -268,8 +362,6 @@ class Provisioner:
         elif isinstance(action, EnsureCredentials):
             key = self._credentials.ensure_user(action.user, desired.pool)
             self._hypervisor.ensure_secret(action.uri, action.usage, key)
-        elif isinstance(action, Detach):
-            self._hypervisor.detach_disk(action.uri, action.domain, desired.serial)
         elif isinstance(action, Attach):
             uuid = self._hypervisor.secret_uuid(action.uri, action.usage)
             if uuid is None:

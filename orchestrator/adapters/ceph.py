@@ -373,6 +373,28 @@ class BlocklistFencer:
                 self._handle.wait_for_latest_osdmap()
         return addresses
 
+    def is_fenced(self, vm: str) -> bool:
+        """True when every client of ``vm``'s cephx user (its mon sessions and its watchers
+        of the image) is on the blocklist, then once the OSDs have the latest osdmap.
+
+        The proof the role switch needs before it attaches a new writer while ``vm`` still
+        holds the disk read-write (a paused guest): a blocklisted librbd cannot write again.
+        A VM with no client at all has nothing that could write either.
+        """
+        user = f"client.{self._user_of(vm)}"
+        sessions = [s for s in self._credentials.sessions() if s.entity == user]
+        ids = {s.global_id for s in sessions}
+        watchers = self._images.watchers(self._pool, self._image)
+        addresses = {s.addr for s in sessions} | {w.addr for w in watchers if w.global_id in ids}
+        blocklisted = set(self.blocklist())
+        missing = sorted(addresses - blocklisted)
+        if missing:
+            LOG.info("not fenced vm=%s unblocklisted=%s", vm, ",".join(missing))
+            return False
+        with translate_ceph_errors("wait for the latest osdmap"):
+            self._handle.wait_for_latest_osdmap()
+        return True
+
     def unfence(self, addresses: list[str]) -> None:
         """Remove blocklist entries (the fenced librados clients still must reconnect)."""
         for addr in addresses:

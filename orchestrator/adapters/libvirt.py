@@ -6,8 +6,10 @@ to ``orchestrator.errors`` once.
 
 What libvirt does not guarantee, and what we do about it:
 
-* Detach is an unplug *request* to the guest: the call may return before the disk is gone.
-  :meth:`LibvirtHypervisor.detach_disk` waits until the live XML no longer has it.
+* Detach is an unplug *request* to the guest: the call may return before the disk is gone,
+  and a paused guest never completes it. :meth:`LibvirtHypervisor.detach_disk` removes the
+  disk from the persistent config first, then waits (bounded) until the live XML no longer
+  has it, else raises DetachPending.
 * ``<target dev>`` is only a hint; the guest names disks by probe order. The serial is
   what identifies the disk, here and in the guest.
 * Secrets are defined ``private='yes'``: their value cannot be read back, so an existing
@@ -24,7 +26,7 @@ from typing import Any
 
 from agents.errors import BindingUnavailable
 from orchestrator.adapters import domain_xml
-from orchestrator.errors import DeviceAttachError, DomainNotFound, HypervisorError
+from orchestrator.errors import DetachPending, DeviceAttachError, DomainNotFound, HypervisorError
 from orchestrator.ports import Characteristics, DiskSpec, DomainInfo, SecretKey
 
 try:  # Debian's python3-libvirt
@@ -195,29 +197,41 @@ class LibvirtHypervisor:
                 flags |= lv.VIR_DOMAIN_AFFECT_LIVE
             dom.attachDeviceFlags(domain_xml.disk_xml(spec), flags)
 
-    def detach_disk(self, uri: str, domain: str, serial: str) -> None:
-        """Detach the disk with ``serial`` from the live domain and its persistent config,
-        and wait until the live domain no longer has it; absent is fine."""
+    def detach_disk(self, uri: str, domain: str, serial: str,
+                    live_timeout: float | None = None) -> None:
+        """Detach the disk with ``serial`` from the persistent config, then from the live
+        domain, and wait until the live domain no longer has it; absent is fine.
+
+        The config goes first so that a restart of the domain never brings the disk back,
+        whatever happens to the live unplug. A paused guest cannot answer the unplug request
+        (and libvirt would block on it): DetachPending at once, the request is left for a
+        later detach once the guest runs. A running guest that does not release the disk
+        within ``live_timeout`` (default DETACH_TIMEOUT_S): DetachPending too.
+        """
         lv = self._libvirt
         dom = self._domain(uri, domain)
         what = f"detach {serial} from {domain}"
         with translate_libvirt_errors(what, domain=domain, attach=True):
-            active = bool(dom.isActive())
-            if active:
-                live = domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial)
-                if live is not None:
-                    dom.detachDeviceFlags(live, lv.VIR_DOMAIN_AFFECT_LIVE)
             persistent = domain_xml.disk_element_xml(self._xml(dom, inactive=True), serial)
-            if persistent is not None:
+            if persistent is not None and dom.isPersistent():
                 dom.detachDeviceFlags(persistent, lv.VIR_DOMAIN_AFFECT_CONFIG)
-            if active:
-                self._wait_gone(dom, serial, what)
+            if not dom.isActive():
+                return
+            live = domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial)
+            if live is None:
+                return
+            if dom.state()[0] == lv.VIR_DOMAIN_PAUSED:
+                raise DetachPending(f"{what}: the domain is paused, its guest cannot release "
+                                    "the disk until it runs again", domain)
+            dom.detachDeviceFlags(live, lv.VIR_DOMAIN_AFFECT_LIVE)
+        self._wait_gone(dom, serial, what, DETACH_TIMEOUT_S if live_timeout is None
+                        else live_timeout)
 
-    def _wait_gone(self, dom: Any, serial: str, what: str) -> None:
-        deadline = self._monotonic() + DETACH_TIMEOUT_S
+    def _wait_gone(self, dom: Any, serial: str, what: str, timeout: float) -> None:
+        deadline = self._monotonic() + timeout
         while domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial) is not None:
             if self._monotonic() > deadline:
-                raise DeviceAttachError(
-                    f"{what}: the guest did not release the disk within {DETACH_TIMEOUT_S:.0f} s"
-                )
+                raise DetachPending(
+                    f"{what}: the guest did not release the disk within {timeout:.1f} s",
+                    str(dom.name()))
             self._sleep(0.05)

@@ -168,6 +168,10 @@ class _ProvisionerRoles:
     def make_writer(self, node: str) -> None:
         self.provisioner.set_role(node, "writer")
 
+    def make_reader(self, node: str) -> None:
+        # Completes a fenced old writer's pending live detach and attaches it <readonly/>.
+        self.provisioner.set_role(node, "reader")
+
     def attach_spare(self, node: str) -> None:
         # The agent on the spare is deployed with the fleet (`rbdfleet deploy`); attaching its
         # disk read-only lets it open the image and catch up.

@@ -19,7 +19,7 @@ from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.config import FleetConfig
-from orchestrator.core.placement import Plan
+from orchestrator.core.placement import Plan, vm_user
 from orchestrator.errors import ConfigError
 from orchestrator.provision import Applied, Provisioner, check_partial, undo_hint
 
@@ -37,9 +37,14 @@ def open_provisioner(config_path: Path) -> Iterator[tuple[Provisioner, Any, Flee
     """``(provisioner, rados handle, config)`` for the fleet in ``config_path``; closes both."""
     config = fleet_config.load(config_path)
     with ceph.cluster(config.ceph) as handle, LibvirtHypervisor() as hypervisor:
+        # the proof that lets a role switch go on past a paused, fenced writer's disk
+        proof = ceph.BlocklistFencer(handle, config.ceph.pool, config.fleet.image,
+                                     {vm.name: vm_user(config.fleet.name, vm.name)
+                                      for vm in config.vms})
         yield (Provisioner(config, ceph.RbdImageStore(handle), ceph.CephxCredentialStore(handle),
                            hypervisor, progress=lambda msg: typer.echo(f"  done: {msg}",
-                                                                       err=True)),
+                                                                       err=True),
+                           fence_proof=proof),
                handle, config)
 
 

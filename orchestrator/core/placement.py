@@ -12,6 +12,10 @@ Invariants every plan keeps (checked by :func:`writers_along`, property-tested):
 * **Errors before actions.** A missing pool (without ``create_pool``), an image of another
   size or an unknown domain raise before any action is planned, so nothing has changed.
 
+A read-write holder in ``Observed.fenced`` (its Ceph clients verifiably blocklisted, e.g. a
+paused old writer whose guest has not released the disk yet) cannot write: it does not count
+as a writer, is never chosen as the writer, and is detached and re-attached read-only.
+
 The disk is found in domains by its fleet serial; a domain holding it but no longer in the
 fleet is detached and its VM user and secret removed. Spares are not attached, but a spare
 that already holds the disk (the coordinator attached it) keeps it.
@@ -116,6 +120,7 @@ class Observed:
     disks: dict[DomainKey, AttachedDisk]
     users: frozenset[str] = frozenset()
     secrets: frozenset[tuple[str, str]] = frozenset()
+    fenced: frozenset[DomainKey] = frozenset()  # read-write holders proven fenced in Ceph
 
 
 @dataclass(frozen=True)
@@ -220,8 +225,10 @@ class Plan:
 
 
 def _current_writers(desired: Desired, observed: Observed) -> list[str]:
+    """VMs holding the disk read-write whose Ceph clients are not fenced: the live writers."""
     return [vm.name for vm in desired.vms
-            if (d := observed.disks.get(vm.key)) is not None and d.mode is DiskMode.RW]
+            if (d := observed.disks.get(vm.key)) is not None and d.mode is DiskMode.RW
+            and vm.key not in observed.fenced]
 
 
 def _check_storage(desired: Desired, observed: Observed) -> list[Action]:
@@ -390,9 +397,11 @@ def _unique(actions: list[Action]) -> list[Action]:
 
 
 def writers_along(observed: Observed, plan: Plan) -> list[int]:
-    """How many domains hold the disk read-write after each prefix of ``plan`` (index 0:
-    before any action). Used to refuse any plan that would ever show two writers."""
-    rw = {key for key, disk in observed.disks.items() if disk.mode is DiskMode.RW}
+    """How many domains hold the disk read-write, fenced holders aside, after each prefix of
+    ``plan`` (index 0: before any action). Used to refuse any plan that would ever show two
+    writers."""
+    rw = {key for key, disk in observed.disks.items()
+          if disk.mode is DiskMode.RW and key not in observed.fenced}
     counts = [len(rw)]
     for action in plan.actions:
         if isinstance(action, Detach):

@@ -112,7 +112,8 @@ class MemoryHypervisor:
         self.disks[domain].append(AttachedDisk(disk.serial, disk.pool, disk.image, disk.user,
                                                disk.mode, disk.target))
 
-    def detach_disk(self, uri: str, domain: str, serial: str) -> None:
+    def detach_disk(self, uri: str, domain: str, serial: str,
+                    live_timeout: float | None = None) -> None:
         self.calls.append(f"detach {domain}")
         self.disks[domain] = [d for d in self.disks[domain] if d.serial != serial]
 
