@@ -18,6 +18,7 @@ sent (connection refused) or answered with an error is safe to retry and is.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import logging
 import ssl
@@ -398,6 +399,14 @@ def _quote(path: str) -> str:
     return urllib.parse.quote(path.lstrip("/"), safe="/")
 
 
+def _writer_headers(writer: Target, readers: tuple[ReaderAddress, ...]) -> dict[str, str]:
+    """The grant, and the readers the writer must push to (when there are any)."""
+    headers = {AUTH_HEADER: BEARER + writer.grant}
+    if readers:
+        headers[READERS_HEADER] = format_readers(readers)
+    return headers
+
+
 class FleetClient:
     """put/get/ls/stat/rm/mv/mkdir through the fleet, following the map."""
 
@@ -488,23 +497,18 @@ class FleetClient:
 
     def put_bytes(self, data: bytes, remote: str) -> WriteResult:
         """Put a small in-memory value."""
-        import io
-
         return self.put(io.BytesIO(data), remote, len(data))
 
     def delete(self, remote: str) -> WriteResult:
         """Remove a file or an empty directory."""
 
         def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
-            headers = {AUTH_HEADER: BEARER + writer.grant}
-            if readers:
-                headers[READERS_HEADER] = format_readers(readers)
             return self.transport.request(
                 writer.node,
                 writer.address,
                 "DELETE",
                 f"/v1/files/{_quote(remote)}",
-                headers=headers,
+                headers=_writer_headers(writer, readers),
                 timeout=self.io_timeout,
             )
 
@@ -514,9 +518,7 @@ class FleetClient:
         self, route: str, payload: bytes
     ) -> Callable[[Target, tuple[ReaderAddress, ...]], Response]:
         def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
-            headers = {AUTH_HEADER: BEARER + writer.grant, "Content-Type": "application/json"}
-            if readers:
-                headers[READERS_HEADER] = format_readers(readers)
+            headers = {**_writer_headers(writer, readers), "Content-Type": "application/json"}
             return self.transport.request(
                 writer.node,
                 writer.address,
@@ -540,6 +542,23 @@ class FleetClient:
         return self._write(src, self._post_json("/v1/rename", RenameRequest(src, dst).encode()))
 
     # -- reads -----------------------------------------------------------------------------
+
+    def _agent_get(
+        self,
+        target: Target,
+        route: str,
+        consume: Callable[[http.client.HTTPResponse], None] | None = None,
+    ) -> Response:
+        """GET ``route`` from ``target`` with its grant; ``consume`` streams the body."""
+        return self.transport.request(
+            target.node,
+            target.address,
+            "GET",
+            route,
+            headers={AUTH_HEADER: BEARER + target.grant},
+            timeout=self.io_timeout,
+            sink=consume,
+        )
 
     def _read(self, path: str, call: Callable[[Target], Any]) -> Any:
         last: BaseException | None = None
@@ -592,31 +611,19 @@ class FleetClient:
                 if expected is not None and int(expected) != got[0]:
                     raise AgentUnreachable(target.node, target.address, "body cut short")
 
-            self.transport.request(
-                target.node,
-                target.address,
-                "GET",
-                f"/v1/files/{_quote(remote)}",
-                headers={AUTH_HEADER: BEARER + target.grant},
-                timeout=self.io_timeout,
-                sink=consume,
-            )
+            self._agent_get(target, f"/v1/files/{_quote(remote)}", consume)
             return got[0]
 
         return int(self._read(remote, call))
 
     def get_bytes(self, remote: str) -> bytes:
         """A whole (small) file in memory."""
-        import io
-
         buf = io.BytesIO()
         self.get(remote, buf)
         return buf.getvalue()
 
     def get_with_version(self, remote: str) -> tuple[bytes, int, str]:
         """(content, version, node that served it) of a small file."""
-        import io
-
         def call(target: Target) -> tuple[bytes, int, str]:
             buf = io.BytesIO()
             version = [-1]
@@ -625,15 +632,7 @@ class FleetClient:
                 buf.write(resp.read())
                 version[0] = int(resp.getheader(SEQ_HEADER) or -1)
 
-            self.transport.request(
-                target.node,
-                target.address,
-                "GET",
-                f"/v1/files/{_quote(remote)}",
-                headers={AUTH_HEADER: BEARER + target.grant},
-                timeout=self.io_timeout,
-                sink=consume,
-            )
+            self._agent_get(target, f"/v1/files/{_quote(remote)}", consume)
             return buf.getvalue(), version[0], target.node
 
         result: tuple[bytes, int, str] = self._read(remote, call)
@@ -641,14 +640,7 @@ class FleetClient:
 
     def _get_json(self, route: str, path: str) -> Any:
         def call(target: Target) -> Any:
-            return self.transport.request(
-                target.node,
-                target.address,
-                "GET",
-                route,
-                headers={AUTH_HEADER: BEARER + target.grant},
-                timeout=self.io_timeout,
-            ).body
+            return self._agent_get(target, route).body
 
         return self._read(path, call)
 
