@@ -37,13 +37,16 @@ from typing import Any
 from agents.errors import NotFound, RbdfleetError
 from orchestrator.client import FleetClient
 from tests.coordinator_harness import (
+    IMAGE_SIZE,
     LockOwnerFencer,
     PidFencer,
     bootstrap_map,
+    file_image,
     fleet_client,
     rados_store,
     start_api,
     start_service,
+    wait_in_sync,
     wait_until,
 )
 from tests.fixtures.agents import AgentFleet, format_image
@@ -125,7 +128,7 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
                 rbd.RBD().create(
                     ioctx,
                     image,
-                    64 << 20,
+                    IMAGE_SIZE,
                     old_format=False,
                     features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK,
                 )
@@ -138,10 +141,7 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
             fleet.extra.update(ceph)
             fencer: Any = LockOwnerFencer(admin, cluster.pool, image)
         else:
-            path = workdir / "image.raw"
-            with path.open("wb") as f:
-                f.truncate(64 << 20)
-            fleet.backend = f"file:{path}"
+            fleet.backend = f"file:{file_image(workdir / 'image.raw')}"
             fencer = PidFencer(fleet)
         format_image(fleet.backend, fleet.name, **ceph)
         for node in ("r1", "r2"):
@@ -154,11 +154,7 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
         stopped = ""
         load = Load(client, value_size)
         try:
-            wait_until(
-                lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
-                30,
-                "ready",
-            )
+            wait_in_sync(service, 30)
             load.start()
             for i in range(kills):
                 time.sleep(1.0)

@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from orchestrator.adapters.rados_state import RadosStateStore
@@ -25,7 +28,9 @@ from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
 from orchestrator.ports import StateStore
-from tests.fixtures.agents import TEST_SECRET, AgentFleet
+from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
+
+IMAGE_SIZE = 64 << 20
 
 
 class MonotonicClock:
@@ -167,3 +172,41 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def file_image(path: Path, size: int = IMAGE_SIZE) -> Path:
+    """A sparse raw image of ``size`` bytes at ``path``: the shared disk of a file fleet."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> None:
+    """Wait until ``service`` is active and its map has ``readers`` in-sync readers."""
+    wait_until(
+        lambda: service.active and len(service.require_active().in_sync_readers()) == readers,
+        timeout,
+        f"coordinator active with {readers} in-sync readers",
+    )
+
+
+@contextmanager
+def coordinated_file_fleet(
+    fleet_factory: FleetFactory, directory: Path, admin: Any, pool: str, prefix: str
+) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
+    """A writer and two readers on a file image, one coordinator (state in RADOS ``pool``,
+    fence = SIGKILL), ready with both readers in sync; the coordinator stops on exit."""
+    coordinator = start_api()
+    fleet = fleet_factory(
+        f"file:{file_image(directory / 'image.raw')}",
+        name=f"{prefix}-{uuid.uuid4().hex[:8]}",
+        coordinator=coordinator.url,
+    )
+    fencer = PidFencer(fleet)
+    store = rados_store(admin, pool, fleet.name)
+    try:
+        wait_in_sync(start_service(coordinator, store, fencer, bootstrap_map(fleet)), 20)
+        yield fleet, coordinator, fencer
+    finally:
+        coordinator.stop()
+        store.close()

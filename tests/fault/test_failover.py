@@ -32,10 +32,13 @@ from tests.coordinator_harness import (
     LockOwnerFencer,
     PidFencer,
     bootstrap_map,
+    coordinated_file_fleet,
+    file_image,
     fleet_client,
     rados_store,
     start_api,
     start_service,
+    wait_in_sync,
     wait_until,
 )
 from tests.fixtures.agents import AgentFleet, FleetFactory
@@ -125,23 +128,10 @@ def assert_history_clean(history: History, client: FleetClient, seed: int) -> No
 def coordinated_file(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> Iterator[tuple[AgentFleet, Coordinator]]:
-    coordinator = start_api()
-    image = tmp_path / "image.raw"
-    with image.open("wb") as f:
-        f.truncate(64 << 20)
-    fleet = fleet_factory(
-        f"file:{image}", name=f"ff-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
-    )
-    store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
-    service = start_service(coordinator, store, PidFencer(fleet), bootstrap_map(fleet))
-    wait_until(
-        lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
-        20,
-        "2 in-sync readers",
-    )
-    yield fleet, coordinator
-    coordinator.stop()
-    store.close()
+    with coordinated_file_fleet(
+        fleet_factory, tmp_path, rados_admin, ceph_cluster.pool, "ff"
+    ) as (fleet, coordinator, _fencer):
+        yield fleet, coordinator
 
 
 def test_writer_killed_under_load_loses_no_acknowledged_write(coordinated_file: Any) -> None:
@@ -190,9 +180,7 @@ def test_active_coordinator_lost_standby_takes_over_and_fails_over(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> None:
     first, second = start_api(), start_api()
-    image = tmp_path / "image.raw"
-    with image.open("wb") as f:
-        f.truncate(64 << 20)
+    image = file_image(tmp_path / "image.raw")
     fleet = fleet_factory(
         f"file:{image}", name=f"fc-{uuid.uuid4().hex[:8]}", coordinator=second.url
     )
@@ -245,11 +233,7 @@ def test_paused_writer_on_rbd_is_fenced_and_cannot_change_a_byte(
     fencer = LockOwnerFencer(rados_admin, cluster.pool, image)
     try:
         service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
-        wait_until(
-            lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
-            20,
-            "2 in-sync readers",
-        )
+        wait_in_sync(service, 20)
         client = fleet_client([coordinator.url], fleet.name)
         for i in range(5):
             client.put_bytes(f"old-{i}".encode() * 100, f"/f{i}")
@@ -332,9 +316,7 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> None:
     coordinator = start_api()
-    image = tmp_path / "image.raw"
-    with image.open("wb") as f:
-        f.truncate(64 << 20)
+    image = file_image(tmp_path / "image.raw")
     fleet = fleet_factory(
         f"file:{image}", name=f"fs-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
     )
@@ -344,11 +326,7 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
     spares = ProcessSpares(fleet)
     try:
         service = FleetServiceWithSpares.start(coordinator, store, fleet, spares)
-        wait_until(
-            lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
-            20,
-            "ready",
-        )
+        wait_in_sync(service, 20)
         client = fleet_client([coordinator.url], fleet.name)
         for i in range(20):
             client.put_bytes(f"v{i}".encode(), f"/s{i}")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,8 @@ from orchestrator.core.fleetmap import FleetMap
 from tests.coordinator_harness import (
     Coordinator,
     PidFencer,
-    bootstrap_map,
+    coordinated_file_fleet,
     fleet_client,
-    rados_store,
-    start_api,
-    start_service,
     wait_until,
 )
 from tests.fixtures.agents import AgentFleet, FleetFactory
@@ -38,24 +34,10 @@ pytestmark = pytest.mark.integration
 def coordinated(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
-    coordinator = start_api()
-    image = tmp_path / "image.raw"
-    with image.open("wb") as f:
-        f.truncate(64 << 20)
-    fleet = fleet_factory(
-        f"file:{image}", name=f"it-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
-    )
-    fencer = PidFencer(fleet)
-    store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
-    service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
-    wait_until(
-        lambda: service.active and len(service.require_active().in_sync_readers()) == 2,
-        20,
-        "coordinator active with 2 in-sync readers",
-    )
-    yield fleet, coordinator, fencer
-    coordinator.stop()
-    store.close()
+    with coordinated_file_fleet(
+        fleet_factory, tmp_path, rados_admin, ceph_cluster.pool, "it"
+    ) as coordinated:
+        yield coordinated
 
 
 def test_put_get_and_namespace_ops_follow_the_patent_flow(coordinated: Any) -> None:
