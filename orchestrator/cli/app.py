@@ -18,6 +18,7 @@ app = typer.Typer(
     help="Single-writer / multi-reader file store on one shared Ceph RBD image.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,  # no shell-specific options: the reference (docs/cli.md) is stable
 )
 app.add_typer(sandbox.app, name="sandbox")
 app.command("provision")(provision_cli.provision)
