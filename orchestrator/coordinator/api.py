@@ -19,7 +19,15 @@ GET  /metrics                               -       Prometheus text
 "client" auth is a ``control`` grant for node ``client`` signed with the fleet secret;
 "agent" auth is the agent's own grant for the node the message names. A standby answers
 fleet routes with 503 ``not_active`` naming the active coordinator, so clients follow it.
-Errors are ``{"error", "message", ...}`` with the status of one table (:data:`STATUS`).
+
+Errors are ``{"error", "message", ...}`` with the status of the error class (agents.errors),
+and bad input changes no state: 400 malformed body, query or field; 401 no grant, a forged
+or expired one; 403 a valid grant of another fleet, node or role; 404 unknown fleet, node or
+route; 405 a known route with another method (``allowed`` names the right one); 409 a
+refused transition, or a lagging report from a writer that is not the current one (stale
+epoch or not the writer; the current writer in the answer); 413 a body over
+:data:`MAX_BODY` (the connection is closed, the body never read); 501 an HTTP method the
+server does not know. The server's own refusals (a bad request line) answer JSON too.
 """
 
 from __future__ import annotations
@@ -35,16 +43,25 @@ from typing import Any, ClassVar
 
 from agents.core.grants import CONTROL, READER, WRITER, verify
 from agents.core.protocol import (
-    AUTH_HEADER,
-    BEARER,
     Heartbeat,
     LaggingReaderReport,
     SelfTestReport,
+    bearer_token,
 )
-from agents.errors import AgentError, BadRequest, DecodeError, NotFound, RbdfleetError
+from agents.errors import (
+    AgentError,
+    DecodeError,
+    MethodNotAllowed,
+    NotFound,
+    NotWriter,
+    RbdfleetError,
+    StaleEpoch,
+    TooLarge,
+)
+from agents.server import InternalError
 from orchestrator.coordinator.service import FleetService, NotActive
 from orchestrator.core import election as el
-from orchestrator.core.fleetmap import IllegalTransition
+from orchestrator.core.fleetmap import FleetMap, IllegalTransition
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
 from orchestrator.errors import CoordinationError
 
@@ -53,6 +70,15 @@ LOG = logging.getLogger(__name__)
 CLIENT_NODE = "client"
 MAX_BODY = 1 << 20
 MAX_WAIT = 30.0
+AGENT_REPORTS = frozenset({"heartbeat", "selftest", "lagging"})
+FLEET_ROUTES = {
+    "map": "GET",
+    "write": "POST",
+    "read": "POST",
+    "report": "POST",
+    "failover": "POST",
+    "fence": "POST",
+}
 
 
 class NotActiveError(AgentError):
@@ -140,6 +166,11 @@ class CoordinatorAPI:
     ) -> tuple[int, Any]:
         """One request -> (status, JSON-able answer or text for /metrics)."""
         parts = [p for p in path.split("/") if p]
+        allowed = _method_of(parts)
+        if allowed is None:
+            raise NotFound(f"no route {path[:200]}", route=path[:200])
+        if method != allowed:
+            raise MethodNotAllowed(f"{method} not allowed on {path[:200]}", allowed=[allowed])
         if method == "GET" and parts == ["v1", "health"]:
             return 200, {"ok": True, "fleets": {n: s.active for n, s in self.services.items()}}
         if method == "GET" and parts == ["v1", "status"]:
@@ -170,11 +201,9 @@ class CoordinatorAPI:
     ) -> tuple[int, Any]:
         if method == "GET" and action == "map":
             after = _int(query.get("after", "-1"), "after")
-            wait = min(float(query.get("wait", "0") or 0), MAX_WAIT)
+            wait = min(_float(query.get("wait", "0") or "0", "wait"), MAX_WAIT)
             m = service.wait_map(after, wait) if wait > 0 else service.require_active()
             return 200, {"map": m.to_json(), "coordinator": service.settings.url}
-        if method != "POST":
-            raise NotFound(f"no route {method} {action}")
         self._authorize_client(service.fleet, headers)
         data = _json(body)
         if action in ("write", "read"):
@@ -187,7 +216,7 @@ class CoordinatorAPI:
                 )
             answer: dict[str, Any] = {
                 "fleet": service.fleet,
-                "path": str(data.get("path", "")),
+                "path": _field(data, "path", str, ""),
                 "epoch": m.epoch,
                 "revision": m.revision,
                 "ordered": [t.to_json() for t in targets],
@@ -199,8 +228,9 @@ class CoordinatorAPI:
                 }
             return 200, answer
         if action == "report":
-            node = str(data.get("node", ""))
-            service.require_active()
+            node = _field(data, "node", str, "")
+            if not service.require_active().has(node):
+                raise NotFound(f"no node {node[:100]!r} in fleet {service.fleet}", node=node[:100])
             service.submit(
                 FailureReported(node, service.clock.monotonic(), str(data.get("reporter", "")))
             )
@@ -212,19 +242,17 @@ class CoordinatorAPI:
             )
             return 202, {"accepted": True}
         if action == "failover":
-            to = data.get("to")
-            m = service.request(
-                el.FailoverRequested(None if to is None else str(to), service.clock.monotonic())
-            )
+            to = _field(data, "to", str, None)
+            m = service.request(el.FailoverRequested(to, service.clock.monotonic()))
             return 200, {"map": m.to_json()}
         if action == "fence":
-            node = str(data.get("node", ""))
+            node = _field(data, "node", str, "")
             m = service.request(el.FenceRequested(node, service.clock.monotonic()))
             return 200, {"map": m.to_json()}
-        raise NotFound(f"no route POST {action}")
+        raise NotFound(f"no route POST {action}")  # pragma: no cover - _method_of routes first
 
     def _authorize_client(self, fleet: str, headers: Any) -> None:
-        token = _bearer(headers)
+        token = bearer_token(headers)
         verify(
             token,
             self.secrets[fleet],
@@ -250,7 +278,7 @@ class CoordinatorAPI:
             raise NotFound(f"no route POST /v1/{kind}")
         service = self._service(message.fleet)
         verify(
-            _bearer(headers),
+            bearer_token(headers),
             self.secrets[message.fleet],
             now=self.wall(),
             fleet=message.fleet,
@@ -259,6 +287,8 @@ class CoordinatorAPI:
             epoch=None,
         )
         m = service.require_active()
+        if isinstance(message, LaggingReaderReport):
+            _check_current_writer(m, message)
         now = service.clock.monotonic()
         if isinstance(message, Heartbeat):
             service.submit(HeartbeatReceived(message.node, now, message.selftest != "failed"))
@@ -300,6 +330,57 @@ class CoordinatorAPI:
         return "\n".join(lines) + "\n"
 
 
+def _method_of(parts: list[str]) -> str | None:
+    """The one method the route ``parts`` answers, None when there is no such route."""
+    if parts in (["v1", "health"], ["v1", "status"], ["metrics"]):
+        return "GET"
+    if len(parts) == 2 and parts[0] == "v1" and parts[1] in AGENT_REPORTS:
+        return "POST"
+    if len(parts) == 4 and parts[:2] == ["v1", "fleets"]:
+        return FLEET_ROUTES.get(parts[3])
+    return None
+
+
+def _check_current_writer(m: FleetMap, report: LaggingReaderReport) -> None:
+    """A deposed writer cannot take readers out of the set: refuse an older epoch, and
+    another node's report at the current epoch. A newer epoch is a writer promoted but not
+    yet announced (its epoch record may be what a reader failed to ack): accepted."""
+    writer = m.member(m.writer) if m.writer else None
+    current = {
+        "writer": None if writer is None else writer.name,
+        "writer_address": None if writer is None else writer.address,
+    }
+    if report.epoch < m.epoch:
+        raise StaleEpoch(
+            f"lagging report of epoch {report.epoch}; the fleet is at epoch {m.epoch}",
+            current=m.epoch,
+            got=report.epoch,
+            **current,
+        )
+    if report.epoch == m.epoch and (writer is None or report.writer != writer.name):
+        raise NotWriter(f"{report.writer[:100]!r} is not the writer of epoch {m.epoch}", **current)
+
+
+def _field(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """``data[name]`` checked to be a ``kind`` (or null when the default is None)."""
+    value = data.get(name, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, kind):
+        raise DecodeError(f"field {name!r} must be a {kind.__name__}", field=name)
+    return value
+
+
+def _float(text: str, name: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise DecodeError(f"{name} must be a number", field=name) from exc
+    if value != value:  # NaN compares unequal to itself
+        raise DecodeError(f"{name} must be a number", field=name)
+    return value
+
+
 def _int(text: str, name: str) -> int:
     try:
         return int(text)
@@ -319,13 +400,6 @@ def _json(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _bearer(headers: Any) -> str:
-    value = headers.get(AUTH_HEADER) or ""
-    if not value.startswith(BEARER):
-        raise BadRequest("request carries no grant (Authorization: Bearer <token>)")
-    return str(value[len(BEARER) :].strip())
-
-
 class _Handler(BaseHTTPRequestHandler):
     owner: ClassVar[CoordinatorAPI]
     protocol_version = "HTTP/1.1"
@@ -333,18 +407,36 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         LOG.debug("event=http " + format, *args)
 
+    def _read_body(self) -> bytes:
+        """The request body; the connection closes when it is refused unread."""
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():
+            self.close_connection = True
+            raise DecodeError(
+                "Content-Length must be a non-negative integer", field="Content-Length"
+            )
+        length = int(text)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise TooLarge(f"body of {length} bytes over the limit of {MAX_BODY}", limit=MAX_BODY)
+        return self.rfile.read(length) if length else b""
+
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise BadRequest(f"body larger than {MAX_BODY} bytes")
-            body = self.rfile.read(length) if length else b""
+            body = self._read_body()
             status, answer = self.owner.handle(method, url.path, query, self.headers, body)
         except RbdfleetError as exc:
             wire = to_wire(exc)
             status, answer = wire.status, wire.to_wire()
+        except Exception:  # a bug: keep the traceback in the log, answer without details
+            LOG.exception("event=internal_error method=%s path=%r", method, url.path[:200])
+            wire = InternalError("internal error; see the coordinator's log")
+            status, answer = wire.status, wire.to_wire()
+        self._answer(status, answer)
+
+    def _answer(self, status: int, answer: Any) -> None:
         if isinstance(answer, str):
             payload, ctype = answer.encode(), "text/plain; version=0.0.4"
         else:
@@ -360,6 +452,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The server's own refusals (bad request line, unknown method) as JSON too."""
+        self.close_connection = True
+        reason = message or self.responses.get(code, ("error",))[0]
+        error = "not_implemented" if code == 501 else "bad_request"
+        self._answer(code, {"error": error, "message": reason})
 
 
 __all__ = [
