@@ -294,7 +294,8 @@ class CoordinatorAPI:
             service.submit(HeartbeatReceived(message.node, now, message.selftest != "failed"))
             service.submit(
                 el.HeartbeatObserved(
-                    message.node, message.role, message.epoch, message.applied_seq, now
+                    message.node, message.role, message.epoch, message.applied_seq, now,
+                    message.selftest,
                 )
             )
         elif isinstance(message, SelfTestReport):

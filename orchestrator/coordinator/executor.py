@@ -33,6 +33,7 @@ class BatchResult:
     failed: el.Action | None
     reason: str
     lease_lost: bool = False
+    infrastructure: bool = False  # the failure is the hypervisor's, not the node's
 
 
 class Executor:
@@ -82,6 +83,10 @@ class Executor:
             except (LeaseLost, StaleMap) as exc:
                 LOG.error("event=action_refused action=%s reason=%s", _name(action), exc)
                 return BatchResult(tuple(done), action, str(exc), lease_lost=True)
+            except RoleSwitchFailed as exc:
+                LOG.warning("event=action_failed action=%s infrastructure=true reason=%s",
+                            _name(action), exc)
+                return BatchResult(tuple(done), action, str(exc), infrastructure=True)
             except RbdfleetError as exc:
                 LOG.warning("event=action_failed action=%s reason=%s", _name(action), exc)
                 return BatchResult(tuple(done), action, str(exc))
@@ -105,7 +110,10 @@ class Executor:
             self.fencer.fence(action.node)
         elif isinstance(action, el.PromoteNode):
             if self.role_switch is not None:
-                self.role_switch.make_writer(action.node)
+                try:
+                    self.role_switch.make_writer(action.node)
+                except RbdfleetError as exc:
+                    raise RoleSwitchFailed(f"role switch to {action.node}: {exc}") from exc
             promote = PromoteRequest(fleet=fleet, node=action.node, epoch=action.epoch)
             grant = self.control_grant(action.node, action.epoch)
             self.agents.promote(action.address, promote, grant)
@@ -118,18 +126,26 @@ class Executor:
                 raise NoSpareProvisioner(f"no spare provisioner to attach {action.node}")
             self.spares.attach_spare(action.node)
         else:
-            m = self.persisted
-            writer_address = m.member(m.writer).address if m.writer else None
-            request = DemoteRequest(
-                fleet=fleet,
-                node=action.node,
-                epoch=action.epoch,
-                writer=m.writer,
-                writer_address=writer_address,
-            )
-            self.agents.demote(
-                action.address, request, self.control_grant(action.node, action.epoch)
-            )
+            self._demote(action)
+
+    def _demote(self, action: el.DemoteNode) -> None:
+        """Hypervisor first (the fenced read-write disk goes, a ``<readonly/>`` one comes, so
+        the agent reopens a disk it can read), then the agent; both best effort."""
+        switch_error: RbdfleetError | None = None
+        if self.role_switch is not None:
+            try:
+                self.role_switch.make_reader(action.node)
+            except RbdfleetError as exc:  # e.g. still paused: its disk stays fenced meanwhile
+                switch_error = exc
+        m = self.persisted
+        writer_address = m.member(m.writer).address if m.writer else None
+        request = DemoteRequest(fleet=self.store.fleet, node=action.node, epoch=action.epoch,
+                                writer=m.writer, writer_address=writer_address)
+        self.agents.demote(action.address, request,
+                           self.control_grant(action.node, action.epoch))
+        if switch_error is not None:
+            raise RoleSwitchFailed(f"read-only re-attach of {action.node}: {switch_error}") \
+                from switch_error
 
     def _tell_writer(self, m: FleetMap) -> None:
         """Best effort: the writer learns the readers to push to (it also gets them per put)."""
@@ -145,6 +161,10 @@ class Executor:
             LOG.warning("event=reader_set_not_sent writer=%s reason=%s", m.writer, exc)
 
 
+class RoleSwitchFailed(CoordinationError):
+    """The hypervisor side of a role change failed (not the agent's answer)."""
+
+
 class NoSpareProvisioner(CoordinationError):
     """A spare must be attached but the coordinator was started without a provisioner."""
 
@@ -158,4 +178,4 @@ def _name(action: el.Action) -> str:
     return f"{type(action).__name__}({node},epoch={epoch})"
 
 
-__all__ = ["BatchResult", "Executor", "NoSpareProvisioner"]
+__all__ = ["BatchResult", "Executor", "NoSpareProvisioner", "RoleSwitchFailed"]

@@ -433,7 +433,8 @@ class FleetService:
                 # (seen on VMs: the new writer confirmed dead 60 ms after its promotion).
                 now = self.clock.monotonic()
                 self._liveness = self._liveness.forget(promoted.node).watch(promoted.node, now)
-            ev = el.BatchExecuted(result.done, result.failed, result.reason, self.clock.monotonic())
+            ev = el.BatchExecuted(result.done, result.failed, result.reason,
+                                  self.clock.monotonic(), result.infrastructure)
             self._state, actions = el.step(self._state, ev)
 
     def _probe_all(self) -> None:
@@ -461,7 +462,8 @@ class FleetService:
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
         if health.selftest == "failed":
             self._liveness = self._liveness.observe(SelfTestFailed(name, at, "health"))
-        self._feed(el.HeartbeatObserved(name, health.role, health.epoch, health.applied_seq, at))
+        self._feed(el.HeartbeatObserved(name, health.role, health.epoch, health.applied_seq, at,
+                                        health.selftest))
 
     def _confirm_deaths(self, now: float) -> None:
         state = self._state

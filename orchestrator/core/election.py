@@ -15,6 +15,13 @@ Invariants (the laws; tests check them over random event sequences):
 * A map naming a new writer is published only after that writer's promotion succeeded.
 * Exactly one writer per epoch; the epoch only grows.
 * After a failure the plan is held back until ``retry_at`` (a :class:`Tick` past it resumes).
+* Only the candidate's own failure to promote is its fault (it is fenced and the next one
+  tried); a failed infrastructure step (hypervisor role switch) keeps the candidate and is
+  retried, so a broken hypervisor never fences healthy readers one by one.
+* A node that is ``out`` comes back only when it reports itself a reader of the current
+  epoch with no failed self-test (it was demoted or restarted); an agent still at an older
+  epoch (a fenced writer that came back, paused or partitioned) is demoted first. A fenced
+  writer whose device fails therefore stays out instead of flapping in and out of sync.
 
 What a holder of this state may assume (kazoo's habit): ``map`` is the intended map; when
 ``map.phase == "failover"``, clients must not be sent to ``map.writer`` yet, and nodes in
@@ -121,6 +128,7 @@ class HeartbeatObserved:
     epoch: int
     applied_seq: int
     at: float
+    selftest: str = "ok"  # "ok" | "failed" | "pending", as the agent reports it
 
 
 @dataclass(frozen=True)
@@ -149,12 +157,17 @@ class FenceRequested:
 
 @dataclass(frozen=True)
 class BatchExecuted:
-    """The executor ran a batch: ``done`` succeeded in order, ``failed`` (if any) stopped it."""
+    """The executor ran a batch: ``done`` succeeded in order, ``failed`` (if any) stopped it.
+
+    ``infrastructure``: the failed step is the hypervisor's or Ceph's (a role switch that
+    could not re-attach a disk), not the node's own answer: nobody is to blame for it.
+    """
 
     done: tuple[Action, ...]
     failed: Action | None
     reason: str
     at: float
+    infrastructure: bool = False
 
 
 @dataclass(frozen=True)
@@ -356,7 +369,15 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
         if m.phase == "stable" and hb.epoch == m.epoch:
             return replace(state, map=_with_seq(m, member, hb.applied_seq))
         return state
-    if member.role == "out" and hb.role == "reader" and hb.node not in state.to_fence:
+    if member.role == "out":
+        if hb.node in state.to_fence:
+            return state
+        if hb.epoch < m.epoch:
+            # Stale (a fenced writer that came back steps down by itself, at its old epoch):
+            # demote it to this epoch (read-only disk, reader role) before it may rejoin.
+            return replace(state, to_demote=state.to_demote | {hb.node})
+        if hb.role != "reader" or hb.selftest == "failed":
+            return state
         m = m.set_role(hb.node, "reader", in_sync=False)
         member = m.member(hb.node)
     if member.role != "reader" or hb.role != "reader":
@@ -440,9 +461,12 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
     if failed is None:
         return replace(state, last_error="")
     state = replace(state, retry_at=ev.at + state.config.retry_delay, last_error=ev.reason)
-    if isinstance(failed, PromoteNode) and state.map.writer == failed.node:
+    if isinstance(failed, PromoteNode) and state.map.writer == failed.node \
+            and not ev.infrastructure:
         # The candidate could not take the grant: it may have started promoting, so it is
-        # fenced too and another in-sync reader gets the next epoch.
+        # fenced too and another in-sync reader gets the next epoch. (When the hypervisor
+        # could not switch the disks instead, the candidate never got the grant and did
+        # nothing wrong: it is kept and the step retried; another would meet the same.)
         state = _fail_over(state, frozenset({failed.node}), None)
     elif isinstance(failed, DemoteNode):
         # Best effort: a fenced stale writer that cannot be reached needs no demotion.

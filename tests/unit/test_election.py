@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from orchestrator.coordinator.executor import Executor
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import IllegalTransition, initial_map
-from orchestrator.errors import FencingFailed
+from orchestrator.errors import DetachPending, DeviceAttachError, FencingFailed
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from orchestrator.testing.simnet import SimFleet
 
@@ -69,6 +69,58 @@ def test_failed_promotion_fences_the_candidate_and_moves_on_at_a_new_epoch() -> 
     assert kinds(more) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
     assert more[1] == el.FenceNode("r2", 3)
     assert more[2] == el.PromoteNode("r1", 3, "r1:1")
+
+
+def test_a_failed_role_switch_keeps_the_candidate_and_fences_nobody_more() -> None:
+    # The hypervisor could not switch the disks (a paused old writer's disk): the candidate
+    # never got the grant, so it is not fenced; the same promotion is retried after the delay.
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st1, more = el.step(st0, el.BatchExecuted(tuple(actions[:2]), actions[2], "detach timed out",
+                                              1.1, infrastructure=True))
+    assert more == [] and st1.map.epoch == 2 and st1.map.writer == "r2"
+    assert st1.to_fence == frozenset() and st1.last_error == "detach timed out"
+    for attempt in range(5):  # however often it fails, readers are never fenced one by one
+        at = 1.1 + (attempt + 1) * st1.config.retry_delay
+        st1, more = el.step(st1, el.Tick(at))
+        assert more == [el.PromoteNode("r2", 2, "r2:1"), el.PublishMap(el.target_map(st1))]
+        st1, _ = el.step(st1, el.BatchExecuted((), more[0], "still paused", at, True))
+    assert st1.map.epoch == 2 and {m.name for m in st1.map.members if m.role == "out"} == {"w"}
+    st2, more = el.step(st1, el.Tick(100.0))
+    st3, _ = el.step(st2, el.BatchExecuted(tuple(more), None, "", 100.1))
+    assert st3.map.phase == "stable" and st3.map.writer == "r2" and st3.map.epoch == 2
+
+
+def failed_over() -> el.ElectionState:
+    """w failed and was fenced, r2 is the writer of epoch 2."""
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    assert st1.map.member("w").role == "out" and st1.map.epoch == 2
+    return st1
+
+
+def test_a_fenced_writer_that_stepped_down_by_itself_is_demoted_not_readmitted() -> None:
+    # Resumed after a pause, its write met EIO and it became a reader of its old epoch.
+    st1, acts = el.step(failed_over(), el.HeartbeatObserved("w", "reader", 1, 9, 2.0))
+    assert acts == [el.DemoteNode("w", 2, "w:1")]
+    assert st1.map.member("w").role == "out"
+
+
+def test_an_out_node_with_a_failed_self_test_stays_out_no_flapping() -> None:
+    st = failed_over()
+    revision = st.map.revision
+    for i in range(6):  # heartbeats keep coming with the self-test still failed
+        st, acts = el.step(st, el.HeartbeatObserved("w", "reader", 2, 12, 2.0 + i, "failed"))
+        assert acts == [] and st.map.member("w").role == "out"
+    assert st.map.revision == revision  # nothing to announce: it never came in
+    st, _ = el.step(st, el.HeartbeatObserved("w", "reader", 2, 12, 9.0, "ok"))  # restarted
+    assert st.map.member("w").role == "reader"
+
+
+def test_an_out_node_rejoins_when_it_reports_a_reader_of_this_epoch() -> None:
+    st, _ = el.step(failed_over(), el.HeartbeatObserved("w", "reader", 2, 5, 2.0, "pending"))
+    assert st.map.member("w").role == "reader" and not st.map.member("w").in_sync
+    st, _ = el.step(st, el.HeartbeatObserved("w", "reader", 2, 12, 3.0))
+    assert st.map.member("w").in_sync  # caught up with the writer's seq (r2: 12)
 
 
 def test_reader_failure_routes_around_at_once_and_attaches_a_spare() -> None:
@@ -246,11 +298,23 @@ def test_laws_hold_under_random_faults(schedule: list[tuple[str, int]]) -> None:
 
 
 class RecordingPorts:
-    """Fencer + AgentControl recording calls; ``fail_fence`` makes fences fail."""
+    """Fencer + AgentControl + RoleSwitch recording calls; ``fail_fence`` makes fences fail,
+    ``fail_switch`` the hypervisor's role switch."""
 
-    def __init__(self, fail_fence: bool = False) -> None:
+    def __init__(self, fail_fence: bool = False, fail_switch: bool = False) -> None:
         self.calls: list[str] = []
         self.fail_fence = fail_fence
+        self.fail_switch = fail_switch
+
+    def make_writer(self, node: str) -> None:
+        self.calls.append(f"rw {node}")
+        if self.fail_switch:
+            raise DeviceAttachError(f"detach from {node}: timed out")
+
+    def make_reader(self, node: str) -> None:
+        self.calls.append(f"ro {node}")
+        if self.fail_switch:
+            raise DetachPending(f"detach from {node}: paused", node)
 
     def fence(self, vm: str) -> list[str]:
         self.calls.append(f"fence {vm}")
@@ -268,7 +332,8 @@ class RecordingPorts:
         self.calls.append(f"demote {request.node}")
 
 
-def executor_for(ports: RecordingPorts, lease: float = 2.0) -> tuple[Executor, FakeClock]:
+def executor_for(ports: RecordingPorts, lease: float = 2.0,
+                 role_switch: bool = False) -> tuple[Executor, FakeClock]:
     clock = FakeClock()
     s = state3()
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", lease)
@@ -283,6 +348,7 @@ def executor_for(ports: RecordingPorts, lease: float = 2.0) -> tuple[Executor, F
         wall=lambda: 0.0,
         announce=announced.append,
         persisted=s.map,
+        role_switch=ports if role_switch else None,
     )
     return ex, clock
 
@@ -308,3 +374,29 @@ def test_executor_with_a_lost_lease_touches_no_node() -> None:
     clock.forward(2.5)  # paused past the lease
     result = ex.run(actions)
     assert result.lease_lost and result.done == () and ports.calls == []
+
+
+def test_executor_tells_a_failed_role_switch_from_a_failed_promotion() -> None:
+    _, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    ports = RecordingPorts(fail_switch=True)
+    ex, _ = executor_for(ports, role_switch=True)
+    result = ex.run(actions)
+    assert isinstance(result.failed, el.PromoteNode) and result.infrastructure
+    assert ports.calls == ["fence w", "rw r2"]  # the agent was never asked to promote
+    ok = RecordingPorts()
+    ex, _ = executor_for(ok, role_switch=True)
+    result = ex.run(actions)
+    assert result.failed is None and not result.infrastructure
+    assert ok.calls == ["fence w", "rw r2", "promote r2@2"]
+
+
+def test_executor_demotes_through_the_hypervisor_then_the_agent() -> None:
+    demote = el.DemoteNode("w", 2, "w:1")
+    ports = RecordingPorts()
+    ex, _ = executor_for(ports, role_switch=True)
+    assert ex.run([demote]).failed is None
+    assert ports.calls == ["ro w", "demote w"]  # the agent reopens a read-only disk
+    paused = RecordingPorts(fail_switch=True)
+    ex, _ = executor_for(paused, role_switch=True)
+    result = ex.run([demote])
+    assert result.failed == demote and paused.calls == ["ro w", "demote w"]  # still told
