@@ -6,9 +6,23 @@ Offsets and lengths passed by the on-disk format are multiples of :data:`ALIGN`
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol
 
+from agents.errors import DeviceError
+
 ALIGN = 4096
+
+
+def check_io(offset: int, length: int, size: int, *, closed: bool) -> None:
+    """Refuse an I/O the way every backend does: DeviceError EBADF on a closed handle,
+    ValueError when ``offset``/``length`` are not ALIGN multiples or reach past ``size``."""
+    if closed:
+        raise DeviceError("device is closed", op="io", errno=errno.EBADF)
+    if offset % ALIGN or length % ALIGN:
+        raise ValueError(f"unaligned I/O at {offset}+{length}")
+    if offset < 0 or offset + length > size:
+        raise ValueError(f"I/O at {offset}+{length} is past the end of the device")
 
 
 class BlockDevice(Protocol):

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from agents.device import ALIGN, BlockDevice
+from agents.device import ALIGN, BlockDevice, check_io
 from agents.errors import DeviceError
 
 __all__ = ["MemoryDevice", "check_block_device"]
@@ -63,12 +63,7 @@ class MemoryDevice:
         return len(self._medium.data)
 
     def _check(self, offset: int, length: int) -> None:
-        if self._closed:
-            raise DeviceError("device is closed", op="io", errno=errno.EBADF)
-        if offset % ALIGN or length % ALIGN:
-            raise ValueError(f"unaligned I/O at {offset}+{length}")
-        if offset < 0 or offset + length > len(self._medium.data):
-            raise ValueError(f"I/O at {offset}+{length} is past the end of the device")
+        check_io(offset, length, len(self._medium.data), closed=self._closed)
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Bytes at ``offset``."""

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from agents.device import ALIGN
+from agents.device import ALIGN, check_io
 from agents.errors import DeviceError
 
 __all__ = ["FileDevice", "device_error"]
@@ -87,12 +87,7 @@ class FileDevice:
         return self._size
 
     def _check(self, offset: int, length: int) -> None:
-        if self._fd < 0:
-            raise DeviceError("device is closed", op="io", errno=errno.EBADF)
-        if offset % ALIGN or length % ALIGN:
-            raise ValueError(f"unaligned I/O at {offset}+{length}")
-        if offset < 0 or offset + length > self._size:
-            raise ValueError(f"I/O at {offset}+{length} is past the end of the device")
+        check_io(offset, length, self._size, closed=self._fd < 0)
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read straight from the medium (O_DIRECT) or the shared page cache."""

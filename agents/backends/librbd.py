@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import Any
 
-from agents.device import ALIGN
+from agents.device import ALIGN, check_io
 from agents.errors import BindingUnavailable, DeviceError
 
 __all__ = ["RbdDevice", "load_bindings"]
@@ -106,12 +106,7 @@ class RbdDevice:
         return int(self._size)
 
     def _check(self, offset: int, length: int) -> None:
-        if self._image is None:
-            raise DeviceError("device is closed", op="io", errno=errno.EBADF)
-        if offset % ALIGN or length % ALIGN:
-            raise ValueError(f"unaligned I/O at {offset}+{length}")
-        if offset < 0 or offset + length > self._size:
-            raise ValueError(f"I/O at {offset}+{length} is past the end of the device")
+        check_io(offset, length, self._size, closed=self._image is None)
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read from the OSDs (no client cache)."""
