@@ -220,6 +220,29 @@ def test_two_writer_guard_refuses_a_bad_order() -> None:
         placement.check_single_writer(obs, bad)
 
 
+def test_a_fenced_read_write_holder_is_no_writer() -> None:
+    # vm1 was the writer, paused and fenced; vm2 was made the writer next to its still
+    # attached (fenced, useless) read-write disk. Provision keeps vm2, repairs vm1.
+    obs = replace(observed("vm1=rw vm2=rw vm3=ro"), fenced=frozenset({(URI, "d-vm1")}))
+    plan = placement.plan_provision(desired("vm1"), obs)
+    assert kinds(plan) == ["detach vm1 rw", "attach vm1 ro"]
+    assert placement.writers_along(obs, plan) == [1, 1, 1]
+    assert kinds(placement.plan_set_role(desired(), obs, "vm1", "reader")) == [
+        "detach vm1 rw", "attach vm1 ro"]
+    assert placement.plan_set_role(desired(), obs, "vm2", "writer").empty
+
+
+def test_two_writer_guard_accepts_a_fenced_holder_and_only_that() -> None:
+    rw_next_to_vm1 = Plan((Detach(URI, "d-vm2", "vm2", DiskMode.RO),
+                           Attach(URI, "d-vm2", "vm2", "u", "s", DiskMode.RW, True)))
+    obs = observed("vm1=rw vm2=ro")
+    with pytest.raises(CoordinationError, match="two VMs"):
+        placement.check_single_writer(obs, rw_next_to_vm1)
+    fenced = replace(obs, fenced=frozenset({(URI, "d-vm1")}))
+    placement.check_single_writer(fenced, rw_next_to_vm1)
+    assert placement.writers_along(fenced, rw_next_to_vm1) == [0, 0, 1]
+
+
 def test_deprovision_detaches_writer_first_and_cleans_up() -> None:
     obs = observed("vm2=ro vm1=rw vm3=ro", extra_domains=("ghost",))
     obs.disks[(URI, "d-ghost")] = disk("ghost", DiskMode.RO)

@@ -8,10 +8,12 @@ import logging
 import pytest
 
 from orchestrator.config import FleetConfig, from_mapping
-from orchestrator.errors import DeviceAttachError
+from orchestrator.core.placement import Attach, Plan
+from orchestrator.errors import CoordinationError, DetachPending, DeviceAttachError
 from orchestrator.ports import (
     AttachedDisk,
     ClientSession,
+    DiskMode,
     DiskSpec,
     DomainInfo,
     ImageInfo,
@@ -19,7 +21,7 @@ from orchestrator.ports import (
     SecretKey,
     Watcher,
 )
-from orchestrator.provision import Provisioner, check_partial, undo_hint
+from orchestrator.provision import FENCED_DETACH_WAIT_S, Provisioner, check_partial, undo_hint
 
 pytestmark = pytest.mark.unit
 
@@ -87,6 +89,8 @@ class MemoryHypervisor:
         self.secrets: dict[str, SecretKey] = {}
         self.calls: list[str] = []
         self.failing_domain = failing_domain
+        self.paused: set[str] = set()  # their guests cannot release a disk
+        self.timeouts: list[float | None] = []
 
     def domain(self, uri: str, name: str) -> DomainInfo:
         return DomainInfo(uri, name, True, tuple(self.disks[name]))
@@ -115,7 +119,62 @@ class MemoryHypervisor:
     def detach_disk(self, uri: str, domain: str, serial: str,
                     live_timeout: float | None = None) -> None:
         self.calls.append(f"detach {domain}")
+        self.timeouts.append(live_timeout)
+        if domain in self.paused:
+            raise DetachPending(f"detach from {domain}: paused", domain)
         self.disks[domain] = [d for d in self.disks[domain] if d.serial != serial]
+
+
+class ListedFences:
+    """FenceProof: the VMs named in ``fenced`` are blocklisted."""
+
+    def __init__(self) -> None:
+        self.fenced: set[str] = set()
+
+    def is_fenced(self, vm: str) -> bool:
+        return vm in self.fenced
+
+
+def test_role_switch_goes_past_a_paused_writer_only_when_it_is_fenced(
+        caplog: pytest.LogCaptureFixture) -> None:
+    hv, proof = MemoryHypervisor(), ListedFences()
+    p = Provisioner(config(), MemoryImages(), MemoryCredentials(), hv, fence_proof=proof)
+    p.provision()
+    hv.paused.add("d1")
+    hv.calls.clear()
+    with pytest.raises(DetachPending):  # not fenced: vm1 could still write, stop here
+        p.set_role("vm2", "writer")
+    assert hv.calls == ["detach d1"] and hv.timeouts == [None]
+    proof.fenced.add("vm1")
+    hv.calls.clear()
+    caplog.set_level(logging.WARNING)
+    p.set_role("vm2", "writer")
+    # vm1's read-only re-attach waits until its guest runs again; vm2 is the writer
+    assert hv.calls == ["detach d1", "detach d2", "attach d2 rw"]
+    assert hv.timeouts[-2] == FENCED_DETACH_WAIT_S and p.pending_detach == {"vm1"}
+    assert "still holds a fenced read-write disk" in caplog.text  # never silently
+    assert {vm.vm: vm.mode for vm in p.attachments()} == {
+        "vm1": DiskMode.RW, "vm2": DiskMode.RW, "vm3": DiskMode.RO}
+    assert p.set_role("vm2", "writer")[0].empty  # the fenced holder is no writer
+    hv.paused.clear()  # the guest runs again: the coordinator's demotion completes it
+    hv.calls.clear()
+    p.set_role("vm1", "reader")
+    assert hv.calls == ["detach d1", "attach d1 ro"] and p.pending_detach == set()
+    assert p.provision()[0].empty
+
+
+def test_a_new_writer_is_never_attached_next_to_an_unfenced_one() -> None:
+    hv, proof = MemoryHypervisor(), ListedFences()
+    p = Provisioner(config(), MemoryImages(), MemoryCredentials(), hv, fence_proof=proof)
+    p.provision()
+    proof.fenced.add("vm1")
+    assert p.set_role("vm1", "writer")[0].empty
+    observed = p.observe()  # one read-write holder: its fence is not even asked about
+    assert observed.fenced == frozenset()
+    rw = Attach("qemu:///system", "d2", "vm2", "u", "s", DiskMode.RW, True)
+    with pytest.raises(CoordinationError, match="two VMs"):
+        p.apply(Plan((rw,)), observed)
+    assert hv.calls[-1] == "attach d1 rw"  # nothing attached since provision
 
 
 def test_provision_set_role_and_deprovision_in_order(caplog: pytest.LogCaptureFixture) -> None:
