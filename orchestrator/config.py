@@ -226,6 +226,17 @@ def _table(data: Mapping[str, Any], name: str, required: bool = True) -> Mapping
     return value
 
 
+def _table_array(data: Mapping[str, Any], key: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """The tables of ``[[key]]`` (none when absent), each with its place (``key[i]``)."""
+    items = data.get(key, [])
+    if not isinstance(items, list):
+        raise ConfigError(key, f"must be an array of tables ([[{key}]])")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{key}[{i}]", "must be a table")
+    return [(f"{key}[{i}]", item) for i, item in enumerate(items)]
+
+
 def _str(table: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
     value = table.get(key, default)
     if value is None:
@@ -307,38 +318,24 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
         secret_file=_path(fleet_t, "secret_file", "fleet"),
         agent_port=_int(fleet_t, "agent_port", "fleet", 7480),
     )
-    vm_list = data.get("vm", [])
-    if not isinstance(vm_list, list):
-        raise ConfigError("vm", "must be an array of tables ([[vm]])")
-    vms = []
-    for i, vm_t in enumerate(vm_list):
-        where = f"vm[{i}]"
-        if not isinstance(vm_t, Mapping):
-            raise ConfigError(where, "must be a table")
-        vms.append(
-            VmConfig(
-                name=_str(vm_t, "name", where),
-                domain=_str(vm_t, "domain", where),
-                uri=_str(vm_t, "uri", where, libvirt.uri),
-                address=_str(vm_t, "address", where),
-                spare=_bool(vm_t, "spare", where, False),
-            )
+    vms = [
+        VmConfig(
+            name=_str(vm_t, "name", where),
+            domain=_str(vm_t, "domain", where),
+            uri=_str(vm_t, "uri", where, libvirt.uri),
+            address=_str(vm_t, "address", where),
+            spare=_bool(vm_t, "spare", where, False),
         )
-    host_list = data.get("host", [])
-    if not isinstance(host_list, list):
-        raise ConfigError("host", "must be an array of tables ([[host]])")
-    hosts = []
-    for i, host_t in enumerate(host_list):
-        where = f"host[{i}]"
-        if not isinstance(host_t, Mapping):
-            raise ConfigError(where, "must be a table")
-        hosts.append(
-            HostConfig(
-                name=_str(host_t, "name", where),
-                address=_str(host_t, "address", where),
-                root=_path(host_t, "root", where),
-            )
+        for where, vm_t in _table_array(data, "vm")
+    ]
+    hosts = [
+        HostConfig(
+            name=_str(host_t, "name", where),
+            address=_str(host_t, "address", where),
+            root=_path(host_t, "root", where),
         )
+        for where, host_t in _table_array(data, "host")
+    ]
     sandbox_t = _table(data, "sandbox", required=False)
     sandbox = SandboxConfig(dir=_path(sandbox_t, "dir", "sandbox")) if sandbox_t else None
     return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox)
