@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.sandbox import identity
 from orchestrator.sandbox.identity import ProcStat, parse_stat
 
 pytestmark = pytest.mark.unit
@@ -34,3 +35,10 @@ def test_stat_parse_survives_any_command_name(comm: str, state: str, start: int)
 )
 def test_a_process_ends_with_its_last_thread(state: str, threads: int, ended: bool) -> None:
     assert ProcStat(state=state, start=1, threads=threads).ended is ended
+
+
+def test_public_names_are_pinned() -> None:
+    assert set(identity.__all__) == {
+        "KILL_WAIT_S", "ProcStat", "Termination", "command_line", "parse_stat", "read_stat",
+        "reap", "running", "same_process", "send", "start_time", "terminate", "wait_gone",
+    }
