@@ -71,9 +71,10 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
                 )
         problems.append(Problem("checkpoints", "checkpoint", f"no usable checkpoint: {exc}"))
         return problems, None
-    view = _JournalView(device, sb)
+    # witnesses before the walk (the image may have a live writer: agents.core.journal)
+    witnesses = vol._scan_witnesses(_JournalView(device, sb), vol._index.applied_seq)
     try:
-        vol._follow(view)
+        vol._follow(_JournalView(device, sb))
     except AgentError as exc:
         problems.append(
             Problem(
@@ -84,7 +85,7 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
             )
         )
     try:
-        vol._check_break(view)
+        vol._check_end(witnesses)
     except FormatError as exc:
         problems.append(
             Problem(

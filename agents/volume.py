@@ -117,6 +117,19 @@ class _JournalView:
             return None
         return record if record.volume_tag == self._tag else None
 
+    def witness_at(self, start: int) -> journal.Witness | None:
+        """Like :meth:`record_at` (CRC checked) without parsing the payload."""
+        if start >= self._ring:
+            return None
+        nbytes = Record.peek_length(self.read(start, ALIGN))
+        if nbytes is None or start + nbytes > self._ring:
+            return None
+        try:
+            seq, epoch, commit_seq, tag = Record.verify(self.read(start, nbytes))
+        except (TornRecord, ChecksumMismatch):
+            return None
+        return journal.Witness(start, seq, epoch, commit_seq) if tag == self._tag else None
+
 
 class Volume:
     """An rbdfleet volume on one BlockDevice (see the module docstring)."""
@@ -181,9 +194,7 @@ class Volume:
         vol = cls(device, sb)
         with vol._lock:
             vol._load_checkpoint()
-            view = _JournalView(device, sb)
-            vol._follow(view)
-            vol._check_break(view)
+            vol._settle_end()
             vol._rebuild_allocator()
             vol._durable_seq = vol._index.applied_seq
         return vol
@@ -314,40 +325,55 @@ class Volume:
                 break
         self._positions.append((seq, start, nbytes))
 
-    def _check_break(self, view: _JournalView) -> None:
-        """Scan the ring for a valid record proving the chain's end is corruption; raise
-        ChecksumMismatch if so. A live writer may have written the missing record (and the
-        proof) while we scanned: then following the chain again gets past it, and the check
-        starts over from the new end."""
-        for _ in range(8):
-            missing = self._cursor.next_seq
-            proof = self._find_proof(view, missing)
-            if proof is None:
-                return
-            self._refresh_locked()
-            if self._cursor.next_seq == missing:
-                raise ChecksumMismatch(
-                    f"journal record seq {missing} is corrupt or missing although record "
-                    f"seq {proof[1].seq} (at journal offset {proof[0]}) shows it was committed",
-                    seq=missing,
-                    journal_offset=self._cursor.pos,
-                )
-            view = _JournalView(self._device, self._sb)
-        raise CatchingUp(
-            "the journal moved on during every check of its end", applied=self.applied_seq
+    def _settle_end(self) -> None:
+        """Follow the chain to its end and refuse a proven corruption there (ChecksumMismatch).
+        Witnesses are read before the walk: a writer may be live (see agents.core.journal,
+        "Reading order")."""
+        witnesses = self._scan_witnesses(
+            _JournalView(self._device, self._sb), self._index.applied_seq
         )
+        self._refresh_locked()
+        self._check_end(witnesses)
 
-    def _find_proof(self, view: _JournalView, missing: int) -> tuple[int, Record] | None:
+    def _scan_witnesses(self, view: _JournalView, after: int) -> dict[int, journal.Witness]:
+        """Per epoch, the valid record of the ring with the highest commit_seq above ``after``
+        (the seq the chain starts from: no other record can witness for a seq it misses)."""
+        best: dict[int, journal.Witness] = {}
         for start in range(0, self._ring, ALIGN):
             numbers = Record.peek_numbers(view.read(start, ALIGN))
-            if numbers is None or numbers[0] < missing or numbers[2] < missing:
-                continue  # no record, or an older one: not worth verifying
-            record = view.record_at(start)
-            if record is not None and journal.proves_corruption(
-                record, missing, self._cursor.epoch
+            if numbers is None:
+                continue
+            _, epoch, commit_seq, tag = numbers  # unverified: a cheap filter
+            held = best.get(epoch)
+            if commit_seq <= after or tag != self._sb.volume_tag or (
+                held is not None and held.commit_seq >= commit_seq
             ):
-                return start, record
-        return None
+                continue
+            witness = view.witness_at(start)
+            if witness is not None:
+                best[epoch] = witness
+        return best
+
+    def _check_end(self, witnesses: dict[int, journal.Witness]) -> None:
+        """Raise ChecksumMismatch when one of ``witnesses`` (read before the chain was walked)
+        proves the chain's end was committed. Not when a checkpoint reaches the missing seq:
+        then a live writer wrapped over it during the walk (the next refresh reloads)."""
+        missing = self._cursor.next_seq
+        proofs = [
+            w
+            for w in witnesses.values()
+            if journal.proves_corruption(w, missing, self._cursor.epoch)
+        ]
+        if not proofs or self._newest_checkpoint_seq() >= missing:
+            return
+        proof = max(proofs, key=lambda w: w.commit_seq)
+        raise ChecksumMismatch(
+            f"journal record seq {missing} is corrupt or missing although record seq "
+            f"{proof.seq} (at journal offset {proof.start}, epoch {proof.epoch}) shows that "
+            f"seq {proof.commit_seq} was committed",
+            seq=missing,
+            journal_offset=self._cursor.pos,
+        )
 
     def _newest_checkpoint_seq(self) -> int:
         best = -1
@@ -361,12 +387,15 @@ class Volume:
     def _refresh_locked(self) -> builtins.list[Record]:
         applied: builtins.list[Record] = []
         for _ in range(8):
-            view = _JournalView(self._device, self._sb)
-            applied += self._follow(view)
+            # the newest checkpoint BEFORE the walk: every record up to it was on disk then,
+            # so a walk that stops below it met an overwritten record (the writer wrapped
+            # past us). One written during the walk proves nothing: a live writer checkpoints
+            # as it goes, and reloading then would only chase it.
+            newest = self._newest_checkpoint_seq()
+            applied += self._follow(_JournalView(self._device, self._sb))
             self._durable_seq = self._index.applied_seq
-            if self._newest_checkpoint_seq() <= self._index.applied_seq:
+            if self._index.applied_seq >= newest:
                 return applied
-            # the writer checkpointed past us and may have overwritten our next record
             self._load_checkpoint()
             applied.clear()
         raise CatchingUp(
@@ -515,9 +544,7 @@ class Volume:
             )
         with self._leadership():
             with self._lock:
-                view = _JournalView(self._device, self._sb)
-                self._refresh_locked()
-                self._check_break(view)
+                self._settle_end()
                 if self._writer_epoch is None:
                     # a writer's own map also holds extents of puts in flight: keep it
                     self._rebuild_allocator()

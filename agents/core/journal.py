@@ -11,9 +11,23 @@ Invariants:
   highest seen. The chain ends at the first position where no such record is found: that is
   the torn or not-yet-written tail. A record with a lower epoch ends it too (a fenced writer's
   late write is never part of the history).
-- ``commit_seq`` of a record is the highest seq durable when it was written. A valid record
+- Write order: the records of one group commit may reach the medium in any order (one
+  device write per contiguous run, two when the batch wraps, and a write spanning RBD objects
+  completes object by object); none of them is acknowledged before the flush that follows
+  all of them, and the next group commit is written only after that flush. So after a crash
+  any subset of the last batch may be on disk, and nothing after the batch exists.
+- ``commit_seq`` of a record is the highest seq durable (flushed, hence possibly
+  acknowledged) when it was written: it is below every seq of its own batch. A valid record
   beyond the chain's end with ``commit_seq`` >= the first missing seq proves that seq was
-  durable: the journal is corrupt, not torn (:func:`proves_corruption`).
+  durable: the journal is corrupt, not torn (:func:`proves_corruption`). Without such a
+  witness, nothing at or after the missing seq was ever acknowledged: it is the torn tail.
+- Reading order (a writer may be live while another node checks the end): witnesses must be
+  read BEFORE the chain is followed. A witness read at time t1 shows its ``commit_seq`` was
+  on disk before t1; if a walk started after t1 does not find the missing seq at its place,
+  either it was corrupted or the writer wrapped over it, which it only does after writing a
+  checkpoint at or above it. Hence: accuse only when no checkpoint reaches the missing seq.
+  (Scanning after the walk would let a live writer write the missing record and its witness
+  in between: a false accusation.)
 - Space: the writer never overwrites bytes from the newest checkpoint's ``journal_pos`` up to
   its head (it counts :func:`consumed` bytes since that checkpoint and checkpoints before the
   count would reach the ring size), so every record after the newest checkpoint is on disk.
@@ -22,8 +36,30 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from agents.core.record import Record
+
+
+class Numbered(Protocol):
+    """What the end-of-journal check needs of a record (a Record or a :class:`Witness`)."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def commit_seq(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Witness:
+    """A valid record seen in the ring (CRC checked, payload not parsed) and where it starts."""
+
+    start: int
+    seq: int
+    epoch: int
+    commit_seq: int
 
 
 def place(pos: int, nbytes: int, ring: int) -> int:
@@ -65,7 +101,7 @@ class Cursor:
         self.next_seq += 1
 
 
-def proves_corruption(orphan: Record, missing_seq: int, chain_epoch: int) -> bool:
+def proves_corruption(orphan: Numbered, missing_seq: int, chain_epoch: int) -> bool:
     """True when a valid record found past the chain's end shows that ``missing_seq`` had
     been made durable (so the chain was broken by corruption, not by a torn write)."""
     return (

@@ -320,13 +320,17 @@ def test_records_written_during_the_end_check_are_not_corruption(opener: Opener)
     vol = writer(opener)
     put(vol, "/a", b"1")
     reader = Volume.open(opener(True))
-    # the writer goes on between the reader's chain walk and its scan of the ring: /c's
-    # commit_seq proves /b was durable, and /b is there when the reader looks again
-    put(vol, "/b", b"2")
-    put(vol, "/c", b"3")
-    sb = reader.superblock
     with reader._lock:
-        reader._check_break(_JournalView(reader._device, sb))
+        # witnesses are read first: nothing beyond the reader's end yet
+        witnesses = reader._scan_witnesses(
+            _JournalView(reader._device, reader.superblock), reader._index.applied_seq
+        )
+        # the writer goes on between the reader's scan and its chain walk: /c's commit_seq
+        # proves /b was durable, and the walk (after the scan) finds /b
+        put(vol, "/b", b"2")
+        put(vol, "/c", b"3")
+        reader._refresh_locked()
+        reader._check_end(witnesses)
     assert reader.applied_seq == vol.applied_seq
     assert read(reader, "/c") == b"3"
 
