@@ -14,7 +14,9 @@ Per kill, measured from the SIGKILL (monotonic clock, same process):
   writable  -> the client's first put acknowledged at the new epoch (DESIGN §9: <= 3 s p99)
 Reads: failed reads / total reads during the whole run (DESIGN §9: 0).
 
-The killed agent is restarted as a reader and must be back in sync before the next kill.
+The killed agent is restarted as a reader and must be back in sync before the next kill; if it
+refuses to start (or never gets back in sync) the benchmark fails loudly: an image a crashed
+writer leaves must always be openable while the new writer goes on.
 
     .venv/bin/python -m bench.failover_bench --kills 20 [--backend file|rbd] [--value-size N]
                                              [--json OUT]
@@ -110,6 +112,19 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+def fleet_state(service: Any, fleet: AgentFleet) -> str:
+    """Each member's role and sync state in the coordinator's map, and whether its process
+    is alive (a node the coordinator fenced is not restarted by this benchmark)."""
+    m = service.require_active() if service.active else None
+    members = {x.name: x for x in m.members} if m is not None else {}
+    return ", ".join(
+        f"{name}: {members[name].role if name in members else 'not in map'}"
+        f"{' in sync' if name in members and members[name].in_sync else ''}"
+        f"{'' if agent.alive else ' (process dead)'}"
+        for name, agent in sorted(fleet.agents.items())
+    )
+
+
 def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, Any]:
     """One fleet on a fresh cluster; up to ``kills`` writer kills. Raw samples + reads."""
     with managed_cluster("rbdfleet-bench-failover-", osds=1, objectstore="memstore") as managed:
@@ -151,22 +166,24 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
         service = start_service(coordinator, store, fencer, bootstrap_map(fleet))
         client = fleet_client([coordinator.url], fleet.name)
         samples: dict[str, list[float]] = {p: [] for p in PHASES}
-        stopped = ""
         load = Load(client, value_size)
         try:
             wait_in_sync(service, 30)
             load.start()
             for i in range(kills):
                 time.sleep(1.0)
-                wait_until(
-                    lambda: (
-                        service.active
-                        and service.require_active().writer is not None
-                        and len(service.require_active().in_sync_readers()) == 2
-                    ),
-                    60,
-                    f"a writer and 2 in-sync readers before kill {i + 1}",
-                )
+                try:
+                    wait_until(
+                        lambda: (
+                            service.active
+                            and service.require_active().writer is not None
+                            and len(service.require_active().in_sync_readers()) == 2
+                        ),
+                        60,
+                        f"a writer and 2 in-sync readers before kill {i + 1}",
+                    )
+                except AssertionError as exc:  # say who is missing (dead? out of sync?)
+                    raise AssertionError(f"{exc}: {fleet_state(service, fleet)}") from exc
                 m = service.require_active()
                 assert m.writer is not None
                 victim, epoch = m.writer, m.epoch
@@ -207,10 +224,10 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
                 agent.config["readers"] = {}
                 try:
                     agent.start()
-                except RuntimeError as exc:  # the agent refused to start (its own check)
-                    stopped = f"{victim} could not restart after kill {i + 1}: " + str(exc)[-300:]
-                    print(stopped, flush=True)
-                    break
+                except RuntimeError as exc:  # the agent refused to start: a bug, never skipped
+                    raise RuntimeError(
+                        f"{victim} refused to restart after kill {i + 1}: {str(exc)[-1500:]}"
+                    ) from exc
                 wait_until(
                     lambda v=victim: (
                         v in [r.name for r in service.require_active().in_sync_readers()]
@@ -224,12 +241,7 @@ def run(kills: int, backend: str, workdir: Path, value_size: int) -> dict[str, A
             store.close()
             fleet.close()
             admin.shutdown()
-    return {
-        "samples": samples,
-        "reads_ok": load.reads_ok,
-        "reads_failed": load.reads_failed,
-        "stopped": stopped,
-    }
+    return {"samples": samples, "reads_ok": load.reads_ok, "reads_failed": load.reads_failed}
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -249,39 +261,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here too")
     parser.add_argument("--keep", type=Path, help="run in this directory and keep agent logs")
     args = parser.parse_args(argv)
-    samples: dict[str, list[float]] = {p: [] for p in PHASES}
-    reads_ok = reads_failed = runs = 0
-    notes = []
-    # A run ends early when a killed agent refuses to restart; fresh runs continue the count.
-    while len(samples["writable"]) < args.kills and runs < 6:
-        runs += 1
-        with contextlib.ExitStack() as stack:
-            if args.keep:
-                tmp = str(args.keep / f"run{runs}")
-                Path(tmp).mkdir(parents=True, exist_ok=True)
-            else:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbdfleet-fb-"))
-            part = run(
-                args.kills - len(samples["writable"]), args.backend, Path(tmp), args.value_size
-            )
-        for phase in PHASES:
-            samples[phase].extend(part["samples"][phase])
-        reads_ok += part["reads_ok"]
-        reads_failed += part["reads_failed"]
-        if part["stopped"]:
-            notes.append(part["stopped"])
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.keep)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbdfleet-fb-"))
+        part = run(args.kills, args.backend, Path(tmp), args.value_size)
+    samples: dict[str, list[float]] = part["samples"]
+    reads_ok, reads_failed = part["reads_ok"], part["reads_failed"]
     kills = len(samples["writable"])
     result: dict[str, Any] = {
         "kills": kills,
-        "runs": runs,
         "backend": args.backend,
         "value_size": args.value_size,
         **summarize(samples),
         "reads": {"total": reads_ok + reads_failed, "failed": reads_failed},
-        "stopped_early": notes,
     }
     print(
-        f"\nwriter failover, {kills} kills in {runs} runs, {args.backend} image, "
+        f"\nwriter failover, {kills} kills, {args.backend} image, "
         f"{args.value_size} B puts (seconds from SIGKILL)"
     )
     print(f"{'phase':<10} {'p50':>7} {'p99':>7} {'max':>7}")
