@@ -27,7 +27,7 @@ from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
-from orchestrator.ports import StateStore
+from orchestrator.ports import RoleSwitch, StateStore
 from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
 
 IMAGE_SIZE = 64 << 20
@@ -120,10 +120,10 @@ class Coordinator:
         self.api.shutdown()
 
 
-def start_api() -> Coordinator:
-    """An API server on a free loopback port with no fleet yet."""
+def start_api(host: str = "127.0.0.1") -> Coordinator:
+    """An API server on a free port of ``host`` (default: loopback) with no fleet yet."""
     api = CoordinatorAPI({}, {}, time.time)
-    host, port = api.serve("127.0.0.1", 0)
+    host, port = api.serve(host, 0)
     return Coordinator(api, f"http://{host}:{port}")
 
 
@@ -133,6 +133,7 @@ def start_service(
     fencer: Any,
     bootstrap: FleetMap | None,
     liveness: LivenessConfig | None = None,
+    role_switch: RoleSwitch | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``."""
     agents = HttpAgentControl(control_timeout=30.0)
@@ -145,6 +146,7 @@ def start_service(
         clock=MonotonicClock(),
         wall=time.time,
         bootstrap=bootstrap,
+        role_switch=role_switch,
         send_reader_set=agents.send_reader_set,
     )
     coordinator.api.services[store.fleet] = service
