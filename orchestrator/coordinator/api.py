@@ -435,7 +435,11 @@ class _Handler(BaseHTTPRequestHandler):
             LOG.exception("event=internal_error method=%s path=%r", method, url.path[:200])
             wire = InternalError("internal error; see the coordinator's log")
             status, answer = wire.status, wire.to_wire()
-        self._answer(status, answer)
+        try:
+            self._answer(status, answer)
+        except OSError as exc:  # the client gave up first (its timeout, a reset): no one to tell
+            self.close_connection = True
+            LOG.info("event=client_gone path=%r error=%s", url.path[:200], type(exc).__name__)
 
     def _answer(self, status: int, answer: Any) -> None:
         if isinstance(answer, str):
