@@ -1,17 +1,17 @@
 """Jepsen-style faults against real agent processes driven by a real coordinator.
 
-Generator: client threads put unique values and get them back (history recorded: invoke, then
-ok / fail / unknown). Nemesis: kill -9 of the writer, SIGSTOP/SIGCONT of the writer, kill -9 of
-a reader, loss of the active coordinator. Checkers (orchestrator.testing.history): one writer
-per epoch, every read the latest acknowledged version or a concurrent one, every acknowledged
-write readable at the end, and no failed read at all. Runtime ~60 s in total.
+Generator and checks: tests/jepsen.py (client threads put unique values and get them back;
+history: invoke, then ok / fail / unknown with the epoch and node; checkers: one writer per
+epoch, every read the latest acknowledged version or a concurrent one, every acknowledged write
+readable at the end, no failed read; the seed in every failure). Nemesis: kill -9 of the
+writer, kill -9 of a reader, loss of the active coordinator (all under the workload), SIGSTOP /
+SIGCONT of an RBD writer. The cut-off and paused writers of a file fleet are in
+test_coordinator_faults.py. Runtime ~60 s in total.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import random
 import subprocess
 import sys
 import threading
@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 
-from agents.errors import NotFound, RbdfleetError
-from orchestrator.client import FleetClient, RequestOutcomeUnknown
+from orchestrator.client import FleetClient
 from orchestrator.errors import LeaseLost
-from orchestrator.testing.history import History, check_all
+from orchestrator.testing.history import History
 from tests.coordinator_harness import (
     Coordinator,
     LockOwnerFencer,
@@ -42,86 +41,9 @@ from tests.coordinator_harness import (
     wait_until,
 )
 from tests.fixtures.agents import AgentFleet, FleetFactory
+from tests.jepsen import SEED, Workload, assert_history_clean
 
 pytestmark = pytest.mark.fault
-
-SEED = int(time.time()) % 100000
-KEYS = [f"/k{i}" for i in range(4)]
-
-
-class Workload:
-    """Writers and readers over a few keys, recording a history until stopped."""
-
-    def __init__(self, client: FleetClient, history: History, seed: int) -> None:
-        self.client = client
-        self.history = history
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.counter = itertools.count()
-        self.threads: list[threading.Thread] = []
-        self.acks: list[tuple[float, str, int]] = []
-
-    def start(self, writers: int = 2, readers: int = 2) -> None:
-        for i in range(writers):
-            self.threads.append(threading.Thread(target=self._writer, args=(f"w{i}",)))
-        for i in range(readers):
-            self.threads.append(threading.Thread(target=self._reader, args=(f"r{i}",)))
-        for t in self.threads:
-            t.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-    def _writer(self, name: str) -> None:
-        while not self.stop.is_set():
-            key = self.rng.choice(KEYS)
-            value = f"{name}-{next(self.counter)}"
-            op = self.history.invoke(name, "put", key, value)
-            try:
-                ack = self.client.put_bytes(value.encode(), key)
-            except RequestOutcomeUnknown:
-                self.history.unknown(op)
-            except RbdfleetError:
-                self.history.unknown(op)  # may have been durable before the error
-            else:
-                self.history.ok(op, epoch=ack.epoch, node=ack.node)
-                self.acks.append((time.monotonic(), ack.node, ack.epoch))
-            time.sleep(0.01)
-
-    def _reader(self, name: str) -> None:
-        while not self.stop.is_set():
-            key = self.rng.choice(KEYS)
-            op = self.history.invoke(name, "get", key)
-            try:
-                value: str | None = self.client.get_bytes(key).decode()
-            except NotFound:
-                value = None
-            except RbdfleetError:
-                self.history.fail(op)
-                continue
-            self.history.ok(op, value)
-            time.sleep(0.005)
-
-
-def final_state(client: FleetClient) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for key in KEYS:
-        try:
-            out[key] = client.get_bytes(key).decode()
-        except NotFound:
-            out[key] = None
-    return out
-
-
-def assert_history_clean(history: History, client: FleetClient, seed: int) -> None:
-    ops = history.ops()
-    anomalies = check_all(ops, final_state(client))
-    failed_reads = [o for o in ops if o.kind == "get" and o.outcome == "fail"]
-    assert not anomalies, f"seed {seed}: " + "; ".join(map(str, anomalies[:5]))
-    assert not failed_reads, f"seed {seed}: {len(failed_reads)} failed reads"
-    assert sum(1 for o in ops if o.kind == "put" and o.outcome == "ok") > 10
 
 
 @pytest.fixture
@@ -143,7 +65,7 @@ def test_writer_killed_under_load_loses_no_acknowledged_write(coordinated_file: 
     time.sleep(1.5)
     killed_at = time.monotonic()
     fleet["w"].kill()
-    wait_until(lambda: any(e == 2 for _, _, e in work.acks), 15, "a write acknowledged at epoch 2")
+    wait_until(lambda: work.acked_at(2), 15, f"a write acknowledged at epoch 2 (seed {SEED})")
     first_new = min(t for t, _, e in work.acks if e == 2)
     time.sleep(1.0)
     work.finish()
@@ -194,19 +116,28 @@ def test_active_coordinator_lost_standby_takes_over_and_fails_over(
         assert not b.active
         client = fleet_client([second.url, first.url], fleet.name)  # standby listed first
         client.put_bytes(b"before", "/x")
-        lost_at = time.monotonic()
-        first.stop(release=False)  # dies holding the lease: the standby must wait it out
-        wait_until(lambda: b.active, 10, "standby active")
-        took_over = time.monotonic() - lost_at
-        assert took_over <= 2.0 + 1.0  # within the lease (+ one renewal period + margin)
-        with pytest.raises(LeaseLost):
-            store_a.save(b.require_active(), b.require_active().revision)  # the ex-active
-        assert client.get_bytes("/x") == b"before"
-        fleet["w"].kill()
-        wait_until(lambda: b.require_active().writer in ("r1", "r2"), 15, "failover by standby")
+        work = Workload(client, History(), SEED + 2)
+        work.start()
+        try:
+            time.sleep(1.0)
+            lost_at = time.monotonic()
+            first.stop(release=False)  # dies holding the lease: the standby must wait it out
+            wait_until(lambda: b.active, 10, "standby active")
+            took_over = time.monotonic() - lost_at
+            assert took_over <= 2.0 + 1.0  # within the lease (+ one renewal period + margin)
+            with pytest.raises(LeaseLost):
+                store_a.save(b.require_active(), b.require_active().revision)  # the ex-active
+            assert client.get_bytes("/x") == b"before"
+            fleet["w"].kill()
+            wait_until(lambda: work.acked_at(2), 15, f"failover by the standby (seed {SEED + 2})")
+            time.sleep(0.5)
+        finally:
+            work.finish()
+        assert b.require_active().writer in ("r1", "r2")
         client.put_bytes(b"after", "/x")
         assert client.get_bytes("/x") == b"after"
-        print(f"\ncoordinator lost -> standby active after {took_over:.2f} s")
+        assert_history_clean(work.history, client, SEED + 2)
+        print(f"\nseed {SEED + 2}: coordinator lost -> standby active after {took_over:.2f} s")
     finally:
         second.stop()
         store_a.close()
