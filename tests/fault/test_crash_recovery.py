@@ -308,8 +308,16 @@ def test_writer_killed_under_small_puts_victim_restarts_and_catches_up(
     image = tmp_path / "image.raw"
     with image.open("wb") as f:
         f.truncate(64 << 20)
-    fleet = fleet_factory(f"file:{image}")
+    fleet = fleet_factory(f"file:{image}", start=False)
+    # a 16 MiB ring: reading it for witnesses takes long enough that the writer commits
+    # several batches meanwhile (the race window of the end-of-journal check, widened)
+    device = FileDevice(image)
+    Volume.format(device, fleet=fleet.name, journal_bytes=16 << 20)
+    device.close()
     nodes = ["w", "r1", "r2"]
+    for node in nodes[1:]:
+        fleet.add(node)
+    fleet.add("w", role="writer", readers={n: fleet[n].address for n in nodes[1:]})
     load = _Load(fleet, threads=4)
     for t in load.threads:
         t.start()
