@@ -54,6 +54,8 @@ def test_truncated_record_never_decodes(record: Record, data: st.DataObject) -> 
     cut = data.draw(st.integers(0, length - 1))
     with pytest.raises((TornRecord, ChecksumMismatch)):
         Record.decode(raw[:cut])
+    with pytest.raises((TornRecord, ChecksumMismatch)):
+        Record.verify(raw[:cut])  # the end-of-journal witness check: same verdict
 
 
 @given(records, st.data())
@@ -62,11 +64,24 @@ def test_flipped_bit_never_decodes(record: Record, data: st.DataObject) -> None:
     length = struct.unpack_from("<I", raw, 8)[0]
     bit = data.draw(st.integers(0, length * 8 - 1))
     raw[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises((TornRecord, ChecksumMismatch, UnsupportedFormat)):
+        Record.verify(bytes(raw))
     try:
         got = Record.decode(bytes(raw))
     except (TornRecord, ChecksumMismatch, UnsupportedFormat):
         return
     raise AssertionError(f"flipped bit {bit} went unnoticed: decoded {got}")
+
+
+@given(records)
+def test_verify_gives_the_numbers_decode_gives(record: Record) -> None:
+    got = Record.decode(record.encode())
+    assert Record.verify(record.encode()) == (
+        got.seq,
+        got.epoch,
+        got.commit_seq,
+        got.volume_tag,
+    )
 
 
 def test_unknown_version_with_valid_crc_is_unsupported() -> None:
