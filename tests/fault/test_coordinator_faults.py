@@ -19,7 +19,7 @@ acknowledged write readable afterwards, no failed read; the seed is in every fai
   request waiting in its socket runs after SIGCONT and changes nothing; it steps down.
 
 "Nothing changed" is checked three ways: the raw image's SHA-256 is the same before and after
-the stale write, every file reads back with the same checksum, and ``python -m agents fsck``
+the stale write, every file reads back with the same checksum, and ``rbdfleet-agent fsck``
 finds the volume clean. Runtime ~35 s.
 """
 
@@ -95,9 +95,9 @@ class LoopFleet:
         return str(health["role"]), int(health["epoch"])
 
     def fsck(self) -> None:
-        """``python -m agents fsck`` on the image: exit 0."""
+        """``rbdfleet-agent fsck`` (the installed entry point) on the image: exit 0."""
         done = subprocess.run(
-            [sys.executable, "-m", "agents", "fsck", str(self.image)],
+            [str(Path(sys.executable).with_name("rbdfleet-agent")), "fsck", str(self.image)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -250,6 +250,7 @@ def test_writer_cut_off_from_the_coordinator_cannot_change_a_byte_and_steps_down
     client = loop.client()
     stale_grant = loop.fleet.grant("w", "writer", 1)
     work, took = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
+    assert loop.fleet["w"].alive  # fenced, not killed: it still runs on its side of the cut
     before, sums = loop.image_digest(), _checksums(client)
     outcomes = []
     if stale_client:
@@ -261,6 +262,8 @@ def test_writer_cut_off_from_the_coordinator_cannot_change_a_byte_and_steps_down
         assert loop.image_digest() == before, f"seed {seed}: the fenced writer changed the image"
     _cut(hosts3, "h1", heal=True)
     wait_until(lambda: _rejoined(loop), 30, "the old writer back as an in-sync reader")
+    if not stale_client:  # still a writer of epoch 1 until the coordinator could tell it
+        assert ("DemoteNode", "w") in [(what, n) for _, what, n in loop.service.timeline]
     outcomes.append(_stale_put(loop.fleet["w"].address, stale_grant))
     assert outcomes[-1] == 409, f"seed {seed}: stale put after the heal -> {outcomes}"
     assert loop.image_digest() == before, f"seed {seed}: the old writer changed the image"
