@@ -374,6 +374,7 @@ class Agent:
         self._control(token, request.fleet, request.node, request.epoch)
         self.handle(roles.PromoteRequested(request.epoch))
         self.writer_hint = (self.settings.node, self.settings.advertise)
+        self.run_selftest()  # the role change reopened the device: an older result is moot
         return self.health()
 
     def demote(self, token: str, request: DemoteRequest) -> Health:
@@ -381,6 +382,7 @@ class Agent:
         self._control(token, request.fleet, request.node, request.epoch)
         self.handle(roles.DemoteRequested(request.epoch))
         self.writer_hint = (request.writer, request.writer_address)
+        self.run_selftest()  # tells at once whether the device it now reads works
         return self.health()
 
     def set_readers(self, token: str, request: ReaderSet) -> Health:

@@ -129,6 +129,8 @@ class FleetService:
         self._liveness = Liveness(settings.liveness)
         self._next_lease = 0.0
         self._next_probe = 0.0
+        # node -> (promoted at, grace until): see _after_promotion
+        self._swapped: dict[str, tuple[float, float]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lease_lost = threading.Event()
@@ -401,7 +403,8 @@ class FleetService:
             elif isinstance(
                 item, HeartbeatReceived | ProbeSucceeded | ProbeFailed | SelfTestFailed
             ):
-                self._liveness = self._liveness.observe(item)
+                if not self._stale(item):
+                    self._liveness = self._liveness.observe(item)
             elif isinstance(item, FailureReported):
                 self._liveness = self._liveness.observe(item)
                 self._next_probe = now  # a client says it failed: probe it right now
@@ -428,14 +431,28 @@ class FleetService:
                 self.stats["batches_failed"] += 1
             for promoted in (a for a in result.done if isinstance(a, el.PromoteNode)):
                 self.stats["failovers"] += 1
-                # Our own role switch swapped its disk and the promotion held it busy: probes
-                # that failed meanwhile are stale, its answer to the promote is fresh contact
-                # (seen on VMs: the new writer confirmed dead 60 ms after its promotion).
-                now = self.clock.monotonic()
-                self._liveness = self._liveness.forget(promoted.node).watch(promoted.node, now)
+                self._after_promotion(promoted.node)
             ev = el.BatchExecuted(result.done, result.failed, result.reason,
                                   self.clock.monotonic(), result.infrastructure)
             self._state, actions = el.step(self._state, ev)
+
+    def _after_promotion(self, node: str) -> None:
+        """Our own role switch swapped ``node``'s disk and the promotion held it busy: probes
+        and self-test reports from before are stale, its answer to the promote is fresh
+        contact (seen on VMs: the new writer confirmed dead 60 ms after its promotion). For
+        ``dead_after`` more seconds its guest may still be digesting the hot-plug (TCG: ~1 s
+        of slow answers), so only silence, not slow probes, can confirm its death then."""
+        now = self.clock.monotonic()
+        self._liveness = self._liveness.forget(node).watch(node, now)
+        self._swapped[node] = (now, now + self.settings.liveness.dead_after)
+
+    def _stale(self, item: Observation) -> bool:
+        """A failure observation about a just-promoted node that the swap explains."""
+        swapped = self._swapped.get(item.node)
+        if swapped is None or not isinstance(item, ProbeFailed | SelfTestFailed):
+            return False
+        promoted_at, grace_until = swapped
+        return item.at < promoted_at or (isinstance(item, ProbeFailed) and item.at < grace_until)
 
     def _probe_all(self) -> None:
         state = self._state
@@ -457,7 +474,9 @@ class FleetService:
     def _observe_probe(self, name: str, health: Health | None) -> None:
         at = self.clock.monotonic()
         if health is None:
-            self._liveness = self._liveness.observe(ProbeFailed(name, at))
+            failed = ProbeFailed(name, at)
+            if not self._stale(failed):
+                self._liveness = self._liveness.observe(failed)
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
         if health.selftest == "failed":
@@ -472,9 +491,11 @@ class FleetService:
         for name, verdict in self._liveness.verdicts(now).items():
             if verdict is not Verdict.DEAD:
                 continue
+            record = self._liveness.record(name)
             self._liveness = self._liveness.forget(name)
             if state.map.has(name) and state.map.member(name).role != "out":
-                LOG.warning("event=node_confirmed_dead fleet=%s node=%s", self.fleet, name)
+                LOG.warning("event=node_confirmed_dead fleet=%s node=%s record=%s", self.fleet,
+                            name, record)
                 self.timeline.append((now, "NodeFailed", name))
                 self._feed(el.NodeFailed(name, now))
                 state = self._state

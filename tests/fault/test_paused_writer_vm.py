@@ -47,8 +47,10 @@ def _say(message: str) -> None:
 class PutStream:
     """Small puts one after another from a thread; what was acknowledged, by whom, when."""
 
-    def __init__(self, fleet: Mission) -> None:
+    def __init__(self, fleet: Mission, io_timeout: float) -> None:
         self.client = fleet.client(timeout=120.0)
+        # a put in flight to the frozen writer waits this long before it follows the new map
+        self.client.io_timeout = io_timeout
         self.acked: dict[str, str] = {}
         self.by_node: list[tuple[float, str, int]] = []  # (monotonic ack time, node, epoch)
         self.errors: list[str] = []
@@ -107,18 +109,23 @@ def test_paused_writer_is_replaced_and_cannot_change_a_byte_when_it_comes_back(
     mission.start_coordinator(log)
     before = mission.put_many(5, prefix="/paused/before")
     mission.start_stale_writer(WRITER)
-    stream = PutStream(mission)
+    stream = PutStream(mission, io_timeout=5.0)
     stream.start()
     mission.wait(lambda: len(stream.acked) >= 3, 60, "the put stream")
 
     sandbox_vms.pause(WRITER)
     paused = time.monotonic()
     _say("writer VM paused")
+    mission.wait(lambda: mission.fleet_map().get("writer") not in (None, WRITER)
+                 and mission.fleet_map().get("phase") == "stable", 90, "a new writer announced")
+    announced = round(time.monotonic() - paused, 2)
     mission.wait(lambda: any(t > paused and node != WRITER for t, node, _ in stream.by_node),
                  90, "a put acknowledged by a new writer")
     first_ack = min(t for t, node, _ in stream.by_node if t > paused and node != WRITER)
     failover = round(first_ack - paused, 2)
-    _say(f"new writer accepting writes {failover} s after the pause")
+    _say(f"new writer announced {announced} s, first streamed put acknowledged by it "
+         f"{failover} s after the pause (the put in flight to the frozen writer waited for "
+         "the client's 5 s I/O timeout)")
     mission.wait(lambda: len([1 for t, _, _ in stream.by_node if t > first_ack]) >= 5, 60,
                  "more puts on the new writer")
     stream.stop()
@@ -168,4 +175,5 @@ def test_paused_writer_is_replaced_and_cannot_change_a_byte_when_it_comes_back(
     mission.rejoin(WRITER)
     assert mission.verify({**before, **stream.acked}) == []
     assert json.loads(mission.cli("status", "--json").stdout)["map"]["epoch"] == 2
-    _say(f"failover with a paused writer VM: {failover} s; rejoin {mission.timings['rejoin']} s")
+    _say(f"failover with a paused writer VM: announced {announced} s, put acknowledged "
+         f"{failover} s; rejoin {mission.timings['rejoin']} s")
