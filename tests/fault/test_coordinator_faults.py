@@ -20,7 +20,11 @@ acknowledged write readable afterwards, no failed read; the seed is in every fai
 
 "Nothing changed" is checked three ways: the raw image's SHA-256 is the same before and after
 the stale write, every file reads back with the same checksum, and ``rbdfleet-agent fsck``
-finds the volume clean. Runtime ~35 s.
+finds the volume clean.
+
+And the checks can fail: the same cut with a fence that does nothing lets the stale client's
+put through the old writer be acknowledged at epoch 1 after epoch 2 began — the image changes
+and the history checkers report the acknowledged write lost. Runtime ~45 s.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ import pytest
 from agents.core.protocol import PutRequest
 from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
 from orchestrator.coordinator.service import FleetService
+from orchestrator.ports import Fencer
 from orchestrator.sandbox.hosts import HostSet
-from orchestrator.testing.history import History
+from orchestrator.testing.history import History, check_all
 from tests.coordinator_harness import (
     Coordinator,
     bootstrap_map,
@@ -55,7 +60,7 @@ from tests.coordinator_harness import (
     wait_until,
 )
 from tests.fixtures.agents import REPO, TEST_SECRET, AgentFleet, FleetFactory
-from tests.jepsen import KEYS, SEED, Workload, assert_history_clean
+from tests.jepsen import KEYS, SEED, Workload, assert_history_clean, final_state
 from tests.shared_disk import LoopAttachments
 
 pytestmark = pytest.mark.fault
@@ -110,12 +115,13 @@ class LoopFleet:
 def loop_fleet_factory(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> Iterator[Any]:
-    """``make(hosts=None)``: writer ``w`` and readers ``r1``, ``r2`` on loop devices of one
-    image, coordinated (state in RADOS), both readers in sync. With ``hosts``, the agents run
-    in its namespace hosts (w on h1, r1 on h2, r2 on h3) and the coordinator on the gateway."""
+    """``make(hosts=None, fencer=None)``: writer ``w`` and readers ``r1``, ``r2`` on loop
+    devices of one image, coordinated (state in RADOS), both readers in sync. With ``hosts``,
+    the agents run in its namespace hosts (w on h1, r1 on h2, r2 on h3) and the coordinator on
+    the gateway; ``fencer`` replaces the loop devices' fence."""
     cleanup: list[Any] = []  # undone in reverse order
 
-    def make(hosts: HostSet | None = None) -> LoopFleet:
+    def make(hosts: HostSet | None = None, fencer: Fencer | None = None) -> LoopFleet:
         coordinator = start_api(hosts.gateway if hosts else "127.0.0.1")
         cleanup.append(coordinator.api.shutdown)
         image = file_image(tmp_path / "image.raw")
@@ -148,7 +154,9 @@ def loop_fleet_factory(
             )
         store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
         cleanup.append(store.close)
-        service = start_service(coordinator, store, disks, bootstrap_map(fleet), role_switch=disks)
+        service = start_service(
+            coordinator, store, fencer or disks, bootstrap_map(fleet), role_switch=disks
+        )
         cleanup.append(coordinator.stop)  # first: no fence or promotion while we stop the rest
         wait_in_sync(service, 20)
         return LoopFleet(fleet, disks, coordinator, service, image)
@@ -158,17 +166,20 @@ def loop_fleet_factory(
     assert not errors, errors
 
 
+STALE_VALUE = "STALE" * 100  # what _stale_put writes to /k0 (no workload value looks like it)
+
+
 def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
     """Status of a put to ``address`` with ``grant``, sent from a separate process (run
     through ``launcher``, e.g. inside another host); 599 when no answer came."""
-    headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
+    headers = PutRequest(grant=grant, size=len(STALE_VALUE), readers=()).to_headers()
     script = (
         "import http.client, json, sys\n"
         "address, headers = json.load(sys.stdin)\n"
         "host, _, port = address.rpartition(':')\n"
         "conn = http.client.HTTPConnection(host, int(port), timeout=20)\n"
         "try:\n"
-        "    conn.request('PUT', '/v1/files/k0', body=b'STALE' * 100, headers=headers)\n"
+        f"    conn.request('PUT', '/v1/files/k0', body={STALE_VALUE.encode()!r}, headers=headers)\n"
         "    print(conn.getresponse().status)\n"
         "except OSError:\n"
         "    print(599)\n"
@@ -230,9 +241,13 @@ def _fail_over_under_load(loop: LoopFleet, fault: Any, seed: int) -> tuple[Workl
         work.finish()
     m = loop.service.require_active()
     assert m.epoch == 2 and m.writer in ("r1", "r2") and m.member("w").role == "out", m
-    assert [n for n, _, _ in loop.disks.fenced] == ["w"] and loop.disks.read_only("w")
     assert not loop.disks.read_only(m.writer)
     return work, took
+
+
+def _assert_fenced(loop: LoopFleet) -> None:
+    """The old writer, and only it, was fenced: its device is read-only."""
+    assert [n for n, _, _ in loop.disks.fenced] == ["w"] and loop.disks.read_only("w")
 
 
 def _rejoined(loop: LoopFleet) -> bool:
@@ -250,6 +265,7 @@ def test_writer_cut_off_from_the_coordinator_cannot_change_a_byte_and_steps_down
     client = loop.client()
     stale_grant = loop.fleet.grant("w", "writer", 1)
     work, took = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
+    _assert_fenced(loop)
     assert loop.fleet["w"].alive  # fenced, not killed: it still runs on its side of the cut
     before, sums = loop.image_digest(), _checksums(client)
     outcomes = []
@@ -284,6 +300,7 @@ def test_paused_writer_is_fenced_its_waiting_request_changes_nothing_and_it_step
     client = loop.client()
     old = loop.fleet["w"]
     work, took = _fail_over_under_load(loop, old.pause, seed)
+    _assert_fenced(loop)
     before, sums = loop.image_digest(), _checksums(client)
     # A request sent to the sleeping writer waits in its socket and runs after SIGCONT.
     waiting: list[int] = []
@@ -303,3 +320,35 @@ def test_paused_writer_is_fenced_its_waiting_request_changes_nothing_and_it_step
         f"\nseed {seed}: writer paused -> first ack at epoch 2 after {took:.2f} s; "
         f"its waiting stale put -> {waiting[0]}; it rejoined as reader of epoch 2"
     )
+
+
+class FenceThatDoesNothing:
+    """A broken Fencer: reports success and cuts nothing (to show what the fence is for)."""
+
+    def fence(self, vm: str) -> list[str]:
+        return []
+
+
+def test_without_a_fence_the_cut_off_writer_splits_the_brain_and_the_checks_catch_it(
+    loop_fleet_factory: Any, hosts3: HostSet
+) -> None:
+    """The checks can fail on real processes: the same cut with a fence that does nothing lets
+    a stale client's put through the old writer be acknowledged at epoch 1 after epoch 2
+    began; the image changes and the history checkers report the acknowledged write lost."""
+    seed = SEED + 4
+    loop: LoopFleet = loop_fleet_factory(hosts3, fencer=FenceThatDoesNothing())
+    client = loop.client()
+    work, _ = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
+    assert not loop.disks.fenced and not loop.disks.read_only("w")
+    before = loop.image_digest()
+    op = work.history.invoke("stale-client", "put", "/k0", STALE_VALUE)
+    h3 = ("ip", "netns", "exec", hosts3.host("h3").netns)
+    status = _stale_put(loop.fleet["w"].address, loop.fleet.grant("w", "writer", 1), h3)
+    assert 200 <= status < 300, f"seed {seed}: the unfenced old writer refused the put: {status}"
+    work.history.ok(op, epoch=1, node="w")
+    assert loop.image_digest() != before  # two writers on one image: split brain
+    anomalies = check_all(work.history.ops(), final_state(client))
+    assert any(a.checker == "final-state" and "/k0" in a.message for a in anomalies), (
+        f"seed {seed}: split brain not caught; anomalies: {[str(a) for a in anomalies]}"
+    )
+    print(f"\nseed {seed}: without a fence -> {len(anomalies)} anomalies, e.g. {anomalies[0]}")
