@@ -261,12 +261,12 @@ def test_bad_agent_reports_and_stale_epochs_change_nothing(setup: Setup) -> None
     now = time.time()
     w_grant, r1_grant = s.fleet.grant("w", "writer", 1), s.fleet.grant("r1", "reader", 1)
 
-    def heartbeat(node: str, fleet: str = name) -> bytes:
+    def heartbeat(node: str, fleet: str = name, role: str = "reader", epoch: int = 1) -> bytes:
         message = Heartbeat(
             node=node,
             fleet=fleet,
-            role="reader",
-            epoch=1,
+            role=role,
+            epoch=epoch,
             applied_seq=0,
             safe_seq=0,
             selftest="ok",
@@ -314,6 +314,11 @@ def test_bad_agent_reports_and_stale_epochs_change_nothing(setup: Setup) -> None
             assert answer.get("writer") == "w", answer
             assert answer.get("writer_address") == s.fleet["w"].address, answer
     _check(results)
+    # A heartbeat of an older epoch is news about the node, not a request: answered with the
+    # current epoch and writer (so a deposed writer learns it), and the map stays as it is.
+    stale = heartbeat("w", role="writer", epoch=0)
+    status, answer = s.request("POST", "/v1/heartbeat", body=stale, grant=w_grant)
+    assert (status, answer["epoch"], answer["writer"]) == (200, 1, "w"), answer
     time.sleep(1.0)  # anything queued by a wrongly accepted report has run by now
     _assert_untouched(s, before)
 
