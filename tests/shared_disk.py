@@ -89,6 +89,7 @@ class LoopAttachments:
             try:
                 backing = _run("losetup", "--noheadings", "--output", "BACK-FILE", device)
                 if Path(backing).resolve() == self.image.resolve():
+                    _run("blockdev", "--setrw", device)  # the next user expects a writable one
                     _run("losetup", "--detach", device)
                 del self.devices[node]
             except RuntimeError as exc:
