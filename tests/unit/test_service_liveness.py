@@ -1,0 +1,73 @@
+"""FleetService around a promotion: what its own disk swap explains is not a death.
+
+The loop is not started: observations go through the same methods the loop calls, on a fake
+clock, and the verdicts are read from the service's liveness state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.core.liveness import LivenessConfig, ProbeFailed, SelfTestFailed, Verdict
+from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
+
+pytestmark = pytest.mark.unit
+
+
+class Unused:
+    """Fencer and AgentControl that must not be called here."""
+
+    def fence(self, vm: str) -> list[str]:
+        raise AssertionError("no fence here")
+
+    def health(self, address: str, timeout: float) -> Any:
+        raise AssertionError("no probe here")
+
+    def promote(self, address: str, request: Any, grant: str) -> None:
+        raise AssertionError("no promote here")
+
+    def demote(self, address: str, request: Any, grant: str) -> None:
+        raise AssertionError("no demote here")
+
+
+def service() -> tuple[FleetService, FakeClock]:
+    clock = FakeClock()
+    store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
+    settings = ServiceSettings(url="http://c1", liveness=LivenessConfig())
+    return FleetService(store=store, fencer=Unused(), agents=Unused(), secret=b"k",
+                        settings=settings, clock=clock, wall=lambda: 0.0), clock
+
+
+def verdict(svc: FleetService, node: str, clock: FakeClock) -> Verdict:
+    return svc._liveness.verdict(node, clock.monotonic())
+
+
+def test_slow_probes_right_after_the_swap_do_not_kill_the_new_writer() -> None:
+    svc, clock = service()
+    before = clock.monotonic()
+    clock.forward(0.1)
+    svc._after_promotion("r2")
+    svc.submit(SelfTestFailed("r2", before, "device-read"))  # sent during the swap
+    svc._drain(clock.monotonic())
+    for _ in range(4):  # the guest digests its hot-plug: probes time out
+        clock.forward(0.25)
+        svc._observe_probe("r2", None)
+    assert verdict(svc, "r2", clock) is not Verdict.DEAD
+    clock.forward(svc.settings.liveness.dead_after)  # and then: silence is a death
+    assert verdict(svc, "r2", clock) is Verdict.DEAD
+
+
+def test_after_the_grace_probes_confirm_a_death_as_usual() -> None:
+    svc, clock = service()
+    svc._after_promotion("r2")
+    clock.forward(svc.settings.liveness.dead_after)
+    svc._observe_probe("r2", None)  # the grace is over: failed probes count again
+    svc._liveness = svc._liveness.observe(ProbeFailed("r2", clock.monotonic()))
+    svc._liveness = svc._liveness.observe(ProbeFailed("r2", clock.monotonic()))
+    assert svc._liveness.record("r2").failed_probes == 3  # type: ignore[union-attr]
+    svc.submit(SelfTestFailed("r2", clock.monotonic(), "device-read"))  # a fresh report
+    svc._drain(clock.monotonic())
+    assert verdict(svc, "r2", clock) is Verdict.DEAD
