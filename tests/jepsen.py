@@ -3,11 +3,14 @@
 Generator: writer threads put unique values to a few keys, reader threads get them back, the
 key choices drawn from one seeded stream (:data:`SEED`, from ``RBDFLEET_TEST_SEED`` to replay a
 run, else random). Every op is recorded in an :class:`~orchestrator.testing.history.History`:
-invoke, then ok / fail / unknown, with the epoch and node that acknowledged a write and the
-node that served a read. :func:`assert_history_clean` runs every checker over the history plus
-a final read of each key, and names the seed in any failure. It also feeds the checkers the
-same history with one acknowledged write lost, and fails if they do not notice: a checker that
-cannot fail proves nothing.
+invoke, then ok / fail / unknown, with the epoch seen: the epoch and node that acknowledged a
+write; for a read, or a write that failed or whose outcome is unknown, the epoch of the map
+the client last used (:class:`EpochSeen`) and the node that served the read.
+
+:func:`assert_history_clean` runs every checker over the history plus a final read of each
+key, and names the seed in any failure. It also feeds the checkers the same history with one
+acknowledged write lost, and fails if they do not notice: a checker that cannot fail proves
+nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +23,45 @@ import time
 from dataclasses import replace
 
 from agents.errors import NotFound, RbdfleetError
-from orchestrator.client import FleetClient, RequestOutcomeUnknown
+from orchestrator.client import (
+    CoordinatorClient,
+    FleetClient,
+    RequestOutcomeUnknown,
+    RetryPolicy,
+    Targets,
+)
 from orchestrator.testing.history import History, Op, check_all
 
 SEED = int(os.environ.get("RBDFLEET_TEST_SEED") or random.SystemRandom().randrange(100000))
 KEYS = tuple(f"/k{i}" for i in range(4))
+
+
+class EpochSeen(CoordinatorClient):
+    """A CoordinatorClient that remembers, per thread, the epoch of the last targets it got."""
+
+    def __init__(self, urls: list[str], fleet: str, secret: bytes) -> None:
+        super().__init__(urls, fleet, secret)
+        self._seen = threading.local()
+
+    def targets(self, kind: str, path: str) -> Targets:
+        """The targets, noting their epoch for this thread."""
+        found = super().targets(kind, path)
+        self._seen.epoch = found.epoch
+        return found
+
+    def last_epoch(self) -> int | None:
+        """The epoch of the last targets this thread got (None before any)."""
+        epoch: int | None = getattr(self._seen, "epoch", None)
+        return epoch
+
+
+def recording_client(
+    urls: list[str], fleet: str, secret: bytes, *, io_timeout: float = 10.0
+) -> FleetClient:
+    """A client for :class:`Workload`: retries for 30 s, notes the epoch each op used."""
+    return FleetClient(
+        EpochSeen(urls, fleet, secret), retry=RetryPolicy(timeout=30.0), io_timeout=io_timeout
+    )
 
 
 class Workload:
@@ -39,6 +76,8 @@ class Workload:
         self.counter = itertools.count()
         self.threads: list[threading.Thread] = []
         self.acks: list[tuple[float, str, int]] = []  # (monotonic time, node, epoch)
+        seen = client.coordinator
+        self._epoch = seen.last_epoch if isinstance(seen, EpochSeen) else lambda: None
 
     def start(self, writers: int = 2, readers: int = 2) -> None:
         """Start the client threads."""
@@ -67,7 +106,7 @@ class Workload:
             try:
                 ack = self.client.put_bytes(value.encode(), key)
             except (RequestOutcomeUnknown, RbdfleetError):
-                self.history.unknown(op)  # it may have been durable before the error
+                self.history.unknown(op, self._epoch())  # it may be durable all the same
             else:
                 self.history.ok(op, epoch=ack.epoch, node=ack.node)
                 self.acks.append((time.monotonic(), ack.node, ack.epoch))
@@ -80,11 +119,11 @@ class Workload:
             try:
                 data, _, node = self.client.get_with_version(key)
             except NotFound:
-                self.history.ok(op, None)
+                self.history.ok(op, None, epoch=self._epoch())
             except RbdfleetError:
-                self.history.fail(op)
+                self.history.fail(op, self._epoch())
             else:
-                self.history.ok(op, data.decode(), node=node)
+                self.history.ok(op, data.decode(), epoch=self._epoch(), node=node)
             time.sleep(0.005)
 
 
@@ -121,6 +160,8 @@ def assert_history_clean(
     assert not anomalies, f"seed {seed}: " + "; ".join(map(str, anomalies[:5]))
     failed_reads = [o for o in ops if o.kind == "get" and o.outcome == "fail"]
     assert not failed_reads, f"seed {seed}: {len(failed_reads)} failed reads"
+    unseen = [o.id for o in ops if o.outcome == "ok" and o.epoch is None]
+    assert not unseen, f"seed {seed}: ops completed without the epoch they saw: {unseen[:10]}"
     acked = sum(1 for o in ops if o.kind == "put" and o.outcome == "ok")
     assert acked >= min_acked, f"seed {seed}: only {acked} acknowledged puts"
     assert check_all(ops, lost_write_variant(ops, final)), (
@@ -137,8 +178,10 @@ def assert_history_clean(
 __all__ = [
     "KEYS",
     "SEED",
+    "EpochSeen",
     "Workload",
     "assert_history_clean",
     "final_state",
     "lost_write_variant",
+    "recording_client",
 ]

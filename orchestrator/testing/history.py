@@ -95,18 +95,21 @@ class History:
         epoch: int | None = None,
         node: str | None = None,
     ) -> None:
-        """The op succeeded: a get passes the value read, a write the epoch and node that acked."""
+        """The op succeeded: a get passes the value read (and the epoch of the map it used and
+        the node that served it), a write the epoch and node that acknowledged it."""
         op = self._ops[op_id]
         read_value = value if op.kind == "get" else op.value
         self._complete(op_id, "ok", value=read_value, epoch=epoch, node=node)
 
-    def fail(self, op_id: int) -> None:
-        """The op certainly did not take effect (refused before anything was written)."""
-        self._complete(op_id, "fail")
+    def fail(self, op_id: int, epoch: int | None = None) -> None:
+        """The op certainly did not take effect (refused before anything was written);
+        ``epoch``: the map epoch the client was using."""
+        self._complete(op_id, "fail", epoch=epoch)
 
-    def unknown(self, op_id: int) -> None:
-        """The op may or may not have taken effect (timeout, connection lost mid-request)."""
-        self._complete(op_id, "unknown")
+    def unknown(self, op_id: int, epoch: int | None = None) -> None:
+        """The op may or may not have taken effect (timeout, connection lost mid-request);
+        ``epoch``: the map epoch the client was using."""
+        self._complete(op_id, "unknown", epoch=epoch)
 
     def ops(self) -> list[Op]:
         """All ops so far; pending ones count as unknown for the checkers."""

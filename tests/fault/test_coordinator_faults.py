@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from agents.core.protocol import PutRequest
-from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
+from orchestrator.client import FleetClient
 from orchestrator.coordinator.service import FleetService
 from orchestrator.ports import Fencer
 from orchestrator.sandbox.hosts import HostSet
@@ -60,7 +60,7 @@ from tests.coordinator_harness import (
     wait_until,
 )
 from tests.fixtures.agents import REPO, TEST_SECRET, AgentFleet, FleetFactory
-from tests.jepsen import KEYS, SEED, Workload, assert_history_clean, final_state
+from tests.jepsen import KEYS, SEED, Workload, assert_history_clean, final_state, recording_client
 from tests.shared_disk import LoopAttachments
 
 pytestmark = pytest.mark.fault
@@ -80,8 +80,9 @@ class LoopFleet:
 
     def client(self) -> FleetClient:
         """A client whose writes give up on a silent writer after 2 s (outcome unknown)."""
-        coordinator = CoordinatorClient([self.coordinator.url], self.fleet.name, TEST_SECRET)
-        return FleetClient(coordinator, retry=RetryPolicy(timeout=30.0), io_timeout=2.0)
+        return recording_client(
+            [self.coordinator.url], self.fleet.name, TEST_SECRET, io_timeout=2.0
+        )
 
     def image_digest(self) -> str:
         """SHA-256 of every byte of the shared image."""
