@@ -424,6 +424,9 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # listen backlog: the default 5 resets connections when many clients (or a fleet's
+    # readers and a burst of clients) connect at once
+    request_queue_size = 128
 
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
