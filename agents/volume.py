@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -153,6 +153,7 @@ class Volume:
         self._pins: collections.Counter[int] = collections.Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._durable_seq = 0
+        self._on_commit: Callable[[builtins.list[Record]], None] | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -703,6 +704,13 @@ class Volume:
         with self._leadership(), self._lock:
             self._checkpoint_locked()
 
+    def set_commit_listener(self, listener: Callable[[builtins.list[Record]], None] | None) -> None:
+        """Call ``listener`` with each group commit's records (seq order) once they are
+        durable, before their puts return; None removes it. Calls come one at a time in seq
+        order (the journal leader makes them), so the listener must be quick: the writer
+        queues the whole batch as one push per reader."""
+        self._on_commit = listener
+
     # ---- group commit --------------------------------------------------------------------
 
     def _ticket(self, op: str, payload: dict[str, Any], epoch: int) -> _Ticket:
@@ -804,15 +812,20 @@ class Volume:
         if not writes:
             return
         try:
-            self._device.flush()  # the batch's file data is durable before its records
+            if any(t.record is not None and t.record.payload.get("extents") for t in batch):
+                self._device.flush()  # the batch's file data is durable before its records
             for start, _, parts in writes:
                 self._device.write_at(self._sb.journal_offset + start, b"".join(parts))
             self._device.flush()
         except DeviceError as exc:
             self._failed = exc
             raise
+        committed = [t.record for t in batch if t.record is not None]
         with self._lock:
-            self._durable_seq = max(t.record.seq for t in batch if t.record is not None)
+            self._durable_seq = committed[-1].seq
+        listener = self._on_commit
+        if listener is not None:
+            listener(committed)
 
     def _checkpoint_locked(self) -> None:
         slot = 1 - self._checkpoint_slot

@@ -31,7 +31,6 @@ __all__ = ["ReaderLink", "WriterRole"]
 LOG = logging.getLogger(__name__)
 
 MAX_PUSH_BATCH = 256  # beyond this a push sends only the commit seq; the reader reads the journal
-ORDER_WAIT = 0.02  # seconds a pusher waits for a missing lower seq before sending past it
 
 
 @dataclass
@@ -46,7 +45,6 @@ class ReaderLink:
     reporting: bool = False
     pending: list[Record] = field(default_factory=list)
     retired: bool = False
-    sent_seq: int = -1
 
 
 SendPush = Callable[[ReaderLink, RecordPush], RecordAck]
@@ -79,6 +77,9 @@ class WriterRole:
         self._threads: list[threading.Thread] = []
         self._accepting = True
         self._inflight = 0
+        # each group commit's records are queued for the readers by the journal leader, in
+        # seq order and all at once: one push carries a whole group commit, never a gap
+        volume.set_commit_listener(self._queue)
 
     # -- readers -------------------------------------------------------------------------
 
@@ -168,10 +169,6 @@ class WriterRole:
                    path: str, size: int = 0, crc: int | None = None,
                    dst: str | None = None) -> WriteAck:
         with self._cond:
-            for link in self._links.values():
-                if link.in_sync:
-                    link.pending.append(record)
-            self._cond.notify_all()
             wait_for = self._wait_set(client_readers)
         acked, lagging = self.await_acks(record.seq, wait_for)
         self._release()
@@ -237,9 +234,7 @@ class WriterRole:
                     self._cond.wait(self.retry_interval)
                     if link.retired or not self._accepting or link.in_sync:
                         continue
-                else:
-                    self._wait_for_order(link)
-                batch, link.pending = sorted(link.pending, key=lambda r: r.seq), []
+                batch, link.pending = link.pending, []
             if batch and len(batch) <= MAX_PUSH_BATCH:
                 records = tuple(RecordPush.pack(r.encode()) for r in batch)
                 commit = batch[-1].seq
@@ -253,7 +248,6 @@ class WriterRole:
                 self._mark_lagging(link, commit, f"push failed: {exc.code}: {exc.message}")
                 continue
             with self._cond:
-                link.sent_seq = max(link.sent_seq, commit)
                 link.applied_seq = max(link.applied_seq, ack.applied_seq)
                 link.safe_seq = ack.safe_seq
                 if not link.in_sync and ack.applied_seq >= commit:
@@ -262,26 +256,18 @@ class WriterRole:
                              self.node, link.node, ack.applied_seq)
                 self._cond.notify_all()
 
-    def _wait_for_order(self, link: ReaderLink) -> None:
-        """Hold a batch briefly while a lower seq is still being queued (concurrent writes
-        finish their group commit in any order), so readers rarely see a gap. Caller holds
-        the condition."""
-        deadline = self._clock() + ORDER_WAIT
-        while link.pending and link.sent_seq >= 0 and not link.retired:
-            if min(r.seq for r in link.pending) <= link.sent_seq + 1:
-                return
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return
-            self._cond.wait(remaining)
-
-    def announce(self, record: Record) -> None:
-        """Queue ``record`` (e.g. the epoch-start record) for every in-sync reader; no wait."""
+    def _queue(self, records: list[Record]) -> None:
+        """Queue durable ``records`` (seq order) for every in-sync reader."""
         with self._cond:
             for link in self._links.values():
                 if link.in_sync:
-                    link.pending.append(record)
+                    link.pending.extend(records)
             self._cond.notify_all()
+
+    def announce(self, record: Record) -> None:
+        """Queue ``record`` (e.g. the epoch-start record, committed before this role
+        existed) for every in-sync reader; no wait."""
+        self._queue([record])
 
     def _release(self) -> None:
         with self._cond:
@@ -295,6 +281,7 @@ class WriterRole:
     def stop_writes(self, drain_timeout: float = 30.0) -> None:
         """Refuse new writes at once; wait (bounded) for in-flight ones to fail or finish."""
         deadline = self._clock() + drain_timeout
+        self.volume.set_commit_listener(None)
         with self._cond:
             self._accepting = False
             for link in self._links.values():
