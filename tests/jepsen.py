@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import replace
 
-from agents.errors import NotFound, RbdfleetError
+from agents.errors import AgentError, NotFound, RbdfleetError
 from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
@@ -56,12 +56,17 @@ class EpochSeen(CoordinatorClient):
 
 
 def recording_client(
-    urls: list[str], fleet: str, secret: bytes, *, io_timeout: float = 10.0
+    urls: list[str],
+    fleet: str,
+    secret: bytes,
+    *,
+    io_timeout: float = 10.0,
+    retry_timeout: float = 30.0,
 ) -> FleetClient:
-    """A client for :class:`Workload`: retries for 30 s, notes the epoch each op used."""
-    return FleetClient(
-        EpochSeen(urls, fleet, secret), retry=RetryPolicy(timeout=30.0), io_timeout=io_timeout
-    )
+    """A client for :class:`Workload`: follows the map for ``retry_timeout`` seconds, notes
+    the epoch each op used."""
+    retry = RetryPolicy(timeout=retry_timeout)
+    return FleetClient(EpochSeen(urls, fleet, secret), retry=retry, io_timeout=io_timeout)
 
 
 class Workload:
@@ -128,13 +133,16 @@ class Workload:
 
 
 def final_state(client: FleetClient) -> dict[str, str | None]:
-    """Each key's value read at the end (None: absent)."""
+    """Each key's value read at the end (None: absent; ``<unreadable: CODE>`` when no node
+    could serve it, which no write wrote: the final-state checker reports it)."""
     out: dict[str, str | None] = {}
     for key in KEYS:
         try:
             out[key] = client.get_bytes(key).decode()
         except NotFound:
             out[key] = None
+        except AgentError as exc:
+            out[key] = f"<unreadable: {exc.code}>"
     return out
 
 
