@@ -52,13 +52,14 @@ from agents.errors import (
     TooLarge,
     WrongKind,
 )
-from agents.volume import Entry
+from agents.volume import WRITE_UNIT, Entry
 
 __all__ = ["AgentServer", "serve"]
 
 LOG = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # bytes read from the socket per chunk of a PUT body
+CHUNK = WRITE_UNIT  # bytes read from the socket per chunk of a PUT body: whole write units
+# go to the device without being staged and copied again (Volume.put's fast path)
 MAX_JSON = 16 << 20  # JSON request bodies (a push of 256 records is ~1.4 MiB)
 EPOCH_HEADER = "X-Rbdfleet-Epoch"
 SEQ_HEADER = "X-Rbdfleet-Seq"
