@@ -1,0 +1,175 @@
+"""Storage amplification (DESIGN §9): bytes in Ceph / bytes of user data, for 1 MiB files.
+
+On a throwaway cluster (bluestore, with a mgr: ``ceph df`` needs one), a fresh thin RBD image
+is formatted and served by a writer + 2 reader agents (real processes, librbd backend).
+``--files`` files of ``--file-kib`` KiB are put through the writer (each acknowledged by both
+readers). The pool's ``stored`` (logical bytes in RADOS: data, journal records, checkpoints,
+superblocks) and ``bytes_used`` (raw, i.e. stored x pool size plus allocation rounding) come
+from ``ceph df detail --format json``, read before the puts and after them once the mgr's
+numbers settled (OSD stats arrive every ~5 s).
+
+Target: raw bytes / user bytes <= pool size x 1.02; the HDFS-style baseline (three copies
+on the same pool) is 3 x pool size.
+
+    .venv/bin/python bench/storage_bench.py [--files 200] [--file-kib 1024] [--osds 1]
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agents.core.protocol import PutRequest  # noqa: E402
+from orchestrator.sandbox.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
+from orchestrator.sandbox.state import StateFile  # noqa: E402
+from tests.fixtures.agents import AgentFleet, format_image  # noqa: E402
+
+MiB = 1 << 20
+SETTLE_POLL = 2.0  # seconds between ``ceph df`` reads while the mgr's numbers settle
+STATS_PERIOD = 5.0  # seconds between OSD stats reports to the mgr (mgr_stats_period)
+SETTLE_TIMEOUT = 90.0
+
+
+def pool_usage(cluster: CephCluster) -> dict[str, int] | None:
+    """``stored``, ``bytes_used`` and ``objects`` of the cluster's pool (``ceph df detail``);
+    None until the mgr knows the pool."""
+    out = subprocess.run(
+        ["ceph", "-c", str(cluster.conf), "df", "detail", "--format", "json"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    for pool in json.loads(out)["pools"]:
+        if pool["name"] == cluster.pool:
+            stats = pool["stats"]
+            return {k: int(stats[k]) for k in ("stored", "bytes_used", "objects")}
+    return None
+
+
+def pool_size(cluster: CephCluster) -> int:
+    """The replica count of the cluster's pool."""
+    out = subprocess.run(
+        ["ceph", "-c", str(cluster.conf), "osd", "pool", "get", cluster.pool, "size",
+         "--format", "json"], capture_output=True, text=True, check=True, timeout=60).stdout
+    return int(json.loads(out)["size"])
+
+
+def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict[str, int]:
+    """Pool usage once it differs from ``previous`` (if given) and then held still for two
+    stats periods: the mgr reports what the OSDs sent in their last stats beat, and a beat
+    taken mid-way would otherwise pass for the end."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    seen: dict[str, int] | None = None
+    since = 0.0
+    while time.monotonic() < deadline:
+        usage = pool_usage(cluster)
+        now = time.monotonic()
+        if usage is None or usage == previous or usage != seen:
+            seen, since = usage, now
+        elif now - since >= 2 * STATS_PERIOD:
+            return usage
+        time.sleep(SETTLE_POLL)
+    raise RuntimeError(f"pool stats did not settle in {SETTLE_TIMEOUT}s (last {seen})")
+
+
+def put_files(fleet: AgentFleet, count: int, size: int) -> None:
+    """``count`` distinct files of ``size`` random bytes through the writer, one keep-alive
+    connection; each must be acknowledged by both readers."""
+    grant = fleet.grant("w", "writer", fleet.epoch("w"))
+    host, _, port = fleet["w"].address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    headers = PutRequest(grant=grant, size=size,
+                         readers=fleet.reader_addresses("r1", "r2")).to_headers()
+    try:
+        for i in range(count):
+            conn.request("PUT", f"/v1/files/data/f{i:05d}", body=os.urandom(size),
+                         headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 201 or json.loads(body)["lagging"]:
+                raise RuntimeError(f"put {i}: {resp.status} {body[:200]!r}")
+    finally:
+        conn.close()
+
+
+def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Format a fresh image, serve it, measure the pool around the puts."""
+    user = args.files * args.file_kib * 1024
+    image = "storage-bench"
+    image_mib = max(256, 2 * user // MiB + 256)
+    ceph = {"ceph_conf": str(cluster.conf), "ceph_user": "admin",
+            "ceph_keyring": str(cluster.keyring)}
+    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{image_mib}M",
+                    f"{cluster.pool}/{image}"], check=True, timeout=120)
+    fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{image}", work,
+                       extra={**ceph, "log_level": "info"})
+    try:
+        format_image(fleet.backend, "bench", **ceph)
+        for node in ("r1", "r2"):
+            fleet.add(node)
+        fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+        before = settled_usage(cluster, None)
+        started = time.perf_counter()
+        put_files(fleet, args.files, args.file_kib * 1024)
+        put_seconds = time.perf_counter() - started
+        after = settled_usage(cluster, before)
+    finally:
+        fleet.close()
+        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress",
+                        f"{cluster.pool}/{image}"], capture_output=True, timeout=120)
+    size = pool_size(cluster)
+    stored = after["stored"] - before["stored"]
+    raw = after["bytes_used"] - before["bytes_used"]
+    return {
+        "files": args.files, "file_kib": args.file_kib, "user_bytes": user,
+        "pool_size": size, "objectstore": cluster.objectstore,
+        "before": before, "after": after, "put_seconds": round(put_seconds, 2),
+        "stored_ratio": stored / user,
+        "raw_ratio": raw / user,
+        "raw_ratio_whole_image": after["bytes_used"] / user,
+        "target_raw_ratio": size * 1.02,
+        "hdfs_style_raw_ratio": 3 * size,
+    }
+
+
+def main() -> int:
+    """Run the benchmark on its own cluster and print (and optionally save) the results."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--file-kib", type=int, default=1024)
+    parser.add_argument("--osds", type=int, default=1)
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rbdfleet-storage-", dir="/var/tmp"))
+    work.chmod(0o755)
+    (work / "agents").mkdir()
+    try:
+        state = StateFile(work / "state.json")
+        cluster = start_cluster(work / "ceph", state, osds=args.osds, objectstore="bluestore",
+                                mgr=True)
+        try:
+            results = run(cluster, args, work / "agents")
+        finally:
+            stop_cluster(cluster, state)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
