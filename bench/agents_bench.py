@@ -4,7 +4,9 @@ Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 - large-file write through the writer (PUT, streamed) vs ``rbd bench`` sequential write;
 - large-file read from one reader (GET, streamed) vs ``rbd bench`` sequential read, and the
   same file read by ``Volume.read`` in the benchmark process (the engine without the agent);
-- 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency;
+- 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency, at
+  each client concurrency of ``--clients`` (one keep-alive connection per client thread), next
+  to ``rbd bench`` 4 KiB random writes with 32 threads (the OSD's small-write ceiling);
 - visibility lag: time from the writer's ack to the reader serving the file (p50/p99; it
   includes one GET round trip, so it is an upper bound);
 - idle RSS of the agents (librbd backend) and of one agent on a file image (the footprint of
@@ -13,7 +15,7 @@ Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
 
     .venv/bin/python bench/agents_bench.py [--size-mib 256] [--objectstore bluestore]
-        [--small-seconds 5] [--clients 8] [--json out.json] [--conf CEPH_CONF]
+        [--small-seconds 5] [--clients 8,32] [--json out.json] [--conf CEPH_CONF]
 
 ``--conf`` uses a running cluster instead (pool ``rbd``; the image is created and removed).
 """
@@ -50,19 +52,20 @@ MiB = 1 << 20
 BLOCK = 4 * MiB
 
 
-def rbd_bench(conf: Path, spec: str, io_type: str, total: int) -> float:
-    """``rbd bench`` sequential 4M, 16 threads, rbd_cache off: bytes/s."""
+def rbd_bench(conf: Path, spec: str, io_type: str, total: int, *, io_size: int = BLOCK,
+              threads: int = 16, pattern: str = "seq") -> float:
+    """``rbd bench`` (default: sequential 4M, 16 threads), rbd_cache off: bytes/s."""
     out = subprocess.run(
-        ["rbd", "-c", str(conf), "bench", "--io-type", io_type, "--io-size", "4M",
-         "--io-threads", "16", "--io-total", str(total), "--io-pattern", "seq",
+        ["rbd", "-c", str(conf), "bench", "--io-type", io_type, "--io-size", str(io_size),
+         "--io-threads", str(threads), "--io-total", str(total), "--io-pattern", pattern,
          "--rbd-cache=false", spec],
         capture_output=True, text=True, check=True, timeout=600).stdout
     # "elapsed: 0   ops: 8   ops/sec: 35.0877   bytes/sec: 140 MiB/s": elapsed is whole
-    # seconds and bytes/sec rounded, so use ops/sec x the 4 MiB op size.
+    # seconds and bytes/sec rounded, so use ops/sec x the op size.
     match = re.search(r"ops/sec:\s*([\d.]+)", out)
     if match is None:
         raise RuntimeError(f"cannot parse rbd bench output:\n{out}")
-    return float(match.group(1)) * BLOCK
+    return float(match.group(1)) * io_size
 
 
 def _conn(address: str) -> http.client.HTTPConnection:
@@ -259,7 +262,13 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
             ceph_keyring=str(cluster.keyring)) / MiB
         results["write_ratio"] = results["agent_write_mib_s"] / results["rbd_bench_write_mib_s"]
         results["read_ratio"] = results["agent_read_mib_s"] / results["rbd_bench_read_mib_s"]
-        results["small_4k"] = small_puts(fleet, args.small_seconds, args.clients)
+        # the OSD's own ceiling for small writes: every 4 KiB put costs one 4 KiB data write
+        # (files above inline_max, 3 KiB) plus its share of a group-commit journal write
+        results["rbd_bench_4k_randwrite_iops"] = rbd_bench(
+            conf, spec, "write", 2048 * 4096, io_size=4096, threads=32, pattern="rand") / 4096
+        results["small_4k"] = {
+            str(clients): small_puts(fleet, args.small_seconds, clients)
+            for clients in args.clients}
         results["visibility_lag"] = visibility_lag(fleet, args.lag_samples)
     finally:
         fleet.close()
@@ -276,7 +285,8 @@ def main() -> int:
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--objectstore", default="bluestore", choices=("bluestore", "memstore"))
     parser.add_argument("--small-seconds", type=float, default=5.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")],
+                        default=[8, 32], help="client concurrencies for the 4 KiB puts")
     parser.add_argument("--lag-samples", type=int, default=200)
     parser.add_argument("--conf", help="use this running cluster's ceph.conf")
     parser.add_argument("--json", help="write the results here too")
