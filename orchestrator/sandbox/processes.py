@@ -9,10 +9,12 @@ signalled). SIGTERM first, SIGKILL after a grace period.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import SandboxError
 from orchestrator.sandbox import identity
 from orchestrator.sandbox.state import StateFile
 
@@ -39,9 +41,28 @@ def start_process(state: StateFile, argv: Sequence[str], *, log: Path, marker: s
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True, env=env)
     start = identity.start_time(proc.pid)
-    state.record("process", pid=proc.pid, starttime=-1 if start is None else start, marker=marker,
-                 argv=list(argv))
+    resource = {"pid": proc.pid, "starttime": -1 if start is None else start, "marker": marker}
+    state.record("process", **resource, argv=list(argv))
+    _wait_recognisable(proc, resource, log)
     return proc.pid
+
+
+def _wait_recognisable(proc: subprocess.Popen[bytes], resource: dict[str, Any], log: Path,
+                       timeout: float = 10.0) -> None:
+    """Return once ``down`` would recognise the process; raise if it died first.
+
+    Under load the kernel may show the child's new command line a moment after ``Popen``
+    returns; a child that exits at once (bad argv) is reported with its log.
+    """
+    deadline = time.monotonic() + timeout
+    while not _ours(resource):
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise SandboxError(f"{resource['marker']}: exited with {proc.returncode}: {tail}")
+        if time.monotonic() > deadline:
+            raise SandboxError(f"{resource['marker']}: not recognisable after {timeout} s "
+                               f"(pid {proc.pid})")
+        time.sleep(0.01)
 
 
 def stop_process(resource: dict[str, Any], grace: float = STOP_GRACE_S) -> None:
