@@ -38,9 +38,10 @@ lint: setup
 unit: setup
 	$(VENV)/bin/pytest -m unit -q $(PYTEST_ARGS)
 
-# Every tier (unit, contract, integration, fault; vm included) in one pytest run, so the
-# last line is pytest's summary. The real parts start through orchestrator.sandbox fixtures.
-test: setup
+# Lint first (ruff + mypy --strict: cheap, and CI must not forgive them), then every tier
+# (unit, contract, integration, fault; vm included) in one pytest run, so the last line is
+# pytest's summary. The real parts start through orchestrator.sandbox fixtures.
+test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: setup
