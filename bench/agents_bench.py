@@ -7,6 +7,8 @@ Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 - 4 KiB puts/s acknowledged (= durable and acked by both readers), p50/p99 put latency, at
   each client concurrency of ``--clients`` (one keep-alive connection per client thread), next
   to ``rbd bench`` 4 KiB random writes with 32 threads (the OSD's small-write ceiling);
+- each large-file figure is taken between two ``rbd bench`` runs (``--rounds`` rounds, fresh
+  bench image each) and its ratio is against their mean; the median ratio is reported;
 - visibility lag: time from the writer's ack to the reader serving the file (p50/p99; it
   includes one GET round trip, so it is an upper bound);
 - idle RSS of the agents (librbd backend) and of one agent on a file image (the footprint of
@@ -15,7 +17,8 @@ Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
 
     .venv/bin/python bench/agents_bench.py [--size-mib 256] [--objectstore bluestore]
-        [--small-seconds 5] [--clients 8,32] [--json out.json] [--conf CEPH_CONF]
+        [--rounds 3] [--small-seconds 5] [--clients 8,32] [--json out.json]
+        [--conf CEPH_CONF]
 
 ``--conf`` uses a running cluster instead (pool ``rbd``; the image is created and removed).
 """
@@ -28,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,25 +232,30 @@ def file_agent_rss(work: Path) -> float:
 
 
 def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Every measurement on one image of ``cluster``."""
+    """Every measurement on one cluster. Large files: ``args.rounds`` rounds, each agent figure
+    bracketed by ``rbd bench`` runs just before and just after it (a fresh bench image per
+    round, one more closing round): other jobs' I/O on the shared host swings absolute speeds
+    by 2-3x within a minute, so a ratio against the mean of its two brackets is the honest
+    one, and the median over rounds is reported."""
     size = args.size_mib * MiB
-    image_size = 2 * size + 256 * MiB
-    bench_image = f"bench-{uuid.uuid4().hex[:8]}"
-    agent_image = f"bench-agents-{uuid.uuid4().hex[:8]}"
+    rounds = args.rounds
+    image_size = (rounds + 1) * size + 256 * MiB
+    tag = uuid.uuid4().hex[:8]
+    bench_images = [f"bench-{tag}-{r}" for r in range(rounds + 1)]
+    agent_image = f"bench-agents-{tag}"
     conf = cluster.conf
-    results: dict[str, Any] = {"size_mib": args.size_mib, "objectstore": cluster.objectstore}
-    for name in (bench_image, agent_image):
-        subprocess.run(["rbd", "-c", str(conf), "create", "--size", f"{image_size // MiB}M",
+    ceph = {"ceph_conf": str(conf), "ceph_user": "admin", "ceph_keyring": str(cluster.keyring)}
+    results: dict[str, Any] = {"size_mib": args.size_mib, "objectstore": cluster.objectstore,
+                               "rounds": rounds}
+    for name in bench_images:
+        subprocess.run(["rbd", "-c", str(conf), "create", "--size", f"{size // MiB}M",
                         f"{cluster.pool}/{name}"], check=True, timeout=120)
+    subprocess.run(["rbd", "-c", str(conf), "create", "--size", f"{image_size // MiB}M",
+                    f"{cluster.pool}/{agent_image}"], check=True, timeout=120)
     fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{agent_image}", work,
-                       extra={"ceph_conf": str(conf), "ceph_user": "admin",
-                              "ceph_keyring": str(cluster.keyring), "log_level": "info"})
+                       extra={**ceph, "log_level": "info"})
     try:
-        spec = f"{cluster.pool}/{bench_image}"
-        results["rbd_bench_write_mib_s"] = rbd_bench(conf, spec, "write", size) / MiB
-        results["rbd_bench_read_mib_s"] = rbd_bench(conf, spec, "read", size) / MiB
-        format_image(fleet.backend, "bench", ceph_conf=str(conf), ceph_user="admin",
-                     ceph_keyring=str(cluster.keyring))
+        format_image(fleet.backend, "bench", **ceph)
         for node in ("r1", "r2"):
             fleet.add(node)
         fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
@@ -255,24 +264,46 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
             n: round(rss_kib(fleet[n].proc.pid) / 1024, 1)  # type: ignore[union-attr]
             for n in ("w", "r1", "r2")}
         results["agent_idle_rss_mib_file"] = file_agent_rss(work / "rss")
-        results["agent_write_mib_s"] = put_large(fleet, "/large", size) / MiB
-        results["agent_read_mib_s"] = get_large(fleet, "r1", "/large", size) / MiB
-        results["volume_read_in_process_mib_s"] = volume_read(
-            fleet.backend, "/large", size, ceph_conf=str(conf), ceph_user="admin",
-            ceph_keyring=str(cluster.keyring)) / MiB
-        results["write_ratio"] = results["agent_write_mib_s"] / results["rbd_bench_write_mib_s"]
-        results["read_ratio"] = results["agent_read_mib_s"] / results["rbd_bench_read_mib_s"]
+        rbd_write: list[float] = []
+        rbd_read: list[float] = []
+        agent_write: list[float] = []
+        agent_read: list[float] = []
+        engine_read: list[float] = []
+        for r in range(rounds + 1):
+            spec = f"{cluster.pool}/{bench_images[r]}"
+            rbd_write.append(rbd_bench(conf, spec, "write", size) / MiB)
+            if r < rounds:
+                agent_write.append(put_large(fleet, f"/large{r}", size) / MiB)
+            rbd_read.append(rbd_bench(conf, spec, "read", size) / MiB)
+            if r < rounds:
+                agent_read.append(get_large(fleet, "r1", f"/large{r}", size) / MiB)
+                engine_read.append(volume_read(fleet.backend, f"/large{r}", size, **ceph) / MiB)
+
+        def ratios(agent: list[float], baseline: list[float]) -> list[float]:
+            return [a / ((baseline[r] + baseline[r + 1]) / 2) for r, a in enumerate(agent)]
+
+        results["rbd_bench_write_mib_s"] = rbd_write
+        results["agent_write_mib_s"] = agent_write
+        results["rbd_bench_read_mib_s"] = rbd_read
+        results["agent_read_mib_s"] = agent_read
+        results["volume_read_in_process_mib_s"] = engine_read
+        for name, agent, baseline in (("write_ratio", agent_write, rbd_write),
+                                      ("read_ratio", agent_read, rbd_read),
+                                      ("engine_read_ratio", engine_read, rbd_read)):
+            each = ratios(agent, baseline)
+            results[name] = {"median": statistics.median(each), "rounds": each}
         # the OSD's own ceiling for small writes: every 4 KiB put costs one 4 KiB data write
         # (files above inline_max, 3 KiB) plus its share of a group-commit journal write
         results["rbd_bench_4k_randwrite_iops"] = rbd_bench(
-            conf, spec, "write", 2048 * 4096, io_size=4096, threads=32, pattern="rand") / 4096
+            conf, f"{cluster.pool}/{bench_images[0]}", "write", 2048 * 4096, io_size=4096,
+            threads=32, pattern="rand") / 4096
         results["small_4k"] = {
             str(clients): small_puts(fleet, args.small_seconds, clients)
             for clients in args.clients}
         results["visibility_lag"] = visibility_lag(fleet, args.lag_samples)
     finally:
         fleet.close()
-        for name in (bench_image, agent_image):
+        for name in (*bench_images, agent_image):
             subprocess.run(["rbd", "-c", str(conf), "rm", "--no-progress",
                             f"{cluster.pool}/{name}"], capture_output=True, timeout=120)
     return results
@@ -284,6 +315,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument("--objectstore", default="bluestore", choices=("bluestore", "memstore"))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="bracketed large-file rounds (median ratio reported)")
     parser.add_argument("--small-seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=lambda v: [int(c) for c in v.split(",")],
                         default=[8, 32], help="client concurrencies for the 4 KiB puts")
