@@ -1,0 +1,191 @@
+"""The writer VM is cut off from the coordinator, not from Ceph, under a stream of puts.
+
+On the session's three TCG guests and Ceph cluster, one fleet of its own (the ``mission``
+fixture of the mission test). The shared disk is the RBD image attached through QEMU's librbd,
+which runs on the host: a cut inside the guest leaves the writer its disk. The coordinator (and
+the client) listen on the VM network's gateway; inside the writer's guest, policy routes send
+to a blackhole route what the agent sends the gateway's coordinator port and what it answers
+from its agent port (heartbeats, probe and client answers). SSH (port 22) stays open: it is the
+test's control channel, no part of the product's paths.
+
+1. a client on the host streams small puts; a process in the writer's VM keeps writing to its
+   read-write disk (as a stale writer would); the writer's guest is cut off;
+2. the coordinator confirms the writer dead, persists epoch 2, fences it (Ceph blocklist of
+   exactly its QEMU's client addresses, readers untouched), switches the disks through libvirt
+   and promotes a reader; the clients follow; no acknowledged put lost. Meanwhile, on its side
+   of the cut, the old agent still runs as the writer of epoch 1 and the stale writer
+   process's write fails (EIO: its QEMU's Ceph client is blocklisted);
+   A client on the old writer's side of the cut (in another guest) with an epoch-1 grant
+   gets its put refused: the old writer's disk is gone (re-attached ``<readonly/>`` by the
+   role switch, which needs no network path to the guest);
+3. the route heals: the coordinator demotes the old writer (reader of epoch 2, no flapping),
+   not a byte of the image changed since the fence (sha256 of the whole image, fsck clean),
+   the stale grant is refused as of an ended epoch (409); after an explicit rejoin it is an
+   in-sync reader.
+
+Budget: ~2 min with the VMs already booted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from agents.core.grants import Grant, sign
+from agents.core.protocol import PutRequest
+from agents.daemon import read_secret
+from orchestrator.sandbox.demo import Mission
+from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
+from orchestrator.sandbox.vms import VmSet
+from tests.integration.test_mission_vm import _modes, mission  # noqa: F401
+from tests.vm_faults import (
+    WRITER,
+    fail_over_under_stream,
+    image_digest,
+    old_writer_steps_down,
+    say_as,
+    start_under_stream,
+)
+
+pytestmark = [pytest.mark.fault, pytest.mark.vm]
+
+CUT_TABLE = 87  # the guest's routing table holding the blackhole route (priorities 87, 88)
+_say = say_as("cut-off-writer")
+
+
+def _cut(vms: VmSet, vm: str, agent_port: int, heal: bool = False) -> None:
+    """Inside ``vm``: route to a blackhole (or stop routing there) what its agent sends to the
+    coordinator's port on the gateway and what it answers the gateway from its agent port."""
+    gateway = vms.gateway
+    # ipproto 6 (TCP) by number: the minimal guest has no /etc/protocols
+    script = (
+        f"ip rule del priority {CUT_TABLE}; ip rule del priority {CUT_TABLE + 1}; "
+        f"ip route flush table {CUT_TABLE}; ip rule show"
+        if heal else
+        f"ip route add blackhole {gateway}/32 table {CUT_TABLE} && "
+        f"ip rule add priority {CUT_TABLE} to {gateway}/32 ipproto 6 dport {COORDINATOR_PORT}"
+        f" table {CUT_TABLE} && "
+        f"ip rule add priority {CUT_TABLE + 1} to {gateway}/32 ipproto 6 sport {agent_port}"
+        f" table {CUT_TABLE} && ip rule show"
+    )
+    done = vms.exec(vm, ["sh", "-c", script], timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert (f"lookup {CUT_TABLE}" in done.stdout) != heal, done.stdout
+
+
+def _guest_health(vms: VmSet, vm: str, address: str) -> dict[str, object]:
+    """The agent's /v1/health asked from inside its own guest (no gateway on the way)."""
+    done = vms.exec(vm, ["python3", "-c", "import sys, urllib.request; print(urllib.request."
+                         "urlopen(sys.argv[1], timeout=10).read().decode())",
+                         f"http://{address}/v1/health"], timeout=30)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+STALE_PATH = "/cut/stale.bin"
+_STALE_PUT = r"""
+import json, sys, urllib.error, urllib.request
+url, headers = sys.argv[1], json.loads(sys.argv[2])
+request = urllib.request.Request(url, data=b"STALE" * 100, headers=headers, method="PUT")
+try:
+    print(urllib.request.urlopen(request, timeout=20).status)
+except urllib.error.HTTPError as exc:
+    print(exc.code)
+except OSError:
+    print(599)
+"""
+
+
+def _stale_put(fleet: Mission, vms: VmSet, via: str, address: str) -> int:
+    """Status of a put of :data:`STALE_PATH` sent from ``via``'s guest to the agent at
+    ``address`` with a write grant of epoch 1 (a client on the old writer's side of the cut
+    whose map is stale); 599 when no answer came."""
+    secret = read_secret(str(fleet.config.fleet.secret_file))
+    grant = sign(Grant(fleet.config.fleet.name, WRITER, "writer", 1, time.time() + 60), secret)
+    headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
+    done = vms.exec(via, ["python3", "-c", _STALE_PUT, f"http://{address}/v1/files{STALE_PATH}",
+                          json.dumps(headers)], timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
+def _blocklist(fleet: Mission) -> set[str]:
+    listing = subprocess.run(["ceph", "-c", str(fleet.config.ceph.conf), "osd", "blocklist",
+                              "ls"], capture_output=True, text=True, timeout=60, check=True)
+    return {line.split()[0] for line in listing.stdout.splitlines() if "/" in line}
+
+
+def _watchers(fleet: Mission) -> set[str]:
+    """Client addresses watching the fleet's image (one librbd instance per attached disk)."""
+    ceph = fleet.config.ceph
+    status = subprocess.run(["rbd", "-c", str(ceph.conf), "--keyring", str(ceph.keyring),
+                             "status", f"{ceph.pool}/{fleet.config.fleet.image}",
+                             "--format", "json"], capture_output=True, text=True, timeout=60,
+                            check=True)
+    return {w["address"] for w in json.loads(status.stdout)["watchers"]}
+
+
+def _event_line(log: str, *words: str) -> int:
+    """Index of the first coordinator log line holding every one of ``words`` (-1: none)."""
+    return next((i for i, line in enumerate(log.splitlines())
+                 if all(w in line for w in words)), -1)
+
+
+def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps_down(
+        mission: Mission, sandbox_vms: VmSet) -> None:  # noqa: F811
+    running = start_under_stream(mission, WRITER, "/cut")
+    agent_port = mission.config.fleet.agent_port
+    address = f"{mission.config.vm(WRITER).address}:{agent_port}"
+    watchers, blocklisted = _watchers(mission), _blocklist(mission)
+    assert len(watchers) == 3, watchers  # one librbd client per VM's QEMU
+    _say("cutting the writer's guest off from the coordinator")
+    failover = fail_over_under_stream(mission, running, WRITER,
+                                      lambda: _cut(sandbox_vms, WRITER, agent_port), _say)
+    _say(f"new writer {failover.new_writer} announced {failover.announced} s, first streamed "
+         f"put acknowledged by it {failover.first_ack} s after the cut")
+
+    # Order is law: confirmed dead, then fenced, then the role switch and the promotion.
+    log = running.log.read_text()
+    dead = _event_line(log, "event=node_confirmed_dead", f"node={WRITER}")
+    fenced_at = _event_line(log, f"fenced vm={WRITER} addr=")
+    promoted = _event_line(log, "event=action_done", "Promote")
+    assert -1 < dead < fenced_at < promoted, (dead, fenced_at, promoted)
+    # the fence: exactly the old writer's QEMU client addresses, no reader's
+    fenced = set(mission.fenced_addresses(WRITER, running.log))
+    assert fenced and fenced <= watchers, (fenced, watchers)
+    assert _blocklist(mission) - blocklisted == fenced
+    assert not (watchers - fenced) & _blocklist(mission)
+    _say(f"blocklisted for {WRITER}: {sorted(fenced)} (of the image's watchers {sorted(watchers)})")
+
+    # On its side of the cut the old writer runs on, still the writer of epoch 1 ...
+    inside = _guest_health(sandbox_vms, WRITER, address)
+    assert (inside["role"], inside["epoch"]) == ("writer", 1), inside
+    # ... and the stale writer process's writes to the shared disk fail.
+    mission.wait(lambda: "failed" in mission.stale_writer_log(WRITER), 60,
+                 "the cut-off stale writer's failed write")
+    outcome = mission.stale_write_outcome(WRITER)
+    _say(f"stale writer in the cut-off VM: {outcome}; disks now {_modes(mission)}")
+    assert "errno=5 EIO" in outcome
+    assert _modes(mission)[failover.new_writer] == "rw"
+    image_before = image_digest(mission)
+    # A client on its side of the cut (in vm3's guest) still holds an epoch-1 write grant:
+    # the old writer takes the put and its write meets a disk it no longer has.
+    stale = [_stale_put(mission, sandbox_vms, failover.other, address)]
+    assert stale[0] >= 400, f"stale put to the cut-off writer -> {stale}"
+
+    _cut(sandbox_vms, WRITER, agent_port, heal=True)
+    healed = time.monotonic()
+    _say("route healed")
+    old_writer_steps_down(mission, running, WRITER, image_before, healed, _say)
+    stale.append(_stale_put(mission, sandbox_vms, failover.other, address))
+    assert stale[-1] == 409, f"stale put after the heal -> {stale}"  # epoch 1 is over
+    assert image_digest(mission) == image_before
+    _say(f"stale epoch-1 puts to {WRITER}: during the cut -> {stale[0]}, after -> {stale[1]}")
+    assert _modes(mission) == {WRITER: "ro", failover.new_writer: "rw", failover.other: "ro"}
+    _say(f"failover with a writer cut off from the coordinator: announced "
+         f"{failover.announced} s, put acknowledged {failover.first_ack} s; rejoin "
+         f"{mission.timings['rejoin']} s")
