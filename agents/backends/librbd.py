@@ -5,7 +5,7 @@
   (``ReadOnlyImage`` -> DeviceError EROFS) instead of the lock silently moving to it.
 - A reader opens with ``read_only=True`` (no lock, no writes possible).
 - ``rbd_cache=false``: another client's writes are visible at once, and a completed write is
-  on the OSDs (flush is then a no-op barrier).
+  on the OSDs (so flush has nothing to do and makes no call).
 - After a fence (``osd blocklist``), every call raises ``ConnectionShutdown`` (108): mapped to
   DeviceError errno ESHUTDOWN. The handle cannot recover; a new RbdDevice is needed.
   The next writer's ``lock_acquire`` breaks a blocklisted owner's lock (~80 ms measured); an
@@ -126,11 +126,12 @@ class RbdDevice:
             self._image.write(data, offset)
 
     def flush(self) -> None:
-        """librbd flush (a barrier; writes are already on the OSDs without a cache)."""
+        """Nothing to do: with rbd_cache=false every :meth:`write_at` returned only once the
+        OSDs acknowledged it (committed), and this class issues no asynchronous writes, so
+        a librbd flush would be a round trip through librbd's queue for nothing (it sat
+        twice on each group commit's critical path)."""
         if self._image is None:
             raise DeviceError("device is closed", op="flush", errno=errno.EBADF)
-        with translate_rbd_errors("flush", self._rados, self._rbd):
-            self._image.flush()
 
     def close(self) -> None:
         """Release the lock, close image, ioctx and cluster handle (idempotent; a fenced
