@@ -5,7 +5,9 @@ the client's reader addresses choose, quarantine release, and stop_writes."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,7 @@ from agents.errors import NotFound, NotWriter
 from agents.peers import PeerUnreachable
 from agents.reader import ReaderRole
 from agents.testing import MemoryDevice
-from agents.volume import Volume
+from agents.volume import Record, Volume
 from agents.writer import ReaderLink, WriterRole
 
 pytestmark = pytest.mark.unit
@@ -216,3 +218,40 @@ def test_reader_set_skips_the_writer_itself(cluster: Cluster) -> None:
     assert sorted(cluster.writer.readers()) == ["r1"]
     ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
     assert ack.acked == ("r1",) and ack.lagging == ()
+
+
+
+def test_records_are_pushed_in_seq_order_whatever_their_put_threads_do(
+        cluster: Cluster) -> None:
+    # the put of seq N stalls after its commit (descheduled, say) while the put of N+1 goes
+    # on: the readers must still get N before N+1, each once, without waiting for the thread
+    volume = cluster.writer.volume
+    start = volume.applied_seq
+    real_put = volume.put
+
+    def stalling_put(path: str, *args: Any, **kwargs: Any) -> Record:
+        record = real_put(path, *args, **kwargs)
+        if path == "/slow":
+            time.sleep(0.3)
+        return record
+
+    volume.put = stalling_put  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def put(path: str) -> None:
+        try:
+            cluster.writer.put(path, [b"x" * 5000], 5000, mtime=0.0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    slow = threading.Thread(target=put, args=("/slow",))
+    slow.start()
+    while volume.applied_seq == start:
+        time.sleep(0.001)
+    put("/fast")
+    slow.join()
+    assert not errors
+    for node in ("r1", "r2"):
+        seqs = [Record.decode(raw).seq for n, push in cluster.pushes if n == node
+                for raw in push.record_bytes()]
+        assert seqs == [start + 1, start + 2]
