@@ -291,7 +291,8 @@ class CoordinatorAPI:
             _check_current_writer(m, message)
         now = service.clock.monotonic()
         if isinstance(message, Heartbeat):
-            service.submit(HeartbeatReceived(message.node, now, message.selftest != "failed"))
+            service.submit(HeartbeatReceived(message.node, now, message.selftest != "failed",
+                                             message.epoch))
             service.submit(
                 el.HeartbeatObserved(
                     message.node, message.role, message.epoch, message.applied_seq, now,
@@ -303,7 +304,7 @@ class CoordinatorAPI:
                 service.submit(HeartbeatReceived(message.node, now, True))
             else:
                 failed = ",".join(c.name for c in message.checks if not c.ok)
-                service.submit(SelfTestFailed(message.node, now, failed))
+                service.submit(SelfTestFailed(message.node, now, failed, message.epoch))
         else:
             service.submit(el.ReaderLagging(message.reader, now))
         writer = m.member(m.writer) if m.writer else None

@@ -129,8 +129,8 @@ class FleetService:
         self._liveness = Liveness(settings.liveness)
         self._next_lease = 0.0
         self._next_probe = 0.0
-        # node -> (promoted at, grace until): see _after_promotion
-        self._swapped: dict[str, tuple[float, float]] = {}
+        # node -> (promoted at, grace until, epoch promoted to): see _after_promotion
+        self._swapped: dict[str, tuple[float, float, int]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lease_lost = threading.Event()
@@ -431,28 +431,37 @@ class FleetService:
                 self.stats["batches_failed"] += 1
             for promoted in (a for a in result.done if isinstance(a, el.PromoteNode)):
                 self.stats["failovers"] += 1
-                self._after_promotion(promoted.node)
+                self._after_promotion(promoted.node, promoted.epoch)
             ev = el.BatchExecuted(result.done, result.failed, result.reason,
                                   self.clock.monotonic(), result.infrastructure)
             self._state, actions = el.step(self._state, ev)
 
-    def _after_promotion(self, node: str) -> None:
+    def _after_promotion(self, node: str, epoch: int) -> None:
         """Our own role switch swapped ``node``'s disk and the promotion held it busy: probes
         and self-test reports from before are stale, its answer to the promote is fresh
         contact (seen on VMs: the new writer confirmed dead 60 ms after its promotion). For
         ``dead_after`` more seconds its guest may still be digesting the hot-plug (TCG: ~1 s
-        of slow answers), so only silence, not slow probes, can confirm its death then."""
+        of slow answers), so only silence, not slow probes, can confirm its death then. A failed
+        self-test the agent reported in an epoch before ``epoch`` is from before its promotion
+        too, however late it arrives (seen on VMs: the reader's self-test failed while its disk
+        was swapped, the heartbeat carrying it landed after the promotion and the new writer
+        was fenced 1 s after it)."""
         now = self.clock.monotonic()
         self._liveness = self._liveness.forget(node).watch(node, now)
-        self._swapped[node] = (now, now + self.settings.liveness.dead_after)
+        self._swapped[node] = (now, now + self.settings.liveness.dead_after, epoch)
 
     def _stale(self, item: Observation) -> bool:
         """A failure observation about a just-promoted node that the swap explains."""
         swapped = self._swapped.get(item.node)
-        if swapped is None or not isinstance(item, ProbeFailed | SelfTestFailed):
+        if swapped is None:
             return False
-        promoted_at, grace_until = swapped
-        return item.at < promoted_at or (isinstance(item, ProbeFailed) and item.at < grace_until)
+        promoted_at, grace_until, epoch = swapped
+        if isinstance(item, ProbeFailed):
+            return item.at < grace_until
+        if isinstance(item, SelfTestFailed) or (
+                isinstance(item, HeartbeatReceived) and not item.selftest_ok):
+            return item.at < promoted_at or (item.epoch is not None and item.epoch < epoch)
+        return False
 
     def _probe_all(self) -> None:
         state = self._state
@@ -479,8 +488,9 @@ class FleetService:
                 self._liveness = self._liveness.observe(failed)
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
-        if health.selftest == "failed":
-            self._liveness = self._liveness.observe(SelfTestFailed(name, at, "health"))
+        report = SelfTestFailed(name, at, "health", health.epoch)
+        if health.selftest == "failed" and not self._stale(report):
+            self._liveness = self._liveness.observe(report)
         self._feed(el.HeartbeatObserved(name, health.role, health.epoch, health.applied_seq, at,
                                         health.selftest))
 

@@ -62,11 +62,13 @@ class LivenessConfig:
 
 @dataclass(frozen=True)
 class HeartbeatReceived:
-    """The agent's periodic heartbeat arrived (``selftest_ok`` from its own self-test)."""
+    """The agent's periodic heartbeat arrived (``selftest_ok`` from its own self-test;
+    ``epoch`` the one the agent sent it in, when known)."""
 
     node: str
     at: float
     selftest_ok: bool = True
+    epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,13 @@ class FailureReported:
 
 @dataclass(frozen=True)
 class SelfTestFailed:
-    """The agent on ``node`` reports its own device or journal is broken."""
+    """The agent on ``node`` reports its own device or journal is broken (``epoch``: the one
+    it reported in, when known)."""
 
     node: str
     at: float
     reason: str = ""
+    epoch: int | None = None
 
 
 Observation = HeartbeatReceived | ProbeSucceeded | ProbeFailed | FailureReported | SelfTestFailed

@@ -10,8 +10,15 @@ from typing import Any
 
 import pytest
 
+from agents.core.protocol import Health
 from orchestrator.coordinator.service import FleetService, ServiceSettings
-from orchestrator.core.liveness import LivenessConfig, ProbeFailed, SelfTestFailed, Verdict
+from orchestrator.core.liveness import (
+    HeartbeatReceived,
+    LivenessConfig,
+    ProbeFailed,
+    SelfTestFailed,
+    Verdict,
+)
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 
 pytestmark = pytest.mark.unit
@@ -49,7 +56,7 @@ def test_slow_probes_right_after_the_swap_do_not_kill_the_new_writer() -> None:
     svc, clock = service()
     before = clock.monotonic()
     clock.forward(0.1)
-    svc._after_promotion("r2")
+    svc._after_promotion("r2", 2)
     svc.submit(SelfTestFailed("r2", before, "device-read"))  # sent during the swap
     svc._drain(clock.monotonic())
     for _ in range(4):  # the guest digests its hot-plug: probes time out
@@ -62,7 +69,7 @@ def test_slow_probes_right_after_the_swap_do_not_kill_the_new_writer() -> None:
 
 def test_after_the_grace_probes_confirm_a_death_as_usual() -> None:
     svc, clock = service()
-    svc._after_promotion("r2")
+    svc._after_promotion("r2", 2)
     clock.forward(svc.settings.liveness.dead_after)
     svc._observe_probe("r2", None)  # the grace is over: failed probes count again
     svc._liveness = svc._liveness.observe(ProbeFailed("r2", clock.monotonic()))
@@ -70,4 +77,27 @@ def test_after_the_grace_probes_confirm_a_death_as_usual() -> None:
     assert svc._liveness.record("r2").failed_probes == 3  # type: ignore[union-attr]
     svc.submit(SelfTestFailed("r2", clock.monotonic(), "device-read"))  # a fresh report
     svc._drain(clock.monotonic())
+    assert verdict(svc, "r2", clock) is Verdict.DEAD
+
+
+def test_a_failed_self_test_from_before_the_promotion_arriving_late_is_moot() -> None:
+    """Seen on VMs: the reader's self-test failed while its disk was swapped; the heartbeat
+    and probe answer carrying it (epoch 1) landed after its promotion to writer of epoch 2."""
+    svc, clock = service()
+    svc._after_promotion("r2", 2)
+    clock.forward(0.5)
+    svc.submit(HeartbeatReceived("r2", clock.monotonic(), selftest_ok=False, epoch=1))
+    svc.submit(SelfTestFailed("r2", clock.monotonic(), "device-read", epoch=1))
+    svc._drain(clock.monotonic())
+    svc._observe_probe("r2", Health(node="r2", fleet="f", role="reader", epoch=1,
+                                    applied_seq=5, safe_seq=5, selftest="failed"))
+    assert verdict(svc, "r2", clock) is Verdict.ALIVE
+
+
+def test_a_failed_self_test_in_the_new_epoch_still_kills_the_new_writer() -> None:
+    svc, clock = service()
+    svc._after_promotion("r2", 2)
+    clock.forward(0.5)
+    svc._observe_probe("r2", Health(node="r2", fleet="f", role="writer", epoch=2,
+                                    applied_seq=5, safe_seq=5, selftest="failed"))
     assert verdict(svc, "r2", clock) is Verdict.DEAD
