@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -40,7 +41,7 @@ from agents.daemon import read_secret
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
 from orchestrator.sandbox.vms import VmSet
-from tests.integration.test_mission_vm import _modes, mission  # noqa: F401
+from tests.integration.test_mission_vm import _health, _modes, mission  # noqa: F401
 from tests.vm_faults import (
     WRITER,
     fail_over_under_stream,
@@ -74,6 +75,15 @@ def _cut(vms: VmSet, vm: str, agent_port: int, heal: bool = False) -> None:
     done = vms.exec(vm, ["sh", "-c", script], timeout=30)
     assert done.returncode == 0, done.stderr
     assert (f"lookup {CUT_TABLE}" in done.stdout) != heal, done.stdout
+
+
+@pytest.fixture
+def cut_writer(mission: Mission, sandbox_vms: VmSet) -> Iterator[Callable[[bool], None]]:  # noqa: F811
+    """``cut(heal)``: cut :data:`WRITER`'s guest off (or heal it); healed at teardown whatever
+    happened, so the session's guest is never left cut off for the next test."""
+    port = mission.config.fleet.agent_port
+    yield lambda heal: _cut(sandbox_vms, WRITER, port, heal)
+    _cut(sandbox_vms, WRITER, port, heal=True)
 
 
 def _guest_health(vms: VmSet, vm: str, address: str) -> dict[str, object]:
@@ -137,7 +147,8 @@ def _event_line(log: str, *words: str) -> int:
 
 
 def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps_down(
-        mission: Mission, sandbox_vms: VmSet) -> None:  # noqa: F811
+        mission: Mission, sandbox_vms: VmSet,  # noqa: F811
+        cut_writer: Callable[[bool], None]) -> None:
     running = start_under_stream(mission, WRITER, "/cut")
     agent_port = mission.config.fleet.agent_port
     address = f"{mission.config.vm(WRITER).address}:{agent_port}"
@@ -145,16 +156,20 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     assert len(watchers) == 3, watchers  # one librbd client per VM's QEMU
     _say("cutting the writer's guest off from the coordinator")
     failover = fail_over_under_stream(mission, running, WRITER,
-                                      lambda: _cut(sandbox_vms, WRITER, agent_port), _say)
+                                      lambda: cut_writer(False), _say)
     _say(f"new writer {failover.new_writer} announced {failover.announced} s, first streamed "
          f"put acknowledged by it {failover.first_ack} s after the cut")
 
-    # Order is law: confirmed dead, then fenced, then the role switch and the promotion.
+    # Order is law: confirmed dead, epoch 2 persisted, fenced, disks switched, promoted.
     log = running.log.read_text()
-    dead = _event_line(log, "event=node_confirmed_dead", f"node={WRITER}")
-    fenced_at = _event_line(log, f"fenced vm={WRITER} addr=")
-    promoted = _event_line(log, "event=action_done", "Promote")
-    assert -1 < dead < fenced_at < promoted, (dead, fenced_at, promoted)
+    order = [_event_line(log, *words) for words in (
+        ("event=node_confirmed_dead", f"node={WRITER}"),
+        ("event=action_done", "action=PersistEpoch(epoch=2"),
+        (f"fenced vm={WRITER} addr=",),
+        ("provision step done", "detach rw disk from", f"({WRITER})"),
+        ("provision step done", "attach rw disk to", f"({failover.new_writer})"),
+        ("event=action_done", f"action=PromoteNode({failover.new_writer},epoch=2)"))]
+    assert order[0] > -1 and order == sorted(order), order
     # the fence: exactly the old writer's QEMU client addresses, no reader's
     fenced = set(mission.fenced_addresses(WRITER, running.log))
     assert fenced and fenced <= watchers, (fenced, watchers)
@@ -179,15 +194,19 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     # (500 device_error: the agent's DeviceError, where a fenced writer stops)
     assert stale[0] == (500, "device_error"), f"stale put to the cut-off writer -> {stale}"
 
-    _cut(sandbox_vms, WRITER, agent_port, heal=True)
-    healed = time.monotonic()
+    healed = time.monotonic()  # figures below count from the heal command (~0.2 s of SSH)
+    cut_writer(True)
     _say("route healed")
+    mission.wait(lambda: _health(address)["epoch"] == 2, 30, f"{WRITER} demoted")
+    demoted = round(time.monotonic() - healed, 2)
+    _say(f"{WRITER} demoted by the coordinator {demoted} s after the heal")
     old_writer_steps_down(mission, running, WRITER, image_before, healed, _say)
+    assert f"action=DemoteNode({WRITER},epoch=2)" in running.log.read_text()
     stale.append(_stale_put(mission, sandbox_vms, failover.other, address))
     assert stale[-1][0] == 409, f"stale put after the heal -> {stale}"  # epoch 1 is over
     assert image_digest(mission) == image_before
     _say(f"stale epoch-1 puts to {WRITER}: during the cut -> {stale[0]}, after -> {stale[1]}")
     assert _modes(mission) == {WRITER: "ro", failover.new_writer: "rw", failover.other: "ro"}
     _say(f"failover with a writer cut off from the coordinator: announced "
-         f"{failover.announced} s, put acknowledged {failover.first_ack} s; rejoin "
-         f"{mission.timings['rejoin']} s")
+         f"{failover.announced} s, put acknowledged {failover.first_ack} s; demoted "
+         f"{demoted} s after the heal; rejoin {mission.timings['rejoin']} s")
