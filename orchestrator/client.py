@@ -53,6 +53,7 @@ from agents.errors import (
     error_from_wire,
 )
 from orchestrator.coordinator.api import CLIENT_NODE, CoordinationFailed, NotActiveError
+from orchestrator.core.fleetmap import Target
 from orchestrator.errors import AgentUnreachable
 
 LOG = logging.getLogger(__name__)
@@ -199,21 +200,6 @@ class HttpAgentControl:
 
 
 # -- coordinator client -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """A node a client is sent to, with its label and grant."""
-
-    node: str
-    address: str
-    role: str
-    grant: str
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Target:
-        """Parse the coordinator's form."""
-        return cls(str(data["node"]), str(data["address"]), str(data["role"]), str(data["grant"]))
 
 
 @dataclass(frozen=True)

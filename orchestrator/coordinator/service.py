@@ -30,7 +30,7 @@ from agents.core.protocol import Health, ReaderSet
 from agents.errors import RbdfleetError
 from orchestrator.coordinator.executor import Executor
 from orchestrator.core import election as el
-from orchestrator.core.fleetmap import FleetMap, Member
+from orchestrator.core.fleetmap import FleetMap, Member, Target
 from orchestrator.core.liveness import (
     FailureReported,
     HeartbeatReceived,
@@ -68,20 +68,6 @@ class ServiceSettings:
     loop_interval: float = 0.05
     grant_ttl: float = 60.0
     max_batches_per_event: int = 8
-
-
-@dataclass(frozen=True)
-class Target:
-    """One address handed to a client, with its role label and grant."""
-
-    node: str
-    address: str
-    role: str
-    grant: str
-
-    def to_json(self) -> dict[str, str]:
-        """Wire form."""
-        return {"node": self.node, "address": self.address, "role": self.role, "grant": self.grant}
 
 
 @dataclass(frozen=True)

@@ -310,6 +310,27 @@ def _sorted(members: Any) -> tuple[Member, ...]:
     return tuple(sorted(members, key=lambda m: m.name))
 
 
+@dataclass(frozen=True)
+class Target:
+    """One node handed to a client (the patent's address + permission identifier): its
+    address, its role label and the grant the client presents there. The coordinator
+    encodes it, the client decodes it: one type on both sides of the wire."""
+
+    node: str
+    address: str
+    role: str
+    grant: str
+
+    def to_json(self) -> dict[str, str]:
+        """Wire form."""
+        return {"node": self.node, "address": self.address, "role": self.role, "grant": self.grant}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Target:
+        """Parse the wire form."""
+        return cls(str(data["node"]), str(data["address"]), str(data["role"]), str(data["grant"]))
+
+
 __all__ = [
     "LEGAL_ROLE_CHANGES",
     "MAP_FORMAT_VERSION",
@@ -318,5 +339,6 @@ __all__ = [
     "Member",
     "Phase",
     "Role",
+    "Target",
     "initial_map",
 ]
