@@ -299,10 +299,10 @@ def _ceph_health(directory: Path) -> dict[str, Any] | None:
 
 
 PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
-    **getattr(ceph, "PROBES", {}),
-    **getattr(hosts, "PROBES", {}),
-    **getattr(libvirtd, "PROBES", {}),
-    **getattr(vms, "PROBES", {}),
+    **ceph.PROBES,
+    **hosts.PROBES,
+    **libvirtd.PROBES,
+    **vms.PROBES,
     **processes.PROBES,
 }
 
