@@ -127,7 +127,8 @@ class Agent:
                                     "Reads refused because data or a record failed its checksum")
         self.m_lagging = m.counter("rbdfleet_agent_lagging_reports_total",
                                    "Readers reported lagging to the coordinator")
-        self.m_pushes = m.counter("rbdfleet_agent_pushes_total", "Record pushes sent", ("result",))
+        self.m_pushes = m.counter("rbdfleet_agent_pushes_total", "Record pushes sent", ("result",),
+                                  labelsets=[("ok",), ("failed",)])
         m.gauge("rbdfleet_agent_epoch", "Highest epoch this agent knows", lambda: self.state.epoch)
         m.gauge("rbdfleet_agent_is_writer", "1 while this agent accepts writes",
                 lambda: float(self.state.accepts_writes))

@@ -316,20 +316,10 @@ class CoordinatorAPI:
         }
 
     def metrics(self) -> str:
-        """Prometheus text: active flag, epoch, revision, failovers per fleet."""
-        lines = [
-            "# TYPE rbdfleet_coordinator_active gauge",
-            "# TYPE rbdfleet_coordinator_epoch gauge",
-            "# TYPE rbdfleet_coordinator_failovers_total counter",
-        ]
-        for name, s in sorted(self.services.items()):
-            st = s.status()
-            label = f'{{fleet="{name}"}}'
-            lines.append(f"rbdfleet_coordinator_active{label} {int(st['active'])}")
-            if st["map"] is not None:
-                lines.append(f"rbdfleet_coordinator_epoch{label} {st['map']['epoch']}")
-            lines.append(f"rbdfleet_coordinator_failovers_total{label} {st['stats']['failovers']}")
-        return "\n".join(lines) + "\n"
+        """Prometheus text of every fleet's series (see orchestrator.coordinator.metrics)."""
+        from orchestrator.coordinator.metrics import coordinator_metrics
+
+        return coordinator_metrics(self).render()
 
 
 def _method_of(parts: list[str]) -> str | None:
