@@ -129,7 +129,8 @@ class CoordinatorMetrics:
         self.active = per_fleet(
             "active", "1 while this process holds the fleet's lease (the active coordinator)")
         self.writer_present = per_fleet(
-            "writer_present", "1 while the published map names a writer clients are sent to")
+            "writer_present",
+            "1 while the published map names a writer and no failover away from it is under way")
         self.epoch = per_fleet("epoch", "Epoch of the published map")
         self.revision = per_fleet("map_revision", "Revision of the published map")
         self.in_sync = per_fleet("in_sync_readers", "Readers in sync in the published map")
@@ -181,14 +182,20 @@ class CoordinatorMetrics:
                 continue
             m = status["map"]
             members = m["members"]
-            pending = [str(p).partition("(")[0] for p in status["pending"]]
+            pending = [_split_action(str(p)) for p in status["pending"]]
+            kinds = [kind for kind, _ in pending]
+            # The published writer counts only while no failover is under way: once it is
+            # confirmed dead its fence (then a promotion) is pending, and clients sent to it fail.
+            writer_present = (m["writer"] is not None and m["phase"] == "stable"
+                              and "PromoteNode" not in kinds
+                              and ("FenceNode", m["writer"]) not in pending)
             for gauge, value in (
-                (self.writer_present, m["writer"] is not None and m["phase"] == "stable"),
+                (self.writer_present, writer_present),
                 (self.epoch, m["epoch"]),
                 (self.revision, m["revision"]),
                 (self.in_sync, sum(x["role"] == "reader" and x["in_sync"] for x in members)),
-                (self.fence_pending, pending.count("FenceNode")),
-                (self.pending, len(pending)),
+                (self.fence_pending, kinds.count("FenceNode")),
+                (self.pending, len(kinds)),
                 (self.last_error, bool(status["last_error"])),
             ):
                 fleet_gauges[gauge][(name,)] = float(value)
@@ -218,6 +225,12 @@ class CoordinatorMetrics:
             seconds = tracked.timer.feed(entry)
             if seconds is not None:
                 self.duration.observe(seconds, name)
+
+
+def _split_action(described: str) -> tuple[str, str]:
+    """``"FenceNode(w)"`` (as FleetService.status lists pending actions) -> ("FenceNode", "w")."""
+    kind, _, rest = described.partition("(")
+    return kind, rest.removesuffix(")")
 
 
 _BY_OWNER: weakref.WeakKeyDictionary[_Serving, CoordinatorMetrics] = weakref.WeakKeyDictionary()
