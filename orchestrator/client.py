@@ -69,6 +69,16 @@ class Readable(Protocol):
     def read(self, n: int = -1, /) -> bytes: ...
 
 
+class Writable(Protocol):
+    """Where a streamed get writes (a file, a pipe)."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
+class StreamCut(AgentUnreachable):
+    """A reader failed mid-body while streaming into an output that cannot be rewound."""
+
+
 class RequestOutcomeUnknown(AgentUnreachable):
     """The connection broke after a write request was sent: it may or may not have happened."""
 
@@ -140,7 +150,7 @@ class Transport:
                 return Response(status, resp_headers, None)
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = str(exc) or type(exc).__name__
             if sent and method != "GET":
                 raise RequestOutcomeUnknown(node, address, reason) from exc
             raise AgentUnreachable(node, address, reason) from exc
@@ -279,7 +289,8 @@ class CoordinatorClient:
             except RequestOutcomeUnknown:
                 raise
             except AgentUnreachable as exc:
-                errors.append(str(exc))
+                # the cause alone: the error raised below names the coordinator already
+                errors.append(f"{url}: {exc.__cause__ or exc}")
                 continue
             if url != self.urls[0]:
                 self.urls.remove(url) if url in self.urls else None
@@ -557,7 +568,7 @@ class FleetClient:
             for target in targets.ordered:
                 try:
                     return call(target)
-                except NotFound:
+                except (NotFound, StreamCut):
                     raise
                 except AgentUnreachable as exc:
                     self.coordinator.report(target.node, str(exc))
@@ -579,10 +590,46 @@ class FleetClient:
         """Stream ``remote`` into ``sink`` (seekable: a retry rewrites it); returns the size."""
         start = sink.tell()
 
-        def call(target: Target) -> int:
+        def restart(failed: Target | None, written: int) -> None:
             sink.seek(start)
             sink.truncate()
-            got = [0]
+
+        return self._stream(remote, sink, restart, progress)
+
+    def get_stream(
+        self, remote: str, sink: Writable, *, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Stream ``remote`` into a ``sink`` that cannot rewind (a pipe, stdout); returns the
+        size. Another reader is tried only while nothing has been written: a reader failing
+        mid-body raises :class:`StreamCut` (what was written is incomplete)."""
+
+        def restart(failed: Target | None, written: int) -> None:
+            if written and failed is not None:
+                raise StreamCut(
+                    failed.node,
+                    failed.address,
+                    f"failed after {written} bytes of {remote} were written to an output "
+                    "that cannot be rewound: the output is incomplete",
+                )
+
+        return self._stream(remote, sink, restart, progress)
+
+    def _stream(
+        self,
+        remote: str,
+        sink: Writable,
+        restart: Callable[[Target | None, int], None],
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """One read of ``remote`` into ``sink``; ``restart(failed target, bytes written)`` runs
+        before every attempt to undo a failed one's partial output (or refuse to)."""
+        last: list[Target | None] = [None]
+        got = [0]
+
+        def call(target: Target) -> int:
+            restart(last[0], got[0])
+            last[0] = target
+            got[0] = 0
 
             def consume(resp: http.client.HTTPResponse) -> None:
                 while True:
@@ -660,6 +707,7 @@ __all__ = [
     "HttpAgentControl",
     "RequestOutcomeUnknown",
     "RetryPolicy",
+    "StreamCut",
     "Target",
     "Targets",
     "Transport",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
+from typing import Annotated
+
 import typer
 
 from orchestrator.cli import coordinator as coordinator_cli
@@ -15,11 +18,37 @@ from orchestrator.cli._exit import run_reporting_errors
 
 app = typer.Typer(
     name="rbdfleet",
-    help="Single-writer / multi-reader file store on one shared Ceph RBD image.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,  # no shell-specific options: the reference (docs/cli.md) is stable
+    # Markdown, not rich markup: rich markup takes "[env var: X]" or "[default: ...]" in a help
+    # text for a style tag and drops it.
+    rich_markup_mode="markdown",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"rbdfleet {version('rbdfleet')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def rbdfleet(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Single-writer / multi-reader file store on one shared Ceph RBD image.
+
+    Every command reads the fleet config (docs/config.md) from --config, $RBDFLEET_CONFIG or
+    ./rbdfleet.toml. With --json a command prints one JSON object on stdout; progress and
+    narration always go to stderr.
+    """
+
+
 app.add_typer(sandbox.app, name="sandbox")
 app.command("provision")(provision_cli.provision)
 app.command("deprovision")(provision_cli.deprovision)

@@ -24,10 +24,11 @@ import typer
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ceph import BlocklistFencer
 from orchestrator.adapters.rados_state import RadosStateStore
+from orchestrator.cli._output import JsonOption, emit_json, say
 from orchestrator.cli.provision import (
     DEFAULT_CONFIG,
     ConfigOption,
-    JsonOption,
+    FleetArg,
     check_fleet,
     open_provisioner,
 )
@@ -244,7 +245,7 @@ def run(
         api.services[cfg.fleet.name] = service
         service.start()
         LOG.info("event=coordinator_serving fleet=%s url=%s holder=%s", cfg.fleet.name, url, holder)
-        typer.echo(f"coordinator for fleet {cfg.fleet.name} serving on {url}", err=True)
+        say(f"coordinator for fleet {cfg.fleet.name} serving on {url}")
         try:
             while not stop.wait(0.5):
                 pass
@@ -254,16 +255,14 @@ def run(
             store.close()
 
 
-FleetArg = Annotated[str, typer.Argument(help="fleet name (must match the config)")]
-
-
 def failover(
     fleet: FleetArg,
     to: Annotated[str | None, typer.Option("--to", help="the in-sync reader to promote")] = None,
     config: ConfigOption = DEFAULT_CONFIG,
     as_json: JsonOption = False,
 ) -> None:
-    """Move the write grant: persist epoch+1, fence the writer, promote, publish."""
+    """Move the write grant through the coordinator (disruptive): persist epoch+1, fence the
+    writer, promote an in-sync reader, publish the map."""
     client, cfg = open_client(config)
     check_fleet(cfg, fleet)
     new = client.coordinator.failover(to)
@@ -272,11 +271,18 @@ def failover(
 
 def fence(
     fleet: FleetArg,
-    vm: Annotated[str, typer.Argument(help="the VM to fence")],
+    vm: Annotated[str, typer.Argument(help="the VM to fence (a name from the config)")],
     config: ConfigOption = DEFAULT_CONFIG,
     as_json: JsonOption = False,
 ) -> None:
-    """Fence a VM through the coordinator (a writer is replaced first, in law order)."""
+    """Fence a VM through the coordinator and update the fleet map (disruptive).
+
+    The coordinator blocklists the VM's Ceph clients and takes it out of the map: a writer is
+    replaced first, in law order (persist epoch, fence, promote, announce); a reader leaves the
+    map at once (a spare comes in, if configured). This is the normal way to fence.
+    `rbdfleet vm fence` only blocklists, without a coordinator and without changing the map:
+    for when no coordinator runs.
+    """
     client, cfg = open_client(config)
     check_fleet(cfg, fleet)
     new = client.coordinator.fence(vm)
@@ -284,10 +290,8 @@ def fence(
 
 
 def _print_map(m: dict[str, Any], as_json: bool) -> None:
-    import json
-
     if as_json:
-        typer.echo(json.dumps(m, indent=2))
+        emit_json(m)
         return
     typer.echo(f"fleet {m['fleet']}: epoch {m['epoch']} writer {m['writer']} ({m['phase']})")
 

@@ -9,7 +9,6 @@ on a local bridge.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,8 +17,9 @@ import typer
 
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.cli.coordinator import coordinator_config, read_secret
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, JsonOption
+from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.client import CoordinatorClient, HttpAgentControl
 from orchestrator.deploy import AgentDeployer, AgentPackage, HostResult
 from orchestrator.errors import AgentUnreachable
@@ -58,7 +58,7 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
             coordinator=urls[0],
             health=HttpAgentControl().health,
             fleet_map=fleet_map,
-            progress=lambda msg: typer.echo(f"  {msg}", err=True),
+            progress=lambda msg: say(f"  {msg}"),
         )
 
 
@@ -73,7 +73,7 @@ def deploy(
     with open_rollout(config) as rollout:
         report = rollout.deploy(format_if_blank=format_if_blank)
     if as_json:
-        typer.echo(json.dumps(report.to_json(), indent=2))
+        emit_json(report.to_json())
         return
     _print_hosts(report.hosts)
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())
@@ -81,22 +81,23 @@ def deploy(
 
 
 def undeploy(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
-    """Stop every VM's agent (SIGTERM, then SIGKILL after a grace period)."""
+    """Stop every VM's agent (SIGTERM, then SIGKILL after a grace period): the fleet serves
+    nothing until `rbdfleet deploy` (disruptive; the image and its files stay)."""
     with open_rollout(config) as rollout:
         results = rollout.stop()
     if as_json:
-        typer.echo(json.dumps({n: {"actions": list(r.actions)} for n, r in results.items()}))
+        emit_json({n: {"actions": list(r.actions)} for n, r in results.items()})
         return
     _print_hosts(results)
 
 
 def _print_hosts(results: dict[str, HostResult]) -> None:
-    typer.echo(f"{'VM':<12} {'PID':>7} {'VERSION':<17} ACTIONS")
-    for name, r in sorted(results.items()):
-        pid = str(r.pid) if r.pid is not None else "-"
-        typer.echo(
-            f"{name:<12} {pid:>7} {r.version or '-':<17} {', '.join(r.actions) or 'unchanged'}"
-        )
+    rows = [
+        (name, r.pid if r.pid is not None else "-", r.version or "-",
+         ", ".join(r.actions) or "unchanged")
+        for name, r in sorted(results.items())
+    ]
+    print_table(("VM", "PID", "VERSION", "ACTIONS"), rows, right={1})
 
 
 def register(root: typer.Typer) -> None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
+import shutil
+import stat as stat_mode
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any
 
 import typer
 
+from orchestrator.cli._output import JsonOption, emit_json, print_table, progress
 from orchestrator.cli.coordinator import open_client
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, JsonOption
+from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 
-PROGRESS_MIN = 8 << 20  # files from this size on get a progress bar
+STDIO = "-"
 
 RemoteArg = Annotated[str, typer.Argument(help="path in the fleet, e.g. /dir/file")]
 TimeoutOption = Annotated[
@@ -21,72 +26,100 @@ TimeoutOption = Annotated[
 ]
 
 
+@contextmanager
+def _sized_source(local: str) -> Iterator[tuple[IO[bytes], int]]:
+    """``(seekable file, size)`` for LOCAL, or for stdin when LOCAL is ``-``.
+
+    A put announces its size first and rewinds on a retry, so stdin that is not a regular file
+    (a pipe) is copied in chunks to an unnamed temporary file first (never held in memory).
+    """
+    if local != STDIO:
+        with Path(local).open("rb") as source:
+            yield source, os.fstat(source.fileno()).st_size
+        return
+    stdin = sys.stdin.buffer
+    try:
+        is_file = stat_mode.S_ISREG(os.fstat(stdin.fileno()).st_mode)
+    except (OSError, ValueError):  # no descriptor (an in-memory stdin, as in tests)
+        is_file = False
+    if is_file:
+        start = stdin.tell()
+        yield stdin, os.fstat(stdin.fileno()).st_size - start
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(stdin, spool)
+        size = spool.tell()
+        spool.seek(0)
+        yield spool, size
+
+
 def put(
-    local: Annotated[Path, typer.Argument(help="local file", exists=True, dir_okay=False)],
+    local: Annotated[str, typer.Argument(help="local file, or '-' to read standard input")],
     remote: RemoteArg,
     config: ConfigOption = DEFAULT_CONFIG,
     timeout: TimeoutOption = 30.0,
     as_json: JsonOption = False,
 ) -> None:
     """Store LOCAL as REMOTE: streamed to the writer, durable and on the in-sync readers."""
+    if local != STDIO and not Path(local).is_file():
+        raise typer.BadParameter(f"{local} is not a file", param_hint="LOCAL")
     client, _ = open_client(config, timeout)
-    size = local.stat().st_size
-    with local.open("rb") as source:
-        if size >= PROGRESS_MIN and not as_json:
-            with typer.progressbar(length=size, label=f"put {remote}") as bar:
-                ack = client.put(source, remote, size, progress=bar.update)
-        else:
-            ack = client.put(source, remote, size)
+    with _sized_source(local) as (source, size), progress(size, f"put {remote}") as update:
+        ack = client.put(source, remote, size, progress=update)
     if as_json:
-        typer.echo(json.dumps({"path": remote, "size": size, "node": ack.node, **ack.body}))
+        emit_json({"path": remote, "size": size, "node": ack.node, **ack.body})
     else:
         typer.echo(f"{remote}: {size} bytes, seq {ack.seq}, epoch {ack.epoch} (writer {ack.node})")
 
 
 def get(
     remote: RemoteArg,
-    local: Annotated[Path, typer.Argument(help="local file to write ('-' for stdout)")],
+    local: Annotated[
+        str, typer.Argument(help="local file to write, or '-' to stream to standard output")
+    ],
     config: ConfigOption = DEFAULT_CONFIG,
     timeout: TimeoutOption = 30.0,
 ) -> None:
-    """Read REMOTE from an in-sync reader (another one on error) into LOCAL."""
-    client, _ = open_client(config, timeout)
-    if str(local) == "-":
-        import io
-        import sys
+    """Read REMOTE from an in-sync reader (another one on error) into LOCAL.
 
-        buf = io.BytesIO()
-        client.get(remote, buf)
-        sys.stdout.buffer.write(buf.getvalue())
+    LOCAL appears only once the whole file has arrived (written aside, then renamed).
+    """
+    client, _ = open_client(config, timeout)
+    if local == STDIO:
+        sys.stdout.flush()
+        client.get_stream(remote, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
         return
+    target = Path(local)
     size = int(client.stat(remote).get("size", 0))
-    tmp = local.with_name(f".{local.name}.part-{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
     try:
-        with tmp.open("wb") as sink:
-            if size >= PROGRESS_MIN:
-                with typer.progressbar(length=size, label=f"get {remote}") as bar:
-                    client.get(remote, sink, progress=bar.update)
-            else:
-                client.get(remote, sink)
-        tmp.replace(local)
+        with tmp.open("wb") as sink, progress(size, f"get {remote}") as update:
+            client.get(remote, sink, progress=update)
+        tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def ls(
-    remote: Annotated[str, typer.Argument(help="directory")] = "/",
+    remote: Annotated[str, typer.Argument(help="directory in the fleet")] = "/",
     config: ConfigOption = DEFAULT_CONFIG,
     as_json: JsonOption = False,
 ) -> None:
-    """List a directory."""
+    """List a directory: kind (d or -), size in bytes, path."""
     client, _ = open_client(config)
     listing = client.ls(remote)
     if as_json:
-        typer.echo(json.dumps(listing, indent=2))
+        emit_json(listing)
         return
-    for e in listing.get("entries", []):
-        kind = "d" if e.get("kind") == "dir" else "-"
-        typer.echo(f"{kind} {e.get('size', 0):>12} {e.get('path')}")
+    rows = [
+        ("d" if e.get("kind") == "dir" else "-", e.get("size", 0), e.get("path"))
+        for e in listing.get("entries", [])
+    ]
+    print_table(("KIND", "SIZE", "PATH"), rows, right={1})
+
+
+STAT_KEYS = ("path", "kind", "size", "version", "epoch", "mtime", "crc")
 
 
 def stat(
@@ -96,26 +129,31 @@ def stat(
     client, _ = open_client(config)
     entry: dict[str, Any] = client.stat(remote)
     if as_json:
-        typer.echo(json.dumps(entry, indent=2))
+        emit_json(entry)
         return
-    for key in ("path", "kind", "size", "version", "epoch", "mtime", "crc"):
-        typer.echo(f"{key:<8} {entry.get(key)}")
+    width = max(map(len, STAT_KEYS))
+    for key in STAT_KEYS:
+        typer.echo(f"{key:<{width}}  {entry.get(key)}")
 
 
 def rm(remote: RemoteArg, config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Remove a file or an empty directory."""
+    """Remove a file or an empty directory (destructive: the file's data is gone)."""
     client, _ = open_client(config)
     client.delete(remote)
 
 
-def mv(src: RemoteArg, dst: RemoteArg, config: ConfigOption = DEFAULT_CONFIG) -> None:
+def mv(
+    src: Annotated[str, typer.Argument(help="path in the fleet to rename")],
+    dst: Annotated[str, typer.Argument(help="its new path in the fleet")],
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
     """Rename SRC to DST."""
     client, _ = open_client(config)
     client.rename(src, dst)
 
 
 def mkdir(
-    remote: RemoteArg,
+    remote: Annotated[str, typer.Argument(help="directory to make in the fleet")],
     parents: Annotated[bool, typer.Option("--parents", "-p", help="make parents too")] = False,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:

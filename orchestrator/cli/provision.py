@@ -7,7 +7,6 @@ and libvirt adapters into a :class:`~orchestrator.provision.Provisioner`.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +17,7 @@ from agents.errors import RbdfleetError
 from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
+from orchestrator.cli._output import JsonOption, emit_json, say
 from orchestrator.config import FleetConfig
 from orchestrator.core.placement import Plan, vm_user
 from orchestrator.errors import ConfigError
@@ -25,11 +25,15 @@ from orchestrator.provision import Applied, Provisioner, check_partial, undo_hin
 
 ConfigOption = Annotated[
     Path,
-    typer.Option("--config", "-c", envvar="RBDFLEET_CONFIG",
-                 help="fleet config (docs/config.md) [env RBDFLEET_CONFIG]"),
+    typer.Option("--config", "-c", envvar="RBDFLEET_CONFIG", help="fleet config (docs/config.md)"),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 DEFAULT_CONFIG = Path("rbdfleet.toml")
+FleetArg = Annotated[
+    str,
+    typer.Argument(help="the fleet's name, as in the config's fleet.name: a check that the "
+                   "command acts on the fleet you mean"),
+]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="print the plan only")]
 
 
 @contextlib.contextmanager
@@ -42,8 +46,7 @@ def open_provisioner(config_path: Path) -> Iterator[tuple[Provisioner, Any, Flee
                                      {vm.name: vm_user(config.fleet.name, vm.name)
                                       for vm in config.vms})
         yield (Provisioner(config, ceph.RbdImageStore(handle), ceph.CephxCredentialStore(handle),
-                           hypervisor, progress=lambda msg: typer.echo(f"  done: {msg}",
-                                                                       err=True),
+                           hypervisor, progress=lambda msg: say(f"  done: {msg}"),
                            fence_proof=proof),
                handle, config)
 
@@ -70,7 +73,7 @@ def report(plan: Plan, applied: list[Applied], dry_run: bool, as_json: bool,
            nothing: str) -> None:
     """Print the plan (dry run), what ran, or that nothing had to change."""
     if as_json:
-        typer.echo(json.dumps(plan_json(plan, applied, dry_run), indent=2))
+        emit_json(plan_json(plan, applied, dry_run))
         return
     for note in plan.notes:
         typer.echo(f"note: {note}")
@@ -92,15 +95,15 @@ def report_partial(exc: RbdfleetError, fleet: str) -> None:
     """On failure: what was done before it, and how to undo it (stderr)."""
     done = check_partial(exc)
     if done:
-        typer.echo("done before the failure:", err=True)
+        say("done before the failure:")
         for a in done:
-            typer.echo(f"  {a.action}", err=True)
-    typer.echo(undo_hint(done, fleet), err=True)
+            say(f"  {a.action}")
+    say(undo_hint(done, fleet))
 
 
 def provision(
     config: ConfigOption = DEFAULT_CONFIG,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Create the pool (if allowed) and image, a cephx user + libvirt secret per VM, and
@@ -115,14 +118,45 @@ def provision(
                f"nothing to do: fleet {cfg.fleet.name} is provisioned as configured")
 
 
+def confirm_destruction(config: FleetConfig, fleet_name: str | None, really: bool) -> None:
+    """Refuse to destroy the fleet's image unless its name is given back or the flag is set."""
+    if really or fleet_name == config.fleet.name:
+        return
+    what = f"the image {config.ceph.pool}/{config.fleet.image} of fleet {config.fleet.name!r}"
+    if fleet_name is None:
+        raise typer.BadParameter(
+            f"--delete-image destroys {what} and every file in it: pass "
+            f"--fleet-name {config.fleet.name} (or --yes-i-really-mean-it)",
+            param_hint="--fleet-name",
+        )
+    raise typer.BadParameter(
+        f"{fleet_name!r} is not the configured fleet: --delete-image would destroy {what}",
+        param_hint="--fleet-name",
+    )
+
+
 def deprovision(
     config: ConfigOption = DEFAULT_CONFIG,
     delete_image: Annotated[bool, typer.Option(
-        "--delete-image", help="also remove the image, the VMs' cephx users and secrets")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+        "--delete-image",
+        help="also remove the image (every file in the fleet: destructive), the VMs' cephx "
+             "users and secrets; needs --fleet-name or --yes-i-really-mean-it")] = False,
+    fleet_name: Annotated[str | None, typer.Option(
+        "--fleet-name", help="the configured fleet's name, to confirm --delete-image")] = None,
+    really: Annotated[bool, typer.Option(
+        "--yes-i-really-mean-it", help="confirm --delete-image without --fleet-name "
+                                       "(scripts)")] = False,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Detach the fleet's disk from every domain (writer first)."""
+    """Detach the fleet's disk from every domain (writer first).
+
+    With --delete-image also delete the image and the VMs' Ceph users: every file in the fleet
+    is lost. That needs --fleet-name NAME (the configured fleet.name) or
+    --yes-i-really-mean-it; --dry-run needs neither.
+    """
+    if delete_image and not dry_run:
+        confirm_destruction(fleet_config.load(config), fleet_name, really)
     with open_provisioner(config) as (provisioner, _, cfg):
         try:
             plan, applied = provisioner.deprovision(delete_image=delete_image, dry_run=dry_run)

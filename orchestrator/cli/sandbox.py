@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import lifecycle
 
@@ -17,8 +17,9 @@ app = typer.Typer(help="Run a complete rbdfleet world on this machine (root).",
 
 DirOption = Annotated[
     Path | None,
-    typer.Option("--dir", help="Sandbox directory [default: $RBDFLEET_SANDBOX_DIR or "
-                 "/var/tmp/rbdfleet-UID/sandbox]"),
+    typer.Option("--dir", envvar="RBDFLEET_SANDBOX_DIR",
+                 show_default="/var/tmp/rbdfleet-UID/sandbox",
+                 help="sandbox directory"),
 ]
 
 
@@ -30,7 +31,7 @@ def _progress_printer() -> Any:
     started = time.monotonic()
 
     def show(message: str) -> None:
-        typer.echo(f"[{time.monotonic() - started:6.1f}s] {message}", err=True)
+        say(f"[{time.monotonic() - started:6.1f}s] {message}")
 
     return show
 
@@ -44,21 +45,21 @@ def up(
     objectstore: Annotated[str, typer.Option("--objectstore",
                                              help="memstore (fast) or bluestore (survives "
                                                   "restarts)")] = "memstore",
-    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Start Ceph (+ hosts + VMs) and write DIR/rbdfleet.toml."""
     request = lifecycle.SandboxRequest(vms=vms, hosts=hosts, osds=osds, objectstore=objectstore)
     summary = lifecycle.up(_dir(directory), request, progress=_progress_printer())
     if as_json:
-        typer.echo(json.dumps(summary.to_json(), indent=2))
+        emit_json(summary.to_json())
         return
     typer.echo(f"sandbox up in {summary.dir} ({summary.timings.get('total')} s)")
     typer.echo(f"  config     {summary.config}")
     typer.echo(f"  ceph       {summary.ceph_conf}  mon {summary.mon}")
-    for vm in summary.vms:
-        typer.echo(f"  vm         {vm['name']:<6} {vm['address']:<15} domain {vm['domain']}")
-    for host in summary.hosts:
-        typer.echo(f"  host       {host['name']:<6} {host['address']:<15} root {host['root']}")
+    rows = [("vm", vm["name"], vm["address"], f"domain {vm['domain']}") for vm in summary.vms]
+    rows += [("host", h["name"], h["address"], f"root {h['root']}") for h in summary.hosts]
+    if rows:
+        print_table(("KIND", "NAME", "ADDRESS", "WHERE"), rows)
     typer.echo(f"  use it     export CEPH_CONF={summary.ceph_conf}; "
                f"rbdfleet --config {summary.config} ...")
     typer.echo(f"  stop it    rbdfleet sandbox down --dir {summary.dir}")
@@ -67,28 +68,31 @@ def up(
 @app.command()
 def status(
     directory: DirOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show what the sandbox recorded and whether it is alive."""
     report = lifecycle.status(_dir(directory))
     if as_json:
-        typer.echo(json.dumps(report, indent=2, default=str))
+        emit_json(report)
         return
     if not report["resources"]:
         typer.echo(f"no sandbox in {report['dir']}")
         return
     typer.echo(f"sandbox {report['dir']}: {'running' if report['running'] else 'stopped'}")
-    for res in report["resources"]:
-        alive = {True: "alive", False: "gone", None: "-"}[res["alive"]]
-        label = res.get("name") or res.get("path") or res.get("pid") or ""
-        typer.echo(f"  {res['kind']:<18} {label!s:<40} {alive}")
+    rows = [
+        (res["kind"], res.get("name") or res.get("path") or res.get("pid") or "",
+         {True: "alive", False: "gone", None: "-"}[res["alive"]])
+        for res in report["resources"]
+    ]
     if report.get("health"):
-        typer.echo(f"  ceph health        {report['health']}")
+        rows.append(("ceph health", report["health"], ""))
+    print_table(("KIND", "WHAT", "STATE"), rows)
 
 
 @app.command()
 def down(directory: DirOption = None) -> None:
-    """Stop and remove exactly what the sandbox's state file records."""
+    """Stop and remove exactly what the sandbox's state file records (destructive: the
+    sandbox's Ceph cluster, VMs and every file stored in them are gone)."""
     errors = lifecycle.down(_dir(directory), progress=_progress_printer())
     if errors:
         raise SandboxError("down left resources behind:\n  " + "\n  ".join(errors))

@@ -2,44 +2,52 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 import typer
 
+from agents.errors import NotFound
+from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.cli.coordinator import open_client
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, JsonOption
+from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
+
+
+def fleet_status(everything: dict[str, Any], fleet: str) -> dict[str, Any]:
+    """The coordinator's status of ``fleet``; NotFound when it does not serve that fleet."""
+    for entry in everything.get("fleets", []):
+        if entry.get("fleet") == fleet:
+            return dict(entry)
+    served = ", ".join(str(f.get("fleet")) for f in everything.get("fleets", [])) or "none"
+    raise NotFound(f"the coordinator does not serve fleet {fleet!r} (it serves: {served})")
 
 
 def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
     """Writer, readers (in sync or catching up), spares, liveness, pending failover steps."""
     client, cfg = open_client(config)
-    everything = client.coordinator.status()
-    fleets = [f for f in everything.get("fleets", []) if f.get("fleet") == cfg.fleet.name]
+    f = fleet_status(client.coordinator.status(), cfg.fleet.name)
     if as_json:
-        typer.echo(json.dumps(fleets[0] if fleets else {}, indent=2))
+        emit_json(f)
         return
-    for f in fleets:
-        m = f.get("map") or {}
-        typer.echo(
-            f"fleet {f['fleet']}  coordinator {f.get('coordinator')}  "
-            f"epoch {m.get('epoch')}  revision {m.get('revision')}  phase {m.get('phase')}"
+    m = f.get("map") or {}
+    typer.echo(
+        f"fleet {f['fleet']}  coordinator {f.get('coordinator')}  "
+        f"epoch {m.get('epoch')}  revision {m.get('revision')}  phase {m.get('phase')}"
+    )
+    rows = []
+    for member in m.get("members", []):
+        if member["in_sync"]:
+            sync = "in-sync"
+        else:
+            sync = "catching-up" if member["role"] == "reader" else "-"
+        live = f.get("liveness", {}).get(member["name"], "-")
+        rows.append(
+            (member["name"], member["role"], sync, member["applied_seq"], live, member["address"])
         )
-        typer.echo(f"{'NODE':<12} {'ROLE':<8} {'SYNC':<12} {'SEQ':>10} {'LIVENESS':<9} ADDRESS")
-        for member in m.get("members", []):
-            sync = (
-                "in-sync"
-                if member["in_sync"]
-                else ("catching-up" if member["role"] == "reader" else "-")
-            )
-            live = f.get("liveness", {}).get(member["name"], "-")
-            typer.echo(
-                f"{member['name']:<12} {member['role']:<8} {sync:<12} "
-                f"{member['applied_seq']:>10} {live:<9} {member['address']}"
-            )
-        if f.get("pending"):
-            typer.echo("pending: " + ", ".join(f["pending"]))
-        if f.get("last_error"):
-            typer.echo(f"last error: {f['last_error']}")
+    print_table(("NODE", "ROLE", "SYNC", "SEQ", "LIVENESS", "ADDRESS"), rows, right={3})
+    if f.get("pending"):
+        typer.echo("pending: " + ", ".join(f["pending"]))
+    if f.get("last_error"):
+        typer.echo(f"last error: {f['last_error']}")
 
 
 def register(root: typer.Typer) -> None:

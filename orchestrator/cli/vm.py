@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -10,10 +9,12 @@ import typer
 
 from agents.errors import RbdfleetError
 from orchestrator.adapters.ceph import BlocklistFencer
+from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.cli.provision import (
     DEFAULT_CONFIG,
     ConfigOption,
-    JsonOption,
+    DryRunOption,
+    FleetArg,
     check_fleet,
     open_provisioner,
     report,
@@ -22,8 +23,11 @@ from orchestrator.cli.provision import (
 from orchestrator.config import FleetConfig
 from orchestrator.core.placement import vm_user
 
-app = typer.Typer(help="The fleet's VMs: attachments, roles, Ceph clients, fencing.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="The fleet's VMs, straight through Ceph and libvirt (no coordinator needed): "
+    "attachments, roles, Ceph clients, blocklist fencing.",
+    no_args_is_help=True,
+)
 
 
 class Role(StrEnum):
@@ -31,7 +35,6 @@ class Role(StrEnum):
     READER = "reader"
 
 
-FleetArg = Annotated[str, typer.Argument(help="fleet name (must match the config)")]
 VmArg = Annotated[str, typer.Argument(help="VM name from the config")]
 
 
@@ -41,19 +44,20 @@ def list_vms(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False)
     with open_provisioner(config) as (provisioner, _, cfg):
         rows = provisioner.attachments()
     if as_json:
-        typer.echo(json.dumps({"fleet": cfg.fleet.name, "serial": provisioner.serial, "vms": [
+        emit_json({"fleet": cfg.fleet.name, "serial": provisioner.serial, "vms": [
             {"vm": r.vm, "domain": r.domain, "uri": r.uri, "active": r.active,
              "mode": r.mode.value if r.mode else None, "user": r.user, "spare": r.spare}
-            for r in rows]}, indent=2))
+            for r in rows]})
         return
     typer.echo(f"fleet {cfg.fleet.name}  image {cfg.ceph.pool}/{cfg.fleet.image}  "
                f"serial {provisioner.serial}")
-    typer.echo(f"{'VM':<12} {'DOMAIN':<28} {'STATE':<8} {'DISK':<9} USER")
+    table = []
     for r in rows:
         state = {True: "running", False: "stopped", None: "missing"}[r.active]
         mode = {None: "-", "rw": "rw writer", "ro": "ro reader"}[r.mode.value if r.mode else None]
         name = (r.vm or "(not in fleet)") + (" spare" if r.spare else "")
-        typer.echo(f"{name:<12} {r.domain:<28} {state:<8} {mode:<9} {r.user or '-'}")
+        table.append((name, r.domain, state, mode, r.user or "-"))
+    print_table(("VM", "DOMAIN", "STATE", "DISK", "USER"), table)
 
 
 @app.command("set-role")
@@ -62,7 +66,7 @@ def set_role(
     vm: VmArg,
     role: Annotated[Role, typer.Argument(help="writer or reader")],
     config: ConfigOption = DEFAULT_CONFIG,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan only")] = False,
+    dry_run: DryRunOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Re-attach so exactly one VM has the disk read-write: demote the old writer, then
@@ -86,8 +90,7 @@ def clients(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
         cfg.vm(vm)
         addresses = _fencer(handle, cfg).clients(vm)
     if as_json:
-        typer.echo(json.dumps({"vm": vm, "user": vm_user(cfg.fleet.name, vm),
-                               "clients": addresses}))
+        emit_json({"vm": vm, "user": vm_user(cfg.fleet.name, vm), "clients": addresses})
         return
     for addr in addresses:
         typer.echo(addr)
@@ -96,14 +99,20 @@ def clients(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
 @app.command("fence")
 def fence(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
           as_json: JsonOption = False) -> None:
-    """Blocklist exactly the VM's client addresses on the image and wait for the osdmap:
-    its next I/O to the shared disk fails with EIO; the other VMs are untouched."""
+    """Blocklist the VM's Ceph clients directly, without the coordinator (disruptive).
+
+    Exactly the VM's client addresses on the image are blocklisted and the osdmap awaited:
+    its next I/O to the shared disk fails with EIO; the other VMs are untouched. The fleet
+    map is NOT changed, so a coordinator still counts a fenced writer as the writer: use this
+    only when no coordinator runs, then `rbdfleet fence` once one is back. With a coordinator,
+    use `rbdfleet fence` (it fences and updates the map in law order).
+    """
     with open_provisioner(config) as (_, handle, cfg):
         check_fleet(cfg, fleet)
         cfg.vm(vm)
         addresses = _fencer(handle, cfg).fence(vm)
     if as_json:
-        typer.echo(json.dumps({"vm": vm, "blocklisted": addresses}))
+        emit_json({"vm": vm, "blocklisted": addresses})
         return
     if not addresses:
         typer.echo(f"{vm} has no client on the image: nothing to fence")

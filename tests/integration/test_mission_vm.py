@@ -66,7 +66,8 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
         with contextlib.suppress(Exception):
             m.cli("undeploy", timeout=120, check=False)
         with contextlib.suppress(Exception):
-            m.cli("deprovision", "--delete-image", timeout=180, check=False)
+            m.cli("deprovision", "--delete-image", "--yes-i-really-mean-it", timeout=180,
+                  check=False)
         m.close()
 
 

@@ -26,4 +26,7 @@ def test_every_command_and_exit_code_is_documented() -> None:
         assert f"## `rbdfleet {name}`" in text
     for cls, code in EXIT_CODES:
         assert f"| {code} | `{cls.__module__}.{cls.__qualname__}` |" in text
-    assert "--install-completion" not in text  # add_completion=False: nothing shell-specific
+    assert "`--install-completion`" in text and "`--show-completion`" in text
+    assert "## Destructive and disruptive commands" in text
+    for command, _, _ in reference.DESTRUCTIVE:
+        assert command in text
