@@ -5,14 +5,19 @@
     RbdfleetError
     ├── BindingUnavailable(module, package)   a Python binding (rados, rbd, libvirt) is missing
     └── AgentError                            carries a wire code and an HTTP status
-        ├── BadRequest          400           DecodeError, UnsupportedVersion, BadPath
+        ├── BadRequest          400           DecodeError, UnsupportedVersion, BadPath,
+        │                                     BadHttp (the HTTP layer's own status),
+        │                                     UnsupportedTransferEncoding (501)
         ├── GrantRejected       401/403       BadSignature, GrantExpired, ForeignGrant
         ├── Conflict            409           StaleEpoch, NotWriter
         ├── NotFound            404
         ├── TooLarge            413
         ├── CatchingUp          503
+        ├── LagNotReported      503           a write not acknowledged: a dropped reader
+        │                                     is not out of the map yet (outcome unknown)
+        ├── TooBusy             503           every connection slot of the agent is taken
         ├── FormatError         500           BadMagic, UnsupportedFormat, ChecksumMismatch,
-        │                                     TornRecord
+        │                                     TornRecord, CorruptMetadata
         └── DeviceError(op, errno)  500       EIO / EPERM: where a fenced writer stops
 
 Agent errors cross the wire as JSON ``{"error": code, "message": ..., **fields}``;
@@ -154,6 +159,15 @@ class CatchingUp(AgentError):
     status = 503
 
 
+class LagNotReported(AgentError):
+    """The writer dropped a reader it could not reach, but could not yet get the coordinator to
+    stop handing that reader out: the write is durable, yet acknowledging it could send
+    another client to a reader without it (outcome unknown)."""
+
+    code = "lag_not_reported"
+    status = 503
+
+
 class FormatError(AgentError):
     code = "format_error"
     status = 500
@@ -230,3 +244,36 @@ class RangeNotSatisfiable(BadRequest):
 
     code = "range_not_satisfiable"
     status = 416
+
+
+class BadHttp(BadRequest):
+    """A request the HTTP layer could not parse (request line, header block); answered with
+    the status the HTTP layer chose (400, 414, 431, 501, 505)."""
+
+    code = "bad_http"
+
+
+class UnsupportedTransferEncoding(BadRequest):
+    """A request with ``Transfer-Encoding``: bodies need a Content-Length; the connection is
+    closed (the body's framing is unknown, it must never be read as the next request)."""
+
+    code = "unsupported_transfer_encoding"
+    status = 501
+
+
+class TooBusy(AgentError):
+    """Every connection slot is taken (fields: limit); retry later."""
+
+    code = "too_busy"
+    status = 503
+
+
+# On-disk codecs (agents.core): additive.
+
+
+class CorruptMetadata(FormatError):
+    """A structure on the image decodes to nonsense although its checksum matches (or has
+    none to match): lengths past the device or region, bad geometry, wrong types, a body that
+    inflates beyond its bound. The image is refused, never half-trusted."""
+
+    code = "corrupt_metadata"

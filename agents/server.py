@@ -1,32 +1,49 @@
 """The agent's HTTP/1.1 API under /v1/ (stdlib ThreadingHTTPServer), documented in
-docs/agent-api.md.
+docs/agent-api.md; its limits in docs/agent.md ("Limits").
 
 Bodies are streamed both ways: a PUT goes from the socket to the volume chunk by chunk, a GET
 from the volume's verified chunks to the socket. Every error answer is JSON ``{error,
 message, ...}`` (``AgentError.to_wire()``) with the class's HTTP status: the status table is
-the error tree in agents/errors.py, and nothing here picks a status by hand. Every answer
+the error tree in agents/errors.py, and nothing here picks a status by hand (the HTTP layer's
+own refusals of a request line or header block keep its status, as ``bad_http``). Every answer
 carries ``X-Rbdfleet-Epoch``, the epoch the agent knows.
+
+The network is hostile (anyone may connect):
+- The grant is checked before any body byte is read, on every route; JSON bodies are capped
+  per route (:attr:`Route.json_limit`) and parsed with bounds (``Message.decode``).
+- Framing is strict: ``Transfer-Encoding`` is refused (501) and the connection closed, one
+  ``Content-Length`` of ASCII digits, none (or 0) on routes without a body; a body left unread
+  closes the connection, so it is never parsed as the next request.
+- Each connection has a deadline for its request line, headers and JSON body
+  (``header_timeout``, enforced by the serving loop even against a client that trickles a
+  byte at a time), an idle timeout between requests, a per-read timeout inside PUT and GET
+  bodies, and at most ``max_connections`` are served at once (503 ``too_busy`` beyond).
 """
 
 from __future__ import annotations
 
+import contextlib
+import http
 import http.server
-import json
+import io
 import logging
 import re
 import socket
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from agents.agent import Agent
-from agents.core.index import normalize_path
+from agents.core.grants import CONTROL, WRITER, verify
+from agents.core.index import check_payload, normalize_path
 from agents.core.protocol import (
     DemoteRequest,
     EntryInfo,
     ErrorBody,
+    HeaderMap,
     ListResponse,
     Message,
     MkdirRequest,
@@ -38,9 +55,13 @@ from agents.core.protocol import (
     RenameRequest,
     WriteAck,
     bearer_token,
+    header_int,
 )
+from agents.core.record import Record
+from agents.device import ALIGN
 from agents.errors import (
     AgentError,
+    BadHttp,
     BadPath,
     ChecksumMismatch,
     DecodeError,
@@ -49,10 +70,13 @@ from agents.errors import (
     MethodNotAllowed,
     NotFound,
     RangeNotSatisfiable,
+    TooBusy,
     TooLarge,
+    UnsupportedTransferEncoding,
     WrongKind,
 )
 from agents.volume import WRITE_UNIT, Entry
+from agents.writer import MAX_PUSH_BATCH
 
 __all__ = ["AgentServer", "serve"]
 
@@ -60,10 +84,21 @@ LOG = logging.getLogger(__name__)
 
 CHUNK = WRITE_UNIT  # bytes read from the socket per chunk of a PUT body: whole write units
 # go to the device without being staged and copied again (Volume.put's fast path)
-MAX_JSON = 16 << 20  # JSON request bodies (a push of 256 records is ~1.4 MiB)
+MAX_CONTROL_JSON = 64 << 10  # mkdir/rename (two 4 KiB paths even fully \u-escaped), control
+# a push of MAX_PUSH_BATCH records, base64 (4/3), each up to 4 pages: a put record of a file of
+# about a thousand chunks; the writer sends a bigger batch as its commit seq alone, and a push
+# refused here only makes the reader catch up from the journal
+MAX_PUSH_JSON = MAX_PUSH_BATCH * 4 * ALIGN * 4 // 3 + MAX_CONTROL_JSON
+MAX_CONNECTIONS = 128  # served at once (one thread each); more are answered 503 too_busy
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its headers (and JSON body)
+IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
+BODY_TIMEOUT = 30.0  # seconds of silence inside a PUT body or while a GET answer is taken
 EPOCH_HEADER = "X-Rbdfleet-Epoch"
 SEQ_HEADER = "X-Rbdfleet-Seq"
 CRC_HEADER = "X-Rbdfleet-Crc"
+
+
+M = TypeVar("M", bound=Message)
 
 
 class InternalError(AgentError):
@@ -85,7 +120,7 @@ def _close(stream: Iterator[bytes]) -> None:
         close()
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$", re.ASCII)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -121,7 +156,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
     server: AgentServer
-    timeout = 120  # seconds of socket silence before a connection is dropped
+    timeout = None  # set per phase by handle_one_request (idle, then body)
+
+    _unread = 0  # body bytes announced and not read yet: the connection closes if any remain
+    _has_length = False
+    _streaming = False
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -133,8 +172,55 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def agent(self) -> Agent:
         return self.server.agent
 
-    def _headers_map(self) -> dict[str, str]:
-        return {k: v for k, v in self.headers.items()}
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError as exc:  # reset or cut while reading a request line or headers
+            LOG.debug("event=client_gone client=%s error=%s", self.client_address[0],
+                      type(exc).__name__)
+
+    def handle_one_request(self) -> None:
+        """Wait up to ``idle_timeout`` for the next request, then give its request line,
+        headers and JSON body ``header_timeout`` in all (a byte-a-second client included)."""
+        server = self.server
+        self.connection.settimeout(server.idle_timeout)
+        try:
+            waiting = cast(io.BufferedReader, self.rfile).peek(1)  # rbufsize -1: buffered
+        except OSError:  # idle too long, or gone
+            waiting = b""
+        if not waiting:
+            self.close_connection = True
+            return
+        self.connection.settimeout(server.body_timeout)
+        server.deadlines.arm(self.connection, time.monotonic() + server.header_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            server.deadlines.disarm(self.connection)
+
+    def _request_read(self) -> None:
+        """The request (headers and any JSON body) is in: lift its deadline. OSError when
+        the deadline had already cut the connection (what was read is not the request)."""
+        if not self.server.deadlines.disarm(self.connection):
+            raise ConnectionAbortedError("request not received within header_timeout")
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """The HTTP layer's own refusals (bad request line, header block too large, unknown
+        method): one JSON error like every other answer, and the connection closed."""
+        self.close_connection = True
+        text = message or http.HTTPStatus(code).phrase
+        self.log_error("code %d, message %s", code, text)
+        with contextlib.suppress(OSError):
+            self._send_answer(Answer(code, ErrorBody.from_error(BadHttp(text, status=code))))
+
+    def _headers_map(self) -> HeaderMap:
+        return HeaderMap(self.headers.items())
+
+    def _bodyless_request(self) -> PutRequest:
+        """The PUT-style headers (grant, readers) of a request that writes no file data."""
+        return PutRequest.from_headers(HeaderMap([("Content-Length", "0"),
+                                                  *self.headers.items()]))
 
     def _send_head(self, status: int, length: int, content_type: str,
                    extra: dict[str, str] | None = None) -> None:
@@ -161,24 +247,65 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _send_error(self, err: AgentError) -> None:
         self._send_answer(Answer(err.status, ErrorBody.from_error(err)))
 
-    def _read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise DecodeError("request needs a Content-Length", field="Content-Length")
-        if int(length) > MAX_JSON:
+    def _framing(self) -> None:
+        """How the body is delimited: one Content-Length of ASCII digits, never a
+        Transfer-Encoding (whose bytes would otherwise be read as the next request)."""
+        self._unread, self._has_length, self._streaming = 0, False, False
+        if self.headers.get_all("Transfer-Encoding"):
             self.close_connection = True
-            raise TooLarge(f"JSON body over {MAX_JSON} bytes", limit=MAX_JSON)
-        data = self.rfile.read(int(length))
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError("request body is not valid JSON") from exc
+            raise UnsupportedTransferEncoding(
+                "Transfer-Encoding is not accepted: send a Content-Length",
+                field="Transfer-Encoding")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise DecodeError("more than one Content-Length", field="Content-Length")
+        if lengths:
+            try:
+                self._unread = header_int("Content-Length", lengths[0])
+            except DecodeError:
+                self.close_connection = True
+                raise
+            self._has_length = True
+
+    def _message(self, message: type[M], limit: int) -> M:
+        """Read and decode the JSON body (at most ``limit`` bytes), then lift the request's
+        deadline."""
+        length = self._unread
+        if not self._has_length:
+            raise DecodeError("request needs a Content-Length", field="Content-Length")
+        if length > limit:
+            raise TooLarge(f"JSON body of {length} bytes over this route's {limit}",
+                           limit=limit)
+        data = self.rfile.read(length)
+        self._unread -= len(data)
+        self._request_read()
+        if len(data) != length:
+            raise DecodeError(f"body ended after {len(data)} of {length} bytes")
+        return message.decode(data)
 
     def _token(self) -> str:
         return bearer_token(self._headers_map())
 
+    def _authenticate(self, roles: Collection[str], *, any_node: bool = False) -> str:
+        """The request's grant token, once signature, expiry, fleet, role and (unless
+        ``any_node``) node check out: before the body is read. The agent checks the rest
+        (epoch, the body's own fields) after decoding."""
+        token = self._token()
+        settings = self.agent.settings
+        verify(token, settings.secret, now=time.time(), fleet=settings.fleet,
+               node=None if any_node else settings.node, roles=roles, epoch=None)
+        return token
+
+    def _raw_path(self) -> str:
+        """The request target's path (no query); only origin-form targets (``/...``)."""
+        raw = self.path.split("?", 1)[0].split("#", 1)[0]
+        if not raw.startswith("/"):
+            raise BadPath("request target must be a path starting with '/'")
+        return raw
+
     def _path_after(self, prefix: str) -> str:
-        raw = urllib.parse.urlsplit(self.path).path
+        raw = self._raw_path()
         try:
             rest = urllib.parse.unquote(raw[len(prefix):], errors="strict")
         except UnicodeDecodeError as exc:
@@ -191,9 +318,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         started = time.monotonic()
         route_name, status = "unknown", 500
         try:
-            path = urllib.parse.urlsplit(self.path).path
-            route = _match(method, path)
+            self._framing()
+            route = _match(method, self._raw_path())
             route_name = route.name
+            if self._unread and not (route.json_limit or route.streamed):
+                raise DecodeError(f"{method} {route.path} takes no body",
+                                  field="Content-Length")
+            if not route.json_limit:
+                self._request_read()  # a PUT body has its own per-read timeout
             answer = route.handler(self)
             if answer is not None:
                 self._send_answer(answer)
@@ -217,9 +349,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _fail(self, err: AgentError) -> None:
         if isinstance(err, DeviceError):
             self.agent.fenced(err)
-        if (self.headers.get("Content-Length") or "0").strip() != "0":
-            self.close_connection = True  # the body may be unread: never parse it as a request
-        if getattr(self, "_streaming", False):
+        if self._unread:
+            self.close_connection = True  # the body is unread: never parse it as a request
+        if self._streaming:
             self.close_connection = True  # headers already sent: cut the body short
             return
         try:
@@ -243,16 +375,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def put_file(self) -> Answer:
         path = self._path_after("/v1/files/")
-        self.close_connection = True  # until the body is fully read
         request = PutRequest.from_headers(self._headers_map())
+        writer = self.agent.writer_for(request.grant)
         if request.size > self.server.max_body:
             raise TooLarge(f"body of {request.size} bytes over the limit",
                            limit=self.server.max_body)
-        writer = self.agent.writer_for(request.grant)
         ack = writer.put(path, self._body(request.size), request.size,
                          mtime=request.mtime if request.mtime is not None else time.time(),
                          readers=request.readers)
-        self.close_connection = False
         self.agent.m_bytes_in.inc(amount=request.size)
         return Answer(201, ack)
 
@@ -263,6 +393,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not data:
                 raise DecodeError(f"body ended after {size - remaining} of {size} bytes")
             remaining -= len(data)
+            self._unread = remaining
             yield data
 
     def get_file(self) -> None:
@@ -320,29 +451,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def delete_file(self) -> Answer:
         path = self._path_after("/v1/files/")
-        request = PutRequest.from_headers({**self._headers_map(), "Content-Length": "0"})
+        request = self._bodyless_request()
         ack = self.agent.writer_for(request.grant).delete(path, readers=request.readers)
         return Answer(200, ack)
 
     def mkdir(self) -> Answer:
-        body = MkdirRequest.from_json(self._read_json())
         writer = self.agent.writer_for(self._token())
+        body = self._message(MkdirRequest, MAX_CONTROL_JSON)
         return Answer(201, writer.mkdir(normalize_path(body.path), parents=body.parents,
                                         readers=self._readers()))
 
     def rename(self) -> Answer:
-        body = RenameRequest.from_json(self._read_json())
         writer = self.agent.writer_for(self._token())
+        body = self._message(RenameRequest, MAX_CONTROL_JSON)
         ack: WriteAck = writer.rename(normalize_path(body.src), normalize_path(body.dst),
                                       readers=self._readers())
         return Answer(200, ack)
 
     def _readers(self) -> tuple[ReaderAddress, ...]:
-        request = PutRequest.from_headers({**self._headers_map(), "Content-Length": "0"})
-        return request.readers
+        return self._bodyless_request().readers
 
     def list_dir(self) -> Answer:
-        raw = urllib.parse.urlsplit(self.path).path
+        raw = self._raw_path()
         path = "/" if raw.rstrip("/") == "/v1/list" else self._path_after("/v1/list/")
         volume = self.agent.volume_for_read(self._token())
         applied = volume.applied_seq
@@ -357,21 +487,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- replication, control, operations ------------------------------------------------
 
     def records(self) -> Answer:
-        token = self._token()
-        push = RecordPush.from_json(self._read_json())
+        token = self._authenticate({WRITER}, any_node=True)  # the agent checks it names the
+        push = self._message(RecordPush, MAX_PUSH_JSON)      # push's writer
+        _check_push(push)
         return Answer(200, self.agent.receive_push(token, push))
 
     def promote(self) -> Answer:
-        token = self._token()
-        return Answer(200, self.agent.promote(token, PromoteRequest.from_json(self._read_json())))
+        token = self._authenticate({CONTROL})
+        request = self._message(PromoteRequest, MAX_CONTROL_JSON)
+        return Answer(200, self.agent.promote(token, request))
 
     def demote(self) -> Answer:
-        token = self._token()
-        return Answer(200, self.agent.demote(token, DemoteRequest.from_json(self._read_json())))
+        token = self._authenticate({CONTROL})
+        request = self._message(DemoteRequest, MAX_CONTROL_JSON)
+        return Answer(200, self.agent.demote(token, request))
 
     def readers(self) -> Answer:
-        token = self._token()
-        return Answer(200, self.agent.set_readers(token, ReaderSet.from_json(self._read_json())))
+        token = self._authenticate({CONTROL})
+        request = self._message(ReaderSet, MAX_CONTROL_JSON)
+        return Answer(200, self.agent.set_readers(token, request))
 
     def health(self) -> Answer:
         return Answer(200, self.agent.health())
@@ -380,29 +514,46 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return Answer(200, self.agent.metrics.render())
 
 
+def _check_push(push: RecordPush) -> None:
+    """Refuse (400) a push whose records do not decode to well-formed records: a reader
+    applies only what a writer could have written (the grant was checked already)."""
+    if len(push.records) > MAX_PUSH_BATCH:
+        raise TooLarge(f"push of {len(push.records)} records", limit=MAX_PUSH_BATCH)
+    try:
+        for raw in push.record_bytes():
+            check_payload(Record.decode(raw))
+    except FormatError as exc:
+        raise DecodeError(f"record push: {exc.message}", field="records") from exc
+
+
 @dataclass(frozen=True)
 class Route:
-    """``method`` on ``path`` (exact) or under ``path`` (when it ends with ``/``)."""
+    """``method`` on ``path`` (exact) or under ``path`` (when it ends with ``/``).
+
+    ``json_limit``: the route reads a JSON body of at most this many bytes (0: no body);
+    ``streamed``: the body is a PUT's data, bounded by the server's ``max_body``."""
 
     method: str
     path: str
     name: str
     handler: Callable[[Handler], Answer | None]
+    json_limit: int = 0
+    streamed: bool = False
 
 
 ROUTES = (
-    Route("PUT", "/v1/files/", "put", Handler.put_file),
+    Route("PUT", "/v1/files/", "put", Handler.put_file, streamed=True),
     Route("GET", "/v1/files/", "get", Handler.get_file),
     Route("DELETE", "/v1/files/", "delete", Handler.delete_file),
-    Route("POST", "/v1/mkdir", "mkdir", Handler.mkdir),
-    Route("POST", "/v1/rename", "rename", Handler.rename),
+    Route("POST", "/v1/mkdir", "mkdir", Handler.mkdir, MAX_CONTROL_JSON),
+    Route("POST", "/v1/rename", "rename", Handler.rename, MAX_CONTROL_JSON),
     Route("GET", "/v1/list", "list", Handler.list_dir),
     Route("GET", "/v1/list/", "list", Handler.list_dir),
     Route("GET", "/v1/stat/", "stat", Handler.stat),
-    Route("POST", "/v1/records", "records", Handler.records),
-    Route("POST", "/v1/promote", "promote", Handler.promote),
-    Route("POST", "/v1/demote", "demote", Handler.demote),
-    Route("POST", "/v1/readers", "readers", Handler.readers),
+    Route("POST", "/v1/records", "records", Handler.records, MAX_PUSH_JSON),
+    Route("POST", "/v1/promote", "promote", Handler.promote, MAX_CONTROL_JSON),
+    Route("POST", "/v1/demote", "demote", Handler.demote, MAX_CONTROL_JSON),
+    Route("POST", "/v1/readers", "readers", Handler.readers, MAX_CONTROL_JSON),
     Route("GET", "/v1/health", "health", Handler.health),
     Route("GET", "/metrics", "metrics", Handler.metrics),
 )
@@ -420,8 +571,46 @@ def _match(method: str, path: str) -> Route:
     raise NotFound(f"no route {path}", route=path[:200])
 
 
+class Deadlines:
+    """Connections that must finish a phase by a monotonic time. The serving loop
+    (:meth:`AgentServer.service_actions`) shuts late ones down: the blocked read then sees
+    EOF, whatever per-read timeout a trickling client keeps resetting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[socket.socket, float] = {}
+        self._cut: set[socket.socket] = set()
+
+    def arm(self, sock: socket.socket, due: float) -> None:
+        with self._lock:
+            self._due[sock] = due
+
+    def disarm(self, sock: socket.socket) -> bool:
+        """Lift ``sock``'s deadline; False when it had passed (the connection was cut)."""
+        with self._lock:
+            self._due.pop(sock, None)
+            if sock in self._cut:
+                self._cut.discard(sock)
+                return False
+            return True
+
+    def cut_late(self, now: float) -> int:
+        """Shut down every connection past its deadline; how many."""
+        with self._lock:
+            late = [s for s, due in self._due.items() if due <= now]
+            for sock in late:
+                del self._due[sock]
+                self._cut.add(sock)
+        for sock in late:
+            # the plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop the
+            # TLS state under the thread that is reading
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        return len(late)
+
+
 class AgentServer(http.server.ThreadingHTTPServer):
-    """The agent's HTTP server; TLS when given a cert and key."""
+    """The agent's HTTP server; TLS when given a cert and key. Limits: see the module."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -432,8 +621,16 @@ class AgentServer(http.server.ThreadingHTTPServer):
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
     def __init__(self, address: tuple[str, int], *, max_body: int,
-                 tls: tuple[str, str] | None = None) -> None:
+                 tls: tuple[str, str] | None = None, max_connections: int = MAX_CONNECTIONS,
+                 header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 body_timeout: float = BODY_TIMEOUT) -> None:
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.deadlines = Deadlines()
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._tls: Any = None  # ssl.SSLContext when TLS is on
         if tls is not None:
             import ssl
@@ -448,15 +645,60 @@ class AgentServer(http.server.ThreadingHTTPServer):
             sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
 
+    def service_actions(self) -> None:
+        """Each turn of the serving loop (every poll interval): cut late requests."""
+        self.deadlines.cut_late(time.monotonic())
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: Any, client_address: Any) -> None:
+        """Over ``max_connections``: answer 503 too_busy without reading (plain HTTP; a TLS
+        connection is just closed: no handshake is spent on it) and close."""
+        LOG.info("event=connection_refused client=%s limit=%d", client_address[0],
+                 self.max_connections)
+        self.agent.m_requests.inc("-", "refused", str(TooBusy.status))
+        if self._tls is None:
+            body = ErrorBody.from_error(TooBusy(
+                f"the agent serves {self.max_connections} connections at once; retry",
+                limit=self.max_connections)).encode()
+            head = (f"HTTP/1.1 {TooBusy.status} {http.HTTPStatus(TooBusy.status).phrase}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"Connection: close\r\n\r\n").encode()
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never stall the accept loop on this client
+                request.send(head + body)
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A bug escaped a connection's thread: log it (not a bare traceback on stderr)."""
+        LOG.exception("event=connection_error client=%s", client_address[0])
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         if self._tls is not None:
-            request.settimeout(Handler.timeout)
+            request.settimeout(self.header_timeout)
+            self.deadlines.arm(request, time.monotonic() + self.header_timeout)
             try:
                 request.do_handshake()
             except OSError as exc:  # ssl.SSLError is an OSError
                 LOG.info("event=tls_handshake_failed client=%s error=%s", client_address[0],
                          type(exc).__name__)
                 return
+            finally:
+                self.deadlines.disarm(request)
         super().finish_request(request, client_address)
 
 

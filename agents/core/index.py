@@ -8,36 +8,60 @@ Invariants:
 - Nodes are immutable: a reader holding a node reads that version even after an overwrite.
 - ``apply`` returns the extents the record stopped referencing (overwrite, delete, rename
   over a file): the caller quarantines them under the record's seq.
+- Untrusted structure is checked before use: a record's payload (:func:`check_payload`, also
+  run on pushed records) and a checkpoint's nodes (:meth:`Index.from_json`) either have the
+  types and shapes a writer produces (a file's checksums cover its chunks, its extents cover
+  its size, parents exist and are directories) or raise ``CorruptMetadata``: never a
+  TypeError half-way through a mutation.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
+import math
 import posixpath
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from agents.core.allocator import Extent
 from agents.core.record import Record
-from agents.errors import AlreadyExists, BadPath, NotEmpty, NotFound, StaleEpoch, WrongKind
+from agents.device import ALIGN
+from agents.errors import (
+    AlreadyExists,
+    BadPath,
+    CorruptMetadata,
+    NotEmpty,
+    NotFound,
+    StaleEpoch,
+    WrongKind,
+)
 
 MAX_NAME = 255
 MAX_PATH = 4096
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: never part of a name
 
 
 def normalize_path(path: str) -> str:
-    """The one validator of paths: absolute POSIX, no ``..``/``.``/empty components, no NUL,
-    valid UTF-8, components <= 255 bytes, whole path <= 4096 bytes. Returns ``/a/b``."""
+    """The one validator of paths: absolute POSIX, no ``..``/``.``/empty components, no
+    control characters (NUL, newline, escape, C1...), valid UTF-8, NFC-normalized (so one
+    name has one spelling), components <= 255 bytes, whole path <= 4096 bytes. Returns
+    ``/a/b``."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise BadPath("path must be absolute (start with '/')", path=repr(path)[:100])
-    if "\x00" in path:
-        raise BadPath("path contains NUL")
+    control = _CONTROL.search(path)
+    if control is not None:
+        raise BadPath(f"path contains the control character {control.group()!r}")
     try:
-        encoded = path.encode("utf-8")
+        path.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise BadPath("path is not valid UTF-8") from exc
+    path = unicodedata.normalize("NFC", path)
+    encoded = path.encode("utf-8")
     if len(encoded) > MAX_PATH:
         raise BadPath(f"path longer than {MAX_PATH} bytes")
     if path == "/":
@@ -51,6 +75,101 @@ def normalize_path(path: str) -> str:
         if len(part.encode("utf-8")) > MAX_NAME:
             raise BadPath(f"path component longer than {MAX_NAME} bytes")
     return "/" + "/".join(parts)
+
+
+def _typed(d: dict[str, Any], key: str, tp: type) -> Any:
+    value = d.get(key)
+    if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+        raise CorruptMetadata(f"field {key!r} is not a {tp.__name__}", field=key)
+    return value
+
+
+def _int_field(d: dict[str, Any], key: str) -> int:
+    value: int = _typed(d, key, int)
+    if value < 0:
+        raise CorruptMetadata(f"field {key!r} is negative", field=key)
+    return value
+
+
+def _number_field(d: dict[str, Any], key: str) -> float:
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise CorruptMetadata(f"field {key!r} is not a finite number", field=key)
+    return float(value)
+
+
+def _path_field(d: dict[str, Any], key: str) -> str:
+    try:
+        return normalize_path(_typed(d, key, str))
+    except BadPath as exc:
+        raise CorruptMetadata(f"field {key!r}: {exc.message}", field=key) from exc
+
+
+def _int_list(value: Any, key: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise CorruptMetadata(f"field {key!r} is not a list of non-negative integers", field=key)
+    return value
+
+
+def _file_layout(d: dict[str, Any], entry: Entry) -> tuple[tuple[Extent, ...], tuple[int, ...],
+                                                            int]:
+    """The extents, chunk checksums and chunk size of a stored (not inline) file."""
+    raw = d.get("extents")
+    if not isinstance(raw, list) or not all(isinstance(x, list) and len(x) == 2 for x in raw):
+        raise CorruptMetadata("field 'extents' is not a list of [offset, length]",
+                              field="extents")
+    extents = tuple(Extent(*_int_list(x, "extents")) for x in raw)
+    sums = tuple(_int_list(d.get("sums"), "sums"))
+    chunk = _int_field(d, "chunk")
+    _check_layout(entry, extents=extents, sums=sums, chunk=chunk)
+    return extents, sums, chunk
+
+
+def _check_layout(entry: Entry, *, inline: bytes | None = None,
+                  extents: tuple[Extent, ...] = (), sums: tuple[int, ...] = (),
+                  chunk: int = 0) -> None:
+    """What serving a read relies on: inline bytes are the file; otherwise aligned, non-empty
+    extents cover the file and there is one 32-bit checksum per ``chunk`` (a multiple of
+    4 KiB). Where the extents lie is checked against the data area by the allocator."""
+    if inline is not None:
+        if len(inline) != entry.size:
+            raise CorruptMetadata("inline data size differs from the entry", path=entry.path)
+        return
+    if chunk <= 0 or chunk % ALIGN:
+        raise CorruptMetadata(f"chunk size {chunk}", path=entry.path)
+    if len(sums) != -(-entry.size // chunk) or any(s >= 1 << 32 for s in sums):
+        raise CorruptMetadata(f"{len(sums)} checksums for a {entry.size}-byte file",
+                              path=entry.path)
+    if any(x.offset % ALIGN or x.length % ALIGN or x.length == 0 for x in extents):
+        raise CorruptMetadata("extent unaligned or empty", path=entry.path)
+    if sum(x.length for x in extents) < entry.size:
+        raise CorruptMetadata("extents shorter than the file", path=entry.path)
+
+
+def check_payload(record: Record) -> None:
+    """CorruptMetadata unless ``record``'s payload has the fields, types and shapes a writer
+    writes for its op (whether it applies to the index is :meth:`Index.apply`'s business)."""
+    p = record.payload
+    if record.op == "put":
+        path = _path_field(p, "path")
+        crc = p.get("crc")
+        if crc is not None:
+            crc = _int_field(p, "crc")
+        entry = Entry(path, "file", _int_field(p, "size"), record.seq, record.epoch,
+                      _number_field(p, "mtime"), crc)
+        if "data" in p:
+            _check_layout(entry, inline=_typed(p, "data", bytes))
+        else:
+            _file_layout(p, entry)
+    elif record.op in ("delete", "mkdir"):
+        _path_field(p, "path")
+        if record.op == "mkdir":
+            _number_field(p, "mtime")
+    elif record.op == "rename":
+        _path_field(p, "src")
+        _path_field(p, "dst")
 
 
 def parent_of(path: str) -> str:
@@ -107,19 +226,32 @@ class Node:
         return out
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> Node:
-        """Inverse of :meth:`to_json`."""
-        entry = Entry(
-            d["path"], d["kind"], d["size"], d["version"], d["epoch"], d["mtime"], d["crc"]
-        )
-        inline = base64.b64decode(d["inline"]) if "inline" in d else None
-        return Node(
-            entry,
-            tuple(Extent(o, n) for o, n in d.get("extents", [])),
-            tuple(d.get("sums", [])),
-            d.get("chunk", 0),
-            inline,
-        )
+    def from_json(d: Any) -> Node:
+        """Inverse of :meth:`to_json`; CorruptMetadata unless ``d`` is a node as written."""
+        if not isinstance(d, dict):
+            raise CorruptMetadata("checkpoint node is not an object")
+        kind = d.get("kind")
+        if kind not in ("file", "dir"):
+            raise CorruptMetadata(f"checkpoint node kind {kind!r}")
+        path = _path_field(d, "path")
+        if path != d["path"]:
+            raise CorruptMetadata("checkpoint path is not normalized", path=path)
+        crc = d.get("crc")
+        if crc is not None:
+            crc = _int_field(d, "crc")
+        entry = Entry(path, kind, _int_field(d, "size"), _int_field(d, "version"),
+                      _int_field(d, "epoch"), _number_field(d, "mtime"), crc)
+        if kind == "dir":
+            return Node(entry)
+        if "inline" in d:
+            try:
+                inline = base64.b64decode(_typed(d, "inline", str), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise CorruptMetadata("checkpoint inline data is not base64", path=path) from exc
+            _check_layout(entry, inline=inline)
+            return Node(entry, inline=inline)
+        extents, sums, chunk = _file_layout(d, entry)
+        return Node(entry, extents, sums, chunk)
 
 
 def locate(extents: Iterable[Extent], offset: int, length: int) -> list[tuple[int, int]]:
@@ -269,6 +401,7 @@ class Index:
             "rename": self._rename,
             "epoch-start": self._epoch_start,
         }[record.op]
+        check_payload(record)
         freed = handler(record)
         self.applied_seq = record.seq
         self.epoch = max(self.epoch, record.epoch)
@@ -379,14 +512,18 @@ class Index:
         old = self.nodes.get(dst)
         if old is not None and (old.entry.kind == "dir" or node.entry.kind == "dir"):
             raise AlreadyExists(f"destination exists: {dst}", path=dst)
-        freed = list(old.extents) if old is not None else []
-        if old is not None:
-            self._unlink(dst)
         moved = [src]
         if node.entry.kind == "dir":
             moved += sorted(
                 (q for q in self.nodes if q.startswith(src + "/")), key=lambda q: q.count("/")
             )
+        longest = max(len(q.encode("utf-8")) for q in moved) - len(src.encode("utf-8"))
+        if longest + len(dst.encode("utf-8")) > MAX_PATH:
+            raise BadPath(f"moving {src} to {dst} makes a path longer than {MAX_PATH} bytes",
+                          path=dst[:200])
+        freed = list(old.extents) if old is not None else []
+        if old is not None:
+            self._unlink(dst)
         nodes = [self._unlink(q) for q in reversed(moved)][::-1]
         for n in nodes:
             new_path = dst + n.entry.path[len(src) :]
@@ -414,17 +551,27 @@ class Index:
         }
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> Index:
-        """Inverse of :meth:`to_json`."""
+    def from_json(d: Any) -> Index:
+        """Inverse of :meth:`to_json`; CorruptMetadata unless ``d`` is a tree as written:
+        each path once, its parent listed before it and a directory, ``/`` a directory."""
+        if not isinstance(d, dict) or not isinstance(d.get("nodes"), list):
+            raise CorruptMetadata("checkpoint index has no node list")
         index = Index()
         for raw in d["nodes"]:
             node = Node.from_json(raw)
-            if node.entry.path == "/":
+            path = node.entry.path
+            if path == "/":
+                if node.entry.kind != "dir":
+                    raise CorruptMetadata("checkpoint root is not a directory")
                 index.nodes["/"] = node
                 continue
+            parent = index.nodes.get(parent_of(path))
+            if path in index.nodes or parent is None or parent.entry.kind != "dir":
+                raise CorruptMetadata("checkpoint node is repeated or has no directory parent",
+                                      path=path)
             index._link(node)
-        index.applied_seq = d["applied_seq"]
-        index.epoch = d["epoch"]
+        index.applied_seq = _int_field(d, "applied_seq")
+        index.epoch = _int_field(d, "epoch")
         return index
 
     def snapshot(self) -> dict[str, Node]:

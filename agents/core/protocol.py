@@ -9,6 +9,10 @@ Invariants:
   ``DecodeError`` (400) for anything malformed (bad JSON, missing field, wrong type), naming the
   field. Unknown extra fields are ignored, so a v1 peer may add optional fields.
 - Pure: no I/O, no clock. Headers of a streamed PUT are handled by :class:`PutRequest`.
+- Hostile input is bounded before it costs anything: JSON is parsed by
+  :func:`agents.core.boundedjson.loads` (nesting depth checked before parsing, integers of at
+  most 20 digits, finite numbers), header integers are ASCII digits of bounded length, strings
+  are valid Unicode (no lone surrogates); every refusal is a ``DecodeError`` naming the field.
 
 Who sends what (routes in docs/agent-api.md):
 
@@ -38,11 +42,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Final, Self, Union, get_args, get_origin, get_type_hints
 
+from agents.core import boundedjson
 from agents.errors import (
     AgentError,
     BadSignature,
@@ -63,6 +69,7 @@ __all__ = [
     "DemoteRequest",
     "EntryInfo",
     "ErrorBody",
+    "HeaderMap",
     "Health",
     "Heartbeat",
     "LaggingReaderReport",
@@ -81,6 +88,7 @@ __all__ = [
     "WriteAck",
     "bearer_token",
     "format_readers",
+    "header_int",
     "parse_readers",
 ]
 
@@ -124,12 +132,18 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise DecodeError(f"{where} must be an integer", field=where)
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise DecodeError(f"{where} must be a number", field=where)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value
+        ):
+            raise DecodeError(f"{where} must be a finite number", field=where)
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise DecodeError(f"{where} must be a string", field=where)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (\ud800): no UTF-8 for it
+            raise DecodeError(f"{where} is not valid Unicode", field=where) from exc
         return value
     if isinstance(tp, type) and issubclass(tp, Message):
         return tp._from_fields(value, where)
@@ -201,11 +215,12 @@ class Message:
 
     @classmethod
     def decode(cls, data: bytes | str) -> Self:
-        """Parse JSON bytes; DecodeError / UnsupportedVersion on bad input."""
+        """Parse JSON bytes (bounded: :mod:`agents.core.boundedjson`); DecodeError /
+        UnsupportedVersion on bad input."""
         try:
-            obj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DecodeError(f"{cls.__name__} is not valid JSON") from exc
+            obj = boundedjson.loads(data)
+        except boundedjson.JsonLimit as exc:
+            raise DecodeError(f"{cls.__name__}: {exc}") from exc
         return cls.from_json(obj)
 
 
@@ -244,6 +259,57 @@ def format_readers(readers: tuple[ReaderAddress, ...]) -> str:
     return ",".join(f"{r.node}={r.address}" for r in readers)
 
 
+class HeaderMap(Mapping[str, str]):
+    """Request headers looked up case-insensitively (``content-length`` is
+    ``Content-Length``); a repeated header keeps its first value (the server refuses repeated
+    framing headers before this is built)."""
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        self._values: dict[str, str] = {}
+        for name, value in items:
+            self._values.setdefault(name.lower(), value)
+
+    def __getitem__(self, name: str) -> str:
+        return self._values[name.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._values
+
+
+MAX_HEADER_DIGITS: Final = 19  # below 2**63: every size, seq or version fits
+
+
+def header_int(name: str, value: str) -> int:
+    """A header's non-negative integer: ASCII digits only (``str.isdigit`` also accepts
+    ``²``), at most :data:`MAX_HEADER_DIGITS` of them; DecodeError naming the header."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_HEADER_DIGITS:
+        raise DecodeError(
+            f"header {name} must be a non-negative integer of at most {MAX_HEADER_DIGITS} "
+            f"ASCII digits", field=name)
+    return int(text)
+
+
+def _header_number(name: str, value: str) -> float:
+    """A header's finite decimal number (``nan``, ``inf``, hex and ``1_0`` refused)."""
+    text = value.strip()
+    if not text.isascii() or len(text) > 32 or "_" in text:
+        raise DecodeError(f"header {name} must be a finite number", field=name)
+    try:
+        number = float(text)
+    except ValueError as exc:
+        raise DecodeError(f"header {name} must be a finite number", field=name) from exc
+    if not math.isfinite(number):
+        raise DecodeError(f"header {name} must be a finite number", field=name)
+    return number
+
+
 def bearer_token(headers: Mapping[str, str]) -> str:
     """The grant token from ``Authorization: Bearer <token>``; BadSignature (401) when absent."""
     value = headers.get(AUTH_HEADER) or ""
@@ -255,11 +321,7 @@ def bearer_token(headers: Mapping[str, str]) -> str:
 
 def _header_int(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise DecodeError(f"header {name} must be a non-negative integer", field=name)
-    return int(value)
+    return None if value is None else header_int(name, value)
 
 
 @dataclass(frozen=True)
@@ -295,14 +357,10 @@ class PutRequest(Message):
 
         The size comes from Content-Length; ``X-Rbdfleet-Size``, when present, must agree.
         """
-        version = headers.get(VERSION_HEADER)
-        if version is not None:
-            if not version.strip().isdigit():
-                raise DecodeError(f"header {VERSION_HEADER} must be an integer",
-                                  field=VERSION_HEADER)
-            if int(version) not in SUPPORTED_VERSIONS:
-                raise UnsupportedVersion(f"protocol version {version} is not supported",
-                                         got=int(version), supported=list(SUPPORTED_VERSIONS))
+        version = _header_int(headers, VERSION_HEADER)
+        if version is not None and version not in SUPPORTED_VERSIONS:
+            raise UnsupportedVersion(f"protocol version {version} is not supported",
+                                     got=version, supported=list(SUPPORTED_VERSIONS))
         length = _header_int(headers, "Content-Length")
         expected = _header_int(headers, SIZE_HEADER)
         if length is None:
@@ -312,13 +370,7 @@ class PutRequest(Message):
             raise DecodeError(f"{SIZE_HEADER} {expected} != Content-Length {length}",
                               field=SIZE_HEADER)
         mtime_text = headers.get(MTIME_HEADER)
-        mtime: float | None = None
-        if mtime_text is not None:
-            try:
-                mtime = float(mtime_text)
-            except ValueError as exc:
-                raise DecodeError(f"header {MTIME_HEADER} must be a number",
-                                  field=MTIME_HEADER) from exc
+        mtime = None if mtime_text is None else _header_number(MTIME_HEADER, mtime_text)
         return cls(grant=bearer_token(headers), size=length,
                    readers=parse_readers(headers.get(READERS_HEADER) or ""), mtime=mtime)
 
@@ -431,7 +483,10 @@ class Health(Message):
     """``GET /v1/health``: role, epoch, applied seq and the last self-test result.
 
     ``selftest`` is ``"ok"``, ``"failed"`` or ``"pending"`` (not run yet); ``catching_up`` is
-    true while a reader is behind the journal it knows of.
+    true while a reader is behind the journal it knows of. On the writer, ``in_sync`` names the
+    readers whose acks every write waits for, ``lagging`` the others it pushes to, and
+    ``sync_revision`` counts changes of ``in_sync`` (the coordinator orders the writer's words
+    on its reader set by it).
     """
 
     node: str
@@ -444,6 +499,7 @@ class Health(Message):
     catching_up: bool = False
     in_sync: tuple[str, ...] = ()
     lagging: tuple[str, ...] = ()
+    sync_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -459,6 +515,8 @@ class Heartbeat(Message):
     selftest: str
     address: str
     sent_at: float
+    in_sync: tuple[str, ...] = ()
+    sync_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -496,15 +554,20 @@ class LaggingReaderReport(Message):
     applied_seq: int
     target_seq: int
     reason: str
+    sync_revision: int = 0
 
 
 @dataclass(frozen=True)
 class PromoteRequest(Message):
-    """Coordinator → agent (control grant for ``node``): become the writer of ``epoch``."""
+    """Coordinator → agent (control grant for ``node``): become the writer of ``epoch``,
+    pushing to ``readers`` and waiting from the first write for those named in ``in_sync``
+    (the map's in-sync readers: they acked every write acknowledged so far)."""
 
     fleet: str
     node: str
     epoch: int
+    readers: tuple[ReaderAddress, ...] = ()
+    in_sync: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ MESSAGES = [
     p.ListResponse, p.RecordPush, p.RecordAck, p.Health, p.Heartbeat, p.SelfTestCheck,
     p.SelfTestReport, p.LaggingReaderReport, p.PromoteRequest, p.DemoteRequest, p.ReaderSet,
 ]
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10))
+# the wire bounds integers to 20 digits (agents.core.boundedjson): every seq, epoch, size fits
+WIRE_INTS = st.integers(-(10**20 - 1), 10**20 - 1)
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), WIRE_INTS, st.text(max_size=10))
 
 
 def strategy(tp: Any) -> st.SearchStrategy[Any]:
@@ -38,7 +40,9 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
                                "message")), JSON_SCALARS, max_size=3)
     if tp is float:
         return st.floats(allow_nan=False, allow_infinity=False)
-    if tp in (str, int, bool):
+    if tp is int:
+        return WIRE_INTS
+    if tp in (str, bool):
         return st.from_type(tp)
     hints = get_type_hints(tp)
     return st.builds(tp, **{f.name: strategy(hints[f.name]) for f in fields(tp)})
@@ -121,3 +125,63 @@ def test_record_push_carries_exact_bytes() -> None:
     assert p.RecordPush.decode(push.encode()).record_bytes() == raw
     with pytest.raises(DecodeError):
         p.RecordPush(fleet="f", epoch=2, writer="w", records=("!!",), commit_seq=1).record_bytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),
+        (b'{"v": 1, "node": "n", "epoch": 1, "applied_seq": ' + b"7" * 5000
+         + b', "safe_seq": 1}', "20 digits"),
+        (b'{"v": 1, "node": "n", "epoch": 1, "applied_seq": NaN, "safe_seq": 1}', "NaN"),
+        (b'{"v": 1, "node": "n", "epoch": 1, "applied_seq": 1e999, "safe_seq": 1}', "range"),
+        (b'{"v": 1, "node": "\\ud800", "epoch": 1, "applied_seq": 1, "safe_seq": 1}',
+         "Unicode"),
+    ],
+)
+def test_hostile_json_is_refused_before_it_costs(body: bytes, says: str) -> None:
+    """Depth is checked before json.loads recurses; long integers, NaN/Infinity and lone
+    surrogates are a DecodeError (400), never RecursionError or ValueError (a 500)."""
+    with pytest.raises(DecodeError) as info:
+        p.RecordAck.decode(body)
+    assert says in info.value.message
+
+
+def test_brackets_inside_strings_do_not_count_as_depth() -> None:
+    path = "/" + "[{" * 100
+    body = json.dumps({"v": 1, "path": path, "parents": True}).encode()
+    assert p.MkdirRequest.decode(body) == p.MkdirRequest(path=path, parents=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("Content-Length", "²", DecodeError),
+        ("Content-Length", "٣", DecodeError),
+        ("Content-Length", "9" * 5000, DecodeError),
+        ("Content-Length", "1_0", DecodeError),
+        (p.VERSION_HEADER, "²", DecodeError),
+        (p.VERSION_HEADER, "1" * 5000, DecodeError),
+        (p.MTIME_HEADER, "nan", DecodeError),
+        (p.MTIME_HEADER, "inf", DecodeError),
+        (p.MTIME_HEADER, "-Infinity", DecodeError),
+        (p.MTIME_HEADER, "1e400", DecodeError),
+        (p.MTIME_HEADER, "0x10", DecodeError),
+        (p.MTIME_HEADER, "1_000", DecodeError),
+    ],
+)
+def test_hostile_headers_are_decode_errors(name: str, value: str,
+                                           error: type[Exception]) -> None:
+    headers = {**p.PutRequest(grant="tok", size=4).to_headers(), name: value}
+    with pytest.raises(error) as info:
+        p.PutRequest.from_headers(headers)
+    assert info.value.fields["field"] == name  # type: ignore[attr-defined]
+
+
+def test_header_names_are_case_insensitive() -> None:
+    req = p.PutRequest(grant="tok", size=4, mtime=3.5)
+    lowered = p.HeaderMap((k.lower(), v) for k, v in req.to_headers().items())
+    assert p.PutRequest.from_headers(lowered) == req
+    assert "CONTENT-LENGTH" in lowered and len(lowered) == len(req.to_headers())
+    first = p.HeaderMap([("Content-Length", "0"), ("content-length", "9")])
+    assert first["Content-Length"] == "0"
