@@ -102,6 +102,9 @@ class Agent:
         self.writer: WriterRole | None = None
         self._promoting: tuple[BlockDevice, Volume] | None = None
         self._epoch_record: Record | None = None
+        # the reader set a promotion hands the new writer: node -> address, and the in-sync
+        # ones (None: bootstrap without a coordinator, the configured readers, all trusted)
+        self._promote_readers: tuple[dict[str, str], frozenset[str]] | None = None
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
         self._coordinator_sessions = threading.local()
         self._retired: list[ReaderRole] = []
@@ -159,23 +162,26 @@ class Agent:
             return []
         return [lk for lk in writer.readers().values() if lk.in_sync == in_sync]
 
+    def sync_state(self) -> tuple[int, tuple[str, ...]]:
+        """The writer's (revision, names) of its in-sync readers; (0, ()) on a reader."""
+        writer = self.writer
+        return writer.sync_state() if writer is not None else (0, ())
+
     def health(self) -> Health:
         """The /v1/health answer."""
         volume = self.volume
         catching_up = False
         if self.reader is not None and self.writer is None:
-            try:
-                self.reader.check_current()
-            except CatchingUp:
-                catching_up = True
+            catching_up = self.reader.behind()
+        revision, in_sync = self.sync_state()
         return Health(
             node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
             epoch=self.state.epoch,
             applied_seq=volume.applied_seq if volume else -1,
             safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
-            catching_up=catching_up,
-            in_sync=tuple(sorted(lk.node for lk in self._links(True))),
+            catching_up=catching_up, in_sync=in_sync,
             lagging=tuple(sorted(lk.node for lk in self._links(False))),
+            sync_revision=revision,
         )
 
     # -- role changes --------------------------------------------------------------------
@@ -256,8 +262,12 @@ class Agent:
                     node=self.settings.node, fleet=self.settings.fleet, epoch=epoch,
                     device=device, volume=volume, send_push=self._send_push,
                     report_lagging=self._report_lagging, ack_timeout=self.settings.ack_timeout,
-                    retry_interval=self.settings.retry_interval)
-                self.writer.set_readers(self.settings.readers)
+                    retry_interval=self.settings.retry_interval,
+                    on_device_error=self.fenced)
+                readers, in_sync = self._promote_readers or (
+                    self.settings.readers, frozenset(self.settings.readers))
+                self._promote_readers = None
+                self.writer.set_readers(readers, in_sync)
                 if self._epoch_record is not None:
                     self.writer.announce(self._epoch_record)
                     self._epoch_record = None
@@ -299,11 +309,20 @@ class Agent:
                 LOG.warning("event=epoch_ignored epoch=%d error=%s", epoch, exc.message)
 
     def fenced(self, exc: DeviceError) -> None:
-        """A write failed on the device (EIO after a blocklist, EROFS): stop writing."""
+        """A write failed on the device (EIO after a blocklist, EROFS, a detached disk): stop
+        writing, and tell the coordinator this node's device failed (if it was fenced on
+        purpose the report is of an epoch already over and changes nothing; if not, it is the
+        evidence that gets a new writer elected)."""
         LOG.error("event=device_fenced node=%s errno=%s", self.settings.node,
                   exc.fields.get("errno"))
+        epoch = self.state.epoch
         with contextlib.suppress(IllegalTransition):  # another request handled the fence
             self.handle(roles.DeviceFenced(int(exc.fields.get("errno") or 0)))
+        self.selftest = "failed"
+        check = SelfTestCheck("device-write", False, exc.message)
+        self._spawn(lambda: self._send_selftest(SelfTestReport(
+            node=self.settings.node, fleet=self.settings.fleet, role="writer", epoch=epoch,
+            ok=False, checks=(check,), at=self._clock())))
 
     # -- grants --------------------------------------------------------------------------
 
@@ -373,6 +392,9 @@ class Agent:
     def promote(self, token: str, request: PromoteRequest) -> Health:
         """Become the writer of ``request.epoch`` (control grant)."""
         self._control(token, request.fleet, request.node, request.epoch)
+        if request.readers:
+            self._promote_readers = ({r.node: r.address for r in request.readers},
+                                     frozenset(request.in_sync))
         self.handle(roles.PromoteRequested(request.epoch))
         self.writer_hint = (self.settings.node, self.settings.advertise)
         self.run_selftest()  # the role change reopened the device: an older result is moot
@@ -522,11 +544,13 @@ class Agent:
 
     def _heartbeat(self) -> None:
         volume = self.volume
+        revision, in_sync = self.sync_state()
         self._to_coordinator("/v1/heartbeat", Heartbeat(
             node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
             epoch=self.state.epoch, applied_seq=volume.applied_seq if volume else -1,
             safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
-            address=self.settings.advertise, sent_at=self._clock()))
+            address=self.settings.advertise, sent_at=self._clock(), in_sync=in_sync,
+            sync_revision=revision))
 
     def _selftest_and_report(self) -> None:
         self._to_coordinator("/v1/selftest", self.run_selftest())

@@ -62,7 +62,6 @@ class ReaderRole:
         records = sorted((Record.decode(b) for b in push.record_bytes()), key=lambda r: r.seq)
         with self._lock:
             self.writer = push.writer
-            self.known_commit_seq = max(self.known_commit_seq, push.commit_seq)
             for record in records:
                 if record.seq <= self.volume.applied_seq:
                     continue
@@ -80,11 +79,22 @@ class ReaderRole:
                 self.volume.apply(record)
             if self.volume.applied_seq < push.commit_seq:
                 self._refresh_locked()
+            # Only now: a read arriving while this push is applied must not see the reader
+            # "behind" a commit seq it is about to reach (it used to answer 503 for that).
+            self.known_commit_seq = max(self.known_commit_seq, push.commit_seq)
             return RecordAck(node=self.node, epoch=self.volume.epoch,
                              applied_seq=self.volume.applied_seq, safe_seq=self.volume.safe_seq())
 
+    def behind(self) -> bool:
+        """Whether this reader is behind what it knows was committed."""
+        return not self.synced or self.volume.applied_seq < self.known_commit_seq
+
     def check_current(self) -> None:
-        """Raise CatchingUp (503) while this reader is behind what it knows was committed."""
+        """Raise CatchingUp (503) while this reader is behind what it knows was committed and
+        the journal on the image cannot bring it there at once (every committed record is
+        durable there before anyone learns its seq, so one read of the journal normally does)."""
+        if self.behind():
+            self.catch_up()
         applied, target = self.volume.applied_seq, self.known_commit_seq
         if not self.synced or applied < target:
             raise CatchingUp(f"reader {self.node} is catching up ({applied}/{target})",

@@ -2,11 +2,25 @@
 the readers → answer once every in-sync reader acked or was reported lagging.
 
 Replication (patent S305): one :class:`ReaderLink` per reader of the fleet, each with its own
-pusher thread that sends queued records in seq order, batched. A reader that fails a push or
-does not ack within ``ack_timeout`` is reported to the coordinator (``report_lagging``) and
-dropped from the in-sync set; its link keeps sending it the commit seq every
-``retry_interval`` so it catches up from the journal, and it is in sync again once its ack
-reaches the writer's commit seq.
+pusher thread that sends queued records in seq order, batched. A link is in one of three
+states:
+
+* ``in sync``: every group commit is queued for it and every write waits for its ack;
+* ``lagging``: nothing is queued for it (each commit only raises its ``missed`` seq); its
+  pusher sends it the commit seq every ``retry_interval`` so it catches up from the journal;
+* ``joining``: once a lagging reader acked a commit seq, commits are queued for it again but
+  writes do not wait for it; it is in sync once its ack reaches ``missed`` — every record it
+  was not sent — so it has applied every write acknowledged without it. (Flipping a lagging
+  reader straight to in sync would never happen under a steady write load: each round trip
+  lets ``missed`` move on.)
+
+Every write waits for every in-sync link, whatever readers the client named. A reader that
+fails a push or does not ack within ``ack_timeout`` is dropped from the in-sync set and
+reported to the coordinator (``report_lagging``) *before* any write is acknowledged without
+it; the coordinator answers only once the map it hands out no longer names that reader, and
+a write is not acknowledged while that report has not been accepted. The in-sync set's
+changes are counted (``sync_revision``); the coordinator hands a reader out again only on the
+writer's word (its heartbeat) of a revision newer than the lagging report.
 
 Quarantine: after each write, extents freed by records up to the minimum ``safe_seq`` of the
 writer's own reads and of every in-sync reader are released for reuse.
@@ -23,7 +37,7 @@ from dataclasses import dataclass, field
 
 from agents.core.protocol import LaggingReaderReport, ReaderAddress, RecordAck, RecordPush, WriteAck
 from agents.device import BlockDevice
-from agents.errors import AgentError, NotWriter
+from agents.errors import AgentError, DeviceError, LagNotReported, NotWriter
 from agents.volume import Record, Volume
 
 __all__ = ["ReaderLink", "WriterRole"]
@@ -35,7 +49,13 @@ MAX_PUSH_BATCH = 256  # beyond this a push sends only the commit seq; the reader
 
 @dataclass
 class ReaderLink:
-    """The writer's view of one reader (guarded by the writer's condition variable)."""
+    """The writer's view of one reader (guarded by the writer's condition variable).
+
+    ``joining``: commits are queued for it but writes do not wait for it yet (module
+    docstring); ``missed``: the highest seq committed while nothing was queued for it;
+    ``unreported``: it was dropped from the in-sync set but the coordinator has not accepted
+    the report yet, so no write may be acknowledged.
+    """
 
     node: str
     address: str
@@ -45,10 +65,14 @@ class ReaderLink:
     reporting: bool = False
     pending: list[Record] = field(default_factory=list)
     retired: bool = False
+    joining: bool = False
+    missed: int = -1
+    unreported: LaggingReaderReport | None = None
 
 
 SendPush = Callable[[ReaderLink, RecordPush], RecordAck]
 ReportLagging = Callable[[LaggingReaderReport], None]
+OnDeviceError = Callable[[DeviceError], None]
 
 
 class WriterRole:
@@ -66,35 +90,53 @@ class WriterRole:
         report_lagging: ReportLagging,
         ack_timeout: float,
         retry_interval: float,
+        on_device_error: OnDeviceError | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node, self.fleet, self.epoch = node, fleet, epoch
         self.device, self.volume = device, volume
         self._send, self._report = send_push, report_lagging
+        self._on_device_error = on_device_error
         self.ack_timeout, self.retry_interval, self._clock = ack_timeout, retry_interval, clock
         self._cond = threading.Condition()
         self._links: dict[str, ReaderLink] = {}
         self._threads: list[threading.Thread] = []
         self._accepting = True
         self._inflight = 0
+        self._sync_revision = 0
         # each group commit's records are queued for the readers by the journal leader, in
         # seq order and all at once: one push carries a whole group commit, never a gap
         volume.set_commit_listener(self._queue)
 
     # -- readers -------------------------------------------------------------------------
 
-    def set_readers(self, readers: Mapping[str, str]) -> None:
+    def set_readers(self, readers: Mapping[str, str],
+                    in_sync: Iterable[str] | None = None) -> None:
         """Make ``readers`` (node → address) the fleet's reader set; links start or retire.
-        The writer's own node is skipped (a map may list every member)."""
+        The writer's own node is skipped (a map may list every member).
+
+        A new link starts lagging (it must earn its place in the in-sync set), except those
+        named in ``in_sync``: at promotion, the map's in-sync readers, which acked every write
+        acknowledged so far. A known node at a new address keeps its link's state: its acks
+        speak for what it serves, whichever process sends them.
+        """
         readers = {node: address for node, address in readers.items() if node != self.node}
+        trusted = set(in_sync or ())
         with self._cond:
             for node, link in list(self._links.items()):
-                if readers.get(node) != link.address:
+                if node not in readers:
+                    if link.in_sync:
+                        self._sync_revision += 1
                     link.retired = True
                     del self._links[node]
+                else:
+                    link.address = readers[node]
             for node, address in readers.items():
                 if node not in self._links:
-                    link = ReaderLink(node, address)
+                    synced = node in trusted
+                    link = ReaderLink(node, address, in_sync=synced,
+                                      missed=-1 if synced else self.volume.applied_seq)
+                    self._sync_revision += int(synced)
                     self._links[node] = link
                     thread = threading.Thread(target=self._pusher, args=(link,),
                                               name=f"push-{node}", daemon=True)
@@ -105,30 +147,42 @@ class WriterRole:
     def readers(self) -> dict[str, ReaderLink]:
         """Snapshot of the links (node → copy of its state)."""
         with self._cond:
-            return {n: ReaderLink(lk.node, lk.address, lk.in_sync, lk.applied_seq, lk.safe_seq)
+            return {n: ReaderLink(lk.node, lk.address, lk.in_sync, lk.applied_seq, lk.safe_seq,
+                                  joining=lk.joining, missed=lk.missed)
                     for n, lk in self._links.items()}
 
-    def _wait_set(self, client_readers: tuple[ReaderAddress, ...]) -> set[str]:
-        """Readers to wait for: the client's when they all match the fleet's, else all."""
-        fleet = {n: lk.address for n, lk in self._links.items()}
-        if client_readers and all(fleet.get(r.node) == r.address for r in client_readers):
-            return {r.node for r in client_readers}
-        return set(fleet)
+    def sync_state(self) -> tuple[int, tuple[str, ...]]:
+        """(revision, names) of the in-sync set, read together."""
+        with self._cond:
+            names = tuple(sorted(n for n, lk in self._links.items() if lk.in_sync))
+            return self._sync_revision, names
 
     # -- writes --------------------------------------------------------------------------
 
     @contextmanager
     def _operation(self) -> Iterator[None]:
+        """One write: counted for :meth:`stop_writes`; a device error (EIO once fenced, a
+        read-only or detached disk) becomes a refusal the client follows to the next writer
+        (409 ``not_writer``, outcome unknown) instead of a 500, and stops this writer."""
         with self._cond:
             if not self._accepting:
                 raise NotWriter(f"{self.node} no longer accepts writes", writer=None)
             self._inflight += 1
+        failed: DeviceError | None = None
         try:
             yield
+        except DeviceError as exc:
+            failed = exc
         finally:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
+        if failed is not None:
+            if self._on_device_error is not None:
+                self._on_device_error(failed)  # outside the count: it stops writes
+            raise NotWriter(f"{self.node} can no longer write ({failed.message}); ask the "
+                            "coordinator for the writer", writer=None, outcome="unknown",
+                            errno=failed.fields.get("errno")) from failed
 
     def _guarded(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
@@ -168,8 +222,11 @@ class WriterRole:
     def _replicate(self, record: Record, client_readers: tuple[ReaderAddress, ...], *,
                    path: str, size: int = 0, crc: int | None = None,
                    dst: str | None = None) -> WriteAck:
+        # Every in-sync link is waited for, whatever the client named: a client whose map is a
+        # revision old must not make this write skip a reader another client is sent to.
+        del client_readers
         with self._cond:
-            wait_for = self._wait_set(client_readers)
+            wait_for = set(self._links)
         acked, lagging = self.await_acks(record.seq, wait_for)
         self._release()
         return WriteAck(op=record.op, path=path, seq=record.seq, epoch=record.epoch, size=size,
@@ -192,6 +249,9 @@ class WriterRole:
                 self._cond.wait(remaining if remaining > 0 else 0.05)
         for link in waiting:
             self._mark_lagging(link, seq, f"no ack within {self.ack_timeout}s")
+        for link in links:
+            if link.unreported is not None:
+                self._deliver_report(link)  # an earlier report did not get through: again
         with self._cond:
             acked = {lk.node for lk in links if lk.applied_seq >= seq}
             if not self._accepting and acked != {lk.node for lk in links}:
@@ -200,23 +260,51 @@ class WriterRole:
                 raise NotWriter(f"{self.node} stopped writing before every reader acked "
                                 f"seq {seq}; the write's outcome is unknown", writer=None,
                                 seq=seq, outcome="unknown")
+            unreported = sorted(lk.node for lk in links if lk.unreported is not None)
+        if unreported:
+            raise LagNotReported(
+                f"readers {', '.join(unreported)} missed seq {seq} and the coordinator has not "
+                "taken them out of the map yet; the write's outcome is unknown",
+                seq=seq, readers=unreported, outcome="unknown")
         return acked, {lk.node for lk in links} - acked
 
     def _mark_lagging(self, link: ReaderLink, target: int, reason: str) -> None:
+        """Drop ``link`` to lagging; if it was in sync, report it (module docstring)."""
         with self._cond:
-            if not link.in_sync or link.retired:
+            if link.retired or not (link.in_sync or link.joining):
                 return
-            link.in_sync, link.reporting = False, True
+            was_in_sync = link.in_sync
+            link.in_sync = link.joining = False
             link.pending.clear()
-            applied = link.applied_seq
-        LOG.warning("event=reader_lagging node=%s reader=%s applied_seq=%d target_seq=%d "
-                    "reason=%r", self.node, link.node, applied, target, reason)
-        try:
-            self._report(LaggingReaderReport(
+            link.missed = max(link.missed, self.volume.applied_seq)
+            if not was_in_sync:
+                return  # a joining reader was never handed out: nothing to report
+            self._sync_revision += 1
+            link.reporting = True
+            link.unreported = LaggingReaderReport(
                 fleet=self.fleet, writer=self.node, epoch=self.epoch, reader=link.node,
-                address=link.address, applied_seq=applied, target_seq=target, reason=reason))
+                address=link.address, applied_seq=link.applied_seq, target_seq=target,
+                reason=reason, sync_revision=self._sync_revision)
+        LOG.warning("event=reader_lagging node=%s reader=%s applied_seq=%d target_seq=%d "
+                    "reason=%r", self.node, link.node, link.unreported.applied_seq, target,
+                    reason)
+        self._deliver_report(link)
+
+    def _deliver_report(self, link: ReaderLink) -> None:
+        """Send ``link``'s pending lagging report; it stays pending if it does not get through."""
+        report = link.unreported
+        if report is None:
+            return
+        with self._cond:
+            link.reporting = True
+        try:
+            self._report(report)
         except AgentError as exc:
             LOG.error("event=lagging_report_failed reader=%s error=%s", link.node, exc.code)
+        else:
+            with self._cond:
+                if link.unreported is report:
+                    link.unreported = None
         finally:
             with self._cond:
                 link.reporting = False
@@ -230,9 +318,9 @@ class WriterRole:
                     self._cond.wait()
                 if link.retired or not self._accepting:
                     return
-                if not link.in_sync:
+                if not link.in_sync and not link.joining:
                     self._cond.wait(self.retry_interval)
-                    if link.retired or not self._accepting or link.in_sync:
+                    if link.retired or not self._accepting or link.in_sync or link.joining:
                         continue
                 batch, link.pending = link.pending, []
             if batch and len(batch) <= MAX_PUSH_BATCH:
@@ -250,18 +338,25 @@ class WriterRole:
             with self._cond:
                 link.applied_seq = max(link.applied_seq, ack.applied_seq)
                 link.safe_seq = ack.safe_seq
-                if not link.in_sync and ack.applied_seq >= commit:
-                    link.in_sync = True
-                    LOG.info("event=reader_in_sync node=%s reader=%s applied_seq=%d",
-                             self.node, link.node, ack.applied_seq)
+                if not link.in_sync and not link.joining and ack.applied_seq >= commit:
+                    link.joining = True  # commits are queued for it from now on
+                if link.joining and link.applied_seq >= link.missed:
+                    link.joining, link.in_sync = False, True
+                    self._sync_revision += 1
+                    LOG.info("event=reader_in_sync node=%s reader=%s applied_seq=%d "
+                             "sync_revision=%d", self.node, link.node, link.applied_seq,
+                             self._sync_revision)
                 self._cond.notify_all()
 
     def _queue(self, records: list[Record]) -> None:
-        """Queue durable ``records`` (seq order) for every in-sync reader."""
+        """Queue durable ``records`` (seq order) for every in-sync or joining reader; for the
+        others, remember what they missed."""
         with self._cond:
             for link in self._links.values():
-                if link.in_sync:
+                if link.in_sync or link.joining:
                     link.pending.extend(records)
+                else:
+                    link.missed = max(link.missed, records[-1].seq)
             self._cond.notify_all()
 
     def announce(self, record: Record) -> None:

@@ -299,6 +299,10 @@ class CoordinatorAPI:
                     message.selftest,
                 )
             )
+            if message.role == "writer":
+                service.submit(el.WriterSyncObserved(message.node, message.epoch,
+                                                     message.sync_revision,
+                                                     frozenset(message.in_sync), now))
         elif isinstance(message, SelfTestReport):
             if message.ok:
                 service.submit(HeartbeatReceived(message.node, now, True))
@@ -306,7 +310,7 @@ class CoordinatorAPI:
                 failed = ",".join(c.name for c in message.checks if not c.ok)
                 service.submit(SelfTestFailed(message.node, now, failed, message.epoch))
         else:
-            service.submit(el.ReaderLagging(message.reader, now))
+            m = _take_out_of_the_map(service, message, now)
         writer = m.member(m.writer) if m.writer else None
         return 200, {
             "epoch": m.epoch,
@@ -351,6 +355,18 @@ def _check_current_writer(m: FleetMap, report: LaggingReaderReport) -> None:
         )
     if report.epoch == m.epoch and (writer is None or report.writer != writer.name):
         raise NotWriter(f"{report.writer[:100]!r} is not the writer of epoch {m.epoch}", **current)
+
+
+def _take_out_of_the_map(service: FleetService, report: LaggingReaderReport,
+                         now: float) -> FleetMap:
+    """Answer a lagging report only once the published map no longer hands the reader out:
+    the writer acknowledges writes without that reader as soon as we answer."""
+    published = service.request(el.ReaderLagging(report.reader, now, report.epoch,
+                                                 report.sync_revision))
+    if published.has(report.reader) and published.member(report.reader).in_sync:
+        raise CoordinationError(f"reader {report.reader} is still in the published map of "
+                                f"fleet {service.fleet}; report again")
+    return published
 
 
 def _field(data: dict[str, Any], name: str, kind: type, default: Any) -> Any:

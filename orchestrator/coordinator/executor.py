@@ -114,7 +114,12 @@ class Executor:
                     self.role_switch.make_writer(action.node)
                 except RbdfleetError as exc:
                     raise RoleSwitchFailed(f"role switch to {action.node}: {exc}") from exc
-            promote = PromoteRequest(fleet=fleet, node=action.node, epoch=action.epoch)
+            m = self.persisted
+            readers = [r for r in m.members if r.role == "reader" and r.name != action.node]
+            promote = PromoteRequest(
+                fleet=fleet, node=action.node, epoch=action.epoch,
+                readers=tuple(ReaderAddress(r.name, r.address) for r in readers),
+                in_sync=tuple(r.name for r in readers if r.in_sync))
             grant = self.control_grant(action.node, action.epoch)
             self.agents.promote(action.address, promote, grant)
         elif isinstance(action, el.PublishMap):

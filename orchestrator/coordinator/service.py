@@ -115,8 +115,6 @@ class FleetService:
         self._liveness = Liveness(settings.liveness)
         self._next_lease = 0.0
         self._next_probe = 0.0
-        # node -> (promoted at, grace until, epoch promoted to): see _after_promotion
-        self._swapped: dict[str, tuple[float, float, int]] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lease_lost = threading.Event()
@@ -389,8 +387,7 @@ class FleetService:
             elif isinstance(
                 item, HeartbeatReceived | ProbeSucceeded | ProbeFailed | SelfTestFailed
             ):
-                if not self._stale(item):
-                    self._liveness = self._liveness.observe(item)
+                self._liveness = self._liveness.observe(item)
             elif isinstance(item, FailureReported):
                 self._liveness = self._liveness.observe(item)
                 self._next_probe = now  # a client says it failed: probe it right now
@@ -423,31 +420,9 @@ class FleetService:
             self._state, actions = el.step(self._state, ev)
 
     def _after_promotion(self, node: str, epoch: int) -> None:
-        """Our own role switch swapped ``node``'s disk and the promotion held it busy: probes
-        and self-test reports from before are stale, its answer to the promote is fresh
-        contact (seen on VMs: the new writer confirmed dead 60 ms after its promotion). For
-        ``dead_after`` more seconds its guest may still be digesting the hot-plug (TCG: ~1 s
-        of slow answers), so only silence, not slow probes, can confirm its death then. A failed
-        self-test the agent reported in an epoch before ``epoch`` is from before its promotion
-        too, however late it arrives (seen on VMs: the reader's self-test failed while its disk
-        was swapped, the heartbeat carrying it landed after the promotion and the new writer
-        was fenced 1 s after it)."""
-        now = self.clock.monotonic()
-        self._liveness = self._liveness.forget(node).watch(node, now)
-        self._swapped[node] = (now, now + self.settings.liveness.dead_after, epoch)
-
-    def _stale(self, item: Observation) -> bool:
-        """A failure observation about a just-promoted node that the swap explains."""
-        swapped = self._swapped.get(item.node)
-        if swapped is None:
-            return False
-        promoted_at, grace_until, epoch = swapped
-        if isinstance(item, ProbeFailed):
-            return item.at < grace_until
-        if isinstance(item, SelfTestFailed) or (
-                isinstance(item, HeartbeatReceived) and not item.selftest_ok):
-            return item.at < promoted_at or (item.epoch is not None and item.epoch < epoch)
-        return False
+        """Our own role switch swapped ``node``'s disk and the promotion held it busy: its
+        answer is fresh contact, and the liveness core discounts what the swap explains."""
+        self._liveness = self._liveness.promoted(node, self.clock.monotonic(), epoch)
 
     def _probe_all(self) -> None:
         state = self._state
@@ -469,16 +444,17 @@ class FleetService:
     def _observe_probe(self, name: str, health: Health | None) -> None:
         at = self.clock.monotonic()
         if health is None:
-            failed = ProbeFailed(name, at)
-            if not self._stale(failed):
-                self._liveness = self._liveness.observe(failed)
+            self._liveness = self._liveness.observe(ProbeFailed(name, at))
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
-        report = SelfTestFailed(name, at, "health", health.epoch)
-        if health.selftest == "failed" and not self._stale(report):
-            self._liveness = self._liveness.observe(report)
+        if health.selftest == "failed":
+            self._liveness = self._liveness.observe(SelfTestFailed(name, at, "health",
+                                                                   health.epoch))
         self._feed(el.HeartbeatObserved(name, health.role, health.epoch, health.applied_seq, at,
                                         health.selftest))
+        if health.role == "writer":
+            self._feed(el.WriterSyncObserved(name, health.epoch, health.sync_revision,
+                                             frozenset(health.in_sync), at))
 
     def _confirm_deaths(self, now: float) -> None:
         state = self._state

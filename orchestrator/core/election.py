@@ -22,6 +22,15 @@ Invariants (the laws; tests check them over random event sequences):
   epoch with no failed self-test (it was demoted or restarted); an agent still at an older
   epoch (a fenced writer that came back, paused or partitioned) is demoted first. A fenced
   writer whose device fails therefore stays out instead of flapping in and out of sync.
+* A demotion that failed is not retried on the next heartbeat but after a backoff that doubles
+  per failure (``ElectionConfig.demote_backoff`` up to ``demote_backoff_max``): every probe
+  answer of a stale writer used to re-queue it, and a refusing hypervisor then saw 7-14
+  demotions in 0.6 s.
+* A reader is handed to clients (``in_sync``) only on the writer's word that it waits for
+  that reader (:class:`WriterSyncObserved`), never on the reader's own applied seq: the map
+  must never promise a reader the writer may acknowledge writes without. The writer's word is
+  ordered by its ``sync_revision``; a report older than a lagging report already folded in
+  changes nothing.
 
 What a holder of this state may assume (kazoo's habit): ``map`` is the intended map; when
 ``map.phase == "failover"``, clients must not be sent to ``map.writer`` yet, and nodes in
@@ -40,9 +49,13 @@ from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member
 
 @dataclass(frozen=True)
 class ElectionConfig:
-    """``retry_delay``: seconds to hold a failed plan before trying again."""
+    """``retry_delay``: seconds to hold a failed plan before trying again;
+    ``demote_backoff``/``demote_backoff_max``: first and longest wait after a failed
+    demotion of a node."""
 
     retry_delay: float = 0.3
+    demote_backoff: float = 0.5
+    demote_backoff_max: float = 8.0
 
 
 # -- actions (imperative) ---------------------------------------------------------------
@@ -133,9 +146,26 @@ class HeartbeatObserved:
 
 @dataclass(frozen=True)
 class ReaderLagging:
-    """The writer reports ``node`` did not ack in time: stop handing it out."""
+    """The writer reports ``node`` did not ack in time: stop handing it out.
+
+    ``epoch``/``sync_revision``: the writer's epoch and the revision of its in-sync set after
+    it dropped ``node`` (0 when unknown)."""
 
     node: str
+    at: float
+    epoch: int = 0
+    sync_revision: int = 0
+
+
+@dataclass(frozen=True)
+class WriterSyncObserved:
+    """The writer of ``epoch`` waits for the acks of exactly ``in_sync`` (its heartbeat or
+    probe answer), as of its in-sync set's ``sync_revision``."""
+
+    writer: str
+    epoch: int
+    sync_revision: int
+    in_sync: frozenset[str]
     at: float
 
 
@@ -181,6 +211,7 @@ Event = (
     NodeFailed
     | HeartbeatObserved
     | ReaderLagging
+    | WriterSyncObserved
     | FailoverRequested
     | FenceRequested
     | BatchExecuted
@@ -204,6 +235,10 @@ class ElectionState:
     retry_at: float | None = None
     last_error: str = ""
     config: ElectionConfig = field(default_factory=ElectionConfig)
+    # node -> (not before, last delay): demotions held back after a failure
+    demote_hold: tuple[tuple[str, float, float], ...] = ()
+    # (epoch, revision) of the newest writer word on its in-sync set folded in
+    sync_seen: tuple[int, int] = (0, 0)
 
 
 def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> ElectionState:
@@ -267,7 +302,9 @@ def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action
     elif isinstance(event, HeartbeatObserved):
         state = _heartbeat(state, event)
     elif isinstance(event, ReaderLagging):
-        state = _reader_lagging(state, event.node)
+        state = _reader_lagging(state, event)
+    elif isinstance(event, WriterSyncObserved):
+        state = _writer_sync(state, event)
     elif isinstance(event, FailoverRequested):
         state = _failover_requested(state, event.to)
     elif isinstance(event, FenceRequested):
@@ -351,12 +388,6 @@ def _reader_out(state: ElectionState, node: str) -> ElectionState:
     return replace(state, map=new, to_attach=to_attach)
 
 
-def _target_seq(m: FleetMap) -> int:
-    if m.writer is not None:
-        return m.member(m.writer).applied_seq
-    return max((r.applied_seq for r in m.in_sync_readers()), default=0)
-
-
 def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
     m = state.map
     if not m.has(hb.node):
@@ -364,7 +395,7 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
     member = m.member(hb.node)
     if hb.role == "writer" and member.role != "writer":
         # A writer of an older epoch is alive: it is (or will be) fenced; make it step down.
-        return replace(state, to_demote=state.to_demote | {hb.node})
+        return _demote_later(state, hb.node, hb.at)
     if member.role == "writer":
         if m.phase == "stable" and hb.epoch == m.epoch:
             return replace(state, map=_with_seq(m, member, hb.applied_seq))
@@ -375,19 +406,37 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
         if hb.epoch < m.epoch:
             # Stale (a fenced writer that came back steps down by itself, at its old epoch):
             # demote it to this epoch (read-only disk, reader role) before it may rejoin.
-            return replace(state, to_demote=state.to_demote | {hb.node})
+            return _demote_later(state, hb.node, hb.at)
         if hb.role != "reader" or hb.selftest == "failed":
             return state
         m = m.set_role(hb.node, "reader", in_sync=False)
         member = m.member(hb.node)
     if member.role != "reader" or hb.role != "reader":
         return replace(state, map=m)
-    caught_up = hb.applied_seq >= _target_seq(m) and member.in_sync is False
-    if caught_up:
+    if m.writer is None and not member.in_sync \
+            and hb.applied_seq >= max((r.applied_seq for r in m.in_sync_readers()), default=0):
+        # No writer can vouch for anyone, and none acknowledges writes meanwhile: a reader as
+        # far along the journal as any in-sync one may be handed out (and elected).
         m = m.set_progress(hb.node, hb.applied_seq, True)
     else:
         m = _with_seq(m, member, hb.applied_seq)
     return replace(state, map=m, to_attach=state.to_attach - {hb.node})
+
+
+def _demote_later(state: ElectionState, node: str, at: float) -> ElectionState:
+    """Queue a demotion of ``node`` unless a failed one holds it back until later."""
+    held = dict((n, nb) for n, nb, _ in state.demote_hold)
+    if node in held and at < held[node]:
+        return state
+    return replace(state, to_demote=state.to_demote | {node})
+
+
+def _demote_failed(state: ElectionState, node: str, at: float) -> ElectionState:
+    cfg = state.config
+    last = {n: delay for n, _, delay in state.demote_hold}.get(node)
+    delay = cfg.demote_backoff if last is None else min(last * 2, cfg.demote_backoff_max)
+    hold = (*(h for h in state.demote_hold if h[0] != node), (node, at + delay, delay))
+    return replace(state, to_demote=state.to_demote - {node}, demote_hold=hold)
 
 
 def _with_seq(m: FleetMap, member: Member, seq: int) -> FleetMap:
@@ -398,12 +447,28 @@ def _with_seq(m: FleetMap, member: Member, seq: int) -> FleetMap:
     return replace(m, members=members)
 
 
-def _reader_lagging(state: ElectionState, node: str) -> ElectionState:
+def _reader_lagging(state: ElectionState, ev: ReaderLagging) -> ElectionState:
+    if ev.epoch:
+        state = replace(state, sync_seen=max(state.sync_seen, (ev.epoch, ev.sync_revision)))
     m = state.map
-    if not m.has(node) or m.member(node).role != "reader" or not m.member(node).in_sync:
+    if not m.has(ev.node) or m.member(ev.node).role != "reader" or not m.member(ev.node).in_sync:
         return state
-    member = m.member(node)
-    return replace(state, map=m.set_progress(node, member.applied_seq, False))
+    member = m.member(ev.node)
+    return replace(state, map=m.set_progress(ev.node, member.applied_seq, False))
+
+
+def _writer_sync(state: ElectionState, ev: WriterSyncObserved) -> ElectionState:
+    """Make the map's in-sync readers exactly those the current writer waits for."""
+    m = state.map
+    if m.phase != "stable" or m.writer != ev.writer or m.epoch != ev.epoch:
+        return state
+    if (ev.epoch, ev.sync_revision) < state.sync_seen:
+        return state  # older than a lagging report already folded in
+    state = replace(state, sync_seen=(ev.epoch, ev.sync_revision))
+    for member in m.members:
+        if member.role == "reader" and member.in_sync != (member.name in ev.in_sync):
+            m = m.set_progress(member.name, member.applied_seq, member.name in ev.in_sync)
+    return replace(state, map=m, to_attach=state.to_attach - ev.in_sync)
 
 
 def _failover_requested(state: ElectionState, to: str | None) -> ElectionState:
@@ -456,7 +521,9 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
         elif isinstance(action, AttachSpare):
             state = replace(state, to_attach=state.to_attach - {action.node})
         else:
-            state = replace(state, to_demote=state.to_demote - {action.node})
+            state = replace(state, to_demote=state.to_demote - {action.node},
+                            demote_hold=tuple(h for h in state.demote_hold
+                                              if h[0] != action.node))
     failed = ev.failed
     if failed is None:
         return replace(state, last_error="")
@@ -469,8 +536,9 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
         # nothing wrong: it is kept and the step retried; another would meet the same.)
         state = _fail_over(state, frozenset({failed.node}), None)
     elif isinstance(failed, DemoteNode):
-        # Best effort: a fenced stale writer that cannot be reached needs no demotion.
-        state = replace(state, to_demote=state.to_demote - {failed.node}, retry_at=None)
+        # Best effort: a fenced stale writer that cannot be reached needs no demotion now; it
+        # is tried again once it is heard from after the backoff.
+        state = replace(_demote_failed(state, failed.node, ev.at), retry_at=None)
     return state
 
 
@@ -502,6 +570,7 @@ __all__ = [
     "PublishMap",
     "ReaderLagging",
     "Tick",
+    "WriterSyncObserved",
     "assert_law_order",
     "plan",
     "resume",

@@ -5,19 +5,30 @@ reports from clients, and self-test reports from the agents themselves.
 
 Invariants:
 
+* No death without evidence. A node with no failed probe, no failed self-test of its own
+  and whatever number of client reports is never ``DEAD``: silence alone only makes it
+  ``SUSPECT``, because silence may be the coordinator's own (its loop blocked in a slow
+  hot-plug, its process paused) rather than the node's. Seen on VMs: a healthy writer
+  confirmed dead the moment a seconds-long demotion of a resumed ex-writer returned, with 0
+  failed probes, which fenced it and cascaded through four epochs.
 * One lost packet never kills a node: a single failed probe, a single client report or a
   late heartbeat only makes it ``SUSPECT``. ``DEAD`` needs ``confirm_failures`` consecutive
   failed probes with no contact for ``suspect_after`` (a node whose heartbeats still arrive is
-  slow, not dead), or silence for ``dead_after``, or the node's own failed self-test (a report
-  that a lost packet cannot forge).
+  slow, not dead), or at least one failed probe after ``dead_after`` of silence, or the node's
+  own failed self-test (a report that a lost packet cannot forge).
 * Any successful contact (heartbeat or probe) resets the failure count and the reports, and
   clears a failed self-test only when the heartbeat says the self-test passes again.
+* Right after the coordinator swapped a node's disk to promote it (:meth:`Liveness.promoted`),
+  what the swap explains is not held against it: probes failing within ``dead_after`` of the
+  promotion (a TCG guest digesting its hot-plug answers slowly for ~1 s), and failed
+  self-tests observed before the promotion or reported in an older epoch (the reader's
+  self-test failed while its disk was swapped, and the report landed after the promotion).
 * ``verdict`` is a function of the recorded observations and ``now`` alone.
 
-Defaults meet DESIGN §9 (writer killed -> new writer accepting writes <= 3 s p99): a killed
-agent refuses connections at once, so three probes (sped up by the first client's report)
-confirm it as soon as ``suspect_after`` = 0.5 s passed since its last heartbeat; a paused one
-times out each probe (0.3 s) and is confirmed by ``dead_after`` = 1.2 s of silence. That leaves
+Defaults meet the failover target (writer killed -> new writer accepting writes <= 3 s p99 on
+processes): a killed agent refuses connections at once, so three probes (sped up by the first
+client's report) confirm it as soon as ``suspect_after`` = 0.5 s passed since its last
+heartbeat; a paused one times out each probe (0.3 s) and is confirmed the same way. That leaves
 > 1.5 s for fence (~0.1 s), promotion (journal replay) and announcement.
 """
 
@@ -108,12 +119,18 @@ Observation = HeartbeatReceived | ProbeSucceeded | ProbeFailed | FailureReported
 
 @dataclass(frozen=True)
 class NodeRecord:
-    """What has been seen of one node since its last successful contact."""
+    """What has been seen of one node since its last successful contact.
+
+    ``promoted_at``/``promoted_epoch``: when and to which epoch the coordinator last promoted
+    it (failure evidence the promotion explains is ignored, see the module docstring).
+    """
 
     last_ok: float
     failed_probes: int = 0
     reports: int = 0
     selftest_failed: bool = False
+    promoted_at: float | None = None
+    promoted_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +153,11 @@ class Liveness:
             return self
         return self._put(node, NodeRecord(last_ok=now))
 
+    def promoted(self, node: str, now: float, epoch: int) -> Liveness:
+        """``node`` was just promoted to ``epoch`` by a disk swap: its answer is fresh contact
+        and what the swap explains is moot (module docstring)."""
+        return self._put(node, NodeRecord(last_ok=now, promoted_at=now, promoted_epoch=epoch))
+
     def forget(self, node: str) -> Liveness:
         """Stop watching ``node``."""
         return replace(self, nodes=tuple((n, r) for n, r in self.nodes if n != node))
@@ -144,16 +166,27 @@ class Liveness:
         """Fold one observation in; observations about unwatched nodes start watching them."""
         rec = self.record(obs.node) or NodeRecord(last_ok=obs.at)
         if isinstance(obs, HeartbeatReceived):
-            rec = NodeRecord(last_ok=max(rec.last_ok, obs.at), selftest_failed=not obs.selftest_ok)
+            failed = not obs.selftest_ok and not self._explained(rec, obs.at, obs.epoch)
+            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0, reports=0,
+                          selftest_failed=failed)
         elif isinstance(obs, ProbeSucceeded):
-            rec = NodeRecord(last_ok=max(rec.last_ok, obs.at), selftest_failed=rec.selftest_failed)
+            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0, reports=0)
         elif isinstance(obs, ProbeFailed):
+            if rec.promoted_at is not None and obs.at < rec.promoted_at + self.config.dead_after:
+                return self._put(obs.node, rec)  # the swap's own slowness
             rec = replace(rec, failed_probes=rec.failed_probes + 1)
         elif isinstance(obs, FailureReported):
             rec = replace(rec, reports=rec.reports + 1)
-        else:
+        elif not self._explained(rec, obs.at, obs.epoch):
             rec = replace(rec, selftest_failed=True)
         return self._put(obs.node, rec)
+
+    @staticmethod
+    def _explained(rec: NodeRecord, at: float, epoch: int | None) -> bool:
+        """A failed self-test from before the node's promotion (by time or by epoch)."""
+        if rec.promoted_at is None:
+            return False
+        return at < rec.promoted_at or (epoch is not None and epoch < rec.promoted_epoch)
 
     def verdict(self, node: str, now: float) -> Verdict:
         """ALIVE / SUSPECT / DEAD for ``node`` at ``now`` (unwatched nodes are ALIVE)."""
@@ -166,8 +199,8 @@ class Liveness:
             return Verdict.DEAD
         if rec.failed_probes >= cfg.confirm_failures and silence >= cfg.suspect_after:
             return Verdict.DEAD  # probes fail AND no heartbeat came meanwhile
-        if silence >= cfg.dead_after:
-            return Verdict.DEAD
+        if rec.failed_probes and silence >= cfg.dead_after:
+            return Verdict.DEAD  # long silence, and the last probe after it failed too
         if rec.failed_probes or rec.reports or silence >= cfg.suspect_after:
             return Verdict.SUSPECT
         return Verdict.ALIVE

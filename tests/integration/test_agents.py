@@ -11,6 +11,7 @@ import hashlib
 import os
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -83,16 +84,22 @@ def test_promote_demote_and_health(file_fleet: AgentFleet) -> None:
     refused = c.put(fleet["w"].address, "/after", b"y", fleet.grant("w", "writer", 2))
     assert refused.status == 409 and refused.json()["error"] == "not_writer"
     assert refused.json()["writer"] == "r1"
-    # promote r1 to epoch 2: replays the tail, writes the epoch record, then accepts writes
+    # promote r1 to epoch 2 with the map's readers: r2 was in sync (waited for from the first
+    # write), w was just demoted (it must earn its place)
+    readers = [{"node": n, "address": fleet[n].address} for n in ("w", "r2")]
     resp = c.call(fleet["r1"].address, "POST", "/v1/promote", fleet.grant("r1", "control", 2),
-                  {"fleet": "test", "node": "r1", "epoch": 2})
+                  {"fleet": "test", "node": "r1", "epoch": 2, "readers": readers,
+                   "in_sync": ["r2"]})
     assert resp.status == 200, resp.body
     assert resp.json()["role"] == "writer" and resp.json()["epoch"] == 2
-    # the new writer pushes to nobody yet; tell it its readers
-    resp = c.call(fleet["r1"].address, "POST", "/v1/readers", fleet.grant("r1", "control", 2),
-                  {"fleet": "test", "epoch": 2,
-                   "readers": [{"node": n, "address": fleet[n].address} for n in ("w", "r2")]})
-    assert resp.status == 200, resp.body
+    assert resp.json()["in_sync"] == ["r2"]
+    revision = resp.json()["sync_revision"]
+    # w joins once it caught up: the writer says so (a newer sync revision), then waits for it
+    deadline = time.monotonic() + 10
+    while fleet.health("r1")["in_sync"] != ["r2", "w"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fleet.health("r1")["in_sync"] == ["r2", "w"]
+    assert fleet.health("r1")["sync_revision"] > revision
     put = c.put(fleet["r1"].address, "/after", b"z" * 10, fleet.grant("r1", "writer", 2))
     assert put.status == 201, put.body
     assert sorted(put.json()["acked"]) == ["r2", "w"]

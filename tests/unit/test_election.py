@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -120,7 +121,9 @@ def test_an_out_node_rejoins_when_it_reports_a_reader_of_this_epoch() -> None:
     st, _ = el.step(failed_over(), el.HeartbeatObserved("w", "reader", 2, 5, 2.0, "pending"))
     assert st.map.member("w").role == "reader" and not st.map.member("w").in_sync
     st, _ = el.step(st, el.HeartbeatObserved("w", "reader", 2, 12, 3.0))
-    assert st.map.member("w").in_sync  # caught up with the writer's seq (r2: 12)
+    assert not st.map.member("w").in_sync  # its own word that it caught up is not enough
+    st, acts = el.step(st, el.WriterSyncObserved("r2", 2, 1, frozenset({"w", "r1"}), 3.1))
+    assert st.map.member("w").in_sync and kinds(acts) == ["PublishMap"]
 
 
 def test_reader_failure_routes_around_at_once_and_attaches_a_spare() -> None:
@@ -131,11 +134,11 @@ def test_reader_failure_routes_around_at_once_and_attaches_a_spare() -> None:
     assert [t.name for t in publish.map.write_targets()] == ["w", "r2"]
     assert actions[1] == el.AttachSpare("s", 1, "s:1")
     st1, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
-    # The spare is handed out only once its heartbeat shows it caught up with the writer.
+    # The spare is handed out only once the writer says it waits for its acks.
     st2, _ = el.step(st1, el.HeartbeatObserved("w", "writer", 1, 20, 1.2))
-    st3, acts = el.step(st2, el.HeartbeatObserved("s", "reader", 1, 19, 1.3))
-    assert acts == []
-    st4, acts = el.step(st3, el.HeartbeatObserved("s", "reader", 1, 20, 1.4))
+    st3, acts = el.step(st2, el.HeartbeatObserved("s", "reader", 1, 20, 1.3))
+    assert acts == [] and "s" not in [m.name for m in st3.map.in_sync_readers()]
+    st4, acts = el.step(st3, el.WriterSyncObserved("w", 1, 3, frozenset({"r2", "s"}), 1.4))
     assert kinds(acts) == ["PublishMap"]
     assert "s" in [m.name for m in st4.map.in_sync_readers()]
 
@@ -400,3 +403,46 @@ def test_executor_demotes_through_the_hypervisor_then_the_agent() -> None:
     ex, _ = executor_for(paused, role_switch=True)
     result = ex.run([demote])
     assert result.failed == demote and paused.calls == ["ro w", "demote w"]  # still told
+
+
+def test_a_writer_word_older_than_a_lagging_report_admits_nobody() -> None:
+    """The writer's heartbeat naming r1 in sync was sent before it dropped r1 and reported it
+    lagging, but arrives after the report: r1 must stay out of the map's in-sync set."""
+    st, acts = el.step(state3(), el.ReaderLagging("r1", 1.0, epoch=1, sync_revision=5))
+    assert kinds(acts) == ["PublishMap"] and not st.map.member("r1").in_sync
+    st = el.step(st, el.BatchExecuted(tuple(acts), None, "", 1.05))[0]
+    st, acts = el.step(st, el.WriterSyncObserved("w", 1, 4, frozenset({"r1", "r2"}), 1.1))
+    assert acts == [] and not st.map.member("r1").in_sync
+    st, acts = el.step(st, el.WriterSyncObserved("w", 1, 6, frozenset({"r1", "r2"}), 1.2))
+    assert kinds(acts) == ["PublishMap"] and st.map.member("r1").in_sync
+
+
+def test_only_the_current_writer_vouches_for_readers() -> None:
+    st = el.step(state3(), el.ReaderLagging("r1", 1.0, epoch=1, sync_revision=1))[0]
+    for word in (el.WriterSyncObserved("r2", 1, 9, frozenset({"r1"}), 1.1),  # not the writer
+                 el.WriterSyncObserved("w", 0, 9, frozenset({"r1"}), 1.1)):  # older epoch
+        assert not el.step(st, word)[0].map.member("r1").in_sync
+
+
+def test_the_writer_dropping_a_reader_takes_it_out_of_the_map_at_once() -> None:
+    st, acts = el.step(state3(), el.WriterSyncObserved("w", 1, 2, frozenset({"r2"}), 1.0))
+    assert kinds(acts) == ["PublishMap"]
+    assert [m.name for m in st.map.in_sync_readers()] == ["r2"]
+
+
+def test_a_failed_demotion_backs_off_instead_of_flapping() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))[0]
+    demotions = []
+    t = 2.0
+    while t < 10.0:  # the stale writer answers every probe (0.2 s) for 8 s
+        st, acts = el.step(st, el.HeartbeatObserved("w", "writer", 1, 9, t))
+        for act in acts:
+            if isinstance(act, el.DemoteNode):
+                demotions.append(t)
+                st = el.step(st, el.BatchExecuted((), act, "vm is the writer", t + 0.01))[0]
+        t = round(t + 0.2, 2)
+    # held 0.5, 1, 2 s after each failure: four tries in 8 s, not forty
+    assert len(demotions) == 4, demotions
+    gaps = [round(b - a, 1) for a, b in itertools.pairwise(demotions)]
+    assert gaps == sorted(gaps) and gaps[0] >= 0.5

@@ -38,7 +38,10 @@ def run(observations: list[Observation], now: float) -> Verdict:
     [
         ([], 0.1, A),
         ([], 0.5, S),  # quiet for suspect_after
-        ([], 1.2, D),  # quiet for dead_after
+        ([], 1.2, S),  # quiet for dead_after: the silence may be ours, no evidence
+        ([], 99.0, S),
+        ([ProbeFailed("n", 1.3)], 1.3, D),  # long silence, and a probe after it failed
+        ([FailureReported("n", 1.3)] * 5, 5.0, S),  # clients' word is no evidence
         ([HeartbeatReceived("n", 1.0)], 1.4, A),
         ([ProbeFailed("n", 0.1)], 0.1, S),  # one lost probe: suspect only
         ([ProbeFailed("n", 0.1), ProbeFailed("n", 0.3)], 0.3, S),
@@ -83,7 +86,7 @@ def test_unwatched_nodes_are_alive_and_forget_stops_watching() -> None:
     lv = Liveness(CFG).watch("n", 0.0)
     assert lv.verdict("other", 99.0) is A
     assert lv.forget("n").verdicts(99.0) == {}
-    assert lv.verdicts(99.0) == {"n": D}
+    assert lv.verdicts(99.0) == {"n": S}
 
 
 @pytest.mark.parametrize(
@@ -127,3 +130,39 @@ def test_a_dead_node_is_confirmed_within_confirm_failures_probes(start: float, p
         t += CFG.probe_interval
         lv = lv.observe(ProbeFailed("n", t))
     assert lv.verdict("n", t) is D
+
+
+@seed(7)
+@settings(max_examples=300)
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=30.0), min_size=1, max_size=20),
+    reports=st.integers(min_value=0, max_value=5),
+)
+def test_no_failed_probe_and_a_passing_self_test_is_never_dead(gaps: list[float],
+                                                               reports: int) -> None:
+    """Heartbeats at any spacing (the coordinator's loop may have been blocked for seconds),
+    any number of client reports: without a failed probe or self-test, never DEAD."""
+    lv = Liveness(CFG).watch("n", 0.0)
+    t = 0.0
+    for gap in gaps:
+        t += gap
+        assert lv.verdict("n", t) is not D
+        lv = lv.observe(HeartbeatReceived("n", t))
+    for _ in range(reports):
+        lv = lv.observe(FailureReported("n", t))
+    assert lv.verdict("n", t + 1000.0) is not D
+
+
+def test_a_promotion_discounts_what_the_swap_explains() -> None:
+    lv = Liveness(CFG).watch("n", 0.0).promoted("n", 10.0, epoch=2)
+    lv = lv.observe(SelfTestFailed("n", 9.9, "device-read"))  # observed before the swap
+    lv = lv.observe(HeartbeatReceived("n", 10.2, selftest_ok=False, epoch=1))  # older epoch
+    for t in (10.3, 10.6, 10.9, 11.1):  # slow answers within dead_after of the promotion
+        lv = lv.observe(ProbeFailed("n", t))
+    assert lv.verdict("n", 11.1) is S
+    for t in (11.3, 11.5, 11.7):  # after the grace failed probes count as usual
+        lv = lv.observe(ProbeFailed("n", t))
+    assert lv.verdict("n", 11.7) is D
+    fresh = Liveness(CFG).watch("n", 0.0).promoted("n", 10.0, epoch=2)
+    fresh = fresh.observe(SelfTestFailed("n", 10.5, "device-read", epoch=2))
+    assert fresh.verdict("n", 10.5) is D  # a failure in the new epoch is its own

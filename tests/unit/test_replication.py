@@ -40,7 +40,7 @@ class Cluster:
         self.writer = WriterRole(node="w", fleet="f", epoch=1, device=device, volume=volume,
                                  send_push=self._send, report_lagging=self.reports.append,
                                  ack_timeout=5.0, retry_interval=0.05)
-        self.writer.set_readers({"r1": "a1", "r2": "a2"})
+        self.writer.set_readers({"r1": "a1", "r2": "a2"}, in_sync={"r1", "r2"})
 
     def _open_ro(self) -> tuple[MemoryDevice, Volume]:
         device = self.medium.reopen(read_only=True)
@@ -111,14 +111,89 @@ def test_silent_reader_is_reported_after_ack_timeout(cluster: Cluster) -> None:
     assert cluster.reports[0].reason.startswith("no ack within")
 
 
-def test_client_readers_choose_the_wait_set_only_when_they_match(cluster: Cluster) -> None:
+def test_every_in_sync_reader_is_waited_for_whatever_the_client_names(
+        cluster: Cluster) -> None:
+    """A client whose map is a revision old names only r1: the write still waits for r2 (or
+    reports it lagging first), since another client may be sent to r2 right after the ack."""
     cluster.down.add("r2")
-    matching = (ReaderAddress("r1", "a1"),)
-    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0, readers=matching)
-    assert ack.acked == ("r1",) and ack.lagging == ()
-    foreign = (ReaderAddress("r1", "evil:1"),)
-    ack = cluster.writer.put("/b", [b"1"], 1, mtime=1.0, readers=foreign)
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0, readers=(ReaderAddress("r1", "a1"),))
     assert ack.acked == ("r1",) and ack.lagging == ("r2",)
+    assert [r.reader for r in cluster.reports] == ["r2"]
+
+
+def test_a_new_reader_is_waited_for_only_once_it_applied_everything_acknowledged_without_it(
+        cluster: Cluster) -> None:
+    """A reader added while writes keep coming: its link lags, then joins, and is in sync
+    (named by sync_state, which is what the coordinator admits it on) only once it applied
+    every write the writer acknowledged without it."""
+    cluster.readers["r3"] = ReaderRole("r3", cluster._open_ro)
+    stop = threading.Event()
+    acked: list[int] = []
+
+    def writes() -> None:
+        i = 0
+        while not stop.is_set():
+            acked.append(cluster.writer.put(f"/w{i % 7}", [b"v%d" % i], len(b"v%d" % i),
+                                            mtime=0.0).seq)
+            i += 1
+
+    thread = threading.Thread(target=writes)
+    thread.start()
+    try:
+        before = cluster.writer.sync_state()[0]
+        cluster.writer.set_readers({"r1": "a1", "r2": "a2", "r3": "a3"})
+        assert "r3" not in cluster.writer.sync_state()[1]
+        deadline = time.monotonic() + 10
+        while "r3" not in cluster.writer.sync_state()[1] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        revision, in_sync = cluster.writer.sync_state()
+        done = list(acked)
+        applied = cluster.readers["r3"].volume.applied_seq
+    finally:
+        stop.set()
+        thread.join(10)
+    assert "r3" in in_sync and revision > before
+    assert done and applied >= max(done)  # nothing acknowledged before it is missing
+
+
+def test_a_lagging_report_that_does_not_get_through_blocks_the_ack(cluster: Cluster) -> None:
+    from agents.errors import LagNotReported
+
+    refused: list[LaggingReaderReport] = []
+
+    def coordinator_down(report: LaggingReaderReport) -> None:
+        refused.append(report)
+        raise PeerUnreachable("coordinator unreachable", address="c:1")
+
+    cluster.writer._report = coordinator_down
+    cluster.down.add("r2")
+    with pytest.raises(LagNotReported) as err:
+        cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    assert err.value.fields["outcome"] == "unknown" and {r.reader for r in refused} == {"r2"}
+    tries = len(refused)
+    with pytest.raises(LagNotReported):  # still not through: still no ack, report re-sent
+        cluster.writer.put("/b", [b"1"], 1, mtime=1.0)
+    assert len(refused) > tries
+    cluster.writer._report = cluster.reports.append  # the coordinator is back
+    ack = cluster.writer.put("/c", [b"1"], 1, mtime=1.0)
+    assert ack.acked == ("r1",) and [r.reader for r in cluster.reports] == ["r2"]
+    assert cluster.reports[0].sync_revision == cluster.writer.sync_state()[0]
+
+
+def test_a_device_error_is_a_refusal_the_client_follows(cluster: Cluster) -> None:
+    from agents.errors import DeviceError
+
+    seen: list[DeviceError] = []
+    cluster.writer._on_device_error = seen.append
+
+    def eio(offset: int, data: bytes) -> None:
+        raise DeviceError("write failed: EIO", errno=5)
+
+    cluster.writer.device.write_at = eio  # type: ignore[method-assign]
+    with pytest.raises(NotWriter) as err:
+        cluster.writer.put("/a", [b"x" * 9000], 9000, mtime=1.0)
+    assert err.value.status == 409 and err.value.fields["outcome"] == "unknown"
+    assert err.value.fields["errno"] == 5 and len(seen) == 1
 
 
 def test_reader_fills_a_gap_from_the_journal(cluster: Cluster) -> None:

@@ -63,7 +63,8 @@ def test_slow_probes_right_after_the_swap_do_not_kill_the_new_writer() -> None:
         clock.forward(0.25)
         svc._observe_probe("r2", None)
     assert verdict(svc, "r2", clock) is not Verdict.DEAD
-    clock.forward(svc.settings.liveness.dead_after)  # and then: silence is a death
+    clock.forward(svc.settings.liveness.dead_after)  # then silence and a failed probe are
+    svc._observe_probe("r2", None)
     assert verdict(svc, "r2", clock) is Verdict.DEAD
 
 
