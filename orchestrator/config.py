@@ -11,12 +11,16 @@ Invariants of a validated :class:`FleetConfig`:
   a Ceph-only config, as ``sandbox up`` writes without VMs);
 * VM names and (uri, domain) pairs are unique, and so are VM addresses;
 * the image size is a positive multiple of 4 KiB (the agents' O_DIRECT alignment);
-* every path is absolute.
+* every path is absolute;
+* no key, table or ``RBDFLEET_*`` environment variable is unknown: a typo is refused with a
+  suggestion (``config ceph.create_pol: unknown key (did you mean ceph.create_pool?)``), never
+  silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -28,7 +32,9 @@ from typing import Any
 from orchestrator.errors import ConfigError
 
 __all__ = [
+    "ENV_VARS",
     "SIZE_UNITS",
+    "TABLES",
     "CephConfig",
     "FleetConfig",
     "FleetSettings",
@@ -57,6 +63,23 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_PREFIX = "RBDFLEET_"
+# The keys of the [coordinator] table, which orchestrator/cli/coordinator.py reads (a unit test
+# keeps this equal to its CoordinatorConfig's fields).
+COORDINATOR_KEYS = frozenset({
+    "urls", "listen", "lease_seconds", "probe_interval", "probe_timeout", "suspect_after",
+    "dead_after", "confirm_failures", "retry_delay", "grant_ttl", "tls_cert", "tls_key",
+})
+# Tables overridable by RBDFLEET_<TABLE>_<KEY>. Not [sandbox]: RBDFLEET_SANDBOX_DIR is the
+# `rbdfleet sandbox` commands' directory, and a [sandbox] table must not appear from the
+# environment (it narrows where SSH may connect).
+_ENV_TABLES = ("ceph", "libvirt", "ssh", "fleet", "coordinator")
+# RBDFLEET_* variables that are not key overrides: what each is for.
+OTHER_ENV_VARS: dict[str, str] = {
+    "RBDFLEET_CONFIG": "the config file (--config)",
+    "RBDFLEET_SANDBOX_DIR": "the sandbox directory (rbdfleet sandbox --dir)",
+    "RBDFLEET_TEST_CEPH_CONF": "tests: an existing cluster's ceph.conf",
+    "RBDFLEET_TEST_SEED": "tests: the seed of the randomized tests",
+}
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,61 @@ class FleetConfig:
         return tuple(vm for vm in self.vms if not vm.spare)
 
 
+def _keys(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+# Every table of rbdfleet.toml and its keys; "vm" and "host" are arrays of tables.
+TABLES: dict[str, frozenset[str]] = {
+    "ceph": _keys(CephConfig),
+    "libvirt": _keys(LibvirtConfig),
+    "ssh": _keys(SshConfig),
+    "fleet": _keys(FleetSettings),
+    "vm": _keys(VmConfig),
+    "host": _keys(HostConfig),
+    "sandbox": _keys(SandboxConfig),
+    "coordinator": COORDINATOR_KEYS,
+}
+# Every RBDFLEET_* variable rbdfleet reads.
+ENV_VARS: frozenset[str] = frozenset(OTHER_ENV_VARS) | {
+    f"{ENV_PREFIX}{table}_{key}".upper() for table in _ENV_TABLES for key in TABLES[table]
+}
+
+
+def unknown(
+    where: str, name: str, known: frozenset[str], what: str = "key", shown: str = "{}"
+) -> ConfigError:
+    """The error for an unknown ``name`` at ``where``: the closest known name, formatted with
+    ``shown``, as a suggestion (else the list of known names)."""
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    if close:
+        hint = f"did you mean {shown.format(close[0])}?"
+    else:
+        hint = "known: " + ", ".join(shown.format(k) for k in sorted(known))
+    return ConfigError(where, f"unknown {what} ({hint})")
+
+
+def check_names(data: Mapping[str, Any], env: Mapping[str, str]) -> None:
+    """Refuse any table, key or ``RBDFLEET_*`` variable rbdfleet does not know."""
+    for name, value in data.items():
+        if name not in TABLES:
+            what = "table" if isinstance(value, Mapping | list) else "top-level key"
+            raise unknown(name, name, frozenset(TABLES), what, "[{}]")
+        tables = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, table in tables:
+            if not isinstance(table, Mapping):
+                continue  # the table's own check says what it must be
+            where = name if i is None else f"{name}[{i}]"
+            for key in table:
+                if key not in TABLES[name]:
+                    raise unknown(f"{where}.{key}", key, TABLES[name], shown=f"{where}.{{}}")
+    for var in env:
+        if var.startswith(ENV_PREFIX) and var not in ENV_VARS:
+            suffixes = frozenset(v.removeprefix(ENV_PREFIX) for v in ENV_VARS)
+            raise unknown(var, var.removeprefix(ENV_PREFIX), suffixes, "environment variable",
+                          ENV_PREFIX + "{}")
+
+
 def parse_size(value: object, key: str = "fleet.size") -> int:
     """Bytes from ``"1GiB"``, ``"512 MiB"``, ``"4096B"``, ``"4096"`` or an int."""
     if isinstance(value, bool):
@@ -191,23 +269,23 @@ def load(path: Path | str, env: Mapping[str, str] = os.environ) -> FleetConfig:
 
 def from_mapping(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> FleetConfig:
     """Build and validate a FleetConfig from parsed TOML plus optional env overrides."""
+    check_names(data, env or {})
     merged = _apply_env({k: v for k, v in data.items()}, env or {})
     config = _build(merged)
     validate(config)
     return config
 
 
-_SCALAR_SECTIONS = ("ceph", "libvirt", "ssh", "fleet", "sandbox")
-
-
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Overlay ``RBDFLEET_<SECTION>_<KEY>`` values (strings; typed later) on the tables."""
+    """Overlay ``RBDFLEET_<SECTION>_<KEY>`` values (strings; typed later) on the tables.
+
+    ``[coordinator]`` overrides are applied where that table is read (cli/coordinator.py).
+    """
     for var, value in env.items():
-        if not var.startswith(ENV_PREFIX):
+        if var not in ENV_VARS or var in OTHER_ENV_VARS:
             continue
-        rest = var[len(ENV_PREFIX):].lower()
-        section, _, key = rest.partition("_")
-        if section not in _SCALAR_SECTIONS or not key:
+        section, _, key = var[len(ENV_PREFIX):].lower().partition("_")
+        if section == "coordinator":
             continue
         table = dict(data.get(section) or {})
         table[key] = value

@@ -96,6 +96,7 @@ def coordinator_config(path: Path, env: Mapping[str, str] = os.environ) -> Coord
         table = dict(tomllib.loads(path.read_text()).get("coordinator") or {})
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError("path", f"{path}: {exc}") from exc
+    fleet_config.check_names({"coordinator": table}, env)  # typos: refused, with a suggestion
     for var, value in env.items():
         if var.startswith(ENV_PREFIX):
             table[var[len(ENV_PREFIX) :].lower()] = value
@@ -117,10 +118,8 @@ def coordinator_config(path: Path, env: Mapping[str, str] = os.environ) -> Coord
                 kwargs[key] = int(value)
             except (TypeError, ValueError):
                 raise ConfigError(where, "must be an integer") from None
-        elif key in ("listen", "tls_cert", "tls_key"):
+        else:  # listen, tls_cert, tls_key: check_names refused any other key
             kwargs[key] = str(value)
-        else:
-            raise ConfigError(where, "unknown key")
     result = CoordinatorConfig(**kwargs)
     result.liveness()  # validates the timings
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,13 @@ def test_load_file_defaults_and_uri_fallback(tmp_path: Path) -> None:
 def test_env_overrides_are_typed() -> None:
     env = {"RBDFLEET_CEPH_POOL": "volumes", "RBDFLEET_CEPH_CREATE_POOL": "true",
            "RBDFLEET_FLEET_SIZE": "2GiB", "RBDFLEET_FLEET_AGENT_PORT": "9000",
-           "RBDFLEET_FLEET_WRITER": "vm2", "UNRELATED": "x", "RBDFLEET_NOPE_X": "y"}
+           "RBDFLEET_FLEET_WRITER": "vm2", "UNRELATED": "x",
+           # not key overrides: read elsewhere, and never a [sandbox] table
+           "RBDFLEET_CONFIG": "/c.toml", "RBDFLEET_SANDBOX_DIR": "/sb"}
     cfg = config.from_mapping(BASE, env)
     assert cfg.ceph.pool == "volumes" and cfg.ceph.create_pool is True
     assert cfg.fleet.size == 2 << 30 and cfg.fleet.agent_port == 9000
-    assert cfg.fleet.writer == "vm2"
+    assert cfg.fleet.writer == "vm2" and cfg.sandbox is None
     assert cfg.vm("vm2").uri == "qemu+ssh://h2/system"
     assert [v.name for v in cfg.active_vms] == ["vm1", "vm2"]
 
@@ -142,3 +145,62 @@ def test_size_format_round_trip(size: int) -> None:
 def test_parse_size_units(number: int, unit: str) -> None:
     assert config.parse_size(f"{number}{unit}") == number * config.SIZE_UNITS[unit]
     assert config.parse_size(f"{number} {unit}") == number * config.SIZE_UNITS[unit]
+
+
+# (parsed TOML, environment, key the error names, its reason)
+UNKNOWN_NAMES: list[tuple[dict[str, Any], dict[str, str], str, str]] = [
+    (data(ceph__create_pol=True), {}, "ceph.create_pol",
+     "unknown key (did you mean ceph.create_pool?)"),
+    ({**BASE, "cephh": {"pool": "rbd"}}, {}, "cephh", "unknown table (did you mean [ceph]?)"),
+    ({**BASE, "vm": [*BASE["vm"], {"name": "vm4", "domian": "d4", "address": "10.0.0.4"}]}, {},
+     "vm[3].domian", "unknown key (did you mean vm[3].domain?)"),
+    ({**BASE, "coordinator": {"lease_second": 2.0}}, {}, "coordinator.lease_second",
+     "unknown key (did you mean coordinator.lease_seconds?)"),
+    (BASE, {"RBDFLEET_CEPH_POLL": "volumes"}, "RBDFLEET_CEPH_POLL",
+     "unknown environment variable (did you mean RBDFLEET_CEPH_POOL?)"),
+    (BASE, {"RBDFLEET_SANDBOX_DIRR": "/x"}, "RBDFLEET_SANDBOX_DIRR",
+     "unknown environment variable (did you mean RBDFLEET_SANDBOX_DIR?)"),
+    (BASE, {"RBDFLEET_COORDINATOR_URL": "http://x"}, "RBDFLEET_COORDINATOR_URL",
+     "unknown environment variable (did you mean RBDFLEET_COORDINATOR_URLS?)"),
+]
+
+
+@pytest.mark.parametrize(("parsed", "env", "key", "reason"), UNKNOWN_NAMES)
+def test_unknown_names_are_refused_with_a_suggestion(
+    parsed: dict[str, Any], env: dict[str, str], key: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(parsed, env)
+    assert (err.value.key, err.value.reason) == (key, reason)
+
+
+def test_unknown_name_without_a_close_match_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown table \(known: \[ceph\], \[coordinator\]"):
+        config.from_mapping({**BASE, "zzz": {}})
+
+
+def test_a_typo_in_the_file_is_refused_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "rbdfleet.toml"
+    path.write_text('[ceph]\nconf = "/c"\nkeyring = "/k"\ncreate_pol = true\n')
+    with pytest.raises(ConfigError, match=r"did you mean ceph.create_pool\?"):
+        config.load(path, env={})
+
+
+def test_coordinator_keys_are_the_coordinator_config_fields() -> None:
+    from orchestrator.cli.coordinator import CoordinatorConfig
+
+    assert {f.name for f in dataclasses.fields(CoordinatorConfig)} == config.COORDINATOR_KEYS
+
+
+def test_coordinator_table_reader_refuses_typos_too(tmp_path: Path) -> None:
+    from orchestrator.cli.coordinator import coordinator_config
+
+    path = tmp_path / "rbdfleet.toml"
+    path.write_text("[coordinator]\nprobe_intervall = 0.5\n")
+    with pytest.raises(ConfigError, match=r"did you mean coordinator.probe_interval\?"):
+        coordinator_config(path, env={})
+    path.write_text("[coordinator]\nprobe_interval = 0.5\n")
+    with pytest.raises(ConfigError, match=r"did you mean RBDFLEET_COORDINATOR_DEAD_AFTER\?"):
+        coordinator_config(path, env={"RBDFLEET_COORDINATOR_DEAD_AFTR": "2"})
+    cfg = coordinator_config(path, env={"RBDFLEET_COORDINATOR_DEAD_AFTER": "2"})
+    assert (cfg.probe_interval, cfg.dead_after) == (0.5, 2.0)
