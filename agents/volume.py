@@ -18,6 +18,7 @@ import builtins
 import collections
 import contextlib
 import errno
+import struct
 import threading
 import time
 import uuid
@@ -47,9 +48,11 @@ from agents.errors import (
     BadRequest,
     CatchingUp,
     ChecksumMismatch,
+    CorruptMetadata,
     DeviceError,
     FormatError,
     JournalWrapped,
+    NoSpace,
     NotWriter,
     SequenceGap,
     StaleEpoch,
@@ -195,12 +198,25 @@ class Volume:
                 device=device.size(),
             )
         vol = cls(device, sb)
-        with vol._lock:
+        with vol._lock, vol._decoding():
             vol._load_checkpoint()
             vol._settle_end()
             vol._rebuild_allocator()
             vol._durable_seq = vol._index.applied_seq
         return vol
+
+    @contextlib.contextmanager
+    def _decoding(self) -> Iterator[None]:
+        """Whatever a hostile image makes the decoders or the index trip over becomes
+        CorruptMetadata (a refused open, a failed refresh), never a bare exception that
+        kills the agent or its tail thread."""
+        try:
+            yield
+        except (ValueError, TypeError, KeyError, IndexError, struct.error, zlib.error,
+                RecursionError, UnicodeDecodeError) as exc:
+            raise CorruptMetadata(
+                f"the image does not decode: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def close(self) -> None:
         """Stop the I/O threads (the device stays open: its owner closes it)."""
@@ -254,6 +270,10 @@ class Volume:
             off = self._sb.checkpoint_offsets[slot]
             if header.total > self._sb.checkpoint_bytes:
                 errors.append(ChecksumMismatch("checkpoint larger than its slot", slot=slot))
+                continue
+            if header.journal_pos >= self._ring:
+                errors.append(CorruptMetadata("checkpoint journal position past the ring",
+                                              slot=slot))
                 continue
             body = self._device.read_at(off + ALIGN, header.total - ALIGN)
             try:
@@ -414,13 +434,13 @@ class Volume:
         returned). A writer's own index is the journal's truth: there it returns []."""
         if self._writer_epoch is not None:
             return []
-        with self._lock:
+        with self._lock, self._decoding():
             return self._refresh_locked()
 
     def apply(self, record: Record) -> None:
         """Apply a pushed record. Records of an epoch below the highest seen and records
         already applied are ignored; a record beyond ``applied_seq + 1`` raises SequenceGap."""
-        with self._lock:
+        with self._lock, self._decoding():
             if record.volume_tag != self._sb.volume_tag:
                 raise FormatError(
                     "pushed record belongs to another volume (journal tag mismatch)",
@@ -590,7 +610,12 @@ class Volume:
             )
             return self._commit(self._ticket("put", payload, epoch))
         with self._lock:
-            extents = self._allocator.allocate(size)
+            free = self._allocator.free_bytes()
+        if free < size:  # refused before any byte is read; nothing is reserved up front
+            raise NoSpace(f"no space for {size} bytes ({free} free)", needed=size)
+        # reserved unit by unit as the data arrives (_write_data): a body that trickles in
+        # holds only the space of what it sent, never its announced size
+        extents: builtins.list[Extent] = []
         committed = False
         try:
             crc, sums = self._write_data(extents, chunks, size)
@@ -615,7 +640,9 @@ class Volume:
     def _write_data(
         self, extents: builtins.list[Extent], chunks: Iterable[bytes], size: int
     ) -> tuple[int, builtins.list[int]]:
-        """Stream ``chunks`` onto ``extents``: WRITE_UNIT pieces, IN_FLIGHT at once."""
+        """Stream ``chunks`` to the device: WRITE_UNIT pieces, IN_FLIGHT at once, each
+        allocated just before it is written and appended to ``extents`` (adjacent ones
+        merged), which the caller gives back if the put fails."""
         chunk = self._sb.chunk_size
         unit = max(WRITE_UNIT // chunk, 1) * chunk
         pool = self._executor() if size > unit else None
@@ -624,13 +651,12 @@ class Volume:
         logical = 0
         buf = bytearray()
 
-        def store(block: bytes, offset: int, first: int) -> None:
+        def store(block: bytes, pieces: builtins.list[tuple[int, int]], first: int) -> None:
             # on an I/O thread: chunk checksums (zlib releases the GIL) then the writes
             view = memoryview(block)
             for k, i in enumerate(range(0, len(block), chunk)):
                 sums[first + k] = zlib.crc32(view[i : i + chunk])
             padded = block if len(block) % ALIGN == 0 else block + bytes(-len(block) % ALIGN)
-            pieces = locate(extents, offset, len(padded))
             if len(pieces) == 1:
                 self._device.write_at(pieces[0][0], padded)
                 return
@@ -641,15 +667,24 @@ class Volume:
 
         def emit(block: bytes) -> None:
             nonlocal logical
+            nbytes = len(block) + (-len(block) % ALIGN)
+            with self._lock:
+                got = self._allocator.allocate(nbytes)
+            for x in got:
+                if extents and extents[-1].end == x.offset:
+                    extents[-1] = Extent(extents[-1].offset, extents[-1].length + x.length)
+                else:
+                    extents.append(x)
+            pieces = locate(extents, logical, nbytes)
             first = len(sums)
             sums.extend([0] * -(-len(block) // chunk))
             if size <= unit:  # one write: do it here, a thread hop costs more than it hides
-                store(block, logical, first)
+                store(block, pieces, first)
             else:
                 while len(inflight) >= IN_FLIGHT:
                     inflight.popleft().result()
                 assert pool is not None
-                inflight.append(pool.submit(store, block, logical, first))
+                inflight.append(pool.submit(store, block, pieces, first))
             logical += len(block)
 
         try:

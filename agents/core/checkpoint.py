@@ -5,7 +5,11 @@ Invariants:
   ``seq + 1`` starts at ``journal_pos`` in the journal ring (or at 0 if it did not fit there).
 - A new checkpoint goes to the slot NOT holding the newest valid one, so a torn checkpoint
   write leaves the previous one intact; :func:`choose` picks the valid one with the highest seq.
-- Valid = magic, known version, header CRC and body CRC all match.
+- Valid = magic, known version, header CRC and body CRC all match, and the body decodes
+  within bounds: it inflates to at most :func:`inflate_limit` bytes (checked while inflating:
+  a compression bomb costs no more than that), is JSON of bounded depth, and its index and
+  quarantine have the shapes :meth:`Index.from_json` checks. :func:`encode` refuses a body
+  that would break the inflate bound, so a checkpoint the writer wrote always decodes.
 
 Layout (little endian): one 4 KiB header block, then the zlib-compressed JSON body::
 
@@ -21,16 +25,30 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from agents.core import boundedjson
 from agents.core.allocator import Extent
 from agents.core.index import Index
 from agents.core.record import padded
 from agents.device import ALIGN
-from agents.errors import BadMagic, ChecksumMismatch, NoSpace, TornRecord, UnsupportedFormat
+from agents.errors import (
+    BadMagic,
+    ChecksumMismatch,
+    CorruptMetadata,
+    NoSpace,
+    TornRecord,
+    UnsupportedFormat,
+)
 
 MAGIC = b"RBFC"
 VERSION = 1
 HEADER = struct.Struct("<4sH2xQQQQI")
 CRC = struct.Struct("<I")
+MAX_EXPANSION = 64  # the index's JSON deflates 5-10x at level 1; zlib itself allows ~1000x
+
+
+def inflate_limit(body_len: int) -> int:
+    """Most bytes a body of ``body_len`` compressed bytes may inflate to."""
+    return max(body_len * MAX_EXPANSION, 1 << 20)
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,11 @@ def encode(
         "index": index.to_json(),
         "quarantine": [[seq, e.offset, e.length] for seq, e in quarantine],
     }
-    body = zlib.compress(json.dumps(body_doc, separators=(",", ":")).encode("utf-8"), 1)
+    text = json.dumps(body_doc, separators=(",", ":")).encode("utf-8")
+    body = zlib.compress(text, 1)
+    if len(text) > inflate_limit(len(body)):
+        raise NoSpace(f"checkpoint inflates {len(text)}/{len(body)} times, over the bound",
+                      needed=len(text))
     head = HEADER.pack(
         MAGIC, VERSION, index.applied_seq, index.epoch, journal_pos, len(body), zlib.crc32(body)
     )
@@ -92,22 +114,50 @@ def decode_header(block: bytes) -> CheckpointHeader:
     _, version, seq, epoch, pos, body_len, body_crc = HEADER.unpack_from(block)
     if version != VERSION:
         raise UnsupportedFormat(f"checkpoint format {version} (this agent reads {VERSION})")
+    if pos % ALIGN:
+        raise CorruptMetadata(f"checkpoint journal position {pos} is not 4 KiB aligned")
     return CheckpointHeader(seq, epoch, pos, body_len, body_crc)
 
 
 def decode(header: CheckpointHeader, body: bytes) -> Checkpoint:
-    """Parse the body that follows ``header``; raises TornRecord / ChecksumMismatch."""
+    """Parse the body that follows ``header``; raises TornRecord / ChecksumMismatch /
+    CorruptMetadata (a body that inflates past its bound, is not bounded JSON, or whose
+    index or quarantine is malformed)."""
     data = bytes(body[: header.body_len])
     if len(data) < header.body_len:
         raise TornRecord("checkpoint body cut short")
     if zlib.crc32(data) != header.body_crc:
         raise ChecksumMismatch("checkpoint body checksum mismatch", seq=header.seq)
-    doc = json.loads(zlib.decompress(data).decode("utf-8"))
-    index = Index.from_json(doc["index"])
+    limit = inflate_limit(len(data))
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise CorruptMetadata(f"checkpoint body does not inflate: {exc}") from exc
+    if inflater.unconsumed_tail:
+        raise CorruptMetadata(f"checkpoint body inflates past {limit} bytes", limit=limit)
+    if not inflater.eof:
+        raise CorruptMetadata("checkpoint body is a cut zlib stream")
+    try:
+        doc = boundedjson.loads(text)
+    except boundedjson.JsonLimit as exc:
+        raise CorruptMetadata(f"checkpoint body: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise CorruptMetadata("checkpoint body is not an object")
+    index = Index.from_json(doc.get("index"))
     if index.applied_seq != header.seq:
         raise ChecksumMismatch("checkpoint body and header disagree on seq")
-    quarantine = [(seq, Extent(off, n)) for seq, off, n in doc["quarantine"]]
-    return Checkpoint(header, index, quarantine)
+    return Checkpoint(header, index, _quarantine(doc.get("quarantine")))
+
+
+def _quarantine(raw: Any) -> list[tuple[int, Extent]]:
+    if not isinstance(raw, list) or not all(
+        isinstance(q, list) and len(q) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in q)
+        for q in raw
+    ):
+        raise CorruptMetadata("checkpoint quarantine is not a list of [seq, offset, length]")
+    return [(seq, Extent(off, n)) for seq, off, n in raw]
 
 
 def choose(headers: list[CheckpointHeader | None]) -> list[int]:

@@ -5,6 +5,9 @@ Invariants:
   optional ``data`` bytes value, the inline content of a small file).
 - A record decodes only if it is complete and its CRC-32 matches: any truncation below its
   length, any flipped bit inside it raises ``TornRecord`` or ``ChecksumMismatch``.
+- Decoding allocates nothing beyond the bytes given: lengths in the header are checked
+  against them (and each other) first, and the payload is bounded JSON
+  (:mod:`agents.core.boundedjson`).
 - The encoded length is a multiple of 4096 (records are written with O_DIRECT) and does not
   depend on ``seq``, ``epoch`` or ``commit_seq`` (the writer sizes a batch before numbering it).
 
@@ -26,6 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.core import boundedjson
 from agents.device import ALIGN
 from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
 
@@ -117,9 +121,9 @@ class Record:
         _, _, flags, _, seq, epoch, commit, tag, op, js_len, blob_len = _verified_fields(data)
         start = HEADER.size
         try:
-            payload = json.loads(bytes(data[start : start + js_len]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise TornRecord("journal record payload is not JSON") from exc
+            payload = boundedjson.loads(bytes(data[start : start + js_len]))
+        except boundedjson.JsonLimit as exc:
+            raise TornRecord(f"journal record payload: {exc}") from exc
         if not isinstance(payload, dict):
             raise TornRecord("journal record payload is not an object")
         if flags & FLAG_BLOB:

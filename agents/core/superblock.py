@@ -3,7 +3,10 @@
 Invariants:
 - Copy ``g % 2`` holds generation ``g``; a writer only ever rewrites the copy of the older
   generation, so a torn write leaves the other copy valid and :func:`choose` picks it.
-- A copy is valid only with the magic, a known format version and a matching CRC-32.
+- A copy is valid only with the magic, a known format version, a matching CRC-32 and a sane
+  geometry (:func:`check_geometry`: aligned regions in order, inside ``device_size``, a ring
+  of at least 16 blocks, chunks a multiple of 4 KiB, inline files that fit a record); the
+  caller checks ``device_size`` against the real device.
 - Everything a new writer or fsck needs (region offsets, chunk size, fleet) is in here.
 
 Layout (little endian, one 4 KiB block, zero padded)::
@@ -23,7 +26,13 @@ import zlib
 from dataclasses import dataclass
 
 from agents.device import ALIGN
-from agents.errors import BadMagic, ChecksumMismatch, FormatError, UnsupportedFormat
+from agents.errors import (
+    BadMagic,
+    ChecksumMismatch,
+    CorruptMetadata,
+    FormatError,
+    UnsupportedFormat,
+)
 
 MAGIC = b"RBDFLEET"
 VERSION = 1
@@ -31,6 +40,7 @@ FIXED = struct.Struct("<8sHQIQQQQQQQQII16sH")
 CRC = struct.Struct("<I")
 SLOTS = (0, ALIGN)
 MAX_FLEET = 255
+MIN_JOURNAL = 16 * ALIGN
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,11 @@ class Superblock:
             )
         if fields[3] != ALIGN:
             raise UnsupportedFormat(f"block size {fields[3]} (expected {ALIGN})")
-        return Superblock(
+        try:
+            fleet = block[FIXED.size : end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorruptMetadata("superblock fleet name is not UTF-8") from exc
+        return check_geometry(Superblock(
             generation=fields[2],
             device_size=fields[4],
             journal_offset=fields[5],
@@ -118,8 +132,36 @@ class Superblock:
             chunk_size=fields[12],
             inline_max=fields[13],
             volume_id=str(uuid.UUID(bytes=fields[14])),
-            fleet=block[FIXED.size : end].decode("utf-8"),
-        )
+            fleet=fleet,
+        ))
+
+
+def check_geometry(sb: Superblock) -> Superblock:
+    """``sb`` if its regions make sense, else CorruptMetadata naming the first that does not
+    (a CRC only proves the block was written as it is, not by an rbdfleet writer)."""
+    regions = [
+        ("journal", sb.journal_offset, sb.journal_bytes),
+        ("checkpoint A", sb.checkpoint_offsets[0], sb.checkpoint_bytes),
+        ("checkpoint B", sb.checkpoint_offsets[1], sb.checkpoint_bytes),
+        ("data area", sb.data_offset, sb.data_bytes),
+    ]
+    if sb.device_size % ALIGN:
+        raise CorruptMetadata(f"superblock device size {sb.device_size} is not 4 KiB aligned")
+    end = len(SLOTS) * ALIGN  # past the two superblocks
+    for name, offset, length in sorted(regions, key=lambda r: r[1]):
+        if offset % ALIGN or length % ALIGN or length <= 0:
+            raise CorruptMetadata(f"superblock {name} {offset}+{length} is not aligned blocks")
+        if offset < end or offset + length > sb.device_size:
+            raise CorruptMetadata(f"superblock {name} {offset}+{length} overlaps another "
+                                  f"region or passes the device size {sb.device_size}")
+        end = offset + length
+    if sb.journal_bytes < MIN_JOURNAL:
+        raise CorruptMetadata(f"superblock journal of {sb.journal_bytes} bytes is too small")
+    if sb.chunk_size <= 0 or sb.chunk_size % ALIGN or sb.chunk_size > sb.data_bytes:
+        raise CorruptMetadata(f"superblock chunk size {sb.chunk_size}")
+    if sb.inline_max > sb.journal_bytes // 4:  # an inline file travels in one record
+        raise CorruptMetadata(f"superblock inline max {sb.inline_max} does not fit a record")
+    return sb
 
 
 def choose(copies: list[bytes]) -> Superblock:
@@ -154,7 +196,7 @@ def layout(
     mib = 1 << 20
     if journal_bytes is None:
         journal_bytes = min(max(size // 64, mib), 256 * mib)
-    journal_bytes = max(journal_bytes // ALIGN * ALIGN, 16 * ALIGN)
+    journal_bytes = max(journal_bytes // ALIGN * ALIGN, MIN_JOURNAL)
     checkpoint_bytes = min(max(size // 32, mib), 256 * mib) // ALIGN * ALIGN
     journal_offset = 2 * ALIGN
     ckpt_a = journal_offset + journal_bytes
