@@ -260,7 +260,7 @@ class CoordinatorClient:
         timeout: float | None = None,
     ) -> Any:
         """One request to the active coordinator, following ``not_active`` answers."""
-        errors: list[str] = []
+        errors: dict[str, str] = {}  # url -> why it did not answer
         tried: set[str] = set()
         queue = list(self.urls)
         while queue:
@@ -282,7 +282,7 @@ class CoordinatorClient:
                 )
             except NotActiveError as exc:
                 active = exc.fields.get("coordinator")
-                errors.append(f"{url}: standby")
+                errors[url] = "standby"
                 if isinstance(active, str) and active not in tried:
                     queue.insert(0, active)
                 continue
@@ -290,13 +290,16 @@ class CoordinatorClient:
                 raise
             except AgentUnreachable as exc:
                 # the cause alone: the error raised below names the coordinator already
-                errors.append(f"{url}: {exc.__cause__ or exc}")
+                errors[url] = str(exc.__cause__ or exc)
                 continue
             if url != self.urls[0]:
                 self.urls.remove(url) if url in self.urls else None
                 self.urls.insert(0, url)
             return resp.body
-        raise AgentUnreachable("coordinator", ",".join(self.urls), "; ".join(errors))
+        why = "; ".join(f"{url}: {reason}" for url, reason in errors.items())
+        if len(errors) == 1:
+            why = next(iter(errors.values()))
+        raise AgentUnreachable("coordinator", ",".join(self.urls), why)
 
     def targets(self, kind: str, path: str) -> Targets:
         """Grants and addresses for a ``write`` or a ``read`` of ``path``."""

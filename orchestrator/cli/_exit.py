@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
 
 from agents import errors as agent_errors
 from orchestrator import errors
-
-T = TypeVar("T")
 
 # Most specific first: the first matching class decides the exit code.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
@@ -38,10 +38,12 @@ def exit_code_for(exc: BaseException) -> int:
     return 1
 
 
-def run_reporting_errors(func: Callable[[], T]) -> T:
-    """Run ``func``; an RbdfleetError becomes one line on stderr and its exit code."""
-    try:
-        return func()
-    except agent_errors.RbdfleetError as exc:
-        print(f"rbdfleet: error: {exc}", file=sys.stderr)
-        raise SystemExit(exit_code_for(exc)) from None
+class ReportingGroup(TyperGroup):
+    """The root command: an RbdfleetError becomes one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except agent_errors.RbdfleetError as exc:
+            typer.echo(f"rbdfleet: error: {exc}", err=True)
+            raise typer.Exit(exit_code_for(exc)) from None

@@ -14,10 +14,11 @@ from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
 from orchestrator.cli import status as status_cli
 from orchestrator.cli import vm as vm_cli
-from orchestrator.cli._exit import run_reporting_errors
+from orchestrator.cli._exit import ReportingGroup
 
 app = typer.Typer(
     name="rbdfleet",
+    cls=ReportingGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Markdown, not rich markup: rich markup takes "[env var: X]" or "[default: ...]" in a help
@@ -61,7 +62,7 @@ deploy_cli.register(app)
 
 def main() -> None:
     """Console-script entry point."""
-    run_reporting_errors(app)
+    app()
 
 
 if __name__ == "__main__":
