@@ -20,7 +20,7 @@ import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from agents.metrics import Gauge, Registry
 from orchestrator.coordinator.service import FleetService
@@ -43,6 +43,7 @@ FAILOVER_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5
 # Steps of a failover that start timing it when no confirmed death came first.
 _FAILOVER_STEPS = frozenset({"PersistEpoch", "FenceNode", "PromoteNode"})
 VERDICTS = tuple(v.value for v in Verdict)
+_Values = dict[Gauge, dict[tuple[str, ...], float]]
 
 
 class TimelineCursor:
@@ -170,44 +171,49 @@ class CoordinatorMetrics:
             return self.registry.render()
 
     def _collect(self) -> None:
-        fleet_gauges: dict[Gauge, dict[tuple[str, ...], float]] = {
-            g: {} for g in (self.active, self.writer_present, self.epoch, self.revision,
-                            self.in_sync, self.fence_pending, self.pending, self.last_error,
-                            self.liveness, self.role)}
+        values: _Values = {g: {} for g in (
+            self.active, self.writer_present, self.epoch, self.revision, self.in_sync,
+            self.fence_pending, self.pending, self.last_error, self.liveness, self.role)}
         for name, service in sorted(self.services.items()):
             status = service.status()
             self._follow(name, service, status["stats"])
-            fleet_gauges[self.active][(name,)] = float(status["active"])
-            if not status["active"] or status["map"] is None:
-                continue
-            m = status["map"]
-            members = m["members"]
-            pending = [_split_action(str(p)) for p in status["pending"]]
-            kinds = [kind for kind, _ in pending]
-            # The published writer counts only while no failover is under way: once it is
-            # confirmed dead its fence (then a promotion) is pending, and clients sent to it fail.
-            writer_present = (m["writer"] is not None and m["phase"] == "stable"
-                              and "PromoteNode" not in kinds
-                              and ("FenceNode", m["writer"]) not in pending)
-            for gauge, value in (
-                (self.writer_present, writer_present),
-                (self.epoch, m["epoch"]),
-                (self.revision, m["revision"]),
-                (self.in_sync, sum(x["role"] == "reader" and x["in_sync"] for x in members)),
-                (self.fence_pending, kinds.count("FenceNode")),
-                (self.pending, len(kinds)),
-                (self.last_error, bool(status["last_error"])),
-            ):
-                fleet_gauges[gauge][(name,)] = float(value)
-            for node, verdict in status["liveness"].items():
-                for v in VERDICTS:
-                    fleet_gauges[self.liveness][(name, node, v)] = float(v == verdict)
-            for member in members:
-                for role in ROLES:
-                    fleet_gauges[self.role][(name, member["name"], role)] = float(
-                        role == member["role"])
-        for gauge, values in fleet_gauges.items():
-            gauge.replace(values)
+            values[self.active][(name,)] = float(status["active"])
+            if status["active"]:
+                self._active_fleet(name, status, values)
+        for gauge, series in values.items():
+            gauge.replace(series)
+
+    def _active_fleet(self, name: str, status: dict[str, Any], values: _Values) -> None:
+        """The plan's, liveness' and map's series of a fleet this process is active for."""
+        pending = [_split_action(str(p)) for p in status["pending"]]
+        kinds = [kind for kind, _ in pending]
+        # None until a coordinator that took over mid-failover publishes its first map.
+        m = status["map"]
+        writer = m["writer"] if m is not None and m["phase"] == "stable" else None
+        # The published writer counts only while no failover is under way: once it is
+        # confirmed dead its fence (then a promotion) is pending, and clients sent to it fail.
+        present = (writer is not None and "PromoteNode" not in kinds
+                   and ("FenceNode", writer) not in pending)
+        for gauge, value in (
+            (self.writer_present, present),
+            (self.fence_pending, kinds.count("FenceNode")),
+            (self.pending, len(kinds)),
+            (self.last_error, bool(status["last_error"])),
+        ):
+            values[gauge][(name,)] = float(value)
+        for node, verdict in status["liveness"].items():
+            for v in VERDICTS:
+                values[self.liveness][(name, node, v)] = float(v == verdict)
+        if m is None:
+            return
+        members = m["members"]
+        values[self.epoch][(name,)] = float(m["epoch"])
+        values[self.revision][(name,)] = float(m["revision"])
+        values[self.in_sync][(name,)] = float(
+            sum(x["role"] == "reader" and x["in_sync"] for x in members))
+        for member in members:
+            for role in ROLES:
+                values[self.role][(name, member["name"], role)] = float(role == member["role"])
 
     def _follow(self, name: str, service: FleetService, stats: Mapping[str, float]) -> None:
         """Carry the service's own totals and new timeline entries into the series."""

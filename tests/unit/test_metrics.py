@@ -21,7 +21,8 @@ from agents.metrics import Registry
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.metrics import FailoverTimer, TimelineCursor
 from orchestrator.coordinator.service import FleetService, ServiceSettings
-from orchestrator.core.fleetmap import initial_map
+from orchestrator.core import election as el
+from orchestrator.core.fleetmap import FleetMap, initial_map
 from orchestrator.core.liveness import LivenessConfig, SelfTestFailed
 from orchestrator.errors import AgentUnreachable, FencingFailed
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
@@ -212,16 +213,19 @@ def test_cursor_hands_out_each_entry_once_even_when_the_deque_drops_old_ones() -
 
 
 class FakeFleet:
-    """Fencer and AgentControl: every node answers its probe except the dead ones; a
-    promotion takes ``promote_seconds`` of the fake clock."""
+    """Fencer and AgentControl: probes are not answered (the tests confirm deaths by failed
+    self-tests), a promotion takes ``promote_seconds`` of the fake clock, and fences fail
+    while ``fence_refused``."""
 
     def __init__(self, clock: FakeClock, promote_seconds: float) -> None:
         self.clock = clock
         self.promote_seconds = promote_seconds
-        self.dead: set[str] = set()
+        self.fence_refused = False
         self.fenced: list[str] = []
 
     def fence(self, vm: str) -> list[str]:
+        if self.fence_refused:
+            raise FencingFailed(f"cannot fence {vm}")
         self.fenced.append(vm)
         return []
 
@@ -235,12 +239,16 @@ class FakeFleet:
         pass
 
 
+def epoch_one() -> FleetMap:
+    """Writer w, readers r1 and r2 both caught up (either may be promoted)."""
+    m = initial_map("f", "w", {"w": ("w:1", "writer"), "r1": ("r1:1", "reader"),
+                               "r2": ("r2:1", "reader")})
+    return m.set_progress("r1", 0, True).set_progress("r2", 0, True)
+
+
 def fleet_service(clock: FakeClock, board: MemoryLeaseBoard, holder: str,
                   agents: FakeFleet) -> FleetService:
-    bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r1": ("r1:1", "reader"),
-                                       "r2": ("r2:1", "reader")})
-    for reader in ("r1", "r2"):  # both readers caught up: either may be promoted
-        bootstrap = bootstrap.set_progress(reader, 0, True)
+    bootstrap = epoch_one()
     return FleetService(store=MemoryStateStore(board, "f", holder, 10.0), fencer=agents,
                         agents=agents, secret=b"k",
                         settings=ServiceSettings(url=f"http://{holder}",
@@ -308,11 +316,7 @@ def test_pending_fence_and_last_error_show_while_the_fence_fails() -> None:
     agents = FakeFleet(clock, promote_seconds=0.1)
     service = fleet_service(clock, MemoryLeaseBoard(clock), "c1", agents)
     api = CoordinatorAPI({"f": service}, {}, lambda: 0.0)
-
-    def refuse(vm: str) -> list[str]:
-        raise FencingFailed(f"cannot fence {vm}")
-
-    agents.fence = refuse  # type: ignore[method-assign]
+    agents.fence_refused = True
     assert service.store.acquire()
     service._become_active(clock.monotonic())
     service.submit(SelfTestFailed("w", clock.monotonic(), "device-read"))
@@ -327,3 +331,33 @@ def test_pending_fence_and_last_error_show_while_the_fence_fails() -> None:
     assert value(families, "rbdfleet_coordinator_failovers_total", fleet="f") == 0
 
 
+
+
+def test_a_coordinator_that_took_over_mid_failover_has_no_writer_until_it_publishes() -> None:
+    clock = FakeClock()
+    board = MemoryLeaseBoard(clock)
+    predecessor = MemoryStateStore(board, "f", "c0", 10.0)
+    assert predecessor.acquire()
+    predecessor.save(epoch_one().begin_failover("r1"), None)  # then c0 died
+    predecessor.release()
+    agents = FakeFleet(clock, promote_seconds=0.1)
+    agents.fence_refused = True
+    service = fleet_service(clock, board, "c1", agents)
+    api = CoordinatorAPI({"f": service}, {}, lambda: 0.0)
+    assert service.store.acquire()
+    service._become_active(clock.monotonic())  # resumes from the fence, which fails
+    families = scrape(api)
+    assert value(families, "rbdfleet_coordinator_active", fleet="f") == 1
+    assert value(families, "rbdfleet_coordinator_writer_present", fleet="f") == 0
+    assert value(families, "rbdfleet_coordinator_fence_pending", fleet="f") == 1
+    assert samples(families, "rbdfleet_coordinator_epoch") == []  # nothing published yet
+
+    agents.fence_refused = False
+    clock.forward(1.0)  # past retry_delay: the next tick runs fence, promote, publish
+    service._feed(el.Tick(clock.monotonic()))
+    families = scrape(api)
+    assert value(families, "rbdfleet_coordinator_writer_present", fleet="f") == 1
+    assert value(families, "rbdfleet_coordinator_epoch", fleet="f") == 2
+    # timed from this process' first step that succeeded: the fence after the retry
+    assert value(families, "rbdfleet_coordinator_failover_duration_seconds_sum",
+                 fleet="f") == pytest.approx(0.1)
