@@ -1,0 +1,300 @@
+"""The commands through typer's CliRunner, over fakes of the fleet client and the provisioner:
+stdout carries only the result (one JSON object with --json), stdin/stdout streaming, tables
+sized to content, errors as one stderr line with the mapped exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from agents.errors import NotFound
+from orchestrator import config
+from orchestrator.cli import files, provision, reference, status
+from orchestrator.cli._output import PROGRESS_MIN, table
+from orchestrator.cli.app import app
+from orchestrator.client import WriteResult
+from orchestrator.config import FleetConfig
+from orchestrator.core.placement import Plan
+from tests.unit.test_cli_help import flat
+
+pytestmark = pytest.mark.unit
+
+RUNNER = CliRunner()
+CONFIG_TOML = """\
+[ceph]
+conf = "/etc/ceph/ceph.conf"
+keyring = "/etc/ceph/keyring"
+[ssh]
+key = "/k/id"
+known_hosts = "/k/known_hosts"
+[fleet]
+name = "demo"
+image = "rbdfleet-demo"
+size = "1GiB"
+writer = "vm1"
+secret_file = "/k/fleet.secret"
+[[vm]]
+name = "vm1"
+domain = "d1"
+address = "10.0.0.1"
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rbdfleet.toml"
+    path.write_text(CONFIG_TOML)
+    return path
+
+
+@pytest.fixture
+def cfg(config_file: Path) -> FleetConfig:
+    return config.load(config_file, env={})
+
+
+class FakeCoordinator:
+    def __init__(self, fleets: list[dict[str, Any]]) -> None:
+        self.fleets = fleets
+
+    def status(self) -> dict[str, Any]:
+        return {"fleets": self.fleets}
+
+
+class FakeFleet:
+    """The part of FleetClient the file commands use, over a dict of files."""
+
+    def __init__(self, fleets: list[dict[str, Any]] | None = None) -> None:
+        self.files: dict[str, bytes] = {}
+        self.coordinator = FakeCoordinator(fleets or [])
+
+    def put(
+        self, source: IO[bytes], remote: str, size: int, *,
+        progress: Callable[[int], None] | None = None,
+    ) -> WriteResult:
+        data = b""
+        while len(data) < size:
+            chunk = source.read(min(1 << 20, size - len(data)))
+            assert chunk, "source ended before the announced size"
+            data += chunk
+            if progress:
+                progress(len(chunk))
+        self.files[remote] = data
+        return WriteResult("vm1", 3, len(self.files), {"seq": len(self.files), "epoch": 3})
+
+    def _write(self, remote: str, sink: Any, progress: Callable[[int], None] | None) -> int:
+        if remote not in self.files:
+            raise NotFound(f"{remote} does not exist")
+        data = self.files[remote]
+        for i in range(0, len(data), 1 << 20):
+            sink.write(data[i : i + (1 << 20)])
+            if progress:
+                progress(len(data[i : i + (1 << 20)]))
+        return len(data)
+
+    def get(self, remote: str, sink: IO[bytes], *,
+            progress: Callable[[int], None] | None = None) -> int:
+        sink.tell()  # the real one needs a seekable sink
+        return self._write(remote, sink, progress)
+
+    def get_stream(self, remote: str, sink: Any, *,
+                   progress: Callable[[int], None] | None = None) -> int:
+        return self._write(remote, sink, progress)
+
+    def stat(self, remote: str) -> dict[str, Any]:
+        return {"path": remote, "kind": "file", "size": len(self.files[remote])}
+
+    def ls(self, remote: str = "/") -> dict[str, Any]:
+        entries = [{"path": p, "kind": "file", "size": len(d)} for p, d in self.files.items()]
+        return {"path": remote, "entries": [*entries, {"path": "/d", "kind": "dir", "size": 0}]}
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch, cfg: FleetConfig) -> FakeFleet:
+    fake = FakeFleet()
+
+    def open_client(config_path: Path, timeout: float = 30.0) -> tuple[Any, FleetConfig]:
+        return fake, cfg
+
+    monkeypatch.setattr(files, "open_client", open_client)
+    monkeypatch.setattr(status, "open_client", open_client)
+    return fake
+
+
+def test_put_reads_stdin_and_get_streams_to_stdout(fleet: FakeFleet) -> None:
+    data = bytes(range(256)) * 300  # not text: stdout must carry the bytes as they are
+    put = RUNNER.invoke(app, ["put", "-", "/in.bin"], input=data)
+    assert put.exit_code == 0, put.output
+    assert fleet.files["/in.bin"] == data
+    assert put.stdout == f"/in.bin: {len(data)} bytes, seq 1, epoch 3 (writer vm1)\n"
+    got = RUNNER.invoke(app, ["get", "/in.bin", "-"])
+    assert got.exit_code == 0, got.output
+    assert got.stdout_bytes == data and got.stderr == ""
+
+
+def test_put_of_a_missing_file_is_a_usage_error(fleet: FakeFleet, tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["put", str(tmp_path / "absent"), "/x"])
+    assert result.exit_code == 2 and "is not a file" in flat(result.stderr)
+    assert fleet.files == {}
+
+
+def test_progress_goes_to_stderr_and_json_is_one_object(fleet: FakeFleet, tmp_path: Path) -> None:
+    local = tmp_path / "big.bin"
+    local.write_bytes(b"x" * PROGRESS_MIN)
+    put = RUNNER.invoke(app, ["put", str(local), "/big.bin", "--json"])
+    assert put.exit_code == 0, put.output
+    assert len(put.stdout.splitlines()) == 1
+    ack = json.loads(put.stdout)
+    assert ack["path"] == "/big.bin" and ack["size"] == PROGRESS_MIN and ack["node"] == "vm1"
+    assert "put /big.bin" in put.stderr  # the progress bar
+    back = tmp_path / "back.bin"
+    got = RUNNER.invoke(app, ["get", "/big.bin", str(back)])
+    assert got.exit_code == 0 and got.stdout == ""
+    assert "get /big.bin" in got.stderr
+    assert back.read_bytes() == local.read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_ls_table_fits_its_content(fleet: FakeFleet) -> None:
+    fleet.files = {"/a-rather-long-file-name.bin": b"x" * 1234567, "/b": b""}
+    result = RUNNER.invoke(app, ["ls"])
+    assert result.stdout.splitlines() == [
+        "KIND     SIZE  PATH",
+        "-     1234567  /a-rather-long-file-name.bin",
+        "-           0  /b",
+        "d           0  /d",
+    ]
+    listing = json.loads(RUNNER.invoke(app, ["ls", "--json"]).stdout)
+    assert [e["path"] for e in listing["entries"]] == ["/a-rather-long-file-name.bin", "/b", "/d"]
+
+
+def test_table_columns_are_as_wide_as_their_widest_cell() -> None:
+    assert table(("A", "NUMBER", "Z"), [("long-cell", 5, "z"), ("b", 123456789, "")],
+                 right={1}) == [
+        "A             NUMBER  Z",
+        "long-cell          5  z",
+        "b          123456789",
+    ]
+
+
+FLEET_STATUS: dict[str, Any] = {
+    "fleet": "demo", "coordinator": "http://c:7470", "active": True,
+    "map": {"epoch": 4, "revision": 9, "phase": "stable", "members": [
+        {"name": "vm1", "role": "writer", "in_sync": True, "applied_seq": 120,
+         "address": "10.0.0.1:7480"},
+        {"name": "reader-with-a-long-name", "role": "reader", "in_sync": False,
+         "applied_seq": 7, "address": "10.0.0.22:7480"},
+    ]},
+    "liveness": {"vm1": "alive", "reader-with-a-long-name": "suspect"},
+}
+
+
+def test_status_table_and_json(fleet: FakeFleet) -> None:
+    fleet.coordinator.fleets = [{"fleet": "other"}, FLEET_STATUS]
+    text = RUNNER.invoke(app, ["status"])
+    assert text.exit_code == 0, text.output
+    assert text.stdout.splitlines()[1:] == [
+        "NODE                     ROLE    SYNC         SEQ  LIVENESS  ADDRESS",
+        "vm1                      writer  in-sync      120  alive     10.0.0.1:7480",
+        "reader-with-a-long-name  reader  catching-up    7  suspect   10.0.0.22:7480",
+    ]
+    as_json = RUNNER.invoke(app, ["status", "--json"])
+    assert json.loads(as_json.stdout) == FLEET_STATUS
+    assert len(as_json.stdout.splitlines()) == 1
+
+
+def test_status_of_a_fleet_the_coordinator_does_not_serve_is_an_error(fleet: FakeFleet) -> None:
+    fleet.coordinator.fleets = [{"fleet": "other"}]
+    for args in (["status"], ["status", "--json"]):
+        result = RUNNER.invoke(app, args)
+        assert result.exit_code == 10  # NotFound, as docs/cli.md's exit codes say
+        assert result.stdout == ""
+        assert result.stderr == (
+            "rbdfleet: error: the coordinator does not serve fleet 'demo' (it serves: other)\n"
+        )
+
+
+def test_a_config_typo_is_one_error_line_with_exit_code_2(config_file: Path) -> None:
+    config_file.write_text(CONFIG_TOML.replace("[ssh]", "create_pol = true\n[ssh]"))
+    result = RUNNER.invoke(app, ["provision", "-c", str(config_file)])
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "rbdfleet: error: config ceph.create_pol: unknown key (did you mean ceph.create_pool?)\n"
+    )
+
+
+class FakeProvisioner:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, bool]] = []
+
+    def deprovision(self, delete_image: bool, dry_run: bool) -> tuple[Plan, list[Any]]:
+        self.calls.append({"delete_image": delete_image, "dry_run": dry_run})
+        return Plan(), []
+
+
+@pytest.fixture
+def provisioner(monkeypatch: pytest.MonkeyPatch, cfg: FleetConfig) -> FakeProvisioner:
+    fake = FakeProvisioner()
+
+    @contextlib.contextmanager
+    def open_provisioner(config_path: Path) -> Iterator[tuple[Any, Any, FleetConfig]]:
+        yield fake, None, cfg
+
+    monkeypatch.setattr(provision, "open_provisioner", open_provisioner)
+    return fake
+
+
+@pytest.mark.parametrize(("flags", "refusal"), [
+    ([], "pass --fleet-name demo (or --yes-i-really-mean-it)"),
+    (["--fleet-name", "prod"], "'prod' is not the configured fleet"),
+])
+def test_delete_image_needs_the_fleet_name(
+    provisioner: FakeProvisioner, config_file: Path, flags: list[str], refusal: str
+) -> None:
+    result = RUNNER.invoke(
+        app, ["deprovision", "-c", str(config_file), "--delete-image", *flags]
+    )
+    assert result.exit_code == 2
+    assert refusal in flat(result.stderr)
+    assert provisioner.calls == []  # refused before anything was touched
+
+
+@pytest.mark.parametrize("flags", [
+    ["--delete-image", "--fleet-name", "demo"],
+    ["--delete-image", "--yes-i-really-mean-it"],
+    ["--delete-image", "--dry-run"],
+    [],
+])
+def test_deprovision_goes_on_when_confirmed_or_harmless(
+    provisioner: FakeProvisioner, config_file: Path, flags: list[str]
+) -> None:
+    result = RUNNER.invoke(app, ["deprovision", "-c", str(config_file), *flags, "--json"])
+    assert result.exit_code == 0, result.output
+    assert provisioner.calls == [
+        {"delete_image": "--delete-image" in flags, "dry_run": "--dry-run" in flags}
+    ]
+    assert json.loads(result.stdout)["changed"] is False
+
+
+# Commands whose stdout stays empty (their result is a file, or nothing): no --json needed.
+SILENT = {"get", "rm", "mv", "mkdir", "sandbox down", "coordinator run"}
+
+
+def test_every_command_that_prints_offers_json() -> None:
+    root = typer.main.get_command(app)
+    leaves = {
+        " ".join(ctx.command_path.split()[1:]): command
+        for command, ctx in reference.commands(root, click.Context(root, info_name="rbdfleet"))
+        if not isinstance(command, click.Group)
+    }
+    assert set(leaves) >= SILENT
+    for name, command in leaves.items():
+        has_json = any("--json" in p.opts for p in command.params)
+        assert has_json != (name in SILENT), name
