@@ -49,7 +49,7 @@ from orchestrator.client import FleetClient
 from orchestrator.coordinator.service import FleetService
 from orchestrator.ports import Fencer
 from orchestrator.sandbox.hosts import HostSet
-from orchestrator.testing.history import History, check_all
+from orchestrator.testing.history import History, check_all, value_hash
 from tests.coordinator_harness import (
     Coordinator,
     bootstrap_map,
@@ -61,7 +61,15 @@ from tests.coordinator_harness import (
     wait_until,
 )
 from tests.fixtures.agents import REPO, TEST_SECRET, AgentFleet, FleetFactory
-from tests.jepsen import KEYS, SEED, Workload, assert_history_clean, final_state, recording_client
+from tests.jepsen import (
+    KEYS,
+    SEED,
+    Workload,
+    assert_history_clean,
+    final_state,
+    read_value,
+    recording_client,
+)
 from tests.shared_disk import LoopAttachments
 
 pytestmark = pytest.mark.fault
@@ -207,8 +215,8 @@ def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
     return int(done.stdout.strip())
 
 
-def _checksums(client: FleetClient) -> dict[str, str]:
-    return {k: hashlib.sha256(client.get_bytes(k)).hexdigest() for k in KEYS}
+def _checksums(client: FleetClient) -> dict[str, str | None]:
+    return {k: read_value(client, k) for k in KEYS}
 
 
 def _cut(hosts: HostSet, name: str, heal: bool = False) -> None:
@@ -353,7 +361,7 @@ def test_without_a_fence_the_cut_off_writer_splits_the_brain_and_the_checks_catc
     work, _ = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
     assert not loop.disks.fenced and not loop.disks.read_only("w")
     before = loop.image_digest()
-    op = work.history.invoke("stale-client", "put", "/k0", STALE_VALUE)
+    op = work.history.invoke("stale-client", "put", "/k0", value_hash(STALE_VALUE.encode()))
     h3 = ("ip", "netns", "exec", hosts3.host("h3").netns)
     status = _stale_put(loop.fleet["w"].address, loop.fleet.grant("w", "writer", 1), h3)
     assert 200 <= status < 300, f"seed {seed}: the unfenced old writer refused the put: {status}"
@@ -361,7 +369,7 @@ def test_without_a_fence_the_cut_off_writer_splits_the_brain_and_the_checks_catc
     assert loop.image_digest() != before  # two writers on one image: split brain
     # Its record or data may land on epoch 2's: a key may be unreadable now (not for 30 s).
     brief = recording_client([loop.coordinator.url], loop.fleet.name, TEST_SECRET, retry_timeout=3)
-    anomalies = check_all(work.history.ops(), final_state(brief))
+    anomalies = check_all(work.history.ops(), final_state(brief, work.history.ops()))
     assert any(a.checker == "final-state" and "/k0" in a.message for a in anomalies), (
         f"seed {seed}: split brain not caught; anomalies: {[str(a) for a in anomalies]}"
     )
