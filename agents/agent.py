@@ -526,6 +526,8 @@ class Agent:
                 except AgentError as exc:
                     LOG.warning("event=%s_failed node=%s error=%s message=%r", name,
                                 self.settings.node, exc.code, exc.message)
+                except Exception:  # a bug, or an image nothing decodes: log, keep looping
+                    LOG.exception("event=%s_crashed node=%s", name, self.settings.node)
         thread = threading.Thread(target=run, name=name, daemon=True)
         self._threads.append(thread)
         thread.start()

@@ -1,0 +1,384 @@
+"""Hostile images on the file backend: garbage pages, lengths past the device, compression
+bombs, malformed indexes, records whose checksum is right but whose content is not. Each
+gives the project's clear error (a refused open: a FormatError) or a problem report from
+fsck, quickly; never a TypeError, a RecursionError, a zlib.error, a hang or a memory blow-up.
+
+The structures are forged with their checksums right (an attacker, or a buggy writer, can do
+that): only the decoders' own bounds stand between them and the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents import fsck
+from agents.backends.file import FileDevice
+from agents.core import checkpoint as ckpt
+from agents.core import record as rec
+from agents.core.superblock import SLOTS, Superblock, choose
+from agents.device import ALIGN
+from agents.errors import CorruptMetadata, FormatError
+from agents.volume import Record, Volume
+
+pytestmark = pytest.mark.unit
+
+SIZE = 8 << 20
+FAST = 5.0  # seconds: every refusal here is a bounded amount of work
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Iterator[Path]:
+    """A formatted 8 MiB file image holding /d/small (inline) and /d/big (one chunk)."""
+    path = tmp_path / "image.raw"
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+    device = FileDevice(path)
+    Volume.format(device, fleet="hostile")
+    vol = Volume.open(device)
+    vol.start_epoch(1)
+    vol.mkdir("/d", epoch=1)
+    vol.put("/d/small", [b"s" * 100], 100, epoch=1, mtime=1.0)
+    vol.put("/d/big", [b"b" * 20000], 20000, epoch=1, mtime=2.0)
+    vol.close()
+    device.close()
+    yield path
+
+
+def _superblock(path: Path) -> Superblock:
+    with path.open("rb") as f:
+        raw = f.read(2 * ALIGN)
+    return choose([raw[s : s + ALIGN] for s in SLOTS])
+
+
+def _write(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _refused(path: Path) -> FormatError:
+    """Volume.open refuses the image with a FormatError, quickly."""
+    device = FileDevice(path, read_only=True)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FormatError) as info:
+            Volume.open(device)
+    finally:
+        device.close()
+    assert time.monotonic() - started < FAST
+    return info.value
+
+
+def _fsck(path: Path) -> list[fsck.Problem]:
+    """fsck reports problems (never raises), quickly; the exit status says so too."""
+    device = FileDevice(path, read_only=True)
+    started = time.monotonic()
+    try:
+        problems = fsck.check(device)
+    finally:
+        device.close()
+    assert time.monotonic() - started < FAST
+    assert problems
+    assert fsck.main([str(path)]) in (1, 2)
+    return problems
+
+
+def _both_superblocks(path: Path, **changes: Any) -> None:
+    """Rewrite both copies with ``changes`` and a correct CRC."""
+    sb = _superblock(path)
+    for generation in (sb.generation + 1, sb.generation + 2):
+        forged = Superblock(**{**sb.__dict__, **changes, "generation": generation})
+        _write(path, forged.slot, forged.encode())
+
+
+# ---- superblock ---------------------------------------------------------------------------
+
+
+def test_garbage_pages_over_the_superblocks(image: Path) -> None:
+    _write(image, 0, os.urandom(2 * ALIGN))
+    _refused(image)
+    assert all(p.kind == "superblock" for p in _fsck(image))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"data_bytes": 1 << 40},  # past the device size it declares
+        {"journal_offset": ALIGN},  # over superblock B
+        {"checkpoint_offsets": (2 * ALIGN, 3 * ALIGN)},  # over the journal
+        {"journal_bytes": ALIGN},  # a ring too small for one batch
+        {"journal_offset": 2 * ALIGN + 1},  # unaligned
+        {"chunk_size": 0},
+        {"chunk_size": 1000},
+        {"inline_max": 1 << 31},  # a PUT would buffer that much in memory
+    ],
+)
+def test_superblock_geometry_is_checked(image: Path, changes: dict[str, Any]) -> None:
+    _both_superblocks(image, **changes)
+    assert isinstance(_refused(image), CorruptMetadata)
+    _fsck(image)
+
+
+def test_volume_larger_than_the_device(image: Path) -> None:
+    sb = _superblock(image)
+    extra = 1 << 30
+    _both_superblocks(image, device_size=sb.device_size + extra,
+                      data_bytes=sb.data_bytes + extra)
+    assert "smaller than the volume" in _refused(image).message
+    _fsck(image)
+
+
+def test_fleet_name_that_is_not_utf8(image: Path) -> None:
+    sb = _superblock(image)
+    for generation in (sb.generation + 1, sb.generation + 2):
+        block = bytearray(Superblock(**{**sb.__dict__, "fleet": "ab",
+                                        "generation": generation}).encode())
+        name_at = len(block.rstrip(b"\0")) - 4 - 2  # the name's 2 bytes precede the CRC
+        block[name_at : name_at + 2] = b"\xff\xfe"
+        end = name_at + 2
+        block[end : end + 4] = zlib.crc32(bytes(block[:end])).to_bytes(4, "little")
+        _write(image, SLOTS[generation % 2], bytes(block))
+    assert isinstance(_refused(image), CorruptMetadata)
+    _fsck(image)
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def _forge_checkpoints(path: Path, body: bytes, *, seq: int = 1, journal_pos: int = 0) -> None:
+    """Both checkpoint slots hold ``body`` (already compressed) with correct CRCs."""
+    sb = _superblock(path)
+    head = ckpt.HEADER.pack(ckpt.MAGIC, ckpt.VERSION, seq, 1, journal_pos, len(body),
+                            zlib.crc32(body))
+    head += ckpt.CRC.pack(zlib.crc32(head))
+    block = head + bytes(ALIGN - len(head)) + body
+    for offset in sb.checkpoint_offsets:
+        _write(path, offset, block)
+    # no journal record may follow: the chain must start from the forged checkpoint
+    _write(path, sb.journal_offset, bytes(sb.journal_bytes))
+
+
+def _bomb(inflated: int) -> bytes:
+    """zlib of ``inflated`` spaces, made a MiB at a time (never held whole)."""
+    deflater = zlib.compressobj(9)
+    block = b" " * (1 << 20)
+    parts = [deflater.compress(block) for _ in range(inflated >> 20)]
+    return b"".join(parts) + deflater.flush()
+
+
+def test_compression_bomb_is_cut_at_its_bound(image: Path) -> None:
+    body = _bomb(256 << 20)  # 256 MiB of spaces in about 250 KiB
+    assert len(body) < _superblock(image).checkpoint_bytes // 2
+    _forge_checkpoints(image, body)
+    err = _refused(image)
+    assert isinstance(err, CorruptMetadata) and "inflates past" in err.message
+    assert any("inflates past" in p.detail for p in _fsck(image))
+
+
+def _doc(nodes: Any, quarantine: Any = (), seq: int = 1) -> bytes:
+    return zlib.compress(json.dumps({"index": {"applied_seq": seq, "epoch": 1, "nodes": nodes},
+                                     "quarantine": list(quarantine)}).encode())
+
+
+ROOT = {"path": "/", "kind": "dir", "size": 0, "version": 0, "epoch": 0, "mtime": 0.0,
+        "crc": None}
+
+
+def _dir(path: str) -> dict[str, Any]:
+    return {**ROOT, "path": path}
+
+
+def _file(path: str, **fields: Any) -> dict[str, Any]:
+    return {**ROOT, "path": path, "kind": "file", "size": 8192, "crc": 0, "chunk": 1 << 20,
+            "extents": [[6 << 20, 8192]], "sums": [0], **fields}
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (zlib.compress(b"[" * 200_000), "nested deeper"),
+        (zlib.compress(b'{"index": ' + b"9" * 5000 + b"}"), "20 digits"),
+        (zlib.compress(b"\xff\xfe garbage"), "not valid JSON"),
+        (b"definitely not zlib", "does not inflate"),
+        (zlib.compress(b"[]"), "not an object"),
+        (_doc("nodes"), "no node list"),
+        (_doc([ROOT, {"path": 5}]), "kind"),
+        (_doc([ROOT, _dir("/a/b"), _dir("/a")]), "no directory parent"),  # child first
+        (_doc([ROOT, _dir("/a"), _dir("/a")]), "repeated"),
+        (_doc([ROOT, _file("/f"), _dir("/f/under-a-file")]), "no directory parent"),
+        (_doc([_file("/")]), "root is not a directory"),
+        (_doc([ROOT, _dir("/a/../b")]), "path"),
+        (_doc([ROOT, _dir("/bell\x07")]), "control character"),
+        (_doc([ROOT, _file("/f", sums=[])]), "checksums"),
+        (_doc([ROOT, _file("/f", chunk=0)]), "chunk size"),
+        (_doc([ROOT, _file("/f", extents=[[6 << 20, 4096]])]), "shorter than the file"),
+        (_doc([ROOT, _file("/f", extents=[["a", "b"]])]), "extents"),
+        (_doc([ROOT, _file("/f", size=-1)]), "negative"),
+        (_doc([ROOT, _file("/f", mtime="yesterday")]), "finite number"),
+        (_doc([ROOT, _file("/f", inline="!!not base64!!")]), "base64"),
+        (_doc([ROOT], quarantine=[[1, "x"]]), "quarantine"),
+    ],
+)
+def test_malformed_checkpoints_are_refused(image: Path, body: bytes, says: str) -> None:
+    _forge_checkpoints(image, body)
+    err = _refused(image)
+    assert isinstance(err, CorruptMetadata) and says in err.message, err.message
+    _fsck(image)
+
+
+def test_checkpoint_extents_past_the_device(image: Path) -> None:
+    """Well-formed but pointing past the data area: the allocator refuses the overlap."""
+    _forge_checkpoints(image, _doc([ROOT, _file("/f", extents=[[1 << 50, 8192]])]))
+    assert "outside the data area" in _refused(image).message
+    _fsck(image)
+
+
+def test_checkpoint_journal_position_past_the_ring(image: Path) -> None:
+    _forge_checkpoints(image, _doc([ROOT]), journal_pos=1 << 40)
+    assert isinstance(_refused(image), CorruptMetadata)
+    _fsck(image)
+
+
+def test_a_checkpoint_the_writer_wrote_always_decodes() -> None:
+    """encode refuses what decode would (the inflate bound holds for both)."""
+    index_doc = _doc([ROOT] + [_dir(f"/{i:06d}") for i in range(3000)], seq=0)
+    header = ckpt.CheckpointHeader(0, 1, 0, len(index_doc), zlib.crc32(index_doc))
+    assert len(ckpt.decode(header, index_doc).index.nodes) == 3001
+    assert len(zlib.decompress(index_doc)) <= ckpt.inflate_limit(len(index_doc))
+
+
+# ---- journal records ----------------------------------------------------------------------
+
+
+Make = Callable[[int, int, int], bytes]
+
+
+def _append(path: Path, *makes: Make) -> None:
+    """Write ``make(seq, epoch, tag)`` for each of ``makes`` where the next records of the
+    chain belong (one after the other: the ring of an 8 MiB image does not wrap here)."""
+    device = FileDevice(path, read_only=True)
+    try:
+        vol = Volume.open(device)
+        seq, pos, tag = vol.applied_seq + 1, vol._cursor.pos, vol.superblock.volume_tag
+        journal_offset = vol.superblock.journal_offset
+        vol.close()
+    finally:
+        device.close()
+    for make in makes:
+        data = make(seq, 1, tag)
+        _write(path, journal_offset + pos, data)
+        seq, pos = seq + 1, pos + len(data)
+
+
+def _raw_record(seq: int, epoch: int, tag: int, op: str, js: bytes) -> bytes:
+    """A record of any JSON bytes, with a correct CRC."""
+    length = rec.HEADER.size + len(js) + rec.CRC.size
+    head = rec.HEADER.pack(rec.MAGIC, rec.VERSION, 0, length, seq, epoch, seq - 1, tag,
+                           rec.OPS[op], len(js), 0)
+    raw = head + js
+    raw += rec.CRC.pack(zlib.crc32(raw))
+    return raw + bytes(rec.padded(length) - length)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"path": 5, "size": 1, "mtime": 1.0, "crc": 0, "data": b"x"},
+        {"path": "/p", "size": "1", "mtime": 1.0, "crc": 0, "data": b"x"},
+        {"path": "/p", "size": 1, "mtime": 1.0, "crc": 0},  # no data, no layout
+        {"path": "/p", "size": 9000, "mtime": 1.0, "crc": 0, "chunk": 1 << 20,
+         "extents": [[6 << 20, 4096]], "sums": [0]},  # extents shorter than the file
+        {"path": "/p", "size": 9000, "mtime": 1.0, "crc": 0, "chunk": 1 << 20,
+         "extents": "all of them", "sums": [0]},
+        {"path": "/p\n", "size": 1, "mtime": 1.0, "crc": 0, "data": b"x"},
+        {"path": "/p", "size": 1, "mtime": 1.0, "crc": 0, "data": b"too long"},
+    ],
+)
+def test_put_records_with_hostile_payloads(image: Path, payload: dict[str, Any]) -> None:
+    _append(image, lambda seq, epoch, tag: Record(seq, epoch, "put", payload,
+                                                  commit_seq=seq - 1, volume_tag=tag).encode())
+    assert isinstance(_refused(image), CorruptMetadata)
+    _fsck(image)
+
+
+@pytest.mark.parametrize(
+    "js",
+    [
+        b"[" * 100_000,
+        b'{"path": "/p", "size": ' + b"1" * 5000 + b"}",
+        b'{"path": "/p", "size": NaN}',
+        b"\xff\xfe",
+    ],
+)
+def test_record_payloads_that_do_not_parse_end_the_chain(image: Path, js: bytes) -> None:
+    """Not JSON within bounds: the record is torn (the chain ends before it), as a torn
+    write would; the image still opens, quickly, with everything before it."""
+    _append(image, lambda seq, epoch, tag: _raw_record(seq, epoch, tag, "put", js))
+    device = FileDevice(image, read_only=True)
+    started = time.monotonic()
+    try:
+        vol = Volume.open(device)
+        assert vol.stat("/d/big").size == 20000
+        vol.close()
+    finally:
+        device.close()
+    assert time.monotonic() - started < FAST
+
+
+def test_record_length_past_the_ring(image: Path) -> None:
+    def huge(seq: int, epoch: int, tag: int) -> bytes:
+        raw = bytearray(Record(seq, epoch, "delete", {"path": "/d/small"},
+                               volume_tag=tag).encode())
+        raw[8:12] = (0xFFFFFFF0).to_bytes(4, "little")  # announced length: ~4 GiB
+        return bytes(raw)
+
+    _append(image, huge)
+    device = FileDevice(image, read_only=True)
+    try:
+        assert Volume.open(device).stat("/d/small").size == 100  # the record never counted
+    finally:
+        device.close()
+
+
+def test_records_that_free_the_same_extent_twice(image: Path) -> None:
+    """Two files forged onto one extent, both deleted: the allocator trips over the double
+    free; the open is refused as corrupt metadata, not a ValueError."""
+    extent = [[6 << 20, 8192]]
+    layout = {"size": 8192, "mtime": 1.0, "crc": 0, "chunk": 1 << 20, "extents": extent,
+              "sums": [0]}
+    payloads = [("put", {"path": "/x", **layout}), ("put", {"path": "/y", **layout}),
+                ("delete", {"path": "/x"}), ("delete", {"path": "/y"})]
+
+    def maker(op: str, payload: dict[str, Any]) -> Make:
+        return lambda seq, epoch, tag: Record(seq, epoch, op, payload, commit_seq=seq - 1,
+                                              volume_tag=tag).encode()
+
+    _append(image, *(maker(op, payload) for op, payload in payloads))
+    assert isinstance(_refused(image), CorruptMetadata)
+
+
+def test_a_reader_refresh_meets_a_hostile_record(image: Path) -> None:
+    """The tail loop's refresh raises the clear error (which the loop logs) and the volume
+    keeps serving what it had."""
+    device = FileDevice(image, read_only=True)
+    try:
+        vol = Volume.open(device)
+        _append(image, lambda seq, epoch, tag: Record(
+            seq, epoch, "mkdir", {"path": ["not", "a", "path"], "mtime": 1.0},
+            commit_seq=seq - 1, volume_tag=tag).encode())
+        with pytest.raises(CorruptMetadata):
+            vol.refresh()
+        assert vol.stat("/d/small").size == 100
+        vol.close()
+    finally:
+        device.close()
