@@ -5,7 +5,9 @@ sized to content, errors as one stderr line with the mapped exit code."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -298,3 +300,22 @@ def test_every_command_that_prints_offers_json() -> None:
     for name, command in leaves.items():
         has_json = any("--json" in p.opts for p in command.params)
         assert has_json != (name in SILENT), name
+
+
+def test_stdin_source_regular_file_is_used_in_place_and_a_pipe_is_spooled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    local = tmp_path / "in.bin"
+    local.write_bytes(b"0123456789")
+    with local.open("rb") as regular:
+        regular.read(3)  # `put - … < file` after something consumed the start
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(regular))
+        with files._sized_source("-") as (source, size):
+            assert (size, source.read()) == (7, b"3456789")
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"piped bytes")
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(pipe))
+        with files._sized_source("-") as (source, size):
+            assert (size, source.read(), source.seekable()) == (11, b"piped bytes", True)
