@@ -2,10 +2,10 @@
 
 Generator (:class:`Workload`): writer threads put values of 100 B to 3 MiB (mostly small, some
 over 64 KiB so data extents are exercised, not only inline records) to a few keys, delete
-them, write a file of their own and rename it over a key, and make and remove directories;
-reader threads get files and stat directories back. Each thread draws from its own stream,
-``random.Random(f"{seed}-{thread}")``, ``seed`` from :data:`SEED` (``RBDFLEET_TEST_SEED`` to
-replay a run, else random). Every op is recorded in a
+them, write a file of their own and rename it over a key, and make (``-p``) and remove
+directories; reader threads get files and stat directories back. Each thread draws from its
+own stream, ``random.Random(f"{seed}-{thread}")``, ``seed`` from :data:`SEED`
+(``RBDFLEET_TEST_SEED`` to replay a run, else random). Every op is recorded in a
 :class:`~orchestrator.testing.history.History`: invoke, then ok (with the epoch, node and seq
 that acknowledged a write, or the node and seq that served a read), fail (a definite refusal:
 a 4xx such as 409 not_writer / stale_epoch or 404 on a delete, a 503, a 507, or a request that
@@ -37,7 +37,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from agents.core.protocol import AUTH_HEADER, BEARER
 from agents.errors import AgentError, NotFound, WrongKind
@@ -46,9 +46,11 @@ from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
     RequestOutcomeUnknown,
+    Response,
     RetryPolicy,
     Target,
     Targets,
+    Transport,
     WriteResult,
 )
 from orchestrator.errors import AgentUnreachable
@@ -92,6 +94,25 @@ class EpochSeen(CoordinatorClient):
         return epoch
 
 
+class NodeSeen(Transport):
+    """A Transport that remembers, per thread, the node it last sent a request to (the one
+    that answered NotFound, when the client raises it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen = threading.local()
+
+    def request(self, node: str, address: str, method: str, path: str, **kwargs: Any) -> Response:
+        """The request, noting its node for this thread."""
+        self._seen.node = node
+        return super().request(node, address, method, path, **kwargs)
+
+    def last_node(self) -> str | None:
+        """The node of the last request this thread sent (None before any)."""
+        node: str | None = getattr(self._seen, "node", None)
+        return node
+
+
 def recording_client(
     urls: list[str],
     fleet: str,
@@ -101,9 +122,10 @@ def recording_client(
     retry_timeout: float = 30.0,
 ) -> FleetClient:
     """A client for :class:`Workload`: follows the map for ``retry_timeout`` seconds, notes
-    the epoch each op used."""
+    the epoch each op used and the node each request went to."""
     retry = RetryPolicy(timeout=retry_timeout)
-    return FleetClient(EpochSeen(urls, fleet, secret), retry=retry, io_timeout=io_timeout)
+    return FleetClient(EpochSeen(urls, fleet, secret), retry=retry, io_timeout=io_timeout,
+                       transport=NodeSeen())
 
 
 def _status(exc: AgentError) -> int:
@@ -150,8 +172,9 @@ class Workload:
         self.errors: list[tuple[str, BaseException]] = []  # (thread, what it raised)
         self.acks: list[tuple[float, str, int]] = []  # (monotonic time, node, epoch)
         self._files = list(KEYS)  # what readers get: KEYS and the writers' own files
-        seen = client.coordinator
+        seen, sent = client.coordinator, client.transport
         self._epoch = seen.last_epoch if isinstance(seen, EpochSeen) else lambda: None
+        self._node = sent.last_node if isinstance(sent, NodeSeen) else lambda: None
 
     def start(self, writers: int = 2, readers: int = 2) -> None:
         """Start the client threads."""
@@ -230,9 +253,9 @@ class Workload:
                     own = ""
             else:
                 folder = rng.choice(DIRS)
-                if roll < 0.9:
+                if roll < 0.9:  # -p: idempotent (the client retries a 409 already_exists)
                     op = h.invoke(name, "mkdir", folder)
-                    self._write(op, client.mkdir, folder)
+                    self._write(op, client.mkdir, folder, True)
                 else:
                     op = h.invoke(name, "delete", folder)
                     self._write(op, client.delete, folder)
@@ -240,10 +263,10 @@ class Workload:
 
     def _read(self, key: str) -> tuple[Value, int | None, str | None]:
         """(value, seq served, node) of one read through the client; NotFound propagates."""
-        if key in DIRS:  # a get of a directory is refused: stat it (its node is not told)
+        if key in DIRS:  # a get of a directory is refused: stat it
             info = self.client.stat(key)
             value = DIR if info["kind"] == "dir" else f"<{info['kind']}>"
-            return value, int(info["version"]), None
+            return value, int(info["version"]), self._node()
         data, seq, node = self.client.get_with_version(key)
         return value_hash(data), (seq if seq >= 0 else None), node
 
@@ -254,7 +277,7 @@ class Workload:
             try:
                 value, seq, node = self._read(key)
             except NotFound:
-                self.history.ok(op, None, epoch=self._epoch())
+                self.history.ok(op, None, epoch=self._epoch(), node=self._node())
             except (AgentError, AgentUnreachable):
                 self.history.fail(op, self._epoch())
             else:
@@ -441,6 +464,7 @@ __all__ = [
     "KEYS",
     "SEED",
     "EpochSeen",
+    "NodeSeen",
     "Workload",
     "assert_history_clean",
     "final_state",

@@ -255,7 +255,7 @@ def _who(op: Op) -> str:
         return "the initial state"
     rename = " (rename)" if op.joint is not None else ""
     done = {
-        "ok": f"by {op.node or '?'} at epoch {op.epoch} seq {op.seq}",
+        "ok": f"acked by {op.node or '?'} at epoch {op.epoch} seq {op.seq}",
         "unknown": "outcome unknown",
         "fail": "refused",
         "pending": "pending",
