@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from importlib.metadata import version
 
@@ -54,6 +55,17 @@ def test_every_argument_has_help_in_help_and_docs(path: list[str], param: click.
     assert help_text, f"rbdfleet {' '.join(path)}: argument {param.name} has no help"
     assert flat(help_text) in rendered_help(path)
     assert flat(help_text) in flat(reference.render())
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) for p, _ in COMMANDS])
+def test_no_word_of_a_help_text_is_lost(path: list[str], command: click.Command) -> None:
+    # Markdown renders `code` without its backticks; any other loss (a "[...]" or "<...>"
+    # taken for markup) is a word missing from what the user reads.
+    shown = set(rendered_help(path).split())
+    texts = [inspect.cleandoc(command.help or "")]
+    texts += [getattr(p, "help", None) or "" for p in command.params]
+    lost = [w for t in texts for w in t.replace("`", "").split() if w not in shown]
+    assert lost == []
 
 
 def test_environment_variables_and_defaults_show_in_help() -> None:
