@@ -79,6 +79,15 @@ class StreamCut(AgentUnreachable):
     """A reader failed mid-body while streaming into an output that cannot be rewound."""
 
 
+class _SinkFailed(Exception):
+    """Writing to a get's sink failed (disk full, closed pipe): carried past the transport's
+    network-error mapping, then re-raised as the OSError it is."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class RequestOutcomeUnknown(AgentUnreachable):
     """The connection broke after a write request was sent: it may or may not have happened."""
 
@@ -639,7 +648,10 @@ class FleetClient:
                     chunk = resp.read(CHUNK)
                     if not chunk:
                         break
-                    sink.write(chunk)
+                    try:
+                        sink.write(chunk)
+                    except OSError as exc:  # not the reader's fault: neither report nor retry
+                        raise _SinkFailed(exc) from exc
                     got[0] += len(chunk)
                     if progress:
                         progress(len(chunk))
@@ -650,7 +662,10 @@ class FleetClient:
             self._agent_get(target, f"/v1/files/{_quote(remote)}", consume)
             return got[0]
 
-        return int(self._read(remote, call))
+        try:
+            return int(self._read(remote, call))
+        except _SinkFailed as exc:
+            raise exc.error from None
 
     def get_bytes(self, remote: str) -> bytes:
         """A whole (small) file in memory."""

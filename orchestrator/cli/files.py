@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat as stat_mode
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Annotated, Any
 
@@ -26,7 +26,7 @@ TimeoutOption = Annotated[
 ]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _sized_source(local: str) -> Iterator[tuple[IO[bytes], int]]:
     """``(seekable file, size)`` for LOCAL, or for stdin when LOCAL is ``-``.
 
@@ -87,8 +87,15 @@ def get(
     client, _ = open_client(config, timeout)
     if local == STDIO:
         sys.stdout.flush()
-        client.get_stream(remote, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+        try:
+            client.get_stream(remote, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        except BrokenPipeError:
+            # whoever read stdout stopped (`| head`): stop quietly, as cat does (and keep the
+            # interpreter's final flush from failing on the closed pipe again)
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(1) from None
         return
     target = Path(local)
     size = int(client.stat(remote).get("size", 0))

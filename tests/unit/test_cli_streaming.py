@@ -143,3 +143,16 @@ def test_an_unreachable_coordinator_is_said_once(urls: list[str], message: str) 
     with pytest.raises(AgentUnreachable) as err:
         coordinator.status()
     assert str(err.value) == message
+
+
+class ClosedPipe:
+    def write(self, data: bytes) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_output_is_not_blamed_on_the_reader() -> None:
+    transport = ReaderTransport(r1_sends=len(DATA))
+    fleet, coordinator = client(transport)
+    with pytest.raises(BrokenPipeError):
+        fleet.get_stream("/f", ClosedPipe())
+    assert transport.asked == ["r1"] and coordinator.reported == []
