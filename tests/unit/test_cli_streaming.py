@@ -67,7 +67,11 @@ class ReaderTransport:
         assert sink is not None
         if node == "r1" and self.r1_sends is None:
             raise AgentUnreachable(node, address, "connection refused")
-        sink(Body(DATA, self.r1_sends if node == "r1" and self.r1_sends is not None else len(DATA)))
+        sent = self.r1_sends if node == "r1" and self.r1_sends is not None else len(DATA)
+        try:
+            sink(Body(DATA, sent))
+        except OSError as exc:  # as the real Transport maps a broken connection
+            raise AgentUnreachable(node, address, str(exc)) from exc
 
 
 def client(transport: ReaderTransport) -> tuple[FleetClient, FakeCoordinator]:
