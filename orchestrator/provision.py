@@ -397,8 +397,8 @@ def undo_hint(done: list[Applied], fleet: str) -> str:
     """What to run to undo a partial apply."""
     if not done:
         return "nothing was changed"
-    return (f"to undo: rbdfleet deprovision (add --delete-image to also remove the image, "
-            f"users and secrets of fleet {fleet})")
+    return (f"to undo: rbdfleet deprovision (add --delete-image --fleet-name {fleet} to also "
+            f"remove the image, users and secrets of fleet {fleet})")
 
 
 def check_partial(exc: BaseException) -> list[Applied]:
