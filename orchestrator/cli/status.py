@@ -22,7 +22,11 @@ def fleet_status(everything: dict[str, Any], fleet: str) -> dict[str, Any]:
 
 
 def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
-    """Writer, readers (in sync or catching up), spares, liveness, pending failover steps."""
+    """Writer, readers (in sync or catching up), spares, liveness, pending failover steps.
+
+    The fleet is the config's fleet.name; a coordinator that does not serve it is an error
+    (exit code 10), not an empty answer.
+    """
     client, cfg = open_client(config)
     f = fleet_status(client.coordinator.status(), cfg.fleet.name)
     if as_json:
