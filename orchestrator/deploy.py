@@ -8,6 +8,7 @@ On each host, under its install prefix ``P`` (``/`` on a VM, the host root on a 
     P/run/rbdfleet/agent.pid                        pid of the running agent (host-local pid)
     P/var/log/rbdfleet/agent.log                    its stdout and stderr
     P/var/lib/rbdfleet/                             its working directory
+    P/etc/systemd/system/rbdfleet-agent.service     only where the Ansible role runs it
 
 The agent runs as ``/usr/bin/python3 -m agents serve --config P/etc/rbdfleet/agent.json``
 with ``PYTHONPATH`` set to the release it was started from: the VM needs nothing but python3.
@@ -20,6 +21,14 @@ raises :class:`~orchestrator.errors.DeployError` carrying every host's result.
 
 A process counts as "the agent" only if the pidfile's pid is alive *and* its command line
 holds this host's config path, so a reused pid is never signalled.
+
+One host, one agent, one manager: the Ansible role (``ansible/``) keeps the same layout and
+pidfile, starting the agent with start-stop-daemon where there is no systemd (then either
+deployer sees, restarts or leaves alone the other's agent), and under its systemd unit where
+systemd is PID 1. That unit writes the pidfile too, so ``status`` and an unchanged ``deploy``
+see its agent; but systemd restarts what it runs, so on a host with the unit this deployer
+refuses to install, start or stop anything (RemoteCommandFailed), and the role refuses
+to put systemd next to an agent this deployer started.
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ def running(config, pidfile):
 '''
 
 _PROBE = _RUNNING + r'''
-install, config, pidfile, log = sys.argv[1:5]
+install, config, pidfile, log, unit = sys.argv[1:6]
 current = os.path.join(install, "current")
 version = None
 if os.path.isfile(os.path.join(current, "agents", "__init__.py")):
@@ -88,7 +97,8 @@ try:
 except OSError:
     tail = ""
 print(json.dumps({"version": version, "config_sha256": config_sha,
-                  "pid": running(config, pidfile), "log_tail": tail}))
+                  "pid": running(config, pidfile), "log_tail": tail,
+                  "systemd_unit": os.path.exists(unit)}))
 '''
 
 _INSTALL = r'''
@@ -194,6 +204,11 @@ class AgentLayout:
     def workdir(self) -> str:
         return self._at("var", "lib", "rbdfleet")
 
+    @property
+    def unit_path(self) -> str:
+        """The Ansible role's systemd unit: where it exists, systemd owns the agent."""
+        return self._at("etc", "systemd", "system", "rbdfleet-agent.service")
+
     def directories(self) -> list[str]:
         """Every directory the agent needs."""
         return [self.install_dir, posixpath.dirname(self.config_path),
@@ -245,6 +260,7 @@ class _Probe:
     config_sha256: str | None
     pid: int | None
     log_tail: str
+    systemd_unit: bool
 
 
 class AgentDeployer:
@@ -311,6 +327,7 @@ class AgentDeployer:
         stale_package = probe.version != self.package.version
         stale_config = probe.config_sha256 != config_sha
         if stale_package or stale_config:
+            _refuse_if_systemd(target, probe, "install")
             self._run(target, RemoteCommand(Executable.MKDIR, ["-p", *layout.directories()]))
         if stale_package:
             tarball = posixpath.join(layout.install_dir,
@@ -332,6 +349,7 @@ class AgentDeployer:
             return [], probe
         if probe.version is None:
             raise RemoteCommandFailed(target.host.name, "agent not installed", rc=-1)
+        _refuse_if_systemd(target, probe, "start")
         cmd = RemoteCommand(Executable.PYTHON3,
                             [*self.launch, "--config", layout.config_path])
         pid = self.shell.start_background(target.host, cmd, workdir=layout.workdir,
@@ -348,6 +366,7 @@ class AgentDeployer:
         return [f"started pid {pid}"], probe
 
     def _stop_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
+        _refuse_if_systemd(target, self._probe(target), "stop")
         stopped = self._stop(target)
         return ([f"stopped pid {stopped}"] if stopped is not None else []), self._probe(target)
 
@@ -366,8 +385,9 @@ class AgentDeployer:
     def _probe(self, target: DeployTarget) -> _Probe:
         layout = target.layout
         out = json.loads(self._python(target, _PROBE, layout.install_dir, layout.config_path,
-                                      layout.pidfile, layout.log_path))
-        return _Probe(out["version"], out["config_sha256"], out["pid"], out["log_tail"])
+                                      layout.pidfile, layout.log_path, layout.unit_path))
+        return _Probe(out["version"], out["config_sha256"], out["pid"], out["log_tail"],
+                      out["systemd_unit"])
 
     def _python(self, target: DeployTarget, script: str, *args: str) -> str:
         return self._run(target, RemoteCommand(Executable.PYTHON3, ["-c", script, *args]))
@@ -396,6 +416,15 @@ class AgentDeployer:
         if failed:
             raise DeployError(f"agent {_verb(step)} failed on {', '.join(failed)}", results)
         return results
+
+
+def _refuse_if_systemd(target: DeployTarget, probe: _Probe, action: str) -> None:
+    """The Ansible role's systemd unit runs (and restarts) this host's agent: keep off it."""
+    if probe.systemd_unit:
+        raise RemoteCommandFailed(target.host.name, f"refusing to {action} the agent: systemd runs "
+                             f"it from {target.layout.unit_path} (Ansible role rbdfleet_agent); "
+                             "deploy with ansible-playbook, or `systemctl disable --now "
+                             "rbdfleet-agent` and remove the unit first", rc=-1)
 
 
 def _verb(step: Callable[..., Any]) -> str:

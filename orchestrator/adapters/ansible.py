@@ -9,8 +9,10 @@ Connections use ``ansible_connection=ssh`` (the paramiko plugin is deprecated in
 the pinned ``known_hosts`` and ``StrictHostKeyChecking=yes``: an unknown or changed host key
 fails that host. The same target guard as the SSH adapter is applied to every address first.
 
-Results come from the ``PLAY RECAP`` (one line per host) and the ``fatal: [host]`` lines
-(the first failure message per host). Any failed or unreachable host raises
+Results come from the ``PLAY RECAP`` (one line per host) and the ``fatal: [host]`` lines:
+a host's error is its last failure not followed by ``...ignoring`` (a failure that a
+``rescue`` handled comes before the one that stopped the host), and only a host the recap
+counts as failed or unreachable has one. Any failed or unreachable host raises
 :class:`~orchestrator.errors.DeployError` with every host's recap; what Ansible does not
 tell (e.g. a host missing from the recap because the play never reached it) is reported as
 a failure of that host, never silently dropped.
@@ -34,9 +36,10 @@ from agents.errors import BindingUnavailable
 from orchestrator.adapters.ssh import require_local_target
 from orchestrator.config import FleetConfig
 from orchestrator.deploy import DEFAULT_LAUNCH, AgentPackage
-from orchestrator.errors import DeployError
+from orchestrator.errors import ConfigError, DeployError
 
-__all__ = ["ANSIBLE_DIR", "AnsibleRunner", "InventoryHost", "PlayRecap", "PlaybookRun"]
+__all__ = ["ANSIBLE_DIR", "AnsibleRunner", "Inventory", "InventoryHost", "PlayRecap", "PlaybookRun",
+           "TlsFiles", "ssh_vars", "write_package"]
 
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
 
@@ -50,12 +53,29 @@ _FATAL = re.compile(r"^fatal: \[(?P<host>[^\]\s]+)[^\]]*\]: (?P<kind>FAILED|UNRE
 
 @dataclass(frozen=True)
 class InventoryHost:
-    """One host of the ``agents`` group: address, install prefix and the agent's config."""
+    """One agent host: address, install prefix and the agent's config (its ``role`` key says
+    writer or reader); a spare is listed but not deployed."""
 
     name: str
     address: str
     prefix: str = "/"
     config: Mapping[str, Any] = field(default_factory=dict)
+    spare: bool = False
+
+    @property
+    def group(self) -> str:
+        """The inventory group that orders its start (readers before the writer)."""
+        if self.spare:
+            return "rbdfleet_spares"
+        return "rbdfleet_writer" if self.config.get("role") == "writer" else "rbdfleet_readers"
+
+    def hostvars(self) -> dict[str, Any]:
+        """What the role reads from the inventory for this host."""
+        host: dict[str, Any] = {"ansible_host": self.address, "ansible_port": 22,
+                                "rbdfleet_agent_prefix": self.prefix}
+        if not self.spare:
+            host["rbdfleet_agent_config"] = dict(self.config)
+        return host
 
     @staticmethod
     def from_fleet(config: FleetConfig,
@@ -66,6 +86,66 @@ class InventoryHost:
         hosts = [InventoryHost(h.name, h.address, str(h.root), agent_config(h.name))
                  for h in config.hosts]
         return vms + hosts
+
+
+GROUPS = ("rbdfleet_writer", "rbdfleet_readers", "rbdfleet_spares")
+
+
+def ssh_vars(user: str, ssh_key: Path, known_hosts: Path) -> dict[str, Any]:
+    """Connection variables: OpenSSH with the fleet's key and pinned host keys only."""
+    common_args = shlex.join(["-o", f"UserKnownHostsFile={known_hosts}",
+                              "-o", "StrictHostKeyChecking=yes",
+                              "-o", "GlobalKnownHostsFile=/dev/null"])
+    return {
+        "ansible_user": user,
+        "ansible_connection": "ssh",
+        "ansible_ssh_private_key_file": str(ssh_key),
+        "ansible_ssh_common_args": common_args,
+        "ansible_python_interpreter": "/usr/bin/python3",
+    }
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Agent hosts in the groups ``deploy-agents.yml`` plays on, with shared variables.
+
+    ``agents`` holds ``rbdfleet_writer`` and ``rbdfleet_readers``; ``rbdfleet_spares`` stands
+    beside it (listed for ad-hoc commands, never deployed).
+    """
+
+    hosts: Sequence[InventoryHost]
+    variables: Mapping[str, Any] = field(default_factory=dict)
+
+    def _members(self, group: str) -> list[InventoryHost]:
+        return [h for h in self.hosts if h.group == group]
+
+    def to_script(self) -> dict[str, Any]:
+        """The ``--list`` answer of a dynamic inventory script (hostvars under ``_meta``)."""
+        listing: dict[str, Any] = {
+            "_meta": {"hostvars": {h.name: self.hostvars(h.name) for h in self.hosts}},
+            "all": {"children": ["agents", "rbdfleet_spares"]},
+            "agents": {"children": ["rbdfleet_writer", "rbdfleet_readers"]},
+        }
+        for group in GROUPS:
+            listing[group] = {"hosts": [h.name for h in self._members(group)]}
+        return listing
+
+    def hostvars(self, name: str) -> dict[str, Any]:
+        """The ``--host NAME`` answer: shared variables, then the host's own."""
+        for host in self.hosts:
+            if host.name == name:
+                return {**self.variables, **host.hostvars()}
+        raise ConfigError("inventory", f"no host named {name!r} in the inventory")
+
+    def to_static(self) -> dict[str, Any]:
+        """The same inventory as one YAML/JSON document (Ansible's yaml inventory plugin)."""
+        def members(group: str) -> dict[str, Any]:
+            return {"hosts": {h.name: h.hostvars() for h in self._members(group)}}
+
+        return {"all": {"vars": dict(self.variables), "children": {
+            "agents": {"children": {g: members(g) for g in GROUPS[:2]}},
+            "rbdfleet_spares": members("rbdfleet_spares"),
+        }}}
 
 
 @dataclass(frozen=True)
@@ -102,10 +182,15 @@ def parse_output(output: str, hosts: Sequence[str]) -> dict[str, PlayRecap]:
     """Recap per host from ``ansible-playbook`` output (default callback, no colour)."""
     errors: dict[str, str] = {}
     counts: dict[str, dict[str, int]] = {}
+    last: str | None = None  # host of the previous line's failure
     for line in output.splitlines():
+        if last is not None and line.strip() == "...ignoring":
+            errors.pop(last, None)
+        last = None
         fatal = _FATAL.match(line)
-        if fatal and fatal["host"] not in errors:
-            errors[fatal["host"]] = _failure_message(fatal["kind"], fatal["body"])
+        if fatal:
+            last = fatal["host"]
+            errors[last] = _failure_message(fatal["kind"], fatal["body"])
         recap = _RECAP.match(line)
         if recap:
             counts[recap["host"]] = {k: int(v) for k, v in recap.groupdict().items()
@@ -113,7 +198,10 @@ def parse_output(output: str, hosts: Sequence[str]) -> dict[str, PlayRecap]:
     result = {}
     for host in hosts:
         if host in counts:
-            result[host] = PlayRecap(host, **counts[host], error=errors.get(host))
+            failed = counts[host]["failed"] or counts[host]["unreachable"]
+            result[host] = PlayRecap(host, **counts[host],
+                                     error=errors.get(host, "failed, no message")
+                                     if failed else None)
         else:
             result[host] = PlayRecap(host, error=errors.get(host, "not in the play recap"))
     return result
@@ -133,8 +221,33 @@ def _failure_message(kind: str, body: str) -> str:
     return f"{kind}: {str(detail or body).strip()[:300]}"
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """The agents' TLS material on this machine (PEM files); the role copies it to each host."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+    def role_vars(self) -> dict[str, str]:
+        return {"rbdfleet_agent_tls_cert_src": str(self.cert),
+                "rbdfleet_agent_tls_key_src": str(self.key),
+                "rbdfleet_agent_tls_ca_src": str(self.ca or "")}
+
+
+def write_package(package: AgentPackage, directory: Path) -> Path:
+    """``directory/agents-VERSION.tar.gz`` (written once: the version is its content hash)."""
+    tarball = directory / f"agents-{package.version}.tar.gz"
+    if not tarball.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        partial = tarball.with_name(f".{tarball.name}.{os.getpid()}")
+        partial.write_bytes(package.tarball)
+        partial.replace(tarball)
+    return tarball
+
+
 class AnsibleRunner:
-    """Runs ``ansible/playbooks/*.yml`` against hosts with pinned SSH keys."""
+    """Runs ``ansible/*.yml`` against hosts with pinned SSH keys."""
 
     def __init__(self, workdir: Path, *, ssh_key: Path, known_hosts: Path, user: str = "root",
                  ansible_dir: Path = ANSIBLE_DIR, timeout: float = 900.0,
@@ -153,17 +266,23 @@ class AnsibleRunner:
             raise BindingUnavailable("ansible-playbook", "ansible-core")
 
     def deploy_agents(self, hosts: Sequence[InventoryHost], package: AgentPackage, *,
-                      launch: Sequence[str] = DEFAULT_LAUNCH) -> PlaybookRun:
-        """Run ``deploy-agents.yml``: validate, copy ``package``, write config, start."""
-        return self.run("deploy-agents.yml", hosts, self._package_vars(package, launch))
+                      secret: Path, tls: TlsFiles | None = None,
+                      launch: Sequence[str] = DEFAULT_LAUNCH, check: bool = False) -> PlaybookRun:
+        """Run ``deploy-agents.yml``: install everywhere, format a blank image on the writer,
+        start the readers, then the writer. ``secret``/``tls``: files on this machine, copied
+        0600; ``check``: ``--check`` (report, change nothing)."""
+        return self.run("deploy-agents.yml", hosts,
+                        self._package_vars(package, launch, secret, tls), check=check)
 
-    def validate(self, hosts: Sequence[InventoryHost], package: AgentPackage) -> PlaybookRun:
+    def validate(self, hosts: Sequence[InventoryHost], package: AgentPackage, *,
+                 secret: Path) -> PlaybookRun:
         """Run ``validate.yml``: facts, variables and python3 checks; changes nothing."""
-        return self.run("validate.yml", hosts, self._package_vars(package, DEFAULT_LAUNCH))
+        return self.run("validate.yml", hosts,
+                        self._package_vars(package, DEFAULT_LAUNCH, secret, None))
 
     def run(self, playbook: str, hosts: Sequence[InventoryHost],
-            extra_vars: Mapping[str, Any] | None = None) -> PlaybookRun:
-        """Run ``ansible/playbooks/PLAYBOOK``; DeployError(recaps) if any host failed."""
+            extra_vars: Mapping[str, Any] | None = None, *, check: bool = False) -> PlaybookRun:
+        """Run ``ansible/PLAYBOOK``; DeployError(recaps) if any host failed."""
         for host in hosts:
             self.target_guard(host.address)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +292,7 @@ class AnsibleRunner:
         with os.fdopen(fd, "w") as out:
             json.dump(dict(extra_vars or {}), out)
         argv = [str(self.playbook_bin), "-i", str(inventory), "-e", f"@{vars_file}",
-                str(self.ansible_dir / "playbooks" / playbook)]
+                *(["--check"] if check else []), str(self.ansible_dir / playbook)]
         started = time.monotonic()
         try:
             proc = subprocess.run(argv, cwd=self.ansible_dir, env=self._env(),
@@ -194,37 +313,23 @@ class AnsibleRunner:
         return run
 
     def write_inventory(self, hosts: Sequence[InventoryHost]) -> Path:
-        """The ``agents`` group as a JSON inventory in the work directory."""
-        common_args = shlex.join(["-o", f"UserKnownHostsFile={self.known_hosts}",
-                                  "-o", "StrictHostKeyChecking=yes",
-                                  "-o", "GlobalKnownHostsFile=/dev/null"])
-        group_vars: dict[str, Any] = {
-            "ansible_user": self.user,
-            "ansible_connection": "ssh",
-            "ansible_ssh_private_key_file": str(self.ssh_key),
-            "ansible_ssh_common_args": common_args,
-            "ansible_python_interpreter": "/usr/bin/python3",
-        }
+        """The hosts as a JSON inventory (:meth:`Inventory.to_static`) in the work directory."""
+        variables = ssh_vars(self.user, self.ssh_key, self.known_hosts)
         if self.controller_addr:
-            group_vars["controller_addr"] = self.controller_addr
-        inventory = {"all": {"children": {"agents": {
-            "hosts": {h.name: {"ansible_host": h.address, "ansible_port": 22,
-                               "host_root": h.prefix, "rbdfleet_agent_config": dict(h.config)}
-                      for h in hosts},
-            "vars": group_vars,
-        }}}}
+            variables["controller_addr"] = self.controller_addr
         path = self.workdir / "inventory.json"
-        path.write_text(json.dumps(inventory, indent=2, sort_keys=True))
+        path.write_text(json.dumps(Inventory(hosts, variables).to_static(), indent=2,
+                                   sort_keys=True))
         return path
 
-    def _package_vars(self, package: AgentPackage, launch: Sequence[str]) -> dict[str, Any]:
-        tarball = self.workdir / f"agents-{package.version}.tar.gz"
-        if not tarball.exists():
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            tarball.write_bytes(package.tarball)
+    def _package_vars(self, package: AgentPackage, launch: Sequence[str], secret: Path,
+                      tls: TlsFiles | None) -> dict[str, Any]:
+        tarball = write_package(package, self.workdir)
         return {"rbdfleet_agent_package": str(tarball),
                 "rbdfleet_agent_version": package.version,
-                "rbdfleet_agent_launch": list(launch)}
+                "rbdfleet_agent_launch": list(launch),
+                "rbdfleet_agent_secret_src": str(secret),
+                **(tls.role_vars() if tls else {})}
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}

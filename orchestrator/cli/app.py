@@ -10,6 +10,7 @@ import typer
 from orchestrator.cli import coordinator as coordinator_cli
 from orchestrator.cli import deploy as deploy_cli
 from orchestrator.cli import files as files_cli
+from orchestrator.cli import inventory as inventory_cli
 from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
 from orchestrator.cli import status as status_cli
@@ -58,6 +59,7 @@ coordinator_cli.register(app)
 files_cli.register(app)
 status_cli.register(app)
 deploy_cli.register(app)
+inventory_cli.register(app)
 
 
 def main() -> None:

@@ -1,4 +1,7 @@
-"""Agent deployment over SSH to namespace hosts: copy, configure, start/stop, idempotence."""
+"""Agent deployment over SSH to namespace hosts: copy, configure, start/stop, idempotence.
+
+The Ansible path (and how the two deployers share one agent) is tests/integration/
+test_ansible_deploy.py."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost
 from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand
 from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
@@ -120,45 +122,6 @@ def test_stop_status_and_an_agent_that_dies_at_start(
     with pytest.raises(DeployError) as info:
         dying.start(targets[:1])
     assert "bad agent config" in str(info.value.results["h1"].error)
-
-
-def test_ansible_deploys_the_same_layout_and_the_ssh_deployer_agrees(
-        hosts3: HostSet, shell3: ParamikoShell, package: AgentPackage, tmp_path: Path) -> None:
-    """The one Ansible end-to-end test: two playbook runs (~20 s idle, ~100 s at load 12).
-
-    Run 1 pins no key for h2: h2 fails alone, h1 and h3 are deployed. Run 2 pins all keys:
-    h2 is deployed, h1 and h3 change nothing. Then the SSH deployer finds nothing to do.
-    """
-    targets = targets_for(hosts3, port=7480)
-    inventory = [InventoryHost(t.host.name, t.host.address, t.prefix, t.config) for t in targets]
-    pinned = hosts3.known_hosts.read_text().splitlines()
-    without_h2 = tmp_path / "known_hosts"
-    without_h2.write_text(f"{pinned[0]}\n{pinned[2]}\n")
-    partial = AnsibleRunner(tmp_path / "partial", ssh_key=hosts3.ssh_key, known_hosts=without_h2)
-    with pytest.raises(DeployError) as info:
-        partial.deploy_agents(inventory, package, launch=HOLD)
-    first = info.value.results
-    assert first["h1"].succeeded and first["h1"].changed > 0
-    assert first["h3"].succeeded and first["h3"].changed > 0
-    assert first["h2"].unreachable == 1 and "Host key verification failed" in first["h2"].error
-    assert not Path(targets[1].prefix, "opt").exists()
-
-    runner = AnsibleRunner(tmp_path / "ansible", ssh_key=hosts3.ssh_key,
-                           known_hosts=hosts3.known_hosts, controller_addr=hosts3.gateway)
-    second = runner.deploy_agents(inventory, package, launch=HOLD)
-    assert all(r.succeeded for r in second.recap.values()), second.recap
-    assert {n: r.changed > 0 for n, r in second.recap.items()} == {
-        "h1": False, "h2": True, "h3": False}
-
-    # Same release, same config bytes, same pidfile: the SSH deployer has nothing to do.
-    seen = AgentDeployer(shell3, package, launch=HOLD).deploy(targets)
-    for target in targets:
-        result = seen[target.host.name]
-        assert (result.changed, result.version) == (False, package.version)
-        assert result.pid is not None
-        release = Path(target.prefix, "opt/rbdfleet/releases", package.version)
-        imported = Path(target.prefix, "var/lib/rbdfleet/imported-from").read_text().split()
-        assert imported[0] == str(release / "agents/__init__.py")
 
 
 def health(address: str, deadline: float) -> dict[str, object]:

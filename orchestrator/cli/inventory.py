@@ -1,0 +1,92 @@
+"""`rbdfleet inventory`: the fleet as an Ansible inventory (a dynamic inventory script).
+
+``rbdfleet inventory --list`` prints every group with ``_meta.hostvars``; ``--host NAME``
+prints one host's variables. The groups are those ``ansible/deploy-agents.yml`` plays on:
+``agents`` (children ``rbdfleet_writer`` and ``rbdfleet_readers``) and ``rbdfleet_spares``
+(listed for ad-hoc commands, never deployed). Each active VM carries the agent config that
+``rbdfleet deploy`` would write (:func:`orchestrator.rollout.agent_config`), with the roles of
+the active coordinator's map when one answers, else the config's bootstrap roles.
+
+The fleet secret never appears: the inventory names its file on this machine
+(``rbdfleet_agent_secret_src``) and the role copies it. The agents tarball is written once to
+``--package-dir`` (its name carries its content hash) and named likewise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator import config as fleet_config
+from orchestrator.adapters.ansible import Inventory, InventoryHost, ssh_vars, write_package
+from orchestrator.cli.coordinator import coordinator_config, read_secret
+from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
+from orchestrator.client import CoordinatorClient
+from orchestrator.config import FleetConfig
+from orchestrator.deploy import AgentPackage
+from orchestrator.errors import AgentUnreachable, ConfigError
+from orchestrator.rollout import agent_config
+
+DEFAULT_PACKAGE_DIR = Path("/var/tmp/rbdfleet/packages")
+
+
+def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
+                    fleet_map: Mapping[str, Any] | None,
+                    package: tuple[Path, str] | None) -> Inventory:
+    """The fleet's VMs as an :class:`Inventory` (pure: the map and package are inputs).
+
+    ``fleet_map``: the coordinator's map (None: the config's writer at epoch 1);
+    ``package``: the agents tarball on this machine and its version.
+    """
+    if cfg.ssh.key is None or cfg.ssh.known_hosts is None:
+        raise ConfigError("ssh.key", "ssh.key and ssh.known_hosts are needed for an inventory")
+    writer, epoch = cfg.fleet.writer, 1
+    if fleet_map is not None:
+        writer, epoch = fleet_map.get("writer") or "", int(fleet_map["epoch"])
+    hosts = [InventoryHost(vm.name, vm.address, "/", {} if vm.spare else agent_config(
+                 cfg, vm.name, coordinator=coordinator, writer=writer, epoch=epoch),
+                 spare=vm.spare)
+             for vm in cfg.vms]
+    variables = ssh_vars(cfg.ssh.user, cfg.ssh.key, cfg.ssh.known_hosts)
+    variables["rbdfleet_agent_secret_src"] = str(cfg.fleet.secret_file)
+    if package is not None:
+        variables["rbdfleet_agent_package"] = str(package[0])
+        variables["rbdfleet_agent_version"] = package[1]
+    return Inventory(hosts, variables)
+
+
+def inventory(
+    config: ConfigOption = DEFAULT_CONFIG,
+    list_all: Annotated[bool, typer.Option("--list", help="every group and host (default)")]
+    = False,
+    host: Annotated[str | None, typer.Option("--host", help="one host's variables")] = None,
+    package_dir: Annotated[Path, typer.Option(
+        "--package-dir", help="where the agents tarball is written (once per version)")]
+    = DEFAULT_PACKAGE_DIR,
+) -> None:
+    """Print the fleet as an Ansible inventory (JSON), usable as a dynamic inventory script:
+    ansible-playbook -i SCRIPT ansible/deploy-agents.yml, SCRIPT running `rbdfleet
+    inventory --config FILE "$@"`."""
+    if list_all and host is not None:
+        raise ConfigError("inventory", "--list and --host exclude each other")
+    cfg = fleet_config.load(config)
+    urls = list(coordinator_config(config).urls)
+    try:
+        fleet_map: dict[str, Any] | None = CoordinatorClient(
+            urls, cfg.fleet.name, read_secret(cfg)).map()
+    except AgentUnreachable:
+        fleet_map = None  # no coordinator yet: the bootstrap roles of the config
+    package = AgentPackage.build()
+    found = fleet_inventory(cfg, coordinator=urls[0], fleet_map=fleet_map,
+                            package=(write_package(package, package_dir), package.version))
+    answer = found.hostvars(host) if host is not None else found.to_script()
+    typer.echo(json.dumps(answer, indent=2, sort_keys=True))
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``inventory`` to the root app."""
+    root.command("inventory")(inventory)
