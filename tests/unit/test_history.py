@@ -1,12 +1,17 @@
 """Each history checker rejects a real-shaped bad history and accepts the good one beside it;
 histories of a simulated linearizable store always pass; the fault tier's self-check mutations
-are each caught; errors are classified as the client raises them."""
+are each caught; errors are classified as the client raises them; the fault tier's generator,
+run over an in-memory fleet, records a clean varied history, catches a lagging replica and a
+lying writer, fails on a crashing client thread and replays each thread from the seed."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 from hypothesis import given, seed, settings
@@ -22,7 +27,7 @@ from agents.errors import (
     StaleEpoch,
     error_from_wire,
 )
-from orchestrator.client import RequestOutcomeUnknown
+from orchestrator.client import CoordinatorClient, FleetClient, RequestOutcomeUnknown, WriteResult
 from orchestrator.errors import AgentUnreachable
 from orchestrator.testing.history import (
     DIR,
@@ -40,7 +45,7 @@ from orchestrator.testing.history import (
     check_torn_or_forged,
     value_hash,
 )
-from tests.jepsen import make_value, mutations, outcome_of
+from tests.jepsen import Workload, make_value, mutations, outcome_of
 
 pytestmark = pytest.mark.unit
 
@@ -576,3 +581,136 @@ def test_values_span_inline_records_to_data_extents_and_are_unique() -> None:
     assert sizes[len(sizes) // 2] < 4 << 10  # mostly small
     assert any(s > 64 << 10 for s in sizes)  # some on data extents
     assert len({value_hash(v) for v in values}) == len(values)
+
+
+# -- the generator end to end, over an in-memory fleet -------------------------------------------
+
+
+class MemoryFleet(FleetClient):
+    """A FleetClient over one in-memory store (no coordinator is ever contacted).
+
+    ``lag``: that share of reads is served by a replica one write behind; ``lie``: that share
+    of applied writes is answered 409 not_writer; ``lose``: that share answered as lost
+    connections (they did happen); ``crash``: reads raise this.
+    """
+
+    def __init__(self, rng: random.Random, lag: float = 0.0, lie: float = 0.0,
+                 lose: float = 0.0, crash: BaseException | None = None) -> None:
+        super().__init__(CoordinatorClient(["http://127.0.0.1:9"], "mem", b"secret"))
+        self.rng, self.lag, self.lie, self.lose, self.crash = rng, lag, lie, lose, crash
+        self.lock = threading.Lock()
+        self.store: dict[str, tuple[bytes | None, int]] = {}  # None: a directory
+        self.behind: dict[str, tuple[bytes | None, int]] = {}
+        self.seq = 0
+
+    def _apply(self, change: Callable[[], object]) -> WriteResult:
+        with self.lock:
+            self.behind = dict(self.store)
+            self.seq += 1
+            change()
+            seq, roll = self.seq, self.rng.random()
+        if roll < self.lose:
+            raise RequestOutcomeUnknown("w", "mem", "connection reset")
+        if roll < self.lose + self.lie:
+            raise NotWriter("no longer the writer")
+        return WriteResult("w", 1, seq, {})
+
+    def put_bytes(self, data: bytes, remote: str) -> WriteResult:
+        return self._apply(lambda: self.store.__setitem__(remote, (data, self.seq)))
+
+    def delete(self, remote: str) -> WriteResult:
+        with self.lock:
+            if remote not in self.store:
+                raise NotFound(f"no such file: {remote}")
+        return self._apply(lambda: self.store.pop(remote, None))
+
+    def rename(self, src: str, dst: str) -> WriteResult:
+        def move() -> None:
+            self.store[dst] = (self.store.pop(src)[0], self.seq)
+
+        return self._apply(move)
+
+    def mkdir(self, remote: str, parents: bool = False) -> WriteResult:
+        return self._apply(lambda: self.store.__setitem__(remote, (None, self.seq)))
+
+    def _held(self, remote: str) -> tuple[bytes | None, int]:
+        if self.crash is not None:
+            raise self.crash
+        with self.lock:
+            held = self.behind if self.rng.random() < self.lag else self.store
+            if remote not in held:
+                raise NotFound(f"no such file: {remote}")
+            return held[remote]
+
+    def get_with_version(self, remote: str) -> tuple[bytes, int, str]:
+        data, seq = self._held(remote)
+        assert data is not None
+        return data, seq, "r1"
+
+    def stat(self, remote: str) -> dict[str, Any]:
+        data, seq = self._held(remote)
+        return {"kind": "dir" if data is None else "file", "version": seq}
+
+    def final(self, ops: list[Op]) -> Final:
+        """What the one node holds of every key ``ops`` wrote."""
+        held: dict[str, Value] = {}
+        for key in {o.key for o in ops if o.is_write}:
+            if key in self.store:
+                data = self.store[key][0]
+                held[key] = DIR if data is None else value_hash(data)
+            else:
+                held[key] = None
+        return {"r1": held}
+
+
+def run(fleet: MemoryFleet, seconds: float = 0.6, seed_: int = 5) -> list[Op]:
+    work = Workload(fleet, History(), seed_)
+    work.start()
+    time.sleep(seconds)
+    work.finish()
+    return work.history.ops()
+
+
+def test_the_generator_over_a_linearizable_store_records_a_clean_varied_history() -> None:
+    fleet = MemoryFleet(random.Random(1), lose=0.03)
+    ops = run(fleet)
+    assert check_all(ops, fleet.final(ops)) == []
+    kinds = {(o.kind, o.joint is not None, o.outcome) for o in ops}
+    assert {("put", False, "ok"), ("put", True, "ok"), ("delete", True, "ok"),
+            ("delete", False, "fail"), ("mkdir", False, "ok"), ("get", False, "ok"),
+            ("put", False, "unknown")} <= kinds
+    assert any(o.kind == "get" and o.value == DIR for o in ops)
+    assert {c for c, _, _ in mutations(ops, fleet.final(ops))} >= {"stale-read", "final-state"}
+
+
+def test_the_generator_catches_a_lagging_replica_and_a_writer_that_lies() -> None:
+    lagging = MemoryFleet(random.Random(2), lag=0.3)
+    ops = run(lagging)
+    assert "stale-read" in {a.checker for a in check_all(ops, lagging.final(ops))}
+    lying = MemoryFleet(random.Random(3), lie=0.1)
+    ops = run(lying)
+    found = {a.checker for a in check_all(ops, lying.final(ops))}
+    assert "refused-write-visible" in found
+
+
+def test_a_client_thread_that_raises_fails_the_workload() -> None:
+    fleet = MemoryFleet(random.Random(4), crash=RuntimeError("bug in the client"))
+    with pytest.raises(RuntimeError, match="bug in the client") as caught:
+        run(fleet, 0.2)
+    assert any("client thread r" in note for note in caught.value.__notes__)
+
+
+def test_each_thread_replays_its_own_stream_from_the_seed() -> None:
+    def writes(seed_: int) -> dict[str, list[tuple[str, str, Value]]]:
+        ops = run(MemoryFleet(random.Random(0)), 0.3, seed_)
+        out: dict[str, list[tuple[str, str, Value]]] = {}
+        for o in ops:
+            if o.process.startswith("w") and o.key.startswith("/k"):
+                out.setdefault(o.process, []).append((o.kind, o.key, o.value))
+        return out
+
+    first, again, other = writes(7), writes(7), writes(8)
+    n = min(len(s) for s in (*first.values(), *again.values()))
+    assert n >= 5
+    assert {p: s[:n] for p, s in first.items()} == {p: s[:n] for p, s in again.items()}
+    assert first["w0"][:n] != other["w0"][:n]
