@@ -209,10 +209,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The HTTP layer's own refusals (bad request line, header block too large, unknown
         method): one JSON error like every other answer, and the connection closed."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # a 0.9 answer would have no status line
+            self.request_version = "HTTP/1.0"
         text = message or http.HTTPStatus(code).phrase
         self.log_error("code %d, message %s", code, text)
         with contextlib.suppress(OSError):
             self._send_answer(Answer(code, ErrorBody.from_error(BadHttp(text, status=code))))
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no headers: no grant, no length
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
 
     def _headers_map(self) -> HeaderMap:
         return HeaderMap(self.headers.items())
