@@ -56,13 +56,13 @@ def up(
     typer.echo(f"sandbox up in {summary.dir} ({summary.timings.get('total')} s)")
     typer.echo(f"  config     {summary.config}")
     typer.echo(f"  ceph       {summary.ceph_conf}  mon {summary.mon}")
+    typer.echo(f"  use it     export CEPH_CONF={summary.ceph_conf}; "
+               f"rbdfleet --config {summary.config} ...")
+    typer.echo(f"  stop it    rbdfleet sandbox down --dir {summary.dir}")
     rows = [("vm", vm["name"], vm["address"], f"domain {vm['domain']}") for vm in summary.vms]
     rows += [("host", h["name"], h["address"], f"root {h['root']}") for h in summary.hosts]
     if rows:
         print_table(("KIND", "NAME", "ADDRESS", "WHERE"), rows)
-    typer.echo(f"  use it     export CEPH_CONF={summary.ceph_conf}; "
-               f"rbdfleet --config {summary.config} ...")
-    typer.echo(f"  stop it    rbdfleet sandbox down --dir {summary.dir}")
 
 
 @app.command()
