@@ -219,7 +219,7 @@ class Workload:
             outcome = outcome_of(exc)
             (self.history.fail if outcome == "fail" else self.history.unknown)(op, self._epoch())
             return outcome
-        self.history.ok(op, epoch=ack.epoch, node=ack.node, seq=ack.seq)
+        self.history.ok(op, epoch=ack.epoch, node=ack.node, seq=ack.seq if ack.seq >= 0 else None)
         self.acks.append((time.monotonic(), ack.node, ack.epoch))
         return "ok"
 
@@ -407,7 +407,8 @@ def mutations(ops: list[Op], final: Final) -> Iterator[tuple[str, list[Op], Fina
         assert a.epoch is not None
         yield "epoch-order", [replace(o, epoch=a.epoch - 1) if o.id == b.id else o
                               for o in ops], final
-    twins = [b for b in acked if any(a.epoch == b.epoch and a.id != b.id for a in acked)]
+    per_epoch = Counter(o.epoch for o in acked)
+    twins = [b for b in acked if per_epoch[b.epoch] >= 2]
     if twins:
         b = twins[-1]
         yield "one-writer-per-epoch", [replace(o, node="intruder") if o.id in (b.id, b.joint)

@@ -202,7 +202,8 @@ class _Register:
     """One key's writes, indexed to answer "which writes may a read of this key return"."""
 
     def __init__(self, key: str, writes: Iterable[Op]) -> None:
-        own = [w for w in writes if w.key == key and w.is_write]
+        """``writes``: the ops on ``key`` (reads are skipped)."""
+        own = [w for w in writes if w.is_write]
         self.attempted: set[Value] = {None, *(w.value for w in own)}
         self.writers: dict[Value, list[Op]] = defaultdict(list)  # possible writes by value
         for w in (_initial(key), *own):
@@ -329,8 +330,8 @@ def check_stale_reads(ops: Iterable[Op]) -> list[Anomaly]:
         fits, q = reg.explains(r.value, r.invoke, r.complete)
         if fits:
             continue
-        served = f"{r.process}'s read of {r.key!r} (op {r.id}, served by {r.node or '?'} at " \
-            f"seq {r.seq}) returned {_show(r.value)}"
+        served = (f"{r.process}'s read of {r.key!r} (op {r.id}, served by {r.node or '?'} at "
+                  f"seq {r.seq}) returned {_show(r.value)}")
         began = [p for p in reg.writers[r.value] if p.invoke < r.complete]
         if not began:
             first = min(reg.writers[r.value], key=lambda p: p.invoke)
@@ -485,7 +486,7 @@ def check_final_state(ops: Iterable[Op], final: Final) -> list[Anomaly]:
                         "final-state",
                         f"{key!r} reads {_show(values[key])} on {node} at the end: "
                         + (f"an acknowledged write was lost ({_who(q)})" if q is not None
-                           else "no write wrote it"),
+                           else "no write that took effect or may have wrote it"),
                         lost,
                     )
                 )
