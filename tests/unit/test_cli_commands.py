@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from agents.errors import NotFound
 from orchestrator import config
-from orchestrator.cli import files, provision, reference, status
+from orchestrator.cli import files, provision, reference, sandbox, status
 from orchestrator.cli._output import PROGRESS_MIN, table
 from orchestrator.cli.app import app
 from orchestrator.client import WriteResult
@@ -287,8 +287,6 @@ def test_deprovision_goes_on_when_confirmed_or_harmless(
 
 # Commands whose stdout stays empty (their result is a file, or nothing): no --json needed.
 SILENT = {"get", "rm", "mv", "mkdir", "sandbox down", "coordinator run"}
-# Commands that print JSON whatever the flags (an Ansible dynamic inventory must).
-ALWAYS_JSON = {"inventory"}
 
 
 def test_every_command_that_prints_offers_json() -> None:
@@ -298,10 +296,10 @@ def test_every_command_that_prints_offers_json() -> None:
         for command, ctx in reference.commands(root, click.Context(root, info_name="rbdfleet"))
         if not isinstance(command, click.Group)
     }
-    assert set(leaves) >= SILENT | ALWAYS_JSON
+    assert set(leaves) >= SILENT
     for name, command in leaves.items():
         has_json = any("--json" in p.opts for p in command.params)
-        assert has_json != (name in SILENT | ALWAYS_JSON), name
+        assert has_json != (name in SILENT), name
 
 
 def test_stdin_source_regular_file_is_used_in_place_and_a_pipe_is_spooled(
@@ -321,3 +319,30 @@ def test_stdin_source_regular_file_is_used_in_place_and_a_pipe_is_spooled(
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(pipe))
         with files._sized_source("-") as (source, size):
             assert (size, source.read(), source.seekable()) == (11, b"piped bytes", True)
+
+
+def test_sandbox_status_reads_its_directory_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    asked: list[Path] = []
+
+    def fake_status(directory: Path) -> dict[str, Any]:
+        asked.append(directory)
+        return {"dir": str(directory), "running": True, "health": "HEALTH_OK", "resources": [
+            {"kind": "ceph.daemon", "name": "mon.a", "alive": True},
+            {"kind": "vm.domain", "name": "rbdfleet-1a2b-vm1", "alive": False},
+        ]}
+
+    monkeypatch.setattr(sandbox.lifecycle, "status", fake_status)
+    result = RUNNER.invoke(app, ["sandbox", "status"], env={"RBDFLEET_SANDBOX_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert asked == [tmp_path]
+    assert result.stdout.splitlines() == [
+        f"sandbox {tmp_path}: running",
+        "KIND         WHAT               STATE",
+        "ceph.daemon  mon.a              alive",
+        "vm.domain    rbdfleet-1a2b-vm1  gone",
+        "ceph health  HEALTH_OK",
+    ]
+    as_json = RUNNER.invoke(app, ["sandbox", "status", "--json", "--dir", str(tmp_path / "x")])
+    assert json.loads(as_json.stdout)["dir"] == str(tmp_path / "x")
