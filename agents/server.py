@@ -161,6 +161,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     _unread = 0  # body bytes announced and not read yet: the connection closes if any remain
     _has_length = False
     _streaming = False
+    _continue = False  # "Expect: 100-continue" seen and not answered yet
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -192,6 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self.connection.settimeout(server.body_timeout)
+        self._continue = False
         server.deadlines.arm(self.connection, time.monotonic() + server.header_timeout)
         try:
             super().handle_one_request()
@@ -215,6 +217,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_error("code %d, message %s", code, text)
         with contextlib.suppress(OSError):
             self._send_answer(Answer(code, ErrorBody.from_error(BadHttp(text, status=code))))
+
+    def handle_expect_100(self) -> bool:
+        """Defer the ``100 Continue``: it is sent only when the body is about to be read,
+        after the grant and the size were checked (a refusal comes instead of it)."""
+        self._continue = True
+        return True
+
+    def _ready_for_body(self) -> None:
+        if self._continue:
+            self._continue = False
+            self.send_response_only(100)
+            self.end_headers()
 
     def parse_request(self) -> bool:
         if not super().parse_request():
@@ -287,6 +301,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if length > limit:
             raise TooLarge(f"JSON body of {length} bytes over this route's {limit}",
                            limit=limit)
+        self._ready_for_body()
         data = self.rfile.read(length)
         self._unread -= len(data)
         self._request_read()
@@ -397,6 +412,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return Answer(201, ack)
 
     def _body(self, size: int) -> Iterator[bytes]:
+        self._ready_for_body()
         remaining = size
         while remaining:
             data = self.rfile.read(min(CHUNK, remaining))

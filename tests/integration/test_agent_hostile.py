@@ -257,6 +257,25 @@ def test_grant_is_checked_before_any_body_byte(fleet: AgentFleet) -> None:
         assert time.monotonic() - started < 5.0, path
 
 
+def test_100_continue_only_once_the_request_is_allowed(fleet: AgentFleet) -> None:
+    """``Expect: 100-continue`` gets its 100 only after the grant and size checks: a
+    refused client is never invited to send its body."""
+    w = fleet["w"].address
+    body = json.dumps({"v": 1, "path": "/invited"}).encode()
+    expect = {"Expect": "100-continue", "Content-Length": str(len(body))}
+    refused = exchange(w, http("POST", "/v1/mkdir", expect))
+    assert refused.status == 401 and refused.closed
+    with socket.create_connection(_split(w), timeout=10.0) as sock:
+        sock.sendall(http("POST", "/v1/mkdir",
+                          {**expect, **_bearer(fleet.grant("w", "writer", 1))}))
+        buf = bytearray()
+        assert _read_answer(sock, buf)[0] == 100
+        sock.sendall(body)
+        status, _, answer = _read_answer(sock, buf)
+        assert status == 201, answer
+    assert "/invited" in _state(fleet)[1]
+
+
 def test_chunked_body_is_never_read_as_the_next_request(fleet: AgentFleet) -> None:
     """The bytes after a refused Transfer-Encoding request (here: a request smuggled in the
     chunk data) get no answer: the connection is closed."""

@@ -1,18 +1,30 @@
-"""Pure parts of the agent's shell: Range parsing, route table, metrics text, daemon config."""
+"""Pure parts of the agent's shell: Range parsing, route table, body limits, the header
+deadline, metrics text, daemon config."""
 
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agents.core.protocol import RecordPush
+from agents.core.record import Record
 from agents.daemon import AgentConfigError, load_config, parse_size, read_secret
 from agents.errors import MethodNotAllowed, NotFound, RangeNotSatisfiable
 from agents.metrics import Registry
-from agents.server import ROUTES, _match, parse_range
+from agents.server import (
+    MAX_CONTROL_JSON,
+    MAX_PUSH_JSON,
+    ROUTES,
+    Deadlines,
+    _match,
+    parse_range,
+)
+from agents.writer import MAX_PUSH_BATCH
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +47,8 @@ def test_ranges(header: str | None, size: int, expected: tuple[int, int] | None)
 
 
 @pytest.mark.parametrize("header", ["bytes=10-", "bytes=5-2", "bytes=-", "items=0-1",
-                                    "bytes=x-1", "bytes=-0"])
+                                    "bytes=x-1", "bytes=-0", "bytes=0-" + "9" * 5000,
+                                    "bytes=-" + "9" * 20, "bytes=\u0663-"])
 def test_unsatisfiable_ranges(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable):
         parse_range(header, 10)
@@ -63,6 +76,51 @@ def test_routes() -> None:
     with pytest.raises(NotFound):
         _match("GET", "/v1/filesx")
     assert len({(r.method, r.path) for r in ROUTES}) == len(ROUTES)
+
+
+def test_every_route_says_what_body_it_takes() -> None:
+    """POSTs read capped JSON, the PUT streams, GET and DELETE take no body."""
+    for route in ROUTES:
+        if route.method == "POST":
+            assert 0 < route.json_limit <= MAX_PUSH_JSON and not route.streamed, route.name
+        else:
+            assert route.json_limit == 0 and route.streamed == (route.method == "PUT")
+    assert {r.name: r.json_limit for r in ROUTES if r.json_limit not in (0, MAX_CONTROL_JSON)
+            } == {"records": MAX_PUSH_JSON}
+
+
+def test_a_full_push_fits_its_cap() -> None:
+    """MAX_PUSH_BATCH records of 4 pages each (a put of ~1000 chunks) fit a push."""
+    sums = list(range(1000, 1000 + 1024))
+    record = Record(2**40, 2**40, "put", {"path": "/" + "p" * 4000, "size": 1 << 30,
+                                          "mtime": 1.5, "crc": 2**31, "chunk": 1 << 20,
+                                          "extents": [[1 << 40, 1 << 30]], "sums": sums})
+    assert len(record.encode()) <= 4 * 4096
+    push = RecordPush(fleet="f" * 255, epoch=2**40, writer="w" * 255, commit_seq=2**40,
+                      records=(RecordPush.pack(record.encode()),) * MAX_PUSH_BATCH)
+    assert len(push.encode()) <= MAX_PUSH_JSON
+
+
+def test_deadlines_cut_only_late_connections() -> None:
+    deadlines = Deadlines()
+    late, late_peer = socket.socketpair()
+    on_time, on_time_peer = socket.socketpair()
+    try:
+        deadlines.arm(late, 10.0)
+        deadlines.arm(on_time, 20.0)
+        assert deadlines.cut_late(9.0) == 0
+        assert deadlines.cut_late(15.0) == 1
+        late_peer.settimeout(1.0)
+        assert late_peer.recv(1) == b""  # the late one sees EOF at once
+        assert deadlines.disarm(late) is False  # what it read is not a whole request
+        assert deadlines.disarm(late) is True  # forgotten after that
+        assert deadlines.disarm(on_time) is True
+        assert deadlines.cut_late(100.0) == 0  # disarmed: never cut
+        on_time.sendall(b"x")
+        assert on_time_peer.recv(1) == b"x"
+    finally:
+        for sock in (late, late_peer, on_time, on_time_peer):
+            sock.close()
 
 
 def test_metrics_text() -> None:
