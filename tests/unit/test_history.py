@@ -6,6 +6,8 @@ lying writer, fails on a crashing client thread and replays each thread from the
 
 from __future__ import annotations
 
+import http.server
+import json
 import random
 import threading
 import time
@@ -45,7 +47,7 @@ from orchestrator.testing.history import (
     check_torn_or_forged,
     value_hash,
 )
-from tests.jepsen import Workload, make_value, mutations, outcome_of
+from tests.jepsen import NodeSeen, Workload, make_value, mutations, outcome_of
 
 pytestmark = pytest.mark.unit
 
@@ -714,3 +716,35 @@ def test_each_thread_replays_its_own_stream_from_the_seed() -> None:
     assert n >= 5
     assert {p: s[:n] for p, s in first.items()} == {p: s[:n] for p, s in again.items()}
     assert first["w0"][:n] != other["w0"][:n]
+
+
+class _NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = json.dumps(NotFound("no such file: /k0").to_wire()).encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_recording_transport_names_the_node_that_answered_not_found() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHandler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        sent = NodeSeen()
+        address = f"127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(NotFound):
+            sent.request("r2", address, "GET", "/v1/files/k0", timeout=5.0)
+        assert sent.last_node() == "r2"
+        elsewhere: list[str | None] = []
+        other = threading.Thread(target=lambda: elsewhere.append(sent.last_node()))
+        other.start()
+        other.join()
+        assert elsewhere == [None]  # per thread: a reader never sees another's node
+    finally:
+        server.shutdown()
+        server.server_close()
