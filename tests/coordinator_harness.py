@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.core.protocol import ReaderSet
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
 from orchestrator.coordinator.api import CoordinatorAPI
@@ -134,9 +135,18 @@ def start_service(
     bootstrap: FleetMap | None,
     liveness: LivenessConfig | None = None,
     role_switch: RoleSwitch | None = None,
+    reader_set_delay: float = 0.0,
 ) -> FleetService:
-    """Attach and start the fleet's service on ``coordinator``."""
+    """Attach and start the fleet's service on ``coordinator``.
+
+    ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
+    guest answering slowly), the window in which a map may promise more than the writer knows.
+    """
     agents = HttpAgentControl(control_timeout=30.0)
+
+    def send_reader_set(address: str, request: ReaderSet, grant: str) -> None:
+        time.sleep(reader_set_delay)
+        agents.send_reader_set(address, request, grant)
     service = FleetService(
         store=store,
         fencer=fencer,
@@ -147,7 +157,7 @@ def start_service(
         wall=time.time,
         bootstrap=bootstrap,
         role_switch=role_switch,
-        send_reader_set=agents.send_reader_set,
+        send_reader_set=send_reader_set,
     )
     coordinator.api.services[store.fleet] = service
     coordinator.api.secrets[store.fleet] = TEST_SECRET
@@ -194,7 +204,8 @@ def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> Non
 
 @contextmanager
 def coordinated_file_fleet(
-    fleet_factory: FleetFactory, directory: Path, admin: Any, pool: str, prefix: str
+    fleet_factory: FleetFactory, directory: Path, admin: Any, pool: str, prefix: str,
+    reader_set_delay: float = 0.0,
 ) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
     """A writer and two readers on a file image, one coordinator (state in RADOS ``pool``,
     fence = SIGKILL), ready with both readers in sync; the coordinator stops on exit."""
@@ -207,7 +218,8 @@ def coordinated_file_fleet(
     fencer = PidFencer(fleet)
     store = rados_store(admin, pool, fleet.name)
     try:
-        wait_in_sync(start_service(coordinator, store, fencer, bootstrap_map(fleet)), 20)
+        wait_in_sync(start_service(coordinator, store, fencer, bootstrap_map(fleet),
+                                   reader_set_delay=reader_set_delay), 20)
         yield fleet, coordinator, fencer
     finally:
         coordinator.stop()

@@ -128,16 +128,13 @@ def _connect(address: str, timeout: float = 60) -> http.client.HTTPConnection:
 
 
 def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...]) -> None:
-    c = fleet.client
-    resp = c.call(fleet[node].address, "POST", "/v1/promote",
-                  fleet.grant(node, "control", epoch),
-                  {"fleet": fleet.name, "node": node, "epoch": epoch})
+    """Promote as the coordinator does: the map's readers, all in sync, in the request."""
+    resp = fleet.client.call(
+        fleet[node].address, "POST", "/v1/promote", fleet.grant(node, "control", epoch),
+        {"fleet": fleet.name, "node": node, "epoch": epoch, "in_sync": list(readers),
+         "readers": [{"node": n, "address": fleet[n].address} for n in readers]})
     assert resp.status == 200, resp.body
-    resp = c.call(fleet[node].address, "POST", "/v1/readers",
-                  fleet.grant(node, "control", epoch),
-                  {"fleet": fleet.name, "epoch": epoch,
-                   "readers": [{"node": n, "address": fleet[n].address} for n in readers]})
-    assert resp.status == 200, resp.body
+    assert resp.json()["in_sync"] == sorted(readers)
 
 
 def test_writer_killed_mid_put_leaves_nothing_partial(file_fleet: AgentFleet) -> None:
@@ -331,8 +328,9 @@ def _raw(fleet: AgentFleet, method: str, path: str, headers: dict[str, str],
 
 
 def test_hostile_input_changes_nothing(fleet_factory: FleetFactory, tmp_path: Path) -> None:
-    """Bad paths, oversized bodies, malformed JSON, forged/stale/foreign/expired grants: each
-    gets its honest status and the writer's journal does not move."""
+    """Bad paths, oversized bodies, malformed JSON, forged/stale/foreign/expired grants,
+    hostile numbers and framing: each gets its honest status and the writer's journal does
+    not move (tests/integration/test_agent_hostile.py has the raw-socket suite)."""
     fleet = fleet_factory(_make_image(tmp_path / "img", 64 * MiB), max_body="1MiB")
     c = fleet.client
     wg = fleet.grant("w", "writer", 1)
@@ -379,6 +377,24 @@ def test_hostile_input_changes_nothing(fleet_factory: FleetFactory, tmp_path: Pa
         ("DELETE", "/v1/health", {}, b"", 405, "method_not_allowed"),
         ("GET", "/v1/files/ok", {"Authorization": "Bearer " + wg, "Range": "bytes=10-20"}, b"",
          416, "range_not_satisfiable"),
+        # hostile numbers and framing: each a 4xx (501 for a transfer coding), never a 500
+        ("PUT", "/v1/files/f", {**put_headers(wg), "Content-Length": "²"}, b"", 400,
+         "decode_error"),
+        ("PUT", "/v1/files/f", {**put_headers(wg), "X-Rbdfleet-Version": "²"}, b"data", 400,
+         "decode_error"),
+        ("PUT", "/v1/files/f", {**put_headers(wg), "X-Rbdfleet-Mtime": "nan"}, b"data", 400,
+         "decode_error"),
+        ("PUT", "/v1/files/f", {**put_headers(wg), "X-Rbdfleet-Mtime": "-inf"}, b"data", 400,
+         "decode_error"),
+        ("POST", "/v1/mkdir", {"Authorization": "Bearer " + wg, "Transfer-Encoding": "chunked"},
+         b"", 501, "unsupported_transfer_encoding"),
+        ("POST", "/v1/mkdir", {"Authorization": "Bearer " + wg}, b'{"v":1,"path":"/t\\tab"}',
+         400, "bad_path"),
+        ("POST", "/v1/promote", {"Authorization": "Bearer " + fleet.grant("w", "control", 5)},
+         b'{"v":1,"fleet":"test","node":"w","epoch":' + b"5" * 5000 + b"}", 400,
+         "decode_error"),
+        ("POST", "/v1/readers", {"Authorization": "Bearer " + fleet.grant("w", "control", 1)},
+         b"[" * 50_000, 400, "decode_error"),
     ]
     for method, path, headers, body, status, error in cases:
         got_status, answer = _raw(fleet, method, path, headers, body)
