@@ -1,11 +1,12 @@
 """`rbdfleet inventory`: the fleet as an Ansible inventory (a dynamic inventory script).
 
-``rbdfleet inventory --list`` prints every group with ``_meta.hostvars``; ``--host NAME``
-prints one host's variables. The groups are those ``ansible/deploy-agents.yml`` plays on:
-``agents`` (children ``rbdfleet_writer`` and ``rbdfleet_readers``) and ``rbdfleet_spares``
-(listed for ad-hoc commands, never deployed). Each active VM carries the agent config that
-``rbdfleet deploy`` would write (:func:`orchestrator.rollout.agent_config`), with the roles of
-the active coordinator's map when one answers, else the config's bootstrap roles.
+``rbdfleet inventory --list`` (or ``--json``) prints every group with ``_meta.hostvars``;
+``--host NAME`` prints one host's variables; alone it prints a table (VM, group, address).
+The groups are those ``ansible/deploy-agents.yml`` plays on: ``agents`` (children
+``rbdfleet_writer`` and ``rbdfleet_readers``) and ``rbdfleet_spares`` (listed for ad-hoc
+commands, never deployed). Each active VM carries the agent config that ``rbdfleet deploy``
+would write (:func:`orchestrator.rollout.agent_config`), with the roles of the active
+coordinator's map when one answers, else the config's bootstrap roles.
 
 The fleet secret never appears: the inventory names its file on this machine
 (``rbdfleet_agent_secret_src``) and the role copies it. The agents tarball is written once to
@@ -14,7 +15,6 @@ The fleet secret never appears: the inventory names its file on this machine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +23,7 @@ import typer
 
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ansible import Inventory, InventoryHost, ssh_vars, write_package
+from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.client import CoordinatorClient
@@ -61,16 +62,17 @@ def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
 
 def inventory(
     config: ConfigOption = DEFAULT_CONFIG,
-    list_all: Annotated[bool, typer.Option("--list", help="every group and host (default)")]
-    = False,
+    list_all: Annotated[bool, typer.Option(
+        "--list", help="every group and host as JSON (what Ansible asks a script)")] = False,
     host: Annotated[str | None, typer.Option("--host", help="one host's variables")] = None,
     package_dir: Annotated[Path, typer.Option(
         "--package-dir", help="where the agents tarball is written (once per version)")]
     = DEFAULT_PACKAGE_DIR,
+    as_json: JsonOption = False,
 ) -> None:
-    """Print the fleet as an Ansible inventory (JSON), usable as a dynamic inventory script:
-    ansible-playbook -i SCRIPT ansible/deploy-agents.yml, SCRIPT running `rbdfleet
-    inventory --config FILE "$@"`."""
+    """Print the fleet as an Ansible inventory: the VMs, their addresses and roles. With --list
+    (or --json) and --host it is a dynamic inventory script: ansible-playbook -i SCRIPT
+    ansible/deploy-agents.yml, SCRIPT running `rbdfleet inventory --config FILE "$@"`."""
     if list_all and host is not None:
         raise ConfigError("inventory", "--list and --host exclude each other")
     cfg = fleet_config.load(config)
@@ -83,8 +85,10 @@ def inventory(
     package = AgentPackage.build()
     found = fleet_inventory(cfg, coordinator=urls[0], fleet_map=fleet_map,
                             package=(write_package(package, package_dir), package.version))
-    answer = found.hostvars(host) if host is not None else found.to_script()
-    typer.echo(json.dumps(answer, indent=2, sort_keys=True))
+    if host is not None or list_all or as_json:
+        emit_json(found.hostvars(host) if host is not None else found.to_script())
+        return
+    print_table(["VM", "GROUP", "ADDRESS"], [(vm.name, vm.group, vm.address) for vm in found.hosts])
 
 
 def register(root: typer.Typer) -> None:

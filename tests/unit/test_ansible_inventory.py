@@ -1,0 +1,70 @@
+"""The fleet as an Ansible inventory: groups that order the start, hostvars, no secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.adapters.ansible import Inventory, InventoryHost
+from orchestrator.cli.inventory import fleet_inventory
+from orchestrator.config import FleetConfig, from_mapping
+from orchestrator.errors import ConfigError
+
+pytestmark = pytest.mark.unit
+
+
+def fleet(tmp_path: Path) -> FleetConfig:
+    return from_mapping({
+        "ceph": {"conf": f"{tmp_path}/ceph.conf", "keyring": f"{tmp_path}/keyring"},
+        "ssh": {"key": f"{tmp_path}/id", "known_hosts": f"{tmp_path}/known_hosts"},
+        "fleet": {"name": "demo", "image": "img", "size": "1GiB", "writer": "vm1",
+                  "secret_file": f"{tmp_path}/fleet.secret"},
+        "vm": [{"name": "vm1", "domain": "d1", "address": "10.87.0.11"},
+               {"name": "vm2", "domain": "d2", "address": "10.87.0.12"},
+               {"name": "vm3", "domain": "d3", "address": "10.87.0.13", "spare": True}],
+    })
+
+
+def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
+    found = fleet_inventory(fleet(tmp_path), coordinator="http://10.87.0.1:7470",
+                            fleet_map=None, package=(tmp_path / "agents-x.tar.gz", "x" * 16))
+    listing = found.to_script()
+    assert listing["agents"] == {"children": ["rbdfleet_writer", "rbdfleet_readers"]}
+    assert (listing["rbdfleet_writer"], listing["rbdfleet_readers"], listing["rbdfleet_spares"]) \
+        == ({"hosts": ["vm1"]}, {"hosts": ["vm2"]}, {"hosts": ["vm3"]})
+    vm1 = listing["_meta"]["hostvars"]["vm1"]
+    assert (vm1["ansible_host"], vm1["rbdfleet_agent_prefix"]) == ("10.87.0.11", "/")
+    assert vm1["rbdfleet_agent_config"]["role"] == "writer"
+    assert vm1["rbdfleet_agent_config"]["readers"] == {"vm2": "10.87.0.12:7480"}
+    assert vm1["rbdfleet_agent_config"]["coordinator"] == "http://10.87.0.1:7470"
+    assert vm1["rbdfleet_agent_secret_src"] == f"{tmp_path}/fleet.secret"
+    assert vm1["rbdfleet_agent_package"] == f"{tmp_path}/agents-x.tar.gz"
+    assert "StrictHostKeyChecking=yes" in vm1["ansible_ssh_common_args"]
+    assert "rbdfleet_agent_config" not in listing["_meta"]["hostvars"]["vm3"]
+    assert found.hostvars("vm2")["rbdfleet_agent_config"]["role"] == "reader"
+    with pytest.raises(ConfigError, match="vm9"):
+        found.hostvars("vm9")
+
+
+def test_roles_follow_the_coordinators_map_after_a_failover(tmp_path: Path) -> None:
+    found = fleet_inventory(fleet(tmp_path), coordinator=None,
+                            fleet_map={"writer": "vm2", "epoch": 3}, package=None)
+    listing = found.to_script()
+    assert (listing["rbdfleet_writer"], listing["rbdfleet_readers"]) == (
+        {"hosts": ["vm2"]}, {"hosts": ["vm1"]})
+    vm2 = found.hostvars("vm2")["rbdfleet_agent_config"]
+    assert (vm2["role"], vm2["epoch"]) == ("writer", 3)
+    assert "rbdfleet_agent_package" not in found.hostvars("vm2")
+
+
+def test_the_static_form_holds_the_same_groups_and_hosts() -> None:
+    hosts = [InventoryHost("a", "10.0.0.1", "/", {"node": "a", "role": "writer"}),
+             InventoryHost("b", "10.0.0.2", "/r", {"node": "b"}),
+             InventoryHost("c", "10.0.0.3", spare=True)]
+    static = Inventory(hosts, {"ansible_user": "root"}).to_static()["all"]
+    assert static["vars"] == {"ansible_user": "root"}
+    agents = static["children"]["agents"]["children"]
+    assert agents["rbdfleet_writer"]["hosts"]["a"]["rbdfleet_agent_config"]["role"] == "writer"
+    assert agents["rbdfleet_readers"]["hosts"]["b"]["rbdfleet_agent_prefix"] == "/r"
+    assert list(static["children"]["rbdfleet_spares"]["hosts"]) == ["c"]
