@@ -16,8 +16,10 @@ The network is hostile (anyone may connect):
   closes the connection, so it is never parsed as the next request.
 - Each connection has a deadline for its request line, headers and JSON body
   (``header_timeout``, enforced by the serving loop even against a client that trickles a
-  byte at a time), an idle timeout between requests, a per-read timeout inside PUT and GET
-  bodies, and at most ``max_connections`` are served at once (503 ``too_busy`` beyond).
+  byte at a time), an idle timeout between requests, a deadline for a PUT body (it must keep
+  :data:`MIN_BODY_RATE` after ``body_timeout`` of grace) and ``body_timeout`` per read of it
+  and per 4 MiB piece of a GET answer, and at most ``max_connections`` are served at once
+  (503 ``too_busy`` beyond).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ MAX_PUSH_JSON = MAX_PUSH_BATCH * 4 * ALIGN * 4 // 3 + MAX_CONTROL_JSON
 MAX_CONNECTIONS = 128  # served at once (one thread each); more are answered 503 too_busy
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its headers (and JSON body)
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
-BODY_TIMEOUT = 30.0  # seconds of silence inside a PUT body or while a GET answer is taken
+BODY_TIMEOUT = 30.0  # seconds of silence inside a PUT body, or to send a GET's 4 MiB piece
+MIN_BODY_RATE = 256 << 10  # bytes/s a PUT body keeps on average (after BODY_TIMEOUT of grace)
 EPOCH_HEADER = "X-Rbdfleet-Epoch"
 SEQ_HEADER = "X-Rbdfleet-Seq"
 CRC_HEADER = "X-Rbdfleet-Crc"
@@ -413,14 +416,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _body(self, size: int) -> Iterator[bytes]:
         self._ready_for_body()
-        remaining = size
-        while remaining:
-            data = self.rfile.read(min(CHUNK, remaining))
-            if not data:
-                raise DecodeError(f"body ended after {size - remaining} of {size} bytes")
-            remaining -= len(data)
-            self._unread = remaining
-            yield data
+        # the whole body within body_timeout plus size at MIN_BODY_RATE: a per-read timeout
+        # alone restarts with every byte, so a trickle would hold this thread for ever
+        server = self.server
+        server.deadlines.arm(self.connection,
+                             time.monotonic() + server.body_timeout + size / MIN_BODY_RATE)
+        try:
+            remaining = size
+            while remaining:
+                data = self.rfile.read(min(CHUNK, remaining))
+                if not data:
+                    raise DecodeError(f"body ended after {size - remaining} of {size} bytes")
+                remaining -= len(data)
+                self._unread = remaining
+                yield data
+        finally:
+            server.deadlines.disarm(self.connection)
 
     def get_file(self) -> None:
         path = self._path_after("/v1/files/")

@@ -5,7 +5,10 @@ JSON error, never a 500, and changes nothing (journal seq, files); the grant is 
 a body is read; a chunked body is never read as the next request; slow or idle connections
 cannot stall the agent (the header deadline cuts a client that trickles a byte a second, a
 health probe answers while 50 of them are open, and connections beyond the cap are refused
-503 at once); a PUT that trickles in does not hold the space it announced.
+503 at once); a PUT that trickles in does not hold the space it announced. The deadlines that
+take a minute at the default limits (a PUT body kept under its minimum rate, an idle
+keep-alive connection) are shown on an agent served in the test's own process with 1 s
+limits.
 """
 
 from __future__ import annotations
@@ -24,10 +27,21 @@ from typing import Any
 
 import pytest
 
+from agents.agent import Agent, AgentSettings
+from agents.backends.file import FileDevice
+from agents.core.grants import Grant, sign
 from agents.core.protocol import RecordPush
 from agents.core.record import Record
-from agents.server import HEADER_TIMEOUT, MAX_CONNECTIONS, MAX_CONTROL_JSON
-from tests.fixtures.agents import AgentFleet, FleetFactory
+from agents.server import (
+    HEADER_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONTROL_JSON,
+    MIN_BODY_RATE,
+    AgentServer,
+    serve,
+)
+from agents.volume import Volume
+from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.integration
 
@@ -412,3 +426,72 @@ def test_a_trickled_put_holds_only_what_it_sent(fleet: AgentFleet) -> None:
     fleet.wait_for(third_fits, 30, "the stalled PUT's space given back")
     paths = _state(fleet)[1]
     assert "/stalled" not in paths and {"/other", "/third"} <= set(paths)
+
+
+@pytest.fixture
+def tight(tmp_path: Path) -> Iterator[tuple[AgentServer, Agent]]:
+    """An agent served in this process with tight limits (1 s body and idle timeouts), so
+    the deadlines that take a minute at the defaults are seen in seconds."""
+    image = tmp_path / "tight.raw"
+    with image.open("wb") as f:
+        f.truncate(16 * MiB)
+    device = FileDevice(image)
+    Volume.format(device, fleet="tight")
+    device.close()
+    server = AgentServer(("127.0.0.1", 0), max_body=8 * MiB, body_timeout=1.0,
+                         idle_timeout=1.0, header_timeout=2.0)
+    address = f"127.0.0.1:{server.server_address[1]}"
+    agent = Agent(AgentSettings(node="w", fleet="tight", secret=TEST_SECRET, advertise=address),
+                  lambda read_only: FileDevice(image, read_only=read_only))
+    server.agent = agent
+    agent.start(become_writer_at=1)
+    thread = threading.Thread(target=serve, args=(server,), daemon=True)
+    thread.start()
+    try:
+        yield server, agent
+    finally:
+        server.shutdown()
+        agent.stop()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_a_trickled_put_body_is_cut_at_its_deadline(
+        tight: tuple[AgentServer, Agent]) -> None:
+    """A byte every 0.2 s never trips the 1 s per-read timeout; the body's own deadline
+    (body_timeout + size at MIN_BODY_RATE) cuts it, and nothing is stored."""
+    server, agent = tight
+    address = f"127.0.0.1:{server.server_address[1]}"
+    grant = sign(Grant("tight", "w", "writer", 1, time.time() + 60), TEST_SECRET)
+    size = 64 << 10
+    allowed = server.body_timeout + size / MIN_BODY_RATE
+    with socket.create_connection(_split(address), timeout=5.0) as sock:
+        sock.sendall(http("PUT", "/v1/files/trickle", {**_bearer(grant),
+                                                       "Content-Length": str(size)}))
+        started = time.monotonic()
+        cut = False
+        while time.monotonic() - started < allowed + 5.0:
+            try:
+                sock.sendall(b"t")
+                readable, _, _ = select.select([sock], [], [], 0.2)
+                if readable and sock.recv(65536) == b"":
+                    cut = True
+                    break
+            except OSError:  # reset: cut as well
+                cut = True
+                break
+    assert cut and allowed - 0.5 < time.monotonic() - started < allowed + 5.0
+    volume = agent.volume
+    assert volume is not None and [e.path for e in volume.list("/")] == []
+
+
+def test_an_idle_keep_alive_connection_is_closed(tight: tuple[AgentServer, Agent]) -> None:
+    server, _ = tight
+    address = f"127.0.0.1:{server.server_address[1]}"
+    with socket.create_connection(_split(address), timeout=5.0) as sock:
+        sock.sendall(http("GET", "/v1/health"))
+        buf = bytearray()
+        assert _read_answer(sock, buf)[0] == 200
+        started = time.monotonic()
+        assert _closed(sock, buf, wait=5.0)
+        assert server.idle_timeout - 0.5 < time.monotonic() - started < server.idle_timeout + 2
