@@ -10,6 +10,13 @@ Each :class:`FleetService` owns a thread that, every ``loop_interval``:
    confirmed deaths into ``NodeFailed``, ticks the election and runs the returned actions
    through the :class:`~orchestrator.coordinator.executor.Executor`.
 
+The loop never waits on a node that may not answer for something only best effort: a
+demotion (``DemoteNode``: a hypervisor re-attach, then a call to an agent that may be paused
+or cut off) runs on a side thread and comes back as a ``BatchExecuted`` event, and a new
+reader set reaches the writer through a mailbox thread that only ever sends the latest one.
+Seen on VMs and processes: the loop blocked for seconds in a demotion or a reader-set call to
+a paused writer, and probed nobody meanwhile.
+
 Only this thread touches the election state; API threads talk to it through a queue, and
 read the last published map (guarded by a condition variable that also wakes watchers).
 """
@@ -122,6 +129,13 @@ class FleetService:
         self._probes = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
         )
+        self._side = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix=f"side-{self.fleet}"
+        )
+        self._side_inflight: set[str] = set()  # nodes with a demotion running on the side
+        self._reader_sets = (
+            None if send_reader_set is None else _LatestOnly(send_reader_set, self.fleet)
+        )
         self.stats: dict[str, float] = {"failovers": 0, "terms": 0, "batches_failed": 0}
         # (monotonic time, what, node): deaths confirmed and actions done, for status/benchmarks
         self.timeline: collections.deque[tuple[float, str, str]] = collections.deque(maxlen=4096)
@@ -145,6 +159,9 @@ class FleetService:
             self._thread.join(timeout=10)
             self._lease_thread.join(timeout=10)
         self._probes.shutdown(wait=False, cancel_futures=True)
+        self._side.shutdown(wait=False, cancel_futures=True)
+        if self._reader_sets is not None:
+            self._reader_sets.close()
         if release and self._state is not None:
             try:
                 self.store.release()
@@ -309,7 +326,7 @@ class FleetService:
             persisted=stored,
             role_switch=self.role_switch,
             spares=self.spares,
-            send_reader_set=self.send_reader_set,
+            send_reader_set=None if self._reader_sets is None else self._reader_sets.post,
             on_done=self._record_action,
         )
         live = Liveness(self.settings.liveness)
@@ -407,6 +424,11 @@ class FleetService:
             batches += 1
             if batches > self.settings.max_batches_per_event:
                 return  # the next tick resumes: never spin inside one event
+            for side in [a for a in actions if isinstance(a, el.DemoteNode)]:
+                self._run_aside(side)
+            actions = [a for a in actions if not isinstance(a, el.DemoteNode)]
+            if not actions:
+                return
             result = self._executor.run(actions)
             if result.lease_lost:
                 raise LeaseLost(result.reason)
@@ -418,6 +440,24 @@ class FleetService:
             ev = el.BatchExecuted(result.done, result.failed, result.reason,
                                   self.clock.monotonic(), result.infrastructure)
             self._state, actions = el.step(self._state, ev)
+
+    def _run_aside(self, action: el.DemoteNode) -> None:
+        """Run a demotion on a side thread (module docstring); its outcome comes back as an
+        event. One at a time per node."""
+        executor = self._executor
+        if executor is None or action.node in self._side_inflight:
+            return
+        self._side_inflight.add(action.node)
+
+        def run() -> None:
+            try:
+                result = executor.run([action])
+                self.submit(el.BatchExecuted(result.done, result.failed, result.reason,
+                                             self.clock.monotonic(), result.infrastructure))
+            finally:
+                self._side_inflight.discard(action.node)
+
+        self._side.submit(run)
 
     def _after_promotion(self, node: str, epoch: int) -> None:
         """Our own role switch swapped ``node``'s disk and the promotion held it busy: its
@@ -473,6 +513,46 @@ class FleetService:
                 state = self._state
                 if state is None:
                     return
+
+
+class _LatestOnly:
+    """Sends reader sets to the writer from its own thread, the latest first and only: a
+    paused writer then holds up nothing but older reader sets nobody needs."""
+
+    def __init__(self, send: Callable[[str, ReaderSet, str], None], fleet: str) -> None:
+        self._send = send
+        self._cond = threading.Condition()
+        self._latest: tuple[str, ReaderSet, str] | None = None
+        self._closed = False
+        threading.Thread(target=self._run, name=f"reader-set-{fleet}", daemon=True).start()
+
+    def post(self, address: str, request: ReaderSet, grant: str) -> None:
+        """Queue ``request`` for the writer at ``address``, replacing any not sent yet."""
+        with self._cond:
+            self._latest = (address, request, grant)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the thread (what is queued is dropped)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._latest is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                latest, self._latest = self._latest, None
+            assert latest is not None
+            address, request, grant = latest
+            try:
+                self._send(address, request, grant)
+            except RbdfleetError as exc:
+                LOG.warning("event=reader_set_not_sent address=%s epoch=%d reason=%s",
+                            address, request.epoch, exc)
 
 
 def _describe(action: el.Action) -> str:

@@ -237,6 +237,9 @@ class ElectionState:
     config: ElectionConfig = field(default_factory=ElectionConfig)
     # node -> (not before, last delay): demotions held back after a failure
     demote_hold: tuple[tuple[str, float, float], ...] = ()
+    # node -> epoch it was last demoted to: answers of that node from an older epoch were on
+    # the wire before it stepped down and ask for nothing more
+    demoted: tuple[tuple[str, int], ...] = ()
     # (epoch, revision) of the newest writer word on its in-sync set folded in
     sync_seen: tuple[int, int] = (0, 0)
 
@@ -395,7 +398,7 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
     member = m.member(hb.node)
     if hb.role == "writer" and member.role != "writer":
         # A writer of an older epoch is alive: it is (or will be) fenced; make it step down.
-        return _demote_later(state, hb.node, hb.at)
+        return _demote_later(state, hb, hb.at)
     if member.role == "writer":
         if m.phase == "stable" and hb.epoch == m.epoch:
             return replace(state, map=_with_seq(m, member, hb.applied_seq))
@@ -406,7 +409,7 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
         if hb.epoch < m.epoch:
             # Stale (a fenced writer that came back steps down by itself, at its old epoch):
             # demote it to this epoch (read-only disk, reader role) before it may rejoin.
-            return _demote_later(state, hb.node, hb.at)
+            return _demote_later(state, hb, hb.at)
         if hb.role != "reader" or hb.selftest == "failed":
             return state
         m = m.set_role(hb.node, "reader", in_sync=False)
@@ -423,12 +426,15 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
     return replace(state, map=m, to_attach=state.to_attach - {hb.node})
 
 
-def _demote_later(state: ElectionState, node: str, at: float) -> ElectionState:
-    """Queue a demotion of ``node`` unless a failed one holds it back until later."""
-    held = dict((n, nb) for n, nb, _ in state.demote_hold)
-    if node in held and at < held[node]:
+def _demote_later(state: ElectionState, hb: HeartbeatObserved, at: float) -> ElectionState:
+    """Queue a demotion of ``hb.node`` unless a failed one holds it back until later, or it
+    was demoted past the epoch it speaks from already."""
+    held = {n: nb for n, nb, _ in state.demote_hold}
+    if hb.node in held and at < held[hb.node]:
         return state
-    return replace(state, to_demote=state.to_demote | {node})
+    if hb.epoch < dict(state.demoted).get(hb.node, 0):
+        return state
+    return replace(state, to_demote=state.to_demote | {hb.node})
 
 
 def _demote_failed(state: ElectionState, node: str, at: float) -> ElectionState:
@@ -523,7 +529,9 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
         else:
             state = replace(state, to_demote=state.to_demote - {action.node},
                             demote_hold=tuple(h for h in state.demote_hold
-                                              if h[0] != action.node))
+                                              if h[0] != action.node),
+                            demoted=(*(d for d in state.demoted if d[0] != action.node),
+                                     (action.node, action.epoch)))
     failed = ev.failed
     if failed is None:
         return replace(state, last_error="")

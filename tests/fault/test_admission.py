@@ -6,106 +6,29 @@ back as a reader) were marked in sync by the coordinator on their own heartbeat'
 a heartbeat older than the writes the new writer had meanwhile acknowledged without them; a
 read sent to such a reader right after a put returned the version before it.
 
-The workload here is the sharpest probe of that promise: each client thread puts a counter to
-its own key and, as soon as the put is acknowledged, reads the key back from EVERY node the
-coordinator hands out for reading at that moment. Any answer older than the acknowledged
-counter is a stale read. Nemesis: kill -9 of the writer (failover), its agent restarted as a
-reader (rejoins), then kill -9 and restart of a reader, twice, all under the workload; the
-writer learns every new reader set 1 s late, as a slow guest may. On the code before the fix
-this saw ~250 stale reads per run, and a healthy reader confirmed dead with 0 failed probes.
+The workload is :class:`tests.read_after_ack.ReadAfterAck` (every put read back at once
+from every node the coordinator hands out). Nemesis: kill -9 of the writer (failover), its
+agent restarted as a reader (rejoins), then kill -9 and restart of a reader, twice, all under
+the workload; the writer learns every new reader set 1 s late, as a slow guest may. On the
+code before the fix this saw ~250 stale reads per run, and a healthy reader confirmed dead
+with 0 failed probes.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agents.errors import RbdfleetError
 from orchestrator.coordinator.service import FleetService
-from tests.coordinator_harness import (
-    Coordinator,
-    coordinated_file_fleet,
-    fleet_client,
-    wait_until,
-)
+from tests.coordinator_harness import Coordinator, coordinated_file_fleet, wait_until
 from tests.fixtures.agents import AgentFleet, FleetFactory
+from tests.read_after_ack import ReadAfterAck
 
 pytestmark = pytest.mark.fault
-
-
-@dataclass(frozen=True)
-class StaleRead:
-    node: str
-    key: str
-    got: int
-    acknowledged: int
-    revision: int
-
-
-class ReadAfterAck:
-    """Client threads: put a counter, then read it back from every read target."""
-
-    def __init__(self, fleet: AgentFleet, coordinator: Coordinator, threads: int = 3) -> None:
-        self.fleet = fleet
-        self.client = fleet_client([coordinator.url], fleet.name, timeout=20.0)
-        self.stop = threading.Event()
-        self.stale: list[StaleRead] = []
-        self.errors: list[BaseException] = []
-        self.checked: dict[str, int] = {}  # node -> reads checked after an ack
-        self.acks = 0
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(f"/adm{i}",), daemon=True)
-                         for i in range(threads)]
-
-    def __enter__(self) -> ReadAfterAck:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self._threads:
-            thread.join(60)
-
-    def _run(self, key: str) -> None:
-        try:
-            counter = 0
-            while not self.stop.is_set():
-                counter += 1
-                try:
-                    self.client.put_bytes(b"%d" % counter, key)
-                except RbdfleetError:
-                    continue  # refused or unknown: the next counter is higher anyway
-                with self._lock:
-                    self.acks += 1
-                self._read_back(key, counter)
-        except BaseException as exc:  # a dying thread fails the test
-            self.errors.append(exc)
-
-    def _read_back(self, key: str, acknowledged: int) -> None:
-        try:
-            targets = self.client.coordinator.targets("read", key)
-        except RbdfleetError:
-            return
-        for target in targets.ordered:
-            try:
-                answer = self.fleet.client.get(target.address, key, target.grant)
-            except OSError:
-                continue  # killed meanwhile
-            if answer.status != 200:
-                continue  # 503 catching up, unreachable: refusing is allowed, stale is not
-            got = int(answer.body)
-            with self._lock:
-                self.checked[target.node] = self.checked.get(target.node, 0) + 1
-                if got < acknowledged:
-                    self.stale.append(StaleRead(target.node, key, got, acknowledged,
-                                                targets.revision))
 
 
 @pytest.fixture

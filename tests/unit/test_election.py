@@ -446,3 +446,16 @@ def test_a_failed_demotion_backs_off_instead_of_flapping() -> None:
     assert len(demotions) == 4, demotions
     gaps = [round(b - a, 1) for a, b in itertools.pairwise(demotions)]
     assert gaps == sorted(gaps) and gaps[0] >= 0.5
+
+
+def test_a_stale_answer_from_before_a_demotion_asks_for_no_second_one() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))[0]
+    st, acts = el.step(st, el.HeartbeatObserved("w", "writer", 1, 9, 2.0))
+    assert acts == [el.DemoteNode("w", 2, "w:1")]
+    st = el.step(st, el.BatchExecuted(tuple(acts), None, "", 2.1))[0]
+    # a probe answered before the demotion, observed after it: nothing more to do
+    st, acts = el.step(st, el.HeartbeatObserved("w", "writer", 1, 9, 2.2))
+    assert acts == []
+    st, acts = el.step(st, el.HeartbeatObserved("w", "reader", 2, 9, 2.3))
+    assert st.map.member("w").role == "reader" and acts == [el.PublishMap(st.map)]

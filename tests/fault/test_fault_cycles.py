@@ -1,0 +1,90 @@
+"""Repeated writer faults, each one a single clean failover (loop devices in namespace hosts,
+the coordinator's own fence and role switch; ~2 min).
+
+Seen on the demo fleet: one 8 s pause of the writer VM made the coordinator confirm two
+healthy writers dead with 0 failed probes (its loop had been blocked in a demotion), fence
+them, and run four epochs; demotions of the returning ex-writer were retried 7-14 times in
+0.6 s and nodes flapped reader -> out -> reader. Here the writer (whichever node it is) is
+paused (SIGSTOP) and later resumed, or cut off from the coordinator and later healed, five
+times each, alternating, under :class:`tests.read_after_ack.ReadAfterAck`. Each fault must
+give exactly one new epoch, only the faulted writer may be confirmed dead, the returning
+ex-writer rejoins as an in-sync reader without anyone's command, each demotion of it runs
+once, and no read anywhere is older than a put acknowledged before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from orchestrator.sandbox.hosts import HostSet
+from tests.coordinator_harness import wait_until
+from tests.fault.test_coordinator_faults import (  # noqa: F401 (a fixture)
+    LoopFleet,
+    LoopFleetFactory,
+    _cut,
+    loop_fleet_factory,
+)
+from tests.read_after_ack import ReadAfterAck
+
+pytestmark = pytest.mark.fault
+
+HOST_OF = {"w": "h1", "r1": "h2", "r2": "h3"}
+CYCLES = 5
+
+
+def _rejoined(loop: LoopFleet, node: str, epoch: int) -> bool:
+    m = loop.service.require_active()
+    return loop.role(node) == ("reader", epoch) and node in [r.name for r in m.in_sync_readers()]
+
+
+def _one_fault(loop: LoopFleet, hosts: HostSet, kind: str) -> tuple[str, int]:
+    """Fault the current writer, wait for the next epoch's writer, heal, wait for the old
+    writer's rejoin; (faulted node, new epoch)."""
+    before = loop.service.require_active()
+    victim = before.writer
+    assert victim is not None
+    fault: Callable[[], None]
+    heal: Callable[[], None]
+    if kind == "pause":
+        fault, heal = loop.fleet[victim].pause, loop.fleet[victim].resume
+    else:
+        fault = lambda: _cut(hosts, HOST_OF[victim])  # noqa: E731
+        heal = lambda: _cut(hosts, HOST_OF[victim], heal=True)  # noqa: E731
+    fault()
+    try:
+        wait_until(lambda: loop.service.require_active().epoch > before.epoch
+                   and loop.service.require_active().phase == "stable", 20,
+                   f"failover away from {victim} ({kind})")
+        wait_until(lambda: len(loop.service.require_active().in_sync_readers()) >= 1, 10,
+                   "the new writer's in-sync reader")
+    finally:
+        heal()
+    after = loop.service.require_active()
+    wait_until(lambda: _rejoined(loop, victim, after.epoch), 30,
+               f"{victim} back as an in-sync reader of epoch {after.epoch} ({kind})")
+    return victim, after.epoch
+
+
+def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
+    loop_fleet_factory: LoopFleetFactory, hosts3: HostSet,  # noqa: F811
+) -> None:
+    loop = loop_fleet_factory(hosts3)
+    faulted: list[str] = []
+    with ReadAfterAck(loop.fleet, loop.coordinator) as work:
+        for i in range(2 * CYCLES):
+            epoch = loop.service.require_active().epoch
+            victim, new_epoch = _one_fault(loop, hosts3, "pause" if i % 2 == 0 else "cut")
+            faulted.append(victim)
+            assert new_epoch == epoch + 1, f"fault {i} on {victim}: epoch {epoch} -> {new_epoch}"
+    deaths = [node for _, what, node in loop.service.timeline if what == "NodeFailed"]
+    demotions = [node for _, what, node in loop.service.timeline if what == "DemoteNode"]
+    assert not work.errors, work.errors
+    assert not work.stale, f"{len(work.stale)} stale reads, first: {work.stale[:5]}"
+    assert deaths == faulted, f"confirmed dead {deaths}, faulted {faulted}"
+    assert demotions == faulted, f"demotions {demotions} for faults {faulted}"
+    assert loop.service.require_active().epoch == 1 + 2 * CYCLES
+    assert work.acks > 100 and all(work.checked.get(n, 0) > 20 for n in HOST_OF), (
+        work.acks, work.checked)
+    loop.fsck()
