@@ -1,9 +1,11 @@
 """``AnsibleRunner``: deploy agents with the playbooks in ``ansible/``, run as a program.
 
-Ansible is never imported (DESIGN §6): ``ansible-playbook`` from the project's venv runs as a
-subprocess with ``ANSIBLE_CONFIG=ansible/ansible.cfg``. Each run gets its own work directory
-holding the inventory (JSON, which Ansible's YAML inventory plugin reads), the extra vars
-(a 0600 file, never argv), the SSH control sockets and Ansible's local temp files.
+Ansible is never imported (DESIGN §6): ``ansible-playbook`` from the project's venv (the
+``ansible`` extra) runs as a subprocess with ``ANSIBLE_CONFIG=ansible/ansible.cfg``. Each run
+gets its own work directory holding the inventory (:class:`Inventory`, as JSON, which
+Ansible's YAML inventory plugin reads; ``rbdfleet inventory`` prints the same groups), the
+extra vars (a 0600 file, never argv: they name the secret files, never their content), the
+agents tarball, the SSH control sockets and Ansible's local temp files.
 
 Connections use ``ansible_connection=ssh`` (the paramiko plugin is deprecated in 2.19) with
 the pinned ``known_hosts`` and ``StrictHostKeyChecking=yes``: an unknown or changed host key
@@ -251,8 +253,7 @@ class AnsibleRunner:
 
     def __init__(self, workdir: Path, *, ssh_key: Path, known_hosts: Path, user: str = "root",
                  ansible_dir: Path = ANSIBLE_DIR, timeout: float = 900.0,
-                 target_guard: Callable[[str], None] = require_local_target,
-                 controller_addr: str | None = None) -> None:
+                 target_guard: Callable[[str], None] = require_local_target) -> None:
         self.workdir = workdir
         self.ssh_key = ssh_key
         self.known_hosts = known_hosts
@@ -260,7 +261,6 @@ class AnsibleRunner:
         self.ansible_dir = ansible_dir
         self.timeout = timeout
         self.target_guard = target_guard
-        self.controller_addr = controller_addr
         self.playbook_bin = Path(sys.executable).parent / "ansible-playbook"
         if not self.playbook_bin.exists():
             raise BindingUnavailable("ansible-playbook", "ansible-core")
@@ -315,8 +315,6 @@ class AnsibleRunner:
     def write_inventory(self, hosts: Sequence[InventoryHost]) -> Path:
         """The hosts as a JSON inventory (:meth:`Inventory.to_static`) in the work directory."""
         variables = ssh_vars(self.user, self.ssh_key, self.known_hosts)
-        if self.controller_addr:
-            variables["controller_addr"] = self.controller_addr
         path = self.workdir / "inventory.json"
         path.write_text(json.dumps(Inventory(hosts, variables).to_static(), indent=2,
                                    sort_keys=True))
