@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from agents.agent import Agent
+from agents.core import boundedjson
 from agents.core.grants import CONTROL, WRITER, verify
 from agents.core.index import check_payload, normalize_path
 from agents.core.protocol import (
@@ -91,6 +92,9 @@ MAX_CONTROL_JSON = 64 << 10  # mkdir/rename (two 4 KiB paths even fully \u-escap
 # about a thousand chunks; the writer sends a bigger batch as its commit seq alone, and a push
 # refused here only makes the reader catch up from the journal
 MAX_PUSH_JSON = MAX_PUSH_BATCH * 4 * ALIGN * 4 // 3 + MAX_CONTROL_JSON
+# a push is an object holding one array of strings: anything deeper is refused by the depth
+# scan at its first bracket, before megabytes of ``[{},...]`` are parsed
+PUSH_DEPTH = 2
 MAX_CONNECTIONS = 128  # served at once (one thread each); more are answered 503 too_busy
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its headers (and JSON body)
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
@@ -295,9 +299,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise
             self._has_length = True
 
-    def _message(self, message: type[M], limit: int) -> M:
-        """Read and decode the JSON body (at most ``limit`` bytes), then lift the request's
-        deadline."""
+    def _message(self, message: type[M], limit: int, *,
+                 max_depth: int = boundedjson.MAX_DEPTH) -> M:
+        """Read and decode the JSON body (at most ``limit`` bytes, nested at most
+        ``max_depth``), then lift the request's deadline."""
         length = self._unread
         if not self._has_length:
             raise DecodeError("request needs a Content-Length", field="Content-Length")
@@ -310,7 +315,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._request_read()
         if len(data) != length:
             raise DecodeError(f"body ended after {len(data)} of {length} bytes")
-        return message.decode(data)
+        return message.decode(data, max_depth=max_depth)
 
     def _token(self) -> str:
         return bearer_token(self._headers_map())
@@ -525,7 +530,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def records(self) -> Answer:
         token = self._authenticate({WRITER}, any_node=True)  # the agent checks it names the
-        push = self._message(RecordPush, MAX_PUSH_JSON)      # push's writer
+        push = self._message(RecordPush, MAX_PUSH_JSON,      # push's writer
+                             max_depth=PUSH_DEPTH)
         _check_push(push)
         return Answer(200, self.agent.receive_push(token, push))
 

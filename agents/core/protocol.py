@@ -214,11 +214,11 @@ class Message:
         return cls._from_fields(obj, "")
 
     @classmethod
-    def decode(cls, data: bytes | str) -> Self:
-        """Parse JSON bytes (bounded: :mod:`agents.core.boundedjson`); DecodeError /
-        UnsupportedVersion on bad input."""
+    def decode(cls, data: bytes | str, *, max_depth: int = boundedjson.MAX_DEPTH) -> Self:
+        """Parse JSON bytes (bounded: :mod:`agents.core.boundedjson`, nesting at most
+        ``max_depth``); DecodeError / UnsupportedVersion on bad input."""
         try:
-            obj = boundedjson.loads(data)
+            obj = boundedjson.loads(data, max_depth=max_depth)
         except boundedjson.JsonLimit as exc:
             raise DecodeError(f"{cls.__name__}: {exc}") from exc
         return cls.from_json(obj)

@@ -216,6 +216,9 @@ def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) ->
          413, "too_large"),
         ("push of garbage", http("POST", "/v1/records", _bearer(wg), push.encode()), 400,
          "decode_error"),
+        ("push of 5 MB of [{},...]", http("POST", "/v1/records", _bearer(wg),
+                                          b'{"v":1,"records":[' + b"{}," * 1_700_000
+                                          + b'{}]}'), 400, "decode_error"),
         ("push of a forged record", http("POST", "/v1/records", _bearer(wg),
                                          push_forged.encode()), 400, "decode_error"),
         ("range of 5000 digits", http("GET", "/v1/files/ok", {
