@@ -7,9 +7,12 @@ h2 and h3 are readers. ansible-playbook runs take ~10-20 s each (more under load
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import re
+import ssl
 import stat
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from orchestrator.adapters.ansible import (
     AnsibleRunner,
     InventoryHost,
     PlaybookRun,
+    TlsFiles,
     write_package,
 )
 from orchestrator.adapters.ssh import ParamikoShell
@@ -140,6 +144,70 @@ def test_fleet_playbook_formats_orders_converges_and_checks_clean(
     assert pid_of(inventory[2]) != pids["h3"]
     assert (pid_of(inventory[0]), pid_of(inventory[1])) == (pids["h1"], pids["h2"])
     assert "Stop the agent with start-stop-daemon for its restart" in third.output
+
+
+def make_tls(directory: Path, addresses: list[str]) -> TlsFiles:
+    """A CA and one agent certificate for ``addresses`` (IP SANs), as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+                    signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, agent_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    files = TlsFiles(directory / "agent.crt", directory / "agent.key", directory / "ca.crt")
+    assert files.ca is not None
+    files.ca.write_bytes(certificate("test ca", ca_key, "test ca", ca_key, True)
+                         .public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(certificate("agent", agent_key, "test ca", ca_key, False)
+                           .public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(agent_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return files
+
+
+def test_tls_material_is_installed_and_the_agent_serves_https(
+        hosts3: HostSet, package: AgentPackage, secret: Path, image: Path,
+        tmp_path: Path) -> None:
+    """The writer alone, with TLS: key 0600, config names the files, the role's health check
+    and this one verify the agent against the CA."""
+    writer = fleet(hosts3, image)[0]
+    writer = InventoryHost(writer.name, writer.address, writer.prefix,
+                           {k: v for k, v in writer.config.items() if k != "readers"})
+    tls = make_tls(tmp_path, [writer.address])
+    runner = AnsibleRunner(tmp_path / "ansible", ssh_key=hosts3.ssh_key,
+                           known_hosts=hosts3.known_hosts)
+    run = runner.deploy_agents([writer], package, secret=secret, tls=tls)
+    assert run.recap["h1"].succeeded and run.recap["h1"].changed > 0
+    etc = Path(writer.prefix, "etc/rbdfleet")
+    assert json.loads((etc / "agent.json").read_text())["tls"] == {
+        "cert": str(etc / "agent.crt"), "key": str(etc / "agent.key"), "ca": str(etc / "ca.crt")}
+    assert (etc / "agent.key").read_bytes() == tls.key.read_bytes()
+    assert stat.S_IMODE((etc / "agent.key").stat().st_mode) == 0o600
+    assert b"PRIVATE KEY" not in run.output.encode()
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    with urllib.request.urlopen(f"https://{writer.address}:7480/v1/health", timeout=5,
+                                context=context) as resp:
+        assert json.loads(resp.read())["node"] == "h1"
+    again = runner.deploy_agents([writer], package, secret=secret, tls=tls)
+    assert changed(again) == {"h1": 0}
 
 
 def test_an_unpinned_host_fails_alone_and_a_bad_agent_fails_its_health_check(
