@@ -21,10 +21,10 @@ MAX_DEPTH: Final = 16  # every message and on-disk document of rbdfleet nests 5 
 MAX_INT_DIGITS: Final = 20  # a u64 has 20 digits; nothing rbdfleet stores is larger
 MAX_FLOAT_CHARS: Final = 32  # repr() of any finite double is shorter
 
-# a JSON string (escapes included) or one bracket: strings are skipped whole, so brackets
-# inside them do not count; the unrolled form matches in linear time
-_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
-_OPEN = frozenset(b"[{")
+_KEEP = b'"[]{}'  # all that decides nesting once escapes are gone
+_DROP = bytes(b for b in range(256) if b not in _KEEP)
+_STRING = re.compile(rb'"[^"]*"')
+_PAIR = re.compile(rb"\[\]|\{\}")
 
 
 class JsonLimit(ValueError):
@@ -32,15 +32,19 @@ class JsonLimit(ValueError):
 
 
 def _check_depth(data: bytes, max_depth: int) -> None:
-    level = 0
-    for match in _TOKENS.finditer(data):
-        first = match.group()[0]
-        if first in _OPEN:
-            level += 1
-            if level > max_depth:
-                raise JsonLimit(f"JSON nested deeper than {max_depth} levels")
-        elif first != ord('"'):
-            level -= 1
+    """JsonLimit unless the brackets outside strings nest at most ``max_depth`` deep. Every
+    step is a C-speed pass over the bytes (no Python loop per byte or per bracket): drop the
+    escaped backslashes and quotes, keep only quotes and brackets, drop the strings, then
+    remove innermost ``[]``/``{}`` pairs ``max_depth`` times: what is left is nested deeper
+    (or unbalanced, which the parser would refuse anyway)."""
+    brackets = _STRING.sub(b"", data.replace(b"\\\\", b"").replace(b'\\"', b"")
+                           .translate(None, _DROP))
+    for _ in range(max_depth):
+        if not brackets:
+            return
+        brackets = _PAIR.sub(b"", brackets)
+    if brackets:
+        raise JsonLimit(f"JSON nested deeper than {max_depth} levels (or unbalanced)")
 
 
 def _int(text: str) -> int:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agents.core import boundedjson
 from agents.core import protocol as p
 from agents.errors import BadSignature, DecodeError, StaleEpoch, UnsupportedVersion
 
@@ -185,3 +186,32 @@ def test_header_names_are_case_insensitive() -> None:
     assert "CONTENT-LENGTH" in lowered and len(lowered) == len(req.to_headers())
     first = p.HeaderMap([("Content-Length", "0"), ("content-length", "9")])
     assert first["Content-Length"] == "0"
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), WIRE_INTS, st.text(alphabet='[]{}"\\ab\n', max_size=6)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=4), inner,
+                                            max_size=3)),
+    max_leaves=30,
+)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+@given(JSON_VALUES, st.integers(0, 6))
+def test_depth_scan_counts_exactly_the_structure(value: object, limit: int) -> None:
+    """Brackets, quotes and backslashes inside strings (and keys) never count; structure
+    always does: a value parses iff it nests at most ``limit`` deep."""
+    text = json.dumps(value)
+    if _depth(value) <= limit:
+        assert boundedjson.loads(text, max_depth=limit) == value
+    else:
+        with pytest.raises(boundedjson.JsonLimit):
+            boundedjson.loads(text, max_depth=limit)
