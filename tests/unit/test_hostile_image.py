@@ -25,7 +25,7 @@ from agents.core import checkpoint as ckpt
 from agents.core import record as rec
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN
-from agents.errors import CorruptMetadata, FormatError
+from agents.errors import AgentError, CorruptMetadata, FormatError
 from agents.volume import Record, Volume
 
 pytestmark = pytest.mark.unit
@@ -382,3 +382,19 @@ def test_a_reader_refresh_meets_a_hostile_record(image: Path) -> None:
         vol.close()
     finally:
         device.close()
+
+
+def test_a_rename_that_would_make_a_cycle(image: Path) -> None:
+    """A directory moved inside itself would make the namespace a cycle: the record does not
+    apply, the open is refused naming it, fsck reports it; nothing loops."""
+    _append(image, lambda seq, epoch, tag: Record(
+        seq, epoch, "rename", {"src": "/d", "dst": "/d/small/d"}, commit_seq=seq - 1,
+        volume_tag=tag).encode())
+    device = FileDevice(image, read_only=True)
+    try:
+        with pytest.raises(AgentError) as info:
+            Volume.open(device)
+    finally:
+        device.close()
+    assert "inside itself" in info.value.message
+    assert any("does not apply" in p.detail for p in _fsck(image))
