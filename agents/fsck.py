@@ -7,7 +7,7 @@ a crash and not reported: a torn journal tail, and a torn checkpoint slot while 
 slot is valid (the writer was writing it).
 A hostile or garbage image (bad geometry, lengths past the device, a compression bomb, a
 malformed index) is reported as a problem at the structure that does not decode, never a
-crash or a hang: every decoder bounds what it reads (docs/format.md).
+crash or a hang: every decoder bounds what it reads (docs/agent.md, "Limits").
 Exit status: 0 clean, 1 problems found (each printed with its location), 2 not checkable.
 """
 
