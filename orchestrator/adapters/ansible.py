@@ -124,8 +124,8 @@ class Inventory:
     def to_script(self) -> dict[str, Any]:
         """The ``--list`` answer of a dynamic inventory script (hostvars under ``_meta``)."""
         listing: dict[str, Any] = {
-            "_meta": {"hostvars": {h.name: self.hostvars(h.name) for h in self.hosts}},
-            "all": {"children": ["agents", "rbdfleet_spares"]},
+            "_meta": {"hostvars": {h.name: h.hostvars() for h in self.hosts}},
+            "all": {"children": ["agents", "rbdfleet_spares"], "vars": dict(self.variables)},
             "agents": {"children": ["rbdfleet_writer", "rbdfleet_readers"]},
         }
         for group in GROUPS:

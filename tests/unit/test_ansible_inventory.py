@@ -38,9 +38,11 @@ def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
     assert vm1["rbdfleet_agent_config"]["role"] == "writer"
     assert vm1["rbdfleet_agent_config"]["readers"] == {"vm2": "10.87.0.12:7480"}
     assert vm1["rbdfleet_agent_config"]["coordinator"] == "http://10.87.0.1:7470"
-    assert vm1["rbdfleet_agent_secret_src"] == f"{tmp_path}/fleet.secret"
-    assert vm1["rbdfleet_agent_package"] == f"{tmp_path}/agents-x.tar.gz"
-    assert "StrictHostKeyChecking=yes" in vm1["ansible_ssh_common_args"]
+    shared = listing["all"]["vars"]
+    assert shared["rbdfleet_agent_secret_src"] == f"{tmp_path}/fleet.secret"
+    assert shared["rbdfleet_agent_package"] == f"{tmp_path}/agents-x.tar.gz"
+    assert "StrictHostKeyChecking=yes" in shared["ansible_ssh_common_args"]
+    assert found.hostvars("vm1") == {**shared, **vm1}
     assert "rbdfleet_agent_config" not in listing["_meta"]["hostvars"]["vm3"]
     assert found.hostvars("vm2")["rbdfleet_agent_config"]["role"] == "reader"
     with pytest.raises(ConfigError, match="vm9"):
