@@ -335,6 +335,10 @@ class WriterRole:
             except AgentError as exc:
                 self._mark_lagging(link, commit, f"push failed: {exc.code}: {exc.message}")
                 continue
+            except Exception as exc:  # a bug must not end this reader's pusher silently
+                LOG.exception("event=push_error node=%s reader=%s", self.node, link.node)
+                self._mark_lagging(link, commit, f"push failed: {type(exc).__name__}")
+                continue
             with self._cond:
                 link.applied_seq = max(link.applied_seq, ack.applied_seq)
                 link.safe_seq = ack.safe_seq

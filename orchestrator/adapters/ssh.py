@@ -312,12 +312,13 @@ class ParamikoShell:
 
         The pid is the host's own (namespace-local on test hosts). Shaped after pitfall 4:
         ``cd X || exit 1;`` (never ``&&``, which backgrounds a subshell that holds the
-        channel) and every standard stream redirected.
+        channel) and every standard stream redirected. The log is appended to, never
+        truncated: a restarted agent's log must keep what its killed predecessor said.
         """
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()
                                if k.isidentifier())
         script = (f"cd {shlex.quote(workdir)} || exit 1; {assignments} setsid nohup "
-                  f"{cmd.render()} >{shlex.quote(log_path)} 2>&1 </dev/null & echo $!")
+                  f"{cmd.render()} >>{shlex.quote(log_path)} 2>&1 </dev/null & echo $!")
         result = self.run(host, shell_script(script), timeout, check=True)
         pid = result.stdout.strip().splitlines()[-1:] or [""]
         if not pid[0].isdigit():

@@ -44,9 +44,8 @@ def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -
         else:
             sync = "catching-up" if member["role"] == "reader" else "-"
         live = f.get("liveness", {}).get(member["name"], "-")
-        rows.append(
-            (member["name"], member["role"], sync, member["applied_seq"], live, member["address"])
-        )
+        seq = f.get("applied_seq", {}).get(member["name"], member["applied_seq"])
+        rows.append((member["name"], member["role"], sync, seq, live, member["address"]))
     print_table(("NODE", "ROLE", "SYNC", "SEQ", "LIVENESS", "ADDRESS"), rows, right={3})
     if f.get("pending"):
         typer.echo("pending: " + ", ".join(f["pending"]))

@@ -252,6 +252,10 @@ class FleetService:
             "coordinator": self.settings.url if state is not None else self._advertised(),
             "map": None if published is None else published.to_json(),
             "liveness": verdicts,
+            # what each agent said last (probe answers, heartbeats); the map's own applied_seq
+            # is only as fresh as the last change worth publishing
+            "applied_seq": {} if state is None
+            else {m.name: m.applied_seq for m in state.map.members},
             "pending": [] if state is None else [_describe(a) for a in el.plan(state)],
             "last_error": "" if state is None else state.last_error,
             "stats": dict(self.stats),
@@ -410,6 +414,10 @@ class FleetService:
                 self._next_probe = now  # a client says it failed: probe it right now
             else:
                 self._feed(item)
+                if isinstance(item, el.BatchExecuted):  # a side action's outcome, folded in
+                    for action in (*item.done, item.failed):
+                        if isinstance(action, el.DemoteNode):
+                            self._side_inflight.discard(action.node)
 
     def _feed(self, event: el.Event) -> None:
         state = self._state
@@ -452,10 +460,13 @@ class FleetService:
         def run() -> None:
             try:
                 result = executor.run([action])
-                self.submit(el.BatchExecuted(result.done, result.failed, result.reason,
-                                             self.clock.monotonic(), result.infrastructure))
-            finally:
-                self._side_inflight.discard(action.node)
+                outcome = el.BatchExecuted(result.done, result.failed, result.reason,
+                                           self.clock.monotonic(), result.infrastructure)
+            except Exception as exc:  # a bug: keep its traceback, and the loop going
+                LOG.exception("event=side_action_error fleet=%s action=%s", self.fleet,
+                              _describe(action))
+                outcome = el.BatchExecuted((), action, repr(exc), self.clock.monotonic())
+            self.submit(outcome)  # the loop clears the node's in-flight mark as it folds it
 
         self._side.submit(run)
 

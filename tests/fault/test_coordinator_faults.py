@@ -22,9 +22,10 @@ acknowledged write readable afterwards, no failed read; the seed is in every fai
 the stale write, every file reads back with the same checksum, and ``rbdfleet-agent fsck``
 finds the volume clean.
 
-And the checks can fail: the same cut with a fence that does nothing lets the stale client's
-put through the old writer be acknowledged at epoch 1 after epoch 2 began — the image changes
-and the history checkers report the acknowledged write lost. Runtime ~45 s.
+And without the fence: the old writer's record reaches the image but its put is not
+acknowledged (its readers and the coordinator refuse its epoch); told it has no readers, it
+acknowledges at epoch 1 after epoch 2 began, and the history checkers report the
+acknowledged write lost (the checks can fail on real processes). Runtime ~45 s.
 """
 
 from __future__ import annotations
@@ -215,6 +216,25 @@ def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
     return int(done.stdout.strip())
 
 
+def _post_from(launcher: tuple[str, ...], address: str, path: str, grant: str,
+               payload: dict[str, Any]) -> int:
+    """Status of a JSON POST to ``address`` sent from a process run through ``launcher``."""
+    script = (
+        "import http.client, json, sys\n"
+        "address, path, grant, body = json.load(sys.stdin)\n"
+        "host, _, port = address.rpartition(':')\n"
+        "conn = http.client.HTTPConnection(host, int(port), timeout=20)\n"
+        "headers = {'Authorization': 'Bearer ' + grant, 'Content-Type': 'application/json'}\n"
+        "conn.request('POST', path, body=json.dumps(dict(body, v=1)), headers=headers)\n"
+        "print(conn.getresponse().status)\n"
+    )
+    done = subprocess.run([*launcher, sys.executable, "-c", script],
+                          input=json.dumps([address, path, grant, payload]),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.strip())
+
+
 def _checksums(client: FleetClient) -> dict[str, str | None]:
     return {k: read_value(client, k) for k in KEYS}
 
@@ -350,23 +370,34 @@ class FenceThatDoesNothing:
         return []
 
 
-def test_without_a_fence_the_cut_off_writer_splits_the_brain_and_the_checks_catch_it(
+def test_without_a_fence_the_agents_still_refuse_and_only_a_writer_with_no_readers_splits(
     loop_fleet_factory: LoopFleetFactory, hosts3: HostSet
 ) -> None:
-    """The checks can fail on real processes: the same cut with a fence that does nothing lets
-    a stale client's put through the old writer be acknowledged at epoch 1 after epoch 2
-    began; the image changes and the history checkers report the acknowledged write lost."""
+    """What each layer holds, and that the checks can fail on real processes. The same cut
+    with a fence that does nothing: the old writer takes a stale client's put, its record
+    lands on the image (only the fence keeps the bytes), but it cannot acknowledge it — its
+    readers refuse an epoch-1 push and the coordinator refuses its lagging report (503
+    lag_not_reported, outcome unknown). Told it has no readers at all (a control request
+    from its side of the cut), it acknowledges at epoch 1 after epoch 2 began: split brain,
+    and the history checkers report the acknowledged write lost."""
     seed = SEED + 4
     loop = loop_fleet_factory(hosts3, fencer=FenceThatDoesNothing())
     work, _ = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
     assert not loop.disks.fenced and not loop.disks.read_only("w")
     before = loop.image_digest()
-    op = work.history.invoke("stale-client", "put", "/k0", value_hash(STALE_VALUE.encode()))
     h3 = ("ip", "netns", "exec", hosts3.host("h3").netns)
-    status = _stale_put(loop.fleet["w"].address, loop.fleet.grant("w", "writer", 1), h3)
-    assert 200 <= status < 300, f"seed {seed}: the unfenced old writer refused the put: {status}"
+    grant = loop.fleet.grant("w", "writer", 1)
+    refused = _stale_put(loop.fleet["w"].address, grant, h3)
+    assert refused == 503, f"seed {seed}: the unfenced old writer answered {refused}"
+    assert loop.image_digest() != before  # its record landed: the fence is what keeps bytes
+    alone = _post_from(h3, loop.fleet["w"].address, "/v1/readers",
+                       loop.fleet.grant("w", "control", 1),
+                       {"fleet": loop.fleet.name, "epoch": 1, "readers": []})
+    assert alone == 200, f"seed {seed}: emptying the old writer's reader set -> {alone}"
+    op = work.history.invoke("stale-client", "put", "/k0", value_hash(STALE_VALUE.encode()))
+    status = _stale_put(loop.fleet["w"].address, grant, h3)
+    assert 200 <= status < 300, f"seed {seed}: the readerless old writer refused: {status}"
     work.history.ok(op, epoch=1, node="w")
-    assert loop.image_digest() != before  # two writers on one image: split brain
     # Its record or data may land on epoch 2's: a key may be unreadable now (not for 30 s).
     brief = recording_client([loop.coordinator.url], loop.fleet.name, TEST_SECRET, retry_timeout=3)
     anomalies = check_all(work.history.ops(), final_state(brief, work.history.ops()))

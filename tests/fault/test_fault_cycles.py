@@ -6,10 +6,13 @@ healthy writers dead with 0 failed probes (its loop had been blocked in a demoti
 them, and run four epochs; demotions of the returning ex-writer were retried 7-14 times in
 0.6 s and nodes flapped reader -> out -> reader. Here the writer (whichever node it is) is
 paused (SIGSTOP) and later resumed, or cut off from the coordinator and later healed, five
-times each, alternating, under :class:`tests.read_after_ack.ReadAfterAck`. Each fault must
-give exactly one new epoch, only the faulted writer may be confirmed dead, the returning
-ex-writer rejoins as an in-sync reader without anyone's command, each demotion of it runs
-once, and no read anywhere is older than a put acknowledged before it.
+times each, alternating, under two workloads at once: the project's recorded one
+(:class:`tests.jepsen.Workload`, every checker over its history and the final state of every
+node) and :class:`tests.read_after_ack.ReadAfterAck` (every put read back at once from every
+node handed out). Each fault must give exactly one new epoch, only the faulted writer may be
+confirmed dead, the returning ex-writer rejoins as an in-sync reader without anyone's
+command, each demotion of it runs once, and no read anywhere is older than a put
+acknowledged before it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 import pytest
 
 from orchestrator.sandbox.hosts import HostSet
+from orchestrator.testing.history import History
 from tests.coordinator_harness import wait_until
 from tests.fault.test_coordinator_faults import (  # noqa: F401 (a fixture)
     LoopFleet,
@@ -26,6 +30,7 @@ from tests.fault.test_coordinator_faults import (  # noqa: F401 (a fixture)
     _cut,
     loop_fleet_factory,
 )
+from tests.jepsen import SEED, Workload, assert_history_clean
 from tests.read_after_ack import ReadAfterAck
 
 pytestmark = pytest.mark.fault
@@ -70,14 +75,22 @@ def _one_fault(loop: LoopFleet, hosts: HostSet, kind: str) -> tuple[str, int]:
 def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
     loop_fleet_factory: LoopFleetFactory, hosts3: HostSet,  # noqa: F811
 ) -> None:
+    seed = SEED + 7
     loop = loop_fleet_factory(hosts3)
     faulted: list[str] = []
-    with ReadAfterAck(loop.fleet, loop.coordinator) as work:
-        for i in range(2 * CYCLES):
-            epoch = loop.service.require_active().epoch
-            victim, new_epoch = _one_fault(loop, hosts3, "pause" if i % 2 == 0 else "cut")
-            faulted.append(victim)
-            assert new_epoch == epoch + 1, f"fault {i} on {victim}: epoch {epoch} -> {new_epoch}"
+    recorded = Workload(loop.client(), History(), seed)
+    recorded.start(writers=1, readers=2)
+    try:
+        with ReadAfterAck(loop.fleet, loop.coordinator) as work:
+            for i in range(2 * CYCLES):
+                epoch = loop.service.require_active().epoch
+                victim, new_epoch = _one_fault(loop, hosts3, "pause" if i % 2 == 0 else "cut")
+                faulted.append(victim)
+                assert new_epoch == epoch + 1, (
+                    f"seed {seed}: fault {i} on {victim}: epoch {epoch} -> {new_epoch}")
+    finally:
+        recorded.finish()
+    assert_history_clean(recorded.history, loop.client(), seed)
     deaths = [node for _, what, node in loop.service.timeline if what == "NodeFailed"]
     demotions = [node for _, what, node in loop.service.timeline if what == "DemoteNode"]
     assert not work.errors, work.errors
