@@ -439,6 +439,18 @@ class FleetClient:
     ) -> WriteResult:
         last: BaseException | None = None
         seen = [-1]  # revision of the map the last attempt used
+        # An attempt whose outcome the writer could not tell (it lost its device, was demoted
+        # mid-wait, could not get a lagging reader taken out of the map): the write is resent
+        # at the new writer, but if that does not succeed the caller must hear "unknown", not
+        # the later attempt's definite-sounding refusal (a resent delete's 404, say).
+        unknown: list[AgentError] = []
+
+        def unknown_outcome(exc: BaseException, node: str, address: str) -> BaseException:
+            if not unknown or isinstance(exc, RequestOutcomeUnknown):
+                return exc
+            first = unknown[0]
+            return RequestOutcomeUnknown(node, address, f"an earlier attempt's outcome is "
+                                         f"unknown ({first.code}: {first.message}); then: {exc}")
 
         def wait_for_newer_map(delay: float) -> None:
             if seen[0] < 0:
@@ -468,14 +480,20 @@ class FleetClient:
                 last = exc
                 continue
             except self.retry.retryable as exc:
+                if isinstance(exc, AgentError) and exc.fields.get("outcome") == "unknown":
+                    unknown.append(exc)
                 last = exc  # 409 / 401 / 503: the map moved on; fetch it again
                 continue
+            except AgentError as exc:
+                if exc.fields.get("outcome") == "unknown":
+                    unknown.append(exc)
+                raise unknown_outcome(exc, writer.node, writer.address) from exc
             body = resp.body if isinstance(resp.body, dict) else {}
             return WriteResult(
                 writer.node, int(body.get("epoch", targets.epoch)), int(body.get("seq", -1)), body
             )
         assert last is not None
-        raise last
+        raise unknown_outcome(last, "-", "-") from last
 
     def put(
         self,

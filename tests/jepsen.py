@@ -140,13 +140,17 @@ def outcome_of(exc: AgentError | AgentUnreachable) -> Literal["fail", "unknown"]
     The client resends only what certainly did not happen and raises
     :class:`RequestOutcomeUnknown` at once when a sent request lost its answer, so the error
     it ends with speaks for every attempt: unreachable before sending, a 4xx, a 503 (not
-    serving) or a 507 (no space, refused before writing) are refusals; any other 5xx (a device
-    error mid-write, an internal error) leaves the outcome unknown.
+    serving) or a 507 (no space, refused before writing) are refusals unless the answer itself
+    says ``outcome: unknown`` (a writer that lost its device or could not get a lagging reader
+    out of the map: its record may be durable); any other 5xx (a device error mid-write, an
+    internal error) leaves the outcome unknown.
     """
     if isinstance(exc, RequestOutcomeUnknown):
         return "unknown"
     if isinstance(exc, AgentUnreachable):
         return "fail"
+    if exc.fields.get("outcome") == "unknown":  # the writer says it cannot tell
+        return "unknown"
     status = _status(exc)
     return "fail" if status < 500 or status in (503, 507) else "unknown"
 
