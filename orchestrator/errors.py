@@ -33,6 +33,10 @@ class ConfigError(OrchestratorError):
         self.reason = reason
 
 
+class AdapterChosenPoorly(OrchestratorError):
+    """An adapter lacks a guarantee (``Characteristics``) the use case it was given to needs."""
+
+
 class SandboxError(OrchestratorError):
     """The sandbox could not be brought up or down; the message says what to do."""
 

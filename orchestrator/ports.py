@@ -1,7 +1,9 @@
 """The orchestrator's ports: what the use cases need from Ceph, libvirt, the clock...
 
 Ports are :class:`typing.Protocol` classes injected by constructor; adapters live in
-``orchestrator/adapters`` (one binding per module) and fakes in ``orchestrator/testing``.
+``orchestrator/adapters`` (one binding per module) and fakes in ``orchestrator/testing/fakes.py``;
+``orchestrator/testing/contracts.py`` states each port's guarantees as checks that
+``tests/contract`` runs against both (docs/architecture.md, "Ports and their contracts").
 Values crossing a port are frozen dataclasses of plain types, never binding objects.
 Others add their ports here additively (StateStore, RemoteShell, AgentClient...).
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from orchestrator.errors import AdapterChosenPoorly
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,17 +46,34 @@ __all__ = [
     "SpareProvisioner",
     "StateStore",
     "Watcher",
+    "require",
 ]
 
 
 class Characteristics(enum.Flag):
-    """Guarantees an adapter declares (``CHARACTERISTICS``); a use case refuses a weak one."""
+    """Guarantees beyond the Protocol an adapter declares as its class's ``CHARACTERISTICS``.
+
+    Each declared flag is checked against the adapter by its contract suite
+    (``orchestrator.testing.contracts``), and a fake declares exactly what its adapter does.
+    A use case that relies on one calls :func:`require` when it is given the adapter.
+    """
 
     NONE = 0
     FENCES_BY_CLIENT_ADDRESS = enum.auto()  # fence() cuts exactly one VM's librados clients
-    WAITS_FOR_OSDMAP = enum.auto()  # fence() returns only once OSDs enforce it
+    WAITS_FOR_OSDMAP = enum.auto()  # fence()/is_fenced() answer only once OSDs enforce it
     HOT_PLUG = enum.auto()  # disks attach to / detach from running domains
     PRIVATE_SECRETS = enum.auto()  # secret values cannot be read back from the hypervisor
+
+
+def require(adapter: object, needed: Characteristics, role: str) -> None:
+    """Refuse ``adapter`` for ``role`` unless it declares every flag of ``needed``
+    (AdapterChosenPoorly naming the missing ones), as tooz refuses a poorly chosen driver."""
+    declared = getattr(adapter, "CHARACTERISTICS", Characteristics.NONE)
+    missing = needed & ~declared if isinstance(declared, Characteristics) else needed
+    if missing:
+        names = ", ".join(flag.name or "?" for flag in missing)
+        raise AdapterChosenPoorly(f"{type(adapter).__name__} cannot serve as {role}: it does "
+                                  f"not declare {names}")
 
 
 class SecretKey:

@@ -51,6 +51,7 @@ from orchestrator.errors import (
 )
 from orchestrator.ports import (
     AttachedDisk,
+    Characteristics,
     Clock,
     CredentialStore,
     DiskMode,
@@ -59,6 +60,7 @@ from orchestrator.ports import (
     Hypervisor,
     ImageStore,
     MonHost,
+    require,
 )
 
 LOG = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ __all__ = [
     "IMAGE_FEATURES",
     "Applied",
     "Provisioner",
+    "ProvisionerRoles",
     "SystemClock",
     "VmAttachment",
     "check_partial",
@@ -172,6 +175,10 @@ class Provisioner:
                  hypervisor: Hypervisor, clock: Clock | None = None,
                  progress: Callable[[str], None] | None = None,
                  fence_proof: FenceProof | None = None) -> None:
+        if fence_proof is not None:
+            # A proof answered before the OSDs enforce the blocklist would let a new writer
+            # attach next to an old one that can still write.
+            require(fence_proof, Characteristics.WAITS_FOR_OSDMAP, "the provisioner's fence proof")
         self.config = config
         self.fence_proof = fence_proof
         # domains whose fenced read-write disk is still live (guest paused): VM names
@@ -391,6 +398,25 @@ class Provisioner:
                 if self._clock.monotonic() > deadline:
                     raise
                 self._clock.sleep(0.5)
+
+
+class ProvisionerRoles:
+    """RoleSwitch and SpareProvisioner over :class:`Provisioner` (libvirt re-attach)."""
+
+    def __init__(self, provisioner: Provisioner) -> None:
+        self.provisioner = provisioner
+
+    def make_writer(self, node: str) -> None:
+        """``node`` read-write; the planner demotes the old writer first."""
+        self.provisioner.set_role(node, "writer")
+
+    def make_reader(self, node: str) -> None:
+        """``node`` ``<readonly/>``; completes a fenced old writer's pending live detach."""
+        self.provisioner.set_role(node, "reader")
+
+    def attach_spare(self, node: str) -> None:
+        """The spare's disk read-only (its agent, deployed with the fleet, then catches up)."""
+        self.provisioner.set_role(node, "reader")
 
 
 def undo_hint(done: list[Applied], fleet: str) -> str:

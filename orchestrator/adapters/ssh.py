@@ -64,6 +64,8 @@ __all__ = [
     "SshHost",
     "allow_any_target",
     "require_local_target",
+    "shell_script",
+    "start_detached",
     "translate_ssh_errors",
 ]
 
@@ -121,6 +123,32 @@ class RemoteCommand:
 def shell_script(script: str) -> RemoteCommand:
     """A ``/bin/sh -c SCRIPT`` command, for the few jobs that need shell syntax."""
     return RemoteCommand(Executable.SH, ("-c", script))
+
+
+class _Runs(Protocol):
+    def run(self, host: SshHost, cmd: RemoteCommand, timeout: float = 30.0, *,
+            check: bool = False, stdin: bytes | None = None) -> RemoteResult: ...
+
+
+def start_detached(shell: _Runs, host: SshHost, cmd: RemoteCommand, *, workdir: str,
+                   log_path: str, env: Mapping[str, str] | None, timeout: float) -> int:
+    """``start_background`` over any shell's ``run``: ``cmd`` detached from the session in
+    ``workdir``, its output appended to ``log_path``; the host-local pid.
+
+    Shaped after pitfall 4: ``cd X || exit 1;`` (never ``&&``, which backgrounds a subshell
+    that holds the channel) and every standard stream redirected. The log is appended to,
+    never truncated: a restarted agent's log must keep what its killed predecessor said.
+    """
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()
+                           if k.isidentifier())
+    script = (f"cd {shlex.quote(workdir)} || exit 1; {assignments} setsid nohup "
+              f"{cmd.render()} >>{shlex.quote(log_path)} 2>&1 </dev/null & echo $!")
+    result = shell.run(host, shell_script(script), timeout, check=True)
+    pid = result.stdout.strip().splitlines()[-1:] or [""]
+    if not pid[0].isdigit():
+        raise RemoteCommandFailed(host.name, f"start of {cmd.executable.value} printed "
+                                             f"no pid: {result.stdout!r}", rc=result.rc)
+    return int(pid[0])
 
 
 @dataclass(frozen=True)
@@ -310,21 +338,10 @@ class ParamikoShell:
                          timeout: float = 30.0) -> int:
         """Start ``cmd`` detached on ``host`` (survives the SSH session); return its pid.
 
-        The pid is the host's own (namespace-local on test hosts). Shaped after pitfall 4:
-        ``cd X || exit 1;`` (never ``&&``, which backgrounds a subshell that holds the
-        channel) and every standard stream redirected. The log is appended to, never
-        truncated: a restarted agent's log must keep what its killed predecessor said.
+        The pid is the host's own (namespace-local on test hosts); see :func:`start_detached`.
         """
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()
-                               if k.isidentifier())
-        script = (f"cd {shlex.quote(workdir)} || exit 1; {assignments} setsid nohup "
-                  f"{cmd.render()} >>{shlex.quote(log_path)} 2>&1 </dev/null & echo $!")
-        result = self.run(host, shell_script(script), timeout, check=True)
-        pid = result.stdout.strip().splitlines()[-1:] or [""]
-        if not pid[0].isdigit():
-            raise RemoteCommandFailed(host.name, f"start of {cmd.executable.value} printed "
-                                                 f"no pid: {result.stdout!r}", rc=result.rc)
-        return int(pid[0])
+        return start_detached(self, host, cmd, workdir=workdir, log_path=log_path, env=env,
+                              timeout=timeout)
 
     def disconnect(self, host: SshHost) -> None:
         """Close the cached connection to ``host`` (the next call reconnects)."""

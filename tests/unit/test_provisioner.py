@@ -3,30 +3,31 @@ what it reports when an action fails midway, and that it never hands a key to a 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import logging
 
 import pytest
 
 from orchestrator.config import FleetConfig, from_mapping
-from orchestrator.core.placement import Attach, Plan
-from orchestrator.errors import CoordinationError, DetachPending, DeviceAttachError
-from orchestrator.ports import (
-    AttachedDisk,
-    ClientSession,
-    DiskMode,
-    DiskSpec,
-    DomainInfo,
-    ImageInfo,
-    MonHost,
-    SecretKey,
-    Watcher,
+from orchestrator.core.placement import Attach, Plan, vm_user
+from orchestrator.errors import (
+    AdapterChosenPoorly,
+    CoordinationError,
+    DetachPending,
+    DeviceAttachError,
 )
+from orchestrator.ports import Characteristics, DiskMode, MonHost
 from orchestrator.provision import FENCED_DETACH_WAIT_S, Provisioner, check_partial, undo_hint
+from orchestrator.testing.fakes import (
+    MemoryCeph,
+    MemoryCredentialStore,
+    MemoryFencer,
+    MemoryHypervisor,
+    MemoryImageStore,
+)
 
 pytestmark = pytest.mark.unit
-
-KEY = b"k" * 16
-
 
 def config() -> FleetConfig:
     return from_mapping({
@@ -39,113 +40,42 @@ def config() -> FleetConfig:
     })
 
 
-class MemoryImages:
-    def __init__(self) -> None:
-        self.images: dict[tuple[str, str], ImageInfo] = {}
-
-    def pool_exists(self, pool: str) -> bool:
-        return pool == "rbd"
-
-    def create_pool(self, pool: str) -> None:
-        raise AssertionError("not expected")
-
-    def image_info(self, pool: str, name: str) -> ImageInfo | None:
-        return self.images.get((pool, name))
-
-    def create_image(self, pool: str, name: str, size: int, features: int) -> None:
-        self.images[(pool, name)] = ImageInfo(pool, name, size, features)
-
-    def remove_image(self, pool: str, name: str) -> None:
-        del self.images[(pool, name)]
-
-    def watchers(self, pool: str, name: str) -> list[Watcher]:
-        return []
+URI = "qemu:///system"
 
 
-class MemoryCredentials:
-    def __init__(self) -> None:
-        self.users: set[str] = set()
-
-    def list_users(self, prefix: str) -> list[str]:
-        return sorted(f"client.{u}" for u in self.users if u.startswith(prefix))
-
-    def ensure_user(self, user: str, pool: str) -> SecretKey:
-        self.users.add(user)
-        return SecretKey(KEY)
-
-    def remove_user(self, user: str) -> None:
-        self.users.discard(user)
-
-    def sessions(self) -> list[ClientSession]:
-        return []
-
-    def mon_hosts(self) -> tuple[MonHost, ...]:
-        raise AssertionError("config.ceph.mon_host is set: the monmap is not asked")
+def hypervisor(failing_domain: str | None = None) -> MemoryHypervisor:
+    hv = MemoryHypervisor(failing_domain)
+    for i in (1, 2, 3):
+        hv.define(URI, f"d{i}", active=True)
+    return hv
 
 
-class MemoryHypervisor:
-    def __init__(self, failing_domain: str | None = None) -> None:
-        self.disks: dict[str, list[AttachedDisk]] = {f"d{i}": [] for i in (1, 2, 3)}
-        self.secrets: dict[str, SecretKey] = {}
-        self.calls: list[str] = []
-        self.failing_domain = failing_domain
-        self.paused: set[str] = set()  # their guests cannot release a disk
-        self.timeouts: list[float | None] = []
-
-    def domain(self, uri: str, name: str) -> DomainInfo:
-        return DomainInfo(uri, name, True, tuple(self.disks[name]))
-
-    def domains(self, uri: str) -> list[DomainInfo]:
-        return [self.domain(uri, n) for n in sorted(self.disks)]
-
-    def secret_uuid(self, uri: str, usage: str) -> str | None:
-        return f"uuid-{usage}" if usage in self.secrets else None
-
-    def ensure_secret(self, uri: str, usage: str, key: SecretKey) -> str:
-        self.secrets[usage] = key
-        return f"uuid-{usage}"
-
-    def remove_secret(self, uri: str, usage: str) -> None:
-        self.secrets.pop(usage, None)
-
-    def attach_disk(self, uri: str, domain: str, disk: DiskSpec) -> None:
-        if domain == self.failing_domain:
-            raise DeviceAttachError(f"attach to {domain}: refused")
-        assert disk.mon_hosts == (MonHost("127.0.0.1", 1),)
-        self.calls.append(f"attach {domain} {disk.mode}")
-        self.disks[domain].append(AttachedDisk(disk.serial, disk.pool, disk.image, disk.user,
-                                               disk.mode, disk.target))
-
-    def detach_disk(self, uri: str, domain: str, serial: str,
-                    live_timeout: float | None = None) -> None:
-        self.calls.append(f"detach {domain}")
-        self.timeouts.append(live_timeout)
-        if domain in self.paused:
-            raise DetachPending(f"detach from {domain}: paused", domain)
-        self.disks[domain] = [d for d in self.disks[domain] if d.serial != serial]
+def ports(failing_domain: str | None = None
+          ) -> tuple[MemoryCeph, MemoryImageStore, MemoryCredentialStore, MemoryHypervisor]:
+    ceph = MemoryCeph()
+    return ceph, MemoryImageStore(ceph), MemoryCredentialStore(ceph), hypervisor(failing_domain)
 
 
-class ListedFences:
-    """FenceProof: the VMs named in ``fenced`` are blocklisted."""
-
-    def __init__(self) -> None:
-        self.fenced: set[str] = set()
-
-    def is_fenced(self, vm: str) -> bool:
-        return vm in self.fenced
+def fencer(ceph: MemoryCeph) -> MemoryFencer:
+    return MemoryFencer(ceph, "rbd", "img", {f"vm{i}": vm_user("demo", f"vm{i}")
+                                             for i in (1, 2, 3)})
 
 
 def test_role_switch_goes_past_a_paused_writer_only_when_it_is_fenced(
         caplog: pytest.LogCaptureFixture) -> None:
-    hv, proof = MemoryHypervisor(), ListedFences()
-    p = Provisioner(config(), MemoryImages(), MemoryCredentials(), hv, fence_proof=proof)
+    ceph, images, creds, hv = ports()
+    proof = fencer(ceph)
+    p = Provisioner(config(), images, creds, hv, fence_proof=proof)
     p.provision()
+    qemus = contextlib.ExitStack()  # every VM's QEMU holds the image (a librbd client each)
+    for i in (1, 2, 3):
+        qemus.enter_context(ceph.client(vm_user("demo", f"vm{i}"), "rbd", "img"))
     hv.paused.add("d1")
     hv.calls.clear()
     with pytest.raises(DetachPending):  # not fenced: vm1 could still write, stop here
         p.set_role("vm2", "writer")
     assert hv.calls == ["detach d1"] and hv.timeouts == [None]
-    proof.fenced.add("vm1")
+    assert proof.fence("vm1")
     hv.calls.clear()
     caplog.set_level(logging.WARNING)
     p.set_role("vm2", "writer")
@@ -161,13 +91,13 @@ def test_role_switch_goes_past_a_paused_writer_only_when_it_is_fenced(
     p.set_role("vm1", "reader")
     assert hv.calls == ["detach d1", "attach d1 ro"] and p.pending_detach == set()
     assert p.provision()[0].empty
+    qemus.close()
 
 
 def test_a_new_writer_is_never_attached_next_to_an_unfenced_one() -> None:
-    hv, proof = MemoryHypervisor(), ListedFences()
-    p = Provisioner(config(), MemoryImages(), MemoryCredentials(), hv, fence_proof=proof)
+    ceph, images, creds, hv = ports()
+    p = Provisioner(config(), images, creds, hv, fence_proof=fencer(ceph))
     p.provision()
-    proof.fenced.add("vm1")
     assert p.set_role("vm1", "writer")[0].empty
     observed = p.observe()  # one read-write holder: its fence is not even asked about
     assert observed.fenced == frozenset()
@@ -177,9 +107,23 @@ def test_a_new_writer_is_never_attached_next_to_an_unfenced_one() -> None:
     assert hv.calls[-1] == "attach d1 rw"  # nothing attached since provision
 
 
+def test_a_fence_proof_that_does_not_wait_for_the_osds_is_refused() -> None:
+    class Hasty:
+        """Answers from the blocklist alone, before the OSDs enforce it."""
+
+        CHARACTERISTICS = Characteristics.FENCES_BY_CLIENT_ADDRESS
+
+        def is_fenced(self, vm: str) -> bool:
+            return True
+
+    _, images, creds, hv = ports()
+    with pytest.raises(AdapterChosenPoorly, match=r"Hasty.*WAITS_FOR_OSDMAP"):
+        Provisioner(config(), images, creds, hv, fence_proof=Hasty())
+
+
 def test_provision_set_role_and_deprovision_in_order(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    images, creds, hv = MemoryImages(), MemoryCredentials(), MemoryHypervisor()
+    ceph, images, creds, hv = ports()
     p = Provisioner(config(), images, creds, hv)
     plan, applied = p.provision()
     assert len(applied) == len(plan.actions) == 7
@@ -188,15 +132,20 @@ def test_provision_set_role_and_deprovision_in_order(caplog: pytest.LogCaptureFi
     hv.calls.clear()
     p.set_role("vm3", "writer")
     assert hv.calls == ["detach d1", "detach d3", "attach d1 ro", "attach d3 rw"]
+    keys = [k.reveal() for k in (creds.ensure_user(vm_user("demo", f"vm{i}"), "rbd")
+                                 for i in (1, 2, 3))]
+    assert all(spec.mon_hosts == (MonHost("127.0.0.1", 1),) for spec in hv.specs)
     p.deprovision(delete_image=True)
-    assert images.images == {} and creds.users == set() and hv.secrets == {}
+    assert ceph.images == {} and creds.list_users("rbdfleet-") == [] and hv.secrets == {}
     assert all(not disks for disks in hv.disks.values())
-    assert KEY.decode() not in caplog.text
+    for key in keys:
+        assert key.hex() not in caplog.text
+        assert base64.b64encode(key).decode() not in caplog.text
 
 
 def test_a_failure_midway_reports_what_was_done_and_how_to_undo() -> None:
-    p = Provisioner(config(), MemoryImages(), MemoryCredentials(),
-                    MemoryHypervisor(failing_domain="d3"))
+    _, images, creds, hv = ports(failing_domain="d3")
+    p = Provisioner(config(), images, creds, hv)
     with pytest.raises(DeviceAttachError) as err:
         p.provision()
     done = [str(a.action) for a in check_partial(err.value)]
@@ -207,7 +156,7 @@ def test_a_failure_midway_reports_what_was_done_and_how_to_undo() -> None:
 
 
 def test_dry_run_changes_nothing() -> None:
-    images, creds, hv = MemoryImages(), MemoryCredentials(), MemoryHypervisor()
+    ceph, images, creds, hv = ports()
     plan, applied = Provisioner(config(), images, creds, hv).provision(dry_run=True)
     assert len(plan.actions) == 7 and applied == []
-    assert images.images == {} and creds.users == set() and hv.calls == []
+    assert ceph.images == {} and creds.list_users("rbdfleet-") == [] and hv.calls == []
