@@ -55,8 +55,8 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FencerSu
         for user in users.values():
             MemoryCredentialStore(ceph).ensure_user(user, "rbd")
         MemoryImageStore(ceph).create_image("rbd", "img", 16 << 20, 1)
-        fencer = MemoryFencer(ceph, "rbd", "img", users)
-        yield FencerSubject(fencer, VMS, lambda vm: ceph.client(users[vm], "rbd", "img"), fencer)
+        fake = MemoryFencer(ceph, "rbd", "img", users)
+        yield FencerSubject(fake, VMS, lambda vm: ceph.client(users[vm], "rbd", "img"), fake)
         return
     import rbd
 
