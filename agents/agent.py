@@ -132,6 +132,8 @@ class Agent:
                                    "Readers reported lagging to the coordinator")
         self.m_pushes = m.counter("rbdfleet_agent_pushes_total", "Record pushes sent", ("result",),
                                   labelsets=[("ok",), ("failed",)])
+        self.m_discarded = m.counter("rbdfleet_agent_discarded_bytes_total",
+                                     "Freed data bytes the writer discarded (given back to Ceph)")
         m.gauge("rbdfleet_agent_epoch", "Highest epoch this agent knows", lambda: self.state.epoch)
         m.gauge("rbdfleet_agent_is_writer", "1 while this agent accepts writes",
                 lambda: float(self.state.accepts_writes))
@@ -264,6 +266,7 @@ class Agent:
                     report_lagging=self._report_lagging, ack_timeout=self.settings.ack_timeout,
                     retry_interval=self.settings.retry_interval,
                     on_device_error=self.fenced)
+                volume.set_discard_listener(lambda n: self.m_discarded.inc(amount=n))
                 readers, in_sync = self._promote_readers or (
                     self.settings.readers, frozenset(self.settings.readers))
                 self._promote_readers = None

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from agents.device import ALIGN, BlockDevice, check_io
+from agents.device import ALIGN, BlockDevice, check_discard, check_io
 from agents.errors import DeviceError
 
 __all__ = ["MemoryDevice", "check_block_device"]
@@ -86,6 +86,13 @@ class MemoryDevice:
                 medium.budget -= len(data)
             medium.data[offset : offset + len(data)] = data
 
+    def discard(self, offset: int, length: int) -> bool:
+        """Zero the range: a write of zeros (torn, like any write, by an armed power cut)."""
+        check_discard(offset, length, len(self._medium.data), closed=self._closed,
+                      read_only=self.read_only)
+        self.write_at(offset, bytes(length))
+        return True
+
     def flush(self) -> None:
         """Writes are durable when they return; fails after a simulated power cut."""
         if self._medium.budget == 0:
@@ -154,6 +161,23 @@ def check_block_device(make: Callable[[bool], BlockDevice]) -> None:
                 pass
             else:
                 raise AssertionError("I/O past the end of the device was accepted")
+
+        # a discarded range reads as zeros or as its old bytes (never anything else) and its
+        # neighbours keep theirs; a read-only handle refuses to discard
+        kept = os.urandom(3 * ALIGN)
+        writer.write_at(ALIGN, kept)
+        writer.flush()
+        if writer.discard(2 * ALIGN, ALIGN):
+            middle = reader.read_at(2 * ALIGN, ALIGN)
+            assert middle in (bytes(ALIGN), kept[ALIGN : 2 * ALIGN]), "discard left garbage"
+        assert reader.read_at(ALIGN, ALIGN) == kept[:ALIGN], "discard reached the block before"
+        assert reader.read_at(3 * ALIGN, ALIGN) == kept[2 * ALIGN :], "discard reached past"
+        try:
+            reader.discard(ALIGN, ALIGN)
+        except DeviceError as exc:
+            assert exc.fields.get("errno") in (errno.EROFS, errno.EPERM, errno.EBADF), exc.fields
+        else:
+            raise AssertionError("a read-only handle accepted a discard")
 
         # concurrent writers to distinct blocks all land
         blocks = [os.urandom(ALIGN) for _ in range(16)]

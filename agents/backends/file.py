@@ -1,5 +1,8 @@
 """BlockDevice on a file or block device with pread/pwrite, O_DIRECT when the filesystem
-allows it (not tmpfs), fdatasync on flush.
+allows it (not tmpfs), fdatasync on flush. Discard: ``BLKDISCARD`` on a block device (the
+guest's virtio disk: QEMU passes it to librbd when the disk has ``discard='unmap'``), a
+punched hole (``fallocate(PUNCH_HOLE | KEEP_SIZE)`` through libc, ctypes) on a file; a medium
+that answers EOPNOTSUPP is logged once and not asked again.
 
 What it does not guarantee: without O_DIRECT (tmpfs, some FUSE filesystems) a second handle in
 another process still sees writes at once (same page cache), but another *host* would not.
@@ -9,14 +12,20 @@ With O_DIRECT every buffer must be page aligned: data is staged through an mmap 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
+import functools
 import mmap
 import os
+import stat
+import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
-from agents.device import ALIGN, check_io
+from agents.device import ALIGN, check_discard, check_io, discard_unsupported
 from agents.errors import DeviceError
 
 __all__ = ["FileDevice", "device_error"]
@@ -26,6 +35,35 @@ def device_error(op: str, exc: OSError, where: str) -> DeviceError:
     """The project's error for an OSError from the medium (errno kept, path not leaked twice)."""
     code = exc.errno or errno.EIO
     return DeviceError(f"{op} {where} failed: {os.strerror(code)}", op=op, errno=code)
+
+
+BLKDISCARD = 0x1277  # _IO(0x12, 119): discard a (start, length) byte range of a block device
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
+
+
+@functools.cache
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate`` (os.posix_fallocate cannot punch holes); None without one."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    func.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], func)
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of a file, keeping its size (reads give zeros);
+    OSError as the syscall reports it (ENOSYS without a libc fallocate)."""
+    fallocate = _libc_fallocate()
+    if fallocate is None:
+        raise OSError(errno.ENOSYS, "no fallocate in libc")
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 KEEP = 1 << 20  # staging bytes kept per thread between I/Os (idle footprint)
@@ -77,9 +115,11 @@ class FileDevice:
                 raise device_error("open", exc, str(self.path)) from exc
         try:
             self._size = os.lseek(self._fd, 0, os.SEEK_END) // ALIGN * ALIGN
+            self._block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
         except OSError as exc:
             os.close(self._fd)
             raise device_error("size", exc, str(self.path)) from exc
+        self._can_discard = True
         self._buffers = _Buffers()
 
     def size(self) -> int:
@@ -138,6 +178,24 @@ class FileDevice:
             os.fdatasync(self._fd)
         except OSError as exc:
             raise device_error("flush", exc, str(self.path)) from exc
+
+    def discard(self, offset: int, length: int) -> bool:
+        """BLKDISCARD (block device) or a punched hole (file); False once the medium said
+        it cannot (see the module docstring)."""
+        check_discard(offset, length, self._size, closed=self._fd < 0, read_only=self.read_only)
+        if not self._can_discard or not length:
+            return False
+        try:
+            if self._block:
+                fcntl.ioctl(self._fd, BLKDISCARD, struct.pack("=QQ", offset, length))
+            else:
+                punch_hole(self._fd, offset, length)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._can_discard = False
+                return discard_unsupported(str(self.path), exc.errno or 0)
+            raise device_error("discard", exc, f"at {offset}") from exc
+        return True
 
     def close(self) -> None:
         """Close the file (idempotent)."""

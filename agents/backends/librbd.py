@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import Any
 
-from agents.device import ALIGN, check_io
+from agents.device import ALIGN, check_discard, check_io
 from agents.errors import BindingUnavailable, DeviceError
 
 __all__ = ["RbdDevice", "load_bindings"]
@@ -132,6 +132,15 @@ class RbdDevice:
         twice on each group commit's critical path)."""
         if self._image is None:
             raise DeviceError("device is closed", op="flush", errno=errno.EBADF)
+
+    def discard(self, offset: int, length: int) -> bool:
+        """``Image.discard``: objects the range covers whole are deleted (their space goes back
+        to the pool), the parts of others are zeroed (synchronous, like every call here)."""
+        check_discard(offset, length, self._size, closed=self._image is None,
+                      read_only=self.read_only)
+        with translate_rbd_errors("discard", self._rados, self._rbd):
+            self._image.discard(offset, length)
+        return True
 
     def close(self) -> None:
         """Release the lock, close image, ioctx and cluster handle (idempotent; a fenced

@@ -6,6 +6,9 @@ Invariants (checked by the property tests):
 - :meth:`allocate` never hands out a byte that is in use or quarantined.
 - Quarantined extents become free only through :meth:`release_through` with a seq at least the
   freeing record's: a reader that may still read them has acknowledged that record.
+- :meth:`take_released` and :meth:`claim_around` hand extents to the caller instead (a fourth
+  state, *held*: neither free nor quarantined) until it gives them back; the writer discards
+  them meanwhile, so nothing can allocate bytes whose discard is still in flight.
 - Free extents are kept sorted and coalesced; every offset and length is a multiple of 4 KiB.
 """
 
@@ -181,7 +184,15 @@ class Allocator:
 
     def release_through(self, seq: int) -> int:
         """Free the extents quarantined by records with seq <= ``seq``; returns bytes freed."""
-        freed = 0
+        released = self.take_released(seq)
+        self.give_back(released)
+        return sum(e.length for e in released)
+
+    def take_released(self, seq: int) -> list[Extent]:
+        """Take the extents quarantined by records with seq <= ``seq`` out of the quarantine
+        WITHOUT freeing them: they are held by the caller (sorted, adjacent ones merged)
+        until it calls :meth:`give_back`."""
+        taken: list[Extent] = []
         while self._q_heap and self._q_heap[0][0] <= seq:
             q_seq, offset = heapq.heappop(self._q_heap)
             entry = self._q_map.get(offset)
@@ -189,9 +200,42 @@ class Allocator:
                 continue
             del self._q_map[offset]
             del self._q_starts[bisect.bisect_left(self._q_starts, offset)]
-            self._insert_free(entry[1])
-            freed += entry[1].length
-        return freed
+            taken.append(entry[1])
+        merged: list[Extent] = []
+        for extent in sorted(taken):
+            if merged and merged[-1].end == extent.offset:
+                merged[-1] = Extent(merged[-1].offset, merged[-1].length + extent.length)
+            else:
+                merged.append(extent)
+        return merged
+
+    def claim_around(self, extent: Extent, unit: int) -> Extent:
+        """``extent`` (held by the caller) widened on each side to the next multiple of
+        ``unit`` where free space reaches that far; the free bytes added are taken out of the
+        map (held too, given back with the rest). Device space is managed in ``unit`` pieces
+        (RBD objects): a discard frees an object only when it covers all of it."""
+        lo, hi = extent.offset, extent.end
+        down = lo - lo % unit
+        if down < lo:
+            i = bisect.bisect_left(self._starts, lo) - 1
+            if i >= 0:
+                s = self._starts[i]
+                if s <= down and s + self._lengths[s] == lo:
+                    self._take_range(s, down, lo - down)
+                    lo = down
+        up = -(-hi // unit) * unit
+        if hi < up and hi in self._lengths and self._lengths[hi] >= up - hi:
+            self._take(hi, up - hi)
+            hi = up
+        return Extent(lo, hi - lo)
+
+    def _take_range(self, start: int, offset: int, length: int) -> None:
+        """Remove ``[offset, offset+length)`` from the free extent at ``start``, which holds it."""
+        total = self._lengths[start]
+        self._take(start, total)
+        if offset > start:
+            self._insert_free(Extent(start, offset - start))
+        self._insert_free(Extent(offset + length, start + total - offset - length))
 
     def _insert_free(self, extent: Extent) -> None:
         if extent.length <= 0:

@@ -95,6 +95,11 @@ class ReorderingDevice:
                     self._pending[block] = self._medium.read_at(block, ALIGN)
             self._medium.write_at(offset, data)
 
+    def discard(self, offset: int, length: int) -> bool:
+        """Zeroes, in flight until the next flush like any write."""
+        self.write_at(offset, bytes(length))
+        return True
+
     def flush(self) -> None:
         """Everything written so far is durable (after a moment: other puts queue up
         meanwhile, so group commits hold several records)."""
@@ -196,6 +201,10 @@ class LiveWriterView:
         """Refused: a reader's handle."""
         raise DeviceError("read-only handle", op="write", errno=errno.EROFS)
 
+    def discard(self, offset: int, length: int) -> bool:
+        """Refused: a reader's handle."""
+        raise DeviceError("read-only handle", op="discard", errno=errno.EROFS)
+
     def flush(self) -> None:
         """Nothing to flush."""
 
@@ -248,10 +257,10 @@ def test_open_while_the_writer_keeps_committing(journal_kib: int, puts_per_read:
 
 def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...]) -> None:
     c = fleet.client
-    resp = c.call(fleet[node].address, "POST", "/v1/promote", fleet.grant(node, "control", epoch),
+    resp = c.call(fleet[node].address, "POST", "/v1/promote", fleet.grant(node, "promote", epoch),
                   {"fleet": fleet.name, "node": node, "epoch": epoch})
     assert resp.status == 200, resp.body
-    resp = c.call(fleet[node].address, "POST", "/v1/readers", fleet.grant(node, "control", epoch),
+    resp = c.call(fleet[node].address, "POST", "/v1/readers", fleet.grant(node, "readers", epoch),
                   {"fleet": fleet.name, "epoch": epoch,
                    "readers": [{"node": n, "address": fleet[n].address} for n in readers]})
     assert resp.status == 200, resp.body
