@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from agents.core.protocol import DemoteRequest, PromoteRequest
 from agents.errors import GrantRejected, StaleEpoch
-from orchestrator.adapters.ceph import vm_user_caps
+from orchestrator.adapters.ceph import granted_image
 from orchestrator.adapters.ssh import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
 from orchestrator.errors import (
     AgentUnreachable,
@@ -36,6 +36,7 @@ from orchestrator.errors import (
     OrchestratorError,
     RemoteCommandFailed,
     RemoteError,
+    StorageError,
 )
 from orchestrator.ports import (
     AttachedDisk,
@@ -195,41 +196,57 @@ def _remove_when_unwatched(store: ImageStore, pool: str, name: str) -> None:
 
 @dataclass(frozen=True)
 class CredentialStoreSubject:
-    """A CredentialStore, two pools to grant, a user-name prefix the check may use, the caps
-    of a user as the backend keeps them, and ``connect(user, key)``: a client session as that
-    user while the block runs."""
+    """A CredentialStore, an ImageStore of the same cluster and a pool the check may create
+    images in, a user-name prefix it may use, the caps of a user as the backend keeps them,
+    and ``connect(user, key)``: a client session as that user while the block runs."""
 
     store: CredentialStore
-    pools: tuple[str, str]
+    images: ImageStore
+    pool: str
     prefix: str
     caps_of: Callable[[str], dict[str, str]]
     connect: Callable[[str, SecretKey], AbstractContextManager[object]]
 
 
 def check_credential_store(subject: CredentialStoreSubject) -> None:
-    """``ensure_user`` creates the user with the VM caps and is idempotent (same key, caps
-    re-set for another pool); ``remove_user`` deletes and tolerates absence; a connected user
-    has a mon session under its entity; mon hosts are listed."""
-    store, (pool, other) = subject.store, subject.pools
+    """``ensure_user`` gives the user caps on exactly one image and is idempotent (same key);
+    it refuses (StorageError) to move a user whose image still exists (another fleet's) and
+    moves it, keeping the key, once that image is gone; ``remove_user`` deletes and tolerates
+    absence; a connected user has a mon session under its entity; mon hosts are listed."""
+    store, images, pool = subject.store, subject.images, subject.pool
+    first, second = _unique("contract"), _unique("contract")
+    for name in (first, second):
+        images.create_image(pool, name, CONTRACT_SIZE, CONTRACT_FEATURES)
     user = _unique(subject.prefix)
     entity = f"client.{user}"
     assert entity not in store.list_users(subject.prefix)
-    key = store.ensure_user(user, pool)
     try:
+        key = store.ensure_user(user, pool, first)
         assert isinstance(key, SecretKey) and key.reveal(), "an empty key"
         assert key.reveal() not in repr(key).encode()
         assert store.list_users(user) == [entity]
         assert entity in store.list_users(subject.prefix)
-        assert subject.caps_of(user) == vm_user_caps(pool)
-        assert store.ensure_user(user, pool) == key, "ensure_user is not idempotent"
-        assert store.ensure_user(user, other) == key, "a caps change must keep the key"
-        assert subject.caps_of(user) == vm_user_caps(other)
+        caps = subject.caps_of(user)
+        granted = granted_image(caps)
+        assert caps["mon"] == "profile rbd" and granted is not None and granted[0] == pool, caps
+        assert store.ensure_user(user, pool, first) == key, "ensure_user is not idempotent"
+        assert subject.caps_of(user) == caps
+        _raises(StorageError, lambda: store.ensure_user(user, pool, second),
+                "taking over the user of an image that exists")
+        assert subject.caps_of(user) == caps, "a refused move changed the caps"
+        images.remove_image(pool, first)
+        assert store.ensure_user(user, pool, second) == key, "a move must keep the key"
+        moved = granted_image(subject.caps_of(user))
+        assert moved is not None and moved != granted, "the caps still name the gone image"
         with subject.connect(user, key):
             mine = [s for s in store.sessions() if s.entity == entity]
             assert mine, f"no mon session of {entity}"
             assert all(s.global_id > 0 and s.addr for s in mine), mine
     finally:
         store.remove_user(user)
+        for name in (first, second):
+            if images.image_info(pool, name) is not None:
+                images.remove_image(pool, name)
     assert entity not in store.list_users(subject.prefix)
     store.remove_user(user)  # absent is fine
     mons = store.mon_hosts()

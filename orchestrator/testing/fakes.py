@@ -38,6 +38,7 @@ from orchestrator.adapters.ceph import (
     BlocklistFencer,
     RbdImageStore,
     client_addresses,
+    granted_image,
     vm_user_caps,
 )
 from orchestrator.adapters.libvirt import LibvirtHypervisor
@@ -214,6 +215,7 @@ class MemoryCeph:
         self.lock = threading.RLock()
         self.pools = set(pools)
         self.images: dict[tuple[str, str], ImageInfo] = {}
+        self.image_ids: dict[tuple[str, str], str] = {}
         self.watches: dict[tuple[str, str], list[Watcher]] = {}
         self.users: dict[str, _User] = {"admin": _User(SecretKey(secrets.token_bytes(16)), {})}
         self.sessions: list[ClientSession] = []
@@ -301,6 +303,7 @@ class MemoryImageStore:
             if (pool, name) in self.ceph.images:
                 raise ImageExists(f"create image {pool}/{name}: image exists")
             self.ceph.images[(pool, name)] = ImageInfo(pool, name, size, features)
+            self.ceph.image_ids[(pool, name)] = secrets.token_hex(6)
 
     def remove_image(self, pool: str, name: str) -> None:
         """Remove the image; ImageBusy while watched, ImageNotFound when absent."""
@@ -311,6 +314,7 @@ class MemoryImageStore:
             if self.ceph.watches.get((pool, name)):
                 raise ImageBusy(f"remove image {pool}/{name}: image busy")
             del self.ceph.images[(pool, name)]
+            del self.ceph.image_ids[(pool, name)]
 
     def watchers(self, pool: str, name: str) -> list[Watcher]:
         """The image's watchers, one per open client."""
@@ -331,12 +335,26 @@ class MemoryCredentialStore:
         with self.ceph.lock:
             return sorted(f"client.{u}" for u in self.ceph.users if u.startswith(prefix))
 
-    def ensure_user(self, user: str, pool: str) -> SecretKey:
-        """Create the user (or re-set its caps); its key never changes."""
+    def ensure_user(self, user: str, pool: str, image: str) -> SecretKey:
+        """Create the user with caps on ``pool/image`` (its key never changes); an existing
+        user's caps are rewritten only when the image they name is gone, as in Ceph."""
         with self.ceph.lock:
-            known = self.ceph.users.setdefault(
-                user, _User(SecretKey(secrets.token_bytes(16)), {}))
-            known.caps = vm_user_caps(pool)
+            image_id = self.ceph.image_ids.get((pool, image))
+            if image_id is None:
+                raise ImageNotFound(f"grant {pool}/{image}: image not found")
+            caps = vm_user_caps(pool, image, image_id)
+            known = self.ceph.users.get(user)
+            if known is None:
+                known = self.ceph.users[user] = _User(SecretKey(secrets.token_bytes(16)), caps)
+            elif known.caps != caps:
+                granted = granted_image(known.caps)
+                if granted is None:
+                    raise StorageError(f"client.{user} exists with caps rbdfleet did not make")
+                if granted[1] in {i for (p, _), i in self.ceph.image_ids.items()
+                                  if p == granted[0]}:
+                    raise StorageError(f"client.{user} holds image id {granted[1]} in pool "
+                                       f"{granted[0]}, which exists: another fleet's")
+                known.caps = caps
             return known.key
 
     def caps(self, user: str) -> dict[str, str]:

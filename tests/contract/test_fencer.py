@@ -52,9 +52,9 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FencerSu
     users = {vm: f"rbdfleet-contract-{vm}-{tmp_path.name[-12:]}" for vm in VMS}
     if request.param == "memory":
         ceph = MemoryCeph()
-        for user in users.values():
-            MemoryCredentialStore(ceph).ensure_user(user, "rbd")
         MemoryImageStore(ceph).create_image("rbd", "img", 16 << 20, 1)
+        for user in users.values():
+            MemoryCredentialStore(ceph).ensure_user(user, "rbd", "img")
         fake = MemoryFencer(ceph, "rbd", "img", users)
         yield FencerSubject(fake, VMS, lambda vm: ceph.client(users[vm], "rbd", "img"), fake)
         return
@@ -65,7 +65,7 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FencerSu
     # layering only: with exclusive-lock the two VMs' writes would pass the lock back and forth
     image = request.getfixturevalue("rbd_image_factory")(16 << 20, features=1)
     credentials = CephxCredentialStore(admin)
-    keys = {vm: credentials.ensure_user(user, cluster.pool) for vm, user in users.items()}
+    keys = {vm: credentials.ensure_user(user, cluster.pool, image) for vm, user in users.items()}
     fencer = BlocklistFencer(admin, cluster.pool, image, users)
 
     @contextlib.contextmanager

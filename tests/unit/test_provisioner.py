@@ -132,7 +132,7 @@ def test_provision_set_role_and_deprovision_in_order(caplog: pytest.LogCaptureFi
     hv.calls.clear()
     p.set_role("vm3", "writer")
     assert hv.calls == ["detach d1", "detach d3", "attach d1 ro", "attach d3 rw"]
-    keys = [k.reveal() for k in (creds.ensure_user(vm_user("demo", f"vm{i}"), "rbd")
+    keys = [k.reveal() for k in (creds.ensure_user(vm_user("demo", f"vm{i}"), "rbd", "img")
                                  for i in (1, 2, 3))]
     assert all(spec.mon_hosts == (MonHost("127.0.0.1", 1),) for spec in hv.specs)
     p.deprovision(delete_image=True)
