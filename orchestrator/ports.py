@@ -213,8 +213,10 @@ class CredentialStore(Protocol):
         """Entity names (``client.<id>``) whose id starts with ``prefix``."""
         ...
 
-    def ensure_user(self, user: str, pool: str) -> SecretKey:
-        """Create ``client.<user>`` with ``profile rbd`` on ``pool`` (or check its caps)."""
+    def ensure_user(self, user: str, pool: str, image: str) -> SecretKey:
+        """Create ``client.<user>`` with caps on the one image ``pool/image`` (or fix its caps
+        when they name an image that is gone); StorageError when the user holds another
+        existing image (another fleet's user) or caps rbdfleet did not make."""
         ...
 
     def remove_user(self, user: str) -> None:

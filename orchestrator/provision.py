@@ -213,7 +213,10 @@ class Provisioner:
         for (uri, _), disk in disks.items():
             if disk.user:
                 wanted_users.setdefault(disk.user, uri)
-        existing = {e.removeprefix("client.") for e in self._credentials.list_users("rbdfleet-")}
+        # both prefixes: a VM still attached under its legacy name gets its user removed
+        existing = {e.removeprefix("client.")
+                    for prefix in (placement.USER_PREFIX, placement.LEGACY_USER_PREFIX)
+                    for e in self._credentials.list_users(prefix)}
         secrets = set()
         pairs = {(vm.uri, vm.user) for vm in desired.vms}
         pairs |= {(uri, d.user) for (uri, _), d in disks.items() if d.user}
@@ -367,7 +370,7 @@ class Provisioner:
         elif isinstance(action, CreateImage):
             self._images.create_image(action.pool, action.image, action.size, action.features)
         elif isinstance(action, EnsureCredentials):
-            key = self._credentials.ensure_user(action.user, desired.pool)
+            key = self._credentials.ensure_user(action.user, desired.pool, desired.image)
             self._hypervisor.ensure_secret(action.uri, action.usage, key)
         elif isinstance(action, Attach):
             uuid = self._hypervisor.secret_uuid(action.uri, action.usage)

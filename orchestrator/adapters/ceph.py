@@ -23,6 +23,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,7 @@ __all__ = [
     "client_addresses",
     "cluster",
     "connect",
+    "granted_image",
     "mon_command",
     "parse_sessions",
     "rados_module",
@@ -64,12 +66,31 @@ __all__ = [
     "vm_user_caps",
 ]
 
-# Caps of a VM's own user: read-write RBD on the fleet's pool only (QEMU opens every RBD disk
-# read-write in librbd, so a read-only profile cannot attach; notes/libvirt.md §6). The mon
-# profile lets its librbd blocklist a dead lock owner, as a new writer must.
-def vm_user_caps(pool: str) -> dict[str, str]:
-    """The caps ``ensure_user`` gives a VM's cephx user."""
-    return {"mon": "profile rbd", "osd": f"profile rbd pool={pool}"}
+# Caps of a VM's own user: the objects of its fleet's ONE image (header, data, id), found by
+# the image id, plus the class read of the pool's ``rbd_info`` every librbd open does. That is
+# all QEMU 7.2 needs for a read-write open with exclusive-lock (watch and lock on the header),
+# measured on a real cluster (tests/integration/test_ceph_scope.py): another image, the
+# coordinator's state and client objects, and the image directory stay out of reach. QEMU opens
+# every RBD disk read-write in librbd, so readers get the same caps (their read-only guarantee
+# is the hypervisor's). The mon profile lets the librbd of a new writer blocklist a dead lock
+# owner. RBD namespaces would say the same in one clause, but libvirt 9.0 hands QEMU a
+# ``pool/ns/image`` name as image ``ns/image`` with no namespace (docs/provisioning.md).
+_HEADER_GRANT = re.compile(r"allow rwx pool=(\S+) object_prefix rbd_header\.([0-9a-f]+),")
+
+
+def vm_user_caps(pool: str, image: str, image_id: str) -> dict[str, str]:
+    """The caps ``ensure_user`` gives a VM's cephx user: image ``image`` (id ``image_id``)."""
+    return {"mon": "profile rbd",
+            "osd": f"allow rwx pool={pool} object_prefix rbd_header.{image_id}, "
+                   f"allow rw pool={pool} object_prefix rbd_data.{image_id}., "
+                   f"allow rx pool={pool} object_prefix rbd_id.{image}, "
+                   f"allow class-read pool={pool} object_prefix rbd_info"}
+
+
+def granted_image(caps: dict[str, str]) -> tuple[str, str] | None:
+    """``(pool, image id)`` that caps made by :func:`vm_user_caps` grant, else None."""
+    match = _HEADER_GRANT.match(caps.get("osd", ""))
+    return None if match is None else (match[1], match[2])
 
 
 def rados_module() -> Any:
@@ -259,11 +280,17 @@ class CephxCredentialStore:
         entities = [str(e["entity"]) for e in json.loads(out).get("auth_dump", [])]
         return sorted(e for e in entities if e.startswith(f"client.{prefix}"))
 
-    def ensure_user(self, user: str, pool: str) -> SecretKey:
-        """Create ``client.<user>`` with :func:`vm_user_caps`, or fix the caps of an existing one;
-        returns its key (never logged)."""
+    def ensure_user(self, user: str, pool: str, image: str) -> SecretKey:
+        """Create ``client.<user>`` with :func:`vm_user_caps` on ``pool/image``, or fix the caps
+        of an existing one; returns its key (never logged).
+
+        An existing user whose caps grant an image that still exists (another fleet's, or an
+        image of another pool), or caps rbdfleet did not make, is left alone: StorageError. Only
+        caps naming an image that is gone (the image was removed and created again) are
+        rewritten, so two fleets can never take each other's user over.
+        """
         entity = f"client.{user}"
-        caps = vm_user_caps(pool)
+        caps = vm_user_caps(pool, image, self._image_id(pool, image))
         flat = [part for kind, cap in sorted(caps.items()) for part in (kind, cap)]
         try:
             out = mon_command(self._handle, {"prefix": "auth get-or-create", "entity": entity,
@@ -272,7 +299,8 @@ class CephxCredentialStore:
         except StorageError as exc:
             if "doesn't match" not in str(exc) and "does not match" not in str(exc):
                 raise
-            # It exists with other caps: set ours (auth caps replaces them all).
+            self._check_stale(entity, pool, image)
+            # auth caps replaces them all, and keeps the key
             mon_command(self._handle, {"prefix": "auth caps", "entity": entity, "caps": flat},
                         f"set caps of {entity}")
             out = mon_command(self._handle, {"prefix": "auth get", "entity": entity,
@@ -280,6 +308,47 @@ class CephxCredentialStore:
         records = json.loads(out)
         key = records[0]["key"] if isinstance(records, list) else records["key"]
         return SecretKey(base64.b64decode(key))
+
+    def caps(self, user: str) -> dict[str, str]:
+        """The caps of ``client.<user>`` as the mon keeps them."""
+        out = mon_command(self._handle, {"prefix": "auth get", "entity": f"client.{user}",
+                                         "format": "json"}, f"read user client.{user}")
+        records = json.loads(out)
+        record = records[0] if isinstance(records, list) else records
+        return {str(k): str(v) for k, v in record.get("caps", {}).items()}
+
+    def _check_stale(self, entity: str, pool: str, image: str) -> None:
+        granted = granted_image(self.caps(entity.removeprefix("client.")))
+        if granted is None:
+            raise StorageError(f"{entity} exists with caps rbdfleet did not make: refusing to "
+                               f"rewrite them for {pool}/{image} (remove the user if it is "
+                               "a leftover)")
+        if granted[1] in self._image_ids(granted[0]):
+            raise StorageError(f"{entity} holds image id {granted[1]} in pool {granted[0]}, "
+                               f"which exists: it belongs to another fleet, refusing to move "
+                               f"it to {pool}/{image}")
+
+    def _image_ids(self, pool: str) -> dict[str, str]:
+        """image id → name of every image of ``pool`` (empty when the pool is gone)."""
+        rbd = rbd_module()
+        with translate_ceph_errors(f"list images of {pool}"):
+            if not self._handle.pool_exists(pool):
+                return {}
+            with self._handle.open_ioctx(pool) as ioctx:
+                return {str(i["id"]): str(i["name"]) for i in rbd.RBD().list2(ioctx)}
+
+    def _image_id(self, pool: str, image: str) -> str:
+        """The id of ``pool/image``. Refused when another image's id starts with it: the
+        header grant is an object prefix and would cover that image's header too."""
+        ids = self._image_ids(pool)
+        mine = [i for i, name in ids.items() if name == image]
+        if not mine:
+            raise ImageNotFound(f"grant {pool}/{image}: image not found")
+        clash = sorted(ids[i] for i in ids if i != mine[0] and i.startswith(mine[0]))
+        if clash:
+            raise StorageError(f"grant {pool}/{image}: the id of image(s) {', '.join(clash)} "
+                               f"starts with its id {mine[0]}; a prefix grant would cover them")
+        return mine[0]
 
     def remove_user(self, user: str) -> None:
         """Delete ``client.<user>``; absent is fine."""

@@ -31,6 +31,8 @@ from orchestrator.errors import ConfigError, CoordinationError, DomainNotFound
 from orchestrator.ports import AttachedDisk, DiskMode, ImageInfo
 
 __all__ = [
+    "LEGACY_USER_PREFIX",
+    "USER_PREFIX",
     "Action",
     "Attach",
     "CreateImage",
@@ -45,6 +47,7 @@ __all__ = [
     "RemoveSecret",
     "RemoveUser",
     "check_single_writer",
+    "fleet_user_prefix",
     "plan_deprovision",
     "plan_provision",
     "plan_set_role",
@@ -54,9 +57,29 @@ __all__ = [
 ]
 
 
+USER_PREFIX = "rbdfleet."
+# The users of the releases before collision-free names (``rbdfleet-<fleet>-<vm>``): still
+# observed, so that provision replaces them and removes them.
+LEGACY_USER_PREFIX = "rbdfleet-"
+
+
+def _escape(name: str) -> str:
+    # Names may hold ``.`` (the separator below) and ``_`` (the escape): after this, a component
+    # has no ``.`` and each ``_`` starts a two-character escape, so the name splits and decodes
+    # one way only.
+    return name.replace("_", "__").replace(".", "_d")
+
+
+def fleet_user_prefix(fleet: str) -> str:
+    """The prefix of every VM user of ``fleet`` and of no other fleet's."""
+    return f"{USER_PREFIX}{_escape(fleet)}."
+
+
 def vm_user(fleet: str, vm: str) -> str:
-    """The cephx id (without ``client.``) of a VM of a fleet: one user per VM."""
-    return f"rbdfleet-{fleet}-{vm}"
+    """The cephx id (without ``client.``) of a VM of a fleet: one user per VM, and no two
+    (fleet, vm) pairs share one (``a-b``/``c`` and ``a``/``b-c`` do not; nor ``a.b``/``c`` and
+    ``a``/``b.c``)."""
+    return f"{fleet_user_prefix(fleet)}{_escape(vm)}"
 
 
 def secret_usage(user: str) -> str:
@@ -311,10 +334,11 @@ def plan_provision(desired: Desired, observed: Observed, writer: str | None = No
     cleanup: list[Action] = []
     fleet_users = {vm.user for vm in desired.vms}
     for key, disk in sorted(observed.disks.items()):
-        if key in fleet_keys:
-            continue
-        detach = Detach(key[0], key[1], None, disk.mode)
-        (detach_rw if disk.mode is DiskMode.RW else detach_other).append(detach)
+        if key not in fleet_keys:
+            detach = Detach(key[0], key[1], None, disk.mode)
+            (detach_rw if disk.mode is DiskMode.RW else detach_other).append(detach)
+        # a user no VM of the fleet has any more (a removed VM's, or a legacy name the VM's
+        # disk was re-attached without): its secret and user go once the disks are moved
         if disk.user and disk.user not in fleet_users:
             if (key[0], secret_usage(disk.user)) in observed.secrets:
                 cleanup.append(RemoveSecret(key[0], secret_usage(disk.user)))

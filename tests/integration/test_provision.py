@@ -27,7 +27,7 @@ import pytest
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.config import CephConfig, FleetConfig, load
-from orchestrator.core.placement import Attach, secret_usage, vm_user
+from orchestrator.core.placement import Attach, fleet_user_prefix, secret_usage, vm_user
 from orchestrator.errors import (
     ConfigError,
     CoordinationError,
@@ -195,7 +195,7 @@ def test_provision_attaches_writer_rw_readers_ro_and_second_run_is_a_noop(fleet:
         assert plan.empty and applied == []
     info = ceph.RbdImageStore(fleet.handle).image_info("rbd", fleet.image)
     assert info is not None and info.size == 64 * MIB and info.features == 5
-    users = ceph.CephxCredentialStore(fleet.handle).list_users(f"rbdfleet-{fleet.name}-")
+    users = ceph.CephxCredentialStore(fleet.handle).list_users(fleet_user_prefix(fleet.name))
     assert users == [f"client.{vm_user(fleet.name, v)}" for v in ("vm1", "vm2", "vm3")]
 
 
@@ -387,5 +387,5 @@ def test_deprovision_delete_image_leaves_nothing(fleet: Fleet) -> None:
         for vm in ("vm1", "vm2", "vm3"):
             assert hv.secret_uuid("qemu:///system", secret_usage(vm_user(fleet.name, vm))) is None
         assert p.deprovision(delete_image=True)[0].empty
-    assert ceph.CephxCredentialStore(fleet.handle).list_users(f"rbdfleet-{fleet.name}-") == []
+    assert ceph.CephxCredentialStore(fleet.handle).list_users(fleet_user_prefix(fleet.name)) == []
     assert ceph.RbdImageStore(fleet.handle).image_info("rbd", fleet.image) is None
