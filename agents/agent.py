@@ -2,22 +2,28 @@
 hands requests to the reader or writer role. The HTTP layer (agents.server) calls it; the
 daemon (agents.daemon) builds it from the config.
 
-Grants on requests (every /v1 request but health carries one):
+Grants on requests (every /v1 request but health carries one). Each is MACed with THIS
+node's key (audience = this node), so only the coordinator, which derives every node's key
+from the fleet's master key, can make one (docs/security.md):
 
 ==================  ==========================  =====================  =======================
-request             grant role                  grant node             grant epoch
+request             grant purpose               grant subject          grant epoch
 ==================  ==========================  =====================  =======================
-put/delete/mkdir/   writer                      this node              == current (newer: the
+put/delete/mkdir/   write                       any                    == current (newer: the
 rename                                                                 writer steps down, 409)
-get/list/stat       reader or writer            this node              >= current (newer: the
+get/list/stat       read (or write)             any                    >= current (newer: the
                                                                        reader catches up first)
-records (push)      writer                      the pushing writer     >= current
-promote/demote/     control                     this node              the epoch asked for
+records (push)      push                        the pushing writer     == the push's, >= current
+promote / demote /  promote / demote / readers  any                    the epoch asked for
 readers
 ==================  ==========================  =====================  =======================
 
-Outgoing requests (pushes, coordinator reports) carry a grant the agent signs for itself with
-the fleet secret (role = its role, current epoch, ``grant_ttl`` seconds).
+Outgoing requests: reports to the coordinator carry a grant the agent makes with its own key
+(purpose ``report``, audience ``coordinator``, subject this node, the body's digest,
+``grant_ttl`` seconds); a
+writer's pushes carry the push grant the coordinator made for that reader (in the promote and
+reader-set requests and in the answer to each heartbeat, or ``push_grants`` in the config of a
+fleet without a coordinator). The agent never holds another node's key.
 """
 
 from __future__ import annotations
@@ -28,9 +34,25 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from agents.core import roles
-from agents.core.grants import CONTROL, READER, WRITER, Grant, sign, verify
+from agents.core.grants import (
+    COORDINATOR,
+    DEMOTE,
+    PROMOTE,
+    PUSH,
+    READ,
+    READERS,
+    REPORT,
+    WRITE,
+    Grant,
+    body_digest,
+    peek,
+    sign,
+    verify,
+)
+from agents.core.index import check_extents_within
 from agents.core.protocol import (
     DemoteRequest,
     Health,
@@ -48,8 +70,11 @@ from agents.device import ALIGN, BlockDevice
 from agents.errors import (
     AgentError,
     CatchingUp,
+    DecodeError,
     DeviceError,
     ForeignGrant,
+    FormatError,
+    GrantExpired,
     IllegalTransition,
     NotWriter,
     StaleEpoch,
@@ -73,7 +98,8 @@ class AgentSettings:
 
     node: str
     fleet: str
-    secret: bytes = field(repr=False)
+    # this node's own key(s): the current one first, a previous one during a rotation
+    keys: tuple[bytes, ...] = field(repr=False)
     advertise: str
     readers: dict[str, str] = field(default_factory=dict)
     coordinator: str | None = None
@@ -86,6 +112,20 @@ class AgentSettings:
     selftest_interval: float = 10.0
     report_timeout: float = 2.0
     grant_ttl: float = 60.0
+    # reader -> push grant, for a writer started without a coordinator (config push_grants)
+    push_grants: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def _check_push_extents(push: RecordPush, volume: Volume) -> None:
+    """Refuse (400, nothing applied) a push with a record whose extents leave the volume's
+    data area: even a writer's valid grant does not make such a record something to serve."""
+    sb = volume.superblock
+    try:
+        for raw in push.record_bytes():
+            check_extents_within(Record.decode(raw), sb.data_offset,
+                                 sb.data_offset + sb.data_bytes)
+    except FormatError as exc:
+        raise DecodeError(f"record push: {exc.message}", field="records") from exc
 
 
 class Agent:
@@ -105,6 +145,10 @@ class Agent:
         # the reader set a promotion hands the new writer: node -> address, and the in-sync
         # ones (None: bootstrap without a coordinator, the configured readers, all trusted)
         self._promote_readers: tuple[dict[str, str], frozenset[str]] | None = None
+        # reader -> (token, expires) of the newest push grant the coordinator handed over
+        self._push_grants: dict[str, tuple[str, float]] = {}
+        self._push_lock = threading.Lock()
+        self.take_push_grants(settings.push_grants)
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
         self._coordinator_sessions = threading.local()
         self._retired: list[ReaderRole] = []
@@ -329,15 +373,15 @@ class Agent:
 
     # -- grants --------------------------------------------------------------------------
 
-    def _verify(self, token: str, *, roles_: set[str], node: str | None,
-                epoch: int | None, newer_ok: bool) -> Grant:
-        return verify(token, self.settings.secret, now=self._clock(), fleet=self.settings.fleet,
-                      node=node, roles=roles_, epoch=epoch, newer_epoch_ok=newer_ok)
+    def _verify(self, token: str, *, purposes: set[str], epoch: int | None, newer_ok: bool,
+                subject: str | None = None) -> Grant:
+        return verify(token, self.settings.keys, now=self._clock(), fleet=self.settings.fleet,
+                      audience=self.settings.node, purposes=purposes, epoch=epoch,
+                      newer_epoch_ok=newer_ok, subject=subject)
 
     def writer_for(self, token: str) -> WriterRole:
         """The writer role, if ``token`` is a write grant for this node and current epoch."""
-        grant = self._verify(token, roles_={WRITER}, node=self.settings.node,
-                             epoch=self.state.epoch, newer_ok=True)
+        grant = self._verify(token, purposes={WRITE}, epoch=self.state.epoch, newer_ok=True)
         if grant.epoch > self.state.epoch:
             current = self.state.epoch
             self.note_epoch(grant.epoch)
@@ -352,8 +396,8 @@ class Agent:
 
     def volume_for_read(self, token: str) -> Volume:
         """The volume to read from, if ``token`` is a read or write grant for this node."""
-        grant = self._verify(token, roles_={READER, WRITER}, node=self.settings.node,
-                             epoch=self.state.epoch, newer_ok=True)
+        grant = self._verify(token, purposes={READ, WRITE}, epoch=self.state.epoch,
+                             newer_ok=True)
         reader = self.reader
         if grant.epoch > self.state.epoch and reader is not None:
             reader.catch_up()
@@ -371,8 +415,8 @@ class Agent:
 
     def receive_push(self, token: str, push: RecordPush) -> RecordAck:
         """Apply a writer's push (this agent is a reader of the same or an older epoch)."""
-        grant = self._verify(token, roles_={WRITER}, node=push.writer, epoch=self.state.epoch,
-                             newer_ok=True)
+        grant = self._verify(token, purposes={PUSH}, epoch=self.state.epoch, newer_ok=True,
+                             subject=push.writer)
         if grant.epoch != push.epoch or push.fleet != self.settings.fleet:
             raise ForeignGrant("push does not match its grant", field="epoch")
         self.note_epoch(push.epoch)
@@ -380,21 +424,48 @@ class Agent:
         if reader is None or self.writer is not None:
             raise NotWriter(f"{self.settings.node} is {self.state.role}, not a reader",
                             writer=self.settings.node, epoch=self.state.epoch)
+        _check_push_extents(push, reader.volume)
         ack = reader.receive(push)
         self.note_epoch(reader.volume.epoch)
         if self.writer_hint[0] != push.writer:
             self.writer_hint = (push.writer, None)
         return ack
 
-    def _control(self, token: str, fleet: str, node: str, epoch: int) -> None:
-        grant = self._verify(token, roles_={CONTROL}, node=self.settings.node, epoch=None,
-                             newer_ok=False)
+    def _control(self, token: str, purpose: str, fleet: str, node: str, epoch: int) -> None:
+        grant = self._verify(token, purposes={purpose}, epoch=None, newer_ok=False)
         if fleet != self.settings.fleet or node != self.settings.node or grant.epoch != epoch:
             raise ForeignGrant("control request does not match its grant", field="epoch")
 
+    def take_push_grants(self, grants: dict[str, str]) -> None:
+        """Keep the push grants the coordinator made for this writer (reader -> token): the
+        newest one per reader. They are MACed with the readers' keys, which this agent does
+        not hold: it only reads their expiry (:func:`peek`) to drop them in time."""
+        now = self._clock()
+        with self._push_lock:
+            for reader, token in grants.items():
+                try:
+                    expires = peek(token).expires
+                except AgentError:
+                    LOG.warning("event=push_grant_malformed reader=%s", reader)
+                    continue
+                held = self._push_grants.get(reader)
+                if expires > now and (held is None or held[1] < expires):
+                    self._push_grants[reader] = (token, expires)
+
+    def _push_grant(self, reader: str) -> str:
+        """The held push grant for ``reader``; GrantExpired when there is none still valid
+        (the pusher retries, and reports the reader lagging, as for any failed push)."""
+        with self._push_lock:
+            held = self._push_grants.get(reader)
+        if held is None or held[1] <= self._clock():
+            raise GrantExpired(f"no valid push grant for reader {reader}; the coordinator "
+                               "hands them to the writer", reader=reader)
+        return held[0]
+
     def promote(self, token: str, request: PromoteRequest) -> Health:
         """Become the writer of ``request.epoch`` (control grant)."""
-        self._control(token, request.fleet, request.node, request.epoch)
+        self._control(token, PROMOTE, request.fleet, request.node, request.epoch)
+        self.take_push_grants(request.push_grants)
         if request.readers:
             self._promote_readers = ({r.node: r.address for r in request.readers},
                                      frozenset(request.in_sync))
@@ -405,7 +476,7 @@ class Agent:
 
     def demote(self, token: str, request: DemoteRequest) -> Health:
         """Stop writing at once and become a reader of ``request.epoch`` (control grant)."""
-        self._control(token, request.fleet, request.node, request.epoch)
+        self._control(token, DEMOTE, request.fleet, request.node, request.epoch)
         self.handle(roles.DemoteRequested(request.epoch))
         self.writer_hint = (request.writer, request.writer_address)
         self.run_selftest()  # tells at once whether the device it now reads works
@@ -413,7 +484,8 @@ class Agent:
 
     def set_readers(self, token: str, request: ReaderSet) -> Health:
         """Replace the writer's reader set (control grant of the current epoch)."""
-        self._control(token, request.fleet, self.settings.node, request.epoch)
+        self._control(token, READERS, request.fleet, self.settings.node, request.epoch)
+        self.take_push_grants(request.push_grants)
         writer = self.writer
         if writer is None or request.epoch != self.state.epoch:
             raise NotWriter(f"{self.settings.node} is not the writer of epoch {request.epoch}",
@@ -423,12 +495,13 @@ class Agent:
 
     # -- outgoing ------------------------------------------------------------------------
 
-    def own_grant(self) -> str:
-        """A short grant for this agent's own outgoing requests."""
-        role = WRITER if self.state.accepts_writes else READER
-        grant = Grant(self.settings.fleet, self.settings.node, role, self.state.epoch,
-                      self._clock() + self.settings.grant_ttl)
-        return sign(grant, self.settings.secret)
+    def report_grant(self, message: Message) -> str:
+        """The grant for one report to the coordinator, made with this agent's own key and
+        bound to the report's body (a captured one cannot carry another report)."""
+        grant = Grant(self.settings.fleet, COORDINATOR, REPORT, self.state.epoch,
+                      self._clock() + self.settings.grant_ttl, subject=self.settings.node,
+                      digest=body_digest(message.encode()))
+        return sign(grant, self.settings.keys[0])
 
     def _peer(self, address: str) -> Peer:
         return Peer(address, tls=self.settings.tls, ca_file=self.settings.ca_file)
@@ -440,22 +513,22 @@ class Agent:
             session = PeerSession(self._peer(link.address), self.settings.ack_timeout)
             self._sessions[key] = session
         try:
-            answer = session.post("/v1/records", push, grant=self.own_grant())
+            answer = session.post("/v1/records", push, grant=self._push_grant(link.node))
         except AgentError:
             self.m_pushes.inc("failed")
             raise
         self.m_pushes.inc("ok")
         return RecordAck.from_json(answer)
 
-    def _to_coordinator(self, path: str, message: Message) -> None:
+    def _to_coordinator(self, path: str, message: Message) -> dict[str, Any]:
         if self.settings.coordinator is None:
-            return
+            return {}
         session: PeerSession | None = getattr(self._coordinator_sessions, "session", None)
         if session is None:  # one keep-alive connection per reporting thread
             session = PeerSession(self._peer(self.settings.coordinator),
                                   self.settings.report_timeout)
             self._coordinator_sessions.session = session
-        session.post(path, message, grant=self.own_grant())
+        return session.post(path, message, grant=self.report_grant(message))
 
     def _report_lagging(self, report: LaggingReaderReport) -> None:
         self.m_lagging.inc()
@@ -550,12 +623,16 @@ class Agent:
     def _heartbeat(self) -> None:
         volume = self.volume
         revision, in_sync = self.sync_state()
-        self._to_coordinator("/v1/heartbeat", Heartbeat(
+        answer = self._to_coordinator("/v1/heartbeat", Heartbeat(
             node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
             epoch=self.state.epoch, applied_seq=volume.applied_seq if volume else -1,
             safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
             address=self.settings.advertise, sent_at=self._clock(), in_sync=in_sync,
             sync_revision=revision))
+        # the coordinator renews the writer's push grants in every answer to its heartbeat
+        grants = answer.get("push_grants")
+        if isinstance(grants, dict):
+            self.take_push_grants({str(k): v for k, v in grants.items() if isinstance(v, str)})
 
     def _selftest_and_report(self) -> None:
         self._to_coordinator("/v1/selftest", self.run_selftest())

@@ -6,8 +6,8 @@ Subcommands:
 - ``format --backend SPEC --fleet NAME``: write an empty volume (provisioning, tests).
 - ``fsck IMAGE [...]``: :func:`agents.fsck.main`.
 
-Logs: one line per event on stderr, ``key=value`` pairs; secrets never appear (the fleet
-secret is read from its 0600 file and only ever handed to the grant functions).
+Logs: one line per event on stderr, ``key=value`` pairs; secrets never appear (the node's own
+key is read from its 0600 file and only ever handed to the grant functions).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class AgentConfig:
     epoch: int = 1
     coordinator: str | None = None
     readers: dict[str, str] = field(default_factory=dict)
+    push_grants: dict[str, str] = field(default_factory=dict)
     ceph_conf: str | None = None
     ceph_user: str = "admin"
     ceph_keyring: str | None = None
@@ -149,6 +150,10 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
     if not isinstance(readers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in readers.items()):
         raise AgentConfigError("readers", "must map node names to host:port addresses")
+    push_grants = values.get("push_grants", {})
+    if not isinstance(push_grants, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in push_grants.items()):
+        raise AgentConfigError("push_grants", "must map reader names to push grant tokens")
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise AgentConfigError("tls", "cert and key go together")
     if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -164,18 +169,26 @@ def _split_address(key: str, address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def read_secret(path: str) -> bytes:
-    """The fleet secret; refused unless the file is private (no group/other access)."""
+def read_keys(path: str) -> tuple[bytes, ...]:
+    """This node's own key(s): one hex key per line, the current one first (a second line is
+    the previous key, still accepted during a rotation). Refused unless the file is private
+    (no group/other access)."""
     try:
         st = os.stat(path)
         if stat.S_IMODE(st.st_mode) & 0o077:
             raise AgentConfigError("secret_file", f"{path} must have mode 0600 (no group/other)")
-        secret = Path(path).read_bytes().strip()
+        lines = Path(path).read_text().split()
     except OSError as exc:
         raise AgentConfigError("secret_file", f"cannot read {path}: {exc.strerror}") from exc
-    if not secret:
-        raise AgentConfigError("secret_file", f"{path} is empty")
-    return secret
+    except UnicodeDecodeError as exc:
+        raise AgentConfigError("secret_file", f"{path} is not text (hex keys)") from exc
+    try:
+        keys = tuple(bytes.fromhex(line) for line in lines)
+    except ValueError as exc:
+        raise AgentConfigError("secret_file", f"{path}: a line is not a hex key") from exc
+    if not keys or not all(keys):
+        raise AgentConfigError("secret_file", f"{path} holds no key")
+    return keys
 
 
 def open_backend(spec: str, *, read_only: bool, ceph_conf: str | None = None,
@@ -226,7 +239,7 @@ def _write_ready(path: str, address: str) -> None:
 
 def run(config: AgentConfig) -> int:
     """Serve until SIGTERM/SIGINT; the exit code."""
-    secret = read_secret(config.secret_file)
+    keys = read_keys(config.secret_file)
     host, port = _split_address("listen", config.listen)
 
     def open_device(read_only: bool) -> BlockDevice:
@@ -257,8 +270,9 @@ def run(config: AgentConfig) -> int:
     bound = int(server.server_address[1])
     local = f"{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
     settings = AgentSettings(
-        node=config.node, fleet=config.fleet, secret=secret,
+        node=config.node, fleet=config.fleet, keys=keys,
         advertise=config.advertise or local, readers=dict(config.readers),
+        push_grants=dict(config.push_grants),
         coordinator=config.coordinator, tls=tls is not None, ca_file=config.tls_ca,
         ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
         tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,

@@ -40,7 +40,7 @@ from typing import Any, TypeVar, cast
 
 from agents.agent import Agent
 from agents.core import boundedjson
-from agents.core.grants import CONTROL, WRITER, verify
+from agents.core.grants import DEMOTE, PROMOTE, PUSH, READERS, verify
 from agents.core.index import check_payload, normalize_path
 from agents.core.protocol import (
     DemoteRequest,
@@ -320,14 +320,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _token(self) -> str:
         return bearer_token(self._headers_map())
 
-    def _authenticate(self, roles: Collection[str], *, any_node: bool = False) -> str:
-        """The request's grant token, once signature, expiry, fleet, role and (unless
-        ``any_node``) node check out: before the body is read. The agent checks the rest
-        (epoch, the body's own fields) after decoding."""
+    def _authenticate(self, purposes: Collection[str]) -> str:
+        """The request's grant token, once signature (this node's key), expiry, fleet,
+        audience (this node) and purpose check out: before the body is read. The agent checks
+        the rest (epoch, subject, the body's own fields) after decoding."""
         token = self._token()
         settings = self.agent.settings
-        verify(token, settings.secret, now=time.time(), fleet=settings.fleet,
-               node=None if any_node else settings.node, roles=roles, epoch=None)
+        verify(token, settings.keys, now=time.time(), fleet=settings.fleet,
+               audience=settings.node, purposes=purposes, epoch=None)
         return token
 
     def _raw_path(self) -> str:
@@ -529,24 +529,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # -- replication, control, operations ------------------------------------------------
 
     def records(self) -> Answer:
-        token = self._authenticate({WRITER}, any_node=True)  # the agent checks it names the
-        push = self._message(RecordPush, MAX_PUSH_JSON,      # push's writer
-                             max_depth=PUSH_DEPTH)
+        token = self._authenticate({PUSH})  # the agent checks it names the push's writer
+        push = self._message(RecordPush, MAX_PUSH_JSON, max_depth=PUSH_DEPTH)
         _check_push(push)
         return Answer(200, self.agent.receive_push(token, push))
 
     def promote(self) -> Answer:
-        token = self._authenticate({CONTROL})
+        token = self._authenticate({PROMOTE})
         request = self._message(PromoteRequest, MAX_CONTROL_JSON)
         return Answer(200, self.agent.promote(token, request))
 
     def demote(self) -> Answer:
-        token = self._authenticate({CONTROL})
+        token = self._authenticate({DEMOTE})
         request = self._message(DemoteRequest, MAX_CONTROL_JSON)
         return Answer(200, self.agent.demote(token, request))
 
     def readers(self) -> Answer:
-        token = self._authenticate({CONTROL})
+        token = self._authenticate({READERS})
         request = self._message(ReaderSet, MAX_CONTROL_JSON)
         return Answer(200, self.agent.set_readers(token, request))
 

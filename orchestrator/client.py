@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
-from agents.core.grants import CONTROL, Grant, sign
 from agents.core.protocol import (
     AUTH_HEADER,
     BEARER,
@@ -52,7 +51,8 @@ from agents.errors import (
     RbdfleetError,
     error_from_wire,
 )
-from orchestrator.coordinator.api import CLIENT_NODE, CoordinationFailed, NotActiveError
+from orchestrator.coordinator.api import CoordinationFailed, NotActiveError
+from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
 from orchestrator.errors import AgentUnreachable
 
@@ -60,7 +60,6 @@ LOG = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 SEQ_HEADER = "X-Rbdfleet-Seq"  # the version an agent served (agents/server.py)
-CLIENT_GRANT_TTL = 60.0
 
 
 class Readable(Protocol):
@@ -242,24 +241,24 @@ class CoordinatorClient:
         self,
         urls: list[str],
         fleet: str,
-        secret: bytes,
+        secret: bytes | None,
         *,
+        client: str = "admin",
         transport: Transport | None = None,
         timeout: float = 5.0,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """``client``/``secret``: this client's credential (``rbdfleet client add``); None
+        when only the unauthenticated map is asked for (deploy, inventory)."""
         if not urls:
             raise ValueError("at least one coordinator URL is needed")
         self.urls = list(urls)
         self.fleet = fleet
+        self.client = client
         self._secret = secret
         self.transport = transport or Transport()
         self.timeout = timeout
         self.wall = wall
-
-    def _grant(self) -> str:
-        grant = Grant(self.fleet, CLIENT_NODE, CONTROL, 0, self.wall() + CLIENT_GRANT_TTL)
-        return sign(grant, self._secret)
 
     def call(
         self,
@@ -277,7 +276,10 @@ class CoordinatorClient:
             if url in tried:
                 continue
             tried.add(url)
-            headers = {AUTH_HEADER: BEARER + self._grant(), "Content-Type": "application/json"}
+            headers = {"Content-Type": "application/json"}
+            if self._secret is not None:
+                headers[AUTH_HEADER] = BEARER + client_token(
+                    self.fleet, self.client, self._secret, self.wall())
             body = None if payload is None else json.dumps(payload).encode()
             try:
                 resp = self.transport.request(

@@ -118,8 +118,10 @@ class FleetSettings:
     image: str
     size: int
     writer: str
-    secret_file: Path
+    secret_file: Path  # the master key: the coordinator's and the deployer's, never a VM's
     agent_port: int = 7480
+    client: str = "admin"  # this CLI's client credential (rbdfleet client add)
+    client_secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,9 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
         writer=_writer(fleet_t),
         secret_file=_path(fleet_t, "secret_file", "fleet"),
         agent_port=_int(fleet_t, "agent_port", "fleet", 7480),
+        client=_str(fleet_t, "client", "fleet", "admin"),
+        client_secret_file=(_path(fleet_t, "client_secret_file", "fleet")
+                            if "client_secret_file" in fleet_t else None),
     )
     vms = [
         VmConfig(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from agents.core.protocol import DemoteRequest, Health, PromoteRequest
     from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost
+    from orchestrator.core.clients import ClientCredential
     from orchestrator.core.fleetmap import FleetMap
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "AttachedDisk",
     "Characteristics",
     "ClientSession",
+    "ClientStore",
     "Clock",
     "CredentialStore",
     "DiskMode",
@@ -334,6 +336,29 @@ class StateStore(Protocol):
 
     def coordinator_url(self) -> str | None:
         """The URL last advertised by an active coordinator, or None."""
+        ...
+
+
+class ClientStore(Protocol):
+    """One fleet's client credentials, kept next to its coordinator state. Written by the
+    operator's ``rbdfleet client`` commands, read by the coordinator on client requests."""
+
+    fleet: str
+
+    def get(self, name: str) -> ClientCredential | None:
+        """The credential named ``name``, or None."""
+        ...
+
+    def list(self) -> list[ClientCredential]:
+        """Every credential, by name."""
+        ...
+
+    def put(self, credential: ClientCredential) -> None:
+        """Create or replace the credential of ``credential.name``."""
+        ...
+
+    def remove(self, name: str) -> bool:
+        """Delete ``name``; False when there was none."""
         ...
 
 

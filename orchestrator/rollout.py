@@ -1,10 +1,12 @@
-"""Roll a fleet's agents out to its VMs: secret, per-VM config, blank volume formatted, start.
+"""Roll a fleet's agents out to its VMs: key, per-VM config, blank volume formatted, start.
 
 The use case behind ``rbdfleet deploy``, over :class:`~orchestrator.deploy.AgentDeployer` (the
 per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteShell`:
 
 1. install the agent package and each VM's config (:func:`agent_config`) on every VM;
-2. write the fleet secret to ``/etc/rbdfleet/fleet.secret`` (0600) on every VM;
+2. write each VM's OWN key (derived from the fleet's master key, :mod:`orchestrator.coordinator.
+   keys`) to ``/etc/rbdfleet/agent.key`` (0600); the master never leaves this machine. The
+   writer's config also gets push grants for its readers (the coordinator renews them);
 3. on every VM, wait until the guest sees the shared disk (found by its fleet serial, never
    by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
    ``rbdfleet-agent format --if-blank`` through its read-write disk: an all-zero image gets
@@ -35,6 +37,7 @@ from agents.errors import RbdfleetError
 from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.adapters.ssh import Executable, RemoteCommand
 from orchestrator.config import FleetConfig
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
 from orchestrator.errors import DeployError, RemoteCommandFailed
 from orchestrator.ports import RemoteShell
@@ -43,8 +46,8 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["GUEST_SECRET", "FleetRollout", "RolloutReport", "agent_config"]
 
-# Where the fleet secret lives in a guest (mode 0600); the agent config names it.
-GUEST_SECRET = "/etc/rbdfleet/fleet.secret"
+# Where a VM's own key lives in the guest (mode 0600); the agent config names it.
+GUEST_SECRET = "/etc/rbdfleet/agent.key"
 
 # Waits for the fleet's disk in the guest (hot-plug shows it ~1 s after the attach), then with
 # "format" runs `rbdfleet-agent format --if-blank` on it. argv: release serial fleet wait mode.
@@ -142,7 +145,7 @@ class FleetRollout:
         cfg: FleetConfig,
         shell: RemoteShell,
         deployer: AgentDeployer,
-        secret: bytes,
+        secret: bytes | tuple[bytes, ...],
         *,
         coordinator: str | None = None,
         health: Callable[[str, float], Health] | None = None,
@@ -151,13 +154,15 @@ class FleetRollout:
         ready_wait: float = 120.0,
         progress: Callable[[str], None] = LOG.info,
     ) -> None:
-        """``secret``: the fleet secret (copied to each VM, never logged); ``coordinator``:
+        """``secret``: the fleet's master key(s) (each VM gets its own derived key, never the
+        master; nothing is logged); ``coordinator``:
         the URL agents report to; ``health(address, timeout)`` probes a started agent;
         ``fleet_map``: the coordinator's current map (None at bootstrap)."""
         self.cfg = cfg
         self.shell = shell
         self.deployer = deployer
-        self._secret = secret
+        self._keys = FleetKeys(cfg.fleet.name, (secret,) if isinstance(secret, bytes) else secret,
+                               time.time)
         self.coordinator = coordinator
         self.health = health
         self.writer: str | None = cfg.fleet.writer
@@ -171,11 +176,15 @@ class FleetRollout:
     def targets(self) -> list[DeployTarget]:
         """One target per non-spare VM, writer last."""
         vms = sorted(self.cfg.active_vms, key=lambda v: v.name == self.writer)
-        return [
-            DeployTarget(vm, "/", agent_config(self.cfg, vm.name, coordinator=self.coordinator,
-                                               writer=self.writer or "", epoch=self.epoch))
-            for vm in vms
-        ]
+        targets = []
+        for vm in vms:
+            config = agent_config(self.cfg, vm.name, coordinator=self.coordinator,
+                                  writer=self.writer or "", epoch=self.epoch)
+            if vm.name == self.writer:
+                config["push_grants"] = self._keys.push_grants_to(
+                    vm.name, list(config.get("readers", {})), self.epoch)
+            targets.append(DeployTarget(vm, "/", config))
+        return targets
 
     def deploy(self, *, format_if_blank: bool = True) -> RolloutReport:
         """Steps 1-4 of the module docstring; DeployError (every VM's result) on a failure."""
@@ -241,7 +250,8 @@ class FleetRollout:
     def _put_secret(self, target: DeployTarget) -> str:
         self.shell.run(target.host, RemoteCommand(
             Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]), check=True)
-        self.shell.put_file(target.host, self._secret + b"\n", GUEST_SECRET, 0o600)
+        self.shell.put_file(target.host, self._keys.node_key_file(target.host.name),
+                            GUEST_SECRET, 0o600)
         return ""
 
     def _disk(self, target: DeployTarget, format_it: bool) -> str:

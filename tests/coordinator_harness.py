@@ -25,11 +25,19 @@ from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
-from orchestrator.ports import RoleSwitch, StateStore
-from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
+from orchestrator.ports import ClientStore, RoleSwitch, StateStore
+from orchestrator.testing.clients import MemoryClientStore
+from tests.fixtures.agents import (
+    TEST_CLIENT,
+    TEST_CLIENT_SECRET,
+    TEST_SECRET,
+    AgentFleet,
+    FleetFactory,
+)
 
 IMAGE_SIZE = 64 << 20
 
@@ -136,8 +144,11 @@ def start_service(
     liveness: LivenessConfig | None = None,
     role_switch: RoleSwitch | None = None,
     reader_set_delay: float = 0.0,
+    clients: ClientStore | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``.
+
+    ``clients``: the fleet's client credentials (default: only :data:`TEST_CLIENT`, admin).
 
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
@@ -160,7 +171,8 @@ def start_service(
         send_reader_set=send_reader_set,
     )
     coordinator.api.services[store.fleet] = service
-    coordinator.api.secrets[store.fleet] = TEST_SECRET
+    coordinator.api.clients[store.fleet] = clients or MemoryClientStore(
+        store.fleet, ClientCredential(TEST_CLIENT, ADMIN_SCOPE, TEST_CLIENT_SECRET))
     coordinator.service = service
     service.start()
     return service
@@ -171,9 +183,10 @@ def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> Rados
     return RadosStateStore(client, pool, fleet, f"coord-{uuid.uuid4().hex[:8]}", lease)
 
 
-def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0) -> FleetClient:
-    """A client of ``fleet`` through the coordinators ``urls``."""
-    coordinator = CoordinatorClient(urls, fleet, TEST_SECRET, timeout=5.0)
+def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0,
+                 client: str = TEST_CLIENT, secret: bytes = TEST_CLIENT_SECRET) -> FleetClient:
+    """A client of ``fleet`` through the coordinators ``urls`` (default: the admin one)."""
+    coordinator = CoordinatorClient(urls, fleet, secret, client=client, timeout=5.0)
     return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout), io_timeout=10.0)
 
 

@@ -63,6 +63,7 @@ from orchestrator.testing.history import (
     check_all,
     value_hash,
 )
+from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET
 
 SEED = int(os.environ.get("RBDFLEET_TEST_SEED") or random.SystemRandom().randrange(100000))
 KEYS = tuple(f"/k{i}" for i in range(4))  # files: put, deleted, renamed over
@@ -78,8 +79,8 @@ SIZES = ((0.75, 100, 3 << 10), (0.15, 3 << 10, 64 << 10), (0.08, 64 << 10, 256 <
 class EpochSeen(CoordinatorClient):
     """A CoordinatorClient that remembers, per thread, the epoch of the last targets it got."""
 
-    def __init__(self, urls: list[str], fleet: str, secret: bytes) -> None:
-        super().__init__(urls, fleet, secret)
+    def __init__(self, urls: list[str], fleet: str, secret: bytes, client: str) -> None:
+        super().__init__(urls, fleet, secret, client=client)
         self._seen = threading.local()
 
     def targets(self, kind: str, path: str) -> Targets:
@@ -116,15 +117,16 @@ class NodeSeen(Transport):
 def recording_client(
     urls: list[str],
     fleet: str,
-    secret: bytes,
+    secret: bytes = TEST_CLIENT_SECRET,
     *,
+    client: str = TEST_CLIENT,
     io_timeout: float = 10.0,
     retry_timeout: float = 30.0,
 ) -> FleetClient:
     """A client for :class:`Workload`: follows the map for ``retry_timeout`` seconds, notes
     the epoch each op used and the node each request went to."""
     retry = RetryPolicy(timeout=retry_timeout)
-    return FleetClient(EpochSeen(urls, fleet, secret), retry=retry, io_timeout=io_timeout,
+    return FleetClient(EpochSeen(urls, fleet, secret, client), retry=retry, io_timeout=io_timeout,
                        transport=NodeSeen())
 
 

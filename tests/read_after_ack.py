@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from agents.errors import RbdfleetError
 from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
 from tests.coordinator_harness import Coordinator
-from tests.fixtures.agents import TEST_SECRET, AgentFleet
+from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET, AgentFleet
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ class ReadAfterAck:
         self.fleet = fleet
         # a put stuck in a paused writer gives up after io_timeout (its outcome is unknown)
         self.client = FleetClient(
-            CoordinatorClient([coordinator.url], fleet.name, TEST_SECRET),
+            CoordinatorClient([coordinator.url], fleet.name, TEST_CLIENT_SECRET,
+                              client=TEST_CLIENT),
             retry=RetryPolicy(timeout=20.0), io_timeout=io_timeout)
         self.stop = threading.Event()
         self.stale: list[StaleRead] = []

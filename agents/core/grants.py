@@ -1,21 +1,46 @@
-"""Grants: the patent's write/read permission identifiers, signed by the coordinator.
+"""Grants: the patent's write/read permission identifiers, bound to one audience and one purpose.
 
-A grant says "node N of fleet F may act as ROLE during EPOCH until EXPIRES". The token is
-``base64url(canonical JSON) + "." + base64url(HMAC-SHA256(secret, canonical JSON))`` with the
-padding stripped. Canonical JSON: sorted keys, no spaces, UTF-8, plus a version field ``v``.
+A grant says "in fleet F, AUDIENCE accepts this token for PURPOSE during EPOCH until EXPIRES,
+presented by SUBJECT". It is MACed with the key of the party that checks it: an agent's grants
+with that agent's own key, so only the coordinator (which derives every agent key from the
+fleet's master key) and the agent itself can make one. The token is ``base64url(canonical
+JSON) + "." + base64url(HMAC-SHA256(key, canonical JSON))``, padding stripped; canonical JSON:
+sorted keys, no spaces, UTF-8, plus a version field ``v``.
+
+Keys (docs/security.md): ``agent_key(master, fleet, node)`` is what a node holds; the master
+stays with the coordinator. Client credentials and agents' reports to the coordinator are
+grants too (audience :data:`COORDINATOR`), MACed with the client's secret or the reporting
+agent's key; their ``subject`` names the client or node, so the coordinator knows which key to
+check with (:func:`peek`) and a token made with one node's key can only speak for that node;
+a report grant also carries the digest of its body, so a captured one cannot carry another
+report.
+
+Purposes (one per grant; a node refuses any other with 403 ``foreign_grant``):
+
+=========  =====================================  ==========================================
+purpose    audience                               presented by
+=========  =====================================  ==========================================
+write      the writer                             a write/admin client: put, delete, mkdir,
+                                                  rename (also reads: write scope includes it)
+read       any node                               a client: get, list, stat
+push       a reader                               the writer named in ``subject``
+promote    the node to promote                    the coordinator
+demote     the node to demote                     the coordinator
+readers    the writer                             the coordinator (a new reader set)
+report     :data:`COORDINATOR`                    the agent named in ``subject``
+client     :data:`COORDINATOR`                    the client named in ``subject``
+=========  =====================================  ==========================================
 
 Invariants:
-- :func:`verify` returns a grant only when the MAC is correct (constant-time compare), the grant
-  has not expired at the ``now`` the caller passes, and fleet, node, role and epoch are the ones
-  the caller expects. Each failure raises its own error and nothing else is decided here.
+- :func:`verify` returns a grant only when the MAC is correct under one of the keys it is given
+  (constant-time compare; current and previous key during a rotation), the grant has not
+  expired at the ``now`` the caller passes, and fleet, audience, purpose, subject and epoch are
+  the ones the caller expects. Each failure raises its own error and nothing else is decided.
 - Time is an input: nothing in this module reads a clock.
 
 What a holder may assume (kazoo's habit): a grant proves who the coordinator meant at signing
 time; it does not prove the epoch is still current. Agents compare the grant's epoch with the
 epoch they hold, and the journal's epoch records are the final word.
-
-Roles: ``writer`` (writes and pushes records), ``reader`` (serves reads), ``control``
-(coordinator-issued: promote, demote and other role changes of the node it names).
 """
 
 from __future__ import annotations
@@ -25,46 +50,85 @@ import binascii
 import hashlib
 import hmac
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Final
 
 from agents.errors import BadSignature, ForeignGrant, GrantExpired, StaleEpoch
 
 __all__ = [
-    "CONTROL",
+    "CLIENT",
+    "COORDINATOR",
+    "DEMOTE",
     "GRANT_VERSION",
-    "READER",
-    "ROLES",
-    "WRITER",
+    "KEY_DERIVATION",
+    "PROMOTE",
+    "PURPOSES",
+    "PUSH",
+    "READ",
+    "READERS",
+    "REPORT",
+    "WRITE",
     "Grant",
+    "agent_key",
+    "body_digest",
+    "peek",
     "sign",
     "verify",
 ]
 
-GRANT_VERSION: Final = 1
-WRITER: Final = "writer"
-READER: Final = "reader"
-CONTROL: Final = "control"
-ROLES: Final = frozenset({WRITER, READER, CONTROL})
+GRANT_VERSION: Final = 2
+WRITE: Final = "write"
+READ: Final = "read"
+PUSH: Final = "push"
+PROMOTE: Final = "promote"
+DEMOTE: Final = "demote"
+READERS: Final = "readers"
+REPORT: Final = "report"
+CLIENT: Final = "client"
+PURPOSES: Final = frozenset({WRITE, READ, PUSH, PROMOTE, DEMOTE, READERS, REPORT, CLIENT})
+# The audience of reports and client credentials; never a node name (docs/security.md).
+COORDINATOR: Final = "coordinator"
+KEY_DERIVATION: Final = "rbdfleet agent key v1"
+
+
+def body_digest(body: bytes) -> str:
+    """What a report grant's ``digest`` holds: SHA-256 (hex) of the request body, so a
+    captured report grant authenticates that one report and nothing else."""
+    return hashlib.sha256(body).hexdigest()
+
+
+def agent_key(master: bytes, fleet: str, node: str) -> bytes:
+    """The key ``node`` of ``fleet`` holds: HMAC-SHA256(master, "rbdfleet agent key v1|F|N").
+
+    Node and fleet names are checked by the orchestrator's config (no ``|`` in them), so the
+    derivation input names exactly one (fleet, node) pair."""
+    if not master:
+        raise ValueError("the master key must not be empty")
+    label = f"{KEY_DERIVATION}|{fleet}|{node}".encode()
+    return hmac.new(master, label, hashlib.sha256).digest()
 
 
 @dataclass(frozen=True)
 class Grant:
-    """Permission for ``node`` of ``fleet`` to act as ``role`` in ``epoch`` until ``expires``.
+    """``audience`` of ``fleet`` accepts this for ``purpose`` in ``epoch`` until ``expires``,
+    from ``subject`` ("" when any holder may present it, e.g. a client's read grant).
 
     ``expires`` is a POSIX timestamp (seconds); ``epoch`` is the fencing token.
     """
 
     fleet: str
-    node: str
-    role: str
+    audience: str
+    purpose: str
     epoch: int
     expires: float
+    subject: str = ""
+    digest: str = ""  # a report's: body_digest of the one body it authenticates
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"grant role must be one of {sorted(ROLES)}, not {self.role!r}")
+        if self.purpose not in PURPOSES:
+            raise ValueError(f"grant purpose must be one of {sorted(PURPOSES)}, "
+                             f"not {self.purpose!r}")
         if isinstance(self.epoch, bool) or not isinstance(self.epoch, int) or self.epoch < 0:
             raise ValueError(f"grant epoch must be a non-negative int, not {self.epoch!r}")
 
@@ -82,31 +146,29 @@ def _canonical(grant: Grant) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _mac(secret: bytes, payload: bytes) -> bytes:
-    return hmac.new(secret, payload, hashlib.sha256).digest()
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()
 
 
-def sign(grant: Grant, secret: bytes) -> str:
-    """The token for ``grant``, MACed with the fleet ``secret`` (never part of the token)."""
-    if not secret:
-        raise ValueError("the fleet secret must not be empty")
+def sign(grant: Grant, key: bytes) -> str:
+    """The token for ``grant``, MACed with ``key`` (the audience's; never part of the token)."""
+    if not key:
+        raise ValueError("the signing key must not be empty")
     payload = _canonical(grant)
-    return _b64(payload) + "." + _b64(_mac(secret, payload))
+    return _b64(payload) + "." + _b64(_mac(key, payload))
 
 
-def _decode(token: str, secret: bytes) -> Grant:
-    """The grant inside ``token`` once its MAC checks out; BadSignature for anything else."""
+def _split(token: str) -> tuple[bytes, bytes]:
     head, sep, tail = token.partition(".")
     if not sep or not head or not tail:
         raise BadSignature("grant token is malformed")
     try:
-        payload = _unb64(head)
-        mac = _unb64(tail)
+        return _unb64(head), _unb64(tail)
     except (binascii.Error, ValueError) as exc:
         raise BadSignature("grant token is not base64url") from exc
-    if not hmac.compare_digest(mac, _mac(secret, payload)):
-        raise BadSignature("grant signature does not match")
-    # Signed by someone holding the secret: a bad body here is a coordinator bug, still refused.
+
+
+def _parse(payload: bytes) -> Grant:
     try:
         body = json.loads(payload)
         if body.pop("v") != GRANT_VERSION:
@@ -114,51 +176,77 @@ def _decode(token: str, secret: bytes) -> Grant:
         expires = body["expires"]
         if isinstance(expires, bool) or not isinstance(expires, int | float):
             raise TypeError("expires")
-        if not all(isinstance(body[k], str) for k in ("fleet", "node", "role")):
-            raise TypeError("fleet/node/role")
-        return Grant(
-            fleet=body["fleet"],
-            node=body["node"],
-            role=body["role"],
-            epoch=body["epoch"],
-            expires=float(expires),
-        )
+        if not all(isinstance(body[k], str)
+                   for k in ("fleet", "audience", "purpose", "subject", "digest")):
+            raise TypeError("fleet/audience/purpose/subject/digest")
+        return Grant(fleet=body["fleet"], audience=body["audience"], purpose=body["purpose"],
+                     epoch=body["epoch"], expires=float(expires), subject=body["subject"],
+                     digest=body["digest"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise BadSignature("grant body is malformed") from exc
 
 
+def peek(token: str) -> Grant:
+    """The grant inside ``token`` WITHOUT checking its MAC: only to choose the key to verify
+    with (the subject's) or to know when a grant held for someone else runs out. Never a
+    decision on its own."""
+    payload, _ = _split(token)
+    return _parse(payload)
+
+
+def _check_mac(token: str, keys: Sequence[bytes]) -> None:
+    payload, mac = _split(token)
+    # every key is tried, whichever matches: the time taken does not tell which one did
+    matched = [hmac.compare_digest(mac, _mac(key, payload)) for key in keys if key]
+    if not any(matched):
+        raise BadSignature("grant signature does not match")
+
+
 def verify(
     token: str,
-    secret: bytes,
+    keys: Sequence[bytes],
     *,
     now: float,
     fleet: str,
-    node: str | None,
-    roles: Collection[str],
+    audience: str,
+    purposes: Collection[str],
     epoch: int | None,
     newer_epoch_ok: bool = False,
+    subject: str | None = None,
+    body: bytes | None = None,
 ) -> Grant:
-    """Check ``token`` and return its grant.
+    """Check ``token`` against ``keys`` (current first, then a previous one while rotating).
 
-    - ``node=None`` accepts any node (e.g. a reader checking the writer's grant on a push);
+    - ``subject=None`` accepts any subject; otherwise the grant must name that one;
+    - ``body``: the grant's ``digest`` must be :func:`body_digest` of it (reports);
     - ``epoch=None`` skips the epoch check (e.g. a control grant that announces a new epoch);
       otherwise the grant's epoch must equal ``epoch``, or be at least ``epoch`` when
       ``newer_epoch_ok``.
 
+    A token for another fleet, audience, purpose or subject is refused (403) before its MAC is
+    checked: refusing on what it claims decides nothing (the MAC is what an acceptance needs).
+
     Raises BadSignature (401), GrantExpired (401), ForeignGrant (403), StaleEpoch (409).
     """
-    grant = _decode(token, secret)
-    if now >= grant.expires:
-        raise GrantExpired("grant has expired", expires=grant.expires, now=now)
+    grant = peek(token)
     if grant.fleet != fleet:
         raise ForeignGrant("grant is for another fleet", field="fleet")
-    if node is not None and grant.node != node:
-        raise ForeignGrant("grant is for another node", field="node", node=grant.node)
-    if grant.role not in roles:
+    if grant.audience != audience:
+        raise ForeignGrant("grant is for another audience", field="audience",
+                           audience=grant.audience)
+    if grant.purpose not in purposes:
         raise ForeignGrant(
-            f"grant role {grant.role!r} not allowed here", field="role", role=grant.role,
-            allowed=sorted(roles),
+            f"grant purpose {grant.purpose!r} not allowed here", field="purpose",
+            purpose=grant.purpose, allowed=sorted(purposes),
         )
+    if subject is not None and grant.subject != subject:
+        raise ForeignGrant("grant was issued to someone else", field="subject",
+                           subject=grant.subject)
+    _check_mac(token, keys)
+    if now >= grant.expires:
+        raise GrantExpired("grant has expired", expires=grant.expires, now=now)
+    if body is not None and not hmac.compare_digest(grant.digest, body_digest(body)):
+        raise ForeignGrant("grant was made for another request body", field="digest")
     if epoch is not None:
         stale = grant.epoch < epoch if newer_epoch_ok else grant.epoch != epoch
         if stale:

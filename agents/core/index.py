@@ -172,6 +172,18 @@ def check_payload(record: Record) -> None:
         _path_field(p, "dst")
 
 
+def check_extents_within(record: Record, start: int, end: int) -> None:
+    """CorruptMetadata unless ``record`` is well formed (:func:`check_payload`) and every
+    extent it names lies in the data area ``[start, end)``: a pushed record pointing at the
+    superblocks or the journal would have readers serve those bytes as file data."""
+    check_payload(record)
+    for offset, length in record.payload.get("extents") or ():
+        if offset < start or offset + length > end:
+            raise CorruptMetadata(
+                f"extent {offset}+{length} of record {record.seq} is outside the data area "
+                f"[{start}, {end})", field="extents", seq=record.seq)
+
+
 def parent_of(path: str) -> str:
     """Parent directory of a normalized path (``/`` for top-level entries)."""
     return posixpath.dirname(path)

@@ -27,9 +27,9 @@ WriteAck                writer → client                             answer to 
 EntryInfo, ListResponse agent → client                              GET /v1/stat, /v1/list
 RecordPush / RecordAck  writer → reader / reader → writer           POST /v1/records
 Health                  agent → anyone                              GET /v1/health
-PromoteRequest          coordinator → agent (control grant)         POST /v1/promote
-DemoteRequest           coordinator → agent (control grant)         POST /v1/demote
-ReaderSet               coordinator → writer (control grant)        POST /v1/readers
+PromoteRequest          coordinator → agent (promote grant)         POST /v1/promote
+DemoteRequest           coordinator → agent (demote grant)          POST /v1/demote
+ReaderSet               coordinator → writer (readers grant)        POST /v1/readers
 Heartbeat               agent → coordinator                         POST <coordinator>/v1/heartbeat
 SelfTestReport          agent → coordinator                         POST <coordinator>/v1/selftest
 LaggingReaderReport     writer → coordinator                        POST <coordinator>/v1/lagging
@@ -122,7 +122,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise DecodeError(f"{where} must be an object", field=where)
-        return dict(value)
+        item = get_args(tp)[1] if get_args(tp) else Any
+        return {k: _convert(item, v, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise DecodeError(f"{where} must be a boolean", field=where)
@@ -559,20 +560,22 @@ class LaggingReaderReport(Message):
 
 @dataclass(frozen=True)
 class PromoteRequest(Message):
-    """Coordinator → agent (control grant for ``node``): become the writer of ``epoch``,
+    """Coordinator → agent (promote grant for ``node``): become the writer of ``epoch``,
     pushing to ``readers`` and waiting from the first write for those named in ``in_sync``
-    (the map's in-sync readers: they acked every write acknowledged so far)."""
+    (the map's in-sync readers: they acked every write acknowledged so far); ``push_grants``:
+    one push grant per reader (made with that reader's key, for this writer and epoch)."""
 
     fleet: str
     node: str
     epoch: int
     readers: tuple[ReaderAddress, ...] = ()
     in_sync: tuple[str, ...] = ()
+    push_grants: dict[str, str] = field(default_factory=dict)  # reader -> push grant
 
 
 @dataclass(frozen=True)
 class DemoteRequest(Message):
-    """Coordinator → agent (control grant for ``node``): stop writing at once, become a reader
+    """Coordinator → agent (demote grant for ``node``): stop writing at once, become a reader
     of ``epoch``; ``writer``/``writer_address`` name the new writer when known."""
 
     fleet: str
@@ -584,12 +587,14 @@ class DemoteRequest(Message):
 
 @dataclass(frozen=True)
 class ReaderSet(Message):
-    """Coordinator → writer (control grant): the fleet's readers the writer pushes to, e.g.
-    after a spare was added or a reader replaced. Replaces the configured set."""
+    """Coordinator → writer (readers grant): the fleet's readers the writer pushes to, e.g.
+    after a spare was added or a reader replaced, with a push grant for each. Replaces the
+    configured set."""
 
     fleet: str
     epoch: int
     readers: tuple[ReaderAddress, ...]
+    push_grants: dict[str, str] = field(default_factory=dict)  # reader -> push grant
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli import clients as clients_cli
 from orchestrator.cli import coordinator as coordinator_cli
 from orchestrator.cli import deploy as deploy_cli
 from orchestrator.cli import files as files_cli
@@ -60,6 +61,7 @@ files_cli.register(app)
 status_cli.register(app)
 deploy_cli.register(app)
 inventory_cli.register(app)
+clients_cli.register(app)
 
 
 def main() -> None:

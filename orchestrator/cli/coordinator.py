@@ -23,6 +23,7 @@ import typer
 
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ceph import BlocklistFencer
+from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.cli._output import JsonOption, emit_json, say
 from orchestrator.cli.provision import (
@@ -35,6 +36,7 @@ from orchestrator.cli.provision import (
 from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinatorAPI
+from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
@@ -125,27 +127,41 @@ def coordinator_config(path: Path, env: Mapping[str, str] = os.environ) -> Coord
     return result
 
 
-def read_secret(cfg: FleetConfig) -> bytes:
-    """The fleet secret; refused when group/other may read it."""
-    path = cfg.fleet.secret_file
+def read_secret(cfg: FleetConfig) -> tuple[bytes, ...]:
+    """The fleet's master key(s) (current first); refused when group/other may read them."""
+    return read_master_keys(cfg.fleet.secret_file)
+
+
+def read_client_secret(path: Path, what: str = "fleet.client_secret_file") -> bytes:
+    """A client secret file (hex, as ``rbdfleet client add`` writes it; mode 0600)."""
+    (line, *_) = read_master_keys(path, what)
     try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("fleet.secret_file", f"{path} cannot be read: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError("fleet.secret_file", f"{path} must be mode 0600")
-    if not data.strip():
-        raise ConfigError("fleet.secret_file", f"{path} is empty")
-    return data.strip()
+        return bytes.fromhex(line.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(what, f"{path} does not hold a hex client secret") from exc
+
+
+def client_credential(cfg: FleetConfig) -> tuple[str, bytes]:
+    """This CLI's client name and secret (``[fleet] client``, ``client_secret_file``)."""
+    path = cfg.fleet.client_secret_file
+    if path is None:
+        raise ConfigError("fleet.client_secret_file", "needed to talk to the coordinator: "
+                          "`rbdfleet client add NAME --scope admin --out FILE` makes one")
+    return cfg.fleet.client, read_client_secret(path)
+
+
+def coordinator_client(cfg: FleetConfig, urls: list[str]) -> CoordinatorClient:
+    """A CoordinatorClient of the config's fleet with this CLI's client credential."""
+    name, secret = client_credential(cfg)
+    return CoordinatorClient(urls, cfg.fleet.name, secret, client=name)
 
 
 def open_client(config_path: Path, timeout: float = 30.0) -> tuple[FleetClient, FleetConfig]:
     """A FleetClient for the config's fleet through its coordinators."""
     cfg = fleet_config.load(config_path)
     ccfg = coordinator_config(config_path)
-    coordinator = CoordinatorClient(list(ccfg.urls), cfg.fleet.name, read_secret(cfg))
-    return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout)), cfg
+    return FleetClient(coordinator_client(cfg, list(ccfg.urls)),
+                       retry=RetryPolicy(timeout=timeout)), cfg
 
 
 def bootstrap_map(cfg: FleetConfig) -> FleetMap:
@@ -206,8 +222,9 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with open_provisioner(config) as (provisioner, handle, cfg):
-        secret = read_secret(cfg)
-        api = CoordinatorAPI({}, {cfg.fleet.name: secret}, time.time)
+        masters = read_secret(cfg)
+        clients = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
+        api = CoordinatorAPI({}, {cfg.fleet.name: clients}, time.time)
         bound_host, bound_port = api.serve(
             host or "127.0.0.1", int(port), ccfg.tls_cert, ccfg.tls_key
         )
@@ -227,7 +244,7 @@ def run(
             store=store,
             fencer=fencer,
             agents=agents,
-            secret=secret,
+            secret=masters,
             settings=ServiceSettings(
                 url=url,
                 liveness=ccfg.liveness(),
@@ -252,6 +269,7 @@ def run(
             service.stop()
             api.shutdown()
             store.close()
+            clients.close()
 
 
 def failover(

@@ -44,7 +44,7 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
     urls = list(coordinator_config(config_path).urls)
     secret = read_secret(cfg)
     try:
-        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, secret).map()
+        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, None).map()
     except AgentUnreachable:
         fleet_map = None  # no coordinator yet: the bootstrap roles of the config
     guard = require_local_target if cfg.sandbox is not None else allow_any_target

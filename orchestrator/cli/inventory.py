@@ -8,13 +8,16 @@ commands, never deployed). Each active VM carries the agent config that ``rbdfle
 would write (:func:`orchestrator.rollout.agent_config`), with the roles of the active
 coordinator's map when one answers, else the config's bootstrap roles.
 
-The fleet secret never appears: the inventory names its file on this machine
-(``rbdfleet_agent_secret_src``) and the role copies it. The agents tarball is written once to
-``--package-dir`` (its name carries its content hash) and named likewise.
+No key appears: each VM's own key (derived from the fleet's master key, which never leaves this
+machine) is written to ``KEY_DIR/<vm>.key`` (0600, the directory 0700), and
+``rbdfleet_agent_secret_src`` names it per host (``{{ inventory_hostname }}``); the role copies
+it. The agents tarball is written once to ``--package-dir`` (its name carries its content
+hash) and named likewise.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,6 +31,7 @@ from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.client import CoordinatorClient
 from orchestrator.config import FleetConfig
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentPackage
 from orchestrator.errors import AgentUnreachable, ConfigError
 from orchestrator.rollout import agent_config
@@ -37,11 +41,12 @@ DEFAULT_PACKAGE_DIR = Path("/var/tmp/rbdfleet/packages")
 
 def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
                     fleet_map: Mapping[str, Any] | None,
-                    package: tuple[Path, str] | None) -> Inventory:
+                    package: tuple[Path, str] | None, key_dir: Path) -> Inventory:
     """The fleet's VMs as an :class:`Inventory` (pure: the map and package are inputs).
 
     ``fleet_map``: the coordinator's map (None: the config's writer at epoch 1);
-    ``package``: the agents tarball on this machine and its version.
+    ``package``: the agents tarball on this machine and its version; ``key_dir``: where the
+    VMs' own keys are on this machine (:func:`write_agent_keys`).
     """
     if cfg.ssh.key is None or cfg.ssh.known_hosts is None:
         raise ConfigError("ssh.key", "ssh.key and ssh.known_hosts are needed for an inventory")
@@ -53,11 +58,24 @@ def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
                  spare=vm.spare)
              for vm in cfg.vms]
     variables = ssh_vars(cfg.ssh.user, cfg.ssh.key, cfg.ssh.known_hosts)
-    variables["rbdfleet_agent_secret_src"] = str(cfg.fleet.secret_file)
+    variables["rbdfleet_agent_secret_src"] = str(key_dir / "{{ inventory_hostname }}.key")
     if package is not None:
         variables["rbdfleet_agent_package"] = str(package[0])
         variables["rbdfleet_agent_version"] = package[1]
     return Inventory(hosts, variables)
+
+
+def write_agent_keys(cfg: FleetConfig, masters: tuple[bytes, ...], key_dir: Path) -> Path:
+    """Each VM's own key in ``key_dir/<vm>.key`` (0600; the directory 0700); ``key_dir``."""
+    key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key_dir.chmod(0o700)
+    keys = FleetKeys(cfg.fleet.name, masters, time.time)
+    for vm in cfg.vms:
+        path = key_dir / f"{vm.name}.key"
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_bytes(keys.node_key_file(vm.name))
+    return key_dir
 
 
 def inventory(
@@ -78,13 +96,14 @@ def inventory(
     cfg = fleet_config.load(config)
     urls = list(coordinator_config(config).urls)
     try:
-        fleet_map: dict[str, Any] | None = CoordinatorClient(
-            urls, cfg.fleet.name, read_secret(cfg)).map()
+        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, None).map()
     except AgentUnreachable:
         fleet_map = None  # no coordinator yet: the bootstrap roles of the config
     package = AgentPackage.build()
+    key_dir = write_agent_keys(cfg, read_secret(cfg), package_dir / "keys" / cfg.fleet.name)
     found = fleet_inventory(cfg, coordinator=urls[0], fleet_map=fleet_map,
-                            package=(write_package(package, package_dir), package.version))
+                            package=(write_package(package, package_dir), package.version),
+                            key_dir=key_dir)
     if host is not None or list_all or as_json:
         emit_json(found.hostvars(host) if host is not None else found.to_script())
         return

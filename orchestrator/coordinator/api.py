@@ -6,19 +6,23 @@ route                                       auth    answer
 GET  /v1/health                             -       ``{"ok": true, "fleets": {name: active}}``
 GET  /v1/status                             -       per fleet: map, liveness, pending steps
 GET  /v1/fleets/F/map?after=REV&wait=S      -       the map once ``revision > REV`` (long poll)
-POST /v1/fleets/F/write  ``{"path"}``       client  ordered + labelled targets with grants
-POST /v1/fleets/F/read   ``{"path"}``       client  in-sync readers then the writer, grants
-POST /v1/fleets/F/report ``{"node",...}``   client  202: failure seen by a client
-POST /v1/fleets/F/failover ``{"to"}``       client  the new map (after fence + promote)
-POST /v1/fleets/F/fence  ``{"node"}``       client  the new map
-POST /v1/heartbeat | /v1/selftest |         agent   agents' reports (agents.core.protocol)
-     /v1/lagging
+POST /v1/fleets/F/write  ``{"path"}``       write   ordered + labelled targets with grants
+POST /v1/fleets/F/read   ``{"path"}``       read    in-sync readers then the writer, grants
+POST /v1/fleets/F/report ``{"node",...}``   read    202: failure seen by a client (SUSPECT)
+POST /v1/fleets/F/failover ``{"to"}``       admin   the new map (after fence + promote)
+POST /v1/fleets/F/fence  ``{"node"}``       admin   the new map
+POST /v1/heartbeat | /v1/selftest |         agent   agents' reports (agents.core.protocol);
+     /v1/lagging                                    a writer's heartbeat is answered with
+                                                    its push grants (``push_grants``)
 GET  /metrics                               -       Prometheus text
 ==========================================  ======  ==========================================
 
-"client" auth is a ``control`` grant for node ``client`` signed with the fleet secret;
-"agent" auth is the agent's own grant for the node the message names. A standby answers
-fleet routes with 503 ``not_active`` naming the active coordinator, so clients follow it.
+read/write/admin: a client token (orchestrator.core.clients: purpose ``client``, audience
+``coordinator``, subject the client's name, MACed with that client's own secret from the
+ClientStore) of a client whose scope includes the route's (403 ``foreign_grant`` otherwise; 401
+for an unknown or revoked client). "agent": a report grant MACed with the key of the node the
+message names (purpose ``report``, bound to the body). A standby answers fleet routes with 503
+``not_active`` naming the active coordinator, so clients follow it.
 
 Errors are ``{"error", "message", ...}`` with the status of the error class (agents.errors),
 and bad input changes no state: 400 malformed body, query or field; 401 no grant, a forged
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
-from agents.core.grants import CONTROL, READER, WRITER, verify
+from agents.core.grants import CLIENT, COORDINATOR, peek, verify
 from agents.core.protocol import (
     Heartbeat,
     LaggingReaderReport,
@@ -50,7 +54,9 @@ from agents.core.protocol import (
 )
 from agents.errors import (
     AgentError,
+    BadSignature,
     DecodeError,
+    ForeignGrant,
     MethodNotAllowed,
     NotFound,
     NotWriter,
@@ -61,13 +67,16 @@ from agents.errors import (
 from agents.server import InternalError
 from orchestrator.coordinator.service import FleetService, NotActive
 from orchestrator.core import election as el
+from orchestrator.core.clients import ClientCredential, allows
 from orchestrator.core.fleetmap import FleetMap, IllegalTransition
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
 from orchestrator.errors import CoordinationError
+from orchestrator.ports import ClientStore
 
 LOG = logging.getLogger(__name__)
 
-CLIENT_NODE = "client"
+# a revoked or rotated client is refused at most this long after the change
+CLIENT_CACHE_SECONDS = 2.0
 MAX_BODY = 1 << 20
 MAX_WAIT = 30.0
 AGENT_REPORTS = frozenset({"heartbeat", "selftest", "lagging"})
@@ -121,12 +130,14 @@ class CoordinatorAPI:
     def __init__(
         self,
         services: dict[str, FleetService],
-        secrets: dict[str, bytes],
+        clients: dict[str, ClientStore],
         wall: Callable[[], float],
     ) -> None:
         self.services = services
-        self.secrets = secrets
+        self.clients = clients
         self.wall = wall
+        self._client_cache: dict[tuple[str, str], tuple[ClientCredential | None, float]] = {}
+        self._cache_lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -204,7 +215,7 @@ class CoordinatorAPI:
             wait = min(_float(query.get("wait", "0") or "0", "wait"), MAX_WAIT)
             m = service.wait_map(after, wait) if wait > 0 else service.require_active()
             return 200, {"map": m.to_json(), "coordinator": service.settings.url}
-        self._authorize_client(service.fleet, headers)
+        self._authorize_client(service.fleet, headers, action)
         data = _json(body)
         if action in ("write", "read"):
             m, targets = service.targets(action)
@@ -251,17 +262,37 @@ class CoordinatorAPI:
             return 200, {"map": m.to_json()}
         raise NotFound(f"no route POST {action}")  # pragma: no cover - _method_of routes first
 
-    def _authorize_client(self, fleet: str, headers: Any) -> None:
+    def _credential(self, fleet: str, name: str) -> ClientCredential | None:
+        """The client's stored credential, read again after :data:`CLIENT_CACHE_SECONDS`."""
+        now = self.wall()
+        with self._cache_lock:
+            cached = self._client_cache.get((fleet, name))
+        if cached is not None and now - cached[1] < CLIENT_CACHE_SECONDS:
+            return cached[0]
+        store = self.clients.get(fleet)
+        credential = None if store is None else store.get(name)
+        with self._cache_lock:
+            if len(self._client_cache) > 10_000:  # names come from the network: bounded
+                self._client_cache.clear()
+            self._client_cache[(fleet, name)] = (credential, now)
+        return credential
+
+    def _authorize_client(self, fleet: str, headers: Any, route: str) -> ClientCredential:
         token = bearer_token(headers)
-        verify(
-            token,
-            self.secrets[fleet],
-            now=self.wall(),
-            fleet=fleet,
-            node=CLIENT_NODE,
-            roles={CONTROL},
-            epoch=None,
-        )
+        claimed = peek(token)  # which secret to check with; nothing trusted yet
+        if claimed.audience != COORDINATOR or claimed.purpose != CLIENT:
+            raise ForeignGrant("not a client credential", field="purpose",
+                               purpose=claimed.purpose)
+        name = claimed.subject
+        credential = self._credential(fleet, name)
+        if credential is None:
+            raise BadSignature(f"no client {name[:100]!r} in fleet {fleet}", client=name[:100])
+        verify(token, (credential.secret,), now=self.wall(), fleet=fleet,
+               audience=COORDINATOR, purposes={CLIENT}, epoch=None, subject=credential.name)
+        if not allows(credential.scope, route):
+            raise ForeignGrant(f"client {name!r} has scope {credential.scope!r}, which does "
+                               f"not allow {route}", field="scope", scope=credential.scope)
+        return credential
 
     def _agent_report(self, kind: str, headers: Any, body: bytes) -> tuple[int, Any]:
         message: Heartbeat | SelfTestReport | LaggingReaderReport
@@ -277,15 +308,7 @@ class CoordinatorAPI:
         else:
             raise NotFound(f"no route POST /v1/{kind}")
         service = self._service(message.fleet)
-        verify(
-            bearer_token(headers),
-            self.secrets[message.fleet],
-            now=self.wall(),
-            fleet=message.fleet,
-            node=sender,
-            roles={READER, WRITER},
-            epoch=None,
-        )
+        service.keys.verify_report(bearer_token(headers), sender, body)
         m = service.require_active()
         if isinstance(message, LaggingReaderReport):
             _check_current_writer(m, message)
@@ -312,12 +335,17 @@ class CoordinatorAPI:
         else:
             m = _take_out_of_the_map(service, message, now)
         writer = m.member(m.writer) if m.writer else None
-        return 200, {
+        answer: dict[str, Any] = {
             "epoch": m.epoch,
             "revision": m.revision,
             "writer": None if writer is None else writer.name,
             "writer_address": None if writer is None else writer.address,
         }
+        if (isinstance(message, Heartbeat) and message.node == m.writer
+                and message.epoch == m.epoch and m.phase == "stable"):
+            # the writer's push grants are renewed here, well before they run out
+            answer["push_grants"] = service.keys.push_grants(m)
+        return 200, answer
 
     def metrics(self) -> str:
         """Prometheus text of every fleet's series (see orchestrator.coordinator.metrics)."""
@@ -483,7 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 __all__ = [
-    "CLIENT_NODE",
+    "CLIENT_CACHE_SECONDS",
     "CoordinationFailed",
     "CoordinatorAPI",
     "NotActiveError",

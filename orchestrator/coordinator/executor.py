@@ -12,9 +12,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agents.core.grants import CONTROL, Grant, sign
+from agents.core.grants import DEMOTE, PROMOTE, READERS
 from agents.core.protocol import DemoteRequest, PromoteRequest, ReaderAddress, ReaderSet
 from agents.errors import RbdfleetError
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import FleetMap
 from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
@@ -45,8 +46,7 @@ class Executor:
         store: StateStore,
         fencer: Fencer,
         agents: AgentControl,
-        secret: bytes,
-        wall: Callable[[], float],
+        keys: FleetKeys,
         announce: Callable[[FleetMap], None],
         persisted: FleetMap,
         role_switch: RoleSwitch | None = None,
@@ -57,8 +57,7 @@ class Executor:
         self.store = store
         self.fencer = fencer
         self.agents = agents
-        self.secret = secret
-        self.wall = wall
+        self.keys = keys
         self.announce = announce
         self.persisted = persisted
         self.role_switch = role_switch
@@ -66,10 +65,9 @@ class Executor:
         self.send_reader_set = send_reader_set
         self.on_done = on_done
 
-    def control_grant(self, node: str, epoch: int) -> str:
-        """A control grant for ``node`` at ``epoch`` (promote, demote, reader set)."""
-        grant = Grant(self.store.fleet, node, CONTROL, epoch, self.wall() + CONTROL_GRANT_TTL)
-        return sign(grant, self.secret)
+    def control_grant(self, node: str, purpose: str, epoch: int) -> str:
+        """A grant for ``node`` to act on one control request (promote, demote, readers)."""
+        return self.keys.grant(node, purpose, epoch, CONTROL_GRANT_TTL)
 
     def run(self, actions: list[el.Action]) -> BatchResult:
         """Run ``actions`` in order; stop at the first failure."""
@@ -119,8 +117,9 @@ class Executor:
             promote = PromoteRequest(
                 fleet=fleet, node=action.node, epoch=action.epoch,
                 readers=tuple(ReaderAddress(r.name, r.address) for r in readers),
-                in_sync=tuple(r.name for r in readers if r.in_sync))
-            grant = self.control_grant(action.node, action.epoch)
+                in_sync=tuple(r.name for r in readers if r.in_sync),
+                push_grants=self.keys.push_grants(m, writer=action.node, epoch=action.epoch))
+            grant = self.control_grant(action.node, PROMOTE, action.epoch)
             self.agents.promote(action.address, promote, grant)
         elif isinstance(action, el.PublishMap):
             self._save(action.map)
@@ -147,7 +146,7 @@ class Executor:
         request = DemoteRequest(fleet=self.store.fleet, node=action.node, epoch=action.epoch,
                                 writer=m.writer, writer_address=writer_address)
         self.agents.demote(action.address, request,
-                           self.control_grant(action.node, action.epoch))
+                           self.control_grant(action.node, DEMOTE, action.epoch))
         if switch_error is not None:
             raise RoleSwitchFailed(f"read-only re-attach of {action.node}: {switch_error}") \
                 from switch_error
@@ -157,10 +156,12 @@ class Executor:
         if self.send_reader_set is None or m.writer is None or m.phase != "stable":
             return
         readers = tuple(ReaderAddress(r.name, r.address) for r in m.members if r.role == "reader")
-        request = ReaderSet(fleet=m.fleet, epoch=m.epoch, readers=readers)
+        request = ReaderSet(fleet=m.fleet, epoch=m.epoch, readers=readers,
+                            push_grants=self.keys.push_grants(m))
         try:
             self.send_reader_set(
-                m.member(m.writer).address, request, self.control_grant(m.writer, m.epoch)
+                m.member(m.writer).address, request,
+                self.control_grant(m.writer, READERS, m.epoch),
             )
         except RbdfleetError as exc:
             LOG.warning("event=reader_set_not_sent writer=%s reason=%s", m.writer, exc)

@@ -32,10 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.core.grants import READER, WRITER, Grant, sign
+from agents.core.grants import READ, WRITE
 from agents.core.protocol import Health, ReaderSet
 from agents.errors import RbdfleetError
 from orchestrator.coordinator.executor import Executor
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import FleetMap, Member, Target
 from orchestrator.core.liveness import (
@@ -93,7 +94,7 @@ class FleetService:
         store: StateStore,
         fencer: Fencer,
         agents: AgentControl,
-        secret: bytes,
+        secret: bytes | tuple[bytes, ...],
         settings: ServiceSettings,
         clock: Clock,
         wall: Callable[[], float],
@@ -106,7 +107,9 @@ class FleetService:
         self.store = store
         self.fencer = fencer
         self.agents = agents
-        self.secret = secret
+        # the master key(s): current first, then a previous one during a rotation
+        self.keys = FleetKeys(store.fleet, (secret,) if isinstance(secret, bytes) else secret,
+                              wall)
         self.settings = settings
         self.clock = clock
         self.wall = wall
@@ -231,12 +234,13 @@ class FleetService:
         """Grants for a write (writer first, then in-sync readers) or a read (readers, writer)."""
         m = self.require_active()
         members = m.write_targets() if kind == "write" else m.read_targets()
-        expires = self.wall() + self.settings.grant_ttl
         out = []
         for member in members:
-            role = WRITER if member.name == m.writer else READER
-            token = sign(Grant(self.fleet, member.name, role, m.epoch, expires), self.secret)
-            out.append(Target(member.name, member.address, role, token))
+            writer = member.name == m.writer
+            purpose = WRITE if writer and kind == "write" else READ
+            token = self.keys.grant(member.name, purpose, m.epoch, self.settings.grant_ttl)
+            out.append(Target(member.name, member.address, "writer" if writer else "reader",
+                              token))
         return m, out
 
     def status(self) -> dict[str, Any]:
@@ -324,8 +328,7 @@ class FleetService:
             store=self.store,
             fencer=self.fencer,
             agents=self.agents,
-            secret=self.secret,
-            wall=self.wall,
+            keys=self.keys,
             announce=self._announce,
             persisted=stored,
             role_switch=self.role_switch,

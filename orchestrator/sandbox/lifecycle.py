@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import config as fleet_config
+from orchestrator.adapters import ceph as ceph_adapter
+from orchestrator.adapters.rados_clients import RadosClientStore
+from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import ceph, hosts, libvirtd, processes, vms
 from orchestrator.sandbox.state import StateFile
@@ -40,6 +44,9 @@ VM_RAM_MIB = 400
 CEPH_RAM_MIB = 1024
 # The coordinator's port on the VM network's gateway (each sandbox has its own gateway).
 COORDINATOR_PORT = 7470
+# the CLI's client credential in a sandbox: an admin, its secret next to the config
+ADMIN_CLIENT = "admin"
+CLIENT_SECRET = "client.secret"
 
 
 def default_dir() -> Path:
@@ -183,6 +190,7 @@ def _build(
     _write_secret(secret)
     config = directory / "rbdfleet.toml"
     config.write_text(render_config(directory, cluster, vm_set, host_set, secret))
+    _issue_admin_client(config, directory / CLIENT_SECRET)
     timings["total"] = round(time.monotonic() - started, 2)
     state.set_fact("timings", timings)
     summary = SandboxSummary(
@@ -206,10 +214,25 @@ def _start_vms(directory: Path, request: SandboxRequest, state: StateFile,
     return vms.boot_vms(directory / "vms", state, request.vms, progress=progress)
 
 
-def _write_secret(path: Path) -> None:
+def _issue_admin_client(config: Path, path: Path) -> None:
+    """The CLI's admin client credential (docs/security.md): stored in the cluster next to the
+    fleet's state, its secret in ``path`` (0600), which the config names."""
+    cfg = fleet_config.load(config)
+    credential = ClientCredential(ADMIN_CLIENT, ADMIN_SCOPE, secrets.token_bytes(32),
+                                  time.time())
+    with ceph_adapter.cluster(cfg.ceph) as handle:
+        store = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
+        try:
+            store.put(credential)
+        finally:
+            store.close()
+    _write_secret(path, credential.secret.hex())
+
+
+def _write_secret(path: Path, text: str | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32) + "\n")
+        out.write((text or secrets.token_hex(32)) + "\n")
 
 
 def _toml_str(value: object) -> str:
@@ -249,6 +272,8 @@ def render_config(directory: Path, cluster: Any, vm_set: Any, host_set: Any,
         f"writer = {_toml_str(names[0] if names else '')}",
         f"secret_file = {_toml_str(secret)}",
         "agent_port = 7480",
+        f"client = {_toml_str(ADMIN_CLIENT)}",
+        f"client_secret_file = {_toml_str(directory / CLIENT_SECRET)}",
     ]
     for vm in vm_set.vms if vm_set else []:
         lines += ["", "[[vm]]", f"name = {_toml_str(vm.name)}", f"domain = {_toml_str(vm.domain)}",
@@ -327,7 +352,7 @@ def down(directory: Path, progress: Progress = LOG.info) -> list[str]:
         state.forget(res["kind"], **{k: v for k, v in res.items() if k != "kind"})
     if not errors:
         path.unlink()
-        for leftover in ("rbdfleet.toml", "fleet.secret"):
+        for leftover in ("rbdfleet.toml", "fleet.secret", CLIENT_SECRET):
             (directory / leftover).unlink(missing_ok=True)
         progress(f"sandbox in {directory} is down")
     return errors

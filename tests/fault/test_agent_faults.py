@@ -130,9 +130,10 @@ def _connect(address: str, timeout: float = 60) -> http.client.HTTPConnection:
 def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...]) -> None:
     """Promote as the coordinator does: the map's readers, all in sync, in the request."""
     resp = fleet.client.call(
-        fleet[node].address, "POST", "/v1/promote", fleet.grant(node, "control", epoch),
+        fleet[node].address, "POST", "/v1/promote", fleet.grant(node, "promote", epoch),
         {"fleet": fleet.name, "node": node, "epoch": epoch, "in_sync": list(readers),
-         "readers": [{"node": n, "address": fleet[n].address} for n in readers]})
+         "readers": [{"node": n, "address": fleet[n].address} for n in readers],
+         "push_grants": fleet.push_grants(node, readers, epoch)})
     assert resp.status == 200, resp.body
     assert resp.json()["in_sync"] == sorted(readers)
 
@@ -172,7 +173,7 @@ def test_demote_stops_an_inflight_put(file_fleet: AgentFleet) -> None:
     outcome = _put_in_background(fleet, "w", "/big", 32 * MiB, started,
                                  fleet.grant("w", "writer", 1))
     assert started.wait(60)
-    resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "control", 2),
+    resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "demote", 2),
                   {"fleet": fleet.name, "node": "w", "epoch": 2})
     assert resp.status == 200 and resp.json()["role"] == "reader"
     assert outcome.failed()
@@ -390,10 +391,10 @@ def test_hostile_input_changes_nothing(fleet_factory: FleetFactory, tmp_path: Pa
          b"", 501, "unsupported_transfer_encoding"),
         ("POST", "/v1/mkdir", {"Authorization": "Bearer " + wg}, b'{"v":1,"path":"/t\\tab"}',
          400, "bad_path"),
-        ("POST", "/v1/promote", {"Authorization": "Bearer " + fleet.grant("w", "control", 5)},
+        ("POST", "/v1/promote", {"Authorization": "Bearer " + fleet.grant("w", "promote", 5)},
          b'{"v":1,"fleet":"test","node":"w","epoch":' + b"5" * 5000 + b"}", 400,
          "decode_error"),
-        ("POST", "/v1/readers", {"Authorization": "Bearer " + fleet.grant("w", "control", 1)},
+        ("POST", "/v1/readers", {"Authorization": "Bearer " + fleet.grant("w", "readers", 1)},
          b"[" * 50_000, 400, "decode_error"),
     ]
     for method, path, headers, body, status, error in cases:

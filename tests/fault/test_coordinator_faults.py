@@ -61,7 +61,7 @@ from tests.coordinator_harness import (
     wait_in_sync,
     wait_until,
 )
-from tests.fixtures.agents import REPO, TEST_SECRET, AgentFleet, FleetFactory
+from tests.fixtures.agents import REPO, AgentFleet, FleetFactory
 from tests.jepsen import (
     KEYS,
     SEED,
@@ -91,7 +91,7 @@ class LoopFleet:
     def client(self) -> FleetClient:
         """A client whose writes give up on a silent writer after 2 s (outcome unknown)."""
         return recording_client(
-            [self.coordinator.url], self.fleet.name, TEST_SECRET, io_timeout=2.0
+            [self.coordinator.url], self.fleet.name, io_timeout=2.0
         )
 
     def image_digest(self) -> str:
@@ -391,7 +391,7 @@ def test_without_a_fence_the_agents_still_refuse_and_only_a_writer_with_no_reade
     assert refused == 503, f"seed {seed}: the unfenced old writer answered {refused}"
     assert loop.image_digest() != before  # its record landed: the fence is what keeps bytes
     alone = _post_from(h3, loop.fleet["w"].address, "/v1/readers",
-                       loop.fleet.grant("w", "control", 1),
+                       loop.fleet.grant("w", "readers", 1),
                        {"fleet": loop.fleet.name, "epoch": 1, "readers": []})
     assert alone == 200, f"seed {seed}: emptying the old writer's reader set -> {alone}"
     op = work.history.invoke("stale-client", "put", "/k0", value_hash(STALE_VALUE.encode()))
@@ -399,7 +399,7 @@ def test_without_a_fence_the_agents_still_refuse_and_only_a_writer_with_no_reade
     assert 200 <= status < 300, f"seed {seed}: the readerless old writer refused: {status}"
     work.history.ok(op, epoch=1, node="w")
     # Its record or data may land on epoch 2's: a key may be unreadable now (not for 30 s).
-    brief = recording_client([loop.coordinator.url], loop.fleet.name, TEST_SECRET, retry_timeout=3)
+    brief = recording_client([loop.coordinator.url], loop.fleet.name, retry_timeout=3)
     anomalies = check_all(work.history.ops(), final_state(brief, work.history.ops()))
     assert any(a.checker == "final-state" and "/k0" in a.message for a in anomalies), (
         f"seed {seed}: split brain not caught; anomalies: {[str(a) for a in anomalies]}"

@@ -262,7 +262,8 @@ def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...])
     assert resp.status == 200, resp.body
     resp = c.call(fleet[node].address, "POST", "/v1/readers", fleet.grant(node, "readers", epoch),
                   {"fleet": fleet.name, "epoch": epoch,
-                   "readers": [{"node": n, "address": fleet[n].address} for n in readers]})
+                   "readers": [{"node": n, "address": fleet[n].address} for n in readers],
+                   "push_grants": fleet.push_grants(node, readers, epoch)})
     assert resp.status == 200, resp.body
 
 

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agents.core.grants import Grant, sign
 from agents.core.protocol import PutRequest
-from agents.daemon import read_secret
+from orchestrator.cli.coordinator import read_secret
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
 from orchestrator.sandbox.vms import VmSet
@@ -114,8 +114,8 @@ def _stale_put(fleet: Mission, vms: VmSet, via: str, address: str) -> tuple[int,
     """(status, error code) of a put of :data:`STALE_PATH` sent from ``via``'s guest to the
     agent at ``address`` with a write grant of epoch 1 (a client on the old writer's side of
     the cut whose map is stale); 599 when no answer came."""
-    secret = read_secret(str(fleet.config.fleet.secret_file))
-    grant = sign(Grant(fleet.config.fleet.name, WRITER, "writer", 1, time.time() + 60), secret)
+    keys = FleetKeys(fleet.config.fleet.name, read_secret(fleet.config), time.time)
+    grant = keys.grant(WRITER, "write", 1, 60.0)
     headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
     done = vms.exec(via, ["python3", "-c", _STALE_PUT, f"http://{address}/v1/files{STALE_PATH}",
                           json.dumps(headers)], timeout=60)

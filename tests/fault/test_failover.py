@@ -40,7 +40,7 @@ from tests.coordinator_harness import (
     wait_in_sync,
     wait_until,
 )
-from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
+from tests.fixtures.agents import AgentFleet, FleetFactory
 from tests.jepsen import SEED, Workload, assert_history_clean, recording_client
 
 pytestmark = pytest.mark.fault
@@ -58,7 +58,7 @@ def coordinated_file(
 
 def test_writer_killed_under_load_loses_no_acknowledged_write(coordinated_file: Any) -> None:
     fleet, coordinator = coordinated_file
-    client = recording_client([coordinator.url], fleet.name, TEST_SECRET)
+    client = recording_client([coordinator.url], fleet.name)
     history = History()
     work = Workload(client, history, SEED)
     work.start()
@@ -79,7 +79,7 @@ def test_writer_killed_under_load_loses_no_acknowledged_write(coordinated_file: 
 
 def test_killed_reader_is_routed_around_without_failed_reads(coordinated_file: Any) -> None:
     fleet, coordinator = coordinated_file
-    client = recording_client([coordinator.url], fleet.name, TEST_SECRET)
+    client = recording_client([coordinator.url], fleet.name)
     history = History()
     work = Workload(client, history, SEED + 1)
     work.start(writers=1, readers=3)
@@ -114,7 +114,7 @@ def test_active_coordinator_lost_standby_takes_over_and_fails_over(
         b = start_service(second, store_b, PidFencer(fleet), bootstrap_map(fleet))
         time.sleep(0.5)
         assert not b.active
-        client = recording_client([second.url, first.url], fleet.name, TEST_SECRET)
+        client = recording_client([second.url, first.url], fleet.name)
         client.put_bytes(b"before", "/x")
         work = Workload(client, History(), SEED + 2)
         work.start()

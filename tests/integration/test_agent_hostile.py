@@ -29,7 +29,7 @@ import pytest
 
 from agents.agent import Agent, AgentSettings
 from agents.backends.file import FileDevice
-from agents.core.grants import Grant, sign
+from agents.core.grants import WRITE, Grant, agent_key, sign
 from agents.core.protocol import RecordPush
 from agents.core.record import Record
 from agents.server import (
@@ -154,7 +154,8 @@ def fleet(fleet_factory: FleetFactory, tmp_path: Path) -> AgentFleet:
 
 def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) -> None:
     w = fleet["w"].address
-    wg, cg = fleet.grant("w", "writer", 1), fleet.grant("w", "control", 2)
+    wg, cg = fleet.grant("w", "writer", 1), fleet.grant("w", "promote", 2)
+    pg = fleet.grant("w", "push", 1, subject="w")  # routes past the grant to the decoders
     c = fleet.client
     assert c.put(w, "/ok", b"fine", wg).status == 201
     # a directory whose deepest path is near the 4096-byte limit, for the rename case
@@ -214,12 +215,12 @@ def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) ->
         ("JSON over the cap", http("POST", "/v1/mkdir", {**_bearer(wg),
                                                          "Content-Length": str(MiB)}),
          413, "too_large"),
-        ("push of garbage", http("POST", "/v1/records", _bearer(wg), push.encode()), 400,
+        ("push of garbage", http("POST", "/v1/records", _bearer(pg), push.encode()), 400,
          "decode_error"),
-        ("push of 5 MB of [{},...]", http("POST", "/v1/records", _bearer(wg),
+        ("push of 5 MB of [{},...]", http("POST", "/v1/records", _bearer(pg),
                                           b'{"v":1,"records":[' + b"{}," * 1_700_000
                                           + b'{}]}'), 400, "decode_error"),
-        ("push of a forged record", http("POST", "/v1/records", _bearer(wg),
+        ("push of a forged record", http("POST", "/v1/records", _bearer(pg),
                                          push_forged.encode()), 400, "decode_error"),
         ("range of 5000 digits", http("GET", "/v1/files/ok", {
             **_bearer(wg), "Range": "bytes=0-" + "9" * 5000}), 416, "range_not_satisfiable"),
@@ -259,10 +260,11 @@ def test_grant_is_checked_before_any_body_byte(fleet: AgentFleet) -> None:
     cases = [
         (w, "/v1/mkdir", {}, 401),
         (w, "/v1/rename", _bearer(rogue), 401),
-        (w, "/v1/promote", _bearer(fleet.grant("w", "writer", 2)), 403),  # not control
-        (w, "/v1/demote", _bearer(fleet.grant("r1", "control", 2)), 403),  # other node
-        (w, "/v1/readers", _bearer(fleet.grant("w", "control", 1, ttl=-5)), 401),
-        (r1, "/v1/records", _bearer(fleet.grant("w", "reader", 1)), 403),
+        (w, "/v1/promote", _bearer(fleet.grant("w", "writer", 2)), 403),  # not promote
+        (w, "/v1/demote", _bearer(fleet.grant("r1", "demote", 2)), 403),  # other node
+        (w, "/v1/readers", _bearer(fleet.grant("w", "readers", 1, ttl=-5)), 401),
+        (r1, "/v1/records", _bearer(fleet.grant("w", "reader", 1)), 403),  # other node
+        (r1, "/v1/records", _bearer(fleet.grant("r1", "reader", 1)), 403),  # not push
         (r1, "/v1/records", {}, 401),
         (w, "/v1/mkdir", _bearer(fleet.grant("w", "writer", 1)), 413),  # then the size cap
     ]
@@ -444,7 +446,8 @@ def tight(tmp_path: Path) -> Iterator[tuple[AgentServer, Agent]]:
     server = AgentServer(("127.0.0.1", 0), max_body=8 * MiB, body_timeout=1.0,
                          idle_timeout=1.0, header_timeout=2.0)
     address = f"127.0.0.1:{server.server_address[1]}"
-    agent = Agent(AgentSettings(node="w", fleet="tight", secret=TEST_SECRET, advertise=address),
+    agent = Agent(AgentSettings(node="w", fleet="tight",
+                                keys=(agent_key(TEST_SECRET, "tight", "w"),), advertise=address),
                   lambda read_only: FileDevice(image, read_only=read_only))
     server.agent = agent
     agent.start(become_writer_at=1)
@@ -465,7 +468,8 @@ def test_a_trickled_put_body_is_cut_at_its_deadline(
     (body_timeout + size at MIN_BODY_RATE) cuts it, and nothing is stored."""
     server, agent = tight
     address = f"127.0.0.1:{server.server_address[1]}"
-    grant = sign(Grant("tight", "w", "writer", 1, time.time() + 60), TEST_SECRET)
+    grant = sign(Grant("tight", "w", WRITE, 1, time.time() + 60),
+                 agent_key(TEST_SECRET, "tight", "w"))
     size = 64 << 10
     allowed = server.body_timeout + size / MIN_BODY_RATE
     with socket.create_connection(_split(address), timeout=5.0) as sock:

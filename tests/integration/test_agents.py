@@ -77,7 +77,7 @@ def test_promote_demote_and_health(file_fleet: AgentFleet) -> None:
     assert c.put(fleet["w"].address, "/before", b"x" * 5000,
                  fleet.grant("w", "writer", 1)).status == 201
     # demote the writer: it stops writing at once
-    resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "control", 2),
+    resp = c.call(fleet["w"].address, "POST", "/v1/demote", fleet.grant("w", "demote", 2),
                   {"fleet": "test", "node": "w", "epoch": 2, "writer": "r1"})
     assert resp.status == 200, resp.body
     assert resp.json()["role"] == "reader"
@@ -87,9 +87,9 @@ def test_promote_demote_and_health(file_fleet: AgentFleet) -> None:
     # promote r1 to epoch 2 with the map's readers: r2 was in sync (waited for from the first
     # write), w was just demoted (it must earn its place)
     readers = [{"node": n, "address": fleet[n].address} for n in ("w", "r2")]
-    resp = c.call(fleet["r1"].address, "POST", "/v1/promote", fleet.grant("r1", "control", 2),
+    resp = c.call(fleet["r1"].address, "POST", "/v1/promote", fleet.grant("r1", "promote", 2),
                   {"fleet": "test", "node": "r1", "epoch": 2, "readers": readers,
-                   "in_sync": ["r2"]})
+                   "in_sync": ["r2"], "push_grants": fleet.push_grants("r1", ("w", "r2"), 2)})
     assert resp.status == 200, resp.body
     assert resp.json()["role"] == "writer" and resp.json()["epoch"] == 2
     assert resp.json()["in_sync"] == ["r2"]

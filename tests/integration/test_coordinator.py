@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from agents.core.protocol import SelfTestCheck, SelfTestReport
-from agents.errors import ForeignGrant, NotFound
+from agents.core.protocol import Heartbeat, SelfTestCheck, SelfTestReport
+from agents.errors import BadSignature, ForeignGrant, NotFound
 from agents.peers import Peer, post_message
+from orchestrator.cli.clients import write_secret_file
 from orchestrator.core.fleetmap import FleetMap
 from tests.coordinator_harness import (
     Coordinator,
@@ -25,7 +26,7 @@ from tests.coordinator_harness import (
     fleet_client,
     wait_until,
 )
-from tests.fixtures.agents import AgentFleet, FleetFactory
+from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET, AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.integration
 
@@ -94,10 +95,13 @@ def test_illegal_failover_is_refused_naming_the_pair(coordinated: Any) -> None:
 def test_cli_put_get_ls_status_as_subprocesses(coordinated: Any, tmp_path: Path) -> None:
     fleet, coordinator, _ = coordinated
     conf = tmp_path / "rbdfleet.toml"
+    client_secret = tmp_path / "client.secret"
+    write_secret_file(client_secret, TEST_CLIENT_SECRET)
     conf.write_text(
         '[ceph]\nconf = "/nonexistent/ceph.conf"\nkeyring = "/nonexistent/keyring"\n'
         f'[fleet]\nname = "{fleet.name}"\nimage = "img"\nsize = "64MiB"\nwriter = ""\n'
-        f'secret_file = "{fleet.secret_file}"\n'
+        f'secret_file = "{fleet.master_file()}"\n'
+        f'client = "{TEST_CLIENT}"\nclient_secret_file = "{client_secret}"\n'
         f'[coordinator]\nurls = ["http://127.0.0.1:9", "{coordinator.url}"]\n'
     )
     local = tmp_path / "big.bin"
@@ -149,7 +153,7 @@ def test_a_failed_self_test_report_of_the_writer_triggers_failover(coordinated: 
         Peer(coordinator.url),
         "/v1/selftest",
         report,
-        grant=fleet.grant("w", "writer", 1),
+        grant=fleet.report_grant("w", report),
         timeout=10,
     )
     service = coordinator.service
@@ -159,18 +163,23 @@ def test_a_failed_self_test_report_of_the_writer_triggers_failover(coordinated: 
 
 
 def test_agent_reports_need_the_agents_own_grant(coordinated: Any) -> None:
+    """A report about w needs w's key: r1's own report grant, a sniffed heartbeat grant of w
+    (bound to that heartbeat's body) and a client's read grant for w are all refused."""
     fleet, coordinator, _ = coordinated
     report = SelfTestReport(
         node="w", fleet=fleet.name, role="writer", epoch=1, ok=False, checks=(), at=time.time()
     )
-    with pytest.raises(ForeignGrant):  # r1 cannot report on behalf of w
-        post_message(
-            Peer(coordinator.url),
-            "/v1/selftest",
-            report,
-            grant=fleet.grant("r1", "reader", 1),
-            timeout=10,
-        )
+    heartbeat = Heartbeat(node="w", fleet=fleet.name, role="writer", epoch=1, applied_seq=0,
+                          safe_seq=0, selftest="ok", address=fleet["w"].address,
+                          sent_at=time.time())
+    for grant, refusal in (
+        (fleet.report_grant("r1", report), ForeignGrant),  # r1 speaking about w
+        (fleet.report_grant("w", report, key_of="r1"), BadSignature),  # r1 posing as w
+        (fleet.report_grant("w", heartbeat), ForeignGrant),  # w's, for another body
+        (fleet.grant("w", "reader", 1), ForeignGrant),  # a grant for w, not the coordinator
+    ):
+        with pytest.raises(refusal):
+            post_message(Peer(coordinator.url), "/v1/selftest", report, grant=grant, timeout=10)
     time.sleep(0.5)
     service = coordinator.service
     assert service is not None and service.require_active().writer == "w"

@@ -26,9 +26,10 @@ import pytest
 from agents.core.protocol import Heartbeat, LaggingReaderReport, SelfTestCheck, SelfTestReport
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.coordinator.api import MAX_BODY
+from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import FleetMap
 from tests.coordinator_harness import Coordinator, coordinated_file_fleet, rados_store
-from tests.fixtures.agents import AgentFleet, FleetFactory
+from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET, AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +53,9 @@ class Setup:
         assert m is not None
         return m
 
-    def client_grant(self, **kw: Any) -> str:
-        return self.fleet.grant("client", "control", 0, **kw)
+    def client_grant(self, *, ttl: float = 30.0, fleet: str | None = None,
+                     secret: bytes = TEST_CLIENT_SECRET, name: str = TEST_CLIENT) -> str:
+        return client_token(fleet or self.fleet.name, name, secret, time.time(), ttl)
 
     def request(
         self,
@@ -183,7 +185,8 @@ def test_bad_client_requests_get_honest_errors_and_change_nothing(setup: Setup) 
             "POST",
             f"{fleet}/failover",
             b"{}",
-            _forge(grant("r1", "reader", 1), node="client", role="control"),
+            _forge(grant("r1", "reader", 1), audience="coordinator", purpose="client",
+                   subject=TEST_CLIENT),
         ),
         (
             "wrong secret",
@@ -192,7 +195,7 @@ def test_bad_client_requests_get_honest_errors_and_change_nothing(setup: Setup) 
             "POST",
             f"{fleet}/fence",
             js(node="w"),
-            grant("client", "control", 0, secret=b"not-the-fleet-secret"),
+            s.client_grant(secret=b"not-the-client-secret-0123"),
         ),
         (
             "expired",
@@ -210,7 +213,7 @@ def test_bad_client_requests_get_honest_errors_and_change_nothing(setup: Setup) 
             "POST",
             f"{fleet}/failover",
             b"{}",
-            grant("client", "control", 0, fleet="other-fleet"),
+            s.client_grant(fleet="other-fleet"),
         ),
         (
             "an agent's grant",
@@ -220,6 +223,15 @@ def test_bad_client_requests_get_honest_errors_and_change_nothing(setup: Setup) 
             f"{fleet}/fence",
             js(node="w"),
             grant("w", "writer", 1),
+        ),
+        (
+            "unknown client",
+            401,
+            "bad_signature",
+            "POST",
+            f"{fleet}/read",
+            b"{}",
+            s.client_grant(name="stranger"),
         ),
         (
             "client as reader",
@@ -259,7 +271,6 @@ def test_bad_agent_reports_and_stale_epochs_change_nothing(setup: Setup) -> None
     before = s.stored()
     name = s.fleet.name
     now = time.time()
-    w_grant, r1_grant = s.fleet.grant("w", "writer", 1), s.fleet.grant("r1", "reader", 1)
 
     def heartbeat(node: str, fleet: str = name, role: str = "reader", epoch: int = 1) -> bytes:
         message = Heartbeat(
@@ -292,19 +303,33 @@ def test_bad_agent_reports_and_stale_epochs_change_nothing(setup: Setup) -> None
     failed = SelfTestReport(
         node="w", fleet=name, role="writer", epoch=1, ok=False, checks=(check,), at=now
     ).encode()
-    forged = _forge(r1_grant, node="w", role="writer")
+    report = s.fleet.report_grant  # a report grant is bound to its body
+    forged = _forge(report("r1", failed), subject="w")
     partial = json.dumps({"v": 1, "node": "r1"}).encode()
+    w_heartbeat = heartbeat("w", role="writer")
     # (what, status, error code, route, body, grant)
     cases: list[tuple[str, int, str, str, bytes, str]] = [
-        ("heartbeat not JSON", 400, "decode_error", "/v1/heartbeat", b"{", r1_grant),
-        ("heartbeat cut short", 400, "decode_error", "/v1/heartbeat", partial, r1_grant),
-        ("unknown fleet", 404, "not_found", "/v1/heartbeat", heartbeat("r1", "nope"), r1_grant),
-        ("for another node", 403, "foreign_grant", "/v1/heartbeat", heartbeat("r2"), r1_grant),
-        ("r1 fails w's self-test", 403, "foreign_grant", "/v1/selftest", failed, r1_grant),
+        ("heartbeat not JSON", 400, "decode_error", "/v1/heartbeat", b"{", report("r1", b"{")),
+        ("heartbeat cut short", 400, "decode_error", "/v1/heartbeat", partial,
+         report("r1", partial)),
+        ("unknown fleet", 404, "not_found", "/v1/heartbeat", heartbeat("r1", "nope"),
+         report("r1", heartbeat("r1", "nope"))),
+        ("for another node", 403, "foreign_grant", "/v1/heartbeat", heartbeat("r2"),
+         report("r1", heartbeat("r2"))),
+        ("r1 fails w's self-test", 403, "foreign_grant", "/v1/selftest", failed,
+         report("r1", failed)),
+        ("r1 posing as w", 401, "bad_signature", "/v1/selftest", failed,
+         report("w", failed, key_of="r1")),
         ("forged self-test", 401, "bad_signature", "/v1/selftest", failed, forged),
-        ("lagging from a reader", 409, "not_writer", "/v1/lagging", lagging("r1", 1), r1_grant),
-        ("lagging of epoch 0", 409, "stale_epoch", "/v1/lagging", lagging("w", 0), w_grant),
-        ("unknown report kind", 404, "not_found", "/v1/gossip", b"{}", w_grant),
+        ("sniffed heartbeat grant", 403, "foreign_grant", "/v1/selftest", failed,
+         report("w", w_heartbeat)),
+        ("w's write grant", 403, "foreign_grant", "/v1/selftest", failed,
+         s.fleet.grant("w", "writer", 1)),
+        ("lagging from a reader", 409, "not_writer", "/v1/lagging", lagging("r1", 1),
+         report("r1", lagging("r1", 1))),
+        ("lagging of epoch 0", 409, "stale_epoch", "/v1/lagging", lagging("w", 0),
+         report("w", lagging("w", 0))),
+        ("unknown report kind", 404, "not_found", "/v1/gossip", b"{}", report("w", b"{}")),
     ]
     results = []
     for what, want, code, route, body, token in cases:
@@ -317,7 +342,8 @@ def test_bad_agent_reports_and_stale_epochs_change_nothing(setup: Setup) -> None
     # A heartbeat of an older epoch is news about the node, not a request: answered with the
     # current epoch and writer (so a deposed writer learns it), and the map stays as it is.
     stale = heartbeat("w", role="writer", epoch=0)
-    status, answer = s.request("POST", "/v1/heartbeat", body=stale, grant=w_grant)
+    status, answer = s.request("POST", "/v1/heartbeat", body=stale,
+                               grant=report("w", stale))
     assert (status, answer["epoch"], answer["writer"]) == (200, 1, "w"), answer
     time.sleep(1.0)  # anything queued by a wrongly accepted report has run by now
     _assert_untouched(s, before)

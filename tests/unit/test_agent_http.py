@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agents.core.protocol import RecordPush
 from agents.core.record import Record
-from agents.daemon import AgentConfigError, load_config, parse_size, read_secret
+from agents.daemon import AgentConfigError, load_config, parse_size, read_keys
 from agents.errors import MethodNotAllowed, NotFound, RangeNotSatisfiable
 from agents.metrics import Registry
 from agents.server import (
@@ -207,12 +207,21 @@ def test_sizes() -> None:
     assert parse_size("k", "1024") == 1024
 
 
-def test_secret_file_must_be_private(tmp_path: Path) -> None:
-    path = tmp_path / "secret"
-    path.write_bytes(b"s3cret\n")
+def test_key_file_must_be_private_and_hold_hex_keys(tmp_path: Path) -> None:
+    """The node's own key, current first; a second line (the previous key) during a
+    rotation; the content never appears in an error."""
+    path = tmp_path / "agent.key"
+    path.write_text("5ec2e7aa\n0ld0\n")
     path.chmod(0o644)
     with pytest.raises(AgentConfigError) as info:
-        read_secret(str(path))
-    assert "s3cret" not in str(info.value)
+        read_keys(str(path))
+    assert "5ec2e7aa" not in str(info.value)
     path.chmod(0o600)
-    assert read_secret(str(path)) == b"s3cret"
+    with pytest.raises(AgentConfigError) as info:
+        read_keys(str(path))  # "0ld0" is not hex
+    assert "5ec2e7aa" not in str(info.value) and "0ld0" not in str(info.value)
+    path.write_text("5ec2e7aa\n01d0\n")
+    assert read_keys(str(path)) == (bytes.fromhex("5ec2e7aa"), bytes.fromhex("01d0"))
+    path.write_text("\n")
+    with pytest.raises(AgentConfigError):
+        read_keys(str(path))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from agents.core.grants import agent_key
 from orchestrator.adapters.ansible import Inventory, InventoryHost
-from orchestrator.cli.inventory import fleet_inventory
+from orchestrator.cli.inventory import fleet_inventory, write_agent_keys
 from orchestrator.config import FleetConfig, from_mapping
 from orchestrator.errors import ConfigError
 
@@ -28,7 +29,8 @@ def fleet(tmp_path: Path) -> FleetConfig:
 
 def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
     found = fleet_inventory(fleet(tmp_path), coordinator="http://10.87.0.1:7470",
-                            fleet_map=None, package=(tmp_path / "agents-x.tar.gz", "x" * 16))
+                            fleet_map=None, package=(tmp_path / "agents-x.tar.gz", "x" * 16),
+                            key_dir=tmp_path / "keys")
     listing = found.to_script()
     assert listing["agents"] == {"children": ["rbdfleet_writer", "rbdfleet_readers"]}
     assert (listing["rbdfleet_writer"], listing["rbdfleet_readers"], listing["rbdfleet_spares"]) \
@@ -39,7 +41,9 @@ def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
     assert vm1["rbdfleet_agent_config"]["readers"] == {"vm2": "10.87.0.12:7480"}
     assert vm1["rbdfleet_agent_config"]["coordinator"] == "http://10.87.0.1:7470"
     shared = listing["all"]["vars"]
-    assert shared["rbdfleet_agent_secret_src"] == f"{tmp_path}/fleet.secret"
+    # each host's own key, never the fleet's master (secret_file)
+    per_host = f"{tmp_path}/keys/" + "{{ inventory_hostname }}.key"
+    assert shared["rbdfleet_agent_secret_src"] == per_host
     assert shared["rbdfleet_agent_package"] == f"{tmp_path}/agents-x.tar.gz"
     assert "StrictHostKeyChecking=yes" in shared["ansible_ssh_common_args"]
     assert found.hostvars("vm1") == {**shared, **vm1}
@@ -49,9 +53,21 @@ def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
         found.hostvars("vm9")
 
 
+def test_each_vm_gets_its_own_derived_key_file(tmp_path: Path) -> None:
+    cfg = fleet(tmp_path)
+    key_dir = write_agent_keys(cfg, (b"master",), tmp_path / "keys")
+    assert key_dir.stat().st_mode & 0o777 == 0o700
+    for vm in ("vm1", "vm2", "vm3"):
+        path = key_dir / f"{vm}.key"
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert path.read_text() == agent_key(b"master", "demo", vm).hex() + "\n"
+    assert b"master" not in b"".join(p.read_bytes() for p in key_dir.iterdir())
+
+
 def test_roles_follow_the_coordinators_map_after_a_failover(tmp_path: Path) -> None:
     found = fleet_inventory(fleet(tmp_path), coordinator=None,
-                            fleet_map={"writer": "vm2", "epoch": 3}, package=None)
+                            fleet_map={"writer": "vm2", "epoch": 3}, package=None,
+                            key_dir=tmp_path / "keys")
     listing = found.to_script()
     assert (listing["rbdfleet_writer"], listing["rbdfleet_readers"]) == (
         {"hosts": ["vm2"]}, {"hosts": ["vm1"]})

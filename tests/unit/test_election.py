@@ -10,6 +10,7 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from orchestrator.coordinator.executor import Executor
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import IllegalTransition, initial_map
 from orchestrator.errors import DetachPending, DeviceAttachError, FencingFailed
@@ -347,8 +348,7 @@ def executor_for(ports: RecordingPorts, lease: float = 2.0,
         store=store,
         fencer=ports,
         agents=ports,
-        secret=b"k",
-        wall=lambda: 0.0,
+        keys=FleetKeys("f", (b"k",), lambda: 0.0),
         announce=announced.append,
         persisted=s.map,
         role_switch=ports if role_switch else None,

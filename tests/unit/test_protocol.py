@@ -37,8 +37,10 @@ def strategy(tp: Any) -> st.SearchStrategy[Any]:
     if origin is tuple:
         return st.lists(strategy(get_args(tp)[0]), max_size=3).map(tuple)
     if origin is dict:
+        (_, value) = get_args(tp)
         return st.dictionaries(st.text(max_size=8).filter(lambda k: k not in ("v", "error",
-                               "message")), JSON_SCALARS, max_size=3)
+                               "message")), JSON_SCALARS if value is Any else strategy(value),
+                               max_size=3)
     if tp is float:
         return st.floats(allow_nan=False, allow_infinity=False)
     if tp is int:

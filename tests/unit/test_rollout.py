@@ -3,6 +3,7 @@ left alone, the secret only ever in a 0600 file (the logic above the SSH port, i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from agents.core.protocol import Health
 from orchestrator import config
 from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget, HostResult
 from orchestrator.errors import DeployError
 from orchestrator.rollout import GUEST_SECRET, FleetRollout, agent_config
@@ -127,8 +129,12 @@ def test_bootstrap_installs_all_formats_on_the_writer_starts_readers_first() -> 
     assert report.formatted.startswith("formatted") and report.changed
     assert report.disks == {"vm1": "/dev/vdc", "vm2": "/dev/vdc", "vm3": "/dev/vdc"}
     assert report.hosts["vm1"].actions == ("install", "deploy")
-    secrets = [args for kind, _, args in shell.log if kind == "put"]
-    assert secrets and all(a == (GUEST_SECRET, 0o600, SECRET + b"\n") for a in secrets)
+    # each VM gets its own key (derived from the master, which never leaves this machine)
+    keys = FleetKeys(CFG.fleet.name, (SECRET,), time.time)
+    puts = {name: args for kind, name, args in shell.log if kind == "put"}
+    assert puts == {vm: (GUEST_SECRET, 0o600, keys.node_key_file(vm))
+                    for vm in ("vm1", "vm2", "vm3")}
+    assert not any(SECRET in args[2] for args in puts.values())
     commands = [" ".join(args) for kind, _, args in shell.log if kind == "run"]
     assert not any(SECRET.decode() in c for c in commands)  # never on a command line
 
