@@ -29,6 +29,7 @@ from orchestrator.adapters.ceph import granted_image
 from orchestrator.adapters.ssh import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
 from orchestrator.errors import (
     AgentUnreachable,
+    DetachPending,
     DomainNotFound,
     ImageBusy,
     ImageExists,
@@ -69,6 +70,7 @@ __all__ = [
     "HypervisorSubject",
     "ImageClient",
     "ImageStoreSubject",
+    "LiveTarget",
     "RemoteShellSubject",
     "RoleSwitchSubject",
     "characteristics_of",
@@ -318,16 +320,27 @@ def _eventually(predicate: Callable[[], bool], within: float, what: str) -> None
 
 
 @dataclass(frozen=True)
+class LiveTarget:
+    """A running domain whose guest never releases a disk (no OS booted, or paused), and a
+    disk it can really open: ``disk(secret_uuid)`` with ``key`` as the user's key."""
+
+    domain: str
+    key: SecretKey
+    disk: Callable[[str], DiskSpec]
+
+
+@dataclass(frozen=True)
 class HypervisorSubject:
     """A Hypervisor, a URI and a defined, stopped domain on it the check may attach to.
 
     ``secret_readable(uri, uuid)`` tells whether a secret's value can be read back through the
-    hypervisor (checked against PRIVATE_SECRETS)."""
+    hypervisor (checked against PRIVATE_SECRETS); ``live`` is where HOT_PLUG is checked."""
 
     hypervisor: Hypervisor
     uri: str
     domain: str
     secret_readable: Callable[[str, str], bool]
+    live: LiveTarget | None = None
 
 
 def _contract_disk(secret_uuid: str, mode: DiskMode) -> DiskSpec:
@@ -360,6 +373,28 @@ def check_hypervisor(subject: HypervisorSubject) -> None:
         hv.remove_secret(uri, usage)
     assert hv.secret_uuid(uri, usage) is None
     hv.remove_secret(uri, usage)  # absent is fine
+    if Characteristics.HOT_PLUG in characteristics_of(hv):
+        assert subject.live is not None, "HOT_PLUG is declared: give a running domain"
+        _check_hot_plug(hv, uri, subject.live)
+
+
+def _check_hot_plug(hv: Hypervisor, uri: str, live: LiveTarget) -> None:
+    """A disk attaches to a running domain at once; a detach the guest does not complete is
+    DetachPending naming the domain, and the running domain still has the disk."""
+    usage = _unique("rbdfleet-contract-live")
+    spec = live.disk(hv.ensure_secret(uri, usage, live.key))
+    try:
+        hv.attach_disk(uri, live.domain, spec)
+        info = hv.domain(uri, live.domain)
+        held = [d.mode for d in info.disks if d.serial == spec.serial]
+        assert info.active and held == [spec.mode], info
+        pending = _raises(DetachPending,
+                          lambda: hv.detach_disk(uri, live.domain, spec.serial, 0.5),
+                          "detach from a guest that cannot release the disk")
+        assert pending.domain == live.domain, pending
+        assert [d.serial for d in hv.domain(uri, live.domain).disks] == [spec.serial]
+    finally:
+        hv.remove_secret(uri, usage)
 
 
 def _check_attach_detach(hv: Hypervisor, uri: str, name: str, missing: str,

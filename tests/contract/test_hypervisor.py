@@ -1,22 +1,28 @@
-"""Hypervisor contract: ``LibvirtHypervisor`` on a real libvirtd (``qemu:///system``, a domain
-defined but never started) and ``MemoryHypervisor``.
+"""Hypervisor contract: ``LibvirtHypervisor`` on a real libvirtd (``qemu:///system``) and
+``MemoryHypervisor``.
 
-Why a stopped domain: the sandbox's VM fixture boots three TCG guests (minutes, a shared
-machine); a defined domain costs milliseconds and exercises the same libvirt calls for the
-persistent config. What it leaves out is the live half of attach/detach (HOT_PLUG, the
-guest's release of a disk): the vm-marked integration tests cover that on real guests.
+The sandbox's VM fixture boots three TCG guests (minutes, on a shared machine), so the real
+run uses two tiny domains instead (tests/contract/conftest.py): one defined and never started
+(the persistent-config half of attach/detach), one started with nothing to boot, so QEMU really
+opens the RBD disk with the VM user's cephx key from a private secret (HOT_PLUG) and no guest
+ever releases it (DetachPending; libvirt waits ~5 s for the unplug before that). A guest that
+does release its disk is covered by the vm-marked tests.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from orchestrator.adapters.ceph import CephxCredentialStore
 from orchestrator.adapters.libvirt import LibvirtHypervisor
+from orchestrator.ports import DiskMode, DiskSpec, MonHost, SecretKey
 from orchestrator.sandbox.libvirtd import SYSTEM_URI
 from orchestrator.testing.contracts import (
     HypervisorSubject,
+    LiveTarget,
     check_hypervisor,
     check_same_characteristics,
 )
@@ -25,13 +31,13 @@ from orchestrator.testing.fakes import MemoryHypervisor
 pytestmark = pytest.mark.contract
 
 
-def libvirt_reads_back(uri: str, uuid: str) -> bool:
+def libvirt_reads_back(uri: str, secret: str) -> bool:
     """Whether libvirt hands a secret's value to a client (it must not: private)."""
     import libvirt
 
     conn = libvirt.open(uri)
     try:
-        conn.secretLookupByUUIDString(uuid).value()
+        conn.secretLookupByUUIDString(secret).value()
     except libvirt.libvirtError:
         return False
     finally:
@@ -44,13 +50,31 @@ def subject(request: pytest.FixtureRequest) -> Iterator[HypervisorSubject]:
     if request.param == "memory":
         fake = MemoryHypervisor()
         fake.define(SYSTEM_URI, "d1")
+        fake.define(SYSTEM_URI, "d2", active=True)
+        fake.paused.add("d2")  # its guest cannot release a disk
+        live = LiveTarget("d2", SecretKey(b"k" * 16), lambda secret: DiskSpec(
+            "rbd", "img", "rbdfleet-contract02", "u", secret, (MonHost("127.0.0.1", 1),),
+            DiskMode.RO))
         yield HypervisorSubject(fake, SYSTEM_URI, "d1",
-                                lambda uri, uuid: fake.read_secret(uri, uuid) is not None)
+                                lambda uri, secret: fake.read_secret(uri, secret) is not None, live)
         return
-    make: Callable[[int], list[str]] = request.getfixturevalue("stopped_domains")
-    [name] = make(1)
-    with LibvirtHypervisor() as hv:
-        yield HypervisorSubject(hv, SYSTEM_URI, name, libvirt_reads_back)
+    cluster = request.getfixturevalue("ceph_cluster")
+    admin = request.getfixturevalue("rados_admin")
+    image = request.getfixturevalue("rbd_image_factory")(16 << 20, features=1)
+    credentials = CephxCredentialStore(admin)
+    user = f"rbdfleet-contract-{uuid.uuid4().hex[:8]}"
+    key = credentials.ensure_user(user, cluster.pool, image)
+    mons = credentials.mon_hosts()
+    make: Callable[..., list[str]] = request.getfixturevalue("stopped_domains")
+    [stopped] = make(1)
+    [running] = make(1, start=True)
+    live = LiveTarget(running, key, lambda secret: DiskSpec(
+        cluster.pool, image, "rbdfleet-contract02", user, secret, mons, DiskMode.RO))
+    try:
+        with LibvirtHypervisor() as hv:
+            yield HypervisorSubject(hv, SYSTEM_URI, stopped, libvirt_reads_back, live)
+    finally:
+        credentials.remove_user(user)
 
 
 def test_hypervisor_contract(subject: HypervisorSubject) -> None:
