@@ -167,6 +167,7 @@ def test_background_process_outlives_the_session(hosts3: HostSet, shell3: Parami
     sleeper = RemoteCommand(Executable.PYTHON3,
                             ["-c", "import os, time; print(os.environ['MARK'], flush=True); "
                                    "time.sleep(60)"])
+    (h2.root / "log").write_text("the previous run said this\n")  # kept: appended to
     started = time.monotonic()
     pid = shell3.start_background(h2, sleeper, workdir=str(h2.root), log_path=str(h2.root / "log"),
                                   env={"MARK": "it's me"})
@@ -177,7 +178,7 @@ def test_background_process_outlives_the_session(hosts3: HostSet, shell3: Parami
     deadline = time.monotonic() + 5
     while "it's me" not in (h2.root / "log").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (h2.root / "log").read_text() == "it's me\n"
+    assert (h2.root / "log").read_text() == "the previous run said this\nit's me\n"
     shell3.run(h2, RemoteCommand(Executable.KILL, [str(pid)]), check=True)
     with pytest.raises(RemoteCommandFailed):
         shell3.start_background(h2, sleeper, workdir=str(h2.root / "nowhere"),

@@ -330,3 +330,17 @@ def test_records_are_pushed_in_seq_order_whatever_their_put_threads_do(
         seqs = [Record.decode(raw).seq for n, push in cluster.pushes if n == node
                 for raw in push.record_bytes()]
         assert seqs == [start + 1, start + 2]
+
+
+def test_a_reader_told_of_a_newer_commit_catches_up_instead_of_answering_503(
+        cluster: Cluster) -> None:
+    """In-sync readers answered 503 catching_up (n/n+1) when a read came while the record
+    they were about to receive was already durable: they read the journal instead."""
+    reader = cluster.readers["r1"]
+    cluster.down.add("r1")  # r1 gets nothing pushed: only the journal has the new record
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    reader.known_commit_seq = ack.seq  # what a push's commit seq or the tail told it
+    assert reader.volume.applied_seq < ack.seq
+    reader.check_current()  # no CatchingUp: the journal brought it there
+    assert reader.volume.applied_seq == ack.seq
+    assert b"".join(reader.volume.read("/a")) == b"1"
