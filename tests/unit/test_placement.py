@@ -302,3 +302,55 @@ def test_set_role_writer_moves_the_write_ability(world: tuple[Desired, Observed]
     untouched = {k: d for k, d in obs.disks.items()
                  if k not in {(URI, f"d-{vm}")} and d.mode is DiskMode.RO}
     assert all(after.disks.get(k) == d for k, d in untouched.items())
+
+
+# --- cephx user names: one per (fleet, vm), never shared
+# Names as the config allows them, over the characters that could make two pairs meet: the
+# separators ``-`` and ``.``, the escape ``_`` and ``d`` (``_d`` stands for a dot).
+ids = st.from_regex(r"\A[abd][abd_.-]{0,5}\Z")
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    (("a-b", "c"), ("a", "b-c")), (("a.b", "c"), ("a", "b.c")), (("a_", "db"), ("a.", "b")),
+    (("a__d", "b"), ("a_d", "b")), (("a", "b_dc"), ("a", "b.c")),
+])
+def test_user_names_that_used_to_meet_are_distinct(one: tuple[str, str],
+                                                   other: tuple[str, str]) -> None:
+    assert placement.vm_user(*one) != placement.vm_user(*other)
+
+
+def decode_user(user: str) -> tuple[str, str]:
+    """(fleet, vm) back from a user name: exists for every name, hence no two pairs share one."""
+    fleet, vm = user.removeprefix(placement.USER_PREFIX).split(".")
+
+    def unescape(part: str) -> str:
+        out, chars = [], iter(part)
+        for char in chars:
+            out.append({"_": "_", "d": "."}[next(chars)] if char == "_" else char)
+        return "".join(out)
+
+    return unescape(fleet), unescape(vm)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ids, ids, ids, ids)
+def test_no_two_fleet_vm_pairs_share_a_user(fleet1: str, vm1: str, fleet2: str, vm2: str) -> None:
+    one, other = placement.vm_user(fleet1, vm1), placement.vm_user(fleet2, vm2)
+    assert decode_user(one) == (fleet1, vm1)
+    assert (one == other) == ((fleet1, vm1) == (fleet2, vm2))
+    # a fleet's prefix lists its own users only (list_users, the tests' checks)
+    assert one.startswith(placement.fleet_user_prefix(fleet2)) == (fleet1 == fleet2)
+    assert one.startswith(placement.USER_PREFIX)
+    assert not one.startswith(placement.LEGACY_USER_PREFIX)
+
+
+def test_a_vm_attached_under_its_legacy_user_moves_to_its_own_and_the_old_one_goes() -> None:
+    legacy = "rbdfleet-demo-vm2"
+    obs = observed("vm1=rw vm2=ro vm3=ro")
+    obs.disks[(URI, "d-vm2")] = disk("vm2", DiskMode.RO, user=legacy)
+    obs = replace(obs, users=obs.users | {legacy},
+                  secrets=obs.secrets | {(URI, placement.secret_usage(legacy))})
+    plan = placement.plan_provision(desired(), obs)
+    assert kinds(plan) == ["detach vm2 ro", "attach vm2 ro",
+                           f"rm secret client.{legacy} secret", f"rm user {legacy}"]
+    assert placement.plan_provision(desired(), apply(obs, plan)).empty
