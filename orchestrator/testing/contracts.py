@@ -27,6 +27,7 @@ from agents.core.protocol import DemoteRequest, PromoteRequest
 from agents.errors import GrantRejected, StaleEpoch
 from orchestrator.adapters.ceph import granted_image
 from orchestrator.adapters.ssh import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
+from orchestrator.core.fleetmap import FleetMap, initial_map
 from orchestrator.errors import (
     AgentUnreachable,
     DetachPending,
@@ -34,9 +35,11 @@ from orchestrator.errors import (
     ImageBusy,
     ImageExists,
     ImageNotFound,
+    LeaseLost,
     OrchestratorError,
     RemoteCommandFailed,
     RemoteError,
+    StaleMap,
     StorageError,
 )
 from orchestrator.ports import (
@@ -61,9 +64,11 @@ if TYPE_CHECKING:
         RemoteShell,
         RoleSwitch,
         SpareProvisioner,
+        StateStore,
     )
 
 __all__ = [
+    "STATE_STORE_CHECKS",
     "AgentControlSubject",
     "CredentialStoreSubject",
     "FencerSubject",
@@ -73,6 +78,7 @@ __all__ = [
     "LiveTarget",
     "RemoteShellSubject",
     "RoleSwitchSubject",
+    "StateStoreSubject",
     "characteristics_of",
     "check_agent_control",
     "check_clock",
@@ -254,6 +260,94 @@ def check_credential_store(subject: CredentialStoreSubject) -> None:
     mons = store.mon_hosts()
     assert isinstance(mons, tuple) and mons, "no monitor"
     assert all(isinstance(m, MonHost) and m.host and m.port > 0 for m in mons), mons
+
+
+# -- StateStore ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateStoreSubject:
+    """``make(holder)``: a store of one fleet (the same for every call) for a distinct holder,
+    all with a lease of ``lease`` seconds; ``wait(seconds)`` lets that much of the store's
+    time pass."""
+
+    make: Callable[[str], StateStore]
+    wait: Callable[[float], None]
+    lease: float
+
+
+def _fleet_map(store: StateStore, revision: int, epoch: int = 1) -> FleetMap:
+    m = initial_map(store.fleet, "a", {"a": ("a:1", "writer"), "b": ("b:1", "reader")})
+    return FleetMap(m.fleet, epoch, revision, m.writer, m.members)
+
+
+def check_state_store_empty(subject: StateStoreSubject) -> None:
+    """A fleet never stored reads as None; a write needs the lease."""
+    a = subject.make("a")
+    assert a.load() is None and a.coordinator_url() is None
+    _raises(LeaseLost, lambda: a.save(_fleet_map(a, 1), None), "save without the lease")
+    assert a.load() is None
+
+
+def check_state_store_guarded_writes(subject: StateStoreSubject) -> None:
+    """One holder at a time; a write succeeds only on the expected revision (StaleMap, nothing
+    written) and only for the holder (LeaseLost); the advertised URL is read by others."""
+    a, b = subject.make("a"), subject.make("b")
+    assert a.acquire()
+    assert not b.acquire()
+    a.save(_fleet_map(a, 1), None)
+    assert b.load() == _fleet_map(a, 1)
+    _raises(StaleMap, lambda: a.save(_fleet_map(a, 2), None), "create an existing fleet")
+    a.save(_fleet_map(a, 2, epoch=2), 1)
+    stale = _raises(StaleMap, lambda: a.save(_fleet_map(a, 3), 1), "save on a stale revision")
+    assert stale.found == 2
+    assert b.load() == _fleet_map(a, 2, epoch=2)
+    _raises(LeaseLost, lambda: b.save(_fleet_map(a, 3), 2), "save by a non-holder")
+    assert a.acquire()  # renew
+    a.advertise("http://127.0.0.1:1/")
+    assert b.coordinator_url() == "http://127.0.0.1:1/"
+
+
+def check_state_store_lease_duration(subject: StateStoreSubject) -> None:
+    """The lease runs out after its exact duration (at most 0.3 s late); the old holder then
+    changes nothing and never silently takes it again."""
+    a, b, lease = subject.make("a"), subject.make("b"), subject.lease
+    assert a.acquire()
+    a.save(_fleet_map(a, 1), None)
+    subject.wait(lease * 0.5)
+    assert not b.acquire()  # still held
+    subject.wait(lease * 0.5 + 0.3)
+    assert b.acquire()
+    _raises(LeaseLost, lambda: a.save(_fleet_map(a, 2), 1), "save by the paused ex-holder")
+    _raises(LeaseLost, lambda: a.advertise("http://stale/"), "advertise by the ex-holder")
+    assert not a.acquire()
+    assert b.load() == _fleet_map(a, 1)
+    b.save(_fleet_map(a, 2, epoch=2), 1)
+    assert a.load() == _fleet_map(a, 2, epoch=2)
+
+
+def check_state_store_step_down(subject: StateStoreSubject) -> None:
+    """A holder whose lease ran out gets LeaseLost on renewal (even with nobody else there)
+    before it may take the lease afresh."""
+    a = subject.make("a")
+    assert a.acquire()
+    subject.wait(subject.lease + 0.3)
+    _raises(LeaseLost, a.acquire, "renewal after expiry")
+    assert a.acquire()
+
+
+def check_state_store_release(subject: StateStoreSubject) -> None:
+    """``release`` hands the lease over at once."""
+    a, b = subject.make("a"), subject.make("b")
+    assert a.acquire()
+    a.release()
+    assert b.acquire()
+    assert not a.acquire()
+
+
+STATE_STORE_CHECKS = (check_state_store_empty, check_state_store_guarded_writes,
+                      check_state_store_lease_duration, check_state_store_step_down,
+                      check_state_store_release)
 
 
 # -- Fencer (and FenceProof) --------------------------------------------------------------------
