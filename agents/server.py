@@ -43,6 +43,8 @@ from agents.core import boundedjson
 from agents.core.grants import DEMOTE, PROMOTE, PUSH, READERS, verify
 from agents.core.index import check_payload, normalize_path
 from agents.core.protocol import (
+    LIST_LIMIT,
+    MAX_LIST_LIMIT,
     DemoteRequest,
     EntryInfo,
     ErrorBody,
@@ -66,6 +68,7 @@ from agents.errors import (
     AgentError,
     BadHttp,
     BadPath,
+    BadRequest,
     ChecksumMismatch,
     DecodeError,
     DeviceError,
@@ -118,6 +121,26 @@ class InternalError(AgentError):
 def _entry_info(entry: Entry) -> EntryInfo:
     return EntryInfo(path=entry.path, kind=entry.kind, size=entry.size, version=entry.version,
                      epoch=entry.epoch, mtime=entry.mtime, crc=entry.crc)
+
+
+def _list_query(target: str) -> tuple[int, str | None]:
+    """``limit`` (LIST_LIMIT when absent, at most MAX_LIST_LIMIT) and ``after`` of a list
+    request's query; BadRequest for anything else, a repeated or malformed parameter."""
+    query = target.split("#", 1)[0].partition("?")[2]
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict",
+                                       max_num_fields=4)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"malformed query: {exc}") from exc
+    params = dict(pairs)
+    unknown = set(params) - {"limit", "after"}
+    if len(params) != len(pairs) or unknown:
+        raise BadRequest("list takes each of limit and after at most once, nothing else",
+                         unknown=sorted(unknown)[:4])
+    limit = params.get("limit", str(LIST_LIMIT))
+    if not re.fullmatch(r"[0-9]{1,9}", limit, re.ASCII) or int(limit) < 1:
+        raise BadRequest("limit must be a positive integer", limit=limit[:20])
+    return min(int(limit), MAX_LIST_LIMIT), params.get("after")
 
 
 def _close(stream: Iterator[bytes]) -> None:
@@ -516,10 +539,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def list_dir(self) -> Answer:
         raw = self._raw_path()
         path = "/" if raw.rstrip("/") == "/v1/list" else self._path_after("/v1/list/")
+        limit, after = _list_query(self.path)
         volume = self.agent.volume_for_read(self._token())
         applied = volume.applied_seq
-        entries = tuple(_entry_info(e) for e in volume.list(path))
-        return Answer(200, ListResponse(path=path, entries=entries, applied_seq=applied))
+        page, cursor = volume.list_page(path, after=after, limit=limit)
+        entries = tuple(_entry_info(e) for e in page)
+        return Answer(200, ListResponse(path=path, entries=entries, applied_seq=applied,
+                                        next=cursor))
 
     def stat(self) -> Answer:
         path = self._path_after("/v1/stat/")

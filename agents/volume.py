@@ -19,6 +19,7 @@ import collections
 import contextlib
 import errno
 import logging
+import posixpath
 import struct
 import threading
 import time
@@ -46,6 +47,7 @@ from agents.core.superblock import SLOTS, Superblock, choose, layout
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
     AgentError,
+    BadPath,
     BadRequest,
     CatchingUp,
     ChecksumMismatch,
@@ -504,6 +506,26 @@ class Volume:
         path = normalize_path(path)
         with self._lock:
             return self._index.listdir(path)
+
+    def list_page(self, path: str, *, after: str | None = None,
+                  limit: int) -> tuple[builtins.list[Entry], str | None]:
+        """Up to ``limit`` entries of directory ``path`` whose names sort after the name
+        ``after`` (from the start when None), sorted, and the name to resume after (None
+        when the directory has no more). A page costs a bisect and a slice of the directory's
+        sorted children: resuming never repeats an entry nor skips one that existed
+        throughout (see Index.listdir_page)."""
+        path = normalize_path(path)
+        if limit < 1:
+            raise BadRequest("a page holds at least one entry", limit=limit)
+        if after is not None:
+            full = normalize_path(posixpath.join(path, after)) if after else path
+            if full == path or posixpath.dirname(full) != path:
+                raise BadPath("the cursor must be one name in the directory",
+                              after=after[:300])
+            after = posixpath.basename(full)  # the normalized (NFC) spelling
+        with self._lock:
+            entries, more = self._index.listdir_page(path, after, limit)
+        return entries, posixpath.basename(entries[-1].path) if more else None
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream ``[offset, offset+length)`` of the version current now, verified chunk by

@@ -715,10 +715,28 @@ class FleetClient:
 
         return self._read(path, call)
 
-    def ls(self, remote: str = "/") -> dict[str, Any]:
-        """The directory listing (``ListResponse`` JSON)."""
+    def ls(self, remote: str = "/", *, limit: int | None = None,
+           after: str | None = None) -> dict[str, Any]:
+        """One page of the directory listing (``ListResponse`` JSON): up to ``limit`` entries
+        (the agent's default page when None) whose names sort after ``after``; its ``next``
+        is the ``after`` of the following page (None on the last)."""
         route = "/v1/list" if remote.strip("/") == "" else f"/v1/list/{_quote(remote)}"
+        query = {k: str(v) for k, v in (("limit", limit), ("after", after)) if v is not None}
+        if query:
+            route += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
         return dict(self._get_json(route, remote))
+
+    def ls_pages(self, remote: str = "/", *, limit: int | None = None,
+                 after: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every page of the listing from ``after`` on, in order (each may come from another
+        reader: the cursor is a name, so no entry repeats and none that existed throughout
+        is skipped)."""
+        while True:
+            page = self.ls(remote, limit=limit, after=after)
+            yield page
+            after = page.get("next")
+            if after is None:
+                return
 
     def stat(self, remote: str) -> dict[str, Any]:
         """One entry (``EntryInfo`` JSON)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import functools
 import math
 import posixpath
@@ -371,7 +372,9 @@ class Index:
     def __init__(self) -> None:
         root = Node(Entry("/", "dir", 0, 0, 0, 0.0, None))
         self.nodes: dict[str, Node] = {"/": root}
-        self.children: dict[str, set[str]] = {"/": set()}
+        # a directory's children (full paths) kept sorted: a page of a listing is a bisect
+        # and a slice, never a sort of the whole directory
+        self.children: dict[str, list[str]] = {"/": []}
         self.applied_seq = 0
         self.epoch = 0
 
@@ -386,10 +389,23 @@ class Index:
 
     def listdir(self, path: str) -> list[Entry]:
         """Entries of a directory, sorted by path; raises NotFound / WrongKind."""
+        return [self.nodes[c].entry for c in self._kids(path)]
+
+    def listdir_page(self, path: str, after: str | None, limit: int) -> tuple[list[Entry], bool]:
+        """Up to ``limit`` entries of a directory whose names sort after ``after`` (all when
+        None), sorted, and whether more follow. Resuming after the last name of a page never
+        repeats an entry and never skips one that existed throughout, whatever was added or
+        removed in between: the cursor is a name, not a position."""
+        kids = self._kids(path)
+        start = 0 if after is None else bisect.bisect_right(kids, posixpath.join(path, after))
+        page = kids[start : start + limit]
+        return [self.nodes[c].entry for c in page], start + limit < len(kids)
+
+    def _kids(self, path: str) -> list[str]:
         node = self.get(path)
         if node.entry.kind != "dir":
             raise WrongKind(f"not a directory: {path}", path=path)
-        return [self.nodes[c].entry for c in sorted(self.children[path])]
+        return self.children[path]
 
     def walk(self) -> Iterator[Node]:
         """Every node, parents before children."""
@@ -435,14 +451,15 @@ class Index:
     def _link(self, node: Node) -> None:
         path = node.entry.path
         if path not in self.nodes:
-            self.children[parent_of(path)].add(path)
+            bisect.insort(self.children[parent_of(path)], path)
         self.nodes[path] = node
         if node.entry.kind == "dir":
-            self.children.setdefault(path, set())
+            self.children.setdefault(path, [])
 
     def _unlink(self, path: str) -> Node:
         node = self.nodes.pop(path)
-        self.children[parent_of(path)].discard(path)
+        siblings = self.children[parent_of(path)]
+        del siblings[bisect.bisect_left(siblings, path)]
         if node.entry.kind == "dir":
             del self.children[path]
         return node

@@ -425,13 +425,20 @@ class EntryInfo(Message):
     crc: int | None = None
 
 
+LIST_LIMIT = 1000  # entries per list page when the request names no limit
+MAX_LIST_LIMIT = 10_000  # a larger limit asked for is lowered to this
+
+
 @dataclass(frozen=True)
 class ListResponse(Message):
-    """Answer of ``GET /v1/list/<dir>``: the directory's entries at ``applied_seq``."""
+    """Answer of ``GET /v1/list/<dir>[?limit=N&after=NAME]``: one page of the directory's
+    entries (sorted, names after ``after``) at ``applied_seq``; ``next`` is the name to pass
+    as ``after`` for the following page, None on the last one."""
 
     path: str
     entries: tuple[EntryInfo, ...]
     applied_seq: int
+    next: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from orchestrator.cli._output import JsonOption, emit_json, print_table, progress
+from orchestrator.cli._output import JsonOption, emit_json, print_table, progress, say
 from orchestrator.cli.coordinator import open_client
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 
@@ -111,11 +111,28 @@ def get(
 def ls(
     remote: Annotated[str, typer.Argument(help="directory in the fleet")] = "/",
     config: ConfigOption = DEFAULT_CONFIG,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="print one page of at most this many entries"),
+    ] = None,
+    after: Annotated[
+        str | None,
+        typer.Option("--after", help="start after this name (the previous page's next)"),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List a directory: kind (d or -), size in bytes, path."""
+    """List a directory: kind (d or -), size in bytes, path.
+
+    The whole directory, fetched page by page, unless --limit or --after is given: then one
+    page, and the name to pass as --after for the next one (on stderr; ``next`` in --json,
+    null on the last page)."""
     client, _ = open_client(config)
-    listing = client.ls(remote)
+    paged = limit is not None or after is not None
+    if paged:
+        listing = client.ls(remote, limit=limit, after=after)
+    else:
+        pages = list(client.ls_pages(remote, limit=limit))
+        listing = {**pages[-1], "entries": [e for p in pages for e in p.get("entries", [])]}
     if as_json:
         emit_json(listing)
         return
@@ -124,6 +141,8 @@ def ls(
         for e in listing.get("entries", [])
     ]
     print_table(("KIND", "SIZE", "PATH"), rows, right={1})
+    if paged and listing.get("next") is not None:
+        say(f"next: --after {listing['next']}")
 
 
 STAT_KEYS = ("path", "kind", "size", "version", "epoch", "mtime", "crc")

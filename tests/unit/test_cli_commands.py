@@ -22,7 +22,7 @@ from orchestrator import config
 from orchestrator.cli import files, provision, reference, sandbox, status
 from orchestrator.cli._output import PROGRESS_MIN, table
 from orchestrator.cli.app import app
-from orchestrator.client import WriteResult
+from orchestrator.client import FleetClient, WriteResult
 from orchestrator.config import FleetConfig
 from orchestrator.core.placement import Plan
 from tests.unit.test_cli_help import flat
@@ -76,6 +76,7 @@ class FakeFleet:
     def __init__(self, fleets: list[dict[str, Any]] | None = None) -> None:
         self.files: dict[str, bytes] = {}
         self.coordinator = FakeCoordinator(fleets or [])
+        self.pages_asked: list[tuple[int | None, str | None]] = []
 
     def put(
         self, source: IO[bytes], remote: str, size: int, *,
@@ -113,9 +114,20 @@ class FakeFleet:
     def stat(self, remote: str) -> dict[str, Any]:
         return {"path": remote, "kind": "file", "size": len(self.files[remote])}
 
-    def ls(self, remote: str = "/") -> dict[str, Any]:
+    def ls(self, remote: str = "/", *, limit: int | None = None,
+           after: str | None = None) -> dict[str, Any]:
+        """A page as an agent answers it (names after ``after``, ``next`` when more follow)."""
+        self.pages_asked.append((limit, after))
         entries = [{"path": p, "kind": "file", "size": len(d)} for p, d in self.files.items()]
-        return {"path": remote, "entries": [*entries, {"path": "/d", "kind": "dir", "size": 0}]}
+        entries = sorted([*entries, {"path": "/d", "kind": "dir", "size": 0}],
+                         key=lambda e: e["path"])
+        entries = [e for e in entries if after is None or e["path"][1:] > after]
+        page = entries[: limit or 1000]
+        more = len(entries) > len(page)
+        return {"path": remote, "entries": page, "applied_seq": 7,
+                "next": page[-1]["path"][1:] if more else None}
+
+    ls_pages = FleetClient.ls_pages  # the real iterator over the fake's pages
 
 
 @pytest.fixture
@@ -175,6 +187,37 @@ def test_ls_table_fits_its_content(fleet: FakeFleet) -> None:
     ]
     listing = json.loads(RUNNER.invoke(app, ["ls", "--json"]).stdout)
     assert [e["path"] for e in listing["entries"]] == ["/a-rather-long-file-name.bin", "/b", "/d"]
+
+
+def test_ls_pages(fleet: FakeFleet) -> None:
+    """By default every page is fetched and printed as one listing (as before pagination);
+    --limit/--after print one page and say where the next one starts."""
+    fleet.files = {f"/f{i}": b"x" * i for i in range(5)}
+    every = RUNNER.invoke(app, ["ls"]).stdout.splitlines()
+    assert [line.split()[-1] for line in every[1:]] == ["/d", "/f0", "/f1", "/f2", "/f3", "/f4"]
+
+    fleet.pages_asked.clear()
+    listing = json.loads(RUNNER.invoke(app, ["ls", "--json"]).stdout)
+    assert len(listing["entries"]) == 6 and listing["next"] is None
+
+    page = RUNNER.invoke(app, ["ls", "--limit", "2", "--after", "f0"])
+    assert page.exit_code == 0, page.output
+    assert [line.split()[-1] for line in page.stdout.splitlines()[1:]] == ["/f1", "/f2"]
+    assert "next: --after f2" in page.stderr
+    assert fleet.pages_asked[-1] == (2, "f0")
+
+    last = json.loads(RUNNER.invoke(app, ["ls", "--json", "--limit", "5", "--after", "f2"]).stdout)
+    assert [e["path"] for e in last["entries"]] == ["/f3", "/f4"] and last["next"] is None
+    assert RUNNER.invoke(app, ["ls", "--limit", "0"]).exit_code == 2
+
+
+def test_ls_pages_iterates_until_next_is_none(fleet: FakeFleet) -> None:
+    fleet.files = {f"/f{i}": b"" for i in range(7)}
+    pages = list(fleet.ls_pages("/", limit=3))
+    assert [len(p["entries"]) for p in pages] == [3, 3, 2]
+    assert fleet.pages_asked == [(3, None), (3, "f1"), (3, "f4")]
+    assert [e["path"] for p in pages for e in p["entries"]] == [
+        "/d", *[f"/f{i}" for i in range(7)]]
 
 
 def test_table_columns_are_as_wide_as_their_widest_cell() -> None:
