@@ -11,6 +11,11 @@ numbers settled (OSD stats arrive every ~5 s).
 Target: raw bytes / user bytes <= pool size x 1.02; the HDFS-style baseline (three copies
 on the same pool) is 3 x pool size.
 
+Then every file is deleted (each delete acknowledged by both readers, so the writer releases
+and discards the freed extents at once) and the pool is read again once settled:
+``storage_after_delete_ratio`` = stored bytes after deleting everything / stored bytes of the
+empty formatted image (the ``before`` reading).
+
     .venv/bin/python bench/storage_bench.py [--files 200] [--file-kib 1024] [--osds 1]
         [--json out.json]
 """
@@ -82,22 +87,23 @@ def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict
     raise RuntimeError(f"pool stats did not settle in {SETTLE_TIMEOUT}s (last {seen})")
 
 
-def put_files(fleet: AgentFleet, count: int, size: int) -> None:
-    """``count`` distinct files of ``size`` random bytes through the writer, one keep-alive
-    connection; each must be acknowledged by both readers."""
+def write_files(fleet: AgentFleet, count: int, size: int, *, delete: bool = False) -> None:
+    """Put ``count`` distinct files of ``size`` random bytes through the writer (or delete
+    them), one keep-alive connection; each must be acknowledged by both readers."""
     grant = fleet.grant("w", "writer", fleet.epoch("w"))
     host, _, port = fleet["w"].address.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    headers = PutRequest(grant=grant, size=size,
+    headers = PutRequest(grant=grant, size=0 if delete else size,
                          readers=fleet.reader_addresses("r1", "r2")).to_headers()
+    method, status = ("DELETE", 200) if delete else ("PUT", 201)
     try:
         for i in range(count):
-            conn.request("PUT", f"/v1/files/data/f{i:05d}", body=os.urandom(size),
-                         headers=headers)
+            conn.request(method, f"/v1/files/data/f{i:05d}",
+                         body=None if delete else os.urandom(size), headers=headers)
             resp = conn.getresponse()
             body = resp.read()
-            if resp.status != 201 or json.loads(body)["lagging"]:
-                raise RuntimeError(f"put {i}: {resp.status} {body[:200]!r}")
+            if resp.status != status or json.loads(body)["lagging"]:
+                raise RuntimeError(f"{method} {i}: {resp.status} {body[:200]!r}")
     finally:
         conn.close()
 
@@ -120,9 +126,11 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
         before = settled_usage(cluster, None)
         started = time.perf_counter()
-        put_files(fleet, args.files, args.file_kib * 1024)
+        write_files(fleet, args.files, args.file_kib * 1024)
         put_seconds = time.perf_counter() - started
         after = settled_usage(cluster, before)
+        write_files(fleet, args.files, 0, delete=True)
+        deleted = settled_usage(cluster, after)
     finally:
         fleet.close()
         subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress",
@@ -133,12 +141,15 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     return {
         "files": args.files, "file_kib": args.file_kib, "user_bytes": user,
         "pool_size": size, "objectstore": cluster.objectstore,
-        "before": before, "after": after, "put_seconds": round(put_seconds, 2),
+        "before": before, "after": after, "after_delete": deleted,
+        "put_seconds": round(put_seconds, 2),
         "stored_ratio": stored / user,
         "raw_ratio": raw / user,
         "raw_ratio_whole_image": after["bytes_used"] / user,
         "target_raw_ratio": size * 1.02,
         "hdfs_style_raw_ratio": 3 * size,
+        "storage_after_delete_ratio": deleted["stored"] / before["stored"],
+        "after_delete_over_user": (deleted["stored"] - before["stored"]) / user,
     }
 
 
