@@ -34,14 +34,7 @@ from agents.core import roles
 from agents.core.grants import agent_key, verify
 from agents.core.protocol import DemoteRequest, Health, PromoteRequest
 from agents.errors import ForeignGrant
-from orchestrator.adapters.ceph import (
-    BlocklistFencer,
-    RbdImageStore,
-    client_addresses,
-    granted_image,
-    vm_user_caps,
-)
-from orchestrator.adapters.libvirt import LibvirtHypervisor
+from orchestrator.adapters.ceph import client_addresses, granted_image, vm_user_caps
 from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost, start_detached
 from orchestrator.core.fleetmap import FleetMap
 from orchestrator.errors import (
@@ -61,6 +54,7 @@ from orchestrator.errors import (
 )
 from orchestrator.ports import (
     AttachedDisk,
+    Characteristics,
     ClientSession,
     DiskMode,
     DiskSpec,
@@ -271,7 +265,7 @@ class MemoryImageClient:
 class MemoryImageStore:
     """ImageStore over a :class:`MemoryCeph`."""
 
-    CHARACTERISTICS = RbdImageStore.CHARACTERISTICS
+    CHARACTERISTICS = Characteristics.NONE
 
     def __init__(self, ceph: MemoryCeph) -> None:
         self.ceph = ceph
@@ -378,10 +372,10 @@ class MemoryCredentialStore:
 
 
 class MemoryFencer:
-    """Fencer and FenceProof over a :class:`MemoryCeph`, exactly as :class:`BlocklistFencer`:
+    """Fencer and FenceProof over a :class:`MemoryCeph`, as ``adapters.ceph.BlocklistFencer``:
     a VM's clients are the image's watchers with a session of the VM's own user."""
 
-    CHARACTERISTICS = BlocklistFencer.CHARACTERISTICS
+    CHARACTERISTICS = Characteristics.FENCES_BY_CLIENT_ADDRESS | Characteristics.WAITS_FOR_OSDMAP
 
     def __init__(self, ceph: MemoryCeph, pool: str, image: str, users: Mapping[str, str]) -> None:
         self.ceph = ceph
@@ -425,7 +419,7 @@ class MemoryHypervisor:
     was asked.
     """
 
-    CHARACTERISTICS = LibvirtHypervisor.CHARACTERISTICS
+    CHARACTERISTICS = Characteristics.HOT_PLUG | Characteristics.PRIVATE_SECRETS
 
     def __init__(self, failing_domain: str | None = None) -> None:
         self.active: dict[tuple[str, str], bool] = {}
