@@ -5,6 +5,12 @@ encoded :class:`FleetMap`), ``revision``, ``epoch`` and ``url`` (the active coor
 lease is the cls ``lock`` exclusive lock ``rbdfleet-coordinator`` on that same object, so the
 OSD can check it inside every write.
 
+Who can touch it: the coordinator's and the operator's cephx users (``[ceph] user``, caps on
+the pool). A VM's own user cannot: its caps name only its fleet's image objects
+(``orchestrator.adapters.ceph.vm_user_caps``), and neither this object nor the pool's image
+directory is among them (tests/integration/test_ceph_scope.py reads, writes and removes it as
+a VM user, and is refused).
+
 What Ceph does and does not guarantee, and what we do about it:
 
 * ``Ioctx.lock_exclusive(duration=...)`` stores a random expiry in the Pacific binding
