@@ -32,6 +32,7 @@ from orchestrator.errors import (
     AgentUnreachable,
     DetachPending,
     DomainNotFound,
+    HostUnreachable,
     ImageBusy,
     ImageExists,
     ImageNotFound,
@@ -532,9 +533,10 @@ def _sh(script: str) -> RemoteCommand:
 
 def check_remote_shell(subject: RemoteShellSubject) -> None:
     """``run`` returns rc, stdout and stderr (a failure raises RemoteCommandFailed with the rc
-    only with ``check``) and feeds ``stdin``; ``put_file`` replaces a file atomically with the
-    mode asked, leaving no temporary behind, and refuses a missing parent with a RemoteError;
-    ``start_background`` returns the pid of a detached process whose log is appended to."""
+    only with ``check``), feeds ``stdin`` and gives up at its deadline (HostUnreachable);
+    ``put_file`` replaces a file atomically with the mode asked, leaving no temporary behind,
+    and refuses a missing parent with a RemoteError; ``start_background`` returns the pid of a
+    detached process whose log is appended to."""
     shell, host, work = subject.shell, subject.host, subject.workdir
     failing = _sh("printf out; printf err >&2; exit 3")
     assert shell.run(host, failing) == RemoteResult(3, "out", "err")
@@ -542,6 +544,10 @@ def check_remote_shell(subject: RemoteShellSubject) -> None:
                      "check=True on exit 3")
     assert failed.rc == 3 and failed.host == host.name, failed
     assert shell.run(host, _sh("cat"), stdin=b"fed\n", check=True).stdout == "fed\n"
+    started = time.monotonic()
+    _raises(HostUnreachable, lambda: shell.run(host, _sh("sleep 3"), timeout=0.5),
+            "a command past its deadline")
+    assert time.monotonic() - started < 2.5, "run() waited past its deadline"
 
     target = f"{work}/file.conf"
     shell.put_file(host, b"one\n", target, mode=0o640)
