@@ -12,6 +12,7 @@ test_coordinator_faults.py. Runtime ~60 s in total.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import subprocess
 import sys
 import threading
@@ -185,10 +186,14 @@ def test_paused_writer_on_rbd_is_fenced_and_cannot_change_a_byte(
         sender.join(30)
         after_resume = _try_put(fleet, stale_grant)
         time.sleep(1.0)
-        assert stale and stale[0] >= 400, f"stale put answered {stale}"
-        assert after_resume >= 400, f"put to the resumed ex-writer answered {after_resume}"
+        # Real refusals from the live ex-writer, not "no answer" (a crashed one would pass that)
+        refusals = {(409, "not_writer"), (409, "stale_epoch")}
+        assert stale and stale[0] in refusals, f"stale put answered {stale}"
+        assert after_resume in refusals, f"put to the resumed ex-writer answered {after_resume}"
         assert _checksums(client, paths) == before
-        wait_until(lambda: _role(fleet, "w") != "writer", 15, "ex-writer stepped down")
+        wait_until(lambda: _role(fleet, "w") == ("reader", 2), 15,
+                   "ex-writer stepped down to a reader of epoch 2")
+        assert old_writer.alive
         fsck = subprocess.run(
             [
                 sys.executable,
@@ -215,20 +220,24 @@ def test_paused_writer_on_rbd_is_fenced_and_cannot_change_a_byte(
         store.close()
 
 
-def _try_put(fleet: AgentFleet, grant: str) -> int:
-    """Status of a put straight to the old writer with an epoch-1 grant (599: no answer)."""
+def _try_put(fleet: AgentFleet, grant: str) -> tuple[int, str]:
+    """(status, error code) of a put straight to the old writer with an epoch-1 grant;
+    (599, "no answer") when the connection gave none."""
     try:
         resp = fleet.client.put(fleet["w"].address, "/f0", b"STALE" * 100, grant)
-    except Exception:
-        return 599
-    return int(resp.status)
+    except (OSError, http.client.HTTPException):
+        return 599, "no answer"
+    body = resp.json() if resp.status >= 400 else {}
+    return int(resp.status), str(body.get("error", ""))
 
 
-def _role(fleet: AgentFleet, node: str) -> str:
+def _role(fleet: AgentFleet, node: str) -> tuple[str, int]:
+    """(role, epoch) the node's agent reports; ("unreachable", -1) when it does not answer."""
     try:
-        return str(fleet.health(node)["role"])
-    except Exception:
-        return "unreachable"
+        health = fleet.health(node)
+    except (OSError, http.client.HTTPException):
+        return "unreachable", -1
+    return str(health["role"]), int(health["epoch"])
 
 
 class ProcessSpares:
