@@ -207,3 +207,41 @@ def test_file_discard_punches_a_hole(image: Path) -> None:
             ro.discard(0, B)
     finally:
         ro.close()
+
+
+def test_a_medium_that_cannot_discard_is_asked_once(
+    image: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BLKDISCARD (block devices) answering EOPNOTSUPP: False, logged once, not asked again;
+    another errno is a DeviceError."""
+    import errno
+
+    from agents.backends import file as file_backend
+
+    calls: list[tuple[int, bytes]] = []
+    answer = [errno.EOPNOTSUPP]
+
+    def ioctl(fd: int, request: int, arg: bytes) -> bytes:
+        calls.append((request, arg))
+        raise OSError(answer[0], os.strerror(answer[0]))
+
+    monkeypatch.setattr(file_backend.fcntl, "ioctl", ioctl)
+    dev = FileDevice(image)
+    dev._block = True  # as if on /dev/vdX: the discard is an ioctl
+    try:
+        with caplog.at_level("WARNING"):
+            assert dev.discard(B, 2 * B) is False
+            assert dev.discard(B, 2 * B) is False
+        assert calls == [(0x1277, (B).to_bytes(8, "little") + (2 * B).to_bytes(8, "little"))]
+        assert sum("discard_unsupported" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        dev.close()
+    dev = FileDevice(image)
+    dev._block = True
+    answer[0] = errno.EIO
+    try:
+        with pytest.raises(DeviceError) as err:
+            dev.discard(0, B)
+        assert err.value.fields["errno"] == errno.EIO
+    finally:
+        dev.close()
