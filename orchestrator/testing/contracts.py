@@ -149,18 +149,20 @@ def check_clock(clock: Clock) -> None:
 
 @dataclass(frozen=True)
 class ImageStoreSubject:
-    """An ImageStore, a pool it may create images in, and ``watch(pool, image)``: a client
-    that watches the image header while the block runs (an attached VM)."""
+    """An ImageStore, a pool it may create images in, ``watch(pool, image)``: a client that
+    watches the image header while the block runs (an attached VM), and ``drop_pool(pool)``
+    to remove a pool the check created (the port has no such call: only tests drop pools)."""
 
     store: ImageStore
     pool: str
     watch: Callable[[str, str], AbstractContextManager[object]]
+    drop_pool: Callable[[str], None]
 
 
 def check_image_store(subject: ImageStoreSubject) -> None:
     """Images are created with exactly the size and features asked; a taken name, a removal
     of a watched or absent image are refused with the project's errors; watchers are listed
-    one per client."""
+    one per client; a created pool takes images at once."""
     store, pool = subject.store, subject.pool
     assert store.pool_exists(pool)
     assert not store.pool_exists(_unique("no-such-pool"))
@@ -185,6 +187,22 @@ def check_image_store(subject: ImageStoreSubject) -> None:
         _remove_when_unwatched(store, pool, name)
     assert store.image_info(pool, name) is None
     _raises(ImageNotFound, lambda: store.remove_image(pool, name), "remove an absent image")
+    _check_create_pool(subject)
+
+
+def _check_create_pool(subject: ImageStoreSubject) -> None:
+    """A created pool exists and is ready for images at once."""
+    store, pool, name = subject.store, _unique("rbdfleet-contract-pool"), _unique("contract")
+    store.create_pool(pool)
+    try:
+        assert store.pool_exists(pool)
+        store.create_image(pool, name, CONTRACT_SIZE, CONTRACT_FEATURES)
+        assert store.image_info(pool, name) == ImageInfo(pool, name, CONTRACT_SIZE,
+                                                         CONTRACT_FEATURES)
+        store.remove_image(pool, name)
+    finally:
+        subject.drop_pool(pool)
+    assert not store.pool_exists(pool)
 
 
 def _remove_when_unwatched(store: ImageStore, pool: str, name: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.adapters.ceph import RbdImageStore
+from orchestrator.adapters.ceph import RbdImageStore, mon_command
 from orchestrator.testing.contracts import (
     ImageStoreSubject,
     check_image_store,
@@ -25,7 +25,8 @@ def subject(request: pytest.FixtureRequest) -> Iterator[ImageStoreSubject]:
     if request.param == "memory":
         ceph = MemoryCeph()
         yield ImageStoreSubject(MemoryImageStore(ceph), "rbd",
-                                lambda pool, name: ceph.client("admin", pool, name))
+                                lambda pool, name: ceph.client("admin", pool, name),
+                                ceph.pools.discard)
         return
     import rbd
 
@@ -42,7 +43,12 @@ def subject(request: pytest.FixtureRequest) -> Iterator[ImageStoreSubject]:
         finally:
             client.shutdown()
 
-    yield ImageStoreSubject(RbdImageStore(admin), cluster.pool, watch)
+    def drop_pool(pool: str) -> None:
+        mon_command(admin, {"prefix": "osd pool rm", "pool": pool, "pool2": pool,
+                            "yes_i_really_really_mean_it": True}, f"remove pool {pool}")
+        admin.wait_for_latest_osdmap()  # the handle's pool list comes from its osdmap
+
+    yield ImageStoreSubject(RbdImageStore(admin), cluster.pool, watch, drop_pool)
 
 
 def test_image_store_contract(subject: ImageStoreSubject) -> None:
