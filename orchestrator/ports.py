@@ -57,7 +57,8 @@ class Characteristics(enum.Flag):
 
     Each declared flag is checked against the adapter by its contract suite
     (``orchestrator.testing.contracts``), and a fake declares exactly what its adapter does.
-    A use case that relies on one calls :func:`require` when it is given the adapter.
+    A use case that relies on one refuses an adapter lacking it with :func:`require` when it
+    is given one (``Provisioner`` for its FenceProof).
     """
 
     NONE = 0
