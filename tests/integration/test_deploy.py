@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
@@ -144,15 +145,19 @@ def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
         out.truncate(32 << 20)
     subprocess.run([sys.executable, "-m", "agents", "format", "--backend", f"file:{image}",
                     "--fleet", "t"], check=True, capture_output=True)
-    secret = tmp_path / "fleet.secret"
-    secret.write_text("s" * 64)
-    secret.chmod(0o600)
+    keys = FleetKeys("t", (b"s" * 64,), time.time)  # each host gets its own key, as deploy does
+    for h in hosts3.hosts:
+        path = tmp_path / f"{h.name}.key"
+        path.write_bytes(keys.node_key_file(h.name))
+        path.chmod(0o600)
     readers = {h.name: f"{h.address}:7480" for h in hosts3.hosts[1:]}
     targets = [DeployTarget(h, str(h.root), {
-        "node": h.name, "fleet": "t", "backend": f"file:{image}", "secret_file": str(secret),
+        "node": h.name, "fleet": "t", "backend": f"file:{image}",
+        "secret_file": str(tmp_path / f"{h.name}.key"),
         "listen": "0.0.0.0:7480", "advertise": f"{h.address}:7480",
         "role": "writer" if h.name == "h1" else "reader",
-        **({"readers": readers} if h.name == "h1" else {})}) for h in hosts3.hosts]
+        **({"readers": readers, "push_grants": keys.push_grants_to("h1", list(readers), 1)}
+           if h.name == "h1" else {})}) for h in hosts3.hosts]
     deployer = AgentDeployer(shell3, package, launch=DEFAULT_LAUNCH)
     started = deployer.deploy(targets)
     deadline = time.monotonic() + 60
@@ -190,7 +195,7 @@ def test_deploy_to_real_vms_runs_the_agent_and_is_idempotent(
         assert all(r.changed and r.version == package.version for r in installed.values())
         for target in targets:
             layout = target.layout
-            shell.put_file(target.host, b"v" * 64, "/etc/rbdfleet/fleet.secret", 0o600)
+            shell.put_file(target.host, b"ab" * 32 + b"\n", "/etc/rbdfleet/fleet.secret", 0o600)
             shell.run(target.host, RemoteCommand(Executable.PYTHON3, [
                 "-c", FORMAT_LOCAL_IMAGE, layout.release(package.version),
                 "/var/lib/rbdfleet/vol.img"]), timeout=120.0, check=True)
