@@ -52,6 +52,7 @@ from orchestrator.ports import (
     MonHost,
     SecretKey,
 )
+from orchestrator.provision import IMAGE_FEATURES
 
 if TYPE_CHECKING:
     from orchestrator.ports import (
@@ -95,8 +96,7 @@ __all__ = [
 
 E = TypeVar("E", bound=BaseException)
 
-# layering | exclusive-lock, as provisioning creates the fleet's image
-CONTRACT_FEATURES = 1 | 4
+CONTRACT_FEATURES = IMAGE_FEATURES  # as provisioning creates the fleet's image
 CONTRACT_SIZE = 8 << 20
 
 
