@@ -314,16 +314,20 @@ def plan_provision(desired: Desired, observed: Observed, writer: str | None = No
     detach_other: list[Action] = []
     attach_ro: list[Action] = []
     attach_rw: list[Action] = []
+    # a VM user's caps name the image's id: a new image needs every user granted again
+    new_image = observed.image is None
     for vm in desired.vms:
         mode = wanted.get(vm.key)
         if mode is None:
             continue
         usage = secret_usage(vm.user)
         current = observed.disks.get(vm.key)
-        if current is not None and current.mode is mode and current.user == vm.user:
-            continue
-        if vm.user not in observed.users or (vm.uri, usage) not in observed.secrets:
+        kept = current is not None and current.mode is mode and current.user == vm.user
+        missing = vm.user not in observed.users or (vm.uri, usage) not in observed.secrets
+        if new_image or (missing and not kept):
             credentials.append(EnsureCredentials(vm.name, vm.user, vm.uri, usage))
+        if kept:
+            continue
         if current is not None:
             detach = Detach(vm.uri, vm.domain, vm.name, current.mode)
             (detach_rw if current.mode is DiskMode.RW else detach_other).append(detach)

@@ -354,3 +354,10 @@ def test_a_vm_attached_under_its_legacy_user_moves_to_its_own_and_the_old_one_go
     assert kinds(plan) == ["detach vm2 ro", "attach vm2 ro",
                            f"rm secret client.{legacy} secret", f"rm user {legacy}"]
     assert placement.plan_provision(desired(), apply(obs, plan)).empty
+
+
+def test_a_new_image_grants_every_vm_user_again() -> None:
+    # users and secrets exist, but their caps name the id of an image that is gone
+    plan = placement.plan_provision(desired(), observed("vm1=rw vm2=ro", image=None))
+    assert kinds(plan) == ["create image", "creds vm1", "creds vm2", "creds vm3",
+                           "attach vm3 ro"]
