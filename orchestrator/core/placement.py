@@ -17,8 +17,10 @@ paused old writer whose guest has not released the disk yet) cannot write: it do
 as a writer, is never chosen as the writer, and is detached and re-attached read-only.
 
 The disk is found in domains by its fleet serial; a domain holding it but no longer in the
-fleet is detached and its VM user and secret removed. Spares are not attached, but a spare
-that already holds the disk (the coordinator attached it) keeps it.
+fleet is detached and its VM user and secret removed, as is a user a fleet VM's disk held
+that is no longer its user (a legacy ``rbdfleet-<fleet>-<vm>`` name) once it is re-attached.
+Spares are not attached, but a spare that already holds the disk (the coordinator attached
+it) keeps it. A created image gets every VM user granted again (caps name the image's id).
 """
 
 from __future__ import annotations
