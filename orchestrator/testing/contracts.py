@@ -27,6 +27,7 @@ from agents.core.protocol import DemoteRequest, PromoteRequest
 from agents.errors import GrantRejected, StaleEpoch
 from orchestrator.adapters.ceph import granted_image
 from orchestrator.adapters.ssh import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
+from orchestrator.core.clients import SCOPES, ClientCredential
 from orchestrator.core.fleetmap import FleetMap, initial_map
 from orchestrator.errors import (
     AgentUnreachable,
@@ -57,6 +58,7 @@ from orchestrator.provision import IMAGE_FEATURES
 if TYPE_CHECKING:
     from orchestrator.ports import (
         AgentControl,
+        ClientStore,
         Clock,
         CredentialStore,
         FenceProof,
@@ -83,6 +85,7 @@ __all__ = [
     "StateStoreSubject",
     "characteristics_of",
     "check_agent_control",
+    "check_client_store",
     "check_clock",
     "check_credential_store",
     "check_fencer",
@@ -367,6 +370,32 @@ def check_state_store_release(subject: StateStoreSubject) -> None:
 STATE_STORE_CHECKS = (check_state_store_empty, check_state_store_guarded_writes,
                       check_state_store_lease_duration, check_state_store_step_down,
                       check_state_store_release)
+
+
+# -- ClientStore -------------------------------------------------------------------------------
+
+
+def check_client_store(make: Callable[[str], ClientStore]) -> None:
+    """``make(fleet)``: a store of that fleet (every call for a fleet reaches the same data).
+
+    Credentials are found by name by every store of the fleet and by no other fleet's; ``put``
+    creates or replaces; ``list`` is by name; ``remove`` says whether there was one."""
+    fleet = _unique("contract")
+    a, b, other = make(fleet), make(fleet), make(_unique("contract"))
+    assert a.fleet == fleet
+    assert a.get("alice") is None and a.list() == []
+    alice = ClientCredential("alice", SCOPES[0], b"a" * 16, 1.0)
+    bob = ClientCredential("bob", SCOPES[-1], b"b" * 32, 2.0)
+    b.put(bob)
+    a.put(alice)
+    assert b.get("alice") == alice and other.get("alice") is None and other.list() == []
+    assert [c.name for c in b.list()] == ["alice", "bob"] and b.list() == [alice, bob]
+    promoted = ClientCredential("alice", SCOPES[1], b"c" * 16, 3.0)
+    a.put(promoted)
+    assert b.get("alice") == promoted
+    assert a.remove("alice") and not a.remove("alice")
+    assert b.get("alice") is None and b.list() == [bob]
+    assert b.remove("bob") and a.list() == []
 
 
 # -- Fencer (and FenceProof) --------------------------------------------------------------------
