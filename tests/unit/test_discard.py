@@ -5,6 +5,7 @@ punched holes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -12,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
 from agents.core.allocator import Allocator, Extent
-from agents.errors import DeviceError
+from agents.errors import DeviceError, NoSpace
 from agents.testing import MemoryDevice
 from agents.volume import DISCARD_UNIT, Volume
 
@@ -59,6 +62,38 @@ def test_claim_around_widens_to_whole_units_only_through_free_space() -> None:
     alloc.give_back([Extent(0, 8 * B), Extent(18 * B, 2 * B)])
     assert alloc.free_extents() == [Extent(0, 16 * B), Extent(18 * B, 4 * B)]
     assert used.length == 64 * B
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from(["alloc", "free", "release"]), st.integers(1, 24)),
+                max_size=60))
+def test_held_bytes_are_never_handed_out_and_none_is_lost(script: list[tuple[str, int]]) -> None:
+    """Whatever the history, while a release's extents (widened) are held nothing allocated
+    overlaps them, and free + in use + quarantined + held is always the whole area."""
+    unit, start, end = 8 * B, 3 * B, 3 * B + 96 * B
+    alloc = Allocator(start, end)
+    used: list[Extent] = []
+
+    def blocks(extents: list[Extent]) -> set[int]:
+        return {b for e in extents for b in range(e.offset, e.end, B)}
+
+    for seq, (op, n) in enumerate(script, start=1):
+        if op == "alloc":
+            with contextlib.suppress(NoSpace):
+                used += alloc.allocate(n * B)
+        elif op == "free" and used:
+            alloc.quarantine(seq, [used.pop(n % len(used))])
+        elif op == "release":
+            held = [alloc.claim_around(e, unit) for e in alloc.take_released(seq - n % 4)]
+            got: list[Extent] = []
+            with contextlib.suppress(NoSpace):
+                got = alloc.allocate(n * B)  # racing the discard of ``held``
+            assert not blocks(got) & blocks(held)
+            parts = [alloc.free_extents(), used, [e for _, e in alloc.quarantined()], held, got]
+            every = [b for part in parts for b in sorted(blocks(part))]
+            assert sorted(every) == list(range(start, end, B))  # each block exactly once
+            alloc.give_back(held)
+            used += got
 
 
 # ---- the writer's discards ---------------------------------------------------------------
