@@ -87,7 +87,8 @@ READERS: Final = "readers"
 REPORT: Final = "report"
 CLIENT: Final = "client"
 PURPOSES: Final = frozenset({WRITE, READ, PUSH, PROMOTE, DEMOTE, READERS, REPORT, CLIENT})
-# The audience of reports and client credentials; never a node name (docs/security.md).
+# The audience of reports and client credentials. A node of that name gains nothing: agents
+# accept neither purpose, and the coordinator checks reports with the reporting node's key.
 COORDINATOR: Final = "coordinator"
 KEY_DERIVATION: Final = "rbdfleet agent key v1"
 
