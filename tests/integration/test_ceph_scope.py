@@ -15,7 +15,7 @@ import json
 import secrets
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,20 @@ import pytest
 
 from orchestrator.adapters import ceph
 from orchestrator.adapters.rados_state import RadosStateStore, object_name
+from orchestrator.config import from_mapping
 from orchestrator.core.fleetmap import FleetMap, Member
-from orchestrator.core.placement import vm_user
+from orchestrator.core.placement import fleet_user_prefix, secret_usage, vm_user
 from orchestrator.errors import StorageError
 from orchestrator.ports import SecretKey
-from orchestrator.provision import IMAGE_FEATURES
+from orchestrator.provision import IMAGE_FEATURES, Provisioner
 from orchestrator.sandbox.ceph import CephCluster
+from orchestrator.testing.fakes import MemoryHypervisor
 from tests.fixtures.ceph import remove_image
 
 pytestmark = pytest.mark.integration
 
 SIZE = 16 << 20
+URI = "qemu:///system"
 
 
 @dataclass(frozen=True)
@@ -271,3 +274,55 @@ def test_caps_of_a_removed_image_are_moved_and_foreign_caps_are_left_alone(
         world.credentials.remove_user(user)
         for image in (first, second):
             remove_image(world.admin, world.pool, image)
+
+
+def test_provision_grants_each_vm_its_image_and_retires_a_legacy_user(world: World) -> None:
+    """The Provisioner on the real cluster (libvirt faked: no VM): each VM's user gets the
+    image's caps and its key (in the libvirt secret) opens the image; a VM still attached under
+    its legacy ``rbdfleet-<fleet>-<vm>`` user is moved to its own and the legacy user deleted."""
+    import rbd
+
+    name = f"scope{secrets.token_hex(3)}"
+    cfg = from_mapping({
+        "ceph": {"conf": str(world.cluster.conf), "keyring": str(world.cluster.keyring),
+                 "pool": world.pool, "mon_host": world.cluster.mon_v2},
+        "ssh": {"key": "/k", "known_hosts": "/kh"},
+        "fleet": {"name": name, "image": f"{name}-img", "size": "16MiB", "writer": "vm1",
+                  "secret_file": "/s"},
+        "vm": [{"name": f"vm{i}", "domain": f"d{i}", "address": f"10.0.0.{i}"} for i in (1, 2)],
+    })
+    hv = MemoryHypervisor()
+    for i in (1, 2):
+        hv.define(URI, f"d{i}", active=True)
+    provisioner = Provisioner(cfg, ceph.RbdImageStore(world.admin), world.credentials, hv)
+    legacy = f"rbdfleet-{name}-vm2"
+    try:
+        provisioner.provision()
+        grant = ceph.vm_user_caps(world.pool, cfg.fleet.image, image_id(world, cfg.fleet.image))
+        for vm in ("vm1", "vm2"):
+            user = vm_user(name, vm)
+            assert world.credentials.caps(user) == grant
+            _, key = hv.secrets[(URI, secret_usage(user))]
+            with world.connected(Fleet(name, vm, cfg.fleet.image, key)) as client, \
+                    client.open_ioctx(world.pool) as ioctx, \
+                    rbd.Image(ioctx, cfg.fleet.image) as image:
+                image.write(vm.encode() * 2048, 0)
+        # vm2 as an older release left it: attached under the legacy user, with its secret
+        ceph.mon_command(world.admin, {"prefix": "auth get-or-create",
+                                       "entity": f"client.{legacy}",
+                                       "caps": ["mon", "profile rbd",
+                                                "osd", f"profile rbd pool={world.pool}"]},
+                         "legacy user")
+        hv.disks[(URI, "d2")] = [replace(d, user=legacy) for d in hv.disks[(URI, "d2")]]
+        hv.ensure_secret(URI, secret_usage(legacy), SecretKey(b"legacy"))
+        plan, _ = provisioner.provision()
+        assert [type(a).__name__ for a in plan.actions] == ["Detach", "Attach", "RemoveSecret",
+                                                           "RemoveUser"]
+        assert world.credentials.list_users(legacy) == []
+        assert hv.secret_uuid(URI, secret_usage(legacy)) is None
+        assert [d.user for d in hv.disks[(URI, "d2")]] == [vm_user(name, "vm2")]
+        assert provisioner.provision()[0].empty
+    finally:
+        world.credentials.remove_user(legacy)
+        provisioner.deprovision(delete_image=True)
+    assert world.credentials.list_users(fleet_user_prefix(name)) == []
