@@ -771,6 +771,8 @@ class Volume:
                 return
             held = [allocator.claim_around(e, DISCARD_UNIT)
                     for e in allocator.take_released(seq)]
+        if not held:
+            return
         try:
             self._discard(held)
         finally:
