@@ -190,7 +190,7 @@ def _build(
     _write_secret(secret)
     config = directory / "rbdfleet.toml"
     config.write_text(render_config(directory, cluster, vm_set, host_set, secret))
-    _issue_admin_client(config, directory / CLIENT_SECRET)
+    issue_admin_client(config, directory / CLIENT_SECRET)
     timings["total"] = round(time.monotonic() - started, 2)
     state.set_fact("timings", timings)
     summary = SandboxSummary(
@@ -214,7 +214,7 @@ def _start_vms(directory: Path, request: SandboxRequest, state: StateFile,
     return vms.boot_vms(directory / "vms", state, request.vms, progress=progress)
 
 
-def _issue_admin_client(config: Path, path: Path) -> None:
+def issue_admin_client(config: Path, path: Path) -> None:
     """The CLI's admin client credential (docs/security.md): stored in the cluster next to the
     fleet's state, its secret in ``path`` (0600), which the config names."""
     cfg = fleet_config.load(config)

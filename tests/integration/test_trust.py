@@ -24,9 +24,12 @@ from agents.core.record import Record
 from agents.errors import BadSignature, ForeignGrant
 from agents.peers import Peer, post_message
 from agents.volume import Volume
+from orchestrator import config as fleet_config
 from orchestrator.adapters.rados_clients import RadosClientStore
+from orchestrator.cli.coordinator import client_credential
 from orchestrator.coordinator.api import CLIENT_CACHE_SECONDS
 from orchestrator.core.clients import ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE, ClientCredential
+from orchestrator.sandbox.lifecycle import CLIENT_SECRET, issue_admin_client, render_config
 from tests.coordinator_harness import (
     Coordinator,
     PidFencer,
@@ -243,3 +246,27 @@ def test_a_sniffed_report_grant_is_useless_elsewhere(
     service = coordinator.service
     assert service is not None and service.require_active().writer == "w"
     assert fleet["w"].alive
+
+
+def test_sandbox_up_makes_the_admin_client_its_config_names(
+        ceph_cluster: Any, rados_admin: Any, tmp_path: Path) -> None:
+    """What ``rbdfleet sandbox up`` does after writing the config: an admin credential in
+    RADOS next to the fleet's state, its secret (0600) where the config's client_secret_file
+    points, so the CLI's coordinator commands authenticate."""
+    master = tmp_path / "fleet.secret"
+    master.touch(mode=0o600)
+    master.write_text("m" * 64 + "\n")
+    config = tmp_path / "rbdfleet.toml"
+    config.write_text(render_config(tmp_path, ceph_cluster, None, None, master))
+    issue_admin_client(config, tmp_path / CLIENT_SECRET)
+    cfg = fleet_config.load(config)
+    name, secret = client_credential(cfg)
+    clients = RadosClientStore(rados_admin, ceph_cluster.pool, cfg.fleet.name)
+    try:
+        stored = clients.get(name)
+        assert stored is not None and (stored.scope, stored.secret) == (ADMIN_SCOPE, secret)
+        assert (tmp_path / CLIENT_SECRET).stat().st_mode & 0o777 == 0o600
+        assert cfg.fleet.client_secret_file == tmp_path / CLIENT_SECRET
+    finally:
+        clients.remove(name)
+        clients.close()
