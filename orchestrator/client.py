@@ -17,11 +17,15 @@ sent (connection refused) or answered with an error is safe to retry and is.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
+import itertools
 import json
 import logging
+import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -91,6 +95,46 @@ class RequestOutcomeUnknown(AgentUnreachable):
     """The connection broke after a write request was sent: it may or may not have happened."""
 
 
+class Superseded(RequestOutcomeUnknown):
+    """A write in flight was abandoned because the map named another writer meanwhile (the
+    one it went to is being fenced): it may or may not have happened, and is resent."""
+
+
+class Cancel:
+    """Lets another thread abandon one request in flight: its socket is shut down, so a writer
+    that went silent (paused, cut off) stops holding the caller until the I/O timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self.reason: str | None = None
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        """The request's connection, once open (shut down at once if already cancelled)."""
+        with self._lock:
+            self._conn = conn
+            cancelled = self.reason is not None
+        if cancelled:
+            _shutdown(conn)
+
+    def cancel(self, reason: str) -> None:
+        """Abandon the request (idempotent)."""
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+            conn = self._conn
+        if conn is not None:
+            _shutdown(conn)
+
+
+def _shutdown(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class Response:
     """Status, headers and the JSON body of an answered request."""
@@ -138,15 +182,19 @@ class Transport:
         body: bytes | Readable | None = None,
         timeout: float,
         sink: Callable[[http.client.HTTPResponse], None] | None = None,
+        cancel: Cancel | None = None,
     ) -> Response:
         """Send one request; a non-2xx answer raises the error its body names.
 
         ``sink`` consumes a 2xx body itself (streamed gets); else the body is parsed as JSON.
+        ``cancel`` lets another thread abandon it (:class:`Superseded`).
         """
         conn, target = self.connect(address, path, timeout)
         sent = False
         try:
             conn.connect()
+            if cancel is not None:
+                cancel.attach(conn)
             conn.blocksize = CHUNK
             sent = True
             conn.request(method, target, body=body, headers=headers or {})
@@ -159,6 +207,8 @@ class Transport:
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             reason = str(exc) or type(exc).__name__
+            if cancel is not None and cancel.reason is not None:
+                raise Superseded(node, address, cancel.reason) from exc
             if sent and method != "GET":
                 raise RequestOutcomeUnknown(node, address, reason) from exc
             raise AgentUnreachable(node, address, reason) from exc
@@ -418,8 +468,88 @@ def _writer_headers(writer: Target, readers: tuple[ReaderAddress, ...]) -> dict[
     return headers
 
 
+SendWrite = Callable[[Target, tuple[ReaderAddress, ...], Cancel], Response]
+
+
+@dataclass
+class _Flight:
+    """One write in flight, as the :class:`_WriterWatch` follows it."""
+
+    epoch: int
+    revision: int
+    writer: str
+    cancel: Cancel
+    started: float
+
+
+class _WriterWatch:
+    """One thread per client: while some write has been in flight for ``after`` seconds, it
+    long-polls the coordinator's map and abandons the writes whose writer the map no longer
+    names (a new epoch, or a failover under way: the writer they went to is being fenced), so
+    the client resends them at once instead of waiting out its I/O timeout on a silent writer.
+    """
+
+    def __init__(self, coordinator: CoordinatorClient, after: float, clock: Callable[[], float],
+                 poll: float = 2.0) -> None:
+        self._coordinator = coordinator
+        self._after = after
+        self._clock = clock
+        self._poll = poll
+        self._cond = threading.Condition()
+        self._flights: dict[int, _Flight] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def start(self, targets: Targets, writer: Target) -> tuple[int, Cancel]:
+        """Follow a write sent to ``writer`` under ``targets``' map; (key, its Cancel)."""
+        flight = _Flight(targets.epoch, targets.revision, writer.node, Cancel(), self._clock())
+        with self._cond:
+            key = next(self._ids)
+            self._flights[key] = flight
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="writer-watch",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return key, flight.cancel
+
+    def done(self, key: int) -> None:
+        """The write ended (whatever its outcome)."""
+        with self._cond:
+            self._flights.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = self._clock()
+                due = [f for f in self._flights.values() if now - f.started >= self._after]
+                if not due:
+                    waits = [f.started + self._after - now for f in self._flights.values()]
+                    self._cond.wait(min(waits, default=self._poll))
+                    continue
+                revision = min(f.revision for f in due)
+            try:
+                m = self._coordinator.map(after=revision, wait=self._poll)
+            except RbdfleetError:
+                time.sleep(0.2)
+                continue
+            epoch, writer, revision = int(m["epoch"]), m.get("writer"), int(m["revision"])
+            with self._cond:
+                for f in self._flights.values():
+                    if revision <= f.revision:
+                        continue
+                    if epoch > f.epoch or writer != f.writer or m.get("phase") == "failover":
+                        f.cancel.cancel(f"the map moved on (epoch {epoch}, writer {writer})")
+                    else:
+                        f.revision = revision
+
+
 class FleetClient:
-    """put/get/ls/stat/rm/mv/mkdir through the fleet, following the map."""
+    """put/get/ls/stat/rm/mv/mkdir through the fleet, following the map.
+
+    ``abandon_after``: a write still in flight after that many seconds is watched, and
+    abandoned as soon as the map names another writer (None: wait for ``io_timeout``).
+    """
 
     def __init__(
         self,
@@ -428,31 +558,31 @@ class FleetClient:
         retry: RetryPolicy | None = None,
         transport: Transport | None = None,
         io_timeout: float = 30.0,
+        abandon_after: float | None = 0.5,
     ) -> None:
         self.coordinator = coordinator
         self.retry = retry or RetryPolicy()
         self.transport = transport or coordinator.transport
         self.io_timeout = io_timeout
+        self._watch = (None if abandon_after is None
+                       else _WriterWatch(coordinator, abandon_after, self.retry.clock))
 
     # -- writes ----------------------------------------------------------------------------
 
-    def _write(
-        self, path: str, send: Callable[[Target, tuple[ReaderAddress, ...]], Response]
-    ) -> WriteResult:
+    def _write(self, path: str, send: SendWrite) -> WriteResult:
         last: BaseException | None = None
         seen = [-1]  # revision of the map the last attempt used
-        # An attempt whose outcome the writer could not tell (it lost its device, was demoted
-        # mid-wait, could not get a lagging reader taken out of the map): the write is resent
-        # at the new writer, but if that does not succeed the caller must hear "unknown", not
-        # the later attempt's definite-sounding refusal (a resent delete's 404, say).
-        unknown: list[AgentError] = []
+        # An attempt whose outcome is unknown (the writer lost its device, was demoted mid-wait,
+        # could not get a lagging reader out of the map, or was abandoned as superseded): the
+        # write is resent at the new writer, but if that does not succeed the caller must hear
+        # "unknown", not the later attempt's definite-sounding refusal (a resent delete's 404).
+        unknown: list[str] = []
 
         def unknown_outcome(exc: BaseException, node: str, address: str) -> BaseException:
             if not unknown or isinstance(exc, RequestOutcomeUnknown):
                 return exc
-            first = unknown[0]
             return RequestOutcomeUnknown(node, address, f"an earlier attempt's outcome is "
-                                         f"unknown ({first.code}: {first.message}); then: {exc}")
+                                         f"unknown ({unknown[0]}); then: {exc}")
 
         def wait_for_newer_map(delay: float) -> None:
             if seen[0] < 0:
@@ -472,8 +602,13 @@ class FleetClient:
             seen[0] = targets.revision
             writer = targets.ordered[0]
             readers = tuple(ReaderAddress(t.node, t.address) for t in targets.readers)
+            key, cancel = self._watch.start(targets, writer) if self._watch else (-1, Cancel())
             try:
-                resp = send(writer, readers)
+                resp = send(writer, readers, cancel)
+            except Superseded as exc:
+                unknown.append(str(exc))
+                last = exc  # resent at the writer the new map names
+                continue
             except RequestOutcomeUnknown as exc:
                 self.coordinator.report(writer.node, str(exc))
                 raise
@@ -483,18 +618,23 @@ class FleetClient:
                 continue
             except self.retry.retryable as exc:
                 if isinstance(exc, AgentError) and exc.fields.get("outcome") == "unknown":
-                    unknown.append(exc)
+                    unknown.append(f"{exc.code}: {exc.message}")
                 last = exc  # 409 / 401 / 503: the map moved on; fetch it again
                 continue
             except AgentError as exc:
                 if exc.fields.get("outcome") == "unknown":
-                    unknown.append(exc)
+                    unknown.append(f"{exc.code}: {exc.message}")
                 raise unknown_outcome(exc, writer.node, writer.address) from exc
+            finally:
+                if self._watch is not None:
+                    self._watch.done(key)
             body = resp.body if isinstance(resp.body, dict) else {}
             return WriteResult(
                 writer.node, int(body.get("epoch", targets.epoch)), int(body.get("seq", -1)), body
             )
         assert last is not None
+        if isinstance(last, Superseded):  # the timeout ran out resending it
+            raise RequestOutcomeUnknown(last.node, last.address, str(last)) from last
         raise unknown_outcome(last, "-", "-") from last
 
     def put(
@@ -508,7 +648,7 @@ class FleetClient:
         """Stream ``size`` bytes from ``source`` (seekable) to ``remote`` on the writer."""
         start = source.tell()
 
-        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+        def send(writer: Target, readers: tuple[ReaderAddress, ...], cancel: Cancel) -> Response:
             source.seek(start)
             headers = PutRequest(grant=writer.grant, size=size, readers=readers).to_headers()
             body = _Progress(source, progress) if progress else source
@@ -520,6 +660,7 @@ class FleetClient:
                 headers=headers,
                 body=body,
                 timeout=self.io_timeout,
+                cancel=cancel,
             )
 
         return self._write(remote, send)
@@ -531,7 +672,7 @@ class FleetClient:
     def delete(self, remote: str) -> WriteResult:
         """Remove a file or an empty directory."""
 
-        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+        def send(writer: Target, readers: tuple[ReaderAddress, ...], cancel: Cancel) -> Response:
             return self.transport.request(
                 writer.node,
                 writer.address,
@@ -539,14 +680,13 @@ class FleetClient:
                 f"/v1/files/{_quote(remote)}",
                 headers=_writer_headers(writer, readers),
                 timeout=self.io_timeout,
+                cancel=cancel,
             )
 
         return self._write(remote, send)
 
-    def _post_json(
-        self, route: str, payload: bytes
-    ) -> Callable[[Target, tuple[ReaderAddress, ...]], Response]:
-        def send(writer: Target, readers: tuple[ReaderAddress, ...]) -> Response:
+    def _post_json(self, route: str, payload: bytes) -> SendWrite:
+        def send(writer: Target, readers: tuple[ReaderAddress, ...], cancel: Cancel) -> Response:
             headers = {**_writer_headers(writer, readers), "Content-Type": "application/json"}
             return self.transport.request(
                 writer.node,
@@ -556,6 +696,7 @@ class FleetClient:
                 headers=headers,
                 body=payload,
                 timeout=self.io_timeout,
+                cancel=cancel,
             )
 
         return send
@@ -758,12 +899,14 @@ class _Progress:
 
 
 __all__ = [
+    "Cancel",
     "CoordinatorClient",
     "FleetClient",
     "HttpAgentControl",
     "RequestOutcomeUnknown",
     "RetryPolicy",
     "StreamCut",
+    "Superseded",
     "Target",
     "Targets",
     "Transport",

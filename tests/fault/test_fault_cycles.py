@@ -18,12 +18,13 @@ acknowledged before it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.testing.history import History
-from tests.coordinator_harness import wait_until
+from tests.coordinator_harness import fleet_client, wait_until
 from tests.fault.test_coordinator_faults import (  # noqa: F401 (a fixture)
     LoopFleet,
     LoopFleetFactory,
@@ -101,3 +102,31 @@ def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
     assert work.acks > 100 and all(work.checked.get(n, 0) > 20 for n in HOST_OF), (
         work.acks, work.checked)
     loop.fsck()
+
+
+def test_a_put_sent_to_a_paused_writer_is_resent_at_the_next_one_while_it_sleeps(
+    loop_fleet_factory: LoopFleetFactory,  # noqa: F811
+) -> None:
+    """A put in flight to a writer that was just paused used to wait out the client's 30 s
+    I/O timeout (or the writer's resumption). The client abandons it once the map names
+    another writer and resends it there: it is acknowledged at epoch 2 while the old writer
+    still sleeps."""
+    loop = loop_fleet_factory()
+    client = fleet_client([loop.coordinator.url], loop.fleet.name)
+    client.io_timeout = 30.0
+    client.put_bytes(b"before", "/p")
+    old = loop.fleet["w"]
+    old.pause()
+    try:
+        result = client.put_bytes(b"after", "/p")  # reaches the paused writer first
+        assert _stopped(old.proc.pid if old.proc else -1), "the old writer was resumed"
+    finally:
+        old.resume()
+    assert result.epoch == 2 and result.node in ("r1", "r2"), result
+    assert client.get_bytes("/p") == b"after"
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): state T in /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "T"
