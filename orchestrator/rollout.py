@@ -5,7 +5,7 @@ per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteS
 
 1. install the agent package and each VM's config (:func:`agent_config`) on every VM;
 2. write each VM's OWN key (derived from the fleet's master key, :mod:`orchestrator.coordinator.
-   keys`) to ``/etc/rbdfleet/agent.key`` (0600); the master never leaves this machine. The
+   keys`) to ``/etc/rbdfleet/node.key`` (0600); the master never leaves this machine. The
    writer's config also gets push grants for its readers (the coordinator renews them);
 3. on every VM, wait until the guest sees the shared disk (found by its fleet serial, never
    by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
@@ -47,7 +47,7 @@ LOG = logging.getLogger(__name__)
 __all__ = ["GUEST_SECRET", "FleetRollout", "RolloutReport", "agent_config"]
 
 # Where a VM's own key lives in the guest (mode 0600); the agent config names it.
-GUEST_SECRET = "/etc/rbdfleet/agent.key"
+GUEST_SECRET = "/etc/rbdfleet/node.key"
 
 # Waits for the fleet's disk in the guest (hot-plug shows it ~1 s after the attach), then with
 # "format" runs `rbdfleet-agent format --if-blank` on it. argv: release serial fleet wait mode.
