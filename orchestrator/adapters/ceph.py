@@ -338,16 +338,19 @@ class CephxCredentialStore:
                 return {str(i["id"]): str(i["name"]) for i in rbd.RBD().list2(ioctx)}
 
     def _image_id(self, pool: str, image: str) -> str:
-        """The id of ``pool/image``. Refused when another image's id starts with it: the
-        header grant is an object prefix and would cover that image's header too."""
+        """The id of ``pool/image``. Refused when it and another image's id are one the
+        other's beginning: the header grant is an object prefix, so a grant of the shorter
+        would cover the other's header too."""
         ids = self._image_ids(pool)
         mine = [i for i, name in ids.items() if name == image]
         if not mine:
             raise ImageNotFound(f"grant {pool}/{image}: image not found")
-        clash = sorted(ids[i] for i in ids if i != mine[0] and i.startswith(mine[0]))
+        clash = sorted(ids[i] for i in ids
+                       if i != mine[0] and (i.startswith(mine[0]) or mine[0].startswith(i)))
         if clash:
-            raise StorageError(f"grant {pool}/{image}: the id of image(s) {', '.join(clash)} "
-                               f"starts with its id {mine[0]}; a prefix grant would cover them")
+            raise StorageError(f"grant {pool}/{image}: its id {mine[0]} and the id of image(s) "
+                               f"{', '.join(clash)} begin one another; a prefix grant would "
+                               "cover both")
         return mine[0]
 
     def remove_user(self, user: str) -> None:
