@@ -49,6 +49,9 @@ def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -
     print_table(("NODE", "ROLE", "SYNC", "SEQ", "LIVENESS", "ADDRESS"), rows, right={3})
     if f.get("pending"):
         typer.echo("pending: " + ", ".join(f["pending"]))
+    if f.get("held_out"):
+        typer.echo("kept out (failing again and again): " + ", ".join(
+            f"{node} for {left} s" for node, left in sorted(f["held_out"].items())))
     if f.get("last_error"):
         typer.echo(f"last error: {f['last_error']}")
 

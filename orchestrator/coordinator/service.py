@@ -262,6 +262,9 @@ class FleetService:
             else {m.name: m.applied_seq for m in state.map.members},
             "pending": [] if state is None else [_describe(a) for a in el.plan(state)],
             "last_error": "" if state is None else state.last_error,
+            # nodes that keep failing, and the seconds before they may rejoin
+            "held_out": {} if state is None
+            else {n: round(until - now, 1) for n, until in state.held_out if until > now},
             "stats": dict(self.stats),
         }
 

@@ -22,6 +22,9 @@ Invariants (the laws; tests check them over random event sequences):
   epoch with no failed self-test (it was demoted or restarted); an agent still at an older
   epoch (a fenced writer that came back, paused or partitioned) is demoted first. A fenced
   writer whose device fails therefore stays out instead of flapping in and out of sync.
+* A node that keeps failing does not flap: confirmed dead ``flap_limit`` times within
+  ``flap_window``, it may rejoin only after a hold that doubles with each further death
+  (``last_error`` says so, and the service reports it).
 * A demotion that failed is not retried on the next heartbeat but after a backoff that doubles
   per failure (``ElectionConfig.demote_backoff`` up to ``demote_backoff_max``): every probe
   answer of a stale writer used to re-queue it, and a refusing hypervisor then saw 7-14
@@ -51,11 +54,17 @@ from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member
 class ElectionConfig:
     """``retry_delay``: seconds to hold a failed plan before trying again;
     ``demote_backoff``/``demote_backoff_max``: first and longest wait after a failed
-    demotion of a node."""
+    demotion of a node; a node confirmed dead ``flap_limit`` times within ``flap_window``
+    seconds is kept out for ``rejoin_hold`` seconds, doubled at each further death (up to
+    ``rejoin_hold_max``), before it may rejoin."""
 
     retry_delay: float = 0.3
     demote_backoff: float = 0.5
     demote_backoff_max: float = 8.0
+    flap_limit: int = 3
+    flap_window: float = 120.0
+    rejoin_hold: float = 10.0
+    rejoin_hold_max: float = 600.0
 
 
 # -- actions (imperative) ---------------------------------------------------------------
@@ -242,6 +251,10 @@ class ElectionState:
     demoted: tuple[tuple[str, int], ...] = ()
     # (epoch, revision) of the newest writer word on its in-sync set folded in
     sync_seen: tuple[int, int] = (0, 0)
+    # node -> times it was confirmed dead within the flap window
+    deaths: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    # node -> time before which it may not rejoin (it keeps failing)
+    held_out: tuple[tuple[str, float], ...] = ()
 
 
 def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> ElectionState:
@@ -301,7 +314,7 @@ def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action
     """Fold ``event`` in and return the new state and the actions to run now (maybe none)."""
     now = _time_of(event)
     if isinstance(event, NodeFailed):
-        state = _node_failed(state, event.node)
+        state = _node_failed(_count_death(state, event), event.node)
     elif isinstance(event, HeartbeatObserved):
         state = _heartbeat(state, event)
     elif isinstance(event, ReaderLagging):
@@ -366,6 +379,24 @@ def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> E
     )
 
 
+def _count_death(state: ElectionState, ev: NodeFailed) -> ElectionState:
+    """Remember ``ev``; a node that keeps dying is held out before it may rejoin."""
+    cfg = state.config
+    if not state.map.has(ev.node) or state.map.member(ev.node).role == "out":
+        return state
+    recent = dict(state.deaths).get(ev.node, ())
+    times = (*(t for t in recent if ev.at - t < cfg.flap_window), ev.at)
+    deaths = (*(d for d in state.deaths if d[0] != ev.node), (ev.node, times))
+    state = replace(state, deaths=deaths)
+    if len(times) < cfg.flap_limit:
+        return state
+    hold = min(cfg.rejoin_hold * 2 ** (len(times) - cfg.flap_limit), cfg.rejoin_hold_max)
+    held = (*(h for h in state.held_out if h[0] != ev.node), (ev.node, ev.at + hold))
+    return replace(state, held_out=held, last_error=(
+        f"{ev.node} confirmed dead {len(times)} times in {cfg.flap_window:.0f} s: kept out "
+        f"for {hold:.0f} s"))
+
+
 def _node_failed(state: ElectionState, node: str) -> ElectionState:
     m = state.map
     if not m.has(node):
@@ -412,6 +443,8 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
             return _demote_later(state, hb, hb.at)
         if hb.role != "reader" or hb.selftest == "failed":
             return state
+        if hb.at < dict(state.held_out).get(hb.node, 0.0):
+            return state  # it keeps failing: no rejoin before its hold is over
         m = m.set_role(hb.node, "reader", in_sync=False)
         member = m.member(hb.node)
     if member.role != "reader" or hb.role != "reader":

@@ -459,3 +459,24 @@ def test_a_stale_answer_from_before_a_demotion_asks_for_no_second_one() -> None:
     assert acts == []
     st, acts = el.step(st, el.HeartbeatObserved("w", "reader", 2, 9, 2.3))
     assert st.map.member("w").role == "reader" and acts == [el.PublishMap(st.map)]
+
+
+def test_a_reader_that_keeps_dying_is_kept_out_for_a_growing_hold() -> None:
+    """Confirmed dead three times in two minutes: its next return is held 10 s, the one after
+    a further death 20 s; a reader that died once rejoins at its first heartbeat."""
+    st = state3()
+    rejoined_at = []
+    t = 0.0
+    for _ in range(5):
+        t += 5.0
+        st = el.step(st, el.NodeFailed("r1", t))[0]
+        assert st.map.member("r1").role == "out"
+        back = t + 0.5
+        while st.map.member("r1").role == "out":
+            st = el.step(st, el.HeartbeatObserved("r1", "reader", 1, 10, back))[0]
+            back = round(back + 0.5, 1)
+        rejoined_at.append(round(back - 0.5 - t, 1))
+        t = back
+    assert rejoined_at[:2] == [0.5, 0.5]  # the first deaths: back at once
+    assert rejoined_at[2] >= 10.0 and rejoined_at[3] >= 20.0 and rejoined_at[4] >= 40.0
+    assert "kept out" in st.last_error
