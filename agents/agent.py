@@ -145,8 +145,9 @@ class Agent:
         # the reader set a promotion hands the new writer: node -> address, and the in-sync
         # ones (None: bootstrap without a coordinator, the configured readers, all trusted)
         self._promote_readers: tuple[dict[str, str], frozenset[str]] | None = None
-        # reader -> (token, expires) of the newest push grant the coordinator handed over
-        self._push_grants: dict[str, tuple[str, float]] = {}
+        # reader -> (token, (epoch, expires)) of the newest push grant the coordinator handed
+        # over: a newer epoch's wins whatever the expiry of an older one
+        self._push_grants: dict[str, tuple[str, tuple[int, float]]] = {}
         self._push_lock = threading.Lock()
         self.take_push_grants(settings.push_grants)
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
@@ -437,27 +438,29 @@ class Agent:
             raise ForeignGrant("control request does not match its grant", field="epoch")
 
     def take_push_grants(self, grants: dict[str, str]) -> None:
-        """Keep the push grants the coordinator made for this writer (reader -> token): the
-        newest one per reader. They are MACed with the readers' keys, which this agent does
-        not hold: it only reads their expiry (:func:`peek`) to drop them in time."""
+        """Keep the push grants the coordinator made for this writer (reader -> token): per
+        reader the one of the highest epoch, then the latest expiry. They are MACed with the
+        readers' keys, which this agent does not hold: it only reads their epoch and expiry
+        (:func:`peek`) to pick one and to drop it in time."""
         now = self._clock()
         with self._push_lock:
             for reader, token in grants.items():
                 try:
-                    expires = peek(token).expires
+                    claimed = peek(token)
                 except AgentError:
                     LOG.warning("event=push_grant_malformed reader=%s", reader)
                     continue
+                rank = (claimed.epoch, claimed.expires)
                 held = self._push_grants.get(reader)
-                if expires > now and (held is None or held[1] < expires):
-                    self._push_grants[reader] = (token, expires)
+                if claimed.expires > now and (held is None or held[1] < rank):
+                    self._push_grants[reader] = (token, rank)
 
     def _push_grant(self, reader: str) -> str:
         """The held push grant for ``reader``; GrantExpired when there is none still valid
         (the pusher retries, and reports the reader lagging, as for any failed push)."""
         with self._push_lock:
             held = self._push_grants.get(reader)
-        if held is None or held[1] <= self._clock():
+        if held is None or held[1][1] <= self._clock():
             raise GrantExpired(f"no valid push grant for reader {reader}; the coordinator "
                                "hands them to the writer", reader=reader)
         return held[0]
