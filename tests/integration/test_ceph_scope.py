@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from orchestrator.adapters import ceph
+from orchestrator.adapters.rados_clients import RadosClientStore, clients_object
 from orchestrator.adapters.rados_state import RadosStateStore, object_name
 from orchestrator.config import from_mapping
+from orchestrator.core.clients import ClientCredential
 from orchestrator.core.fleetmap import FleetMap, Member
 from orchestrator.core.placement import fleet_user_prefix, secret_usage, vm_user
 from orchestrator.errors import StorageError
@@ -203,38 +205,48 @@ def test_vm_user_cannot_open_or_list_another_fleets_image(world: World) -> None:
             rbd.RBD().list(ioctx)
 
 
-def test_vm_user_cannot_read_or_write_the_coordinators_state(world: World) -> None:
+def test_vm_user_cannot_reach_the_coordinators_state_or_client_secrets(world: World) -> None:
     import rados
 
     fleet = world.one.name
     store = RadosStateStore(world.admin, world.pool, fleet, f"scope-{secrets.token_hex(4)}", 30)
+    clients = RadosClientStore(world.admin, world.pool, fleet)
     try:
         assert store.acquire()
         saved = FleetMap(fleet, 1, 1, "c", (Member("c", "127.0.0.1:1", "writer"),))
         store.save(saved, None)
+        clients.put(ClientCredential("ops", "admin", secrets.token_bytes(32)))
         with world.connected(world.one) as client:
             with client.open_ioctx(world.pool) as ioctx:
-                with pytest.raises(rados.PermissionError):
-                    ioctx.read(object_name(fleet))
-                with pytest.raises(rados.PermissionError):
-                    ioctx.write_full(object_name(fleet), b"{}")
-                with pytest.raises(rados.PermissionError):
-                    ioctx.remove_object(object_name(fleet))
+                for oid in (object_name(fleet), clients_object(fleet)):
+                    with pytest.raises(rados.PermissionError):
+                        ioctx.read(oid)
+                    with pytest.raises(rados.PermissionError):
+                        ioctx.write_full(oid, b"{}")
+                    with pytest.raises(rados.PermissionError):
+                        ioctx.remove_object(oid)
             as_vm = RadosStateStore(client, world.pool, fleet, "vm", 30)
+            vm_clients = RadosClientStore(client, world.pool, fleet)
             try:
                 with pytest.raises(StorageError, match="permission denied"):
                     as_vm.load()
                 with pytest.raises(StorageError, match="permission denied"):
                     as_vm.acquire()
+                with pytest.raises(StorageError, match="permission denied"):
+                    vm_clients.get("ops")
             finally:
                 as_vm.close()
+                vm_clients.close()
         assert store.load() == saved
+        assert clients.get("ops") is not None
     finally:
         store.release()
-        with world.admin.open_ioctx(world.pool) as ioctx, \
-                contextlib.suppress(rados.ObjectNotFound):
-            ioctx.remove_object(object_name(fleet))
+        with world.admin.open_ioctx(world.pool) as ioctx:
+            for oid in (object_name(fleet), clients_object(fleet)):
+                with contextlib.suppress(rados.ObjectNotFound):
+                    ioctx.remove_object(oid)
         store.close()
+        clients.close()
 
 
 def test_qemu_opens_its_image_read_write_and_not_another(world: World) -> None:
