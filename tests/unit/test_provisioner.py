@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from orchestrator.config import FleetConfig, from_mapping
-from orchestrator.core.placement import Attach, Plan, vm_user
+from orchestrator.core.placement import USER_PREFIX, Attach, Plan, vm_user
 from orchestrator.errors import (
     AdapterChosenPoorly,
     CoordinationError,
@@ -136,7 +136,7 @@ def test_provision_set_role_and_deprovision_in_order(caplog: pytest.LogCaptureFi
                                  for i in (1, 2, 3))]
     assert all(spec.mon_hosts == (MonHost("127.0.0.1", 1),) for spec in hv.specs)
     p.deprovision(delete_image=True)
-    assert ceph.images == {} and creds.list_users("rbdfleet-") == [] and hv.secrets == {}
+    assert ceph.images == {} and creds.list_users(USER_PREFIX) == [] and hv.secrets == {}
     assert all(not disks for disks in hv.disks.values())
     for key in keys:
         assert key.hex() not in caplog.text
