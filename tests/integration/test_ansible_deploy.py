@@ -12,6 +12,7 @@ import json
 import re
 import ssl
 import stat
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from orchestrator.adapters.ansible import (
     write_package,
 )
 from orchestrator.adapters.ssh import ParamikoShell
+from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
@@ -34,7 +36,8 @@ from tests.fixtures.hosts import shell_for
 
 pytestmark = pytest.mark.integration
 
-SECRET = "ansible-test-secret-" + "s" * 44
+MASTER = b"ansible-test-master-" + b"s" * 44  # never leaves the controller
+KEYS = FleetKeys("t", (MASTER,), time.time)
 _TS = re.compile(r"^ts=(\S+ \S+) .*event=(\w+)", re.MULTILINE)
 
 
@@ -51,10 +54,15 @@ def shell3(hosts3: HostSet) -> Iterator[ParamikoShell]:
 
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
-    path = tmp_path / "fleet.secret"
-    path.write_text(SECRET + "\n")
-    path.chmod(0o600)
-    return path
+    """Each host's own key in ``keys/<host>.key``; the returned path names it per host, as
+    ``rbdfleet inventory`` does (Ansible templates ``inventory_hostname``)."""
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    for host in ("h1", "h2", "h3"):
+        path = keys / f"{host}.key"
+        path.write_bytes(KEYS.node_key_file(host))
+        path.chmod(0o600)
+    return keys / "{{ inventory_hostname }}.key"
 
 
 @pytest.fixture
@@ -107,11 +115,12 @@ def test_fleet_playbook_formats_orders_converges_and_checks_clean(
     first = runner.deploy_agents(inventory, package, secret=secret)
     assert all(r.succeeded and r.changed > 0 for r in first.recap.values()), first.recap
     assert any(image.read_bytes()[:8192])  # formatted by the writer
-    assert "ok: [h1]" in first.output and SECRET not in first.output  # no_log on secrets
+    assert "ok: [h1]" in first.output  # no_log on secrets:
+    assert not any(KEYS.node_key_file(h.name).decode().strip() in first.output for h in inventory)
     for host in inventory:
         root = Path(host.prefix)
         installed = root / "etc/rbdfleet/fleet.secret"
-        assert installed.read_text() == SECRET + "\n"
+        assert installed.read_bytes() == KEYS.node_key_file(host.name)  # its own key only
         assert stat.S_IMODE(installed.stat().st_mode) == 0o600
         config = json.loads((root / "etc/rbdfleet/agent.json").read_text())
         assert config == {**host.config, "secret_file": str(installed)}

@@ -215,6 +215,11 @@ def test_scopes_and_revocation(
     stranger = fleet_client(urls, fleet.name, client="reader", secret=b"not-its-secret-012345")
     with pytest.raises(BadSignature):
         stranger.coordinator.targets("read", "/hello")
+    # a reader VM's key is no client credential: not as itself, not as the admin
+    r1_key = agent_key(TEST_SECRET, fleet.name, "r1")
+    for name in ("r1", TEST_CLIENT):
+        with pytest.raises(BadSignature):
+            fleet_client(urls, fleet.name, client=name, secret=r1_key).coordinator.fence("w")
     admin = fleet_client(urls, fleet.name)
     assert admin.coordinator.fence("r2")["epoch"] == 1  # a reader leaves without a new epoch
 
