@@ -51,11 +51,11 @@ grants = st.builds(
 )
 
 
-def _verify(token: str, g: Grant, keys: tuple[bytes, ...] = (MASTER,),
-            **over: object) -> Grant:
+def _verify(token: str, g: Grant, **over: object) -> Grant:
     kwargs: dict[str, object] = dict(now=NOW, fleet=g.fleet, audience=g.audience,
                                      purposes=PURPOSES, epoch=g.epoch, subject=g.subject)
     kwargs.update(over)
+    keys = kwargs.pop("keys", (MASTER,))
     return verify(token, keys, **kwargs)  # type: ignore[arg-type]
 
 
