@@ -9,8 +9,10 @@ What Ceph does not guarantee, and what we do about it:
 
 * The exclusive-lock feature is cooperative: it never stops a second live read-write
   client. The fence is the OSD blocklist of exact client addresses, never the lock.
-* An ``osd blocklist add`` that returned is not yet enforced by every OSD (notes/ceph.md G3):
-  the fencer calls ``wait_for_latest_osdmap()`` before it returns.
+* An ``osd blocklist add`` that returned is not yet enforced by every OSD (notes/ceph.md G3),
+  and ``wait_for_latest_osdmap()`` only brings the *calling* client's map up to date: an OSD
+  still on the older map serves the fenced client. The fencer then waits until every up OSD
+  reports that epoch (``tell osd.N status``: the ``[ceph] user`` needs ``osd 'allow r'``).
 * ``osd blocklist ls`` prints two concatenated JSON arrays in 16.2 (G5): parsed with
   ``raw_decode``.
 * A client talks to one monitor: its session is listed by that monitor only, so
@@ -24,7 +26,8 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agents.errors import BindingUnavailable
@@ -411,8 +414,11 @@ class BlocklistFencer:
     CHARACTERISTICS = Characteristics.FENCES_BY_CLIENT_ADDRESS | Characteristics.WAITS_FOR_OSDMAP
 
     def __init__(self, handle: Any, pool: str, image: str, users: dict[str, str],
-                 expire_seconds: float = 3600.0) -> None:
-        """``users`` maps VM name → cephx id (without ``client.``)."""
+                 expire_seconds: float = 3600.0, enforce_timeout: float = 30.0,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """``users`` maps VM name → cephx id (without ``client.``); ``enforce_timeout``
+        bounds the wait for the OSDs to take the blocklist in."""
         self._handle = handle
         self._images = RbdImageStore(handle)
         self._credentials = CephxCredentialStore(handle)
@@ -420,6 +426,9 @@ class BlocklistFencer:
         self._image = image
         self._users = users
         self._expire = expire_seconds
+        self._enforce_timeout = enforce_timeout
+        self._monotonic = monotonic
+        self._sleep = sleep
 
     def clients(self, vm: str) -> list[str]:
         """The VM's client addresses among the image's watchers."""
@@ -441,13 +450,40 @@ class BlocklistFencer:
                         f"blocklist {addr} of {vm}")
             LOG.info("fenced vm=%s addr=%s", vm, addr)
         if addresses:
-            with translate_ceph_errors("wait for the latest osdmap"):
-                self._handle.wait_for_latest_osdmap()
+            self._wait_enforced(f"fence {vm}")
         return addresses
+
+    def _wait_enforced(self, what: str) -> None:
+        """Return once every up OSD has the osdmap epoch this handle has after
+        ``wait_for_latest_osdmap`` (the one holding our blocklist entries); StorageError when
+        one does not within ``enforce_timeout``."""
+        with translate_ceph_errors(f"{what}: wait for the latest osdmap"):
+            self._handle.wait_for_latest_osdmap()
+        dump = json.loads(mon_command(self._handle, {"prefix": "osd dump", "format": "json"},
+                                      f"{what}: read the osdmap"))
+        epoch = int(dump["epoch"])
+        deadline = self._monotonic() + self._enforce_timeout
+        for osd in sorted(int(o["osd"]) for o in dump.get("osds", []) if o.get("up")):
+            while (have := self._osd_epoch(osd, what)) < epoch:
+                if self._monotonic() > deadline:
+                    raise StorageError(f"{what}: osd.{osd} is at osdmap epoch {have}, not yet "
+                                       f"{epoch} (the blocklist), after "
+                                       f"{self._enforce_timeout:.0f} s")
+                self._sleep(0.01)
+
+    def _osd_epoch(self, osd: int, what: str) -> int:
+        """The newest osdmap epoch ``osd`` has (``tell osd.N status``)."""
+        with translate_ceph_errors(f"{what}: ask osd.{osd} for its osdmap"):
+            ret, out, status = self._handle.osd_command(osd, json.dumps({"prefix": "status"}),
+                                                        b"", timeout=30)
+        if ret != 0:
+            raise StorageError(f"{what}: osd.{osd} status: {status.strip() or 'failed'} "
+                               f"(errno {-ret})")
+        return int(json.loads(out)["newest_map"])
 
     def is_fenced(self, vm: str) -> bool:
         """True when every client of ``vm``'s cephx user (its mon sessions and its watchers
-        of the image) is on the blocklist, then once the OSDs have the latest osdmap.
+        of the image) is on the blocklist, then once every up OSD has the latest osdmap.
 
         The proof the role switch needs before it attaches a new writer while ``vm`` still
         holds the disk read-write (a paused guest): a blocklisted librbd cannot write again.
@@ -463,8 +499,7 @@ class BlocklistFencer:
         if missing:
             LOG.info("not fenced vm=%s unblocklisted=%s", vm, ",".join(missing))
             return False
-        with translate_ceph_errors("wait for the latest osdmap"):
-            self._handle.wait_for_latest_osdmap()
+        self._wait_enforced(f"prove {vm} fenced")
         return True
 
     def unfence(self, addresses: list[str]) -> None:

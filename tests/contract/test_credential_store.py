@@ -31,8 +31,9 @@ def connected_as(cluster: CephCluster, user: str, key: SecretKey, keyring: Path
 
     keyring.write_text(f"[client.{user}]\n    key = {base64.b64encode(key.reveal()).decode()}\n")
     keyring.chmod(0o600)
+    # rbd_cache off, as QEMU with cache=none runs librbd: a write reaches the OSD at once
     client = rados.Rados(conffile=str(cluster.conf), rados_id=user,
-                         conf={"keyring": str(keyring)})
+                         conf={"keyring": str(keyring), "rbd_cache": "false"})
     client.connect(timeout=30)
     try:
         yield client
