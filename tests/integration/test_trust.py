@@ -275,3 +275,20 @@ def test_sandbox_up_makes_the_admin_client_its_config_names(
     finally:
         clients.remove(name)
         clients.close()
+
+
+def test_during_a_rotation_an_agent_accepts_both_masters(fleet_factory: FleetFactory,
+                                                         tmp_path: Path) -> None:
+    """An agent whose key file holds the key under the new master, then the one under the
+    old (step 2 of the rotation in docs/security.md) accepts grants made under either, and
+    none made under a third."""
+    fleet = fleet_factory(f"file:{file_image(tmp_path / 'image.raw')}", start=False)
+    new = b"the-new-master-key-0123456789"
+    fleet.key_file("w").write_text(agent_key(new, fleet.name, "w").hex() + "\n"
+                                   + agent_key(TEST_SECRET, fleet.name, "w").hex() + "\n")
+    fleet.add("w", role="writer")
+    c, w = fleet.client, fleet["w"].address
+    for i, master in enumerate((TEST_SECRET, new)):
+        assert c.put(w, f"/f{i}", b"x", fleet.grant("w", "write", 1, secret=master)).status == 201
+    third = c.put(w, "/f2", b"x", fleet.grant("w", "write", 1, secret=b"a-third-master-key"))
+    assert (third.status, third.json()["error"]) == (401, "bad_signature")
