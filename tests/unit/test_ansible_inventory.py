@@ -62,6 +62,10 @@ def test_each_vm_gets_its_own_derived_key_file(tmp_path: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
         assert path.read_text() == agent_key(b"master", "demo", vm).hex() + "\n"
     assert b"master" not in b"".join(p.read_bytes() for p in key_dir.iterdir())
+    # during a rotation (a two-line master file) each VM gets its key under both, in order
+    write_agent_keys(cfg, (b"master", b"next"), key_dir)
+    assert (key_dir / "vm1.key").read_text().split() == [
+        agent_key(b"master", "demo", "vm1").hex(), agent_key(b"next", "demo", "vm1").hex()]
 
 
 def test_roles_follow_the_coordinators_map_after_a_failover(tmp_path: Path) -> None:
