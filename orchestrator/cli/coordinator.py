@@ -43,6 +43,7 @@ from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.core.placement import vm_user
 from orchestrator.errors import ConfigError
+from orchestrator.provision import ProvisionerRoles, SystemClock
 
 LOG = logging.getLogger(__name__)
 
@@ -175,33 +176,6 @@ def bootstrap_map(cfg: FleetConfig) -> FleetMap:
     return initial_map(cfg.fleet.name, cfg.fleet.writer, members)
 
 
-class _ProvisionerRoles:
-    """RoleSwitch + SpareProvisioner over the provisioning use case (libvirt re-attach)."""
-
-    def __init__(self, provisioner: Any) -> None:
-        self.provisioner = provisioner
-
-    def make_writer(self, node: str) -> None:
-        self.provisioner.set_role(node, "writer")
-
-    def make_reader(self, node: str) -> None:
-        # Completes a fenced old writer's pending live detach and attaches it <readonly/>.
-        self.provisioner.set_role(node, "reader")
-
-    def attach_spare(self, node: str) -> None:
-        # The agent on the spare is deployed with the fleet (`rbdfleet deploy`); attaching its
-        # disk read-only lets it open the image and catch up.
-        self.provisioner.set_role(node, "reader")
-
-
-class _RealClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
 ListenOption = Annotated[str | None, typer.Option("--listen", help="HOST:PORT to serve on")]
 AdvertiseOption = Annotated[
     str | None, typer.Option("--advertise", help="URL clients and standbys use for this one")
@@ -239,7 +213,7 @@ def run(
             {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms},
         )
         agents = HttpAgentControl()
-        roles = _ProvisionerRoles(provisioner)
+        roles = ProvisionerRoles(provisioner)
         service = FleetService(
             store=store,
             fencer=fencer,
@@ -251,7 +225,7 @@ def run(
                 election=ElectionConfig(retry_delay=ccfg.retry_delay),
                 grant_ttl=ccfg.grant_ttl,
             ),
-            clock=_RealClock(),
+            clock=SystemClock(),
             wall=time.time,
             bootstrap=bootstrap_map(cfg),
             role_switch=roles,

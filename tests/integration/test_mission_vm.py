@@ -26,7 +26,7 @@ import pytest
 from orchestrator.sandbox import processes
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.demo import Mission, sha256
-from orchestrator.sandbox.lifecycle import render_config
+from orchestrator.sandbox.lifecycle import CLIENT_SECRET, issue_admin_client, render_config
 from orchestrator.sandbox.state import StateFile
 from orchestrator.sandbox.vms import VmSet
 
@@ -55,6 +55,7 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
     text = text.replace('size = "1GiB"', 'size = "256MiB"')
     config = directory / "rbdfleet.toml"
     config.write_text(text)
+    issue_admin_client(config, directory / CLIENT_SECRET)  # as `sandbox up` does
     state = StateFile(directory / "state.json")
     m = Mission(config, state, _say)
     try:
