@@ -360,12 +360,21 @@ class Agent:
         """A write failed on the device (EIO after a blocklist, EROFS, a detached disk): stop
         writing, and tell the coordinator this node's device failed (if it was fenced on
         purpose the report is of an epoch already over and changes nothing; if not, it is the
-        evidence that gets a new writer elected)."""
-        LOG.error("event=device_fenced node=%s errno=%s", self.settings.node,
-                  exc.fields.get("errno"))
-        epoch = self.state.epoch
-        with contextlib.suppress(IllegalTransition):  # another request handled the fence
-            self.handle(roles.DeviceFenced(int(exc.fields.get("errno") or 0)))
+        evidence that gets a new writer elected).
+
+        Only the writer's own failure counts: a write that was in flight when this agent was
+        demoted meets the read-only disk after the step-down, and reporting that (in the new
+        epoch) would get a healthy reader confirmed dead (seen under repeated pauses)."""
+        with self._role_lock:
+            if self.state.role != "writer":
+                LOG.info("event=device_error_after_step_down node=%s role=%s errno=%s",
+                         self.settings.node, self.state.role, exc.fields.get("errno"))
+                return
+            LOG.error("event=device_fenced node=%s errno=%s", self.settings.node,
+                      exc.fields.get("errno"))
+            epoch = self.state.epoch
+            with contextlib.suppress(IllegalTransition):  # another request handled the fence
+                self.handle(roles.DeviceFenced(int(exc.fields.get("errno") or 0)))
         self.selftest = "failed"
         check = SelfTestCheck("device-write", False, exc.message)
         self._spawn(lambda: self._send_selftest(SelfTestReport(

@@ -26,6 +26,7 @@ from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
+from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
@@ -142,6 +143,7 @@ def start_service(
     fencer: Any,
     bootstrap: FleetMap | None,
     liveness: LivenessConfig | None = None,
+    election: ElectionConfig | None = None,
     role_switch: RoleSwitch | None = None,
     reader_set_delay: float = 0.0,
     clients: ClientStore | None = None,
@@ -163,7 +165,8 @@ def start_service(
         fencer=fencer,
         agents=agents,
         secret=TEST_SECRET,
-        settings=ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig()),
+        settings=ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig(),
+                                 election=election or ElectionConfig()),
         clock=MonotonicClock(),
         wall=time.time,
         bootstrap=bootstrap,

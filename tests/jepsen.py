@@ -359,7 +359,29 @@ def final_state(client: FleetClient, ops: Iterable[Op]) -> dict[str, dict[str, V
             retry.sleep(0.2)
         for node, value in held.items():
             out.setdefault(node, {})[key] = value
-    return out
+    return _complete(client, out)
+
+
+def _complete(client: FleetClient, out: dict[str, dict[str, Value]]
+              ) -> dict[str, dict[str, Value]]:
+    """The set of nodes handed out may change while the keys are read one by one (a reader
+    dropped for lagging under load, then admitted again): read every key on every node handed
+    out at the end, and leave out nodes no client is sent to any more."""
+    keys = sorted({k for values in out.values() for k in values})
+    if not keys:
+        return out
+    try:
+        final = client.coordinator.targets("read", keys[0]).ordered
+    except client.retry.retryable:
+        return out
+    complete: dict[str, dict[str, Value]] = {}
+    for target in final:
+        values = dict(out.get(target.node, {}))
+        for key in keys:
+            if key not in values:
+                values[key] = _read_at(client, target, key)
+        complete[target.node] = values
+    return complete
 
 
 # -- the self-check: mutated copies of a real history the checkers must reject ----------------

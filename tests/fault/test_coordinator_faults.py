@@ -48,6 +48,7 @@ import pytest
 from agents.core.protocol import PutRequest
 from orchestrator.client import FleetClient
 from orchestrator.coordinator.service import FleetService
+from orchestrator.core.election import ElectionConfig
 from orchestrator.ports import Fencer
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.testing.history import History, check_all, value_hash
@@ -135,7 +136,8 @@ def loop_fleet_factory(
     the gateway; ``fencer`` replaces the loop devices' fence."""
     cleanup: list[Callable[[], object]] = []  # undone in reverse order; a truthy result is an error
 
-    def make(hosts: HostSet | None = None, fencer: Fencer | None = None) -> LoopFleet:
+    def make(hosts: HostSet | None = None, fencer: Fencer | None = None,
+             election: ElectionConfig | None = None) -> LoopFleet:
         coordinator = start_api(hosts.gateway if hosts else "127.0.0.1")
         cleanup.append(coordinator.api.shutdown)
         image = file_image(tmp_path / "image.raw")
@@ -169,7 +171,8 @@ def loop_fleet_factory(
         store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
         cleanup.append(store.close)
         service = start_service(
-            coordinator, store, fencer or disks, bootstrap_map(fleet), role_switch=disks
+            coordinator, store, fencer or disks, bootstrap_map(fleet), role_switch=disks,
+            election=election,
         )
         cleanup.append(coordinator.stop)  # first: no fence or promotion while we stop the rest
         wait_in_sync(service, 20)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.core.election import ElectionConfig
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.testing.history import History
 from tests.coordinator_harness import fleet_client, wait_until
@@ -77,7 +78,10 @@ def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
     loop_fleet_factory: LoopFleetFactory, hosts3: HostSet,  # noqa: F811
 ) -> None:
     seed = SEED + 7
-    loop = loop_fleet_factory(hosts3)
+    # Every death here is one the test injected on purpose, five per node in about a minute:
+    # the hold that keeps a node failing again and again out (tested in test_election) would
+    # only slow the rejoins this test is about.
+    loop = loop_fleet_factory(hosts3, election=ElectionConfig(flap_limit=1000))
     faulted: list[str] = []
     recorded = Workload(loop.client(), History(), seed)
     recorded.start(writers=1, readers=2)
