@@ -14,7 +14,6 @@ import ssl
 import stat
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +31,12 @@ from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
-from tests.fixtures.hosts import shell_for
 
 pytestmark = pytest.mark.integration
 
 MASTER = b"ansible-test-master-" + b"s" * 44  # never leaves the controller
 KEYS = FleetKeys("t", (MASTER,), time.time)
 _TS = re.compile(r"^ts=(\S+ \S+) .*event=(\w+)", re.MULTILINE)
-
-
-@pytest.fixture(scope="module")
-def package() -> AgentPackage:
-    return AgentPackage.build()
-
-
-@pytest.fixture
-def shell3(hosts3: HostSet) -> Iterator[ParamikoShell]:
-    with shell_for(hosts3, connect_timeout=1.0) as shell:
-        yield shell
 
 
 @pytest.fixture

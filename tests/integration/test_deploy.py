@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, Dep
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.sandbox.vms import VmSet
-from tests.fixtures.hosts import shell_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +28,6 @@ pytestmark = pytest.mark.integration
 HOLD = ("-c", "import agents, sys, time; "
               "open('imported-from', 'w').write(agents.__file__ + ' ' + sys.argv[-1]); "
               "time.sleep(600)")
-
-
-@pytest.fixture(scope="module")
-def package() -> AgentPackage:
-    return AgentPackage.build()
-
-
-@pytest.fixture
-def shell3(hosts3: HostSet) -> Iterator[ParamikoShell]:
-    with shell_for(hosts3, connect_timeout=1.0) as shell:
-        yield shell
 
 
 def targets_for(hosts: HostSet, **config: object) -> list[DeployTarget]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import stat
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,12 +27,6 @@ from tests.fixtures.hosts import host_set, shell_for
 pytestmark = pytest.mark.integration
 
 HOSTNAME = RemoteCommand(Executable.HOSTNAME)
-
-
-@pytest.fixture
-def shell3(hosts3: HostSet) -> Iterator[ParamikoShell]:
-    with shell_for(hosts3, connect_timeout=1.0) as shell:
-        yield shell
 
 
 def accepted_logins(hosts: HostSet, name: str) -> int:
