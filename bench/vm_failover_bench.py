@@ -1,0 +1,461 @@
+"""Writer failover on the sandbox VMs (TCG): N faults of each kind, timings split by phase.
+
+Setup (all torn down at the end, ``lifecycle.down``): a throwaway sandbox with 3 VMs
+(``lifecycle.up``, as ``rbdfleet sandbox up --vms 3``), the product's own path to a fleet on it
+(``rbdfleet provision``, ``deploy``, ``coordinator run`` with its Ceph-blocklist fencer and
+libvirt role switch; :class:`orchestrator.sandbox.demo.Mission`), a client thread putting
+4 KiB files continuously and a reader thread reading back the last acknowledged one.
+
+Fault kinds, each injected ``--rounds`` times on whichever VM is the writer at that moment:
+
+- ``kill``: ``kill -9`` of the agent in the writer VM; recovery: ``rbdfleet deploy`` restarts it
+  as a reader;
+- ``pause``: ``virsh suspend`` of the writer VM, ``virsh resume`` once the new writer acked a
+  put; recovery: its agent restarted and redeployed (as the VM pause test does);
+- ``poweroff``: ``virsh destroy`` of the writer VM; recovery: ``virsh start``, then redeploy;
+- ``cutoff``: inside the writer VM, the blackhole policy routes of tests/vm_faults.py cut what
+  its agent sends the coordinator's port and answers from its agent port (SSH stays open);
+  healed after the failover; recovery: agent restarted and redeployed.
+
+Per fault, seconds from the fault (host wall clock; the coordinator's log lines carry the same
+clock, millisecond resolution):
+
+  detect    -> ``event=node_confirmed_dead`` for the old writer
+  fence     -> ``action_done FenceNode(old)``
+  switch    -> the role switch's last ``provision step done ... attach rw disk to (new)``
+  promote   -> ``action_done PromoteNode(new)`` (the agent replayed the journal, accepts writes)
+  announce  -> ``action_done PublishMap`` naming the new writer
+  first_put -> the client thread's first put acknowledged by the new writer (the target)
+
+and the reads that failed between the fault and the recovery. Target (docs/architecture.md
+"Targets"): first_put <= 1.5 s p99 per kind on TCG VMs, 0 failed reads.
+
+    .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,poweroff,cutoff]
+        [--json OUT] [--png docs/benchmarks/vm_failover.png] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import ipaddress
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agents.errors import NotFound, RbdfleetError
+from orchestrator.adapters.ssh import ParamikoShell, shell_script
+from orchestrator.errors import SandboxError
+from orchestrator.sandbox import lifecycle, vms
+from orchestrator.sandbox.demo import Mission
+from orchestrator.sandbox.libvirtd import SYSTEM_URI
+from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
+from orchestrator.sandbox.state import StateFile
+
+KINDS = ("kill", "pause", "poweroff", "cutoff")
+PHASES = ("detect", "fence", "switch", "promote", "announce", "first_put")
+TARGET_S = 1.5
+CUT_TABLE = 87  # the guest routing table of the blackhole route (as tests/vm_faults.py)
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def say(message: str) -> None:
+    print(f"[vm-failover {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def log_events(text: str, since: float) -> list[tuple[float, str]]:
+    """(wall time, line) of every coordinator log line stamped at or after ``since``."""
+    events = []
+    for line in text.splitlines():
+        match = _STAMP.match(line)
+        if match is None:
+            continue
+        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if stamp >= since - 0.001:  # the log has millisecond resolution
+            events.append((stamp, line))
+    return events
+
+
+def phases(events: list[tuple[float, str]], fault: float, old: str, new: str
+           ) -> dict[str, float | None]:
+    """Seconds from ``fault`` to each coordinator phase; each phase is looked for after the
+    previous one (a map published for another reason before the promotion does not count)."""
+    wanted: list[tuple[str, Callable[[str], bool]]] = [
+        ("detect", lambda s: "event=node_confirmed_dead" in s and f"node={old} " in s + " "),
+        ("fence", lambda s: f"action=FenceNode({old}," in s and "event=action_done" in s),
+        ("switch", lambda s: "provision step done" in s and "attach rw disk to" in s
+         and f"({new})" in s),
+        ("promote", lambda s: f"action=PromoteNode({new}," in s and "event=action_done" in s),
+        ("announce", lambda s: "action=PublishMap(" in s and f"writer={new})" in s
+         and "event=action_done" in s),
+    ]
+    out: dict[str, float | None] = {}
+    since = fault - 0.001
+    for name, match in wanted:
+        at = next((t for t, line in events if t >= since and match(line)), None)
+        out[name] = None if at is None else round(at - fault, 3)
+        if at is not None:
+            since = at
+    return out
+
+
+class Load:
+    """One thread putting 4 KiB files one after another, one reading back the last one."""
+
+    def __init__(self, mission: Mission, io_timeout: float) -> None:
+        self.put_client = mission.client(timeout=120.0)
+        self.put_client.io_timeout = io_timeout
+        self.get_client = mission.client(timeout=120.0)
+        self.get_client.io_timeout = io_timeout
+        self.acks: list[tuple[float, str, int]] = []  # (wall time, node, epoch)
+        self.read_failures: list[tuple[float, str]] = []
+        self.reads = 0
+        self.last: str | None = None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._put, daemon=True),
+                         threading.Thread(target=self._get, daemon=True)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(150)
+
+    def _put(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            path = f"/bench/vm/{i % 64:02d}.bin"
+            try:
+                ack = self.put_client.put_bytes(os.urandom(4096), path)
+            except RbdfleetError:
+                time.sleep(0.01)
+                continue
+            self.acks.append((time.time(), ack.node, ack.epoch))
+            self.last = path
+            i += 1
+            time.sleep(0.02)
+
+    def _get(self) -> None:
+        while not self._stop.is_set():
+            path = self.last
+            if path is None:
+                time.sleep(0.05)
+                continue
+            try:
+                self.get_client.get_bytes(path)
+            except NotFound:
+                pass
+            except RbdfleetError as exc:
+                self.read_failures.append((time.time(), f"{path}: {exc}"))
+                continue
+            self.reads += 1
+            time.sleep(0.02)
+
+
+@dataclass
+class Row:
+    """One injected fault."""
+
+    kind: str
+    round: int
+    old: str
+    new: str = ""
+    fault_at: float = 0.0
+    detect: float | None = None
+    fence: float | None = None
+    switch: float | None = None
+    promote: float | None = None
+    announce: float | None = None
+    first_put: float | None = None
+    reads: int = 0
+    failed_reads: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def vm_set(summary: lifecycle.SandboxSummary, directory: Path) -> vms.VmSet:
+    """The sandbox's VMs as the fault hooks need them (``up`` returns only its summary)."""
+    state = StateFile(lifecycle.state_path(directory))
+    runtime = next(Path(r["path"]) for r in state.resources if r["kind"] == "vm.dir")
+    first = summary.vms[0]
+    run_id = first["domain"].split("-")[1]
+    subnet = ipaddress.IPv4Network(f"{first['address']}/24", strict=False)
+    plan = vms._Plan(run_id=run_id, subnet=subnet, runtime=runtime)
+    vm_dir = directory / "vms"
+    return vms.VmSet(
+        run_id=run_id,
+        vms=tuple(vms.SandboxVM(name=v["name"], domain=v["domain"], address=v["address"],
+                                uri=SYSTEM_URI, console_log=vm_dir / "console" /
+                                f"{v['name']}.log") for v in summary.vms),
+        network=plan.network, bridge=plan.bridge, subnet=str(subnet), gateway=plan.gateway,
+        ssh_key=vm_dir / "ssh" / "id_ed25519", known_hosts=vm_dir / "ssh" / "known_hosts",
+        control_dir=runtime / "cm", disk_dir=runtime / "disks",
+        domain_type=vms.accelerator(vms._kvm_module_loaded(), lambda: False))
+
+
+class Bench:
+    """The fleet on the sandbox, its load, and the fault kinds."""
+
+    def __init__(self, directory: Path, summary: lifecycle.SandboxSummary) -> None:
+        self.directory = directory
+        self.vms = vm_set(summary, directory)
+        self.log = directory / "coordinator.log"
+        self.mission = Mission(directory / "rbdfleet.toml",
+                               StateFile(lifecycle.state_path(directory)), say, echo_cli=False)
+        self.broken = False
+
+    def start(self, io_timeout: float) -> Load:
+        self.mission.provision()
+        self.mission.deploy()
+        self.mission.start_coordinator(self.log)
+        load = Load(self.mission, io_timeout)
+        load.start()
+        self.mission.wait(lambda: len(load.acks) >= 5, 120, "the put stream")
+        return load
+
+    def stable(self) -> dict[str, Any]:
+        """Wait for a stable map with a writer and every other VM an in-sync reader."""
+        count = len(self.vms.vms)
+
+        def ready() -> bool:
+            m = self.mission.fleet_map()
+            return (m.get("phase") == "stable" and m.get("writer") is not None
+                    and sum(1 for x in m.get("members", [])
+                            if x["role"] == "reader" and x["in_sync"]) == count - 1)
+
+        self.mission.wait(ready, 240, "a writer and in-sync readers")
+        return self.mission.fleet_map()
+
+    def inject(self, kind: str, vm: str) -> None:
+        if kind == "kill":
+            self.mission.kill_agent(vm)
+        elif kind == "pause":
+            self.vms.pause(vm)
+        elif kind == "poweroff":
+            self.vms.crash(vm)
+        else:
+            self._cut(vm, heal=False)
+
+    def recover(self, kind: str, vm: str, epoch: int) -> None:
+        """Undo the fault and bring ``vm``'s agent back as an in-sync reader."""
+        if kind == "pause":
+            self.vms.resume(vm)
+        elif kind == "poweroff":
+            self.vms.start(vm)
+            self.mission.shell.close()  # its connection to the powered-off guest is dead
+            self.mission.shell = ParamikoShell.from_config(self.mission.config.ssh)
+        elif kind == "cutoff":
+            self._cut(vm, heal=True)
+        if kind in ("pause", "cutoff"):  # the coordinator demotes the returning old writer
+            address = f"{self.mission.config.vm(vm).address}:{self.mission.config.fleet.agent_port}"
+            self.mission.wait(lambda: _epoch(address) >= epoch, 90, f"{vm} demoted")
+        if kind != "kill" and kind != "poweroff":
+            self.mission.kill_agent(vm)  # the explicit rejoin: a fresh agent
+        self.mission.rejoin(vm)
+
+    def _cut(self, vm: str, heal: bool) -> None:
+        gateway, port = self.vms.gateway, self.mission.config.fleet.agent_port
+        script = (
+            f"ip rule del priority {CUT_TABLE}; ip rule del priority {CUT_TABLE + 1}; "
+            f"ip route flush table {CUT_TABLE}; true"
+            if heal else
+            f"ip route add blackhole {gateway}/32 table {CUT_TABLE} && "
+            f"ip rule add priority {CUT_TABLE} to {gateway}/32 ipproto 6 dport "
+            f"{COORDINATOR_PORT} table {CUT_TABLE} && "
+            f"ip rule add priority {CUT_TABLE + 1} to {gateway}/32 ipproto 6 sport {port}"
+            f" table {CUT_TABLE}")
+        self.mission.shell.run(self.mission.config.vm(vm), shell_script(script), check=True)
+
+    def one(self, kind: str, n: int, load: Load) -> Row:
+        m = self.stable()
+        old, epoch = str(m["writer"]), int(m["epoch"])
+        row = Row(kind, n, old)
+        reads_before, failed_before = load.reads, len(load.read_failures)
+        time.sleep(1.0)  # a steady stream before the fault
+        row.fault_at = time.time()
+        self.inject(kind, old)
+        try:
+            self.mission.wait(lambda: any(t > row.fault_at and node != old and e > epoch
+                                          for t, node, e in load.acks[-20:]),
+                              120, "a put acknowledged by a new writer")
+            first = min((t, node) for t, node, e in load.acks
+                        if t > row.fault_at and node != old and e > epoch)
+            row.first_put, row.new = round(first[0] - row.fault_at, 3), first[1]
+            time.sleep(0.5)  # the coordinator log has flushed the lines of the failover
+            got = phases(log_events(self.log.read_text(), row.fault_at), row.fault_at, old,
+                         row.new)
+            for name, value in got.items():
+                setattr(row, name, value)
+        except SandboxError as exc:
+            row.errors.append(str(exc))
+        finally:
+            try:
+                self.recover(kind, old, epoch + 1)
+            except RbdfleetError as exc:  # the fleet is short of a VM: no further faults
+                row.errors.append(f"recovery of {old}: {exc}")
+                self.broken = True
+        row.reads = load.reads - reads_before
+        row.failed_reads = len(load.read_failures) - failed_before
+        row.errors += [why for t, why in load.read_failures[failed_before:]]
+        say(f"{kind} {n}: {old} -> {row.new or '?'} "
+            + " ".join(f"{p}={getattr(row, p)}" for p in PHASES)
+            + f" reads={row.reads} failed={row.failed_reads}")
+        return row
+
+
+def _epoch(address: str) -> int:
+    """The agent's epoch from its /v1/health (0 while it does not answer)."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/v1/health")
+        return int(json.loads(conn.getresponse().read()).get("epoch", 0))
+    except (OSError, ValueError):
+        return 0
+    finally:
+        conn.close()
+
+
+def summarize(rows: list[Row]) -> dict[str, Any]:
+    """p50 / p99 / max per kind and phase, failed reads, and the verdict per kind."""
+    out: dict[str, Any] = {}
+    for kind in dict.fromkeys(r.kind for r in rows):
+        mine = [r for r in rows if r.kind == kind]
+        per: dict[str, Any] = {"faults": len(mine),
+                               "failed_reads": sum(r.failed_reads for r in mine),
+                               "reads": sum(r.reads for r in mine)}
+        for phase in PHASES:
+            values = [v for r in mine if (v := getattr(r, phase)) is not None]
+            per[phase] = ({"p50": round(statistics.median(values), 3),
+                           "p99": percentile(values, 99), "max": max(values),
+                           "samples": len(values)} if values else None)
+        first = per["first_put"]
+        per["target_met"] = bool(first and first["samples"] == len(mine)
+                                 and first["p99"] <= TARGET_S and per["failed_reads"] == 0)
+        out[kind] = per
+    return out
+
+
+def plot(rows: list[Row], png: Path) -> str:
+    """A timeline per fault: one horizontal bar split at each phase; returns the renderer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(PHASES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3",
+                                "#937860"), strict=True))
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
+    labels = []
+    for y, row in enumerate(rows):
+        start = 0.0
+        for phase in PHASES:
+            end = getattr(row, phase)
+            if end is None or end < start:
+                continue
+            ax.barh(y, end - start, left=start, color=colours[phase], height=0.7,
+                    label=phase if y == 0 else None)
+            start = end
+        labels.append(f"{row.kind} #{row.round}" + (f" ({row.failed_reads} failed reads)"
+                                                     if row.failed_reads else ""))
+    ax.axvline(TARGET_S, color="black", linestyle="--", linewidth=1, label="target 1.5 s")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds from the fault (phase ends: detect, fence, switch, promote, "
+                  "announce, first put)")
+    ax.set_title("Writer failover on 3 TCG sandbox VMs")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return f"matplotlib {matplotlib.__version__}"
+
+
+def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
+    """Sandbox up, fleet, faults, sandbox down (also on failure)."""
+    rows: list[Row] = []
+    started = time.time()
+    say(f"sandbox up in {directory} (Ceph + 3 VMs)")
+    summary = lifecycle.up(directory, lifecycle.SandboxRequest(vms=3), progress=say)
+    try:
+        bench = Bench(directory, summary)
+        load = bench.start(args.io_timeout)
+        try:
+            for kind in args.kinds:
+                for n in range(1, args.rounds + 1):
+                    if not bench.broken:
+                        rows.append(bench.one(kind, n, load))
+        finally:
+            load.stop()
+            bench.mission.close()
+            if args.keep_log:
+                shutil.copy(bench.log, args.keep_log)
+    finally:
+        say("sandbox down")
+        lifecycle.down(directory, progress=say)
+    return {
+        "rounds": args.rounds, "kinds": list(args.kinds), "io_timeout_s": args.io_timeout,
+        "target_first_put_p99_s": TARGET_S, "sandbox_up_s": summary.timings.get("total"),
+        "seconds": round(time.time() - started, 1), "load_average": os.getloadavg(),
+        "summary": summarize(rows), "rows": [asdict(r) for r in rows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10, help="faults per kind")
+    parser.add_argument("--kinds", type=lambda v: v.split(","), default=list(KINDS))
+    parser.add_argument("--io-timeout", type=float, default=1.0,
+                        help="client I/O timeout: how long a put in flight to a frozen writer "
+                             "waits before the client follows the map")
+    parser.add_argument("--dir", type=Path, help="sandbox directory (default: a fresh temp dir)")
+    parser.add_argument("--json", type=Path, help="write the result here too")
+    parser.add_argument("--png", type=Path, help="render the timeline plot here")
+    parser.add_argument("--keep-log", type=Path, help="copy the coordinator log here")
+    args = parser.parse_args(argv)
+    if unknown := set(args.kinds) - set(KINDS):
+        parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
+    with contextlib.ExitStack() as stack:
+        directory = args.dir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="rbdfleet-vmfb-", dir="/var/tmp")))
+        result = run(args, directory.absolute() / "sandbox")
+    rows = [Row(**{k: v for k, v in r.items()}) for r in result["rows"]]
+    if args.png and rows:
+        result["plot"] = {"path": str(args.png), "renderer": plot(rows, args.png)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    for kind, per in result["summary"].items():
+        first = per["first_put"] or {}
+        print(f"{kind:<9} first_put p50 {first.get('p50')} p99 {first.get('p99')} s, "
+              f"failed reads {per['failed_reads']}: target "
+              f"{'met' if per['target_met'] else 'NOT met'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
