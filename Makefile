@@ -9,7 +9,7 @@ DEBS := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd python3
 DEMO_DIR ?= /var/tmp/rbdfleet-demo
 PYTEST_ARGS ?=
 
-.PHONY: setup debs venv test demo demo-down lint unit clean
+.PHONY: setup debs venv test demo demo-down lint unit bench clean
 
 setup: debs venv
 
@@ -43,6 +43,11 @@ unit: setup
 # pytest's summary. The real parts start through orchestrator.sandbox fixtures.
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Every benchmark on throwaway clusters / a throwaway sandbox (each tears down what it started);
+# merged into bench/results/latest.json, one line per key. QUICK=1: fewer, smaller rounds.
+bench: setup
+	$(PY) bench/run_all.py $(if $(QUICK),--quick,)
 
 demo: setup
 	$(PY) -m orchestrator.sandbox.demo --dir $(DEMO_DIR)

@@ -1,0 +1,139 @@
+"""`make bench`: every benchmark of bench/ in turn, merged into bench/results/latest.json.
+
+Each benchmark runs as it is (its own process, its own throwaway cluster or sandbox, torn down
+by itself) and writes its JSON to a temporary file; this script reads them and keeps, under
+stable keys (docs/benchmarks.md, "make bench"), one figure each with its spread over rounds
+(``min`` / ``median`` / ``max`` and the ``rounds`` themselves), plus each benchmark's full
+output under ``raw``. ``--quick`` (``make bench QUICK=1``) uses fewer and smaller rounds.
+
+    .venv/bin/python bench/run_all.py [--quick] [--only agents,storage,failover,vm]
+        [--out bench/results/latest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = ("agents", "storage", "failover", "vm")
+VM_KINDS = ("kill", "pause", "poweroff", "cutoff")
+
+
+def argv_of(name: str, quick: bool, out: Path) -> list[str]:
+    """The command line of benchmark ``name`` (full or quick rounds), JSON into ``out``."""
+    py = sys.executable
+    if name == "agents":
+        sizes = ["--size-mib", "64", "--rounds", "1", "--small-seconds", "3", "--clients", "32",
+                 "--lag-samples", "50"] if quick else ["--rounds", "3", "--clients", "8,32"]
+        return [py, "bench/agents_bench.py", *sizes, "--json", str(out)]
+    if name == "storage":
+        return [py, "bench/storage_bench.py", "--files", "50" if quick else "200",
+                "--file-kib", "1024", "--json", str(out)]
+    if name == "failover":
+        return [py, "-m", "bench.failover_bench", "--kills", "3" if quick else "20",
+                "--json", str(out)]
+    return [py, "-m", "bench.vm_failover_bench", "--rounds", "3" if quick else "10",
+            "--json", str(out), "--png", str(REPO / "docs/benchmarks/vm_failover.png")]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """A figure with its rounds: min / median / max."""
+    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
+            "max": round(max(values), 4), "rounds": [round(v, 4) for v in values]}
+
+
+def from_agents(raw: dict[str, Any]) -> dict[str, Any]:
+    small = raw["small_4k"][max(raw["small_4k"], key=int)]  # the highest concurrency
+    return {
+        "large_write_ratio": spread(raw["write_ratio"]["rounds"]),
+        "large_read_ratio": spread(raw["read_ratio"]["rounds"]),
+        "small_put_ratio": spread([small["puts_per_s"] / raw["rbd_bench_4k_randwrite_iops"]]),
+        "small_put_p99_ms": spread([small["p99_ms"]]),
+    }
+
+
+def from_storage(raw: dict[str, Any]) -> dict[str, Any]:
+    return {"storage_1m_ratio": spread([raw["raw_ratio"]]),
+            "storage_after_delete_ratio": spread([raw["storage_after_delete_ratio"]])}
+
+
+def from_failover(raw: dict[str, Any]) -> dict[str, Any]:
+    return {"failover_process_p99_s": spread([raw["writable"]["p99"]]),
+            "failover_process_failed_reads": raw["reads"]["failed"]}
+
+
+def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for kind, per in raw["summary"].items():
+        first = [r["first_put"] for r in raw["rows"]
+                 if r["kind"] == kind and r["first_put"] is not None]
+        if first:
+            keys[f"failover_vm_{kind}_first_put_s"] = spread(first)
+            keys[f"failover_vm_{kind}_p99_s"] = per["first_put"]["p99"]
+        keys[f"failover_vm_{kind}_failed_reads"] = per["failed_reads"]
+    return keys
+
+
+EXTRACT: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "agents": from_agents, "storage": from_storage, "failover": from_failover, "vm": from_vm}
+
+
+def one_line(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return (f"{key:<40} {value['median']:>10.4g}  (min {value['min']:.4g}, max "
+                f"{value['max']:.4g}, {len(value['rounds'])} round(s))")
+    return f"{key:<40} {value!s:>10}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller rounds")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=list(BENCHES))
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/latest.json")
+    args = parser.parse_args(argv)
+    if unknown := set(args.only) - set(BENCHES):
+        parser.error(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHES)}")
+    result: dict[str, Any] = {"quick": args.quick, "started": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average_before": os.getloadavg(),
+        "seconds": {}, "failed": {}, "raw": {}}
+    with tempfile.TemporaryDirectory(prefix="rbdfleet-bench-all-") as tmp:
+        for name in args.only:
+            out = Path(tmp) / f"{name}.json"
+            started = time.monotonic()
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            done = subprocess.run(argv_of(name, args.quick, out), cwd=REPO, check=False,
+                                  stdout=subprocess.DEVNULL)
+            result["seconds"][name] = round(time.monotonic() - started, 1)
+            if done.returncode != 0 or not out.exists():
+                result["failed"][name] = f"exit {done.returncode}"
+                continue
+            raw = json.loads(out.read_text())
+            result["raw"][name] = raw
+            result.update(EXTRACT[name](raw))
+    result["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    skip = {"quick", "started", "load_average_before", "load_average_after", "seconds",
+            "failed", "raw"}
+    for key, value in result.items():
+        if key not in skip:
+            print(one_line(key, value))
+    for name, why in result["failed"].items():
+        print(f"{name + ' benchmark':<40} FAILED ({why})")
+    print(f"written: {args.out}")
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
