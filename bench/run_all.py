@@ -26,7 +26,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = ("agents", "storage", "failover", "vm")
-VM_KINDS = ("kill", "pause", "poweroff", "cutoff")
+
 
 
 def argv_of(name: str, quick: bool, out: Path) -> list[str]:

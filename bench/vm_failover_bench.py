@@ -64,7 +64,7 @@ from orchestrator.sandbox.libvirtd import SYSTEM_URI
 from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
 from orchestrator.sandbox.state import StateFile
 
-KINDS = ("kill", "pause", "poweroff", "cutoff")
+KINDS = ("kill", "pause", "cutoff", "poweroff")  # the one that reboots a VM last
 PHASES = ("detect", "fence", "switch", "promote", "announce", "first_put")
 TARGET_S = 1.5
 CUT_TABLE = 87  # the guest routing table of the blackhole route (as tests/vm_faults.py)
