@@ -13,7 +13,6 @@ limits.
 
 from __future__ import annotations
 
-import http.client
 import json
 import select
 import socket
@@ -22,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -425,7 +425,7 @@ def test_a_trickled_put_holds_only_what_it_sent(fleet: AgentFleet) -> None:
     def third_fits() -> bool:  # needs the stalled PUT's 4 MiB back (39 MiB free then)
         try:
             return fleet.client.put(w, "/third", b"t" * (36 * MiB), grant).status == 201
-        except (OSError, http.client.HTTPException):  # refused 507 before its body was sent
+        except (OSError, HTTPException):  # refused 507 before its body was sent
             return False
 
     fleet.wait_for(third_fits, 30, "the stalled PUT's space given back")
