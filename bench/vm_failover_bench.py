@@ -273,6 +273,12 @@ class Bench:
         if kind != "kill" and kind != "poweroff":
             self.mission.kill_agent(vm)  # the explicit rejoin: a fresh agent
         self.mission.rejoin(vm)
+        # A candidate fenced in the same failover (a second election when the first promoted
+        # node failed its self-test) is out too: it rejoins the same way.
+        for m in self.mission.fleet_map().get("members", []):
+            if m["role"] == "out":
+                self.mission.kill_agent(m["name"])
+                self.mission.rejoin(m["name"])
 
     def _cut(self, vm: str, heal: bool) -> None:
         gateway, port = self.vms.gateway, self.mission.config.fleet.agent_port
@@ -287,8 +293,13 @@ class Bench:
             f" table {CUT_TABLE}")
         self.mission.shell.run(self.mission.config.vm(vm), shell_script(script), check=True)
 
-    def one(self, kind: str, n: int, load: Load) -> Row:
-        m = self.stable()
+    def one(self, kind: str, n: int, load: Load) -> Row | None:
+        try:
+            m = self.stable()
+        except SandboxError as exc:  # the fleet did not heal: no further faults
+            say(f"{kind} {n}: not injected: {exc}")
+            self.broken = True
+            return None
         old, epoch = str(m["writer"]), int(m["epoch"])
         row = Row(kind, n, old)
         reads_before, failed_before = load.reads, len(load.read_failures)
@@ -405,8 +416,8 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         try:
             for kind in args.kinds:
                 for n in range(1, args.rounds + 1):
-                    if not bench.broken:
-                        rows.append(bench.one(kind, n, load))
+                    if not bench.broken and (row := bench.one(kind, n, load)) is not None:
+                        rows.append(row)
         finally:
             load.stop()
             bench.mission.close()
