@@ -30,7 +30,7 @@ clock, millisecond resolution):
 and the reads that failed between the fault and the recovery. Target (docs/architecture.md
 "Targets"): first_put <= 1.5 s p99 per kind on TCG VMs, 0 failed reads.
 
-    .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,poweroff,cutoff]
+    .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,cutoff,poweroff]
         [--json OUT] [--png docs/benchmarks/vm_failover.png] [--dir DIR]
 """
 
