@@ -280,7 +280,7 @@ class Volume:
             if header.total > self._sb.checkpoint_bytes:
                 errors.append(ChecksumMismatch("checkpoint larger than its slot", slot=slot))
                 continue
-            if header.journal_pos >= self._ring:
+            if header.journal_pos > self._ring:  # == ring: the last record ended at its end
                 errors.append(CorruptMetadata("checkpoint journal position past the ring",
                                               slot=slot))
                 continue

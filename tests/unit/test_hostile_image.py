@@ -249,6 +249,19 @@ def test_checkpoint_journal_position_past_the_ring(image: Path) -> None:
     _fsck(image)
 
 
+def test_a_checkpoint_whose_journal_position_is_the_ring_end_opens(image: Path) -> None:
+    """The last record before a checkpoint may end exactly at the ring's end (the next one
+    starts at 0): a power cut then left a checkpoint the open refused as corrupt (crash test,
+    1 interleaving in about 100 runs)."""
+    ring = _superblock(image).journal_bytes
+    _forge_checkpoints(image, _doc([ROOT]), journal_pos=ring)
+    device = FileDevice(image, read_only=True)
+    try:
+        Volume.open(device).close()
+    finally:
+        device.close()
+
+
 def test_a_checkpoint_the_writer_wrote_always_decodes() -> None:
     """encode refuses what decode would (the inflate bound holds for both)."""
     index_doc = _doc([ROOT] + [_dir(f"/{i:06d}") for i in range(3000)], seq=0)
