@@ -49,6 +49,7 @@ from agents.core.protocol import PutRequest
 from orchestrator.client import FleetClient
 from orchestrator.coordinator.service import FleetService
 from orchestrator.core.election import ElectionConfig
+from orchestrator.core.liveness import LivenessConfig
 from orchestrator.ports import Fencer
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.testing.history import History, check_all, value_hash
@@ -137,7 +138,8 @@ def loop_fleet_factory(
     cleanup: list[Callable[[], object]] = []  # undone in reverse order; a truthy result is an error
 
     def make(hosts: HostSet | None = None, fencer: Fencer | None = None,
-             election: ElectionConfig | None = None) -> LoopFleet:
+             election: ElectionConfig | None = None,
+             liveness: LivenessConfig | None = None) -> LoopFleet:
         coordinator = start_api(hosts.gateway if hosts else "127.0.0.1")
         cleanup.append(coordinator.api.shutdown)
         image = file_image(tmp_path / "image.raw")
@@ -172,7 +174,7 @@ def loop_fleet_factory(
         cleanup.append(store.close)
         service = start_service(
             coordinator, store, fencer or disks, bootstrap_map(fleet), role_switch=disks,
-            election=election,
+            election=election, liveness=liveness,
         )
         cleanup.append(coordinator.stop)  # first: no fence or promotion while we stop the rest
         wait_in_sync(service, 20)

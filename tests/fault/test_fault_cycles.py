@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.core.election import ElectionConfig
+from orchestrator.core.liveness import LivenessConfig
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.testing.history import History
 from tests.coordinator_harness import fleet_client, wait_until
@@ -81,7 +82,12 @@ def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
     # Every death here is one the test injected on purpose, five per node in about a minute:
     # the hold that keeps a node failing again and again out (tested in test_election) would
     # only slow the rejoins this test is about.
-    loop = loop_fleet_factory(hosts3, election=ElectionConfig(flap_limit=1000))
+    # Probes get 0.6 s (not 0.3): ten failovers and rejoins back to back on a loaded 2-core
+    # machine answer slowly at times, and this test is about the coordinator's own blocking
+    # never counting as a death, not about where slow turns into dead.
+    loop = loop_fleet_factory(hosts3, election=ElectionConfig(flap_limit=1000),
+                              liveness=LivenessConfig(probe_timeout=0.6, suspect_after=0.8,
+                                                      dead_after=2.0))
     faulted: list[str] = []
     recorded = Workload(loop.client(), History(), seed)
     recorded.start(writers=1, readers=2)
