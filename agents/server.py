@@ -54,7 +54,6 @@ from agents.core.protocol import (
     MkdirRequest,
     PromoteRequest,
     PutRequest,
-    ReaderAddress,
     ReaderSet,
     RecordPush,
     RenameRequest,
@@ -437,8 +436,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise TooLarge(f"body of {request.size} bytes over the limit",
                            limit=self.server.max_body)
         ack = writer.put(path, self._body(request.size), request.size,
-                         mtime=request.mtime if request.mtime is not None else time.time(),
-                         readers=request.readers)
+                         mtime=request.mtime if request.mtime is not None else time.time())
         self.agent.m_bytes_in.inc(amount=request.size)
         return Answer(201, ack)
 
@@ -517,24 +515,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def delete_file(self) -> Answer:
         path = self._path_after("/v1/files/")
         request = self._bodyless_request()
-        ack = self.agent.writer_for(request.grant).delete(path, readers=request.readers)
+        ack = self.agent.writer_for(request.grant).delete(path)
         return Answer(200, ack)
 
     def mkdir(self) -> Answer:
         writer = self.agent.writer_for(self._token())
         body = self._message(MkdirRequest, MAX_CONTROL_JSON)
-        return Answer(201, writer.mkdir(normalize_path(body.path), parents=body.parents,
-                                        readers=self._readers()))
+        return Answer(201, writer.mkdir(normalize_path(body.path), parents=body.parents))
 
     def rename(self) -> Answer:
         writer = self.agent.writer_for(self._token())
         body = self._message(RenameRequest, MAX_CONTROL_JSON)
-        ack: WriteAck = writer.rename(normalize_path(body.src), normalize_path(body.dst),
-                                      readers=self._readers())
+        ack: WriteAck = writer.rename(normalize_path(body.src),
+                                      normalize_path(body.dst))
         return Answer(200, ack)
-
-    def _readers(self) -> tuple[ReaderAddress, ...]:
-        return self._bodyless_request().readers
 
     def list_dir(self) -> Answer:
         raw = self._raw_path()

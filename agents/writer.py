@@ -190,41 +190,40 @@ class WriterRole:
                 raise NotWriter(f"{self.node} stopped accepting writes mid-request", writer=None)
             yield chunk
 
-    def put(self, path: str, chunks: Iterable[bytes], size: int, *, mtime: float,
-            readers: tuple[ReaderAddress, ...] = ()) -> WriteAck:
+    def put(self, path: str, chunks: Iterable[bytes], size: int, *, mtime: float) -> WriteAck:
         """Store ``size`` bytes streamed from ``chunks`` at ``path``; acknowledged as above."""
         with self._operation():
             record = self.volume.put(path, self._guarded(chunks), size, epoch=self.epoch,
                                      mtime=mtime)
-            return self._replicate(record, readers, path=path, size=size,
+            return self._replicate(record, path=path, size=size,
                                    crc=record.payload.get("crc"))
 
-    def delete(self, path: str, readers: tuple[ReaderAddress, ...] = ()) -> WriteAck:
+    def delete(self, path: str) -> WriteAck:
         """Delete the file or empty directory at ``path``."""
         with self._operation():
-            return self._replicate(self.volume.delete(path, epoch=self.epoch), readers, path=path)
+            return self._replicate(self.volume.delete(path, epoch=self.epoch), path=path)
 
     def mkdir(self, path: str, *, parents: bool,
               readers: tuple[ReaderAddress, ...] = ()) -> WriteAck:
         """Create the directory ``path`` (and its parents when asked)."""
         with self._operation():
             record = self.volume.mkdir(path, epoch=self.epoch, parents=parents)
-            return self._replicate(record, readers, path=path)
+            return self._replicate(record, path=path)
 
-    def rename(self, src: str, dst: str, readers: tuple[ReaderAddress, ...] = ()) -> WriteAck:
+    def rename(self, src: str, dst: str) -> WriteAck:
         """Rename ``src`` to ``dst`` in one record."""
         with self._operation():
             record = self.volume.rename(src, dst, epoch=self.epoch)
-            return self._replicate(record, readers, path=src, dst=dst)
+            return self._replicate(record, path=src, dst=dst)
 
     # -- replication ---------------------------------------------------------------------
 
-    def _replicate(self, record: Record, client_readers: tuple[ReaderAddress, ...], *,
+    def _replicate(self, record: Record, *,
                    path: str, size: int = 0, crc: int | None = None,
                    dst: str | None = None) -> WriteAck:
-        # Every in-sync link is waited for, whatever the client named: a client whose map is a
-        # revision old must not make this write skip a reader another client is sent to.
-        del client_readers
+        # Every in-sync link is waited for, whatever readers the client named (its
+        # X-Rbdfleet-Readers): a client whose map is a revision old must not make this write
+        # skip a reader another client is sent to.
         with self._cond:
             wait_for = set(self._links)
         acked, lagging = self.await_acks(record.seq, wait_for)
