@@ -23,7 +23,7 @@ from agents import fsck
 from agents.backends.file import FileDevice
 from agents.core import checkpoint as ckpt
 from agents.core import record as rec
-from agents.core.superblock import SLOTS, Superblock, choose
+from agents.core.superblock import FIXED, SLOTS, Superblock, choose
 from agents.device import ALIGN
 from agents.errors import AgentError, CorruptMetadata, FormatError
 from agents.volume import Record, Volume
@@ -143,7 +143,7 @@ def test_fleet_name_that_is_not_utf8(image: Path) -> None:
     for generation in (sb.generation + 1, sb.generation + 2):
         block = bytearray(Superblock(**{**sb.__dict__, "fleet": "ab",
                                         "generation": generation}).encode())
-        name_at = len(block.rstrip(b"\0")) - 4 - 2  # the name's 2 bytes precede the CRC
+        name_at = FIXED.size  # the name follows the fixed fields; the CRC follows the name
         block[name_at : name_at + 2] = b"\xff\xfe"
         end = name_at + 2
         block[end : end + 4] = zlib.crc32(bytes(block[:end])).to_bytes(4, "little")
