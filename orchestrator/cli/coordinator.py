@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 import tomllib
@@ -199,9 +200,11 @@ def run(
         masters = read_secret(cfg)
         clients = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
         api = CoordinatorAPI({}, {cfg.fleet.name: clients}, time.time)
-        bound_host, bound_port = api.serve(
-            host or "127.0.0.1", int(port), ccfg.tls_cert, ccfg.tls_key
-        )
+        tls = None
+        if ccfg.tls_cert:
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(ccfg.tls_cert, ccfg.tls_key)
+        bound_host, bound_port = api.serve(host or "127.0.0.1", int(port), tls)
         scheme = "https" if ccfg.tls_cert else "http"
         url = advertise or f"{scheme}://{bound_host}:{bound_port}"
         holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -143,10 +143,10 @@ class CoordinatorAPI:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def serve(
-        self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None
-    ) -> tuple[str, int]:
-        """Start serving in a thread; returns the bound (host, port) (port 0 picks one)."""
+    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+        """Start serving in a thread; returns the bound (host, port) (port 0 picks one).
+
+        ``tls`` is a server context the caller built (certificates, peer verification)."""
         api = self
 
         class Handler(_Handler):
@@ -154,10 +154,8 @@ class CoordinatorAPI:
 
         server = ThreadingHTTPServer((host, port), Handler)
         server.daemon_threads = True
-        if certfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(certfile, keyfile)
-            server.socket = context.wrap_socket(server.socket, server_side=True)
+        if tls is not None:
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
         self._thread.start()
