@@ -44,7 +44,9 @@ def fleet_serial(fleet: str, pool: str, image: str) -> str:
 def disk_xml(disk: DiskSpec) -> str:
     """The ``<disk>`` element for ``disk`` (hot-plug or persistent config)."""
     root = ET.Element("disk", type="network", device="disk")
-    ET.SubElement(root, "driver", name="qemu", type="raw", cache="none")
+    # discard='unmap' passes the guest's discards (the writer's freed extents) to librbd,
+    # so deleted space goes back to Ceph; QEMU ignores it on a read-only disk
+    ET.SubElement(root, "driver", name="qemu", type="raw", cache="none", discard="unmap")
     source = ET.SubElement(root, "source", protocol="rbd", name=f"{disk.pool}/{disk.image}")
     for mon in disk.mon_hosts:
         ET.SubElement(source, "host", name=mon.host, port=str(mon.port))

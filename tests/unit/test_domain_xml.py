@@ -17,7 +17,7 @@ SPEC = DiskSpec(pool="rbd", image="rbdfleet-demo", serial="rbdfleet-0123456789a"
 
 GOLDEN_READER = """\
 <disk type="network" device="disk">
-  <driver name="qemu" type="raw" cache="none" />
+  <driver name="qemu" type="raw" cache="none" discard="unmap" />
   <source protocol="rbd" name="rbd/rbdfleet-demo">
     <host name="127.0.0.1" port="13300" />
     <auth username="rbdfleet-demo-vm2">
