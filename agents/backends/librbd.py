@@ -11,17 +11,30 @@
   The next writer's ``lock_acquire`` breaks a blocklisted owner's lock (~80 ms measured); an
   owner that died WITHOUT a fence keeps it until its watch expires (~30 s): fence first.
 - Keys never appear in arguments or messages: the keyring is named by path only.
+- I/O spanning several RADOS objects is split at object boundaries into ``aio_read`` /
+  ``aio_write`` requests, at most ``aio_depth`` (8) of one call in flight (the OSD works on
+  several objects at once, where one synchronous call per object waited for each in turn).
+  A call returns, or raises, only once every request it issued has completed; the first
+  failed completion is raised as DeviceError with its errno (a fenced handle: ESHUTDOWN, as
+  from the synchronous calls). An I/O inside one object stays one synchronous call: the
+  journal's small writes wait for one OSD round trip either way, and no callback hops
+  through librbd's finisher thread back into Python.
+- The binding takes ``bytes`` only: ``writev`` joins each object's share of its parts into
+  one ``bytes`` (a part that is exactly one object's piece is passed as it is), and reads
+  arrive as one ``bytes`` per object, copied into the caller's buffer by ``readinto``.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import Any
 
-from agents.device import ALIGN, check_discard, check_io
+from agents.device import ALIGN, Buffer, check_discard, check_io, short_io
 from agents.errors import BindingUnavailable, DeviceError
 
 __all__ = ["RbdDevice", "load_bindings"]
@@ -40,9 +53,19 @@ def load_bindings() -> tuple[ModuleType, ModuleType]:
     return rados, rbd
 
 
+DEPTH = 8  # aio requests of one call in flight at once
+Submit = Callable[[Callable[[int], None]], None]  # starts one aio request (see RbdDevice._aio)
+
+def rbd_error(op: str, code: int | None, what: str) -> DeviceError:
+    """The project's error for a librbd failure: errno kept (negative or positive), EIO when
+    librbd gave none."""
+    code = abs(code) if code else errno.EIO
+    return DeviceError(f"librbd {op} failed: {what} (errno {code})", op=op, errno=code)
+
+
 @contextmanager
 def translate_rbd_errors(op: str, rados: ModuleType, rbd: ModuleType) -> Iterator[None]:
-    """Map rados/rbd errors to DeviceError(op, errno), cause chained."""
+    """Map rados/rbd exceptions to DeviceError(op, errno), cause chained."""
     try:
         yield
     except (rbd.Error, rados.Error) as exc:
@@ -51,10 +74,70 @@ def translate_rbd_errors(op: str, rados: ModuleType, rbd: ModuleType) -> Iterato
             code = errno.EROFS
         elif isinstance(exc, rbd.ConnectionShutdown | rados.ConnectionShutdown):
             code = errno.ESHUTDOWN
-        code = abs(code) if isinstance(code, int) and code else errno.EIO
-        raise DeviceError(
-            f"librbd {op} failed: {type(exc).__name__} (errno {code})", op=op, errno=code
-        ) from exc
+        raise rbd_error(op, code if isinstance(code, int) else None,
+                        type(exc).__name__) from exc
+
+
+class _Inflight:
+    """The aio requests of one call: at most ``depth`` in flight, the first failure kept
+    (``finished`` runs on librbd's callback thread)."""
+
+    def __init__(self, depth: int) -> None:
+        self._depth = depth
+        self._cond = threading.Condition()
+        self._count = 0
+        self.failed: tuple[int, int] | None = None  # (offset, errno) of the first failure
+
+    def reserve(self) -> bool:
+        """Wait for a free slot and take it; False (no slot taken) once a request failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._count < self._depth)
+            if self.failed is not None:
+                return False
+            self._count += 1
+            return True
+
+    def finished(self, offset: int, code: int) -> None:
+        """A request ended (``code`` 0, or its errno); frees its slot."""
+        with self._cond:
+            self._count -= 1
+            if code and self.failed is None:
+                self.failed = (offset, code)
+            self._cond.notify_all()
+
+    def drain(self) -> None:
+        """Wait until no request of this call is in flight."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0)
+
+
+def _flat(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" else view.cast("B")
+
+
+def _joined(parts: Sequence[Buffer], pieces: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    """For each ``(offset, length)`` piece, in order, its bytes out of ``parts`` laid back to
+    back: a ``bytes`` part that is exactly one piece is yielded as it is, anything else is
+    joined (the binding takes ``bytes`` only)."""
+    index, at = 0, 0  # current part, position inside it
+    for _, length in pieces:
+        part = parts[index] if index < len(parts) else b""
+        if at == 0 and type(part) is bytes and len(part) == length:
+            index += 1
+            yield part
+            continue
+        slices: list[memoryview] = []
+        need = length
+        while need:
+            view = _flat(parts[index])
+            take = min(need, view.nbytes - at)
+            slices.append(view[at : at + take])
+            need -= take
+            at += take
+            if at == view.nbytes:
+                index, at = index + 1, 0
+        yield b"".join(slices)
 
 
 class RbdDevice:
@@ -70,6 +153,7 @@ class RbdDevice:
         read_only: bool = False,
         *,
         bindings: tuple[ModuleType, ModuleType] | None = None,
+        aio_depth: int = DEPTH,
     ) -> None:
         self._rados, self._rbd = bindings or load_bindings()
         self.read_only = read_only
@@ -82,6 +166,7 @@ class RbdDevice:
         self._ioctx: Any = None
         self._image: Any = None
         self._locked = False
+        self._aio_depth = aio_depth
         try:
             with translate_rbd_errors("open", self._rados, self._rbd):
                 self._cluster = self._rados.Rados(conffile=conf, rados_id=user, conf=options)
@@ -89,6 +174,7 @@ class RbdDevice:
                 self._ioctx = self._cluster.open_ioctx(pool)
                 self._image = self._rbd.Image(self._ioctx, image, read_only=read_only)
                 self._size = self._image.size() // ALIGN * ALIGN
+                self._object_size = int(self._image.stat()["obj_size"])
                 if not read_only:
                     self._image.lock_acquire(self._rbd.RBD_LOCK_MODE_EXCLUSIVE)
                     self._locked = True
@@ -108,28 +194,132 @@ class RbdDevice:
     def _check(self, offset: int, length: int) -> None:
         check_io(offset, length, self._size, closed=self._image is None)
 
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``[offset, offset+length)`` cut at RADOS object boundaries."""
+        pieces = []
+        end = offset + length
+        while offset < end:
+            stop = min(end, (offset // self._object_size + 1) * self._object_size)
+            pieces.append((offset, stop - offset))
+            offset = stop
+        return pieces
+
+    def _aio(self, op: str, requests: Iterable[tuple[int, Submit]]) -> None:
+        """Issue ``(offset, submit)`` requests, ``aio_depth`` in flight; ``submit(done)``
+        starts one whose completion calls ``done(code)`` (0 or an errno). Returns once all
+        have ended; the first failure (a completion's or a refused submission's) raises."""
+        inflight = _Inflight(self._aio_depth)
+        try:
+            for offset, submit in requests:
+                if not inflight.reserve():
+                    break
+
+                def done(code: int, offset: int = offset) -> None:
+                    inflight.finished(offset, code)
+
+                try:
+                    with translate_rbd_errors(op, self._rados, self._rbd):
+                        submit(done)
+                except BaseException:
+                    inflight.finished(offset, 0)  # never started: its slot is free again
+                    raise
+        finally:
+            inflight.drain()  # nothing may touch the caller's buffers after we return
+        if inflight.failed is not None:
+            at, code = inflight.failed
+            raise rbd_error(op, code, f"completion at {at}: {os.strerror(code)}")
+
+    def _read(self, offset: int, length: int, land: Callable[[int, bytes], None]) -> None:
+        """Read the range, handing each object's bytes to ``land(offset, data)`` (called on
+        librbd's callback thread when the range spans several objects)."""
+        self._check(offset, length)
+        pieces = self._pieces(offset, length)
+        if len(pieces) <= 1:
+            with translate_rbd_errors("read", self._rados, self._rbd):
+                data: bytes = self._image.read(offset, length) if length else b""
+            if len(data) != length:
+                raise short_io("read", offset)
+            land(offset, data)
+            return
+
+        def request(at: int, n: int) -> tuple[int, Submit]:
+            def submit(done: Callable[[int], None]) -> None:
+                def landed(completion: Any, data: bytes | None) -> None:
+                    code = errno.EIO
+                    try:
+                        ret = completion.get_return_value()
+                        if ret < 0:
+                            code = -ret
+                        elif data is not None and len(data) == n:
+                            land(at, data)
+                            code = 0
+                    finally:
+                        done(code)
+
+                self._image.aio_read(at, n, landed)
+
+            return at, submit
+
+        self._aio("read", (request(at, n) for at, n in pieces))
+
     def read_at(self, offset: int, length: int) -> bytes:
         """Read from the OSDs (no client cache)."""
-        self._check(offset, length)
-        with translate_rbd_errors("read", self._rados, self._rbd):
-            data: bytes = self._image.read(offset, length)
-        if len(data) != length:
-            raise DeviceError(f"short read at {offset}", op="read", errno=errno.EIO)
-        return data
+        got: dict[int, bytes] = {}
+        self._read(offset, length, got.__setitem__)
+        return got[offset] if len(got) == 1 else b"".join(got[at] for at in sorted(got))
 
-    def write_at(self, offset: int, data: bytes) -> None:
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from the OSDs: each object's bytes copied in as they arrive."""
+        view = _flat(buf)
+
+        def land(at: int, data: bytes) -> None:
+            view[at - offset : at - offset + len(data)] = data
+
+        self._read(offset, view.nbytes, land)
+
+    def write_at(self, offset: int, data: Buffer) -> None:
         """Write to the OSDs; durable when it returns (rbd_cache=false)."""
-        self._check(offset, len(data))
+        self.writev(offset, [data])
+
+    def writev(self, offset: int, parts: Sequence[Buffer]) -> None:
+        """Write ``parts`` back to back from ``offset``; durable when it returns."""
+        length = sum(_flat(p).nbytes for p in parts)
+        self._check(offset, length)
         if self.read_only:
             raise DeviceError("write to a read-only image", op="write", errno=errno.EROFS)
-        with translate_rbd_errors("write", self._rados, self._rbd):
-            self._image.write(data, offset)
+        pieces = self._pieces(offset, length)
+        chunks = _joined(parts, pieces)
+        if len(pieces) <= 1:
+            if pieces:
+                with translate_rbd_errors("write", self._rados, self._rbd):
+                    self._image.write(next(chunks), offset)
+            return
+
+        def request(at: int) -> tuple[int, Submit]:
+            def submit(done: Callable[[int], None]) -> None:
+                chunk = next(chunks)
+
+                # the binding keeps no reference to the data it hands librbd: the callback,
+                # held by the completion until it ran, keeps ``chunk`` alive
+                def written(completion: Any, _chunk: bytes = chunk) -> None:
+                    code = errno.EIO
+                    try:
+                        ret = completion.get_return_value()
+                        code = -ret if ret < 0 else 0
+                    finally:
+                        done(code)
+
+                self._image.aio_write(chunk, at, written)
+
+            return at, submit
+
+        self._aio("write", (request(at) for at, _ in pieces))
 
     def flush(self) -> None:
-        """Nothing to do: with rbd_cache=false every :meth:`write_at` returned only once the
-        OSDs acknowledged it (committed), and this class issues no asynchronous writes, so
-        a librbd flush would be a round trip through librbd's queue for nothing (it sat
-        twice on each group commit's critical path)."""
+        """Nothing to do: with rbd_cache=false every write returned only once the OSDs
+        acknowledged it (committed), its aio requests included (each call waits for all of
+        its own), so a librbd flush would be a round trip through librbd's queue for nothing
+        (it sat twice on each group commit's critical path)."""
         if self._image is None:
             raise DeviceError("device is closed", op="flush", errno=errno.EBADF)
 
