@@ -12,7 +12,8 @@
     │                                  RemoteCommandFailed(rc)
     ├── DeployError(results)
     ├── AgentUnreachable(node, address)
-    └── CoordinationError              NoEligibleWriter, FencingFailed
+    ├── CoordinationError              NoEligibleWriter, FencingFailed
+    └── ReportReplayed(node)           an agent's report sent again (core/reports.py)
 """
 
 from __future__ import annotations
@@ -138,3 +139,12 @@ class NoEligibleWriter(CoordinationError):
 
 class FencingFailed(CoordinationError):
     pass
+
+
+class ReportReplayed(OrchestratorError):
+    """An agent's report the coordinator admitted already (or may have: signed before it was
+    watching) came again: refused, it changes nothing."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message)
+        self.node = node

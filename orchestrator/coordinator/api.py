@@ -1,4 +1,5 @@
-"""The coordinator's HTTP/1.1 + JSON API under ``/v1`` (stdlib server, one thread per request).
+"""The coordinator's HTTP/1.1 + JSON API under ``/v1`` (stdlib server, one thread per
+connection).
 
 ==========================================  ======  ==========================================
 route                                       auth    answer
@@ -21,36 +22,62 @@ read/write/admin: a client token (orchestrator.core.clients: purpose ``client``,
 ``coordinator``, subject the client's name, MACed with that client's own secret from the
 ClientStore) of a client whose scope includes the route's (403 ``foreign_grant`` otherwise; 401
 for an unknown or revoked client). "agent": a report grant MACed with the key of the node the
-message names (purpose ``report``, bound to the body). A standby answers fleet routes with 503
-``not_active`` naming the active coordinator, so clients follow it.
+message names (purpose ``report``, bound to the body), each admitted once
+(orchestrator.core.reports: a replayed report is 409 ``replayed_report``). A standby answers
+fleet routes with 503 ``not_active`` naming the active coordinator, so clients follow it.
 
 Errors are ``{"error", "message", ...}`` with the status of the error class (agents.errors),
-and bad input changes no state: 400 malformed body, query or field; 401 no grant, a forged
-or expired one; 403 a valid grant of another fleet, node or role; 404 unknown fleet, node or
-route; 405 a known route with another method (``allowed`` names the right one); 409 a
-refused transition, or a lagging report from a writer that is not the current one (stale
-epoch or not the writer; the current writer in the answer); 413 a body over
-:data:`MAX_BODY` (the connection is closed, the body never read); 501 an HTTP method the
-server does not know. The server's own refusals (a bad request line) answer JSON too.
+and bad input changes no state: 400 malformed body, query, field or framing; 401 no grant, a
+forged or expired one; 403 a valid grant of another fleet, node or role; 404 unknown fleet,
+node or route; 405 a known route with another method (``allowed`` names the right one); 409 a
+refused transition, a lagging report from a writer that is not the current one (stale epoch or
+not the writer; the current writer in the answer), a replayed report; 411 a
+``Transfer-Encoding``; 413 a body over the route's cap (:data:`MAX_BODY` for client routes,
+:data:`MAX_REPORT_BODY` for reports); 501 an HTTP method the server does not know. The server's
+own refusals (a bad request line, a header block too large) answer JSON too.
+
+The network is hostile (anyone may connect); docs/coordinator.md ("Limits") has the table:
+- The credential (client token, or report grant up to the body digest) is checked before any
+  body byte is read; a body is read only up to its route's cap and parsed with bounds
+  (agents.core.boundedjson: depth, integer digits, finite numbers).
+- Framing is strict: ``Transfer-Encoding`` refused and the connection closed, at most one
+  ``Content-Length`` of at most 19 ASCII digits, none (or 0) on routes without a body; a body
+  left unread closes the connection, so it is never parsed as the next request.
+- Per connection: ``header_timeout`` for the request line, headers and body (enforced by the
+  serving loop against a client that trickles a byte at a time), ``idle_timeout`` between
+  requests, ``send_timeout`` per write of an answer; at most ``max_connections`` served at once
+  (503 ``too_busy`` beyond, answered without reading); with TLS the handshake runs in the
+  connection's own thread under ``header_timeout``, never in the accept loop. A handler can
+  read the client's certificate (when the caller's context asks for one) from
+  ``self.connection.getpeercert()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http
+import io
 import json
 import logging
+import socket
 import ssl
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, cast
 
-from agents.core.grants import CLIENT, COORDINATOR, peek, verify
+from agents.core import boundedjson
+from agents.core.grants import CLIENT, COORDINATOR, REPORT, Grant, peek, verify
 from agents.core.protocol import (
+    HeaderMap,
     Heartbeat,
     LaggingReaderReport,
     SelfTestReport,
     bearer_token,
+    header_int,
 )
 from agents.errors import (
     AgentError,
@@ -62,22 +89,28 @@ from agents.errors import (
     NotWriter,
     RbdfleetError,
     StaleEpoch,
+    TooBusy,
     TooLarge,
 )
-from agents.server import InternalError
+from agents.server import Deadlines, InternalError
 from orchestrator.coordinator.service import FleetService, NotActive
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
 from orchestrator.core.fleetmap import FleetMap, IllegalTransition
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
-from orchestrator.errors import CoordinationError
+from orchestrator.core.reports import ReplayGuard, nonce
+from orchestrator.errors import CoordinationError, ReportReplayed
 from orchestrator.ports import ClientStore
 
 LOG = logging.getLogger(__name__)
 
 # a revoked or rotated client is refused at most this long after the change
 CLIENT_CACHE_SECONDS = 2.0
-MAX_BODY = 1 << 20
+# a client route's JSON body: a 4 KiB path even fully \u-escaped, a report's 500-char reason
+MAX_BODY = 32 << 10
+# an agent's report: a heartbeat naming a large fleet's in-sync readers, a self-test's details
+MAX_REPORT_BODY = 64 << 10
+MAX_QUERY_FIELDS = 8  # the map route takes two
 MAX_WAIT = 30.0
 AGENT_REPORTS = frozenset({"heartbeat", "selftest", "lagging"})
 FLEET_ROUTES = {
@@ -88,6 +121,27 @@ FLEET_ROUTES = {
     "failover": "POST",
     "fence": "POST",
 }
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one connection may take (module docstring); the defaults are the ones served."""
+
+    max_connections: int = 256  # agents keep a connection per reporting thread, clients one each
+    header_timeout: float = 10.0  # from a request's first byte to its body's last (and TLS)
+    idle_timeout: float = 60.0  # a keep-alive connection waiting for its next request
+    send_timeout: float = 30.0  # per write of an answer to a client that does not read
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request line asks for: ``parts`` of the path, who may ask (``auth``) and the
+    largest body it takes (0: none)."""
+
+    method: str
+    parts: tuple[str, ...]
+    auth: Literal["none", "client", "agent"]
+    body_limit: int
 
 
 class NotActiveError(AgentError):
@@ -111,6 +165,23 @@ class CoordinationFailed(AgentError):
     status = 503
 
 
+class ReplayedReport(AgentError):
+    """Wire form of :class:`ReportReplayed`: 409, the report changed nothing."""
+
+    code = "replayed_report"
+    status = 409
+
+
+class LengthRequired(AgentError):
+    """A request with ``Transfer-Encoding`` (411): bodies need a Content-Length. The
+    connection is closed: the body's framing is unknown, it must never be read as the next
+    request. (Not the agents' 501 ``unsupported_transfer_encoding``: a client's fault is a
+    4xx here.)"""
+
+    code = "length_required"
+    status = 411
+
+
 def to_wire(exc: RbdfleetError) -> AgentError:
     """Map an orchestrator error to its wire form (one table: here)."""
     if isinstance(exc, AgentError):
@@ -121,6 +192,8 @@ def to_wire(exc: RbdfleetError) -> AgentError:
         return RefusedTransition(str(exc), subject=exc.subject, from_=exc.from_, to=exc.to)
     if isinstance(exc, CoordinationError):
         return CoordinationFailed(str(exc))
+    if isinstance(exc, ReportReplayed):
+        return ReplayedReport(str(exc), node=exc.node[:100])
     return AgentError(str(exc))
 
 
@@ -132,13 +205,18 @@ class CoordinatorAPI:
         services: dict[str, FleetService],
         clients: dict[str, ClientStore],
         wall: Callable[[], float],
+        limits: ServerLimits | None = None,
     ) -> None:
         self.services = services
         self.clients = clients
         self.wall = wall
+        self.limits = limits or ServerLimits()
         self._client_cache: dict[tuple[str, str], tuple[ClientCredential | None, float]] = {}
         self._cache_lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._started = wall()
+        self._replays: dict[str, ReplayGuard] = {}  # fleet -> the reports admitted
+        self._replay_lock = threading.Lock()
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -152,12 +230,10 @@ class CoordinatorAPI:
         class Handler(_Handler):
             owner = api
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
-        if tls is not None:
-            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        server = _Server((host, port), Handler, tls, self.limits)
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="api", daemon=True)
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={
+            "poll_interval": _POLL_INTERVAL}, name="api", daemon=True)
         self._thread.start()
         bound = server.server_address
         return str(bound[0]), int(bound[1])
@@ -171,27 +247,39 @@ class CoordinatorAPI:
     # -- routing -------------------------------------------------------------------------
 
     def handle(
-        self, method: str, path: str, query: dict[str, str], headers: Any, body: bytes
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        headers: Mapping[str, str],
+        body: bytes | Callable[[int], bytes],
     ) -> tuple[int, Any]:
-        """One request -> (status, JSON-able answer or text for /metrics)."""
-        parts = [p for p in path.split("/") if p]
-        allowed = _method_of(parts)
-        if allowed is None:
-            raise NotFound(f"no route {path[:200]}", route=path[:200])
-        if method != allowed:
-            raise MethodNotAllowed(f"{method} not allowed on {path[:200]}", allowed=[allowed])
-        if method == "GET" and parts == ["v1", "health"]:
-            return 200, {"ok": True, "fleets": {n: s.active for n, s in self.services.items()}}
-        if method == "GET" and parts == ["v1", "status"]:
-            return 200, {"fleets": [s.status() for s in self.services.values()]}
-        if method == "GET" and parts == ["metrics"]:
-            return 200, self.metrics()
-        if method == "POST" and len(parts) == 2 and parts[0] == "v1":
-            return self._agent_report(parts[1], headers, body)
-        if len(parts) == 4 and parts[:2] == ["v1", "fleets"]:
+        """One request -> (status, JSON-able answer or text for /metrics).
+
+        ``body``: the request's body, or (from the HTTP server) the function that reads it
+        given the route's cap, called only once the request's credential checked out."""
+        route = _route(method, path)
+        parts = route.parts
+        service: FleetService | None = None
+        if route.auth == "client":
             service = self._service(parts[2])
-            return self._fleet_route(method, service, parts[3], query, headers, body)
-        raise NotFound(f"no route {method} {path}")
+            self._authorize_client(service.fleet, headers, parts[3])
+        elif route.auth == "agent":
+            self._report_sender(headers)
+        data = body(route.body_limit) if callable(body) else body
+        if len(data) > route.body_limit:
+            raise TooLarge(f"body of {len(data)} bytes over this route's {route.body_limit}",
+                           limit=route.body_limit)
+        if parts == ("v1", "health"):
+            return 200, {"ok": True, "fleets": {n: s.active for n, s in self.services.items()}}
+        if parts == ("v1", "status"):
+            return 200, {"fleets": [s.status() for s in self.services.values()]}
+        if parts == ("metrics",):
+            return 200, self.metrics()
+        if route.auth == "agent":
+            return self._agent_report(parts[1], headers, data)
+        return self._fleet_route(method, service or self._service(parts[2]), parts[3], query,
+                                 data)
 
     def _service(self, fleet: str) -> FleetService:
         service = self.services.get(fleet)
@@ -205,7 +293,6 @@ class CoordinatorAPI:
         service: FleetService,
         action: str,
         query: dict[str, str],
-        headers: Any,
         body: bytes,
     ) -> tuple[int, Any]:
         if method == "GET" and action == "map":
@@ -213,7 +300,6 @@ class CoordinatorAPI:
             wait = min(_float(query.get("wait", "0") or "0", "wait"), MAX_WAIT)
             m = service.wait_map(after, wait) if wait > 0 else service.require_active()
             return 200, {"map": m.to_json(), "coordinator": service.settings.url}
-        self._authorize_client(service.fleet, headers, action)
         data = _json(body)
         if action in ("write", "read"):
             m, targets = service.targets(action)
@@ -258,7 +344,7 @@ class CoordinatorAPI:
             node = _field(data, "node", str, "")
             m = service.request(el.FenceRequested(node, service.clock.monotonic()))
             return 200, {"map": m.to_json()}
-        raise NotFound(f"no route POST {action}")  # pragma: no cover - _method_of routes first
+        raise NotFound(f"no route POST {action}")  # pragma: no cover - _route routes first
 
     def _credential(self, fleet: str, name: str) -> ClientCredential | None:
         """The client's stored credential, read again after :data:`CLIENT_CACHE_SECONDS`."""
@@ -275,7 +361,8 @@ class CoordinatorAPI:
             self._client_cache[(fleet, name)] = (credential, now)
         return credential
 
-    def _authorize_client(self, fleet: str, headers: Any, route: str) -> ClientCredential:
+    def _authorize_client(self, fleet: str, headers: Mapping[str, str],
+                          route: str) -> ClientCredential:
         token = bearer_token(headers)
         claimed = peek(token)  # which secret to check with; nothing trusted yet
         if claimed.audience != COORDINATOR or claimed.purpose != CLIENT:
@@ -292,7 +379,29 @@ class CoordinatorAPI:
                                f"not allow {route}", field="scope", scope=credential.scope)
         return credential
 
-    def _agent_report(self, kind: str, headers: Any, body: bytes) -> tuple[int, Any]:
+    def _report_sender(self, headers: Mapping[str, str]) -> Grant:
+        """The report grant, checked before its body is read: MACed with the key of the node
+        it names, of a fleet served here, not expired. The body binding (digest) and the
+        message's own node and fleet are checked once the body is in
+        (:meth:`_agent_report`)."""
+        token = bearer_token(headers)
+        claimed = peek(token)  # which fleet and node's key to check with; nothing trusted yet
+        service = self.services.get(claimed.fleet)
+        if service is None:
+            raise ForeignGrant("grant is for a fleet this coordinator does not serve",
+                               field="fleet")
+        return verify(token, service.keys.node_keys(claimed.subject), now=self.wall(),
+                      fleet=service.fleet, audience=COORDINATOR, purposes={REPORT},
+                      epoch=None, subject=claimed.subject)
+
+    def _admit_once(self, fleet: str, grant: Grant, token: str) -> None:
+        """ReportReplayed when this report (its grant) was admitted before: a replay."""
+        with self._replay_lock:
+            guard = self._replays.setdefault(fleet, ReplayGuard(since=self._started))
+            guard.admit(grant.subject, nonce(token), grant.expires, self.wall())
+
+    def _agent_report(self, kind: str, headers: Mapping[str, str],
+                      body: bytes) -> tuple[int, Any]:
         message: Heartbeat | SelfTestReport | LaggingReaderReport
         if kind == "heartbeat":
             message = Heartbeat.decode(body)
@@ -300,13 +409,12 @@ class CoordinatorAPI:
         elif kind == "selftest":
             message = SelfTestReport.decode(body)
             sender = message.node
-        elif kind == "lagging":
+        else:  # lagging: _route knows no other kind
             message = LaggingReaderReport.decode(body)
             sender = message.writer
-        else:
-            raise NotFound(f"no route POST /v1/{kind}")
         service = self._service(message.fleet)
-        service.keys.verify_report(bearer_token(headers), sender, body)
+        token = bearer_token(headers)
+        self._admit_once(service.fleet, service.keys.verify_report(token, sender, body), token)
         m = service.require_active()
         if isinstance(message, LaggingReaderReport):
             _check_current_writer(m, message)
@@ -352,15 +460,26 @@ class CoordinatorAPI:
         return coordinator_metrics(self).render()
 
 
-def _method_of(parts: list[str]) -> str | None:
-    """The one method the route ``parts`` answers, None when there is no such route."""
-    if parts in (["v1", "health"], ["v1", "status"], ["metrics"]):
-        return "GET"
-    if len(parts) == 2 and parts[0] == "v1" and parts[1] in AGENT_REPORTS:
-        return "POST"
-    if len(parts) == 4 and parts[:2] == ["v1", "fleets"]:
-        return FLEET_ROUTES.get(parts[3])
-    return None
+def _route(method: str, path: str) -> Route:
+    """The route ``method`` on ``path`` asks for; NotFound, or MethodNotAllowed naming the
+    route's one method."""
+    parts = tuple(p for p in path.split("/") if p)
+    allowed: str | None = None
+    auth: Literal["none", "client", "agent"] = "none"
+    limit = 0
+    if parts in (("v1", "health"), ("v1", "status"), ("metrics",)):
+        allowed = "GET"
+    elif len(parts) == 2 and parts[0] == "v1" and parts[1] in AGENT_REPORTS:
+        allowed, auth, limit = "POST", "agent", MAX_REPORT_BODY
+    elif len(parts) == 4 and parts[:2] == ("v1", "fleets"):
+        allowed = FLEET_ROUTES.get(parts[3])
+        if allowed == "POST":
+            auth, limit = "client", MAX_BODY
+    if allowed is None:
+        raise NotFound(f"no route {path[:200]}", route=path[:200])
+    if method != allowed:
+        raise MethodNotAllowed(f"{method} not allowed on {path[:200]}", allowed=[allowed])
+    return Route(method, parts, auth, limit)
 
 
 def _check_current_writer(m: FleetMap, report: LaggingReaderReport) -> None:
@@ -426,41 +545,134 @@ def _json(body: bytes) -> dict[str, Any]:
     if not body:
         return {}
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DecodeError("body is not JSON") from exc
+        data = boundedjson.loads(body)
+    except boundedjson.JsonLimit as exc:
+        raise DecodeError(f"body is not JSON within bounds: {exc}") from exc
     if not isinstance(data, dict):
         raise DecodeError("body is not a JSON object")
     return data
 
 
+def _query(text: str) -> dict[str, str]:
+    try:
+        return dict(urllib.parse.parse_qsl(text, max_num_fields=MAX_QUERY_FIELDS))
+    except ValueError as exc:
+        raise DecodeError(f"malformed query: {exc}", field="query") from exc
+
+
+_POLL_INTERVAL = 0.2  # the serving loop cuts late requests at this granularity
+
+
+class _RequestCut(Exception):
+    """The request's deadline passed while it was being read: nobody is left to answer."""
+
+
 class _Handler(BaseHTTPRequestHandler):
+    """One connection: requests in turn, each checked (framing, route, credential) before its
+    body is read, answered with JSON."""
+
     owner: ClassVar[CoordinatorAPI]
+    server: _Server
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and payload go out in two writes: no 40 ms stall
+    timeout = None  # set per phase by handle_one_request (idle, then request)
+
+    _unread = 0  # body bytes announced and not read: the connection closes if any remain
+    _continue = False  # "Expect: 100-continue" seen and not answered yet
 
     def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("event=http " + format, *args)
+        LOG.debug("event=http client=%s line=%r", self.client_address[0], format % args)
 
-    def _read_body(self) -> bytes:
-        """The request body; the connection closes when it is refused unread."""
-        text = (self.headers.get("Content-Length") or "0").strip()
-        if not text.isdigit():
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError as exc:  # reset or cut while reading a request line or headers
+            LOG.debug("event=client_gone client=%s error=%s", self.client_address[0],
+                      type(exc).__name__)
+
+    def handle_one_request(self) -> None:
+        """Wait up to ``idle_timeout`` for the next request, then give its request line,
+        headers and body ``header_timeout`` in all (a byte-a-second client included)."""
+        limits, deadlines = self.server.limits, self.server.deadlines
+        self.connection.settimeout(limits.idle_timeout)
+        try:
+            waiting = cast(io.BufferedReader, self.rfile).peek(1)  # rbufsize -1: buffered
+        except OSError:  # idle too long, or gone
+            waiting = b""
+        if not waiting:
             self.close_connection = True
-            raise DecodeError(
-                "Content-Length must be a non-negative integer", field="Content-Length"
-            )
-        length = int(text)
-        if length > MAX_BODY:
+            return
+        self.connection.settimeout(limits.header_timeout)
+        self._unread, self._continue = 0, False
+        deadlines.arm(self.connection, time.monotonic() + limits.header_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            deadlines.disarm(self.connection)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no headers: no credential, no framing
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """Defer the ``100 Continue`` until the body is about to be read, after the
+        credential and the size were checked (a refusal comes instead of it)."""
+        self._continue = True
+        return True
+
+    def _framing(self) -> None:
+        """How the body is delimited: at most one Content-Length of ASCII digits (absent: no
+        body), never a Transfer-Encoding."""
+        if self.headers.get_all("Transfer-Encoding"):
             self.close_connection = True
-            raise TooLarge(f"body of {length} bytes over the limit of {MAX_BODY}", limit=MAX_BODY)
-        return self.rfile.read(length) if length else b""
+            raise LengthRequired("Transfer-Encoding is not accepted: send a Content-Length",
+                                 field="Transfer-Encoding")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise DecodeError("more than one Content-Length", field="Content-Length")
+        try:
+            self._unread = header_int("Content-Length", lengths[0]) if lengths else 0
+        except DecodeError:
+            self.close_connection = True
+            raise
+
+    def _read_body(self, limit: int) -> bytes:
+        """The body, once the route's credential checked out: at most ``limit`` bytes (0:
+        the route takes none), then the request's deadline is lifted."""
+        length = self._unread
+        if length > limit:
+            self.close_connection = True  # refused unread
+            if not limit:
+                raise DecodeError("this route takes no body", field="Content-Length")
+            raise TooLarge(f"body of {length} bytes over this route's {limit}", limit=limit)
+        if length and self._continue:
+            self._continue = False
+            self.send_response_only(100)
+            self.end_headers()
+        data = self.rfile.read(length) if length else b""
+        self._unread -= len(data)
+        if not self.server.deadlines.disarm(self.connection):
+            raise _RequestCut
+        if len(data) != length:
+            raise DecodeError(f"body ended after {len(data)} of {length} bytes")
+        return data
 
     def _dispatch(self, method: str) -> None:
         url = urllib.parse.urlsplit(self.path)
-        query = dict(urllib.parse.parse_qsl(url.query))
         try:
-            body = self._read_body()
-            status, answer = self.owner.handle(method, url.path, query, self.headers, body)
+            self._framing()
+            status, answer = self.owner.handle(method, url.path, _query(url.query),
+                                               HeaderMap(self.headers.items()), self._read_body)
+        except _RequestCut:
+            self.close_connection = True
+            LOG.info("event=request_cut client=%s path=%r", self.client_address[0],
+                     url.path[:200])
+            return
         except RbdfleetError as exc:
             wire = to_wire(exc)
             status, answer = wire.status, wire.to_wire()
@@ -468,6 +680,8 @@ class _Handler(BaseHTTPRequestHandler):
             LOG.exception("event=internal_error method=%s path=%r", method, url.path[:200])
             wire = InternalError("internal error; see the coordinator's log")
             status, answer = wire.status, wire.to_wire()
+        if self._unread:  # refused before its body was read: never parse it as a request
+            self.close_connection = True
         try:
             self._answer(status, answer)
         except OSError as exc:  # the client gave up first (its timeout, a reset): no one to tell
@@ -479,9 +693,12 @@ class _Handler(BaseHTTPRequestHandler):
             payload, ctype = answer.encode(), "text/plain; version=0.0.4"
         else:
             payload, ctype = json.dumps(answer).encode(), "application/json"
+        self.connection.settimeout(self.server.limits.send_timeout)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
 
@@ -501,18 +718,105 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("PATCH")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The server's own refusals (bad request line, unknown method) as JSON too."""
+        """The server's own refusals (bad request line, header block too large, unknown
+        method) as JSON too, and the connection closed."""
         self.close_connection = True
-        reason = message or self.responses.get(code, ("error",))[0]
+        if self.request_version == "HTTP/0.9":  # a 0.9 answer would have no status line
+            self.request_version = "HTTP/1.0"
+        reason = message or http.HTTPStatus(code).phrase
         error = "not_implemented" if code == 501 else "bad_request"
-        self._answer(code, {"error": error, "message": reason})
+        with contextlib.suppress(OSError):
+            self._answer(code, {"error": error, "message": reason})
+
+
+class _Server(ThreadingHTTPServer):
+    """The API's HTTP server: bounded connections, deadlines, TLS handshakes off the accept
+    loop (module docstring)."""
+
+    daemon_threads = True
+    # listen backlog: the default 5 resets connections when a fleet's agents and a burst of
+    # clients connect at once
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler],
+                 tls: ssl.SSLContext | None, limits: ServerLimits) -> None:
+        self.tls = tls
+        self.limits = limits
+        self.deadlines = Deadlines()
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = self.socket.accept()
+        if self.tls is not None:  # the handshake runs later, in the connection's own thread
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def service_actions(self) -> None:
+        """Each turn of the serving loop: cut the requests past their deadline."""
+        self.deadlines.cut_late(time.monotonic())
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is not None:
+            request.settimeout(self.limits.header_timeout)
+            self.deadlines.arm(request, time.monotonic() + self.limits.header_timeout)
+            try:
+                request.do_handshake()
+            except OSError as exc:  # ssl.SSLError is an OSError; so is a cut or a timeout
+                LOG.info("event=tls_handshake_failed client=%s error=%s", client_address[0],
+                         type(exc).__name__)
+                return
+            finally:
+                self.deadlines.disarm(request)
+        super().finish_request(request, client_address)
+
+    def _refuse(self, request: Any, client_address: Any) -> None:
+        """Over ``max_connections``: answer 503 too_busy without reading (plain HTTP; a TLS
+        connection is just closed: no handshake is spent on it) and close."""
+        limit = self.limits.max_connections
+        LOG.info("event=connection_refused client=%s limit=%d", client_address[0], limit)
+        if self.tls is None:
+            body = json.dumps(TooBusy(f"the coordinator serves {limit} connections at once; "
+                                      "retry", limit=limit).to_wire()).encode()
+            head = (f"HTTP/1.1 {TooBusy.status} {http.HTTPStatus(TooBusy.status).phrase}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    "Connection: close\r\n\r\n").encode()
+            with contextlib.suppress(OSError):
+                request.setblocking(False)  # never stall the accept loop on this client
+                request.send(head + body)
+        self.shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A bug escaped a connection's thread: log it (not a bare traceback on stderr)."""
+        LOG.exception("event=connection_error client=%s", client_address[0])
 
 
 __all__ = [
     "CLIENT_CACHE_SECONDS",
+    "MAX_BODY",
+    "MAX_REPORT_BODY",
     "CoordinationFailed",
     "CoordinatorAPI",
+    "LengthRequired",
     "NotActiveError",
     "RefusedTransition",
+    "ReplayedReport",
+    "ServerLimits",
     "to_wire",
 ]

@@ -1,0 +1,86 @@
+"""Agents' reports the coordinator has accepted: the same report sent again is refused. Pure.
+
+An agent's report (heartbeat, self-test, lagging reader) carries a ``report`` grant the agent
+made with its own key, bound to the body by its digest (agents.core.grants): nobody else can
+make one, but whoever captured one (no TLS) can send that same report again, byte for byte,
+until its grant expires (the agents' ``grant_ttl``, 60 s). Each copy would count as news: a
+heartbeat resets the node's silence and brings a node that went ``out`` back as a reader, a
+failed self-test confirms a recovered node dead again, a lagging report takes a reader that
+caught up out of the in-sync set again, a writer's heartbeat is answered with fresh push
+grants.
+
+:class:`ReplayGuard` remembers the nonce of each report it admitted (the grant's MAC: the
+agent signs every report it sends, a re-sent lagging report too, so a legitimate report is
+never a repeat) until its grant expires, when the grant alone refuses it. Memory is bounded
+per node (``capacity``): past it the oldest nonce is forgotten and from then on every grant of
+that node expiring no later than the forgotten one is refused, so a node flooding reports made
+with its own key only gets its own reports refused. What the guard cannot have seen — reports
+signed before it started watching (a coordinator just started) — is refused the same way:
+every grant expiring before ``since + horizon``, ``horizon`` being the report lifetime agents
+use.
+
+Not thread-safe (the caller holds a lock); time is an input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.errors import ReportReplayed
+
+__all__ = ["CAPACITY", "REPORT_TTL", "ReplayGuard", "nonce"]
+
+# The lifetime of an agent's report grant (agents.agent.AgentSettings.grant_ttl's default).
+REPORT_TTL = 60.0
+# Nonces remembered per node: a heartbeat a second, a self-test every few seconds and some
+# lagging reports over one REPORT_TTL stay well below it.
+CAPACITY = 1024
+
+
+def nonce(token: str) -> str:
+    """A report grant's nonce: its MAC (the part after the dot), new at every signing."""
+    return token.rpartition(".")[2]
+
+
+@dataclass
+class ReplayGuard:
+    """The nonces of the reports admitted since ``since`` (wall time), per node."""
+
+    since: float
+    horizon: float = REPORT_TTL
+    capacity: int = CAPACITY
+    # node -> nonce -> the grant's expiry, in the order admitted
+    _seen: dict[str, dict[str, float]] = field(default_factory=dict)
+    # node -> the latest expiry of a nonce forgotten to stay within ``capacity``
+    _forgotten: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {self.capacity}")
+
+    def admit(self, node: str, nonce: str, expires: float, now: float) -> None:
+        """Remember the report of ``node`` whose grant (``nonce``, expiring at ``expires``)
+        was just verified; :class:`ReportReplayed` if it was admitted before, or may have
+        been without this guard knowing."""
+        if expires < self.since + self.horizon:
+            raise ReportReplayed(f"report of {node} was signed before this coordinator "
+                                 "started watching its reports; send a new one", node)
+        if expires <= self._forgotten.get(node, float("-inf")):
+            raise ReportReplayed(f"report of {node} is older than the {self.capacity} "
+                                 "remembered; send a new one", node)
+        seen = self._seen.setdefault(node, {})
+        if nonce in seen:
+            raise ReportReplayed(f"report of {node} was received already (a replay)", node)
+        # nonces admitted first expire first (agents sign with one lifetime): drop those whose
+        # grant is refused as expired by now anyway
+        while seen and next(iter(seen.values())) <= now:
+            del seen[next(iter(seen))]
+        if len(seen) >= self.capacity:
+            oldest = next(iter(seen))
+            self._forgotten[node] = max(self._forgotten.get(node, float("-inf")),
+                                        seen.pop(oldest))
+        seen[nonce] = expires
+
+    def remembered(self, node: str) -> int:
+        """How many nonces of ``node`` are held (bounded by ``capacity``)."""
+        return len(self._seen.get(node, {}))
