@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from orchestrator.errors import AdapterChosenPoorly
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from agents.core.protocol import DemoteRequest, Health, PromoteRequest
@@ -35,7 +35,9 @@ __all__ = [
     "CredentialStore",
     "DiskMode",
     "DiskSpec",
+    "DomainEvent",
     "DomainInfo",
+    "DomainState",
     "FenceProof",
     "Fencer",
     "Hypervisor",
@@ -181,6 +183,26 @@ class DomainInfo:
     disks: tuple[AttachedDisk, ...]
 
 
+class DomainState(enum.StrEnum):
+    """A domain's run state as a lifecycle event reports it (what the coordinator needs)."""
+
+    RUNNING = "running"  # started or resumed
+    PAUSED = "paused"  # suspended: its guest runs no code, its agent answers nobody
+    STOPPED = "stopped"  # shut off (destroyed, shut down, saved, failed to start)
+    CRASHED = "crashed"  # the guest panicked or QEMU died
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """A lifecycle change of domain ``domain`` on ``uri``; ``detail``: the hypervisor's own
+    word for it (for logs, e.g. ``destroyed``)."""
+
+    uri: str
+    domain: str
+    state: DomainState
+    detail: str = ""
+
+
 class ImageStore(Protocol):
     """RBD pools and images."""
 
@@ -286,6 +308,14 @@ class Hypervisor(Protocol):
         running domain, waiting until it is gone (at most ``live_timeout`` seconds, None: the
         adapter's default). DetachPending when the guest has not released it by then (or is
         paused, so cannot): the config no longer has it, the live domain still does."""
+        ...
+
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
+                      ) -> Callable[[], None]:
+        """Call ``on_event`` for every lifecycle change of any domain on ``uri`` from now on
+        (paused, resumed, started, shut off, crashed), possibly from another thread, in the
+        order the hypervisor reports them; returns the function that ends the watch. Events
+        that map to no :class:`DomainState` (defined, undefined...) are not delivered."""
         ...
 
 

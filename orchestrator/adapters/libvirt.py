@@ -14,12 +14,19 @@ What libvirt does not guarantee, and what we do about it:
   what identifies the disk, here and in the guest.
 * Secrets are defined ``private='yes'``: their value cannot be read back, so an existing
   secret's value is re-set whenever the key is given.
+* Lifecycle events reach only connections opened after an event implementation was
+  registered, and only while some thread runs it: :meth:`LibvirtHypervisor.watch_domains`
+  registers libvirt's default one once per process, runs it on a daemon thread, and opens a
+  connection of its own per watch (so connections opened earlier keep working unchanged).
+  A watch whose connection breaks (libvirtd restarted) says so in the log and delivers
+  nothing more: the coordinator then detects deaths from silence and probes alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +34,14 @@ from typing import Any
 from agents.errors import BindingUnavailable
 from orchestrator.adapters import domain_xml
 from orchestrator.errors import DetachPending, DeviceAttachError, DomainNotFound, HypervisorError
-from orchestrator.ports import Characteristics, DiskSpec, DomainInfo, SecretKey
+from orchestrator.ports import (
+    Characteristics,
+    DiskSpec,
+    DomainEvent,
+    DomainInfo,
+    DomainState,
+    SecretKey,
+)
 
 try:  # Debian's python3-libvirt
     import libvirt as _libvirt
@@ -36,9 +50,30 @@ except ImportError:  # pragma: no cover - depends on the host
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["LibvirtHypervisor", "libvirt_module", "translate_libvirt_errors"]
+__all__ = ["LibvirtHypervisor", "domain_state", "libvirt_module", "translate_libvirt_errors"]
 
 DETACH_TIMEOUT_S = 20.0
+KEEPALIVE = (5, 3)  # a watch notices a dead libvirtd within ~20 s (interval s, missed probes)
+
+# lifecycle event -> the state it means; a detail named here overrides the event's state
+# (None: not a change of run state worth telling, e.g. the end of a migration's source side)
+_EVENT_STATES: dict[str, DomainState | None] = {
+    "STARTED": DomainState.RUNNING,
+    "RESUMED": DomainState.RUNNING,
+    "SUSPENDED": DomainState.PAUSED,
+    "PMSUSPENDED": DomainState.PAUSED,
+    "STOPPED": DomainState.STOPPED,
+    "CRASHED": DomainState.CRASHED,
+}
+_DETAIL_STATES: dict[tuple[str, str], DomainState | None] = {
+    ("STOPPED", "CRASHED"): DomainState.CRASHED,
+    ("STOPPED", "MIGRATED"): None,  # it runs on the destination now
+    ("SUSPENDED", "MIGRATED"): None,  # the pause at the end of a live migration
+    ("SUSPENDED", "POSTCOPY"): None,
+}
+
+_event_loop_lock = threading.Lock()
+_event_loop_running = False
 
 
 def libvirt_module() -> Any:
@@ -69,6 +104,45 @@ def translate_libvirt_errors(what: str, domain: str | None = None,
         raise HypervisorError(f"{what}: {message}") from exc
 
 
+def domain_state(lv: Any, event: int, detail: int) -> tuple[DomainState, str] | None:
+    """The run state a lifecycle ``event``/``detail`` pair of the binding ``lv`` means, with
+    the detail's name (``destroyed``, ``paused``...); None for events that are no change of
+    run state (defined, undefined, a guest-initiated shutdown still in progress...)."""
+    name = next((n for n in _EVENT_STATES if getattr(lv, f"VIR_DOMAIN_EVENT_{n}", None) == event),
+                None)
+    if name is None:
+        return None
+    prefix = f"VIR_DOMAIN_EVENT_{name}_"
+    word = next((attr[len(prefix):] for attr in sorted(dir(lv))
+                 if attr.startswith(prefix) and getattr(lv, attr) == detail), str(detail))
+    key = (name, word)
+    state = _DETAIL_STATES[key] if key in _DETAIL_STATES else _EVENT_STATES[name]
+    return None if state is None else (state, word.lower())
+
+
+def _ensure_event_loop(lv: Any) -> None:
+    """Register libvirt's default event implementation once per process and run it on a
+    daemon thread (module docstring)."""
+    global _event_loop_running
+    with _event_loop_lock:
+        if _event_loop_running:
+            return
+        with translate_libvirt_errors("register the libvirt event loop"):
+            lv.virEventRegisterDefaultImpl()
+        threading.Thread(target=_run_event_loop, args=(lv,), name="libvirt-events",
+                         daemon=True).start()
+        _event_loop_running = True
+
+
+def _run_event_loop(lv: Any) -> None:
+    while True:
+        try:
+            lv.virEventRunDefaultImpl()
+        except lv.libvirtError as exc:  # keep serving the other watches
+            LOG.warning("event=libvirt_event_loop_error reason=%s", exc)
+            time.sleep(0.1)
+
+
 def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
     """libvirt error callback that keeps quiet (the error is raised as libvirtError)."""
 
@@ -85,6 +159,8 @@ class LibvirtHypervisor:
         # secret looked up before it exists); errors reach us as exceptions anyway.
         self._libvirt.registerErrorHandler(_ignore_libvirt_error, None)
         self._connections: dict[str, Any] = {}
+        self._watches: dict[int, Callable[[], None]] = {}
+        self._watch_lock = threading.Lock()
         self._monotonic = monotonic
         self._sleep = sleep
 
@@ -95,7 +171,11 @@ class LibvirtHypervisor:
         self.close()
 
     def close(self) -> None:
-        """Close every connection opened so far."""
+        """End every watch and close every connection opened so far."""
+        with self._watch_lock:
+            stops = list(self._watches.values())
+        for stop in stops:
+            stop()
         for conn in self._connections.values():
             with contextlib.suppress(Exception):
                 conn.close()
@@ -235,3 +315,49 @@ class LibvirtHypervisor:
                     f"{what}: the guest did not release the disk within {timeout:.1f} s",
                     str(dom.name()))
             self._sleep(0.05)
+
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
+                      ) -> Callable[[], None]:
+        """Deliver ``uri``'s domain lifecycle events to ``on_event`` from the event loop's
+        thread, over a connection of this watch's own; returns the function that ends it."""
+        lv = self._libvirt
+        _ensure_event_loop(lv)
+        with translate_libvirt_errors(f"watch domains on {uri}"):
+            conn = lv.open(uri)
+            if conn is None:
+                raise HypervisorError(f"watch domains on {uri}: connect failed")
+            conn.setKeepAlive(*KEEPALIVE)
+
+        def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
+            found = domain_state(lv, event, detail)
+            if found is None:
+                return
+            try:
+                on_event(DomainEvent(uri, str(dom.name()), found[0], found[1]))
+            except Exception:  # never let one watcher's bug stop the process's event loop
+                LOG.exception("event=domain_event_handler_failed uri=%s", uri)
+
+        def closed(_conn: Any, reason: int, _opaque: object) -> None:
+            LOG.warning("event=domain_watch_lost uri=%s reason=%d: no more lifecycle events "
+                        "from it", uri, reason)
+
+        with translate_libvirt_errors(f"watch domains on {uri}"):
+            callback = conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                                   lifecycle, None)
+            conn.registerCloseCallback(closed, None)
+        key = id(conn)
+
+        def stop() -> None:
+            with self._watch_lock:
+                if self._watches.pop(key, None) is None:
+                    return
+            with contextlib.suppress(Exception):
+                conn.domainEventDeregisterAny(callback)
+            with contextlib.suppress(Exception):
+                conn.unregisterCloseCallback()
+            with contextlib.suppress(Exception):
+                conn.close()
+
+        with self._watch_lock:
+            self._watches[key] = stop
+        return stop

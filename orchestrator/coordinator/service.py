@@ -42,6 +42,8 @@ from orchestrator.core.fleetmap import FleetMap, Member, Target
 from orchestrator.core.liveness import (
     FailureReported,
     HeartbeatReceived,
+    HypervisorReportedDown,
+    HypervisorReportedUp,
     Liveness,
     LivenessConfig,
     Observation,
@@ -413,6 +415,7 @@ class FleetService:
                     item.done.set()
             elif isinstance(
                 item, HeartbeatReceived | ProbeSucceeded | ProbeFailed | SelfTestFailed
+                | HypervisorReportedDown | HypervisorReportedUp
             ):
                 self._liveness = self._liveness.observe(item)
             elif isinstance(item, FailureReported):

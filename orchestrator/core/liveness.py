@@ -1,7 +1,8 @@
 """Failure detection from three sources, confirmed before anyone acts. Pure; time is an input.
 
 Sources (the patent's three): the coordinator's own probes and the agents' heartbeats, failure
-reports from clients, and self-test reports from the agents themselves.
+reports from clients, and self-test reports from the agents themselves; on VMs a fourth, the
+hypervisor's own word on the domain (libvirt lifecycle events: paused, shut off, crashed).
 
 Invariants:
 
@@ -11,6 +12,11 @@ Invariants:
   hot-plug, its process paused) rather than the node's. Seen on VMs: a healthy writer
   confirmed dead the moment a seconds-long demotion of a resumed ex-writer returned, with 0
   failed probes, which fenced it and cascaded through four epochs.
+* The hypervisor's word is evidence, not silence: :class:`HypervisorReportedDown` (the node's
+  domain was paused, shut off or crashed) makes it ``DEAD`` at once, whatever the probes say,
+  since a paused or stopped guest cannot run its agent. Only :class:`HypervisorReportedUp`
+  (resumed, started) clears it: a heartbeat or probe answer that was on the wire before the
+  pause says nothing about the domain now.
 * One lost packet never kills a node: a single failed probe, a single client report or a
   late heartbeat only makes it ``SUSPECT``. ``DEAD`` needs ``confirm_failures`` consecutive
   failed probes with no contact for ``suspect_after`` (a node whose heartbeats still arrive is
@@ -114,7 +120,26 @@ class SelfTestFailed:
     epoch: int | None = None
 
 
-Observation = HeartbeatReceived | ProbeSucceeded | ProbeFailed | FailureReported | SelfTestFailed
+@dataclass(frozen=True)
+class HypervisorReportedDown:
+    """The hypervisor reports ``node``'s domain ``state``: ``paused``, ``stopped`` or
+    ``crashed`` (a lifecycle event; ``at``: when the coordinator received it)."""
+
+    node: str
+    at: float
+    state: str
+
+
+@dataclass(frozen=True)
+class HypervisorReportedUp:
+    """The hypervisor reports ``node``'s domain running again (resumed or started)."""
+
+    node: str
+    at: float
+
+
+Observation = (HeartbeatReceived | ProbeSucceeded | ProbeFailed | FailureReported
+               | SelfTestFailed | HypervisorReportedDown | HypervisorReportedUp)
 
 
 @dataclass(frozen=True)
@@ -122,13 +147,16 @@ class NodeRecord:
     """What has been seen of one node since its last successful contact.
 
     ``promoted_at``/``promoted_epoch``: when and to which epoch the coordinator last promoted
-    it (failure evidence the promotion explains is ignored, see the module docstring).
+    it (failure evidence the promotion explains is ignored, see the module docstring);
+    ``hypervisor_down``: the domain state the hypervisor last reported it down in ("" when
+    none, or when it reported it running again).
     """
 
     last_ok: float
     failed_probes: int = 0
     reports: int = 0
     selftest_failed: bool = False
+    hypervisor_down: str = ""
     promoted_at: float | None = None
     promoted_epoch: int = 0
 
@@ -177,6 +205,10 @@ class Liveness:
             rec = replace(rec, failed_probes=rec.failed_probes + 1)
         elif isinstance(obs, FailureReported):
             rec = replace(rec, reports=rec.reports + 1)
+        elif isinstance(obs, HypervisorReportedDown):
+            rec = replace(rec, hypervisor_down=obs.state)
+        elif isinstance(obs, HypervisorReportedUp):
+            rec = replace(rec, hypervisor_down="")
         elif not self._explained(rec, obs.at, obs.epoch):
             rec = replace(rec, selftest_failed=True)
         return self._put(obs.node, rec)
@@ -195,7 +227,7 @@ class Liveness:
             return Verdict.ALIVE
         cfg = self.config
         silence = now - rec.last_ok
-        if rec.selftest_failed:
+        if rec.selftest_failed or rec.hypervisor_down:
             return Verdict.DEAD
         if rec.failed_probes >= cfg.confirm_failures and silence >= cfg.suspect_after:
             return Verdict.DEAD  # probes fail AND no heartbeat came meanwhile
@@ -217,6 +249,8 @@ class Liveness:
 __all__ = [
     "FailureReported",
     "HeartbeatReceived",
+    "HypervisorReportedDown",
+    "HypervisorReportedUp",
     "Liveness",
     "LivenessConfig",
     "NodeRecord",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import queue
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from orchestrator.ports import (
     Characteristics,
     DiskMode,
     DiskSpec,
+    DomainEvent,
+    DomainState,
     ImageInfo,
     MonHost,
     SecretKey,
@@ -79,6 +82,7 @@ __all__ = [
     "HypervisorSubject",
     "ImageClient",
     "ImageStoreSubject",
+    "LifecycleTarget",
     "LiveTarget",
     "RemoteShellSubject",
     "RoleSwitchSubject",
@@ -90,6 +94,7 @@ __all__ = [
     "check_credential_store",
     "check_fencer",
     "check_hypervisor",
+    "check_hypervisor_events",
     "check_image_store",
     "check_remote_shell",
     "check_role_switch",
@@ -483,6 +488,58 @@ class HypervisorSubject:
     domain: str
     secret_readable: Callable[[str, str], bool]
     live: LiveTarget | None = None
+
+
+@dataclass(frozen=True)
+class LifecycleTarget:
+    """A running domain the check may drive as ``virsh`` would: ``act(verb)`` with verb one
+    of ``suspend``, ``resume``, ``destroy``, ``start``."""
+
+    domain: str
+    act: Callable[[str], None]
+
+
+EVENT_WAIT_S = 10.0
+# verb -> the state its event must report
+_LIFECYCLE = (("suspend", DomainState.PAUSED), ("resume", DomainState.RUNNING),
+              ("destroy", DomainState.STOPPED), ("start", DomainState.RUNNING))
+
+
+def check_hypervisor_events(hv: Hypervisor, uri: str, target: LifecycleTarget) -> None:
+    """``watch_domains`` reports each lifecycle change of a domain, in order, with its state:
+    paused, running again, shut off, started (libvirt tells a start twice: resumed, then
+    booted); once the watch ended, nothing more."""
+    events: queue.Queue[DomainEvent] = queue.Queue()
+    stop = hv.watch_domains(uri, events.put)
+    try:
+        for verb, state in _LIFECYCLE:
+            target.act(verb)
+            event = _next_event(events, target.domain, EVENT_WAIT_S)
+            assert event is not None, f"no lifecycle event within {EVENT_WAIT_S} s of {verb}"
+            assert (event.uri, event.domain, event.state) == (uri, target.domain, state), \
+                (verb, event)
+            while (more := _next_event(events, target.domain, 0.3)) is not None:
+                assert more.state is state, (verb, event, more)
+    finally:
+        stop()
+    target.act("suspend")
+    late = _next_event(events, target.domain, 1.0)
+    assert late is None, f"an event after the watch ended: {late}"
+    stop()  # ending it twice is fine
+
+
+def _next_event(events: queue.Queue[DomainEvent], domain: str,
+                within: float) -> DomainEvent | None:
+    """The next event about ``domain`` (others' events are skipped: a shared hypervisor)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            return None
+        if event.domain == domain:
+            return event
+    return None
 
 
 def _contract_disk(secret_uuid: str, mode: DiskMode) -> DiskSpec:

@@ -58,7 +58,9 @@ from orchestrator.ports import (
     ClientSession,
     DiskMode,
     DiskSpec,
+    DomainEvent,
     DomainInfo,
+    DomainState,
     ImageInfo,
     MonHost,
     SecretKey,
@@ -416,7 +418,11 @@ class MemoryHypervisor:
 
     Test hooks: ``failing_domain`` refuses attaches; a domain in ``paused`` cannot release a
     disk (DetachPending, the disk stays); ``calls``, ``timeouts`` and ``specs`` record what
-    was asked.
+    was asked. :meth:`suspend`, :meth:`resume`, :meth:`destroy` and :meth:`start` change a
+    domain's run state as ``virsh`` would and tell the watchers (from the caller's thread).
+    ``refuse_detach[domain] = n`` makes the next ``n`` detaches from that domain fail
+    (HypervisorError, the disk stays) and ``detach_gate[domain]`` holds every detach from it
+    until the event is set (a guest slow to release its disk).
     """
 
     CHARACTERISTICS = Characteristics.HOT_PLUG | Characteristics.PRIVATE_SECRETS
@@ -430,6 +436,11 @@ class MemoryHypervisor:
         self.calls: list[str] = []
         self.timeouts: list[float | None] = []
         self.specs: list[DiskSpec] = []
+        self.refuse_detach: dict[str, int] = {}
+        self.detach_gate: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._watchers: dict[int, tuple[str, Callable[[DomainEvent], None]]] = {}
+        self._watch_ids = itertools.count()
 
     def define(self, uri: str, name: str, active: bool = False) -> None:
         """Define a domain (running when ``active``)."""
@@ -487,10 +498,60 @@ class MemoryHypervisor:
         key = self._key(uri, domain)
         self.calls.append(f"detach {domain}")
         self.timeouts.append(live_timeout)
+        gate = self.detach_gate.get(domain)
+        if gate is not None:
+            gate.wait()
         held = any(d.serial == serial for d in self.disks[key])
+        with self._lock:
+            refused = self.refuse_detach.get(domain, 0)
+            if held and refused:
+                self.refuse_detach[domain] = refused - 1
+        if held and refused:
+            raise DeviceAttachError(f"detach {serial} from {domain}: refused by the fake")
         if held and domain in self.paused:
             raise DetachPending(f"detach {serial} from {domain}: the domain is paused", domain)
         self.disks[key] = [d for d in self.disks[key] if d.serial != serial]
+
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
+                      ) -> Callable[[], None]:
+        """Deliver this fake's lifecycle changes on ``uri`` to ``on_event`` until the returned
+        function is called."""
+        with self._lock:
+            watch = next(self._watch_ids)
+            self._watchers[watch] = (uri, on_event)
+
+        def stop() -> None:
+            with self._lock:
+                self._watchers.pop(watch, None)
+        return stop
+
+    def _lifecycle(self, uri: str, name: str, state: DomainState, detail: str) -> None:
+        key = self._key(uri, name)
+        self.active[key] = state in (DomainState.RUNNING, DomainState.PAUSED)
+        if state is DomainState.PAUSED:
+            self.paused.add(name)
+        else:
+            self.paused.discard(name)
+        with self._lock:
+            watchers = [cb for u, cb in self._watchers.values() if u == uri]
+        for on_event in watchers:
+            on_event(DomainEvent(uri, name, state, detail))
+
+    def suspend(self, uri: str, name: str) -> None:
+        """``virsh suspend``: paused (its guest then cannot release a disk)."""
+        self._lifecycle(uri, name, DomainState.PAUSED, "paused")
+
+    def resume(self, uri: str, name: str) -> None:
+        """``virsh resume``."""
+        self._lifecycle(uri, name, DomainState.RUNNING, "unpaused")
+
+    def destroy(self, uri: str, name: str) -> None:
+        """``virsh destroy``: shut off at once."""
+        self._lifecycle(uri, name, DomainState.STOPPED, "destroyed")
+
+    def start(self, uri: str, name: str) -> None:
+        """``virsh start``."""
+        self._lifecycle(uri, name, DomainState.RUNNING, "booted")
 
 
 # -- remote shell -------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ run uses two tiny domains instead (tests/contract/conftest.py): one defined and 
 (the persistent-config half of attach/detach), one started with nothing to boot, so QEMU really
 opens the RBD disk with the VM user's cephx key from a private secret (HOT_PLUG) and no guest
 ever releases it (DetachPending; libvirt waits ~5 s for the unplug before that). A guest that
-does release its disk is covered by the vm-marked tests.
+does release its disk is covered by the vm-marked tests. Lifecycle events need no guest
+either: a third tiny domain is paused, resumed, destroyed and started through libvirt itself,
+as ``virsh`` would, while the adapter watches.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from orchestrator.ports import DiskMode, DiskSpec, MonHost, SecretKey
 from orchestrator.sandbox.libvirtd import SYSTEM_URI
 from orchestrator.testing.contracts import (
     HypervisorSubject,
+    LifecycleTarget,
     LiveTarget,
     check_hypervisor,
+    check_hypervisor_events,
     check_same_characteristics,
 )
 from orchestrator.testing.fakes import MemoryHypervisor
@@ -79,6 +83,38 @@ def subject(request: pytest.FixtureRequest) -> Iterator[HypervisorSubject]:
 
 def test_hypervisor_contract(subject: HypervisorSubject) -> None:
     check_hypervisor(subject)
+
+
+def virsh(domain: str) -> Callable[[str], None]:
+    """``act(verb)`` on ``domain`` through libvirt directly, as ``virsh VERB`` does."""
+    import libvirt
+
+    def act(verb: str) -> None:
+        conn = libvirt.open(SYSTEM_URI)
+        try:
+            dom = conn.lookupByName(domain)
+            {"suspend": dom.suspend, "resume": dom.resume, "destroy": dom.destroy,
+             "start": dom.create}[verb]()
+        finally:
+            conn.close()
+    return act
+
+
+def test_lifecycle_events_of_libvirt(stopped_domains: Callable[..., list[str]]) -> None:
+    [running] = stopped_domains(1, start=True)
+    with LibvirtHypervisor() as hv:
+        check_hypervisor_events(hv, SYSTEM_URI, LifecycleTarget(running, virsh(running)))
+
+
+def test_lifecycle_events_of_the_fake() -> None:
+    fake = MemoryHypervisor()
+    fake.define(SYSTEM_URI, "d3", active=True)
+    fake.define(SYSTEM_URI, "other", active=True)
+
+    def act(verb: str) -> None:
+        fake.suspend(SYSTEM_URI, "other")  # another domain's events are no business of d3's
+        getattr(fake, verb)(SYSTEM_URI, "d3")
+    check_hypervisor_events(fake, SYSTEM_URI, LifecycleTarget("d3", act))
 
 
 def test_the_fake_declares_what_the_adapter_does() -> None:

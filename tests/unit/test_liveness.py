@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from orchestrator.core.liveness import (
     FailureReported,
     HeartbeatReceived,
+    HypervisorReportedDown,
+    HypervisorReportedUp,
     Liveness,
     LivenessConfig,
     Observation,
@@ -166,3 +168,39 @@ def test_a_promotion_discounts_what_the_swap_explains() -> None:
     fresh = Liveness(CFG).watch("n", 0.0).promoted("n", 10.0, epoch=2)
     fresh = fresh.observe(SelfTestFailed("n", 10.5, "device-read", epoch=2))
     assert fresh.verdict("n", 10.5) is D  # a failure in the new epoch is its own
+
+
+DOWN, UP = HypervisorReportedDown, HypervisorReportedUp
+
+
+# The hypervisor's word (libvirt lifecycle events): evidence, not silence.
+@pytest.mark.parametrize(
+    ("observations", "now", "expected"),
+    [
+        ([DOWN("n", 0.1, "paused")], 0.1, D),  # at once: no probe, no silence needed
+        ([DOWN("n", 0.1, "stopped")], 0.1, D),
+        ([DOWN("n", 0.1, "crashed")], 0.1, D),
+        ([DOWN("n", 0.1, "paused"), UP("n", 0.2)], 0.2, A),  # resumed before anyone acted
+        ([DOWN("n", 0.1, "stopped"), UP("n", 0.4)], 0.9, S),  # started, then quiet as usual
+        # an answer sent before the pause and read after the event says nothing of now
+        ([DOWN("n", 0.1, "paused"), HeartbeatReceived("n", 0.2)], 0.2, D),
+        ([DOWN("n", 0.1, "paused"), ProbeSucceeded("n", 0.2)], 0.2, D),
+        ([DOWN("n", 0.1, "paused"), UP("n", 0.2), DOWN("n", 0.3, "stopped")], 0.3, D),
+        ([UP("n", 0.1)], 0.1, A),  # an up event alone changes nothing
+        ([UP("n", 0.1)], 0.6, S),  # and it is no heartbeat: silence still counts from 0
+        # an up event does not clear the node's own failed self-test
+        ([SelfTestFailed("n", 0.1), DOWN("n", 0.2, "paused"), UP("n", 0.3)], 0.3, D),
+    ],
+)
+def test_hypervisor_reports_table(observations: list[Observation], now: float,
+                                  expected: Verdict) -> None:
+    assert run(observations, now) is expected
+
+
+def test_a_hypervisor_report_survives_the_promotion_grace() -> None:
+    """The disk swap explains slow probes, never a paused or stopped domain."""
+    lv = Liveness(CFG).watch("n", 0.0).promoted("n", 10.0, epoch=2)
+    lv = lv.observe(DOWN("n", 10.1, "paused"))
+    assert lv.verdict("n", 10.1) is D
+    rec = lv.record("n")
+    assert rec is not None and rec.hypervisor_down == "paused"
