@@ -54,7 +54,9 @@ def load_bindings() -> tuple[ModuleType, ModuleType]:
 
 
 DEPTH = 8  # aio requests of one call in flight at once
-Submit = Callable[[Callable[[int], None]], None]  # starts one aio request (see RbdDevice._aio)
+Done = Callable[[int, bytes | None], None]  # a completion's errno (0: none) and read bytes
+Land = Callable[[int, bytes], None]  # takes one object's bytes read at an offset
+Submit = Callable[[Done], None]  # starts one aio request (see RbdDevice._aio)
 
 def rbd_error(op: str, code: int | None, what: str) -> DeviceError:
     """The project's error for a librbd failure: errno kept (negative or positive), EIO when
@@ -79,36 +81,53 @@ def translate_rbd_errors(op: str, rados: ModuleType, rbd: ModuleType) -> Iterato
 
 
 class _Inflight:
-    """The aio requests of one call: at most ``depth`` in flight, the first failure kept
-    (``finished`` runs on librbd's callback thread)."""
+    """The aio requests of one call: at most ``depth`` in flight, the first failure kept,
+    read bytes queued for the calling thread (``finished`` runs on librbd's callback
+    thread, which never sees the caller's buffers: a completion object, and whatever its
+    callback holds, can outlive the call by a moment)."""
 
     def __init__(self, depth: int) -> None:
         self._depth = depth
         self._cond = threading.Condition()
         self._count = 0
+        self._arrived: list[tuple[int, bytes]] = []
         self.failed: tuple[int, int] | None = None  # (offset, errno) of the first failure
 
-    def reserve(self) -> bool:
+    def _wait(self, until: Callable[[], bool], land: Land | None) -> None:
+        """Wait until ``until()`` holds, handing arrived bytes to ``land`` meanwhile."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: until() or bool(self._arrived))
+                arrived, self._arrived = self._arrived, []
+                satisfied = until()
+            if land is not None:
+                for at, data in arrived:
+                    land(at, data)
+            if satisfied:
+                return
+
+    def reserve(self, land: Land | None) -> bool:
         """Wait for a free slot and take it; False (no slot taken) once a request failed."""
+        self._wait(lambda: self._count < self._depth, land)
         with self._cond:
-            self._cond.wait_for(lambda: self._count < self._depth)
             if self.failed is not None:
                 return False
             self._count += 1
             return True
 
-    def finished(self, offset: int, code: int) -> None:
-        """A request ended (``code`` 0, or its errno); frees its slot."""
+    def finished(self, offset: int, code: int, data: bytes | None = None) -> None:
+        """A request ended (``code`` 0, or its errno; a read's ``data``); frees its slot."""
         with self._cond:
             self._count -= 1
             if code and self.failed is None:
                 self.failed = (offset, code)
+            if data is not None:
+                self._arrived.append((offset, data))
             self._cond.notify_all()
 
-    def drain(self) -> None:
-        """Wait until no request of this call is in flight."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._count == 0)
+    def drain(self, land: Land | None) -> None:
+        """Wait until no request of this call is in flight (``land`` None: drop read bytes)."""
+        self._wait(lambda: self._count == 0, land)
 
 
 def _flat(buf: Buffer) -> memoryview:
@@ -204,18 +223,20 @@ class RbdDevice:
             offset = stop
         return pieces
 
-    def _aio(self, op: str, requests: Iterable[tuple[int, Submit]]) -> None:
+    def _aio(self, op: str, requests: Iterable[tuple[int, Submit]],
+             land: Land | None = None) -> None:
         """Issue ``(offset, submit)`` requests, ``aio_depth`` in flight; ``submit(done)``
-        starts one whose completion calls ``done(code)`` (0 or an errno). Returns once all
-        have ended; the first failure (a completion's or a refused submission's) raises."""
+        starts one whose completion calls ``done(code, data)`` (code 0 or an errno; a read's
+        bytes, handed to ``land`` on this thread). Returns once all have ended; the first
+        failure (a completion's or a refused submission's) raises."""
         inflight = _Inflight(self._aio_depth)
         try:
             for offset, submit in requests:
-                if not inflight.reserve():
+                if not inflight.reserve(land):
                     break
 
-                def done(code: int, offset: int = offset) -> None:
-                    inflight.finished(offset, code)
+                def done(code: int, data: bytes | None = None, offset: int = offset) -> None:
+                    inflight.finished(offset, code, data)
 
                 try:
                     with translate_rbd_errors(op, self._rados, self._rbd):
@@ -223,15 +244,16 @@ class RbdDevice:
                 except BaseException:
                     inflight.finished(offset, 0)  # never started: its slot is free again
                     raise
+            inflight.drain(land)
         finally:
-            inflight.drain()  # nothing may touch the caller's buffers after we return
+            inflight.drain(None)  # after an error too: nothing of this call stays in flight
         if inflight.failed is not None:
             at, code = inflight.failed
             raise rbd_error(op, code, f"completion at {at}: {os.strerror(code)}")
 
-    def _read(self, offset: int, length: int, land: Callable[[int, bytes], None]) -> None:
-        """Read the range, handing each object's bytes to ``land(offset, data)`` (called on
-        librbd's callback thread when the range spans several objects)."""
+    def _read(self, offset: int, length: int, land: Land) -> None:
+        """Read the range, handing each object's bytes to ``land(offset, data)`` on this
+        thread, in the order they arrive."""
         self._check(offset, length)
         pieces = self._pieces(offset, length)
         if len(pieces) <= 1:
@@ -243,24 +265,23 @@ class RbdDevice:
             return
 
         def request(at: int, n: int) -> tuple[int, Submit]:
-            def submit(done: Callable[[int], None]) -> None:
+            def submit(done: Done) -> None:
                 def landed(completion: Any, data: bytes | None) -> None:
-                    code = errno.EIO
+                    code, got = errno.EIO, None
                     try:
                         ret = completion.get_return_value()
                         if ret < 0:
                             code = -ret
                         elif data is not None and len(data) == n:
-                            land(at, data)
-                            code = 0
+                            code, got = 0, data
                     finally:
-                        done(code)
+                        done(code, got)
 
                 self._image.aio_read(at, n, landed)
 
             return at, submit
 
-        self._aio("read", (request(at, n) for at, n in pieces))
+        self._aio("read", (request(at, n) for at, n in pieces), land)
 
     def read_at(self, offset: int, length: int) -> bytes:
         """Read from the OSDs (no client cache)."""
@@ -269,7 +290,8 @@ class RbdDevice:
         return got[offset] if len(got) == 1 else b"".join(got[at] for at in sorted(got))
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` from the OSDs: each object's bytes copied in as they arrive."""
+        """Fill ``buf`` from the OSDs: each object's bytes copied in as they arrive (by this
+        thread: a late callback never holds the buffer)."""
         view = _flat(buf)
 
         def land(at: int, data: bytes) -> None:
@@ -296,7 +318,7 @@ class RbdDevice:
             return
 
         def request(at: int) -> tuple[int, Submit]:
-            def submit(done: Callable[[int], None]) -> None:
+            def submit(done: Done) -> None:
                 chunk = next(chunks)
 
                 # the binding keeps no reference to the data it hands librbd: the callback,
@@ -307,7 +329,7 @@ class RbdDevice:
                         ret = completion.get_return_value()
                         code = -ret if ret < 0 else 0
                     finally:
-                        done(code)
+                        done(code, None)
 
                 self._image.aio_write(chunk, at, written)
 
