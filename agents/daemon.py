@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import stat
 import sys
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 from agents.agent import Agent, AgentSettings
 from agents.device import BlockDevice
 from agents.errors import AgentError, FormatError, NotFound, RbdfleetError
+from agents.peers import present_identity
 from agents.server import AgentServer, serve
 
 __all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
@@ -71,6 +73,7 @@ class AgentConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    insecure_plaintext: bool = False
     max_body: int = 64 << 30
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
@@ -100,7 +103,8 @@ def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("ceph", "tls") and isinstance(value, dict):
-            flat.update({f"{key}_{k}": v for k, v in value.items()})
+            flat.update({k if k == "insecure_plaintext" else f"{key}_{k}": v
+                         for k, v in value.items()})
         elif key == "timing" and isinstance(value, dict):
             flat.update(value)
         else:
@@ -156,6 +160,10 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
         raise AgentConfigError("push_grants", "must map reader names to push grant tokens")
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
         raise AgentConfigError("tls", "cert and key go together")
+    if not isinstance(values.get("insecure_plaintext", False), bool):
+        raise AgentConfigError("insecure_plaintext", "must be true or false")
+    if values.get("insecure_plaintext") and values.get("tls_cert"):
+        raise AgentConfigError("insecure_plaintext", "set together with tls.cert: choose one")
     if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise AgentConfigError("log_level", "one of debug, info, warning, error")
     _split_address("listen", values.get("listen", AgentConfig.listen))
@@ -237,9 +245,34 @@ def _write_ready(path: str, address: str) -> None:
     os.replace(tmp, path)
 
 
+def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
+    """``(cert, key, fleet CA)`` to serve with; None only with ``insecure_plaintext``.
+
+    TLS is on by default: an agent without its certificate, key and the fleet CA refuses to
+    start (AgentConfigError), and the files must load. The certificate is presented on the
+    agent's own connections too (pushes, reports: mutual TLS)."""
+    if config.insecure_plaintext:
+        LOG.warning("event=insecure_plaintext node=%s tls=off reason=\"insecure_plaintext = "
+                    "true: grants, data and control travel in the clear; node-only routes "
+                    "check no certificate\"", config.node)
+        return None
+    if not (config.tls_cert and config.tls_key and config.tls_ca):
+        raise AgentConfigError("tls", "TLS is on by default: set tls.cert, tls.key and tls.ca "
+                                      "(this node's certificate and key and the fleet CA, "
+                                      "installed by `rbdfleet deploy` or the Ansible role), or "
+                                      "insecure_plaintext = true")
+    try:
+        present_identity(config.tls_cert, config.tls_key)
+        ssl.create_default_context(cafile=config.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise AgentConfigError("tls", f"the certificate, key or CA does not load: {exc}") from exc
+    return config.tls_cert, config.tls_key, config.tls_ca
+
+
 def run(config: AgentConfig) -> int:
     """Serve until SIGTERM/SIGINT; the exit code."""
     keys = read_keys(config.secret_file)
+    material = tls_material(config)
     host, port = _split_address("listen", config.listen)
 
     def open_device(read_only: bool) -> BlockDevice:
@@ -264,16 +297,17 @@ def run(config: AgentConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     # Bind first: the advertised address may need the port the OS picked.
-    server = AgentServer((host, port), max_body=config.max_body, tls=tls)
+    server = AgentServer((host, port), max_body=config.max_body,
+                         tls=material[:2] if material else None,
+                         client_ca=material[2] if material else None)
     bound = int(server.server_address[1])
     local = f"{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
     settings = AgentSettings(
         node=config.node, fleet=config.fleet, keys=keys,
         advertise=config.advertise or local, readers=dict(config.readers),
         push_grants=dict(config.push_grants),
-        coordinator=config.coordinator, tls=tls is not None, ca_file=config.tls_ca,
+        coordinator=config.coordinator, tls=material is not None, ca_file=config.tls_ca,
         ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
         tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,
         selftest_interval=config.selftest_interval)
@@ -292,7 +326,7 @@ def run(config: AgentConfig) -> int:
     thread.start()
     LOG.info("event=serving node=%s fleet=%s role=%s epoch=%d listen=%s:%d advertise=%s tls=%s",
              config.node, config.fleet, agent.state.role, agent.state.epoch, host, bound,
-             settings.advertise, tls is not None)
+             settings.advertise, "plaintext" if material is None else "mutual")
     if config.ready_file:
         _write_ready(config.ready_file, local)
     stop.wait()
@@ -335,6 +369,8 @@ def _serve_parser(sub: Any) -> None:
                  "tls-ca", "max-body", "log-level", "ready-file"):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"))
     p.add_argument("--epoch", type=int)
+    p.add_argument("--insecure-plaintext", action="store_true", default=None,
+                   help="serve without TLS (logged as a warning; TLS is on by default)")
     for name in ("ack-timeout", "retry-interval", "tail-interval", "heartbeat-interval",
                  "selftest-interval"):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float)

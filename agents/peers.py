@@ -1,7 +1,8 @@
 """Outgoing HTTP/1.1 + JSON from an agent: writer → reader pushes, agent → coordinator reports.
 
 :class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
-optional TLS (CA file), and the error mapping done once here: transport failures raise
+TLS (the peer verified against a CA file; this node's certificate presented, see
+:func:`present_identity`), and the error mapping done once here: transport failures raise
 :class:`PeerUnreachable`; an error answer becomes the AgentError subclass its body names
 (``agents.errors.error_from_wire``).
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,34 @@ from typing import Any
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
 from agents.errors import AgentError, DecodeError
 
-__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message"]
+__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message", "present_identity"]
+
+# An agent process is one node: every TLS connection it opens presents that node's
+# certificate, so the receiver's node-only routes (pushes, reports) see a fleet node.
+_identity: tuple[str, str] | None = None
+_contexts: dict[str | None, ssl.SSLContext] = {}  # per CA file: loaded once, not per connection
+_contexts_lock = threading.Lock()
+
+
+def present_identity(cert_file: str, key_file: str) -> None:
+    """Present this certificate (PEM files of this node) on every later TLS connection of the
+    process. Raises OSError/ssl.SSLError if they do not load."""
+    global _identity
+    ssl.create_default_context().load_cert_chain(cert_file, key_file)  # fail here, not later
+    with _contexts_lock:
+        _identity = (cert_file, key_file)
+        _contexts.clear()
+
+
+def _client_context(ca_file: str | None) -> ssl.SSLContext:
+    with _contexts_lock:
+        context = _contexts.get(ca_file)
+        if context is None:
+            context = ssl.create_default_context(cafile=ca_file)
+            if _identity is not None:
+                context.load_cert_chain(*_identity)
+            _contexts[ca_file] = context
+        return context
 
 
 class PeerUnreachable(AgentError):
@@ -47,9 +77,10 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
     if url.hostname is None:
         raise PeerUnreachable(f"peer address {peer.address!r} has no host", address=peer.address)
     if url.scheme == "https":
-        import ssl
-
-        context = ssl.create_default_context(cafile=peer.ca_file)
+        try:
+            context = _client_context(peer.ca_file)
+        except OSError as exc:  # ssl.SSLError too: a CA file that does not load
+            raise PeerUnreachable(f"TLS to {peer.address}: {exc}", address=peer.address) from exc
         return http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout,
                                            context=context)
     if url.scheme != "http":

@@ -72,6 +72,7 @@ from agents.errors import (
     DecodeError,
     DeviceError,
     FormatError,
+    GrantRejected,
     MethodNotAllowed,
     NotFound,
     RangeNotSatisfiable,
@@ -105,9 +106,18 @@ MIN_BODY_RATE = 256 << 10  # bytes/s a PUT body keeps on average (after BODY_TIM
 EPOCH_HEADER = "X-Rbdfleet-Epoch"
 SEQ_HEADER = "X-Rbdfleet-Seq"
 CRC_HEADER = "X-Rbdfleet-Crc"
+INSECURE_HEADER = "X-Rbdfleet-Insecure"  # on every answer of an agent without TLS
 
 
 M = TypeVar("M", bound=Message)
+
+
+class PeerCertificateRequired(GrantRejected):
+    """A node-only route (push, promote, demote, readers) reached without a fleet
+    certificate: mutual TLS proves the caller is a node of the fleet, the grant what for."""
+
+    code = "peer_cert_required"
+    status = 403
 
 
 class InternalError(AgentError):
@@ -281,6 +291,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(length))
         self.send_header(EPOCH_HEADER, str(self.agent.state.epoch))
+        if self.server.plaintext:  # every answer says so, /v1/health included
+            self.send_header(INSECURE_HEADER, "plaintext")
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         if self.close_connection:
@@ -346,6 +358,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """The request's grant token, once signature (this node's key), expiry, fleet,
         audience (this node) and purpose check out: before the body is read. The agent checks
         the rest (epoch, subject, the body's own fields) after decoding."""
+        self.server.check_node_peer(self.connection)
         token = self._token()
         settings = self.agent.settings
         verify(token, settings.keys, now=time.time(), fleet=settings.fleet,
@@ -683,9 +696,13 @@ class AgentServer(http.server.ThreadingHTTPServer):
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
     def __init__(self, address: tuple[str, int], *, max_body: int,
-                 tls: tuple[str, str] | None = None, max_connections: int = MAX_CONNECTIONS,
+                 tls: tuple[str, str] | None = None, client_ca: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT) -> None:
+        """``tls``: this node's (cert, key) files; ``client_ca``: the fleet CA, whose
+        certificates the node-only routes require of their callers (mutual TLS). Without
+        ``tls`` the server speaks plaintext and checks no peer (``insecure_plaintext``)."""
         self.max_body = max_body
         self.max_connections = max_connections
         self.header_timeout = header_timeout
@@ -699,7 +716,21 @@ class AgentServer(http.server.ThreadingHTTPServer):
 
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self._tls.load_cert_chain(*tls)
+            if client_ca is not None:
+                # optional at the handshake: clients have no certificates and data routes
+                # stay grant-authenticated; a certificate that is presented must chain to the
+                # fleet CA (else the handshake fails), and node-only routes require one
+                self._tls.load_verify_locations(client_ca)
+                self._tls.verify_mode = ssl.CERT_OPTIONAL
+        self.plaintext = tls is None
         super().__init__(address, Handler)
+
+    def check_node_peer(self, connection: Any) -> None:
+        """Refuse (403) a node-only request whose connection presented no certificate of the
+        fleet CA; plaintext (``insecure_plaintext``) has none to check."""
+        if not self.plaintext and not connection.getpeercert():
+            raise PeerCertificateRequired(
+                "this route is for fleet nodes: connect with a certificate of the fleet CA")
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()

@@ -55,10 +55,11 @@ from agents.errors import (
     RbdfleetError,
     error_from_wire,
 )
+from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinationFailed, NotActiveError
 from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
-from orchestrator.errors import AgentUnreachable
+from orchestrator.errors import AgentUnreachable, ConfigError
 
 LOG = logging.getLogger(__name__)
 
@@ -150,11 +151,49 @@ def _url(address: str, path: str, tls: bool) -> urllib.parse.SplitResult:
 
 
 class Transport:
-    """HTTP/1.1 to agents and coordinators; errors mapped once (here) into the project's tree."""
+    """HTTP/1.1 to agents and coordinators; errors mapped once (here) into the project's tree.
 
-    def __init__(self, tls: bool = False, ca_file: str | None = None) -> None:
+    ``tls``: bare ``host:port`` addresses are reached over HTTPS, verified against
+    ``ca_file`` (the fleet CA); ``identity`` (cert, key files) is presented to them: the
+    coordinator's, for the agents' node-only routes (clients have none). The TLS context is
+    built once."""
+
+    def __init__(self, tls: bool = False, ca_file: str | None = None,
+                 identity: tuple[str, str] | None = None) -> None:
         self.tls = tls
         self.ca_file = ca_file
+        self.identity = identity
+        self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_fleet(cls, cfg: FleetConfig, identity: tuple[str, str] | None = None) -> Transport:
+        """The transport a fleet's config asks for: TLS against the fleet CA in its PKI
+        directory (ConfigError when missing), plaintext only with ``[tls]
+        insecure_plaintext`` (logged as a warning)."""
+        if cfg.tls.insecure_plaintext:
+            LOG.warning("event=insecure_plaintext fleet=%s tls=off", cfg.fleet.name)
+            return cls()
+        ca = cfg.pki_dir / "ca.pem"
+        if not ca.exists():
+            raise ConfigError("tls.dir", f"{ca} missing: TLS is on by default and needs the "
+                              "fleet CA (`rbdfleet provision` makes it), or set [tls] "
+                              "insecure_plaintext = true")
+        return cls(tls=True, ca_file=str(ca), identity=identity)
+
+    def context(self) -> ssl.SSLContext:
+        """The client TLS context (fleet CA, identity); ConfigError if the files do not load."""
+        with self._lock:
+            if self._context is None:
+                try:
+                    context = ssl.create_default_context(cafile=self.ca_file)
+                    if self.identity is not None:
+                        context.load_cert_chain(*self.identity)
+                except OSError as exc:  # ssl.SSLError too
+                    raise ConfigError("tls", f"the fleet CA or certificate does not load: "
+                                             f"{exc}") from exc
+                self._context = context
+            return self._context
 
     def connect(
         self, address: str, path: str, timeout: float
@@ -165,9 +204,8 @@ class Transport:
             raise AgentUnreachable("?", address, "address has no host")
         target = url.path + (f"?{url.query}" if url.query else "")
         if url.scheme == "https":
-            ctx = ssl.create_default_context(cafile=self.ca_file)
             return http.client.HTTPSConnection(
-                url.hostname, url.port or 443, timeout=timeout, context=ctx
+                url.hostname, url.port or 443, timeout=timeout, context=self.context()
             ), target
         return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout), target
 
@@ -206,7 +244,7 @@ class Transport:
                 return Response(status, resp_headers, None)
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = _reason(exc)
             if cancel is not None and cancel.reason is not None:
                 raise Superseded(node, address, cancel.reason) from exc
             if sent and method != "GET":
@@ -225,6 +263,16 @@ class Transport:
                 raise error_from_wire(data, status)
             raise AgentError(f"{address}: HTTP {status}", status=status)
         return Response(status, resp_headers, data)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a request failed, in words (a TLS verification failure names the likely cause)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the server's certificate is not trusted ({exc.verify_message}): is the "
+                "configured CA ([tls] dir's ca.pem) this fleet's?")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    return str(exc) or type(exc).__name__
 
 
 # -- the coordinator's port to agents ---------------------------------------------------------

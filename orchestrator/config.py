@@ -42,6 +42,7 @@ __all__ = [
     "LibvirtConfig",
     "SandboxConfig",
     "SshConfig",
+    "TlsConfig",
     "VmConfig",
     "format_size",
     "from_mapping",
@@ -68,11 +69,12 @@ ENV_PREFIX = "RBDFLEET_"
 COORDINATOR_KEYS = frozenset({
     "urls", "listen", "lease_seconds", "probe_interval", "probe_timeout", "suspect_after",
     "dead_after", "confirm_failures", "retry_delay", "grant_ttl", "tls_cert", "tls_key",
+    "insecure_plaintext",
 })
 # Tables overridable by RBDFLEET_<TABLE>_<KEY>. Not [sandbox]: RBDFLEET_SANDBOX_DIR is the
 # `rbdfleet sandbox` commands' directory, and a [sandbox] table must not appear from the
 # environment (it narrows where SSH may connect).
-_ENV_TABLES = ("ceph", "libvirt", "ssh", "fleet", "coordinator")
+_ENV_TABLES = ("ceph", "libvirt", "ssh", "fleet", "tls", "coordinator")
 # RBDFLEET_* variables that are not key overrides: what each is for.
 OTHER_ENV_VARS: dict[str, str] = {
     "RBDFLEET_CONFIG": "the config file (--config)",
@@ -125,6 +127,14 @@ class FleetSettings:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The ``[tls]`` table: where the fleet's certificates are, or that there are none."""
+
+    dir: Path | None = None  # the PKI directory (orchestrator/pki.py); None: next to secret_file
+    insecure_plaintext: bool = False  # no TLS anywhere: refused unless said so
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """One ``[[vm]]`` table; ``uri`` is already resolved to the default when omitted."""
 
@@ -162,7 +172,13 @@ class FleetConfig:
     vms: tuple[VmConfig, ...]
     hosts: tuple[HostConfig, ...] = ()
     sandbox: SandboxConfig | None = None
+    tls: TlsConfig = TlsConfig()
     source: Path | None = field(default=None, compare=False)
+
+    @property
+    def pki_dir(self) -> Path:
+        """The fleet's PKI directory: ``[tls] dir``, else ``tls/`` beside the master key."""
+        return self.tls.dir or self.fleet.secret_file.parent / "tls"
 
     def vm(self, name: str) -> VmConfig:
         """The VM called ``name``; ConfigError when the fleet has none."""
@@ -190,6 +206,7 @@ TABLES: dict[str, frozenset[str]] = {
     "vm": _keys(VmConfig),
     "host": _keys(HostConfig),
     "sandbox": _keys(SandboxConfig),
+    "tls": _keys(TlsConfig),
     "coordinator": COORDINATOR_KEYS,
 }
 # Every RBDFLEET_* variable rbdfleet reads.
@@ -421,7 +438,10 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
     ]
     sandbox_t = _table(data, "sandbox", required=False)
     sandbox = SandboxConfig(dir=_path(sandbox_t, "dir", "sandbox")) if sandbox_t else None
-    return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox)
+    tls_t = _table(data, "tls", required=False)
+    tls = TlsConfig(dir=_path(tls_t, "dir", "tls") if "dir" in tls_t else None,
+                    insecure_plaintext=_bool(tls_t, "insecure_plaintext", "tls", False))
+    return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox, tls)
 
 
 def validate(config: FleetConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from orchestrator.errors import OrchestratorError
 
 __all__ = ["CA_DAYS", "CERT_DAYS", "CertInfo", "FleetPki", "Issued", "PkiError", "inspect",
-           "issue", "make_ca", "verify_issued"]
+           "issue", "make_ca", "server_context", "verify_issued"]
 
 CA_DAYS = 3650
 CERT_DAYS = 825  # the longest lifetime clients commonly accept for a server certificate
@@ -254,3 +255,18 @@ class FleetPki:
                 raise PkiError(f"{path} missing: `rbdfleet provision` makes the fleet's "
                                "certificates")
         return cert, key
+
+
+def server_context(cert: str | Path, key: str | Path, ca: str | Path) -> ssl.SSLContext:
+    """A coordinator's TLS server context: its certificate, and the fleet CA for client
+    certificates, which are optional at the handshake (clients have none; one that is
+    presented must chain to the CA) and required by node-only routes (agents' reports), whose
+    handler checks ``getpeercert()``. PkiError if a file does not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(ca)
+    except OSError as exc:  # ssl.SSLError too
+        raise PkiError(f"the coordinator's certificate, key or CA does not load: {exc}") from exc
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context

@@ -18,9 +18,10 @@ Without that proof the detach failure stops the plan: never two live writers.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agents.errors import RbdfleetError
@@ -49,6 +50,8 @@ from orchestrator.errors import (
     HypervisorError,
     ImageBusy,
 )
+from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
+from orchestrator.pki import FleetPki
 from orchestrator.ports import (
     AttachedDisk,
     Characteristics,
@@ -435,3 +438,21 @@ def check_partial(exc: BaseException) -> list[Applied]:
     done = getattr(exc, "done", None)
     return list(done) if isinstance(done, list) else []
 
+
+
+def provision_pki(config: FleetConfig, coordinator_hosts: Sequence[str],
+                  now: datetime.datetime) -> list[str]:
+    """Make the fleet's CA and certificates in its PKI directory (``[tls] dir``) on this
+    admin host: one per VM and sandbox host (SANs: its address and name) and one for the
+    coordinators (SANs: ``coordinator_hosts``). Idempotent: a certificate is reissued only
+    when its SANs changed or it nears expiry. What was made, in words (empty: nothing)."""
+    if config.tls.insecure_plaintext:
+        return []
+    pki = FleetPki(config.pki_dir, config.fleet.name)
+    made = [f"fleet CA {pki.ca_file}"] if pki.ensure_ca(now) else []
+    nodes = [(vm.name, [vm.address]) for vm in config.vms]
+    nodes += [(host.name, [host.address]) for host in config.hosts]
+    for name, sans in (*nodes, (PKI_COORDINATOR, list(coordinator_hosts))):
+        if pki.ensure(name, sans, now):
+            made.append(f"certificate {pki.cert_file(name)}")
+    return made

@@ -22,7 +22,13 @@ from typing import Any
 
 from agents.core.protocol import ReaderSet
 from orchestrator.adapters.rados_state import RadosStateStore
-from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
+from orchestrator.client import (
+    CoordinatorClient,
+    FleetClient,
+    HttpAgentControl,
+    RetryPolicy,
+    Transport,
+)
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
@@ -30,6 +36,7 @@ from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
+from orchestrator.pki import server_context
 from orchestrator.ports import ClientStore, RoleSwitch, StateStore
 from orchestrator.testing.clients import MemoryClientStore
 from tests.fixtures.agents import (
@@ -38,6 +45,7 @@ from tests.fixtures.agents import (
     TEST_SECRET,
     AgentFleet,
     FleetFactory,
+    coordinator_tls,
 )
 
 IMAGE_SIZE = 64 << 20
@@ -130,11 +138,23 @@ class Coordinator:
         self.api.shutdown()
 
 
-def start_api(host: str = "127.0.0.1") -> Coordinator:
-    """An API server on a free port of ``host`` (default: loopback) with no fleet yet."""
+def start_api(host: str = "127.0.0.1", *, plaintext: bool = False) -> Coordinator:
+    """An API server on a free port of ``host`` (default: loopback) with no fleet yet: HTTPS
+    with a certificate of the test CA (agents' certificates checked by the CA), unless
+    ``plaintext``."""
     api = CoordinatorAPI({}, {}, time.time)
-    host, port = api.serve(host, 0)
-    return Coordinator(api, f"http://{host}:{port}")
+    tls = None if plaintext else server_context(*coordinator_tls(host))
+    host, port = api.serve(host, 0, tls)
+    return Coordinator(api, f"{'http' if plaintext else 'https'}://{host}:{port}")
+
+
+def transport(*, plaintext: bool = False, identity: bool = False) -> Transport:
+    """How the harness reaches agents and coordinators: TLS against the test CA (presenting
+    the coordinator's certificate when ``identity``: its control of the agents)."""
+    if plaintext:
+        return Transport()
+    cert, key, ca = coordinator_tls()
+    return Transport(tls=True, ca_file=ca, identity=(cert, key) if identity else None)
 
 
 def start_service(
@@ -155,7 +175,8 @@ def start_service(
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
     """
-    agents = HttpAgentControl(control_timeout=30.0)
+    agents = HttpAgentControl(transport(plaintext=coordinator.url.startswith("http:"),
+                                        identity=True), control_timeout=30.0)
 
     def send_reader_set(address: str, request: ReaderSet, grant: str) -> None:
         time.sleep(reader_set_delay)
@@ -188,8 +209,11 @@ def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> Rados
 
 def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0,
                  client: str = TEST_CLIENT, secret: bytes = TEST_CLIENT_SECRET) -> FleetClient:
-    """A client of ``fleet`` through the coordinators ``urls`` (default: the admin one)."""
-    coordinator = CoordinatorClient(urls, fleet, secret, client=client, timeout=5.0)
+    """A client of ``fleet`` through the coordinators ``urls`` (default: the admin one); TLS
+    to agents unless the coordinators serve plaintext (their agents then do too)."""
+    plaintext = all(u.startswith("http:") for u in urls)
+    coordinator = CoordinatorClient(urls, fleet, secret, client=client, timeout=5.0,
+                                    transport=transport(plaintext=plaintext))
     return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout), io_timeout=10.0)
 
 

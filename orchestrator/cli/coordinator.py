@@ -34,7 +34,13 @@ from orchestrator.cli.provision import (
     check_fleet,
     open_provisioner,
 )
-from orchestrator.client import CoordinatorClient, FleetClient, HttpAgentControl, RetryPolicy
+from orchestrator.client import (
+    CoordinatorClient,
+    FleetClient,
+    HttpAgentControl,
+    RetryPolicy,
+    Transport,
+)
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.keys import read_master_keys
@@ -44,6 +50,8 @@ from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.core.placement import vm_user
 from orchestrator.errors import ConfigError
+from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
+from orchestrator.pki import FleetPki, PkiError, server_context
 from orchestrator.provision import ProvisionerRoles, SystemClock
 
 LOG = logging.getLogger(__name__)
@@ -59,7 +67,7 @@ ENV_PREFIX = "RBDFLEET_COORDINATOR_"
 class CoordinatorConfig:
     """The ``[coordinator]`` table (every key optional)."""
 
-    urls: tuple[str, ...] = ("http://127.0.0.1:7470",)
+    urls: tuple[str, ...] = ("https://127.0.0.1:7470",)
     listen: str = "127.0.0.1:7470"
     lease_seconds: float = 2.0
     probe_interval: float = 0.2
@@ -69,8 +77,9 @@ class CoordinatorConfig:
     confirm_failures: int = 3
     retry_delay: float = 0.3
     grant_ttl: float = 60.0
-    tls_cert: str | None = None
+    tls_cert: str | None = None  # default: coordinator.pem in the fleet's PKI directory
     tls_key: str | None = None
+    insecure_plaintext: bool = False
 
     def liveness(self) -> LivenessConfig:
         """The failure detector's timings."""
@@ -117,6 +126,10 @@ def coordinator_config(path: Path, env: Mapping[str, str] = os.environ) -> Coord
                 kwargs[key] = float(value)
             except (TypeError, ValueError):
                 raise ConfigError(where, "must be a number") from None
+        elif key == "insecure_plaintext":
+            if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+                raise ConfigError(where, "must be true or false")
+            kwargs[key] = value if isinstance(value, bool) else str(value).lower() == "true"
         elif key == "confirm_failures":
             try:
                 kwargs[key] = int(value)
@@ -153,9 +166,33 @@ def client_credential(cfg: FleetConfig) -> tuple[str, bytes]:
 
 
 def coordinator_client(cfg: FleetConfig, urls: list[str]) -> CoordinatorClient:
-    """A CoordinatorClient of the config's fleet with this CLI's client credential."""
+    """A CoordinatorClient of the config's fleet with this CLI's client credential, verifying
+    coordinators and agents against the fleet CA."""
     name, secret = client_credential(cfg)
-    return CoordinatorClient(urls, cfg.fleet.name, secret, client=name)
+    return CoordinatorClient(urls, cfg.fleet.name, secret, client=name,
+                             transport=Transport.for_fleet(cfg))
+
+
+def server_tls(cfg: FleetConfig, ccfg: CoordinatorConfig) -> tuple[ssl.SSLContext | None,
+                                                                   Transport]:
+    """The coordinator's TLS server context (None: plaintext) and its transport to the agents
+    (presenting its certificate: mutual TLS). TLS unless ``insecure_plaintext`` (in
+    ``[coordinator]`` or ``[tls]``), logged as a warning."""
+    if ccfg.insecure_plaintext or cfg.tls.insecure_plaintext:
+        LOG.warning("event=insecure_plaintext fleet=%s tls=off reason=\"the coordinator serves "
+                    "and controls agents in the clear\"", cfg.fleet.name)
+        return None, Transport()
+    pki = FleetPki(cfg.pki_dir, cfg.fleet.name)
+    if ccfg.tls_cert and ccfg.tls_key:
+        cert, key = Path(ccfg.tls_cert), Path(ccfg.tls_key)
+    else:
+        try:
+            cert, key = pki.identity(PKI_COORDINATOR)
+        except PkiError as exc:
+            raise ConfigError("coordinator.tls_cert", f"{exc}; or set [coordinator] "
+                              "insecure_plaintext = true") from exc
+    return (server_context(cert, key, pki.ca_file),
+            Transport(tls=True, ca_file=str(pki.ca_file), identity=(str(cert), str(key))))
 
 
 def open_client(config_path: Path, timeout: float = 30.0) -> tuple[FleetClient, FleetConfig]:
@@ -200,12 +237,9 @@ def run(
         masters = read_secret(cfg)
         clients = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
         api = CoordinatorAPI({}, {cfg.fleet.name: clients}, time.time)
-        tls = None
-        if ccfg.tls_cert:
-            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            tls.load_cert_chain(ccfg.tls_cert, ccfg.tls_key)
+        tls, transport = server_tls(cfg, ccfg)
         bound_host, bound_port = api.serve(host or "127.0.0.1", int(port), tls)
-        scheme = "https" if ccfg.tls_cert else "http"
+        scheme = "https" if tls is not None else "http"
         url = advertise or f"{scheme}://{bound_host}:{bound_port}"
         holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         store = RadosStateStore(handle, cfg.ceph.pool, cfg.fleet.name, holder, ccfg.lease_seconds)
@@ -215,7 +249,7 @@ def run(
             cfg.fleet.image,
             {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms},
         )
-        agents = HttpAgentControl()
+        agents = HttpAgentControl(transport)
         roles = ProvisionerRoles(provisioner)
         service = FleetService(
             store=store,

@@ -7,6 +7,8 @@ and libvirt adapters into a :class:`~orchestrator.provision.Provisioner`.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,7 +23,13 @@ from orchestrator.cli._output import JsonOption, emit_json, say
 from orchestrator.config import FleetConfig
 from orchestrator.core.placement import Plan, vm_user
 from orchestrator.errors import ConfigError
-from orchestrator.provision import Applied, Provisioner, check_partial, undo_hint
+from orchestrator.provision import (
+    Applied,
+    Provisioner,
+    check_partial,
+    provision_pki,
+    undo_hint,
+)
 
 ConfigOption = Annotated[
     Path,
@@ -107,7 +115,8 @@ def provision(
     as_json: JsonOption = False,
 ) -> None:
     """Create the pool (if allowed) and image, a cephx user + libvirt secret per VM, and
-    attach the disk: writer read-write, readers read-only. Running it again changes nothing."""
+    attach the disk: writer read-write, readers read-only; make the fleet's TLS CA and
+    certificates on this host ([tls] dir). Running it again changes nothing."""
     with open_provisioner(config) as (provisioner, _, cfg):
         try:
             plan, applied = provisioner.provision(dry_run=dry_run)
@@ -116,6 +125,21 @@ def provision(
             raise
         report(plan, applied, dry_run, as_json,
                f"nothing to do: fleet {cfg.fleet.name} is provisioned as configured")
+        if not dry_run:
+            for made in provision_pki(cfg, coordinator_hosts(config),
+                                      datetime.datetime.now(datetime.UTC)):
+                say(f"  made: {made}")
+
+
+def coordinator_hosts(config_path: Path) -> list[str]:
+    """The hosts the coordinators serve on (``[coordinator] urls`` and ``listen``): the SANs
+    of their certificate."""
+    from orchestrator.cli.coordinator import coordinator_config  # it imports this module
+
+    ccfg = coordinator_config(config_path)
+    hosts = [urllib.parse.urlsplit(u).hostname for u in ccfg.urls]
+    listen = ccfg.listen.rpartition(":")[0].strip("[]")
+    return sorted({h for h in (*hosts, listen) if h and h != "0.0.0.0"})
 
 
 def confirm_destruction(config: FleetConfig, fleet_name: str | None, really: bool) -> None:

@@ -145,11 +145,12 @@ def _state(fleet: AgentFleet) -> tuple[int, list[str]]:
 
 @pytest.fixture
 def fleet(fleet_factory: FleetFactory, tmp_path: Path) -> AgentFleet:
-    """A writer ``w`` and a reader ``r1`` on a 64 MiB file image."""
+    """A writer ``w`` and a reader ``r1`` on a 64 MiB file image, in plaintext on purpose:
+    these tests write raw bytes at the HTTP parser (TLS is covered in test_tls.py)."""
     image = tmp_path / "image.raw"
     with image.open("wb") as f:
         f.truncate(64 * MiB)
-    return fleet_factory(f"file:{image}", readers=("r1",))
+    return fleet_factory(f"file:{image}", readers=("r1",), insecure_plaintext=True)
 
 
 def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) -> None:

@@ -26,7 +26,13 @@ from tests.coordinator_harness import (
     fleet_client,
     wait_until,
 )
-from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET, AgentFleet, FleetFactory
+from tests.fixtures.agents import (
+    TEST_CA,
+    TEST_CLIENT,
+    TEST_CLIENT_SECRET,
+    AgentFleet,
+    FleetFactory,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +156,7 @@ def test_a_failed_self_test_report_of_the_writer_triggers_failover(coordinated: 
         at=time.time(),
     )
     post_message(
-        Peer(coordinator.url),
+        Peer(coordinator.url, ca_file=TEST_CA),
         "/v1/selftest",
         report,
         grant=fleet.report_grant("w", report),
@@ -179,7 +185,8 @@ def test_agent_reports_need_the_agents_own_grant(coordinated: Any) -> None:
         (fleet.grant("w", "reader", 1), ForeignGrant),  # a grant for w, not the coordinator
     ):
         with pytest.raises(refusal):
-            post_message(Peer(coordinator.url), "/v1/selftest", report, grant=grant, timeout=10)
+            post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", report,
+                         grant=grant, timeout=10)
     time.sleep(0.5)
     service = coordinator.service
     assert service is not None and service.require_active().writer == "w"

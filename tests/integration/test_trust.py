@@ -42,6 +42,7 @@ from tests.coordinator_harness import (
     wait_in_sync,
 )
 from tests.fixtures.agents import (
+    TEST_CA,
     TEST_CLIENT,
     TEST_CLIENT_SECRET,
     TEST_SECRET,
@@ -243,9 +244,10 @@ def test_a_sniffed_report_grant_is_useless_elsewhere(
     failed = SelfTestReport(node="w", fleet=fleet.name, role="writer", epoch=1, ok=False,
                             checks=(), at=time.time())
     with pytest.raises(ForeignGrant):
-        post_message(Peer(coordinator.url), "/v1/selftest", failed, grant=sniffed, timeout=10)
+        post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", failed,
+                     grant=sniffed, timeout=10)
     with pytest.raises(BadSignature):  # r1 making w's report grant with its own key
-        post_message(Peer(coordinator.url), "/v1/selftest", failed,
+        post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", failed,
                      grant=fleet.report_grant("w", failed, key_of="r1"), timeout=10)
     time.sleep(1.0)
     service = coordinator.service
