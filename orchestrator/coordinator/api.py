@@ -564,7 +564,8 @@ _POLL_INTERVAL = 0.2  # the serving loop cuts late requests at this granularity
 
 
 class _RequestCut(Exception):
-    """The request's deadline passed while it was being read: nobody is left to answer."""
+    """The request's body did not come within its deadline (or its connection broke): nobody
+    is left to answer."""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -654,7 +655,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._continue = False
             self.send_response_only(100)
             self.end_headers()
-        data = self.rfile.read(length) if length else b""
+        try:
+            data = self.rfile.read(length) if length else b""
+        except OSError as exc:  # silent past the per-read timeout, or reset: nobody to answer
+            self.close_connection = True
+            raise _RequestCut from exc
         self._unread -= len(data)
         if not self.server.deadlines.disarm(self.connection):
             raise _RequestCut
