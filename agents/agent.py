@@ -152,7 +152,9 @@ class Agent:
         self.take_push_grants(settings.push_grants)
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
         self._coordinator_sessions = threading.local()
-        self._retired: list[ReaderRole] = []
+        # closes the handles of readers a promotion replaced, at stop: reads in flight on
+        # them go on meanwhile
+        self._retired: list[Callable[[], None]] = []
         self.writer_hint: tuple[str | None, str | None] = (None, None)  # node, address
         self.selftest = "pending"
         self._stop = threading.Event()
@@ -179,6 +181,10 @@ class Agent:
                                   labelsets=[("ok",), ("failed",)])
         self.m_discarded = m.counter("rbdfleet_agent_discarded_bytes_total",
                                      "Freed data bytes the writer discarded (given back to Ceph)")
+        self.m_promotions = m.counter(
+            "rbdfleet_agent_promotions_total",
+            "Promotions to writer: warm (the reader's state kept) or cold (volume reopened)",
+            ("mode",), labelsets=[("warm",), ("cold",)])
         m.gauge("rbdfleet_agent_epoch", "Highest epoch this agent knows", lambda: self.state.epoch)
         m.gauge("rbdfleet_agent_is_writer", "1 while this agent accepts writes",
                 lambda: float(self.state.accepts_writes))
@@ -284,7 +290,7 @@ class Agent:
             case roles.OpenReadWrite():
                 device = self._open_device(False)
                 try:
-                    self._promoting = (device, Volume.open(device))
+                    self._promoting = (device, self._volume_to_promote(device))
                 except BaseException:
                     device.close()
                     raise
@@ -320,7 +326,9 @@ class Agent:
                     self.writer.announce(self._epoch_record)
                     self._epoch_record = None
                 if self.reader is not None:  # reads in flight keep their handle until stop
-                    self._retired.append(self.reader)
+                    # warm: the writer serves from the reader's volume; only its handle goes
+                    self._retired.append(self.reader.device.close
+                                         if self.reader.volume is volume else self.reader.close)
                     self.reader = None
             case roles.StopWrites():
                 if self.writer is not None:
@@ -333,15 +341,52 @@ class Agent:
                     session.close()
                 self._sessions.clear()
                 if self._promoting is not None:
-                    self._promoting[1].close()
-                    self._promoting[0].close()
+                    device, volume = self._promoting
                     self._promoting = None
+                    if self.reader is not None and self.reader.volume is volume:
+                        self._undo_warm(self.reader, device)
+                    else:
+                        volume.close()
+                        device.close()
             case roles.CloseDevice():
-                for role in [*self._retired, *([self.reader] if self.reader else [])]:
-                    role.close()
+                for close in [*self._retired, *([self.reader.close] if self.reader else [])]:
+                    close()
                 self._retired.clear()
                 self.reader = None
         return None
+
+    def _volume_to_promote(self, device: BlockDevice) -> Volume:
+        """Warm promotion: the reader's own volume, moved onto the read-write ``device`` with
+        its state checked against the image (:meth:`Volume.adopt`). When the state does not
+        match the image (or there is no reader), the volume opened again from ``device``:
+        the cold path, logged with the reason and counted."""
+        reader = self.reader
+        reason: str | None = "no_reader"
+        if reader is not None:
+            started = time.monotonic()
+            try:
+                reason = reader.volume.adopt(device)
+            except AgentError as exc:  # the cold open below meets the same image: it decides
+                reason = exc.code
+            if reason is None:
+                self.m_promotions.inc("warm")
+                LOG.info("event=promotion_warm node=%s applied_seq=%d seconds=%.3f",
+                         self.settings.node, reader.volume.applied_seq,
+                         time.monotonic() - started)
+                return reader.volume
+        LOG.warning("event=promotion_cold node=%s reason=%s", self.settings.node, reason)
+        volume = Volume.open(device)
+        self.m_promotions.inc("cold")
+        return volume
+
+    def _undo_warm(self, reader: ReaderRole, device: BlockDevice) -> None:
+        """A warm promotion failed: the reader serves from its own handle again, unless the
+        volume began writing (then the reader goes, and OpenReadOnly opens the image anew)."""
+        if not reader.volume.return_to(reader.device):
+            LOG.warning("event=promotion_undo_reopens node=%s", self.settings.node)
+            self.reader = None
+            reader.close()
+        device.close()
 
     def _writer_volume(self) -> Volume:
         if self.writer is None:
@@ -430,13 +475,16 @@ class Agent:
         if grant.epoch != push.epoch or push.fleet != self.settings.fleet:
             raise ForeignGrant("push does not match its grant", field="epoch")
         self.note_epoch(push.epoch)
-        reader = self.reader
-        if reader is None or self.writer is not None:
-            raise NotWriter(f"{self.settings.node} is {self.state.role}, not a reader",
-                            writer=self.settings.node, epoch=self.state.epoch)
-        _check_push_extents(push, reader.volume)
-        ack = reader.receive(push)
-        self.note_epoch(reader.volume.epoch)
+        # under the role lock: a promotion takes the reader's volume over (warm promotion)
+        # and must see every record in it checked against the image, none pushed meanwhile
+        with self._role_lock:
+            reader = self.reader
+            if reader is None or self.writer is not None or self.state.role != "reader":
+                raise NotWriter(f"{self.settings.node} is {self.state.role}, not a reader",
+                                writer=self.settings.node, epoch=self.state.epoch)
+            _check_push_extents(push, reader.volume)
+            ack = reader.receive(push)
+            self.note_epoch(reader.volume.epoch)
         if self.writer_hint[0] != push.writer:
             self.writer_hint = (push.writer, None)
         return ack

@@ -214,6 +214,98 @@ class Volume:
             vol._durable_seq = vol._index.applied_seq
         return vol
 
+    def adopt(self, device: BlockDevice) -> str | None:
+        """Warm promotion: move this reader's state (index, quarantine, pinned reads, applied
+        seq) onto ``device``, a writable handle on the same image, instead of opening the
+        volume again. Every check reads the image through ``device`` (the reader's own handle
+        may be gone: a VM's read-only disk is unplugged before the read-write one is plugged):
+
+        - the superblock is the one the state was built on (same generation and geometry);
+        - the journal tail this reader has not applied is replayed from the image (the old
+          writer is fenced by now, so it is the whole durable history);
+        - every record after the newest checkpoint, pushed or read, is on the image where
+          this state says it is (seq, length, place): a pushed record that never became
+          durable would otherwise outlive the writer that sent it;
+        - the newest checkpoint's position leads through those records to this state's
+          journal head.
+
+        Then the writer's own bookkeeping is taken from the image as :meth:`open` takes it:
+        the checkpoint slot to write next and the ring bytes used since the newest checkpoint.
+        Returns None once adopted (then :meth:`start_epoch`, as after :meth:`open`). Else the
+        name of the first check that failed, and the volume stays on its old handle, a reader
+        as before (with at most more durable records applied): the caller opens it cold.
+        See docs/agent.md, "Warm promotion"."""
+        with self._leadership(), self._lock, self._decoding():
+            if self._writer_epoch is not None or self._failed is not None:
+                return "not_a_reader"
+            old, self._device = self._device, device
+            try:
+                reason = self._adopt_checks()
+            except BaseException:
+                self._device = old
+                raise
+            if reason is not None:
+                self._device = old
+            return reason
+
+    def _adopt_checks(self) -> str | None:
+        """:meth:`adopt`'s checks, on the new handle; the state is changed only at the end
+        (and by the tail replay, which applies durable records only)."""
+        raw = self._device.read_at(0, 2 * ALIGN)
+        try:
+            sb = choose([raw[s : s + ALIGN] for s in SLOTS])
+        except FormatError:
+            return "superblock"
+        if sb != self._sb or sb.device_size > self._device.size():
+            return "superblock"
+        index = self._index
+        self._refresh_locked()
+        if self._index is not index:  # it had fallen behind a wrap: a cold load after all
+            LOG.info("event=adopt_reloaded_checkpoint applied_seq=%d", self._index.applied_seq)
+        headers = self._checkpoint_headers()
+        newest = ckpt.choose(headers)
+        if not newest:
+            return "checkpoint"
+        slot = newest[0]
+        header = headers[slot]
+        assert header is not None
+        applied = self._index.applied_seq
+        if header.seq > applied:
+            return "checkpoint"
+        tail = [p for p in self._positions if p[0] > header.seq]
+        if [seq for seq, _, _ in tail] != list(range(header.seq + 1, applied + 1)):
+            return "journal_positions"
+        view = _JournalView(self._device, self._sb)
+        head, used, epoch = header.journal_pos, 0, header.epoch
+        for seq, start, nbytes in tail:
+            if start != journal.place(head, nbytes, self._ring):
+                return "journal_positions"
+            found = view.witness_at(start)
+            if (found is None or found.seq != seq or found.epoch < epoch
+                    or Record.peek_length(view.read(start, ALIGN)) != nbytes):
+                return "record_not_on_disk"
+            epoch = found.epoch
+            used += journal.consumed(head, start, nbytes, self._ring)
+            head = start + nbytes
+        if head != self._cursor.pos or epoch > self._index.epoch:
+            return "journal_head"
+        while self._positions and self._positions[0][0] <= header.seq:
+            self._positions.popleft()
+        self._used = used
+        self._checkpoint_slot = slot
+        return None
+
+    def return_to(self, device: BlockDevice) -> bool:
+        """Undo :meth:`adopt` after a failed promotion: serve reads from ``device`` (the
+        reader's handle) again. False, with nothing changed, once :meth:`start_epoch` began
+        to write (the state may hold an epoch record that is not durable): the caller then
+        opens the volume again."""
+        with self._leadership(), self._lock:
+            if self._writer_epoch is not None or self._failed is not None:
+                return False
+            self._device = device
+            return True
+
     @contextlib.contextmanager
     def _decoding(self) -> Iterator[None]:
         """Whatever a hostile image makes the decoders or the index trip over becomes
@@ -266,12 +358,7 @@ class Volume:
 
     def _load_checkpoint(self) -> None:
         """Replace the state by the newest valid checkpoint."""
-        headers: builtins.list[ckpt.CheckpointHeader | None] = []
-        for off in self._sb.checkpoint_offsets:
-            try:
-                headers.append(ckpt.decode_header(self._device.read_at(off, ALIGN)))
-            except FormatError:
-                headers.append(None)
+        headers = self._checkpoint_headers()
         errors: builtins.list[FormatError] = []
         for slot in ckpt.choose(headers):
             header = headers[slot]
@@ -407,14 +494,18 @@ class Volume:
             journal_offset=self._cursor.pos,
         )
 
-    def _newest_checkpoint_seq(self) -> int:
-        best = -1
+    def _checkpoint_headers(self) -> builtins.list[ckpt.CheckpointHeader | None]:
+        """Each slot's header (None when it does not decode)."""
+        headers: builtins.list[ckpt.CheckpointHeader | None] = []
         for off in self._sb.checkpoint_offsets:
             try:
-                best = max(best, ckpt.decode_header(self._device.read_at(off, ALIGN)).seq)
+                headers.append(ckpt.decode_header(self._device.read_at(off, ALIGN)))
             except FormatError:
-                continue
-        return best
+                headers.append(None)
+        return headers
+
+    def _newest_checkpoint_seq(self) -> int:
+        return max((h.seq for h in self._checkpoint_headers() if h is not None), default=-1)
 
     def _refresh_locked(self) -> builtins.list[Record]:
         applied: builtins.list[Record] = []
