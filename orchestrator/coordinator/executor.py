@@ -1,6 +1,8 @@
 """Runs the election's actions in the order given and stops at the first failure.
 
-The order is the law (persist -> fence -> promote -> publish): this module never reorders,
+The order is the law (persist -> fence -> write path -> promote -> publish, then the
+background steps the service runs aside: release a fenced writer's read-write disk, demote a
+stale writer): this module never reorders,
 skips or retries; it reports which actions succeeded and which one failed, and the election
 decides what comes next. Before every action other than a store write the lease is renewed,
 so a coordinator that lost its lease (paused, partitioned) stops before touching a node.
@@ -106,12 +108,13 @@ class Executor:
             self._save(action.map)
         elif isinstance(action, el.FenceNode):
             self.fencer.fence(action.node)
-        elif isinstance(action, el.PromoteNode):
+        elif isinstance(action, el.GrantWritePath):
             if self.role_switch is not None:
                 try:
                     self.role_switch.make_writer(action.node)
                 except RbdfleetError as exc:
                     raise RoleSwitchFailed(f"role switch to {action.node}: {exc}") from exc
+        elif isinstance(action, el.PromoteNode):
             m = self.persisted
             readers = [r for r in m.members if r.role == "reader" and r.name != action.node]
             promote = PromoteRequest(
@@ -129,6 +132,13 @@ class Executor:
             if self.spares is None:
                 raise NoSpareProvisioner(f"no spare provisioner to attach {action.node}")
             self.spares.attach_spare(action.node)
+        elif isinstance(action, el.ReleaseWritePath):
+            if self.role_switch is not None:
+                try:
+                    self.role_switch.make_reader(action.node)
+                except RbdfleetError as exc:
+                    raise RoleSwitchFailed(f"read-only re-attach of {action.node}: {exc}") \
+                        from exc
         else:
             self._demote(action)
 

@@ -10,12 +10,18 @@ Each :class:`FleetService` owns a thread that, every ``loop_interval``:
    confirmed deaths into ``NodeFailed``, ticks the election and runs the returned actions
    through the :class:`~orchestrator.coordinator.executor.Executor`.
 
-The loop never waits on a node that may not answer for something only best effort: a
-demotion (``DemoteNode``: a hypervisor re-attach, then a call to an agent that may be paused
-or cut off) runs on a side thread and comes back as a ``BatchExecuted`` event, and a new
-reader set reaches the writer through a mailbox thread that only ever sends the latest one.
-Seen on VMs and processes: the loop blocked for seconds in a demotion or a reader-set call to
-a paused writer, and probed nobody meanwhile.
+The loop never waits on a node that may not answer for something only best effort: the
+background steps (:data:`orchestrator.core.election.BACKGROUND`: releasing a fenced writer's
+read-write disk once the new map is out, a demotion — a hypervisor re-attach, then a call to
+an agent that may be paused or cut off) run on side threads, one at a time per node, and come
+back as ``BatchExecuted`` events; a new reader set reaches the writer through a mailbox
+thread that only ever sends the latest one. Seen on VMs and processes: the loop blocked for
+seconds in a demotion or a reader-set call to a paused writer, and probed nobody meanwhile.
+
+Given a hypervisor and the fleet's domains, the service watches their lifecycle events: a
+domain paused, shut off or crashed is reported to the liveness core as
+``HypervisorReportedDown`` (evidence: the node is confirmed dead at the next iteration), a
+resumed or started one as ``HypervisorReportedUp``.
 
 Only this thread touches the election state; API threads talk to it through a queue, and
 read the last published map (guarded by a condition variable that also wakes watchers).
@@ -28,7 +34,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +59,17 @@ from orchestrator.core.liveness import (
     Verdict,
 )
 from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
-from orchestrator.ports import AgentControl, Clock, Fencer, RoleSwitch, SpareProvisioner, StateStore
+from orchestrator.ports import (
+    AgentControl,
+    Clock,
+    DomainEvent,
+    DomainState,
+    Fencer,
+    Hypervisor,
+    RoleSwitch,
+    SpareProvisioner,
+    StateStore,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -104,7 +120,11 @@ class FleetService:
         role_switch: RoleSwitch | None = None,
         spares: SpareProvisioner | None = None,
         send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
+        hypervisor: Hypervisor | None = None,
+        domains: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
+        """``hypervisor`` + ``domains`` (node -> (uri, domain)): watch those domains'
+        lifecycle events as death evidence (module docstring)."""
         self.fleet = store.fleet
         self.store = store
         self.fencer = fencer
@@ -119,6 +139,9 @@ class FleetService:
         self.role_switch = role_switch
         self.spares = spares
         self.send_reader_set = send_reader_set
+        self.hypervisor = hypervisor
+        self._nodes_by_domain = {(uri, dom): node for node, (uri, dom) in (domains or {}).items()}
+        self._unwatch: list[Callable[[], None]] = []
         self._events: queue.Queue[Observation | el.Event | _Request] = queue.Queue()
         self._published_lock = threading.Condition()
         self._published: FleetMap | None = None
@@ -135,9 +158,9 @@ class FleetService:
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
         )
         self._side = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix=f"side-{self.fleet}"
+            max_workers=4, thread_name_prefix=f"side-{self.fleet}"
         )
-        self._side_inflight: set[str] = set()  # nodes with a demotion running on the side
+        self._side_inflight: set[str] = set()  # nodes with a background step running
         self._reader_sets = (
             None if send_reader_set is None else _LatestOnly(send_reader_set, self.fleet)
         )
@@ -148,7 +171,10 @@ class FleetService:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the loop thread."""
+        """Watch the fleet's domains (when given a hypervisor), start the loop thread."""
+        if self.hypervisor is not None:
+            for uri in sorted({uri for uri, _ in self._nodes_by_domain}):
+                self._unwatch.append(self.hypervisor.watch_domains(uri, self._domain_event))
         self._thread = threading.Thread(target=self._run, name=f"fleet-{self.fleet}", daemon=True)
         self._thread.start()
         self._lease_thread = threading.Thread(
@@ -160,6 +186,9 @@ class FleetService:
         """Stop the loop; release the lease so a standby takes over at once."""
         self._stop.set()
         self._wake.set()
+        for unwatch in self._unwatch:
+            unwatch()
+        self._unwatch.clear()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._lease_thread.join(timeout=10)
@@ -184,6 +213,19 @@ class FleetService:
         """Queue an observation or election event for the loop."""
         self._events.put(event)
         self._wake.set()
+
+    def _domain_event(self, event: DomainEvent) -> None:
+        """A lifecycle event of a domain (the hypervisor's thread): the node's observation."""
+        node = self._nodes_by_domain.get((event.uri, event.domain))
+        if node is None:
+            return  # not one of this fleet's domains
+        at = self.clock.monotonic()
+        LOG.info("event=hypervisor_reported fleet=%s node=%s state=%s detail=%s", self.fleet,
+                 node, event.state.value, event.detail)
+        if event.state is DomainState.RUNNING:
+            self.submit(HypervisorReportedUp(node, at))
+        else:
+            self.submit(HypervisorReportedDown(node, at, event.state.value))
 
     def request(self, event: el.Event, timeout: float = 30.0) -> FleetMap:
         """Run an operator event (failover, fence) and wait until its batch ran.
@@ -263,6 +305,9 @@ class FleetService:
             "applied_seq": {} if state is None
             else {m.name: m.applied_seq for m in state.map.members},
             "pending": [] if state is None else [_describe(a) for a in el.plan(state)],
+            # fenced nodes whose read-write disk is still to be released (background), with
+            # the failed attempts so far
+            "releases": {} if state is None else _releases(state, now),
             "last_error": "" if state is None else state.last_error,
             # nodes that keep failing, and the seconds before they may rejoin
             "held_out": {} if state is None
@@ -425,7 +470,7 @@ class FleetService:
                 self._feed(item)
                 if isinstance(item, el.BatchExecuted):  # a side action's outcome, folded in
                     for action in (*item.done, item.failed):
-                        if isinstance(action, el.DemoteNode):
+                        if isinstance(action, el.ReleaseWritePath | el.DemoteNode):
                             self._side_inflight.discard(action.node)
 
     def _feed(self, event: el.Event) -> None:
@@ -441,9 +486,10 @@ class FleetService:
             batches += 1
             if batches > self.settings.max_batches_per_event:
                 return  # the next tick resumes: never spin inside one event
-            for side in [a for a in actions if isinstance(a, el.DemoteNode)]:
-                self._run_aside(side)
-            actions = [a for a in actions if not isinstance(a, el.DemoteNode)]
+            for side in actions:
+                if isinstance(side, el.ReleaseWritePath | el.DemoteNode):
+                    self._run_aside(side)
+            actions = [a for a in actions if not el.is_background(a)]
             if not actions:
                 return
             result = self._executor.run(actions)
@@ -458,9 +504,9 @@ class FleetService:
                                   self.clock.monotonic(), result.infrastructure)
             self._state, actions = el.step(self._state, ev)
 
-    def _run_aside(self, action: el.DemoteNode) -> None:
-        """Run a demotion on a side thread (module docstring); its outcome comes back as an
-        event. One at a time per node."""
+    def _run_aside(self, action: el.ReleaseWritePath | el.DemoteNode) -> None:
+        """Run a background step on a side thread (module docstring); its outcome comes back
+        as an event. One at a time per node."""
         executor = self._executor
         if executor is None or action.node in self._side_inflight:
             return
@@ -573,6 +619,17 @@ class _LatestOnly:
             except RbdfleetError as exc:
                 LOG.warning("event=reader_set_not_sent address=%s epoch=%d reason=%s",
                             address, request.epoch, exc)
+
+
+def _releases(state: el.ElectionState, now: float) -> dict[str, dict[str, Any]]:
+    retries = {r[0]: r for r in state.release_retry}
+    out: dict[str, dict[str, Any]] = {}
+    for node in sorted(state.to_release):
+        retry = retries.get(node)
+        out[node] = {"attempts_failed": 0 if retry is None else retry[3],
+                     "retry_in": 0.0 if retry is None else round(max(0.0, retry[1] - now), 1),
+                     "last_error": "" if retry is None else retry[4]}
+    return out
 
 
 def _describe(action: el.Action) -> str:

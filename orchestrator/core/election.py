@@ -7,9 +7,18 @@ exactly the missing steps again.
 
 Invariants (the laws; tests check them over random event sequences):
 
-* Actions come out in law order: ``PersistEpoch`` -> ``FenceNode`` -> ``PromoteNode`` ->
-  ``PublishMap`` (then side actions ``AttachSpare`` / ``DemoteNode``). The executor runs them
-  in that order and stops at the first failure.
+* Actions come out in law order: ``PersistEpoch`` -> ``FenceNode`` -> ``GrantWritePath`` ->
+  ``PromoteNode`` -> ``PublishMap`` (then ``AttachSpare``, and the background steps
+  ``ReleaseWritePath`` / ``DemoteNode``). The executor runs them in that order and stops at
+  the first failure.
+* The critical path of a failover (:data:`CRITICAL_PATH`) is only what a new writer needs
+  before clients may be sent to it: the new epoch, the old writer fenced in Ceph, a
+  write-capable disk for the candidate, its promotion, the map. The old writer's read-write
+  disk is released (re-attached ``<readonly/>``) by ``ReleaseWritePath`` only once that map
+  is published, off the critical path (:data:`BACKGROUND`): the blocklist already keeps it
+  from writing. A failed release never undoes the failover; it is retried after a backoff
+  that doubles per failure (``release_backoff`` up to ``release_backoff_max``) and shows in
+  ``release_retry`` until it succeeds.
 * A writer is never promoted before every node that held the write grant at an older epoch and
   was not confirmed fenced is fenced; the new epoch is persisted before anything else.
 * A map naming a new writer is published only after that writer's promotion succeeded.
@@ -54,13 +63,16 @@ from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member
 class ElectionConfig:
     """``retry_delay``: seconds to hold a failed plan before trying again;
     ``demote_backoff``/``demote_backoff_max``: first and longest wait after a failed
-    demotion of a node; a node confirmed dead ``flap_limit`` times within ``flap_window``
-    seconds is kept out for ``rejoin_hold`` seconds, doubled at each further death (up to
-    ``rejoin_hold_max``), before it may rejoin."""
+    demotion of a node; ``release_backoff``/``release_backoff_max``: the same for a failed
+    release of a fenced node's read-write disk; a node confirmed dead ``flap_limit`` times
+    within ``flap_window`` seconds is kept out for ``rejoin_hold`` seconds, doubled at each
+    further death (up to ``rejoin_hold_max``), before it may rejoin."""
 
     retry_delay: float = 0.3
     demote_backoff: float = 0.5
     demote_backoff_max: float = 8.0
+    release_backoff: float = 1.0
+    release_backoff_max: float = 30.0
     flap_limit: int = 3
     flap_window: float = 120.0
     rejoin_hold: float = 10.0
@@ -86,8 +98,18 @@ class FenceNode:
 
 
 @dataclass(frozen=True)
+class GrantWritePath:
+    """Give ``node`` a write-capable disk (hypervisor: its disk read-write) for ``epoch``;
+    every node that held one before is fenced in Ceph already, so theirs may stay for now."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class PromoteNode:
-    """Make ``node`` the writer at ``epoch`` (hypervisor RW re-attach + agent promotion)."""
+    """Make ``node`` the writer at ``epoch`` (the agent reopens its disk read-write, replays
+    the journal's tail and accepts writes)."""
 
     node: str
     epoch: int
@@ -111,6 +133,15 @@ class AttachSpare:
 
 
 @dataclass(frozen=True)
+class ReleaseWritePath:
+    """Background: re-attach fenced ``node``'s disk ``<readonly/>`` (its read-write one goes),
+    after the map naming the new writer is published."""
+
+    node: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class DemoteNode:
     """Tell a stale writer (older epoch) to step down; best effort, it is fenced already."""
 
@@ -119,16 +150,29 @@ class DemoteNode:
     address: str
 
 
-Action = PersistEpoch | FenceNode | PromoteNode | PublishMap | AttachSpare | DemoteNode
+Action = (PersistEpoch | FenceNode | GrantWritePath | PromoteNode | PublishMap | AttachSpare
+          | ReleaseWritePath | DemoteNode)
 
 ACTION_ORDER: tuple[type, ...] = (
     PersistEpoch,
     FenceNode,
+    GrantWritePath,
     PromoteNode,
     PublishMap,
     AttachSpare,
+    ReleaseWritePath,
     DemoteNode,
 )
+# what a failover waits for before clients may be sent to the new writer
+CRITICAL_PATH: tuple[type, ...] = (PersistEpoch, FenceNode, GrantWritePath, PromoteNode,
+                                   PublishMap)
+# run aside (the service's side threads), never holding up the loop or a failover
+BACKGROUND: tuple[type, ...] = (ReleaseWritePath, DemoteNode)
+
+
+def is_background(action: Action) -> bool:
+    """Whether ``action`` runs aside, off the critical path (:data:`BACKGROUND`)."""
+    return isinstance(action, BACKGROUND)
 
 # -- events (past tense) --------------------------------------------------------------------
 
@@ -238,14 +282,19 @@ class ElectionState:
     persisted_epoch: int
     published_revision: int
     promoted: bool = True
+    path_granted: bool = True  # the named candidate has its write-capable disk
     to_fence: frozenset[str] = frozenset()
     to_attach: frozenset[str] = frozenset()
     to_demote: frozenset[str] = frozenset()
+    # fenced nodes whose read-write disk is still to be released (background)
+    to_release: frozenset[str] = frozenset()
     retry_at: float | None = None
     last_error: str = ""
     config: ElectionConfig = field(default_factory=ElectionConfig)
     # node -> (not before, last delay): demotions held back after a failure
     demote_hold: tuple[tuple[str, float, float], ...] = ()
+    # failed releases: node -> (not before, last delay, attempts, last reason)
+    release_retry: tuple[tuple[str, float, float, int, str], ...] = ()
     # node -> epoch it was last demoted to: answers of that node from an older epoch were on
     # the wire before it stepped down and ask for nothing more
     demoted: tuple[tuple[str, int], ...] = ()
@@ -265,20 +314,25 @@ def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> Electio
     coordinator cannot know, so it does both again before publishing.
     """
     cfg = config or ElectionConfig()
+    # The predecessor may have died before releasing a fenced writer's disk: every out node
+    # is released again (a no-op for one that holds it read-only already).
+    out = frozenset(m.name for m in persisted.members if m.role == "out")
     if persisted.phase == "failover":
-        stale = frozenset(m.name for m in persisted.members if m.role == "out")
         return ElectionState(
             map=persisted,
             persisted_epoch=persisted.epoch,
             published_revision=persisted.revision,
             promoted=persisted.writer is None,
-            to_fence=stale,
+            path_granted=persisted.writer is None,
+            to_fence=out,
+            to_release=out,
             config=cfg,
         )
     return ElectionState(
         map=persisted,
         persisted_epoch=persisted.epoch,
         published_revision=persisted.revision,
+        to_release=out,
         config=cfg,
     )
 
@@ -291,20 +345,40 @@ def target_map(state: ElectionState) -> FleetMap:
     return m
 
 
-def plan(state: ElectionState) -> list[Action]:
-    """The actions still needed to reach ``target_map(state)``, in law order."""
+def critical_path(state: ElectionState) -> list[Action]:
+    """The steps still needed before clients may be sent to the new writer, in law order."""
     m = state.map
     actions: list[Action] = []
     if m.epoch > state.persisted_epoch:
         actions.append(PersistEpoch(m))
     actions.extend(FenceNode(n, m.epoch) for n in sorted(state.to_fence))
     if m.phase == "failover" and m.writer is not None and not state.promoted:
+        if not state.path_granted:
+            actions.append(GrantWritePath(m.writer, m.epoch))
         actions.append(PromoteNode(m.writer, m.epoch, m.member(m.writer).address))
     final = target_map(state)
     if final.revision > state.published_revision:
         actions.append(PublishMap(final))
+    return actions
+
+
+def plan(state: ElectionState, now: float | None = None) -> list[Action]:
+    """The actions still needed to reach ``target_map(state)``, in law order.
+
+    Releases wait until the critical path is done (the map published) and, after a failure,
+    until their backoff is over at ``now`` (None: list them regardless, e.g. for status).
+    """
+    m = state.map
+    critical = critical_path(state)
+    actions = list(critical)
     for n in sorted(state.to_attach):
         actions.append(AttachSpare(n, m.epoch, m.member(n).address))
+    if not critical:
+        held = {n: nb for n, nb, *_ in state.release_retry}
+        # a node being demoted is re-attached read-only by its demotion already
+        actions.extend(ReleaseWritePath(n, m.epoch)
+                       for n in sorted(state.to_release - state.to_demote)
+                       if now is None or now >= held.get(n, now))
     for n in sorted(state.to_demote):
         actions.append(DemoteNode(n, m.epoch, m.member(n).address))
     return actions
@@ -332,7 +406,7 @@ def step(state: ElectionState, event: Event) -> tuple[ElectionState, list[Action
         return state, []
     if state.retry_at is not None:
         state = replace(state, retry_at=None)
-    return state, plan(state)
+    return state, plan(state, now)
 
 
 # -- transitions ----------------------------------------------------------------------------
@@ -356,16 +430,18 @@ def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> E
     """Start a failover away from the current writer (if any), fencing ``fence`` first."""
     m = state.map
     to_fence = state.to_fence | fence
+    # the fenced writer (or candidate) may hold a read-write disk: released once published
+    to_release = state.to_release | (fence & {m.writer})
     if to is None:
         cand = m.promotion_candidate(exclude=to_fence)
         to = cand.name if cand is not None else None
     if to is None:
         if m.writer is None:
-            return replace(state, to_fence=to_fence, last_error="no eligible writer")
+            return replace(state, to_fence=to_fence, to_release=to_release,
+                           last_error="no eligible writer")
         new = m.remove_writer()
-        return replace(
-            state, map=new, to_fence=to_fence, promoted=True, last_error="no eligible writer"
-        )
+        return replace(state, map=new, to_fence=to_fence, to_release=to_release, promoted=True,
+                       path_granted=True, last_error="no eligible writer")
     if to in to_fence:
         raise IllegalTransition(to, "fenced", "writer", "a node being fenced cannot write")
     new = m.begin_failover(to)
@@ -374,7 +450,10 @@ def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> E
         map=new,
         to_fence=to_fence,
         promoted=False,
+        path_granted=False,
         to_demote=state.to_demote - {to},
+        to_release=to_release - {to},
+        release_retry=tuple(r for r in state.release_retry if r[0] != to),
         last_error="",
     )
 
@@ -478,6 +557,22 @@ def _demote_failed(state: ElectionState, node: str, at: float) -> ElectionState:
     return replace(state, to_demote=state.to_demote - {node}, demote_hold=hold)
 
 
+def _release_failed(state: ElectionState, node: str, at: float, reason: str) -> ElectionState:
+    """Keep ``node`` to release; try again after a backoff that doubles per failure."""
+    cfg = state.config
+    last = {r[0]: r for r in state.release_retry}.get(node)
+    delay = cfg.release_backoff if last is None else min(last[2] * 2, cfg.release_backoff_max)
+    attempts = 1 if last is None else last[3] + 1
+    retry = (*(r for r in state.release_retry if r[0] != node),
+             (node, at + delay, delay, attempts, reason))
+    return replace(state, release_retry=retry)
+
+
+def _released(state: ElectionState, node: str) -> ElectionState:
+    return replace(state, to_release=state.to_release - {node},
+                   release_retry=tuple(r for r in state.release_retry if r[0] != node))
+
+
 def _with_seq(m: FleetMap, member: Member, seq: int) -> FleetMap:
     """Record an advisory applied seq without a new revision (not worth announcing)."""
     if member.applied_seq == seq:
@@ -545,6 +640,9 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
             state = replace(state, persisted_epoch=max(state.persisted_epoch, action.map.epoch))
         elif isinstance(action, FenceNode):
             state = replace(state, to_fence=state.to_fence - {action.node})
+        elif isinstance(action, GrantWritePath):
+            if state.map.writer == action.node and state.map.epoch == action.epoch:
+                state = replace(state, path_granted=True)
         elif isinstance(action, PromoteNode):
             if state.map.writer == action.node and state.map.epoch == action.epoch:
                 state = replace(state, promoted=True)
@@ -559,8 +657,12 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
                 state = replace(state, map=published)
         elif isinstance(action, AttachSpare):
             state = replace(state, to_attach=state.to_attach - {action.node})
+        elif isinstance(action, ReleaseWritePath):
+            state = _released(state, action.node)
         else:
-            state = replace(state, to_demote=state.to_demote - {action.node},
+            # a demotion re-attached the disk read-only too: nothing left to release
+            state = replace(_released(state, action.node),
+                            to_demote=state.to_demote - {action.node},
                             demote_hold=tuple(h for h in state.demote_hold
                                               if h[0] != action.node),
                             demoted=(*(d for d in state.demoted if d[0] != action.node),
@@ -568,6 +670,10 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
     failed = ev.failed
     if failed is None:
         return replace(state, last_error="")
+    if isinstance(failed, ReleaseWritePath):
+        # Background: the failover stands; only this release waits for its backoff.
+        return replace(_release_failed(state, failed.node, ev.at, ev.reason),
+                       last_error=f"release of {failed.node}'s read-write disk: {ev.reason}")
     state = replace(state, retry_at=ev.at + state.config.retry_delay, last_error=ev.reason)
     if isinstance(failed, PromoteNode) and state.map.writer == failed.node \
             and not ev.infrastructure:
@@ -594,6 +700,8 @@ def assert_law_order(actions: list[Action]) -> None:
 
 __all__ = [
     "ACTION_ORDER",
+    "BACKGROUND",
+    "CRITICAL_PATH",
     "Action",
     "AttachSpare",
     "BatchExecuted",
@@ -604,15 +712,19 @@ __all__ = [
     "FailoverRequested",
     "FenceNode",
     "FenceRequested",
+    "GrantWritePath",
     "HeartbeatObserved",
     "NodeFailed",
     "PersistEpoch",
     "PromoteNode",
     "PublishMap",
     "ReaderLagging",
+    "ReleaseWritePath",
     "Tick",
     "WriterSyncObserved",
     "assert_law_order",
+    "critical_path",
+    "is_background",
     "plan",
     "resume",
     "step",

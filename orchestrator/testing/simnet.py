@@ -185,8 +185,8 @@ class SimFleet:
         return done, None, ""
 
     def _run_one(self, action: el.Action) -> str:
-        if isinstance(action, el.PersistEpoch):
-            return ""
+        if isinstance(action, el.PersistEpoch | el.GrantWritePath | el.ReleaseWritePath):
+            return ""  # no disks to switch in the simulation
         if isinstance(action, el.FenceNode):
             if self.fence_failures:
                 self.fence_failures -= 1

@@ -41,16 +41,21 @@ def kinds(actions: list[el.Action]) -> list[str]:
 
 def test_writer_failure_plans_persist_fence_promote_publish_in_that_order() -> None:
     st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
-    assert kinds(actions) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
-    persist, fence, promote, publish = actions
+    assert kinds(actions) == ["PersistEpoch", "FenceNode", "GrantWritePath", "PromoteNode",
+                              "PublishMap"]
+    persist, fence, path, promote, publish = actions
     assert isinstance(persist, el.PersistEpoch) and persist.map.epoch == 2
     assert persist.map.phase == "failover"
     assert fence == el.FenceNode("w", 2)
+    assert path == el.GrantWritePath("r2", 2)
     assert promote == el.PromoteNode("r2", 2, "r2:1")  # highest applied seq
     assert isinstance(publish, el.PublishMap)
     assert [t.name for t in publish.map.write_targets()] == ["r2", "r1"]
+    assert all(not el.is_background(a) for a in actions)
     st1, more = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
-    assert more == [] and st1.map == publish.map and st1.map.phase == "stable"
+    assert st1.map == publish.map and st1.map.phase == "stable"
+    # only now, off the critical path: the fenced old writer's read-write disk goes
+    assert more == [el.ReleaseWritePath("w", 2)] and el.is_background(more[0])
 
 
 def test_failed_fence_blocks_promotion_and_is_retried_after_the_delay() -> None:
@@ -61,16 +66,19 @@ def test_failed_fence_blocks_promotion_and_is_retried_after_the_delay() -> None:
     st2, more = el.step(st1, el.Tick(1.2))
     assert more == []
     _st3, more = el.step(st2, el.Tick(1.1 + st2.config.retry_delay))
-    assert kinds(more) == ["FenceNode", "PromoteNode", "PublishMap"]  # epoch already persisted
+    assert kinds(more) == ["FenceNode", "GrantWritePath", "PromoteNode", "PublishMap"]
 
 
 def test_failed_promotion_fences_the_candidate_and_moves_on_at_a_new_epoch() -> None:
     st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
-    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions[:2]), actions[2], "refused", 1.1))
-    _st2, more = el.step(st1, el.Tick(2.0))
-    assert kinds(more) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
+    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions[:3]), actions[3], "refused", 1.1))
+    st2, more = el.step(st1, el.Tick(2.0))
+    assert kinds(more) == ["PersistEpoch", "FenceNode", "GrantWritePath", "PromoteNode",
+                           "PublishMap"]
     assert more[1] == el.FenceNode("r2", 3)
-    assert more[2] == el.PromoteNode("r1", 3, "r1:1")
+    assert more[3] == el.PromoteNode("r1", 3, "r1:1")
+    # the candidate got a read-write disk before it failed: released once r1 is published
+    assert st2.to_release >= {"w", "r2"}
 
 
 def test_a_failed_role_switch_keeps_the_candidate_and_fences_nobody_more() -> None:
@@ -79,12 +87,14 @@ def test_a_failed_role_switch_keeps_the_candidate_and_fences_nobody_more() -> No
     st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
     st1, more = el.step(st0, el.BatchExecuted(tuple(actions[:2]), actions[2], "detach timed out",
                                               1.1, infrastructure=True))
+    assert actions[2] == el.GrantWritePath("r2", 2)
     assert more == [] and st1.map.epoch == 2 and st1.map.writer == "r2"
     assert st1.to_fence == frozenset() and st1.last_error == "detach timed out"
     for attempt in range(5):  # however often it fails, readers are never fenced one by one
         at = 1.1 + (attempt + 1) * st1.config.retry_delay
         st1, more = el.step(st1, el.Tick(at))
-        assert more == [el.PromoteNode("r2", 2, "r2:1"), el.PublishMap(el.target_map(st1))]
+        assert more == [el.GrantWritePath("r2", 2), el.PromoteNode("r2", 2, "r2:1"),
+                        el.PublishMap(el.target_map(st1))]
         st1, _ = el.step(st1, el.BatchExecuted((), more[0], "still paused", at, True))
     assert st1.map.epoch == 2 and {m.name for m in st1.map.members if m.role == "out"} == {"w"}
     st2, more = el.step(st1, el.Tick(100.0))
@@ -93,11 +103,13 @@ def test_a_failed_role_switch_keeps_the_candidate_and_fences_nobody_more() -> No
 
 
 def failed_over() -> el.ElectionState:
-    """w failed and was fenced, r2 is the writer of epoch 2."""
+    """w failed and was fenced, r2 is the writer of epoch 2, w's disk re-attached read-only."""
     st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
-    st1, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    st1, release = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
     assert st1.map.member("w").role == "out" and st1.map.epoch == 2
-    return st1
+    st2, more = el.step(st1, el.BatchExecuted(tuple(release), None, "", 1.2))
+    assert more == [] and st2.to_release == frozenset()
+    return st2
 
 
 def test_a_fenced_writer_that_stepped_down_by_itself_is_demoted_not_readmitted() -> None:
@@ -168,8 +180,9 @@ def test_manual_failover_to_a_catching_up_reader_is_refused_naming_the_pair() ->
 
 def test_manual_failover_fences_the_live_writer_first() -> None:
     _, acts = el.step(state3(), el.FailoverRequested("r1", 1.0))
-    assert kinds(acts) == ["PersistEpoch", "FenceNode", "PromoteNode", "PublishMap"]
-    assert acts[1] == el.FenceNode("w", 2) and acts[2] == el.PromoteNode("r1", 2, "r1:1")
+    assert kinds(acts) == ["PersistEpoch", "FenceNode", "GrantWritePath", "PromoteNode",
+                           "PublishMap"]
+    assert acts[1] == el.FenceNode("w", 2) and acts[3] == el.PromoteNode("r1", 2, "r1:1")
 
 
 def test_fencing_a_reader_takes_it_out_then_fences() -> None:
@@ -182,7 +195,8 @@ def test_a_new_coordinator_resumes_a_half_done_failover_from_the_fence() -> None
     persisted = actions[0]
     assert isinstance(persisted, el.PersistEpoch)
     fresh = el.resume(persisted.map)
-    assert kinds(el.plan(fresh)) == ["FenceNode", "PromoteNode", "PublishMap"]
+    assert kinds(el.plan(fresh)) == ["FenceNode", "GrantWritePath", "PromoteNode", "PublishMap"]
+    assert fresh.to_release == {"w"}  # after the map, whatever the predecessor did
 
 
 def test_no_eligible_writer_leaves_the_fleet_writerless_until_a_reader_is_in_sync() -> None:
@@ -192,11 +206,11 @@ def test_no_eligible_writer_leaves_the_fleet_writerless_until_a_reader_is_in_syn
     assert kinds(acts) == ["PersistEpoch", "FenceNode", "PublishMap"]
     assert s.map.writer is None and s.last_error == "no eligible writer"
     s, acts = el.step(s, el.BatchExecuted(tuple(acts), None, "", 1.1))
-    assert acts == []
+    assert acts == [el.ReleaseWritePath("w", 2)]
     # The reader catches up from the journal: it is elected at once, at a new epoch.
     s, acts = el.step(s, el.HeartbeatObserved("r", "reader", 1, 0, 2.0))
-    assert kinds(acts) == ["PersistEpoch", "PromoteNode", "PublishMap"]
-    assert acts[1] == el.PromoteNode("r", 3, "r:1")
+    assert kinds(acts) == ["PersistEpoch", "GrantWritePath", "PromoteNode", "PublishMap"]
+    assert acts[2] == el.PromoteNode("r", 3, "r:1")
 
 
 # -- scenario through the simulated network -------------------------------------------------
@@ -384,7 +398,7 @@ def test_executor_tells_a_failed_role_switch_from_a_failed_promotion() -> None:
     ports = RecordingPorts(fail_switch=True)
     ex, _ = executor_for(ports, role_switch=True)
     result = ex.run(actions)
-    assert isinstance(result.failed, el.PromoteNode) and result.infrastructure
+    assert isinstance(result.failed, el.GrantWritePath) and result.infrastructure
     assert ports.calls == ["fence w", "rw r2"]  # the agent was never asked to promote
     ok = RecordingPorts()
     ex, _ = executor_for(ok, role_switch=True)
@@ -480,3 +494,81 @@ def test_a_reader_that_keeps_dying_is_kept_out_for_a_growing_hold() -> None:
     assert rejoined_at[:2] == [0.5, 0.5]  # the first deaths: back at once
     assert rejoined_at[2] >= 10.0 and rejoined_at[3] >= 20.0 and rejoined_at[4] >= 40.0
     assert "kept out" in st.last_error
+
+
+# -- the critical path and the background release ---------------------------------------------
+
+
+def test_the_critical_path_and_the_background_table() -> None:
+    critical = (el.PersistEpoch, el.FenceNode, el.GrantWritePath, el.PromoteNode, el.PublishMap)
+    background = (el.ReleaseWritePath, el.DemoteNode)
+    assert critical == el.CRITICAL_PATH and background == el.BACKGROUND
+    assert not set(el.CRITICAL_PATH) & set(el.BACKGROUND)
+    order = el.ACTION_ORDER
+    assert all(order.index(c) < order.index(b) for c in el.CRITICAL_PATH for b in el.BACKGROUND)
+
+
+def test_the_release_waits_for_the_published_map() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    assert st0.to_release == {"w"} and el.ReleaseWritePath("w", 2) not in actions
+    # persisted, fenced, switched, promoted, but not published yet: still no release
+    st1, more = el.step(st0, el.BatchExecuted(tuple(actions[:4]), actions[4], "StaleMap", 1.1))
+    st1, more = el.step(st1, el.Tick(5.0))
+    assert kinds(more) == ["PublishMap"]
+    st2, more = el.step(st1, el.BatchExecuted(tuple(more), None, "", 5.1))
+    assert st2.map.phase == "stable" and more == [el.ReleaseWritePath("w", 2)]
+
+
+def test_a_failed_release_keeps_the_failover_and_backs_off() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st, release = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    published = st.map
+    delays = []
+    at = 1.2
+    for attempt in range(1, 7):
+        st, more = el.step(st, el.BatchExecuted((), release[0], "detach refused", at, True))
+        assert more == [] and st.map == published  # the failover stands: same map, no retry_at
+        assert st.retry_at is None and "detach refused" in st.last_error
+        node, not_before, delay, attempts, reason = st.release_retry[0]
+        assert (node, attempts, reason) == ("w", attempt, "detach refused")
+        delays.append(delay)
+        assert el.step(st, el.Tick(not_before - 0.01))[1] == []  # held back...
+        st, release = el.step(st, el.Tick(not_before))  # ...then tried again
+        assert release == [el.ReleaseWritePath("w", 2)]
+        at = not_before
+    cfg = st.config
+    assert delays == [min(cfg.release_backoff * 2 ** i, cfg.release_backoff_max)
+                      for i in range(6)]
+    assert el.plan(st) == [el.ReleaseWritePath("w", 2)]  # status lists it whatever the hold
+    st, more = el.step(st, el.BatchExecuted(tuple(release), None, "", at + 0.1))
+    assert more == [] and st.to_release == frozenset() and st.release_retry == ()
+
+
+def test_a_demotion_releases_too_and_a_re_elected_node_is_not_released() -> None:
+    st0, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    st, _ = el.step(st0, el.BatchExecuted(tuple(actions), None, "", 1.1))
+    st, acts = el.step(st, el.HeartbeatObserved("w", "writer", 1, 9, 1.2))
+    assert acts == [el.DemoteNode("w", 2, "w:1")]  # the demotion re-attaches it read-only
+    st, acts = el.step(st, el.BatchExecuted(tuple(acts), None, "", 1.3))
+    assert acts == [] and st.to_release == frozenset()
+    # r2 (with a read-write disk) is fenced by the operator: released, unless re-elected
+    st, acts = el.step(st, el.HeartbeatObserved("w", "reader", 2, 12, 1.4))
+    st, _ = el.step(st, el.BatchExecuted(tuple(acts), None, "", 1.5))
+    st, acts = el.step(st, el.FenceRequested("r2", 2.0))
+    assert "r2" in st.to_release and st.map.writer != "r2"
+
+
+def test_executor_switches_the_write_path_and_releases_through_the_hypervisor() -> None:
+    ports = RecordingPorts()
+    ex, _ = executor_for(ports, role_switch=True)
+    assert ex.run([el.GrantWritePath("r2", 2)]).failed is None
+    assert ex.run([el.ReleaseWritePath("w", 2)]).failed is None
+    assert ports.calls == ["rw r2", "ro w"]
+    refusing = RecordingPorts(fail_switch=True)
+    ex, _ = executor_for(refusing, role_switch=True)
+    result = ex.run([el.ReleaseWritePath("w", 2)])
+    assert result.failed == el.ReleaseWritePath("w", 2) and result.infrastructure
+    bare = RecordingPorts()
+    ex, _ = executor_for(bare)  # processes: no disks to switch, nothing to fail
+    assert ex.run([el.GrantWritePath("r2", 2), el.ReleaseWritePath("w", 2)]).failed is None
+    assert bare.calls == []
