@@ -6,7 +6,7 @@ stable keys (docs/benchmarks.md, "make bench"), one figure each with its spread 
 (``min`` / ``median`` / ``max`` and the ``rounds`` themselves), plus each benchmark's full
 output under ``raw``. ``--quick`` (``make bench QUICK=1``) uses fewer and smaller rounds.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only agents,storage,failover,vm]
+    .venv/bin/python bench/run_all.py [--quick] [--only agents,devices,storage,failover,vm]
         [--out bench/results/latest.json]
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("agents", "storage", "failover", "vm")
+BENCHES = ("agents", "devices", "storage", "failover", "vm")
 
 
 
@@ -36,6 +36,9 @@ def argv_of(name: str, quick: bool, out: Path) -> list[str]:
         sizes = ["--size-mib", "64", "--rounds", "1", "--small-seconds", "3", "--clients", "32",
                  "--lag-samples", "50"] if quick else ["--rounds", "3", "--clients", "8,32"]
         return [py, "bench/agents_bench.py", *sizes, "--json", str(out)]
+    if name == "devices":
+        return [py, "bench/device_bench.py", "--size-mib", "64" if quick else "256",
+                "--rounds", "7", "--json", str(out)]
     if name == "storage":
         return [py, "bench/storage_bench.py", "--files", "50" if quick else "200",
                 "--file-kib", "1024", "--json", str(out)]
@@ -62,6 +65,12 @@ def from_agents(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def from_devices(raw: dict[str, Any]) -> dict[str, Any]:
+    """``device_<backend>_<write|read>_ratio``: each backend ÷ ``rbd bench`` 4M seq."""
+    return {f"device_{key}_ratio": spread(ratio["rounds"])
+            for key, ratio in raw["ratio"].items()}
+
+
 def from_storage(raw: dict[str, Any]) -> dict[str, Any]:
     return {"storage_1m_ratio": spread([raw["raw_ratio"]]),
             "storage_after_delete_ratio": spread([raw["storage_after_delete_ratio"]])}
@@ -85,7 +94,8 @@ def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 EXTRACT: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "agents": from_agents, "storage": from_storage, "failover": from_failover, "vm": from_vm}
+    "agents": from_agents, "devices": from_devices, "storage": from_storage,
+    "failover": from_failover, "vm": from_vm}
 
 
 def one_line(key: str, value: Any) -> str:

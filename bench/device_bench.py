@@ -1,0 +1,267 @@
+"""Block-device backends vs ``rbd bench``, same run: sequential 4 MiB writes and reads through
+each backend of agents/backends, with the same number of 4 MiB I/Os in flight as the
+baseline ``rbd bench --io-size 4M --io-threads DEPTH --io-pattern seq``.
+
+Backends, each on a fresh region per round (as ``rbd bench`` gets a fresh image):
+
+- ``file``: FileDevice on a file under /var/tmp (O_DIRECT), DEPTH threads, each one
+  4 MiB ``writev``/``readinto`` at a time from/into its own page-aligned buffer;
+- ``loop``: DirectDevice (the ``device:`` backend of agents in VMs) on a loop block device
+  (direct I/O) over a file under /var/tmp, driven like ``file``; no krbd here, so this is the
+  host's disk, not Ceph: its ratio says how the block path compares with librbd on the same
+  disk, not what a VM gets;
+- ``librbd``: RbdDevice, ONE caller thread, each call a ``writev``/``readinto`` of DEPTH
+  4 MiB objects (the backend's aio queue, depth DEPTH, keeps them in flight);
+- ``librbd_threads``: RbdDevice, DEPTH threads each doing one 4 MiB object synchronously
+  (how agents/volume.py drives it today): the A/B for the aio path.
+
+Bracketing: ``--rounds`` rounds; in each, ``rbd bench`` write, every backend's write (order
+rotated per round), ``rbd bench`` read, every backend's read; each backend figure's ratio
+is against the mean of the ``rbd bench`` runs before and after it (one closing round), the
+median and spread over rounds are reported (the host is shared and swings 2-3x a minute).
+
+    .venv/bin/python bench/device_bench.py [--size-mib 256] [--rounds 7] [--depth 8]
+        [--conf CEPH_CONF] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from agents.backends.direct import DirectDevice  # noqa: E402
+from agents.backends.file import FileDevice  # noqa: E402
+from agents.backends.librbd import RbdDevice  # noqa: E402
+from agents.device import VectoredDevice, aligned_buffer  # noqa: E402
+from bench.agents_bench import rbd_bench  # noqa: E402
+from orchestrator.sandbox.ceph import (  # noqa: E402
+    CephCluster,
+    cluster_from_conf,
+    start_cluster,
+    stop_cluster,
+)
+from orchestrator.sandbox.state import StateFile  # noqa: E402
+from tests.shared_disk import LoopAttachments  # noqa: E402
+
+MiB = 1 << 20
+UNIT = 4 * MiB
+BACKENDS = ("file", "loop", "librbd", "librbd_threads")
+
+
+def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> float:
+    """``depth`` threads, each one 4 MiB I/O at a time (next unit from a shared counter)."""
+    units = iter(range(size // UNIT))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        buf = aligned_buffer(UNIT)
+        view = memoryview(buf)
+        try:
+            if op == "write":
+                buf[:] = os.urandom(UNIT)
+            while True:
+                with lock:
+                    unit = next(units, None)
+                if unit is None:
+                    return
+                if op == "write":
+                    dev.writev(base + unit * UNIT, [view])
+                else:
+                    dev.readinto(base + unit * UNIT, view)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            view.release()
+            buf.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(depth)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return size / elapsed
+
+
+def by_calls(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> float:
+    """One thread; each call moves ``depth`` 4 MiB units (the backend keeps them in flight)."""
+    span = depth * UNIT
+    buf = aligned_buffer(span)
+    view = memoryview(buf)
+    parts = [view[i * UNIT : (i + 1) * UNIT] for i in range(depth)]
+    try:
+        if op == "write":
+            buf[:] = os.urandom(UNIT) * depth
+        started = time.perf_counter()
+        for at in range(0, size, span):
+            n = min(span, size - at)
+            if op == "write":
+                dev.writev(base + at, parts[: n // UNIT])
+            else:
+                dev.readinto(base + at, view[:n])
+        return size / (time.perf_counter() - started)
+    finally:
+        for p in parts:
+            p.release()
+        view.release()
+        buf.close()
+
+
+def remove_image(conf: Path, pool: str, name: str) -> None:
+    """``rbd rm`` (an image already gone is fine)."""
+    subprocess.run(["rbd", "-c", str(conf), "rm", "--no-progress", f"{pool}/{name}"],
+                   capture_output=True, timeout=120)
+
+
+DRIVERS: dict[str, Callable[[VectoredDevice, str, int, int, int], float]] = {
+    "file": by_threads, "loop": by_threads, "librbd": by_calls, "librbd_threads": by_threads}
+
+
+@contextmanager
+def backends(cluster: CephCluster, work: Path, region: int, rounds: int, depth: int,
+             skipped: dict[str, str]) -> Iterator[dict[str, VectoredDevice]]:
+    """Every backend that this host can provide, on ``rounds`` fresh regions each; the
+    others named in ``skipped`` with the reason."""
+    devices: dict[str, VectoredDevice] = {}
+    with ExitStack() as stack:
+        for name in ("file", "loop"):
+            image = work / f"{name}.img"
+            with image.open("wb") as f:
+                f.truncate(rounds * region)
+            if name == "file":
+                dev: VectoredDevice = FileDevice(image, direct=True)
+            else:
+                disks = LoopAttachments(image)
+                stack.callback(disks.close)
+                try:
+                    dev = DirectDevice(disks.attach("bench", writable=True))
+                except (RuntimeError, OSError) as exc:
+                    skipped[name] = f"no loop device: {exc}"
+                    continue
+            stack.callback(dev.close)
+            devices[name] = dev
+        rbd_image = f"bench-dev-{uuid.uuid4().hex[:8]}"
+        subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size",
+                        f"{2 * rounds * region // MiB}M", f"{cluster.pool}/{rbd_image}"],
+                       check=True, timeout=120)
+        stack.callback(remove_image, cluster.conf, cluster.pool, rbd_image)
+        rbd = RbdDevice(str(cluster.conf), cluster.pool, rbd_image, "admin",
+                        keyring=str(cluster.keyring), aio_depth=depth)
+        stack.callback(rbd.close)
+        devices["librbd"] = rbd
+        devices["librbd_threads"] = rbd  # the second half of the image (see run)
+        yield devices
+
+
+def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The interleaved, bracketed rounds (see the module docstring)."""
+    size: int = args.size_mib * MiB
+    rounds: int = args.rounds
+    depth: int = args.depth
+    conf = cluster.conf
+    tag = uuid.uuid4().hex[:8]
+    bench_images = [f"bench-{tag}-{r}" for r in range(rounds + 1)]
+    for name in bench_images:
+        subprocess.run(["rbd", "-c", str(conf), "create", "--size", f"{size // MiB}M",
+                        f"{cluster.pool}/{name}"], check=True, timeout=120)
+    skipped: dict[str, str] = {}
+
+    def region(name: str, r: int) -> int:
+        """Where backend ``name`` works in round ``r`` (librbd_threads shares the librbd
+        image: its second half)."""
+        return (r + (rounds if name == "librbd_threads" else 0)) * size
+
+    mib_s: dict[str, list[float]] = {}
+    baseline: dict[str, list[float]] = {"write": [], "read": []}
+    try:
+        with backends(cluster, work, size, rounds, depth, skipped) as devices:
+            names = list(devices)
+            for r in range(rounds + 1):
+                spec = f"{cluster.pool}/{bench_images[r]}"
+                order = names[r % len(names):] + names[: r % len(names)]
+                for op in ("write", "read"):
+                    baseline[op].append(
+                        rbd_bench(conf, spec, op, size, threads=depth) / MiB)
+                    if r == rounds:
+                        continue
+                    for name in order:
+                        figure = DRIVERS[name](devices[name], op, region(name, r), size,
+                                               depth) / MiB
+                        mib_s.setdefault(f"{name}_{op}", []).append(figure)
+                    print(f"round {r} {op}: rbd bench {baseline[op][-1]:.0f} MiB/s, " + ", ".join(
+                        f"{n} {mib_s[f'{n}_{op}'][-1]:.0f}" for n in names), file=sys.stderr)
+                # a round's image and regions are not read again: their space goes back
+                remove_image(conf, cluster.pool, bench_images[r])
+                for name in names if r < rounds else []:
+                    devices[name].discard(region(name, r), size)
+    finally:
+        for name in bench_images:
+            remove_image(conf, cluster.pool, name)
+    ratios: dict[str, Any] = {}
+    for key, values in mib_s.items():
+        op = key.rsplit("_", 1)[1]
+        each = [v / ((baseline[op][r] + baseline[op][r + 1]) / 2) for r, v in enumerate(values)]
+        ratios[key] = {"median": statistics.median(each), "min": min(each), "max": max(each),
+                       "rounds": each}
+    return {"size_mib": args.size_mib, "rounds": rounds, "depth": depth,
+            "objectstore": cluster.objectstore, "rbd_bench_mib_s": baseline,
+            "backend_mib_s": mib_s, "ratio": ratios, "skipped": skipped}
+
+
+def main() -> int:
+    """Run the benchmark and print (and optionally save) the results."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=256, help="per backend, op and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--depth", type=int, default=8, help="4 MiB I/Os in flight")
+    parser.add_argument("--objectstore", default="bluestore", choices=("bluestore", "memstore"))
+    parser.add_argument("--conf", help="use this running cluster's ceph.conf")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args()
+    if args.size_mib % (4 * args.depth):
+        parser.error("--size-mib must be a multiple of 4 x --depth")
+    work = Path(tempfile.mkdtemp(prefix="rbdfleet-device-bench-", dir="/var/tmp"))
+    try:
+        if args.conf:
+            results = run(cluster_from_conf(Path(args.conf)), args, work)
+        else:
+            state = StateFile(work / "state.json")
+            cluster = start_cluster(work / "ceph", state, osds=1,
+                                    objectstore=args.objectstore, mgr=False)
+            try:
+                results = run(cluster, args, work)
+            finally:
+                stop_cluster(cluster, state)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["load_average"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
