@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,15 @@ def _last_record_offset(vol: Volume) -> tuple[int, int]:
     """Image offset and padded length of ``vol``'s last applied record."""
     _, start, nbytes = vol._positions[-1]
     return vol.superblock.journal_offset + start, nbytes
+
+
+def _pushes_to(reader: Volume) -> Callable[[list[Record]], None]:
+    """A commit listener that applies each group commit to ``reader`` (a push that always
+    arrives)."""
+    def push(records: list[Record]) -> None:
+        for record in records:
+            reader.apply(record)
+    return push
 
 
 def _state(vol: Volume) -> dict[str, Any]:
@@ -190,7 +200,7 @@ def test_pinned_read_on_the_reader_survives_a_warm_promotion(tmp_path: Path) -> 
     image = _image(tmp_path / "image")
     old = _old_writer(image)
     reader = _reader(image)
-    old.set_commit_listener(lambda records: [reader.apply(r) for r in records])
+    old.set_commit_listener(_pushes_to(reader))
     body = bytes(range(256)) * 64  # 16 KiB: on extents, not inline
     old.put("/f", [body], len(body), epoch=1, mtime=0.0)
     stream = reader.read("/f")
@@ -333,7 +343,7 @@ def test_quarantine_extras_are_old_releases_only(tmp_path: Path) -> None:
     image = _image(tmp_path / "image")
     old = _old_writer(image)
     reader = _reader(image)
-    old.set_commit_listener(lambda records: [reader.apply(r) for r in records])
+    old.set_commit_listener(_pushes_to(reader))
     old.put("/f", [b"f" * 8192], 8192, epoch=1, mtime=0.0)
     old.delete("/f", epoch=1)
     old.release_through(reader.safe_seq())
