@@ -24,6 +24,7 @@ import typer
 
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ceph import BlocklistFencer
+from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.cli._output import JsonOption, emit_json, say
@@ -45,6 +46,7 @@ from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
@@ -52,7 +54,7 @@ from orchestrator.core.placement import vm_user
 from orchestrator.errors import ConfigError
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
 from orchestrator.pki import FleetPki, PkiError, server_context
-from orchestrator.provision import ProvisionerRoles, SystemClock
+from orchestrator.provision import SystemClock
 
 LOG = logging.getLogger(__name__)
 
@@ -233,7 +235,8 @@ def run(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with open_provisioner(config) as (provisioner, handle, cfg):
+    with open_provisioner(config) as (provisioner, handle, cfg), \
+            LibvirtHypervisor() as lifecycle:  # its own connections: event watches
         masters = read_secret(cfg)
         clients = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
         api = CoordinatorAPI({}, {cfg.fleet.name: clients}, time.time)
@@ -250,7 +253,7 @@ def run(
             {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms},
         )
         agents = HttpAgentControl(transport)
-        roles = ProvisionerRoles(provisioner)
+        roles = FencedWriterRoles(provisioner)
         service = FleetService(
             store=store,
             fencer=fencer,
@@ -268,6 +271,8 @@ def run(
             role_switch=roles,
             spares=roles,
             send_reader_set=agents.send_reader_set,
+            hypervisor=lifecycle,
+            domains={vm.name: (vm.uri, vm.domain) for vm in cfg.vms},
         )
         api.services[cfg.fleet.name] = service
         service.start()

@@ -174,7 +174,11 @@ class FleetService:
         """Watch the fleet's domains (when given a hypervisor), start the loop thread."""
         if self.hypervisor is not None:
             for uri in sorted({uri for uri, _ in self._nodes_by_domain}):
-                self._unwatch.append(self.hypervisor.watch_domains(uri, self._domain_event))
+                try:
+                    self._unwatch.append(self.hypervisor.watch_domains(uri, self._domain_event))
+                except RbdfleetError as exc:  # detection falls back to probes and silence
+                    LOG.warning("event=domain_watch_failed fleet=%s uri=%s reason=%s",
+                                self.fleet, uri, exc)
         self._thread = threading.Thread(target=self._run, name=f"fleet-{self.fleet}", daemon=True)
         self._thread.start()
         self._lease_thread = threading.Thread(
