@@ -10,10 +10,15 @@ Backends, each on a fresh region per round (as ``rbd bench`` gets a fresh image)
   (direct I/O) over a file under /var/tmp, driven like ``file``; no krbd here, so this is the
   host's disk, not Ceph: its ratio says how the block path compares with librbd on the same
   disk, not what a VM gets;
-- ``librbd``: RbdDevice, ONE caller thread, each call a ``writev``/``readinto`` of DEPTH
-  4 MiB objects (the backend's aio queue, depth DEPTH, keeps them in flight);
-- ``librbd_threads``: RbdDevice, DEPTH threads each doing one 4 MiB object synchronously
-  (how agents/volume.py drives it today): the A/B for the aio path.
+- ``librbd``: RbdDevice, two caller threads, each call a ``writev``/``readinto`` of DEPTH
+  4 MiB objects from/into the caller's page-aligned buffer, with the backend's aio queue at
+  depth DEPTH/2 (so DEPTH in flight in all; two callers, because a call returns only once
+  all its objects did, and one caller alone would leave the queue empty at each call's end);
+- ``librbd_threads``: RbdDevice, DEPTH threads each doing one 4 MiB ``writev``/``readinto``
+  (one object: a synchronous librbd call) from/into its page-aligned buffer;
+- ``librbd_bytes``: RbdDevice, DEPTH threads each doing one 4 MiB ``write_at`` of a
+  ``bytes`` / ``read_at`` returning one (how agents/volume.py drives it today): the binding
+  takes and returns ``bytes``, so this is the path without any copy in our code.
 
 Bracketing: ``--rounds`` rounds; in each, ``rbd bench`` write, every backend's write (order
 rotated per round), ``rbd bench`` read, every backend's read; each backend figure's ratio
@@ -27,6 +32,7 @@ median and spread over rounds are reported (the host is shared and swings 2-3x a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -61,11 +67,14 @@ from tests.shared_disk import LoopAttachments  # noqa: E402
 
 MiB = 1 << 20
 UNIT = 4 * MiB
-BACKENDS = ("file", "loop", "librbd", "librbd_threads")
+RBD_MODES = ("librbd", "librbd_threads", "librbd_bytes")  # regions of the one librbd image
 
 
-def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> float:
-    """``depth`` threads, each one 4 MiB I/O at a time (next unit from a shared counter)."""
+def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int,
+               as_bytes: bool = False) -> float:
+    """``depth`` threads, each one 4 MiB I/O at a time (next unit from a shared counter),
+    from/into its page-aligned buffer, or (``as_bytes``) ``write_at`` of a ``bytes`` /
+    ``read_at``."""
     units = iter(range(size // UNIT))
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -73,18 +82,23 @@ def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -
     def worker() -> None:
         buf = aligned_buffer(UNIT)
         view = memoryview(buf)
+        data = os.urandom(UNIT)
         try:
-            if op == "write":
-                buf[:] = os.urandom(UNIT)
+            buf[:] = data
             while True:
                 with lock:
                     unit = next(units, None)
                 if unit is None:
                     return
-                if op == "write":
-                    dev.writev(base + unit * UNIT, [view])
+                at = base + unit * UNIT
+                if op == "write" and as_bytes:
+                    dev.write_at(at, data)
+                elif op == "write":
+                    dev.writev(at, [view])
+                elif as_bytes:
+                    dev.read_at(at, UNIT)
                 else:
-                    dev.readinto(base + unit * UNIT, view)
+                    dev.readinto(at, view)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -104,27 +118,47 @@ def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -
 
 
 def by_calls(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> float:
-    """One thread; each call moves ``depth`` 4 MiB units (the backend keeps them in flight)."""
+    """Two caller threads taking turns over the range; each call moves ``depth`` 4 MiB
+    units from/into the caller's page-aligned buffer (the backend keeps them in flight)."""
     span = depth * UNIT
-    buf = aligned_buffer(span)
-    view = memoryview(buf)
-    parts = [view[i * UNIT : (i + 1) * UNIT] for i in range(depth)]
-    try:
-        if op == "write":
+    spans = iter(range(0, size, span))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def caller() -> None:
+        buf = aligned_buffer(span)
+        view = memoryview(buf)
+        parts = [view[i * UNIT : (i + 1) * UNIT] for i in range(depth)]
+        try:
             buf[:] = os.urandom(UNIT) * depth
-        started = time.perf_counter()
-        for at in range(0, size, span):
-            n = min(span, size - at)
-            if op == "write":
-                dev.writev(base + at, parts[: n // UNIT])
-            else:
-                dev.readinto(base + at, view[:n])
-        return size / (time.perf_counter() - started)
-    finally:
-        for p in parts:
-            p.release()
-        view.release()
-        buf.close()
+            while True:
+                with lock:
+                    at = next(spans, None)
+                if at is None:
+                    return
+                n = min(span, size - at)
+                if op == "write":
+                    dev.writev(base + at, parts[: n // UNIT])
+                else:
+                    dev.readinto(base + at, view[:n])
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            for p in parts:
+                p.release()
+            view.release()
+            buf.close()
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return size / elapsed
 
 
 def remove_image(conf: Path, pool: str, name: str) -> None:
@@ -134,7 +168,8 @@ def remove_image(conf: Path, pool: str, name: str) -> None:
 
 
 DRIVERS: dict[str, Callable[[VectoredDevice, str, int, int, int], float]] = {
-    "file": by_threads, "loop": by_threads, "librbd": by_calls, "librbd_threads": by_threads}
+    "file": by_threads, "loop": by_threads, "librbd": by_calls, "librbd_threads": by_threads,
+    "librbd_bytes": functools.partial(by_threads, as_bytes=True)}
 
 
 @contextmanager
@@ -162,14 +197,15 @@ def backends(cluster: CephCluster, work: Path, region: int, rounds: int, depth: 
             devices[name] = dev
         rbd_image = f"bench-dev-{uuid.uuid4().hex[:8]}"
         subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size",
-                        f"{2 * rounds * region // MiB}M", f"{cluster.pool}/{rbd_image}"],
+                        f"{len(RBD_MODES) * rounds * region // MiB}M",
+                        f"{cluster.pool}/{rbd_image}"],
                        check=True, timeout=120)
         stack.callback(remove_image, cluster.conf, cluster.pool, rbd_image)
         rbd = RbdDevice(str(cluster.conf), cluster.pool, rbd_image, "admin",
-                        keyring=str(cluster.keyring), aio_depth=depth)
+                        keyring=str(cluster.keyring), aio_depth=max(depth // 2, 1))
         stack.callback(rbd.close)
-        devices["librbd"] = rbd
-        devices["librbd_threads"] = rbd  # the second half of the image (see run)
+        for mode in RBD_MODES:  # one handle (one exclusive lock), a region each (see run)
+            devices[mode] = rbd
         yield devices
 
 
@@ -187,9 +223,10 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     skipped: dict[str, str] = {}
 
     def region(name: str, r: int) -> int:
-        """Where backend ``name`` works in round ``r`` (librbd_threads shares the librbd
-        image: its second half)."""
-        return (r + (rounds if name == "librbd_threads" else 0)) * size
+        """Where backend ``name`` works in round ``r`` (the librbd modes share one image,
+        a part each)."""
+        part = RBD_MODES.index(name) if name in RBD_MODES else 0
+        return (part * rounds + r) * size
 
     mib_s: dict[str, list[float]] = {}
     baseline: dict[str, list[float]] = {"write": [], "read": []}
