@@ -37,7 +37,7 @@ from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
 from orchestrator.pki import server_context
-from orchestrator.ports import ClientStore, RoleSwitch, StateStore
+from orchestrator.ports import ClientStore, Hypervisor, RoleSwitch, StateStore
 from orchestrator.testing.clients import MemoryClientStore
 from tests.fixtures.agents import (
     TEST_CLIENT,
@@ -167,10 +167,13 @@ def start_service(
     role_switch: RoleSwitch | None = None,
     reader_set_delay: float = 0.0,
     clients: ClientStore | None = None,
+    hypervisor: Hypervisor | None = None,
+    domains: dict[str, tuple[str, str]] | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``.
 
     ``clients``: the fleet's client credentials (default: only :data:`TEST_CLIENT`, admin).
+    ``hypervisor``/``domains`` (node -> (uri, domain)): lifecycle events as death evidence.
 
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
@@ -193,6 +196,8 @@ def start_service(
         bootstrap=bootstrap,
         role_switch=role_switch,
         send_reader_set=send_reader_set,
+        hypervisor=hypervisor,
+        domains=domains,
     )
     coordinator.api.services[store.fleet] = service
     coordinator.api.clients[store.fleet] = clients or MemoryClientStore(
