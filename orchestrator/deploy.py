@@ -6,12 +6,19 @@ On each host, under its install prefix ``P`` (``/`` on a VM, the host root on a 
     P/opt/rbdfleet/current -> releases/<version>    switched atomically (symlink + rename)
     P/etc/rbdfleet/agent.json                       the agent's config (0600)
     P/run/rbdfleet/agent.pid                        pid of the running agent (host-local pid)
-    P/var/log/rbdfleet/agent.log                    its stdout and stderr
+    P/var/log/rbdfleet/agent.log                    its stdout and stderr (without systemd)
     P/var/lib/rbdfleet/                             its working directory
-    P/etc/systemd/system/rbdfleet-agent.service     only where the Ansible role runs it
+    /etc/systemd/system/rbdfleet-agent.service      its unit, where systemd runs it
 
 The agent runs as ``/usr/bin/python3 -m agents serve --config P/etc/rbdfleet/agent.json``
 with ``PYTHONPATH`` set to the release it was started from: the VM needs nothing but python3.
+
+**Where systemd is PID 1** (``/run/systemd/system`` exists; prefix ``/``) the agent is a
+service: the unit of :mod:`agents.service` (``Restart=always``, journald, hardened) is
+installed and ``systemctl enable --now``-ed, so systemd restarts a crashed agent and starts it
+at boot; a restarted agent comes back as a reader (see :mod:`agents.service`). **Elsewhere**
+(the namespace test hosts, any host without systemd) the fallback: a detached background
+process whose pid goes to the pidfile; nothing restarts it.
 
 Idempotent: the package's version is the sha256 of its (deterministic) tarball and the
 config is compared by sha256, so a second deploy copies nothing and leaves a running agent
@@ -22,13 +29,13 @@ raises :class:`~orchestrator.errors.DeployError` carrying every host's result.
 A process counts as "the agent" only if the pidfile's pid is alive *and* its command line
 holds this host's config path, so a reused pid is never signalled.
 
-One host, one agent, one manager: the Ansible role (``ansible/``) keeps the same layout and
-pidfile, starting the agent with start-stop-daemon where there is no systemd (then either
-deployer sees, restarts or leaves alone the other's agent), and under its systemd unit where
-systemd is PID 1. That unit writes the pidfile too, so ``status`` and an unchanged ``deploy``
-see its agent; but systemd restarts what it runs, so on a host with the unit this deployer
-refuses to install, start or stop anything (RemoteCommandFailed), and the role refuses
-to put systemd next to an agent this deployer started.
+One host, one agent, one manager: the Ansible role (``ansible/``) keeps the same layout,
+pidfile and unit (both render :data:`agents.service.UNIT`), so either deployer sees, restarts
+or leaves alone the other's agent: with start-stop-daemon where there is no systemd, with
+systemctl where there is. The unit writes the pidfile too, so ``status`` reads one file on
+every host. A unit file on a host this deployer does not drive through systemd (no systemd
+running, or a prefix other than ``/``) is not ours to bypass: there it refuses to install,
+start or stop anything (RemoteCommandFailed).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from typing import Any
 
 import agents
 from agents.errors import RbdfleetError
+from agents.service import UNIT_NAME, UnitParams, render_unit
 from orchestrator.adapters.ssh import Executable, RemoteCommand, SshHost
 from orchestrator.config import FleetConfig
 from orchestrator.errors import DeployError, RemoteCommandFailed
@@ -81,7 +89,9 @@ def running(config, pidfile):
 '''
 
 _PROBE = _RUNNING + r'''
-install, config, pidfile, log, unit = sys.argv[1:6]
+import subprocess
+install, config, pidfile, log, unit, may_use_systemd = sys.argv[1:7]
+systemd = may_use_systemd == "1" and os.path.isdir("/run/systemd/system")
 current = os.path.join(install, "current")
 version = None
 if os.path.isfile(os.path.join(current, "agents", "__init__.py")):
@@ -91,14 +101,23 @@ try:
 except OSError:
     config_sha = None
 try:
-    with open(log, "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 600))
-        tail = f.read().decode(errors="replace")
+    unit_sha = hashlib.sha256(open(unit, "rb").read()).hexdigest()
 except OSError:
-    tail = ""
+    unit_sha = None
+tail = ""
+if systemd:
+    tail = subprocess.run(["journalctl", "-u", os.path.basename(unit), "-n", "20", "--no-pager",
+                           "-o", "cat"], capture_output=True, text=True).stdout[-600:]
+else:
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 600))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        pass
 print(json.dumps({"version": version, "config_sha256": config_sha,
                   "pid": running(config, pidfile), "log_tail": tail,
-                  "systemd_unit": os.path.exists(unit)}))
+                  "unit_sha256": unit_sha, "systemd": systemd}))
 '''
 
 _INSTALL = r'''
@@ -206,8 +225,8 @@ class AgentLayout:
 
     @property
     def unit_path(self) -> str:
-        """The Ansible role's systemd unit: where it exists, systemd owns the agent."""
-        return self._at("etc", "systemd", "system", "rbdfleet-agent.service")
+        """The agent's systemd unit (both deployers install it where systemd runs)."""
+        return self._at("etc", "systemd", "system", UNIT_NAME)
 
     def directories(self) -> list[str]:
         """Every directory the agent needs."""
@@ -259,8 +278,9 @@ class _Probe:
     version: str | None
     config_sha256: str | None
     pid: int | None
-    log_tail: str
-    systemd_unit: bool
+    log_tail: str  # the journal's under systemd, else the log file's
+    unit_sha256: str | None  # the unit file's, None: no unit
+    systemd: bool  # systemd runs the agent here (PID 1 is systemd, prefix "/")
 
 
 class AgentDeployer:
@@ -307,7 +327,7 @@ class AgentDeployer:
     def _deploy_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
         actions, probe = self._install(target, self._probe(target))
         if probe.pid is not None and actions:
-            self._stop(target)
+            self._stop(target, probe)
             actions.append("stopped")
             probe = replace(probe, pid=None)
         started, probe = self._start(target, probe)
@@ -324,10 +344,13 @@ class AgentDeployer:
         layout, actions = target.layout, []
         config = target.config_bytes()
         config_sha = hashlib.sha256(config).hexdigest()
+        unit = self._unit(target).encode() if probe.systemd else None
+        unit_sha = hashlib.sha256(unit).hexdigest() if unit is not None else None
         stale_package = probe.version != self.package.version
         stale_config = probe.config_sha256 != config_sha
-        if stale_package or stale_config:
-            _refuse_if_systemd(target, probe, "install")
+        stale_unit = unit is not None and probe.unit_sha256 != unit_sha
+        if stale_package or stale_config or stale_unit:
+            _refuse_unit_we_do_not_drive(target, probe, "install")
             self._run(target, RemoteCommand(Executable.MKDIR, ["-p", *layout.directories()]))
         if stale_package:
             tarball = posixpath.join(layout.install_dir,
@@ -340,7 +363,19 @@ class AgentDeployer:
             self.shell.put_file(target.host, config, layout.config_path, 0o600,
                                 self.command_timeout)
             actions.append("configured")
-        return actions, replace(probe, version=self.package.version, config_sha256=config_sha)
+        if unit is not None and stale_unit:
+            self.shell.put_file(target.host, unit, layout.unit_path, 0o644,
+                                self.command_timeout)
+            actions.append(f"unit {UNIT_NAME} installed")
+        return actions, replace(probe, version=self.package.version, config_sha256=config_sha,
+                                unit_sha256=unit_sha if unit is not None else probe.unit_sha256)
+
+    def _unit(self, target: DeployTarget) -> str:
+        layout = target.layout
+        return render_unit(UnitParams(
+            release=layout.release(self.package.version), workdir=layout.workdir,
+            config_path=layout.config_path, pidfile=layout.pidfile, config=target.config,
+            launch=self.launch, python=str(Executable.PYTHON3), stop_timeout=self.stop_grace))
 
     def _start(self, target: DeployTarget, probe: _Probe) -> tuple[list[str], _Probe]:
         """Start the agent unless ``probe`` found it running; check it stays up."""
@@ -349,7 +384,9 @@ class AgentDeployer:
             return [], probe
         if probe.version is None:
             raise RemoteCommandFailed(target.host.name, "agent not installed", rc=-1)
-        _refuse_if_systemd(target, probe, "start")
+        if probe.systemd:
+            return self._start_service(target)
+        _refuse_unit_we_do_not_drive(target, probe, "start")
         cmd = RemoteCommand(Executable.PYTHON3,
                             [*self.launch, "--config", layout.config_path])
         pid = self.shell.start_background(target.host, cmd, workdir=layout.workdir,
@@ -365,9 +402,26 @@ class AgentDeployer:
                                       f"{probe.log_tail.strip()[-400:]}", rc=-1)
         return [f"started pid {pid}"], probe
 
+    def _start_service(self, target: DeployTarget) -> tuple[list[str], _Probe]:
+        """``systemctl enable --now`` the unit; it must still run its first process after
+        ``settle`` (systemd would restart an agent that dies on a bad config, forever)."""
+        self._systemctl(target, "daemon-reload")  # the unit file may have just changed
+        self._systemctl(target, "enable", "--now", UNIT_NAME)
+        time.sleep(self.settle)
+        shown = dict(line.split("=", 1) for line in self._systemctl(
+            target, "show", "-p", "ActiveState", "-p", "NRestarts", "-p", "MainPID",
+            UNIT_NAME).splitlines() if "=" in line)
+        probe = self._probe(target)
+        if shown.get("ActiveState") != "active" or shown.get("NRestarts") != "0" \
+                or probe.pid is None or str(probe.pid) != shown.get("MainPID"):
+            raise RemoteCommandFailed(target.host.name, f"agent exited right after start "
+                                      f"({shown}): {probe.log_tail.strip()[-400:]}", rc=-1)
+        return [f"started {UNIT_NAME} pid {probe.pid}"], probe
+
     def _stop_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
-        _refuse_if_systemd(target, self._probe(target), "stop")
-        stopped = self._stop(target)
+        probe = self._probe(target)
+        _refuse_unit_we_do_not_drive(target, probe, "stop")
+        stopped = self._stop(target, probe, disable=True)  # undeploy: not at boot either
         return ([f"stopped pid {stopped}"] if stopped is not None else []), self._probe(target)
 
     def _status_one(self, target: DeployTarget) -> tuple[list[str], _Probe]:
@@ -375,19 +429,28 @@ class AgentDeployer:
 
     # remote helpers ------------------------------------------------------------------------
 
-    def _stop(self, target: DeployTarget) -> int | None:
+    def _stop(self, target: DeployTarget, probe: _Probe, *, disable: bool = False) -> int | None:
+        """Stop the agent (systemd's, then any other the pidfile names); the pid stopped."""
+        if probe.systemd and probe.unit_sha256 is not None:
+            self._systemctl(target, *(("disable", "--now") if disable else ("stop",)), UNIT_NAME)
+        # an agent systemd does not run (started before its unit existed) stops here
         layout = target.layout
         out = self._python(target, _STOP, layout.config_path, layout.pidfile,
                            str(self.stop_grace))
         stopped = json.loads(out)["stopped"]
-        return int(stopped) if stopped is not None else None
+        return probe.pid if probe.pid is not None else (
+            int(stopped) if stopped is not None else None)
 
     def _probe(self, target: DeployTarget) -> _Probe:
         layout = target.layout
         out = json.loads(self._python(target, _PROBE, layout.install_dir, layout.config_path,
-                                      layout.pidfile, layout.log_path, layout.unit_path))
+                                      layout.pidfile, layout.log_path, layout.unit_path,
+                                      "1" if posixpath.normpath(target.prefix) == "/" else "0"))
         return _Probe(out["version"], out["config_sha256"], out["pid"], out["log_tail"],
-                      out["systemd_unit"])
+                      out["unit_sha256"], out["systemd"])
+
+    def _systemctl(self, target: DeployTarget, *args: str) -> str:
+        return self._run(target, RemoteCommand(Executable.SYSTEMCTL, list(args)))
 
     def _python(self, target: DeployTarget, script: str, *args: str) -> str:
         return self._run(target, RemoteCommand(Executable.PYTHON3, ["-c", script, *args]))
@@ -418,9 +481,10 @@ class AgentDeployer:
         return results
 
 
-def _refuse_if_systemd(target: DeployTarget, probe: _Probe, action: str) -> None:
-    """The Ansible role's systemd unit runs (and restarts) this host's agent: keep off it."""
-    if probe.systemd_unit:
+def _refuse_unit_we_do_not_drive(target: DeployTarget, probe: _Probe, action: str) -> None:
+    """A unit file where this deployer does not use systemd (none running, or a prefix other
+    than ``/``): whoever put it there runs the agent through it; keep off."""
+    if probe.unit_sha256 is not None and not probe.systemd:
         raise RemoteCommandFailed(target.host.name, f"refusing to {action} the agent: systemd runs "
                              f"it from {target.layout.unit_path} (Ansible role rbdfleet_agent); "
                              "deploy with ansible-playbook, or `systemctl disable --now "
