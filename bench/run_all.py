@@ -6,7 +6,7 @@ stable keys (docs/benchmarks.md, "make bench"), one figure each with its spread 
 (``min`` / ``median`` / ``max`` and the ``rounds`` themselves), plus each benchmark's full
 output under ``raw``. ``--quick`` (``make bench QUICK=1``) uses fewer and smaller rounds.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only agents,devices,storage,failover,vm]
+    .venv/bin/python bench/run_all.py [--quick] [--only agents,devices,storage,failover,promote,vm]
         [--out bench/results/latest.json]
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("agents", "devices", "storage", "failover", "vm")
+BENCHES = ("agents", "devices", "storage", "failover", "promote", "vm")
 
 
 
@@ -42,6 +42,10 @@ def argv_of(name: str, quick: bool, out: Path) -> list[str]:
     if name == "storage":
         return [py, "bench/storage_bench.py", "--files", "50" if quick else "200",
                 "--file-kib", "1024", "--json", str(out)]
+    if name == "promote":
+        return [py, "bench/promote_bench.py", "--files",
+                "10000,100000" if quick else "10000,100000,1000000", "--rounds", "7",
+                "--json", str(out)]
     if name == "failover":
         return [py, "-m", "bench.failover_bench", "--kills", "3" if quick else "20",
                 "--json", str(out)]
@@ -81,6 +85,16 @@ def from_failover(raw: dict[str, Any]) -> dict[str, Any]:
             "failover_process_failed_reads": raw["reads"]["failed"]}
 
 
+def from_promote(raw: dict[str, Any]) -> dict[str, Any]:
+    keys: dict[str, Any] = {}
+    for files, tag in (("100000", "1e5"), ("1000000", "1e6")):
+        if files in raw["sizes"]:
+            size = raw["sizes"][files]
+            keys[f"promote_{tag}_s"] = spread(size["warm_s"]["rounds"])
+            keys[f"promote_cold_{tag}_s"] = spread(size["cold_s"]["rounds"])
+    return keys
+
+
 def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
     keys: dict[str, Any] = {}
     for kind, per in raw["summary"].items():
@@ -95,7 +109,7 @@ def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
 
 EXTRACT: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "agents": from_agents, "devices": from_devices, "storage": from_storage,
-    "failover": from_failover, "vm": from_vm}
+    "failover": from_failover, "promote": from_promote, "vm": from_vm}
 
 
 def one_line(key: str, value: Any) -> str:
