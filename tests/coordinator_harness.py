@@ -167,19 +167,22 @@ def start_service(
     role_switch: RoleSwitch | None = None,
     reader_set_delay: float = 0.0,
     clients: ClientStore | None = None,
+    agents_plaintext: bool = False,
     hypervisor: Hypervisor | None = None,
     domains: dict[str, tuple[str, str]] | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``.
 
     ``clients``: the fleet's client credentials (default: only :data:`TEST_CLIENT`, admin).
+    ``agents_plaintext``: the fleet's agents run ``insecure_plaintext`` (else the coordinator
+    reaches them over TLS, presenting its certificate).
     ``hypervisor``/``domains`` (node -> (uri, domain)): lifecycle events as death evidence.
 
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
     """
-    agents = HttpAgentControl(transport(plaintext=coordinator.url.startswith("http:"),
-                                        identity=True), control_timeout=30.0)
+    agents = HttpAgentControl(transport(plaintext=agents_plaintext, identity=True),
+                              control_timeout=30.0)
 
     def send_reader_set(address: str, request: ReaderSet, grant: str) -> None:
         time.sleep(reader_set_delay)
@@ -214,11 +217,10 @@ def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> Rados
 
 def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0,
                  client: str = TEST_CLIENT, secret: bytes = TEST_CLIENT_SECRET) -> FleetClient:
-    """A client of ``fleet`` through the coordinators ``urls`` (default: the admin one); TLS
-    to agents unless the coordinators serve plaintext (their agents then do too)."""
-    plaintext = all(u.startswith("http:") for u in urls)
+    """A client of ``fleet`` through the coordinators ``urls`` (default: the admin one),
+    verifying agents and coordinators against the test CA (an ``http://`` URL is plaintext)."""
     coordinator = CoordinatorClient(urls, fleet, secret, client=client, timeout=5.0,
-                                    transport=transport(plaintext=plaintext))
+                                    transport=transport())
     return FleetClient(coordinator, retry=RetryPolicy(timeout=timeout), io_timeout=10.0)
 
 
@@ -250,11 +252,13 @@ def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> Non
 @contextmanager
 def coordinated_file_fleet(
     fleet_factory: FleetFactory, directory: Path, admin: Any, pool: str, prefix: str,
-    reader_set_delay: float = 0.0,
+    reader_set_delay: float = 0.0, plaintext_coordinator: bool = False,
 ) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
     """A writer and two readers on a file image, one coordinator (state in RADOS ``pool``,
-    fence = SIGKILL), ready with both readers in sync; the coordinator stops on exit."""
-    coordinator = start_api()
+    fence = SIGKILL), ready with both readers in sync; the coordinator stops on exit.
+    ``plaintext_coordinator``: it serves plain HTTP (tests of its HTTP parser); the agents
+    still run TLS."""
+    coordinator = start_api(plaintext=plaintext_coordinator)
     fleet = fleet_factory(
         f"file:{file_image(directory / 'image.raw')}",
         name=f"{prefix}-{uuid.uuid4().hex[:8]}",

@@ -12,6 +12,7 @@ from orchestrator.client import HttpAgentControl
 from orchestrator.ports import AgentControl
 from orchestrator.testing.contracts import AgentControlSubject, check_agent_control
 from orchestrator.testing.fakes import MemoryAgents
+from tests.coordinator_harness import transport
 from tests.fixtures.agents import TEST_SECRET, AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.contract
@@ -44,7 +45,8 @@ def subject(request: pytest.FixtureRequest, tmp_path: Path) -> AgentControlSubje
         f.truncate(64 << 20)
     make: FleetFactory = request.getfixturevalue("fleet_factory")
     fleet = make(f"file:{image}", name=FLEET, readers=("r1",))
-    return subject_for(fleet, HttpAgentControl(), fleet["w"].address, fleet["r1"].address)
+    return subject_for(fleet, HttpAgentControl(transport(identity=True)), fleet["w"].address,
+                       fleet["r1"].address)
 
 
 def test_agent_control_contract(subject: AgentControlSubject) -> None:

@@ -26,7 +26,14 @@ from agents.core.protocol import PutRequest
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, choose
 from agents.device import ALIGN
-from tests.fixtures.agents import REPO, AgentFleet, FleetFactory, ReportSink, Response
+from tests.fixtures.agents import (
+    REPO,
+    AgentFleet,
+    FleetFactory,
+    ReportSink,
+    Response,
+    client_context,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -124,7 +131,8 @@ def _put_in_background(fleet: AgentFleet, node: str, path: str, total: int,
 
 def _connect(address: str, timeout: float = 60) -> http.client.HTTPConnection:
     host, _, port = address.rpartition(":")
-    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+    return http.client.HTTPSConnection(host, int(port), timeout=timeout,
+                                       context=client_context())
 
 
 def _promote(fleet: AgentFleet, node: str, epoch: int, readers: tuple[str, ...]) -> None:

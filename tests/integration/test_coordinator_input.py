@@ -109,7 +109,8 @@ class Setup:
 def setup(
     fleet_factory: FleetFactory, tmp_path: Path, rados_admin: Any, ceph_cluster: Any
 ) -> Iterator[Setup]:
-    with coordinated_file_fleet(fleet_factory, tmp_path, rados_admin, ceph_cluster.pool, "in") as (
+    with coordinated_file_fleet(fleet_factory, tmp_path, rados_admin, ceph_cluster.pool, "in",
+                                plaintext_coordinator=True) as (
         fleet,
         coordinator,
         _,

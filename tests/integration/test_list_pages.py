@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from agents.core.protocol import LIST_LIMIT
-from orchestrator.client import FleetClient, Targets, Transport
+from orchestrator.client import FleetClient, Targets
 from orchestrator.core.fleetmap import Target
+from tests.coordinator_harness import transport
 from tests.fixtures.agents import AgentFleet
 
 pytestmark = pytest.mark.integration
@@ -84,7 +85,7 @@ class MapOfThisFleet:
 
     def __init__(self, fleet: AgentFleet) -> None:
         self.fleet = fleet.name
-        self.transport = Transport()
+        self.transport = transport()
         epoch = fleet.epoch("w")
         self._targets = Targets(epoch, 1, tuple(
             Target(node, fleet[node].address, "reader", fleet.grant(node, "reader", epoch))
