@@ -70,6 +70,29 @@ UNIT = 4 * MiB
 RBD_MODES = ("librbd", "librbd_threads", "librbd_bytes")  # regions of the one librbd image
 
 
+def timed(workers: list[Callable[[], None]]) -> float:
+    """Seconds for ``workers`` to run to the end, one thread each (their buffers are made
+    before: only the I/O is timed); the first error raised."""
+    errors: list[BaseException] = []
+
+    def run(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
 def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int,
                as_bytes: bool = False) -> float:
     """``depth`` threads, each one 4 MiB I/O at a time (next unit from a shared counter),
@@ -77,14 +100,11 @@ def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int,
     ``read_at``."""
     units = iter(range(size // UNIT))
     lock = threading.Lock()
-    errors: list[BaseException] = []
+    data = os.urandom(UNIT)
+    bufs = [aligned_buffer(UNIT) for _ in range(depth)]
 
-    def worker() -> None:
-        buf = aligned_buffer(UNIT)
-        view = memoryview(buf)
-        data = os.urandom(UNIT)
-        try:
-            buf[:] = data
+    def worker(view: memoryview) -> Callable[[], None]:
+        def work() -> None:
             while True:
                 with lock:
                     unit = next(units, None)
@@ -99,22 +119,18 @@ def by_threads(dev: VectoredDevice, op: str, base: int, size: int, depth: int,
                     dev.read_at(at, UNIT)
                 else:
                     dev.readinto(at, view)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
+
+        return work
+
+    views = [memoryview(b) for b in bufs]
+    try:
+        for view in views:
+            view[:] = data
+        return size / timed([worker(v) for v in views])
+    finally:
+        for view, buf in zip(views, bufs, strict=True):
             view.release()
             buf.close()
-
-    threads = [threading.Thread(target=worker) for _ in range(depth)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return size / elapsed
 
 
 def by_calls(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> float:
@@ -123,14 +139,13 @@ def by_calls(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> 
     span = depth * UNIT
     spans = iter(range(0, size, span))
     lock = threading.Lock()
-    errors: list[BaseException] = []
+    bufs = [aligned_buffer(span) for _ in range(2)]
+    views = [memoryview(b) for b in bufs]
 
-    def caller() -> None:
-        buf = aligned_buffer(span)
-        view = memoryview(buf)
+    def caller(view: memoryview) -> Callable[[], None]:
         parts = [view[i * UNIT : (i + 1) * UNIT] for i in range(depth)]
-        try:
-            buf[:] = os.urandom(UNIT) * depth
+
+        def work() -> None:
             while True:
                 with lock:
                     at = next(spans, None)
@@ -141,24 +156,17 @@ def by_calls(dev: VectoredDevice, op: str, base: int, size: int, depth: int) -> 
                     dev.writev(base + at, parts[: n // UNIT])
                 else:
                     dev.readinto(base + at, view[:n])
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            for p in parts:
-                p.release()
+
+        return work
+
+    try:
+        for view in views:
+            view[:] = os.urandom(UNIT) * depth
+        return size / timed([caller(v) for v in views])
+    finally:
+        for view, buf in zip(views, bufs, strict=True):
             view.release()
             buf.close()
-
-    threads = [threading.Thread(target=caller) for _ in range(2)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    if errors:
-        raise errors[0]
-    return size / elapsed
 
 
 def remove_image(conf: Path, pool: str, name: str) -> None:
