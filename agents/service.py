@@ -89,7 +89,8 @@ UMask=0077
 
 # uid 0 without a single capability: its files (config, keys, TLS key: 0600 root, as both
 # deployers write them) and the shared disk's device node (root:disk 0660) are root's, and
-# it may open nothing else root does not own.
+# it may open nothing else root does not own. No ProtectClock: it implies DeviceAllow=char-rtc,
+# which shuts every other device out (systemd issue 18142), the shared disk too.
 CapabilityBoundingSet=
 AmbientCapabilities=
 NoNewPrivileges=yes
@@ -100,7 +101,6 @@ ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
-ProtectClock=yes
 ProtectHostname=yes
 RestrictNamespaces=yes
 RestrictSUIDSGID=yes
