@@ -177,10 +177,14 @@ class _Reader:
             node = decode_node(self._store.read_page(ref.page_no), ref, self._layout)
             if self._cache is not None:
                 self._cache.put(ref, node)
-        if level is not None and _level(node) != level:
-            raise CorruptMetadata(f"metadata page {ref.page_no} is at level {_level(node)}, "
-                                  f"its parent wants {level}", page=ref.page_no)
         keys = node.keys if isinstance(node, Leaf) else node.keys[1:]
+        if level is not None and (_level(node) != level or not keys):
+            # below the root, every page has a key of its own (the writer merges emptied
+            # pages away): a page can then sit under one parent range only, so no forged
+            # DAG makes a scan read a page twice
+            raise CorruptMetadata(f"metadata page {ref.page_no} (level {_level(node)}, "
+                                  f"{len(node.keys)} keys) where its parent wants a page of "
+                                  f"level {level}", page=ref.page_no)
         if keys and (keys[0] < lo or (hi is not None and keys[-1] >= hi)):
             raise CorruptMetadata(f"metadata page {ref.page_no} holds keys outside the range "
                                   f"its parent gives it", page=ref.page_no)
@@ -580,10 +584,11 @@ class Tree:
 def check(root: PageRef | None, store: PageReader, *, layout: Layout | None = None,
           allocated: set[int] | None = None) -> list[TreeProblem]:
     """Walk every page reachable from ``root`` (read-only, no cache) and report what is
-    wrong, each problem naming its page: pages that do not decode, levels, key ranges, a
-    branch with one child, overflow chains, pages referenced twice; with ``allocated`` (the
-    allocator's view of the tree's pages), pages it holds that no root reaches and pages
-    reached that it does not hold. Every page is read at most once."""
+    wrong, each problem naming its page: pages that do not decode, levels, key ranges, empty
+    pages below the root, a root branch with one child, overflow chains, pages referenced
+    twice; with ``allocated`` (the allocator's view of the tree's pages), pages it holds
+    that no root reaches and pages reached that it does not hold. Every page is read at
+    most once."""
     layout = layout or Layout()
     reader = Snapshot(None, store, layout=layout)
     problems: list[TreeProblem] = []
@@ -605,7 +610,8 @@ def check(root: PageRef | None, store: PageReader, *, layout: Layout | None = No
             continue
         if isinstance(node, Branch):
             if len(node.children) < 2:
-                problems.append(TreeProblem(ref.page_no, "balance", "branch with one child"))
+                problems.append(TreeProblem(ref.page_no, "balance",
+                                            "root branch with one child"))
             for i in range(len(node.children)):
                 child = node.children[i]
                 assert isinstance(child, PageRef)  # decoded pages hold refs only
