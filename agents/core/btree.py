@@ -313,11 +313,15 @@ class Txn(_Reader):
     """One write transaction from ``base`` (see the module docstring)."""
 
     def __init__(self, base: PageRef | None, store: PageStore, *,
-                 layout: Layout | None = None, cache: PageCache | None = None) -> None:
+                 layout: Layout | None = None, cache: PageCache | None = None,
+                 generation: int | None = None) -> None:
         super().__init__(store, layout or Layout(), cache)
         self._writer = store
         self.base = base
-        self.generation = (base.generation if base is not None else 0) + 1
+        floor = base.generation if base is not None else 0
+        self.generation = floor + 1 if generation is None else generation
+        if self.generation <= floor:
+            raise ValueError(f"generation {self.generation} is not above the base's {floor}")
         self._top: PageRef | TreeNode = base if base is not None else Leaf([], [], HEADER.size)
         self._freed: list[int] = []
         self._finished = False
@@ -512,12 +516,16 @@ class Txn(_Reader):
         if top.ref is not None:
             return Commit(top.ref, [], self._freed)
         allocated: list[int] = []
+        written: list[tuple[PageRef, TreeNode]] = []
         try:
-            root = self._write(top, allocated)
+            root = self._write(top, allocated, written)
         except BaseException:
             for page_no in allocated:
                 self._writer.free(page_no)
             raise
+        if self._cache is not None:  # only whole commits: a failed one's pages are reused
+            for ref, node in written:
+                self._cache.put(ref, node)
         return Commit(root, allocated, self._freed)
 
     def _allocate(self, allocated: list[int]) -> int:
@@ -525,11 +533,12 @@ class Txn(_Reader):
         allocated.append(page_no)
         return page_no
 
-    def _write(self, node: TreeNode, allocated: list[int]) -> PageRef:
+    def _write(self, node: TreeNode, allocated: list[int],
+               written: list[tuple[PageRef, TreeNode]]) -> PageRef:
         if isinstance(node, Branch):
             for i, child in enumerate(node.children):
                 if not isinstance(child, PageRef):
-                    node.children[i] = self._write(child, allocated)
+                    node.children[i] = self._write(child, allocated, written)
         else:
             for i, (key, value) in enumerate(zip(node.keys, node.values, strict=True)):
                 if isinstance(value, bytes) and not self._layout.inline(key, value):
@@ -539,8 +548,7 @@ class Txn(_Reader):
         self._writer.write_page(page_no, data)
         ref = PageRef(page_no, self.generation, crc)
         node.ref = ref
-        if self._cache is not None:
-            self._cache.put(ref, node)
+        written.append((ref, node))
         return ref
 
     def _write_overflow(self, value: bytes, allocated: list[int]) -> Overflow:
@@ -576,9 +584,12 @@ class Tree:
         """A read-only view of ``root``."""
         return Snapshot(root, self.store, layout=self.layout, cache=self.cache)
 
-    def begin(self, root: PageRef | None) -> Txn:
-        """A write transaction from ``root``."""
-        return Txn(root, self.store, layout=self.layout, cache=self.cache)
+    def begin(self, root: PageRef | None, generation: int | None = None) -> Txn:
+        """A write transaction from ``root``, writing pages of ``generation`` (default: one
+        above the root's; a caller whose root flip can fail after the pages were written
+        passes a number it never reuses, such as the journal seq)."""
+        return Txn(root, self.store, layout=self.layout, cache=self.cache,
+                   generation=generation)
 
 
 def check(root: PageRef | None, store: PageReader, *, layout: Layout | None = None,

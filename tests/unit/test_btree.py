@@ -9,6 +9,7 @@ import errno
 import random
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -122,7 +123,7 @@ class Writer:
     def tree(self) -> Tree:
         return Tree(self.store, cache=self.cache)
 
-    def commit(self, ops: dict[bytes, bytes | None]) -> Commit:
+    def commit(self, ops: Mapping[bytes, bytes | None]) -> Commit:
         txn = self.tree.begin(self.root)
         for key, value in ops.items():
             if value is None:
@@ -164,7 +165,7 @@ def _bulk(n: int, seed: int = 0, dirs: int = 100, value_bytes: int = 40) -> dict
     return dict(sorted(items.items(), key=lambda _: rng.random()))
 
 
-def _fill(writer: Writer, items: dict[bytes, bytes], per_txn: int) -> None:
+def _fill(writer: Writer, items: Mapping[bytes, bytes | None], per_txn: int) -> None:
     keys = list(items)
     for start in range(0, len(keys), per_txn):
         writer.commit({k: items[k] for k in keys[start : start + per_txn]})
@@ -349,7 +350,7 @@ def test_a_readers_cache_never_serves_a_reused_page_number() -> None:
     keys = list(items)
     for round_ in range(4):
         changes = {k: bytes([round_]) * 61 for k in keys[round_ * 500 : (round_ + 1) * 500]}
-        writer.commit(changes)  # type: ignore[arg-type]
+        writer.commit(changes)
         items.update(changes)
         if round_ == 0:
             writer.open_snapshots.remove(old)  # the reader moves on: the old pages are reused
@@ -400,17 +401,38 @@ def test_a_commit_writes_each_dirty_page_once_and_nothing_else() -> None:
 
 
 def test_a_failed_commit_gives_its_pages_back() -> None:
-    writer = Writer()
-    _fill(writer, _bulk(2000), 1000)
+    writer = Writer(cache=PageCache(1024))
+    items = _bulk(2000)
+    _fill(writer, items, 1000)
     before = writer.store.in_use()
     txn = writer.tree.begin(writer.root)
+    for key in list(items)[:50]:
+        txn.put(key, b"lost")
     txn.put(path_key("/new/file"), b"x" * 5000)
-    writer.store.fail_at = writer.store.writes + 1
+    writer.store.fail_at = writer.store.writes + 30
     with pytest.raises(DeviceError):
         txn.commit()
     assert writer.store.in_use() == before
     with pytest.raises(TxnStateError):
         txn.put(b"/\x00a", b"")
+    # the next transaction reuses those page numbers under the same generation
+    writer.store.fail_at = None
+    writer.commit({key: b"kept" for key in list(items)[:50]})
+    items.update(dict.fromkeys(list(items)[:50], b"kept"))
+    assert dict(writer.tree.snapshot(writer.root).range()) == items
+
+
+def test_a_transaction_writes_the_generation_it_is_given() -> None:
+    writer = Writer()
+    writer.commit({b"/\x00a": b"1"})
+    assert writer.root is not None
+    with pytest.raises(ValueError):
+        writer.tree.begin(writer.root, generation=writer.root.generation)
+    txn = writer.tree.begin(writer.root, generation=100)
+    txn.put(b"/\x00b", b"2")
+    done = txn.commit()
+    assert done.root.generation == 100
+    assert writer.tree.begin(done.root).generation == 101
 
 
 @pytest.mark.parametrize("tear", [False, True])
@@ -474,14 +496,14 @@ def test_deletes_shrink_the_tree() -> None:
     _fill(writer, items, 2000)
     grown = len(writer.store.in_use() - writer.quarantined())
     keys = list(items)
-    _fill(writer, dict.fromkeys(keys[:19800]), 2000)  # type: ignore[arg-type]
+    _fill(writer, dict.fromkeys(keys[:19800]), 2000)
     snap = writer.tree.snapshot(writer.root)
     assert dict(snap.range()) == {k: items[k] for k in keys[19800:]}
     live = writer.store.in_use() - writer.quarantined()
     assert snap.height() <= 2
     assert len(live) <= grown // 20
     assert check(writer.root, writer.store, allocated=live) == []
-    writer.commit(dict.fromkeys(keys[19800:]))  # type: ignore[arg-type]
+    writer.commit(dict.fromkeys(keys[19800:]))
     assert Tree(writer.store).snapshot(writer.root).height() == 1
     assert list(Tree(writer.store).snapshot(writer.root).range()) == []
 
@@ -509,7 +531,7 @@ def test_longest_keys_still_split_and_merge() -> None:
     _fill(writer, items, 50)
     snap = writer.tree.snapshot(writer.root)
     assert dict(snap.range()) == items
-    _fill(writer, dict.fromkeys(keys[:390]), 50)  # type: ignore[arg-type]
+    _fill(writer, dict.fromkeys(keys[:390]), 50)
     assert dict(writer.tree.snapshot(writer.root).range()) == {k: items[k] for k in keys[390:]}
     live = writer.store.in_use() - writer.quarantined()
     assert check(writer.root, writer.store, allocated=live) == []
