@@ -364,7 +364,7 @@ class CoordinatorAPI:
     def _authorize_client(self, fleet: str, headers: Mapping[str, str],
                           route: str) -> ClientCredential:
         token = bearer_token(headers)
-        claimed = peek(token)  # which secret to check with; nothing trusted yet
+        claimed = _peek(token)  # which secret to check with; nothing trusted yet
         if claimed.audience != COORDINATOR or claimed.purpose != CLIENT:
             raise ForeignGrant("not a client credential", field="purpose",
                                purpose=claimed.purpose)
@@ -385,7 +385,7 @@ class CoordinatorAPI:
         message's own node and fleet are checked once the body is in
         (:meth:`_agent_report`)."""
         token = bearer_token(headers)
-        claimed = peek(token)  # which fleet and node's key to check with; nothing trusted yet
+        claimed = _peek(token)  # which fleet and node's key to check with; nothing trusted yet
         service = self.services.get(claimed.fleet)
         if service is None:
             raise ForeignGrant("grant is for a fleet this coordinator does not serve",
@@ -480,6 +480,15 @@ def _route(method: str, path: str) -> Route:
     if method != allowed:
         raise MethodNotAllowed(f"{method} not allowed on {path[:200]}", allowed=[allowed])
     return Route(method, parts, auth, limit)
+
+
+def _peek(token: str) -> Grant:
+    """What ``token`` claims (:func:`peek`), BadSignature for a payload nested too deep for
+    the JSON parser (its RecursionError is no ValueError: it would be answered 500)."""
+    try:
+        return peek(token)
+    except RecursionError as exc:
+        raise BadSignature("grant token is malformed") from exc
 
 
 def _check_current_writer(m: FleetMap, report: LaggingReaderReport) -> None:

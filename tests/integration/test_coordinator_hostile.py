@@ -12,6 +12,7 @@ deadlines are seen within seconds. ~40 s in all.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import json
@@ -301,6 +302,7 @@ def test_malformed_requests_get_one_4xx_and_change_nothing_while_a_client_is_ser
                          subject="r1", digest=body_digest(b"{}")), b"some key")
     big_int = b'{"v":1,"node":"r1","applied_seq":' + b"9" * 5000 + b"}"
     big_path = b'{"path":' + b"1" * 5000 + b"}"
+    deep_token = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode() + ".bWFj"
 
     def req(head: str, body: bytes = b"") -> bytes:
         return f"{head}\r\nHost: x\r\n".encode() + body
@@ -341,6 +343,12 @@ def test_malformed_requests_get_one_4xx_and_change_nothing_while_a_client_is_ser
         ("a client credential as a report grant", req("POST /v1/selftest HTTP/1.1",
          f"Authorization: Bearer {h.client_grant()}\r\nContent-Length: 2\r\n\r\n{{}}"
          .encode()), 403, "foreign_grant", True),
+        ("a token nested 3,000 deep", req(f"POST {write} HTTP/1.1",
+         f"Authorization: Bearer {deep_token}\r\nContent-Length: 2\r\n\r\n{{}}".encode()),
+         401, "bad_signature", True),
+        ("a report token nested 3,000 deep", req("POST /v1/heartbeat HTTP/1.1",
+         f"Authorization: Bearer {deep_token}\r\nContent-Length: 2\r\n\r\n{{}}".encode()),
+         401, "bad_signature", True),
         ("10k-deep JSON", req(f"POST {write} HTTP/1.1", f"{client}Content-Length: 20000\r\n\r\n"
          .encode() + b"[" * 10_000 + b"]" * 10_000), 400, "decode_error", False),
         ("5,000-digit integer", req(f"POST {write} HTTP/1.1", f"{client}Content-Length: "
