@@ -9,7 +9,9 @@
 5. the writer's agent is killed (``kill -9`` in its VM) while a stale writer process in that
    VM keeps writing to the shared disk: the coordinator fences it, switches roles, promotes a
    reader; ``rbdfleet put`` works again, the stale writer's next write fails with EIO, and
-   every acknowledged file reads back intact.
+   every acknowledged file reads back intact;
+6. a reader's agent is killed (``kill -9``): systemd starts it again and the node rejoins in
+   sync with no command from anyone.
 
 Usage: python -m orchestrator.sandbox.demo [--dir DIR] [--vms N]
 :class:`Mission` holds the steps; ``tests/integration/test_mission_vm.py`` asserts the same.
@@ -32,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from agents.errors import RbdfleetError
+from agents.service import UNIT_NAME
 from orchestrator import config as fleet_config
 from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand, shell_script
-from orchestrator.cli.coordinator import open_client
+from orchestrator.cli.coordinator import coordinator_config, open_client
 from orchestrator.client import FleetClient
 from orchestrator.config import FleetConfig
 from orchestrator.deploy import AgentLayout
@@ -151,6 +154,14 @@ class Mission:
         self.timings["coordinator_ready"] = round(time.monotonic() - started, 2)
         return pid
 
+    def tls_summary(self) -> str:
+        """What protects the fleet's traffic, from its config and the running coordinator."""
+        urls = sorted({m["address"] for m in self.fleet_map().get("members", [])})
+        ca = self.config.pki_dir / "ca.pem"
+        return (f"coordinator {coordinator_config(self.config_path).urls[0]}, agents "
+                f"{', '.join(urls)} serve HTTPS under the fleet CA {ca}; pushes, reports and "
+                "role changes present the nodes' certificates (mutual TLS)")
+
     def client(self, timeout: float = 60.0) -> FleetClient:
         """A library client following the coordinators of the config."""
         return open_client(self.config_path, timeout)[0]
@@ -254,6 +265,31 @@ class Mission:
                               for m in self._map().get("members", [])), 120,
                   f"{vm} back as an in-sync reader")
 
+    def crash_and_self_heal(self, vm: str) -> None:
+        """``kill -9`` ``vm``'s agent and show systemd starting it again and the node back in
+        sync, with no command from anyone (timing ``self_heal``)."""
+        host = self.config.vm(vm)
+
+        def service() -> str:
+            return self.shell.run(host, RemoteCommand(Executable.SYSTEMCTL, [
+                "show", "-p", "MainPID", "-p", "NRestarts", UNIT_NAME]), check=True).stdout
+
+        before = service()
+        self.kill_agent(vm)
+        killed = time.monotonic()
+        self.wait(lambda: (now := service()) != before and "MainPID=0" not in now, 60,
+                  f"systemd restarting {vm}'s agent")
+        self.say(f"$ ssh {vm} systemctl status {UNIT_NAME}")
+        status = self.shell.run(host, RemoteCommand(Executable.SYSTEMCTL, [
+            "status", "--no-pager", "-n", "4", UNIT_NAME]))
+        for line in status.stdout.rstrip().splitlines():
+            print(f"    {line}", flush=True)
+        self.wait(lambda: any(m["name"] == vm and m["role"] == "reader" and m["in_sync"]
+                              for m in self._map().get("members", [])), 120,
+                  f"{vm} back as an in-sync reader")
+        self.timings["self_heal"] = round(time.monotonic() - killed, 2)
+        self.cli("status")
+
     def _time_new_writer(self, old: str, killed: float) -> None:
         """Poll the map every 50 ms: seconds from the kill until another writer is announced
         (``failover_announced``), the coordinator's part of the failover."""
@@ -306,6 +342,7 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
         say("step 3/5: start the coordinator (state in RADOS, blocklist fence, libvirt roles)")
         pid = mission.start_coordinator(directory / "coordinator.log")
         say(f"coordinator pid {pid}, ready in {mission.timings['coordinator_ready']} s")
+        say(f"TLS on: {mission.tls_summary()}")
         say("step 4/5: put a file, get it from a reader, status")
         mission.put_get(directory)
         acked = mission.put_many(20)
@@ -331,6 +368,12 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
             f"{new_map['epoch']}; it catches up from the journal")
         mission.rejoin(writer)
         mission.cli("status")
+        crashed = next(m["name"] for m in mission.fleet_map()["members"]
+                       if m["role"] == "reader" and m["in_sync"])
+        say(f"step 6: kill -9 the agent on reader {crashed}: systemd starts it again and the "
+            "node rejoins in sync by itself")
+        mission.crash_and_self_heal(crashed)
+        say(f"{crashed} in sync again {mission.timings['self_heal']} s after the kill")
     finally:
         mission.close()
     return mission.timings

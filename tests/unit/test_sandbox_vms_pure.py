@@ -110,7 +110,7 @@ def test_kernel_cmdline_carries_the_guest_parameters() -> None:
     assert params["guest.ip"] == "10.87.2.12/24"
     assert params["guest.hostname"] == "vm2"
     assert params["guest.gw"] == "10.87.2.1"
-    assert params["init"] == guest.INIT_PATH
+    assert "init" not in params  # the image's /sbin/init: systemd
     assert "guest.gw" not in guest.kernel_cmdline("10.87.2.12/24", "vm2")
 
 
@@ -139,6 +139,12 @@ def test_recipe_key_covers_every_recipe_file() -> None:
     key = guest.recipe_key()
     assert key == guest.recipe_key() and len(key) == 16
     assert set(guest.RECIPE_INSTALL) == {p.name for p in guest.RECIPE_DIR.iterdir()}
+
+
+def test_the_guest_units_are_installed_where_systemd_looks() -> None:
+    for unit in guest.ENABLED_UNITS:
+        assert guest.RECIPE_INSTALL[unit][0] == f"etc/systemd/system/{unit}"
+    assert not set(guest.ENABLED_UNITS) & set(guest.MASKED_UNITS)
 
 
 def _quick_builder(calls: list[str], delay: float = 0.2) -> guest.Builder:

@@ -1,0 +1,116 @@
+"""Crashed agents come back by themselves: systemd restarts them, they rejoin as readers.
+
+On the session's three TCG guests, which boot systemd like the Debian VMs users run, and the
+session's Ceph cluster: one fleet of its own (the ``mission`` fixture of the mission test),
+deployed with ``rbdfleet deploy``, which installs each agent as the ``rbdfleet-agent`` service
+(agents/service.py). A client streams small puts the whole time.
+
+1. ``kill -9`` a reader's agent: systemd starts it again (one automatic restart, a new main
+   pid) and it is an in-sync reader of epoch 1 again, with no command from anyone;
+2. ``kill -9`` the writer's agent: the coordinator fails over (epoch 2, exactly one
+   failover); systemd starts the old writer's agent again, with the config that named it
+   writer of epoch 1, yet it comes back as a reader (the launcher's rule; its journal says
+   so), is demoted/caught up to epoch 2 and handed out in sync, and the fleet stays at
+   epoch 2 — it never claims the writer role again;
+3. no acknowledged put is lost, fsck is clean.
+
+Budget: ~2-3 min with the VMs already booted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from agents.service import UNIT_NAME
+from orchestrator.sandbox.demo import Mission
+from orchestrator.sandbox.vms import VmSet
+from tests.integration.test_mission_vm import _health, mission  # noqa: F401
+from tests.vm_faults import PutStream, fsck, member, say_as, status_of
+
+pytestmark = [pytest.mark.fault, pytest.mark.vm]
+
+WRITER, READER = "vm1", "vm3"
+say = say_as("agent-restart")
+
+
+def _service(vms: VmSet, vm: str) -> dict[str, str]:
+    """``systemctl show`` of the agent's unit: ActiveState, MainPID, NRestarts, UnitFileState."""
+    shown = vms.exec(vm, ["systemctl", "show", "-p", "ActiveState", "-p", "MainPID",
+                          "-p", "NRestarts", "-p", "UnitFileState", UNIT_NAME])
+    assert shown.returncode == 0, shown.stderr
+    return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+
+
+def _in_sync_reader(fleet: Mission, vm: str, epoch: int) -> bool:
+    status = status_of(fleet)
+    now = member(status, vm)
+    return status["map"]["epoch"] == epoch and now["role"] == "reader" and bool(now["in_sync"])
+
+
+def _health_of(fleet: Mission, vm: str) -> dict[str, Any]:
+    return _health(f"{fleet.config.vm(vm).address}:{fleet.config.fleet.agent_port}")
+
+
+def _restarted(vms: VmSet, vm: str, before: dict[str, str]) -> bool:
+    now = _service(vms, vm)
+    return (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
+            and int(now["NRestarts"]) == int(before["NRestarts"]) + 1)
+
+
+def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
+                                               sandbox_vms: VmSet) -> None:
+    mission.provision()
+    mission.deploy()
+    for vm in (v.name for v in mission.config.vms):
+        service = _service(sandbox_vms, vm)
+        assert service["ActiveState"] == "active" and service["UnitFileState"] == "enabled"
+        pidfile = sandbox_vms.exec(vm, ["cat", "/run/rbdfleet/agent.pid"]).stdout.strip()
+        assert pidfile == service["MainPID"], (vm, service, pidfile)
+    mission.start_coordinator(mission.config_path.parent / "coordinator.log")
+    before = mission.put_many(5, prefix="/restart/before")
+    stream = PutStream(mission, io_timeout=5.0, prefix="/restart")
+    stream.start()
+    mission.wait(lambda: len(stream.acked) >= 3, 60, "the put stream")
+
+    # 1. a reader's agent crashes: the demo's step 6
+    service = _service(sandbox_vms, READER)
+    mission.crash_and_self_heal(READER)
+    assert _restarted(sandbox_vms, READER, service)
+    say(f"{READER}: in sync again {mission.timings['self_heal']} s after kill -9, restarted "
+        "by systemd")
+    assert _in_sync_reader(mission, READER, 1)
+    assert _health_of(mission, READER)["role"] == "reader"
+    acked_before_writer_kill = len(stream.acked)
+
+    # 2. the writer's agent crashes
+    service = _service(sandbox_vms, WRITER)
+    mission.kill_agent(WRITER)
+    killed = time.monotonic()
+    mission.wait(lambda: mission.fleet_map().get("writer") not in (None, WRITER)
+                 and mission.fleet_map().get("phase") == "stable", 120, "a new writer")
+    announced = round(time.monotonic() - killed, 1)
+    mission.wait(lambda: _restarted(sandbox_vms, WRITER, service), 60,
+                 f"systemd restarting {WRITER}'s agent")
+    mission.wait(lambda: _in_sync_reader(mission, WRITER, 2), 180,
+                 f"{WRITER} back as an in-sync reader of epoch 2")
+    say(f"{WRITER}: new writer announced {announced} s after kill -9; the old writer's agent "
+        f"back in sync as a reader {time.monotonic() - killed:.1f} s after it")
+    health = _health_of(mission, WRITER)
+    assert (health["role"], health["epoch"]) == ("reader", 2)
+    journal = sandbox_vms.exec(WRITER, ["journalctl", "-u", UNIT_NAME, "--no-pager", "-o", "cat"])
+    assert "started again with the config of its last start" in journal.stdout, journal.stdout
+    mission.wait(lambda: len(stream.acked) > acked_before_writer_kill + 5, 60,
+                 "puts acknowledged by the new writer")
+    stream.stop()
+
+    status = status_of(mission)
+    assert status["map"]["epoch"] == 2 and status["map"]["writer"] != WRITER  # one failover
+    lost = mission.verify({**before, **stream.acked})
+    assert lost == [], f"acknowledged puts lost: {lost}"
+    check = fsck(mission)
+    assert check.returncode == 0, check.stdout + check.stderr
+    say(f"{len(stream.acked)} streamed puts acknowledged, none lost (not acknowledged: "
+        f"{len(stream.errors)}); fsck clean")
