@@ -13,6 +13,7 @@ the two writers then lay out the same later writes byte for byte.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -29,7 +30,15 @@ from agents.backends.file import FileDevice
 from agents.core import roles
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN, BlockDevice
-from agents.errors import AlreadyExists, BadPath, NotEmpty, NotFound, StaleEpoch, WrongKind
+from agents.errors import (
+    AlreadyExists,
+    BadPath,
+    DeviceError,
+    NotEmpty,
+    NotFound,
+    StaleEpoch,
+    WrongKind,
+)
 from agents.volume import Record, Volume
 
 pytestmark = pytest.mark.unit
@@ -132,7 +141,7 @@ def _run(old: Volume, reader: Volume, pushed: list[Record], script: list[tuple[s
             applied += 1
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(script=ops, lag=st.integers(0, 6), tail=st.sampled_from(["clean", "torn", "phantom"]))
 def test_warm_promotion_equals_a_cold_open(script: list[tuple[str, Any, Any]], lag: int,
@@ -359,3 +368,55 @@ def test_quarantine_extras_are_old_releases_only(tmp_path: Path) -> None:
         assert any(f.offset <= extent.offset and extent.end <= f.end for f in free)
     reader.close()
     cold.close()
+
+
+def test_reader_behind_a_wrap_reloads_inside_adopt(tmp_path: Path) -> None:
+    """A reader that fell behind the ring (the writer overwrote its next record) reloads the
+    newest checkpoint while adopting: the state is then exactly a cold open's, quarantine too."""
+    image = _image(tmp_path / "image")
+    old = _old_writer(image)
+    reader = _reader(image)
+    for i in range(60):  # ~4 rings of records, none pushed to the reader
+        old.put(f"/w{i % 7}", [b"w" * 5000], 5000, epoch=1, mtime=float(i))
+    old.close()
+    assert reader.adopt(FileDevice(str(image))) is None
+    cold = Volume.open(FileDevice(str(image), read_only=True))
+    assert _state(reader) == _state(cold)
+    assert reader._allocator.quarantined() == cold._allocator.quarantined()
+    reader.close()
+    cold.close()
+
+
+class _FailingWrites(FileDevice):
+    """A read-write handle whose writes fail as a fenced one's do (EIO)."""
+
+    def write_at(self, offset: int, data: object) -> None:
+        raise DeviceError("write failed", op="write", errno=errno.EIO)
+
+
+def test_promotion_failing_after_start_epoch_reopens_the_reader(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The epoch record's write fails: the adopted volume may hold a record that is not
+    durable, so it is no reader's any more: the agent drops it and opens the image again."""
+    image = _image(tmp_path / "image")
+    old = _old_writer(image)
+    old.put("/a", [b"a"], 1, epoch=1, mtime=0.0)
+    old.close()
+
+    def open_device(read_only: bool) -> BlockDevice:
+        return FileDevice(str(image), read_only=True) if read_only else _FailingWrites(
+            str(image))
+
+    agent = Agent(AgentSettings(node="r1", fleet="warm", keys=(b"k" * 32,),
+                                advertise="127.0.0.1:1"), open_device)
+    agent.handle(roles.Started(0))
+    assert agent.reader is not None
+    before = agent.reader
+    with caplog.at_level(logging.INFO, logger="agents.agent"), pytest.raises(DeviceError):
+        agent.handle(roles.PromoteRequested(2))
+    assert "event=promotion_undo_reopens node=r1" in caplog.text
+    assert agent.state.role == "reader" and agent.writer is None
+    assert agent.reader is not None and agent.reader is not before
+    assert agent.reader.volume is not before.volume
+    assert b"".join(agent.reader.volume.read("/a")) == b"a"
+    agent.stop()
