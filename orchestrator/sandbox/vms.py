@@ -75,7 +75,10 @@ SUBNET_POOL = ipaddress.IPv4Network("10.87.0.0/16")
 GUARD_METRIC = 9999
 RUNTIME_ROOT = Path("/var/lib/rbdfleet/vms")  # QEMU (user libvirt-qemu) must traverse it
 LOCK_DIR = Path("/run/rbdfleet")
-BOOT_TIMEOUT = 300.0  # TCG, 3 VMs on 2 busy cores: ~20-30 s; generous for a loaded machine
+# TCG, 3 guests booting systemd at once on 2 cores: all answer SSH after ~55-65 s with the
+# machine loaded by other tests (load ~10; the busybox-init guests took ~52-55 s then, ~20-30 s
+# on an idle machine); generous for a loaded machine
+BOOT_TIMEOUT = 300.0
 SSH_OPTIONS_COMMON = (
     "-F",
     "/dev/null",  # no user config can loosen the options below
