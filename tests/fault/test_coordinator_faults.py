@@ -376,7 +376,7 @@ class FenceThatDoesNothing:
 
 
 def test_without_a_fence_the_agents_still_refuse_and_only_a_writer_with_no_readers_splits(
-    loop_fleet_factory: LoopFleetFactory, hosts3: HostSet
+    loop_fleet_factory: LoopFleetFactory, hosts3: HostSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What each layer holds, and that the checks can fail on real processes. The same cut
     with a fence that does nothing: the old writer takes a stale client's put, its record
@@ -387,6 +387,8 @@ def test_without_a_fence_the_agents_still_refuse_and_only_a_writer_with_no_reade
     and the history checkers report the acknowledged write lost."""
     seed = SEED + 4
     loop = loop_fleet_factory(hosts3, fencer=FenceThatDoesNothing())
+    # nor a read-only re-attach of the old writer's disk after the failover: the agents alone
+    monkeypatch.setattr(loop.disks, "make_reader", lambda node: None)
     work, _ = _fail_over_under_load(loop, lambda: _cut(hosts3, "h1"), seed)
     assert not loop.disks.fenced and not loop.disks.read_only("w")
     before = loop.image_digest()
