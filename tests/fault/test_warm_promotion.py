@@ -21,7 +21,7 @@ import pytest
 
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN
-from tests.fixtures.agents import AgentFleet
+from tests.fixtures.agents import AgentFleet, FleetFactory
 
 pytestmark = pytest.mark.fault
 
@@ -120,5 +120,35 @@ def test_reader_state_not_matching_the_image_promotes_cold(file_fleet: AgentFlee
     _promote(fleet, "r1", 2, readers=("r2",))
     assert "event=promotion_cold node=r1 reason=superblock" in fleet["r1"].log.read_text()
     assert _promotions(fleet, "r1") == {"warm": 0, "cold": 1}
+    _assert_served(fleet, "r1", 2, acked)
+    _assert_served(fleet, "r2", 2, acked)
+
+
+
+def test_lagging_reader_promoted_warm_reads_the_tail_from_the_image(
+        fleet_factory: FleetFactory, tmp_path: Path) -> None:
+    """r1 does not tail the journal on its own (a one-hour tail interval) and is stopped
+    (SIGSTOP) while the writer goes on without it (reported lagging), so it misses the last
+    writes' pushes; the writer is killed and r1 resumed: it is behind r2 when it is
+    promoted, and the warm path replays what it missed from the journal on the image, so
+    every acknowledged write is served."""
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(f"file:{image}", start=False)
+    fleet.add("r1", tail_interval=3600.0)
+    fleet.add("r2")
+    fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+    fleet["r1"].pause()
+    try:
+        acked = _load_until_killed(fleet, threads=2, run_for=8.0)
+    finally:
+        fleet["r1"].resume()
+    assert len(acked) >= 10, "the load acknowledged too little to prove anything"
+    behind, ahead = fleet.health("r1")["applied_seq"], fleet.health("r2")["applied_seq"]
+    assert behind < ahead, (behind, ahead)
+    _promote(fleet, "r1", 2, readers=("r2",))
+    log = fleet["r1"].log.read_text()
+    assert "event=promotion_warm node=r1" in log and "event=promotion_cold" not in log
     _assert_served(fleet, "r1", 2, acked)
     _assert_served(fleet, "r2", 2, acked)
