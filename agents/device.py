@@ -62,6 +62,12 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1))
 
 
+def byte_view(buf: Buffer) -> memoryview:
+    """``buf`` as a view of unsigned bytes (what slices, lengths and offsets count in)."""
+    view = memoryview(buf)
+    return view if view.format == "B" else view.cast("B")
+
+
 def short_io(op: str, offset: int) -> DeviceError:
     """The error of a read or write that moved fewer bytes than asked (EIO)."""
     return DeviceError(f"short {op} at {offset}", op=op, errno=errno.EIO)

@@ -33,6 +33,7 @@ from agents.device import (
     ALIGN,
     Buffer,
     aligned_buffer,
+    byte_view,
     check_discard,
     check_io,
     discard_unsupported,
@@ -136,7 +137,9 @@ class _Pool:
                     self._kept += cls
                     buf = None
             if buf is not None:
-                buf.close()
+                # a failed I/O's traceback may still hold a slice: the map goes with it then
+                with contextlib.suppress(BufferError):
+                    buf.close()
 
     def close(self) -> None:
         """Unmap every kept buffer."""
@@ -145,12 +148,6 @@ class _Pool:
         for bufs in free.values():
             for buf in bufs:
                 buf.close()
-
-
-def _flat(buf: Buffer) -> memoryview:
-    """``buf`` as a view of unsigned bytes (what slicing and O_DIRECT lengths count in)."""
-    view = memoryview(buf)
-    return view if view.format == "B" else view.cast("B")
 
 
 class FileDevice:
@@ -241,7 +238,7 @@ class FileDevice:
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf``: no staging unless O_DIRECT cannot use it as it is (see the class)."""
-        view = _flat(buf)
+        view = byte_view(buf)
         length = view.nbytes
         self._check(offset, length)
         if not self.direct or (offset % ALIGN == 0 and _page_aligned(view)):
@@ -258,7 +255,7 @@ class FileDevice:
 
     def writev(self, offset: int, parts: Sequence[Buffer]) -> None:
         """One ``pwritev`` of ``parts`` (staged only where O_DIRECT needs it, see the class)."""
-        views = [_flat(p) for p in parts]
+        views = [byte_view(p) for p in parts]
         length = sum(v.nbytes for v in views)
         self._check(offset, length)
         if self.read_only:

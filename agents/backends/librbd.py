@@ -34,7 +34,7 @@ from contextlib import contextmanager, suppress
 from types import ModuleType
 from typing import Any
 
-from agents.device import ALIGN, Buffer, check_discard, check_io, short_io
+from agents.device import ALIGN, Buffer, byte_view, check_discard, check_io, short_io
 from agents.errors import BindingUnavailable, DeviceError
 
 __all__ = ["RbdDevice", "load_bindings"]
@@ -130,11 +130,6 @@ class _Inflight:
         self._wait(lambda: self._count == 0, land)
 
 
-def _flat(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    return view if view.format == "B" else view.cast("B")
-
-
 def _joined(parts: Sequence[Buffer], pieces: Iterable[tuple[int, int]]) -> Iterator[bytes]:
     """For each ``(offset, length)`` piece, in order, its bytes out of ``parts`` laid back to
     back: a ``bytes`` part that is exactly one piece is yielded as it is, anything else is
@@ -149,7 +144,7 @@ def _joined(parts: Sequence[Buffer], pieces: Iterable[tuple[int, int]]) -> Itera
         slices: list[memoryview] = []
         need = length
         while need:
-            view = _flat(parts[index])
+            view = byte_view(parts[index])
             take = min(need, view.nbytes - at)
             slices.append(view[at : at + take])
             need -= take
@@ -292,7 +287,7 @@ class RbdDevice:
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from the OSDs: each object's bytes copied in as they arrive (by this
         thread: a late callback never holds the buffer)."""
-        view = _flat(buf)
+        view = byte_view(buf)
 
         def land(at: int, data: bytes) -> None:
             view[at - offset : at - offset + len(data)] = data
@@ -305,7 +300,7 @@ class RbdDevice:
 
     def writev(self, offset: int, parts: Sequence[Buffer]) -> None:
         """Write ``parts`` back to back from ``offset``; durable when it returns."""
-        length = sum(_flat(p).nbytes for p in parts)
+        length = sum(byte_view(p).nbytes for p in parts)
         self._check(offset, length)
         if self.read_only:
             raise DeviceError("write to a read-only image", op="write", errno=errno.EROFS)
