@@ -11,13 +11,14 @@ test's control channel, no part of the product's paths.
 1. a client on the host streams small puts; a process in the writer's VM keeps writing to its
    read-write disk (as a stale writer would); the writer's guest is cut off;
 2. the coordinator confirms the writer dead, persists epoch 2, fences it (Ceph blocklist of
-   exactly its QEMU's client addresses, readers untouched), switches the disks through libvirt
-   and promotes a reader; the clients follow; no acknowledged put lost. Meanwhile, on its side
+   exactly its QEMU's client addresses, readers untouched), gives a reader a read-write disk
+   through libvirt and promotes it, and only after the map is published releases the old
+   writer's disk; the clients follow; no acknowledged put lost. Meanwhile, on its side
    of the cut, the old agent still runs as the writer of epoch 1 and the stale writer
    process's write fails (EIO: its QEMU's Ceph client is blocklisted);
    A client on the old writer's side of the cut (in another guest) with an epoch-1 grant
-   gets its put refused: the old writer's disk is gone (re-attached ``<readonly/>`` by the
-   role switch, which needs no network path to the guest);
+   gets its put refused: the old writer's disk is gone (re-attached ``<readonly/>`` by that
+   release, which needs no network path to the guest);
 3. the route heals: the coordinator demotes the old writer (reader of epoch 2, no flapping),
    not a byte of the image changed since the fence (sha256 of the whole image, fsck clean),
    the stale grant is refused as of an ended epoch (409); after an explicit rejoin it is an
@@ -160,15 +161,20 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     _say(f"new writer {failover.new_writer} announced {failover.announced} s, first streamed "
          f"put acknowledged by it {failover.first_ack} s after the cut")
 
-    # Order is law: confirmed dead, epoch 2 persisted, fenced, disks switched, promoted.
+    # Order is law: confirmed dead, epoch 2 persisted, fenced, the new writer's disk read-write,
+    # promoted, published; the old writer's disk is released only after that (background).
+    mission.wait(lambda: _event_line(running.log.read_text(), "provision step done",
+                                     "detach rw disk from", f"({WRITER})") > -1,
+                 30, "the old writer's disk released")
     log = running.log.read_text()
     order = [_event_line(log, *words) for words in (
         ("event=node_confirmed_dead", f"node={WRITER}"),
         ("event=action_done", "action=PersistEpoch(epoch=2"),
         (f"fenced vm={WRITER} addr=",),
-        ("provision step done", "detach rw disk from", f"({WRITER})"),
         ("provision step done", "attach rw disk to", f"({failover.new_writer})"),
-        ("event=action_done", f"action=PromoteNode({failover.new_writer},epoch=2)"))]
+        ("event=action_done", f"action=PromoteNode({failover.new_writer},epoch=2)"),
+        ("event=action_done", "action=PublishMap(", f"writer={failover.new_writer})"),
+        ("provision step done", "detach rw disk from", f"({WRITER})"))]
     assert order[0] > -1 and order == sorted(order), order
     # the fence: exactly the old writer's QEMU client addresses, no reader's
     fenced = set(mission.fenced_addresses(WRITER, running.log))

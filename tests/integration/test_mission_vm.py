@@ -129,9 +129,10 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
     new_map = mission.fail_over(tmp_path)
     new_writer = new_map["writer"]
     assert new_writer in READERS and new_map["epoch"] == 2
-    # the coordinator switched roles through libvirt: exactly one rw disk, the new writer's
-    assert _modes(mission) == {WRITER: "ro", new_writer: "rw",
-                               **{r: "ro" for r in READERS if r != new_writer}}
+    # the coordinator switched roles through libvirt: exactly one rw disk, the new writer's,
+    # once the old writer's (fenced) disk is released after the map (in the background)
+    switched = {WRITER: "ro", new_writer: "rw", **{r: "ro" for r in READERS if r != new_writer}}
+    mission.wait(lambda: _modes(mission) == switched, 30, "the old writer's disk released")
     # the old writer's handle on its read-write disk was fenced by the Ceph blocklist
     mission.wait(lambda: "failed" in mission.stale_writer_log(WRITER), 30, "the stale write")
     outcome = mission.stale_write_outcome(WRITER)
