@@ -50,6 +50,7 @@ from agents.core.record import Record  # noqa: E402
 from agents.core.superblock import SLOTS, Superblock, choose  # noqa: E402
 from agents.device import ALIGN  # noqa: E402
 from agents.volume import Volume  # noqa: E402
+from bench.run_all import spread  # noqa: E402
 from tests.fixtures.agents import AgentFleet  # noqa: E402
 
 PER_DIR = 1000
@@ -95,11 +96,6 @@ def bump_generation(path: Path) -> None:
         bumped = Superblock(**{**sb.__dict__, "generation": sb.generation + 1})
         f.seek(bumped.slot)
         f.write(bumped.encode())
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "rounds": values}
 
 
 class Chain:
