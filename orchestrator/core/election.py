@@ -174,6 +174,7 @@ def is_background(action: Action) -> bool:
     """Whether ``action`` runs aside, off the critical path (:data:`BACKGROUND`)."""
     return isinstance(action, BACKGROUND)
 
+
 # -- events (past tense) --------------------------------------------------------------------
 
 

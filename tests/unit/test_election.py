@@ -307,9 +307,12 @@ def test_laws_hold_under_random_faults(schedule: list[tuple[str, int]]) -> None:
     for i, (epoch, _, t) in enumerate(sim.acks):
         later_newer = [e for e, _, t2 in sim.acks[:i] if e > epoch and t2 <= t]
         assert not later_newer, f"write at epoch {epoch} after one at {later_newer}\n{transcript}"
-    # Every batch respects law order; PromoteNode never precedes fencing the old writer.
+    # Every batch respects law order; PromoteNode never precedes fencing the old writer; a
+    # release never rides along with a step of the critical path (the map is out first).
     for batch in sim.batches:
         el.assert_law_order(batch)
+        if any(isinstance(a, el.ReleaseWritePath) for a in batch):
+            assert not any(isinstance(a, el.CRITICAL_PATH) for a in batch), batch
 
 
 # -- the executor: order, first failure, lease -----------------------------------------------
