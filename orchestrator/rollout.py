@@ -6,7 +6,9 @@ per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteS
 1. install the agent package and each VM's config (:func:`agent_config`) on every VM;
 2. write each VM's OWN key (derived from the fleet's master key, :mod:`orchestrator.coordinator.
    keys`) to ``/etc/rbdfleet/node.key`` (0600); the master never leaves this machine. The
-   writer's config also gets push grants for its readers (the coordinator renews them);
+   writer's config also gets push grants for its readers (the coordinator renews them). Its
+   TLS material from the fleet's PKI directory (``rbdfleet provision`` made it): its own
+   certificate and key (0600) and the fleet CA's certificate; the CA key stays here;
 3. on every VM, wait until the guest sees the shared disk (found by its fleet serial, never
    by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
    ``rbdfleet-agent format --if-blank`` through its read-write disk: an all-zero image gets
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from agents.core.protocol import Health
@@ -40,6 +43,7 @@ from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
 from orchestrator.errors import DeployError, RemoteCommandFailed
+from orchestrator.pki import FleetPki
 from orchestrator.ports import RemoteShell
 
 LOG = logging.getLogger(__name__)
@@ -48,6 +52,9 @@ __all__ = ["GUEST_SECRET", "FleetRollout", "RolloutReport", "agent_config"]
 
 # Where a VM's own key lives in the guest (mode 0600); the agent config names it.
 GUEST_SECRET = "/etc/rbdfleet/node.key"
+# Its TLS certificate, key (0600) and the fleet CA, where the Ansible role puts them too.
+GUEST_TLS = {"cert": "/etc/rbdfleet/agent.crt", "key": "/etc/rbdfleet/agent.key",
+             "ca": "/etc/rbdfleet/ca.crt"}
 
 # Waits for the fleet's disk in the guest (hot-plug shows it ~1 s after the attach), then with
 # "format" runs `rbdfleet-agent format --if-blank` on it. argv: release serial fleet wait mode.
@@ -78,6 +85,7 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
 
     ``writer``/``epoch``: the fleet's current writer (default ``[fleet] writer``) and epoch.
     The agent listens on the VM's address; the writer pushes to every other non-spare VM.
+    TLS with the files :data:`GUEST_TLS` unless the fleet is ``[tls] insecure_plaintext``.
     """
     me = cfg.vm(vm)
     writer = cfg.fleet.writer if writer is None else writer
@@ -98,6 +106,10 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
         }
     if coordinator:
         config["coordinator"] = coordinator
+    if cfg.tls.insecure_plaintext:
+        config["insecure_plaintext"] = True
+    else:
+        config["tls"] = dict(GUEST_TLS)
     return config
 
 
@@ -252,7 +264,18 @@ class FleetRollout:
             Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]), check=True)
         self.shell.put_file(target.host, self._keys.node_key_file(target.host.name),
                             GUEST_SECRET, 0o600)
+        if "tls" in target.config:
+            for source, dest, mode in self._tls_files(target.host.name):
+                self.shell.put_file(target.host, source.read_bytes(), dest, mode)
         return ""
+
+    def _tls_files(self, vm: str) -> list[tuple[Path, str, int]]:
+        """``(source here, path in the guest, mode)`` of ``vm``'s TLS material; PkiError when
+        ``rbdfleet provision`` has not made it."""
+        pki = FleetPki(self.cfg.pki_dir, self.cfg.fleet.name)
+        cert, key = pki.identity(vm)
+        return [(cert, GUEST_TLS["cert"], 0o644), (key, GUEST_TLS["key"], 0o600),
+                (pki.ca_file, GUEST_TLS["ca"], 0o644)]
 
     def _disk(self, target: DeployTarget, format_it: bool) -> str:
         release = target.layout.release(self.deployer.package.version)

@@ -63,7 +63,7 @@ from orchestrator.testing.history import (
     check_all,
     value_hash,
 )
-from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET
+from tests.fixtures.agents import TEST_CA, TEST_CLIENT, TEST_CLIENT_SECRET
 
 SEED = int(os.environ.get("RBDFLEET_TEST_SEED") or random.SystemRandom().randrange(100000))
 KEYS = tuple(f"/k{i}" for i in range(4))  # files: put, deleted, renamed over
@@ -80,7 +80,8 @@ class EpochSeen(CoordinatorClient):
     """A CoordinatorClient that remembers, per thread, the epoch of the last targets it got."""
 
     def __init__(self, urls: list[str], fleet: str, secret: bytes, client: str) -> None:
-        super().__init__(urls, fleet, secret, client=client)
+        super().__init__(urls, fleet, secret, client=client,
+                         transport=Transport(tls=True, ca_file=TEST_CA))
         self._seen = threading.local()
 
     def targets(self, kind: str, path: str) -> Targets:
@@ -100,7 +101,7 @@ class NodeSeen(Transport):
     that answered NotFound, when the client raises it)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(tls=True, ca_file=TEST_CA)  # the fixtures' agents serve TLS
         self._seen = threading.local()
 
     def request(self, node: str, address: str, method: str, path: str, **kwargs: Any) -> Response:

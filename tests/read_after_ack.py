@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from agents.errors import RbdfleetError
 from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
-from tests.coordinator_harness import Coordinator
+from tests.coordinator_harness import Coordinator, transport
 from tests.fixtures.agents import TEST_CLIENT, TEST_CLIENT_SECRET, AgentFleet
 
 
@@ -38,7 +38,7 @@ class ReadAfterAck:
         # a put stuck in a paused writer gives up after io_timeout (its outcome is unknown)
         self.client = FleetClient(
             CoordinatorClient([coordinator.url], fleet.name, TEST_CLIENT_SECRET,
-                              client=TEST_CLIENT),
+                              client=TEST_CLIENT, transport=transport()),
             retry=RetryPolicy(timeout=20.0), io_timeout=io_timeout)
         self.stop = threading.Event()
         self.stale: list[StaleRead] = []

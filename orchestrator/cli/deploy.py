@@ -1,9 +1,9 @@
 """`rbdfleet deploy` / `rbdfleet undeploy`: the fleet's agents on its VMs over SSH.
 
 Composition root of :class:`~orchestrator.rollout.FleetRollout`: the ``[ssh]`` table's key and
-pinned known_hosts (``ParamikoShell``), the fleet secret, and the first ``[coordinator]`` URL
-the agents report to. In a sandbox config (``[sandbox]`` present) SSH only reaches addresses
-on a local bridge.
+pinned known_hosts (``ParamikoShell``), the fleet secret and TLS material (``[tls] dir``), and
+the first ``[coordinator]`` URL the agents report to. In a sandbox config (``[sandbox]``
+present) SSH only reaches addresses on a local bridge.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_l
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
-from orchestrator.client import CoordinatorClient, HttpAgentControl
+from orchestrator.client import CoordinatorClient, HttpAgentControl, Transport
 from orchestrator.deploy import AgentDeployer, AgentPackage, HostResult
 from orchestrator.errors import AgentUnreachable
 from orchestrator.rollout import FleetRollout
@@ -43,8 +43,10 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
     cfg = fleet_config.load(config_path)
     urls = list(coordinator_config(config_path).urls)
     secret = read_secret(cfg)
+    transport = Transport.for_fleet(cfg)  # the fleet CA verifies coordinators and agents
     try:
-        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, None).map()
+        fleet_map: dict[str, Any] | None = CoordinatorClient(
+            urls, cfg.fleet.name, None, transport=transport).map()
     except AgentUnreachable:
         fleet_map = None  # no coordinator yet: the bootstrap roles of the config
     guard = require_local_target if cfg.sandbox is not None else allow_any_target
@@ -56,7 +58,7 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
             deployer,
             secret,
             coordinator=urls[0],
-            health=HttpAgentControl().health,
+            health=HttpAgentControl(transport).health,
             fleet_map=fleet_map,
             progress=lambda msg: say(f"  {msg}"),
         )

@@ -25,7 +25,13 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator import config as fleet_config
-from orchestrator.adapters.ansible import Inventory, InventoryHost, ssh_vars, write_package
+from orchestrator.adapters.ansible import (
+    Inventory,
+    InventoryHost,
+    TlsFiles,
+    ssh_vars,
+    write_package,
+)
 from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
@@ -59,6 +65,10 @@ def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
              for vm in cfg.vms]
     variables = ssh_vars(cfg.ssh.user, cfg.ssh.key, cfg.ssh.known_hosts)
     variables["rbdfleet_agent_secret_src"] = str(key_dir / "{{ inventory_hostname }}.key")
+    if not cfg.tls.insecure_plaintext:  # each VM's certificate and key from the fleet's PKI
+        variables.update(TlsFiles(cfg.pki_dir / "{{ inventory_hostname }}.pem",
+                                  cfg.pki_dir / "{{ inventory_hostname }}.key",
+                                  cfg.pki_dir / "ca.pem").role_vars())
     if package is not None:
         variables["rbdfleet_agent_package"] = str(package[0])
         variables["rbdfleet_agent_version"] = package[1]

@@ -7,6 +7,7 @@ reverse order of creation, each with its part's own undo function, and never by 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from orchestrator.adapters import ceph as ceph_adapter
 from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
 from orchestrator.errors import SandboxError
+from orchestrator.provision import provision_pki
 from orchestrator.sandbox import ceph, hosts, libvirtd, processes, vms
 from orchestrator.sandbox.state import StateFile
 
@@ -47,6 +49,8 @@ COORDINATOR_PORT = 7470
 # the CLI's client credential in a sandbox: an admin, its secret next to the config
 ADMIN_CLIENT = "admin"
 CLIENT_SECRET = "client.secret"
+# the fleet's PKI (CA key 0600, certificates) next to the master key; `down` removes it
+TLS_DIR = "tls"
 
 
 def default_dir() -> Path:
@@ -191,6 +195,10 @@ def _build(
     config = directory / "rbdfleet.toml"
     config.write_text(render_config(directory, cluster, vm_set, host_set, secret))
     issue_admin_client(config, directory / CLIENT_SECRET)
+    # TLS from the start, as `rbdfleet provision` would make it: the fleet CA, a certificate
+    # per VM and host, and the coordinator's on the VM network's gateway
+    provision_pki(fleet_config.load(config), [vm_set.gateway] if vm_set else ["127.0.0.1"],
+                  datetime.datetime.now(datetime.UTC))
     timings["total"] = round(time.monotonic() - started, 2)
     state.set_fact("timings", timings)
     summary = SandboxSummary(
@@ -282,7 +290,7 @@ def render_config(directory: Path, cluster: Any, vm_set: Any, host_set: Any,
     if vm_set is not None:
         # The coordinator serves on the VM network's gateway: the agents in the guests send it
         # heartbeats and reports, and host-side clients reach it there too (one per sandbox).
-        url = f"http://{vm_set.gateway}:{COORDINATOR_PORT}"
+        url = f"https://{vm_set.gateway}:{COORDINATOR_PORT}"
         lines += ["", "[coordinator]", f"urls = [{_toml_str(url)}]",
                   f"listen = {_toml_str(f'{vm_set.gateway}:{COORDINATOR_PORT}')}",
                   # TCG guests on a loaded host can starve an agent past the 1.2 s default
@@ -292,6 +300,7 @@ def render_config(directory: Path, cluster: Any, vm_set: Any, host_set: Any,
     for host in host_set.hosts if host_set else []:
         lines += ["", "[[host]]", f"name = {_toml_str(host.name)}",
                   f"address = {_toml_str(host.address)}", f"root = {_toml_str(host.root)}"]
+    lines += ["", "[tls]", f"dir = {_toml_str(directory / TLS_DIR)}"]
     lines += ["", "[sandbox]", f"dir = {_toml_str(directory)}", ""]
     return "\n".join(lines)
 
@@ -354,5 +363,6 @@ def down(directory: Path, progress: Progress = LOG.info) -> list[str]:
         path.unlink()
         for leftover in ("rbdfleet.toml", "fleet.secret", CLIENT_SECRET):
             (directory / leftover).unlink(missing_ok=True)
+        shutil.rmtree(directory / TLS_DIR, ignore_errors=True)
         progress(f"sandbox in {directory} is down")
     return errors

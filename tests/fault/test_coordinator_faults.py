@@ -63,7 +63,7 @@ from tests.coordinator_harness import (
     wait_in_sync,
     wait_until,
 )
-from tests.fixtures.agents import REPO, AgentFleet, FleetFactory
+from tests.fixtures.agents import REPO, TEST_CA, AgentFleet, FleetFactory, coordinator_tls
 from tests.jepsen import (
     KEYS,
     SEED,
@@ -200,10 +200,11 @@ def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
     through ``launcher``, e.g. inside another host); 599 when no answer came."""
     headers = PutRequest(grant=grant, size=len(STALE_VALUE), readers=()).to_headers()
     script = (
-        "import http.client, json, sys\n"
-        "address, headers = json.load(sys.stdin)\n"
+        "import http.client, json, ssl, sys\n"
+        "address, headers, ca = json.load(sys.stdin)\n"
         "host, _, port = address.rpartition(':')\n"
-        "conn = http.client.HTTPConnection(host, int(port), timeout=20)\n"
+        "context = ssl.create_default_context(cafile=ca)\n"
+        "conn = http.client.HTTPSConnection(host, int(port), timeout=20, context=context)\n"
         "try:\n"
         f"    conn.request('PUT', '/v1/files/k0', body={STALE_VALUE.encode()!r}, headers=headers)\n"
         "    print(conn.getresponse().status)\n"
@@ -212,7 +213,7 @@ def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
     )
     done = subprocess.run(
         [*launcher, sys.executable, "-c", script],
-        input=json.dumps([address, headers]),
+        input=json.dumps([address, headers, TEST_CA]),
         capture_output=True,
         text=True,
         timeout=60,
@@ -223,18 +224,22 @@ def _stale_put(address: str, grant: str, launcher: tuple[str, ...] = ()) -> int:
 
 def _post_from(launcher: tuple[str, ...], address: str, path: str, grant: str,
                payload: dict[str, Any]) -> int:
-    """Status of a JSON POST to ``address`` sent from a process run through ``launcher``."""
+    """Status of a JSON POST to ``address`` sent from a process run through ``launcher``,
+    presenting the coordinator's certificate (node-only routes need a fleet certificate)."""
     script = (
-        "import http.client, json, sys\n"
-        "address, path, grant, body = json.load(sys.stdin)\n"
+        "import http.client, json, ssl, sys\n"
+        "address, path, grant, body, (cert, key, ca) = json.load(sys.stdin)\n"
         "host, _, port = address.rpartition(':')\n"
-        "conn = http.client.HTTPConnection(host, int(port), timeout=20)\n"
+        "context = ssl.create_default_context(cafile=ca)\n"
+        "context.load_cert_chain(cert, key)\n"
+        "conn = http.client.HTTPSConnection(host, int(port), timeout=20, context=context)\n"
         "headers = {'Authorization': 'Bearer ' + grant, 'Content-Type': 'application/json'}\n"
         "conn.request('POST', path, body=json.dumps(dict(body, v=1)), headers=headers)\n"
         "print(conn.getresponse().status)\n"
     )
     done = subprocess.run([*launcher, sys.executable, "-c", script],
-                          input=json.dumps([address, path, grant, payload]),
+                          input=json.dumps([address, path, grant, payload,
+                                            coordinator_tls()]),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.strip())

@@ -61,12 +61,14 @@ def image(tmp_path: Path) -> Path:
 
 
 def fleet(hosts: HostSet, image: Path, **extra: Any) -> list[InventoryHost]:
-    """h1 writer, h2 and h3 readers of one volume, as an operator's inventory says."""
+    """h1 writer, h2 and h3 readers of one volume, as an operator's inventory says; plaintext
+    on purpose (these tests are about the role's steps; TLS: the test with ``make_tls``)."""
     readers = {h.name: f"{h.address}:7480" for h in hosts.hosts[1:]}
     return [InventoryHost(h.name, h.address, str(h.root), {
         "node": h.name, "fleet": "t", "backend": f"file:{image}",
         "listen": f"{h.address}:7480", "advertise": f"{h.address}:7480",
         "role": "writer" if h.name == "h1" else "reader",
+        "insecure_plaintext": True,
         **({"readers": readers} if h.name == "h1" else {}), **extra}) for h in hosts.hosts]
 
 
@@ -186,7 +188,8 @@ def test_tls_material_is_installed_and_the_agent_serves_https(
     and this one verify the agent against the CA."""
     writer = fleet(hosts3, image)[0]
     writer = InventoryHost(writer.name, writer.address, writer.prefix,
-                           {k: v for k, v in writer.config.items() if k != "readers"})
+                           {k: v for k, v in writer.config.items()
+                            if k not in ("readers", "insecure_plaintext")})
     tls = make_tls(tmp_path, [writer.address])
     runner = AnsibleRunner(tmp_path / "ansible", ssh_key=hosts3.ssh_key,
                            known_hosts=hosts3.known_hosts)

@@ -143,6 +143,7 @@ def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
         "secret_file": str(tmp_path / f"{h.name}.key"),
         "listen": "0.0.0.0:7480", "advertise": f"{h.address}:7480",
         "role": "writer" if h.name == "h1" else "reader",
+        "insecure_plaintext": True,  # on purpose: the deploy mechanics (TLS: test_tls.py)
         **({"readers": readers, "push_grants": keys.push_grants_to("h1", list(readers), 1)}
            if h.name == "h1" else {})}) for h in hosts3.hosts]
     deployer = AgentDeployer(shell3, package, launch=DEFAULT_LAUNCH)
