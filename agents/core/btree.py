@@ -26,8 +26,8 @@ Model:
 - Balance: a page over its size is split in two; a page under a quarter full (of its
   ``page_size - 32`` bytes of cells) after a change is merged with an adjacent sibling, or
   shares that sibling's cells evenly when both do not fit one page. The root is a branch
-  only while it has two children or more. So every leaf is at the same depth and the height
-  is logarithmic in the number of keys.
+  only while it has two children or more, and every page below it holds a key of its own.
+  So every leaf is at the same depth and the height is logarithmic in the number of keys.
 - Hostile pages: a decode checks lengths, counts, key order, generations (pages.py); the
   tree checks that each child's level is one below its parent's (so a walk cannot loop: the
   level falls at every step) and that its keys lie in the range its parent gives. Errors

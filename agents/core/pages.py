@@ -35,7 +35,10 @@ Leaf cell (``count`` of them)::
 A value is stored in the cell when ``7 + k + v <= max_cell`` (a quarter of the page after
 the header: 1016 bytes for 4 KiB pages), else in a chain of overflow pages. Keys are at
 most ``max_cell - 23`` bytes (993 for 4 KiB pages), so every cell fits a quarter page and a
-page holds at least four: a split of any full page into two halves always fits.
+page holds at least four: a split of any full page into two halves always fits. Keys are not
+spilled to overflow: the key of a path is at most one byte longer than the path, so 4 KiB
+pages hold paths up to 992 bytes, and v1's 4096-byte paths need 32 KiB pages (max key
+8161) until long keys get overflow cells too.
 
 Branch cell (``count`` of them, one per child)::
 
@@ -343,8 +346,9 @@ def _decode_branch(data: bytes, page_no: int, level: int, count: int, used: int,
         pos += klen
         if (i == 0) != (key == b"") or (keys and key <= keys[-1]):
             raise _corrupt(page_no, "keys out of order")
-        if child_gen > generation or child == page_no:
-            raise _corrupt(page_no, f"child {child} of generation {child_gen}")
+        if child_gen > generation:
+            raise _corrupt(page_no, f"child {child} of generation {child_gen}, newer than "
+                                    f"its parent")
         keys.append(key)
         children.append(PageRef(child, child_gen, child_crc))
     if pos != used:

@@ -657,9 +657,10 @@ def test_cycles_and_wrong_levels_end_in_errors() -> None:
     fan, fan_ref = _seal(KIND_BRANCH, 1, 3, _branch([(b"", empty_ref), (b"/\x00b", empty_ref),
                                                      (b"/\x00c", empty_ref)]), 1, 1)
     _expect_format_error(fan_ref, _store((fan, fan_ref), (empty, empty_ref)))
-    # a child newer than its parent
-    data, ref = _seal(KIND_BRANCH, 1, 1, _branch([(b"", PageRef(3, 5, leaf[1].crc))]), 1, 2)
-    _expect_format_error(ref, _store((data, ref), leaf))
+    # a child newer than its parent (each page self-consistent, the pointer right)
+    newer = _seal(KIND_LEAF, 0, 1, _leaf_cell(b"/\x00a", b"v"), 3, 5)
+    data, ref = _seal(KIND_BRANCH, 1, 1, _branch([(b"", newer[1])]), 1, 2)
+    _expect_format_error(ref, _store((data, ref), newer))
     # a child whose keys lie outside the range its parent gives
     data, ref = _seal(KIND_BRANCH, 1, 2, _branch([(b"", leaf[1]), (b"/\x00", leaf[1])]), 1, 1)
     _expect_format_error(ref, _store((data, ref), leaf))
@@ -685,6 +686,8 @@ def test_overflow_chains_that_loop_or_lie_are_refused() -> None:
     loop = [overflow(2, value[:step], 3), overflow(3, value[step : 2 * step], 2)]
     root = leaf(2)
     _expect_format_error(root[1], _store(root, *loop))
+    with pytest.raises(CorruptMetadata, match="loops"):
+        Snapshot(root[1], _store(root, *loop)).get(b"/\x00a")
     short = [overflow(2, value[:step], NO_PAGE)]  # ends before its count
     _expect_format_error(root[1], _store(root, *short))
     into_leaf = [overflow(2, value[:step], 1)]  # continues into a leaf
