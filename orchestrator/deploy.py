@@ -403,17 +403,18 @@ class AgentDeployer:
         return [f"started pid {pid}"], probe
 
     def _start_service(self, target: DeployTarget) -> tuple[list[str], _Probe]:
-        """``systemctl enable --now`` the unit; it must still run its first process after
+        """``systemctl enable --now`` the unit; the process it started must still run after
         ``settle`` (systemd would restart an agent that dies on a bad config, forever)."""
         # a reload costs seconds of a TCG guest: only when the file changed since systemd read it
         if self._show(target, "NeedDaemonReload").get("NeedDaemonReload") == "yes":
             self._systemctl(target, "daemon-reload")
         self._systemctl(target, "enable", "--now", UNIT_NAME)
-        time.sleep(self.settle)
-        shown = self._show(target, "ActiveState", "NRestarts", "MainPID")
+        started = self._show(target, "MainPID").get("MainPID")
+        time.sleep(self.settle)  # shorter than RestartSec: a crash shows as not active
+        shown = self._show(target, "ActiveState", "MainPID")
         probe = self._probe(target)
-        if shown.get("ActiveState") != "active" or shown.get("NRestarts") != "0" \
-                or probe.pid is None or str(probe.pid) != shown.get("MainPID"):
+        if shown.get("ActiveState") != "active" or shown.get("MainPID") != started \
+                or probe.pid is None or str(probe.pid) != started:
             raise RemoteCommandFailed(target.host.name, f"agent exited right after start "
                                       f"({shown}): {probe.log_tail.strip()[-400:]}", rc=-1)
         return [f"started {UNIT_NAME} pid {probe.pid}"], probe
