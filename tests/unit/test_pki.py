@@ -1,5 +1,6 @@
 """orchestrator/pki.py: the fleet CA, per-node certificates (SANs, expiry, chain), the
-directory's files and modes, and that Python's ssl accepts what it issues."""
+directory's files and modes, and that Python's ssl accepts what it issues; what `provision`
+issues and where `deploy` points the agents (or the insecure flag)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.config import FleetConfig, from_mapping
 from orchestrator.pki import (
     CERT_DAYS,
+    COORDINATOR,
     RENEW_BEFORE,
     FleetPki,
     Issued,
@@ -24,6 +27,8 @@ from orchestrator.pki import (
     make_ca,
     verify_issued,
 )
+from orchestrator.provision import provision_pki
+from orchestrator.rollout import GUEST_TLS, agent_config
 
 pytestmark = pytest.mark.unit
 
@@ -123,3 +128,35 @@ def test_python_ssl_does_mutual_tls_with_what_it_issues(tmp_path: Path) -> None:
         ((("organizationName", "rbdfleet demo"),), (("commonName", "vm2"),)))
     refused = _handshake(ca, server, issue(other, "vm2", ["10.0.0.2"], now), tmp_path / "b")
     assert refused.startswith("refused: ")
+
+
+def _fleet(tmp_path: Path, **tls: object) -> FleetConfig:
+    return from_mapping({
+        "ceph": {"conf": "/c", "keyring": "/k"},
+        "ssh": {"key": "/k", "known_hosts": "/kh"},
+        "fleet": {"name": "demo", "image": "img", "size": "64MiB", "writer": "vm1",
+                  "secret_file": str(tmp_path / "fleet.secret")},
+        "vm": [{"name": f"vm{i}", "domain": f"d{i}", "address": f"10.0.0.{i}"} for i in (1, 2)],
+        "tls": tls})
+
+
+def test_provision_issues_each_vm_and_the_coordinator_and_deploy_points_agents_at_them(
+        tmp_path: Path) -> None:
+    cfg = _fleet(tmp_path)
+    made = provision_pki(cfg, ["10.0.0.254"], NOW)
+    assert len(made) == 4 and provision_pki(cfg, ["10.0.0.254"], NOW) == []  # idempotent
+    pki = FleetPki(cfg.pki_dir, "demo")
+    assert cfg.pki_dir == tmp_path / "tls"
+    for name, address in (("vm1", "10.0.0.1"), ("vm2", "10.0.0.2"),
+                          (COORDINATOR, "10.0.0.254")):
+        info = verify_issued(pki.ca_file.read_bytes(), pki.cert_file(name).read_bytes(), NOW)
+        assert set(info.sans) == {address, name}
+    shipped = agent_config(cfg, "vm2", coordinator="https://10.0.0.254:7470")
+    assert shipped["tls"] == GUEST_TLS and "insecure_plaintext" not in shipped
+
+
+def test_the_insecure_flag_makes_no_pki_and_plaintext_agents(tmp_path: Path) -> None:
+    cfg = _fleet(tmp_path, insecure_plaintext=True)
+    assert provision_pki(cfg, ["10.0.0.254"], NOW) == [] and not cfg.pki_dir.exists()
+    shipped = agent_config(cfg, "vm1", coordinator=None)
+    assert shipped["insecure_plaintext"] is True and "tls" not in shipped
