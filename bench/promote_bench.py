@@ -51,9 +51,10 @@ from agents.core.superblock import SLOTS, Superblock, choose  # noqa: E402
 from agents.device import ALIGN  # noqa: E402
 from agents.volume import Volume  # noqa: E402
 from bench.run_all import spread  # noqa: E402
-from tests.fixtures.agents import AgentFleet  # noqa: E402
+from tests.fixtures.agents import AgentClient, AgentFleet  # noqa: E402
 
 PER_DIR = 1000
+OPEN_TIMEOUT = 1800.0  # an agent opening 10^6 files cold on a loaded machine: minutes
 GiB = 1 << 30
 
 
@@ -108,7 +109,8 @@ class Chain:
         self.serial = 0
         self.writer = "w0"
         started = time.monotonic()
-        fleet.add(self.writer, role="writer", epoch=self.epoch, log_level="info")
+        fleet.add(self.writer, role="writer", epoch=self.epoch, log_level="info",
+                  start_timeout=OPEN_TIMEOUT)
         self.open_s = [time.monotonic() - started]
 
     def round(self, mode: str) -> float:
@@ -117,7 +119,8 @@ class Chain:
         self.serial += 1
         node = f"r{self.serial}"
         started = time.monotonic()
-        fleet.add(node, log_level="info")  # ready once its volume is open (cold, unmeasured)
+        # ready once its volume is open (cold, not measured)
+        fleet.add(node, log_level="info", start_timeout=OPEN_TIMEOUT)
         self.open_s.append(time.monotonic() - started)
         grant = fleet.grant(self.writer, "writer", self.epoch)
         for i in range(self.tail_puts):
@@ -149,6 +152,7 @@ def run(files: int, rounds: int, tail_puts: int, workdir: Path) -> dict[str, Any
     fleet = AgentFleet(f"pb-{uuid.uuid4().hex[:6]}", f"file:{workdir / 'image.raw'}",
                        workdir / "agents")
     fleet.dir.mkdir()
+    fleet.client = AgentClient(timeout=OPEN_TIMEOUT)  # a cold promotion answers after the open
     built = bulk_image(workdir / "image.raw", fleet.name, files)
     print(f"promote_bench: {files} files loaded in {built:.1f} s", file=sys.stderr)
     times: dict[str, list[float]] = {"warm": [], "cold": []}
