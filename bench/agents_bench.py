@@ -50,7 +50,7 @@ from agents.daemon import open_backend  # noqa: E402
 from agents.volume import Volume  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, cluster_from_conf, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
-from tests.fixtures.agents import AgentFleet, format_image  # noqa: E402
+from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
 
 MiB = 1 << 20
 BLOCK = 4 * MiB
@@ -73,8 +73,9 @@ def rbd_bench(conf: Path, spec: str, io_type: str, total: int, *, io_size: int =
 
 
 def _conn(address: str) -> http.client.HTTPConnection:
+    """To an agent of the fleet: TLS, as deployed (the fixtures' test CA)."""
     host, _, port = address.rpartition(":")
-    return http.client.HTTPConnection(host, int(port), timeout=300)
+    return http.client.HTTPSConnection(host, int(port), timeout=300, context=client_context())
 
 
 def put_large(fleet: AgentFleet, path: str, size: int) -> float:

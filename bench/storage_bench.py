@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from agents.core.protocol import PutRequest  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
-from tests.fixtures.agents import AgentFleet, format_image  # noqa: E402
+from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
 
 MiB = 1 << 20
 SETTLE_POLL = 2.0  # seconds between ``ceph df`` reads while the mgr's numbers settle
@@ -92,7 +92,7 @@ def write_files(fleet: AgentFleet, count: int, size: int, *, delete: bool = Fals
     them), one keep-alive connection; each must be acknowledged by both readers."""
     grant = fleet.grant("w", "writer", fleet.epoch("w"))
     host, _, port = fleet["w"].address.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn = http.client.HTTPSConnection(host, int(port), timeout=120, context=client_context())
     headers = PutRequest(grant=grant, size=0 if delete else size,
                          readers=fleet.reader_addresses("r1", "r2")).to_headers()
     method, status = ("DELETE", 200) if delete else ("PUT", 201)

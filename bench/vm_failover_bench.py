@@ -44,6 +44,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import statistics
 import sys
 import tempfile
@@ -269,7 +270,8 @@ class Bench:
             self._cut(vm, heal=True)
         if kind in ("pause", "cutoff"):  # the coordinator demotes the returning old writer
             address = f"{self.mission.config.vm(vm).address}:{self.mission.config.fleet.agent_port}"
-            self.mission.wait(lambda: _epoch(address) >= epoch, 90, f"{vm} demoted")
+            ca = self.mission.config.pki_dir / "ca.pem"
+            self.mission.wait(lambda: _epoch(address, ca) >= epoch, 90, f"{vm} demoted")
         if kind != "kill" and kind != "poweroff":
             self.mission.kill_agent(vm)  # the explicit rejoin: a fresh agent
         self.mission.rejoin(vm)
@@ -335,10 +337,12 @@ class Bench:
         return row
 
 
-def _epoch(address: str) -> int:
-    """The agent's epoch from its /v1/health (0 while it does not answer)."""
+def _epoch(address: str, ca: Path) -> int:
+    """The agent's epoch from its /v1/health over TLS (fleet CA ``ca``); 0 while it does not
+    answer."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn = http.client.HTTPSConnection(host, int(port), timeout=5,
+                                       context=ssl.create_default_context(cafile=ca))
     try:
         conn.request("GET", "/v1/health")
         return int(json.loads(conn.getresponse().read()).get("epoch", 0))
