@@ -261,11 +261,12 @@ class CoordinatorAPI:
         route = _route(method, path)
         parts = route.parts
         service: FleetService | None = None
+        report: Grant | None = None
         if route.auth == "client":
             service = self._service(parts[2])
             self._authorize_client(service.fleet, headers, parts[3])
         elif route.auth == "agent":
-            self._report_sender(headers)
+            report = self._report_sender(headers)
         data = body(route.body_limit) if callable(body) else body
         if len(data) > route.body_limit:
             raise TooLarge(f"body of {len(data)} bytes over this route's {route.body_limit}",
@@ -276,8 +277,8 @@ class CoordinatorAPI:
             return 200, {"fleets": [s.status() for s in self.services.values()]}
         if parts == ("metrics",):
             return 200, self.metrics()
-        if route.auth == "agent":
-            return self._agent_report(parts[1], headers, data)
+        if report is not None:
+            return self._agent_report(parts[1], report, headers, data)
         return self._fleet_route(method, service or self._service(parts[2]), parts[3], query,
                                  data)
 
@@ -400,8 +401,9 @@ class CoordinatorAPI:
             guard = self._replays.setdefault(fleet, ReplayGuard(since=self._started))
             guard.admit(grant.subject, nonce(token), grant.expires, self.wall())
 
-    def _agent_report(self, kind: str, headers: Mapping[str, str],
+    def _agent_report(self, kind: str, grant: Grant, headers: Mapping[str, str],
                       body: bytes) -> tuple[int, Any]:
+        """``grant``: the request's report grant, checked before the body was read."""
         message: Heartbeat | SelfTestReport | LaggingReaderReport
         if kind == "heartbeat":
             message = Heartbeat.decode(body)
@@ -413,6 +415,9 @@ class CoordinatorAPI:
             message = LaggingReaderReport.decode(body)
             sender = message.writer
         service = self._service(message.fleet)
+        if sender != grant.subject:  # a report about another node (checked before its key)
+            raise ForeignGrant("grant was issued to someone else", field="subject",
+                               subject=grant.subject)
         token = bearer_token(headers)
         self._admit_once(service.fleet, service.keys.verify_report(token, sender, body), token)
         m = service.require_active()
@@ -483,12 +488,15 @@ def _route(method: str, path: str) -> Route:
 
 
 def _peek(token: str) -> Grant:
-    """What ``token`` claims (:func:`peek`), BadSignature for a payload nested too deep for
-    the JSON parser (its RecursionError is no ValueError: it would be answered 500)."""
+    """What ``token`` claims (:func:`peek`); BadSignature for a payload nested too deep for
+    the JSON parser (its RecursionError is no ValueError) or naming a fleet or subject that is
+    no UTF-8 text (a lone surrogate, which no key derivation or store lookup can encode)."""
     try:
-        return peek(token)
-    except RecursionError as exc:
+        claimed = peek(token)
+        (claimed.fleet + claimed.subject).encode()
+    except (RecursionError, UnicodeEncodeError) as exc:
         raise BadSignature("grant token is malformed") from exc
+    return claimed
 
 
 def _check_current_writer(m: FleetMap, report: LaggingReaderReport) -> None:

@@ -298,11 +298,20 @@ def test_malformed_requests_get_one_4xx_and_change_nothing_while_a_client_is_ser
     fleet = f"/v1/fleets/{h.name}"
     client = f"Authorization: Bearer {h.client_grant()}\r\n"
     hb = h.heartbeat("r1")
+    odd_hb = hb.replace(b'"node":"r1"', b'"node":"\\ud800"')
     foreign = sign(Grant("not-this-fleet", COORDINATOR, REPORT, 1, time.time() + 60,
                          subject="r1", digest=body_digest(b"{}")), b"some key")
     big_int = b'{"v":1,"node":"r1","applied_seq":' + b"9" * 5000 + b"}"
     big_path = b'{"path":' + b"1" * 5000 + b"}"
     deep_token = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode() + ".bWFj"
+
+    def unsigned(purpose: str, subject: str) -> str:
+        """A token claiming ``subject`` (JSON-escaped: any code point), with a junk MAC."""
+        claim = json.dumps({"v": 2, "fleet": h.name, "audience": "coordinator",
+                            "purpose": purpose, "epoch": 1, "expires": time.time() + 60,
+                            "subject": subject, "digest": ""}).encode()
+        return base64.urlsafe_b64encode(claim).rstrip(b"=").decode() + ".bWFj"
+
 
     def req(head: str, body: bytes = b"") -> bytes:
         return f"{head}\r\nHost: x\r\n".encode() + body
@@ -349,6 +358,16 @@ def test_malformed_requests_get_one_4xx_and_change_nothing_while_a_client_is_ser
         ("a report token nested 3,000 deep", req("POST /v1/heartbeat HTTP/1.1",
          f"Authorization: Bearer {deep_token}\r\nContent-Length: 2\r\n\r\n{{}}".encode()),
          401, "bad_signature", True),
+        ("a report token naming a lone surrogate", req("POST /v1/selftest HTTP/1.1",
+         f"Authorization: Bearer {unsigned('report', chr(0xD800))}\r\nContent-Length: 2\r\n"
+         "\r\n{}".encode()), 401, "bad_signature", True),
+        ("a client token naming a lone surrogate", req(f"POST {write} HTTP/1.1",
+         f"Authorization: Bearer {unsigned('client', chr(0xD800))}\r\nContent-Length: 2\r\n"
+         "\r\n{}".encode()), 401, "bad_signature", True),
+        ("a heartbeat about a lone surrogate", req("POST /v1/heartbeat HTTP/1.1",
+         f"Authorization: Bearer {h.fleet.report_grant('r1', odd_hb)}\r\n"
+         f"Content-Length: {len(odd_hb)}\r\n\r\n".encode() + odd_hb),
+         400, "decode_error", False),
         ("10k-deep JSON", req(f"POST {write} HTTP/1.1", f"{client}Content-Length: 20000\r\n\r\n"
          .encode() + b"[" * 10_000 + b"]" * 10_000), 400, "decode_error", False),
         ("5,000-digit integer", req(f"POST {write} HTTP/1.1", f"{client}Content-Length: "
