@@ -23,9 +23,11 @@ Model:
 - Every root and child pointer is a ``(page, generation, crc)`` triple (Merkle): a page that
   is not the one its parent was written with is refused, so a broken quarantine or a lost
   write shows up as ``ChecksumMismatch`` naming the page, never as a wrong answer.
-- Balance: a page over its size is split in two; a page under a quarter full (of its
-  ``page_size - 32`` bytes of cells) after a change is merged with an adjacent sibling, or
-  shares that sibling's cells evenly when both do not fit one page. The root is a branch
+- Balance: a page over its size is split in two halves, or, when the key added is above
+  every other (a load in key order), into the full page and a new one holding the new key;
+  a page a delete (or a smaller value) leaves under a quarter full (of its
+  ``page_size - 32`` bytes of cells) is merged with an adjacent sibling, or shares that
+  sibling's cells evenly when both do not fit one page. The root is a branch
   only while it has two children or more, and every page below it holds a key of its own.
   So every leaf is at the same depth and the height is logarithmic in the number of keys.
 - Hostile pages: a decode checks lengths, counts, key order, generations (pages.py); the
@@ -401,14 +403,18 @@ class Txn(_Reader):
         if i < len(leaf.keys) and leaf.keys[i] == key:
             old = leaf.values[i]
             self._drop(old)
-            leaf.size += cell - self._layout.leaf_cell(key, old)
+            growth = cell - self._layout.leaf_cell(key, old)
+            leaf.size += growth
             leaf.values[i] = value
-        else:
-            leaf.keys.insert(i, key)
-            leaf.values.insert(i, value)
-            leaf.size += cell
+            self._changes += 1
+            self._rebalance(path, leaf, shrank=growth < 0)
+            return
+        leaf.keys.insert(i, key)
+        leaf.values.insert(i, value)
+        leaf.size += cell
         self._changes += 1
-        self._rebalance(path, leaf)
+        self._rebalance(path, leaf, shrank=False, appended=i == len(leaf.keys) - 1 and all(
+            j == len(branch.children) - 1 for branch, j, _, _ in path))
 
     def delete(self, key: bytes) -> bool:
         """Remove ``key``; False (and nothing copied) if it is absent."""
@@ -423,28 +429,31 @@ class Txn(_Reader):
         del leaf.keys[i]
         del leaf.values[i]
         self._changes += 1
-        self._rebalance(path, leaf)
+        self._rebalance(path, leaf, shrank=True)
         return True
 
     def _underfull(self, node: TreeNode) -> bool:
         return node.size - HEADER.size < (self._layout.page_size - HEADER.size) // 4
 
     def _rebalance(self, path: list[tuple[Branch, int, bytes, bytes | None]],
-                   node: TreeNode) -> None:
-        """Split what grew past a page, merge what fell under a quarter, bottom-up."""
+                   node: TreeNode, *, shrank: bool, appended: bool = False) -> None:
+        """Bottom-up: split what grew past a page; if the change ``shrank`` its leaf, merge
+        what fell under a quarter (only merges shrink the branches above). ``appended``: the
+        change added a key above every other, so a split leaves the old pages full and starts
+        new ones (keys loaded in order fill their pages)."""
         while path:
             parent, i, lo, hi = path.pop()
             if node.size > self._layout.page_size:
-                left, sep, right = self._split(node)
+                left, sep, right = self._split(node, appended)
                 parent.children[i] = left
                 parent.keys.insert(i + 1, sep)
                 parent.children.insert(i + 1, right)
                 parent.size += branch_cell(sep)
-            elif self._underfull(node) and len(parent.children) > 1:
+            elif shrank and self._underfull(node) and len(parent.children) > 1:
                 self._merge(parent, i - 1 if i else i, lo, hi)
             node = parent
         if node.size > self._layout.page_size:
-            left, sep, right = self._split(node)
+            left, sep, right = self._split(node, appended)
             node = Branch(_level(node) + 1, [b"", sep], [left, right],
                           HEADER.size + branch_cell(b"") + branch_cell(sep))
         top: PageRef | TreeNode = node
@@ -452,19 +461,24 @@ class Txn(_Reader):
             top = top.children[0]  # the root lost its last sibling: its child is the root
         self._top = top
 
-    def _split(self, node: TreeNode) -> tuple[TreeNode, bytes, TreeNode]:
-        """Two halves of similar byte size, and the separator (lowest key of the right)."""
+    def _split(self, node: TreeNode, at_end: bool = False) -> tuple[TreeNode, bytes, TreeNode]:
+        """Two halves of similar byte size, and the separator (lowest key of the right); with
+        ``at_end``, everything but the last cell (a branch: the last two children, so that
+        the new page has a key of its own) and the rest."""
         if isinstance(node, Leaf):
             sizes = [self._layout.leaf_cell(k, v) for k, v in zip(node.keys, node.values,
                                                                    strict=True)]
         else:
             sizes = [branch_cell(k) for k in node.keys]
-        half = sum(sizes) // 2
-        acc, m = 0, 0
-        while m < len(sizes) - 1 and acc + sizes[m] <= half:
-            acc += sizes[m]
-            m += 1
-        m = max(m, 1)
+        if at_end:
+            m = len(sizes) - (1 if isinstance(node, Leaf) else 2)
+        else:
+            half = sum(sizes) // 2
+            acc, m = 0, 0
+            while m < len(sizes) - 1 and acc + sizes[m] <= half:
+                acc += sizes[m]
+                m += 1
+            m = max(m, 1)
         left_size = HEADER.size + sum(sizes[:m])
         if isinstance(node, Leaf):
             sep = _separator(node.keys[m - 1], node.keys[m])

@@ -246,6 +246,8 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("put"), st.integers(0, len(DIRS) - 1), st.integers(0, 60), VALUE_SIZES),
     st.tuples(st.just("bulk"), st.integers(0, len(DIRS) - 1), st.integers(20, 150),
               VALUE_SIZES),
+    st.tuples(st.just("append"), st.integers(0, len(DIRS) - 1), st.integers(1, 150),
+              VALUE_SIZES),
     st.tuples(st.just("delete"), st.integers(0, len(DIRS) - 1), st.integers(0, 60),
               st.just(0)),
     st.tuples(st.just("delete_dir"), st.integers(0, len(DIRS) - 1), st.just(0), st.just(0)),
@@ -275,6 +277,7 @@ def test_tree_matches_a_dict_across_transactions_and_snapshots(
     # a reader agent's own cache: the writer's commits never update it, so an entry for a
     # page number that was freed and reused must not be served for the new page
     reader = Tree(writer.store, cache=PageCache(32))
+    appended = 0
     txn = writer.tree.begin(None)
     for op, d, n, size in script:
         directory = DIRS[d]
@@ -284,6 +287,12 @@ def test_tree_matches_a_dict_across_transactions_and_snapshots(
         elif op == "bulk":
             for _ in range(n):
                 key = path_key(f"{directory}/g{rng.randrange(400)}")
+                model[key] = rng.randbytes(rng.randrange(size + 1))
+                txn.put(key, model[key])
+        elif op == "append":  # names in increasing order: at the tree's end for the last dir
+            for _ in range(n):
+                appended += 1
+                key = path_key(f"{directory}/h{appended:06d}")
                 model[key] = rng.randbytes(rng.randrange(size + 1))
                 txn.put(key, model[key])
         elif op == "delete":
@@ -514,6 +523,19 @@ def test_a_directory_rename_touches_only_the_pages_of_its_subtree() -> None:
     expect = {path_key("/e050" + key_path(k)[len("/d050"):]) if k in dict(moved) else k: v
               for k, v in items.items()}
     assert dict(writer.tree.snapshot(writer.root).range()) == expect
+
+
+def test_keys_loaded_in_order_fill_their_pages() -> None:
+    writer = Writer()
+    items = {path_key(f"/d/f{i:06d}"): bytes(40) for i in range(20000)}
+    _fill(writer, items, 1000)
+    cells = sum(LEAF_CELL.size + len(k) + len(v) for k, v in items.items())
+    live = writer.store.in_use() - writer.quarantined()
+    leaves = sum(1 for p in live if writer.store.pages[p][5] == KIND_LEAF)
+    body = PAGE - HEADER.size
+    assert cells / body <= leaves <= cells / body * 1.03 + 1  # split halves: ~2x
+    assert check(writer.root, writer.store, allocated=live) == []
+    assert dict(writer.tree.snapshot(writer.root).range()) == items
 
 
 def test_deletes_shrink_the_tree() -> None:
