@@ -741,11 +741,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The server's own refusals (bad request line, header block too large, unknown
-        method) as JSON too, and the connection closed."""
+        method) as JSON too, and the connection closed. An HTTP version other than 1.x is the
+        client's fault: 400, not the stdlib's 505 (only an unknown method stays 501)."""
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # a 0.9 answer would have no status line
             self.request_version = "HTTP/1.0"
         reason = message or http.HTTPStatus(code).phrase
+        if code == http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = http.HTTPStatus.BAD_REQUEST
         error = "not_implemented" if code == 501 else "bad_request"
         with contextlib.suppress(OSError):
             self._answer(code, {"error": error, "message": reason})

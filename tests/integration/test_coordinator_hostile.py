@@ -390,6 +390,8 @@ def test_malformed_requests_get_one_4xx_and_change_nothing_while_a_client_is_ser
          f"a{i}=1" for i in range(50)) + " HTTP/1.1", b"\r\n"), 400, "decode_error", False),
         ("5,000-digit after", req(f"GET {fleet}/map?after={'7' * 5000} HTTP/1.1", b"\r\n"),
          400, "decode_error", False),
+        ("HTTP/2.0 request line", req(f"GET {fleet}/map HTTP/2.0", b"\r\n"),
+         400, "bad_request", True),
         ("header block too large", req(f"GET {fleet}/map HTTP/1.1", b"".join(
          b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n"), 431, "bad_request", True),
     ]
