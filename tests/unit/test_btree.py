@@ -744,6 +744,12 @@ def test_overflow_chains_that_loop_or_lie_are_refused() -> None:
              overflow(4, value[2 * step :], NO_PAGE)]
     assert Snapshot(root[1], _store(root, *whole)).get(b"/\x00a") == value
     assert check(root[1], _store(root, *whole)) == []
+    # two cells sharing one chain: readable, but freeing one would free the other's pages
+    ref = OVERFLOW_REF.pack(2, 3, zlib.crc32(value))
+    shared = _seal(KIND_LEAF, 0, 2, LEAF_CELL.pack(3, len(value), 1) + b"/\x00a" + ref
+                   + LEAF_CELL.pack(3, len(value), 1) + b"/\x00b" + ref, 1, 1)
+    assert [(p.page, p.kind) for p in check(shared[1], _store(shared, *whole))] == [
+        (2, "double-referenced"), (3, "double-referenced"), (4, "double-referenced")]
 
 
 @settings(max_examples=300, deadline=None)
