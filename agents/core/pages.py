@@ -19,7 +19,8 @@ Page (``page_size`` bytes: 4096 by default, a power of two from 4 KiB to 32 KiB)
     6      u8   level: 0 for leaves and overflow pages; a branch is one above its children
     7      u8   reserved, 0
     8      u16  count: cells on the page (0 on an overflow page)
-    10     u16  used: bytes of the page in use (header + cells); the rest is zero
+    10     u16  used: bytes of the page in use (header + cells); the rest is written as
+                zeros (covered by the CRC, otherwise ignored)
     12     u32  crc32 of bytes [0, 12) followed by [16, page_size)
     16     u64  page number of this page (a page written to the wrong place is refused)
     24     u64  generation: the transaction that wrote the page
@@ -48,7 +49,8 @@ Branch cell (``count`` of them, one per child)::
        [key_i, key_i+1).
 
 The child's generation and CRC in its parent make the tree a Merkle tree: a reader that
-trusts the root's (page, generation, CRC) triple (kept in the superblock) detects a page that
+trusts the root's (page, generation, CRC) triple (its owner keeps it: the superblock, once a
+volume uses the tree) detects a page that
 is self-consistent but not the one its parent was written with (a lost or misdirected write,
 a page number reused too early). A child's generation is never above its parent's.
 
