@@ -30,7 +30,8 @@ from orchestrator.errors import ReportReplayed
 
 __all__ = ["CAPACITY", "REPORT_TTL", "ReplayGuard", "nonce"]
 
-# The lifetime of an agent's report grant (agents.agent.AgentSettings.grant_ttl's default).
+# The lifetime of an agent's report grant (agents.agent.AgentSettings.grant_ttl: its default,
+# which the agent's config file does not change).
 REPORT_TTL = 60.0
 # Nonces remembered per node: a heartbeat a second, a self-test every few seconds and some
 # lagging reports over one REPORT_TTL stay well below it.
