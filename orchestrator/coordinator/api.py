@@ -138,7 +138,6 @@ class Route:
     """What a request line asks for: ``parts`` of the path, who may ask (``auth``) and the
     largest body it takes (0: none)."""
 
-    method: str
     parts: tuple[str, ...]
     auth: Literal["none", "client", "agent"]
     body_limit: int
@@ -398,7 +397,9 @@ class CoordinatorAPI:
     def _admit_once(self, fleet: str, grant: Grant, token: str) -> None:
         """ReportReplayed when this report (its grant) was admitted before: a replay."""
         with self._replay_lock:
-            guard = self._replays.setdefault(fleet, ReplayGuard(since=self._started))
+            guard = self._replays.get(fleet)
+            if guard is None:
+                guard = self._replays[fleet] = ReplayGuard(since=self._started)
             guard.admit(grant.subject, nonce(token), grant.expires, self.wall())
 
     def _agent_report(self, kind: str, grant: Grant, headers: Mapping[str, str],
@@ -484,7 +485,7 @@ def _route(method: str, path: str) -> Route:
         raise NotFound(f"no route {path[:200]}", route=path[:200])
     if method != allowed:
         raise MethodNotAllowed(f"{method} not allowed on {path[:200]}", allowed=[allowed])
-    return Route(method, parts, auth, limit)
+    return Route(parts, auth, limit)
 
 
 def _peek(token: str) -> Grant:
