@@ -1,10 +1,11 @@
 """The BlockDevice contract (agents.testing.check_block_device) and the VectoredDevice one
 (check_vectored_device below: readinto, writev, unaligned edges, a write of many objects read
-back) against every backend: memory (through agents.device.vectored), file (buffered and
-O_DIRECT), direct (O_DIRECT on ext4 under /var/tmp), direct on a loop block device, and
-librbd on the real sandbox Ceph cluster; plus librbd's own promises (a second writer is
-refused by Ceph, a fenced handle fails with ESHUTDOWN, synchronous or aio, a failed aio
-completion is raised once) and a Volume round trip on each real backend."""
+back) against every backend: memory (through agents.device.vectored), file (buffered, fallen
+back to buffered where O_DIRECT is refused, and O_DIRECT), direct (O_DIRECT on ext4 under
+/var/tmp), direct on a loop block device, and librbd on the real sandbox Ceph cluster; plus
+librbd's own promises (a second writer is refused by Ceph, a fenced handle fails with
+ESHUTDOWN, synchronous or aio, a failed aio completion is raised once) and a Volume round
+trip on each real backend."""
 
 from __future__ import annotations
 
@@ -55,9 +56,23 @@ def loop_disks(var_tmp_image: Path) -> Iterator[LoopAttachments]:
         assert disks.close() == []
 
 
-@pytest.fixture(params=["memory", "file-buffered", "file", "direct", "loop", "librbd"])
+def _refuse_o_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every O_DIRECT open fail with EINVAL, as on a filesystem without it."""
+    real_open = os.open
+
+    def no_direct(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+
+
+@pytest.fixture(params=["memory", "file-buffered", "file-fallback", "file", "direct", "loop",
+                        "librbd"])
 def maker(request: pytest.FixtureRequest) -> Iterator[Maker]:
-    """``make(read_only)`` -> a new handle on one medium, per backend."""
+    """``make(read_only)`` -> a new handle on one medium, per backend (``file-fallback``: the
+    file backend where O_DIRECT is refused, so it fell back to buffered I/O)."""
     kind = request.param
     if kind == "loop":  # what an agent in a VM opens: a block device, O_DIRECT
         disks = request.getfixturevalue("loop_disks")
@@ -80,6 +95,15 @@ def maker(request: pytest.FixtureRequest) -> Iterator[Maker]:
         path = request.getfixturevalue("var_tmp_image")
         if kind == "file-buffered":
             yield lambda ro: FileDevice(path, ro, direct=False)
+        elif kind == "file-fallback":
+            _refuse_o_direct(request.getfixturevalue("monkeypatch"))
+
+            def fallback(ro: bool) -> BlockDevice:
+                dev = FileDevice(path, ro)
+                assert not dev.direct, "O_DIRECT was refused: the handle must be buffered"
+                return dev
+
+            yield fallback
         elif kind == "file":
             yield lambda ro: FileDevice(path, ro)
         else:
