@@ -35,7 +35,7 @@ from orchestrator.adapters.ansible import (
 from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
-from orchestrator.client import CoordinatorClient
+from orchestrator.client import CoordinatorClient, Transport
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.deploy import AgentPackage
@@ -106,8 +106,9 @@ def inventory(
     cfg = fleet_config.load(config)
     urls = list(coordinator_config(config).urls)
     try:
-        fleet_map: dict[str, Any] | None = CoordinatorClient(urls, cfg.fleet.name, None).map()
-    except AgentUnreachable:
+        fleet_map: dict[str, Any] | None = CoordinatorClient(
+            urls, cfg.fleet.name, None, transport=Transport.for_fleet(cfg)).map()
+    except (AgentUnreachable, ConfigError):  # no fleet CA, so no coordinator, yet
         fleet_map = None  # no coordinator yet: the bootstrap roles of the config
     package = AgentPackage.build()
     key_dir = write_agent_keys(cfg, read_secret(cfg), package_dir / "keys" / cfg.fleet.name)
