@@ -42,6 +42,7 @@ from agents.core.pages import (
     VERSION,
     Branch,
     Layout,
+    Leaf,
     PageRef,
     children_range,
     decode_entry,
@@ -600,6 +601,17 @@ def test_cache_is_bounded_and_serves_repeated_lookups() -> None:
         snap.get(k)
     assert len(cache._pages) <= 16
     assert cache.hits > 0 and cache.misses > 0
+
+
+def test_page_cache_evicts_the_least_recently_used() -> None:
+    cache = PageCache(2)
+    a, b, c = (PageRef(n, 1, n) for n in range(3))
+    for ref in (a, b):
+        cache.put(ref, Leaf([], [], HEADER.size))
+    assert cache.get(a) is not None  # a is now the most recent
+    cache.put(c, Leaf([], [], HEADER.size))
+    assert cache.get(b) is None and cache.get(a) is not None and cache.get(c) is not None
+    assert (cache.hits, cache.misses) == (3, 1)
 
 
 def test_a_transaction_is_single_use_and_not_changed_under_a_scan() -> None:
