@@ -133,7 +133,31 @@ def _shutdown(conn: http.client.HTTPConnection) -> None:
     sock = conn.sock
     if sock is not None:
         with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+            # the plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop the TLS
+            # state under the thread that is reading
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS whose TCP socket is shown to its :class:`Cancel` before the TLS handshake: a
+    silent (paused) server holds the handshake for the whole timeout, and a request the map
+    has moved past must be cut there too."""
+
+    cancel: Cancel | None = None
+
+    def __init__(self, host: str, port: int, *, timeout: float,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.tls_context = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)  # TCP only
+        tls = self.tls_context.wrap_socket(self.sock, server_hostname=self.host,
+                                           do_handshake_on_connect=False)
+        self.sock = tls  # what the cancel shuts down (the plain socket is detached now)
+        if self.cancel is not None:
+            self.cancel.attach(self)
+        tls.do_handshake()
 
 
 @dataclass(frozen=True)
@@ -204,7 +228,7 @@ class Transport:
             raise AgentUnreachable("?", address, "address has no host")
         target = url.path + (f"?{url.query}" if url.query else "")
         if url.scheme == "https":
-            return http.client.HTTPSConnection(
+            return _HTTPSConnection(
                 url.hostname, url.port or 443, timeout=timeout, context=self.context()
             ), target
         return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout), target
@@ -228,6 +252,8 @@ class Transport:
         ``cancel`` lets another thread abandon it (:class:`Superseded`).
         """
         conn, target = self.connect(address, path, timeout)
+        if isinstance(conn, _HTTPSConnection):
+            conn.cancel = cancel
         sent = False
         try:
             conn.connect()

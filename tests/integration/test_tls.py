@@ -12,9 +12,12 @@ import datetime
 import json
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from agents.core.grants import PROMOTE
 from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
-from orchestrator.client import HttpAgentControl, Transport
+from orchestrator.client import Cancel, HttpAgentControl, Superseded, Transport
 from orchestrator.errors import AgentUnreachable, ConfigError
 from orchestrator.pki import FleetPki
 from tests.coordinator_harness import coordinated_file_fleet, file_image
@@ -209,3 +212,21 @@ def test_the_cli_with_another_ca_fails_cleanly(fleet_factory: FleetFactory, tmp_
         assert bad.returncode != 0
         assert "CERTIFICATE_VERIFY_FAILED" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+def test_a_request_to_a_silent_tls_server_is_cut_in_its_handshake() -> None:
+    """A paused writer accepts TCP (the kernel does) but never answers the TLS handshake: a
+    request the map has moved past must be cut there at once (Superseded, then resent
+    elsewhere), not after its whole timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))  # listens, never accepts nor answers
+    try:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        cancel = Cancel()
+        threading.Timer(0.5, cancel.cancel, ("the map moved on",)).start()
+        started = time.monotonic()
+        with pytest.raises(Superseded, match="the map moved on"):
+            Transport(tls=True, ca_file=TEST_CA).request(
+                "w", address, "PUT", "/v1/files/x", body=b"x", timeout=30.0, cancel=cancel)
+        assert time.monotonic() - started < 5.0
+    finally:
+        silent.close()

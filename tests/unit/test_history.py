@@ -736,7 +736,7 @@ def test_the_recording_transport_names_the_node_that_answered_not_found() -> Non
     serving.start()
     try:
         sent = NodeSeen()
-        address = f"127.0.0.1:{server.server_address[1]}"
+        address = f"http://127.0.0.1:{server.server_address[1]}"  # a plain HTTP stub
         with pytest.raises(NotFound):
             sent.request("r2", address, "GET", "/v1/files/k0", timeout=5.0)
         assert sent.last_node() == "r2"

@@ -28,7 +28,8 @@ from orchestrator.pki import (
     verify_issued,
 )
 from orchestrator.provision import provision_pki
-from orchestrator.rollout import GUEST_TLS, agent_config
+from orchestrator.rollout import GUEST_TLS, FleetRollout, agent_config
+from tests.unit.test_rollout import FakeDeployer, FakeShell
 
 pytestmark = pytest.mark.unit
 
@@ -160,3 +161,21 @@ def test_the_insecure_flag_makes_no_pki_and_plaintext_agents(tmp_path: Path) -> 
     assert provision_pki(cfg, ["10.0.0.254"], NOW) == [] and not cfg.pki_dir.exists()
     shipped = agent_config(cfg, "vm1", coordinator=None)
     assert shipped["insecure_plaintext"] is True and "tls" not in shipped
+
+
+def test_deploy_installs_a_vms_own_certificate_and_key_and_never_the_ca_key(
+        tmp_path: Path) -> None:
+    cfg = _fleet(tmp_path)
+    provision_pki(cfg, ["10.0.0.254"], NOW)
+    shell = FakeShell()
+    FleetRollout(cfg, shell, FakeDeployer(shell), b"master", progress=lambda _: None).deploy()
+    pki = FleetPki(cfg.pki_dir, "demo")
+    puts = {(name, args[0]): (args[1], args[2]) for kind, name, args in shell.log
+            if kind == "put"}
+    assert puts[("vm1", GUEST_TLS["key"])] == (0o600, pki.key_file("vm1").read_bytes())
+    assert puts[("vm1", GUEST_TLS["cert"])] == (0o644, pki.cert_file("vm1").read_bytes())
+    assert puts[("vm2", GUEST_TLS["ca"])] == (0o644, pki.ca_file.read_bytes())
+    shipped = b"".join(data for _, data in puts.values())
+    assert pki.key_file("ca").read_bytes() not in shipped
+    assert pki.key_file("vm2").read_bytes() not in b"".join(
+        data for (vm, _), (_, data) in puts.items() if vm != "vm2")

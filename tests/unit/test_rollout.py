@@ -30,6 +30,7 @@ CFG = config.from_mapping({
            {"name": "vm2", "domain": "d2", "address": "10.0.0.2"},
            {"name": "vm3", "domain": "d3", "address": "10.0.0.3"},
            {"name": "vm4", "domain": "d4", "address": "10.0.0.4", "spare": True}],
+    "tls": {"insecure_plaintext": True},  # the steps alone; the TLS files: tests/unit/test_pki.py
 }, env={})
 
 
