@@ -17,6 +17,8 @@ import errno
 import logging
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,18 @@ from hypothesis import strategies as st
 from agents.agent import Agent, AgentSettings
 from agents.backends.file import FileDevice
 from agents.core import roles
+from agents.core.grants import PUSH, Grant, sign
+from agents.core.protocol import RecordPush
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
+    AgentError,
     AlreadyExists,
     BadPath,
     DeviceError,
     NotEmpty,
     NotFound,
+    NotWriter,
     StaleEpoch,
     WrongKind,
 )
@@ -420,3 +426,52 @@ def test_promotion_failing_after_start_epoch_reopens_the_reader(
     assert agent.reader.volume is not before.volume
     assert b"".join(agent.reader.volume.read("/a")) == b"a"
     agent.stop()
+
+
+def test_a_push_reaching_the_reader_during_a_promotion_waits_and_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push that passed its grant check (here: one of the promotion's own epoch, which
+    only a competing writer could send) waits for the role lock the promotion holds, then
+    meets a writer and is refused: nothing enters the state between adopt's checks and the
+    epoch record."""
+    image = _image(tmp_path / "image")
+    old = _old_writer(image)
+    agent, _ = _agent(image)
+    pushed: list[Record] = []
+    old.set_commit_listener(pushed.extend)
+    old.put("/p", [b"p"], 1, epoch=1, mtime=0.0)
+    old.close()
+    entered, release = threading.Event(), threading.Event()
+    adopt = Volume.adopt
+
+    def slow_adopt(volume: Volume, device: BlockDevice) -> str | None:
+        entered.set()
+        assert release.wait(10)
+        return adopt(volume, device)
+
+    monkeypatch.setattr(Volume, "adopt", slow_adopt)
+    promotion = threading.Thread(target=agent.handle, args=(roles.PromoteRequested(2),))
+    promotion.start()
+    assert entered.wait(10)
+    token = sign(Grant("warm", "r1", PUSH, 2, time.time() + 60, subject="w"), b"k" * 32)
+    push = RecordPush(fleet="warm", epoch=2, writer="w",
+                      records=(RecordPush.pack(pushed[-1].encode()),),
+                      commit_seq=pushed[-1].seq)
+    outcome: list[object] = []
+    sender = threading.Thread(target=lambda: outcome.append(_outcome(agent, token, push)))
+    sender.start()
+    sender.join(0.5)
+    assert sender.is_alive() and not outcome  # waiting for the promotion
+    release.set()
+    promotion.join(10)
+    sender.join(10)
+    assert agent.writer is not None
+    assert isinstance(outcome[0], NotWriter)
+    agent.stop()
+
+
+def _outcome(agent: Agent, token: str, push: RecordPush) -> object:
+    try:
+        return agent.receive_push(token, push)
+    except AgentError as exc:
+        return exc
