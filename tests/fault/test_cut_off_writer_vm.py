@@ -39,6 +39,7 @@ import pytest
 from agents.core.protocol import PutRequest
 from orchestrator.cli.coordinator import read_secret
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.rollout import GUEST_TLS
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
 from orchestrator.sandbox.vms import VmSet
@@ -88,10 +89,12 @@ def cut_writer(mission: Mission, sandbox_vms: VmSet) -> Iterator[Callable[[bool]
 
 
 def _guest_health(vms: VmSet, vm: str, address: str) -> dict[str, object]:
-    """The agent's /v1/health asked from inside its own guest (no gateway on the way)."""
-    done = vms.exec(vm, ["python3", "-c", "import sys, urllib.request; print(urllib.request."
-                         "urlopen(sys.argv[1], timeout=10).read().decode())",
-                         f"http://{address}/v1/health"], timeout=30)
+    """The agent's /v1/health asked from inside its own guest (no gateway on the way), over
+    TLS against the fleet CA that deploy installed there."""
+    done = vms.exec(vm, ["python3", "-c", "import ssl, sys, urllib.request; print(urllib."
+                         "request.urlopen(sys.argv[1], timeout=10, context=ssl."
+                         "create_default_context(cafile=sys.argv[2])).read().decode())",
+                         f"https://{address}/v1/health", GUEST_TLS["ca"]], timeout=30)
     assert done.returncode == 0, done.stderr
     result: dict[str, object] = json.loads(done.stdout)
     return result
@@ -99,11 +102,12 @@ def _guest_health(vms: VmSet, vm: str, address: str) -> dict[str, object]:
 
 STALE_PATH = "/cut/stale.bin"
 _STALE_PUT = r"""
-import json, sys, urllib.error, urllib.request
-url, headers = sys.argv[1], json.loads(sys.argv[2])
+import json, ssl, sys, urllib.error, urllib.request
+url, headers, ca = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 request = urllib.request.Request(url, data=b"STALE" * 100, headers=headers, method="PUT")
+context = ssl.create_default_context(cafile=ca)
 try:
-    print(urllib.request.urlopen(request, timeout=20).status, "ok")
+    print(urllib.request.urlopen(request, timeout=20, context=context).status, "ok")
 except urllib.error.HTTPError as exc:
     print(exc.code, json.loads(exc.read() or b"{}").get("error"))
 except OSError as exc:
@@ -118,8 +122,9 @@ def _stale_put(fleet: Mission, vms: VmSet, via: str, address: str) -> tuple[int,
     keys = FleetKeys(fleet.config.fleet.name, read_secret(fleet.config), time.time)
     grant = keys.grant(WRITER, "write", 1, 60.0)
     headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
-    done = vms.exec(via, ["python3", "-c", _STALE_PUT, f"http://{address}/v1/files{STALE_PATH}",
-                          json.dumps(headers)], timeout=60)
+    done = vms.exec(via, ["python3", "-c", _STALE_PUT,
+                          f"https://{address}/v1/files{STALE_PATH}", json.dumps(headers),
+                          GUEST_TLS["ca"]], timeout=60)
     assert done.returncode == 0, done.stderr
     status, code = done.stdout.split()
     return int(status), code

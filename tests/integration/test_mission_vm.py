@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 import uuid
@@ -58,6 +59,7 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
     issue_admin_client(config, directory / CLIENT_SECRET)  # as `sandbox up` does
     state = StateFile(directory / "state.json")
     m = Mission(config, state, _say)
+    SHARED["ca"] = str(m.config.pki_dir / "ca.pem")  # `rbdfleet provision` makes it
     try:
         yield m
     finally:
@@ -73,8 +75,10 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
 
 
 def _health(address: str) -> dict[str, Any]:
+    """An agent's /v1/health over TLS, verified against the mission's fleet CA."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn = http.client.HTTPSConnection(host, int(port), timeout=10,
+                                       context=ssl.create_default_context(cafile=SHARED["ca"]))
     try:
         conn.request("GET", "/v1/health")
         resp = conn.getresponse()
