@@ -103,22 +103,21 @@ class _FakeImage:
         self.sync_calls += 1
         self.data[offset : offset + len(data)] = data
 
-    def _start(self, offset: int, run: Callable[[int], None]) -> _Completion:
+    def _start(self, offset: int, finish: Callable[[_Completion], None]) -> _Completion:
         if offset == self.refuse_at:
             raise self.bindings.rbd.Error("submission refused", errno=errno.EIO)
         with self.lock:
             self.submitted += 1
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
-        ret = self.fail_code if offset == self.fail_at else 0
-        completion = _Completion(ret)
+        completion = _Completion(self.fail_code if offset == self.fail_at else 0)
 
         def complete() -> None:
             time.sleep(0.002)
             with self.lock:
                 self.inflight -= 1
                 self.completed += 1  # before the callback: it releases the waiting call
-            run(ret)
+            finish(completion)
 
         threading.Thread(target=complete).start()
         return completion
@@ -126,21 +125,19 @@ class _FakeImage:
     def aio_write(self, data: bytes, offset: int, oncomplete: Any) -> _Completion:
         assert type(data) is bytes
 
-        def run(ret: int) -> None:
-            if ret == 0:
+        def finish(completion: _Completion) -> None:
+            if completion.ret == 0:
                 self.data[offset : offset + len(data)] = data
             oncomplete(completion)
 
-        completion = self._start(offset, run)
-        return completion
+        return self._start(offset, finish)
 
     def aio_read(self, offset: int, length: int, oncomplete: Any) -> _Completion:
-        def run(ret: int) -> None:
-            oncomplete(completion, bytes(self.data[offset : offset + length]) if ret == 0
-                       else None)
+        def finish(completion: _Completion) -> None:
+            oncomplete(completion, bytes(self.data[offset : offset + length])
+                       if completion.ret == 0 else None)
 
-        completion = self._start(offset, run)
-        return completion
+        return self._start(offset, finish)
 
 
 def _bindings(size: int) -> tuple[SimpleNamespace, _FakeImage]:
