@@ -54,6 +54,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Final
 
+from agents.core import boundedjson
 from agents.errors import BadSignature, ForeignGrant, GrantExpired, StaleEpoch
 
 __all__ = [
@@ -171,7 +172,7 @@ def _split(token: str) -> tuple[bytes, bytes]:
 
 def _parse(payload: bytes) -> Grant:
     try:
-        body = json.loads(payload)
+        body = boundedjson.loads(payload)  # a forged token is network input: bounded depth
         if body.pop("v") != GRANT_VERSION:
             raise BadSignature("grant version unsupported", supported=[GRANT_VERSION])
         expires = body["expires"]
@@ -180,6 +181,8 @@ def _parse(payload: bytes) -> Grant:
         if not all(isinstance(body[k], str)
                    for k in ("fleet", "audience", "purpose", "subject", "digest")):
             raise TypeError("fleet/audience/purpose/subject/digest")
+        for key in ("fleet", "audience", "purpose", "subject", "digest"):
+            body[key].encode("utf-8")  # a lone surrogate fails here, not in a key derivation
         return Grant(fleet=body["fleet"], audience=body["audience"], purpose=body["purpose"],
                      epoch=body["epoch"], expires=float(expires), subject=body["subject"],
                      digest=body["digest"])

@@ -3,8 +3,10 @@ what per-node keys mean: a node's key makes grants for that node only, nothing e
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import json
 
 import pytest
 from hypothesis import given
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from agents.core.grants import (
     COORDINATOR,
     DEMOTE,
+    GRANT_VERSION,
     PROMOTE,
     PURPOSES,
     PUSH,
@@ -213,3 +216,27 @@ def test_two_keys_accepted_during_a_rotation() -> None:
     with pytest.raises(BadSignature):
         verify(sign(Grant("f", "w", READ, 1, NOW + 60), old), (new,), now=NOW, fleet="f",
                audience="w", purposes={READ}, epoch=None)
+
+
+def _token(payload: bytes) -> str:
+    """A token around ``payload`` as an attacker would forge it (its MAC is never reached)."""
+    return f"{base64.urlsafe_b64encode(payload).rstrip(b'=').decode()}.bWFj"
+
+
+@pytest.mark.parametrize("payload", [
+    b"[" * 3000 + b"]" * 3000,  # json.loads would recurse once per level
+    b'{"v":1,"expires":1e999}',
+    b'{"v":1,"epoch":' + b"9" * 5000 + b"}",
+    b'{"v":1,"expires":NaN}',
+])
+def test_hostile_token_bodies_are_malformed_grants(payload: bytes) -> None:
+    with pytest.raises(BadSignature, match="malformed"):
+        peek(_token(payload))
+
+
+def test_subject_with_a_lone_surrogate_is_malformed() -> None:
+    body = {"v": GRANT_VERSION, "fleet": "f", "audience": "w", "purpose": "put",
+            "epoch": 1, "expires": 1.0, "subject": "\ud800", "digest": ""}
+    payload = json.dumps(body).encode()  # ASCII escapes: the surrogate survives decoding
+    with pytest.raises(BadSignature, match="malformed"):
+        peek(_token(payload))
