@@ -57,7 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from agents.errors import NotFound, RbdfleetError
-from orchestrator.adapters.ssh import ParamikoShell, shell_script
+from orchestrator.adapters.ssh import ParamikoShell
+from orchestrator.core.remote import shell_script
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import lifecycle, vms
 from orchestrator.sandbox.demo import Mission

@@ -57,8 +57,8 @@ from typing import Any
 import agents
 from agents.errors import RbdfleetError
 from agents.service import UNIT_NAME, UnitParams, render_unit
-from orchestrator.adapters.ssh import Executable, RemoteCommand, SshHost
 from orchestrator.config import FleetConfig
+from orchestrator.core.remote import Executable, RemoteCommand, SshHost
 from orchestrator.errors import DeployError, RemoteCommandFailed
 from orchestrator.ports import RemoteShell
 

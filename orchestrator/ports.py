@@ -21,9 +21,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from agents.core.protocol import DemoteRequest, Health, PromoteRequest
-    from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost
     from orchestrator.core.clients import ClientCredential
     from orchestrator.core.fleetmap import FleetMap
+    from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost
 
 __all__ = [
     "AgentControl",

@@ -38,9 +38,9 @@ from typing import Any
 from agents.core.protocol import Health
 from agents.errors import RbdfleetError
 from orchestrator.adapters.domain_xml import fleet_serial
-from orchestrator.adapters.ssh import Executable, RemoteCommand
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.core.remote import Executable, RemoteCommand
 from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
 from orchestrator.errors import DeployError, RemoteCommandFailed
 from orchestrator.pki import FleetPki

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from agents.core.protocol import DemoteRequest, PromoteRequest
 from agents.errors import GrantRejected, StaleEpoch
 from orchestrator.adapters.ceph import granted_image
-from orchestrator.adapters.ssh import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
 from orchestrator.core.clients import SCOPES, ClientCredential
 from orchestrator.core.fleetmap import FleetMap, initial_map
+from orchestrator.core.remote import Executable, RemoteCommand, RemoteResult, SshHost, shell_script
 from orchestrator.errors import (
     AgentUnreachable,
     DetachPending,

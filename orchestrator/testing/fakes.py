@@ -35,8 +35,8 @@ from agents.core.grants import agent_key, verify
 from agents.core.protocol import DemoteRequest, Health, PromoteRequest
 from agents.errors import ForeignGrant
 from orchestrator.adapters.ceph import client_addresses, granted_image, vm_user_caps
-from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost, start_detached
 from orchestrator.core.fleetmap import FleetMap
+from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost, start_detached
 from orchestrator.errors import (
     AgentUnreachable,
     CoordinationError,

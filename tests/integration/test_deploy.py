@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.adapters.ssh import Executable, ParamikoShell, RemoteCommand
+from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.core.remote import Executable, RemoteCommand
 from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
 from orchestrator.errors import DeployError
 from orchestrator.sandbox.hosts import HostSet

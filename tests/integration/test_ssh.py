@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.adapters.ssh import (
-    Executable,
-    ParamikoShell,
-    RemoteCommand,
-    require_local_target,
-)
+from orchestrator.adapters.ssh import ParamikoShell, require_local_target
+from orchestrator.core.remote import Executable, RemoteCommand
 from orchestrator.errors import (
     HostKeyMismatch,
     HostUnreachable,

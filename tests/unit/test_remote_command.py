@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.adapters.ssh import Executable, RemoteCommand, shell_script
+from orchestrator.core.remote import Executable, RemoteCommand, shell_script
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,8 @@ import pytest
 
 from agents.core.protocol import Health
 from orchestrator import config
-from orchestrator.adapters.ssh import RemoteCommand, RemoteResult, SshHost
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost
 from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget, HostResult
 from orchestrator.errors import DeployError
 from orchestrator.rollout import GUEST_SECRET, FleetRollout, agent_config
