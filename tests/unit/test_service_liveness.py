@@ -1,7 +1,8 @@
 """FleetService around a promotion: what its own disk swap explains is not a death.
 
-The loop is not started: observations go through the same methods the loop calls, on a fake
-clock, and the verdicts are read from the service's liveness state.
+The loop is not started: the service is made active (observations queued for an inactive one
+stay queued and change nothing) and they go through the same methods the loop calls, on a fake
+clock; the verdicts are read from the service's liveness state.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 
 from agents.core.protocol import Health
 from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.core.fleetmap import initial_map
 from orchestrator.core.liveness import (
     HeartbeatReceived,
     LivenessConfig,
@@ -44,11 +46,17 @@ def service() -> tuple[FleetService, FakeClock]:
     clock = FakeClock()
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     settings = ServiceSettings(url="http://c1", liveness=LivenessConfig())
-    return FleetService(store=store, fencer=Unused(), agents=Unused(), secret=b"k",
-                        settings=settings, clock=clock, wall=lambda: 0.0), clock
+    bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r2": ("r2:1", "reader")})
+    svc = FleetService(store=store, fencer=Unused(), agents=Unused(), secret=b"k",
+                       settings=settings, clock=clock, wall=lambda: 0.0, bootstrap=bootstrap)
+    assert store.acquire()
+    svc._become_active(clock.monotonic())
+    assert svc._events.empty()
+    return svc, clock
 
 
 def verdict(svc: FleetService, node: str, clock: FakeClock) -> Verdict:
+    assert svc._events.empty(), "an observation was queued but never applied"
     return svc._liveness.verdict(node, clock.monotonic())
 
 
