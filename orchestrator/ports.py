@@ -14,6 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from orchestrator.core.disks import AttachedDisk, DiskMode, ImageInfo
 from orchestrator.errors import AdapterChosenPoorly
 
 if TYPE_CHECKING:
@@ -105,23 +106,6 @@ class SecretKey:
         return hash(self._value)
 
 
-class DiskMode(enum.StrEnum):
-    """How a VM holds the shared disk."""
-
-    RW = "rw"
-    RO = "ro"
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """An RBD image as it is."""
-
-    pool: str
-    name: str
-    size: int
-    features: int
-
-
 @dataclass(frozen=True)
 class Watcher:
     """A client watching the image header: one per open librbd handle (one per attach)."""
@@ -159,18 +143,6 @@ class DiskSpec:
     mon_hosts: tuple[MonHost, ...]
     mode: DiskMode
     target: str = "vdz"  # only a hint: the guest names disks by probe order
-
-
-@dataclass(frozen=True)
-class AttachedDisk:
-    """An RBD disk found in a domain's XML."""
-
-    serial: str
-    pool: str
-    image: str
-    user: str
-    mode: DiskMode
-    target: str
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agents.errors import RbdfleetError
-from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.config import FleetConfig
 from orchestrator.core import placement
+from orchestrator.core.disks import fleet_serial
 from orchestrator.core.placement import (
     Action,
     Attach,

@@ -37,9 +37,9 @@ from typing import Any
 
 from agents.core.protocol import Health
 from agents.errors import RbdfleetError
-from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.core.disks import fleet_serial
 from orchestrator.core.remote import Executable, RemoteCommand
 from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
 from orchestrator.errors import DeployError, RemoteCommandFailed

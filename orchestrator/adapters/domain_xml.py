@@ -11,35 +11,18 @@ No I/O here: strings in, strings or values out. Golden tests in tests/unit/test_
 
 from __future__ import annotations
 
-import hashlib
 import xml.etree.ElementTree as ET
 
 from orchestrator.ports import AttachedDisk, DiskMode, DiskSpec
 
 __all__ = [
-    "SERIAL_MAX",
     "disk_element_xml",
     "disk_xml",
-    "fleet_serial",
     "free_target",
     "parse_disks",
     "secret_xml",
     "targets",
 ]
-
-# virtio-blk exposes at most 20 bytes of serial (VIRTIO_BLK_ID_BYTES); longer ones are cut.
-SERIAL_MAX = 20
-
-
-def fleet_serial(fleet: str, pool: str, image: str) -> str:
-    """The disk serial of a fleet: ``rbdfleet-`` + 11 hex digits of its identity (20 chars).
-
-    The same on every VM of the fleet (it is one disk), different for another fleet, pool or
-    image, and within virtio-blk's 20-byte limit whatever the names' lengths.
-    """
-    digest = hashlib.sha256(f"{fleet}\0{pool}\0{image}".encode()).hexdigest()
-    return f"rbdfleet-{digest[: SERIAL_MAX - len('rbdfleet-')]}"
-
 
 def disk_xml(disk: DiskSpec) -> str:
     """The ``<disk>`` element for ``disk`` (hot-plug or persistent config)."""

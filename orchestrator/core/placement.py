@@ -29,8 +29,8 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+from orchestrator.core.disks import AttachedDisk, DiskMode, ImageInfo
 from orchestrator.errors import ConfigError, CoordinationError, DomainNotFound
-from orchestrator.ports import AttachedDisk, DiskMode, ImageInfo
 
 __all__ = [
     "LEGACY_USER_PREFIX",

@@ -36,11 +36,11 @@ from typing import Any
 from agents.errors import RbdfleetError
 from agents.service import UNIT_NAME
 from orchestrator import config as fleet_config
-from orchestrator.adapters.domain_xml import fleet_serial
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.cli.coordinator import coordinator_config, open_client
 from orchestrator.client import FleetClient
 from orchestrator.config import FleetConfig
+from orchestrator.core.disks import fleet_serial
 from orchestrator.core.remote import Executable, RemoteCommand, shell_script
 from orchestrator.deploy import AgentLayout
 from orchestrator.errors import SandboxError

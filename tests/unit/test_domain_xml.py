@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.adapters import domain_xml
+from orchestrator.core import disks
 from orchestrator.ports import AttachedDisk, DiskMode, DiskSpec, MonHost
 
 pytestmark = pytest.mark.unit
@@ -93,7 +94,7 @@ names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_.", min_size=1, 
 
 @given(names, names, names)
 def test_serial_fits_virtio_and_is_stable(fleet: str, pool: str, image: str) -> None:
-    serial = domain_xml.fleet_serial(fleet, pool, image)
-    assert len(serial) == domain_xml.SERIAL_MAX
-    assert serial == domain_xml.fleet_serial(fleet, pool, image)
-    assert serial != domain_xml.fleet_serial(fleet + "x", pool, image)
+    serial = disks.fleet_serial(fleet, pool, image)
+    assert len(serial) == disks.SERIAL_MAX
+    assert serial == disks.fleet_serial(fleet, pool, image)
+    assert serial != disks.fleet_serial(fleet + "x", pool, image)
