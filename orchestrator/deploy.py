@@ -40,41 +40,32 @@ start or stop anything (RemoteCommandFailed).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import logging
 import posixpath
-import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import agents
 from agents.errors import RbdfleetError
 from agents.service import UNIT_NAME, UnitParams, render_unit
 from orchestrator.config import FleetConfig
 from orchestrator.core.remote import Executable, RemoteCommand, SshHost
 from orchestrator.errors import DeployError, RemoteCommandFailed
+from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage
 from orchestrator.ports import RemoteShell
 
 LOG = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_LAUNCH",
     "AgentDeployer",
     "AgentLayout",
-    "AgentPackage",
     "DeployTarget",
     "HostResult",
 ]
-
-# ``python3 <DEFAULT_LAUNCH> --config FILE`` runs the agent daemon.
-DEFAULT_LAUNCH: tuple[str, ...] = ("-m", "agents", "serve")
 
 # Shared by the remote scripts: the pid in the pidfile, if that process is our agent.
 _RUNNING = r'''
@@ -158,31 +149,6 @@ except FileNotFoundError:
     pass
 print(json.dumps({"stopped": pid}))
 '''
-
-
-@dataclass(frozen=True)
-class AgentPackage:
-    """The ``agents`` package as a deterministic tar.gz; ``version`` is its sha256 (16 hex)."""
-
-    tarball: bytes
-    version: str
-
-    @classmethod
-    def build(cls, package_dir: Path | None = None) -> AgentPackage:
-        """Pack ``package_dir`` (default: the imported ``agents``): ``.py`` files and py.typed."""
-        root = package_dir or Path(agents.__file__).parent
-        files = sorted(p for p in root.rglob("*")
-                       if p.is_file() and (p.suffix == ".py" or p.name == "py.typed")
-                       and "__pycache__" not in p.parts)
-        raw = io.BytesIO()
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for path in files:
-                data = path.read_bytes()
-                info = tarfile.TarInfo(posixpath.join("agents", *path.relative_to(root).parts))
-                info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, io.BytesIO(data))
-        tarball = gzip.compress(raw.getvalue(), mtime=0)
-        return cls(tarball, hashlib.sha256(tarball).hexdigest()[:16])
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from typing import Any
 from agents.errors import BindingUnavailable
 from orchestrator.adapters.ssh import require_local_target
 from orchestrator.config import FleetConfig
-from orchestrator.deploy import DEFAULT_LAUNCH, AgentPackage
 from orchestrator.errors import ConfigError, DeployError
+from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage
 
 __all__ = ["ANSIBLE_DIR", "AnsibleRunner", "Inventory", "InventoryHost", "PlayRecap", "PlaybookRun",
            "TlsFiles", "ssh_vars", "write_package"]

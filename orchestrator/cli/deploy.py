@@ -21,8 +21,9 @@ from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.client import CoordinatorClient, HttpAgentControl, Transport
-from orchestrator.deploy import AgentDeployer, AgentPackage, HostResult
+from orchestrator.deploy import AgentDeployer, HostResult
 from orchestrator.errors import AgentUnreachable
+from orchestrator.packaging import AgentPackage
 from orchestrator.rollout import FleetRollout
 
 FormatOption = Annotated[

@@ -38,8 +38,8 @@ from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.client import CoordinatorClient, Transport
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
-from orchestrator.deploy import AgentPackage
 from orchestrator.errors import AgentUnreachable, ConfigError
+from orchestrator.packaging import AgentPackage
 from orchestrator.rollout import agent_config
 
 DEFAULT_PACKAGE_DIR = Path("/var/tmp/rbdfleet/packages")

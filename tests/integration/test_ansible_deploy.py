@@ -28,8 +28,9 @@ from orchestrator.adapters.ansible import (
 )
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.coordinator.keys import FleetKeys
-from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget
+from orchestrator.deploy import AgentDeployer, DeployTarget
 from orchestrator.errors import DeployError
+from orchestrator.packaging import AgentPackage
 from orchestrator.sandbox.hosts import HostSet
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,9 @@ import pytest
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core.remote import Executable, RemoteCommand
-from orchestrator.deploy import DEFAULT_LAUNCH, AgentDeployer, AgentPackage, DeployTarget
+from orchestrator.deploy import AgentDeployer, DeployTarget
 from orchestrator.errors import DeployError
+from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage
 from orchestrator.sandbox.hosts import HostSet
 from orchestrator.sandbox.vms import VmSet
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.deploy import AgentLayout, AgentPackage
+from orchestrator.deploy import AgentLayout
+from orchestrator.packaging import AgentPackage
 
 pytestmark = pytest.mark.unit
 

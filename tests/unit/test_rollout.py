@@ -14,8 +14,9 @@ from agents.core.protocol import Health
 from orchestrator import config
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost
-from orchestrator.deploy import AgentDeployer, AgentPackage, DeployTarget, HostResult
+from orchestrator.deploy import AgentDeployer, DeployTarget, HostResult
 from orchestrator.errors import DeployError
+from orchestrator.packaging import AgentPackage
 from orchestrator.rollout import GUEST_SECRET, FleetRollout, agent_config
 
 pytestmark = pytest.mark.unit
