@@ -277,3 +277,36 @@ class CorruptMetadata(FormatError):
     inflates beyond its bound. The image is refused, never half-trusted."""
 
     code = "corrupt_metadata"
+
+
+class OverlappingExtents(FormatError):
+    """Two live structures claim the same bytes (found while rebuilding the allocator)."""
+
+    code = "overlapping_extents"
+
+
+# B-tree transactions (agents.core.btree): additive.
+
+
+class TxnStateError(Conflict):
+    """A transaction used after its commit, or changed while one of its ranges iterates."""
+
+    code = "txn_state"
+
+
+# Agent HTTP layer (agents.server), continued.
+
+
+class PeerCertificateRequired(GrantRejected):
+    """A node-only route (push, promote, demote, readers) reached without a fleet
+    certificate: mutual TLS proves the caller is a node of the fleet, the grant what for."""
+
+    code = "peer_cert_required"
+    status = 403
+
+
+class InternalError(AgentError):
+    """A bug: logged with its traceback, answered 500 without details."""
+
+    code = "internal_error"
+    status = 500

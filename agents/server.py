@@ -72,9 +72,10 @@ from agents.errors import (
     DecodeError,
     DeviceError,
     FormatError,
-    GrantRejected,
+    InternalError,
     MethodNotAllowed,
     NotFound,
+    PeerCertificateRequired,
     RangeNotSatisfiable,
     TooBusy,
     TooLarge,
@@ -84,7 +85,9 @@ from agents.errors import (
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
-__all__ = ["AgentServer", "serve"]
+# InternalError and PeerCertificateRequired: re-exported for coordinator/api.py until its next
+# edit imports them from agents.errors.
+__all__ = ["AgentServer", "InternalError", "PeerCertificateRequired", "serve"]
 
 LOG = logging.getLogger(__name__)
 
@@ -110,21 +113,6 @@ INSECURE_HEADER = "X-Rbdfleet-Insecure"  # on every answer of an agent without T
 
 
 M = TypeVar("M", bound=Message)
-
-
-class PeerCertificateRequired(GrantRejected):
-    """A node-only route (push, promote, demote, readers) reached without a fleet
-    certificate: mutual TLS proves the caller is a node of the fleet, the grant what for."""
-
-    code = "peer_cert_required"
-    status = 403
-
-
-class InternalError(AgentError):
-    """A bug: logged with its traceback, answered 500 without details."""
-
-    code = "internal_error"
-    status = 500
 
 
 def _entry_info(entry: Entry) -> EntryInfo:

@@ -4,6 +4,7 @@
 
     OrchestratorError
     ├── ConfigError(key, reason)
+    ├── PkiError                       the fleet CA, a node certificate or key
     ├── SandboxError                   sandbox up/down could not proceed
     ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost,
     │                                  StaleMap
@@ -12,7 +13,9 @@
     │                                  RemoteCommandFailed(rc)
     ├── DeployError(results)
     ├── AgentUnreachable(node, address)
-    ├── CoordinationError              NoEligibleWriter, FencingFailed
+    ├── CoordinationError              NoEligibleWriter, FencingFailed, NotActive(fleet,
+    │                                  coordinator), IllegalFleetTransition(subject, from_, to),
+    │                                  RoleSwitchFailed, NoSpareProvisioner
     └── ReportReplayed(node)           an agent's report sent again (core/reports.py)
 """
 
@@ -36,6 +39,10 @@ class ConfigError(OrchestratorError):
 
 class AdapterChosenPoorly(OrchestratorError):
     """An adapter lacks a guarantee (``Characteristics``) the use case it was given to needs."""
+
+
+class PkiError(OrchestratorError):
+    """A certificate or key is missing, unreadable, expired or not issued by the fleet CA."""
 
 
 class SandboxError(OrchestratorError):
@@ -131,6 +138,36 @@ class AgentUnreachable(OrchestratorError):
 
 class CoordinationError(OrchestratorError):
     pass
+
+
+class IllegalFleetTransition(CoordinationError):
+    """A role or phase change the fleet's laws forbid; names the (from, to) pair. (Not the
+    agents' :class:`agents.errors.IllegalTransition`: that one is an agent's own role machine.)"""
+
+    def __init__(self, subject: str, from_: str, to: str, reason: str = "") -> None:
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"illegal transition of {subject}: {from_} -> {to}{detail}")
+        self.subject = subject
+        self.from_ = from_
+        self.to = to
+
+
+class NotActive(CoordinationError):
+    """This coordinator is a standby for the fleet; ``coordinator`` names the active one."""
+
+    def __init__(self, fleet: str, coordinator: str | None) -> None:
+        where = f" (active: {coordinator})" if coordinator else ""
+        super().__init__(f"not the active coordinator of fleet {fleet}{where}")
+        self.fleet = fleet
+        self.coordinator = coordinator
+
+
+class RoleSwitchFailed(CoordinationError):
+    """The hypervisor side of a role change failed (not the agent's answer)."""
+
+
+class NoSpareProvisioner(CoordinationError):
+    """A spare must be attached but the coordinator was started without a provisioner."""
 
 
 class NoEligibleWriter(CoordinationError):

@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import PkiError
 
-__all__ = ["CA_DAYS", "CERT_DAYS", "CertInfo", "FleetPki", "Issued", "PkiError", "inspect",
+__all__ = ["CA_DAYS", "CERT_DAYS", "CertInfo", "FleetPki", "Issued", "inspect",
            "issue", "make_ca", "server_context", "verify_issued"]
 
 CA_DAYS = 3650
@@ -36,10 +36,6 @@ CERT_DAYS = 825  # the longest lifetime clients commonly accept for a server cer
 RENEW_BEFORE = datetime.timedelta(days=30)  # `provision` reissues a cert this close to expiry
 COORDINATOR = "coordinator"  # the name of the coordinators' certificate (shared by all)
 _BACKDATE = datetime.timedelta(minutes=5)  # tolerate clocks a little behind the admin host's
-
-
-class PkiError(OrchestratorError):
-    """A certificate or key is missing, unreadable, expired or not issued by the fleet CA."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.device import ALIGN
-from agents.errors import FormatError, NoSpace
+from agents.errors import NoSpace, OverlappingExtents
 
 
 @dataclass(frozen=True, order=True)
@@ -34,12 +34,6 @@ class Extent:
     def end(self) -> int:
         """First byte after the extent."""
         return self.offset + self.length
-
-
-class OverlappingExtents(FormatError):
-    """Two live structures claim the same bytes (found while rebuilding the allocator)."""
-
-    code = "overlapping_extents"
 
 
 class Allocator:

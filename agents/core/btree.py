@@ -67,7 +67,13 @@ from agents.core.pages import (
     encode_overflow,
     key_path,
 )
-from agents.errors import AgentError, ChecksumMismatch, Conflict, CorruptMetadata, TooLarge
+from agents.errors import (
+    AgentError,
+    ChecksumMismatch,
+    CorruptMetadata,
+    TooLarge,
+    TxnStateError,
+)
 
 
 class PageReader(Protocol):
@@ -92,12 +98,6 @@ class PageStore(PageReader, Protocol):
     def free(self, page_no: int) -> None:
         """Give back a page no root references (here: one of a commit that failed)."""
         ...
-
-
-class TxnStateError(Conflict):
-    """A transaction used after its commit, or changed while one of its ranges iterates."""
-
-    code = "txn_state"
 
 
 @dataclass(frozen=True)

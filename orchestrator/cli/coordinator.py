@@ -51,9 +51,9 @@ from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.core.placement import vm_user
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, PkiError
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
-from orchestrator.pki import FleetPki, PkiError, server_context
+from orchestrator.pki import FleetPki, server_context
 from orchestrator.provision import SystemClock
 
 LOG = logging.getLogger(__name__)

@@ -20,7 +20,12 @@ from agents.errors import RbdfleetError
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core import election as el
 from orchestrator.core.fleetmap import FleetMap
-from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
+from orchestrator.errors import (
+    LeaseLost,
+    NoSpareProvisioner,
+    RoleSwitchFailed,
+    StaleMap,
+)
 from orchestrator.ports import AgentControl, Fencer, RoleSwitch, SpareProvisioner, StateStore
 
 LOG = logging.getLogger(__name__)
@@ -177,14 +182,6 @@ class Executor:
             LOG.warning("event=reader_set_not_sent writer=%s reason=%s", m.writer, exc)
 
 
-class RoleSwitchFailed(CoordinationError):
-    """The hypervisor side of a role change failed (not the agent's answer)."""
-
-
-class NoSpareProvisioner(CoordinationError):
-    """A spare must be attached but the coordinator was started without a provisioner."""
-
-
 def _name(action: el.Action) -> str:
     node = getattr(action, "node", None)
     epoch = getattr(action, "epoch", None)
@@ -194,4 +191,4 @@ def _name(action: el.Action) -> str:
     return f"{type(action).__name__}({node},epoch={epoch})"
 
 
-__all__ = ["BatchResult", "Executor", "NoSpareProvisioner", "RoleSwitchFailed"]
+__all__ = ["BatchResult", "Executor"]

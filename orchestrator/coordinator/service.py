@@ -58,7 +58,7 @@ from orchestrator.core.liveness import (
     SelfTestFailed,
     Verdict,
 )
-from orchestrator.errors import CoordinationError, LeaseLost, StaleMap
+from orchestrator.errors import CoordinationError, LeaseLost, NotActive, StaleMap
 from orchestrator.ports import (
     AgentControl,
     Clock,
@@ -74,14 +74,7 @@ from orchestrator.ports import (
 LOG = logging.getLogger(__name__)
 
 
-class NotActive(CoordinationError):
-    """This coordinator is a standby for the fleet; ``coordinator`` names the active one."""
 
-    def __init__(self, fleet: str, coordinator: str | None) -> None:
-        where = f" (active: {coordinator})" if coordinator else ""
-        super().__init__(f"not the active coordinator of fleet {fleet}{where}")
-        self.fleet = fleet
-        self.coordinator = coordinator
 
 
 @dataclass(frozen=True)
@@ -234,7 +227,7 @@ class FleetService:
     def request(self, event: el.Event, timeout: float = 30.0) -> FleetMap:
         """Run an operator event (failover, fence) and wait until its batch ran.
 
-        Raises IllegalTransition when refused, NotActive on a standby, CoordinationError
+        Raises IllegalFleetTransition when refused, NotActive on a standby, CoordinationError
         when the batch stopped at a failure.
         """
         self.require_active()

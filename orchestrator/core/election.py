@@ -54,7 +54,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member
+from orchestrator.core.fleetmap import FleetMap, Member
+from orchestrator.errors import IllegalFleetTransition
 
 # -- configuration --------------------------------------------------------------------------
 
@@ -444,7 +445,7 @@ def _fail_over(state: ElectionState, fence: frozenset[str], to: str | None) -> E
         return replace(state, map=new, to_fence=to_fence, to_release=to_release, promoted=True,
                        path_granted=True, last_error="no eligible writer")
     if to in to_fence:
-        raise IllegalTransition(to, "fenced", "writer", "a node being fenced cannot write")
+        raise IllegalFleetTransition(to, "fenced", "writer", "a node being fenced cannot write")
     new = m.begin_failover(to)
     return replace(
         state,
@@ -614,20 +615,20 @@ def _writer_sync(state: ElectionState, ev: WriterSyncObserved) -> ElectionState:
 def _failover_requested(state: ElectionState, to: str | None) -> ElectionState:
     m = state.map
     if m.phase != "stable" or state.to_fence:
-        raise IllegalTransition(m.fleet, m.phase, "failover", "a failover is in progress")
+        raise IllegalFleetTransition(m.fleet, m.phase, "failover", "a failover is in progress")
     if m.writer is None:
-        raise IllegalTransition(m.fleet, "no writer", "failover")
+        raise IllegalFleetTransition(m.fleet, "no writer", "failover")
     if to is not None and not m.has(to):
-        raise IllegalTransition(to, "absent", "writer", "not a member")
+        raise IllegalFleetTransition(to, "absent", "writer", "not a member")
     if to is not None and m.member(to).role == "writer":
-        raise IllegalTransition(to, "writer", "writer", "already the writer")
+        raise IllegalFleetTransition(to, "writer", "writer", "already the writer")
     return _fail_over(state, frozenset({m.writer}), to)
 
 
 def _fence_requested(state: ElectionState, node: str) -> ElectionState:
     m = state.map
     if not m.has(node):
-        raise IllegalTransition(node, "absent", "fenced", "not a member")
+        raise IllegalFleetTransition(node, "absent", "fenced", "not a member")
     member = m.member(node)
     if member.role == "writer":
         # The writer (or, mid-failover, the named candidate) is cut: another one is chosen.
@@ -696,10 +697,10 @@ def _batch_executed(state: ElectionState, ev: BatchExecuted) -> ElectionState:
 
 
 def assert_law_order(actions: list[Action]) -> None:
-    """Raise IllegalTransition when ``actions`` break the law order (used by tests and executor)."""
+    """Raise IllegalFleetTransition when ``actions`` break the law order (tests, executor)."""
     for first, then in itertools.pairwise(actions):
         if ACTION_ORDER.index(type(then)) < ACTION_ORDER.index(type(first)):
-            raise IllegalTransition(
+            raise IllegalFleetTransition(
                 "actions", type(first).__name__, type(then).__name__, "out of law order"
             )
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.core.allocator import Allocator, Extent, OverlappingExtents
-from agents.errors import NoSpace
+from agents.core.allocator import Allocator, Extent
+from agents.errors import NoSpace, OverlappingExtents
 
 pytestmark = pytest.mark.unit
 

@@ -12,8 +12,13 @@ from hypothesis import strategies as st
 from orchestrator.coordinator.executor import Executor
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core import election as el
-from orchestrator.core.fleetmap import IllegalTransition, initial_map
-from orchestrator.errors import DetachPending, DeviceAttachError, FencingFailed
+from orchestrator.core.fleetmap import initial_map
+from orchestrator.errors import (
+    DetachPending,
+    DeviceAttachError,
+    FencingFailed,
+    IllegalFleetTransition,
+)
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from orchestrator.testing.simnet import SimFleet
 
@@ -172,9 +177,9 @@ def test_stale_writer_heartbeat_gets_a_demotion() -> None:
 def test_manual_failover_to_a_catching_up_reader_is_refused_naming_the_pair() -> None:
     s = state3()
     s = el.step(s, el.ReaderLagging("r1", 0.5))[0]
-    with pytest.raises(IllegalTransition, match="catching-up reader -> writer"):
+    with pytest.raises(IllegalFleetTransition, match="catching-up reader -> writer"):
         el.step(s, el.FailoverRequested("r1", 1.0))
-    with pytest.raises(IllegalTransition, match="spare -> writer"):
+    with pytest.raises(IllegalFleetTransition, match="spare -> writer"):
         el.step(state3(), el.FailoverRequested("s", 1.0))
 
 

@@ -7,7 +7,8 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from agents.errors import DecodeError, UnsupportedVersion
-from orchestrator.core.fleetmap import FleetMap, IllegalTransition, Member, initial_map
+from orchestrator.core.fleetmap import FleetMap, Member, initial_map
+from orchestrator.errors import IllegalFleetTransition
 
 pytestmark = pytest.mark.unit
 
@@ -74,14 +75,14 @@ def test_begin_failover_bumps_epoch_and_outs_the_old_writer() -> None:
     ],
 )
 def test_illegal_transitions_are_refused_naming_the_pair(change, pair) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(IllegalTransition) as info:
+    with pytest.raises(IllegalFleetTransition) as info:
         change(fleet3())
     assert (info.value.from_, info.value.to) == pair
     assert f"{pair[0]} -> {pair[1]}" in str(info.value)
 
 
 def test_two_writers_cannot_be_built() -> None:
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(IllegalFleetTransition):
         FleetMap("f", 1, 1, "a", (Member("a", "x", "writer"), Member("b", "y", "writer")))
 
 
