@@ -43,8 +43,12 @@ from agents.core import boundedjson
 from agents.core.grants import DEMOTE, PROMOTE, PUSH, READERS, verify
 from agents.core.index import check_payload, normalize_path
 from agents.core.protocol import (
+    CRC_HEADER,
+    EPOCH_HEADER,
+    INSECURE_HEADER,
     LIST_LIMIT,
     MAX_LIST_LIMIT,
+    SEQ_HEADER,
     DemoteRequest,
     EntryInfo,
     ErrorBody,
@@ -106,10 +110,6 @@ HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its headers (and
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
 BODY_TIMEOUT = 30.0  # seconds of silence inside a PUT body, or to send a GET's 4 MiB piece
 MIN_BODY_RATE = 256 << 10  # bytes/s a PUT body keeps on average (after BODY_TIMEOUT of grace)
-EPOCH_HEADER = "X-Rbdfleet-Epoch"
-SEQ_HEADER = "X-Rbdfleet-Seq"
-CRC_HEADER = "X-Rbdfleet-Crc"
-INSECURE_HEADER = "X-Rbdfleet-Insecure"  # on every answer of an agent without TLS
 
 
 M = TypeVar("M", bound=Message)

@@ -36,6 +36,7 @@ from agents.core.protocol import (
     AUTH_HEADER,
     BEARER,
     READERS_HEADER,
+    SEQ_HEADER,
     DemoteRequest,
     Health,
     MkdirRequest,
@@ -64,7 +65,6 @@ from orchestrator.errors import AgentUnreachable, ConfigError
 LOG = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-SEQ_HEADER = "X-Rbdfleet-Seq"  # the version an agent served (agents/server.py)
 
 
 class Readable(Protocol):

@@ -60,9 +60,13 @@ from agents.errors import (
 __all__ = [
     "AUTH_HEADER",
     "BEARER",
+    "CRC_HEADER",
+    "EPOCH_HEADER",
+    "INSECURE_HEADER",
     "MTIME_HEADER",
     "PROTOCOL_VERSION",
     "READERS_HEADER",
+    "SEQ_HEADER",
     "SIZE_HEADER",
     "SUPPORTED_VERSIONS",
     "VERSION_HEADER",
@@ -101,6 +105,11 @@ VERSION_HEADER: Final = "X-Rbdfleet-Version"
 SIZE_HEADER: Final = "X-Rbdfleet-Size"
 READERS_HEADER: Final = "X-Rbdfleet-Readers"
 MTIME_HEADER: Final = "X-Rbdfleet-Mtime"
+# On answers: the epoch the agent knows; a served file's version (seq) and crc; plaintext mode.
+EPOCH_HEADER: Final = "X-Rbdfleet-Epoch"
+SEQ_HEADER: Final = "X-Rbdfleet-Seq"
+CRC_HEADER: Final = "X-Rbdfleet-Crc"
+INSECURE_HEADER: Final = "X-Rbdfleet-Insecure"  # on every answer of an agent without TLS
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
