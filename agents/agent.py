@@ -105,6 +105,9 @@ class AgentSettings:
     coordinator: str | None = None
     tls: bool = False
     ca_file: str | None = None
+    # this node's certificate and key (PEM files), presented on its pushes and reports
+    cert_file: str | None = None
+    key_file: str | None = None
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
     tail_interval: float = 0.5
@@ -564,7 +567,9 @@ class Agent:
         return sign(grant, self.settings.keys[0])
 
     def _peer(self, address: str) -> Peer:
-        return Peer(address, tls=self.settings.tls, ca_file=self.settings.ca_file)
+        settings = self.settings
+        return Peer(address, tls=settings.tls, ca_file=settings.ca_file,
+                    cert_file=settings.cert_file, key_file=settings.key_file)
 
     def _send_push(self, link: ReaderLink, push: RecordPush) -> RecordAck:
         key = (link.node, link.address)

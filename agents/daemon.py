@@ -31,7 +31,6 @@ from typing import Any
 from agents.agent import Agent, AgentSettings
 from agents.device import BlockDevice
 from agents.errors import AgentError, FormatError, NotFound, RbdfleetError
-from agents.peers import present_identity
 from agents.server import AgentServer, serve
 
 __all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
@@ -164,6 +163,15 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
         raise AgentConfigError("insecure_plaintext", "must be true or false")
     if values.get("insecure_plaintext") and values.get("tls_cert"):
         raise AgentConfigError("insecure_plaintext", "set together with tls.cert: choose one")
+    coordinator = values.get("coordinator")
+    if coordinator is not None and not isinstance(coordinator, str):
+        raise AgentConfigError("coordinator", "must be a URL (https://HOST:PORT) or host:port")
+    if (coordinator and coordinator.strip().lower().startswith("http://")
+            and not values.get("insecure_plaintext")):
+        # reports would cross the network in the clear, and without this node's certificate
+        raise AgentConfigError("coordinator", f"{coordinator!r} is plaintext http:// but TLS "
+                                              "is on: write https://HOST:PORT (or host:port), "
+                                              "or set insecure_plaintext = true")
     if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise AgentConfigError("log_level", "one of debug, info, warning, error")
     _split_address("listen", values.get("listen", AgentConfig.listen))
@@ -261,9 +269,9 @@ def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
                                       "(this node's certificate and key and the fleet CA, "
                                       "installed by `rbdfleet deploy` or the Ansible role), or "
                                       "insecure_plaintext = true")
-    try:
-        present_identity(config.tls_cert, config.tls_key)
-        ssl.create_default_context(cafile=config.tls_ca)
+    try:  # fail at start, not at the first connection
+        ssl.create_default_context(cafile=config.tls_ca).load_cert_chain(config.tls_cert,
+                                                                          config.tls_key)
     except (OSError, ssl.SSLError) as exc:
         raise AgentConfigError("tls", f"the certificate, key or CA does not load: {exc}") from exc
     return config.tls_cert, config.tls_key, config.tls_ca
@@ -308,6 +316,7 @@ def run(config: AgentConfig) -> int:
         advertise=config.advertise or local, readers=dict(config.readers),
         push_grants=dict(config.push_grants),
         coordinator=config.coordinator, tls=material is not None, ca_file=config.tls_ca,
+        cert_file=material[0] if material else None, key_file=material[1] if material else None,
         ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
         tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,
         selftest_interval=config.selftest_interval)

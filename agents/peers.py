@@ -1,8 +1,8 @@
 """Outgoing HTTP/1.1 + JSON from an agent: writer → reader pushes, agent → coordinator reports.
 
 :class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
-TLS (the peer verified against a CA file; this node's certificate presented, see
-:func:`present_identity`), and the error mapping done once here: transport failures raise
+TLS (the peer verified against a CA file; this node's certificate presented when the
+:class:`Peer` names it), and the error mapping done once here: transport failures raise
 :class:`PeerUnreachable`; an error answer becomes the AgentError subclass its body names
 (``agents.errors.error_from_wire``).
 """
@@ -12,42 +12,24 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import threading
 import urllib.parse
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
 from agents.errors import AgentError, DecodeError
 
-__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message", "present_identity"]
-
-# An agent process is one node: every TLS connection it opens presents that node's
-# certificate, so the receiver's node-only routes (pushes, reports) see a fleet node.
-_identity: tuple[str, str] | None = None
-_contexts: dict[str | None, ssl.SSLContext] = {}  # per CA file: loaded once, not per connection
-_contexts_lock = threading.Lock()
+__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message"]
 
 
-def present_identity(cert_file: str, key_file: str) -> None:
-    """Present this certificate (PEM files of this node) on every later TLS connection of the
-    process. Raises OSError/ssl.SSLError if they do not load."""
-    global _identity
-    ssl.create_default_context().load_cert_chain(cert_file, key_file)  # fail here, not later
-    with _contexts_lock:
-        _identity = (cert_file, key_file)
-        _contexts.clear()
-
-
-def _client_context(ca_file: str | None) -> ssl.SSLContext:
-    with _contexts_lock:
-        context = _contexts.get(ca_file)
-        if context is None:
-            context = ssl.create_default_context(cafile=ca_file)
-            if _identity is not None:
-                context.load_cert_chain(*_identity)
-            _contexts[ca_file] = context
-        return context
+@lru_cache(maxsize=8)  # files loaded once per (CA, certificate, key), not per connection
+def _client_context(ca_file: str | None, cert_file: str | None,
+                    key_file: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 class PeerUnreachable(AgentError):
@@ -59,11 +41,17 @@ class PeerUnreachable(AgentError):
 
 @dataclass(frozen=True)
 class Peer:
-    """Where to reach a peer: ``address`` is ``host:port`` or a full ``http(s)://`` URL."""
+    """Where to reach a peer: ``address`` is ``host:port`` or a full ``http(s)://`` URL.
+
+    Over TLS the peer is verified against ``ca_file``, and ``cert_file``/``key_file`` (this
+    node's certificate and key, PEM), when set, are presented: the receiver's node-only
+    routes (pushes, reports) require a certificate of the fleet CA."""
 
     address: str
     tls: bool = False
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def url(self, path: str) -> urllib.parse.SplitResult:
         """The parsed URL of ``path`` on this peer."""
@@ -78,8 +66,8 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
         raise PeerUnreachable(f"peer address {peer.address!r} has no host", address=peer.address)
     if url.scheme == "https":
         try:
-            context = _client_context(peer.ca_file)
-        except OSError as exc:  # ssl.SSLError too: a CA file that does not load
+            context = _client_context(peer.ca_file, peer.cert_file, peer.key_file)
+        except OSError as exc:  # ssl.SSLError too: a CA, certificate or key that does not load
             raise PeerUnreachable(f"TLS to {peer.address}: {exc}", address=peer.address) from exc
         return http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout,
                                            context=context)

@@ -131,11 +131,23 @@ class Coordinator:
     api: CoordinatorAPI
     url: str
     service: FleetService | None = None
+    siblings: list[CoordinatorAPI] = field(default_factory=list)  # see tls_sibling
+
+    def tls_sibling(self, host: str = "127.0.0.1") -> str:
+        """The URL of another server of this coordinator's fleets and clients, over TLS
+        (stopped with it): where agents report when ``url`` is plain HTTP, since an agent
+        with TLS on refuses an ``http://`` coordinator."""
+        api = CoordinatorAPI(self.api.services, self.api.clients, time.time, self.api.limits)
+        self.siblings.append(api)
+        bound, port = api.serve(host, 0, server_context(*coordinator_tls(host)))
+        return f"https://{bound}:{port}"
 
     def stop(self, release: bool = True) -> None:
         if self.service is not None:
             self.service.stop(release=release)
         self.api.shutdown()
+        for sibling in self.siblings:
+            sibling.shutdown()
 
 
 def start_api(host: str = "127.0.0.1", *, plaintext: bool = False) -> Coordinator:
@@ -257,12 +269,12 @@ def coordinated_file_fleet(
     """A writer and two readers on a file image, one coordinator (state in RADOS ``pool``,
     fence = SIGKILL), ready with both readers in sync; the coordinator stops on exit.
     ``plaintext_coordinator``: it serves plain HTTP (tests of its HTTP parser); the agents
-    still run TLS."""
+    still run TLS and report to its :meth:`Coordinator.tls_sibling`."""
     coordinator = start_api(plaintext=plaintext_coordinator)
     fleet = fleet_factory(
         f"file:{file_image(directory / 'image.raw')}",
         name=f"{prefix}-{uuid.uuid4().hex[:8]}",
-        coordinator=coordinator.url,
+        coordinator=coordinator.tls_sibling() if plaintext_coordinator else coordinator.url,
     )
     fencer = PidFencer(fleet)
     store = rados_store(admin, pool, fleet.name)

@@ -15,6 +15,7 @@ POST /v1/fleets/F/fence  ``{"node"}``       admin   the new map
 POST /v1/heartbeat | /v1/selftest |         agent   agents' reports (agents.core.protocol);
      /v1/lagging                                    a writer's heartbeat is answered with
                                                     its push grants (``push_grants``)
+                                                    (over TLS: the sender's certificate)
 GET  /metrics                               -       Prometheus text
 ==========================================  ======  ==========================================
 
@@ -23,12 +24,16 @@ read/write/admin: a client token (orchestrator.core.clients: purpose ``client``,
 ClientStore) of a client whose scope includes the route's (403 ``foreign_grant`` otherwise; 401
 for an unknown or revoked client). "agent": a report grant MACed with the key of the node the
 message names (purpose ``report``, bound to the body), each admitted once
-(orchestrator.core.reports: a replayed report is 409 ``replayed_report``). A standby answers
+(orchestrator.core.reports: a replayed report is 409 ``replayed_report``), sent over TLS with
+the certificate of that node (:class:`PeerCert`: 403 ``peer_cert_required`` without one of the
+fleet CA, 403 ``peer_cert_mismatch`` with another node's; a coordinator serving plaintext, only
+ever started insecure, has no certificate to check). A standby answers
 fleet routes with 503 ``not_active`` naming the active coordinator, so clients follow it.
 
 Errors are ``{"error", "message", ...}`` with the status of the error class (agents.errors),
 and bad input changes no state: 400 malformed body, query, field or framing; 401 no grant, a
-forged or expired one; 403 a valid grant of another fleet, node or role; 404 unknown fleet,
+forged or expired one; 403 a valid grant of another fleet, node or role, a report without
+its node's certificate; 404 unknown fleet,
 node or route; 405 a known route with another method (``allowed`` names the right one); 409 a
 refused transition, a lagging report from a writer that is not the current one (stale epoch or
 not the writer; the current writer in the answer), a replayed report; 411 a
@@ -47,9 +52,9 @@ The network is hostile (anyone may connect); docs/coordinator.md ("Limits") has 
   serving loop against a client that trickles a byte at a time), ``idle_timeout`` between
   requests, ``send_timeout`` per write of an answer; at most ``max_connections`` served at once
   (503 ``too_busy`` beyond, answered without reading); with TLS the handshake runs in the
-  connection's own thread under ``header_timeout``, never in the accept loop. A handler can
-  read the client's certificate (when the caller's context asks for one) from
-  ``self.connection.getpeercert()``.
+  connection's own thread under ``header_timeout``, never in the accept loop. The handler
+  reads the client's certificate (verified against the CA of the caller's context, which
+  asks for one) from ``self.connection.getpeercert()``: :meth:`PeerCert.of`.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ from agents.errors import (
     TooBusy,
     TooLarge,
 )
-from agents.server import Deadlines, InternalError
+from agents.server import Deadlines, InternalError, PeerCertificateRequired
 from orchestrator.coordinator.service import FleetService, NotActive
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
@@ -141,6 +146,61 @@ class Route:
     parts: tuple[str, ...]
     auth: Literal["none", "client", "agent"]
     body_limit: int
+
+
+@dataclass(frozen=True)
+class PeerCert:
+    """What a request's connection proves about its sender: ``tls`` (False only on a
+    coordinator serving plaintext), whether it ``presented`` a certificate (verified against
+    the fleet CA at the handshake) and that certificate's common name, ``name``."""
+
+    tls: bool
+    presented: bool = False
+    name: str = ""
+
+    @classmethod
+    def of(cls, connection: socket.socket) -> PeerCert:
+        """The peer of ``connection``. Only the common name counts: a fleet certificate's is
+        the name it was issued to, its node (orchestrator.pki.issue), while its SANs are
+        addresses, which may be any DNS name."""
+        if not isinstance(connection, ssl.SSLSocket):
+            return PLAINTEXT
+        cert = connection.getpeercert()  # {} when none was presented
+        if not cert:
+            return NO_CERT
+        subject = cast(tuple[tuple[tuple[str, str], ...], ...], cert.get("subject", ()))
+        names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+        return cls(True, True, names[0] if len(names) == 1 else "")
+
+    def require_certificate(self) -> None:
+        """Refuse (403) a node-only request without a fleet certificate; plaintext has none
+        to check."""
+        if self.tls and not self.presented:
+            raise PeerCertificateRequired(
+                "reports are for fleet nodes: connect with the node's certificate of the "
+                "fleet CA")
+
+    def check_sender(self, node: str) -> None:
+        """Refuse (403) a report of ``node`` whose connection does not prove to be ``node``:
+        no certificate, or another node's (one node's certificate cannot carry another
+        node's report)."""
+        self.require_certificate()
+        if self.tls and self.name != node:
+            raise PeerCertificateMismatch(
+                f"the report grant names node {node[:100]!r}, the connection's certificate "
+                f"{self.name[:100]!r}", node=node[:100], certificate=self.name[:100])
+
+
+PLAINTEXT = PeerCert(tls=False)  # a coordinator started insecure: no certificates at all
+NO_CERT = PeerCert(tls=True)  # TLS, no certificate presented (clients have none)
+
+
+class PeerCertificateMismatch(ForeignGrant):
+    """A report whose connection presented a fleet certificate of another node than the one
+    its grant names (403)."""
+
+    code = "peer_cert_mismatch"
+    status = 403
 
 
 class NotActiveError(AgentError):
@@ -252,11 +312,14 @@ class CoordinatorAPI:
         query: dict[str, str],
         headers: Mapping[str, str],
         body: bytes | Callable[[int], bytes],
+        peer: PeerCert = NO_CERT,
     ) -> tuple[int, Any]:
         """One request -> (status, JSON-able answer or text for /metrics).
 
         ``body``: the request's body, or (from the HTTP server) the function that reads it
-        given the route's cap, called only once the request's credential checked out."""
+        given the route's cap, called only once the request's credential checked out.
+        ``peer``: what the connection proves (:meth:`PeerCert.of`); reports need their node's
+        certificate, so the default (TLS, none presented) refuses them."""
         route = _route(method, path)
         parts = route.parts
         service: FleetService | None = None
@@ -265,7 +328,9 @@ class CoordinatorAPI:
             service = self._service(parts[2])
             self._authorize_client(service.fleet, headers, parts[3])
         elif route.auth == "agent":
+            peer.require_certificate()  # before the grant: no key derivation for a stranger
             report = self._report_sender(headers)
+            peer.check_sender(report.subject)
         data = body(route.body_limit) if callable(body) else body
         if len(data) > route.body_limit:
             raise TooLarge(f"body of {len(data)} bytes over this route's {route.body_limit}",
@@ -690,7 +755,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._framing()
             status, answer = self.owner.handle(method, url.path, _query(url.query),
-                                               HeaderMap(self.headers.items()), self._read_body)
+                                               HeaderMap(self.headers.items()), self._read_body,
+                                               PeerCert.of(self.connection))
         except _RequestCut:
             self.close_connection = True
             LOG.info("event=request_cut client=%s path=%r", self.client_address[0],
@@ -837,10 +903,14 @@ __all__ = [
     "CLIENT_CACHE_SECONDS",
     "MAX_BODY",
     "MAX_REPORT_BODY",
+    "NO_CERT",
+    "PLAINTEXT",
     "CoordinationFailed",
     "CoordinatorAPI",
     "LengthRequired",
     "NotActiveError",
+    "PeerCert",
+    "PeerCertificateMismatch",
     "RefusedTransition",
     "ReplayedReport",
     "ServerLimits",

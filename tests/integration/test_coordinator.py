@@ -16,7 +16,7 @@ import pytest
 
 from agents.core.protocol import Heartbeat, SelfTestCheck, SelfTestReport
 from agents.errors import BadSignature, ForeignGrant, NotFound
-from agents.peers import Peer, post_message
+from agents.peers import post_message
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.core.fleetmap import FleetMap
 from tests.coordinator_harness import (
@@ -27,11 +27,11 @@ from tests.coordinator_harness import (
     wait_until,
 )
 from tests.fixtures.agents import (
-    TEST_CA,
     TEST_CLIENT,
     TEST_CLIENT_SECRET,
     AgentFleet,
     FleetFactory,
+    node_peer,
 )
 
 pytestmark = pytest.mark.integration
@@ -156,7 +156,7 @@ def test_a_failed_self_test_report_of_the_writer_triggers_failover(coordinated: 
         at=time.time(),
     )
     post_message(
-        Peer(coordinator.url, ca_file=TEST_CA),
+        node_peer(coordinator.url, "w"),
         "/v1/selftest",
         report,
         grant=fleet.report_grant("w", report),
@@ -178,14 +178,14 @@ def test_agent_reports_need_the_agents_own_grant(coordinated: Any) -> None:
     heartbeat = Heartbeat(node="w", fleet=fleet.name, role="writer", epoch=1, applied_seq=0,
                           safe_seq=0, selftest="ok", address=fleet["w"].address,
                           sent_at=time.time())
-    for grant, refusal in (
-        (fleet.report_grant("r1", report), ForeignGrant),  # r1 speaking about w
-        (fleet.report_grant("w", report, key_of="r1"), BadSignature),  # r1 posing as w
-        (fleet.report_grant("w", heartbeat), ForeignGrant),  # w's, for another body
-        (fleet.grant("w", "reader", 1), ForeignGrant),  # a grant for w, not the coordinator
+    for sender, grant, refusal in (  # each over the certificate of the node its grant names
+        ("r1", fleet.report_grant("r1", report), ForeignGrant),  # r1 speaking about w
+        ("r1", fleet.report_grant("w", report, key_of="r1"), BadSignature),  # r1 posing as w
+        ("w", fleet.report_grant("w", heartbeat), ForeignGrant),  # w's, for another body
+        ("w", fleet.grant("w", "reader", 1), ForeignGrant),  # for w, not the coordinator
     ):
         with pytest.raises(refusal):
-            post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", report,
+            post_message(node_peer(coordinator.url, sender), "/v1/selftest", report,
                          grant=grant, timeout=10)
     time.sleep(0.5)
     service = coordinator.service

@@ -2,8 +2,9 @@
 connection, changes nothing, and a legitimate client is served throughout.
 
 A real fleet (agents ``w``, ``r1``, ``r2`` on a file image, over TLS) reports to an
-in-process coordinator on loopback serving plain HTTP, so raw bytes reach its HTTP layer (its
-lease in memory, held for the whole test; one test adds a TLS server of the same fleet).
+in-process coordinator on loopback (its lease in memory, held for the whole test) through a
+TLS server of it; the attacks reach its plain HTTP server, so raw bytes reach its HTTP layer
+(one test adds another TLS server of the same fleet).
 Before and after each battery the stored and published maps (revision, epoch, writer, in-sync
 readers), the service's pending steps, last error and held-out nodes, and no node dead, are
 compared: nothing an attacker sends may change them. Limits are shortened (:data:`LIMITS`) so
@@ -174,7 +175,8 @@ def hostile(fleet_factory: FleetFactory, tmp_path: Path) -> Iterator[Hostile]:
     host, port = api.serve("127.0.0.1", 0)
     coordinator = Coordinator(api, f"http://{host}:{port}")
     fleet = fleet_factory(f"file:{file_image(tmp_path / 'image.raw')}",
-                          name=f"hx-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url)
+                          name=f"hx-{uuid.uuid4().hex[:8]}",
+                          coordinator=coordinator.tls_sibling())
     store = MemoryStateStore(MemoryLeaseBoard(FakeClock()), fleet.name, "c1", 60.0)
     setup = Hostile(fleet, coordinator, store, host, port, tmp_path)
     try:

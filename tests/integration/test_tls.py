@@ -4,7 +4,9 @@ Real agent processes and a real coordinator over loopback: an agent without TLS 
 refuses to start, plaintext meets no answer from a TLS agent, a wrong CA fails with a clear
 error (library and CLI), node-only routes need a fleet certificate while data routes need
 only a grant, a certificate of another CA is refused at the handshake, and the insecure flag
-works and says so (log line, header on every answer)."""
+works and says so (log line, header on every answer). The coordinator's report routes take a
+report only over its node's certificate, and an agent with TLS on refuses a plaintext
+coordinator URL."""
 
 from __future__ import annotations
 
@@ -18,19 +20,37 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agents.core.grants import PROMOTE
+from agents.core.protocol import SelfTestCheck, SelfTestReport
+from agents.daemon import load_config
+from agents.peers import Peer, post_message
+from agents.server import PeerCertificateRequired
 from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
 from orchestrator.client import Cancel, HttpAgentControl, Superseded, Transport
+from orchestrator.coordinator.api import PeerCertificateMismatch
 from orchestrator.errors import AgentUnreachable, ConfigError
 from orchestrator.pki import FleetPki
-from tests.coordinator_harness import coordinated_file_fleet, file_image
+from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
+from tests.coordinator_harness import (
+    Coordinator,
+    PidFencer,
+    bootstrap_map,
+    coordinated_file_fleet,
+    file_image,
+    start_api,
+    start_service,
+    wait_in_sync,
+    wait_until,
+)
 from tests.fixtures.agents import (
     REPO,
     TEST_CA,
@@ -40,6 +60,7 @@ from tests.fixtures.agents import (
     AgentFleet,
     FleetFactory,
     coordinator_tls,
+    node_peer,
     shared_pki,
 )
 
@@ -212,6 +233,86 @@ def test_the_cli_with_another_ca_fails_cleanly(fleet_factory: FleetFactory, tmp_
         assert bad.returncode != 0
         assert "CERTIFICATE_VERIFY_FAILED" in bad.stderr and "Traceback" not in bad.stderr
 
+
+
+@pytest.fixture
+def reporting(fleet_factory: FleetFactory,
+              tmp_path: Path) -> Iterator[tuple[AgentFleet, Coordinator, PidFencer]]:
+    """A writer ``w`` and readers ``r1``, ``r2`` reporting to a TLS coordinator (its state in
+    memory; fence = SIGKILL), with both readers in sync: the agents' own reports (the
+    writer's heartbeats name its in-sync readers) went through."""
+    coordinator = start_api()
+    fleet = fleet_factory(f"file:{file_image(tmp_path / 'image.raw')}",
+                          name=f"tls-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url)
+    fencer = PidFencer(fleet)
+    store = MemoryStateStore(MemoryLeaseBoard(FakeClock()), fleet.name, "c1", 60.0)
+    try:
+        wait_in_sync(start_service(coordinator, store, fencer, bootstrap_map(fleet)), 20)
+        yield fleet, coordinator, fencer
+    finally:
+        coordinator.stop()
+
+
+def _failed_selftest(fleet: AgentFleet) -> SelfTestReport:
+    """What the coordinator acts on at once: the writer's device failed (a failover)."""
+    return SelfTestReport(node="w", fleet=fleet.name, role="writer", epoch=1, ok=False,
+                          checks=(SelfTestCheck("device-read", False, "EIO"),),
+                          at=time.time())
+
+
+def test_a_report_needs_the_certificate_of_the_node_it_names(
+        reporting: tuple[AgentFleet, Coordinator, PidFencer]) -> None:
+    """The writer's failed self-test with its valid grant: refused 403 without a client
+    certificate (before the body is read) and over reader r1's certificate, changing nothing;
+    the same report over w's own certificate is taken (the writer is failed over)."""
+    fleet, coordinator, fencer = reporting
+    service = coordinator.service
+    assert service is not None
+    before = service.require_active()
+    report = _failed_selftest(fleet)
+    with pytest.raises(PeerCertificateRequired) as anonymous:
+        post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", report,
+                     grant=fleet.report_grant("w", report), timeout=10)
+    assert (anonymous.value.status, anonymous.value.code) == (403, "peer_cert_required")
+    with pytest.raises(PeerCertificateMismatch) as foreign:
+        post_message(node_peer(coordinator.url, "r1"), "/v1/selftest", report,
+                     grant=fleet.report_grant("w", report), timeout=10)
+    assert (foreign.value.status, foreign.value.code) == (403, "peer_cert_mismatch")
+    # refused before its body: a body announced and never sent gets the answer at once
+    host, port = coordinator.url.removeprefix("https://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw, \
+            _context(TEST_CA).wrap_socket(raw, server_hostname=host) as conn:
+        conn.sendall((f"POST /v1/selftest HTTP/1.1\r\nHost: {host}\r\n"
+                      f"Authorization: Bearer {fleet.report_grant('w', report)}\r\n"
+                      "Content-Length: 60000\r\n\r\n").encode())
+        # whole, then closed, within 5 s; reading the body would wait 10 s, then cut
+        answer = conn.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 403 ") and b'"peer_cert_required"' in answer, answer
+    time.sleep(1.0)  # an admitted failed self-test starts a failover within milliseconds
+    after = service.require_active()
+    assert (after.epoch, after.writer, after.revision) == (before.epoch, "w", before.revision)
+    assert fencer.fenced == [] and fleet["w"].alive
+    # the control: the same report over w's certificate is what the coordinator acts on
+    post_message(node_peer(coordinator.url, "w"), "/v1/selftest", report,
+                 grant=fleet.report_grant("w", report), timeout=10)
+    wait_until(lambda: service.require_active().writer in ("r1", "r2"), 15, "failover")
+    assert [n for n, _ in fencer.fenced] == ["w"]
+
+
+def test_an_agent_with_tls_refuses_a_plaintext_coordinator_url(fleet: AgentFleet,
+                                                               tmp_path: Path) -> None:
+    config = {**fleet["r1"].config, "listen": "127.0.0.1:0", "ready_file": None,
+              "coordinator": "http://127.0.0.1:9"}
+    done = _serve(config, tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "config coordinator: 'http://127.0.0.1:9' is plaintext http:// but TLS is on" in (
+        done.stderr) and "insecure_plaintext" in done.stderr
+    assert "Traceback" not in done.stderr
+    base = {"node": "r1", "fleet": "f", "backend": "file:/x", "secret_file": "/s"}
+    for url in ("https://127.0.0.1:9", "127.0.0.1:9"):  # https, or host:port (TLS)
+        assert load_config(None, {**base, "coordinator": url}).coordinator == url
+    assert load_config(None, {**base, "coordinator": "http://127.0.0.1:9",
+                              "insecure_plaintext": True}).insecure_plaintext
 
 
 def test_a_request_to_a_silent_tls_server_is_cut_in_its_handshake() -> None:

@@ -22,7 +22,7 @@ from agents.core.grants import COORDINATOR, REPORT, Grant, agent_key, body_diges
 from agents.core.protocol import Heartbeat, RecordPush, SelfTestReport
 from agents.core.record import Record
 from agents.errors import BadSignature, ForeignGrant
-from agents.peers import Peer, post_message
+from agents.peers import post_message
 from agents.volume import Volume
 from orchestrator import config as fleet_config
 from orchestrator.adapters.rados_clients import RadosClientStore
@@ -42,12 +42,12 @@ from tests.coordinator_harness import (
     wait_in_sync,
 )
 from tests.fixtures.agents import (
-    TEST_CA,
     TEST_CLIENT,
     TEST_CLIENT_SECRET,
     TEST_SECRET,
     AgentFleet,
     FleetFactory,
+    node_peer,
 )
 
 pytestmark = pytest.mark.integration
@@ -244,10 +244,10 @@ def test_a_sniffed_report_grant_is_useless_elsewhere(
     failed = SelfTestReport(node="w", fleet=fleet.name, role="writer", epoch=1, ok=False,
                             checks=(), at=time.time())
     with pytest.raises(ForeignGrant):
-        post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", failed,
+        post_message(node_peer(coordinator.url, "w"), "/v1/selftest", failed,
                      grant=sniffed, timeout=10)
     with pytest.raises(BadSignature):  # r1 making w's report grant with its own key
-        post_message(Peer(coordinator.url, ca_file=TEST_CA), "/v1/selftest", failed,
+        post_message(node_peer(coordinator.url, "r1"), "/v1/selftest", failed,
                      grant=fleet.report_grant("w", failed, key_of="r1"), timeout=10)
     time.sleep(1.0)
     service = coordinator.service
