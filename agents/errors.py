@@ -4,6 +4,7 @@
 
     RbdfleetError
     ├── BindingUnavailable(module, package)   a Python binding (rados, rbd, libvirt) is missing
+    ├── ConfigError(key, reason)              a setting is wrong (the agent's or rbdfleet.toml)
     └── AgentError                            carries a wire code and an HTTP status
         ├── BadRequest          400           DecodeError, UnsupportedVersion, BadPath,
         │                                     BadHttp (the HTTP layer's own status),
@@ -44,6 +45,16 @@ class BindingUnavailable(RbdfleetError):
         )
         self.module = module
         self.package = package
+
+
+class ConfigError(RbdfleetError):
+    """A setting is wrong: ``key`` names it, ``reason`` says why. One class for the agent's
+    config and the orchestrator's (``orchestrator.errors`` re-exports it)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"config {key}: {reason}")
+        self.key = key
+        self.reason = reason
 
 
 _REGISTRY: dict[str, type[AgentError]] = {}

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.core.sizes import parse_size
 from orchestrator.errors import ConfigError
 
 __all__ = [
     "ENV_VARS",
-    "SIZE_UNITS",
     "TABLES",
     "CephConfig",
     "FleetConfig",
@@ -44,22 +44,12 @@ __all__ = [
     "SshConfig",
     "TlsConfig",
     "VmConfig",
-    "format_size",
     "from_mapping",
     "load",
-    "parse_size",
     "validate",
 ]
 
-SIZE_UNITS: dict[str, int] = {
-    "B": 1,
-    "KiB": 1 << 10,
-    "MiB": 1 << 20,
-    "GiB": 1 << 30,
-    "TiB": 1 << 40,
-}
 _ALIGN = 4096
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
 # Names end up in cephx ids, libvirt secret usages, RBD image names and disk serials.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -249,29 +239,6 @@ def check_names(data: Mapping[str, Any], env: Mapping[str, str]) -> None:
                           ENV_PREFIX + "{}")
 
 
-def parse_size(value: object, key: str = "fleet.size") -> int:
-    """Bytes from ``"1GiB"``, ``"512 MiB"``, ``"4096B"``, ``"4096"`` or an int."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a size like '1GiB', got {value!r}")
-    if isinstance(value, int):
-        number, unit = value, "B"
-    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        number, unit = int(match.group(1)), match.group(2) or "B"
-    else:
-        raise ConfigError(key, f"expected a size like '1GiB', got {value!r}")
-    if unit not in SIZE_UNITS:
-        raise ConfigError(key, f"unknown unit {unit!r} (use one of {', '.join(SIZE_UNITS)})")
-    return number * SIZE_UNITS[unit]
-
-
-def format_size(size: int) -> str:
-    """The largest exact unit: 1073741824 → ``'1GiB'``, 4097 → ``'4097B'``."""
-    for unit, factor in reversed(SIZE_UNITS.items()):
-        if size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
-
-
 def load(path: Path | str, env: Mapping[str, str] = os.environ) -> FleetConfig:
     """Read and validate ``path``, with ``RBDFLEET_<SECTION>_<KEY>`` overrides from ``env``."""
     path = Path(path)
@@ -410,7 +377,7 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
     fleet = FleetSettings(
         name=_str(fleet_t, "name", "fleet"),
         image=_str(fleet_t, "image", "fleet"),
-        size=parse_size(fleet_t["size"]),
+        size=parse_size(fleet_t["size"], "fleet.size"),
         writer=_writer(fleet_t),
         secret_file=_path(fleet_t, "secret_file", "fleet"),
         agent_port=_int(fleet_t, "agent_port", "fleet", 7480),

@@ -2,8 +2,8 @@
 
 ::
 
+    ConfigError(key, reason)           agents.errors.ConfigError, shared with the agents
     OrchestratorError
-    ├── ConfigError(key, reason)
     ├── PkiError                       the fleet CA, a node certificate or key
     ├── SandboxError                   sandbox up/down could not proceed
     ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost,
@@ -23,18 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from agents.errors import ConfigError as ConfigError
 from agents.errors import RbdfleetError
 
 
 class OrchestratorError(RbdfleetError):
     """Root of the orchestrator's errors."""
-
-
-class ConfigError(OrchestratorError):
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config {key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 class AdapterChosenPoorly(OrchestratorError):
