@@ -20,8 +20,8 @@ from agents.core.grants import (
     sign,
     verify,
 )
+from agents.keyfile import read_key_lines
 from orchestrator.core.fleetmap import FleetMap
-from orchestrator.errors import ConfigError
 
 # A writer's push grants are renewed in the answer to each of its heartbeats; this long a
 # coordinator outage leaves the writer pushing before its readers turn lagging.
@@ -75,20 +75,9 @@ class FleetKeys:
 
 
 def read_master_keys(path: Path, what: str = "fleet.secret_file") -> tuple[bytes, ...]:
-    """The master key file: one key per line, the current one first (a second line is the
-    previous master, still accepted during a rotation). Refused when group/other may read
-    it."""
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(what, f"{path} cannot be read: {exc.strerror}") from exc
-    if mode & 0o077:
-        raise ConfigError(what, f"{path} must be mode 0600")
-    keys = tuple(line.strip() for line in data.splitlines() if line.strip())
-    if not keys:
-        raise ConfigError(what, f"{path} is empty")
-    return keys
+    """The master key file (:func:`agents.keyfile.read_key_lines`): the current master first,
+    a second line the previous one during a rotation; refused when group/other may read it."""
+    return read_key_lines(path, what)
 
 
 __all__ = ["PUSH_GRANT_TTL", "FleetKeys", "read_master_keys"]
