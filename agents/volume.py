@@ -19,6 +19,7 @@ import collections
 import contextlib
 import errno
 import logging
+import mmap
 import posixpath
 import struct
 import threading
@@ -44,7 +45,7 @@ from agents.core.index import (
 )
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, Superblock, choose, layout
-from agents.device import ALIGN, BlockDevice
+from agents.device import ALIGN, BlockDevice, VectoredDevice, aligned_buffer, byte_view, vectored
 from agents.errors import (
     AgentError,
     BadPath,
@@ -79,6 +80,38 @@ CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in u
 # RBD's default object size: librbd deletes an object (its space goes back to the pool) only
 # when a discard covers all of it, and merely zeroes the part another discard covers
 DISCARD_UNIT = 4 << 20
+# I/O buffers kept mapped between puts and reads (a fresh 4 MiB buffer costs its page faults
+# on every use; more than this stays out of an idle agent's RSS)
+KEEP_BUFFERS = 16 << 20
+
+
+class _Buffers:
+    """Page-aligned I/O buffers (:func:`agents.device.aligned_buffer`: O_DIRECT reads into
+    and writes from them as they are), reused across puts and reads by all threads; at most
+    ``keep`` bytes stay mapped while nobody holds them, the others are dropped (unmapped once
+    their last view is gone)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._free: dict[int, builtins.list[mmap.mmap]] = {}
+        self._kept = 0
+
+    def take(self, size: int) -> mmap.mmap:
+        """A buffer of exactly ``size`` bytes; its contents are whatever its last user left."""
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                self._kept -= size
+                return free.pop()
+        return aligned_buffer(size)
+
+    def give(self, buf: mmap.mmap) -> None:
+        """Hand ``buf`` back: nobody may use it (or a view of it) any more."""
+        with self._lock:
+            if self._kept + len(buf) <= self._keep:
+                self._free.setdefault(len(buf), []).append(buf)
+                self._kept += len(buf)
 
 
 @dataclass
@@ -150,6 +183,7 @@ class Volume:
     def __init__(self, device: BlockDevice, sb: Superblock) -> None:
         self._device = device
         self._sb = sb
+        self._buffers = _Buffers(KEEP_BUFFERS)
         self._ring = sb.journal_bytes
         self._lock = threading.RLock()  # index, allocator, cursor, pins
         self._cond = threading.Condition(threading.Lock())  # group-commit queue, leadership
@@ -168,6 +202,17 @@ class Volume:
         self._durable_seq = 0
         self._on_commit: Callable[[builtins.list[Record]], None] | None = None
         self._on_discard: Callable[[int], None] | None = None
+
+    @property
+    def _device(self) -> BlockDevice:
+        """The handle as given (metadata I/O); :attr:`_io` is the same handle with
+        ``readinto``/``writev`` (the data path), kept in step by the setter."""
+        return self._handle
+
+    @_device.setter
+    def _device(self, device: BlockDevice) -> None:
+        self._handle = device
+        self._io: VectoredDevice = vectored(device)
 
     # ---- life cycle ----------------------------------------------------------------------
 
@@ -762,67 +807,89 @@ class Volume:
     ) -> tuple[int, builtins.list[int]]:
         """Stream ``chunks`` to the device: WRITE_UNIT pieces, IN_FLIGHT at once, each
         allocated just before it is written and appended to ``extents`` (adjacent ones
-        merged), which the caller gives back if the put fails."""
+        merged), which the caller gives back if the put fails.
+
+        A chunk that is exactly one unit is written from as it is; smaller ones are copied
+        once into a pooled aligned buffer (and the last unit's padding zeroed there), which
+        goes back to the pool when its write is done."""
         chunk = self._sb.chunk_size
         unit = max(WRITE_UNIT // chunk, 1) * chunk
         pool = self._executor() if size > unit else None
+        buffers = self._buffers
         inflight: collections.deque[Future[None]] = collections.deque()
         sums: builtins.list[int] = []
         logical = 0
-        buf = bytearray()
 
-        def store(block: bytes, pieces: builtins.list[tuple[int, int]], first: int) -> None:
-            # on an I/O thread: chunk checksums (zlib releases the GIL) then the writes
-            view = memoryview(block)
-            for k, i in enumerate(range(0, len(block), chunk)):
-                sums[first + k] = zlib.crc32(view[i : i + chunk])
-            padded = block if len(block) % ALIGN == 0 else block + bytes(-len(block) % ALIGN)
-            if len(pieces) == 1:
-                self._device.write_at(pieces[0][0], padded)
-                return
+        def store(block: memoryview, length: int, pieces: builtins.list[tuple[int, int]],
+                  first: int) -> None:
+            # on an I/O thread: chunk checksums (zlib releases the GIL) then the writes, each
+            # extent piece straight from its slice of ``block`` (``length`` bytes + padding)
+            for k, i in enumerate(range(0, length, chunk)):
+                sums[first + k] = zlib.crc32(block[i : min(i + chunk, length)])
             done = 0
             for dev_off, n in pieces:
-                self._device.write_at(dev_off, padded[done : done + n])
+                self._io.writev(dev_off, [block[done : done + n]])
                 done += n
 
-        def emit(block: bytes) -> None:
+        def emit(block: memoryview, length: int, owned: mmap.mmap | None) -> None:
+            # ``block`` is ``length`` bytes padded to ALIGN; ``owned`` (its pooled buffer)
+            # goes back once the write is done, failed or cancelled
             nonlocal logical
-            nbytes = len(block) + (-len(block) % ALIGN)
             with self._lock:
-                got = self._allocator.allocate(nbytes)
+                got = self._allocator.allocate(block.nbytes)
             for x in got:
                 if extents and extents[-1].end == x.offset:
                     extents[-1] = Extent(extents[-1].offset, extents[-1].length + x.length)
                 else:
                     extents.append(x)
-            pieces = locate(extents, logical, nbytes)
+            pieces = locate(extents, logical, block.nbytes)
             first = len(sums)
-            sums.extend([0] * -(-len(block) // chunk))
-            if size <= unit:  # one write: do it here, a thread hop costs more than it hides
-                store(block, pieces, first)
-            else:
-                while len(inflight) >= IN_FLIGHT:
-                    inflight.popleft().result()
-                assert pool is not None
-                inflight.append(pool.submit(store, block, pieces, first))
-            logical += len(block)
+            sums.extend([0] * -(-length // chunk))
+            logical += length
+            if pool is None:  # one write: do it here, a thread hop costs more than it hides
+                try:
+                    store(block, length, pieces, first)
+                finally:
+                    if owned is not None:
+                        buffers.give(owned)
+                return
+            while len(inflight) >= IN_FLIGHT:
+                inflight.popleft().result()
+            fut = pool.submit(store, block, length, pieces, first)
+            if owned is not None:
+                fut.add_done_callback(lambda _: buffers.give(owned))
+            inflight.append(fut)
 
+        filling: mmap.mmap | None = None
+        filled = 0
         try:
             for piece in _bounded(chunks, size):
-                if not buf and len(piece) == unit and isinstance(piece, bytes):
-                    emit(piece)  # the common streaming case: no copy
+                if not filled and len(piece) == unit and isinstance(piece, bytes):
+                    emit(memoryview(piece), unit, None)  # the common streaming case: no copy
                     continue
-                buf += piece
-                while len(buf) >= unit:
-                    emit(bytes(memoryview(buf)[:unit]))
-                    del buf[:unit]
-            if logical + len(buf) != size:
-                raise BadRequest(f"got {logical + len(buf)} bytes, announced {size}", size=size)
-            if buf:
-                emit(bytes(buf))
+                view = byte_view(piece)
+                while view.nbytes:
+                    if filling is None:
+                        filling = buffers.take(unit)
+                    take = min(unit - filled, view.nbytes)
+                    filling[filled : filled + take] = view[:take]
+                    filled += take
+                    view = view[take:]
+                    if filled == unit:
+                        owned, filling, filled = filling, None, 0
+                        emit(memoryview(owned), unit, owned)
+            if logical + filled != size:
+                raise BadRequest(f"got {logical + filled} bytes, announced {size}", size=size)
+            if filling is not None:
+                padded = filled + -filled % ALIGN
+                filling[filled:padded] = bytes(padded - filled)
+                owned, filling = filling, None
+                emit(memoryview(owned)[:padded], filled, owned)
             while inflight:
                 inflight.popleft().result()
         finally:
+            if filling is not None:
+                buffers.give(filling)
             for fut in inflight:
                 fut.cancel()
             for fut in inflight:

@@ -89,11 +89,12 @@ class ReorderingDevice:
             return self._medium.read_at(offset, length)
 
     def write_at(self, offset: int, data: bytes) -> None:
-        """Block by block, each one in flight until the next flush."""
+        """Block by block, each one in flight until the next flush (any offset and length:
+        a block the write covers only in part is in flight as a whole)."""
         with self._lock:
             self._tick("write")
-            for i in range(0, len(data), ALIGN):
-                block = offset + i
+            # every block the write touches, a partly covered first or last one included
+            for block in range(offset // ALIGN * ALIGN, offset + len(data), ALIGN):
                 if block not in self._pending:
                     self._pending[block] = self._medium.read_at(block, ALIGN)
             self._medium.write_at(offset, data)
