@@ -5,6 +5,7 @@
     RbdfleetError
     ├── BindingUnavailable(module, package)   a Python binding (rados, rbd, libvirt) is missing
     ├── ConfigError(key, reason)              a setting is wrong (the agent's or rbdfleet.toml)
+    ├── JsonLimit                             bounded JSON refused (each caller translates it)
     └── AgentError                            carries a wire code and an HTTP status
         ├── BadRequest          400           DecodeError, UnsupportedVersion, BadPath,
         │                                     BadHttp (the HTTP layer's own status),
@@ -55,6 +56,12 @@ class ConfigError(RbdfleetError):
         super().__init__(f"config {key}: {reason}")
         self.key = key
         self.reason = reason
+
+
+class JsonLimit(RbdfleetError, ValueError):
+    """The text is not JSON, or is JSON beyond the bounds (agents.core.boundedjson). Never sent
+    as is: each caller turns it into its own error (DecodeError for a request, a FormatError for
+    an image); a ValueError too, like what ``json.loads`` raises."""
 
 
 _REGISTRY: dict[str, type[AgentError]] = {}

@@ -3,8 +3,8 @@
 ``json.loads`` alone recurses once per nesting level (100k-deep input holds the GIL, then
 raises RecursionError), turns a 5,000-digit integer into ValueError only after the work, and
 accepts ``NaN``/``Infinity``. :func:`loads` refuses all of these up front with
-:class:`JsonLimit` (a ValueError), which each caller turns into its own error: ``DecodeError``
-(400) for a request, a format error for an image.
+:class:`~agents.errors.JsonLimit` (a ValueError), which each caller turns into its own
+error: ``DecodeError`` (400) for a request, a format error for an image.
 
 Pure: no I/O.
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Final
+
+from agents.errors import JsonLimit
 
 __all__ = ["MAX_DEPTH", "MAX_INT_DIGITS", "JsonLimit", "loads"]
 
@@ -25,10 +27,6 @@ _KEEP = b'"[]{}'  # all that decides nesting once escapes are gone
 _DROP = bytes(b for b in range(256) if b not in _KEEP)
 _STRING = re.compile(rb'"[^"]*"')
 _PAIR = re.compile(rb"\[\]|\{\}")
-
-
-class JsonLimit(ValueError):
-    """The text is not JSON, or is JSON beyond the bounds."""
 
 
 def _check_depth(data: bytes, max_depth: int) -> None:
