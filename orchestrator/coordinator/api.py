@@ -89,22 +89,29 @@ from agents.errors import (
     BadSignature,
     DecodeError,
     ForeignGrant,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     NotWriter,
+    PeerCertificateRequired,
     RbdfleetError,
     StaleEpoch,
     TooBusy,
     TooLarge,
 )
-from agents.server import Deadlines, InternalError, PeerCertificateRequired
-from orchestrator.coordinator.service import FleetService, NotActive
+from agents.server import Deadlines
+from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
-from orchestrator.core.fleetmap import FleetMap, IllegalTransition
+from orchestrator.core.fleetmap import FleetMap
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
 from orchestrator.core.reports import ReplayGuard, nonce
-from orchestrator.errors import CoordinationError, ReportReplayed
+from orchestrator.errors import (
+    CoordinationError,
+    IllegalFleetTransition,
+    NotActive,
+    ReportReplayed,
+)
 from orchestrator.ports import ClientStore
 
 LOG = logging.getLogger(__name__)
@@ -211,7 +218,7 @@ class NotActiveError(AgentError):
 
 
 class RefusedTransition(AgentError):
-    """Wire form of an IllegalTransition the election refused (409)."""
+    """Wire form of an IllegalFleetTransition the election refused (409)."""
 
     code = "refused_transition"
     status = 409
@@ -247,7 +254,7 @@ def to_wire(exc: RbdfleetError) -> AgentError:
         return exc
     if isinstance(exc, NotActive):
         return NotActiveError(str(exc), fleet=exc.fleet, coordinator=exc.coordinator)
-    if isinstance(exc, IllegalTransition):
+    if isinstance(exc, IllegalFleetTransition):
         return RefusedTransition(str(exc), subject=exc.subject, from_=exc.from_, to=exc.to)
     if isinstance(exc, CoordinationError):
         return CoordinationFailed(str(exc))

@@ -30,8 +30,8 @@ import pytest
 from agents.core.grants import PROMOTE
 from agents.core.protocol import SelfTestCheck, SelfTestReport
 from agents.daemon import load_config
+from agents.errors import PeerCertificateRequired
 from agents.peers import Peer, post_message
-from agents.server import PeerCertificateRequired
 from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
