@@ -83,3 +83,105 @@ def test_core_modules_do_no_io(package: str) -> None:
                 if name in {"open", "time.sleep", "time.time", "time.monotonic"}:
                     offenders.append(f"{rel(path)}:{node.lineno} calls {name}")
     assert offenders == []
+
+
+def orchestrator_imports(path: Path) -> set[str]:
+    """Every ``orchestrator.*`` module ``path`` imports, anywhere in the file (a function-local
+    import is an arrow too), relative imports resolved."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = rel(path).removesuffix(".py").replace("/", ".").rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
+            # ``from orchestrator import cli`` imports a submodule, not a name.
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names
+                              if is_module(f"{base}.{alias.name}")]
+        else:
+            continue
+        found |= {name for name in names if name.startswith("orchestrator.")}
+    return found
+
+
+def is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def arrows(paths: list[Path], forbidden: tuple[str, ...]) -> set[str]:
+    return {f"{rel(path)} imports {module}"
+            for path in paths for module in orchestrator_imports(path)
+            if any(module == f or module.startswith(f + ".") for f in forbidden)}
+
+
+USE_CASES = sorted(p for p in (ROOT / "orchestrator").glob("*.py") if p.name != "__init__.py")
+ADAPTERS_OR_CLI = ("orchestrator.adapters", "orchestrator.cli")
+# Arrows that still point the wrong way, each with the change that removes it (issue 13). The
+# tests below compare equal to these sets: a new wrong arrow fails, and so does removing one of
+# these without deleting its line here.
+KNOWN_SANDBOX_TO_CLI = {
+    # the composition root (orchestrator/services.py) will hand the demo its client
+    "orchestrator/sandbox/demo.py imports orchestrator.cli.coordinator",
+}
+KNOWN_CLIENT_TO_SERVER = {
+    # the coordinator's wire errors (NotActiveError, CoordinationFailed) are still defined in
+    # coordinator/api.py; they move to orchestrator/errors.py with its next edit
+    "orchestrator/client.py imports orchestrator.coordinator.api",
+}
+
+
+def test_use_cases_ports_and_core_never_import_adapters_nor_the_cli() -> None:
+    core = python_files("orchestrator/core")
+    assert arrows([*USE_CASES, *core], ADAPTERS_OR_CLI) == set()
+
+
+def test_adapters_never_import_use_cases_nor_the_cli() -> None:
+    """Adapters implement ports: they may use ports, core, config and errors, nothing above."""
+    above = ("orchestrator.provision", "orchestrator.rollout", "orchestrator.deploy",
+             "orchestrator.client", "orchestrator.coordinator", "orchestrator.sandbox",
+             "orchestrator.cli")
+    assert arrows(list(python_files("orchestrator/adapters")), above) == set()
+
+
+def test_the_sandbox_never_imports_the_cli() -> None:
+    found = arrows(list(python_files("orchestrator/sandbox")), ("orchestrator.cli",))
+    assert found == KNOWN_SANDBOX_TO_CLI
+
+
+def test_the_client_never_imports_the_coordinators_server() -> None:
+    found = arrows([ROOT / "orchestrator/client.py"], ("orchestrator.coordinator.api",))
+    assert found == KNOWN_CLIENT_TO_SERVER
+
+
+def all_modules() -> list[str]:
+    return [rel(p).removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            for package in ("agents", "orchestrator") for p in python_files(package)
+            if p.name != "__main__.py"]
+
+
+def test_every_error_derives_from_the_root() -> None:
+    """Every public exception class of agents/ and orchestrator/ is an ``RbdfleetError``
+    (orchestrator/errors.py and agents/errors.py are the two trees); a private carrier
+    (``_Name``) is allowed only if its own module catches it, so it never leaves that module."""
+    import importlib
+    import inspect
+
+    from agents.errors import RbdfleetError
+
+    offenders = []
+    for name in all_modules():
+        module = importlib.import_module(name)
+        source = inspect.getsource(module)
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)
+                    and cls.__module__ == name) or issubclass(cls, RbdfleetError):
+                continue
+            if cls.__name__.startswith("_") and f"except {cls.__name__}" in source:
+                continue
+            offenders.append(f"{name}.{cls.__name__}")
+    assert offenders == []
