@@ -66,6 +66,7 @@ from agents.core.protocol import (
     header_int,
 )
 from agents.core.record import Record
+from agents.deadlines import Deadlines
 from agents.device import ALIGN
 from agents.errors import (
     AgentError,
@@ -89,9 +90,9 @@ from agents.errors import (
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
-# InternalError and PeerCertificateRequired: re-exported for coordinator/api.py until its next
-# edit imports them from agents.errors.
-__all__ = ["AgentServer", "InternalError", "PeerCertificateRequired", "serve"]
+# Deadlines, InternalError and PeerCertificateRequired: re-exported for coordinator/api.py
+# until its next edit imports them from agents.deadlines and agents.errors.
+__all__ = ["AgentServer", "Deadlines", "InternalError", "PeerCertificateRequired", "serve"]
 
 LOG = logging.getLogger(__name__)
 
@@ -140,8 +141,8 @@ def _list_query(target: str) -> tuple[int, str | None]:
     return min(int(limit), MAX_LIST_LIMIT), params.get("after")
 
 
-def _close(stream: Iterator[bytes]) -> None:
-    """Unpin a volume read stream (``Volume.read`` returns one with ``close()``)."""
+def _close(stream: Iterator[memoryview]) -> None:
+    """Unpin a volume read stream (``Volume.read_views`` returns one with ``close()``)."""
     close = getattr(stream, "close", None)
     if close is not None:
         close()
@@ -469,7 +470,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise WrongKind(f"is a directory: {path}", path=path)
             span = parse_range(self.headers.get("Range"), entry.size)
             start, end = span if span is not None else (0, entry.size)
-            stream = volume.read(path, start, end - start)
+            stream = volume.read_views(path, start, end - start)
             if volume.stat(path).version == entry.version:
                 break
             _close(stream)
@@ -480,8 +481,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             _close(stream)
 
-    def _stream(self, path: str, entry: Entry, stream: Iterator[bytes], start: int, end: int,
-                partial: bool) -> None:
+    def _stream(self, path: str, entry: Entry, stream: Iterator[memoryview], start: int,
+                end: int, partial: bool) -> None:
+        # each view is valid until the next next() on ``stream`` (its buffer is then reused):
+        # wfile.write (unbuffered: socket.sendall) has sent all of it before the loop asks
         try:
             first = next(stream, b"")
         except FormatError as err:
@@ -508,7 +511,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._streaming = False
 
     @staticmethod
-    def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    def _chain(first: bytes | memoryview,
+               rest: Iterator[memoryview]) -> Iterator[bytes | memoryview]:
         if first:
             yield first
         yield from rest
@@ -632,44 +636,6 @@ def _match(method: str, path: str) -> Route:
         raise MethodNotAllowed(f"{method} not allowed on {path}",
                                allowed=sorted({r.method for r in matching}))
     raise NotFound(f"no route {path}", route=path[:200])
-
-
-class Deadlines:
-    """Connections that must finish a phase by a monotonic time. The serving loop
-    (:meth:`AgentServer.service_actions`) shuts late ones down: the blocked read then sees
-    EOF, whatever per-read timeout a trickling client keeps resetting."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._due: dict[socket.socket, float] = {}
-        self._cut: set[socket.socket] = set()
-
-    def arm(self, sock: socket.socket, due: float) -> None:
-        with self._lock:
-            self._due[sock] = due
-
-    def disarm(self, sock: socket.socket) -> bool:
-        """Lift ``sock``'s deadline; False when it had passed (the connection was cut)."""
-        with self._lock:
-            self._due.pop(sock, None)
-            if sock in self._cut:
-                self._cut.discard(sock)
-                return False
-            return True
-
-    def cut_late(self, now: float) -> int:
-        """Shut down every connection past its deadline; how many."""
-        with self._lock:
-            late = [s for s, due in self._due.items() if due <= now]
-            for sock in late:
-                del self._due[sock]
-                self._cut.add(sock)
-        for sock in late:
-            # the plain socket's shutdown, also for TLS: SSLSocket.shutdown would drop the
-            # TLS state under the thread that is reading
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        return len(late)
 
 
 class AgentServer(http.server.ThreadingHTTPServer):

@@ -134,6 +134,11 @@ KNOWN_CLIENT_TO_SERVER = {
     "orchestrator/client.py imports orchestrator.coordinator.api",
 }
 
+KNOWN_ORCHESTRATOR_TO_AGENT_SERVER = {
+    # Deadlines moved to agents/deadlines.py; coordinator/api.py imports it from there next
+    "orchestrator/coordinator/api.py imports agents.server",
+}
+
 
 def test_use_cases_ports_and_core_never_import_adapters_nor_the_cli() -> None:
     core = python_files("orchestrator/core")
@@ -156,6 +161,18 @@ def test_the_sandbox_never_imports_the_cli() -> None:
 def test_the_client_never_imports_the_coordinators_server() -> None:
     found = arrows([ROOT / "orchestrator/client.py"], ("orchestrator.coordinator.api",))
     assert found == KNOWN_CLIENT_TO_SERVER
+
+
+def test_the_orchestrator_never_imports_the_agents_server() -> None:
+    """The coordinator's HTTP server shares the agent's wire vocabulary (agents.core.protocol,
+    agents.errors, agents.deadlines), never the agent's server module."""
+    found = set()
+    for path in python_files("orchestrator"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found |= {f"{rel(path)} imports {n}" for n in names if n == "agents.server"}
+    assert found == KNOWN_ORCHESTRATOR_TO_AGENT_SERVER
 
 
 def all_modules() -> list[str]:
