@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from agents.core import checkpoint as ckpt
 from agents.core import journal
@@ -667,6 +667,18 @@ class Volume:
         """Stream ``[offset, offset+length)`` of the version current now, verified chunk by
         chunk (ChecksumMismatch, never wrong bytes). The version stays pinned (its extents
         are not reused, see :meth:`safe_seq`) until the iterator is exhausted or closed."""
+        # without pooled buffers the stream yields the bytes read_at returned (or a slice)
+        return cast(Iterator[bytes], self._stream(path, offset, length, reuse=False))
+
+    def read_views(self, path: str, offset: int = 0,
+                   length: int | None = None) -> Iterator[memoryview]:
+        """:meth:`read` into pooled page-aligned buffers (``readinto``, no fresh buffer per
+        unit): each yielded view is valid only until the next ``next()`` or ``close()`` on
+        the iterator, which hands its buffer back for reuse. Send or copy it before that."""
+        return cast(Iterator[memoryview], self._stream(path, offset, length, reuse=True))
+
+    def _stream(self, path: str, offset: int, length: int | None, *,
+                reuse: bool) -> _ReadStream:
         path = normalize_path(path)
         with self._lock:
             node = self._index.get(path)
@@ -677,7 +689,8 @@ class Volume:
             end = node.entry.size if length is None else min(node.entry.size, offset + length)
             pin = self._index.applied_seq
             self._pins[pin] += 1
-        return _ReadStream(self, node, offset, max(offset, end), pin)
+        return _ReadStream(self, node, offset, max(offset, end), pin,
+                           self._buffers if reuse else None)
 
     def _unpin(self, pin: int) -> None:
         with self._lock:
@@ -1112,18 +1125,26 @@ def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
         yield piece
 
 
-class _ReadStream(Iterator[bytes]):
-    """Verified reads of one pinned version: READ_UNIT pieces, READ_AHEAD in flight."""
+Piece = bytes | memoryview
+Slot = tuple[Piece, mmap.mmap | None, ChecksumMismatch | None]  # data, its buffer, error
 
-    def __init__(self, vol: Volume, node: Node, start: int, end: int, pin: int) -> None:
+
+class _ReadStream(Iterator[Piece]):
+    """Verified reads of one pinned version: READ_UNIT pieces, READ_AHEAD in flight. With
+    ``buffers``, each unit is read into a pooled buffer and yielded as a view of it, which
+    stays valid until the next ``next()`` or ``close()`` (the buffer then goes back);
+    without, each unit is the ``bytes`` the device returned."""
+
+    def __init__(self, vol: Volume, node: Node, start: int, end: int, pin: int,
+                 buffers: _Buffers | None) -> None:
         self._vol = vol
         self._node = node
         self._start = start
         self._end = end
         self._pin: int | None = pin
-        self._ahead: collections.deque[Future[tuple[bytes, ChecksumMismatch | None]]] = (
-            collections.deque()
-        )
+        self._buffers = buffers
+        self._held: mmap.mmap | None = None  # the buffer of the view last yielded
+        self._ahead: collections.deque[Future[Slot]] = collections.deque()
         self._error: ChecksumMismatch | None = None
         self._inline_done = False
         chunk = node.chunk
@@ -1134,14 +1155,20 @@ class _ReadStream(Iterator[bytes]):
     def __iter__(self) -> _ReadStream:
         return self
 
-    def __next__(self) -> bytes:
+    def __next__(self) -> Piece:
+        self._give_back()
         try:
             return self._next()
         except BaseException:
             self.close()
             raise
 
-    def _next(self) -> bytes:
+    def _give_back(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and self._buffers is not None:
+            self._buffers.give(held)
+
+    def _next(self) -> Piece:
         node = self._node
         if self._error is not None:
             raise self._error
@@ -1155,7 +1182,8 @@ class _ReadStream(Iterator[bytes]):
                     f"inline data of {node.entry.path} does not match its checksum",
                     path=node.entry.path,
                 )
-            return node.inline[self._start : self._end]
+            inline = node.inline[self._start : self._end]
+            return inline if self._buffers is None else memoryview(inline)
         pool = self._vol._executor()
         while self._next_chunk <= self._last_chunk and len(self._ahead) < READ_AHEAD:
             last = min(self._next_chunk + self._per_task - 1, self._last_chunk)
@@ -1164,14 +1192,35 @@ class _ReadStream(Iterator[bytes]):
         if not self._ahead:
             self.close()
             raise StopIteration
-        data, self._error = self._ahead.popleft().result()
+        data, self._held, self._error = self._ahead.popleft().result()
         if self._error is not None:
-            self.close()
+            self._stop()  # the good bytes before the bad chunk keep their buffer
             if not data:
                 raise self._error
         return data
 
-    def _read_chunks(self, first: int, last: int) -> tuple[bytes, ChecksumMismatch | None]:
+    def _fill(self, pieces: builtins.list[tuple[int, int]],
+              nbytes: int) -> tuple[Piece, mmap.mmap | None]:
+        """The bytes of ``pieces`` (``nbytes`` in all): read_at's own bytes, or read into a
+        pooled buffer (handed back here if the read fails)."""
+        device = self._vol._io
+        if self._buffers is None:
+            if len(pieces) == 1:
+                return device.read_at(*pieces[0]), None
+            return b"".join(device.read_at(off, ln) for off, ln in pieces), None
+        buf = self._buffers.take(self._per_task * self._node.chunk)
+        try:
+            view = memoryview(buf)
+            at = 0
+            for off, ln in pieces:
+                device.readinto(off, view[at : at + ln])
+                at += ln
+        except BaseException:
+            self._buffers.give(buf)
+            raise
+        return view[:nbytes], buf
+
+    def _read_chunks(self, first: int, last: int) -> Slot:
         """Chunks ``first..last`` (one device read per extent piece), verified, cut to the
         requested range. A bad chunk ends the data there and comes back as the error (served
         after the good bytes before it)."""
@@ -1181,11 +1230,7 @@ class _ReadStream(Iterator[bytes]):
         hi = min((last + 1) * chunk, node.entry.size)
         span = hi - lo
         pieces = node.locate(lo, span + (-span % ALIGN))
-        device = self._vol._device
-        if len(pieces) == 1:
-            data = device.read_at(*pieces[0])
-        else:
-            data = b"".join(device.read_at(off, ln) for off, ln in pieces)
+        data, buf = self._fill(pieces, span + (-span % ALIGN))
         view = memoryview(data)
         error: ChecksumMismatch | None = None
         for i in range(first, last + 1):
@@ -1205,14 +1250,21 @@ class _ReadStream(Iterator[bytes]):
         view.release()
         a = max(self._start, lo) - lo
         b = max(min(self._end, hi) - lo, a)
-        return (data if (a, b) == (0, len(data)) else data[a:b]), error
+        return (data if (a, b) == (0, len(data)) else data[a:b]), buf, error
 
     def close(self) -> None:
-        """Stop reading ahead and unpin the version."""
+        """Stop reading ahead, hand the buffers back and unpin the version."""
+        self._give_back()
+        self._stop()
+
+    def _stop(self) -> None:
+        """Stop reading ahead (their buffers go back) and unpin the version."""
         while self._ahead:
             fut = self._ahead.popleft()
-            if not fut.cancel():
-                fut.exception()
+            if not fut.cancel() and fut.exception() is None and self._buffers is not None:
+                held = fut.result()[1]
+                if held is not None:
+                    self._buffers.give(held)
         if self._pin is not None:
             pin, self._pin = self._pin, None
             self._vol._unpin(pin)
