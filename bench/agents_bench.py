@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from agents.core.protocol import PutRequest  # noqa: E402
 from agents.daemon import open_backend  # noqa: E402
 from agents.volume import Volume  # noqa: E402
+from bench.report import emit  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, cluster_from_conf, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
 from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
@@ -344,10 +345,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average"] = os.getloadavg()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import shutil
 import statistics
@@ -56,6 +55,7 @@ from agents.backends.file import FileDevice  # noqa: E402
 from agents.backends.librbd import RbdDevice  # noqa: E402
 from agents.device import VectoredDevice, aligned_buffer  # noqa: E402
 from bench.agents_bench import rbd_bench  # noqa: E402
+from bench.report import emit  # noqa: E402
 from orchestrator.sandbox.ceph import (  # noqa: E402
     CephCluster,
     cluster_from_conf,
@@ -301,10 +301,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["load_average"] = os.getloadavg()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.core.protocol import PutRequest  # noqa: E402
+from bench.report import emit  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
 from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
@@ -175,10 +176,7 @@ def main() -> int:
             stop_cluster(cluster, state)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(results, args.json)
     return 0
 
 
