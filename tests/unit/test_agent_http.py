@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 from agents.core.protocol import RecordPush
 from agents.core.record import Record
 from agents.daemon import AgentConfigError, load_config, parse_size, read_keys
+from agents.deadlines import Deadlines
 from agents.errors import MethodNotAllowed, NotFound, RangeNotSatisfiable
 from agents.metrics import Registry
 from agents.server import (
     MAX_CONTROL_JSON,
     MAX_PUSH_JSON,
     ROUTES,
-    Deadlines,
     _match,
     parse_range,
 )
