@@ -137,16 +137,18 @@ class _JournalView:
         self._ring = sb.journal_bytes
         self._tag = sb.volume_tag
         self._start = 0
-        self._buf = b""
+        # a view of the window's bytes: a record is cut out of it without a copy, and a view
+        # handed out keeps its window alive after the next one replaces it
+        self._buf = memoryview(b"")
         self._window = 4 * ALIGN  # grows while the scan goes on: an idle refresh reads 16 KiB
 
-    def read(self, start: int, length: int) -> bytes:
+    def read(self, start: int, length: int) -> memoryview:
         if start + length > self._ring:
             raise ValueError("journal read past the ring")
         if not (self._start <= start and start + length <= self._start + len(self._buf)):
             want = min(self._ring - start, max(length, self._window))
             self._window = min(self._window * 2, JOURNAL_WINDOW)
-            self._buf = self._device.read_at(self._base + start, want)
+            self._buf = memoryview(self._device.read_at(self._base + start, want))
             self._start = start
         return self._buf[start - self._start : start - self._start + length]
 

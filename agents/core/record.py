@@ -90,7 +90,7 @@ class Record:
         return raw + bytes(padded(length) - length)
 
     @staticmethod
-    def peek_length(data: bytes) -> int | None:
+    def peek_length(data: bytes | memoryview) -> int | None:
         """The padded length announced by a record header, or None if ``data`` is no header."""
         if len(data) < HEADER.size or data[:4] != MAGIC:
             return None
@@ -100,7 +100,7 @@ class Record:
         return padded(length)
 
     @staticmethod
-    def peek_numbers(data: bytes) -> tuple[int, int, int, int] | None:
+    def peek_numbers(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
         """(seq, epoch, commit_seq, volume_tag) from a header, unverified (a cheap filter
         before :meth:`decode`), or None if ``data`` is no header."""
         if Record.peek_length(data) is None:
@@ -109,14 +109,14 @@ class Record:
         return fields[4], fields[5], fields[6], fields[7]
 
     @staticmethod
-    def verify(data: bytes) -> tuple[int, int, int, int]:
+    def verify(data: bytes | memoryview) -> tuple[int, int, int, int]:
         """(seq, epoch, commit_seq, volume_tag) of a complete record whose CRC matches, without
         parsing its payload (a cheap check of many records); raises like :meth:`decode`."""
         fields = _verified_fields(data)
         return fields[4], fields[5], fields[6], fields[7]
 
     @staticmethod
-    def decode(data: bytes) -> Record:
+    def decode(data: bytes | memoryview) -> Record:
         """Parse one record; raises TornRecord, ChecksumMismatch or UnsupportedFormat."""
         _, _, flags, _, seq, epoch, commit, tag, op, js_len, blob_len = _verified_fields(data)
         start = HEADER.size
@@ -131,7 +131,7 @@ class Record:
         return Record(seq, epoch, OP_NAMES[op], payload, commit_seq=commit, volume_tag=tag)
 
 
-def _verified_fields(data: bytes) -> tuple[Any, ...]:
+def _verified_fields(data: bytes | memoryview) -> tuple[Any, ...]:
     """The header fields of a complete, CRC-correct record of a known version and op."""
     if len(data) < HEADER.size:
         raise TornRecord("journal record shorter than its header", got=len(data))
