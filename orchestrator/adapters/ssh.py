@@ -44,6 +44,7 @@ from orchestrator.core.remote import (
     RemoteCommand,
     RemoteResult,
     SshHost,
+    command_result,
     start_detached,
 )
 from orchestrator.errors import (
@@ -200,13 +201,7 @@ class ParamikoShell:
                 chan.close()
         if rc < 0 and not ended_by_signal:
             raise HostUnreachable(host.name, f"connection lost while running {cmd.executable}")
-        result = RemoteResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
-        if check and rc != 0:
-            how = "was killed by a signal" if ended_by_signal else f"exited {rc}"
-            raise RemoteCommandFailed(
-                host.name, f"{cmd.executable.value} {how}: {result.stderr.strip()[-300:]}",
-                rc=rc)
-        return result
+        return command_result(host, cmd, -1 if ended_by_signal else rc, out, err, check=check)
 
     def put_file(self, host: SshHost, source: Path | bytes, remote_path: str,
                  mode: int = 0o644, timeout: float = 60.0) -> None:

@@ -119,3 +119,16 @@ class SshHost(Protocol):
 
     @property
     def address(self) -> str: ...
+
+
+def command_result(host: SshHost, cmd: RemoteCommand, rc: int, stdout: bytes, stderr: bytes, *,
+                   check: bool) -> RemoteResult:
+    """What every RemoteShell's ``run`` returns for a finished command (rc -1: killed by a
+    signal): output decoded; with ``check`` a non-zero rc raises RemoteCommandFailed quoting the
+    tail of stderr."""
+    result = RemoteResult(rc, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+    if check and rc != 0:
+        how = "was killed by a signal" if rc == -1 else f"exited {rc}"
+        raise RemoteCommandFailed(
+            host.name, f"{cmd.executable.value} {how}: {result.stderr.strip()[-300:]}", rc=rc)
+    return result

@@ -36,7 +36,13 @@ from agents.core.protocol import DemoteRequest, Health, PromoteRequest
 from agents.errors import ForeignGrant
 from orchestrator.adapters.ceph import client_addresses, granted_image, vm_user_caps
 from orchestrator.core.fleetmap import FleetMap
-from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost, start_detached
+from orchestrator.core.remote import (
+    RemoteCommand,
+    RemoteResult,
+    SshHost,
+    command_result,
+    start_detached,
+)
 from orchestrator.errors import (
     AgentUnreachable,
     CoordinationError,
@@ -570,13 +576,7 @@ class LocalShell:
         except subprocess.TimeoutExpired as exc:
             raise HostUnreachable(host.name, "timed out") from exc
         rc = proc.returncode if proc.returncode >= 0 else -1  # killed by a signal
-        result = RemoteResult(rc, proc.stdout.decode(errors="replace"),
-                              proc.stderr.decode(errors="replace"))
-        if check and rc != 0:
-            raise RemoteCommandFailed(
-                host.name, f"{cmd.executable.value} exited {rc}: {result.stderr.strip()[-300:]}",
-                rc=rc)
-        return result
+        return command_result(host, cmd, rc, proc.stdout, proc.stderr, check=check)
 
     def put_file(self, host: SshHost, source: Path | bytes, remote_path: str,
                  mode: int = 0o644, timeout: float = 60.0) -> None:
