@@ -30,8 +30,7 @@ import http.server
 import io
 import logging
 import re
-import socket
-import threading
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator
@@ -66,7 +65,6 @@ from agents.core.protocol import (
     header_int,
 )
 from agents.core.record import Record
-from agents.deadlines import Deadlines
 from agents.device import ALIGN
 from agents.errors import (
     AgentError,
@@ -87,6 +85,7 @@ from agents.errors import (
     UnsupportedTransferEncoding,
     WrongKind,
 )
+from agents.httpbase import BoundedHTTPServer, Deadlines
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
@@ -638,14 +637,12 @@ def _match(method: str, path: str) -> Route:
     raise NotFound(f"no route {path}", route=path[:200])
 
 
-class AgentServer(http.server.ThreadingHTTPServer):
+class AgentServer(BoundedHTTPServer):
     """The agent's HTTP server; TLS when given a cert and key. Limits: see the module."""
 
-    daemon_threads = True
     allow_reuse_address = True
-    # listen backlog: the default 5 resets connections when many clients (or a fleet's
-    # readers and a burst of clients) connect at once
-    request_queue_size = 128
+    what = "agent"
+    log = LOG
 
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
@@ -658,26 +655,21 @@ class AgentServer(http.server.ThreadingHTTPServer):
         certificates the node-only routes require of their callers (mutual TLS). Without
         ``tls`` the server speaks plaintext and checks no peer (``insecure_plaintext``)."""
         self.max_body = max_body
-        self.max_connections = max_connections
-        self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
-        self.deadlines = Deadlines()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._tls: Any = None  # ssl.SSLContext when TLS is on
+        context: ssl.SSLContext | None = None
         if tls is not None:
-            import ssl
-
-            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._tls.load_cert_chain(*tls)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
             if client_ca is not None:
                 # optional at the handshake: clients have no certificates and data routes
                 # stay grant-authenticated; a certificate that is presented must chain to the
                 # fleet CA (else the handshake fails), and node-only routes require one
-                self._tls.load_verify_locations(client_ca)
-                self._tls.verify_mode = ssl.CERT_OPTIONAL
+                context.load_verify_locations(client_ca)
+                context.verify_mode = ssl.CERT_OPTIONAL
         self.plaintext = tls is None
-        super().__init__(address, Handler)
+        super().__init__(address, Handler, tls=context, max_connections=max_connections,
+                         header_timeout=header_timeout)
 
     def check_node_peer(self, connection: Any) -> None:
         """Refuse (403) a node-only request whose connection presented no certificate of the
@@ -686,67 +678,8 @@ class AgentServer(http.server.ThreadingHTTPServer):
             raise PeerCertificateRequired(
                 "this route is for fleet nodes: connect with a certificate of the fleet CA")
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        if self._tls is not None:  # handshake later, in the connection's own thread
-            sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-    def service_actions(self) -> None:
-        """Each turn of the serving loop (every poll interval): cut late requests."""
-        self.deadlines.cut_late(time.monotonic())
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse(self, request: Any, client_address: Any) -> None:
-        """Over ``max_connections``: answer 503 too_busy without reading (plain HTTP; a TLS
-        connection is just closed: no handshake is spent on it) and close."""
-        LOG.info("event=connection_refused client=%s limit=%d", client_address[0],
-                 self.max_connections)
+    def refused(self, client_address: Any) -> None:
         self.agent.m_requests.inc("-", "refused", str(TooBusy.status))
-        if self._tls is None:
-            body = ErrorBody.from_error(TooBusy(
-                f"the agent serves {self.max_connections} connections at once; retry",
-                limit=self.max_connections)).encode()
-            head = (f"HTTP/1.1 {TooBusy.status} {http.HTTPStatus(TooBusy.status).phrase}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                    f"Connection: close\r\n\r\n").encode()
-            with contextlib.suppress(OSError):
-                request.setblocking(False)  # never stall the accept loop on this client
-                request.send(head + body)
-        self.shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A bug escaped a connection's thread: log it (not a bare traceback on stderr)."""
-        LOG.exception("event=connection_error client=%s", client_address[0])
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self._tls is not None:
-            request.settimeout(self.header_timeout)
-            self.deadlines.arm(request, time.monotonic() + self.header_timeout)
-            try:
-                request.do_handshake()
-            except OSError as exc:  # ssl.SSLError is an OSError
-                LOG.info("event=tls_handshake_failed client=%s error=%s", client_address[0],
-                         type(exc).__name__)
-                return
-            finally:
-                self.deadlines.disarm(request)
-        super().finish_request(request, client_address)
 
 
 def serve(server: AgentServer) -> None:

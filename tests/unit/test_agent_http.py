@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from agents.core.protocol import RecordPush
 from agents.core.record import Record
 from agents.daemon import AgentConfigError, load_config, parse_size, read_keys
-from agents.deadlines import Deadlines
 from agents.errors import MethodNotAllowed, NotFound, RangeNotSatisfiable
+from agents.httpbase import Deadlines
 from agents.metrics import Registry
 from agents.server import (
     MAX_CONTROL_JSON,

@@ -135,7 +135,7 @@ KNOWN_CLIENT_TO_SERVER = {
 }
 
 KNOWN_ORCHESTRATOR_TO_AGENT_SERVER = {
-    # Deadlines moved to agents/deadlines.py; coordinator/api.py imports it from there next
+    # Deadlines moved to agents/httpbase.py; coordinator/api.py imports it from there next
     "orchestrator/coordinator/api.py imports agents.server",
 }
 
@@ -165,7 +165,7 @@ def test_the_client_never_imports_the_coordinators_server() -> None:
 
 def test_the_orchestrator_never_imports_the_agents_server() -> None:
     """The coordinator's HTTP server shares the agent's wire vocabulary (agents.core.protocol,
-    agents.errors, agents.deadlines), never the agent's server module."""
+    agents.errors, agents.httpbase), never the agent's server module."""
     found = set()
     for path in python_files("orchestrator"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
