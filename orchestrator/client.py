@@ -60,7 +60,13 @@ from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinationFailed, NotActiveError
 from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
-from orchestrator.errors import AgentUnreachable, ConfigError
+from orchestrator.errors import (
+    AgentUnreachable,
+    ConfigError,
+    RequestOutcomeUnknown,
+    StreamCut,
+    Superseded,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -79,10 +85,6 @@ class Writable(Protocol):
     def write(self, data: bytes, /) -> int: ...
 
 
-class StreamCut(AgentUnreachable):
-    """A reader failed mid-body while streaming into an output that cannot be rewound."""
-
-
 class _SinkFailed(Exception):
     """Writing to a get's sink failed (disk full, closed pipe): carried past the transport's
     network-error mapping, then re-raised as the OSError it is."""
@@ -90,15 +92,6 @@ class _SinkFailed(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class RequestOutcomeUnknown(AgentUnreachable):
-    """The connection broke after a write request was sent: it may or may not have happened."""
-
-
-class Superseded(RequestOutcomeUnknown):
-    """A write in flight was abandoned because the map named another writer meanwhile (the
-    one it went to is being fenced): it may or may not have happened, and is resent."""
 
 
 class Cancel:
@@ -977,10 +970,8 @@ __all__ = [
     "CoordinatorClient",
     "FleetClient",
     "HttpAgentControl",
-    "RequestOutcomeUnknown",
     "RetryPolicy",
-    "StreamCut",
-    "Superseded",
+    "Superseded",  # re-exported for tests/integration/test_tls.py until it imports errors
     "Target",
     "Targets",
     "Transport",

@@ -12,7 +12,8 @@
     ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, UnsafeTarget,
     │                                  RemoteCommandFailed(rc)
     ├── DeployError(results)
-    ├── AgentUnreachable(node, address)
+    ├── AgentUnreachable(node, address) StreamCut, RequestOutcomeUnknown (a write may or may
+    │                                  not have happened), Superseded
     ├── CoordinationError              NoEligibleWriter, FencingFailed, NotActive(fleet,
     │                                  coordinator), IllegalFleetTransition(subject, from_, to),
     │                                  RoleSwitchFailed, NoSpareProvisioner
@@ -128,6 +129,20 @@ class AgentUnreachable(OrchestratorError):
         super().__init__(f"agent {node} at {address} unreachable{': ' + reason if reason else ''}")
         self.node = node
         self.address = address
+
+
+class StreamCut(AgentUnreachable):
+    """A reader failed mid-body while streaming into an output that cannot be rewound
+    (orchestrator.client)."""
+
+
+class RequestOutcomeUnknown(AgentUnreachable):
+    """The connection broke after a write request was sent: it may or may not have happened."""
+
+
+class Superseded(RequestOutcomeUnknown):
+    """A write in flight was abandoned because the map named another writer meanwhile (the
+    one it went to is being fenced): it may or may not have happened, and is resent."""
 
 
 class CoordinationError(OrchestratorError):

@@ -29,8 +29,8 @@ from agents.errors import (
     StaleEpoch,
     error_from_wire,
 )
-from orchestrator.client import CoordinatorClient, FleetClient, RequestOutcomeUnknown, WriteResult
-from orchestrator.errors import AgentUnreachable
+from orchestrator.client import CoordinatorClient, FleetClient, WriteResult
+from orchestrator.errors import AgentUnreachable, RequestOutcomeUnknown
 from orchestrator.testing.history import (
     DIR,
     Final,
