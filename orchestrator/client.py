@@ -971,7 +971,6 @@ __all__ = [
     "FleetClient",
     "HttpAgentControl",
     "RetryPolicy",
-    "Superseded",  # re-exported for tests/integration/test_tls.py until it imports errors
     "Target",
     "Targets",
     "Transport",
