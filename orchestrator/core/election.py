@@ -512,11 +512,6 @@ def _heartbeat(state: ElectionState, hb: HeartbeatObserved) -> ElectionState:
         # A writer of an older epoch is alive: it is (or will be) fenced; make it step down.
         return _demote_later(state, hb, hb.at)
     if member.role == "writer":
-        if m.phase == "stable" and hb.epoch == m.epoch and hb.role != "writer":
-            # The writer's own agent says it no longer writes in this epoch (restarted after a
-            # crash, which brings it back as a reader, or stepped down): nobody acknowledges
-            # writes until the fleet fails over. Fenced like any lost writer, it rejoins later.
-            return _fail_over(state, frozenset({hb.node}), None)
         if m.phase == "stable" and hb.epoch == m.epoch:
             return replace(state, map=_with_seq(m, member, hb.applied_seq))
         return state

@@ -580,20 +580,3 @@ def test_executor_switches_the_write_path_and_releases_through_the_hypervisor() 
     ex, _ = executor_for(bare)  # processes: no disks to switch, nothing to fail
     assert ex.run([el.GrantWritePath("r2", 2), el.ReleaseWritePath("w", 2)]).failed is None
     assert bare.calls == []
-
-
-def test_writer_whose_agent_came_back_as_a_reader_is_failed_over() -> None:
-    """systemd restarted the writer's agent after a crash faster than its death was confirmed:
-    it answers as a reader of the current epoch, so nobody acknowledges writes. The fleet
-    fails over (fencing it first) instead of keeping a writer that refuses every put."""
-    st0 = state3()
-    assert st0.map.phase == "stable" and st0.map.writer is not None
-    st1, acts = el.step(st0, el.HeartbeatObserved("w", "reader", st0.map.epoch, 9, 1.0))
-    assert kinds(acts)[:2] == ["PersistEpoch", "FenceNode"]
-    assert st1.map.writer not in (None, "w")
-
-
-def test_writer_heartbeat_of_the_current_epoch_keeps_it_writer() -> None:
-    st0 = state3()
-    st1, acts = el.step(st0, el.HeartbeatObserved("w", "writer", st0.map.epoch, 9, 1.0))
-    assert acts == [] and st1.map.writer == "w"
