@@ -6,11 +6,17 @@
 3. ``rbdfleet coordinator run`` in the background, state in RADOS, fencing by Ceph blocklist
    and role switch through libvirt;
 4. ``rbdfleet put`` / ``get`` / ``status``;
-5. the writer's agent is killed (``kill -9`` in its VM) while a stale writer process in that
+5. a compromised reader VM, as root over SSH: its raw write to the shared disk is refused
+   (``<readonly/>``), and grants it mints with its own agent key (from the installed agent's
+   config) get a PUT on the writer, a push to another reader (with its fleet certificate), a
+   demote of the writer and a promote of another reader refused (401/403); the image, the map
+   and every file are unchanged afterwards;
+6. the writer's agent is killed (``kill -9`` in its VM) while a stale writer process in that
    VM keeps writing to the shared disk: the coordinator fences it, switches roles, promotes a
-   reader; ``rbdfleet put`` works again, the stale writer's next write fails with EIO, and
-   every acknowledged file reads back intact;
-6. a reader's agent is killed (``kill -9``): systemd starts it again and the node rejoins in
+   reader; ``rbdfleet put`` works again, the stale writer's next write fails with EIO, its
+   marker (aimed at the first block of ``/demo/hello.bin``) never reaches the image, and every
+   acknowledged file reads back intact;
+7. a reader's agent is killed (``kill -9``): systemd starts it again and the node rejoins in
    sync with no command from anyone.
 
 Usage: python -m orchestrator.sandbox.demo [--dir DIR] [--vms N]
@@ -33,7 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.core.superblock import SLOTS, choose
+from agents.device import ALIGN
 from agents.errors import RbdfleetError
+from agents.fsck import open_image
 from agents.service import UNIT_NAME
 from orchestrator import config as fleet_config
 from orchestrator.adapters.ssh import ParamikoShell
@@ -49,36 +58,114 @@ from orchestrator.sandbox.state import StateFile
 
 Say = Callable[[str], None]
 
-# In the old writer's VM: keep writing to the shared disk, one 4 KiB block rewritten with its
-# own bytes (so a write that lands changes nothing), until a write fails; print the errno.
+# In the old writer's VM: keep writing to the shared disk through the handle it holds, one
+# 4 KiB block (an acknowledged file's first block) rewritten with the bytes it holds, until
+# told the failover is over (STALE_GO exists); from then on it writes its own marker there,
+# which is what a deposed writer's late write would do. Before that its writes must change
+# nothing: until the fence nothing stops them, and the agent still owns the image. Prints the
+# errno of its first failed write.
 _STALE_WRITER = r'''
 import errno, mmap, os, sys, time
-serial = sys.argv[1]
+serial, offset, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 names = [n for n in sorted(os.listdir("/sys/block"))
          if os.path.exists("/sys/block/%s/serial" % n)
          and open("/sys/block/%s/serial" % n).read().strip() == serial]
 fd = os.open("/dev/" + names[0], os.O_RDWR | os.O_DIRECT)
-offset = os.lseek(fd, 0, os.SEEK_END) - 4096
 block = mmap.mmap(-1, 4096)
-done = 0
-print("stale writer on /dev/%s started" % names[0], flush=True)
+done, marked, marking = 0, 0, False
+print("stale writer on /dev/%s started, aimed at byte %d" % (names[0], offset), flush=True)
 while True:
     try:
-        os.preadv(fd, [block], offset)
+        if not marking and os.path.exists(go):
+            block.seek(0)
+            block.write((b"STALE WRITER MARKER " * 205)[:4096])
+            marking = True
+            print("told the failover is over: writing its marker from now on", flush=True)
+        elif not marking:
+            os.preadv(fd, [block], offset)
         os.pwritev(fd, [block], offset)
     except OSError as exc:
-        print("write failed errno=%d %s after %d writes" % (
-            exc.errno, errno.errorcode.get(exc.errno, "?"), done), flush=True)
+        print("write failed errno=%d %s after %d writes (%d of them its marker)" % (
+            exc.errno, errno.errorcode.get(exc.errno, "?"), done, marked), flush=True)
         break
     done += 1
+    marked += marking
     time.sleep(0.01)
 '''
 STALE_LOG = "/tmp/rbdfleet-stale-writer.log"
+STALE_GO = "/tmp/rbdfleet-stale-writer.go"
+
+# In a reader's VM, as root: every request its own credentials can make on another node. The
+# only agent key in the VM is this node's own (from the installed agent's config); each grant
+# below is minted with it for another node, as an intruder would. Node-only routes also get
+# this node's fleet certificate, so what refuses them is the grant. One JSON line per request.
+_COMPROMISED_READER = r'''
+import http.client, json, ssl, sys, time
+sys.path.insert(0, sys.argv[1])
+from agents.core.grants import Grant, sign
+from agents.daemon import load_config, read_keys
+config = load_config(sys.argv[2], {})
+key = read_keys(config.secret_file)[0]
+context = ssl.create_default_context(cafile=config.tls_ca)
+context.load_cert_chain(config.tls_cert, config.tls_key)
+for what, node, address, method, path, purpose, subject, epoch, body in json.loads(sys.argv[3]):
+    grant = sign(Grant(fleet=config.fleet, audience=node, purpose=purpose, epoch=epoch,
+                       expires=time.time() + 60, subject=subject), key)
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPSConnection(host, int(port), timeout=20, context=context)
+    try:
+        conn.request(method, path, body=body.encode(),
+                     headers={"Authorization": "Bearer " + grant})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            error = json.loads(raw).get("error", "")
+        except ValueError:
+            error = raw[:80].decode("utf-8", "replace")
+        status = resp.status
+    except OSError as exc:
+        status, error = 0, "%s: %s" % (type(exc).__name__, exc)
+    finally:
+        conn.close()
+    print(json.dumps({"what": what, "request": "%s https://%s%s" % (method, address, path),
+                      "grant": "%s grant for %s signed with %s's key" % (
+                          purpose, node, config.node),
+                      "status": status, "error": error}), flush=True)
+'''
+REFUSED = (401, 403)
+# A read-only block device refuses a write at open (EROFS) or at the write (EPERM, EACCES).
+READ_ONLY_ERRORS = ("Read-only file system", "Operation not permitted", "Permission denied")
+_MARKER = "COMPROMISED READER "
+
+
+LOCATE_WINDOW = 64 << 20  # where the first put lands (first fit from the data area's start)
 
 
 def sha256(data: bytes) -> str:
     """Hex digest, for narration and comparisons."""
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageBlock:
+    """4 KiB of the image holding an acknowledged file's bytes: where a stray write does harm
+    that the file's checksum and the image's bytes show."""
+
+    path: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a write that got through would change: the map's epoch, writer and roles, every
+    byte of the image, the listing of /demo."""
+
+    epoch: int
+    writer: str
+    roles: tuple[tuple[str, str], ...]
+    image: str
+    listing: tuple[str, ...]
 
 
 @dataclass
@@ -90,6 +177,8 @@ class Mission:
     say: Say = print
     timings: dict[str, float] = field(default_factory=dict)
     echo_cli: bool = True
+    files: dict[str, str] = field(default_factory=dict)  # acknowledged: path -> sha256
+    landmark: ImageBlock | None = None  # the first block of the first put's file
 
     def __post_init__(self) -> None:
         self.config: FleetConfig = fleet_config.load(self.config_path)
@@ -200,6 +289,8 @@ class Mission:
         digest = sha256(local.read_bytes())
         self.say(f"read back from a reader: sha256 {digest[:16]}... identical")
         back.unlink()
+        self.files["/demo/hello.bin"] = digest
+        self.landmark = self.locate("/demo/hello.bin", local.read_bytes()[:ALIGN])
         self.cli("status")
         return digest
 
@@ -210,6 +301,7 @@ class Mission:
             data = os.urandom(4096 + i)
             client.put_bytes(data, f"{prefix}-{i:03d}.bin")
             acked[f"{prefix}-{i:03d}.bin"] = sha256(data)
+        self.files.update(acked)
         return acked
 
     def verify(self, acked: dict[str, str]) -> list[str]:
@@ -217,17 +309,174 @@ class Mission:
         client = self.client()
         return [p for p, digest in sorted(acked.items()) if sha256(client.get_bytes(p)) != digest]
 
+    # -- the image, read from the admin host ------------------------------------------------
+
+    @property
+    def serial(self) -> str:
+        """The fleet disk's serial, the same in every VM."""
+        return fleet_serial(self.config.fleet.name, self.config.ceph.pool,
+                            self.config.fleet.image)
+
+    def _read_image(self, reads: Callable[[Any], Any]) -> Any:
+        """``reads(device)`` on a read-only handle of the fleet's image (the admin's Ceph
+        user, as ``fsck`` opens it)."""
+        ceph = self.config.ceph
+        device = open_image(f"rbd:{ceph.pool}/{self.config.fleet.image}", conf=str(ceph.conf),
+                            user=ceph.user, keyring=str(ceph.keyring))
+        try:
+            return reads(device)
+        finally:
+            device.close()
+
+    def image_digest(self) -> str:
+        """SHA-256 of every byte of the image."""
+        def digest(device: Any) -> str:
+            total, piece = hashlib.sha256(), 4 << 20
+            for offset in range(0, device.size(), piece):
+                total.update(device.read_at(offset, min(piece, device.size() - offset)))
+            return total.hexdigest()
+        result: str = self._read_image(digest)
+        return result
+
+    def image_block(self, offset: int) -> bytes:
+        """The 4 KiB of the image at ``offset``."""
+        data: bytes = self._read_image(lambda device: device.read_at(offset, ALIGN))
+        return data
+
+    def locate(self, path: str, first: bytes) -> ImageBlock:
+        """Where the file ``path``, whose first 4 KiB are ``first``, starts on the image: found
+        by its bytes near the start of the data area (the superblock says where it is)."""
+        def window(device: Any) -> tuple[int, bytes]:
+            sb = choose([device.read_at(slot, ALIGN) for slot in SLOTS])
+            return sb.data_offset, device.read_at(sb.data_offset,
+                                                  min(LOCATE_WINDOW, sb.data_bytes))
+        start, data = self._read_image(window)
+        for at in range(0, len(data), ALIGN):
+            if data[at:at + ALIGN] == first:
+                return ImageBlock(path, start + at, first)
+        raise SandboxError(f"the first block of {path} is not in the first "
+                           f"{LOCATE_WINDOW >> 20} MiB of the data area")
+
+    def aim(self) -> ImageBlock:
+        """The block a stray write is aimed at: the first block of the first put's file
+        (``put_get``), or of one put now for the purpose when there is none yet."""
+        if self.landmark is None:
+            data = os.urandom(1 << 20)
+            self.client().put_bytes(data, "/stale-target.bin")
+            self.files["/stale-target.bin"] = sha256(data)
+            self.landmark = self.locate("/stale-target.bin", data[:ALIGN])
+        return self.landmark
+
+    def snapshot(self) -> Snapshot:
+        """The map's epoch, writer and roles, the image's digest, the listing of /demo."""
+        fleet_map = self._map()
+        listing = [json.dumps(entry, sort_keys=True)
+                   for page in self.client().ls_pages("/demo") for entry in page["entries"]]
+        return Snapshot(fleet_map["epoch"], fleet_map["writer"],
+                        tuple(sorted((m["name"], m["role"]) for m in fleet_map["members"])),
+                        self.image_digest(), tuple(listing))
+
     # -- step 5 -------------------------------------------------------------------------
+
+    def _agent_address(self, vm: str) -> str:
+        return f"{self.config.vm(vm).address}:{self.config.fleet.agent_port}"
+
+    def raw_write_from(self, vm: str, target: ImageBlock) -> str:
+        """As root in ``vm``: ``dd`` a marker block over ``target`` on the fleet disk (found
+        by its serial), O_DIRECT; its error, or SandboxError if it did not fail with one of a
+        read-only device's."""
+        host = self.config.vm(vm)
+        device = self.shell.run(host, shell_script(
+            f'for b in /sys/block/*; do if [ "$(cat $b/serial 2>/dev/null)" = {self.serial} ]; '
+            'then echo /dev/${b##*/}; fi; done'), check=True).stdout.strip()
+        if not device.startswith("/dev/") or "\n" in device:
+            raise SandboxError(f"{vm}: no single disk with serial {self.serial}: {device!r}")
+        dd = (f"dd if=/tmp/rbdfleet-marker of={device} bs={ALIGN} seek={target.offset // ALIGN}"
+              " count=1 oflag=direct conv=notrunc status=none")
+        self.say(f"$ ssh {vm} '{dd}'   (the first block of {target.path})")
+        done = self.shell.run(host, shell_script(
+            f"yes {shlex.quote(_MARKER)} | head -c {ALIGN} > /tmp/rbdfleet-marker && {dd}"))
+        error = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or [""]
+        print(f"    {error[0]} (exit {done.rc})", flush=True)
+        if done.rc == 0 or not any(e in error[0] for e in READ_ONLY_ERRORS):
+            raise SandboxError(f"{vm}: a raw write to the shared disk was not refused as on a "
+                               f"read-only device: exit {done.rc}, {error[0]!r}")
+        return error[0]
+
+    def forged_requests_from(self, vm: str) -> list[dict[str, Any]]:
+        """As root in ``vm``, with grants minted with ``vm``'s own agent key: a read on its own
+        agent (accepted: the grants are well made, only the key decides), then a PUT on the
+        writer, a push to another reader, a demote of the writer and a promote of another
+        reader; the answers, or SandboxError unless the read got 200 and the rest 401/403."""
+        fleet_map, readable = self._map(), self.aim().path
+        writer, epoch = fleet_map["writer"], fleet_map["epoch"]
+        other = next(m["name"] for m in fleet_map["members"]
+                     if m["role"] == "reader" and m["name"] != vm)
+        attempts = [
+            ("control, a read on its own agent", vm, self._agent_address(vm), "GET",
+             f"/v1/stat{readable}", "read", "", epoch, ""),
+            ("a PUT on the writer", writer, self._agent_address(writer), "PUT",
+             "/v1/files/demo/compromised.bin", "write", vm, epoch, _MARKER),
+            ("a push to another reader, as the writer", other, self._agent_address(other),
+             "POST", "/v1/records", "push", writer, epoch, "{}"),
+            ("a demote of the writer", writer, self._agent_address(writer), "POST",
+             "/v1/demote", "demote", "", epoch + 1, "{}"),
+            ("a promote of another reader", other, self._agent_address(other), "POST",
+             "/v1/promote", "promote", "", epoch + 1, "{}"),
+        ]
+        layout = AgentLayout("/")
+        self.say(f"$ ssh {vm} python3 -c ...   (its key from {layout.config_path}, its "
+                 "fleet certificate; agents.core.grants.sign)")
+        done = self.shell.run(self.config.vm(vm), RemoteCommand(Executable.PYTHON3, [
+            "-c", _COMPROMISED_READER, layout.current, layout.config_path,
+            json.dumps(attempts)]), timeout=180)
+        if done.rc != 0:
+            raise SandboxError(f"{vm}: the forged requests did not run: {done.stderr[-600:]}")
+        answers = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        for answer in answers:
+            print(f"    {answer['what']}: {answer['request']} ({answer['grant']}) -> "
+                  f"{answer['status']} {answer['error']}", flush=True)
+        statuses = [a["status"] for a in answers]
+        if (len(answers) != len(attempts) or statuses[0] != 200
+                or not all(s in REFUSED for s in statuses[1:])):
+            raise SandboxError(f"{vm}: expected its own read accepted and every forged request "
+                               f"refused (401/403): {answers}")
+        return answers
+
+    def compromised_reader(self, vm: str) -> Snapshot:
+        """Step 5: what root in reader ``vm`` cannot do with what the VM holds (its read-only
+        disk, its agent's key and certificate); the snapshot, the same before and after, or
+        SandboxError."""
+        target = self.aim()
+        before = self.snapshot()
+        self.raw_write_from(vm, target)
+        self.forged_requests_from(vm)
+        after = self.snapshot()
+        if after != before:
+            raise SandboxError(f"the fleet changed after {vm}'s refused requests: "
+                               f"{before} -> {after}")
+        lost = self.verify(self.files)
+        if lost:
+            raise SandboxError(f"files changed after {vm}'s refused requests: {lost}")
+        self.say(f"unchanged: epoch {after.epoch}, writer {after.writer}, image sha256 "
+                 f"{after.image[:16]}..., all {len(self.files)} files' sha256, /demo's "
+                 f"{len(after.listing)} entries")
+        return after
+
+    # -- step 6 -------------------------------------------------------------------------
 
     def start_stale_writer(self, vm: str) -> int:
         """In ``vm``, a process that keeps writing to the shared disk through the handle it
-        holds now (as the old writer would), logging the errno of its first failed write."""
-        serial = fleet_serial(self.config.fleet.name, self.config.ceph.pool,
-                              self.config.fleet.image)
+        holds now (as the old writer would), over the block :meth:`aim` names:
+        its own bytes until :meth:`end_failover` tells it the failover is over, its marker
+        after; it logs the errno of its first failed write."""
+        target = self.aim()
         host = self.config.vm(vm)
-        self.shell.run(host, RemoteCommand(Executable.RM, ["-f", STALE_LOG]), check=True)
+        self.shell.run(host, RemoteCommand(Executable.RM, ["-f", STALE_LOG, STALE_GO]),
+                       check=True)
         pid = self.shell.start_background(
-            host, RemoteCommand(Executable.PYTHON3, ["-c", _STALE_WRITER, serial]),
+            host, RemoteCommand(Executable.PYTHON3, [
+                "-c", _STALE_WRITER, self.serial, str(target.offset), STALE_GO]),
             workdir="/tmp", log_path=STALE_LOG)
         self.wait(lambda: "started" in self.stale_writer_log(vm), 30, "the stale writer")
         return pid
@@ -236,6 +485,22 @@ class Mission:
         """What the stale writer in ``vm`` printed so far."""
         result = self.shell.run(self.config.vm(vm), RemoteCommand(Executable.CAT, [STALE_LOG]))
         return result.stdout
+
+    def end_failover(self, vm: str) -> None:
+        """Tell the stale writer in ``vm`` the new writer is in charge: from now on a write
+        of its that lands is one after the failover (its marker over a file's first block)."""
+        self.shell.run(self.config.vm(vm), shell_script(f": > {STALE_GO}"), check=True)
+
+    def landmark_intact(self) -> str:
+        """What the image holds where the stale writer aimed; SandboxError if it is not the
+        file's bytes any more."""
+        target = self.aim()
+        now = self.image_block(target.offset)
+        if now != target.data:
+            raise SandboxError(f"the image's byte {target.offset} ({target.path}'s first block)"
+                               f" was overwritten: {now[:24]!r}...")
+        return (f"byte {target.offset} of the image still holds {target.path}'s first block "
+                f"(sha256 {sha256(now)[:16]}...)")
 
     def stale_write_outcome(self, vm: str) -> str:
         """The stale writer's failed write, explained: EIO is the Ceph fence (its QEMU client
@@ -322,6 +587,7 @@ class Mission:
         self.timings["failover_put"] = round(time.monotonic() - killed, 2)
         watcher.join(60)
         ack = json.loads(done.stdout)
+        self.files["/demo/after-failover.bin"] = sha256(local.read_bytes())
         self.wait(lambda: self._map().get("phase") == "stable", 60, "a stable map")
         new_map = self._map()
         if ack.get("node") == old or new_map.get("writer") in (None, old):
@@ -330,40 +596,47 @@ class Mission:
 
 
 def run_mission(directory: Path, say: Say) -> dict[str, float]:
-    """Steps 1-5 on the sandbox in ``directory``; the timings."""
+    """Steps 1-7 on the sandbox in ``directory``; the timings."""
     config_path = directory / "rbdfleet.toml"
     state = StateFile(lifecycle.state_path(directory))
     mission = Mission(config_path, state, say)
     try:
         writer = mission.config.fleet.writer
-        say("step 1/5: provision the shared RBD image (writer rw, readers <readonly/>)")
+        say("step 1/7: provision the shared RBD image (writer rw, readers <readonly/>)")
         mission.provision()
-        say("step 2/5: deploy the agents into the VMs over SSH; the writer formats the image")
+        say("step 2/7: deploy the agents into the VMs over SSH; the writer formats the image")
         mission.deploy()
-        say("step 3/5: start the coordinator (state in RADOS, blocklist fence, libvirt roles)")
+        say("step 3/7: start the coordinator (state in RADOS, blocklist fence, libvirt roles)")
         pid = mission.start_coordinator(directory / "coordinator.log")
         say(f"coordinator pid {pid}, ready in {mission.timings['coordinator_ready']} s")
         say(f"TLS on: {mission.tls_summary()}")
-        say("step 4/5: put a file, get it from a reader, status")
+        say("step 4/7: put a file, get it from a reader, status")
         mission.put_get(directory)
         acked = mission.put_many(20)
         say(f"{len(acked)} more small puts acknowledged before the failure")
-        say(f"step 5/5: kill -9 the writer's agent on {writer}; a stale writer process there "
-            "keeps writing to the shared disk")
+        reader = next(m["name"] for m in mission.fleet_map()["members"]
+                      if m["role"] == "reader")
+        say(f"step 5/7: reader {reader} compromised (root over SSH): write the shared disk, "
+            "and use its own agent key and certificate against the other nodes")
+        mission.compromised_reader(reader)
+        say(f"step 6/7: kill -9 the writer's agent on {writer}; a stale writer process there "
+            "keeps writing to the shared disk, over /demo/hello.bin's first block")
         mission.start_stale_writer(writer)
         new_map = mission.fail_over(directory)
         say(f"new writer {new_map['writer']} at epoch {new_map['epoch']}: announced "
             f"{mission.timings.get('failover_announced', '?')} s and the put acknowledged "
             f"{mission.timings['failover_put']} s (CLI start included) after the kill")
+        mission.end_failover(writer)
         mission.wait(lambda: "failed" in mission.stale_writer_log(writer), 30,
                      "the stale writer's failed write")
         say(f"old writer {writer}: {mission.stale_write_outcome(writer)}")
+        say(f"its marker never landed: {mission.landmark_intact()}")
         fenced = mission.fenced_addresses(writer, directory / "coordinator.log")
         say(f"blocklisted for {writer}: {', '.join(fenced)}")
-        lost = mission.verify(acked)
+        lost = mission.verify(mission.files)
         if lost:
             raise SandboxError(f"acknowledged writes lost: {lost}")
-        say(f"all {len(acked)} acknowledged files read back intact after the failover")
+        say(f"all {len(mission.files)} acknowledged files read back intact after the failover")
         mission.cli("vm", "list")
         say(f"bring {writer} back: deploy restarts its agent as a reader of epoch "
             f"{new_map['epoch']}; it catches up from the journal")
@@ -371,7 +644,7 @@ def run_mission(directory: Path, say: Say) -> dict[str, float]:
         mission.cli("status")
         crashed = next(m["name"] for m in mission.fleet_map()["members"]
                        if m["role"] == "reader" and m["in_sync"])
-        say(f"step 6: kill -9 the agent on reader {crashed}: systemd starts it again and the "
+        say(f"step 7/7: kill -9 the agent on reader {crashed}: systemd starts it again and the "
             "node rejoins in sync by itself")
         mission.crash_and_self_heal(crashed)
         say(f"{crashed} in sync again {mission.timings['self_heal']} s after the kill")

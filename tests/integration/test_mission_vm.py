@@ -1,4 +1,5 @@
-"""The whole mission on real VMs: provision -> deploy -> coordinator -> put/get -> failover.
+"""The whole mission on real VMs: provision -> deploy -> coordinator -> put/get -> a compromised
+reader refused -> failover.
 
 The session's three TCG guests (``sandbox_vms``) and Ceph cluster (``ceph_cluster``), one
 fleet for the module with its own name, image, cephx users and disk serial; the tests run in
@@ -26,7 +27,7 @@ import pytest
 
 from orchestrator.sandbox import processes
 from orchestrator.sandbox.ceph import CephCluster
-from orchestrator.sandbox.demo import Mission, sha256
+from orchestrator.sandbox.demo import READ_ONLY_ERRORS, Mission, sha256
 from orchestrator.sandbox.lifecycle import CLIENT_SECRET, issue_admin_client, render_config
 from orchestrator.sandbox.state import StateFile
 from orchestrator.sandbox.vms import VmSet
@@ -126,11 +127,38 @@ def test_put_get_from_a_reader_and_status(mission: Mission, tmp_path: Path) -> N
     assert status["active"] and status["map"]["writer"] == WRITER
 
 
+def test_a_compromised_reader_vm_cannot_write_the_disk_nor_use_its_key_on_other_nodes(
+        mission: Mission) -> None:
+    reader, landmark = READERS[0], mission.aim()
+    assert landmark.path == "/demo/hello.bin"  # located by put_get: the first put's file
+    before = mission.snapshot()
+    assert before.epoch == 1 and before.writer == WRITER
+    # root in the guest, O_DIRECT onto the fleet disk: the <readonly/> attachment refuses it
+    error = mission.raw_write_from(reader, landmark)
+    assert any(e in error for e in READ_ONLY_ERRORS), error
+    # grants minted with the reader's own agent key: good enough for its own agent (so the
+    # tokens are well made), refused by every other node, its fleet certificate notwithstanding
+    answers = mission.forged_requests_from(reader)
+    assert answers[0]["status"] == 200, answers[0]
+    assert [a["request"].split()[0] + " " + a["request"].rsplit("/v1/", 1)[1]
+            for a in answers[1:]] == ["PUT files/demo/compromised.bin", "POST records",
+                                      "POST demote", "POST promote"]
+    assert [(a["status"], a["error"]) for a in answers[1:]] == [(401, "bad_signature")] * 4
+    # nothing moved: map (epoch, writer, roles), every byte of the image, /demo's entries
+    assert mission.snapshot() == before
+    assert mission.image_block(landmark.offset) == landmark.data
+    assert mission.verify(mission.files) == []
+
+
 def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
         mission: Mission, tmp_path: Path) -> None:
-    acked = mission.put_many(10)
+    mission.put_many(10)
+    landmark = mission.aim()
     mission.start_stale_writer(WRITER)
     new_map = mission.fail_over(tmp_path)
+    # from here on a write of the stale writer that lands is its marker over hello.bin's first
+    # block: told before the old writer's disk is released, so without the fence it would land
+    mission.end_failover(WRITER)
     new_writer = new_map["writer"]
     assert new_writer in READERS and new_map["epoch"] == 2
     # the coordinator switched roles through libvirt: exactly one rw disk, the new writer's,
@@ -139,6 +167,9 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
     mission.wait(lambda: _modes(mission) == switched, 30, "the old writer's disk released")
     # the old writer's handle on its read-write disk was fenced by the Ceph blocklist
     mission.wait(lambda: "failed" in mission.stale_writer_log(WRITER), 30, "the stale write")
+    # no write of the old writer's landed after the failover: hello.bin's first block is the
+    # file's own bytes, not the stale writer's marker (checked first: it is what matters)
+    assert mission.image_block(landmark.offset) == landmark.data, mission.stale_writer_log(WRITER)
     outcome = mission.stale_write_outcome(WRITER)
     _say(f"stale writer: {outcome}")
     # Only EIO proves the Ceph fence: its writes (every 10 ms) fail once its QEMU's client is
@@ -149,7 +180,8 @@ def test_writer_killed_fence_role_switch_promotion_no_acked_write_lost(
     blocklist = subprocess.run(["ceph", "-c", str(mission.config.ceph.conf), "osd", "blocklist",
                                 "ls"], capture_output=True, text=True, timeout=60, check=True)
     assert fenced and all(a in blocklist.stdout + blocklist.stderr for a in fenced)
-    assert mission.verify(acked) == []
+    # every acknowledged file (hello.bin, the stale writer's target, too) reads back intact
+    assert len(mission.files) == 12 and mission.verify(mission.files) == []
     after = sha256((tmp_path / "after-failover.bin").read_bytes())
     assert mission.verify({"/demo/after-failover.bin": after}) == []
     SHARED['after-failover'] = after
