@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import ssl
-import stat
 import sys
 import threading
 import time
@@ -29,27 +28,18 @@ from types import FrameType
 from typing import Any
 
 from agents.agent import Agent, AgentSettings
+from agents.core.sizes import parse_size
 from agents.device import BlockDevice
-from agents.errors import AgentError, FormatError, NotFound, RbdfleetError
+from agents.errors import AgentError, ConfigError, FormatError, NotFound, RbdfleetError
+from agents.keyfile import read_key_lines
 from agents.server import AgentServer, serve
 
-__all__ = ["AgentConfig", "AgentConfigError", "load_config", "main", "open_backend"]
+__all__ = ["AgentConfig", "load_config", "main", "open_backend"]
 
 LOG = logging.getLogger("agents.daemon")
 
 # How long a `device:SERIAL` backend waits for its disk to appear in the guest (hot-plug).
 DEVICE_WAIT_S = 15.0
-
-SIZE_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-
-
-class AgentConfigError(RbdfleetError):
-    """The agent's config is wrong: ``key`` names the setting, ``reason`` says why."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"config {key}: {reason}")
-        self.key, self.reason = key, reason
-
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -83,20 +73,6 @@ class AgentConfig:
     ready_file: str | None = None
 
 
-def parse_size(key: str, value: Any) -> int:
-    """``4096``, ``"64MiB"``, ``"2GiB"`` → bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        for unit, factor in sorted(SIZE_UNITS.items(), key=lambda u: -len(u[0])):
-            number = value.strip().removesuffix(unit)
-            if number != value.strip() and number.strip().isdigit():
-                return int(number) * factor
-        if value.strip().isdigit():
-            return int(value)
-    raise AgentConfigError(key, f"{value!r} is not a size (e.g. 4096, 64MiB, 2GiB)")
-
-
 def _flatten(raw: dict[str, Any]) -> dict[str, Any]:
     """``[ceph] conf = ...`` → ``ceph_conf``; ``[timing]`` keys go to the top level."""
     flat: dict[str, Any] = {}
@@ -118,62 +94,62 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
         try:
             text = Path(path).read_text()
         except OSError as exc:
-            raise AgentConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
         import tomllib  # only TOML configs pay for it (~1 MiB of the idle footprint)
 
         try:
             raw = json.loads(text) if not path.endswith(".toml") else tomllib.loads(text)
         except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise AgentConfigError("config", f"{path} does not parse: {exc}") from exc
+            raise ConfigError("config", f"{path} does not parse: {exc}") from exc
         if not isinstance(raw, dict):
-            raise AgentConfigError("config", "top level must be a table/object")
+            raise ConfigError("config", "top level must be a table/object")
     values = {**_flatten(raw), **{k: v for k, v in overrides.items() if v is not None}}
     known = {f.name: f for f in fields(AgentConfig)}
     for key in values:
         if key not in known:
-            raise AgentConfigError(key, "unknown setting")
+            raise ConfigError(key, "unknown setting")
     for key in ("node", "fleet", "backend", "secret_file"):
         if not isinstance(values.get(key), str) or not values[key]:
-            raise AgentConfigError(key, "required (a non-empty string)")
+            raise ConfigError(key, "required (a non-empty string)")
     if "max_body" in values:
-        values["max_body"] = parse_size("max_body", values["max_body"])
+        values["max_body"] = parse_size(values["max_body"], "max_body")
     for key in ("ack_timeout", "retry_interval", "tail_interval", "heartbeat_interval",
                 "selftest_interval"):
         if key in values:
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise AgentConfigError(key, "must be a positive number of seconds")
+                raise ConfigError(key, "must be a positive number of seconds")
             values[key] = float(value)
     epoch = values.get("epoch", 1)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-        raise AgentConfigError("epoch", "must be an integer >= 1")
+        raise ConfigError("epoch", "must be an integer >= 1")
     if values.get("role", "reader") not in ("reader", "writer"):
-        raise AgentConfigError("role", "must be 'reader' or 'writer'")
+        raise ConfigError("role", "must be 'reader' or 'writer'")
     readers = values.get("readers", {})
     if not isinstance(readers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in readers.items()):
-        raise AgentConfigError("readers", "must map node names to host:port addresses")
+        raise ConfigError("readers", "must map node names to host:port addresses")
     push_grants = values.get("push_grants", {})
     if not isinstance(push_grants, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in push_grants.items()):
-        raise AgentConfigError("push_grants", "must map reader names to push grant tokens")
+        raise ConfigError("push_grants", "must map reader names to push grant tokens")
     if bool(values.get("tls_cert")) != bool(values.get("tls_key")):
-        raise AgentConfigError("tls", "cert and key go together")
+        raise ConfigError("tls", "cert and key go together")
     if not isinstance(values.get("insecure_plaintext", False), bool):
-        raise AgentConfigError("insecure_plaintext", "must be true or false")
+        raise ConfigError("insecure_plaintext", "must be true or false")
     if values.get("insecure_plaintext") and values.get("tls_cert"):
-        raise AgentConfigError("insecure_plaintext", "set together with tls.cert: choose one")
+        raise ConfigError("insecure_plaintext", "set together with tls.cert: choose one")
     coordinator = values.get("coordinator")
     if coordinator is not None and not isinstance(coordinator, str):
-        raise AgentConfigError("coordinator", "must be a URL (https://HOST:PORT) or host:port")
+        raise ConfigError("coordinator", "must be a URL (https://HOST:PORT) or host:port")
     if (coordinator and coordinator.strip().lower().startswith("http://")
             and not values.get("insecure_plaintext")):
         # reports would cross the network in the clear, and without this node's certificate
-        raise AgentConfigError("coordinator", f"{coordinator!r} is plaintext http:// but TLS "
+        raise ConfigError("coordinator", f"{coordinator!r} is plaintext http:// but TLS "
                                               "is on: write https://HOST:PORT (or host:port), "
                                               "or set insecure_plaintext = true")
     if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise AgentConfigError("log_level", "one of debug, info, warning, error")
+        raise ConfigError("log_level", "one of debug, info, warning, error")
     _split_address("listen", values.get("listen", AgentConfig.listen))
     return AgentConfig(**values)
 
@@ -181,30 +157,18 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
 def _split_address(key: str, address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise AgentConfigError(key, f"{address!r} is not host:port")
+        raise ConfigError(key, f"{address!r} is not host:port")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def read_keys(path: str) -> tuple[bytes, ...]:
-    """This node's own key(s): one hex key per line, the current one first (a second line is
-    the previous key, still accepted during a rotation). Refused unless the file is private
-    (no group/other access)."""
+    """This node's own key(s) (:func:`agents.keyfile.read_key_lines`: private, current key
+    first, a second line the previous key during a rotation), hex-decoded."""
+    lines = read_key_lines(path, "secret_file")
     try:
-        st = os.stat(path)
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            raise AgentConfigError("secret_file", f"{path} must have mode 0600 (no group/other)")
-        lines = Path(path).read_text().split()
-    except OSError as exc:
-        raise AgentConfigError("secret_file", f"cannot read {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError as exc:
-        raise AgentConfigError("secret_file", f"{path} is not text (hex keys)") from exc
-    try:
-        keys = tuple(bytes.fromhex(line) for line in lines)
-    except ValueError as exc:
-        raise AgentConfigError("secret_file", f"{path}: a line is not a hex key") from exc
-    if not keys or not all(keys):
-        raise AgentConfigError("secret_file", f"{path} holds no key")
-    return keys
+        return tuple(bytes.fromhex(line.decode("ascii")) for line in lines)
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ConfigError("secret_file", f"{path}: a line is not a hex key") from exc
 
 
 def open_backend(spec: str, *, read_only: bool, ceph_conf: str | None = None,
@@ -213,7 +177,7 @@ def open_backend(spec: str, *, read_only: bool, ceph_conf: str | None = None,
     ``device-path:/dev/X`` or ``rbd:POOL/IMAGE`` (with the ceph settings)."""
     scheme, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise AgentConfigError("backend", f"{spec!r} is not SCHEME:TARGET")
+        raise ConfigError("backend", f"{spec!r} is not SCHEME:TARGET")
     if scheme == "file":
         from agents.backends.file import FileDevice
 
@@ -226,14 +190,14 @@ def open_backend(spec: str, *, read_only: bool, ceph_conf: str | None = None,
     if scheme == "rbd":
         pool, _, image = rest.partition("/")
         if not pool or not image:
-            raise AgentConfigError("backend", "rbd backends are rbd:POOL/IMAGE")
+            raise ConfigError("backend", "rbd backends are rbd:POOL/IMAGE")
         if not ceph_conf:
-            raise AgentConfigError("ceph.conf", "required for an rbd backend")
+            raise ConfigError("ceph.conf", "required for an rbd backend")
         from agents.backends.librbd import RbdDevice
 
         return RbdDevice(ceph_conf, pool, image, ceph_user, keyring=ceph_keyring,
                          read_only=read_only)
-    raise AgentConfigError("backend", f"unknown scheme {scheme!r} (file, device, device-path, "
+    raise ConfigError("backend", f"unknown scheme {scheme!r} (file, device, device-path, "
                                       "rbd)")
 
 
@@ -257,7 +221,7 @@ def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
     """``(cert, key, fleet CA)`` to serve with; None only with ``insecure_plaintext``.
 
     TLS is on by default: an agent without its certificate, key and the fleet CA refuses to
-    start (AgentConfigError), and the files must load. The certificate is presented on the
+    start (ConfigError), and the files must load. The certificate is presented on the
     agent's own connections too (pushes, reports: mutual TLS)."""
     if config.insecure_plaintext:
         LOG.warning("event=insecure_plaintext node=%s tls=off reason=\"insecure_plaintext = "
@@ -265,7 +229,7 @@ def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
                     "check no certificate\"", config.node)
         return None
     if not (config.tls_cert and config.tls_key and config.tls_ca):
-        raise AgentConfigError("tls", "TLS is on by default: set tls.cert, tls.key and tls.ca "
+        raise ConfigError("tls", "TLS is on by default: set tls.cert, tls.key and tls.ca "
                                       "(this node's certificate and key and the fleet CA, "
                                       "installed by `rbdfleet deploy` or the Ansible role), or "
                                       "insecure_plaintext = true")
@@ -273,7 +237,7 @@ def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
         ssl.create_default_context(cafile=config.tls_ca).load_cert_chain(config.tls_cert,
                                                                           config.tls_key)
     except (OSError, ssl.SSLError) as exc:
-        raise AgentConfigError("tls", f"the certificate, key or CA does not load: {exc}") from exc
+        raise ConfigError("tls", f"the certificate, key or CA does not load: {exc}") from exc
     return config.tls_cert, config.tls_key, config.tls_ca
 
 
@@ -362,10 +326,10 @@ def _is_blank(device: BlockDevice, fleet: str) -> bool:
     try:
         found = choose([head[s : s + ALIGN] for s in SLOTS]).fleet
     except FormatError as exc:
-        raise AgentConfigError("backend", f"not blank and not a volume ({exc}): "
+        raise ConfigError("backend", f"not blank and not a volume ({exc}): "
                                           "refusing to format") from exc
     if found != fleet:
-        raise AgentConfigError("backend", f"holds a volume of fleet {found!r}, not {fleet!r}: "
+        raise ConfigError("backend", f"holds a volume of fleet {found!r}, not {fleet!r}: "
                                           "refusing to format")
     return False
 
@@ -431,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for item in args.reader:
                 node, sep, address = item.partition("=")
                 if not sep:
-                    raise AgentConfigError("reader", f"{item!r} is not NODE=ADDRESS")
+                    raise ConfigError("reader", f"{item!r} is not NODE=ADDRESS")
                 readers[node] = address
             overrides["readers"] = readers
         config = load_config(args.config, overrides)

@@ -328,3 +328,13 @@ class InternalError(AgentError):
 
     code = "internal_error"
     status = 500
+
+
+# Agent peers (agents.peers).
+
+
+class PeerUnreachable(AgentError):
+    """A peer (reader, coordinator) did not answer: refused, reset, timed out, bad TLS."""
+
+    code = "peer_unreachable"
+    status = 502

@@ -18,9 +18,9 @@ from functools import lru_cache
 from typing import Any
 
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
-from agents.errors import AgentError, DecodeError
+from agents.errors import AgentError, DecodeError, PeerUnreachable
 
-__all__ = ["Peer", "PeerSession", "PeerUnreachable", "post_message"]
+__all__ = ["Peer", "PeerSession", "post_message"]
 
 
 @lru_cache(maxsize=8)  # files loaded once per (CA, certificate, key), not per connection
@@ -30,13 +30,6 @@ def _client_context(ca_file: str | None, cert_file: str | None,
     if cert_file is not None:
         context.load_cert_chain(cert_file, key_file)
     return context
-
-
-class PeerUnreachable(AgentError):
-    """A peer (reader, coordinator) did not answer: refused, reset, timed out, bad TLS."""
-
-    code = "peer_unreachable"
-    status = 502
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from agents.core.protocol import LaggingReaderReport, RecordAck, RecordPush
-from agents.errors import NotFound, NotWriter
-from agents.peers import PeerUnreachable
+from agents.errors import NotFound, NotWriter, PeerUnreachable
 from agents.reader import ReaderRole
 from agents.testing import MemoryDevice
 from agents.volume import Record, Volume
