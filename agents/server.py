@@ -85,13 +85,11 @@ from agents.errors import (
     UnsupportedTransferEncoding,
     WrongKind,
 )
-from agents.httpbase import BoundedHTTPServer, Deadlines
+from agents.httpbase import BoundedHTTPServer
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
-# Deadlines, InternalError and PeerCertificateRequired: re-exported for coordinator/api.py
-# until its next edit imports them from agents.deadlines and agents.errors.
-__all__ = ["AgentServer", "Deadlines", "InternalError", "PeerCertificateRequired", "serve"]
+__all__ = ["AgentServer", "serve"]
 
 LOG = logging.getLogger(__name__)
 

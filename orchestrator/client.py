@@ -57,12 +57,13 @@ from agents.errors import (
     error_from_wire,
 )
 from orchestrator.config import FleetConfig
-from orchestrator.coordinator.api import CoordinationFailed, NotActiveError
 from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
 from orchestrator.errors import (
     AgentUnreachable,
     ConfigError,
+    CoordinationFailed,
+    NotActiveError,
     RequestOutcomeUnknown,
     StreamCut,
     Superseded,

@@ -18,14 +18,18 @@
     │                                  coordinator), IllegalFleetTransition(subject, from_, to),
     │                                  RoleSwitchFailed, NoSpareProvisioner
     └── ReportReplayed(node)           an agent's report sent again (core/reports.py)
+
+The coordinator's answers on the wire are AgentErrors (a code and an HTTP status, rebuilt
+by the client with ``error_from_wire``): NotActiveError 503, RefusedTransition 409,
+CoordinationFailed 503, ReplayedReport 409, LengthRequired 411, PeerCertificateMismatch 403.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from agents.errors import AgentError, ForeignGrant, RbdfleetError
 from agents.errors import ConfigError as ConfigError
-from agents.errors import RbdfleetError
 
 
 class OrchestratorError(RbdfleetError):
@@ -194,3 +198,52 @@ class ReportReplayed(OrchestratorError):
     def __init__(self, message: str, node: str) -> None:
         super().__init__(message)
         self.node = node
+
+
+# The coordinator's HTTP API (orchestrator.coordinator.api): wire forms.
+
+
+class PeerCertificateMismatch(ForeignGrant):
+    """A report whose connection presented a fleet certificate of another node than the one
+    its grant names (403)."""
+
+    code = "peer_cert_mismatch"
+    status = 403
+
+
+class NotActiveError(AgentError):
+    """Wire form of :class:`NotActive`: 503 with the active coordinator's URL."""
+
+    code = "not_active"
+    status = 503
+
+
+class RefusedTransition(AgentError):
+    """Wire form of an IllegalFleetTransition the election refused (409)."""
+
+    code = "refused_transition"
+    status = 409
+
+
+class CoordinationFailed(AgentError):
+    """Wire form of a CoordinationError (a fence or promotion that failed): 503."""
+
+    code = "coordination_failed"
+    status = 503
+
+
+class ReplayedReport(AgentError):
+    """Wire form of :class:`ReportReplayed`: 409, the report changed nothing."""
+
+    code = "replayed_report"
+    status = 409
+
+
+class LengthRequired(AgentError):
+    """A request with ``Transfer-Encoding`` (411): bodies need a Content-Length. The
+    connection is closed: the body's framing is unknown, it must never be read as the next
+    request. (Not the agents' 501 ``unsupported_transfer_encoding``: a client's fault is a
+    4xx here.)"""
+
+    code = "length_required"
+    status = 411

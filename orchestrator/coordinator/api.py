@@ -71,7 +71,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar, Literal, cast
 
 from agents.core import boundedjson
@@ -96,10 +96,9 @@ from agents.errors import (
     PeerCertificateRequired,
     RbdfleetError,
     StaleEpoch,
-    TooBusy,
     TooLarge,
 )
-from agents.server import Deadlines
+from agents.httpbase import BoundedHTTPServer
 from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
@@ -108,8 +107,14 @@ from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfT
 from orchestrator.core.reports import ReplayGuard, nonce
 from orchestrator.errors import (
     CoordinationError,
+    CoordinationFailed,
     IllegalFleetTransition,
+    LengthRequired,
     NotActive,
+    NotActiveError,
+    PeerCertificateMismatch,
+    RefusedTransition,
+    ReplayedReport,
     ReportReplayed,
 )
 from orchestrator.ports import ClientStore
@@ -200,52 +205,6 @@ class PeerCert:
 
 PLAINTEXT = PeerCert(tls=False)  # a coordinator started insecure: no certificates at all
 NO_CERT = PeerCert(tls=True)  # TLS, no certificate presented (clients have none)
-
-
-class PeerCertificateMismatch(ForeignGrant):
-    """A report whose connection presented a fleet certificate of another node than the one
-    its grant names (403)."""
-
-    code = "peer_cert_mismatch"
-    status = 403
-
-
-class NotActiveError(AgentError):
-    """Wire form of :class:`NotActive`: 503 with the active coordinator's URL."""
-
-    code = "not_active"
-    status = 503
-
-
-class RefusedTransition(AgentError):
-    """Wire form of an IllegalFleetTransition the election refused (409)."""
-
-    code = "refused_transition"
-    status = 409
-
-
-class CoordinationFailed(AgentError):
-    """Wire form of a CoordinationError (a fence or promotion that failed): 503."""
-
-    code = "coordination_failed"
-    status = 503
-
-
-class ReplayedReport(AgentError):
-    """Wire form of :class:`ReportReplayed`: 409, the report changed nothing."""
-
-    code = "replayed_report"
-    status = 409
-
-
-class LengthRequired(AgentError):
-    """A request with ``Transfer-Encoding`` (411): bodies need a Content-Length. The
-    connection is closed: the body's framing is unknown, it must never be read as the next
-    request. (Not the agents' 501 ``unsupported_transfer_encoding``: a client's fault is a
-    4xx here.)"""
-
-    code = "length_required"
-    status = 411
 
 
 def to_wire(exc: RbdfleetError) -> AgentError:
@@ -828,82 +787,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(code, {"error": error, "message": reason})
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(BoundedHTTPServer):
     """The API's HTTP server: bounded connections, deadlines, TLS handshakes off the accept
-    loop (module docstring)."""
+    loop (module docstring; :class:`agents.httpbase.BoundedHTTPServer`)."""
 
-    daemon_threads = True
-    # listen backlog: the default 5 resets connections when a fleet's agents and a burst of
-    # clients connect at once
-    request_queue_size = 128
+    what = "coordinator"
+    log = LOG
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler],
                  tls: ssl.SSLContext | None, limits: ServerLimits) -> None:
-        self.tls = tls
         self.limits = limits
-        self.deadlines = Deadlines()
-        self._slots = threading.BoundedSemaphore(limits.max_connections)
-        super().__init__(address, handler)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        if self.tls is not None:  # the handshake runs later, in the connection's own thread
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-    def service_actions(self) -> None:
-        """Each turn of the serving loop: cut the requests past their deadline."""
-        self.deadlines.cut_late(time.monotonic())
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request, client_address)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        if self.tls is not None:
-            request.settimeout(self.limits.header_timeout)
-            self.deadlines.arm(request, time.monotonic() + self.limits.header_timeout)
-            try:
-                request.do_handshake()
-            except OSError as exc:  # ssl.SSLError is an OSError; so is a cut or a timeout
-                LOG.info("event=tls_handshake_failed client=%s error=%s", client_address[0],
-                         type(exc).__name__)
-                return
-            finally:
-                self.deadlines.disarm(request)
-        super().finish_request(request, client_address)
-
-    def _refuse(self, request: Any, client_address: Any) -> None:
-        """Over ``max_connections``: answer 503 too_busy without reading (plain HTTP; a TLS
-        connection is just closed: no handshake is spent on it) and close."""
-        limit = self.limits.max_connections
-        LOG.info("event=connection_refused client=%s limit=%d", client_address[0], limit)
-        if self.tls is None:
-            body = json.dumps(TooBusy(f"the coordinator serves {limit} connections at once; "
-                                      "retry", limit=limit).to_wire()).encode()
-            head = (f"HTTP/1.1 {TooBusy.status} {http.HTTPStatus(TooBusy.status).phrase}\r\n"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n").encode()
-            with contextlib.suppress(OSError):
-                request.setblocking(False)  # never stall the accept loop on this client
-                request.send(head + body)
-        self.shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A bug escaped a connection's thread: log it (not a bare traceback on stderr)."""
-        LOG.exception("event=connection_error client=%s", client_address[0])
+        super().__init__(address, handler, tls=tls, max_connections=limits.max_connections,
+                         header_timeout=limits.header_timeout)
 
 
 __all__ = [
@@ -912,14 +807,8 @@ __all__ = [
     "MAX_REPORT_BODY",
     "NO_CERT",
     "PLAINTEXT",
-    "CoordinationFailed",
     "CoordinatorAPI",
-    "LengthRequired",
-    "NotActiveError",
     "PeerCert",
-    "PeerCertificateMismatch",
-    "RefusedTransition",
-    "ReplayedReport",
     "ServerLimits",
     "to_wire",
 ]

@@ -324,15 +324,11 @@ class Target:
         return cls(str(data["node"]), str(data["address"]), str(data["role"]), str(data["grant"]))
 
 
-# The old name, for coordinator/api.py until its next edit; new code names IllegalFleetTransition.
-IllegalTransition = IllegalFleetTransition
-
 __all__ = [
     "LEGAL_ROLE_CHANGES",
     "MAP_FORMAT_VERSION",
     "FleetMap",
     "IllegalFleetTransition",
-    "IllegalTransition",
     "Member",
     "Phase",
     "Role",

@@ -36,8 +36,12 @@ from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
 from orchestrator.client import Cancel, HttpAgentControl, Transport
-from orchestrator.coordinator.api import PeerCertificateMismatch
-from orchestrator.errors import AgentUnreachable, ConfigError, Superseded
+from orchestrator.errors import (
+    AgentUnreachable,
+    ConfigError,
+    PeerCertificateMismatch,
+    Superseded,
+)
 from orchestrator.pki import FleetPki
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from tests.coordinator_harness import (
