@@ -177,7 +177,9 @@ def test_deploy_to_real_vms_runs_the_agent_and_is_idempotent(
     targets = [DeployTarget(vm, "/", {
         "node": vm.name, "fleet": "vmtest", "backend": "file:/var/lib/rbdfleet/vol.img",
         "secret_file": "/etc/rbdfleet/fleet.secret", "listen": "0.0.0.0:7480",
-        "role": "writer"}) for vm in sandbox_vms.vms]
+        "role": "writer",
+        "insecure_plaintext": True,  # on purpose: the deploy mechanics (TLS: test_tls.py)
+    }) for vm in sandbox_vms.vms]
     with ParamikoShell(user="root", key_file=sandbox_vms.ssh_key,
                        known_hosts=sandbox_vms.known_hosts, connect_timeout=10.0) as shell:
         deployer = AgentDeployer(shell, package, settle=1.0, command_timeout=120.0)
@@ -189,12 +191,17 @@ def test_deploy_to_real_vms_runs_the_agent_and_is_idempotent(
             shell.run(target.host, RemoteCommand(Executable.PYTHON3, [
                 "-c", FORMAT_LOCAL_IMAGE, layout.release(package.version),
                 "/var/lib/rbdfleet/vol.img"]), timeout=120.0, check=True)
-        started = deployer.start(targets)
-        deadline = time.monotonic() + 120
-        for vm in sandbox_vms.vms:
-            seen = health(vm.address, deadline)
-            assert (seen["node"], seen["role"], seen["fleet"]) == (vm.name, "writer", "vmtest")
-        again = deployer.deploy(targets)
-        assert all(not r.changed and r.pid == started[n].pid for n, r in again.items())
-        stopped = deployer.stop(targets)
+        try:
+            started = deployer.start(targets)
+            deadline = time.monotonic() + 120
+            for vm in sandbox_vms.vms:
+                seen = health(vm.address, deadline)
+                assert (seen["node"], seen["role"], seen["fleet"]) == (vm.name, "writer",
+                                                                       "vmtest")
+            again = deployer.deploy(targets)
+            assert all(not r.changed and r.pid == started[n].pid for n, r in again.items())
+        finally:
+            # the VMs are shared with the later VM tests: no agent of this fleet (under
+            # systemd, restarted forever) may outlive this test
+            stopped = deployer.stop(targets)
         assert all(r.pid is None and r.changed for r in stopped.values())
