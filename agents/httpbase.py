@@ -1,7 +1,8 @@
 """What the two HTTP servers built on ``http.server`` share (the agent's, ``agents.server``,
 and the coordinator's, ``orchestrator.coordinator.api``), so neither imports the other's:
-per-connection deadlines, and a threading server with a bounded number of connections whose
-TLS handshakes run in the connection's own thread, off the accept loop.
+per-connection deadlines, a threading server with a bounded number of connections whose
+TLS handshakes run in the connection's own thread, off the accept loop, and the request
+handler's phases (idle wait, deadline-bound request, deferred ``100 Continue``).
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 import contextlib
 import http
 import http.server
+import io
 import json
 import logging
 import socket
 import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from agents.errors import TooBusy
 
-__all__ = ["BoundedHTTPServer", "Deadlines"]
+__all__ = ["BoundedHTTPServer", "BoundedRequestHandler", "Deadlines"]
 
 LOG = logging.getLogger(__name__)
 
@@ -148,3 +150,77 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A bug escaped a connection's thread: log it (not a bare traceback on stderr)."""
         self.log.exception("event=connection_error client=%s", client_address[0])
+
+
+class BoundedRequestHandler(http.server.BaseHTTPRequestHandler):
+    """A connection's requests in turn, each within deadlines: up to the idle timeout for the
+    next request to start, then one header deadline for its request line, headers and
+    whatever the subclass reads before it disarms the deadline (a byte-a-second client
+    included). ``Expect: 100-continue`` is answered only by :meth:`_ready_for_body`,
+    after the subclass has checked the credential and the size. Subclasses give
+    :meth:`_timeouts` and may reset per-request state in :meth:`_new_request`."""
+
+    server: BoundedHTTPServer
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and payload go out in two writes: no 40 ms stall
+    timeout = None  # set per phase by handle_one_request (idle, then request)
+
+    _continue = False  # "Expect: 100-continue" seen and not answered yet
+
+    def _timeouts(self) -> tuple[float, float, float]:
+        """(idle, per-read once a request started, whole request line + headers)."""
+        raise NotImplementedError
+
+    def _new_request(self) -> None:
+        """Per-request state back to its defaults, before the request line is read."""
+        self._continue = False
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Access lines go to the debug log, one structured line each (never headers)."""
+        LOG.debug("event=http client=%s line=%r", self.client_address[0], format % args)
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError as exc:  # reset or cut while reading a request line or headers
+            LOG.debug("event=client_gone client=%s error=%s", self.client_address[0],
+                      type(exc).__name__)
+
+    def handle_one_request(self) -> None:
+        idle, per_read, header = self._timeouts()
+        self.connection.settimeout(idle)
+        try:
+            waiting = cast(io.BufferedReader, self.rfile).peek(1)  # rbufsize -1: buffered
+        except OSError:  # idle too long, or gone
+            waiting = b""
+        if not waiting:
+            self.close_connection = True
+            return
+        self.connection.settimeout(per_read)
+        self._new_request()
+        deadlines = self.server.deadlines
+        deadlines.arm(self.connection, time.monotonic() + header)
+        try:
+            super().handle_one_request()
+        finally:
+            deadlines.disarm(self.connection)
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version == "HTTP/0.9":  # no headers: no credential, no framing
+            self.send_error(400, "HTTP/0.9 requests are not served")
+            return False
+        return True
+
+    def handle_expect_100(self) -> bool:
+        """Defer the ``100 Continue`` until the body is about to be read (a refusal comes
+        instead of it)."""
+        self._continue = True
+        return True
+
+    def _ready_for_body(self) -> None:
+        if self._continue:
+            self._continue = False
+            self.send_response_only(100)
+            self.end_headers()

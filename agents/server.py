@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import http
 import http.server
-import io
 import logging
 import re
 import ssl
@@ -35,7 +34,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from agents.agent import Agent
 from agents.core import boundedjson
@@ -85,7 +84,7 @@ from agents.errors import (
     UnsupportedTransferEncoding,
     WrongKind,
 )
-from agents.httpbase import BoundedHTTPServer
+from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
@@ -175,55 +174,24 @@ class Answer:
     body: Message | str
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(BoundedRequestHandler):
     """One connection; requests are dispatched by :data:`ROUTES`."""
 
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: no 40 ms stall
     server: AgentServer
-    timeout = None  # set per phase by handle_one_request (idle, then body)
 
     _unread = 0  # body bytes announced and not read yet: the connection closes if any remain
     _has_length = False
     _streaming = False
-    _continue = False  # "Expect: 100-continue" seen and not answered yet
 
     # -- plumbing ------------------------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Access lines go to the debug log, one structured line each (never headers)."""
-        LOG.debug("event=http client=%s line=%r", self.client_address[0], format % args)
 
     @property
     def agent(self) -> Agent:
         return self.server.agent
 
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except OSError as exc:  # reset or cut while reading a request line or headers
-            LOG.debug("event=client_gone client=%s error=%s", self.client_address[0],
-                      type(exc).__name__)
-
-    def handle_one_request(self) -> None:
-        """Wait up to ``idle_timeout`` for the next request, then give its request line,
-        headers and JSON body ``header_timeout`` in all (a byte-a-second client included)."""
+    def _timeouts(self) -> tuple[float, float, float]:
         server = self.server
-        self.connection.settimeout(server.idle_timeout)
-        try:
-            waiting = cast(io.BufferedReader, self.rfile).peek(1)  # rbufsize -1: buffered
-        except OSError:  # idle too long, or gone
-            waiting = b""
-        if not waiting:
-            self.close_connection = True
-            return
-        self.connection.settimeout(server.body_timeout)
-        self._continue = False
-        server.deadlines.arm(self.connection, time.monotonic() + server.header_timeout)
-        try:
-            super().handle_one_request()
-        finally:
-            server.deadlines.disarm(self.connection)
+        return server.idle_timeout, server.body_timeout, server.header_timeout
 
     def _request_read(self) -> None:
         """The request (headers and any JSON body) is in: lift its deadline. OSError when
@@ -242,26 +210,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.log_error("code %d, message %s", code, text)
         with contextlib.suppress(OSError):
             self._send_answer(Answer(code, ErrorBody.from_error(BadHttp(text, status=code))))
-
-    def handle_expect_100(self) -> bool:
-        """Defer the ``100 Continue``: it is sent only when the body is about to be read,
-        after the grant and the size were checked (a refusal comes instead of it)."""
-        self._continue = True
-        return True
-
-    def _ready_for_body(self) -> None:
-        if self._continue:
-            self._continue = False
-            self.send_response_only(100)
-            self.end_headers()
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9":  # no headers: no grant, no length
-            self.send_error(400, "HTTP/0.9 requests are not served")
-            return False
-        return True
 
     def _headers_map(self) -> HeaderMap:
         return HeaderMap(self.headers.items())

@@ -61,17 +61,14 @@ from __future__ import annotations
 
 import contextlib
 import http
-import io
 import json
 import logging
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any, ClassVar, Literal, cast
 
 from agents.core import boundedjson
@@ -98,7 +95,7 @@ from agents.errors import (
     StaleEpoch,
     TooLarge,
 )
-from agents.httpbase import BoundedHTTPServer
+from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
 from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
@@ -617,62 +614,22 @@ class _RequestCut(Exception):
     is left to answer."""
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedRequestHandler):
     """One connection: requests in turn, each checked (framing, route, credential) before its
     body is read, answered with JSON."""
 
     owner: ClassVar[CoordinatorAPI]
     server: _Server
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # head and payload go out in two writes: no 40 ms stall
-    timeout = None  # set per phase by handle_one_request (idle, then request)
 
     _unread = 0  # body bytes announced and not read: the connection closes if any remain
-    _continue = False  # "Expect: 100-continue" seen and not answered yet
 
-    def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("event=http client=%s line=%r", self.client_address[0], format % args)
+    def _timeouts(self) -> tuple[float, float, float]:
+        limits = self.server.limits
+        return limits.idle_timeout, limits.header_timeout, limits.header_timeout
 
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except OSError as exc:  # reset or cut while reading a request line or headers
-            LOG.debug("event=client_gone client=%s error=%s", self.client_address[0],
-                      type(exc).__name__)
-
-    def handle_one_request(self) -> None:
-        """Wait up to ``idle_timeout`` for the next request, then give its request line,
-        headers and body ``header_timeout`` in all (a byte-a-second client included)."""
-        limits, deadlines = self.server.limits, self.server.deadlines
-        self.connection.settimeout(limits.idle_timeout)
-        try:
-            waiting = cast(io.BufferedReader, self.rfile).peek(1)  # rbufsize -1: buffered
-        except OSError:  # idle too long, or gone
-            waiting = b""
-        if not waiting:
-            self.close_connection = True
-            return
-        self.connection.settimeout(limits.header_timeout)
-        self._unread, self._continue = 0, False
-        deadlines.arm(self.connection, time.monotonic() + limits.header_timeout)
-        try:
-            super().handle_one_request()
-        finally:
-            deadlines.disarm(self.connection)
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            return False
-        if self.request_version == "HTTP/0.9":  # no headers: no credential, no framing
-            self.send_error(400, "HTTP/0.9 requests are not served")
-            return False
-        return True
-
-    def handle_expect_100(self) -> bool:
-        """Defer the ``100 Continue`` until the body is about to be read, after the
-        credential and the size were checked (a refusal comes instead of it)."""
-        self._continue = True
-        return True
+    def _new_request(self) -> None:
+        super()._new_request()
+        self._unread = 0
 
     def _framing(self) -> None:
         """How the body is delimited: at most one Content-Length of ASCII digits (absent: no
@@ -700,10 +657,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not limit:
                 raise DecodeError("this route takes no body", field="Content-Length")
             raise TooLarge(f"body of {length} bytes over this route's {limit}", limit=limit)
-        if length and self._continue:
-            self._continue = False
-            self.send_response_only(100)
-            self.end_headers()
+        if length:
+            self._ready_for_body()
         try:
             data = self.rfile.read(length) if length else b""
         except OSError as exc:  # silent past the per-read timeout, or reset: nobody to answer
