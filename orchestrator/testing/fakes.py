@@ -698,6 +698,23 @@ class MemoryRoles:
             self.modes[node] = DiskMode.RO
 
 
+class NeverCalled:
+    """Fencer and AgentControl for a test in which nothing may fence or reach an agent: any
+    call fails the test, naming what was called."""
+
+    def fence(self, vm: str) -> list[str]:
+        raise AssertionError(f"fence({vm!r}) called")
+
+    def health(self, address: str, timeout: float) -> Health:
+        raise AssertionError(f"health probe of {address} called")
+
+    def promote(self, address: str, request: PromoteRequest, grant: str) -> None:
+        raise AssertionError(f"promote of {address} called")
+
+    def demote(self, address: str, request: DemoteRequest, grant: str) -> None:
+        raise AssertionError(f"demote of {address} called")
+
+
 __all__ = [
     "FakeClock",
     "LocalShell",
@@ -711,4 +728,5 @@ __all__ = [
     "MemoryLeaseBoard",
     "MemoryRoles",
     "MemoryStateStore",
+    "NeverCalled",
 ]

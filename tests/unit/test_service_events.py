@@ -8,8 +8,6 @@ watches come and go.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from orchestrator.coordinator.service import FleetService, ServiceSettings
@@ -20,6 +18,7 @@ from orchestrator.testing.fakes import (
     MemoryHypervisor,
     MemoryLeaseBoard,
     MemoryStateStore,
+    NeverCalled,
 )
 
 pytestmark = pytest.mark.unit
@@ -27,27 +26,11 @@ pytestmark = pytest.mark.unit
 A, B = "qemu+ssh://a/system", "qemu+ssh://b/system"
 
 
-class Unused:
-    """Fencer and AgentControl that must not be called here."""
-
-    def fence(self, vm: str) -> list[str]:
-        raise AssertionError("no fence here")
-
-    def health(self, address: str, timeout: float) -> Any:
-        raise AssertionError("no probe here")
-
-    def promote(self, address: str, request: Any, grant: str) -> None:
-        raise AssertionError("no promote here")
-
-    def demote(self, address: str, request: Any, grant: str) -> None:
-        raise AssertionError("no demote here")
-
-
 def service(hv: MemoryHypervisor) -> tuple[FleetService, FakeClock]:
     clock = FakeClock()
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r1": ("r1:1", "reader")})
-    return FleetService(store=store, fencer=Unused(), agents=Unused(), secret=b"k",
+    return FleetService(store=store, fencer=NeverCalled(), agents=NeverCalled(), secret=b"k",
                         settings=ServiceSettings(url="http://c1", liveness=LivenessConfig()),
                         clock=clock, wall=lambda: 0.0, bootstrap=bootstrap, hypervisor=hv,
                         domains={"w": (A, "dom-w"), "r1": (B, "dom-r1")}), clock

@@ -7,8 +7,6 @@ clock; the verdicts are read from the service's liveness state.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from agents.core.protocol import Health
@@ -21,25 +19,9 @@ from orchestrator.core.liveness import (
     SelfTestFailed,
     Verdict,
 )
-from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
+from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore, NeverCalled
 
 pytestmark = pytest.mark.unit
-
-
-class Unused:
-    """Fencer and AgentControl that must not be called here."""
-
-    def fence(self, vm: str) -> list[str]:
-        raise AssertionError("no fence here")
-
-    def health(self, address: str, timeout: float) -> Any:
-        raise AssertionError("no probe here")
-
-    def promote(self, address: str, request: Any, grant: str) -> None:
-        raise AssertionError("no promote here")
-
-    def demote(self, address: str, request: Any, grant: str) -> None:
-        raise AssertionError("no demote here")
 
 
 def service() -> tuple[FleetService, FakeClock]:
@@ -47,7 +29,7 @@ def service() -> tuple[FleetService, FakeClock]:
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     settings = ServiceSettings(url="http://c1", liveness=LivenessConfig())
     bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r2": ("r2:1", "reader")})
-    svc = FleetService(store=store, fencer=Unused(), agents=Unused(), secret=b"k",
+    svc = FleetService(store=store, fencer=NeverCalled(), agents=NeverCalled(), secret=b"k",
                        settings=settings, clock=clock, wall=lambda: 0.0, bootstrap=bootstrap)
     assert store.acquire()
     svc._become_active(clock.monotonic())
