@@ -200,24 +200,24 @@ class FileDevice:
         check_io(offset, length, self._size, closed=self._fd < 0)
 
     def _preadv(self, offset: int, views: list[memoryview]) -> None:
-        want = sum(v.nbytes for v in views)
-        try:
-            got = os.preadv(self._fd, views, offset)
-        except OSError as exc:
-            raise device_error("read", exc, f"at {offset}") from exc
-        if got != want:
-            raise short_io("read", offset)
+        self._vectored("read", os.preadv, offset, views)
 
     def _pwritev(self, offset: int, views: list[memoryview]) -> None:
+        self._vectored("write", os.pwritev, offset, views)
+
+    def _vectored(self, op: str, call: Callable[[int, list[memoryview], int], int],
+                  offset: int, views: list[memoryview]) -> None:
+        """``call`` (preadv or pwritev) over ``views`` at ``offset``, IOV_MAX buffers a call;
+        an error or a short transfer becomes the device's error."""
         for i in range(0, len(views), IOV_MAX):
             group = views[i : i + IOV_MAX]
             want = sum(v.nbytes for v in group)
             try:
-                done = os.pwritev(self._fd, group, offset)
+                done = call(self._fd, group, offset)
             except OSError as exc:
-                raise device_error("write", exc, f"at {offset}") from exc
+                raise device_error(op, exc, f"at {offset}") from exc
             if done != want:
-                raise short_io("write", offset)
+                raise short_io(op, offset)
             offset += want
 
     def read_at(self, offset: int, length: int) -> bytes:
