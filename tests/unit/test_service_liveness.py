@@ -38,6 +38,7 @@ def service() -> tuple[FleetService, FakeClock]:
 
 
 def verdict(svc: FleetService, node: str, clock: FakeClock) -> Verdict:
+    svc._drain(clock.monotonic())  # what the loop would apply before its next verdict
     assert svc._events.empty(), "an observation was queued but never applied"
     return svc._liveness.verdict(node, clock.monotonic())
 
