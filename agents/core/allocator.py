@@ -1,4 +1,4 @@
-"""Extent allocator for the data area, rebuilt from the index at start-up.
+"""Extent allocator for the data area, loaded from a checkpoint's free list at start-up.
 
 Invariants (checked by the property tests):
 - An extent is in exactly one of three states: free, in use (handed out by :meth:`allocate`
@@ -88,6 +88,62 @@ class Allocator:
         alloc._lengths = {e.offset: e.length for e in free}
         alloc.quarantine_each((seq, e) for e, seq in held if seq is not None)
         return alloc
+
+    @classmethod
+    def from_free(
+        cls,
+        start: int,
+        end: int,
+        free: Iterable[Extent],
+        quarantined: Iterable[tuple[int, Extent]] = (),
+    ) -> Allocator:
+        """The map a checkpoint saved: ``free`` (sorted) and ``quarantined`` ((seq, extent));
+        everything else in ``[start, end)`` is in use. Raises OverlappingExtents when an
+        extent is unaligned, empty, leaves the area or overlaps another."""
+        alloc = cls(start, end)
+        alloc._starts, alloc._lengths = [], {}
+        held = sorted([(e, -1) for e in free] + [(e, seq) for seq, e in quarantined],
+                      key=lambda pair: pair[0].offset)
+        cursor = start
+        for extent, _seq in held:
+            if (extent.length <= 0 or extent.offset < cursor or extent.end > end
+                    or extent.offset % ALIGN or extent.length % ALIGN):
+                raise OverlappingExtents(
+                    f"saved extent {extent.offset}+{extent.length} is unaligned, outside the "
+                    f"data area or overlaps another one", offset=extent.offset)
+            cursor = extent.end
+        for extent, seq in held:
+            if seq < 0:
+                alloc._insert_free(extent)
+        alloc.quarantine_each((seq, e) for e, seq in held if seq >= 0)
+        return alloc
+
+    def claim(self, extents: Iterable[Extent]) -> None:
+        """A record (replayed or pushed, not allocated here) put data on ``extents``: take
+        them out of the free map. A quarantined extent they overlap had been released and
+        reused by the writer (release_through is not journaled, so a replay learns it here):
+        it leaves the quarantine and what the record does not use of it is free. Raises
+        OverlappingExtents for bytes that are neither (two owners: a corrupt journal)."""
+        extents = list(extents)
+        for extent in extents:
+            i = bisect.bisect_left(self._q_starts, extent.offset)
+            j = max(i - 1, 0)
+            while j < len(self._q_starts) and self._q_starts[j] < extent.end:
+                other = self._q_map[self._q_starts[j]][1]
+                if other.end > extent.offset:
+                    del self._q_map[other.offset]
+                    del self._q_starts[j]
+                    self._insert_free(other)
+                else:
+                    j += 1
+        for extent in extents:
+            i = bisect.bisect_right(self._starts, extent.offset) - 1
+            s = self._starts[i] if i >= 0 else -1
+            if s < 0 or s + self._lengths[s] < extent.end:
+                raise OverlappingExtents(
+                    f"extent {extent.offset}+{extent.length} is named twice (not free)",
+                    offset=extent.offset)
+            self._take_range(s, extent.offset, extent.length)
 
     def free_bytes(self) -> int:
         """Bytes available to :meth:`allocate` now."""

@@ -37,7 +37,6 @@ from agents.core.pages import (
     subtree_ranges,
 )
 from agents.core.record import Record
-from agents.errors import CorruptMetadata
 
 
 class TreeIndex(Namespace):
@@ -76,7 +75,7 @@ class TreeIndex(Namespace):
         kids = self._kids.get(path, [])
         start = 0 if after is None else bisect.bisect_right(kids, posixpath.join(path, after))
         out: list[Entry] = []
-        for child, node in self._merge(tree, iter(kids[start:])):
+        for _, node in self._merge(tree, iter(kids[start:])):
             if len(out) == limit:
                 return out, True
             out.append(node.entry)
@@ -134,15 +133,11 @@ class TreeIndex(Namespace):
         self._overlay[path] = node
 
     def _no_record(self, record: Record) -> list[Extent]:
-        """A checkpoint record: switch to its root (a no-op where it is the root already,
-        as on the writer that made it)."""
+        """A checkpoint record: its root holds the state after the seq before it (checked
+        by ``check_payload``): read that root from now on (on the writer that made it, the
+        root it already reads)."""
         raw = record.payload.get("root")
-        root = None if raw is None else PageRef(*raw)
-        if root != self.root:
-            if record.payload["seq"] != self.applied_seq:
-                raise CorruptMetadata("checkpoint record does not follow the seq it covers",
-                                      seq=record.seq)
-            self.switch(root, self.applied_seq)
+        self.switch(None if raw is None else PageRef(*raw), record.seq - 1)
         return []
 
     # ---- checkpoints ---------------------------------------------------------------------
