@@ -517,6 +517,7 @@ class Volume:
                 allocator = Allocator.from_free(self._sb.data_offset,
                                                 self._sb.data_offset + self._sb.data_bytes,
                                                 loaded.free, loaded.quarantine)
+                self._tree.snapshot(loaded.root).height()  # the root is a page of the tree
             except FormatError as exc:
                 errors.append(exc)
                 continue
@@ -554,18 +555,16 @@ class Volume:
     def _rebuild_allocator(self) -> None:
         """The writer's free map: the one saved with the index's root, plus what the records
         applied since claimed and freed (a reader cannot follow the tree pages a writer
-        allocates, so its own map is not the writer's). If the newest checkpoint is not the
-        one of the index's root (a writer crashed between a checkpoint and its record), the
-        state is loaded from that checkpoint again, as :meth:`open` would."""
-        headers = self._checkpoint_headers()
-        newest = ckpt.choose(headers)
-        loaded = self._read_checkpoint(newest[0], headers) if newest else None
-        if loaded is None or (loaded.header.seq, loaded.root) != (self._index.root_seq,
-                                                                   self._index.root):
+        allocates, so its own map is not the writer's). If the newest valid checkpoint is
+        not the one of the index's root (a writer crashed between a checkpoint and its
+        record), the state is loaded from it again, as :meth:`open` would."""
+        loaded = self._checkpoint_of_root()
+        if loaded is None:
             self._load_checkpoint()
             self._settle_end()
-            headers = self._checkpoint_headers()
-            loaded = self._read_checkpoint(self._checkpoint_slot, headers)
+            loaded = self._checkpoint_of_root()
+            if loaded is None:
+                raise ChecksumMismatch("the newest checkpoint changed while it was loaded")
         allocator = Allocator.from_free(self._sb.data_offset,
                                         self._sb.data_offset + self._sb.data_bytes,
                                         loaded.free, loaded.quarantine)
@@ -573,6 +572,20 @@ class Volume:
             allocator.claim(claimed)
             allocator.quarantine(seq, freed)
         self._allocator = allocator
+
+    def _checkpoint_of_root(self) -> ckpt.Checkpoint | None:
+        """The newest valid checkpoint if it is the one the index's root came from."""
+        headers = self._checkpoint_headers()
+        for slot in ckpt.choose(headers):
+            try:
+                loaded = self._read_checkpoint(slot, headers)
+            except FormatError:
+                continue  # torn: the other slot is the newest valid one
+            if (loaded.header.seq, loaded.root) == (self._index.root_seq, self._index.root):
+                return loaded
+            if loaded.header.seq != self._index.root_seq:
+                return None
+        return None
 
     def _follow(self, view: _JournalView) -> builtins.list[Record]:
         """Apply the valid chain from the cursor on; returns what was applied."""
@@ -1116,7 +1129,9 @@ class Volume:
             seq = min(seq, self._index.applied_seq)
             allocator = self._allocator
             if self._writer_epoch is None or self._device.read_only:
-                allocator.release_through(seq)
+                # a reader's free map is not the writer's (it cannot follow the tree pages
+                # the writer allocates; promotion rebuilds it): only its quarantine shrinks
+                allocator.take_released(seq)
                 return
             held = [allocator.claim_around(e, DISCARD_UNIT)
                     for e in allocator.take_released(seq)]
