@@ -854,24 +854,31 @@ class Volume:
         with self._lock, self._decoding():
             self._load_checkpoint()
 
-    def replay(self) -> tuple[int, int, AgentError] | None:
+    def replay(self) -> tuple[int, int, str] | None:
         """Follow the journal from the loaded checkpoint to its end (witnesses read first, as
-        :meth:`open` does) and rebuild the writer's free map, reporting instead of raising:
-        None when the chain ends at a torn tail, else (the seq that does not apply or is
-        proven missing, its ring offset, why)."""
+        :meth:`open` does) and rebuild the free map a new writer would start from, reporting
+        instead of raising: None when the chain ends at a torn tail, else (the seq that does
+        not apply or is proven missing, its ring offset, why)."""
         with self._lock:
             witnesses = self._scan_witnesses(_JournalView(self._device, self._sb),
                                              self._index.applied_seq)
+            problem: tuple[int, int, str] | None = None
             try:
                 with self._decoding():
                     self._follow(_JournalView(self._device, self._sb))
                 self._check_end(witnesses)
-                with self._decoding():
-                    self._rebuild_allocator()  # the map a new writer would start from
             except AgentError as exc:
-                return self._cursor.next_seq, self._cursor.pos, exc
+                why = str(exc) if isinstance(exc, ChecksumMismatch) else \
+                    f"record does not apply: {exc}"
+                problem = (self._cursor.next_seq, self._cursor.pos, why)
             self._durable_seq = self._index.applied_seq
-            return None
+            try:
+                with self._decoding():
+                    self._rebuild_allocator()
+            except AgentError as exc:
+                problem = problem or (self._cursor.next_seq, self._cursor.pos,
+                                      f"free map does not rebuild: {exc}")
+            return problem
 
     def walk(self) -> Iterator[Node]:
         """Every node, parents before children (reads the whole tree: fsck, tests)."""

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.device import ALIGN
-from agents.errors import NoSpace, OverlappingExtents
+from agents.errors import CorruptMetadata, NoSpace, OverlappingExtents
 
 
 @dataclass(frozen=True, order=True)
@@ -106,11 +106,13 @@ class Allocator:
                       key=lambda pair: pair[0].offset)
         cursor = start
         for extent, _seq in held:
-            if (extent.length <= 0 or extent.offset < cursor or extent.end > end
-                    or extent.offset % ALIGN or extent.length % ALIGN):
-                raise OverlappingExtents(
-                    f"saved extent {extent.offset}+{extent.length} is unaligned, outside the "
-                    f"data area or overlaps another one", offset=extent.offset)
+            where = f"saved extent {extent.offset}+{extent.length}"
+            if extent.length <= 0 or extent.offset % ALIGN or extent.length % ALIGN:
+                raise CorruptMetadata(f"{where} is empty or unaligned", offset=extent.offset)
+            if extent.offset < start or extent.end > end:
+                raise CorruptMetadata(f"{where} is outside the data area", offset=extent.offset)
+            if extent.offset < cursor:
+                raise OverlappingExtents(f"{where} overlaps another one", offset=extent.offset)
             cursor = extent.end
         for extent, seq in held:
             if seq < 0:

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from agents.core.btree import PageCache, Tree
 from agents.core.index import Index
-from agents.core.pages import Layout
 from agents.core.record import Record
 from agents.core.treeindex import TreeIndex
 from agents.errors import AgentError
