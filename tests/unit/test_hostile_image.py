@@ -1,7 +1,8 @@
 """Hostile images on the file backend: garbage pages, lengths past the device, compression
 bombs, malformed checkpoints and tree roots, records whose checksum is right but whose
-content is not. Each gives the project's clear error (a refused open: a FormatError) or a problem report from
-fsck, quickly; never a TypeError, a RecursionError, a zlib.error, a hang or a memory blow-up.
+content is not. Each gives the project's clear error (a refused open: a FormatError) or a
+problem report from fsck, quickly; never a TypeError, a RecursionError, a zlib.error, a
+hang or a memory blow-up.
 
 The structures are forged with their checksums right (an attacker, or a buggy writer, can do
 that): only the decoders' own bounds stand between them and the agent.
