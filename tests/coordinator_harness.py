@@ -37,7 +37,14 @@ from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.errors import FencingFailed
 from orchestrator.pki import server_context
-from orchestrator.ports import ClientStore, Hypervisor, RoleSwitch, StateStore
+from orchestrator.ports import (
+    ClientStore,
+    CoordinatorPorts,
+    Hypervisor,
+    RoleSwitch,
+    SpareProvisioner,
+    StateStore,
+)
 from orchestrator.testing.clients import MemoryClientStore
 from tests.fixtures.agents import (
     TEST_CLIENT,
@@ -182,6 +189,7 @@ def start_service(
     agents_plaintext: bool = False,
     hypervisor: Hypervisor | None = None,
     domains: dict[str, tuple[str, str]] | None = None,
+    spares: SpareProvisioner | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``.
 
@@ -189,6 +197,7 @@ def start_service(
     ``agents_plaintext``: the fleet's agents run ``insecure_plaintext`` (else the coordinator
     reaches them over TLS, presenting its certificate).
     ``hypervisor``/``domains`` (node -> (uri, domain)): lifecycle events as death evidence.
+    ``spares``: brings spares in (default: none is).
 
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
@@ -200,18 +209,13 @@ def start_service(
         time.sleep(reader_set_delay)
         agents.send_reader_set(address, request, grant)
     service = FleetService(
-        store=store,
-        fencer=fencer,
-        agents=agents,
+        CoordinatorPorts(store=store, fencer=fencer, agents=agents, clock=MonotonicClock(),
+                         wall=time.time, role_switch=role_switch, spares=spares,
+                         send_reader_set=send_reader_set, hypervisor=hypervisor),
+        ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig(),
+                        election=election or ElectionConfig()),
         secret=TEST_SECRET,
-        settings=ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig(),
-                                 election=election or ElectionConfig()),
-        clock=MonotonicClock(),
-        wall=time.time,
         bootstrap=bootstrap,
-        role_switch=role_switch,
-        send_reader_set=send_reader_set,
-        hypervisor=hypervisor,
         domains=domains,
     )
     coordinator.api.services[store.fleet] = service

@@ -54,6 +54,7 @@ from orchestrator.core.placement import vm_user
 from orchestrator.errors import ConfigError, PkiError
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
 from orchestrator.pki import FleetPki, server_context
+from orchestrator.ports import CoordinatorPorts
 from orchestrator.provision import SystemClock
 
 LOG = logging.getLogger(__name__)
@@ -255,23 +256,17 @@ def run(
         agents = HttpAgentControl(transport)
         roles = FencedWriterRoles(provisioner)
         service = FleetService(
-            store=store,
-            fencer=fencer,
-            agents=agents,
-            secret=masters,
-            settings=ServiceSettings(
+            CoordinatorPorts(store=store, fencer=fencer, agents=agents, clock=SystemClock(),
+                             wall=time.time, role_switch=roles, spares=roles,
+                             send_reader_set=agents.send_reader_set, hypervisor=lifecycle),
+            ServiceSettings(
                 url=url,
                 liveness=ccfg.liveness(),
                 election=ElectionConfig(retry_delay=ccfg.retry_delay),
                 grant_ttl=ccfg.grant_ttl,
             ),
-            clock=SystemClock(),
-            wall=time.time,
+            secret=masters,
             bootstrap=bootstrap_map(cfg),
-            role_switch=roles,
-            spares=roles,
-            send_reader_set=agents.send_reader_set,
-            hypervisor=lifecycle,
             domains={vm.name: (vm.uri, vm.domain) for vm in cfg.vms},
         )
         api.services[cfg.fleet.name] = service
