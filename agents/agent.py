@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,18 @@ from agents.writer import ReaderLink, WriterRole
 __all__ = ["Agent", "AgentSettings", "OpenDevice"]
 
 LOG = logging.getLogger(__name__)
+
+
+def _release() -> str:
+    """The deployed package version this process imports: both deployers unpack a package into
+    ``opt/rbdfleet/releases/<version>`` and run it from there (never via ``current``, which an
+    install may already have moved on); ``""`` when run from anywhere else."""
+    release = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.basename(release) if os.path.basename(os.path.dirname(release)) == "releases" \
+        else ""
+
+
+RELEASE = _release()
 
 OpenDevice = Callable[[bool], BlockDevice]  # read_only -> device
 
@@ -237,7 +250,7 @@ class Agent:
             safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
             catching_up=catching_up, in_sync=in_sync,
             lagging=tuple(sorted(lk.node for lk in self._links(False))),
-            sync_revision=revision,
+            sync_revision=revision, version=RELEASE,
         )
 
     # -- role changes --------------------------------------------------------------------

@@ -503,7 +503,8 @@ class Health(Message):
     true while a reader is behind the journal it knows of. On the writer, ``in_sync`` names the
     readers whose acks every write waits for, ``lagging`` the others it pushes to, and
     ``sync_revision`` counts changes of ``in_sync`` (the coordinator orders the writer's words
-    on its reader set by it).
+    on its reader set by it). ``version``: the deployed package version the process runs (its
+    release directory's name), ``""`` when it runs from elsewhere (a source tree).
     """
 
     node: str
@@ -517,6 +518,7 @@ class Health(Message):
     in_sync: tuple[str, ...] = ()
     lagging: tuple[str, ...] = ()
     sync_revision: int = 0
+    version: str = ""
 
 
 @dataclass(frozen=True)
