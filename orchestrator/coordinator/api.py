@@ -101,7 +101,7 @@ from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
 from orchestrator.core.fleetmap import FleetMap
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
-from orchestrator.core.reports import ReplayGuard, nonce
+from orchestrator.core.reports import ReplayGuard, nonce, watch_from
 from orchestrator.errors import (
     CoordinationError,
     CoordinationFailed,
@@ -236,7 +236,8 @@ class CoordinatorAPI:
         self._client_cache: dict[tuple[str, str], tuple[ClientCredential | None, float]] = {}
         self._cache_lock = threading.Lock()
         self._started = wall()
-        self._replays: dict[str, ReplayGuard] = {}  # fleet -> the reports admitted
+        # fleet -> the reports admitted in the service's current term (since its lease)
+        self._replays: dict[str, tuple[float | None, ReplayGuard]] = {}
         self._replay_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -422,13 +423,17 @@ class CoordinatorAPI:
                       fleet=service.fleet, audience=COORDINATOR, purposes={REPORT},
                       epoch=None, subject=claimed.subject)
 
-    def _admit_once(self, fleet: str, grant: Grant, token: str) -> None:
-        """ReportReplayed when this report (its grant) was admitted before: a replay."""
+    def _admit_once(self, service: FleetService, grant: Grant, token: str) -> None:
+        """ReportReplayed when this report (its grant) was admitted before: a replay, here or
+        (signed before this term's lease was taken) by a predecessor. Called once the service
+        is active, so ``active_since`` is this term's."""
+        term = service.active_since
         with self._replay_lock:
-            guard = self._replays.get(fleet)
-            if guard is None:
-                guard = self._replays[fleet] = ReplayGuard(since=self._started)
-            guard.admit(grant.subject, nonce(token), grant.expires, self.wall())
+            held = self._replays.get(service.fleet)
+            if held is None or held[0] != term:  # a new term: what came before is unknown
+                held = self._replays[service.fleet] = (
+                    term, ReplayGuard(since=watch_from(self._started, term)))
+            held[1].admit(grant.subject, nonce(token), grant.expires, self.wall())
 
     def _agent_report(self, kind: str, grant: Grant, headers: Mapping[str, str],
                       body: bytes) -> tuple[int, Any]:
@@ -448,8 +453,9 @@ class CoordinatorAPI:
             raise ForeignGrant("grant was issued to someone else", field="subject",
                                subject=grant.subject)
         token = bearer_token(headers)
-        self._admit_once(service.fleet, service.keys.verify_report(token, sender, body), token)
+        verified = service.keys.verify_report(token, sender, body)
         m = service.require_active()
+        self._admit_once(service, verified, token)
         if isinstance(message, LaggingReaderReport):
             _check_current_writer(m, message)
         now = service.clock.monotonic()

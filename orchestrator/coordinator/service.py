@@ -120,6 +120,9 @@ class FleetService:
         self._state: el.ElectionState | None = None
         self._executor: Executor | None = None
         self._liveness = Liveness(settings.liveness)
+        # wall time this process last took the lease: its API refuses reports signed before
+        # (a predecessor may have admitted them; orchestrator.core.reports)
+        self.active_since: float | None = None
         self._next_lease = 0.0
         self._next_probe = 0.0
         self._stop = threading.Event()
@@ -342,6 +345,7 @@ class FleetService:
         self._feed(el.Tick(self.clock.monotonic()))
 
     def _become_active(self, now: float) -> None:
+        self.active_since = self.wall()  # before _state: no report is served under the old one
         stored = self.store.load()
         if stored is None:
             if self.bootstrap is None:
