@@ -8,7 +8,9 @@
   renames and makes directories. A 409 (stale epoch, not the writer), an expired grant, a 503
   or an unreachable node makes it fetch the newer map and retry, within ``RetryPolicy.timeout``.
   Failures it sees at a node are reported to the coordinator (client-side detection).
-* :class:`HttpAgentControl` is the coordinator's AgentControl port over the same HTTP code.
+
+The coordinator's AgentControl port over the same :class:`Transport` is
+:class:`orchestrator.coordinator.agent_control.HttpAgentControl`.
 
 A write whose request may have reached the writer before the connection broke is never
 resent blindly: it raises :class:`RequestOutcomeUnknown`. One that was refused before being
@@ -37,13 +39,9 @@ from agents.core.protocol import (
     BEARER,
     READERS_HEADER,
     SEQ_HEADER,
-    DemoteRequest,
-    Health,
     MkdirRequest,
-    PromoteRequest,
     PutRequest,
     ReaderAddress,
-    ReaderSet,
     RenameRequest,
     format_readers,
 )
@@ -293,46 +291,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     return str(exc) or type(exc).__name__
-
-
-# -- the coordinator's port to agents ---------------------------------------------------------
-
-
-class HttpAgentControl:
-    """AgentControl over HTTP (health probes, promote, demote, reader set)."""
-
-    def __init__(self, transport: Transport | None = None, control_timeout: float = 30.0) -> None:
-        self.transport = transport or Transport()
-        self.control_timeout = control_timeout
-
-    def health(self, address: str, timeout: float) -> Health:
-        """GET /v1/health."""
-        resp = self.transport.request(address, address, "GET", "/v1/health", timeout=timeout)
-        return Health.from_json(resp.body)
-
-    def _post(self, address: str, path: str, payload: bytes, grant: str) -> None:
-        headers = {"Content-Type": "application/json", AUTH_HEADER: BEARER + grant}
-        self.transport.request(
-            address,
-            address,
-            "POST",
-            path,
-            headers=headers,
-            body=payload,
-            timeout=self.control_timeout,
-        )
-
-    def promote(self, address: str, request: PromoteRequest, grant: str) -> None:
-        """POST /v1/promote (returns once the agent accepts writes)."""
-        self._post(address, "/v1/promote", request.encode(), grant)
-
-    def demote(self, address: str, request: DemoteRequest, grant: str) -> None:
-        """POST /v1/demote."""
-        self._post(address, "/v1/demote", request.encode(), grant)
-
-    def send_reader_set(self, address: str, request: ReaderSet, grant: str) -> None:
-        """POST /v1/readers."""
-        self._post(address, "/v1/readers", request.encode(), grant)
 
 
 # -- coordinator client -----------------------------------------------------------------------
@@ -970,7 +928,6 @@ __all__ = [
     "Cancel",
     "CoordinatorClient",
     "FleetClient",
-    "HttpAgentControl",
     "RetryPolicy",
     "Target",
     "Targets",

@@ -25,10 +25,10 @@ from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
-    HttpAgentControl,
     RetryPolicy,
     Transport,
 )
+from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential

@@ -38,11 +38,11 @@ from orchestrator.cli.provision import (
 from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
-    HttpAgentControl,
     RetryPolicy,
     Transport,
 )
 from orchestrator.config import FleetConfig
+from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings

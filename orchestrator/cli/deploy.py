@@ -20,7 +20,8 @@ from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_l
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
-from orchestrator.client import CoordinatorClient, HttpAgentControl, Transport
+from orchestrator.client import CoordinatorClient, Transport
+from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.deploy import AgentDeployer, HostResult
 from orchestrator.errors import AgentUnreachable
 from orchestrator.packaging import AgentPackage

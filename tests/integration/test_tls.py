@@ -35,7 +35,8 @@ from agents.peers import Peer, post_message
 from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
 from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
-from orchestrator.client import Cancel, HttpAgentControl, Transport
+from orchestrator.client import Cancel, Transport
+from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.errors import (
     AgentUnreachable,
     ConfigError,
