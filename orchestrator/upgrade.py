@@ -109,14 +109,14 @@ class FleetUpgrade:
 
     def plan(self) -> list[Step]:
         """The steps a run would take from now (``--dry-run``); UpgradeRefused if none may."""
-        return plan(self._observe()[0], self.version)
+        return plan(self._observe(installed=True)[0], self.version)
 
     def run(self) -> UpgradeReport:
         """Take steps until every agent runs the new version; UpgradeRefused before the first
         one if the fleet is not healthy, UpgradeStalled at a node that does not come back."""
         report = UpgradeReport(self.version)
         done: set[Step] = set()
-        while (step := next_step(self._observe()[0], self.version)) is not None:
+        while (step := next_step(self._observe(installed=True)[0], self.version)) is not None:
             if step in done:  # it was back, and fell out again: not a node to go on from
                 node = step.node if isinstance(step, Upgrade) else step.writer
                 raise UpgradeStalled(node, f"{step} again: it fell out of sync after its step")
@@ -184,8 +184,9 @@ class FleetUpgrade:
 
     # observation ------------------------------------------------------------------------------
 
-    def _observe(self) -> tuple[Observation, dict[str, Health]]:
-        """The coordinator's map and each deployed member's health (absent: no answer)."""
+    def _observe(self, *, installed: bool = False) -> tuple[Observation, dict[str, Health]]:
+        """The coordinator's map and each deployed member's health (absent: no answer); with
+        ``installed``, the package installed on each node out of sync (over SSH)."""
         fleet_map = FleetMap.from_json(self.coordinator.map())
         healths: dict[str, Health] = {}
         for member in fleet_map.members:
@@ -197,4 +198,14 @@ class FleetUpgrade:
                 continue
         versions = {m.name: (healths[m.name].version if m.name in healths else None)
                     for m in fleet_map.members}
-        return Observation(fleet_map, versions), healths
+        lagging = [m.name for m in fleet_map.members if m.role in ("reader", "out")
+                   and not m.in_sync]
+        found: dict[str, str | None] = {}
+        if installed and lagging:
+            targets = self.targets(fleet_map)
+            try:
+                status = self.deployer.status([targets[n] for n in lagging if n in targets])
+            except DeployError as exc:  # a host we cannot reach: its package is unknown
+                status = exc.results
+            found = {n: r.version for n, r in status.items() if r.ok}
+        return Observation(fleet_map, versions, found), healths

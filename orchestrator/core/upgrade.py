@@ -11,20 +11,23 @@ A fleet is upgraded one node at a time so that it keeps serving throughout:
 :func:`next_step` looks at what is true now (the coordinator's map and the version each agent
 reports) and names one step, so a run that was interrupted anywhere continues where it
 stopped: a node already running the new version and in sync is skipped, one restarted but
-still catching up is waited for again, an old writer the handover left ``out`` is upgraded.
+still catching up is waited for again, one a stalled run left down on another package (the
+package installed there is not the writer's) is upgraded again, an old writer the handover
+left ``out`` is upgraded.
 :func:`plan` folds the steps in as if each succeeded: what ``--dry-run`` prints.
 
 Refused (:class:`~orchestrator.errors.UpgradeRefused`), before anything is touched: a fleet
-without a writer or in a failover; a reader out of sync that this upgrade did not leave so
-(more than one node out of sync, or an old-version node out of sync while the writer still
-runs the old version: the fleet is not healthy); a writer to hand over with no upgraded
-in-sync reader to take it. Spares are not deployed, so not upgraded.
+without a writer, whose writer does not answer, or in a failover; a reader out of sync that
+an upgrade did not leave so (more than one node out of sync, or one that runs or has
+installed the writer's old package while the writer still runs it: the fleet is not
+healthy); a writer to hand over with no upgraded in-sync reader to take it. Spares are not
+deployed, so not upgraded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.core.fleetmap import FleetMap, Member
 from orchestrator.errors import UpgradeRefused
@@ -34,11 +37,13 @@ __all__ = ["Handover", "Observation", "Step", "Upgrade", "next_step", "plan"]
 
 @dataclass(frozen=True)
 class Observation:
-    """What the upgrade sees: the coordinator's map and the package version each agent runs
-    (``None``: its agent did not answer)."""
+    """What the upgrade sees: the coordinator's map, the package version each agent runs
+    (``None``: its agent did not answer) and, for nodes out of sync, the package version
+    installed on them (``None``: none)."""
 
     map: FleetMap
     versions: Mapping[str, str | None]
+    installed: Mapping[str, str | None] = field(default_factory=dict)
 
     def version(self, node: str) -> str | None:
         return self.versions.get(node)
@@ -82,13 +87,19 @@ def next_step(obs: Observation, target: str) -> Step | None:
         raise UpgradeRefused(f"fleet {m.fleet} is not healthy: "
                              + ("no writer" if m.writer is None else "a failover is under way"))
     writer = m.member(m.writer)
+    writer_version = obs.version(writer.name)
+    if writer_version is None:
+        raise UpgradeRefused(f"fleet {m.fleet} is not healthy: its writer {writer.name} does "
+                             "not answer")
     deployed = [x for x in m.members if x.role in ("writer", "reader", "out")]
     lagging = [x for x in deployed if x.role != "writer" and not x.in_sync]
-    writer_upgraded = obs.version(writer.name) == target
-    # left out of sync by an interrupted run: restarted on the new version and catching up, or
-    # the old writer the handover fenced (the handover comes after every reader, so the writer
-    # already runs the new version then)
-    resumable = [x for x in lagging if obs.version(x.name) == target or writer_upgraded]
+    writer_upgraded = writer_version == target
+    # left out of sync by an interrupted or stalled run: restarted on the new version and
+    # catching up; given a package other than the writer's (a stalled run's, maybe a bad one);
+    # or the old writer the handover fenced (the handover comes after every reader, so the
+    # writer runs the new version then)
+    resumable = [x for x in lagging if obs.version(x.name) == target or writer_upgraded
+                 or obs.installed.get(x.name, writer_version) != writer_version]
     if len(lagging) > 1 or lagging != resumable:
         raise UpgradeRefused(f"fleet {m.fleet} is not healthy: out of sync: "
                              + ", ".join(f"{x.name} ({x.role})" for x in lagging))
@@ -112,11 +123,11 @@ def _assume(obs: Observation, step: Step, target: str) -> Observation:
     m = obs.map
     if isinstance(step, Handover):
         m = m.begin_failover(step.to).complete_failover()
-        return Observation(m, obs.versions)
+        return Observation(m, obs.versions, obs.installed)
     member = m.member(step.node)
     m = m.set_role(step.node, "reader", in_sync=True) if member.role == "out" \
         else m.set_progress(step.node, member.applied_seq, True)
-    return Observation(m, {**obs.versions, step.node: target})
+    return Observation(m, {**obs.versions, step.node: target}, obs.installed)
 
 
 def plan(obs: Observation, target: str) -> list[Step]:

@@ -17,14 +17,14 @@ NEW, OLD = "new0000000000000", "old0000000000000"
 
 
 def fleet(*members: tuple[str, Role, bool, str | None], seqs: dict[str, int] | None = None,
-          phase: str = "stable") -> Observation:
-    """``(name, role, in_sync, version)`` per member."""
+          phase: str = "stable", installed: dict[str, str | None] | None = None) -> Observation:
+    """``(name, role, in_sync, version)`` per member; ``installed``: packages found on disk."""
     seqs = seqs or {}
     writer = next((n for n, r, _, _ in members if r == "writer"), None)
     m = FleetMap("f", 3, 10, writer, tuple(
         Member(n, f"{n}:7480", r, s, seqs.get(n, 5)) for n, r, s, _ in members),
         phase="failover" if phase == "failover" else "stable")
-    return Observation(m, {n: v for n, _, _, v in members})
+    return Observation(m, {n: v for n, _, _, v in members}, installed or {})
 
 
 HEALTHY_OLD = fleet(("w", "writer", False, OLD), ("r1", "reader", True, OLD),
@@ -52,6 +52,10 @@ PLANS: list[tuple[str, Observation, list[Step]]] = [
     ("a reader not answering is upgraded (it is restarted anyway)",
      fleet(("w", "writer", False, OLD), ("r1", "reader", True, None), ("r2", "reader", True, NEW)),
      [Upgrade("r1"), Handover("w", "r1"), Upgrade("w")]),
+    ("stalled on a bad package: r1 down with it installed, upgraded again first",
+     fleet(("w", "writer", False, OLD), ("r1", "out", False, None), ("r2", "reader", True, OLD),
+           installed={"r1": "bad0000000000000"}),
+     [Upgrade("r1"), Upgrade("r2"), Handover("w", "r1"), Upgrade("w")]),
     ("all done: nothing", fleet(("w", "writer", False, NEW), ("r1", "reader", True, NEW)), []),
     ("a writer alone already upgraded: nothing", fleet(("w", "writer", False, NEW)), []),
     ("the writer upgraded by hand first: readers only",
@@ -78,6 +82,12 @@ REFUSED: list[tuple[str, Observation, str]] = [
     ("a dead reader (out) on the old version",
      fleet(("w", "writer", False, OLD), ("r1", "out", False, None), ("r2", "reader", True, OLD)),
      "out of sync: r1 (out)"),
+    ("a dead reader with the writer's package installed",
+     fleet(("w", "writer", False, OLD), ("r1", "out", False, None), ("r2", "reader", True, OLD),
+           installed={"r1": OLD}), "out of sync: r1 (out)"),
+    ("a writer that does not answer",
+     fleet(("w", "writer", False, None), ("r1", "reader", True, OLD)),
+     "its writer w does not answer"),
     ("two nodes out of sync, even upgraded ones",
      fleet(("w", "writer", False, NEW), ("r1", "reader", False, NEW), ("r2", "out", False, OLD)),
      "out of sync: r1 (reader), r2 (out)"),
