@@ -121,6 +121,7 @@ class AgentSettings:
     # this node's certificate and key (PEM files), presented on its pushes and reports
     cert_file: str | None = None
     key_file: str | None = None
+    crl_file: str | None = None  # the fleet CA's revocation list (revoked peers refused)
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
     tail_interval: float = 0.5
@@ -582,7 +583,8 @@ class Agent:
     def _peer(self, address: str) -> Peer:
         settings = self.settings
         return Peer(address, tls=settings.tls, ca_file=settings.ca_file,
-                    cert_file=settings.cert_file, key_file=settings.key_file)
+                    cert_file=settings.cert_file, key_file=settings.key_file,
+                    crl_file=settings.crl_file)
 
     def _send_push(self, link: ReaderLink, push: RecordPush) -> RecordAck:
         key = (link.node, link.address)

@@ -29,7 +29,6 @@ import http
 import http.server
 import logging
 import re
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator
@@ -85,6 +84,7 @@ from agents.errors import (
     WrongKind,
 )
 from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
+from agents.tlsreload import ReloadingContext, TlsFiles, server_context
 from agents.volume import WRITE_UNIT, Entry
 from agents.writer import MAX_PUSH_BATCH
 
@@ -593,28 +593,23 @@ class AgentServer(BoundedHTTPServer):
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
     def __init__(self, address: tuple[str, int], *, max_body: int,
-                 tls: tuple[str, str] | None = None, client_ca: str | None = None,
+                 tls: TlsFiles | None = None,
                  max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT) -> None:
-        """``tls``: this node's (cert, key) files; ``client_ca``: the fleet CA, whose
-        certificates the node-only routes require of their callers (mutual TLS). Without
+        """``tls``: this node's certificate and key, the fleet CA whose certificates the
+        node-only routes require of their callers (mutual TLS) and its CRL, reloaded when they
+        change (agents.tlsreload; OSError or ValueError here if they do not load). Without
         ``tls`` the server speaks plaintext and checks no peer (``insecure_plaintext``)."""
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
-        context: ssl.SSLContext | None = None
-        if tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            if client_ca is not None:
-                # optional at the handshake: clients have no certificates and data routes
-                # stay grant-authenticated; a certificate that is presented must chain to the
-                # fleet CA (else the handshake fails), and node-only routes require one
-                context.load_verify_locations(client_ca)
-                context.verify_mode = ssl.CERT_OPTIONAL
+        # client certificates are optional at the handshake: clients have none and data
+        # routes stay grant-authenticated; a presented one must chain to the fleet CA and not
+        # be revoked (else the handshake fails), and node-only routes require one
+        self.tls_source = None if tls is None else ReloadingContext(tls, server_context)
         self.plaintext = tls is None
-        super().__init__(address, Handler, tls=context, max_connections=max_connections,
+        super().__init__(address, Handler, tls=self.tls_source, max_connections=max_connections,
                          header_timeout=header_timeout)
 
     def check_node_peer(self, connection: Any) -> None:

@@ -96,6 +96,7 @@ from agents.errors import (
     TooLarge,
 )
 from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
+from agents.tlsreload import ContextSource
 from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
@@ -244,10 +245,12 @@ class CoordinatorAPI:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+    def serve(self, host: str, port: int,
+              tls: ContextSource | None = None) -> tuple[str, int]:
         """Start serving in a thread; returns the bound (host, port) (port 0 picks one).
 
-        ``tls`` is a server context the caller built (certificates, peer verification)."""
+        ``tls`` is a server context the caller built (certificates, peer verification), or
+        one that follows its files (agents.tlsreload: rotated certificates, a new CRL)."""
         api = self
 
         class Handler(_Handler):
@@ -756,7 +759,7 @@ class _Server(BoundedHTTPServer):
     log = LOG
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler],
-                 tls: ssl.SSLContext | None, limits: ServerLimits) -> None:
+                 tls: ContextSource | None, limits: ServerLimits) -> None:
         self.limits = limits
         super().__init__(address, handler, tls=tls, max_connections=limits.max_connections,
                          header_timeout=limits.header_timeout)
