@@ -41,7 +41,7 @@ from agents.errors import (
 from agents.keyfile import read_key_lines
 from agents.peers import reload_client_contexts
 from agents.server import AgentServer, serve
-from agents.tlsreload import TlsFiles, client_context, server_context
+from agents.tlsreload import TlsFiles, client_context, default_crl, server_context
 
 __all__ = ["AgentConfig", "load_config", "main", "open_backend"]
 
@@ -245,7 +245,10 @@ def tls_material(config: AgentConfig) -> TlsFiles | None:
                                       "(this node's certificate and key and the fleet CA, "
                                       "installed by `rbdfleet deploy` or the Ansible role), or "
                                       "insecure_plaintext = true")
-    files = TlsFiles(config.tls_ca, config.tls_cert, config.tls_key, config.tls_crl)
+    # tls.crl, else crl.pem beside the CA once `rbdfleet cert revoke` installs one
+    files = TlsFiles(config.tls_ca, config.tls_cert, config.tls_key,
+                     config.tls_crl or default_crl(config.tls_ca),
+                     crl_required=config.tls_crl is not None)
     try:  # fail at start, not at the first connection
         server_context(files)
         client_context(files)

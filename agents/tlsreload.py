@@ -11,10 +11,12 @@ written, a certificate without its new key yet) is logged and the old context ke
 tried again once the files change again.
 
 The CA file may hold several CA certificates (the old and the new CA during a CA rotation):
-a peer's certificate of either is accepted. The CRL file, when given, holds one CRL per CA
-(PEM, concatenated) and every peer certificate presented is checked against its CA's
+a peer's certificate of either is accepted. The CRL file holds one CRL per CA (PEM,
+concatenated) and every peer certificate presented is checked against its CA's
 (``VERIFY_CRL_CHECK_LEAF``): a revoked node's certificate fails the handshake, and so does
-one whose CA has no CRL in the file, so a CRL file names every CA of the bundle.
+one whose CA has no CRL in the file, so a CRL file names every CA of the bundle. Unless
+configured otherwise the CRL is ``crl.pem`` beside the CA file (:func:`default_crl`), checked
+from the moment it exists: ``rbdfleet cert revoke`` installs it on nodes deployed before it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["CHECK_INTERVAL", "ContextSource", "ReloadingContext", "TlsFiles", "client_context",
-           "current", "server_context", "stamp"]
+           "current", "default_crl", "server_context", "stamp"]
 
 LOG = logging.getLogger(__name__)
 
@@ -49,13 +51,19 @@ class TlsFiles:
     cert: str | None = None
     key: str | None = None
     crl: str | None = None
+    crl_required: bool = True  # False: no revocation check while the CRL file is missing
 
     def paths(self) -> tuple[str, ...]:
         return tuple(p for p in (self.cert, self.key, self.ca, self.crl) if p is not None)
 
 
+def default_crl(ca: str) -> str:
+    """Where a node finds its CA's CRL unless told: ``crl.pem`` beside the CA file."""
+    return os.path.join(os.path.dirname(ca), "crl.pem")
+
+
 def _verify(context: ssl.SSLContext, files: TlsFiles) -> None:
-    if files.crl is not None:
+    if files.crl is not None and (files.crl_required or os.path.exists(files.crl)):
         context.load_verify_locations(files.crl)
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agents.tlsreload import ReloadingContext, TlsFiles
+from agents.tlsreload import ReloadingContext, TlsFiles, default_crl
 from agents.tlsreload import server_context as tls_server_context
 from orchestrator.errors import PkiError
 
@@ -345,10 +345,13 @@ def reloading_server_context(cert: str | Path, key: str | Path, ca: str | Path,
                              crl: str | Path | None = None) -> ReloadingContext:
     """A coordinator's TLS server context: its certificate, and the fleet CA (bundle) for
     client certificates, which are optional at the handshake (clients have none; one that is
-    presented must chain to the CA and, with ``crl``, not be revoked) and required by
-    node-only routes (agents' reports), whose handler checks ``getpeercert()``. Rebuilt when
-    the files change (agents.tlsreload). PkiError if a file does not load."""
-    files = TlsFiles(str(ca), str(cert), str(key), None if crl is None else str(crl))
+    presented must chain to the CA and not be revoked by ``crl``, by default ``crl.pem``
+    beside the CA once it exists) and required by node-only routes (agents' reports), whose
+    handler checks ``getpeercert()``. Rebuilt when the files change (agents.tlsreload).
+    PkiError if a file does not load."""
+    files = TlsFiles(str(ca), str(cert), str(key),
+                     default_crl(str(ca)) if crl is None else str(crl),
+                     crl_required=crl is not None)
     try:
         return ReloadingContext(files, tls_server_context)
     except (OSError, ValueError) as exc:  # ssl.SSLError too

@@ -19,6 +19,7 @@ from agents.tlsreload import (
     ReloadingContext,
     TlsFiles,
     client_context,
+    default_crl,
     server_context,
     stamp,
 )
@@ -212,3 +213,24 @@ def _client_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
     finally:
         b.close()
         thread.join(10)
+
+
+def test_a_crl_beside_the_ca_counts_from_the_moment_it_appears(tmp_path: Path) -> None:
+    ca = make_ca("demo", NOW)
+    (tmp_path / "ca.pem").write_bytes(ca.cert)
+    server_cert, server_key = _write(tmp_path, "w", issue(ca, "w", ["127.0.0.1"], NOW))
+    reader = issue(ca, "r1", ["127.0.0.1"], NOW)
+    r1 = _write(tmp_path, "r1", reader)
+    crl = default_crl(str(tmp_path / "ca.pem"))
+    assert crl == str(tmp_path / "crl.pem")
+    source = ReloadingContext(TlsFiles(str(tmp_path / "ca.pem"), server_cert, server_key, crl,
+                                       crl_required=False), server_context, clock=Clock())
+    client = client_context(TlsFiles(str(tmp_path / "ca.pem"), *r1))
+    assert _handshake(source.get(), client) == "r1"  # none yet (deployed before revocation)
+    _replace(crl, make_crl(ca, {inspect(reader.cert).serial: NOW}, NOW))
+    assert source.reload() is True
+    assert _handshake(source.get(), client).startswith("refused: ")
+    # a required CRL that is missing does not load
+    with pytest.raises(OSError):
+        server_context(TlsFiles(str(tmp_path / "ca.pem"), server_cert, server_key,
+                                str(tmp_path / "none.pem")))
