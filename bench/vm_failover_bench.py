@@ -32,6 +32,7 @@ and the reads that failed between the fault and the recovery. Target (docs/archi
 
     .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,cutoff,poweroff]
         [--json OUT] [--png docs/benchmarks/vm_failover.png] [--dir DIR]
+    .venv/bin/python -m bench.vm_failover_bench --from-progress STDERR [--png PNG] [--json OUT]
 """
 
 from __future__ import annotations
@@ -265,8 +266,10 @@ class Bench:
             self.vms.resume(vm)
         elif kind == "poweroff":
             self.vms.start(vm)
-            self.mission.shell.close()  # its connection to the powered-off guest is dead
+            dead = self.mission.shell  # its connection to the powered-off guest is dead
             self.mission.shell = ParamikoShell.from_config(self.mission.config.ssh)
+            if isinstance(dead, ParamikoShell):
+                dead.close()
         elif kind == "cutoff":
             self._cut(vm, heal=True)
         if kind in ("pause", "cutoff"):  # the coordinator demotes the returning old writer
@@ -351,6 +354,27 @@ def _epoch(address: str, ca: Path) -> int:
         return 0
     finally:
         conn.close()
+
+
+_PROGRESS = re.compile(r"\] (?P<kind>\w+) (?P<round>\d+): (?P<old>\S+) -> (?P<new>\S+) "
+                       r"(?P<phases>(?:\w+=\S+ )+)reads=(?P<reads>\d+) failed=(?P<failed>\d+)$")
+
+
+def rows_from_progress(text: str) -> list[Row]:
+    """The rows of a run's progress lines (its stderr): a run cut short (the machine's time
+    ran out) keeps every fault it measured there, phases rounded as printed."""
+    rows = []
+    for line in text.splitlines():
+        if (match := _PROGRESS.search(line)) is None:
+            continue
+        row = Row(match["kind"], int(match["round"]), match["old"],
+                  "" if match["new"] == "?" else match["new"], reads=int(match["reads"]),
+                  failed_reads=int(match["failed"]))
+        for pair in match["phases"].split():
+            name, _, value = pair.partition("=")
+            setattr(row, name, None if value == "None" else float(value))
+        rows.append(row)
+    return rows
 
 
 def summarize(rows: list[Row]) -> dict[str, Any]:
@@ -451,13 +475,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here too")
     parser.add_argument("--png", type=Path, help="render the timeline plot here")
     parser.add_argument("--keep-log", type=Path, help="copy the coordinator log here")
+    parser.add_argument("--from-progress", type=Path,
+                        help="no sandbox: summarize (and --png) the faults an earlier run "
+                             "printed to its stderr, e.g. one cut short")
     args = parser.parse_args(argv)
     if unknown := set(args.kinds) - set(KINDS):
         parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-    with contextlib.ExitStack() as stack:
-        directory = args.dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="rbdfleet-vmfb-", dir="/var/tmp")))
-        result = run(args, directory.absolute() / "sandbox")
+    result: dict[str, Any]
+    if args.from_progress:
+        measured = rows_from_progress(args.from_progress.read_text())
+        result = {"from_progress": str(args.from_progress), "summary": summarize(measured),
+                  "rows": [asdict(r) for r in measured]}
+    else:
+        with contextlib.ExitStack() as stack:
+            directory = args.dir or Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="rbdfleet-vmfb-", dir="/var/tmp")))
+            result = run(args, directory.absolute() / "sandbox")
     rows = [Row(**{k: v for k, v in r.items()}) for r in result["rows"]]
     if args.png and rows:
         result["plot"] = {"path": str(args.png), "renderer": plot(rows, args.png)}
