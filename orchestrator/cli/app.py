@@ -15,6 +15,7 @@ from orchestrator.cli import inventory as inventory_cli
 from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
 from orchestrator.cli import status as status_cli
+from orchestrator.cli import upgrade as upgrade_cli
 from orchestrator.cli import vm as vm_cli
 from orchestrator.cli._exit import ReportingGroup
 
@@ -60,6 +61,7 @@ coordinator_cli.register(app)
 files_cli.register(app)
 status_cli.register(app)
 deploy_cli.register(app)
+upgrade_cli.register(app)
 inventory_cli.register(app)
 clients_cli.register(app)
 
