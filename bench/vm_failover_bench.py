@@ -192,6 +192,7 @@ class Row:
     promote: float | None = None
     announce: float | None = None
     first_put: float | None = None
+    epochs: int = 0  # from the fault to the first put's epoch: 1 unless elections cascaded
     reads: int = 0
     failed_reads: int = 0
     errors: list[str] = field(default_factory=list)
@@ -278,13 +279,14 @@ class Bench:
             self.mission.wait(lambda: _epoch(address, ca) >= epoch, 90, f"{vm} demoted")
         if kind != "kill" and kind != "poweroff":
             self.mission.kill_agent(vm)  # the explicit rejoin: a fresh agent
-        self.mission.rejoin(vm)
-        # A candidate fenced in the same failover (a second election when the first promoted
-        # node failed its self-test) is out too: it rejoins the same way.
+        # Any other node out (a candidate fenced in a second election of the same fault, one a
+        # loaded host starved into a false death) gets a fresh agent too; one `deploy` starts
+        # them as readers, and the next fault waits for them in sync (``stable``), whichever
+        # node a cascade left as the writer.
         for m in self.mission.fleet_map().get("members", []):
-            if m["role"] == "out":
+            if m["role"] == "out" and m["name"] != vm:
                 self.mission.kill_agent(m["name"])
-                self.mission.rejoin(m["name"])
+        self.mission.cli("deploy", progress=True)
 
     def _cut(self, vm: str, heal: bool) -> None:
         gateway, port = self.vms.gateway, self.mission.config.fleet.agent_port
@@ -316,9 +318,10 @@ class Bench:
             self.mission.wait(lambda: any(t > row.fault_at and node != old and e > epoch
                                           for t, node, e in load.acks[-20:]),
                               120, "a put acknowledged by a new writer")
-            first = min((t, node) for t, node, e in load.acks
+            first = min((t, node, e) for t, node, e in load.acks
                         if t > row.fault_at and node != old and e > epoch)
             row.first_put, row.new = round(first[0] - row.fault_at, 3), first[1]
+            row.epochs = first[2] - epoch
             time.sleep(0.5)  # the coordinator log has flushed the lines of the failover
             got = phases(log_events(self.log.read_text(), row.fault_at), row.fault_at, old,
                          row.new)
@@ -337,7 +340,7 @@ class Bench:
         row.errors += [why for t, why in load.read_failures[failed_before:]]
         say(f"{kind} {n}: {old} -> {row.new or '?'} "
             + " ".join(f"{p}={getattr(row, p)}" for p in PHASES)
-            + f" reads={row.reads} failed={row.failed_reads}")
+            + f" epochs={row.epochs} reads={row.reads} failed={row.failed_reads}")
         return row
 
 
@@ -372,7 +375,10 @@ def rows_from_progress(text: str) -> list[Row]:
                   failed_reads=int(match["failed"]))
         for pair in match["phases"].split():
             name, _, value = pair.partition("=")
-            setattr(row, name, None if value == "None" else float(value))
+            if name == "epochs":
+                row.epochs = int(value)
+            else:
+                setattr(row, name, None if value == "None" else float(value))
         rows.append(row)
     return rows
 
@@ -384,7 +390,8 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
         mine = [r for r in rows if r.kind == kind]
         per: dict[str, Any] = {"faults": len(mine),
                                "failed_reads": sum(r.failed_reads for r in mine),
-                               "reads": sum(r.reads for r in mine)}
+                               "reads": sum(r.reads for r in mine),
+                               "cascades": sum(1 for r in mine if r.epochs > 1)}
         for phase in PHASES:
             values = [v for r in mine if (v := getattr(r, phase)) is not None]
             per[phase] = ({"p50": round(statistics.median(values), 3),
