@@ -55,6 +55,7 @@ from agents.core.grants import (
 )
 from agents.core.index import check_extents_within
 from agents.core.protocol import (
+    PUSH_CONTENT_TYPE,
     DemoteRequest,
     Health,
     Heartbeat,
@@ -138,9 +139,8 @@ def _check_push_extents(push: RecordPush, volume: Volume) -> None:
     data area: even a writer's valid grant does not make such a record something to serve."""
     sb = volume.superblock
     try:
-        for raw in push.record_bytes():
-            check_extents_within(Record.decode(raw), sb.data_offset,
-                                 sb.data_offset + sb.data_bytes)
+        for pushed in push.records:
+            check_extents_within(pushed.record, sb.data_offset, sb.data_offset + sb.data_bytes)
     except FormatError as exc:
         raise DecodeError(f"record push: {exc.message}", field="records") from exc
 
@@ -593,7 +593,8 @@ class Agent:
             session = PeerSession(self._peer(link.address), self.settings.ack_timeout)
             self._sessions[key] = session
         try:
-            answer = session.post("/v1/records", push, grant=self._push_grant(link.node))
+            answer = session.post_body("/v1/records", push.parts(), PUSH_CONTENT_TYPE,
+                                       grant=self._push_grant(link.node))
         except AgentError:
             self.m_pushes.inc("failed")
             raise

@@ -1,4 +1,5 @@
-"""Outgoing HTTP/1.1 + JSON from an agent: writer → reader pushes, agent → coordinator reports.
+"""Outgoing HTTP/1.1 from an agent: writer → reader pushes (binary), agent → coordinator
+reports (JSON).
 
 :class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
 TLS (the peer verified against a CA file; this node's certificate presented when the
@@ -14,6 +15,7 @@ import json
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +108,17 @@ class PeerSession:
 
         Raises PeerUnreachable for transport errors and the sent AgentError for an error
         answer."""
+        return self.post_body(path, [message.encode()], "application/json", grant=grant)
+
+    def post_body(self, path: str, parts: Sequence[bytes | memoryview], content_type: str, *,
+                  grant: str | None) -> dict[str, Any]:
+        """POST the body made of ``parts``, sent one after the other as they are (each a
+        ``sendall`` of the buffer: a push's frames shared by all readers are never copied);
+        answered and raising like :meth:`post`."""
         url = self.peer.url(path)
-        body = message.encode()
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        body = list(parts)
+        headers = {"Content-Type": content_type,
+                   "Content-Length": str(sum(memoryview(p).nbytes for p in body))}
         if grant is not None:
             headers[AUTH_HEADER] = BEARER + grant
         for attempt in (1, 2):

@@ -11,6 +11,12 @@ first) names the serial of every certificate ``rbdfleet cert revoke`` revoked; a
 coordinator refuse a peer certificate it names (agents.tlsreload). It is valid until the CA
 ends: nodes read it from their disk, nobody fetches it, so it must never go stale.
 
+CA rotation (``rbdfleet cert rotate-ca``): for an overlap the directory's ``ca.pem`` is a
+bundle, the new CA first (it signs from then on, its key in ``ca.key``) and the old one after,
+and ``crl.pem`` holds the new CA's CRL then the old one's; every node trusts both while each
+gets a certificate of the new CA (``cert rotate --all``), then ``rotate-ca --finish`` drops
+the old CA and its CRL.
+
 Pure parts (:func:`make_ca`, :func:`issue`, :func:`make_crl`, :func:`inspect`,
 :func:`verify_issued`) take the time as an argument; :class:`FleetPki` is the directory.
 """
@@ -34,11 +40,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agents.tlsreload import ReloadingContext, TlsFiles, default_crl
 from agents.tlsreload import server_context as tls_server_context
+from orchestrator.config import FleetConfig
 from orchestrator.errors import PkiError
 
 __all__ = ["CA_DAYS", "CERT_DAYS", "CertInfo", "FleetPki", "Issued", "inspect",
-           "issue", "make_ca", "make_crl", "reloading_server_context", "revoked_serials",
-           "server_context", "verify_issued"]
+           "issue", "make_ca", "make_crl", "node_names", "reloading_server_context",
+           "revoked_serials", "server_context", "verify_issued"]
 
 CA_DAYS = 3650
 CERT_DAYS = 825  # the longest lifetime clients commonly accept for a server certificate
@@ -210,6 +217,27 @@ def verify_issued(ca_pem: bytes, cert_pem: bytes, now: datetime.datetime) -> Cer
     return info
 
 
+def _pem_blocks(data: bytes) -> list[bytes]:
+    """The PEM blocks of ``data`` (a bundle), each with its lines, in order."""
+    blocks, current = [], b""
+    for line in data.splitlines(keepends=True):
+        if line.startswith(b"-----BEGIN "):
+            current = b""
+        current += line
+        if line.startswith(b"-----END "):
+            blocks.append(current)
+    return blocks
+
+
+def node_names(config: FleetConfig, coordinator_hosts: Sequence[str]) -> dict[str, list[str]]:
+    """Every name the fleet's PKI issues a certificate to, with its SANs: each VM and
+    sandbox host (its address) and the coordinators (``coordinator_hosts``)."""
+    names = {vm.name: [vm.address] for vm in config.vms}
+    names.update({host.name: [host.address] for host in config.hosts})
+    names[COORDINATOR] = list(coordinator_hosts)
+    return names
+
+
 def _write_private(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` atomically, created with ``mode`` (never wider)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -275,16 +303,59 @@ class FleetPki:
         return made
 
     def revoked(self) -> dict[int, datetime.datetime]:
-        """Serial -> revocation time of every certificate the CA's CRL names; PkiError when
-        there is no CRL of this CA."""
+        """Serial -> revocation time of every certificate the (current) CA's CRL names;
+        PkiError when there is no CRL of this CA."""
         return revoked_serials(self._read(self.ca_file), self._read(self.crl_file))
 
     def _write_crl(self, revoked: dict[int, datetime.datetime],
                    now: datetime.datetime) -> None:
+        """The current CA's CRL, then the previous CA's during a CA rotation."""
         try:
-            _write_private(self.crl_file, make_crl(self.ca(), revoked, now), 0o644)
+            previous = _pem_blocks(self.crl_file.read_bytes())[1:]
+        except OSError:
+            previous = []
+        try:
+            _write_private(self.crl_file, b"".join([make_crl(self.ca(), revoked, now),
+                                                    *previous]), 0o644)
         except OSError as exc:
             raise PkiError(f"cannot write the CRL in {self.dir}: {exc}") from exc
+
+    def rotating_ca(self) -> bool:
+        """Whether a CA rotation is under way (``ca.pem`` holds the old CA after the new)."""
+        return len(_pem_blocks(self._read(self.ca_file))) > 1
+
+    def begin_ca_rotation(self, now: datetime.datetime) -> CertInfo:
+        """A new CA signs from now on; ``ca.pem`` and ``crl.pem`` become bundles of the new
+        and the old (module docstring). The new CA's info; PkiError if a rotation is under
+        way already."""
+        if self.rotating_ca():
+            raise PkiError("a CA rotation is under way: finish it first "
+                           "(`rbdfleet cert rotate-ca --finish`)")
+        self.ensure_ca(now)  # the old CA's CRL, for a fleet provisioned before CRLs
+        old_ca, old_crl = self._read(self.ca_file), self._read(self.crl_file)
+        new = make_ca(self.fleet, now)
+        try:
+            _write_private(self.key_file("ca.previous"), self._read(self.key_file("ca")), 0o600)
+            # the new key before the bundle naming its certificate first: whoever signs in
+            # between fails to load a mismatched pair rather than sign with the old key
+            _write_private(self.key_file("ca"), new.key, 0o600)
+            _write_private(self.ca_file, new.cert + old_ca, 0o644)
+            _write_private(self.crl_file, make_crl(new, {}, now) + old_crl, 0o644)
+        except OSError as exc:
+            raise PkiError(f"cannot write the new CA in {self.dir}: {exc}") from exc
+        return inspect(new.cert)
+
+    def finish_ca_rotation(self) -> None:
+        """Trust the new CA alone: the old one and its CRL leave the bundles. PkiError if no
+        rotation is under way."""
+        if not self.rotating_ca():
+            raise PkiError("no CA rotation is under way (`rbdfleet cert rotate-ca` starts one)")
+        try:
+            _write_private(self.ca_file, _pem_blocks(self._read(self.ca_file))[0], 0o644)
+            _write_private(self.crl_file, _pem_blocks(self._read(self.crl_file))[0], 0o644)
+            self.key_file("ca.previous").unlink(missing_ok=True)
+        except OSError as exc:
+            raise PkiError(f"cannot write the CA in {self.dir}: {exc}") from exc
 
     def revoke(self, name: str, now: datetime.datetime) -> CertInfo:
         """Revoke ``name``'s current certificate: its serial joins the CRL, the certificate

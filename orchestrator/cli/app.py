@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli import certs as certs_cli
 from orchestrator.cli import clients as clients_cli
 from orchestrator.cli import coordinator as coordinator_cli
 from orchestrator.cli import deploy as deploy_cli
@@ -64,6 +65,7 @@ deploy_cli.register(app)
 upgrade_cli.register(app)
 inventory_cli.register(app)
 clients_cli.register(app)
+certs_cli.register(app)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from orchestrator.errors import PkiError
 from orchestrator.pki import FleetPki, inspect, make_ca, make_crl, revoked_serials
@@ -74,3 +75,37 @@ def test_a_crl_is_only_taken_from_its_own_ca() -> None:
         revoked_serials(ca.cert, crl[:50])
     # two CAs of one fleet have distinct names (nodes find each one's CRL by it)
     assert inspect(ca.cert).name != inspect(other.cert).name
+
+
+def test_a_ca_rotation_bundles_the_new_and_the_old_ca_and_crl_then_drops_the_old(
+        tmp_path: Path) -> None:
+    pki = FleetPki(tmp_path / "tls", "demo")
+    pki.ensure_ca(NOW)
+    pki.ensure("vm1", ["10.0.0.1"], NOW)
+    old_ca = pki.ca_file.read_bytes()
+    old_cert = pki.cert_file("vm1").read_bytes()
+    assert not pki.rotating_ca()
+    new = pki.begin_ca_rotation(NOW)
+    assert pki.rotating_ca() and new.is_ca
+    bundle = x509.load_pem_x509_certificates(pki.ca_file.read_bytes())
+    assert new.name in bundle[0].subject.rfc4514_string()
+    assert bundle[1].public_bytes(serialization.Encoding.PEM) == old_ca
+    crls = pki.crl_file.read_bytes().count(b"-----BEGIN X509 CRL-----")
+    assert crls == 2 and pki.revoked() == {}  # the new CA's CRL first
+    with pytest.raises(PkiError, match="under way"):
+        pki.begin_ca_rotation(NOW)
+    # the new CA signs; a revocation keeps the old CA's CRL in the bundle
+    pki.ensure("vm2", ["10.0.0.2"], NOW)
+    assert inspect(pki.cert_file("vm2").read_bytes()).serial
+    pki.revoke("vm2", NOW)
+    assert pki.crl_file.read_bytes().count(b"-----BEGIN X509 CRL-----") == 2
+    # vm1's certificate is the old CA's: provision (ensure) reissues it from the new one
+    assert pki.ensure("vm1", ["10.0.0.1"], NOW) is True
+    assert pki.cert_file("vm1").read_bytes() != old_cert
+    pki.finish_ca_rotation()
+    assert not pki.rotating_ca()
+    assert inspect(pki.ca_file.read_bytes()).name == new.name
+    assert pki.crl_file.read_bytes().count(b"-----BEGIN X509 CRL-----") == 1
+    assert len(pki.revoked()) == 1
+    with pytest.raises(PkiError, match="no CA rotation"):
+        pki.finish_ca_rotation()
