@@ -35,6 +35,7 @@ from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
+from orchestrator.core.reports import TAKEOVER_SKEW
 from orchestrator.errors import FencingFailed
 from orchestrator.pki import server_context
 from orchestrator.ports import (
@@ -257,9 +258,11 @@ def file_image(path: Path, size: int = IMAGE_SIZE) -> Path:
 
 
 def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> None:
-    """Wait until ``service`` is active and its map has ``readers`` in-sync readers."""
+    """Wait until ``service`` is active, its map has ``readers`` in-sync readers and it takes
+    reports signed now (past its term's skew margin: orchestrator.core.reports)."""
     wait_until(
-        lambda: service.active and len(service.require_active().in_sync_readers()) == readers,
+        lambda: service.active and len(service.require_active().in_sync_readers()) == readers
+        and time.time() > (service.active_since or 0.0) + TAKEOVER_SKEW,
         timeout,
         f"coordinator active with {readers} in-sync readers",
     )
