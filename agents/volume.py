@@ -28,7 +28,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from agents.core import checkpoint as ckpt
@@ -116,7 +116,9 @@ class _Buffers:
 
 @dataclass
 class _Ticket:
-    """One record waiting for a group commit."""
+    """One record waiting for a group commit. Its put sleeps on its own ``wake``, set once
+    the ticket is ``done`` or handed the journal leadership (``leads``): a commit wakes the
+    puts of its batch and at most one more, never every waiter."""
 
     op: str
     payload: dict[str, Any]
@@ -125,6 +127,8 @@ class _Ticket:
     record: Record | None = None
     error: BaseException | None = None
     done: bool = False
+    leads: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,9 @@ class Volume:
         self._ring = sb.journal_bytes
         self._lock = threading.RLock()  # index, allocator, cursor, pins
         self._cond = threading.Condition(threading.Lock())  # group-commit queue, leadership
-        self._queue: builtins.list[_Ticket] = []
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._leading = False
+        self._exclusive = 0  # threads waiting in _leadership(): the next free turn is theirs
         self._failed: DeviceError | None = None
         self._writer_epoch: int | None = None
         self._index = Index()
@@ -1066,32 +1071,56 @@ class Volume:
 
     @contextlib.contextmanager
     def _leadership(self) -> Iterator[None]:
-        """Be the only thread writing the journal (or a checkpoint) for the block's duration."""
+        """Be the only thread writing the journal (or a checkpoint) for the block's duration
+        (checkpoints, promotion: rare, so these waiters share one condition)."""
         with self._cond:
+            self._exclusive += 1
             while self._leading:
                 self._cond.wait()
+            self._exclusive -= 1
             self._leading = True
         try:
             yield
         finally:
             with self._cond:
-                self._leading = False
-                self._cond.notify_all()
+                self._pass_leadership()
+
+    def _pass_leadership(self) -> None:
+        """Caller holds ``_cond`` and leads: hand the journal on. A thread waiting in
+        :meth:`_leadership` goes first (it would starve behind a steady stream of puts),
+        else the oldest queued ticket leads the next batch (woken alone), else nobody."""
+        if self._exclusive:
+            self._leading = False
+            self._cond.notify_all()
+        elif self._queue:
+            head = self._queue[0]
+            head.leads = True
+            head.wake.set()
+        else:
+            self._leading = False
 
     def _commit(self, ticket: _Ticket) -> Record:
         budget = self._ring // 4
         with self._cond:
             self._queue.append(ticket)
-            while self._leading and not ticket.done:
-                self._cond.wait()
-            if not ticket.done:
-                self._leading = True
+            if not self._leading:
+                self._leading = ticket.leads = True
+        while not ticket.leads:
+            ticket.wake.wait()
+            with self._cond:
+                if ticket.done:
+                    break
+                if not self._leading:  # a _leadership() holder let go with nobody named
+                    self._leading = ticket.leads = True
+                else:
+                    ticket.wake.clear()
+        if not ticket.done:
+            with self._cond:
                 batch: builtins.list[_Ticket] = []
                 total = 0
                 while self._queue and (not batch or total + self._queue[0].nbytes <= budget):
                     total += self._queue[0].nbytes
-                    batch.append(self._queue.pop(0))
-        if not ticket.done:
+                    batch.append(self._queue.popleft())
             try:
                 self._write_batch(batch)
             except BaseException as exc:
@@ -1104,8 +1133,8 @@ class Volume:
                 with self._cond:
                     for t in batch:
                         t.done = True
-                    self._leading = False
-                    self._cond.notify_all()
+                        t.wake.set()
+                    self._pass_leadership()
         if ticket.error is not None:
             raise ticket.error
         assert ticket.record is not None
