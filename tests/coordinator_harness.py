@@ -46,6 +46,7 @@ from orchestrator.ports import (
     SpareProvisioner,
     StateStore,
 )
+from orchestrator.services import state_store
 from orchestrator.testing.clients import MemoryClientStore
 from tests.fixtures.agents import (
     TEST_CLIENT,
@@ -228,8 +229,9 @@ def start_service(
 
 
 def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> RadosStateStore:
-    """A RadosStateStore with a unique holder."""
-    return RadosStateStore(client, pool, fleet, f"coord-{uuid.uuid4().hex[:8]}", lease)
+    """The fleet's state store in RADOS (as the composition root builds it), with a unique
+    holder."""
+    return state_store(client, pool, fleet, lease, f"coord-{uuid.uuid4().hex[:8]}")
 
 
 def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0,

@@ -33,10 +33,10 @@ from agents.peers import post_message
 from agents.volume import Volume
 from orchestrator import config as fleet_config
 from orchestrator.adapters.rados_clients import RadosClientStore
-from orchestrator.cli.coordinator import client_credential
 from orchestrator.coordinator.api import CLIENT_CACHE_SECONDS
 from orchestrator.core.clients import ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE, ClientCredential
 from orchestrator.sandbox.lifecycle import CLIENT_SECRET, issue_admin_client, render_config
+from orchestrator.services import client_credential
 from tests.coordinator_harness import (
     Coordinator,
     PidFencer,
