@@ -32,12 +32,12 @@ app = typer.Typer(help="The fleet's TLS certificates: rotate, revoke, change the
                   no_args_is_help=True)
 
 NodeOption = Annotated[list[str] | None, typer.Option(
-    "--node", help="a VM (or `coordinator`) to give a new certificate; repeatable")]
+    "--node", help="a VM (or coordinator) to give a new certificate; repeatable")]
 AllOption = Annotated[bool, typer.Option(
     "--all", help="every VM and the coordinators")]
 DeployOption = Annotated[bool, typer.Option(
     "--deploy/--no-deploy", help="install the changed files on the VMs over SSH")]
-NodeArg = Annotated[str, typer.Argument(help="the VM (or `coordinator`) whose certificate "
+NodeArg = Annotated[str, typer.Argument(help="the VM (or coordinator) whose certificate "
                                              "to revoke")]
 FinishOption = Annotated[bool, typer.Option(
     "--finish", help="end the rotation: trust the new CA alone")]
