@@ -20,7 +20,6 @@ import functools
 import logging
 import os
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -28,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from agents.tlsreload import ContextSource
 from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
 from orchestrator.adapters.ansible import (
@@ -54,7 +54,7 @@ from orchestrator.core.placement import vm_user
 from orchestrator.errors import ConfigError, PkiError
 from orchestrator.packaging import AgentPackage
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
-from orchestrator.pki import FleetPki, server_context
+from orchestrator.pki import FleetPki, reloading_server_context
 from orchestrator.ports import (
     ClientStore,
     Clock,
@@ -298,7 +298,7 @@ def coordinator_client(cfg: FleetConfig, urls: list[str]) -> CoordinatorClient:
                              transport=Transport.for_fleet(cfg))
 
 
-def server_tls(cfg: FleetConfig, ccfg: CoordinatorConfig) -> tuple[ssl.SSLContext | None,
+def server_tls(cfg: FleetConfig, ccfg: CoordinatorConfig) -> tuple[ContextSource | None,
                                                                    Transport]:
     """The coordinator's TLS server context (None: plaintext) and its transport to the agents
     (presenting its certificate: mutual TLS). TLS unless ``insecure_plaintext`` (in
@@ -316,7 +316,8 @@ def server_tls(cfg: FleetConfig, ccfg: CoordinatorConfig) -> tuple[ssl.SSLContex
         except PkiError as exc:
             raise ConfigError("coordinator.tls_cert", f"{exc}; or set [coordinator] "
                               "insecure_plaintext = true") from exc
-    return (server_context(cert, key, pki.ca_file),
+    # rebuilt when the certificate, CA or CRL (crl.pem beside the CA) change: no restart
+    return (reloading_server_context(cert, key, pki.ca_file),
             Transport(tls=True, ca_file=str(pki.ca_file), identity=(str(cert), str(key))))
 
 
