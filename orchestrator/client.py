@@ -54,6 +54,7 @@ from agents.errors import (
     RbdfleetError,
     error_from_wire,
 )
+from agents.tlsreload import ReloadingContext, TlsFiles, client_context, default_crl
 from orchestrator.config import FleetConfig
 from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
@@ -172,14 +173,15 @@ class Transport:
     ``tls``: bare ``host:port`` addresses are reached over HTTPS, verified against
     ``ca_file`` (the fleet CA); ``identity`` (cert, key files) is presented to them: the
     coordinator's, for the agents' node-only routes (clients have none). The TLS context is
-    built once."""
+    built once and again when its files change (agents.tlsreload: a rotated certificate, a CA
+    bundle, the CRL beside the CA, by which a revoked node's certificate is refused)."""
 
     def __init__(self, tls: bool = False, ca_file: str | None = None,
                  identity: tuple[str, str] | None = None) -> None:
         self.tls = tls
         self.ca_file = ca_file
         self.identity = identity
-        self._context: ssl.SSLContext | None = None
+        self._context: ReloadingContext | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -201,15 +203,17 @@ class Transport:
         """The client TLS context (fleet CA, identity); ConfigError if the files do not load."""
         with self._lock:
             if self._context is None:
+                cert, key = self.identity or (None, None)
+                crl = None if self.ca_file is None else default_crl(self.ca_file)
                 try:
-                    context = ssl.create_default_context(cafile=self.ca_file)
-                    if self.identity is not None:
-                        context.load_cert_chain(*self.identity)
-                except OSError as exc:  # ssl.SSLError too
+                    self._context = ReloadingContext(
+                        TlsFiles(self.ca_file, cert, key, crl, crl_required=False),
+                        client_context)
+                except (OSError, ValueError) as exc:  # ssl.SSLError too
                     raise ConfigError("tls", f"the fleet CA or certificate does not load: "
                                              f"{exc}") from exc
-                self._context = context
-            return self._context
+            source = self._context
+        return source.get()
 
     def connect(
         self, address: str, path: str, timeout: float
