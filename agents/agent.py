@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from agents.core.grants import (
 )
 from agents.core.index import check_extents_within
 from agents.core.protocol import (
+    PUSH_CONTENT_TYPE,
     DemoteRequest,
     Health,
     Heartbeat,
@@ -89,6 +91,18 @@ __all__ = ["Agent", "AgentSettings", "OpenDevice"]
 
 LOG = logging.getLogger(__name__)
 
+
+def _release() -> str:
+    """The deployed package version this process imports: both deployers unpack a package into
+    ``opt/rbdfleet/releases/<version>`` and run it from there (never via ``current``, which an
+    install may already have moved on); ``""`` when run from anywhere else."""
+    release = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.basename(release) if os.path.basename(os.path.dirname(release)) == "releases" \
+        else ""
+
+
+RELEASE = _release()
+
 OpenDevice = Callable[[bool], BlockDevice]  # read_only -> device
 
 
@@ -108,6 +122,7 @@ class AgentSettings:
     # this node's certificate and key (PEM files), presented on its pushes and reports
     cert_file: str | None = None
     key_file: str | None = None
+    crl_file: str | None = None  # the fleet CA's revocation list (revoked peers refused)
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
     tail_interval: float = 0.5
@@ -124,9 +139,8 @@ def _check_push_extents(push: RecordPush, volume: Volume) -> None:
     data area: even a writer's valid grant does not make such a record something to serve."""
     sb = volume.superblock
     try:
-        for raw in push.record_bytes():
-            check_extents_within(Record.decode(raw), sb.data_offset,
-                                 sb.data_offset + sb.data_bytes)
+        for pushed in push.records:
+            check_extents_within(pushed.record, sb.data_offset, sb.data_offset + sb.data_bytes)
     except FormatError as exc:
         raise DecodeError(f"record push: {exc.message}", field="records") from exc
 
@@ -237,7 +251,7 @@ class Agent:
             safe_seq=volume.safe_seq() if volume else -1, selftest=self.selftest,
             catching_up=catching_up, in_sync=in_sync,
             lagging=tuple(sorted(lk.node for lk in self._links(False))),
-            sync_revision=revision,
+            sync_revision=revision, version=RELEASE,
         )
 
     # -- role changes --------------------------------------------------------------------
@@ -569,7 +583,8 @@ class Agent:
     def _peer(self, address: str) -> Peer:
         settings = self.settings
         return Peer(address, tls=settings.tls, ca_file=settings.ca_file,
-                    cert_file=settings.cert_file, key_file=settings.key_file)
+                    cert_file=settings.cert_file, key_file=settings.key_file,
+                    crl_file=settings.crl_file)
 
     def _send_push(self, link: ReaderLink, push: RecordPush) -> RecordAck:
         key = (link.node, link.address)
@@ -578,7 +593,8 @@ class Agent:
             session = PeerSession(self._peer(link.address), self.settings.ack_timeout)
             self._sessions[key] = session
         try:
-            answer = session.post("/v1/records", push, grant=self._push_grant(link.node))
+            answer = session.post_body("/v1/records", push.parts(), PUSH_CONTENT_TYPE,
+                                       grant=self._push_grant(link.node))
         except AgentError:
             self.m_pushes.inc("failed")
             raise

@@ -13,11 +13,11 @@ key is read from its 0600 file and only ever handed to the grant functions).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -30,9 +30,18 @@ from typing import Any
 from agents.agent import Agent, AgentSettings
 from agents.core.sizes import parse_size
 from agents.device import BlockDevice
-from agents.errors import AgentError, ConfigError, FormatError, NotFound, RbdfleetError
+from agents.errors import (
+    AgentError,
+    ConfigError,
+    DeviceError,
+    FormatError,
+    NotFound,
+    RbdfleetError,
+)
 from agents.keyfile import read_key_lines
+from agents.peers import reload_client_contexts
 from agents.server import AgentServer, serve
+from agents.tlsreload import TlsFiles, client_context, default_crl, server_context
 
 __all__ = ["AgentConfig", "load_config", "main", "open_backend"]
 
@@ -62,6 +71,7 @@ class AgentConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    tls_crl: str | None = None
     insecure_plaintext: bool = False
     max_body: int = 64 << 30
     ack_timeout: float = 2.0
@@ -217,12 +227,14 @@ def _write_ready(path: str, address: str) -> None:
     os.replace(tmp, path)
 
 
-def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
-    """``(cert, key, fleet CA)`` to serve with; None only with ``insecure_plaintext``.
+def tls_material(config: AgentConfig) -> TlsFiles | None:
+    """The certificate, key, fleet CA (bundle) and CRL to serve with; None only with
+    ``insecure_plaintext``.
 
     TLS is on by default: an agent without its certificate, key and the fleet CA refuses to
     start (ConfigError), and the files must load. The certificate is presented on the
-    agent's own connections too (pushes, reports: mutual TLS)."""
+    agent's own connections too (pushes, reports: mutual TLS). The files are read again when
+    they change or on SIGHUP (agents.tlsreload)."""
     if config.insecure_plaintext:
         LOG.warning("event=insecure_plaintext node=%s tls=off reason=\"insecure_plaintext = "
                     "true: grants, data and control travel in the clear; node-only routes "
@@ -233,12 +245,16 @@ def tls_material(config: AgentConfig) -> tuple[str, str, str] | None:
                                       "(this node's certificate and key and the fleet CA, "
                                       "installed by `rbdfleet deploy` or the Ansible role), or "
                                       "insecure_plaintext = true")
+    # tls.crl, else crl.pem beside the CA once `rbdfleet cert revoke` installs one
+    files = TlsFiles(config.tls_ca, config.tls_cert, config.tls_key,
+                     config.tls_crl or default_crl(config.tls_ca),
+                     crl_required=config.tls_crl is not None)
     try:  # fail at start, not at the first connection
-        ssl.create_default_context(cafile=config.tls_ca).load_cert_chain(config.tls_cert,
-                                                                          config.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("tls", f"the certificate, key or CA does not load: {exc}") from exc
-    return config.tls_cert, config.tls_key, config.tls_ca
+        server_context(files)
+        client_context(files)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConfigError("tls", f"the certificate, key, CA or CRL does not load: {exc}") from exc
+    return files
 
 
 def run(config: AgentConfig) -> int:
@@ -256,8 +272,12 @@ def run(config: AgentConfig) -> int:
                 return open_backend(config.backend, read_only=read_only,
                                     ceph_conf=config.ceph_conf, ceph_user=config.ceph_user,
                                     ceph_keyring=config.ceph_keyring)
-            except NotFound:
-                if not config.backend.startswith("device:") or time.monotonic() > deadline:
+            except (NotFound, DeviceError) as exc:
+                # udev gives a hot-plugged node its group (disk) a moment after sysfs shows
+                # it: until then the agent's account may not open it (EACCES)
+                pending = isinstance(exc, NotFound) or exc.fields.get("errno") == errno.EACCES
+                if not pending or not config.backend.startswith("device:") \
+                        or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
 
@@ -270,9 +290,14 @@ def run(config: AgentConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Bind first: the advertised address may need the port the OS picked.
-    server = AgentServer((host, port), max_body=config.max_body,
-                         tls=material[:2] if material else None,
-                         client_ca=material[2] if material else None)
+    server = AgentServer((host, port), max_body=config.max_body, tls=material)
+
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        # rotated certificates or a new CRL: taken now rather than within CHECK_INTERVAL
+        # (the reload runs outside the handler: it takes locks the interrupted code may hold)
+        threading.Thread(target=_reload_tls, args=(server,), name="sighup", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_hangup)
     bound = int(server.server_address[1])
     local = f"{host if host != '0.0.0.0' else '127.0.0.1'}:{bound}"
     settings = AgentSettings(
@@ -280,7 +305,9 @@ def run(config: AgentConfig) -> int:
         advertise=config.advertise or local, readers=dict(config.readers),
         push_grants=dict(config.push_grants),
         coordinator=config.coordinator, tls=material is not None, ca_file=config.tls_ca,
-        cert_file=material[0] if material else None, key_file=material[1] if material else None,
+        cert_file=material.cert if material else None,
+        key_file=material.key if material else None,
+        crl_file=material.crl if material else None,
         ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
         tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,
         selftest_interval=config.selftest_interval)
@@ -309,6 +336,13 @@ def run(config: AgentConfig) -> int:
     server.server_close()
     LOG.info("event=stopped node=%s", config.node)
     return 0
+
+
+def _reload_tls(server: AgentServer) -> None:
+    LOG.info("event=tls_reload_requested signal=SIGHUP")
+    if server.tls_source is not None:
+        server.tls_source.reload()
+    reload_client_contexts()
 
 
 def _is_blank(device: BlockDevice, fleet: str) -> bool:

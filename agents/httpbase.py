@@ -14,12 +14,12 @@ import io
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from typing import Any, cast
 
 from agents.errors import TooBusy
+from agents.tlsreload import ContextSource, current
 
 __all__ = ["BoundedHTTPServer", "BoundedRequestHandler", "Deadlines"]
 
@@ -78,7 +78,7 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int],
                  handler: type[http.server.BaseHTTPRequestHandler], *,
-                 tls: ssl.SSLContext | None, max_connections: int,
+                 tls: ContextSource | None, max_connections: int,
                  header_timeout: float) -> None:
         self.tls = tls
         self.max_connections = max_connections
@@ -90,7 +90,9 @@ class BoundedHTTPServer(http.server.ThreadingHTTPServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
         if self.tls is not None:  # the handshake runs later, in the connection's own thread
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            # each connection takes the context of now: rotated files serve new connections
+            sock = current(self.tls).wrap_socket(sock, server_side=True,
+                                                 do_handshake_on_connect=False)
         return sock, addr
 
     def service_actions(self) -> None:

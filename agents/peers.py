@@ -1,4 +1,5 @@
-"""Outgoing HTTP/1.1 + JSON from an agent: writer → reader pushes, agent → coordinator reports.
+"""Outgoing HTTP/1.1 from an agent: writer → reader pushes (binary), agent → coordinator
+reports (JSON).
 
 :class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
 TLS (the peer verified against a CA file; this node's certificate presented when the
@@ -12,24 +13,42 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+import threading
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
 from agents.errors import AgentError, DecodeError, PeerUnreachable
+from agents.tlsreload import ReloadingContext, TlsFiles, client_context
 
-__all__ = ["Peer", "PeerSession", "post_message"]
+__all__ = ["Peer", "PeerSession", "post_message", "reload_client_contexts"]
 
 
-@lru_cache(maxsize=8)  # files loaded once per (CA, certificate, key), not per connection
-def _client_context(ca_file: str | None, cert_file: str | None,
-                    key_file: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file is not None:
-        context.load_cert_chain(cert_file, key_file)
-    return context
+# files loaded once per (CA, certificate, key, CRL), not per connection, and again when they
+# change (a rotated certificate, a new CRL); a process has one or two of these
+_CONTEXTS: dict[TlsFiles, ReloadingContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+_MAX_CONTEXTS = 16
+
+
+def _client_context(files: TlsFiles) -> ssl.SSLContext:
+    with _CONTEXTS_LOCK:
+        source = _CONTEXTS.get(files)
+        if source is None:
+            if len(_CONTEXTS) >= _MAX_CONTEXTS:  # only tests make many: start over
+                _CONTEXTS.clear()
+            source = _CONTEXTS[files] = ReloadingContext(files, client_context)
+    return source.get()
+
+
+def reload_client_contexts() -> None:
+    """Look at every client context's files now (the agent's SIGHUP)."""
+    with _CONTEXTS_LOCK:
+        sources = list(_CONTEXTS.values())
+    for source in sources:
+        source.reload()
 
 
 @dataclass(frozen=True)
@@ -45,6 +64,7 @@ class Peer:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    crl_file: str | None = None  # the fleet CA's revocation list: revoked peers are refused
 
     def url(self, path: str) -> urllib.parse.SplitResult:
         """The parsed URL of ``path`` on this peer."""
@@ -59,8 +79,9 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
         raise PeerUnreachable(f"peer address {peer.address!r} has no host", address=peer.address)
     if url.scheme == "https":
         try:
-            context = _client_context(peer.ca_file, peer.cert_file, peer.key_file)
-        except OSError as exc:  # ssl.SSLError too: a CA, certificate or key that does not load
+            context = _client_context(TlsFiles(peer.ca_file, peer.cert_file, peer.key_file,
+                                               peer.crl_file))
+        except (OSError, ValueError) as exc:  # ssl.SSLError too: a file that does not load
             raise PeerUnreachable(f"TLS to {peer.address}: {exc}", address=peer.address) from exc
         return http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout,
                                            context=context)
@@ -87,9 +108,17 @@ class PeerSession:
 
         Raises PeerUnreachable for transport errors and the sent AgentError for an error
         answer."""
+        return self.post_body(path, [message.encode()], "application/json", grant=grant)
+
+    def post_body(self, path: str, parts: Sequence[bytes | memoryview], content_type: str, *,
+                  grant: str | None) -> dict[str, Any]:
+        """POST the body made of ``parts``, sent one after the other as they are (each a
+        ``sendall`` of the buffer: a push's frames shared by all readers are never copied);
+        answered and raising like :meth:`post`."""
         url = self.peer.url(path)
-        body = message.encode()
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        body = list(parts)
+        headers = {"Content-Type": content_type,
+                   "Content-Length": str(sum(memoryview(p).nbytes for p in body))}
         if grant is not None:
             headers[AUTH_HEADER] = BEARER + grant
         for attempt in (1, 2):

@@ -58,11 +58,12 @@ class ReaderRole:
             return self.volume.applied_seq
 
     def receive(self, push: RecordPush) -> RecordAck:
-        """Apply pushed records in seq order; gaps are filled from the journal on the image."""
-        records = sorted((Record.decode(b) for b in push.record_bytes()), key=lambda r: r.seq)
+        """Apply pushed records (in seq order, each where it lies in the journal ring: checked
+        by :attr:`RecordPush.records`); gaps are filled from the journal on the image."""
         with self._lock:
             self.writer = push.writer
-            for record in records:
+            for pushed in push.records:
+                record = pushed.record
                 if record.seq <= self.volume.applied_seq:
                     continue
                 if record.seq > self.volume.applied_seq + 1:
@@ -76,7 +77,7 @@ class ReaderRole:
                         f"record {record.seq} does not follow {self.volume.applied_seq} and "
                         "the journal does not have the missing records yet",
                         applied=self.volume.applied_seq, got=record.seq)
-                self.volume.apply(record)
+                self.volume.apply(record, pushed.start, pushed.nbytes)
             if self.volume.applied_seq < push.commit_seq:
                 self._refresh_locked()
             # Only now: a read arriving while this push is applied must not see the reader

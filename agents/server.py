@@ -29,7 +29,6 @@ import http
 import http.server
 import logging
 import re
-import ssl
 import time
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator
@@ -46,6 +45,8 @@ from agents.core.protocol import (
     INSECURE_HEADER,
     LIST_LIMIT,
     MAX_LIST_LIMIT,
+    MAX_PUSH_RECORDS,
+    PUSH_CONTENT_TYPE,
     SEQ_HEADER,
     DemoteRequest,
     EntryInfo,
@@ -63,7 +64,6 @@ from agents.core.protocol import (
     bearer_token,
     header_int,
 )
-from agents.core.record import Record
 from agents.device import ALIGN
 from agents.errors import (
     AgentError,
@@ -85,8 +85,8 @@ from agents.errors import (
     WrongKind,
 )
 from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
+from agents.tlsreload import ReloadingContext, TlsFiles, server_context
 from agents.volume import WRITE_UNIT, Entry
-from agents.writer import MAX_PUSH_BATCH
 
 __all__ = ["AgentServer", "serve"]
 
@@ -95,13 +95,10 @@ LOG = logging.getLogger(__name__)
 CHUNK = WRITE_UNIT  # bytes read from the socket per chunk of a PUT body: whole write units
 # go to the device without being staged and copied again (Volume.put's fast path)
 MAX_CONTROL_JSON = 64 << 10  # mkdir/rename (two 4 KiB paths even fully \u-escaped), control
-# a push of MAX_PUSH_BATCH records, base64 (4/3), each up to 4 pages: a put record of a file of
-# about a thousand chunks; the writer sends a bigger batch as its commit seq alone, and a push
-# refused here only makes the reader catch up from the journal
-MAX_PUSH_JSON = MAX_PUSH_BATCH * 4 * ALIGN * 4 // 3 + MAX_CONTROL_JSON
-# a push is an object holding one array of strings: anything deeper is refused by the depth
-# scan at its first bracket, before megabytes of ``[{},...]`` are parsed
-PUSH_DEPTH = 2
+# a push of MAX_PUSH_RECORDS records, each up to 4 pages (a put record of a file of about a
+# thousand chunks), with its framing; the writer sends a bigger backlog as its commit seq
+# alone, and a push refused here only makes the reader catch up from the journal
+MAX_PUSH_BODY = MAX_PUSH_RECORDS * 4 * ALIGN + MAX_CONTROL_JSON
 MAX_CONNECTIONS = 128  # served at once (one thread each); more are answered 503 too_busy
 HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its headers (and JSON body)
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may wait for its next request
@@ -271,19 +268,22 @@ class Handler(BoundedRequestHandler):
                  max_depth: int = boundedjson.MAX_DEPTH) -> M:
         """Read and decode the JSON body (at most ``limit`` bytes, nested at most
         ``max_depth``), then lift the request's deadline."""
+        return message.decode(self._whole_body(limit), max_depth=max_depth)
+
+    def _whole_body(self, limit: int) -> bytes:
+        """Read the whole body (at most ``limit`` bytes), then lift the request's deadline."""
         length = self._unread
         if not self._has_length:
             raise DecodeError("request needs a Content-Length", field="Content-Length")
         if length > limit:
-            raise TooLarge(f"JSON body of {length} bytes over this route's {limit}",
-                           limit=limit)
+            raise TooLarge(f"body of {length} bytes over this route's {limit}", limit=limit)
         self._ready_for_body()
         data = self.rfile.read(length)
         self._unread -= len(data)
         self._request_read()
         if len(data) != length:
             raise DecodeError(f"body ended after {len(data)} of {length} bytes")
-        return message.decode(data, max_depth=max_depth)
+        return data
 
     def _token(self) -> str:
         return bearer_token(self._headers_map())
@@ -500,7 +500,11 @@ class Handler(BoundedRequestHandler):
 
     def records(self) -> Answer:
         token = self._authenticate({PUSH})  # the agent checks it names the push's writer
-        push = self._message(RecordPush, MAX_PUSH_JSON, max_depth=PUSH_DEPTH)
+        kind = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        if kind != PUSH_CONTENT_TYPE:
+            raise DecodeError(f"a record push is sent as {PUSH_CONTENT_TYPE}",
+                              field="Content-Type")
+        push = RecordPush.decode(self._whole_body(MAX_PUSH_BODY))
         _check_push(push)
         return Answer(200, self.agent.receive_push(token, push))
 
@@ -527,13 +531,12 @@ class Handler(BoundedRequestHandler):
 
 
 def _check_push(push: RecordPush) -> None:
-    """Refuse (400) a push whose records do not decode to well-formed records: a reader
-    applies only what a writer could have written (the grant was checked already)."""
-    if len(push.records) > MAX_PUSH_BATCH:
-        raise TooLarge(f"push of {len(push.records)} records", limit=MAX_PUSH_BATCH)
+    """Refuse (400) a push whose records do not decode to well-formed records in seq order
+    (413 past MAX_PUSH_RECORDS): a reader applies only what a writer could have written
+    (the grant was checked already)."""
     try:
-        for raw in push.record_bytes():
-            check_payload(Record.decode(raw))
+        for pushed in push.records:
+            check_payload(pushed.record)
     except FormatError as exc:
         raise DecodeError(f"record push: {exc.message}", field="records") from exc
 
@@ -562,7 +565,7 @@ ROUTES = (
     Route("GET", "/v1/list", "list", Handler.list_dir),
     Route("GET", "/v1/list/", "list", Handler.list_dir),
     Route("GET", "/v1/stat/", "stat", Handler.stat),
-    Route("POST", "/v1/records", "records", Handler.records, MAX_PUSH_JSON),
+    Route("POST", "/v1/records", "records", Handler.records, MAX_PUSH_BODY),
     Route("POST", "/v1/promote", "promote", Handler.promote, MAX_CONTROL_JSON),
     Route("POST", "/v1/demote", "demote", Handler.demote, MAX_CONTROL_JSON),
     Route("POST", "/v1/readers", "readers", Handler.readers, MAX_CONTROL_JSON),
@@ -593,28 +596,23 @@ class AgentServer(BoundedHTTPServer):
     agent: Agent  # set by the daemon before serving: the advertised address needs the port
 
     def __init__(self, address: tuple[str, int], *, max_body: int,
-                 tls: tuple[str, str] | None = None, client_ca: str | None = None,
+                 tls: TlsFiles | None = None,
                  max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  body_timeout: float = BODY_TIMEOUT) -> None:
-        """``tls``: this node's (cert, key) files; ``client_ca``: the fleet CA, whose
-        certificates the node-only routes require of their callers (mutual TLS). Without
+        """``tls``: this node's certificate and key, the fleet CA whose certificates the
+        node-only routes require of their callers (mutual TLS) and its CRL, reloaded when they
+        change (agents.tlsreload; OSError or ValueError here if they do not load). Without
         ``tls`` the server speaks plaintext and checks no peer (``insecure_plaintext``)."""
         self.max_body = max_body
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
-        context: ssl.SSLContext | None = None
-        if tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            if client_ca is not None:
-                # optional at the handshake: clients have no certificates and data routes
-                # stay grant-authenticated; a certificate that is presented must chain to the
-                # fleet CA (else the handshake fails), and node-only routes require one
-                context.load_verify_locations(client_ca)
-                context.verify_mode = ssl.CERT_OPTIONAL
+        # client certificates are optional at the handshake: clients have none and data
+        # routes stay grant-authenticated; a presented one must chain to the fleet CA and not
+        # be revoked (else the handshake fails), and node-only routes require one
+        self.tls_source = None if tls is None else ReloadingContext(tls, server_context)
         self.plaintext = tls is None
-        super().__init__(address, Handler, tls=context, max_connections=max_connections,
+        super().__init__(address, Handler, tls=self.tls_source, max_connections=max_connections,
                          header_timeout=header_timeout)
 
     def check_node_peer(self, connection: Any) -> None:

@@ -16,6 +16,13 @@ kept in the state directory) runs the agent as a **reader** whenever a coordinat
 configured: it rejoins as a reader of the current epoch, and only the coordinator names a
 writer. A new config (a deploy) is honoured once. Without a coordinator nobody else could
 name a writer, so the config's role is kept.
+
+**Who it runs as.** :data:`AGENT_USER`, a system account without a shell or a home of its own
+that both deployers make (docs/security.md, "Least privilege on the VMs"), with the ``disk``
+group for the shared disk's device node (root:disk 0660) and no capability. What it writes:
+the launcher's state in its ``StateDirectory`` (``/var/lib/rbdfleet``, its own); nothing else
+on a VM. The pidfile is root's: systemd writes it outside the sandbox (``+``), so the pid both
+deployers signal as root is never the agent's word.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AGENT_USER",
     "ANSIBLE_VARIABLES",
+    "DEVICE_GROUP",
     "RESTART_SEC",
     "UNIT",
     "UNIT_NAME",
@@ -48,6 +57,10 @@ __all__ = [
 UNIT_NAME = "rbdfleet-agent.service"
 RESTART_SEC = 3
 STATE_FILE = "started-config.sha256"
+# The agent's account on a VM (user and its own group) and the group of block device nodes
+# (udev's rule on Debian), which opens the shared disk without any capability.
+AGENT_USER = "rbdfleet-agent"
+DEVICE_GROUP = "disk"
 
 
 class _Template(string.Template):
@@ -72,9 +85,10 @@ Environment=PYTHONPATH=@{release}
 WorkingDirectory=@{workdir}
 # agents.service execs the daemon; started again with the same config it is a reader.
 ExecStart=@{python} -m agents.service --config @{config} --state-dir @{workdir} -- @{launch}
-# The pidfile both deployers read to see the agent running.
-ExecStartPost=/bin/sh -c 'echo $$MAINPID > @{pidfile}'
-ExecStopPost=/bin/rm -f @{pidfile}
+# The pidfile both deployers read to see the agent running, written by root ("+": outside
+# the sandbox) into a directory the agent cannot write: the pid they signal is not its word.
+ExecStartPost=+/bin/sh -c 'mkdir -p -m 0755 @{piddir} && echo $$MAINPID > @{pidfile}'
+ExecStopPost=+/bin/rm -f @{pidfile}
 StandardOutput=journal
 StandardError=journal
 SyslogIdentifier=rbdfleet-agent
@@ -83,14 +97,18 @@ KillSignal=SIGTERM
 TimeoutStopSec=@{stop_timeout}
 Restart=always
 RestartSec=@{restart_sec}
-RuntimeDirectory=rbdfleet
-RuntimeDirectoryPreserve=yes
 UMask=0077
 
-# uid 0 without a single capability: its files (config, keys, TLS key: 0600 root, as both
-# deployers write them) and the shared disk's device node (root:disk 0660) are root's, and
-# it may open nothing else root does not own. No ProtectClock: it implies DeviceAllow=char-rtc,
-# which shuts every other device out (systemd issue 18142), the shared disk too.
+# Its own account, no capability: it reads its config, keys and TLS key (0600, its own, in
+# root's 0750 directory of its group), opens the shared disk through the group of its device
+# node (root:disk 0660, also after a hot-plug) and writes only its state directory
+# (/var/lib/rbdfleet, the working directory: the launcher's marker). No ProtectClock: it
+# implies DeviceAllow=char-rtc, which shuts every other device out (systemd issue 18142).
+User=@{user}
+Group=@{user}
+SupplementaryGroups=@{device_group}
+StateDirectory=rbdfleet
+StateDirectoryMode=0750
 CapabilityBoundingSet=
 AmbientCapabilities=
 NoNewPrivileges=yes
@@ -125,6 +143,9 @@ ANSIBLE_VARIABLES: Mapping[str, str] = {
     "config": "{{ rbdfleet_agent_config_path }}",
     "launch": "{{ rbdfleet_agent_launch | map('quote') | join(' ') }}",
     "pidfile": "{{ rbdfleet_agent_pidfile }}",
+    "piddir": "{{ rbdfleet_agent_pidfile | dirname }}",
+    "user": "{{ rbdfleet_agent_user }}",
+    "device_group": DEVICE_GROUP,
     "stop_timeout": "{{ rbdfleet_agent_stop_timeout }}",
     "restart_sec": str(RESTART_SEC),
     "read_write": (
@@ -143,7 +164,7 @@ class UnitParams:
     """What the unit names: the agent's layout on its host and its config."""
 
     release: str  # the release directory (PYTHONPATH)
-    workdir: str
+    workdir: str  # /var/lib/rbdfleet where systemd runs it: the unit's StateDirectory
     config_path: str
     pidfile: str
     config: Mapping[str, Any]  # the agent's config (node, fleet, backend, ready_file)
@@ -154,7 +175,7 @@ class UnitParams:
 
 def read_write_paths(workdir: str, config: Mapping[str, Any]) -> list[str]:
     """What the agent writes under ``ProtectSystem=strict``: its working directory, a file
-    backend's directory and the ready file's (``/run/rbdfleet`` is its RuntimeDirectory)."""
+    backend's directory and the ready file's."""
     paths = [workdir]
     backend = str(config.get("backend", ""))
     if backend.startswith("file:"):
@@ -176,6 +197,9 @@ def render_unit(params: UnitParams) -> str:
         config=params.config_path,
         launch=shlex.join(params.launch),  # what Ansible's ``quote`` filter does
         pidfile=params.pidfile,
+        piddir=posixpath.dirname(params.pidfile),
+        user=AGENT_USER,
+        device_group=DEVICE_GROUP,
         stop_timeout=int(timeout) if float(timeout).is_integer() else timeout,
         restart_sec=RESTART_SEC,
         read_write=" ".join(read_write_paths(params.workdir, params.config)),

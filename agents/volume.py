@@ -28,7 +28,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from agents.core import btree, journal
@@ -43,7 +43,7 @@ from agents.core.index import (
     put_payload,
 )
 from agents.core.pages import Layout
-from agents.core.record import Record
+from agents.core.record import HEADER, MAGIC, Record
 from agents.core.superblock import SLOTS, Superblock, choose, layout
 from agents.core.treeindex import TreeIndex
 from agents.device import ALIGN, BlockDevice, VectoredDevice, aligned_buffer, byte_view, vectored
@@ -65,7 +65,7 @@ from agents.errors import (
     WrongKind,
 )
 
-__all__ = ["Entry", "Record", "Volume", "normalize_path"]
+__all__ = ["Commit", "Entry", "Record", "Volume", "normalize_path"]
 
 LOG = logging.getLogger(__name__)
 
@@ -126,8 +126,10 @@ class _Buffers:
 
 @dataclass
 class _Ticket:
-    """One record waiting for a group commit (``outside``: the key of its put's extents in
-    :attr:`Volume._outside`, dropped there once the record is applied)."""
+    """One record waiting for a group commit. Its put sleeps on its own ``wake``, set once
+    the ticket is ``done`` or handed the journal leadership (``leads``): a commit wakes the
+    puts of its batch and at most one more, never every waiter. ``outside``: the key of its
+    put's extents in :attr:`Volume._outside`, dropped there once the record is applied."""
 
     op: str
     payload: dict[str, Any]
@@ -137,6 +139,19 @@ class _Ticket:
     error: BaseException | None = None
     done: bool = False
     outside: int | None = None
+    leads: bool = False
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One durable group commit as readers get it: its records (seq order) and their bytes as
+    they lie in the journal ring from offset ``start`` (packed, without the batch's
+    padding). ``data`` is read-only and stays valid: it is not reused."""
+
+    records: builtins.list[Record]
+    start: int
+    data: memoryview
 
 
 class _PageStore:
@@ -235,37 +250,49 @@ class _JournalView:
         if start + length > self._ring:
             raise ValueError("journal read past the ring")
         if not (self._start <= start and start + length <= self._start + len(self._buf)):
-            want = min(self._ring - start, max(length, self._window))
+            base = start - start % ALIGN  # records lie anywhere; device reads stay aligned
+            want = min(self._ring - base,
+                       max(journal.align_up(start + length) - base, self._window))
             self._window = min(self._window * 2, JOURNAL_WINDOW)
-            self._buf = memoryview(self._device.read_at(self._base + start, want))
-            self._start = start
+            self._buf = memoryview(self._device.read_at(self._base + base, want))
+            self._start = base
         return self._buf[start - self._start : start - self._start + length]
 
-    def record_at(self, start: int) -> Record | None:
-        """The valid record starting at ``start``, or None (torn, corrupt or no record)."""
+    def _ours(self, start: int) -> int | None:
+        """The length of the record of this volume that a header at ``start`` announces
+        (unverified), or None: no header, another volume's (an earlier format of the image,
+        whatever its record format), or longer than the rest of the ring."""
         if start >= self._ring:
             return None
-        nbytes = Record.peek_length(self.read(start, ALIGN))
+        head = self.read(start, min(HEADER.size, self._ring - start))
+        nbytes = Record.peek_length(head)
         if nbytes is None or start + nbytes > self._ring:
             return None
+        numbers = Record.peek_numbers(head)
+        return nbytes if numbers is not None and numbers[3] == self._tag else None
+
+    def record_at(self, start: int) -> tuple[Record, int] | None:
+        """The valid record starting at ``start`` and its length, or None (torn, corrupt, no
+        record or another volume's). A record of this volume in a format this agent does not
+        read raises UnsupportedFormat."""
+        nbytes = self._ours(start)
+        if nbytes is None:
+            return None
         try:
-            record = Record.decode(self.read(start, nbytes))
+            return Record.decode(self.read(start, nbytes)), nbytes
         except (TornRecord, ChecksumMismatch):
             return None
-        return record if record.volume_tag == self._tag else None
 
     def witness_at(self, start: int) -> journal.Witness | None:
         """Like :meth:`record_at` (CRC checked) without parsing the payload."""
-        if start >= self._ring:
-            return None
-        nbytes = Record.peek_length(self.read(start, ALIGN))
-        if nbytes is None or start + nbytes > self._ring:
+        nbytes = self._ours(start)
+        if nbytes is None:
             return None
         try:
-            seq, epoch, commit_seq, tag = Record.verify(self.read(start, nbytes))
+            seq, epoch, commit_seq, _ = Record.verify(self.read(start, nbytes))
         except (TornRecord, ChecksumMismatch):
             return None
-        return journal.Witness(start, seq, epoch, commit_seq) if tag == self._tag else None
+        return journal.Witness(start, seq, epoch, commit_seq)
 
 
 class Volume:
@@ -278,8 +305,9 @@ class Volume:
         self._ring = sb.journal_bytes
         self._lock = threading.RLock()  # index, allocator, cursor, pins
         self._cond = threading.Condition(threading.Lock())  # group-commit queue, leadership
-        self._queue: builtins.list[_Ticket] = []
+        self._queue: collections.deque[_Ticket] = collections.deque()
         self._leading = False
+        self._exclusive = 0  # threads waiting in _leadership(): the next free turn is theirs
         self._failed: DeviceError | None = None
         self._writer_epoch: int | None = None
         self._pages = _PageStore(self)
@@ -306,7 +334,7 @@ class Volume:
         self._pins: collections.Counter[int] = collections.Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._durable_seq = 0
-        self._on_commit: Callable[[builtins.list[Record]], None] | None = None
+        self._on_commit: Callable[[Commit], None] | None = None
         self._on_discard: Callable[[int], None] | None = None
 
     @property
@@ -429,19 +457,22 @@ class Volume:
         view = _JournalView(self._device, self._sb)
         head, used, epoch = header.journal_pos, 0, header.epoch
         for seq, start, nbytes in tail:
-            if start != journal.place(head, nbytes, self._ring):
+            if start not in journal.candidates(head, self._ring):
                 return "journal_positions"
             found = view.witness_at(start)
             if (found is None or found.seq != seq or found.epoch < epoch
-                    or Record.peek_length(view.read(start, ALIGN)) != nbytes):
+                    or Record.peek_length(view.read(start, HEADER.size)) != nbytes):
                 return "record_not_on_disk"
             epoch = found.epoch
             used += journal.consumed(head, start, nbytes, self._ring)
             head = start + nbytes
-        if head != self._cursor.pos or epoch > self._index.epoch:
+        # a checkpoint holds its journal position rounded up to the next batch's boundary
+        if (journal.align_up(head) != journal.align_up(self._cursor.pos)
+                or epoch > self._index.epoch):
             return "journal_head"
         while self._positions and self._positions[0][0] <= header.seq:
             self._positions.popleft()
+        self._cursor.pos = head  # as open() has it: the checkpoint's rounded-up position
         self._used = used
         self._checkpoint_slot = slot
         return None
@@ -499,6 +530,12 @@ class Volume:
         records count once its journal write is flushed (the index holds them a moment
         earlier, for validation)."""
         return self._durable_seq
+
+    @property
+    def journal_head(self) -> int:
+        """Ring offset just past the last applied record: the next record starts at one of
+        ``journal.candidates(journal_head, ring)``."""
+        return self._cursor.pos
 
     @property
     def writer_epoch(self) -> int | None:
@@ -592,12 +629,13 @@ class Volume:
         applied: builtins.list[Record] = []
         while True:
             for start in journal.candidates(self._cursor.pos, self._ring):
-                record = view.record_at(start)
-                if record is not None and self._cursor.accepts(record):
+                found = view.record_at(start)
+                if found is not None and self._cursor.accepts(found[0]):
                     break
             else:
                 return applied
-            self._apply_at(record, start, len(record.encode()))
+            record, nbytes = found
+            self._apply_at(record, start, nbytes)
             applied.append(record)
 
     def _apply_at(self, record: Record, start: int, nbytes: int, *, own: bool = False) -> None:
@@ -646,8 +684,8 @@ class Volume:
         """Per epoch, the valid record of the ring with the highest commit_seq above ``after``
         (the seq the chain starts from: no other record can witness for a seq it misses)."""
         best: dict[int, journal.Witness] = {}
-        for start in range(0, self._ring, ALIGN):
-            numbers = Record.peek_numbers(view.read(start, ALIGN))
+        for start in self._record_starts(view):
+            numbers = Record.peek_numbers(view.read(start, HEADER.size))
             if numbers is None:
                 continue
             _, epoch, commit_seq, tag = numbers  # unverified: a cheap filter
@@ -660,6 +698,18 @@ class Volume:
             if witness is not None:
                 best[epoch] = witness
         return best
+
+    def _record_starts(self, view: _JournalView) -> Iterator[int]:
+        """Every ring offset where a whole record header could start: records are packed,
+        so a witness may lie at any byte, not only where a batch starts."""
+        step = JOURNAL_WINDOW
+        for base in range(0, self._ring, step):
+            # the window, plus enough of the next to hold a header starting in this one
+            window = bytes(view.read(base, min(step + HEADER.size, self._ring - base)))
+            hit = window.find(MAGIC)
+            while 0 <= hit < step and base + hit + HEADER.size <= self._ring:
+                yield base + hit
+                hit = window.find(MAGIC, hit + 1)
 
     def _check_end(self, witnesses: dict[int, journal.Witness]) -> None:
         """Raise ChecksumMismatch when one of ``witnesses`` (read before the chain was walked)
@@ -725,9 +775,12 @@ class Volume:
         with self._lock, self._decoding():
             return self._refresh_locked()
 
-    def apply(self, record: Record) -> None:
-        """Apply a pushed record. Records of an epoch below the highest seen and records
-        already applied are ignored; a record beyond ``applied_seq + 1`` raises SequenceGap."""
+    def apply(self, record: Record, start: int | None = None, nbytes: int | None = None) -> None:
+        """Apply a pushed record that lies at ring offset ``start`` (``nbytes`` long), which
+        must be one of the places the record after the cursor may start (BadRequest if not);
+        None: the record began its own group commit. Records of an epoch below the highest
+        seen and records already applied are ignored; a record beyond ``applied_seq + 1``
+        raises SequenceGap."""
         with self._lock, self._decoding():
             if record.volume_tag != self._sb.volume_tag:
                 raise FormatError(
@@ -742,9 +795,28 @@ class Volume:
                     applied=self._index.applied_seq,
                     got=record.seq,
                 )
-            nbytes = len(record.encode())
-            self._apply_at(record, journal.place(self._cursor.pos, nbytes, self._ring), nbytes)
+            if nbytes is None:
+                nbytes = len(record.encode())
+            if start is None:
+                start = journal.place_batch(self._cursor.pos, journal.align_up(nbytes),
+                                            self._ring)
+            if start not in journal.candidates(self._cursor.pos, self._ring) or (
+                    start + nbytes > self._ring):
+                raise BadRequest(
+                    f"pushed record {record.seq} at journal offset {start} cannot follow the "
+                    f"record that ended at {self._cursor.pos}",
+                    seq=record.seq, journal_offset=start)
+            self._apply_at(record, start, nbytes)
             self._durable_seq = record.seq
+
+    def journal_position(self, seq: int) -> int:
+        """Ring offset where applied record ``seq`` starts; JournalWrapped once overwritten."""
+        with self._lock:
+            for s, start, _ in self._positions:
+                if s == seq:
+                    return start
+        raise JournalWrapped(f"record {seq} is no longer in the journal", wanted=seq,
+                             oldest=self._positions[0][0] if self._positions else seq)
 
     def records_since(self, seq: int) -> builtins.list[Record]:
         """Records ``seq + 1 .. applied_seq`` read back from disk; JournalWrapped if the
@@ -764,12 +836,12 @@ class Volume:
             out: builtins.list[Record] = []
             for s in range(seq + 1, self._durable_seq + 1):
                 start, _ = wanted[s]
-                record = view.record_at(start)
-                if record is None or record.seq != s:
+                found = view.record_at(start)
+                if found is None or found[0].seq != s:
                     raise JournalWrapped(
                         f"record {s} was overwritten in the journal", wanted=s, oldest=s
                     )
-                out.append(record)
+                out.append(found[0])
             return out
 
     # ---- queries -------------------------------------------------------------------------
@@ -1180,11 +1252,11 @@ class Volume:
         with self._leadership():
             self._write_batch([], checkpoint=True)
 
-    def set_commit_listener(self, listener: Callable[[builtins.list[Record]], None] | None) -> None:
-        """Call ``listener`` with each group commit's records (seq order) once they are
-        durable, before their puts return; None removes it. Calls come one at a time in seq
-        order (the journal leader makes them), so the listener must be quick: the writer
-        queues the whole batch as one push per reader."""
+    def set_commit_listener(self, listener: Callable[[Commit], None] | None) -> None:
+        """Call ``listener`` with each group commit (its records in seq order and their
+        packed bytes) once it is durable, before its puts return; None removes it. Calls
+        come one at a time in seq order (the journal leader makes them), so the listener must
+        be quick: the writer encodes the commit's push once and queues it for every reader."""
         self._on_commit = listener
 
     # ---- group commit --------------------------------------------------------------------
@@ -1200,32 +1272,56 @@ class Volume:
 
     @contextlib.contextmanager
     def _leadership(self) -> Iterator[None]:
-        """Be the only thread writing the journal (or a checkpoint) for the block's duration."""
+        """Be the only thread writing the journal (or a checkpoint) for the block's duration
+        (checkpoints, promotion: rare, so these waiters share one condition)."""
         with self._cond:
+            self._exclusive += 1
             while self._leading:
                 self._cond.wait()
+            self._exclusive -= 1
             self._leading = True
         try:
             yield
         finally:
             with self._cond:
-                self._leading = False
-                self._cond.notify_all()
+                self._pass_leadership()
+
+    def _pass_leadership(self) -> None:
+        """Caller holds ``_cond`` and leads: hand the journal on. A thread waiting in
+        :meth:`_leadership` goes first (it would starve behind a steady stream of puts),
+        else the oldest queued ticket leads the next batch (woken alone), else nobody."""
+        if self._exclusive:
+            self._leading = False
+            self._cond.notify_all()
+        elif self._queue:
+            head = self._queue[0]
+            head.leads = True
+            head.wake.set()
+        else:
+            self._leading = False
 
     def _commit(self, ticket: _Ticket) -> Record:
         budget = self._ring // 4
         with self._cond:
             self._queue.append(ticket)
-            while self._leading and not ticket.done:
-                self._cond.wait()
-            if not ticket.done:
-                self._leading = True
+            if not self._leading:
+                self._leading = ticket.leads = True
+        while not ticket.leads:
+            ticket.wake.wait()
+            with self._cond:
+                if ticket.done:
+                    break
+                if not self._leading:  # a _leadership() holder let go with nobody named
+                    self._leading = ticket.leads = True
+                else:
+                    ticket.wake.clear()
+        if not ticket.done:
+            with self._cond:
                 batch: builtins.list[_Ticket] = []
                 total = 0
                 while self._queue and (not batch or total + self._queue[0].nbytes <= budget):
                     total += self._queue[0].nbytes
-                    batch.append(self._queue.pop(0))
-        if not ticket.done:
+                    batch.append(self._queue.popleft())
             try:
                 self._write_batch(batch)
             except BaseException as exc:
@@ -1238,8 +1334,8 @@ class Volume:
                 with self._cond:
                     for t in batch:
                         t.done = True
-                    self._leading = False
-                    self._cond.notify_all()
+                        t.wake.set()
+                    self._pass_leadership()
         if ticket.error is not None:
             raise ticket.error
         assert ticket.record is not None
@@ -1249,14 +1345,18 @@ class Volume:
         """Leader only: number, apply and write a batch of records; flush data before and
         the journal after. First a checkpoint when asked, when the ring would pass
         CHECKPOINT_AT or the overlay OVERLAY_MAX paths: its record leads the batch."""
-        writes: builtins.list[tuple[int, int, builtins.list[bytes]]] = []  # start, bytes, parts
+        parts: builtins.list[bytes] = []
         with self._lock:
             if self._failed is not None:
                 raise DeviceError(f"volume failed earlier: {self._failed.message}")
-            need = sum(t.nbytes for t in batch) + max((t.nbytes for t in batch), default=0)
-            if (checkpoint or self._used + need + ALIGN > self._ring * CHECKPOINT_AT
+            # placed for all of its tickets (a refused one only leaves the batch shorter):
+            # the padded batch, plus at most as much skipped at the end of the ring
+            room = journal.align_up(sum(t.nbytes for t in batch))
+            if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
                     or self._index.overlay_size >= OVERLAY_MAX):
                 batch = [self._checkpoint_locked(), *batch]
+                room = journal.align_up(sum(t.nbytes for t in batch))
+            start = at = journal.place_batch(self._cursor.pos, room, self._ring)
             durable = self._index.applied_seq
             for t in batch:
                 if t.epoch != self._writer_epoch:
@@ -1275,27 +1375,24 @@ class Volume:
                     volume_tag=self._sb.volume_tag,
                 )
                 data = record.encode()
-                start = journal.place(self._cursor.pos, len(data), self._ring)
                 try:
-                    self._apply_at(record, start, len(data), own=True)
+                    self._apply_at(record, at, len(data), own=True)
                 except AgentError as exc:
                     t.error = exc
                     continue
                 if t.outside is not None:
                     del self._outside[t.outside]  # named by the record from now on
                 t.record = record
-                if writes and writes[-1][0] + writes[-1][1] == start:
-                    writes[-1][2].append(data)  # contiguous: one device write
-                    writes[-1] = (writes[-1][0], writes[-1][1] + len(data), writes[-1][2])
-                else:
-                    writes.append((start, len(data), [data]))
-        if not writes:
+                parts.append(data)
+                at += len(data)
+        if not parts:
             return
+        # the records packed back to back, the batch padded to the boundary O_DIRECT needs
+        packed = b"".join([*parts, bytes(journal.align_up(at) - at)])
         try:
             if any(t.record is not None and t.record.payload.get("extents") for t in batch):
                 self._device.flush()  # the batch's file data is durable before its records
-            for start, _, parts in writes:
-                self._device.write_at(self._sb.journal_offset + start, b"".join(parts))
+            self._device.write_at(self._sb.journal_offset + start, packed)
             self._device.flush()
         except DeviceError as exc:
             self._failed = exc
@@ -1305,7 +1402,7 @@ class Volume:
             self._durable_seq = committed[-1].seq
         listener = self._on_commit
         if listener is not None:
-            listener(committed)
+            listener(Commit(committed, start, memoryview(packed)[: at - start]))
 
     def _checkpoint_locked(self) -> _Ticket:
         """Commit the overlay to the tree (only changed pages, flushed), then the root, the
@@ -1328,8 +1425,9 @@ class Volume:
                 Extent(p * ALIGN, TREE_PAGE) for p in commit.freed))
             free = _coalesce([*self._allocator.free_extents(),
                               *(x for xs in self._outside.values() for x in xs)])
+            # the next batch starts on a 4 KiB boundary at or after the cursor (or at 0)
             data = ckpt.encode(seq, index.epoch, commit.root, free,
-                               self._allocator.quarantined(), self._cursor.pos,
+                               self._allocator.quarantined(), journal.align_up(self._cursor.pos),
                                self._sb.checkpoint_bytes)
             self._device.write_at(self._sb.checkpoint_offsets[slot], data)
             self._device.flush()

@@ -35,16 +35,32 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from agents.core.protocol import LaggingReaderReport, ReaderAddress, RecordAck, RecordPush, WriteAck
+from agents.core.protocol import (
+    MAX_PUSH_RECORDS,
+    LaggingReaderReport,
+    PushFrame,
+    ReaderAddress,
+    RecordAck,
+    RecordPush,
+    WriteAck,
+)
 from agents.device import BlockDevice
 from agents.errors import AgentError, DeviceError, LagNotReported, NotWriter
-from agents.volume import Record, Volume
+from agents.volume import Commit, Record, Volume
 
-__all__ = ["ReaderLink", "WriterRole"]
+__all__ = ["QueuedCommit", "ReaderLink", "WriterRole"]
 
 LOG = logging.getLogger(__name__)
 
-MAX_PUSH_BATCH = 256  # beyond this a push sends only the commit seq; the reader reads the journal
+
+@dataclass(frozen=True)
+class QueuedCommit:
+    """One group commit waiting to be pushed: seqs ``first..last`` and its frame, encoded
+    once and shared by every reader's queue."""
+
+    first: int
+    last: int
+    frame: PushFrame
 
 
 @dataclass
@@ -63,7 +79,7 @@ class ReaderLink:
     applied_seq: int = -1
     safe_seq: int = -1
     reporting: bool = False
-    pending: list[Record] = field(default_factory=list)
+    pending: list[QueuedCommit] = field(default_factory=list)
     retired: bool = False
     joining: bool = False
     missed: int = -1
@@ -322,13 +338,13 @@ class WriterRole:
                     if link.retired or not self._accepting or link.in_sync or link.joining:
                         continue
                 batch, link.pending = link.pending, []
-            if batch and len(batch) <= MAX_PUSH_BATCH:
-                records = tuple(RecordPush.pack(r.encode()) for r in batch)
-                commit = batch[-1].seq
+            if batch and batch[-1].last - batch[0].first < MAX_PUSH_RECORDS:
+                frames = tuple(q.frame for q in batch)
+                commit = batch[-1].last
             else:  # catching up, or too far behind for a push: the reader reads the journal
-                records, commit = (), self.volume.applied_seq
+                frames, commit = (), self.volume.applied_seq
             push = RecordPush(fleet=self.fleet, epoch=self.epoch, writer=self.node,
-                              records=records, commit_seq=commit)
+                              commit_seq=commit, frames=frames)
             try:
                 ack = self._send(link, push)
             except AgentError as exc:
@@ -351,21 +367,25 @@ class WriterRole:
                              self._sync_revision)
                 self._cond.notify_all()
 
-    def _queue(self, records: list[Record]) -> None:
-        """Queue durable ``records`` (seq order) for every in-sync or joining reader; for the
-        others, remember what they missed."""
+    def _queue(self, commit: Commit) -> None:
+        """Queue a durable group commit for every in-sync or joining reader (its push frame
+        made once, here, for all of them); for the others, remember what they missed."""
+        queued = QueuedCommit(commit.records[0].seq, commit.records[-1].seq,
+                              PushFrame(commit.start, commit.data))
         with self._cond:
             for link in self._links.values():
                 if link.in_sync or link.joining:
-                    link.pending.extend(records)
+                    link.pending.append(queued)
                 else:
-                    link.missed = max(link.missed, records[-1].seq)
+                    link.missed = max(link.missed, queued.last)
             self._cond.notify_all()
 
     def announce(self, record: Record) -> None:
         """Queue ``record`` (e.g. the epoch-start record, committed before this role
         existed) for every in-sync reader; no wait."""
-        self._queue([record])
+        data = record.encode()
+        self._queue(Commit([record], self.volume.journal_position(record.seq),
+                           memoryview(data)))
 
     def _release(self) -> None:
         with self._cond:

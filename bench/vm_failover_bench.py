@@ -32,6 +32,7 @@ and the reads that failed between the fault and the recovery. Target (docs/archi
 
     .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,cutoff,poweroff]
         [--json OUT] [--png docs/benchmarks/vm_failover.png] [--dir DIR]
+    .venv/bin/python -m bench.vm_failover_bench --from-progress STDERR [--png PNG] [--json OUT]
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class Row:
     promote: float | None = None
     announce: float | None = None
     first_put: float | None = None
+    epochs: int = 0  # from the fault to the first put's epoch: 1 unless elections cascaded
     reads: int = 0
     failed_reads: int = 0
     errors: list[str] = field(default_factory=list)
@@ -265,8 +267,10 @@ class Bench:
             self.vms.resume(vm)
         elif kind == "poweroff":
             self.vms.start(vm)
-            self.mission.shell.close()  # its connection to the powered-off guest is dead
+            dead = self.mission.shell  # its connection to the powered-off guest is dead
             self.mission.shell = ParamikoShell.from_config(self.mission.config.ssh)
+            if isinstance(dead, ParamikoShell):
+                dead.close()
         elif kind == "cutoff":
             self._cut(vm, heal=True)
         if kind in ("pause", "cutoff"):  # the coordinator demotes the returning old writer
@@ -275,13 +279,14 @@ class Bench:
             self.mission.wait(lambda: _epoch(address, ca) >= epoch, 90, f"{vm} demoted")
         if kind != "kill" and kind != "poweroff":
             self.mission.kill_agent(vm)  # the explicit rejoin: a fresh agent
-        self.mission.rejoin(vm)
-        # A candidate fenced in the same failover (a second election when the first promoted
-        # node failed its self-test) is out too: it rejoins the same way.
+        # Any other node out (a candidate fenced in a second election of the same fault, one a
+        # loaded host starved into a false death) gets a fresh agent too; one `deploy` starts
+        # them as readers, and the next fault waits for them in sync (``stable``), whichever
+        # node a cascade left as the writer.
         for m in self.mission.fleet_map().get("members", []):
-            if m["role"] == "out":
+            if m["role"] == "out" and m["name"] != vm:
                 self.mission.kill_agent(m["name"])
-                self.mission.rejoin(m["name"])
+        self.mission.cli("deploy", progress=True)
 
     def _cut(self, vm: str, heal: bool) -> None:
         gateway, port = self.vms.gateway, self.mission.config.fleet.agent_port
@@ -313,9 +318,10 @@ class Bench:
             self.mission.wait(lambda: any(t > row.fault_at and node != old and e > epoch
                                           for t, node, e in load.acks[-20:]),
                               120, "a put acknowledged by a new writer")
-            first = min((t, node) for t, node, e in load.acks
+            first = min((t, node, e) for t, node, e in load.acks
                         if t > row.fault_at and node != old and e > epoch)
             row.first_put, row.new = round(first[0] - row.fault_at, 3), first[1]
+            row.epochs = first[2] - epoch
             time.sleep(0.5)  # the coordinator log has flushed the lines of the failover
             got = phases(log_events(self.log.read_text(), row.fault_at), row.fault_at, old,
                          row.new)
@@ -334,7 +340,7 @@ class Bench:
         row.errors += [why for t, why in load.read_failures[failed_before:]]
         say(f"{kind} {n}: {old} -> {row.new or '?'} "
             + " ".join(f"{p}={getattr(row, p)}" for p in PHASES)
-            + f" reads={row.reads} failed={row.failed_reads}")
+            + f" epochs={row.epochs} reads={row.reads} failed={row.failed_reads}")
         return row
 
 
@@ -353,6 +359,30 @@ def _epoch(address: str, ca: Path) -> int:
         conn.close()
 
 
+_PROGRESS = re.compile(r"\] (?P<kind>\w+) (?P<round>\d+): (?P<old>\S+) -> (?P<new>\S+) "
+                       r"(?P<phases>(?:\w+=\S+ )+)reads=(?P<reads>\d+) failed=(?P<failed>\d+)$")
+
+
+def rows_from_progress(text: str) -> list[Row]:
+    """The rows of a run's progress lines (its stderr): a run cut short (the machine's time
+    ran out) keeps every fault it measured there, phases rounded as printed."""
+    rows = []
+    for line in text.splitlines():
+        if (match := _PROGRESS.search(line)) is None:
+            continue
+        row = Row(match["kind"], int(match["round"]), match["old"],
+                  "" if match["new"] == "?" else match["new"], reads=int(match["reads"]),
+                  failed_reads=int(match["failed"]))
+        for pair in match["phases"].split():
+            name, _, value = pair.partition("=")
+            if name == "epochs":
+                row.epochs = int(value)
+            else:
+                setattr(row, name, None if value == "None" else float(value))
+        rows.append(row)
+    return rows
+
+
 def summarize(rows: list[Row]) -> dict[str, Any]:
     """p50 / p99 / max per kind and phase, failed reads, and the verdict per kind."""
     out: dict[str, Any] = {}
@@ -360,7 +390,8 @@ def summarize(rows: list[Row]) -> dict[str, Any]:
         mine = [r for r in rows if r.kind == kind]
         per: dict[str, Any] = {"faults": len(mine),
                                "failed_reads": sum(r.failed_reads for r in mine),
-                               "reads": sum(r.reads for r in mine)}
+                               "reads": sum(r.reads for r in mine),
+                               "cascades": sum(1 for r in mine if r.epochs > 1)}
         for phase in PHASES:
             values = [v for r in mine if (v := getattr(r, phase)) is not None]
             per[phase] = ({"p50": round(statistics.median(values), 3),
@@ -451,13 +482,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the result here too")
     parser.add_argument("--png", type=Path, help="render the timeline plot here")
     parser.add_argument("--keep-log", type=Path, help="copy the coordinator log here")
+    parser.add_argument("--from-progress", type=Path,
+                        help="no sandbox: summarize (and --png) the faults an earlier run "
+                             "printed to its stderr, e.g. one cut short")
     args = parser.parse_args(argv)
     if unknown := set(args.kinds) - set(KINDS):
         parser.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
-    with contextlib.ExitStack() as stack:
-        directory = args.dir or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="rbdfleet-vmfb-", dir="/var/tmp")))
-        result = run(args, directory.absolute() / "sandbox")
+    result: dict[str, Any]
+    if args.from_progress:
+        measured = rows_from_progress(args.from_progress.read_text())
+        result = {"from_progress": str(args.from_progress), "summary": summarize(measured),
+                  "rows": [asdict(r) for r in measured]}
+    else:
+        with contextlib.ExitStack() as stack:
+            directory = args.dir or Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="rbdfleet-vmfb-", dir="/var/tmp")))
+            result = run(args, directory.absolute() / "sandbox")
     rows = [Row(**{k: v for k, v in r.items()}) for r in result["rows"]]
     if args.png and rows:
         result["plot"] = {"path": str(args.png), "renderer": plot(rows, args.png)}

@@ -8,7 +8,9 @@
   renames and makes directories. A 409 (stale epoch, not the writer), an expired grant, a 503
   or an unreachable node makes it fetch the newer map and retry, within ``RetryPolicy.timeout``.
   Failures it sees at a node are reported to the coordinator (client-side detection).
-* :class:`HttpAgentControl` is the coordinator's AgentControl port over the same HTTP code.
+
+The coordinator's AgentControl port over the same :class:`Transport` is
+:class:`orchestrator.coordinator.agent_control.HttpAgentControl`.
 
 A write whose request may have reached the writer before the connection broke is never
 resent blindly: it raises :class:`RequestOutcomeUnknown`. One that was refused before being
@@ -37,13 +39,9 @@ from agents.core.protocol import (
     BEARER,
     READERS_HEADER,
     SEQ_HEADER,
-    DemoteRequest,
-    Health,
     MkdirRequest,
-    PromoteRequest,
     PutRequest,
     ReaderAddress,
-    ReaderSet,
     RenameRequest,
     format_readers,
 )
@@ -56,6 +54,7 @@ from agents.errors import (
     RbdfleetError,
     error_from_wire,
 )
+from agents.tlsreload import ReloadingContext, TlsFiles, client_context, default_crl
 from orchestrator.config import FleetConfig
 from orchestrator.core.clients import client_token
 from orchestrator.core.fleetmap import Target
@@ -174,14 +173,15 @@ class Transport:
     ``tls``: bare ``host:port`` addresses are reached over HTTPS, verified against
     ``ca_file`` (the fleet CA); ``identity`` (cert, key files) is presented to them: the
     coordinator's, for the agents' node-only routes (clients have none). The TLS context is
-    built once."""
+    built once and again when its files change (agents.tlsreload: a rotated certificate, a CA
+    bundle, the CRL beside the CA, by which a revoked node's certificate is refused)."""
 
     def __init__(self, tls: bool = False, ca_file: str | None = None,
                  identity: tuple[str, str] | None = None) -> None:
         self.tls = tls
         self.ca_file = ca_file
         self.identity = identity
-        self._context: ssl.SSLContext | None = None
+        self._context: ReloadingContext | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -203,15 +203,17 @@ class Transport:
         """The client TLS context (fleet CA, identity); ConfigError if the files do not load."""
         with self._lock:
             if self._context is None:
+                cert, key = self.identity or (None, None)
+                crl = None if self.ca_file is None else default_crl(self.ca_file)
                 try:
-                    context = ssl.create_default_context(cafile=self.ca_file)
-                    if self.identity is not None:
-                        context.load_cert_chain(*self.identity)
-                except OSError as exc:  # ssl.SSLError too
+                    self._context = ReloadingContext(
+                        TlsFiles(self.ca_file, cert, key, crl, crl_required=False),
+                        client_context)
+                except (OSError, ValueError) as exc:  # ssl.SSLError too
                     raise ConfigError("tls", f"the fleet CA or certificate does not load: "
                                              f"{exc}") from exc
-                self._context = context
-            return self._context
+            source = self._context
+        return source.get()
 
     def connect(
         self, address: str, path: str, timeout: float
@@ -293,46 +295,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     return str(exc) or type(exc).__name__
-
-
-# -- the coordinator's port to agents ---------------------------------------------------------
-
-
-class HttpAgentControl:
-    """AgentControl over HTTP (health probes, promote, demote, reader set)."""
-
-    def __init__(self, transport: Transport | None = None, control_timeout: float = 30.0) -> None:
-        self.transport = transport or Transport()
-        self.control_timeout = control_timeout
-
-    def health(self, address: str, timeout: float) -> Health:
-        """GET /v1/health."""
-        resp = self.transport.request(address, address, "GET", "/v1/health", timeout=timeout)
-        return Health.from_json(resp.body)
-
-    def _post(self, address: str, path: str, payload: bytes, grant: str) -> None:
-        headers = {"Content-Type": "application/json", AUTH_HEADER: BEARER + grant}
-        self.transport.request(
-            address,
-            address,
-            "POST",
-            path,
-            headers=headers,
-            body=payload,
-            timeout=self.control_timeout,
-        )
-
-    def promote(self, address: str, request: PromoteRequest, grant: str) -> None:
-        """POST /v1/promote (returns once the agent accepts writes)."""
-        self._post(address, "/v1/promote", request.encode(), grant)
-
-    def demote(self, address: str, request: DemoteRequest, grant: str) -> None:
-        """POST /v1/demote."""
-        self._post(address, "/v1/demote", request.encode(), grant)
-
-    def send_reader_set(self, address: str, request: ReaderSet, grant: str) -> None:
-        """POST /v1/readers."""
-        self._post(address, "/v1/readers", request.encode(), grant)
 
 
 # -- coordinator client -----------------------------------------------------------------------
@@ -970,7 +932,6 @@ __all__ = [
     "Cancel",
     "CoordinatorClient",
     "FleetClient",
-    "HttpAgentControl",
     "RetryPolicy",
     "Target",
     "Targets",

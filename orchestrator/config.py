@@ -54,7 +54,7 @@ _ALIGN = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_PREFIX = "RBDFLEET_"
-# The keys of the [coordinator] table, which orchestrator/cli/coordinator.py reads (a unit test
+# The keys of the [coordinator] table, which orchestrator/coordinator/config.py reads (a unit test
 # keeps this equal to its CoordinatorConfig's fields).
 COORDINATOR_KEYS = frozenset({
     "urls", "listen", "lease_seconds", "probe_interval", "probe_timeout", "suspect_after",

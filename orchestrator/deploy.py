@@ -10,6 +10,15 @@ On each host, under its install prefix ``P`` (``/`` on a VM, the host root on a 
     P/var/lib/rbdfleet/                             its working directory
     /etc/systemd/system/rbdfleet-agent.service      its unit, where systemd runs it
 
+**Who owns what.** Where systemd runs the agent it runs as its own system account
+(:data:`agents.service.AGENT_USER`, made here with ``useradd --system`` when missing, no shell,
+no home, member of ``disk``): ``etc/rbdfleet`` is root's, mode 0750, group the agent's (it may
+read, not add or replace); the agent's private files there (config, its key, its TLS key: every
+file installed without group or other bits) are the agent's, 0600 (its key file reader refuses
+any group bit, and ``/etc`` is read-only in its sandbox); certificates are root's, 0644; the
+working directory is the agent's, 0750 (systemd's ``StateDirectory``: the launcher's state).
+Elsewhere the SSH user who starts the agent owns everything, as the files are written.
+
 The agent runs as ``/usr/bin/python3 -m agents serve --config P/etc/rbdfleet/agent.json``
 with ``PYTHONPATH`` set to the release it was started from: the VM needs nothing but python3.
 
@@ -51,7 +60,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agents.errors import RbdfleetError
-from agents.service import UNIT_NAME, UnitParams, render_unit
+from agents.service import AGENT_USER, DEVICE_GROUP, UNIT_NAME, UnitParams, render_unit
 from orchestrator.config import FleetConfig
 from orchestrator.core.remote import Executable, RemoteCommand, SshHost
 from orchestrator.errors import DeployError, RemoteCommandFailed
@@ -65,6 +74,7 @@ __all__ = [
     "AgentLayout",
     "DeployTarget",
     "HostResult",
+    "Ownership",
 ]
 
 # Shared by the remote scripts: the pid in the pidfile, if that process is our agent.
@@ -133,6 +143,32 @@ for name in os.listdir(releases):
         shutil.rmtree(os.path.join(releases, name), ignore_errors=True)
 '''
 
+# Make the agent's account unless it exists (in the device group), then give each path its
+# owner and mode. argv: user device_group home, then (path, "user:group", octal mode)
+# triples. Absolute paths: PATH over SSH is the login's.
+_ACCOUNT = r'''
+import grp, os, pwd, subprocess, sys
+user, group, home = sys.argv[1:4]
+try:
+    pwd.getpwnam(user)
+except KeyError:
+    try:  # a group left without its user (userdel keeps a group with other members)
+        own = ["--gid", str(grp.getgrnam(user).gr_gid)]
+    except KeyError:
+        own = ["--user-group"]
+    subprocess.run(["/usr/sbin/useradd", "--system", *own, "--no-create-home",
+                    "--home-dir", home, "--shell", "/usr/sbin/nologin",
+                    "--comment", "rbdfleet agent", user], check=True)
+if user not in grp.getgrnam(group).gr_mem:
+    subprocess.run(["/usr/sbin/usermod", "--append", "--groups", group, user], check=True)
+spec = sys.argv[4:]
+for i in range(0, len(spec), 3):
+    path, owner, mode = spec[i:i + 3]
+    name, _, group_name = owner.partition(":")
+    os.lchown(path, pwd.getpwnam(name).pw_uid, grp.getgrnam(group_name).gr_gid)
+    os.chmod(path, int(mode, 8))
+'''
+
 _STOP = _RUNNING + r'''
 config, pidfile, grace = sys.argv[1], sys.argv[2], float(sys.argv[3])
 pid = running(config, pidfile)
@@ -149,6 +185,27 @@ except FileNotFoundError:
     pass
 print(json.dumps({"stopped": pid}))
 '''
+
+
+_AGENT_OWNER = f"{AGENT_USER}:{AGENT_USER}"
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """One path's owner (``user:group``) and mode."""
+
+    path: str
+    owner: str
+    mode: int
+
+    @staticmethod
+    def of_file(path: str, mode: int) -> Ownership:
+        """An installed file's: the agent's when no group or other may read it (a secret),
+        else root's."""
+        return Ownership(path, _AGENT_OWNER if not mode & 0o077 else "root:root", mode)
+
+    def args(self) -> list[str]:
+        return [self.path, self.owner, f"{self.mode:o}"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +255,16 @@ class AgentLayout:
         """Every directory the agent needs."""
         return [self.install_dir, posixpath.dirname(self.config_path),
                 posixpath.dirname(self.pidfile), posixpath.dirname(self.log_path), self.workdir]
+
+    def owned_by_agent(self) -> list[Ownership]:
+        """Where systemd runs the agent as its account: the owners and modes that differ from
+        a root-written file's (see the module docstring); the rest stays root's. Not the
+        working directory: the unit's ``StateDirectory`` gives it to the agent at each start,
+        with its contents whenever the top was not the agent's (a state file that a root
+        agent of an earlier release left)."""
+        return [Ownership(posixpath.dirname(self.config_path), f"root:{AGENT_USER}", 0o750),
+                Ownership(self.config_path, _AGENT_OWNER, 0o600)]
+
 
 
 @dataclass(frozen=True)
@@ -333,8 +400,25 @@ class AgentDeployer:
             self.shell.put_file(target.host, unit, layout.unit_path, 0o644,
                                 self.command_timeout)
             actions.append(f"unit {UNIT_NAME} installed")
+        if probe.systemd and (stale_package or stale_config or stale_unit):
+            self._own(target, layout.owned_by_agent())
         return actions, replace(probe, version=self.package.version, config_sha256=config_sha,
                                 unit_sha256=unit_sha if unit is not None else probe.unit_sha256)
+
+    def put_files(self, target: DeployTarget, files: Sequence[tuple[bytes, str, int]]) -> None:
+        """Install files the agent reads beside its config (its key, its TLS material) after
+        :meth:`install`: ``(content, path, mode)``, each written atomically with its mode; where
+        systemd runs the agent, owned as the module docstring says (a private one by the agent's
+        account). RemoteError when one cannot be written."""
+        for content, path, mode in files:
+            self.shell.put_file(target.host, content, path, mode, self.command_timeout)
+        if self._probe(target).systemd:
+            self._own(target, [Ownership.of_file(path, mode) for _, path, mode in files])
+
+    def _own(self, target: DeployTarget, paths: Sequence[Ownership]) -> None:
+        """The agent's account made if missing, then ``paths`` given their owners and modes."""
+        self._python(target, _ACCOUNT, AGENT_USER, DEVICE_GROUP, target.layout.workdir,
+                     *(arg for owned in paths for arg in owned.args()))
 
     def _unit(self, target: DeployTarget) -> str:
         layout = target.layout

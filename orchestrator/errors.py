@@ -16,7 +16,8 @@
     │                                  not have happened), Superseded
     ├── CoordinationError              NoEligibleWriter, FencingFailed, NotActive(fleet,
     │                                  coordinator), IllegalFleetTransition(subject, from_, to),
-    │                                  RoleSwitchFailed, NoSpareProvisioner
+    │                                  RoleSwitchFailed, NoSpareProvisioner,
+    │                                  UpgradeRefused, UpgradeStalled(node)
     └── ReportReplayed(node)           an agent's report sent again (core/reports.py)
 
 The coordinator's answers on the wire are AgentErrors (a code and an HTTP status, rebuilt
@@ -189,6 +190,20 @@ class NoEligibleWriter(CoordinationError):
 
 class FencingFailed(CoordinationError):
     pass
+
+
+class UpgradeRefused(CoordinationError):
+    """The fleet is not in a state a rolling upgrade may start or go on from (no writer, a
+    failover under way, readers out of sync, nobody upgraded to hand the writer role to)."""
+
+
+class UpgradeStalled(CoordinationError):
+    """A node of a rolling upgrade did not come back (``node``, the message says why); the
+    upgrade stopped there and left the rest of the fleet as it was."""
+
+    def __init__(self, node: str, reason: str) -> None:
+        super().__init__(f"upgrade stopped at {node}: {reason}")
+        self.node = node
 
 
 class ReportReplayed(OrchestratorError):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
-    from agents.core.protocol import DemoteRequest, Health, PromoteRequest
+    from agents.core.protocol import DemoteRequest, Health, PromoteRequest, ReaderSet
     from orchestrator.core.clients import ClientCredential
     from orchestrator.core.fleetmap import FleetMap
     from orchestrator.core.remote import RemoteCommand, RemoteResult, SshHost
@@ -33,6 +33,7 @@ __all__ = [
     "ClientSession",
     "ClientStore",
     "Clock",
+    "CoordinatorPorts",
     "CredentialStore",
     "DiskMode",
     "DiskSpec",
@@ -399,6 +400,29 @@ class SpareProvisioner(Protocol):
     def attach_spare(self, node: str) -> None:
         """Attach the image read-only to ``node`` and start its agent; returns once started."""
         ...
+
+
+@dataclass(frozen=True)
+class CoordinatorPorts:
+    """Everything one fleet's coordinator acts through, given to ``FleetService`` and
+    ``Executor`` as one value (``orchestrator.services`` builds the production one).
+
+    ``wall`` is the wall clock grants are dated by (``time.time``); ``send_reader_set``
+    tells the writer its new reader set (``HttpAgentControl.send_reader_set``; None: the
+    writer is never told). Without ``role_switch`` a promotion touches no disk (file and
+    loop-device fleets); without ``spares`` no spare is brought in; without ``hypervisor``
+    deaths are detected by probes and silence only.
+    """
+
+    store: StateStore
+    fencer: Fencer
+    agents: AgentControl
+    clock: Clock
+    wall: Callable[[], float]
+    role_switch: RoleSwitch | None = None
+    spares: SpareProvisioner | None = None
+    send_reader_set: Callable[[str, ReaderSet, str], None] | None = None
+    hypervisor: Hypervisor | None = None
 
 
 # -- remote hosts (engineer C) ---------------------------------------------------------------

@@ -50,8 +50,7 @@ from orchestrator.errors import (
     HypervisorError,
     ImageBusy,
 )
-from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
-from orchestrator.pki import FleetPki
+from orchestrator.pki import FleetPki, node_names
 from orchestrator.ports import (
     AttachedDisk,
     Characteristics,
@@ -450,9 +449,7 @@ def provision_pki(config: FleetConfig, coordinator_hosts: Sequence[str],
         return []
     pki = FleetPki(config.pki_dir, config.fleet.name)
     made = [f"fleet CA {pki.ca_file}"] if pki.ensure_ca(now) else []
-    nodes = [(vm.name, [vm.address]) for vm in config.vms]
-    nodes += [(host.name, [host.address]) for host in config.hosts]
-    for name, sans in (*nodes, (PKI_COORDINATOR, list(coordinator_hosts))):
+    for name, sans in node_names(config, coordinator_hosts).items():
         if pki.ensure(name, sans, now):
             made.append(f"certificate {pki.cert_file(name)}")
     return made

@@ -8,7 +8,9 @@ per-host install/start/stop machinery) and a :class:`~orchestrator.ports.RemoteS
    keys`) to ``/etc/rbdfleet/node.key`` (0600); the master never leaves this machine. The
    writer's config also gets push grants for its readers (the coordinator renews them). Its
    TLS material from the fleet's PKI directory (``rbdfleet provision`` made it): its own
-   certificate and key (0600) and the fleet CA's certificate; the CA key stays here;
+   certificate and key (0600) and the fleet CA's certificate; the CA key stays here. Where
+   systemd runs the agent the key files are its account's, the certificates root's
+   (:meth:`~orchestrator.deploy.AgentDeployer.put_files`);
 3. on every VM, wait until the guest sees the shared disk (found by its fleet serial, never
    by ``/dev/vdX`` order); on the writer, with ``format_if_blank``, run
    ``rbdfleet-agent format --if-blank`` through its read-write disk: an all-zero image gets
@@ -27,7 +29,6 @@ attached only when the coordinator needs them.
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -260,13 +261,11 @@ class FleetRollout:
     # per VM ---------------------------------------------------------------------------------
 
     def _put_secret(self, target: DeployTarget) -> str:
-        self.shell.run(target.host, RemoteCommand(
-            Executable.MKDIR, ["-p", posixpath.dirname(GUEST_SECRET)]), check=True)
-        self.shell.put_file(target.host, self._keys.node_key_file(target.host.name),
-                            GUEST_SECRET, 0o600)
+        files = [(self._keys.node_key_file(target.host.name), GUEST_SECRET, 0o600)]
         if "tls" in target.config:
-            for source, dest, mode in self._tls_files(target.host.name):
-                self.shell.put_file(target.host, source.read_bytes(), dest, mode)
+            files += [(source.read_bytes(), dest, mode)
+                      for source, dest, mode in self._tls_files(target.host.name)]
+        self.deployer.put_files(target, files)  # after install: its directory is there
         return ""
 
     def _tls_files(self, vm: str) -> list[tuple[Path, str, int]]:

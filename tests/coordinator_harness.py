@@ -25,19 +25,28 @@ from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
-    HttpAgentControl,
     RetryPolicy,
     Transport,
 )
+from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
+from orchestrator.core.reports import TAKEOVER_SKEW
 from orchestrator.errors import FencingFailed
 from orchestrator.pki import server_context
-from orchestrator.ports import ClientStore, Hypervisor, RoleSwitch, StateStore
+from orchestrator.ports import (
+    ClientStore,
+    CoordinatorPorts,
+    Hypervisor,
+    RoleSwitch,
+    SpareProvisioner,
+    StateStore,
+)
+from orchestrator.services import state_store
 from orchestrator.testing.clients import MemoryClientStore
 from tests.fixtures.agents import (
     TEST_CLIENT,
@@ -182,6 +191,7 @@ def start_service(
     agents_plaintext: bool = False,
     hypervisor: Hypervisor | None = None,
     domains: dict[str, tuple[str, str]] | None = None,
+    spares: SpareProvisioner | None = None,
 ) -> FleetService:
     """Attach and start the fleet's service on ``coordinator``.
 
@@ -189,6 +199,7 @@ def start_service(
     ``agents_plaintext``: the fleet's agents run ``insecure_plaintext`` (else the coordinator
     reaches them over TLS, presenting its certificate).
     ``hypervisor``/``domains`` (node -> (uri, domain)): lifecycle events as death evidence.
+    ``spares``: brings spares in (default: none is).
 
     ``reader_set_delay``: the writer learns a new reader set that many seconds late (a TCG
     guest answering slowly), the window in which a map may promise more than the writer knows.
@@ -200,18 +211,13 @@ def start_service(
         time.sleep(reader_set_delay)
         agents.send_reader_set(address, request, grant)
     service = FleetService(
-        store=store,
-        fencer=fencer,
-        agents=agents,
+        CoordinatorPorts(store=store, fencer=fencer, agents=agents, clock=MonotonicClock(),
+                         wall=time.time, role_switch=role_switch, spares=spares,
+                         send_reader_set=send_reader_set, hypervisor=hypervisor),
+        ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig(),
+                        election=election or ElectionConfig()),
         secret=TEST_SECRET,
-        settings=ServiceSettings(url=coordinator.url, liveness=liveness or LivenessConfig(),
-                                 election=election or ElectionConfig()),
-        clock=MonotonicClock(),
-        wall=time.time,
         bootstrap=bootstrap,
-        role_switch=role_switch,
-        send_reader_set=send_reader_set,
-        hypervisor=hypervisor,
         domains=domains,
     )
     coordinator.api.services[store.fleet] = service
@@ -223,8 +229,9 @@ def start_service(
 
 
 def rados_store(client: Any, pool: str, fleet: str, lease: float = 2.0) -> RadosStateStore:
-    """A RadosStateStore with a unique holder."""
-    return RadosStateStore(client, pool, fleet, f"coord-{uuid.uuid4().hex[:8]}", lease)
+    """The fleet's state store in RADOS (as the composition root builds it), with a unique
+    holder."""
+    return state_store(client, pool, fleet, lease, f"coord-{uuid.uuid4().hex[:8]}")
 
 
 def fleet_client(urls: list[str], fleet: str, timeout: float = 30.0,
@@ -253,9 +260,11 @@ def file_image(path: Path, size: int = IMAGE_SIZE) -> Path:
 
 
 def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> None:
-    """Wait until ``service`` is active and its map has ``readers`` in-sync readers."""
+    """Wait until ``service`` is active, its map has ``readers`` in-sync readers and it takes
+    reports signed now (past its term's skew margin: orchestrator.core.reports)."""
     wait_until(
-        lambda: service.active and len(service.require_active().in_sync_readers()) == readers,
+        lambda: service.active and len(service.require_active().in_sync_readers()) == readers
+        and time.time() > (service.active_since or 0.0) + TAKEOVER_SKEW,
         timeout,
         f"coordinator active with {readers} in-sync readers",
     )

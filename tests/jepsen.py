@@ -45,7 +45,6 @@ from orchestrator.client import (
     CHUNK,
     CoordinatorClient,
     FleetClient,
-    RequestOutcomeUnknown,
     Response,
     RetryPolicy,
     Target,
@@ -53,7 +52,7 @@ from orchestrator.client import (
     Transport,
     WriteResult,
 )
-from orchestrator.errors import AgentUnreachable
+from orchestrator.errors import AgentUnreachable, RequestOutcomeUnknown
 from orchestrator.testing.history import (
     DIR,
     Final,
@@ -79,9 +78,10 @@ SIZES = ((0.75, 100, 3 << 10), (0.15, 3 << 10, 64 << 10), (0.08, 64 << 10, 256 <
 class EpochSeen(CoordinatorClient):
     """A CoordinatorClient that remembers, per thread, the epoch of the last targets it got."""
 
-    def __init__(self, urls: list[str], fleet: str, secret: bytes, client: str) -> None:
+    def __init__(self, urls: list[str], fleet: str, secret: bytes, client: str,
+                 ca_file: str = TEST_CA) -> None:
         super().__init__(urls, fleet, secret, client=client,
-                         transport=Transport(tls=True, ca_file=TEST_CA))
+                         transport=Transport(tls=True, ca_file=ca_file))
         self._seen = threading.local()
 
     def targets(self, kind: str, path: str) -> Targets:
@@ -100,8 +100,8 @@ class NodeSeen(Transport):
     """A Transport that remembers, per thread, the node it last sent a request to (the one
     that answered NotFound, when the client raises it)."""
 
-    def __init__(self) -> None:
-        super().__init__(tls=True, ca_file=TEST_CA)  # the fixtures' agents serve TLS
+    def __init__(self, ca_file: str = TEST_CA) -> None:
+        super().__init__(tls=True, ca_file=ca_file)  # agents serve TLS (the fixtures' CA)
         self._seen = threading.local()
 
     def request(self, node: str, address: str, method: str, path: str, **kwargs: Any) -> Response:
@@ -123,12 +123,14 @@ def recording_client(
     client: str = TEST_CLIENT,
     io_timeout: float = 10.0,
     retry_timeout: float = 30.0,
+    ca_file: str = TEST_CA,
 ) -> FleetClient:
     """A client for :class:`Workload`: follows the map for ``retry_timeout`` seconds, notes
-    the epoch each op used and the node each request went to."""
+    the epoch each op used and the node each request went to; verifies coordinators and agents
+    against ``ca_file`` (a sandbox fleet's own CA on VMs)."""
     retry = RetryPolicy(timeout=retry_timeout)
-    return FleetClient(EpochSeen(urls, fleet, secret, client), retry=retry, io_timeout=io_timeout,
-                       transport=NodeSeen())
+    return FleetClient(EpochSeen(urls, fleet, secret, client, ca_file), retry=retry,
+                       io_timeout=io_timeout, transport=NodeSeen(ca_file))
 
 
 def _status(exc: AgentError) -> int:
@@ -168,17 +170,22 @@ def make_value(rng: random.Random, tag: str) -> bytes:
 
 class Workload:
     """Writers and readers over :data:`KEYS`, :data:`DIRS` and their own files, recording a
-    history until :meth:`finish`."""
+    history until :meth:`finish`. ``root`` puts them all under one directory, so a second
+    workload on the same fleet starts from keys nobody wrote (the checkers assume every key
+    starts absent)."""
 
-    def __init__(self, client: FleetClient, history: History, seed: int) -> None:
+    def __init__(self, client: FleetClient, history: History, seed: int, root: str = "") -> None:
         self.client = client
+        self.keys = tuple(root + k for k in KEYS)
+        self.dirs = tuple(root + d for d in DIRS)
+        self.tmp = root + TMP
         self.history = history
         self.seed = seed
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.errors: list[tuple[str, BaseException]] = []  # (thread, what it raised)
         self.acks: list[tuple[float, str, int]] = []  # (monotonic time, node, epoch)
-        self._files = list(KEYS)  # what readers get: KEYS and the writers' own files
+        self._files = list(self.keys)  # what readers get: the keys and the writers' own files
         seen, sent = client.coordinator, client.transport
         self._epoch = seen.last_epoch if isinstance(seen, EpochSeen) else lambda: None
         self._node = sent.last_node if isinstance(sent, NodeSeen) else lambda: None
@@ -237,10 +244,10 @@ class Workload:
         own = ""  # this thread's file; a new one after an unknown outcome, which may land late
         while not self.stop.is_set():
             if not own:
-                own = f"{TMP}/{name}-{next(generation)}"
+                own = f"{self.tmp}/{name}-{next(generation)}"
                 self._files.append(own)
             roll = rng.random()
-            key = rng.choice(KEYS)
+            key = rng.choice(self.keys)
             if roll < 0.5:
                 data = make_value(rng, f"{name}-{next(counter)}")
                 op = h.invoke(name, "put", key, value_hash(data))
@@ -259,7 +266,7 @@ class Workload:
                 if done == "unknown":
                     own = ""
             else:
-                folder = rng.choice(DIRS)
+                folder = rng.choice(self.dirs)
                 if roll < 0.9:  # -p: idempotent (the client retries a 409 already_exists)
                     op = h.invoke(name, "mkdir", folder)
                     self._write(op, client.mkdir, folder, True)
@@ -270,7 +277,7 @@ class Workload:
 
     def _read(self, key: str) -> tuple[Value, int | None, str | None]:
         """(value, seq served, node) of one read through the client; NotFound propagates."""
-        if key in DIRS:  # a get of a directory is refused: stat it
+        if key in self.dirs:  # a get of a directory is refused: stat it
             info = self.client.stat(key)
             value = DIR if info["kind"] == "dir" else f"<{info['kind']}>"
             return value, int(info["version"]), self._node()
@@ -279,7 +286,7 @@ class Workload:
 
     def _reader(self, name: str, rng: random.Random) -> None:
         while not self.stop.is_set():
-            key = rng.choice(DIRS) if rng.random() < 0.15 else rng.choice(self._files)
+            key = rng.choice(self.dirs) if rng.random() < 0.15 else rng.choice(self._files)
             op = self.history.invoke(name, "get", key)
             try:
                 value, seq, node = self._read(key)

@@ -1,10 +1,15 @@
-"""A writer VM fault under a stream of puts, on the session's TCG guests: the shared steps.
+"""A writer VM fault under the recorded workload, on the session's TCG guests: the shared steps.
 
 Used by the VM fault tests (tests/fault/test_paused_writer_vm.py: writer VM paused;
-tests/fault/test_cut_off_writer_vm.py: writer VM cut off from the coordinator). Each test
-brings a fleet up (:func:`start_under_stream`), injects its fault, waits for the failover
-(:func:`fail_over_under_stream`), then lets the old writer come back and checks that it
-changed no byte of the image and steps down (:func:`old_writer_steps_down`).
+tests/fault/test_cut_off_writer_vm.py: writer VM cut off from the coordinator, and its disk
+pulled away; tests/fault/test_agent_restart_vm.py: writer agent killed, writer VM powered off).
+Each test brings a fleet up (:func:`start_under_stream`: ``rbdfleet provision``, ``deploy``,
+``coordinator run`` with its Ceph-blocklist fencer), runs tests/jepsen.py's recorded workload
+on the fleet's RBD image across the VMs (:class:`Recorded`), injects its fault, waits for the
+failover (:func:`fail_over_under_stream`), judges the history with
+:func:`tests.jepsen.assert_history_clean` (final state read on every node handed out), then
+lets the old writer come back and checks that it changed no byte of the image and steps down
+(:func:`old_writer_steps_down`).
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ import itertools
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.errors import RbdfleetError
-from orchestrator.sandbox.demo import Mission, sha256
+from agents.core.protocol import PutRequest
+from orchestrator.coordinator.keys import FleetKeys, read_master_keys
+from orchestrator.rollout import GUEST_TLS
+from orchestrator.sandbox.demo import Mission
+from orchestrator.sandbox.vms import VmSet
+from orchestrator.testing.history import History, Op
 from tests.integration.test_mission_vm import _health, _modes
+from tests.jepsen import SEED, Workload, assert_history_clean, recording_client
 
 Say = Callable[[str], None]
 
@@ -39,44 +48,51 @@ def say_as(tag: str) -> Say:
     return say
 
 
-class PutStream:
-    """Small puts one after another from a thread; what was acknowledged, by whom, when."""
+class Recorded:
+    """tests/jepsen.py's workload (2 writer and 2 reader threads: puts of 100 B to 3 MiB,
+    deletes, renames, mkdirs, gets and stats) through the fleet's own coordinator, with the
+    config's client credential and fleet CA; ``seed`` replays it (``RBDFLEET_TEST_SEED``);
+    ``root``: a directory of its own, for a second workload on the same fleet."""
 
-    def __init__(self, fleet: Mission, io_timeout: float, prefix: str) -> None:
-        self.client = fleet.client(timeout=120.0)
-        # a put in flight to the lost writer waits this long before it follows the new map
-        self.client.io_timeout = io_timeout
-        self.prefix = prefix
-        self.acked: dict[str, str] = {}
-        self.by_node: list[tuple[float, str, int]] = []  # (monotonic ack time, node, epoch)
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def __init__(self, fleet: Mission, seed: int = SEED, root: str = "") -> None:
+        cfg = fleet.config
+        assert cfg.fleet.client_secret_file is not None  # the sandbox config names one
+        (line, *_) = read_master_keys(cfg.fleet.client_secret_file, "fleet.client_secret_file")
+        # a request in flight to a frozen writer is abandoned once the map moves on; this
+        # bounds the one sent before the map changed
+        self.client = recording_client(fleet.client().coordinator.urls, cfg.fleet.name,
+                                       bytes.fromhex(line.decode()), client=cfg.fleet.client,
+                                       io_timeout=5.0, retry_timeout=120.0,
+                                       ca_file=str(cfg.pki_dir / "ca.pem"))
+        self.seed = seed
+        self.history = History()
+        self.workload = Workload(self.client, self.history, seed, root)
 
     def start(self) -> None:
-        """Start putting in the background."""
-        self._thread.start()
+        """Start the client threads."""
+        self.workload.start(writers=2, readers=2)
 
-    def stop(self) -> None:
-        """Stop after the put in flight (bounded: its client times out)."""
-        self._stop.set()
-        self._thread.join(150)
-        assert not self._thread.is_alive()
+    @property
+    def acks(self) -> list[tuple[float, str, int]]:
+        """(monotonic time, node, epoch) of every acknowledged write so far."""
+        return list(self.workload.acks)
 
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            path = f"{self.prefix}/stream-{i:04d}.bin"
-            data = hashlib.sha256(path.encode()).digest() * 128  # 4 KiB, its own content
-            try:
-                result = self.client.put_bytes(data, path)
-            except RbdfleetError as exc:
-                self.errors.append(f"{path}: {exc}")
-            else:
-                self.acked[path] = sha256(data)
-                self.by_node.append((time.monotonic(), result.node, result.epoch))
-            i += 1
-            time.sleep(0.05)
+    def finish(self, min_acked: int = 10) -> list[Op]:
+        """Stop the threads (a thread that died fails the test) and judge the history."""
+        self.workload.finish()
+        return self.check(min_acked)
+
+    def check(self, min_acked: int = 10) -> list[Op]:
+        """Every checker over the history and the final state read now on every node handed
+        out for reading (again after a rejoin: the rejoined node is read too)."""
+        return assert_history_clean(self.history, self.client, self.seed, min_acked=min_acked)
+
+    def tally(self) -> str:
+        """How the ops ended, for the narration."""
+        ops = self.history.ops()
+        counts = {k: sum(1 for o in ops if o.outcome == k) for k in ("ok", "fail", "unknown")}
+        puts = sum(1 for o in ops if o.kind == "put" and o.outcome == "ok")
+        return f"seed {self.seed}: {len(ops)} ops {counts}, {puts} acknowledged puts"
 
 
 def image_digest(fleet: Mission) -> str:
@@ -110,32 +126,60 @@ def status_of(fleet: Mission) -> dict[str, Any]:
 
 @dataclass
 class Running:
-    """A fleet up with its coordinator, a stale writer in the writer's VM and a put stream."""
+    """A fleet up with its coordinator, a stale writer in the writer's VM and the recorded
+    workload."""
 
     log: Path  # the coordinator's
-    before: dict[str, str]  # acknowledged before the stream: path -> sha256
-    stream: PutStream
-
-    @property
-    def acked(self) -> dict[str, str]:
-        """Every put acknowledged so far: path -> sha256."""
-        return {**self.before, **self.stream.acked}
+    before: dict[str, str]  # acknowledged before the workload: path -> sha256
+    recorded: Recorded
 
 
 def start_under_stream(fleet: Mission, writer: str, prefix: str) -> Running:
     """Provision, deploy, start the coordinator, put a few files, start a stale writer process
-    in ``writer``'s VM (writing to its read-write disk as an old writer would) and a stream of
-    puts from this host (5 s client I/O timeout); returns once the stream is acknowledged."""
+    in ``writer``'s VM (writing to its read-write disk as an old writer would) and the recorded
+    workload from this host; returns once the workload has acknowledged writes."""
     fleet.provision()
     fleet.deploy()
     log = fleet.config_path.parent / "coordinator.log"
     fleet.start_coordinator(log)
     before = fleet.put_many(5, prefix=f"{prefix}/before")
     fleet.start_stale_writer(writer)
-    stream = PutStream(fleet, io_timeout=5.0, prefix=prefix)
-    stream.start()
-    fleet.wait(lambda: len(stream.acked) >= 3, 60, "the put stream")
-    return Running(log, before, stream)
+    recorded = Recorded(fleet)
+    recorded.start()
+    fleet.wait(lambda: len(recorded.acks) >= 3, 60, "the recorded workload")
+    return Running(log, before, recorded)
+
+
+def settled(fleet: Mission) -> dict[str, Any]:
+    """The map, once stable with a writer and every other VM an in-sync reader."""
+    others = len(fleet.config.vms) - 1
+
+    def ready() -> bool:
+        m = fleet.fleet_map()
+        return (m.get("phase") == "stable" and m.get("writer") is not None
+                and sum(1 for x in m.get("members", [])
+                        if x["role"] == "reader" and x["in_sync"]) == others)
+
+    fleet.wait(ready, 240, "a writer and in-sync readers")
+    return fleet.fleet_map()
+
+
+def continue_under_stream(fleet: Mission, root: str) -> Running:
+    """On a fleet already running (an earlier fault of the module undone): once it is settled,
+    a new recorded workload under ``root``; returns once it has acknowledged writes."""
+    settled(fleet)
+    recorded = Recorded(fleet, root=root)
+    recorded.start()
+    fleet.wait(lambda: len(recorded.acks) >= 3, 60, "the recorded workload")
+    return Running(fleet.config_path.parent / "coordinator.log", {}, recorded)
+
+
+def confirmed_dead(log: Path, node: str) -> str:
+    """The coordinator's last ``node_confirmed_dead`` line for ``node`` (its evidence)."""
+    lines = [line for line in log.read_text().splitlines()
+             if "event=node_confirmed_dead" in line and f" node={node} " in line]
+    assert lines, f"{node} never confirmed dead"
+    return lines[-1]
 
 
 @dataclass(frozen=True)
@@ -150,34 +194,35 @@ class Failover:
 
 
 def fail_over_under_stream(fleet: Mission, running: Running, old: str, fault: Callable[[], None],
-                           say: Say) -> Failover:
+                           say: Say, epoch: int = 2) -> Failover:
     """Inject ``fault`` on the writer ``old``, wait until another writer is announced and
-    acknowledges streamed puts, stop the stream; checks exactly one failover (epoch 2, no
-    candidate fenced), ``old`` out, the other reader in sync, no acknowledged put lost."""
-    stream = running.stream
+    acknowledges the workload's writes, stop the workload and judge its history; checks
+    exactly one failover (``epoch``, no candidate fenced), ``old`` out and acknowledging
+    nothing at ``epoch``, the other reader in sync, no acknowledged put lost."""
+    recorded = running.recorded
     fault()
     at = time.monotonic()
     fleet.wait(lambda: fleet.fleet_map().get("writer") not in (None, old)
                and fleet.fleet_map().get("phase") == "stable", 90, "a new writer announced")
     announced = round(time.monotonic() - at, 2)
-    fleet.wait(lambda: any(t > at and node != old for t, node, _ in stream.by_node),
-               90, "a put acknowledged by a new writer")
-    acked_at = min(t for t, node, _ in stream.by_node if t > at and node != old)
-    fleet.wait(lambda: len([1 for t, _, _ in stream.by_node if t > acked_at]) >= 5, 60,
-               "more puts on the new writer")
-    stream.stop()
+    fleet.wait(lambda: any(t > at and node != old for t, node, _ in recorded.acks),
+               90, "a write acknowledged by a new writer")
+    acked_at = min(t for t, node, _ in recorded.acks if t > at and node != old)
+    fleet.wait(lambda: len([1 for t, _, _ in recorded.acks if t > acked_at]) >= 5, 60,
+               "more writes on the new writer")
     status = status_of(fleet)
     new_writer = status["map"]["writer"]
+    recorded.finish()
+    assert not [a for a in recorded.acks if a[1] == old and a[2] >= epoch], recorded.acks
     readers = sorted(m["name"] for m in status["map"]["members"] if m["name"] != old)
-    assert new_writer in readers and status["map"]["epoch"] == 2, status  # no candidate fenced
+    assert new_writer in readers and status["map"]["epoch"] == epoch, status  # none fenced
     assert status["map"]["phase"] == "stable"
     assert member(status, old)["role"] == "out"
     other = next(r for r in readers if r != new_writer)
     assert member(status, other)["role"] == "reader" and member(status, other)["in_sync"]
-    lost = fleet.verify(running.acked)
+    lost = fleet.verify(running.before)
     assert lost == [], f"acknowledged puts lost: {lost}"
-    say(f"{len(stream.acked)} streamed puts acknowledged, none lost; not acknowledged: "
-        f"{stream.errors or 'none'}")
+    say(f"history clean on every node, {recorded.tally()}")
     return Failover(announced, round(acked_at - at, 2), status, new_writer, other)
 
 
@@ -208,5 +253,37 @@ def old_writer_steps_down(fleet: Mission, running: Running, old: str, image_befo
 
     fleet.kill_agent(old)  # the explicit rejoin: a fresh agent on the read-only disk
     fleet.rejoin(old)
-    assert fleet.verify(running.acked) == []
+    assert fleet.verify(running.before) == []
+    running.recorded.check()  # the history again, the rejoined node read too
     assert status_of(fleet)["map"]["epoch"] == 2
+
+
+STALE_PATH = "/stale/put.bin"
+_STALE_PUT = r"""
+import json, ssl, sys, urllib.error, urllib.request
+url, headers, ca = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+request = urllib.request.Request(url, data=b"STALE" * 100, headers=headers, method="PUT")
+context = ssl.create_default_context(cafile=ca)
+try:
+    print(urllib.request.urlopen(request, timeout=20, context=context).status, "ok")
+except urllib.error.HTTPError as exc:
+    print(exc.code, json.loads(exc.read() or b"{}").get("error"))
+except OSError as exc:
+    print(599, type(exc).__name__)
+"""
+
+
+def stale_put(fleet: Mission, vms: VmSet, via: str, address: str) -> tuple[int, str]:
+    """(status, error code) of a put of :data:`STALE_PATH` sent from ``via``'s guest to the
+    agent at ``address`` with a write grant of epoch 1 for :data:`WRITER` (a client whose map
+    is stale); 599 when no answer came."""
+    keys = FleetKeys(fleet.config.fleet.name, read_master_keys(fleet.config.fleet.secret_file),
+                     time.time)
+    grant = keys.grant(WRITER, "write", 1, 60.0)
+    headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
+    done = vms.exec(via, ["python3", "-c", _STALE_PUT,
+                          f"https://{address}/v1/files{STALE_PATH}", json.dumps(headers),
+                          GUEST_TLS["ca"]], timeout=60)
+    assert done.returncode == 0, done.stderr
+    status, code = done.stdout.split()
+    return int(status), code

@@ -1,21 +1,31 @@
 """The circular metadata journal: where records go and which ones count.
 
-Positions are byte offsets inside the journal region (the ring), multiples of 4 KiB.
+Positions are byte offsets inside the journal region (the ring). Records are packed: the
+records of one group commit (a *batch*) lie back to back, and only the batch as a whole is
+padded to the 4 KiB boundary O_DIRECT needs, so a batch starts on a 4 KiB boundary and a
+record anywhere.
 
 Invariants:
-- Placement: a record of ``n`` bytes goes at the current position ``pos`` if it fits before
-  the end of the ring, else at 0. Writer, reader and fsck use this one rule
-  (:func:`place`), so a reader that applied a pushed record knows where the next one starts.
+- Placement, the one rule (:func:`candidates`, :func:`place_batch`, :func:`split`) that the
+  writer, the readers (who apply pushed records and must know where the next one starts)
+  and fsck share: the record after one that ended at ``pos`` starts at ``pos`` (the next
+  record of the same batch), else at the next 4 KiB boundary (a new batch that fit before
+  the end of the ring), else at 0 (a new batch that wrapped). A follower tries them in that
+  order; the writer puts a batch of ``n`` padded bytes at the boundary if it fits, else at 0.
 - Chain: starting from a checkpoint (``seq``, ``pos``), record ``seq + 1`` is the valid record
-  at ``place(pos)`` (tried at ``pos``, then at 0) with that seq and an epoch no lower than the
-  highest seen. The chain ends at the first position where no such record is found: that is
-  the torn or not-yet-written tail. A record with a lower epoch ends it too (a fenced writer's
-  late write is never part of the history).
+  at the first of :func:`candidates` (``pos``) holding that seq with an epoch no lower than
+  the highest seen. The chain ends at the first position where no such record is found: that
+  is the torn or not-yet-written tail. A record with a lower epoch ends it too (a fenced
+  writer's late write is never part of the history).
 - Write order: the records of one group commit may reach the medium in any order (one
-  device write per contiguous run, two when the batch wraps, and a write spanning RBD objects
-  completes object by object); none of them is acknowledged before the flush that follows
+  device write per batch, and a write spanning RBD objects or sectors completes piece by
+  piece); none of them is acknowledged before the flush that follows
   all of them, and the next group commit is written only after that flush. So after a crash
   any subset of the last batch may be on disk, and nothing after the batch exists.
+- A torn batch: a record cut by a missing piece fails its CRC, so the chain ends there (the
+  records after it in the batch cannot be reached: their start is only known from the
+  lengths before them). Padding and stale bytes never look like the next record: that needs
+  the exact next seq, the volume's tag and a valid CRC.
 - ``commit_seq`` of a record is the highest seq durable (flushed, hence possibly
   acknowledged) when it was written: it is below every seq of its own batch. A valid record
   beyond the chain's end with ``commit_seq`` >= the first missing seq proves that seq was
@@ -38,7 +48,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from agents.core.record import Record
+from agents.core.record import HEADER, Record
+from agents.device import ALIGN
+from agents.errors import TornRecord
 
 
 class Numbered(Protocol):
@@ -62,24 +74,50 @@ class Witness:
     commit_seq: int
 
 
-def place(pos: int, nbytes: int, ring: int) -> int:
-    """Start of a record of ``nbytes`` written when the head is at ``pos``."""
+def align_up(pos: int) -> int:
+    """``pos`` rounded up to the 4 KiB boundary a batch starts on."""
+    return -(-pos // ALIGN) * ALIGN
+
+
+def place_batch(pos: int, nbytes: int, ring: int) -> int:
+    """Start of a batch of ``nbytes`` (padded to 4 KiB) written when the last record ended at
+    ``pos``: the next 4 KiB boundary if the batch fits before the end of the ring, else 0."""
     if nbytes > ring:
-        raise ValueError(f"record of {nbytes} bytes is larger than the {ring}-byte journal")
-    return pos if pos + nbytes <= ring else 0
+        raise ValueError(f"batch of {nbytes} bytes is larger than the {ring}-byte journal")
+    start = align_up(pos)
+    return start if start + nbytes <= ring else 0
 
 
 def candidates(pos: int, ring: int) -> list[int]:
-    """Where the record after head ``pos`` may start: ``pos`` itself, else the ring start."""
-    if pos >= ring:
-        return [0]
-    return [pos] if pos == 0 else [pos, 0]
+    """Where the record after one that ended at ``pos`` may start, in the order a follower
+    tries them: ``pos`` (same batch), the next 4 KiB boundary (a new batch), 0 (a new batch
+    that wrapped)."""
+    out: list[int] = []
+    for start in (pos, align_up(pos), 0):
+        if start < ring and start not in out:
+            out.append(start)
+    return out
+
+
+def split(data: bytes | memoryview) -> list[tuple[int, int]]:
+    """(offset, length) of each record packed in ``data`` (one batch's records, back to back,
+    without the batch's padding). TornRecord when the bytes are not exactly whole records."""
+    out: list[tuple[int, int]] = []
+    at = 0
+    while at < len(data):
+        length = Record.peek_length(data[at : at + HEADER.size])
+        if length is None or at + length > len(data):
+            raise TornRecord("packed journal records do not add up", offset=at)
+        out.append((at, length))
+        at += length
+    return out
 
 
 def consumed(pos: int, start: int, nbytes: int, ring: int) -> int:
-    """Ring bytes used by writing ``nbytes`` at ``start`` when the head was at ``pos``: the
-    record, plus the skipped end of the ring when it wrapped to 0."""
-    skipped = ring - pos if start == 0 and pos != 0 else 0
+    """Ring bytes used by writing ``nbytes`` at ``start`` when the last record ended at
+    ``pos``: the record, plus what was skipped before it (the padding up to a batch's
+    boundary, or the end of the ring when it wrapped to 0)."""
+    skipped = start - pos if start >= pos else ring - pos + start
     return skipped + nbytes
 
 

@@ -26,6 +26,7 @@ WriteAck                writer → client                             answer to 
                                                                     and DELETE /v1/files/<path>
 EntryInfo, ListResponse agent → client                              GET /v1/stat, /v1/list
 RecordPush / RecordAck  writer → reader / reader → writer           POST /v1/records
+                        (the push is binary, not JSON: RecordPush)
 Health                  agent → anyone                              GET /v1/health
 PromoteRequest          coordinator → agent (promote grant)         POST /v1/promote
 DemoteRequest           coordinator → agent (demote grant)          POST /v1/demote
@@ -39,20 +40,24 @@ ErrorBody               anyone → caller, with an HTTP status        any failed
 
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
+import itertools
 import json
 import math
+import struct
 import types
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Final, Self, Union, get_args, get_origin, get_type_hints
 
-from agents.core import boundedjson
+from agents.core import boundedjson, journal
+from agents.core.record import Record
 from agents.errors import (
     AgentError,
     BadSignature,
     DecodeError,
+    FormatError,
+    TooLarge,
     UnsupportedVersion,
     error_from_wire,
 )
@@ -63,8 +68,10 @@ __all__ = [
     "CRC_HEADER",
     "EPOCH_HEADER",
     "INSECURE_HEADER",
+    "MAX_PUSH_RECORDS",
     "MTIME_HEADER",
     "PROTOCOL_VERSION",
+    "PUSH_CONTENT_TYPE",
     "READERS_HEADER",
     "SEQ_HEADER",
     "SIZE_HEADER",
@@ -81,6 +88,8 @@ __all__ = [
     "Message",
     "MkdirRequest",
     "PromoteRequest",
+    "PushFrame",
+    "PushedRecord",
     "PutRequest",
     "ReaderAddress",
     "ReaderSet",
@@ -454,31 +463,138 @@ class ListResponse(Message):
 # Writer ↔ reader
 
 
-@dataclass(frozen=True)
-class RecordPush(Message):
-    """Journal records the writer sends to a reader (patent S305), oldest first.
+PUSH_CONTENT_TYPE: Final = "application/x-rbdfleet-records"
+# records in one push; the writer sends a bigger backlog as its commit seq alone (the reader
+# reads the journal)
+MAX_PUSH_RECORDS: Final = 256
+PUSH_MAGIC: Final = b"RBFP"
+PUSH_VERSION: Final = 1
+# magic, version, fleet length, writer length, 2 pad, epoch, commit_seq, frame count
+_PUSH_HEAD: Final = struct.Struct("<4sHHH2xQQI")
+_FRAME_HEAD: Final = struct.Struct("<QI")  # ring offset of the frame's first record, bytes
 
-    ``records`` are base64 of ``Record.encode()``: the exact journal bytes, so the reader
-    verifies their checksum as it would on disk. ``commit_seq`` is the writer's last durable seq.
-    """
+
+@dataclass(frozen=True)
+class PushFrame:
+    """One group commit as it travels: the records' bytes exactly as they lie in the journal
+    ring from offset ``start`` (packed back to back, without the batch's padding). The
+    writer makes one per commit and every reader's push sends the same bytes."""
+
+    start: int
+    data: bytes | memoryview
+    head: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "head", _FRAME_HEAD.pack(self.start, len(self.data)))
+
+
+@dataclass(frozen=True)
+class PushedRecord:
+    """A record of a push, decoded (CRC checked), and where it lies in the journal ring."""
+
+    start: int
+    nbytes: int
+    record: Record
+
+
+@dataclass(frozen=True)
+class RecordPush:
+    """Journal records the writer sends to a reader (patent S305), oldest first: a binary
+    body (content type :data:`PUSH_CONTENT_TYPE`, no JSON, no base64), little endian::
+
+        0  4s  magic b"RBFP"       10 2x  pad              28 u32 frame count
+        4  u16 version (1)         12 u64 epoch            32 fleet, writer (UTF-8)
+        6  u16 fleet length        20 u64 commit_seq
+        8  u16 writer length
+        then per frame: u64 ring offset, u32 length (> 0), the packed records
+
+    The records are the exact journal bytes, so the reader verifies their checksums as it
+    would on disk, and knows where each one lies in the ring. ``commit_seq`` is the writer's
+    last durable seq (a push without frames makes a lagging reader catch up from it)."""
 
     fleet: str
     epoch: int
     writer: str
-    records: tuple[str, ...]
     commit_seq: int
+    frames: tuple[PushFrame, ...] = ()
 
-    @staticmethod
-    def pack(record_bytes: bytes) -> str:
-        """One encoded record as it travels in ``records``."""
-        return base64.b64encode(record_bytes).decode("ascii")
+    def parts(self) -> list[bytes | memoryview]:
+        """The body as buffers to send one after the other (the frames' bytes not copied)."""
+        fleet, writer = self.fleet.encode(), self.writer.encode()
+        out: list[bytes | memoryview] = [
+            _PUSH_HEAD.pack(PUSH_MAGIC, PUSH_VERSION, len(fleet), len(writer), self.epoch,
+                            self.commit_seq, len(self.frames)) + fleet + writer]
+        for frame in self.frames:
+            out += (frame.head, frame.data)
+        return out
 
-    def record_bytes(self) -> list[bytes]:
-        """The encoded records; DecodeError for bad base64."""
+    def encode(self) -> bytes:
+        """The whole body in one piece."""
+        return b"".join(self.parts())
+
+    @classmethod
+    def decode(cls, body: bytes | memoryview) -> RecordPush:
+        """Parse a push body; DecodeError (400) for anything that is not exactly one (the
+        records themselves are checked by :attr:`records`)."""
+        view = memoryview(body)
+        if len(view) < _PUSH_HEAD.size:
+            raise DecodeError("record push shorter than its header", field="body")
+        magic, version, fleet_len, writer_len, epoch, commit, count = _PUSH_HEAD.unpack_from(
+            view)
+        if magic != PUSH_MAGIC:
+            raise DecodeError("not a record push (bad magic)", field="body")
+        if version != PUSH_VERSION:
+            raise UnsupportedVersion(f"record push version {version}", got=version)
+        at = _PUSH_HEAD.size
+        if at + fleet_len + writer_len > len(view):
+            raise DecodeError("record push names run past its body", field="body")
         try:
-            return [base64.b64decode(r, validate=True) for r in self.records]
-        except (binascii.Error, ValueError) as exc:
-            raise DecodeError("record push carries bad base64", field="records") from exc
+            fleet = str(view[at : at + fleet_len], "utf-8")
+            writer = str(view[at + fleet_len : at + fleet_len + writer_len], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError("record push names are not UTF-8", field="fleet") from exc
+        at += fleet_len + writer_len
+        if count > (len(view) - at) // _FRAME_HEAD.size:
+            raise DecodeError(f"record push announces {count} frames", field="frames")
+        frames = []
+        for _ in range(count):
+            if at + _FRAME_HEAD.size > len(view):
+                raise DecodeError("record push frame header cut short", field="frames")
+            start, length = _FRAME_HEAD.unpack_from(view, at)
+            at += _FRAME_HEAD.size
+            if length == 0 or at + length > len(view):
+                raise DecodeError(f"record push frame of {length} bytes", field="frames")
+            frames.append(PushFrame(start, view[at : at + length]))
+            at += length
+        if at != len(view):
+            raise DecodeError("bytes after the last frame of a record push", field="body")
+        return cls(fleet, epoch, writer, commit, tuple(frames))
+
+    @functools.cached_property
+    def records(self) -> tuple[PushedRecord, ...]:
+        """Every record of the push, decoded once: DecodeError (400) unless each frame is
+        whole records with valid checksums, their seqs follow one another and their epochs
+        never go down nor above the push's; TooLarge (413) past :data:`MAX_PUSH_RECORDS`."""
+        out: list[PushedRecord] = []
+        try:
+            for frame in self.frames:
+                for offset, nbytes in journal.split(frame.data):
+                    if len(out) == MAX_PUSH_RECORDS:
+                        raise TooLarge("record push of too many records",
+                                       limit=MAX_PUSH_RECORDS)
+                    record = Record.decode(frame.data[offset : offset + nbytes])
+                    out.append(PushedRecord(frame.start + offset, nbytes, record))
+        except FormatError as exc:
+            raise DecodeError(f"record push: {exc.message}", field="records") from exc
+        for before, after in itertools.pairwise(out):
+            if after.record.seq != before.record.seq + 1 or (
+                    after.record.epoch < before.record.epoch):
+                raise DecodeError("record push: records out of seq or epoch order",
+                                  field="records", seq=after.record.seq)
+        if out and out[-1].record.epoch > self.epoch:
+            raise DecodeError("record push: a record of a later epoch than the push",
+                              field="records", seq=out[-1].record.seq)
+        return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -503,7 +619,8 @@ class Health(Message):
     true while a reader is behind the journal it knows of. On the writer, ``in_sync`` names the
     readers whose acks every write waits for, ``lagging`` the others it pushes to, and
     ``sync_revision`` counts changes of ``in_sync`` (the coordinator orders the writer's words
-    on its reader set by it).
+    on its reader set by it). ``version``: the deployed package version the process runs (its
+    release directory's name), ``""`` when it runs from elsewhere (a source tree).
     """
 
     node: str
@@ -517,6 +634,7 @@ class Health(Message):
     in_sync: tuple[str, ...] = ()
     lagging: tuple[str, ...] = ()
     sync_revision: int = 0
+    version: str = ""
 
 
 @dataclass(frozen=True)

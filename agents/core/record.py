@@ -1,4 +1,4 @@
-"""Journal record codec: ``{seq, epoch, op, payload, crc}`` as 4 KiB-aligned bytes.
+"""Journal record codec: ``{seq, epoch, op, payload, crc}`` as variable-length bytes.
 
 Invariants:
 - ``Record.decode(r.encode()) == r`` for every record whose payload is JSON-able (plus one
@@ -8,13 +8,18 @@ Invariants:
 - Decoding allocates nothing beyond the bytes given: lengths in the header are checked
   against them (and each other) first, and the payload is bounded JSON
   (:mod:`agents.core.boundedjson`).
-- The encoded length is a multiple of 4096 (records are written with O_DIRECT) and does not
-  depend on ``seq``, ``epoch`` or ``commit_seq`` (the writer sizes a batch before numbering it).
+- The encoded length is exactly the header, payload, blob and CRC (no padding: the records
+  of one group commit are packed back to back and only the batch is padded to 4 KiB, see
+  :mod:`agents.core.journal`) and does not depend on ``seq``, ``epoch`` or ``commit_seq``
+  (the writer sizes a batch before numbering it).
+- Format 1 (each record zero padded to 4 KiB) is refused with ``UnsupportedFormat`` naming
+  it; the header layout is the same in both, so the volume tag of an old record can still be
+  read (records of an earlier format of the same image are skipped by their tag).
 
-Layout (little endian), then zero padding to the next 4 KiB boundary::
+Layout (little endian)::
 
     0  4s  magic b"RBFR"           28 u64 commit_seq (highest seq durable when written)
-    4  u16 format version (1)      36 u32 volume tag (from the volume uuid: records of an
+    4  u16 format version (2)      36 u32 volume tag (from the volume uuid: records of an
     6  u16 flags (1: has blob)            earlier format of the same image never count)
     8  u32 length (header..crc)    40 u8  op code      41 3x pad
     12 u64 seq                     44 u32 json_len     48 u32 blob_len
@@ -34,7 +39,7 @@ from agents.device import ALIGN
 from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
 
 MAGIC = b"RBFR"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<4sHHIQQQIB3xII")
 CRC = struct.Struct("<I")
 FLAG_BLOB = 1
@@ -63,7 +68,7 @@ class Record:
     volume_tag: int = field(default=0, compare=False)
 
     def encode(self) -> bytes:
-        """The record's journal bytes (padded to 4 KiB)."""
+        """The record's journal bytes (exactly ``length`` of them)."""
         if self.op not in OPS:
             raise ValueError(f"unknown journal op {self.op!r}")
         body = dict(self.payload)
@@ -88,18 +93,17 @@ class Record:
             len(blob_bytes),
         )
         raw = b"".join((head, js, blob_bytes))
-        raw += CRC.pack(zlib.crc32(raw))
-        return raw + bytes(padded(length) - length)
+        return raw + CRC.pack(zlib.crc32(raw))
 
     @staticmethod
     def peek_length(data: bytes | memoryview) -> int | None:
-        """The padded length announced by a record header, or None if ``data`` is no header."""
+        """The length announced by a record header, or None if ``data`` is no header."""
         if len(data) < HEADER.size or data[:4] != MAGIC:
             return None
-        length = HEADER.unpack_from(data)[3]
+        length: int = HEADER.unpack_from(data)[3]
         if length < HEADER.size + CRC.size:
             return None
-        return padded(length)
+        return length
 
     @staticmethod
     def peek_numbers(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
@@ -149,8 +153,10 @@ def _verified_fields(data: bytes | memoryview) -> tuple[Any, ...]:
     if zlib.crc32(memoryview(data)[: length - CRC.size]) != crc:
         raise ChecksumMismatch("journal record checksum mismatch", seq=seq)
     if version != VERSION:
+        older = " (4 KiB padded records: format the image again)" if version < VERSION else ""
         raise UnsupportedFormat(
-            f"journal record format {version} (this agent reads {VERSION})", got=version
+            f"journal record format {version}{older}; this agent reads format {VERSION}",
+            got=version,
         )
     if op not in OP_NAMES or flags & ~FLAG_BLOB:
         raise UnsupportedFormat("unknown journal op or flags", op=op, flags=flags)

@@ -58,6 +58,11 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def done(step: str) -> None:
+    """Narrate one step a use case has done (stderr): the provisioner's ``progress``."""
+    say(f"  done: {step}")
+
+
 @contextmanager
 def progress(length: int, label: str) -> Iterator[Any]:
     """A progress bar on stderr for a transfer of ``length`` bytes; ``None`` when small.

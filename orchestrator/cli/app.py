@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli import certs as certs_cli
 from orchestrator.cli import clients as clients_cli
 from orchestrator.cli import coordinator as coordinator_cli
 from orchestrator.cli import deploy as deploy_cli
@@ -15,6 +16,7 @@ from orchestrator.cli import inventory as inventory_cli
 from orchestrator.cli import provision as provision_cli
 from orchestrator.cli import sandbox
 from orchestrator.cli import status as status_cli
+from orchestrator.cli import upgrade as upgrade_cli
 from orchestrator.cli import vm as vm_cli
 from orchestrator.cli._exit import ReportingGroup
 
@@ -60,8 +62,10 @@ coordinator_cli.register(app)
 files_cli.register(app)
 status_cli.register(app)
 deploy_cli.register(app)
+upgrade_cli.register(app)
 inventory_cli.register(app)
 clients_cli.register(app)
+certs_cli.register(app)
 
 
 def main() -> None:

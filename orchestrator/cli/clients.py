@@ -16,14 +16,12 @@ from typing import Annotated
 
 import typer
 
-from orchestrator import config as fleet_config
-from orchestrator.adapters import ceph
-from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.core.clients import SCOPES, ClientCredential, check_client_name
 from orchestrator.errors import ConfigError
 from orchestrator.ports import ClientStore
+from orchestrator.services import open_services
 
 app = typer.Typer(help="Client credentials of the fleet: who may read, write, administer.",
                   no_args_is_help=True)
@@ -37,13 +35,8 @@ SECRET_BYTES = 32
 @contextlib.contextmanager
 def open_store(config_path: Path) -> Iterator[ClientStore]:
     """The ClientStore of the config's fleet (over its Ceph cluster)."""
-    cfg = fleet_config.load(config_path)
-    with ceph.cluster(cfg.ceph) as handle:
-        store = RadosClientStore(handle, cfg.ceph.pool, cfg.fleet.name)
-        try:
-            yield store
-        finally:
-            store.close()
+    with open_services(config_path) as services:
+        yield services.clients
 
 
 def write_secret_file(path: Path, secret: bytes) -> None:

@@ -1,9 +1,9 @@
 """`rbdfleet deploy` / `rbdfleet undeploy`: the fleet's agents on its VMs over SSH.
 
-Composition root of :class:`~orchestrator.rollout.FleetRollout`: the ``[ssh]`` table's key and
-pinned known_hosts (``ParamikoShell``), the fleet secret and TLS material (``[tls] dir``), and
-the first ``[coordinator]`` URL the agents report to. In a sandbox config (``[sandbox]``
-present) SSH only reaches addresses on a local bridge.
+A :class:`~orchestrator.rollout.FleetRollout` over the fleet's services
+(:mod:`orchestrator.services`): SSH with the ``[ssh]`` table's key and pinned known_hosts
+(in a sandbox config only to addresses on a local bridge), the fleet secret and TLS material
+(``[tls] dir``), and the first ``[coordinator]`` URL the agents report to.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator import config as fleet_config
-from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.cli.coordinator import coordinator_config, read_secret
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
-from orchestrator.client import CoordinatorClient, HttpAgentControl, Transport
 from orchestrator.deploy import AgentDeployer, HostResult
 from orchestrator.errors import AgentUnreachable
 from orchestrator.packaging import AgentPackage
 from orchestrator.rollout import FleetRollout
+from orchestrator.services import open_services
 
 FormatOption = Annotated[
     bool,
@@ -41,17 +38,15 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
 
     Roles come from the active coordinator's map when one answers, else from the config.
     """
-    cfg = fleet_config.load(config_path)
-    urls = list(coordinator_config(config_path).urls)
-    secret = read_secret(cfg)
-    transport = Transport.for_fleet(cfg)  # the fleet CA verifies coordinators and agents
-    try:
-        fleet_map: dict[str, Any] | None = CoordinatorClient(
-            urls, cfg.fleet.name, None, transport=transport).map()
-    except AgentUnreachable:
-        fleet_map = None  # no coordinator yet: the bootstrap roles of the config
-    guard = require_local_target if cfg.sandbox is not None else allow_any_target
-    with ParamikoShell.from_config(cfg.ssh, target_guard=guard) as shell:
+    with open_services(config_path) as services:
+        cfg, urls = services.config, services.coordinator.urls
+        secret = services.master_keys
+        transport = services.transport()  # the fleet CA verifies coordinators and agents
+        try:
+            fleet_map: dict[str, Any] | None = services.map_reader(transport).map()
+        except AgentUnreachable:
+            fleet_map = None  # no coordinator yet: the bootstrap roles of the config
+        shell = services.shell
         deployer = AgentDeployer(shell, AgentPackage.build())
         yield FleetRollout(
             cfg,
@@ -59,7 +54,7 @@ def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
             deployer,
             secret,
             coordinator=urls[0],
-            health=HttpAgentControl(transport).health,
+            health=services.agent_control(transport).health,
             fleet_map=fleet_map,
             progress=lambda msg: say(f"  {msg}"),
         )

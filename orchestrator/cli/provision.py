@@ -1,15 +1,13 @@
 """`rbdfleet provision` / `rbdfleet deprovision`: the shared image, VM users, libvirt attach.
 
-Also the composition root the `vm` commands reuse: :func:`open_provisioner` wires the Ceph
-and libvirt adapters into a :class:`~orchestrator.provision.Provisioner`.
+The provisioner comes from the fleet's services (:mod:`orchestrator.services`); this module
+also holds the options every command shares (``--config``, the FLEET argument).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,19 +15,18 @@ import typer
 
 from agents.errors import RbdfleetError
 from orchestrator import config as fleet_config
-from orchestrator.adapters import ceph
-from orchestrator.adapters.libvirt import LibvirtHypervisor
-from orchestrator.cli._output import JsonOption, emit_json, say
+from orchestrator.cli._output import JsonOption, done, emit_json, say
 from orchestrator.config import FleetConfig
-from orchestrator.core.placement import Plan, vm_user
+from orchestrator.coordinator.config import coordinator_config
+from orchestrator.core.placement import Plan
 from orchestrator.errors import ConfigError
 from orchestrator.provision import (
     Applied,
-    Provisioner,
     check_partial,
     provision_pki,
     undo_hint,
 )
+from orchestrator.services import open_services
 
 ConfigOption = Annotated[
     Path,
@@ -42,21 +39,6 @@ FleetArg = Annotated[
                    "command acts on the fleet you mean"),
 ]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="print the plan only")]
-
-
-@contextlib.contextmanager
-def open_provisioner(config_path: Path) -> Iterator[tuple[Provisioner, Any, FleetConfig]]:
-    """``(provisioner, rados handle, config)`` for the fleet in ``config_path``; closes both."""
-    config = fleet_config.load(config_path)
-    with ceph.cluster(config.ceph) as handle, LibvirtHypervisor() as hypervisor:
-        # the proof that lets a role switch go on past a paused, fenced writer's disk
-        proof = ceph.BlocklistFencer(handle, config.ceph.pool, config.fleet.image,
-                                     {vm.name: vm_user(config.fleet.name, vm.name)
-                                      for vm in config.vms})
-        yield (Provisioner(config, ceph.RbdImageStore(handle), ceph.CephxCredentialStore(handle),
-                           hypervisor, progress=lambda msg: say(f"  done: {msg}"),
-                           fence_proof=proof),
-               handle, config)
 
 
 def check_fleet(config: FleetConfig, fleet: str) -> None:
@@ -117,9 +99,10 @@ def provision(
     """Create the pool (if allowed) and image, a cephx user + libvirt secret per VM, and
     attach the disk: writer read-write, readers read-only; make the fleet's TLS CA and
     certificates on this host ([tls] dir). Running it again changes nothing."""
-    with open_provisioner(config) as (provisioner, _, cfg):
+    with open_services(config, progress=done) as services:
+        cfg = services.config
         try:
-            plan, applied = provisioner.provision(dry_run=dry_run)
+            plan, applied = services.provisioner.provision(dry_run=dry_run)
         except RbdfleetError as exc:
             report_partial(exc, cfg.fleet.name)
             raise
@@ -134,8 +117,6 @@ def provision(
 def coordinator_hosts(config_path: Path) -> list[str]:
     """The hosts the coordinators serve on (``[coordinator] urls`` and ``listen``): the SANs
     of their certificate."""
-    from orchestrator.cli.coordinator import coordinator_config  # it imports this module
-
     ccfg = coordinator_config(config_path)
     hosts = [urllib.parse.urlsplit(u).hostname for u in ccfg.urls]
     listen = ccfg.listen.rpartition(":")[0].strip("[]")
@@ -181,9 +162,11 @@ def deprovision(
     """
     if delete_image and not dry_run:
         confirm_destruction(fleet_config.load(config), fleet_name, really)
-    with open_provisioner(config) as (provisioner, _, cfg):
+    with open_services(config, progress=done) as services:
+        cfg = services.config
         try:
-            plan, applied = provisioner.deprovision(delete_image=delete_image, dry_run=dry_run)
+            plan, applied = services.provisioner.deprovision(delete_image=delete_image,
+                                                             dry_run=dry_run)
         except RbdfleetError as exc:
             report_partial(exc, cfg.fleet.name)
             raise

@@ -40,6 +40,9 @@ DESTRUCTIVE: tuple[tuple[str, str, str], ...] = (
     ("`undeploy`", "service: every agent stops (files stay)", "none"),
     ("`failover`, `fence`", "the writer is fenced; writes pause until a reader is promoted",
      "the FLEET argument must be the configured fleet"),
+    ("`upgrade`", "each agent restarts in turn; at the handover the writer is fenced and "
+     "writes pause until an upgraded reader is promoted",
+     "`--dry-run` shows the plan; the FLEET argument must be the configured fleet"),
     ("`vm fence`, `vm set-role`", "a VM's access to the disk",
      "the FLEET argument must be the configured fleet"),
 )

@@ -8,8 +8,8 @@ import typer
 
 from agents.errors import NotFound
 from orchestrator.cli._output import JsonOption, emit_json, print_table
-from orchestrator.cli.coordinator import open_client
 from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
+from orchestrator.services import open_client
 
 
 def fleet_status(everything: dict[str, Any], fleet: str) -> dict[str, Any]:

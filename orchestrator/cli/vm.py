@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from agents.errors import RbdfleetError
-from orchestrator.adapters.ceph import BlocklistFencer
-from orchestrator.cli._output import JsonOption, emit_json, print_table
+from orchestrator.cli._output import JsonOption, done, emit_json, print_table
 from orchestrator.cli.provision import (
     DEFAULT_CONFIG,
     ConfigOption,
     DryRunOption,
     FleetArg,
     check_fleet,
-    open_provisioner,
     report,
     report_partial,
 )
-from orchestrator.config import FleetConfig
 from orchestrator.core.placement import vm_user
+from orchestrator.services import open_services
 
 app = typer.Typer(
     help="The fleet's VMs, straight through Ceph and libvirt (no coordinator needed): "
@@ -41,7 +39,8 @@ VmArg = Annotated[str, typer.Argument(help="VM name from the config")]
 @app.command("list")
 def list_vms(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
     """Each VM's domain, whether it runs, and how it holds the shared disk."""
-    with open_provisioner(config) as (provisioner, _, cfg):
+    with open_services(config) as services:
+        cfg, provisioner = services.config, services.provisioner
         rows = provisioner.attachments()
     if as_json:
         emit_json({"fleet": cfg.fleet.name, "serial": provisioner.serial, "vms": [
@@ -71,10 +70,11 @@ def set_role(
 ) -> None:
     """Re-attach so exactly one VM has the disk read-write: demote the old writer, then
     promote. Refuses anything that would leave two writers (or none)."""
-    with open_provisioner(config) as (provisioner, _, cfg):
+    with open_services(config, progress=done) as services:
+        cfg = services.config
         check_fleet(cfg, fleet)
         try:
-            plan, applied = provisioner.set_role(vm, role.value, dry_run=dry_run)
+            plan, applied = services.provisioner.set_role(vm, role.value, dry_run=dry_run)
         except RbdfleetError as exc:
             report_partial(exc, cfg.fleet.name)
             raise
@@ -85,10 +85,11 @@ def set_role(
 def clients(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
             as_json: JsonOption = False) -> None:
     """The VM's client addresses among the image's watchers (through its own cephx user)."""
-    with open_provisioner(config) as (_, handle, cfg):
+    with open_services(config) as services:
+        cfg = services.config
         check_fleet(cfg, fleet)
         cfg.vm(vm)
-        addresses = _fencer(handle, cfg).clients(vm)
+        addresses = services.fencer.clients(vm)
     if as_json:
         emit_json({"vm": vm, "user": vm_user(cfg.fleet.name, vm), "clients": addresses})
         return
@@ -107,10 +108,11 @@ def fence(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
     only when no coordinator runs, then `rbdfleet fence` once one is back. With a coordinator,
     use `rbdfleet fence` (it fences and updates the map in law order).
     """
-    with open_provisioner(config) as (_, handle, cfg):
+    with open_services(config) as services:
+        cfg = services.config
         check_fleet(cfg, fleet)
         cfg.vm(vm)
-        addresses = _fencer(handle, cfg).fence(vm)
+        addresses = services.fencer.fence(vm)
     if as_json:
         emit_json({"vm": vm, "blocklisted": addresses})
         return
@@ -119,7 +121,3 @@ def fence(fleet: FleetArg, vm: VmArg, config: ConfigOption = DEFAULT_CONFIG,
     for addr in addresses:
         typer.echo(f"blocklisted {addr}")
 
-
-def _fencer(handle: Any, cfg: FleetConfig) -> BlocklistFencer:
-    return BlocklistFencer(handle, cfg.ceph.pool, cfg.fleet.image,
-                           {v.name: vm_user(cfg.fleet.name, v.name) for v in cfg.vms})

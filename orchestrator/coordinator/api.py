@@ -96,12 +96,13 @@ from agents.errors import (
     TooLarge,
 )
 from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
+from agents.tlsreload import ContextSource
 from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
 from orchestrator.core.fleetmap import FleetMap
 from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
-from orchestrator.core.reports import ReplayGuard, nonce
+from orchestrator.core.reports import ReplayGuard, nonce, watch_from
 from orchestrator.errors import (
     CoordinationError,
     CoordinationFailed,
@@ -236,17 +237,20 @@ class CoordinatorAPI:
         self._client_cache: dict[tuple[str, str], tuple[ClientCredential | None, float]] = {}
         self._cache_lock = threading.Lock()
         self._started = wall()
-        self._replays: dict[str, ReplayGuard] = {}  # fleet -> the reports admitted
+        # fleet -> the reports admitted in the service's current term (since its lease)
+        self._replays: dict[str, tuple[float | None, ReplayGuard]] = {}
         self._replay_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def serve(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[str, int]:
+    def serve(self, host: str, port: int,
+              tls: ContextSource | None = None) -> tuple[str, int]:
         """Start serving in a thread; returns the bound (host, port) (port 0 picks one).
 
-        ``tls`` is a server context the caller built (certificates, peer verification)."""
+        ``tls`` is a server context the caller built (certificates, peer verification), or
+        one that follows its files (agents.tlsreload: rotated certificates, a new CRL)."""
         api = self
 
         class Handler(_Handler):
@@ -422,13 +426,17 @@ class CoordinatorAPI:
                       fleet=service.fleet, audience=COORDINATOR, purposes={REPORT},
                       epoch=None, subject=claimed.subject)
 
-    def _admit_once(self, fleet: str, grant: Grant, token: str) -> None:
-        """ReportReplayed when this report (its grant) was admitted before: a replay."""
+    def _admit_once(self, service: FleetService, grant: Grant, token: str) -> None:
+        """ReportReplayed when this report (its grant) was admitted before: a replay, here or
+        (signed before this term's lease was taken) by a predecessor. Called once the service
+        is active, so ``active_since`` is this term's."""
+        term = service.active_since
         with self._replay_lock:
-            guard = self._replays.get(fleet)
-            if guard is None:
-                guard = self._replays[fleet] = ReplayGuard(since=self._started)
-            guard.admit(grant.subject, nonce(token), grant.expires, self.wall())
+            held = self._replays.get(service.fleet)
+            if held is None or held[0] != term:  # a new term: what came before is unknown
+                held = self._replays[service.fleet] = (
+                    term, ReplayGuard(since=watch_from(self._started, term)))
+            held[1].admit(grant.subject, nonce(token), grant.expires, self.wall())
 
     def _agent_report(self, kind: str, grant: Grant, headers: Mapping[str, str],
                       body: bytes) -> tuple[int, Any]:
@@ -448,8 +456,9 @@ class CoordinatorAPI:
             raise ForeignGrant("grant was issued to someone else", field="subject",
                                subject=grant.subject)
         token = bearer_token(headers)
-        self._admit_once(service.fleet, service.keys.verify_report(token, sender, body), token)
+        verified = service.keys.verify_report(token, sender, body)
         m = service.require_active()
+        self._admit_once(service, verified, token)
         if isinstance(message, LaggingReaderReport):
             _check_current_writer(m, message)
         now = service.clock.monotonic()
@@ -750,7 +759,7 @@ class _Server(BoundedHTTPServer):
     log = LOG
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler],
-                 tls: ssl.SSLContext | None, limits: ServerLimits) -> None:
+                 tls: ContextSource | None, limits: ServerLimits) -> None:
         self.limits = limits
         super().__init__(address, handler, tls=tls, max_connections=limits.max_connections,
                          header_timeout=limits.header_timeout)

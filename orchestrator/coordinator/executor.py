@@ -26,7 +26,7 @@ from orchestrator.errors import (
     RoleSwitchFailed,
     StaleMap,
 )
-from orchestrator.ports import AgentControl, Fencer, RoleSwitch, SpareProvisioner, StateStore
+from orchestrator.ports import CoordinatorPorts
 
 LOG = logging.getLogger(__name__)
 
@@ -49,27 +49,19 @@ class Executor:
 
     def __init__(
         self,
+        ports: CoordinatorPorts,
         *,
-        store: StateStore,
-        fencer: Fencer,
-        agents: AgentControl,
         keys: FleetKeys,
         announce: Callable[[FleetMap], None],
         persisted: FleetMap,
-        role_switch: RoleSwitch | None = None,
-        spares: SpareProvisioner | None = None,
-        send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
         on_done: Callable[[el.Action], None] | None = None,
     ) -> None:
-        self.store = store
-        self.fencer = fencer
-        self.agents = agents
+        """``ports``: the store, fencer, agents and optional role switch, spares and reader-set
+        sender the actions run through (its clocks are not used here)."""
+        self.ports = ports
         self.keys = keys
         self.announce = announce
         self.persisted = persisted
-        self.role_switch = role_switch
-        self.spares = spares
-        self.send_reader_set = send_reader_set
         self.on_done = on_done
 
     def control_grant(self, node: str, purpose: str, epoch: int) -> str:
@@ -83,7 +75,7 @@ class Executor:
         for action in actions:
             try:
                 if not isinstance(action, el.PersistEpoch | el.PublishMap):
-                    self.store.acquire()  # renew; LeaseLost if it ran out: touch nothing
+                    self.ports.store.acquire()  # renew; LeaseLost if it ran out: touch nothing
                 self._run_one(action)
             except (LeaseLost, StaleMap) as exc:
                 LOG.error("event=action_refused action=%s reason=%s", _name(action), exc)
@@ -104,19 +96,19 @@ class Executor:
     def _save(self, new: FleetMap) -> None:
         if new.revision == self.persisted.revision and new == self.persisted:
             return
-        self.store.save(new, self.persisted.revision)
+        self.ports.store.save(new, self.persisted.revision)
         self.persisted = new
 
     def _run_one(self, action: el.Action) -> None:
-        fleet = self.store.fleet
+        fleet = self.ports.store.fleet
         if isinstance(action, el.PersistEpoch):
             self._save(action.map)
         elif isinstance(action, el.FenceNode):
-            self.fencer.fence(action.node)
+            self.ports.fencer.fence(action.node)
         elif isinstance(action, el.GrantWritePath):
-            if self.role_switch is not None:
+            if self.ports.role_switch is not None:
                 try:
-                    self.role_switch.make_writer(action.node)
+                    self.ports.role_switch.make_writer(action.node)
                 except RbdfleetError as exc:
                     raise RoleSwitchFailed(f"role switch to {action.node}: {exc}") from exc
         elif isinstance(action, el.PromoteNode):
@@ -128,19 +120,19 @@ class Executor:
                 in_sync=tuple(r.name for r in readers if r.in_sync),
                 push_grants=self.keys.push_grants(m, writer=action.node, epoch=action.epoch))
             grant = self.control_grant(action.node, PROMOTE, action.epoch)
-            self.agents.promote(action.address, promote, grant)
+            self.ports.agents.promote(action.address, promote, grant)
         elif isinstance(action, el.PublishMap):
             self._save(action.map)
             self.announce(action.map)
             self._tell_writer(action.map)
         elif isinstance(action, el.AttachSpare):
-            if self.spares is None:
+            if self.ports.spares is None:
                 raise NoSpareProvisioner(f"no spare provisioner to attach {action.node}")
-            self.spares.attach_spare(action.node)
+            self.ports.spares.attach_spare(action.node)
         elif isinstance(action, el.ReleaseWritePath):
-            if self.role_switch is not None:
+            if self.ports.role_switch is not None:
                 try:
-                    self.role_switch.make_reader(action.node)
+                    self.ports.role_switch.make_reader(action.node)
                 except RbdfleetError as exc:
                     raise RoleSwitchFailed(f"read-only re-attach of {action.node}: {exc}") \
                         from exc
@@ -151,30 +143,31 @@ class Executor:
         """Hypervisor first (the fenced read-write disk goes, a ``<readonly/>`` one comes, so
         the agent reopens a disk it can read), then the agent; both best effort."""
         switch_error: RbdfleetError | None = None
-        if self.role_switch is not None:
+        if self.ports.role_switch is not None:
             try:
-                self.role_switch.make_reader(action.node)
+                self.ports.role_switch.make_reader(action.node)
             except RbdfleetError as exc:  # e.g. still paused: its disk stays fenced meanwhile
                 switch_error = exc
         m = self.persisted
         writer_address = m.member(m.writer).address if m.writer else None
-        request = DemoteRequest(fleet=self.store.fleet, node=action.node, epoch=action.epoch,
-                                writer=m.writer, writer_address=writer_address)
-        self.agents.demote(action.address, request,
-                           self.control_grant(action.node, DEMOTE, action.epoch))
+        request = DemoteRequest(fleet=self.ports.store.fleet, node=action.node,
+                                epoch=action.epoch, writer=m.writer,
+                                writer_address=writer_address)
+        self.ports.agents.demote(action.address, request,
+                                 self.control_grant(action.node, DEMOTE, action.epoch))
         if switch_error is not None:
             raise RoleSwitchFailed(f"read-only re-attach of {action.node}: {switch_error}") \
                 from switch_error
 
     def _tell_writer(self, m: FleetMap) -> None:
         """Best effort: the writer learns the readers to push to (it also gets them per put)."""
-        if self.send_reader_set is None or m.writer is None or m.phase != "stable":
+        if self.ports.send_reader_set is None or m.writer is None or m.phase != "stable":
             return
         readers = tuple(ReaderAddress(r.name, r.address) for r in m.members if r.role == "reader")
         request = ReaderSet(fleet=m.fleet, epoch=m.epoch, readers=readers,
                             push_grants=self.keys.push_grants(m))
         try:
-            self.send_reader_set(
+            self.ports.send_reader_set(
                 m.member(m.writer).address, request,
                 self.control_grant(m.writer, READERS, m.epoch),
             )

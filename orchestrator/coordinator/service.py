@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -59,17 +60,7 @@ from orchestrator.core.liveness import (
     Verdict,
 )
 from orchestrator.errors import CoordinationError, LeaseLost, NotActive, StaleMap
-from orchestrator.ports import (
-    AgentControl,
-    Clock,
-    DomainEvent,
-    DomainState,
-    Fencer,
-    Hypervisor,
-    RoleSwitch,
-    SpareProvisioner,
-    StateStore,
-)
+from orchestrator.ports import CoordinatorPorts, DomainEvent, DomainState
 
 LOG = logging.getLogger(__name__)
 
@@ -101,38 +92,26 @@ class FleetService:
 
     def __init__(
         self,
-        *,
-        store: StateStore,
-        fencer: Fencer,
-        agents: AgentControl,
-        secret: bytes | tuple[bytes, ...],
+        ports: CoordinatorPorts,
         settings: ServiceSettings,
-        clock: Clock,
-        wall: Callable[[], float],
+        *,
+        secret: bytes | tuple[bytes, ...],
         bootstrap: FleetMap | None = None,
-        role_switch: RoleSwitch | None = None,
-        spares: SpareProvisioner | None = None,
-        send_reader_set: Callable[[str, ReaderSet, str], None] | None = None,
-        hypervisor: Hypervisor | None = None,
         domains: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """``hypervisor`` + ``domains`` (node -> (uri, domain)): watch those domains'
+        """``ports.hypervisor`` + ``domains`` (node -> (uri, domain)): watch those domains'
         lifecycle events as death evidence (module docstring)."""
-        self.fleet = store.fleet
-        self.store = store
-        self.fencer = fencer
-        self.agents = agents
+        self.ports = ports
+        self.fleet = ports.store.fleet
+        # the ports the API threads use too (lease state, event times, report dates)
+        self.store = ports.store
+        self.clock = ports.clock
+        self.wall = ports.wall
         # the master key(s): current first, then a previous one during a rotation
-        self.keys = FleetKeys(store.fleet, (secret,) if isinstance(secret, bytes) else secret,
-                              wall)
+        self.keys = FleetKeys(self.fleet, (secret,) if isinstance(secret, bytes) else secret,
+                              ports.wall)
         self.settings = settings
-        self.clock = clock
-        self.wall = wall
         self.bootstrap = bootstrap
-        self.role_switch = role_switch
-        self.spares = spares
-        self.send_reader_set = send_reader_set
-        self.hypervisor = hypervisor
         self._nodes_by_domain = {(uri, dom): node for node, (uri, dom) in (domains or {}).items()}
         self._unwatch: list[Callable[[], None]] = []
         self._events: queue.Queue[Observation | el.Event | _Request] = queue.Queue()
@@ -141,6 +120,9 @@ class FleetService:
         self._state: el.ElectionState | None = None
         self._executor: Executor | None = None
         self._liveness = Liveness(settings.liveness)
+        # wall time this process last took the lease: its API refuses reports signed before
+        # (a predecessor may have admitted them; orchestrator.core.reports)
+        self.active_since: float | None = None
         self._next_lease = 0.0
         self._next_probe = 0.0
         self._stop = threading.Event()
@@ -155,7 +137,8 @@ class FleetService:
         )
         self._side_inflight: set[str] = set()  # nodes with a background step running
         self._reader_sets = (
-            None if send_reader_set is None else _LatestOnly(send_reader_set, self.fleet)
+            None if ports.send_reader_set is None
+            else _LatestOnly(ports.send_reader_set, self.fleet)
         )
         self.stats: dict[str, float] = {"failovers": 0, "terms": 0, "batches_failed": 0}
         # (monotonic time, what, node): deaths confirmed and actions done, for status/benchmarks
@@ -165,10 +148,11 @@ class FleetService:
 
     def start(self) -> None:
         """Watch the fleet's domains (when given a hypervisor), start the loop thread."""
-        if self.hypervisor is not None:
+        if self.ports.hypervisor is not None:
             for uri in sorted({uri for uri, _ in self._nodes_by_domain}):
                 try:
-                    self._unwatch.append(self.hypervisor.watch_domains(uri, self._domain_event))
+                    self._unwatch.append(
+                        self.ports.hypervisor.watch_domains(uri, self._domain_event))
                 except RbdfleetError as exc:  # detection falls back to probes and silence
                     LOG.warning("event=domain_watch_failed fleet=%s uri=%s reason=%s",
                                 self.fleet, uri, exc)
@@ -361,6 +345,7 @@ class FleetService:
         self._feed(el.Tick(self.clock.monotonic()))
 
     def _become_active(self, now: float) -> None:
+        self.active_since = self.wall()  # before _state: no report is served under the old one
         stored = self.store.load()
         if stored is None:
             if self.bootstrap is None:
@@ -372,15 +357,12 @@ class FleetService:
         self.store.advertise(self.settings.url)
         self._state = el.resume(stored, self.settings.election)
         self._executor = Executor(
-            store=self.store,
-            fencer=self.fencer,
-            agents=self.agents,
+            # the writer hears reader sets through the mailbox: only ever the latest one
+            dataclasses.replace(self.ports, send_reader_set=(
+                None if self._reader_sets is None else self._reader_sets.post)),
             keys=self.keys,
             announce=self._announce,
             persisted=stored,
-            role_switch=self.role_switch,
-            spares=self.spares,
-            send_reader_set=None if self._reader_sets is None else self._reader_sets.post,
             on_done=self._record_action,
         )
         live = Liveness(self.settings.liveness)
@@ -542,7 +524,7 @@ class FleetService:
             self._observe_probe(name, health)
 
     def _probe(self, member: Member, timeout: float) -> Health:
-        return self.agents.health(member.address, timeout)
+        return self.ports.agents.health(member.address, timeout)
 
     def _observe_probe(self, name: str, health: Health | None) -> None:
         at = self.clock.monotonic()

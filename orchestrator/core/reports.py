@@ -15,9 +15,12 @@ never a repeat) until its grant expires, when the grant alone refuses it. Memory
 per node (``capacity``): past it the oldest nonce is forgotten and from then on every grant of
 that node expiring no later than the forgotten one is refused, so a node flooding reports made
 with its own key only gets its own reports refused. What the guard cannot have seen — reports
-signed before it started watching (a coordinator just started) — is refused the same way:
-every grant expiring before ``since + horizon``, ``horizon`` being the report lifetime agents
-use.
+signed before it started watching — is refused the same way: every grant expiring before
+``since + horizon``, ``horizon`` being the report lifetime agents use. A coordinator watches
+from the later of its start and its taking of the lease (:func:`watch_from`): a standby that
+takes over has not seen what its predecessor admitted, so it refuses every report signed
+before it took the lease, plus :data:`TAKEOVER_SKEW` for the clocks of agents running ahead of
+it.
 
 Not thread-safe (the caller holds a lock); time is an input.
 """
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.errors import ReportReplayed
 
-__all__ = ["CAPACITY", "REPORT_TTL", "ReplayGuard", "nonce"]
+__all__ = ["CAPACITY", "REPORT_TTL", "TAKEOVER_SKEW", "ReplayGuard", "nonce", "watch_from"]
 
 # The lifetime of an agent's report grant (agents.agent.AgentSettings.grant_ttl: its default,
 # which the agent's config file does not change).
@@ -36,6 +39,19 @@ REPORT_TTL = 60.0
 # Nonces remembered per node: a heartbeat a second, a self-test every few seconds and some
 # lagging reports over one REPORT_TTL stay well below it.
 CAPACITY = 1024
+# How far an agent's clock may run ahead of a coordinator that takes over the lease while a
+# report it signed "after" the takeover was still admitted by the predecessor: the new term
+# refuses reports signed up to this long after its taking of the lease (agents report again
+# every second; their probes keep answering meanwhile).
+TAKEOVER_SKEW = 2.0
+
+
+def watch_from(started: float, active_since: float | None) -> float:
+    """Since when a coordinator started at ``started`` (wall time), holding the lease since
+    ``active_since`` (None: never), has seen every report it may admit."""
+    if active_since is None:
+        return started
+    return max(started, active_since + TAKEOVER_SKEW)
 
 
 def nonce(token: str) -> str:
@@ -65,7 +81,8 @@ class ReplayGuard:
         been without this guard knowing."""
         if expires < self.since + self.horizon:
             raise ReportReplayed(f"report of {node} was signed before this coordinator "
-                                 "started watching its reports; send a new one", node)
+                                 "started watching its reports (its start or its taking of "
+                                 "the lease); send a new one", node)
         if expires <= self._forgotten.get(node, float("-inf")):
             raise ReportReplayed(f"report of {node} is older than the {self.capacity} "
                                  "remembered; send a new one", node)

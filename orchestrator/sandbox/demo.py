@@ -44,9 +44,6 @@ from agents.device import ALIGN
 from agents.errors import RbdfleetError
 from agents.fsck import open_image
 from agents.service import UNIT_NAME
-from orchestrator import config as fleet_config
-from orchestrator.adapters.ssh import ParamikoShell
-from orchestrator.cli.coordinator import coordinator_config, open_client
 from orchestrator.client import FleetClient
 from orchestrator.config import FleetConfig
 from orchestrator.core.disks import fleet_serial
@@ -55,6 +52,7 @@ from orchestrator.deploy import AgentLayout
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import lifecycle, processes
 from orchestrator.sandbox.state import StateFile
+from orchestrator.services import Services
 
 Say = Callable[[str], None]
 
@@ -181,12 +179,13 @@ class Mission:
     landmark: ImageBlock | None = None  # the first block of the first put's file
 
     def __post_init__(self) -> None:
-        self.config: FleetConfig = fleet_config.load(self.config_path)
-        self.shell = ParamikoShell.from_config(self.config.ssh)
+        self.services = Services(self.config_path)
+        self.config: FleetConfig = self.services.config
+        self.shell = self.services.shell
 
     def close(self) -> None:
         """Close SSH connections (the fleet keeps running)."""
-        self.shell.close()
+        self.services.close()
 
     # -- the CLI, as a user runs it -----------------------------------------------------
 
@@ -248,13 +247,13 @@ class Mission:
         """What protects the fleet's traffic, from its config and the running coordinator."""
         urls = sorted({m["address"] for m in self.fleet_map().get("members", [])})
         ca = self.config.pki_dir / "ca.pem"
-        return (f"coordinator {coordinator_config(self.config_path).urls[0]}, agents "
+        return (f"coordinator {self.services.coordinator.urls[0]}, agents "
                 f"{', '.join(urls)} serve HTTPS under the fleet CA {ca}; pushes, reports and "
                 "role changes present the nodes' certificates (mutual TLS)")
 
     def client(self, timeout: float = 60.0) -> FleetClient:
         """A library client following the coordinators of the config."""
-        return open_client(self.config_path, timeout)[0]
+        return self.services.fleet_client(timeout)
 
     def _map(self) -> dict[str, Any]:
         try:

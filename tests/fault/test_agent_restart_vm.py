@@ -3,7 +3,8 @@
 On the session's three TCG guests, which boot systemd like the Debian VMs users run, and the
 session's Ceph cluster: one fleet of its own (the ``mission`` fixture of the mission test),
 deployed with ``rbdfleet deploy``, which installs each agent as the ``rbdfleet-agent`` service
-(agents/service.py). A client streams small puts the whole time.
+(agents/service.py). tests/jepsen.py's recorded workload runs from the host the whole time
+(puts of 100 B to 3 MiB, deletes, renames, mkdirs; reads from every reader).
 
 1. ``kill -9`` a reader's agent: systemd starts it again (one automatic restart, a new main
    pid) and it is an in-sync reader of epoch 1 again, with no command from anyone;
@@ -12,13 +13,19 @@ deployed with ``rbdfleet deploy``, which installs each agent as the ``rbdfleet-a
    writer of epoch 1, yet it comes back as a reader (the launcher's rule; its journal says
    so), is demoted/caught up to epoch 2 and handed out in sync, and the fleet stays at
    epoch 2 — it never claims the writer role again;
-3. no acknowledged put is lost, fsck is clean.
+3. the history is clean under every checker, the final state read on every node (the
+   restarted one included); fsck is clean;
+4. the writer VM is powered off (``virsh destroy``) under a new workload: the hypervisor's
+   lifecycle event is the evidence, a reader is promoted (one more epoch), the history is
+   clean and fsck too; the VM boots again (``virsh start``), systemd starts its agent, and it
+   comes back as an in-sync reader by itself, holding what the others hold.
 
-Budget: ~2-3 min with the VMs already booted.
+Budget: ~4 min with the VMs already booted (the power-off test boots a TCG guest).
 """
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -28,7 +35,16 @@ from agents.service import UNIT_NAME
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.vms import VmSet
 from tests.integration.test_mission_vm import _health, mission  # noqa: F401
-from tests.vm_faults import PutStream, fsck, member, say_as, status_of
+from tests.vm_faults import (
+    Recorded,
+    confirmed_dead,
+    continue_under_stream,
+    fail_over_under_stream,
+    fsck,
+    member,
+    say_as,
+    status_of,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.vm]
 
@@ -71,9 +87,9 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
         assert pidfile == service["MainPID"], (vm, service, pidfile)
     mission.start_coordinator(mission.config_path.parent / "coordinator.log")
     before = mission.put_many(5, prefix="/restart/before")
-    stream = PutStream(mission, io_timeout=5.0, prefix="/restart")
-    stream.start()
-    mission.wait(lambda: len(stream.acked) >= 3, 60, "the put stream")
+    recorded = Recorded(mission)
+    recorded.start()
+    mission.wait(lambda: len(recorded.acks) >= 3, 60, "the recorded workload")
 
     # 1. a reader's agent crashes: the demo's step 6
     service = _service(sandbox_vms, READER)
@@ -83,7 +99,7 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
         "by systemd")
     assert _in_sync_reader(mission, READER, 1)
     assert _health_of(mission, READER)["role"] == "reader"
-    acked_before_writer_kill = len(stream.acked)
+    acked_before_writer_kill = len(recorded.acks)
 
     # 2. the writer's agent crashes
     service = _service(sandbox_vms, WRITER)
@@ -102,15 +118,50 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     assert (health["role"], health["epoch"]) == ("reader", 2)
     journal = sandbox_vms.exec(WRITER, ["journalctl", "-u", UNIT_NAME, "--no-pager", "-o", "cat"])
     assert "started again with the config of its last start" in journal.stdout, journal.stdout
-    mission.wait(lambda: len(stream.acked) > acked_before_writer_kill + 5, 60,
-                 "puts acknowledged by the new writer")
-    stream.stop()
+    mission.wait(lambda: len(recorded.acks) > acked_before_writer_kill + 5, 60,
+                 "writes acknowledged by the new writer")
+    recorded.finish()  # every checker; the final state read on every node, vm1 included
 
     status = status_of(mission)
     assert status["map"]["epoch"] == 2 and status["map"]["writer"] != WRITER  # one failover
-    lost = mission.verify({**before, **stream.acked})
+    assert not [a for a in recorded.acks if a[1] == WRITER and a[2] >= 2], recorded.acks
+    lost = mission.verify(before)
     assert lost == [], f"acknowledged puts lost: {lost}"
     check = fsck(mission)
     assert check.returncode == 0, check.stdout + check.stderr
-    say(f"{len(stream.acked)} streamed puts acknowledged, none lost (not acknowledged: "
-        f"{len(stream.errors)}); fsck clean")
+    say(f"history clean on every node, {recorded.tally()}; fsck clean")
+
+
+def _running(vms: VmSet, vm: str) -> bool:
+    target = vms.vm(vm)
+    state = subprocess.run(["virsh", "-c", target.uri, "domstate", target.domain],
+                           capture_output=True, text=True, timeout=60, check=True)
+    return state.stdout.strip() == "running"
+
+
+def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
+        mission: Mission, sandbox_vms: VmSet) -> None:  # noqa: F811
+    running = continue_under_stream(mission, "/poweroff")
+    status = status_of(mission)
+    old, epoch = status["map"]["writer"], status["map"]["epoch"]
+    try:
+        say(f"powering {old} off (virsh destroy)")
+        failover = fail_over_under_stream(mission, running, old,
+                                          lambda: sandbox_vms.crash(old), say, epoch=epoch + 1)
+        evidence = confirmed_dead(running.log, old)
+        say(f"{failover.new_writer} announced {failover.announced} s, first write acknowledged"
+            f" {failover.first_ack} s after the power-off; {evidence}")
+        assert "hypervisor_down=''" not in evidence, evidence  # libvirt's word, not silence
+        check = fsck(mission)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:  # the session's guest must run again for the tests after this one
+        if not _running(sandbox_vms, old):
+            booted = time.monotonic()
+            sandbox_vms.start(old)
+            say(f"{old} booted again in {time.monotonic() - booted:.1f} s")
+    mission.wait(lambda: _in_sync_reader(mission, old, epoch + 1), 180,
+                 f"{old} back as an in-sync reader of epoch {epoch + 1} (systemd started it)")
+    health = _health_of(mission, old)
+    assert (health["role"], health["epoch"]) == ("reader", epoch + 1)
+    running.recorded.check()  # the rebooted node holds what the others hold
+    assert status_of(mission)["map"]["epoch"] == epoch + 1

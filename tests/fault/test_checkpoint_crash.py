@@ -24,6 +24,7 @@ from agents.device import ALIGN
 from agents.errors import DeviceError, NotFound
 from agents.testing import MemoryDevice
 from agents.volume import Volume
+from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.fault
 
@@ -142,7 +143,7 @@ def test_a_power_cut_at_any_write_of_a_checkpoint_keeps_the_old_root(seed: int,
         # a new writer goes on from whatever root is newest, and readers with it
         reader = Volume.open(copy.reopen(read_only=True))
         writer = Volume.open(copy.reopen(read_only=False))
-        writer.set_commit_listener(lambda records, r=reader: [r.apply(x) for x in records])
+        writer.set_commit_listener(_pushes_to(reader))
         writer.start_epoch(3)
         for i in range(40):
             writer.put(f"/n/{i % 7}", [bytes([i]) * 5000], 5000, epoch=3, mtime=0.0)
@@ -158,7 +159,7 @@ def test_readers_follow_a_writer_across_many_root_switches() -> None:
     writer = Volume.open(medium)
     pushed = Volume.open(medium.reopen(read_only=True))
     tailing = Volume.open(medium.reopen(read_only=True))
-    writer.set_commit_listener(lambda records: [pushed.apply(r) for r in records])
+    writer.set_commit_listener(_pushes_to(pushed))
     writer.start_epoch(1)
     rng = random.Random(7)
     roots = set()

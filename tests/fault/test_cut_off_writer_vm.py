@@ -8,12 +8,14 @@ to a blackhole route what the agent sends the gateway's coordinator port and wha
 from its agent port (heartbeats, probe and client answers). SSH (port 22) stays open: it is the
 test's control channel, no part of the product's paths.
 
-1. a client on the host streams small puts; a process in the writer's VM keeps writing to its
+1. tests/jepsen.py's recorded workload runs from the host (puts of 100 B to 3 MiB, deletes,
+   renames, mkdirs; reads from every reader); a process in the writer's VM keeps writing to its
    read-write disk (as a stale writer would); the writer's guest is cut off;
 2. the coordinator confirms the writer dead, persists epoch 2, fences it (Ceph blocklist of
    exactly its QEMU's client addresses, readers untouched), gives a reader a read-write disk
    through libvirt and promotes it, and only after the map is published releases the old
-   writer's disk; the clients follow; no acknowledged put lost. Meanwhile, on its side
+   writer's disk; the clients follow; the history is clean under every checker, the final
+   state read on every node handed out. Meanwhile, on its side
    of the cut, the old agent still runs as the writer of epoch 1 and the stale writer
    process's write fails (EIO: its QEMU's Ceph client is blocklisted);
    A client on the old writer's side of the cut (in another guest) with an epoch-1 grant
@@ -36,9 +38,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agents.core.protocol import PutRequest
-from orchestrator.cli.coordinator import read_secret
-from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.rollout import GUEST_TLS
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
@@ -46,11 +45,16 @@ from orchestrator.sandbox.vms import VmSet
 from tests.integration.test_mission_vm import _health, _modes, mission  # noqa: F401
 from tests.vm_faults import (
     WRITER,
+    confirmed_dead,
+    continue_under_stream,
     fail_over_under_stream,
+    fsck,
     image_digest,
     old_writer_steps_down,
     say_as,
+    stale_put,
     start_under_stream,
+    status_of,
 )
 
 pytestmark = [pytest.mark.fault, pytest.mark.vm]
@@ -100,36 +104,6 @@ def _guest_health(vms: VmSet, vm: str, address: str) -> dict[str, object]:
     return result
 
 
-STALE_PATH = "/cut/stale.bin"
-_STALE_PUT = r"""
-import json, ssl, sys, urllib.error, urllib.request
-url, headers, ca = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-request = urllib.request.Request(url, data=b"STALE" * 100, headers=headers, method="PUT")
-context = ssl.create_default_context(cafile=ca)
-try:
-    print(urllib.request.urlopen(request, timeout=20, context=context).status, "ok")
-except urllib.error.HTTPError as exc:
-    print(exc.code, json.loads(exc.read() or b"{}").get("error"))
-except OSError as exc:
-    print(599, type(exc).__name__)
-"""
-
-
-def _stale_put(fleet: Mission, vms: VmSet, via: str, address: str) -> tuple[int, str]:
-    """(status, error code) of a put of :data:`STALE_PATH` sent from ``via``'s guest to the
-    agent at ``address`` with a write grant of epoch 1 (a client on the old writer's side of
-    the cut whose map is stale); 599 when no answer came."""
-    keys = FleetKeys(fleet.config.fleet.name, read_secret(fleet.config), time.time)
-    grant = keys.grant(WRITER, "write", 1, 60.0)
-    headers = PutRequest(grant=grant, size=500, readers=()).to_headers()
-    done = vms.exec(via, ["python3", "-c", _STALE_PUT,
-                          f"https://{address}/v1/files{STALE_PATH}", json.dumps(headers),
-                          GUEST_TLS["ca"]], timeout=60)
-    assert done.returncode == 0, done.stderr
-    status, code = done.stdout.split()
-    return int(status), code
-
-
 def _blocklist(fleet: Mission) -> set[str]:
     listing = subprocess.run(["ceph", "-c", str(fleet.config.ceph.conf), "osd", "blocklist",
                               "ls"], capture_output=True, text=True, timeout=60, check=True)
@@ -163,8 +137,9 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     _say("cutting the writer's guest off from the coordinator")
     failover = fail_over_under_stream(mission, running, WRITER,
                                       lambda: cut_writer(False), _say)
-    _say(f"new writer {failover.new_writer} announced {failover.announced} s, first streamed "
-         f"put acknowledged by it {failover.first_ack} s after the cut")
+    _say(f"new writer {failover.new_writer} announced {failover.announced} s, first write "
+         f"acknowledged by it {failover.first_ack} s after the cut")
+    mission.end_failover(WRITER)  # a stale write that lands from now on changes the image
 
     # Order is law: confirmed dead, epoch 2 persisted, fenced, the new writer's disk read-write,
     # promoted, published; the old writer's disk is released only after that (background).
@@ -197,11 +172,12 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     outcome = mission.stale_write_outcome(WRITER)
     _say(f"stale writer in the cut-off VM: {outcome}; disks now {_modes(mission)}")
     assert "errno=5 EIO" in outcome
+    _say(mission.landmark_intact())
     assert _modes(mission)[failover.new_writer] == "rw"
     image_before = image_digest(mission)
     # A client on its side of the cut (in the other reader's guest) holds an epoch-1 write grant:
     # the old writer takes the put and its write meets a disk it no longer has.
-    stale = [_stale_put(mission, sandbox_vms, failover.other, address)]
+    stale = [stale_put(mission, sandbox_vms, failover.other, address)]
     # (409 not_writer, outcome unknown: the write met a fenced disk; the writer stops and the
     # client library asks the coordinator for the writer again)
     assert stale[0] == (409, "not_writer"), f"stale put to the cut-off writer -> {stale}"
@@ -214,7 +190,7 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     _say(f"{WRITER} demoted by the coordinator {demoted} s after the heal")
     old_writer_steps_down(mission, running, WRITER, image_before, healed, _say)
     assert f"action=DemoteNode({WRITER},epoch=2)" in running.log.read_text()
-    stale.append(_stale_put(mission, sandbox_vms, failover.other, address))
+    stale.append(stale_put(mission, sandbox_vms, failover.other, address))
     assert stale[-1][0] == 409, f"stale put after the heal -> {stale}"  # epoch 1 is over
     assert image_digest(mission) == image_before
     _say(f"stale epoch-1 puts to {WRITER}: during the cut -> {stale[0]}, after -> {stale[1]}")
@@ -222,3 +198,46 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
     _say(f"failover with a writer cut off from the coordinator: announced "
          f"{failover.announced} s, put acknowledged {failover.first_ack} s; demoted "
          f"{demoted} s after the heal; rejoin {mission.timings['rejoin']} s")
+
+
+def _fleet_disk(fleet: Mission, vms: VmSet, vm: str) -> str:
+    """The guest device (libvirt target) the fleet's image has in ``vm``'s domain."""
+    source = f"{fleet.config.ceph.pool}/{fleet.config.fleet.image}"
+    domain = vms.vm(vm)
+    listing = subprocess.run(["virsh", "-c", domain.uri, "domblklist", domain.domain],
+                             capture_output=True, text=True, timeout=60, check=True)
+    return next(line.split()[0] for line in listing.stdout.splitlines()
+                if line.split()[1:] == [source])
+
+
+def test_writer_whose_disk_is_pulled_fails_its_self_test_and_is_replaced(
+        mission: Mission, sandbox_vms: VmSet) -> None:  # noqa: F811
+    """A real device error on the writer, no fault the coordinator can see: libvirt unplugs
+    the writer's disk from its running guest under the recorded workload. The writer's next
+    write fails on the device, its agent stops writing and reports its failed self-test, and
+    that report alone (no failed probe needed, no hypervisor event: the domain runs on) gets a
+    reader promoted: one failover, the history clean on every node, fsck clean; the node
+    rejoins as an in-sync reader once the coordinator gave it its disk back read-only."""
+    running = continue_under_stream(mission, "/selftest")
+    status = status_of(mission)
+    old, epoch = status["map"]["writer"], status["map"]["epoch"]
+    domain = sandbox_vms.vm(old)
+    device = _fleet_disk(mission, sandbox_vms, old)
+    _say(f"detaching {old}'s disk {device} through libvirt (the guest keeps running)")
+
+    def pull() -> None:
+        subprocess.run(["virsh", "-c", domain.uri, "detach-disk", domain.domain, device,
+                        "--live"], capture_output=True, timeout=60, check=True)
+
+    failover = fail_over_under_stream(mission, running, old, pull, _say, epoch=epoch + 1)
+    evidence = confirmed_dead(running.log, old)
+    _say(f"{failover.new_writer} writer {failover.first_ack} s after the unplug; {evidence}")
+    assert "selftest_failed=True" in evidence and "hypervisor_down=''" in evidence, evidence
+    check = fsck(mission)
+    assert check.returncode == 0, check.stdout + check.stderr
+    mission.wait(lambda: _modes(mission).get(old) == "ro", 90,
+                 f"{old}'s disk given back read-only by the coordinator")
+    mission.kill_agent(old)  # its agent lost its device: a fresh one on the read-only disk
+    mission.rejoin(old)
+    running.recorded.check()  # the rejoined node holds what the others hold
+    assert status_of(mission)["map"]["epoch"] == epoch + 1

@@ -265,7 +265,8 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
     store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
     spares = ProcessSpares(fleet)
     try:
-        service = FleetServiceWithSpares.start(coordinator, store, fleet, spares)
+        service = start_service(coordinator, store, PidFencer(fleet),
+                                bootstrap_map(fleet, spares=("s1",)), spares=spares)
         wait_in_sync(service, 20)
         client = fleet_client([coordinator.url], fleet.name)
         for i in range(20):
@@ -287,17 +288,3 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
     finally:
         coordinator.stop()
         store.close()
-
-
-class FleetServiceWithSpares:
-    """start_service with a spare provisioner (the harness default has none)."""
-
-    @staticmethod
-    def start(
-        coordinator: Coordinator, store: Any, fleet: AgentFleet, spares: ProcessSpares
-    ) -> Any:
-        service = start_service(
-            coordinator, store, PidFencer(fleet), bootstrap_map(fleet, spares=("s1",))
-        )
-        service.spares = spares
-        return service

@@ -30,7 +30,7 @@ import pytest
 from agents.agent import Agent, AgentSettings
 from agents.backends.file import FileDevice
 from agents.core.grants import WRITE, Grant, agent_key, sign
-from agents.core.protocol import RecordPush
+from agents.core.protocol import PUSH_CONTENT_TYPE, PushFrame, RecordPush
 from agents.core.record import Record
 from agents.server import (
     HEADER_TIMEOUT,
@@ -168,11 +168,12 @@ def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) ->
     huge_int = (b'{"v":1,"fleet":"test","node":"w","epoch":' + b"9" * 5000 + b"}")
     assert 60_000 <= MAX_CONTROL_JSON < len(deep_json)  # one case in the cap, one past it
     push = RecordPush(fleet="test", epoch=1, writer="w", commit_seq=9,
-                      records=(RecordPush.pack(b"not a journal record"),))
+                      frames=(PushFrame(0, b"not a journal record"),))
     forged = Record(9, 1, "put", {"path": ["no"], "size": 1, "mtime": 1.0, "crc": 0,
                                   "data": b"x"})
     push_forged = RecordPush(fleet="test", epoch=1, writer="w", commit_seq=9,
-                             records=(RecordPush.pack(forged.encode()),))
+                             frames=(PushFrame(0, forged.encode()),))
+    pushing = {**_bearer(pg), "Content-Type": PUSH_CONTENT_TYPE}
     cases: list[tuple[str, bytes, int, str]] = [
         ("Content-Length: ²", http("PUT", "/v1/files/f", {**put, "Content-Length": "²"},
                                    b"xx", length=False), 400, "decode_error"),
@@ -216,12 +217,15 @@ def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) ->
         ("JSON over the cap", http("POST", "/v1/mkdir", {**_bearer(wg),
                                                          "Content-Length": str(MiB)}),
          413, "too_large"),
-        ("push of garbage", http("POST", "/v1/records", _bearer(pg), push.encode()), 400,
+        ("push of garbage", http("POST", "/v1/records", pushing, push.encode()), 400,
          "decode_error"),
-        ("push of 5 MB of [{},...]", http("POST", "/v1/records", _bearer(pg),
-                                          b'{"v":1,"records":[' + b"{}," * 1_700_000
-                                          + b'{}]}'), 400, "decode_error"),
-        ("push of a forged record", http("POST", "/v1/records", _bearer(pg),
+        ("push as JSON", http("POST", "/v1/records", _bearer(pg),
+                              b'{"v":1,"records":[' + b"{}," * 1_700_000 + b'{}]}'), 400,
+         "decode_error"),
+        ("push past its cap", http("POST", "/v1/records", {**pushing,
+                                                           "Content-Length": str(8 * MiB)}),
+         413, "too_large"),
+        ("push of a forged record", http("POST", "/v1/records", pushing,
                                          push_forged.encode()), 400, "decode_error"),
         ("range of 5000 digits", http("GET", "/v1/files/ok", {
             **_bearer(wg), "Range": "bytes=0-" + "9" * 5000}), 416, "range_not_satisfiable"),

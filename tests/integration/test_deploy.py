@@ -187,7 +187,7 @@ def test_deploy_to_real_vms_runs_the_agent_and_is_idempotent(
         assert all(r.changed and r.version == package.version for r in installed.values())
         for target in targets:
             layout = target.layout
-            shell.put_file(target.host, b"ab" * 32 + b"\n", "/etc/rbdfleet/fleet.secret", 0o600)
+            deployer.put_files(target, [(b"ab" * 32 + b"\n", "/etc/rbdfleet/fleet.secret", 0o600)])
             shell.run(target.host, RemoteCommand(Executable.PYTHON3, [
                 "-c", FORMAT_LOCAL_IMAGE, layout.release(package.version),
                 "/var/lib/rbdfleet/vol.img"]), timeout=120.0, check=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.core.remote import Executable, RemoteCommand
 from orchestrator.sandbox import processes
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.demo import READ_ONLY_ERRORS, Mission, sha256
@@ -111,6 +112,37 @@ def test_deploy_formats_the_blank_image_and_starts_every_agent(mission: Mission)
     again = json.loads(mission.cli("deploy", "--json").stdout)
     assert again["changed"] is False  # running agents left alone, the volume untouched
     assert not again["formatted"] and all(not h["actions"] for h in again["hosts"].values())
+
+
+# In the guest, as root: the agent's identity (from its pidfile) and its files' owner and mode.
+_WHO = r"""
+import grp, json, os, pwd
+pid = int(open("/run/rbdfleet/agent.pid").read())
+status = dict(line.split(":", 1) for line in open("/proc/%d/status" % pid).read().splitlines())
+files = {}
+for name in ("", "agent.json", "node.key", "agent.key", "agent.crt", "ca.crt"):
+    info = os.stat(os.path.join("/etc/rbdfleet", name))
+    files[name or "."] = [pwd.getpwuid(info.st_uid).pw_name, grp.getgrgid(info.st_gid).gr_name,
+                          info.st_mode & 0o7777]
+print(json.dumps({"uid": int(status["Uid"].split()[1]), "groups": status["Groups"].split(),
+                  "cap_eff": int(status["CapEff"], 16), "files": files,
+                  "disk": grp.getgrnam("disk").gr_gid}))
+"""
+
+
+def test_every_agent_runs_unprivileged_and_its_secrets_are_private(mission: Mission) -> None:
+    for vm in mission.config.vms:
+        out = mission.shell.run(vm, RemoteCommand(Executable.PYTHON3, ["-c", _WHO]), 60,
+                                check=True).stdout
+        who = json.loads(out)
+        assert who["uid"] != 0 and who["cap_eff"] == 0, (vm.name, who)
+        assert str(who["disk"]) in who["groups"], (vm.name, who)  # opens the shared disk
+        files = who["files"]
+        for name in ("agent.json", "node.key", "agent.key"):
+            assert files[name][2] & 0o077 == 0, (vm.name, name, files)  # private
+            assert files[name][0] == "rbdfleet-agent", (vm.name, name, files)
+        assert files["."] == ["root", "rbdfleet-agent", 0o750], (vm.name, files)
+        assert all(mode & 0o002 == 0 for _, _, mode in files.values()), files
 
 
 def test_coordinator_serves_the_writer_and_two_in_sync_readers(mission: Mission) -> None:

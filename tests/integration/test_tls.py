@@ -34,8 +34,9 @@ from agents.errors import PeerCertificateRequired
 from agents.peers import Peer, post_message
 from orchestrator import config as fleet_config
 from orchestrator.cli.clients import write_secret_file
-from orchestrator.cli.coordinator import CoordinatorConfig, server_tls
-from orchestrator.client import Cancel, HttpAgentControl, Transport
+from orchestrator.client import Cancel, Transport
+from orchestrator.coordinator.agent_control import HttpAgentControl
+from orchestrator.coordinator.config import CoordinatorConfig
 from orchestrator.errors import (
     AgentUnreachable,
     ConfigError,
@@ -43,6 +44,7 @@ from orchestrator.errors import (
     Superseded,
 )
 from orchestrator.pki import FleetPki
+from orchestrator.services import server_tls
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from tests.coordinator_harness import (
     Coordinator,

@@ -18,18 +18,25 @@ from typing import Any
 import pytest
 
 from agents.backends.file import FileDevice
+from agents.core import journal
 from agents.core.grants import COORDINATOR, REPORT, Grant, agent_key, body_digest, sign
-from agents.core.protocol import Heartbeat, RecordPush, SelfTestReport
+from agents.core.protocol import (
+    PUSH_CONTENT_TYPE,
+    Heartbeat,
+    PushFrame,
+    RecordPush,
+    SelfTestReport,
+)
 from agents.core.record import Record
 from agents.errors import BadSignature, ForeignGrant
 from agents.peers import post_message
 from agents.volume import Volume
 from orchestrator import config as fleet_config
 from orchestrator.adapters.rados_clients import RadosClientStore
-from orchestrator.cli.coordinator import client_credential
 from orchestrator.coordinator.api import CLIENT_CACHE_SECONDS
 from orchestrator.core.clients import ADMIN_SCOPE, READ_SCOPE, WRITE_SCOPE, ClientCredential
 from orchestrator.sandbox.lifecycle import CLIENT_SECRET, issue_admin_client, render_config
+from orchestrator.services import client_credential
 from tests.coordinator_harness import (
     Coordinator,
     PidFencer,
@@ -83,9 +90,9 @@ def test_a_readers_key_cannot_write_demote_or_push(file_fleet: AgentFleet) -> No
     promote = {"fleet": fleet.name, "node": "r2", "epoch": 2}
     assert c.call(r2, "POST", "/v1/promote", _with_key_of(fleet, "r1", "r2", "promote", 2),
                   promote).status == 401
-    push = RecordPush(fleet=fleet.name, epoch=1, writer="r1", commit_seq=99, records=())
+    push = RecordPush(fleet=fleet.name, epoch=1, writer="r1", commit_seq=99)
     forged_push = _with_key_of(fleet, "r1", "r2", "push", 1, subject="r1")
-    assert c.call(r2, "POST", "/v1/records", forged_push, push.to_json()).status == 401
+    assert _push(c, r2, forged_push, push).status == 401
     # r1's key makes grants r1 accepts, nothing more: a write grant for r1 writes nowhere
     assert c.put(fleet["r1"].address, "/own", b"z",
                  _with_key_of(fleet, "r1", "r1", "write", 1)).status == 409  # not the writer
@@ -113,12 +120,18 @@ def test_a_grant_works_only_for_its_audience_and_purpose(file_fleet: AgentFleet)
     expired = c.put(w, "/g", b"data", fleet.grant("w", "write", 1, ttl=-1))
     assert (expired.status, expired.json()["error"]) == (401, "grant_expired")
     # a push grant names its writer: r2 presenting w's push grant for r1 is refused
-    push = RecordPush(fleet=fleet.name, epoch=1, writer="r2", commit_seq=0, records=())
-    named = c.call(r1, "POST", "/v1/records", fleet.grant("r1", "push", 1, subject="w"),
-                   push.to_json())
+    push = RecordPush(fleet=fleet.name, epoch=1, writer="r2", commit_seq=0)
+    named = _push(c, r1, fleet.grant("r1", "push", 1, subject="w"), push)
     assert (named.status, named.json()["error"]) == (403, "foreign_grant")
     assert fleet.health("w")["role"] == "writer"
     assert c.get(r1, "/g", fleet.grant("r1", "read", 1)).status == 404
+
+
+def _push(client: Any, address: str, grant: str, push: RecordPush) -> Any:
+    """POST ``push`` as a writer sends it (binary)."""
+    return client.request(address, "POST", "/v1/records", body=push.encode(),
+                          headers={"Content-Type": PUSH_CONTENT_TYPE,
+                                   "Authorization": "Bearer " + grant})
 
 
 def _record(volume_tag: int, seq: int, offset: int) -> Record:
@@ -136,9 +149,11 @@ def test_a_pushed_record_outside_the_data_area_is_refused(file_fleet: AgentFleet
     image = fleet.backend.removeprefix("file:")
     device = FileDevice(image, read_only=True)
     try:
-        sb = Volume.open(device).superblock
+        volume = Volume.open(device)
     finally:
         device.close()
+    sb = volume.superblock
+    at = journal.align_up(volume.journal_head)  # where a new group commit would start
     r1 = fleet["r1"].address
     seq = fleet.health("r1")["applied_seq"] + 1
     grant = fleet.grant("r1", "push", 1, subject="w")
@@ -146,8 +161,8 @@ def test_a_pushed_record_outside_the_data_area_is_refused(file_fleet: AgentFleet
     def push(offset: int) -> Any:
         record = _record(sb.volume_tag, seq, offset)
         body = RecordPush(fleet=fleet.name, epoch=1, writer="w", commit_seq=seq,
-                          records=(RecordPush.pack(record.encode()),))
-        return c.call(r1, "POST", "/v1/records", grant, body.to_json())
+                          frames=(PushFrame(at, record.encode()),))
+        return _push(c, r1, grant, body)
 
     for offset in (0, sb.data_offset - 4096, sb.data_offset + sb.data_bytes):
         refused = push(offset)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.core.protocol import RecordPush
+from agents.core.protocol import MAX_PUSH_RECORDS, PushFrame, RecordPush
 from agents.core.record import Record
 from agents.daemon import load_config, read_keys
 from agents.errors import ConfigError, MethodNotAllowed, NotFound, RangeNotSatisfiable
@@ -19,12 +19,11 @@ from agents.httpbase import Deadlines
 from agents.metrics import Registry
 from agents.server import (
     MAX_CONTROL_JSON,
-    MAX_PUSH_JSON,
+    MAX_PUSH_BODY,
     ROUTES,
     _match,
     parse_range,
 )
-from agents.writer import MAX_PUSH_BATCH
 
 pytestmark = pytest.mark.unit
 
@@ -82,23 +81,24 @@ def test_every_route_says_what_body_it_takes() -> None:
     """POSTs read capped JSON, the PUT streams, GET and DELETE take no body."""
     for route in ROUTES:
         if route.method == "POST":
-            assert 0 < route.json_limit <= MAX_PUSH_JSON and not route.streamed, route.name
+            assert 0 < route.json_limit <= MAX_PUSH_BODY and not route.streamed, route.name
         else:
             assert route.json_limit == 0 and route.streamed == (route.method == "PUT")
     assert {r.name: r.json_limit for r in ROUTES if r.json_limit not in (0, MAX_CONTROL_JSON)
-            } == {"records": MAX_PUSH_JSON}
+            } == {"records": MAX_PUSH_BODY}
 
 
 def test_a_full_push_fits_its_cap() -> None:
-    """MAX_PUSH_BATCH records of 4 pages each (a put of ~1000 chunks) fit a push."""
+    """MAX_PUSH_RECORDS records of 4 pages each (a put of ~1000 chunks) fit a push."""
     sums = list(range(1000, 1000 + 1024))
     record = Record(2**40, 2**40, "put", {"path": "/" + "p" * 4000, "size": 1 << 30,
                                           "mtime": 1.5, "crc": 2**31, "chunk": 1 << 20,
                                           "extents": [[1 << 40, 1 << 30]], "sums": sums})
     assert len(record.encode()) <= 4 * 4096
+    frame = PushFrame(1 << 30, record.encode())
     push = RecordPush(fleet="f" * 255, epoch=2**40, writer="w" * 255, commit_seq=2**40,
-                      records=(RecordPush.pack(record.encode()),) * MAX_PUSH_BATCH)
-    assert len(push.encode()) <= MAX_PUSH_JSON
+                      frames=(frame,) * MAX_PUSH_RECORDS)
+    assert len(push.encode()) <= MAX_PUSH_BODY
 
 
 def test_deadlines_cut_only_late_connections() -> None:

@@ -4,11 +4,19 @@ rule that an agent started again with the config of its last start is a reader."
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agents.service import (
+    AGENT_USER,
+    DEVICE_GROUP,
     RESTART_SEC,
     STATE_FILE,
     UnitParams,
@@ -21,7 +29,8 @@ from orchestrator.adapters.ansible import ANSIBLE_DIR
 
 pytestmark = pytest.mark.unit
 
-TEMPLATE = ANSIBLE_DIR / "roles" / "rbdfleet_agent" / "templates" / "rbdfleet-agent.service.j2"
+ROLE = ANSIBLE_DIR / "roles" / "rbdfleet_agent"
+TEMPLATE = ROLE / "templates" / "rbdfleet-agent.service.j2"
 
 
 def _params(**config: object) -> UnitParams:
@@ -46,7 +55,6 @@ def test_a_vm_unit_supervises_and_hardens_the_agent() -> None:
         "Environment=PYTHONPATH=/opt/rbdfleet/releases/0123456789abcdef",
         "ExecStart=/usr/bin/python3 -m agents.service --config /etc/rbdfleet/agent.json "
         "--state-dir /var/lib/rbdfleet -- -m agents serve",
-        "ExecStartPost=/bin/sh -c 'echo $$MAINPID > /run/rbdfleet/agent.pid'",
         "Restart=always", f"RestartSec={RESTART_SEC}", "StartLimitIntervalSec=0",
         "StandardOutput=journal", "TimeoutStopSec=5", "NoNewPrivileges=yes",
         "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
@@ -54,7 +62,73 @@ def test_a_vm_unit_supervises_and_hardens_the_agent() -> None:
         "Description=rbdfleet agent vm1 (fleet demo)", "WantedBy=multi-user.target",
     ):
         assert line in lines, line
-    assert not any(line.startswith("User=") for line in lines)  # root, without capabilities
+
+
+def test_the_agent_runs_as_its_own_account_without_a_capability() -> None:
+    lines = _lines(render_unit(_params(backend="device:rbdfleet-abc")))
+    for line in (
+        f"User={AGENT_USER}", f"Group={AGENT_USER}", f"SupplementaryGroups={DEVICE_GROUP}",
+        "CapabilityBoundingSet=", "AmbientCapabilities=", "NoNewPrivileges=yes",
+        # the launcher's marker: in a directory systemd gives the agent (and its contents
+        # whenever its top was not the agent's), mode 0750, writable under ProtectSystem
+        "StateDirectory=rbdfleet", "StateDirectoryMode=0750",
+        "WorkingDirectory=/var/lib/rbdfleet", "UMask=0077",
+        # the pidfile the deployers signal as root is written by root ("+"), where only root
+        # writes: the agent cannot name another process for them to kill
+        "ExecStartPost=+/bin/sh -c 'mkdir -p -m 0755 /run/rbdfleet "
+        "&& echo $$MAINPID > /run/rbdfleet/agent.pid'",
+        "ExecStopPost=+/bin/rm -f /run/rbdfleet/agent.pid",
+    ):
+        assert line in lines, line
+    # nothing it could write /run/rbdfleet through, no capability granted anywhere
+    assert not any(line.startswith(("RuntimeDirectory", "ExecStart=+", "ExecStart=!",
+                                    "PermissionsStartOnly"))
+                   or (line.startswith(("AmbientCapabilities=", "CapabilityBoundingSet="))
+                       and line.split("=", 1)[1]) for line in lines)
+
+
+def test_the_roles_account_is_the_units() -> None:
+    assert f"\nrbdfleet_agent_user: {AGENT_USER}\n" in (ROLE / "vars" / "main.yml").read_text()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory any account may enter (pytest's tmp_path is its owner's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="rbdfleet-unit-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged uid needs root")
+def test_the_launcher_works_as_an_unprivileged_account(open_dir: Path) -> None:
+    """The unit's ExecStart as nobody, with the VM's ownership: the config its own and 0600 in
+    a directory it may only read, its state directory its own; it records the start and execs
+    the daemon (here a stand-in that prints what it was given)."""
+    nobody = 65534
+    etc, state = open_dir / "etc", open_dir / "state"
+    etc.mkdir(mode=0o750)
+    state.mkdir(mode=0o750)
+    os.chown(etc, 0, nobody)
+    os.chown(state, nobody, nobody)
+    config = etc / "agent.json"
+    config.write_text(json.dumps({"node": "vm1", "role": "writer", "coordinator": "http://c"}))
+    os.chown(config, nobody, nobody)
+    config.chmod(0o600)
+
+    def start() -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "agents.service", "--config", str(config), "--state-dir",
+             str(state), "--", "-c", "import sys; print(sys.argv[1:])"],
+            env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])}, cwd=state,
+            user=nobody, group=nobody, extra_groups=[], umask=0o077,
+            capture_output=True, text=True, timeout=60, check=True)
+        return proc.stdout.strip()
+
+    assert start() == f"['--config', '{config}']"  # a deploy's start: as configured
+    marker = state / STATE_FILE
+    assert (marker.stat().st_uid, oct(marker.stat().st_mode & 0o777)) == (nobody, "0o600")
+    assert start() == f"['--config', '{config}', '--role', 'reader']"  # restarted: a reader
 
 
 def test_what_the_agent_writes_is_writable() -> None:

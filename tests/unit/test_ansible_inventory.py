@@ -8,9 +8,10 @@ import pytest
 
 from agents.core.grants import agent_key
 from orchestrator.adapters.ansible import Inventory, InventoryHost
-from orchestrator.cli.inventory import fleet_inventory, write_agent_keys
+from orchestrator.cli.inventory import write_agent_keys
 from orchestrator.config import FleetConfig, from_mapping
 from orchestrator.errors import ConfigError
+from orchestrator.services import fleet_inventory
 
 pytestmark = pytest.mark.unit
 

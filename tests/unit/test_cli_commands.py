@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -289,10 +290,10 @@ def provisioner(monkeypatch: pytest.MonkeyPatch, cfg: FleetConfig) -> FakeProvis
     fake = FakeProvisioner()
 
     @contextlib.contextmanager
-    def open_provisioner(config_path: Path) -> Iterator[tuple[Any, Any, FleetConfig]]:
-        yield fake, None, cfg
+    def open_services(config_path: Path, **_: Any) -> Iterator[Any]:
+        yield types.SimpleNamespace(provisioner=fake, config=cfg)
 
-    monkeypatch.setattr(provision, "open_provisioner", open_provisioner)
+    monkeypatch.setattr(provision, "open_services", open_services)
     return fake
 
 

@@ -11,7 +11,6 @@ import pytest
 from agents.core.grants import CLIENT, COORDINATOR, verify
 from agents.errors import BadSignature, ForeignGrant
 from orchestrator.cli.clients import issue, write_secret_file
-from orchestrator.cli.coordinator import read_client_secret
 from orchestrator.core.clients import (
     ADMIN_SCOPE,
     READ_SCOPE,
@@ -22,6 +21,7 @@ from orchestrator.core.clients import (
     client_token,
 )
 from orchestrator.errors import ConfigError
+from orchestrator.services import read_client_secret
 from orchestrator.testing.clients import MemoryClientStore
 
 pytestmark = pytest.mark.unit

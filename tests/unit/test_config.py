@@ -174,13 +174,13 @@ def test_a_typo_in_the_file_is_refused_on_load(tmp_path: Path) -> None:
 
 
 def test_coordinator_keys_are_the_coordinator_config_fields() -> None:
-    from orchestrator.cli.coordinator import CoordinatorConfig
+    from orchestrator.coordinator.config import CoordinatorConfig
 
     assert {f.name for f in dataclasses.fields(CoordinatorConfig)} == config.COORDINATOR_KEYS
 
 
 def test_coordinator_table_reader_refuses_typos_too(tmp_path: Path) -> None:
-    from orchestrator.cli.coordinator import coordinator_config
+    from orchestrator.coordinator.config import coordinator_config
 
     path = tmp_path / "rbdfleet.toml"
     path.write_text("[coordinator]\nprobe_intervall = 0.5\n")

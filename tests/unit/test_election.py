@@ -19,6 +19,7 @@ from orchestrator.errors import (
     FencingFailed,
     IllegalFleetTransition,
 )
+from orchestrator.ports import CoordinatorPorts
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from orchestrator.testing.simnet import SimFleet
 
@@ -367,13 +368,11 @@ def executor_for(ports: RecordingPorts, lease: float = 2.0,
     store.save(s.map, None)
     announced: list[Any] = []
     ex = Executor(
-        store=store,
-        fencer=ports,
-        agents=ports,
+        CoordinatorPorts(store=store, fencer=ports, agents=ports, clock=clock,
+                         wall=lambda: 0.0, role_switch=ports if role_switch else None),
         keys=FleetKeys("f", (b"k",), lambda: 0.0),
         announce=announced.append,
         persisted=s.map,
-        role_switch=ports if role_switch else None,
     )
     return ex, clock
 
@@ -389,7 +388,7 @@ def test_executor_runs_in_law_order_and_stops_at_the_first_failure() -> None:
     ex, _ = executor_for(ok)
     assert ex.run(actions).failed is None
     assert ok.calls == ["fence w", "promote r2@2"]
-    assert ex.store.load() == actions[-1].map  # type: ignore[union-attr]
+    assert ex.ports.store.load() == actions[-1].map  # type: ignore[union-attr]
 
 
 def test_executor_with_a_lost_lease_touches_no_node() -> None:

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.core import journal
@@ -38,9 +38,9 @@ records = st.builds(
 
 
 @given(records)
-def test_round_trip_is_exact_and_aligned(record: Record) -> None:
+def test_round_trip_is_exact_and_unpadded(record: Record) -> None:
     data = record.encode()
-    assert len(data) % 4096 == 0
+    assert len(data) == struct.unpack_from("<I", data, 8)[0]  # packed: no padding
     back = Record.decode(data)
     assert back == record
     assert (back.commit_seq, back.volume_tag) == (record.commit_seq, record.volume_tag)
@@ -50,7 +50,7 @@ def test_round_trip_is_exact_and_aligned(record: Record) -> None:
 @given(records, st.data())
 def test_truncated_record_never_decodes(record: Record, data: st.DataObject) -> None:
     raw = record.encode()
-    length = struct.unpack_from("<I", raw, 8)[0]  # bytes before the zero padding
+    length = len(raw)
     cut = data.draw(st.integers(0, length - 1))
     with pytest.raises((TornRecord, ChecksumMismatch)):
         Record.decode(raw[:cut])
@@ -84,13 +84,15 @@ def test_verify_gives_the_numbers_decode_gives(record: Record) -> None:
     )
 
 
-def test_unknown_version_with_valid_crc_is_unsupported() -> None:
+@pytest.mark.parametrize("version", [1, 99])
+def test_other_versions_with_valid_crc_are_unsupported(version: int) -> None:
     raw = bytearray(Record(1, 1, "mkdir", {"path": "/a"}).encode())
-    length = struct.unpack_from("<I", raw, 8)[0]
-    struct.pack_into("<H", raw, 4, 99)
+    length = len(raw)
+    struct.pack_into("<H", raw, 4, version)
     struct.pack_into("<I", raw, length - 4, zlib.crc32(bytes(raw[: length - 4])))
-    with pytest.raises(UnsupportedFormat):
+    with pytest.raises(UnsupportedFormat, match=f"format {version}") as info:
         Record.decode(bytes(raw))
+    assert ("format the image again" in info.value.message) == (version == 1)
 
 
 def test_garbage_and_zeros_are_not_records() -> None:
@@ -99,20 +101,45 @@ def test_garbage_and_zeros_are_not_records() -> None:
         Record.decode(bytes(4096))
 
 
-@given(st.integers(0, 64), st.integers(1, 16), st.integers(16, 64))
-def test_place_fits_or_wraps_to_zero(pos_blocks: int, n_blocks: int, ring_blocks: int) -> None:
-    ring, pos, n = ring_blocks * 4096, min(pos_blocks, ring_blocks) * 4096, n_blocks * 4096
-    start = journal.place(pos, n, ring)
-    assert start + n <= ring
-    assert start == pos or start == 0
+@given(st.integers(0, 64 * 4096), st.integers(1, 16), st.integers(16, 64))
+def test_a_batch_goes_to_the_next_boundary_or_wraps_to_zero(pos: int, n_blocks: int,
+                                                             ring_blocks: int) -> None:
+    ring, n = ring_blocks * 4096, n_blocks * 4096
+    pos = min(pos, ring)
+    start = journal.place_batch(pos, n, ring)
+    assert start % 4096 == 0 and start + n <= ring
+    assert start == journal.align_up(pos) or start == 0
+    # a follower finds it among the places it tries, after the same-batch one
     assert start in journal.candidates(pos, ring)
     used = journal.consumed(pos, start, n, ring)
-    assert used == n + (ring - pos if start != pos else 0)
+    assert used == n + (start - pos if start >= pos else ring - pos)
 
 
-def test_record_larger_than_ring_is_refused() -> None:
+@given(st.integers(0, 64 * 4096), st.integers(16, 64))
+def test_candidates_are_same_batch_then_boundary_then_zero(pos: int, ring_blocks: int) -> None:
+    ring = ring_blocks * 4096
+    pos = min(pos, ring)
+    expected = [p for p in dict.fromkeys((pos, -(-pos // 4096) * 4096, 0)) if p < ring]
+    assert journal.candidates(pos, ring) == expected
+
+
+@settings(deadline=None)  # the machine is shared: a slow example is no failure
+@given(st.lists(records, min_size=1, max_size=6))
+def test_split_finds_every_packed_record_and_nothing_else(batch: list[Record]) -> None:
+    encoded = [r.encode() for r in batch]
+    packed = b"".join(encoded)
+    offsets = [sum(map(len, encoded[:i])) for i in range(len(encoded))]
+    assert journal.split(packed) == list(zip(offsets, map(len, encoded), strict=True))
+    if len(packed) > 1:
+        with pytest.raises(TornRecord):
+            journal.split(packed[:-1])  # a cut batch never splits into whole records
+    with pytest.raises(TornRecord):
+        journal.split(packed + bytes(8))  # nor does its padding
+
+
+def test_batch_larger_than_ring_is_refused() -> None:
     with pytest.raises(ValueError):
-        journal.place(0, 8192, 4096)
+        journal.place_batch(0, 8192, 4096)
 
 
 def test_cursor_accepts_only_the_next_seq_and_no_older_epoch() -> None:

@@ -25,6 +25,7 @@ from orchestrator.core import election as el
 from orchestrator.core.fleetmap import FleetMap, initial_map
 from orchestrator.core.liveness import LivenessConfig, SelfTestFailed
 from orchestrator.errors import AgentUnreachable, FencingFailed
+from orchestrator.ports import CoordinatorPorts
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 
 pytestmark = pytest.mark.unit
@@ -249,11 +250,10 @@ def epoch_one() -> FleetMap:
 def fleet_service(clock: FakeClock, board: MemoryLeaseBoard, holder: str,
                   agents: FakeFleet) -> FleetService:
     bootstrap = epoch_one()
-    return FleetService(store=MemoryStateStore(board, "f", holder, 10.0), fencer=agents,
-                        agents=agents, secret=b"k",
-                        settings=ServiceSettings(url=f"http://{holder}",
-                                                 liveness=LivenessConfig()),
-                        clock=clock, wall=lambda: 0.0, bootstrap=bootstrap)
+    ports = CoordinatorPorts(store=MemoryStateStore(board, "f", holder, 10.0), fencer=agents,
+                             agents=agents, clock=clock, wall=lambda: 0.0)
+    return FleetService(ports, ServiceSettings(url=f"http://{holder}", liveness=LivenessConfig()),
+                        secret=b"k", bootstrap=bootstrap)
 
 
 def scrape(api: CoordinatorAPI) -> Families:

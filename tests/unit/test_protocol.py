@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 
 MESSAGES = [
     p.ReaderAddress, p.PutRequest, p.MkdirRequest, p.RenameRequest, p.WriteAck, p.EntryInfo,
-    p.ListResponse, p.RecordPush, p.RecordAck, p.Health, p.Heartbeat, p.SelfTestCheck,
+    p.ListResponse, p.RecordAck, p.Health, p.Heartbeat, p.SelfTestCheck,
     p.SelfTestReport, p.LaggingReaderReport, p.PromoteRequest, p.DemoteRequest, p.ReaderSet,
 ]
 # the wire bounds integers to 20 digits (agents.core.boundedjson): every seq, epoch, size fits
@@ -122,12 +122,13 @@ def test_put_headers_round_trip_and_checks() -> None:
 
 
 def test_record_push_carries_exact_bytes() -> None:
-    raw = [bytes(range(256)) * 16, b""]
-    push = p.RecordPush(fleet="f", epoch=2, writer="w", records=tuple(map(p.RecordPush.pack, raw)),
-                        commit_seq=9)
-    assert p.RecordPush.decode(push.encode()).record_bytes() == raw
-    with pytest.raises(DecodeError):
-        p.RecordPush(fleet="f", epoch=2, writer="w", records=("!!",), commit_seq=1).record_bytes()
+    frames = (p.PushFrame(4096, bytes(range(256)) * 16), p.PushFrame(0, b"x"))
+    push = p.RecordPush(fleet="f", epoch=2, writer="w", commit_seq=9, frames=frames)
+    back = p.RecordPush.decode(push.encode())
+    assert (back.fleet, back.epoch, back.writer, back.commit_seq) == ("f", 2, "w", 9)
+    assert [(f.start, bytes(f.data)) for f in back.frames] == [(4096, bytes(range(256)) * 16),
+                                                               (0, b"x")]
+    assert b"".join(push.parts()) == push.encode()  # the frames are sent as they are
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agents.core.protocol import LaggingReaderReport, RecordAck, RecordPush
+from agents.core.protocol import LaggingReaderReport, PushFrame, RecordAck, RecordPush
 from agents.errors import NotFound, NotWriter, PeerUnreachable
 from agents.reader import ReaderRole
 from agents.testing import MemoryDevice
@@ -49,7 +49,7 @@ class Cluster:
         if link.node in self.down:
             raise PeerUnreachable(f"{link.node} is down", address=link.address)
         self.pushes.append((link.node, push))
-        return self.readers[link.node].receive(push)
+        return self.readers[link.node].receive(RecordPush.decode(push.encode()))  # the wire
 
     def close(self) -> None:
         self.writer.close()
@@ -200,10 +200,11 @@ def test_reader_fills_a_gap_from_the_journal(cluster: Cluster) -> None:
     cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
     reader = cluster.readers["r1"]
     before = reader.volume.applied_seq
-    later = cluster.writer.volume.records_since(before)[-1:]
-    push = RecordPush(fleet="f", epoch=1, writer="w",
-                      records=tuple(RecordPush.pack(r.encode()) for r in later),
-                      commit_seq=later[-1].seq)
+    volume = cluster.writer.volume
+    later = volume.records_since(before)[-1:]
+    push = RecordPush(fleet="f", epoch=1, writer="w", commit_seq=later[-1].seq,
+                      frames=(PushFrame(volume.journal_position(later[-1].seq),
+                                        later[-1].encode()),))
     ack = reader.receive(push)
     assert ack.applied_seq == later[-1].seq
     assert b"".join(reader.volume.read("/a")) == b"1"
@@ -326,8 +327,8 @@ def test_records_are_pushed_in_seq_order_whatever_their_put_threads_do(
     slow.join()
     assert not errors
     for node in ("r1", "r2"):
-        seqs = [Record.decode(raw).seq for n, push in cluster.pushes if n == node
-                for raw in push.record_bytes()]
+        seqs = [pushed.record.seq for n, push in cluster.pushes if n == node
+                for pushed in push.records]
         assert seqs == [start + 1, start + 2]
 
 

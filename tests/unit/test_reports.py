@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.core.reports import REPORT_TTL, ReplayGuard, nonce
+from orchestrator.core.reports import REPORT_TTL, TAKEOVER_SKEW, ReplayGuard, nonce, watch_from
 from orchestrator.errors import ReportReplayed
 
 pytestmark = pytest.mark.unit
@@ -70,3 +70,26 @@ def test_the_nonce_is_the_grant_mac() -> None:
     assert nonce("eyJwYXlsb2FkIjoxfQ.bWFj") == "bWFj"
     with pytest.raises(ValueError):
         ReplayGuard(since=T0, capacity=0)
+
+
+def test_a_coordinator_watches_from_its_start_or_its_taking_of_the_lease_plus_skew() -> None:
+    # never held the lease (a standby): from its start
+    assert watch_from(T0, None) == T0
+    # took the lease later: what its predecessor admitted until then, and what agents whose
+    # clocks run ahead signed "after" it, is unknown to it
+    assert watch_from(T0, T0 + 500) == T0 + 500 + TAKEOVER_SKEW
+    # took it at start (within the skew): still never earlier than its start
+    assert watch_from(T0 + 10, T0 + 9) == T0 + 11
+
+
+def test_a_report_signed_before_a_takeover_is_refused_and_a_fresh_one_admitted() -> None:
+    took_lease = T0 + 500
+    guard = ReplayGuard(since=watch_from(T0, took_lease))
+    # signed a second before the takeover (admitted by the predecessor): refused
+    with pytest.raises(ReportReplayed):
+        guard.admit("w", "mac-old", took_lease - 1 + REPORT_TTL, took_lease + 3)
+    # signed inside the skew margin: refused as well
+    with pytest.raises(ReportReplayed):
+        guard.admit("w", "mac-skew", took_lease + TAKEOVER_SKEW / 2 + REPORT_TTL,
+                    took_lease + 3)
+    guard.admit("w", "mac-new", took_lease + TAKEOVER_SKEW + REPORT_TTL, took_lease + 3)

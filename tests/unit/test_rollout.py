@@ -69,6 +69,7 @@ class FakeDeployer(AgentDeployer):
 
     def __init__(self, shell: FakeShell, running: Sequence[str] = ()) -> None:
         super().__init__(shell, AgentPackage(b"", "v1"))
+        self.fake = shell
         self.running = set(running)
         self.calls: list[tuple[str, list[str]]] = []
         self.configs: dict[str, Mapping[str, Any]] = {}
@@ -92,6 +93,10 @@ class FakeDeployer(AgentDeployer):
 
     def deploy(self, targets: Sequence[DeployTarget]) -> dict[str, HostResult]:
         return self._record("deploy", targets, 42)
+
+    def put_files(self, target: DeployTarget, files: Sequence[tuple[bytes, str, int]]) -> None:
+        # what the deployer does with them: tests/unit/test_deploy_ownership.py
+        self.fake.log.append(("put_files", target.host.name, list(files)))
 
 
 def healthy(address: str, timeout: float) -> Health:
@@ -133,10 +138,10 @@ def test_bootstrap_installs_all_formats_on_the_writer_starts_readers_first() -> 
     assert report.hosts["vm1"].actions == ("install", "deploy")
     # each VM gets its own key (derived from the master, which never leaves this machine)
     keys = FleetKeys(CFG.fleet.name, (SECRET,), time.time)
-    puts = {name: args for kind, name, args in shell.log if kind == "put"}
-    assert puts == {vm: (GUEST_SECRET, 0o600, keys.node_key_file(vm))
+    puts = {name: args for kind, name, args in shell.log if kind == "put_files"}
+    assert puts == {vm: [(keys.node_key_file(vm), GUEST_SECRET, 0o600)]
                     for vm in ("vm1", "vm2", "vm3")}
-    assert not any(SECRET in args[2] for args in puts.values())
+    assert not any(SECRET in content for files in puts.values() for content, _, _ in files)
     commands = [" ".join(args) for kind, _, args in shell.log if kind == "run"]
     assert not any(SECRET.decode() in c for c in commands)  # never on a command line
 

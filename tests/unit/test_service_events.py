@@ -13,6 +13,7 @@ import pytest
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.fleetmap import initial_map
 from orchestrator.core.liveness import LivenessConfig, Verdict
+from orchestrator.ports import CoordinatorPorts
 from orchestrator.testing.fakes import (
     FakeClock,
     MemoryHypervisor,
@@ -30,9 +31,10 @@ def service(hv: MemoryHypervisor) -> tuple[FleetService, FakeClock]:
     clock = FakeClock()
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r1": ("r1:1", "reader")})
-    return FleetService(store=store, fencer=NeverCalled(), agents=NeverCalled(), secret=b"k",
-                        settings=ServiceSettings(url="http://c1", liveness=LivenessConfig()),
-                        clock=clock, wall=lambda: 0.0, bootstrap=bootstrap, hypervisor=hv,
+    ports = CoordinatorPorts(store=store, fencer=NeverCalled(), agents=NeverCalled(),
+                             clock=clock, wall=lambda: 0.0, hypervisor=hv)
+    return FleetService(ports, ServiceSettings(url="http://c1", liveness=LivenessConfig()),
+                        secret=b"k", bootstrap=bootstrap,
                         domains={"w": (A, "dom-w"), "r1": (B, "dom-r1")}), clock
 
 

@@ -19,6 +19,7 @@ from orchestrator.core.liveness import (
     SelfTestFailed,
     Verdict,
 )
+from orchestrator.ports import CoordinatorPorts
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore, NeverCalled
 
 pytestmark = pytest.mark.unit
@@ -29,8 +30,9 @@ def service() -> tuple[FleetService, FakeClock]:
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     settings = ServiceSettings(url="http://c1", liveness=LivenessConfig())
     bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r2": ("r2:1", "reader")})
-    svc = FleetService(store=store, fencer=NeverCalled(), agents=NeverCalled(), secret=b"k",
-                       settings=settings, clock=clock, wall=lambda: 0.0, bootstrap=bootstrap)
+    ports = CoordinatorPorts(store=store, fencer=NeverCalled(), agents=NeverCalled(),
+                             clock=clock, wall=lambda: 0.0)
+    svc = FleetService(ports, settings, secret=b"k", bootstrap=bootstrap)
     assert store.acquire()
     svc._become_active(clock.monotonic())
     assert svc._events.empty()

@@ -33,6 +33,7 @@ from agents.errors import (
 )
 from agents.testing import MemoryDevice
 from agents.volume import Record, Volume
+from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.unit
 
@@ -280,7 +281,7 @@ def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
     lagging = Volume.open(opener(True))
     follower = Volume.open(opener(True))
     ops: list[str] = []
-    vol.set_commit_listener(lambda records: ops.extend(r.op for r in records))
+    vol.set_commit_listener(lambda commit: ops.extend(r.op for r in commit.records))
     contents: dict[str, bytes] = {}
     for i in range(120):
         path = f"/w/{i % 7}"
@@ -385,7 +386,7 @@ def test_reopen_and_push_replicas_equal_the_writer(script: list[tuple[str, Any, 
     vol.start_epoch(1)
     pushed = Volume.open(dev.reopen(read_only=True))
     # every record is pushed, checkpoint records (the writer's root switches) included
-    vol.set_commit_listener(lambda records: [pushed.apply(r) for r in records])
+    vol.set_commit_listener(_pushes_to(pushed))
     for i, (op, a, b) in enumerate(script):
         try:
             if op == "put":

@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 
 from agents.agent import Agent, AgentSettings
 from agents.backends.file import FileDevice
-from agents.core import roles
+from agents.core import journal, roles
 from agents.core.grants import PUSH, Grant, sign
-from agents.core.protocol import RecordPush
+from agents.core.protocol import PushFrame, RecordPush
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
@@ -45,7 +45,7 @@ from agents.errors import (
     StaleEpoch,
     WrongKind,
 )
-from agents.volume import Record, Volume
+from agents.volume import Commit, Record, Volume
 
 pytestmark = pytest.mark.unit
 
@@ -82,17 +82,18 @@ def _overwrite(path: Path, offset: int, data: bytes) -> None:
 
 
 def _last_record_offset(vol: Volume) -> tuple[int, int]:
-    """Image offset and padded length of ``vol``'s last applied record."""
+    """Image offset and length of ``vol``'s last applied record."""
     _, start, nbytes = vol._positions[-1]
     return vol.superblock.journal_offset + start, nbytes
 
 
-def _pushes_to(reader: Volume) -> Callable[[list[Record]], None]:
+def _pushes_to(reader: Volume) -> Callable[[Commit], None]:
     """A commit listener that applies each group commit to ``reader`` (a push that always
-    arrives)."""
-    def push(records: list[Record]) -> None:
-        for record in records:
-            reader.apply(record)
+    arrives), each record where it lies in the ring."""
+    def push(commit: Commit) -> None:
+        for (at, nbytes), record in zip(journal.split(commit.data), commit.records,
+                                        strict=True):
+            reader.apply(record, commit.start + at, nbytes)
     return push
 
 
@@ -158,7 +159,7 @@ def test_warm_promotion_equals_a_cold_open(script: list[tuple[str, Any, Any]], l
         old = _old_writer(image)
         reader = _reader(image)
         pushed: list[Record] = []
-        old.set_commit_listener(pushed.extend)
+        old.set_commit_listener(lambda commit: pushed.extend(commit.records))
         _run(old, reader, pushed, script, lag)
         if tail != "clean":
             # the old writer's last put never reaches the medium whole. torn: its header
@@ -437,8 +438,8 @@ def test_a_push_reaching_the_reader_during_a_promotion_waits_and_is_refused(
     image = _image(tmp_path / "image")
     old = _old_writer(image)
     agent, _ = _agent(image)
-    pushed: list[Record] = []
-    old.set_commit_listener(pushed.extend)
+    pushed: list[Commit] = []
+    old.set_commit_listener(pushed.append)
     old.put("/p", [b"p"], 1, epoch=1, mtime=0.0)
     old.close()
     entered, release = threading.Event(), threading.Event()
@@ -454,9 +455,8 @@ def test_a_push_reaching_the_reader_during_a_promotion_waits_and_is_refused(
     promotion.start()
     assert entered.wait(10)
     token = sign(Grant("warm", "r1", PUSH, 2, time.time() + 60, subject="w"), b"k" * 32)
-    push = RecordPush(fleet="warm", epoch=2, writer="w",
-                      records=(RecordPush.pack(pushed[-1].encode()),),
-                      commit_seq=pushed[-1].seq)
+    push = RecordPush(fleet="warm", epoch=2, writer="w", commit_seq=pushed[-1].records[-1].seq,
+                      frames=(PushFrame(pushed[-1].start, pushed[-1].data),))
     outcome: list[object] = []
     sender = threading.Thread(target=lambda: outcome.append(_outcome(agent, token, push)))
     sender.start()
