@@ -90,6 +90,7 @@ PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one ru
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints
 # (and readers switch roots when they apply its record), so memory stays bounded
 OVERLAY_MAX = 4096
+RELOADS = 8  # checkpoint loads a reader tries while a live writer keeps moving
 # I/O buffers kept mapped between puts and reads (a fresh 4 MiB buffer costs its page faults
 # on every use; more than this stays out of an idle agent's RSS)
 KEEP_BUFFERS = 16 << 20
@@ -165,6 +166,10 @@ class _PageStore:
         self._vol = vol
         self._spare: builtins.list[int] = []
         self._writes: dict[int, bytes] = {}
+        # next fit: a page freed by a checkpoint is reused only after the pages are laid
+        # over the rest of the free space, so a reader that is not in sync (not protected
+        # by the quarantine: opening, catching up) rarely meets its root's pages reused
+        self._cursor = vol._sb.data_offset
 
     def read_page(self, page_no: int) -> bytes:
         sb = self._vol._sb
@@ -177,17 +182,19 @@ class _PageStore:
     def allocate(self) -> int:
         if not self._spare:
             allocator = self._vol._allocator
-            got = allocator.allocate(PAGE_RUN * TREE_PAGE)
+            got = allocator.allocate_after(self._cursor, PAGE_RUN * TREE_PAGE)
             if len(got) != 1:  # fragmented: no run of PAGE_RUN pages, take one page
                 allocator.give_back(got)
-                got = allocator.allocate(TREE_PAGE)
+                got = allocator.allocate_after(self._cursor, TREE_PAGE)
                 if len(got) != 1:
                     allocator.give_back(got)
                     raise NoSpace("no free run for a metadata page", needed=TREE_PAGE)
             run = got[0]
             self._spare = [(off // ALIGN) for off in range(run.end - TREE_PAGE,
                                                            run.offset - 1, -TREE_PAGE)]
-        return self._spare.pop()
+        page_no = self._spare.pop()
+        self._cursor = page_no * ALIGN + TREE_PAGE
+        return page_no
 
     def write_page(self, page_no: int, data: bytes) -> None:
         self._writes[page_no] = data
@@ -323,6 +330,8 @@ class Volume:
         # extents out of the allocator's map that no durable record names: puts in flight,
         # discards in flight. A checkpoint saves them as free (after a crash they are).
         self._outside: dict[int, builtins.list[Extent]] = {}
+        # tree pages the writer's last checkpoint freed, quarantined at its next one
+        self._retired: builtins.list[Extent] = []
         # whether a checkpoint record for the index's root is in the journal: readers on an
         # older root switch only when they apply one (a writer that crashed between the
         # checkpoint and its record left none, and its successor writes one first)
@@ -545,8 +554,21 @@ class Volume:
     # ---- journal following (caller holds self._lock) -------------------------------------
 
     def _load_checkpoint(self) -> None:
-        """Replace the state by the newest valid checkpoint."""
-        headers = self._checkpoint_headers()
+        """Replace the state by the newest valid checkpoint. A live writer may rewrite a
+        slot, or recycle the pages of the root just read (this volume is not in sync yet,
+        so nothing protects them), while it is read: a failure then is retried while the
+        headers keep changing."""
+        for _ in range(RELOADS - 1):
+            headers = self._checkpoint_headers()
+            try:
+                self._load_from(headers)
+                return
+            except FormatError:
+                if self._checkpoint_headers() == headers:
+                    raise
+        self._load_from(self._checkpoint_headers())
+
+    def _load_from(self, headers: builtins.list[ckpt.CheckpointHeader | None]) -> None:
         errors: builtins.list[FormatError] = []
         for slot in ckpt.choose(headers):
             try:
@@ -747,13 +769,24 @@ class Volume:
 
     def _refresh_locked(self) -> builtins.list[Record]:
         applied: builtins.list[Record] = []
-        for _ in range(8):
+        for _ in range(RELOADS):
             # the newest checkpoint BEFORE the walk: every record up to it was on disk then,
             # so a walk that stops below it met an overwritten record (the writer wrapped
             # past us). One written during the walk proves nothing: a live writer checkpoints
             # as it goes, and reloading then would only chase it.
             newest = self._newest_checkpoint_seq()
-            applied += self._follow(_JournalView(self._device, self._sb))
+            try:
+                applied += self._follow(_JournalView(self._device, self._sb))
+            except FormatError:
+                # a tree page of this volume's root that does not decode, with a newer
+                # checkpoint on the image: the writer freed and reused it (this volume was
+                # not in sync, so nothing held it back). The newest checkpoint has a root
+                # that is whole; anything else is corruption.
+                if self._newest_checkpoint_seq() <= self._index.root_seq:
+                    raise
+                self._load_checkpoint()
+                applied.clear()
+                continue
             self._durable_seq = self._index.applied_seq
             if self._index.applied_seq >= newest:
                 return applied
@@ -1421,14 +1454,20 @@ class Volume:
             finally:
                 self._pages.give_back_spare()
             self._device.flush()  # the tree is durable before a checkpoint names its root
-            self._allocator.quarantine(seq + 1, _coalesce(
-                Extent(p * ALIGN, TREE_PAGE) for p in commit.freed))
+            # pages the previous commit freed join the quarantine now, under this record's
+            # seq: a root stays whole for a whole checkpoint interval after it is replaced,
+            # which a reader that is not in sync (opening, catching up: the quarantine does
+            # not wait for it) needs to load it and follow the journal from it
+            self._allocator.quarantine(seq + 1, self._retired)
+            self._retired = _coalesce(Extent(p * ALIGN, TREE_PAGE) for p in commit.freed)
             free = _coalesce([*self._allocator.free_extents(),
                               *(x for xs in self._outside.values() for x in xs)])
+            quarantine = sorted([*self._allocator.quarantined(),
+                                 *((seq + 1, x) for x in self._retired)],
+                                key=lambda q: (q[0], q[1].offset))
             # the next batch starts on a 4 KiB boundary at or after the cursor (or at 0)
-            data = ckpt.encode(seq, index.epoch, commit.root, free,
-                               self._allocator.quarantined(), journal.align_up(self._cursor.pos),
-                               self._sb.checkpoint_bytes)
+            data = ckpt.encode(seq, index.epoch, commit.root, free, quarantine,
+                               journal.align_up(self._cursor.pos), self._sb.checkpoint_bytes)
             self._device.write_at(self._sb.checkpoint_offsets[slot], data)
             self._device.flush()
         except DeviceError as exc:

@@ -185,6 +185,23 @@ class Allocator:
                 break
         return got
 
+    def allocate_after(self, cursor: int, nbytes: int) -> list[Extent]:
+        """Like :meth:`allocate`, but next fit: the first run of ``nbytes`` (rounded up to
+        4 KiB) at or after ``cursor`` (a multiple of 4 KiB), wrapping to :meth:`allocate`.
+        Space freed behind the cursor is reused only after a whole lap of the free space."""
+        need = -(-max(nbytes, 0) // ALIGN) * ALIGN
+        i = bisect.bisect_right(self._starts, cursor) - 1
+        if i >= 0:
+            s = self._starts[i]
+            if s + self._lengths[s] - cursor >= need:
+                self._take_range(s, cursor, need)
+                return [Extent(cursor, need)]
+        for s in self._starts[i + 1 :]:
+            if self._lengths[s] >= need:
+                self._take(s, need)
+                return [Extent(s, need)]
+        return self.allocate(nbytes)
+
     def _take(self, start: int, length: int) -> None:
         """Remove ``[start, start+length)`` from the head of the free extent at ``start``."""
         rest = self._lengths.pop(start) - length
