@@ -45,7 +45,7 @@ from agents.core.protocol import (
     WriteAck,
 )
 from agents.device import BlockDevice
-from agents.errors import AgentError, DeviceError, LagNotReported, NotWriter
+from agents.errors import AgentError, DeviceError, JournalWrapped, LagNotReported, NotWriter
 from agents.volume import Commit, Record, Volume
 
 __all__ = ["QueuedCommit", "ReaderLink", "WriterRole"]
@@ -383,9 +383,12 @@ class WriterRole:
     def announce(self, record: Record) -> None:
         """Queue ``record`` (e.g. the epoch-start record, committed before this role
         existed) for every in-sync reader; no wait."""
-        data = record.encode()
-        self._queue(Commit([record], self.volume.journal_position(record.seq),
-                           memoryview(data)))
+        try:
+            start = self.volume.journal_position(record.seq)
+        except JournalWrapped:  # long overwritten: a reader finds it in a checkpoint
+            LOG.info("event=announce_skipped node=%s seq=%d", self.node, record.seq)
+            return
+        self._queue(Commit([record], start, memoryview(record.encode())))
 
     def _release(self) -> None:
         with self._cond:
