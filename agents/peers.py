@@ -25,7 +25,6 @@ from agents.tlsreload import ReloadingContext, TlsFiles, client_context
 
 __all__ = ["Peer", "PeerSession", "post_message", "reload_client_contexts"]
 
-
 # files loaded once per (CA, certificate, key, CRL), not per connection, and again when they
 # change (a rotated certificate, a new CRL); a process has one or two of these
 _CONTEXTS: dict[TlsFiles, ReloadingContext] = {}
