@@ -373,7 +373,7 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--config", help="TOML (.toml) or JSON config file")
     for name in ("node", "fleet", "backend", "secret-file", "listen", "advertise", "role",
                  "coordinator", "ceph-conf", "ceph-user", "ceph-keyring", "tls-cert", "tls-key",
-                 "tls-ca", "max-body", "log-level", "ready-file"):
+                 "tls-ca", "tls-crl", "max-body", "log-level", "ready-file"):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"))
     p.add_argument("--epoch", type=int)
     p.add_argument("--insecure-plaintext", action="store_true", default=None,

@@ -25,7 +25,6 @@ from agents.tlsreload import ReloadingContext, TlsFiles, client_context
 
 __all__ = ["Peer", "PeerSession", "post_message", "reload_client_contexts"]
 
-
 # files loaded once per (CA, certificate, key, CRL), not per connection, and again when they
 # change (a rotated certificate, a new CRL); a process has one or two of these
 _CONTEXTS: dict[TlsFiles, ReloadingContext] = {}
@@ -64,7 +63,8 @@ class Peer:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    crl_file: str | None = None  # the fleet CA's revocation list: revoked peers are refused
+    # the fleet CA's revocation list: revoked peers are refused once the file exists
+    crl_file: str | None = None
 
     def url(self, path: str) -> urllib.parse.SplitResult:
         """The parsed URL of ``path`` on this peer."""
@@ -80,7 +80,7 @@ def _connection(peer: Peer, url: urllib.parse.SplitResult,
     if url.scheme == "https":
         try:
             context = _client_context(TlsFiles(peer.ca_file, peer.cert_file, peer.key_file,
-                                               peer.crl_file))
+                                               peer.crl_file, crl_required=False))
         except (OSError, ValueError) as exc:  # ssl.SSLError too: a file that does not load
             raise PeerUnreachable(f"TLS to {peer.address}: {exc}", address=peer.address) from exc
         return http.client.HTTPSConnection(url.hostname, url.port or 443, timeout=timeout,

@@ -45,7 +45,7 @@ from agents.core.protocol import (
     WriteAck,
 )
 from agents.device import BlockDevice
-from agents.errors import AgentError, DeviceError, LagNotReported, NotWriter
+from agents.errors import AgentError, DeviceError, JournalWrapped, LagNotReported, NotWriter
 from agents.volume import Commit, Record, Volume
 
 __all__ = ["QueuedCommit", "ReaderLink", "WriterRole"]
@@ -86,6 +86,16 @@ class ReaderLink:
     unreported: LaggingReaderReport | None = None
 
 
+@dataclass
+class _AckWait:
+    """A write waiting for its readers' acks of ``seq``: woken by :meth:`WriterRole._notify`
+    only once its wait is over, never by every ack."""
+
+    seq: int
+    nodes: frozenset[str]
+    wake: threading.Event = field(default_factory=threading.Event)
+
+
 SendPush = Callable[[ReaderLink, RecordPush], RecordAck]
 ReportLagging = Callable[[LaggingReaderReport], None]
 OnDeviceError = Callable[[DeviceError], None]
@@ -120,6 +130,7 @@ class WriterRole:
         self._accepting = True
         self._inflight = 0
         self._sync_revision = 0
+        self._ack_waits: list[_AckWait] = []  # writes in await_acks
         # each group commit's records are queued for the readers by the journal leader, in
         # seq order and all at once: one push carries a whole group commit, never a gap
         volume.set_commit_listener(self._queue)
@@ -158,7 +169,7 @@ class WriterRole:
                                               name=f"push-{node}", daemon=True)
                     self._threads.append(thread)
                     thread.start()
-            self._cond.notify_all()
+            self._notify()
 
     def readers(self) -> dict[str, ReaderLink]:
         """Snapshot of the links (node → copy of its state)."""
@@ -172,6 +183,22 @@ class WriterRole:
         with self._cond:
             names = tuple(sorted(n for n, lk in self._links.items() if lk.in_sync))
             return self._sync_revision, names
+
+    def _notify(self) -> None:
+        """Caller holds ``_cond`` and changed a link or the role: wake the pushers and the
+        drain (on the condition) and, of the writes waiting for acks, only those whose wait
+        is over now (each on its own event): an ack wakes the writes it acknowledges."""
+        self._cond.notify_all()
+        for wait in self._ack_waits:
+            if self._wait_over(wait):
+                wait.wake.set()
+
+    def _wait_over(self, wait: _AckWait) -> bool:
+        """:meth:`await_acks`'s test, bar its deadline: every in-sync link of ``wait`` acked
+        its seq and none is being reported."""
+        links = [self._links[n] for n in wait.nodes if n in self._links]
+        return not any((lk.in_sync and lk.applied_seq < wait.seq) or lk.reporting
+                       for lk in links)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -192,7 +219,7 @@ class WriterRole:
         finally:
             with self._cond:
                 self._inflight -= 1
-                self._cond.notify_all()
+                self._notify()
         if failed is not None:
             if self._on_device_error is not None:
                 self._on_device_error(failed)  # outside the count: it stops writes
@@ -251,17 +278,25 @@ class WriterRole:
     def await_acks(self, seq: int, nodes: set[str]) -> tuple[set[str], set[str]]:
         """Wait until each reader in ``nodes`` acked ``seq`` or was reported lagging."""
         deadline = self._clock() + self.ack_timeout
+        wait = _AckWait(seq, frozenset(nodes))
         with self._cond:
+            self._ack_waits.append(wait)
+        try:
             while True:
-                links = [self._links[n] for n in nodes if n in self._links]
-                waiting = [lk for lk in links if lk.in_sync and lk.applied_seq < seq]
-                reporting = [lk for lk in links if lk.reporting]
-                if not waiting and not reporting:
-                    break
-                remaining = deadline - self._clock()
-                if remaining <= 0 and not reporting:
-                    break
-                self._cond.wait(remaining if remaining > 0 else 0.05)
+                with self._cond:
+                    links = [self._links[n] for n in nodes if n in self._links]
+                    waiting = [lk for lk in links if lk.in_sync and lk.applied_seq < seq]
+                    reporting = [lk for lk in links if lk.reporting]
+                    if not waiting and not reporting:
+                        break
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 and not reporting:
+                        break
+                    wait.wake.clear()  # a change from here on sets it again (_notify)
+                wait.wake.wait(remaining if remaining > 0 else 0.05)
+        finally:
+            with self._cond:
+                self._ack_waits.remove(wait)
         for link in waiting:
             self._mark_lagging(link, seq, f"no ack within {self.ack_timeout}s")
         for link in links:
@@ -323,7 +358,7 @@ class WriterRole:
         finally:
             with self._cond:
                 link.reporting = False
-                self._cond.notify_all()
+                self._notify()
 
     def _pusher(self, link: ReaderLink) -> None:
         """Send ``link``'s queued records in seq order; keep a lagging reader catching up."""
@@ -365,7 +400,7 @@ class WriterRole:
                     LOG.info("event=reader_in_sync node=%s reader=%s applied_seq=%d "
                              "sync_revision=%d", self.node, link.node, link.applied_seq,
                              self._sync_revision)
-                self._cond.notify_all()
+                self._notify()
 
     def _queue(self, commit: Commit) -> None:
         """Queue a durable group commit for every in-sync or joining reader (its push frame
@@ -378,14 +413,17 @@ class WriterRole:
                     link.pending.append(queued)
                 else:
                     link.missed = max(link.missed, queued.last)
-            self._cond.notify_all()
+            self._notify()
 
     def announce(self, record: Record) -> None:
         """Queue ``record`` (e.g. the epoch-start record, committed before this role
         existed) for every in-sync reader; no wait."""
-        data = record.encode()
-        self._queue(Commit([record], self.volume.journal_position(record.seq),
-                           memoryview(data)))
+        try:
+            start = self.volume.journal_position(record.seq)
+        except JournalWrapped:  # long overwritten: a reader finds it in a checkpoint
+            LOG.info("event=announce_skipped node=%s seq=%d", self.node, record.seq)
+            return
+        self._queue(Commit([record], start, memoryview(record.encode())))
 
     def _release(self) -> None:
         with self._cond:
@@ -404,7 +442,7 @@ class WriterRole:
             self._accepting = False
             for link in self._links.values():
                 link.retired = True
-            self._cond.notify_all()
+            self._notify()
             while self._inflight and self._clock() < deadline:
                 self._cond.wait(0.05)
             if self._inflight:

@@ -1,4 +1,4 @@
-"""Agents vs ``rbd bench`` on the same cluster, same run (DESIGN §9 ratios).
+"""Agents vs ``rbd bench`` on the same cluster, same run (the ratios docs/benchmarks.md targets).
 
 Measures, with 1 writer + 2 reader agents (real processes) on one RBD image:
 - large-file write through the writer (PUT, streamed) vs ``rbd bench`` sequential write;

@@ -11,8 +11,8 @@ Per kill, measured from the SIGKILL (monotonic clock, same process):
   fence     -> FenceNode done
   promote   -> PromoteNode done (agent replayed the journal and accepts writes)
   announce  -> PublishMap done (the new map is persisted and published)
-  writable  -> the client's first put acknowledged at the new epoch (DESIGN §9: <= 3 s p99)
-Reads: failed reads / total reads during the whole run (DESIGN §9: 0).
+  writable  -> the client's first put acknowledged at the new epoch (target: <= 3 s p99)
+Reads: failed reads / total reads during the whole run (target: 0).
 
 The killed agent is restarted as a reader and must be back in sync before the next kill; if it
 refuses to start (or never gets back in sync) the benchmark fails loudly: an image a crashed
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     reads = result["reads"]
     print(f"reads: {reads['total']} total, {reads['failed']} failed")
     target = result["writable"]["p99"] <= 3.0 and reads["failed"] == 0
-    print(f"DESIGN §9 (writable <= 3 s p99, 0 failed reads): {'met' if target else 'NOT met'}")
+    print(f"targets (writable <= 3 s p99, 0 failed reads): {'met' if target else 'NOT met'}")
     if args.json:
         with contextlib.suppress(OSError):
             args.json.write_text(json.dumps(result, indent=2))

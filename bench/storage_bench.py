@@ -1,4 +1,4 @@
-"""Storage amplification (DESIGN §9): bytes in Ceph / bytes of user data, for 1 MiB files.
+"""Storage amplification: bytes in Ceph / bytes of user data, for 1 MiB files.
 
 On a throwaway cluster (bluestore, with a mgr: ``ceph df`` needs one), a fresh thin RBD image
 is formatted and served by a writer + 2 reader agents (real processes, librbd backend).

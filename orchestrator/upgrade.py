@@ -163,15 +163,15 @@ class FleetUpgrade:
             return f"no map: {exc}"
         member = obs.map.member(node)
         health = healths.get(node)
+        in_map = f"map: {member.role} {'in sync' if member.in_sync else 'not in sync'}"
         if health is None:
-            return f"map: {member.role}, agent not answering"
+            return f"{in_map}, agent not answering"
         ok = (member.role == "reader" and member.in_sync and health.role == "reader"
               and health.epoch == obs.map.epoch and not health.catching_up
               and health.version == self.version)
         if ok:
             return None
-        return (f"map: {member.role} {'in sync' if member.in_sync else 'not in sync'}; agent: "
-                f"{health.role} of epoch {health.epoch}"
+        return (f"{in_map}; agent: {health.role} of epoch {health.epoch}"
                 f"{' catching up' if health.catching_up else ''}, "
                 f"version {health.version or 'unknown'}")
 

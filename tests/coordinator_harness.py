@@ -36,7 +36,7 @@ from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.liveness import LivenessConfig
 from orchestrator.core.reports import TAKEOVER_SKEW
-from orchestrator.errors import FencingFailed
+from orchestrator.errors import FencingFailed, NotActive
 from orchestrator.pki import server_context
 from orchestrator.ports import (
     ClientStore,
@@ -262,12 +262,15 @@ def file_image(path: Path, size: int = IMAGE_SIZE) -> Path:
 def wait_in_sync(service: FleetService, timeout: float, readers: int = 2) -> None:
     """Wait until ``service`` is active, its map has ``readers`` in-sync readers and it takes
     reports signed now (past its term's skew margin: orchestrator.core.reports)."""
-    wait_until(
-        lambda: service.active and len(service.require_active().in_sync_readers()) == readers
-        and time.time() > (service.active_since or 0.0) + TAKEOVER_SKEW,
-        timeout,
-        f"coordinator active with {readers} in-sync readers",
-    )
+
+    def ready() -> bool:
+        try:  # active, then its map: a lease lost (or not announced yet) in between is a no
+            in_sync = len(service.require_active().in_sync_readers())
+        except NotActive:
+            return False
+        return in_sync == readers and time.time() > (service.active_since or 0.0) + TAKEOVER_SKEW
+
+    wait_until(ready, timeout, f"coordinator active with {readers} in-sync readers")
 
 
 @contextmanager

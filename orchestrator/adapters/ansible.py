@@ -1,11 +1,12 @@
 """``AnsibleRunner``: deploy agents with the playbooks in ``ansible/``, run as a program.
 
-Ansible is never imported (DESIGN §6): ``ansible-playbook`` from the project's venv (the
-``ansible`` extra) runs as a subprocess with ``ANSIBLE_CONFIG=ansible/ansible.cfg``. Each run
-gets its own work directory holding the inventory (:class:`Inventory`, as JSON, which
-Ansible's YAML inventory plugin reads; ``rbdfleet inventory`` prints the same groups), the
-extra vars (a 0600 file, never argv: they name the secret files, never their content), the
-agents tarball, the SSH control sockets and Ansible's local temp files.
+Ansible is never imported (an optional extra, not a library dependency): ``ansible-playbook``
+from the project's venv (the ``ansible`` extra) runs as a subprocess with
+``ANSIBLE_CONFIG=ansible/ansible.cfg``. Each run gets its own work directory holding the
+inventory (:class:`Inventory`, as JSON, which Ansible's YAML inventory plugin reads; ``rbdfleet
+inventory`` prints the same groups), the extra vars (a 0600 file, never argv: they name the
+secret files, never their content), the agents tarball, the SSH control sockets and Ansible's
+local temp files.
 
 Connections use ``ansible_connection=ssh`` (the paramiko plugin is deprecated in 2.19) with
 the pinned ``known_hosts`` and ``StrictHostKeyChecking=yes``: an unknown or changed host key

@@ -9,7 +9,7 @@ What Ceph does not guarantee, and what we do about it:
 
 * The exclusive-lock feature is cooperative: it never stops a second live read-write
   client. The fence is the OSD blocklist of exact client addresses, never the lock.
-* An ``osd blocklist add`` that returned is not yet enforced by every OSD (notes/ceph.md G3),
+* An ``osd blocklist add`` that returned is not yet enforced by every OSD,
   and ``wait_for_latest_osdmap()`` only brings the *calling* client's map up to date: an OSD
   still on the older map serves the fenced client. The fencer then waits until every up OSD
   reports that epoch (``tell osd.N status``: the ``[ceph] user`` needs ``osd 'allow r'``).

@@ -14,7 +14,7 @@ a VM user, and is refused).
 What Ceph does and does not guarantee, and what we do about it:
 
 * ``Ioctx.lock_exclusive(duration=...)`` stores a random expiry in the Pacific binding
-  (``tv_usec`` left uninitialised; notes/ceph.md G1). The lock is taken by calling the cls
+  (``tv_usec`` left uninitialised). The lock is taken by calling the cls
   method ``lock.lock`` with an encoded request instead: the stored expiry is then exact.
 * The lease is measured by the OSD's clock, not ours. A holder that was paused past its lease
   may still *believe* it holds it; it cannot act on that belief, because every write is one

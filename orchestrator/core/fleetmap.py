@@ -7,7 +7,7 @@ Invariants kept by every constructor and transition in this module:
 * ``revision`` grows by one at every change of the map (epoch or not); clients and the watch
   endpoint long-poll on it, so a reader dropping out is announced as fast as a new writer.
 * A member with role ``out`` is never handed to clients; a reader that is not ``in_sync`` is
-  never handed to clients either (DESIGN §3 step 4).
+  never handed to clients either.
 
 The map is also the record persisted in RADOS (``encode``/``decode``, versioned).
 """

@@ -1,6 +1,6 @@
 """A throwaway Ceph cluster on loopback: 1 mon, 1 mgr, 1-3 OSDs, everything inside one directory.
 
-The recipe is notes/ceph.md §2-§4: a conf whose every path points into DIR, all keys made up
+The recipe: a conf whose every path points into DIR, all keys made up
 front with ``ceph-authtool``, mon mkfs + start while the OSDs mkfs in parallel, every mon
 command through ONE ``ceph`` process on stdin, then the mgr and the OSDs, readiness by polling
 the mon's osdmap (``osd dump``: each OSD up in a new incarnation; never ``pg stat``, which waits
@@ -102,7 +102,7 @@ REQUIRED_BINARIES: dict[str, str] = {
     "rbd": "ceph-common",
 }
 
-# entity -> caps, per notes/ceph.md §3 step 1
+# entity -> caps: the least each daemon and client needs
 _ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
 _MON_CAPS = {"mon": "allow *"}
 _MGR_CAPS = {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
@@ -152,7 +152,7 @@ class OsdStat:
 
 
 def render_conf(dir: Path, fsid: str, mon_port: int, *, osds: int, objectstore: str) -> str:
-    """The ceph.conf of a sandbox cluster (notes/ceph.md §2); every path is inside ``dir``.
+    """The ceph.conf of a sandbox cluster; every path is inside ``dir``.
 
     ``$id`` and ``$name`` are Ceph's own metavariables and stay literal.
     """
@@ -525,7 +525,7 @@ def _tail(path: Path, lines: int = 8) -> str:
 
 
 def _make_keys(dir: Path, osds: int, deadline: _Deadline) -> None:
-    """Every key up front (notes/ceph.md §3.1): one keyring per entity, all in the mon's."""
+    """Every key up front: one keyring per entity, all in the mon's."""
     keys = dir / "keys"
     keys.mkdir(mode=0o700)
     entities: list[tuple[str, Path, dict[str, str]]] = [

@@ -1,4 +1,4 @@
-"""SSH test hosts as network namespaces on a private bridge (notes/testhosts.md, option B).
+"""SSH test hosts as network namespaces on a private bridge.
 
 Each host is a network namespace ``th-RUN-hN`` joined to the bridge ``tbRUN`` by the veth
 ``tvRUNhN``, with its own uts/mount/pid namespaces (``unshare``) whose pid 1 is an ``sshd``

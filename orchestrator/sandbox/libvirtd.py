@@ -1,6 +1,6 @@
 """libvirtd for the sandbox without systemd: start ``virtlogd`` + ``libvirtd`` unless running.
 
-Two host fixes come first (notes/libvirt.md §2): ``/dev/kvm`` must be ``root:kvm 0660`` (else
+Two host fixes come first: ``/dev/kvm`` must be ``root:kvm 0660`` (else
 libvirt re-probes QEMU on every call and a define takes a minute, even on TCG-only hosts) and
 ``/var/lib/libvirt/dnsmasq`` must exist (else the first domain start on a network fails).
 

@@ -12,7 +12,7 @@ the host, and hands both to the guest on a tiny read-only seed disk (serial
 ``known_hosts`` written here holds exactly those host keys; nothing ever connects with
 ``StrictHostKeyChecking=no``.
 
-Routing guard (notes/testhosts.md pitfall 8): ``unreachable <the subnet's /23> metric 9999``
+Routing guard: ``unreachable <the subnet's /23> metric 9999``
 is added before the bridge exists and removed last, so while the bridge is down the guests'
 addresses never route off the machine; and every SSH connection first checks that ``ip route get``
 sends the address out of our bridge.

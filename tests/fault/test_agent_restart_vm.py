@@ -151,7 +151,10 @@ def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
         evidence = confirmed_dead(running.log, old)
         say(f"{failover.new_writer} announced {failover.announced} s, first write acknowledged"
             f" {failover.first_ack} s after the power-off; {evidence}")
-        assert "hypervisor_down=''" not in evidence, evidence  # libvirt's word, not silence
+        # libvirt's word reached the coordinator; whether it or the failed probes confirmed
+        # the death first depends on the host's load (the event comes once QEMU is reaped)
+        assert f"event=hypervisor_reported fleet={mission.config.fleet.name} node={old} " \
+            "state=stopped detail=destroyed" in running.log.read_text()
         check = fsck(mission)
         assert check.returncode == 0, check.stdout + check.stderr
     finally:  # the session's guest must run again for the tests after this one

@@ -50,6 +50,7 @@ from tests.vm_faults import (
     fail_over_under_stream,
     fsck,
     image_digest,
+    member,
     old_writer_steps_down,
     say_as,
     stale_put,
@@ -200,6 +201,11 @@ def test_writer_cut_off_from_the_coordinator_is_fenced_changes_no_byte_and_steps
          f"{demoted} s after the heal; rejoin {mission.timings['rejoin']} s")
 
 
+def _in_sync(fleet: Mission, vm: str) -> bool:
+    now = member(status_of(fleet), vm)
+    return now["role"] == "reader" and bool(now["in_sync"])
+
+
 def _fleet_disk(fleet: Mission, vms: VmSet, vm: str) -> str:
     """The guest device (libvirt target) the fleet's image has in ``vm``'s domain."""
     source = f"{fleet.config.ceph.pool}/{fleet.config.fleet.image}"
@@ -216,8 +222,9 @@ def test_writer_whose_disk_is_pulled_fails_its_self_test_and_is_replaced(
     the writer's disk from its running guest under the recorded workload. The writer's next
     write fails on the device, its agent stops writing and reports its failed self-test, and
     that report alone (no failed probe needed, no hypervisor event: the domain runs on) gets a
-    reader promoted: one failover, the history clean on every node, fsck clean; the node
-    rejoins as an in-sync reader once the coordinator gave it its disk back read-only."""
+    reader promoted: one failover, the history clean on every node, fsck clean; once the
+    coordinator gave it its disk back read-only and demoted it, the node is an in-sync reader
+    again by itself and holds what the others hold."""
     running = continue_under_stream(mission, "/selftest")
     status = status_of(mission)
     old, epoch = status["map"]["writer"], status["map"]["epoch"]
@@ -229,15 +236,15 @@ def test_writer_whose_disk_is_pulled_fails_its_self_test_and_is_replaced(
         subprocess.run(["virsh", "-c", domain.uri, "detach-disk", domain.domain, device,
                         "--live"], capture_output=True, timeout=60, check=True)
 
-    failover = fail_over_under_stream(mission, running, old, pull, _say, epoch=epoch + 1)
+    failover = fail_over_under_stream(mission, running, old, pull, _say, epoch=epoch + 1,
+                                      back_by_itself=True)
     evidence = confirmed_dead(running.log, old)
     _say(f"{failover.new_writer} writer {failover.first_ack} s after the unplug; {evidence}")
     assert "selftest_failed=True" in evidence and "hypervisor_down=''" in evidence, evidence
     check = fsck(mission)
     assert check.returncode == 0, check.stdout + check.stderr
-    mission.wait(lambda: _modes(mission).get(old) == "ro", 90,
-                 f"{old}'s disk given back read-only by the coordinator")
-    mission.kill_agent(old)  # its agent lost its device: a fresh one on the read-only disk
-    mission.rejoin(old)
-    running.recorded.check()  # the rejoined node holds what the others hold
+    # the release gives it a read-only disk, the demotion reopens its device: back in sync
+    mission.wait(lambda: _modes(mission).get(old) == "ro" and _in_sync(mission, old), 120,
+                 f"{old} back as an in-sync reader on a read-only disk, by itself")
+    running.recorded.check()  # the node back holds what the others hold
     assert status_of(mission)["map"]["epoch"] == epoch + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import shutil
+import signal
 import ssl
 import time
 import uuid
@@ -27,7 +28,7 @@ import pytest
 
 from agents.core.grants import PUSH
 from orchestrator.coordinator.api import CoordinatorAPI
-from orchestrator.pki import FleetPki, reloading_server_context
+from orchestrator.pki import FleetPki, inspect, reloading_server_context
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from tests.coordinator_harness import (
     Coordinator,
@@ -158,3 +159,31 @@ def test_a_revoked_readers_certificate_is_refused_by_the_writer_and_the_coordina
     assert service is not None
     wait_in_sync(service, 30)
     assert rv.fleet["r1"].proc is r1 and rv.fleet["r1"].alive  # the same process throughout
+
+
+def test_sighup_makes_an_agent_serve_its_new_certificate_at_once(
+        fleet_factory: FleetFactory, tmp_path: Path) -> None:
+    """With no connection coming in (which would look at the files within 2 s), SIGHUP alone
+    rebuilds the agent's server context from its changed files."""
+    now = datetime.datetime.now(datetime.UTC)
+    pki = FleetPki(tmp_path / "tls", "rbdfleet-test")
+    pki.dir.mkdir()
+    shutil.copyfile(shared_pki().ca_file, pki.ca_file)
+    shutil.copyfile(shared_pki().key_file("ca"), pki.key_file("ca"))
+    pki.ensure_ca(now)
+    pki.ensure("r1", ["127.0.0.1"], now)
+    fleet = fleet_factory(f"file:{file_image(tmp_path / 'image.raw')}",
+                          name=f"hup-{uuid.uuid4().hex[:8]}", start=False)
+    agent = fleet.add("r1", tls_cert=str(pki.cert_file("r1")), tls_key=str(pki.key_file("r1")),
+                      tls_ca=str(pki.ca_file))
+    host, _, port = agent.address.rpartition(":")
+
+    def served_serial() -> int:
+        der = ssl.get_server_certificate((host, int(port)), ca_certs=str(pki.ca_file))
+        return inspect(der.encode()).serial
+
+    first = served_serial()
+    renewed = pki.reissue("r1", ["127.0.0.1"], now)
+    agent.kill(signal.SIGHUP)
+    wait_until(lambda: "event=tls_reloaded" in agent.log.read_text(), 5, "the SIGHUP reload")
+    assert served_serial() == renewed.serial != first and agent.alive

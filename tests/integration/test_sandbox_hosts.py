@@ -1,4 +1,4 @@
-"""Namespace test hosts: identity, routing safety, faults as notes/testhosts.md says, teardown."""
+"""Namespace test hosts: identity, routing safety, faults, teardown."""
 
 from __future__ import annotations
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import FleetConfig, from_mapping
+from orchestrator.errors import PkiError
 from orchestrator.pki import (
     CERT_DAYS,
     COORDINATOR,
     RENEW_BEFORE,
     FleetPki,
     Issued,
-    PkiError,
     inspect,
     issue,
     make_ca,
@@ -170,8 +170,8 @@ def test_deploy_installs_a_vms_own_certificate_and_key_and_never_the_ca_key(
     shell = FakeShell()
     FleetRollout(cfg, shell, FakeDeployer(shell), b"master", progress=lambda _: None).deploy()
     pki = FleetPki(cfg.pki_dir, "demo")
-    puts = {(name, args[0]): (args[1], args[2]) for kind, name, args in shell.log
-            if kind == "put"}
+    puts = {(name, path): (mode, data) for kind, name, args in shell.log
+            if kind == "put_files" for data, path, mode in args}  # the deployer's file copy
     assert puts[("vm1", GUEST_TLS["key"])] == (0o600, pki.key_file("vm1").read_bytes())
     assert puts[("vm1", GUEST_TLS["cert"])] == (0o644, pki.cert_file("vm1").read_bytes())
     assert puts[("vm2", GUEST_TLS["ca"])] == (0o644, pki.ca_file.read_bytes())

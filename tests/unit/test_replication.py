@@ -344,3 +344,15 @@ def test_a_reader_told_of_a_newer_commit_catches_up_instead_of_answering_503(
     reader.check_current()  # no CatchingUp: the journal brought it there
     assert reader.volume.applied_seq == ack.seq
     assert b"".join(reader.volume.read("/a")) == b"1"
+
+
+def test_announcing_a_record_the_journal_no_longer_holds_queues_nothing(
+        cluster: Cluster) -> None:
+    """The epoch record is announced when the writer role starts; if the ring has wrapped
+    past it meanwhile, the readers get it from a checkpoint instead of a push."""
+    gone = Record(10**6, 1, "mkdir", {"path": "/gone", "parents": False, "mtime": 0.0})
+    cluster.writer.announce(gone)
+    assert all(not link.pending for link in cluster.writer._links.values())
+    cluster.writer.put("/after", [b"a"], 1, mtime=1.0)  # pushes go on as before
+    assert all(r.volume.applied_seq == cluster.writer.volume.applied_seq
+               for r in cluster.readers.values())

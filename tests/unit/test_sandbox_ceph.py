@@ -87,7 +87,7 @@ def test_conf_keeps_every_path_inside_the_dir(tmp_path: Path) -> None:
         .endswith(("_data", "_file", "_dir", "keyring", "admin_socket"))
     ]
     assert paths and all(p.startswith(str(tmp_path) + "/") for p in paths), paths
-    # the two settings that make start-up fast (notes/ceph.md §2)
+    # the two settings that make start-up fast
     assert "paxos_propose_interval = 0.01" in text and "bdev_aio_poll_ms = 20" in text
     assert "auth_client_required = cephx" in text
     assert "bluestore_block_path" not in text  # setting it makes mkfs loop on a symlink
