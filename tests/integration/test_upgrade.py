@@ -14,6 +14,10 @@ package (the tree's agents with one comment added: another version), then:
    the bad package first), hands the writer role over and upgrades the old writer: every agent
    reports the new version, a third run has nothing to do.
 
+And the Ansible path: ``ansible/upgrade.yml`` over the same old fleet, readers ``serial: 1``
+through the role, the handover by the real ``rbdfleet failover --to`` CLI (a config naming the
+harness coordinator and its admin client), then the old writer; a second run changes nothing.
+
 The workload runs through 2 and 3: its history must be clean (no failed read, no acknowledged
 write lost, one writer per epoch). Printed: each step's duration, the write unavailability
 of the handover as the clients saw it (last ack at the old epoch to the first at the new one)
@@ -36,6 +40,7 @@ from typing import Any
 import pytest
 
 from agents.core.protocol import Health
+from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost, write_package
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core.fleetmap import FleetMap, initial_map
@@ -57,7 +62,15 @@ from tests.coordinator_harness import (
     wait_in_sync,
     wait_until,
 )
-from tests.fixtures.agents import FAST, TEST_SECRET, node_tls
+from tests.fixtures.agents import (
+    FAST,
+    TEST_CA,
+    TEST_CLIENT,
+    TEST_CLIENT_SECRET,
+    TEST_SECRET,
+    node_tls,
+    shared_pki,
+)
 from tests.jepsen import SEED, Workload, assert_history_clean, recording_client
 
 pytestmark = pytest.mark.integration
@@ -272,3 +285,107 @@ def test_rolling_upgrade_under_load_stops_at_a_bad_node_and_continues(
           f"between acks during the upgrade {_longest_gap(work.acks, started, finished):.2f} s; "
           f"{len(work.acks)} acks, "
           f"{sum(1 for o in work.history.ops() if o.kind == 'get' and o.outcome == 'ok')} reads")
+
+
+def cli_config(fleet: UpgradeFleet, directory: Path) -> Path:
+    """An ``rbdfleet.toml`` for the CLI's client side: the harness coordinator, its admin
+    client, the test CA (``[tls] dir``). The Ceph and SSH paths are never opened."""
+    master, client = directory / "master.key", directory / "client.key"
+    for path, data in ((master, TEST_SECRET), (client, TEST_CLIENT_SECRET)):
+        path.write_text(data.hex() + "\n")
+        path.chmod(0o600)
+    vms = "".join(f'[[vm]]\nname = "{h.name}"\ndomain = "d-{h.name}"\naddress = "{h.address}"\n'
+                  for h in fleet.hosts.hosts)
+    config = directory / "rbdfleet.toml"
+    config.write_text(f"""[ceph]
+conf = "{directory}/ceph.conf"
+keyring = "{directory}/keyring"
+[ssh]
+key = "{directory}/id"
+known_hosts = "{directory}/known_hosts"
+[fleet]
+name = "{fleet.name}"
+image = "img"
+size = "1GiB"
+writer = "{WRITER}"
+secret_file = "{master}"
+client = "{TEST_CLIENT}"
+client_secret_file = "{client}"
+[coordinator]
+urls = ["{fleet.coordinator.url}"]
+[tls]
+dir = "{shared_pki().dir}"
+{vms}""")
+    return config
+
+
+def make_inventory(fleet: UpgradeFleet) -> list[InventoryHost]:
+    """What `rbdfleet inventory` gives now: each host's group, role and epoch from the map."""
+    m = fleet.map()
+    return [InventoryHost(h.name, h.address, str(h.root), {
+        k: v for k, v in fleet.config(h, m).items()
+        if k not in ("secret_file", "tls_cert", "tls_key", "tls_ca")}) for h in fleet.hosts.hosts]
+
+
+def test_the_upgrade_playbook_goes_reader_by_reader_then_hands_over(
+        old_fleet: tuple[UpgradeFleet, AgentPackage], tmp_path: Path) -> None:
+    fleet, old = old_fleet
+    new = AgentPackage.build()
+    pki = shared_pki().dir
+    inventory = make_inventory(fleet)
+    runner = AnsibleRunner(tmp_path / "ansible", ssh_key=fleet.hosts.ssh_key,
+                           known_hosts=fleet.hosts.known_hosts)
+    extra = {
+        "rbdfleet_agent_package": str(write_package(new, tmp_path)),
+        "rbdfleet_agent_version": new.version,
+        "rbdfleet_agent_launch": list(DEFAULT_LAUNCH),
+        "rbdfleet_agent_secret_src": str(fleet.keys / "{{ inventory_hostname }}.key"),
+        "rbdfleet_agent_tls_cert_src": f"{pki}/{{{{ inventory_hostname }}}}.pem",
+        "rbdfleet_agent_tls_key_src": f"{pki}/{{{{ inventory_hostname }}}}.key",
+        "rbdfleet_agent_tls_ca_src": TEST_CA,
+        "rbdfleet_upgrade_cli": str(Path(sys.executable).with_name("rbdfleet")),
+        "rbdfleet_upgrade_config": str(cli_config(fleet, tmp_path)),
+        "rbdfleet_upgrade_delay": 0.5,
+    }
+    work = Workload(recording_client([fleet.coordinator.url], fleet.name), History(), SEED)
+    work.start()
+    try:
+        time.sleep(1.5)
+        run = runner.run("upgrade.yml", inventory, extra)
+        time.sleep(1.0)
+    finally:
+        work.finish()
+    assert all(r.succeeded for r in run.recap.values()), run.recap
+    out = run.output
+    # readers one at a time (serial: 1): one batch per reader, each waited for in sync
+    batches = [part.split("PLAY [", 1)[0] for part in
+               out.split("PLAY [Upgrade the readers, one at a time]")[1:]]
+    assert [("[h2" in b, "[h3" in b) for b in batches] == [(True, False), (False, True)], out
+    assert all("in-sync reader] " in b for b in batches), out
+    # the handover (rbdfleet failover --to h2), unless the loaded machine's coordinator had
+    # failed the writer over by itself before it: the playbook then upgrades it as a reader
+    handover = out.split("TASK [Hand the writer role over to an upgraded in-sync reader]")[1]
+    planned = handover.split("TASK [", 1)[0].strip().startswith("changed: [h1 -> localhost]")
+    m = fleet.map()
+    assert m.epoch >= 2 and m.writer != WRITER and m.phase == "stable", m
+    assert (m.writer, m.epoch) == ("h2", 2) or not planned, m
+    assert sorted(r.name for r in m.in_sync_readers()) == sorted({"h1", "h2", "h3"} - {m.writer})
+    control = transport()
+    for h in fleet.hosts.hosts:
+        health = Health.from_json(control.request(
+            h.name, f"{h.address}:{PORT}", "GET", "/v1/health", timeout=5).body)
+        assert (health.version, health.epoch) == (new.version, m.epoch), health
+    assert fleet.fencer.fenced[0][0] == WRITER and fleet.fencer.fenced[0][1], fleet.fencer.fenced
+    client = recording_client([fleet.coordinator.url], fleet.name)
+    assert_history_clean(work.history, client, SEED)
+
+    # again, with the inventory made again from the map: every node is done, nothing changes
+    again = runner.run("upgrade.yml", make_inventory(fleet), extra)
+    assert {n: r.changed for n, r in again.recap.items()} == {"h1": 0, "h2": 0, "h3": 0}, \
+        again.output[-3000:]
+    assert fleet.map().epoch == m.epoch
+    print(f"\nseed {SEED}: upgrade.yml {old.version} -> {new.version}: "
+          + ("planned handover to h2" if planned else "the writer was failed over by the "
+             "coordinator before the handover (load)")
+          + f", {run.seconds:.0f} s; second run {again.seconds:.0f} s, nothing changed; "
+          f"{len(work.acks)} acks during the first")
