@@ -53,43 +53,6 @@ class Allocator:
         self._q_heap: list[tuple[int, int]] = []
 
     @classmethod
-    def rebuild(
-        cls,
-        start: int,
-        end: int,
-        used: Iterable[Extent],
-        quarantined: Iterable[tuple[int, Extent]] = (),
-    ) -> Allocator:
-        """Free space = ``[start, end)`` minus ``used`` and ``quarantined`` ((seq, extent)).
-
-        Raises OverlappingExtents when two of them overlap or one leaves the area.
-        """
-        alloc = cls(start, end)
-        held = [(e, None) for e in used] + [(e, seq) for seq, e in quarantined]
-        held.sort(key=lambda pair: pair[0].offset)
-        free: list[Extent] = []
-        cursor = start
-        for extent, _seq in held:
-            if extent.length <= 0 or extent.offset < start or extent.end > end:
-                raise OverlappingExtents(
-                    f"extent {extent.offset}+{extent.length} is outside the data area"
-                )
-            if extent.offset < cursor:
-                raise OverlappingExtents(
-                    f"extent {extent.offset}+{extent.length} overlaps another one",
-                    offset=extent.offset,
-                )
-            if extent.offset > cursor:
-                free.append(Extent(cursor, extent.offset - cursor))
-            cursor = extent.end
-        if cursor < end:
-            free.append(Extent(cursor, end - cursor))
-        alloc._starts = [e.offset for e in free]
-        alloc._lengths = {e.offset: e.length for e in free}
-        alloc.quarantine_each((seq, e) for e, seq in held if seq is not None)
-        return alloc
-
-    @classmethod
     def from_free(
         cls,
         start: int,

@@ -562,10 +562,6 @@ class Index(Namespace):
             out += level
         return out
 
-    def used_extents(self) -> list[Extent]:
-        """Every extent named by a file."""
-        return [x for node in self.nodes.values() for x in node.extents]
-
     def _link(self, node: Node) -> None:
         path = node.entry.path
         if path not in self.nodes:
