@@ -31,20 +31,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from agents.core import btree, journal
 from agents.core import checkpoint as ckpt
-from agents.core import journal
 from agents.core.allocator import Allocator, Extent
 from agents.core.index import (
     Entry,
-    Index,
     Node,
     file_crc,
     locate,
     normalize_path,
     put_payload,
 )
+from agents.core.pages import Layout
 from agents.core.record import HEADER, MAGIC, Record
 from agents.core.superblock import SLOTS, Superblock, choose, layout
+from agents.core.treeindex import TreeIndex
 from agents.device import ALIGN, BlockDevice, VectoredDevice, aligned_buffer, byte_view, vectored
 from agents.errors import (
     AgentError,
@@ -80,6 +81,16 @@ CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in u
 # RBD's default object size: librbd deletes an object (its space goes back to the pool) only
 # when a discard covers all of it, and merely zeroes the part another discard covers
 DISCARD_UNIT = 4 << 20
+# metadata tree pages: 32 KiB, so that a key holds any path (4096 bytes: pages.py) and a
+# leaf a few hundred entries; a page number is its device offset in 4 KiB blocks
+TREE_PAGE = 32 << 10
+LAYOUT = Layout(TREE_PAGE)
+CACHE_PAGES = 128  # decoded tree pages kept per volume (a reader's metadata memory)
+PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one run)
+# paths changed since the last checkpoint kept in memory: past this the writer checkpoints
+# (and readers switch roots when they apply its record), so memory stays bounded
+OVERLAY_MAX = 4096
+RELOADS = 8  # checkpoint loads a reader tries while a live writer keeps moving
 # I/O buffers kept mapped between puts and reads (a fresh 4 MiB buffer costs its page faults
 # on every use; more than this stays out of an idle agent's RSS)
 KEEP_BUFFERS = 16 << 20
@@ -118,7 +129,8 @@ class _Buffers:
 class _Ticket:
     """One record waiting for a group commit. Its put sleeps on its own ``wake``, set once
     the ticket is ``done`` or handed the journal leadership (``leads``): a commit wakes the
-    puts of its batch and at most one more, never every waiter."""
+    puts of its batch and at most one more, never every waiter. ``outside``: the key of its
+    put's extents in :attr:`Volume._outside`, dropped there once the record is applied."""
 
     op: str
     payload: dict[str, Any]
@@ -127,6 +139,7 @@ class _Ticket:
     record: Record | None = None
     error: BaseException | None = None
     done: bool = False
+    outside: int | None = None
     leads: bool = False
     wake: threading.Event = field(default_factory=threading.Event)
 
@@ -140,6 +153,89 @@ class Commit:
     records: builtins.list[Record]
     start: int
     data: memoryview
+
+
+class _PageStore:
+    """The metadata tree's pages in the data area (``btree.PageStore``): page ``n`` is the
+    TREE_PAGE bytes at device offset ``n * 4096``. The writer allocates them from the volume's
+    allocator PAGE_RUN at a time, buffers a commit's writes and writes them out sorted, in
+    contiguous runs (:meth:`write_out`); pages a commit frees are quarantined by the volume
+    like data extents."""
+
+    def __init__(self, vol: Volume) -> None:
+        self._vol = vol
+        self._spare: builtins.list[int] = []
+        self._writes: dict[int, bytes] = {}
+        # next fit: a page freed by a checkpoint is reused only after the pages are laid
+        # over the rest of the free space, so a reader that is not in sync (not protected
+        # by the quarantine: opening, catching up) rarely meets its root's pages reused
+        self._cursor = vol._sb.data_offset
+
+    def read_page(self, page_no: int) -> bytes:
+        sb = self._vol._sb
+        offset = page_no * ALIGN
+        if offset < sb.data_offset or offset + TREE_PAGE > sb.data_offset + sb.data_bytes:
+            raise CorruptMetadata(f"metadata page {page_no} is outside the data area",
+                                  page=page_no)
+        return self._vol._device.read_at(offset, TREE_PAGE)
+
+    def allocate(self) -> int:
+        if not self._spare:
+            allocator = self._vol._allocator
+            got = allocator.allocate_after(self._cursor, PAGE_RUN * TREE_PAGE)
+            if len(got) != 1:  # fragmented: no run of PAGE_RUN pages, take one page
+                allocator.give_back(got)
+                got = allocator.allocate_after(self._cursor, TREE_PAGE)
+                if len(got) != 1:
+                    allocator.give_back(got)
+                    raise NoSpace("no free run for a metadata page", needed=TREE_PAGE)
+            run = got[0]
+            self._spare = [(off // ALIGN) for off in range(run.end - TREE_PAGE,
+                                                           run.offset - 1, -TREE_PAGE)]
+        page_no = self._spare.pop()
+        self._cursor = page_no * ALIGN + TREE_PAGE
+        return page_no
+
+    def write_page(self, page_no: int, data: bytes) -> None:
+        self._writes[page_no] = data
+
+    def free(self, page_no: int) -> None:
+        self._writes.pop(page_no, None)
+        self._vol._allocator.give_back([Extent(page_no * ALIGN, TREE_PAGE)])
+
+    def write_out(self) -> None:
+        """Write the buffered pages (one device write per contiguous run)."""
+        writes, self._writes = self._writes, {}
+        run: builtins.list[bytes] = []
+        first = 0
+        for page_no in sorted(writes):
+            if run and page_no != first + len(run) * (TREE_PAGE // ALIGN):
+                self._vol._device.write_at(first * ALIGN, b"".join(run))
+                run = []
+            if not run:
+                first = page_no
+            run.append(writes[page_no])
+        if run:
+            self._vol._device.write_at(first * ALIGN, b"".join(run))
+
+    def give_back_spare(self) -> None:
+        """Pages allocated ahead and not used go back to the free map."""
+        spare, self._spare = self._spare, []
+        self._writes.clear()
+        if spare:
+            self._vol._allocator.give_back(
+                [Extent(p * ALIGN, TREE_PAGE) for p in spare])
+
+
+def _coalesce(extents: Iterable[Extent]) -> builtins.list[Extent]:
+    """``extents`` sorted, adjacent ones merged."""
+    merged: builtins.list[Extent] = []
+    for x in sorted(extents):
+        if merged and merged[-1].end == x.offset:
+            merged[-1] = Extent(merged[-1].offset, merged[-1].length + x.length)
+        else:
+            merged.append(x)
+    return merged
 
 
 class _JournalView:
@@ -221,8 +317,25 @@ class Volume:
         self._exclusive = 0  # threads waiting in _leadership(): the next free turn is theirs
         self._failed: DeviceError | None = None
         self._writer_epoch: int | None = None
-        self._index = Index()
+        self._pages = _PageStore(self)
+        self._tree = btree.Tree(self._pages, layout=LAYOUT,
+                                cache=btree.PageCache(CACHE_PAGES))
+        self._index = TreeIndex(self._tree, None, 0, 0)
         self._allocator = Allocator(sb.data_offset, sb.data_offset + sb.data_bytes)
+        # per record applied since the index's root: (seq, extents it claimed, extents it
+        # freed), so a promoted reader rebuilds the writer's map from the checkpoint of that
+        # root (a reader cannot follow the tree pages the writer allocates and frees)
+        self._effects: builtins.list[tuple[int, builtins.list[Extent],
+                                           builtins.list[Extent]]] = []
+        # extents out of the allocator's map that no durable record names: puts in flight,
+        # discards in flight. A checkpoint saves them as free (after a crash they are).
+        self._outside: dict[int, builtins.list[Extent]] = {}
+        # tree pages the writer's last checkpoint freed, quarantined at its next one
+        self._retired: builtins.list[Extent] = []
+        # whether a checkpoint record for the index's root is in the journal: readers on an
+        # older root switch only when they apply one (a writer that crashed between the
+        # checkpoint and its record left none, and its successor writes one first)
+        self._announced = True
         self._cursor = journal.Cursor(0, 1, 0)
         self._used = 0  # ring bytes consumed since the newest checkpoint
         self._checkpoint_slot = 0
@@ -258,7 +371,8 @@ class Volume:
         # the ring is not zeroed (thin images stay thin): records carry the volume tag, so
         # those of an earlier format of this image never join the chain
         device.write_at(sb.checkpoint_offsets[1], bytes(ALIGN))
-        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(Index(), [], 0, sb.checkpoint_bytes))
+        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(
+            0, 0, None, [Extent(sb.data_offset, sb.data_bytes)], [], 0, sb.checkpoint_bytes))
         device.flush()
         # superblocks last: an image is a volume only once everything else is in place
         older = Superblock(**{**sb.__dict__, "generation": 1})
@@ -285,7 +399,6 @@ class Volume:
         with vol._lock, vol._decoding():
             vol._load_checkpoint()
             vol._settle_end()
-            vol._rebuild_allocator()
             vol._durable_seq = vol._index.applied_seq
         return vol
 
@@ -441,35 +554,37 @@ class Volume:
     # ---- journal following (caller holds self._lock) -------------------------------------
 
     def _load_checkpoint(self) -> None:
-        """Replace the state by the newest valid checkpoint."""
-        headers = self._checkpoint_headers()
+        """Replace the state by the newest valid checkpoint. A live writer may rewrite a
+        slot, or recycle the pages of the root just read (this volume is not in sync yet,
+        so nothing protects them), while it is read: a failure then is retried while the
+        headers keep changing."""
+        for _ in range(RELOADS - 1):
+            headers = self._checkpoint_headers()
+            try:
+                self._load_from(headers)
+                return
+            except FormatError:
+                if self._checkpoint_headers() == headers:
+                    raise
+        self._load_from(self._checkpoint_headers())
+
+    def _load_from(self, headers: builtins.list[ckpt.CheckpointHeader | None]) -> None:
         errors: builtins.list[FormatError] = []
         for slot in ckpt.choose(headers):
-            header = headers[slot]
-            assert header is not None
-            off = self._sb.checkpoint_offsets[slot]
-            if header.total > self._sb.checkpoint_bytes:
-                errors.append(ChecksumMismatch("checkpoint larger than its slot", slot=slot))
-                continue
-            if header.journal_pos > self._ring:  # == ring: the last record ended at its end
-                errors.append(CorruptMetadata("checkpoint journal position past the ring",
-                                              slot=slot))
-                continue
-            body = self._device.read_at(off + ALIGN, header.total - ALIGN)
             try:
-                loaded = ckpt.decode(header, body)
-            except (FormatError, ValueError, KeyError) as exc:
-                errors.append(
-                    exc if isinstance(exc, FormatError) else ChecksumMismatch(str(exc), slot=slot)
-                )
+                loaded = self._read_checkpoint(slot, headers)
+                allocator = Allocator.from_free(self._sb.data_offset,
+                                                self._sb.data_offset + self._sb.data_bytes,
+                                                loaded.free, loaded.quarantine)
+                self._tree.snapshot(loaded.root).height()  # the root is a page of the tree
+            except FormatError as exc:
+                errors.append(exc)
                 continue
-            self._index = loaded.index
-            self._allocator = Allocator.rebuild(
-                self._sb.data_offset,
-                self._sb.data_offset + self._sb.data_bytes,
-                loaded.index.used_extents(),
-                loaded.quarantine,
-            )
+            header = loaded.header
+            self._index = TreeIndex(self._tree, loaded.root, header.seq, header.epoch)
+            self._allocator = allocator
+            self._effects.clear()
+            self._announced = header.seq == 0  # format's: every reader starts from it
             self._cursor = journal.Cursor(header.journal_pos, header.seq + 1, header.epoch)
             self._durable_seq = header.seq
             self._used = 0
@@ -480,16 +595,56 @@ class Volume:
             raise errors[0]
         raise ChecksumMismatch("no valid checkpoint on the image")
 
+    def _read_checkpoint(self, slot: int,
+                         headers: builtins.list[ckpt.CheckpointHeader | None]) -> ckpt.Checkpoint:
+        """The checkpoint in ``slot`` (whose header is valid); FormatError if it is not."""
+        header = headers[slot]
+        assert header is not None
+        if header.total > self._sb.checkpoint_bytes:
+            raise ChecksumMismatch("checkpoint larger than its slot", slot=slot)
+        if header.journal_pos > self._ring:  # == ring: the last record ended at its end
+            raise CorruptMetadata("checkpoint journal position past the ring", slot=slot)
+        off = self._sb.checkpoint_offsets[slot]
+        body = self._device.read_at(off + ALIGN, header.total - ALIGN)
+        try:
+            return ckpt.decode(header, body)
+        except (ValueError, KeyError) as exc:
+            raise ChecksumMismatch(str(exc), slot=slot) from exc
+
     def _rebuild_allocator(self) -> None:
-        """Free space from the index and the quarantine. Replayed and pushed records only
-        quarantine what they free (a reader allocates nothing), so a volume about to write
-        rebuilds its map first."""
-        self._allocator = Allocator.rebuild(
-            self._sb.data_offset,
-            self._sb.data_offset + self._sb.data_bytes,
-            self._index.used_extents(),
-            self._allocator.quarantined(),
-        )
+        """The writer's free map: the one saved with the index's root, plus what the records
+        applied since claimed and freed (a reader cannot follow the tree pages a writer
+        allocates, so its own map is not the writer's). If the newest valid checkpoint is
+        not the one of the index's root (a writer crashed between a checkpoint and its
+        record), the state is loaded from it again, as :meth:`open` would."""
+        loaded = self._checkpoint_of_root()
+        if loaded is None:
+            self._load_checkpoint()
+            self._settle_end()
+            loaded = self._checkpoint_of_root()
+            if loaded is None:
+                raise ChecksumMismatch("the newest checkpoint changed while it was loaded")
+        allocator = Allocator.from_free(self._sb.data_offset,
+                                        self._sb.data_offset + self._sb.data_bytes,
+                                        loaded.free, loaded.quarantine)
+        for seq, claimed, freed in self._effects:
+            allocator.claim(claimed)
+            allocator.quarantine(seq, freed)
+        self._allocator = allocator
+
+    def _checkpoint_of_root(self) -> ckpt.Checkpoint | None:
+        """The newest valid checkpoint if it is the one the index's root came from."""
+        headers = self._checkpoint_headers()
+        for slot in ckpt.choose(headers):
+            try:
+                loaded = self._read_checkpoint(slot, headers)
+            except FormatError:
+                continue  # torn: the other slot is the newest valid one
+            if (loaded.header.seq, loaded.root) == (self._index.root_seq, self._index.root):
+                return loaded
+            if loaded.header.seq != self._index.root_seq:
+                return None
+        return None
 
     def _follow(self, view: _JournalView) -> builtins.list[Record]:
         """Apply the valid chain from the cursor on; returns what was applied."""
@@ -505,12 +660,20 @@ class Volume:
             self._apply_at(record, start, nbytes)
             applied.append(record)
 
-    def _apply_at(self, record: Record, start: int, nbytes: int) -> None:
-        """Apply ``record`` stored at ring offset ``start``; account the ring bytes."""
+    def _apply_at(self, record: Record, start: int, nbytes: int, *, own: bool = False) -> None:
+        """Apply ``record`` stored at ring offset ``start``; account the ring bytes. ``own``:
+        the writer's record, whose extents its allocator handed out."""
         freed = self._index.apply(record)
-        if record.op == "put" and "extents" in record.payload:
-            self._allocator.forget_quarantined(Extent(o, n) for o, n in record.payload["extents"])
+        claimed = [Extent(o, n) for o, n in record.payload.get("extents") or ()] \
+            if record.op == "put" else []
+        if not own:
+            self._allocator.forget_quarantined(claimed)
         self._allocator.quarantine(record.seq, freed)
+        if record.op == "checkpoint":  # what came before is in that root's saved map
+            self._effects.clear()
+            self._announced = True
+        elif claimed or freed:
+            self._effects.append((record.seq, claimed, freed))
         self._note_position(record.seq, self._cursor.pos, start, nbytes)
         self._cursor.advance(start, nbytes)
         self._cursor.epoch = self._index.epoch
@@ -606,13 +769,24 @@ class Volume:
 
     def _refresh_locked(self) -> builtins.list[Record]:
         applied: builtins.list[Record] = []
-        for _ in range(8):
+        for _ in range(RELOADS):
             # the newest checkpoint BEFORE the walk: every record up to it was on disk then,
             # so a walk that stops below it met an overwritten record (the writer wrapped
             # past us). One written during the walk proves nothing: a live writer checkpoints
             # as it goes, and reloading then would only chase it.
             newest = self._newest_checkpoint_seq()
-            applied += self._follow(_JournalView(self._device, self._sb))
+            try:
+                applied += self._follow(_JournalView(self._device, self._sb))
+            except FormatError:
+                # a tree page of this volume's root that does not decode, with a newer
+                # checkpoint on the image: the writer freed and reused it (this volume was
+                # not in sync, so nothing held it back). The newest checkpoint has a root
+                # that is whole; anything else is corruption.
+                if self._newest_checkpoint_seq() <= self._index.root_seq:
+                    raise
+                self._load_checkpoint()
+                applied.clear()
+                continue
             self._durable_seq = self._index.applied_seq
             if self._index.applied_seq >= newest:
                 return applied
@@ -778,6 +952,55 @@ class Volume:
             pins = [s for s, n in self._pins.items() if n > 0]
             return min([self._durable_seq, *pins])
 
+    # ---- inspection (fsck) ----------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the newest valid checkpoint, nothing more (FormatError if none is)."""
+        with self._lock, self._decoding():
+            self._load_checkpoint()
+
+    def replay(self) -> tuple[int, int, str] | None:
+        """Follow the journal from the loaded checkpoint to its end (witnesses read first, as
+        :meth:`open` does) and rebuild the free map a new writer would start from, reporting
+        instead of raising: None when the chain ends at a torn tail, else (the seq that does
+        not apply or is proven missing, its ring offset, why)."""
+        with self._lock:
+            witnesses = self._scan_witnesses(_JournalView(self._device, self._sb),
+                                             self._index.applied_seq)
+            problem: tuple[int, int, str] | None = None
+            try:
+                with self._decoding():
+                    self._follow(_JournalView(self._device, self._sb))
+                self._check_end(witnesses)
+            except AgentError as exc:
+                why = str(exc) if isinstance(exc, ChecksumMismatch) else \
+                    f"record does not apply: {exc}"
+                problem = (self._cursor.next_seq, self._cursor.pos, why)
+            self._durable_seq = self._index.applied_seq
+            try:
+                with self._decoding():
+                    self._rebuild_allocator()
+            except AgentError as exc:
+                problem = problem or (self._cursor.next_seq, self._cursor.pos,
+                                      f"free map does not rebuild: {exc}")
+            return problem
+
+    def walk(self) -> Iterator[Node]:
+        """Every node, parents before children (reads the whole tree: fsck, tests)."""
+        with self._lock, self._decoding():
+            yield from self._index.walk()
+
+    def check_tree(self, reached: set[int]) -> builtins.list[btree.TreeProblem]:
+        """The tree of the loaded checkpoint checked page by page (``btree.check``); the
+        pages it reaches are added to ``reached``."""
+        with self._lock:
+            return btree.check(self._index.root, self._pages, layout=LAYOUT, reached=reached)
+
+    def space(self) -> tuple[builtins.list[Extent], builtins.list[tuple[int, Extent]]]:
+        """The allocator's free extents and its quarantine ((freeing seq, extent))."""
+        with self._lock:
+            return self._allocator.free_extents(), self._allocator.quarantined()
+
     def fsck(self) -> builtins.list[Any]:
         """Check the device read-only (see agents.fsck.check)."""
         from agents import fsck  # fsck builds on Volume; imported here to keep one direction
@@ -830,8 +1053,9 @@ class Volume:
                         got=epoch,
                     )
                 self._writer_epoch = epoch
+                announce = not self._announced
             ticket = self._ticket("epoch-start", {"epoch": epoch}, epoch)
-            self._write_batch([ticket])
+            self._write_batch([ticket], checkpoint=announce)
         if ticket.error is not None:
             raise ticket.error
         assert ticket.record is not None
@@ -868,6 +1092,8 @@ class Volume:
         # reserved unit by unit as the data arrives (_write_data): a body that trickles in
         # holds only the space of what it sent, never its announced size
         extents: builtins.list[Extent] = []
+        with self._lock:
+            self._outside[id(extents)] = extents
         committed = False
         try:
             crc, sums = self._write_data(extents, chunks, size)
@@ -881,13 +1107,16 @@ class Volume:
                 sums=sums,
                 inline=None,
             )
-            record = self._commit(self._ticket("put", payload, epoch))
+            ticket = self._ticket("put", payload, epoch)
+            ticket.outside = id(extents)
+            record = self._commit(ticket)
             committed = True
             return record
         finally:
-            if not committed and self._failed is None:
+            if not committed:
                 with self._lock:
-                    self._allocator.give_back(extents)
+                    if self._outside.pop(id(extents), None) is not None and not self._failed:
+                        self._allocator.give_back(extents)
 
     def _write_data(
         self, extents: builtins.list[Extent], chunks: Iterable[bytes], size: int
@@ -1012,16 +1241,20 @@ class Volume:
             seq = min(seq, self._index.applied_seq)
             allocator = self._allocator
             if self._writer_epoch is None or self._device.read_only:
-                allocator.release_through(seq)
+                # a reader's free map is not the writer's (it cannot follow the tree pages
+                # the writer allocates; promotion rebuilds it): only its quarantine shrinks
+                allocator.take_released(seq)
                 return
             held = [allocator.claim_around(e, DISCARD_UNIT)
                     for e in allocator.take_released(seq)]
-        if not held:
-            return
+            if not held:
+                return
+            self._outside[id(held)] = held
         try:
             self._discard(held)
         finally:
             with self._lock:
+                del self._outside[id(held)]
                 allocator.give_back(held)
 
     def _discard(self, extents: builtins.list[Extent]) -> None:
@@ -1045,11 +1278,12 @@ class Volume:
         self._on_discard = listener
 
     def checkpoint(self) -> None:
-        """Write the whole index to the older checkpoint slot (frees the journal)."""
+        """Commit the changed metadata to the tree and checkpoint its root (frees the
+        journal); its record is durable on return."""
         if self._device.read_only or self._writer_epoch is None:
             raise NotWriter("only the writer checkpoints")
-        with self._leadership(), self._lock:
-            self._checkpoint_locked()
+        with self._leadership():
+            self._write_batch([], checkpoint=True)
 
     def set_commit_listener(self, listener: Callable[[Commit], None] | None) -> None:
         """Call ``listener`` with each group commit (its records in seq order and their
@@ -1140,9 +1374,10 @@ class Volume:
         assert ticket.record is not None
         return ticket.record
 
-    def _write_batch(self, batch: builtins.list[_Ticket]) -> None:
+    def _write_batch(self, batch: builtins.list[_Ticket], *, checkpoint: bool = False) -> None:
         """Leader only: number, apply and write a batch of records; flush data before and
-        the journal after."""
+        the journal after. First a checkpoint when asked, when the ring would pass
+        CHECKPOINT_AT or the overlay OVERLAY_MAX paths: its record leads the batch."""
         parts: builtins.list[bytes] = []
         with self._lock:
             if self._failed is not None:
@@ -1150,8 +1385,10 @@ class Volume:
             # placed for all of its tickets (a refused one only leaves the batch shorter):
             # the padded batch, plus at most as much skipped at the end of the ring
             room = journal.align_up(sum(t.nbytes for t in batch))
-            if self._used + 2 * room > self._ring * CHECKPOINT_AT:
-                self._checkpoint_locked()
+            if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
+                    or self._index.overlay_size >= OVERLAY_MAX):
+                batch = [self._checkpoint_locked(), *batch]
+                room = journal.align_up(sum(t.nbytes for t in batch))
             start = at = journal.place_batch(self._cursor.pos, room, self._ring)
             durable = self._index.applied_seq
             for t in batch:
@@ -1172,10 +1409,12 @@ class Volume:
                 )
                 data = record.encode()
                 try:
-                    self._apply_at(record, at, len(data))
+                    self._apply_at(record, at, len(data), own=True)
                 except AgentError as exc:
                     t.error = exc
                     continue
+                if t.outside is not None:
+                    del self._outside[t.outside]  # named by the record from now on
                 t.record = record
                 parts.append(data)
                 at += len(data)
@@ -1198,19 +1437,49 @@ class Volume:
         if listener is not None:
             listener(Commit(committed, start, memoryview(packed)[: at - start]))
 
-    def _checkpoint_locked(self) -> None:
+    def _checkpoint_locked(self) -> _Ticket:
+        """Commit the overlay to the tree (only changed pages, flushed), then the root, the
+        free map and the quarantine to the older slot (flushed); returns the ticket of the
+        checkpoint record that must come next in the journal (seq ``applied_seq + 1``).
+        Pages the commit freed are quarantined under that record's seq: a reader still on
+        the old root has not acknowledged it."""
+        index = self._index
+        seq = index.applied_seq
+        base = index.root.generation if index.root is not None else 0
         slot = 1 - self._checkpoint_slot
-        # the next batch starts on a 4 KiB boundary at or after the cursor (or at 0)
-        data = ckpt.encode(self._index, self._allocator.quarantined(),
-                           journal.align_up(self._cursor.pos), self._sb.checkpoint_bytes)
         try:
+            try:
+                commit = index.commit(max(seq + 1, base + 1))
+                self._pages.write_out()
+            finally:
+                self._pages.give_back_spare()
+            self._device.flush()  # the tree is durable before a checkpoint names its root
+            # pages the previous commit freed join the quarantine now, under this record's
+            # seq: a root stays whole for a whole checkpoint interval after it is replaced,
+            # which a reader that is not in sync (opening, catching up: the quarantine does
+            # not wait for it) needs to load it and follow the journal from it
+            self._allocator.quarantine(seq + 1, self._retired)
+            self._retired = _coalesce(Extent(p * ALIGN, TREE_PAGE) for p in commit.freed)
+            free = _coalesce([*self._allocator.free_extents(),
+                              *(x for xs in self._outside.values() for x in xs)])
+            quarantine = sorted([*self._allocator.quarantined(),
+                                 *((seq + 1, x) for x in self._retired)],
+                                key=lambda q: (q[0], q[1].offset))
+            # the next batch starts on a 4 KiB boundary at or after the cursor (or at 0)
+            data = ckpt.encode(seq, index.epoch, commit.root, free, quarantine,
+                               journal.align_up(self._cursor.pos), self._sb.checkpoint_bytes)
             self._device.write_at(self._sb.checkpoint_offsets[slot], data)
             self._device.flush()
         except DeviceError as exc:
             self._failed = exc
             raise
+        index.switch(commit.root, seq)
+        self._effects.clear()
         self._checkpoint_slot = slot
         self._used = 0
+        payload = {"root": None if commit.root is None else list(commit.root), "seq": seq}
+        assert self._writer_epoch is not None
+        return self._ticket("checkpoint", payload, self._writer_epoch)
 
 
 def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

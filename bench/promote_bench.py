@@ -17,10 +17,12 @@ rounds), all in the same run on the same image:
    the figure is request sent -> put answered 201. The agent's log must say
    ``event=promotion_warm`` or ``event=promotion_cold`` as intended, or the round fails.
 
-The promoted reader is the next round's writer. Bulk loader: the index is built in this
-process by ``Index.apply`` of put records (1 000 files per directory, 16-byte inline files)
-and written as the image's checkpoint by the engine's codec (``agents.core.checkpoint``);
-the agents then open the image as deployed. Usage:
+The promoted reader is the next round's writer. Bulk loader: the metadata tree is built in
+this process by the engine's own B+tree (``agents.core.btree``, keys inserted in order,
+1 000 files per directory, 16-byte inline files) on pages allocated from the data area, and
+its root and free map written as the image's checkpoint by the engine's codec
+(``agents.core.checkpoint``); the agents then open the image as deployed. Each reader's
+RSS once its volume is open is recorded (``reader_rss_mib``) with its open time. Usage:
 
     .venv/bin/python bench/promote_bench.py [--files 10000,100000] [--rounds 7]
         [--tail-puts 50] [--workdir DIR] [--json out.json]
@@ -45,11 +47,13 @@ sys.path.insert(0, str(REPO))
 
 from agents.backends.file import FileDevice  # noqa: E402
 from agents.core import checkpoint as ckpt  # noqa: E402
-from agents.core.index import Index, put_payload  # noqa: E402
-from agents.core.record import Record  # noqa: E402
+from agents.core.allocator import Allocator, Extent  # noqa: E402
+from agents.core.btree import Tree  # noqa: E402
+from agents.core.index import Entry, Node  # noqa: E402
+from agents.core.pages import encode_entry, path_key  # noqa: E402
 from agents.core.superblock import SLOTS, Superblock, choose  # noqa: E402
 from agents.device import ALIGN  # noqa: E402
-from agents.volume import Volume  # noqa: E402
+from agents.volume import LAYOUT, TREE_PAGE, Volume  # noqa: E402
 from bench.run_all import spread  # noqa: E402
 from tests.fixtures.agents import AgentClient, AgentFleet  # noqa: E402
 
@@ -58,9 +62,33 @@ OPEN_TIMEOUT = 1800.0  # an agent opening 10^6 files cold on a loaded machine: m
 GiB = 1 << 30
 
 
+TXN_KEYS = 50_000  # keys per bulk transaction (its dirty pages are held in memory)
+
+
 def image_bytes(files: int) -> int:
-    """A sparse image whose checkpoint slot (1/32 of it, at most 256 MiB) holds the index."""
+    """A sparse image with room for the tree and the benchmark's puts."""
     return max(2 * GiB, min(files * 8 << 10, 16 * GiB))
+
+
+class _BulkPages:
+    """The bulk loader's PageStore: pages from the data area's allocator, written at once."""
+
+    def __init__(self, device: FileDevice, allocator: Allocator) -> None:
+        self.device = device
+        self.allocator = allocator
+
+    def read_page(self, page_no: int) -> bytes:
+        return self.device.read_at(page_no * ALIGN, TREE_PAGE)
+
+    def allocate(self) -> int:
+        (got,) = self.allocator.allocate(TREE_PAGE)
+        return got.offset // ALIGN
+
+    def write_page(self, page_no: int, data: bytes) -> None:
+        self.device.write_at(page_no * ALIGN, data)
+
+    def free(self, page_no: int) -> None:
+        self.allocator.give_back([Extent(page_no * ALIGN, TREE_PAGE)])
 
 
 def bulk_image(path: Path, fleet: str, files: int) -> float:
@@ -72,21 +100,44 @@ def bulk_image(path: Path, fleet: str, files: int) -> float:
     try:
         Volume.format(device, fleet=fleet)
         sb = choose([device.read_at(s, ALIGN) for s in SLOTS])
-        index = Index()
-        index.apply(Record(1, 1, "epoch-start", {"epoch": 1}, commit_seq=0,
-                           volume_tag=sb.volume_tag))
+        allocator = Allocator(sb.data_offset, sb.data_offset + sb.data_bytes)
+        pages = _BulkPages(device, allocator)
+        tree = Tree(pages, layout=LAYOUT)
+        seq = files + files // PER_DIR + 2
+        items: list[tuple[bytes, bytes]] = []
+        for d in range(-(-files // PER_DIR)):
+            items.append((path_key(f"/d{d}"), encode_entry(
+                Node(Entry(f"/d{d}", "dir", 0, 1, 1, 0.0, None)))))
         for i in range(files):
             data = f"{i:015d}\n".encode()
-            payload = put_payload(f"/d{i // PER_DIR}/f{i}", size=len(data), mtime=0.0,
-                                  crc=zlib.crc32(data), chunk=0, extents=[], sums=[],
-                                  inline=data)
-            index.apply(Record(i + 2, 1, "put", payload, commit_seq=i + 1,
-                               volume_tag=sb.volume_tag))
-        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(index, [], 0, sb.checkpoint_bytes))
+            path_ = f"/d{i // PER_DIR}/f{i}"
+            items.append((path_key(path_), encode_entry(Node(
+                Entry(path_, "file", len(data), i + 2, 1, 0.0, zlib.crc32(data)),
+                inline=data))))
+        items.sort()
+        root = None
+        for at in range(0, len(items), TXN_KEYS):
+            txn = tree.begin(root)
+            for key, value in items[at : at + TXN_KEYS]:
+                txn.put(key, value)
+            commit = txn.commit()
+            for page_no in commit.freed:  # the copied right edge: no root reaches it
+                pages.free(page_no)
+            root = commit.root
+        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(
+            seq, 1, root, allocator.free_extents(), [], 0, sb.checkpoint_bytes))
         device.flush()
     finally:
         device.close()
     return time.monotonic() - started
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set of process ``pid``, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def bump_generation(path: Path) -> None:
@@ -112,6 +163,7 @@ class Chain:
         fleet.add(self.writer, role="writer", epoch=self.epoch, log_level="info",
                   start_timeout=OPEN_TIMEOUT)
         self.open_s = [time.monotonic() - started]
+        self.reader_rss: list[float] = []
 
     def round(self, mode: str) -> float:
         """Promote a fresh reader (``mode``: warm or cold); request -> first ack, seconds."""
@@ -122,6 +174,9 @@ class Chain:
         # ready once its volume is open (cold, not measured)
         fleet.add(node, log_level="info", start_timeout=OPEN_TIMEOUT)
         self.open_s.append(time.monotonic() - started)
+        proc = fleet[node].proc
+        assert proc is not None
+        self.reader_rss.append(rss_mib(proc.pid))
         grant = fleet.grant(self.writer, "writer", self.epoch)
         for i in range(self.tail_puts):
             resp = fleet.client.put(fleet[self.writer].address, f"/tail/{node}/{i}", b"t" * 100,
@@ -166,6 +221,7 @@ def run(files: int, rounds: int, tail_puts: int, workdir: Path) -> dict[str, Any
     finally:
         fleet.close()
     return {"files": files, "bulk_load_s": built, "reader_open_s": spread(chain.open_s),
+            "reader_rss_mib": spread(chain.reader_rss),
             "warm_s": spread(times["warm"]), "cold_s": spread(times["cold"]),
             "cold_over_warm": statistics.median(times["cold"]) / statistics.median(
                 times["warm"])}
@@ -192,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(min {one['warm_s']['min']:.3f}, max {one['warm_s']['max']:.3f}); cold median "
               f"{one['cold_s']['median']:.3f} s (min {one['cold_s']['min']:.3f}, max "
               f"{one['cold_s']['max']:.3f}); reader open median "
-              f"{one['reader_open_s']['median']:.2f} s")
+              f"{one['reader_open_s']['median']:.2f} s, reader RSS median "
+              f"{one['reader_rss_mib']['median']:.1f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -92,6 +92,8 @@ def from_promote(raw: dict[str, Any]) -> dict[str, Any]:
             size = raw["sizes"][files]
             keys[f"promote_{tag}_s"] = spread(size["warm_s"]["rounds"])
             keys[f"promote_cold_{tag}_s"] = spread(size["cold_s"]["rounds"])
+            keys[f"open_{tag}_s"] = spread(size["reader_open_s"]["rounds"])
+            keys[f"files_{tag}_reader_rss_mib"] = spread(size["reader_rss_mib"]["rounds"])
     return keys
 
 

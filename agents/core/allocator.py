@@ -1,4 +1,4 @@
-"""Extent allocator for the data area, rebuilt from the index at start-up.
+"""Extent allocator for the data area, loaded from a checkpoint's free list at start-up.
 
 Invariants (checked by the property tests):
 - An extent is in exactly one of three states: free, in use (handed out by :meth:`allocate`
@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agents.device import ALIGN
-from agents.errors import NoSpace, OverlappingExtents
+from agents.errors import CorruptMetadata, NoSpace, OverlappingExtents
 
 
 @dataclass(frozen=True, order=True)
@@ -53,41 +53,62 @@ class Allocator:
         self._q_heap: list[tuple[int, int]] = []
 
     @classmethod
-    def rebuild(
+    def from_free(
         cls,
         start: int,
         end: int,
-        used: Iterable[Extent],
+        free: Iterable[Extent],
         quarantined: Iterable[tuple[int, Extent]] = (),
     ) -> Allocator:
-        """Free space = ``[start, end)`` minus ``used`` and ``quarantined`` ((seq, extent)).
-
-        Raises OverlappingExtents when two of them overlap or one leaves the area.
-        """
+        """The map a checkpoint saved: ``free`` (sorted) and ``quarantined`` ((seq, extent));
+        everything else in ``[start, end)`` is in use. Raises OverlappingExtents when an
+        extent is unaligned, empty, leaves the area or overlaps another."""
         alloc = cls(start, end)
-        held = [(e, None) for e in used] + [(e, seq) for seq, e in quarantined]
-        held.sort(key=lambda pair: pair[0].offset)
-        free: list[Extent] = []
+        alloc._starts, alloc._lengths = [], {}
+        held = sorted([(e, -1) for e in free] + [(e, seq) for seq, e in quarantined],
+                      key=lambda pair: pair[0].offset)
         cursor = start
         for extent, _seq in held:
-            if extent.length <= 0 or extent.offset < start or extent.end > end:
-                raise OverlappingExtents(
-                    f"extent {extent.offset}+{extent.length} is outside the data area"
-                )
+            where = f"saved extent {extent.offset}+{extent.length}"
+            if extent.length <= 0 or extent.offset % ALIGN or extent.length % ALIGN:
+                raise CorruptMetadata(f"{where} is empty or unaligned", offset=extent.offset)
+            if extent.offset < start or extent.end > end:
+                raise CorruptMetadata(f"{where} is outside the data area", offset=extent.offset)
             if extent.offset < cursor:
-                raise OverlappingExtents(
-                    f"extent {extent.offset}+{extent.length} overlaps another one",
-                    offset=extent.offset,
-                )
-            if extent.offset > cursor:
-                free.append(Extent(cursor, extent.offset - cursor))
+                raise OverlappingExtents(f"{where} overlaps another one", offset=extent.offset)
             cursor = extent.end
-        if cursor < end:
-            free.append(Extent(cursor, end - cursor))
-        alloc._starts = [e.offset for e in free]
-        alloc._lengths = {e.offset: e.length for e in free}
-        alloc.quarantine_each((seq, e) for e, seq in held if seq is not None)
+        for extent, seq in held:
+            if seq < 0:
+                alloc._insert_free(extent)
+        alloc.quarantine_each((seq, e) for e, seq in held if seq >= 0)
         return alloc
+
+    def claim(self, extents: Iterable[Extent]) -> None:
+        """A record (replayed or pushed, not allocated here) put data on ``extents``: take
+        them out of the free map. A quarantined extent they overlap had been released and
+        reused by the writer (release_through is not journaled, so a replay learns it here):
+        it leaves the quarantine and what the record does not use of it is free. Raises
+        OverlappingExtents for bytes that are neither (two owners: a corrupt journal)."""
+        extents = list(extents)
+        for extent in extents:
+            i = bisect.bisect_left(self._q_starts, extent.offset)
+            j = max(i - 1, 0)
+            while j < len(self._q_starts) and self._q_starts[j] < extent.end:
+                other = self._q_map[self._q_starts[j]][1]
+                if other.end > extent.offset:
+                    del self._q_map[other.offset]
+                    del self._q_starts[j]
+                    self._insert_free(other)
+                else:
+                    j += 1
+        for extent in extents:
+            i = bisect.bisect_right(self._starts, extent.offset) - 1
+            s = self._starts[i] if i >= 0 else -1
+            if s < 0 or s + self._lengths[s] < extent.end:
+                raise OverlappingExtents(
+                    f"extent {extent.offset}+{extent.length} is named twice (not free)",
+                    offset=extent.offset)
+            self._take_range(s, extent.offset, extent.length)
 
     def free_bytes(self) -> int:
         """Bytes available to :meth:`allocate` now."""
@@ -126,6 +147,23 @@ class Allocator:
             if need == 0:
                 break
         return got
+
+    def allocate_after(self, cursor: int, nbytes: int) -> list[Extent]:
+        """Like :meth:`allocate`, but next fit: the first run of ``nbytes`` (rounded up to
+        4 KiB) at or after ``cursor`` (a multiple of 4 KiB), wrapping to :meth:`allocate`.
+        Space freed behind the cursor is reused only after a whole lap of the free space."""
+        need = -(-max(nbytes, 0) // ALIGN) * ALIGN
+        i = bisect.bisect_right(self._starts, cursor) - 1
+        if i >= 0:
+            s = self._starts[i]
+            if s + self._lengths[s] - cursor >= need:
+                self._take_range(s, cursor, need)
+                return [Extent(cursor, need)]
+        for s in self._starts[i + 1 :]:
+            if self._lengths[s] >= need:
+                self._take(s, need)
+                return [Extent(s, need)]
+        return self.allocate(nbytes)
 
     def _take(self, start: int, length: int) -> None:
         """Remove ``[start, start+length)`` from the head of the free extent at ``start``."""

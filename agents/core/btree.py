@@ -607,17 +607,18 @@ class Tree:
 
 
 def check(root: PageRef | None, store: PageReader, *, layout: Layout | None = None,
-          allocated: set[int] | None = None) -> list[TreeProblem]:
+          allocated: set[int] | None = None,
+          reached: set[int] | None = None) -> list[TreeProblem]:
     """Walk every page reachable from ``root`` (read-only, no cache) and report what is
     wrong, each problem naming its page: pages that do not decode, levels, key ranges, empty
     pages below the root, a root branch with one child, overflow chains, pages referenced
     twice; with ``allocated`` (the allocator's view of the tree's pages), pages it holds
     that no root reaches and pages reached that it does not hold. Every page is read at
-    most once."""
+    most once. The pages reached (decoded or not) are added to ``reached`` when given."""
     layout = layout or Layout()
     reader = Snapshot(None, store, layout=layout)
     problems: list[TreeProblem] = []
-    seen: set[int] = set()
+    seen: set[int] = set() if reached is None else reached
     stack: list[tuple[PageRef, int | None, bytes, bytes | None]] = []
     if root is not None:
         stack.append((root, None, b"", None))

@@ -17,8 +17,6 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import functools
 import math
@@ -171,6 +169,13 @@ def check_payload(record: Record) -> None:
     elif record.op == "rename":
         _path_field(p, "src")
         _path_field(p, "dst")
+    elif record.op == "checkpoint":
+        root = p.get("root")
+        if root is not None and len(_int_list(root, "root")) != 3:
+            raise CorruptMetadata("field 'root' is not [page, generation, crc]", field="root")
+        if _int_field(p, "seq") != record.seq - 1:
+            raise CorruptMetadata("a checkpoint record must follow the seq it covers",
+                                  field="seq", seq=record.seq)
 
 
 def check_extents_within(record: Record, start: int, end: int) -> None:
@@ -218,51 +223,6 @@ class Node:
         the extents lay the file out in order, so a range may span several of them."""
         return locate(self.extents, offset, length)
 
-    def to_json(self) -> dict[str, Any]:
-        """Checkpoint form."""
-        e = self.entry
-        out: dict[str, Any] = {
-            "path": e.path,
-            "kind": e.kind,
-            "size": e.size,
-            "version": e.version,
-            "epoch": e.epoch,
-            "mtime": e.mtime,
-            "crc": e.crc,
-        }
-        if e.kind == "file":
-            out["chunk"] = self.chunk
-            out["extents"] = [[x.offset, x.length] for x in self.extents]
-            out["sums"] = list(self.sums)
-            if self.inline is not None:
-                out["inline"] = base64.b64encode(self.inline).decode("ascii")
-        return out
-
-    @staticmethod
-    def from_json(d: Any) -> Node:
-        """Inverse of :meth:`to_json`; CorruptMetadata unless ``d`` is a node as written."""
-        if not isinstance(d, dict):
-            raise CorruptMetadata("checkpoint node is not an object")
-        kind = d.get("kind")
-        if kind not in ("file", "dir"):
-            raise CorruptMetadata(f"checkpoint node kind {kind!r}")
-        path = _path_field(d, "path")  # normalized as a replayed record's path is
-        crc = d.get("crc")
-        if crc is not None:
-            crc = _int_field(d, "crc")
-        entry = Entry(path, kind, _int_field(d, "size"), _int_field(d, "version"),
-                      _int_field(d, "epoch"), _number_field(d, "mtime"), crc)
-        if kind == "dir":
-            return Node(entry)
-        if "inline" in d:
-            try:
-                inline = base64.b64decode(_typed(d, "inline", str), validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise CorruptMetadata("checkpoint inline data is not base64", path=path) from exc
-            _check_layout(entry, inline=inline)
-            return Node(entry, inline=inline)
-        extents, sums, chunk = _file_layout(d, entry)
-        return Node(entry, extents, sums, chunk)
 
 
 def locate(extents: Iterable[Extent], offset: int, length: int) -> list[tuple[int, int]]:
@@ -366,55 +326,76 @@ def put_payload(
     return payload
 
 
-class Index:
-    """The namespace at ``applied_seq``; the highest epoch seen is ``epoch``."""
+ROOT = Node(Entry("/", "dir", 0, 0, 0, 0.0, None))
 
-    def __init__(self) -> None:
-        root = Node(Entry("/", "dir", 0, 0, 0, 0.0, None))
-        self.nodes: dict[str, Node] = {"/": root}
-        # a directory's children (full paths) kept sorted: a page of a listing is a bisect
-        # and a slice, never a sort of the whole directory
-        self.children: dict[str, list[str]] = {"/": []}
-        self.applied_seq = 0
-        self.epoch = 0
 
-    # ---- queries -------------------------------------------------------------------------
+class Namespace:
+    """The rules of the namespace at ``applied_seq`` (the highest epoch seen is ``epoch``):
+    what each record does, validated before anything changes. Where the nodes live is the
+    subclass's business (:class:`Index`: a dict in memory; ``agents.core.treeindex``: an
+    on-image tree plus an overlay), through five primitives: :meth:`lookup`,
+    :meth:`listdir_page`, :meth:`_descendants`, :meth:`_link` and :meth:`_unlink`."""
 
-    def get(self, path: str) -> Node:
-        """The node at a normalized path; raises NotFound."""
-        node = self.nodes.get(path)
-        if node is None:
-            raise NotFound(f"no such file or directory: {path}", path=path)
-        return node
+    applied_seq: int
+    epoch: int
 
-    def listdir(self, path: str) -> list[Entry]:
-        """Entries of a directory, sorted by path; raises NotFound / WrongKind."""
-        return [self.nodes[c].entry for c in self._kids(path)]
+    # ---- storage primitives --------------------------------------------------------------
+
+    def lookup(self, path: str) -> Node | None:
+        """The node at a normalized path, or None."""
+        raise NotImplementedError
 
     def listdir_page(self, path: str, after: str | None, limit: int) -> tuple[list[Entry], bool]:
         """Up to ``limit`` entries of a directory whose names sort after ``after`` (all when
         None), sorted, and whether more follow. Resuming after the last name of a page never
         repeats an entry and never skips one that existed throughout, whatever was added or
         removed in between: the cursor is a name, not a position."""
-        kids = self._kids(path)
-        start = 0 if after is None else bisect.bisect_right(kids, posixpath.join(path, after))
-        page = kids[start : start + limit]
-        return [self.nodes[c].entry for c in page], start + limit < len(kids)
+        raise NotImplementedError
 
-    def _kids(self, path: str) -> list[str]:
+    def _descendants(self, path: str) -> list[str]:
+        """Every path below directory ``path`` (not itself), parents before children."""
+        raise NotImplementedError
+
+    def _link(self, node: Node) -> None:
+        """Store ``node`` at its path (new, or replacing the node there)."""
+        raise NotImplementedError
+
+    def _unlink(self, path: str) -> Node:
+        """Remove the (existing) node at ``path`` and return it."""
+        raise NotImplementedError
+
+    def _no_record(self, record: Record) -> list[Extent]:
+        """A record that changes no path (a checkpoint's root switch, for the namespace)."""
+        return []
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def get(self, path: str) -> Node:
+        """The node at a normalized path; raises NotFound."""
+        node = self.lookup(path)
+        if node is None:
+            raise NotFound(f"no such file or directory: {path}", path=path)
+        return node
+
+    def listdir(self, path: str) -> list[Entry]:
+        """Entries of a directory, sorted by path; raises NotFound / WrongKind."""
+        return self.listdir_page(path, None, 1 << 62)[0]
+
+    def _directory(self, path: str) -> Node:
         node = self.get(path)
         if node.entry.kind != "dir":
             raise WrongKind(f"not a directory: {path}", path=path)
-        return self.children[path]
+        return node
 
     def walk(self) -> Iterator[Node]:
         """Every node, parents before children."""
-        for path in sorted(self.nodes, key=lambda p: (p.count("/"), p)):
-            yield self.nodes[path]
+        yield self.get("/")
+        for path in self._descendants("/"):
+            yield self.get(path)
 
-    def used_extents(self) -> list[Extent]:
-        """Every extent named by a file."""
-        return [x for node in self.nodes.values() for x in node.extents]
+    def snapshot(self) -> dict[str, Node]:
+        """The whole path -> node map (equality checks; O(n))."""
+        return {n.entry.path: n for n in self.walk()}
 
     # ---- mutation ------------------------------------------------------------------------
 
@@ -426,6 +407,7 @@ class Index:
             "mkdir": self._mkdir,
             "rename": self._rename,
             "epoch-start": self._epoch_start,
+            "checkpoint": self._no_record,
         }[record.op]
         check_payload(record)
         freed = handler(record)
@@ -439,7 +421,7 @@ class Index:
         missing: list[str] = []
         parent = parent_of(path)
         while True:
-            node = self.nodes.get(parent)
+            node = self.lookup(parent)
             if node is not None:
                 if node.entry.kind != "dir":
                     raise WrongKind(f"not a directory: {parent}", path=parent)
@@ -447,22 +429,6 @@ class Index:
             missing.append(parent)
             parent = parent_of(parent)
         return missing[::-1]
-
-    def _link(self, node: Node) -> None:
-        path = node.entry.path
-        if path not in self.nodes:
-            bisect.insort(self.children[parent_of(path)], path)
-        self.nodes[path] = node
-        if node.entry.kind == "dir":
-            self.children.setdefault(path, [])
-
-    def _unlink(self, path: str) -> Node:
-        node = self.nodes.pop(path)
-        siblings = self.children[parent_of(path)]
-        del siblings[bisect.bisect_left(siblings, path)]
-        if node.entry.kind == "dir":
-            del self.children[path]
-        return node
 
     def _dir(self, path: str, record: Record, mtime: float) -> Node:
         return Node(Entry(path, "dir", 0, record.seq, record.epoch, mtime, None))
@@ -472,7 +438,7 @@ class Index:
         path = normalize_path(p["path"])
         if path == "/":
             raise WrongKind("cannot write to /", path=path)
-        old = self.nodes.get(path)
+        old = self.lookup(path)
         if old is not None and old.entry.kind == "dir":
             raise WrongKind(f"is a directory: {path}", path=path)
         missing = self._missing_parents(path)
@@ -497,7 +463,7 @@ class Index:
         if path == "/":
             raise WrongKind("cannot delete /", path=path)
         node = self.get(path)
-        if node.entry.kind == "dir" and self.children[path]:
+        if node.entry.kind == "dir" and self.listdir_page(path, None, 1)[0]:
             raise NotEmpty(f"directory not empty: {path}", path=path)
         self._unlink(path)
         return list(node.extents)
@@ -506,7 +472,7 @@ class Index:
         p = record.payload
         path = normalize_path(p["path"])
         mtime = float(p["mtime"])
-        existing = self.nodes.get(path)
+        existing = self.lookup(path)
         if existing is not None:
             if existing.entry.kind == "dir" and p.get("parents"):
                 return []
@@ -531,19 +497,17 @@ class Index:
             return []
         if dst.startswith(src + "/"):
             raise BadPath(f"cannot move {src} inside itself", path=dst)
-        dst_parent = self.nodes.get(parent_of(dst))
+        dst_parent = self.lookup(parent_of(dst))
         if dst_parent is None:
             raise NotFound(f"parent directory missing: {parent_of(dst)}", path=parent_of(dst))
         if dst_parent.entry.kind != "dir":
             raise WrongKind(f"not a directory: {parent_of(dst)}", path=parent_of(dst))
-        old = self.nodes.get(dst)
+        old = self.lookup(dst)
         if old is not None and (old.entry.kind == "dir" or node.entry.kind == "dir"):
             raise AlreadyExists(f"destination exists: {dst}", path=dst)
         moved = [src]
         if node.entry.kind == "dir":
-            moved += sorted(
-                (q for q in self.nodes if q.startswith(src + "/")), key=lambda q: q.count("/")
-            )
+            moved += self._descendants(src)
         longest = max(len(q.encode("utf-8")) for q in moved) - len(src.encode("utf-8"))
         if longest + len(dst.encode("utf-8")) > MAX_PATH:
             raise BadPath(f"moving {src} to {dst} makes a path longer than {MAX_PATH} bytes",
@@ -567,40 +531,49 @@ class Index:
             )
         return []
 
-    # ---- checkpoints ---------------------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        """The whole namespace as JSON-able data (for checkpoints)."""
-        return {
-            "applied_seq": self.applied_seq,
-            "epoch": self.epoch,
-            "nodes": [n.to_json() for n in self.walk()],
-        }
+class Index(Namespace):
+    """The namespace held whole in memory: the reference model of the rules (and of what
+    the on-image tree must hold), small and obviously right."""
 
-    @staticmethod
-    def from_json(d: Any) -> Index:
-        """Inverse of :meth:`to_json`; CorruptMetadata unless ``d`` is a tree as written:
-        each path once, its parent listed before it and a directory, ``/`` a directory."""
-        if not isinstance(d, dict) or not isinstance(d.get("nodes"), list):
-            raise CorruptMetadata("checkpoint index has no node list")
-        index = Index()
-        for raw in d["nodes"]:
-            node = Node.from_json(raw)
-            path = node.entry.path
-            if path == "/":
-                if node.entry.kind != "dir":
-                    raise CorruptMetadata("checkpoint root is not a directory")
-                index.nodes["/"] = node
-                continue
-            parent = index.nodes.get(parent_of(path))
-            if path in index.nodes or parent is None or parent.entry.kind != "dir":
-                raise CorruptMetadata("checkpoint node is repeated or has no directory parent",
-                                      path=path)
-            index._link(node)
-        index.applied_seq = _int_field(d, "applied_seq")
-        index.epoch = _int_field(d, "epoch")
-        return index
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {"/": ROOT}
+        # a directory's children (full paths) kept sorted: a page of a listing is a bisect
+        # and a slice, never a sort of the whole directory
+        self.children: dict[str, list[str]] = {"/": []}
+        self.applied_seq = 0
+        self.epoch = 0
 
-    def snapshot(self) -> dict[str, Node]:
-        """Copy of the path -> node map (for equality checks)."""
-        return dict(self.nodes)
+    def lookup(self, path: str) -> Node | None:
+        return self.nodes.get(path)
+
+    def listdir_page(self, path: str, after: str | None, limit: int) -> tuple[list[Entry], bool]:
+        self._directory(path)
+        kids = self.children[path]
+        start = 0 if after is None else bisect.bisect_right(kids, posixpath.join(path, after))
+        page = kids[start : start + limit]
+        return [self.nodes[c].entry for c in page], start + limit < len(kids)
+
+    def _descendants(self, path: str) -> list[str]:
+        out: list[str] = []
+        level = [path]
+        while level:
+            level = [c for d in level for c in self.children.get(d, ())]
+            out += level
+        return out
+
+    def _link(self, node: Node) -> None:
+        path = node.entry.path
+        if path not in self.nodes:
+            bisect.insort(self.children[parent_of(path)], path)
+        self.nodes[path] = node
+        if node.entry.kind == "dir":
+            self.children.setdefault(path, [])
+
+    def _unlink(self, path: str) -> Node:
+        node = self.nodes.pop(path)
+        siblings = self.children[parent_of(path)]
+        del siblings[bisect.bisect_left(siblings, path)]
+        if node.entry.kind == "dir":
+            del self.children[path]
+        return node

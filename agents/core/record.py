@@ -44,7 +44,9 @@ HEADER = struct.Struct("<4sHHIQQQIB3xII")
 CRC = struct.Struct("<I")
 FLAG_BLOB = 1
 
-OPS: dict[str, int] = {"put": 1, "delete": 2, "mkdir": 3, "rename": 4, "epoch-start": 5}
+OPS: dict[str, int] = {
+    "put": 1, "delete": 2, "mkdir": 3, "rename": 4, "epoch-start": 5, "checkpoint": 6,
+}
 OP_NAMES: dict[int, str] = {code: name for name, code in OPS.items()}
 BLOB_KEY = "data"
 

@@ -12,7 +12,7 @@ Invariants:
 Layout (little endian, one 4 KiB block, zero padded)::
 
     0  8s  magic b"RBDFLEET"     10 u64 generation   18 u32 block size (4096)
-    8  u16 format version (1)    22 u64 device size  30 u64 journal offset  38 u64 journal bytes
+    8  u16 format version (2)    22 u64 device size  30 u64 journal offset  38 u64 journal bytes
     46 u64 checkpoint A offset   54 u64 checkpoint B offset   62 u64 checkpoint bytes
     70 u64 data offset   78 u64 data bytes   86 u32 chunk size   90 u32 inline max
     94 16s volume uuid   110 u16 fleet name length, fleet name (UTF-8), then u32 crc32
@@ -35,12 +35,15 @@ from agents.errors import (
 )
 
 MAGIC = b"RBDFLEET"
-VERSION = 1
+VERSION = 2
 FIXED = struct.Struct("<8sHQIQQQQQQQQII16sH")
 CRC = struct.Struct("<I")
 SLOTS = (0, ALIGN)
 MAX_FLEET = 255
 MIN_JOURNAL = 16 * ALIGN
+# the data area starts on an RBD object boundary (4 MiB, the default object size): a 4 MiB
+# data write then touches one RADOS object, not two
+DATA_ALIGN = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,8 @@ class Superblock:
             raise ChecksumMismatch("superblock checksum mismatch")
         if fields[1] != VERSION:
             raise UnsupportedFormat(
-                f"image format {fields[1]} (this agent reads {VERSION})", got=fields[1]
+                f"image format {fields[1]}: this agent reads format {VERSION} only (there is "
+                f"no migration: format the image again)", got=fields[1]
             )
         if fields[3] != ALIGN:
             raise UnsupportedFormat(f"block size {fields[3]} (expected {ALIGN})")
@@ -155,6 +159,9 @@ def check_geometry(sb: Superblock) -> Superblock:
             raise CorruptMetadata(f"superblock {name} {offset}+{length} overlaps another "
                                   f"region or passes the device size {sb.device_size}")
         end = offset + length
+    if sb.data_offset % DATA_ALIGN:
+        raise CorruptMetadata(f"superblock data area at {sb.data_offset} is not on a "
+                              f"{DATA_ALIGN}-byte object boundary")
     if sb.journal_bytes < MIN_JOURNAL:
         raise CorruptMetadata(f"superblock journal of {sb.journal_bytes} bytes is too small")
     if sb.chunk_size <= 0 or sb.chunk_size % ALIGN or sb.chunk_size > sb.data_bytes:
@@ -190,18 +197,19 @@ def layout(
     """Plan the regions of a fresh image of ``device_size`` bytes.
 
     Superblocks, journal (default 1/64 of the image, 1-256 MiB), two checkpoint slots
-    (default 1/32 of the image each, 1-256 MiB) and the data area, in that order.
+    (1/256 of the image each, 1-64 MiB: a free map and a quarantine, not the namespace) and
+    the data area from the next 4 MiB object boundary on, in that order.
     """
     size = device_size // ALIGN * ALIGN
     mib = 1 << 20
     if journal_bytes is None:
         journal_bytes = min(max(size // 64, mib), 256 * mib)
     journal_bytes = max(journal_bytes // ALIGN * ALIGN, MIN_JOURNAL)
-    checkpoint_bytes = min(max(size // 32, mib), 256 * mib) // ALIGN * ALIGN
+    checkpoint_bytes = min(max(size // 256, mib), 64 * mib) // ALIGN * ALIGN
     journal_offset = 2 * ALIGN
     ckpt_a = journal_offset + journal_bytes
     ckpt_b = ckpt_a + checkpoint_bytes
-    data_offset = ckpt_b + checkpoint_bytes
+    data_offset = -(-(ckpt_b + checkpoint_bytes) // DATA_ALIGN) * DATA_ALIGN
     if data_offset + chunk_size > size:
         raise ValueError(f"device of {device_size} bytes is too small for an rbdfleet volume")
     if chunk_size % ALIGN or chunk_size <= 0:

@@ -1,4 +1,5 @@
-"""Allocator: never hands out a byte twice nor one still quarantined; rebuild finds overlaps."""
+"""Allocator: never hands out a byte twice nor one still quarantined; a saved map that
+overlaps is refused; claims of replayed records; next fit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.core.allocator import Allocator, Extent
-from agents.errors import NoSpace, OverlappingExtents
+from agents.errors import CorruptMetadata, NoSpace, OverlappingExtents
 
 pytestmark = pytest.mark.unit
 
@@ -73,23 +74,47 @@ def test_no_byte_handed_out_twice_nor_while_quarantined(script: list[tuple[str, 
     assert all(a.end < b.offset for a, b in itertools.pairwise(free)), "not coalesced"
 
 
-def test_rebuild_from_used_and_quarantine() -> None:
-    used = [Extent(START, 2 * B), Extent(START + 10 * B, B)]
-    alloc = Allocator.rebuild(START, END, used, [(7, Extent(START + 4 * B, B))])
-    assert alloc.free_extents()[0] == Extent(START + 2 * B, 2 * B)
+def test_loaded_from_a_saved_free_map_and_quarantine() -> None:
+    free = [Extent(START + 2 * B, 2 * B), Extent(START + 5 * B, 5 * B), Extent(START + 11 * B,
+                                                                          END - START - 11 * B)]
+    alloc = Allocator.from_free(START, END, free, [(7, Extent(START + 4 * B, B))])
+    assert alloc.free_extents() == free
     assert alloc.quarantined() == [(7, Extent(START + 4 * B, B))]
     assert alloc.free_bytes() == END - START - 4 * B
     alloc.release_through(6)
     assert alloc.free_bytes() == END - START - 4 * B
     alloc.release_through(7)
     assert alloc.free_bytes() == END - START - 3 * B
+    assert alloc.free_extents()[0] == Extent(START + 2 * B, 8 * B)  # coalesced
 
 
-def test_rebuild_refuses_overlap_and_out_of_area() -> None:
+def test_a_saved_map_that_overlaps_or_leaves_the_area_is_refused() -> None:
     with pytest.raises(OverlappingExtents):
-        Allocator.rebuild(START, END, [Extent(START, 2 * B), Extent(START + B, B)])
+        Allocator.from_free(START, END, [Extent(START, 2 * B), Extent(START + B, B)])
     with pytest.raises(OverlappingExtents):
-        Allocator.rebuild(START, END, [Extent(END - B, 2 * B)])
+        Allocator.from_free(START, END, [Extent(START, 2 * B)], [(1, Extent(START + B, B))])
+    with pytest.raises(CorruptMetadata):
+        Allocator.from_free(START, END, [Extent(END - B, 2 * B)])
+    with pytest.raises(CorruptMetadata):
+        Allocator.from_free(START, END, [Extent(START + 1, B)])
+
+
+def test_claim_takes_named_extents_and_learns_released_quarantine() -> None:
+    alloc = Allocator.from_free(START, END, [Extent(START + 4 * B, END - START - 4 * B)],
+                                [(3, Extent(START, 4 * B))])
+    alloc.claim([Extent(START + B, B), Extent(START + 8 * B, B)])
+    # the quarantined extent had been released and reused: what is not claimed is free
+    assert alloc.quarantined() == []
+    assert alloc.free_bytes() == END - START - 2 * B
+    with pytest.raises(OverlappingExtents):
+        alloc.claim([Extent(START + 8 * B, B)])  # named twice
+
+
+def test_next_fit_allocates_after_the_cursor_then_wraps() -> None:
+    alloc = Allocator(START, END)
+    assert alloc.allocate_after(START + 8 * B, B) == [Extent(START + 8 * B, B)]
+    assert alloc.allocate_after(START + 9 * B, B) == [Extent(START + 9 * B, B)]
+    assert alloc.allocate_after(END, B) == [Extent(START, B)]  # past the end: first fit
 
 
 def test_double_free_is_a_bug_not_silence() -> None:

@@ -1,6 +1,10 @@
-"""Checkpoints: codec round trip (index + quarantine), torn slot falls back, refusals."""
+"""Checkpoints v2: codec round trip (root + free map + quarantine), torn slot falls back,
+refusals."""
 
 from __future__ import annotations
+
+import json
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -8,59 +12,36 @@ from hypothesis import strategies as st
 
 from agents.core import checkpoint as ckpt
 from agents.core.allocator import Extent
-from agents.core.index import Index
-from agents.core.record import Record
-from agents.errors import BadMagic, ChecksumMismatch, NoSpace, TornRecord
+from agents.core.pages import PageRef
+from agents.errors import BadMagic, ChecksumMismatch, CorruptMetadata, NoSpace, TornRecord
 
 pytestmark = pytest.mark.unit
 
+ROOT = PageRef(1024, 7, 0xDEADBEEF)
 
-def _index(n: int) -> Index:
-    index = Index()
-    for i in range(n):
-        index.apply(
-            Record(
-                i + 1,
-                1,
-                "put",
-                {
-                    "path": f"/d{i % 3}/f{i}",
-                    "size": 5000,
-                    "mtime": 1.5,
-                    "crc": i,
-                    "chunk": 1 << 20,
-                    "extents": [[(i + 10) * 8192, 8192]],
-                    "sums": [i],
-                },
-            )
-        )
-    index.apply(
-        Record(
-            n + 1,
-            2,
-            "put",
-            {"path": "/inline", "size": 3, "mtime": 0.0, "crc": 1, "data": b"\x00\xffz"},
-        )
-    )
-    return index
+
+def _encode(seq: int = 5, *, root: PageRef | None = ROOT, free: int = 3,
+            slot: int = 1 << 20) -> bytes:
+    return ckpt.encode(seq, 2, root, [Extent(k * 8192, 4096) for k in range(free)], [], 0, slot)
 
 
 @settings(max_examples=30)
-@given(st.integers(0, 50), st.lists(st.tuples(st.integers(0, 99), st.integers(1, 9)), max_size=5))
-def test_round_trip(n: int, quarantine: list[tuple[int, int]]) -> None:
-    index = _index(n)
+@given(st.integers(0, 50), st.booleans(),
+       st.lists(st.tuples(st.integers(0, 99), st.integers(1, 9)), max_size=5))
+def test_round_trip(n: int, has_root: bool, quarantine: list[tuple[int, int]]) -> None:
     q = [(seq, Extent(k * 4096, 4096)) for seq, k in quarantine]
-    raw = ckpt.encode(index, q, 12288, 1 << 20)
+    free = [Extent(k * 8192, 4096) for k in range(n)]
+    root = ROOT if has_root else None
+    raw = ckpt.encode(n + 1, 2, root, free, q, 12288, 1 << 20)
     assert len(raw) % 4096 == 0
     header = ckpt.decode_header(raw[:4096])
     assert (header.seq, header.epoch, header.journal_pos) == (n + 1, 2, 12288)
     back = ckpt.decode(header, raw[4096:])
-    assert back.index.snapshot() == index.snapshot()
-    assert back.quarantine == q
+    assert (back.root, back.free, back.quarantine) == (root, free, q)
 
 
 def test_torn_body_or_header_is_refused() -> None:
-    raw = ckpt.encode(_index(20), [], 0, 1 << 20)
+    raw = _encode(free=200)
     header = ckpt.decode_header(raw[:4096])
     with pytest.raises(TornRecord):
         ckpt.decode(header, raw[4096:4100])
@@ -76,9 +57,24 @@ def test_torn_body_or_header_is_refused() -> None:
         ckpt.decode_header(bytes(4096))
 
 
+@pytest.mark.parametrize("doc", [
+    {"root": [1, 2], "free": [], "quarantine": []},
+    {"root": None, "free": [[1, 2, 3]], "quarantine": []},
+    {"root": None, "free": [[-1, 4096]], "quarantine": []},
+    {"root": None, "free": [], "quarantine": [[1, 2]]},
+    {"root": None, "quarantine": []},
+    [],
+])
+def test_malformed_bodies_are_refused(doc: object) -> None:
+    body = zlib.compress(json.dumps(doc).encode())
+    header = ckpt.CheckpointHeader(1, 1, 0, len(body), zlib.crc32(body))
+    with pytest.raises(CorruptMetadata):
+        ckpt.decode(header, body)
+
+
 def test_choose_prefers_the_highest_valid_seq() -> None:
-    a = ckpt.decode_header(ckpt.encode(_index(1), [], 0, 1 << 20)[:4096])
-    b = ckpt.decode_header(ckpt.encode(_index(3), [], 0, 1 << 20)[:4096])
+    a = ckpt.decode_header(_encode(1)[:4096])
+    b = ckpt.decode_header(_encode(3)[:4096])
     assert ckpt.choose([a, b]) == [1, 0]
     assert ckpt.choose([a, None]) == [0]
     assert ckpt.choose([None, None]) == []
@@ -86,4 +82,4 @@ def test_choose_prefers_the_highest_valid_seq() -> None:
 
 def test_too_big_for_the_slot() -> None:
     with pytest.raises(NoSpace):
-        ckpt.encode(_index(200), [], 0, 4096)
+        _encode(free=2000, slot=4096)

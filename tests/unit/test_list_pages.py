@@ -10,13 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.core import btree
 from agents.core.index import Index
 from agents.core.protocol import LIST_LIMIT, MAX_LIST_LIMIT
 from agents.core.record import Record
+from agents.core.treeindex import TreeIndex
 from agents.errors import BadPath, BadRequest, NotFound, WrongKind
 from agents.server import _list_query
 from agents.testing import MemoryDevice
 from agents.volume import Volume
+from tests.unit.test_btree import MemoryPages
 
 pytestmark = pytest.mark.unit
 
@@ -26,13 +29,16 @@ class Tree:
 
     def __init__(self) -> None:
         self.index = Index()
-        self.seq = 0
+        self.records: list[Record] = []
 
     def apply(self, op: str, path: str) -> None:
-        self.seq += 1
         payload = {"path": path, "parents": True, "mtime": 0.0} if op == "mkdir" else {
             "path": path}
-        self.index.apply(Record(self.seq, 1, op, payload))
+        self.record(op, payload)
+
+    def record(self, op: str, payload: dict[str, object]) -> None:
+        self.records.append(Record(len(self.records) + 1, 1, op, payload))
+        self.index.apply(self.records[-1])
 
     def names(self, directory: str = "/d") -> list[str]:
         return [posixpath.basename(e.path) for e in self.index.listdir(directory)]
@@ -106,10 +112,14 @@ def test_children_stay_sorted_through_renames_and_checkpoints() -> None:
     tree = Tree()
     for name in ["m", "a", "z"]:
         tree.apply("mkdir", f"/d/{name}")
-    tree.seq += 1
-    tree.index.apply(Record(tree.seq, 1, "rename", {"src": "/d/z", "dst": "/d/b"}))
+    tree.record("rename", {"src": "/d/z", "dst": "/d/b"})
     assert tree.names() == ["a", "b", "m"]
-    again = Index.from_json(tree.index.to_json())
+    # the same records through the on-image tree, checkpointed half-way: same listing
+    again = TreeIndex(btree.Tree(MemoryPages(), cache=btree.PageCache(8)), None, 0, 0)
+    for record in tree.records:
+        again.apply(record)
+        if record.seq == 2:
+            again.switch(again.commit(generation=record.seq).root, record.seq)
     assert [e.path for e in again.listdir("/d")] == ["/d/a", "/d/b", "/d/m"]
     assert again.listdir_page("/d", "a", 1)[0][0].path == "/d/b"
 

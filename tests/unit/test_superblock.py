@@ -63,7 +63,10 @@ def test_geometry_is_ordered_and_aligned() -> None:
         (sb.data_offset, sb.data_bytes),
     ]
     for (a, n), (b, _) in itertools.pairwise(regions):
-        assert a + n == b and a % 4096 == 0 and n % 4096 == 0
+        assert a + n <= b and a % 4096 == 0 and n % 4096 == 0
+    # only the data area starts after a gap: on the next RBD object (4 MiB) boundary
+    assert regions[2][0] + regions[2][1] > sb.data_offset - (4 << 20)
+    assert sb.data_offset % (4 << 20) == 0
     assert sb.data_offset + sb.data_bytes == 256 << 20
     with pytest.raises(ValueError):
         layout(1 << 20, fleet="x", volume_id=VID)
@@ -80,10 +83,15 @@ def test_refusals() -> None:
         choose([bytes(4096), bytes(4096)])
 
 
-def test_unknown_version_is_refused() -> None:
+@pytest.mark.parametrize("version", [1, 3])
+def test_unknown_version_is_refused(version: int) -> None:
+    """A format 1 image (or a newer one) is refused with one error naming its version."""
     block = bytearray(_sb(3).encode())
-    struct.pack_into("<H", block, 8, 2)
+    struct.pack_into("<H", block, 8, version)
     end = block.index(b"f1") + 2
     struct.pack_into("<I", block, end, zlib.crc32(bytes(block[:end])))
-    with pytest.raises(UnsupportedFormat):
+    with pytest.raises(UnsupportedFormat) as info:
         Superblock.decode(bytes(block))
+    assert f"image format {version}: this agent reads format 2" in info.value.message
+    with pytest.raises(UnsupportedFormat):
+        choose([bytes(block), bytes(block)])

@@ -33,6 +33,7 @@ from agents.errors import (
 )
 from agents.testing import MemoryDevice
 from agents.volume import Record, Volume
+from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.unit
 
@@ -279,6 +280,8 @@ def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
     vol = writer(opener, journal_bytes=64 << 10)  # 16 blocks: wraps every few records
     lagging = Volume.open(opener(True))
     follower = Volume.open(opener(True))
+    ops: list[str] = []
+    vol.set_commit_listener(lambda commit: ops.extend(r.op for r in commit.records))
     contents: dict[str, bytes] = {}
     for i in range(120):
         path = f"/w/{i % 7}"
@@ -288,7 +291,8 @@ def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
             follower.refresh()
         if i % 10 == 0:
             vol.release_through(follower.safe_seq())
-    assert vol.applied_seq == 121
+    # every checkpoint takes a seq: its record switches readers to its root
+    assert vol.applied_seq == 121 + ops.count("checkpoint") and ops.count("checkpoint") > 1
     # a reader that fell behind past the wrap reloads the newest checkpoint
     lagging.refresh()
     follower.refresh()
@@ -381,6 +385,8 @@ def test_reopen_and_push_replicas_equal_the_writer(script: list[tuple[str, Any, 
     vol = Volume.open(dev)
     vol.start_epoch(1)
     pushed = Volume.open(dev.reopen(read_only=True))
+    # every record is pushed, checkpoint records (the writer's root switches) included
+    vol.set_commit_listener(_pushes_to(pushed))
     for i, (op, a, b) in enumerate(script):
         try:
             if op == "put":
@@ -398,9 +404,9 @@ def test_reopen_and_push_replicas_equal_the_writer(script: list[tuple[str, Any, 
             else:
                 vol.release_through(pushed.safe_seq())
                 continue
+            assert pushed.applied_seq == rec.seq
         except (NotFound, AlreadyExists, WrongKind, NotEmpty, BadPath):
             continue
-        pushed.apply(rec)
     fresh = Volume.open(dev.reopen(read_only=True))
     for other in (pushed, fresh):
         assert other.applied_seq == vol.applied_seq
