@@ -44,6 +44,7 @@ from orchestrator.adapters.ansible import AnsibleRunner, InventoryHost, write_pa
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.core.fleetmap import FleetMap, initial_map
+from orchestrator.core.liveness import LivenessConfig
 from orchestrator.core.upgrade import Handover, Upgrade
 from orchestrator.deploy import AgentDeployer, AgentLayout, DeployTarget
 from orchestrator.errors import FencingFailed, UpgradeStalled
@@ -76,6 +77,10 @@ from tests.jepsen import SEED, Workload, assert_history_clean, recording_client
 pytestmark = pytest.mark.integration
 
 PORT = 7480
+# Not a test of failure detection: on a loaded 2-core machine the default probes (0.3 s, dead
+# after 1.2 s of silence) fail the writer over by themselves before or during the upgrade.
+PATIENT = LivenessConfig(probe_interval=0.5, probe_timeout=2.0, suspect_after=3.0,
+                         dead_after=8.0, confirm_failures=5)
 WRITER = "h1"
 REPO_AGENTS = Path(__file__).resolve().parents[2] / "agents"
 
@@ -209,7 +214,8 @@ def old_fleet(hosts3: HostSet, shell3: ParamikoShell, tmp_path: Path
         deployer.deploy([targets[WRITER]])
         # after the agents: a coordinator started first would find them dead and fence them
         service = start_service(coordinator, MemoryStateStore(
-            MemoryLeaseBoard(FakeClock()), name, "c1", 60.0), fleet.fencer, bootstrap)
+            MemoryLeaseBoard(FakeClock()), name, "c1", 60.0), fleet.fencer, bootstrap,
+            liveness=PATIENT)
         wait_in_sync(service, 60)
         yield fleet, old
     finally:
