@@ -8,11 +8,15 @@ states:
 * ``in sync``: every group commit is queued for it and every write waits for its ack;
 * ``lagging``: nothing is queued for it (each commit only raises its ``missed`` seq); its
   pusher sends it the commit seq every ``retry_interval`` so it catches up from the journal;
-* ``joining``: once a lagging reader acked a commit seq, commits are queued for it again but
-  writes do not wait for it; it is in sync once its ack reaches ``missed`` — every record it
-  was not sent — so it has applied every write acknowledged without it. (Flipping a lagging
-  reader straight to in sync would never happen under a steady write load: each round trip
-  lets ``missed`` move on.)
+* ``joining``: once a lagging reader acked a commit seq, commits are queued for it again;
+  a write whose record was queued for it (seq above ``missed``) waits for its ack like an
+  in-sync reader's, the older writes do not; it is in sync once its ack reaches ``missed`` —
+  every record it was not sent. So when it flips, it has applied every write acknowledged
+  without it: those at or below ``missed`` by its ack, those above because they waited for
+  it. (Not waiting for the queued ones let a write be acknowledged, the reader flip in sync
+  with that write's record still in its queue and be handed out, and serve the older value:
+  a stale read the fault tests caught. Flipping a lagging reader straight to in sync would
+  never happen under a steady write load: each round trip lets ``missed`` move on.)
 
 Every write waits for every in-sync link, whatever readers the client named. A reader that
 fails a push or does not ack within ``ack_timeout`` is dropped from the in-sync set and
@@ -84,6 +88,13 @@ class ReaderLink:
     joining: bool = False
     missed: int = -1
     unreported: LaggingReaderReport | None = None
+
+
+def _holds_up(link: ReaderLink, seq: int) -> bool:
+    """Whether a write of ``seq`` must wait for ``link``'s ack: an in-sync reader, or a joining
+    one the record was queued for (module docstring), that has not applied it yet."""
+    counts = link.in_sync or (link.joining and seq > link.missed)
+    return counts and link.applied_seq < seq
 
 
 @dataclass
@@ -194,11 +205,10 @@ class WriterRole:
                 wait.wake.set()
 
     def _wait_over(self, wait: _AckWait) -> bool:
-        """:meth:`await_acks`'s test, bar its deadline: every in-sync link of ``wait`` acked
-        its seq and none is being reported."""
+        """:meth:`await_acks`'s test, bar its deadline: no link of ``wait`` holds its seq up
+        and none is being reported."""
         links = [self._links[n] for n in wait.nodes if n in self._links]
-        return not any((lk.in_sync and lk.applied_seq < wait.seq) or lk.reporting
-                       for lk in links)
+        return not any(_holds_up(lk, wait.seq) or lk.reporting for lk in links)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -285,7 +295,7 @@ class WriterRole:
             while True:
                 with self._cond:
                     links = [self._links[n] for n in nodes if n in self._links]
-                    waiting = [lk for lk in links if lk.in_sync and lk.applied_seq < seq]
+                    waiting = [lk for lk in links if _holds_up(lk, seq)]
                     reporting = [lk for lk in links if lk.reporting]
                     if not waiting and not reporting:
                         break

@@ -34,6 +34,8 @@ class Cluster:
         for reader in self.readers.values():
             reader.catch_up()
         self.down: set[str] = set()
+        self.gates: dict[str, threading.Semaphore] = {}  # node -> one release per ack
+        self.held: set[str] = set()  # nodes whose ack has been held at least once
         self.pushes: list[tuple[str, RecordPush]] = []
         self.reports: list[LaggingReaderReport] = []
         self.writer = WriterRole(node="w", fleet="f", epoch=1, device=device, volume=volume,
@@ -49,7 +51,13 @@ class Cluster:
         if link.node in self.down:
             raise PeerUnreachable(f"{link.node} is down", address=link.address)
         self.pushes.append((link.node, push))
-        return self.readers[link.node].receive(RecordPush.decode(push.encode()))  # the wire
+        ack = self.readers[link.node].receive(RecordPush.decode(push.encode()))  # the wire
+        gate = self.gates.get(link.node)  # the ack's way back, held until released
+        if gate is not None:
+            self.held.add(link.node)
+        if gate is not None and not gate.acquire(timeout=10):
+            raise PeerUnreachable(f"{link.node}: ack held too long", address=link.address)
+        return ack
 
     def close(self) -> None:
         self.writer.close()
@@ -153,6 +161,46 @@ def test_a_new_reader_is_waited_for_only_once_it_applied_everything_acknowledged
         thread.join(10)
     assert "r3" in in_sync and revision > before
     assert done and applied >= max(done)  # nothing acknowledged before it is missing
+
+
+def _link(cluster: Cluster, node: str) -> ReaderLink:
+    return cluster.writer.readers()[node]
+
+
+def _until(what: str, cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_a_write_queued_for_a_joining_reader_waits_for_its_ack(cluster: Cluster) -> None:
+    """The stale read the admission fault test caught: a write whose record is queued for a
+    joining reader must not be acknowledged without that reader's ack, or the reader can flip
+    in sync (its ack reached ``missed``) with the write still in its queue, be handed out and
+    serve the older value. r3's acks are let back one at a time."""
+    cluster.readers["r3"] = ReaderRole("r3", cluster._open_ro)
+    gate = cluster.gates["r3"] = threading.Semaphore(0)
+    cluster.writer.set_readers({"r1": "a1", "r2": "a2", "r3": "a3"})
+    _until("r3 caught up, its ack held", lambda: "r3" in cluster.held)
+    w0 = cluster.writer.put("/k", [b"0"], 1, mtime=0.0)  # r3 lagging: acked without it
+    assert "r3" not in w0.acked
+    gate.release()  # the ack of the catch-up from before w0: r3 joins, w0 still missed
+    _until("r3 joining", lambda: _link(cluster, "r3").joining)
+    assert _link(cluster, "r3").missed >= w0.seq
+    result: list[Any] = []
+    put = threading.Thread(target=lambda: result.append(
+        cluster.writer.put("/k", [b"1"], 1, mtime=0.0)))
+    put.start()
+    put.join(0.5)
+    assert not result, "a write queued for a joining reader was acknowledged without it"
+    for _ in range(8):
+        gate.release()
+    put.join(10)
+    w1 = result[0]
+    assert "r3" in w1.acked and w1.lagging == ()
+    _until("r3 in sync", lambda: _link(cluster, "r3").in_sync)
+    assert b"".join(cluster.readers["r3"].volume.read("/k")) == b"1"
 
 
 def test_a_lagging_report_that_does_not_get_through_blocks_the_ack(cluster: Cluster) -> None:
