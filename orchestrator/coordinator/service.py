@@ -17,6 +17,9 @@ an agent that may be paused or cut off) run on side threads, one at a time per n
 back as ``BatchExecuted`` events; a new reader set reaches the writer through a mailbox
 thread that only ever sends the latest one. Seen on VMs and processes: the loop blocked for
 seconds in a demotion or a reader-set call to a paused writer, and probed nobody meanwhile.
+Probes are sent from a pool and their answers come back through the queue, so the loop never
+waits on one either: a hypervisor's "paused" event queued behind a probe of that very paused
+node waited the probe's whole timeout (up to a second on the VMs) before it was looked at.
 
 Given a hypervisor and the fleet's domains, the service watches their lifecycle events: a
 domain paused, shut off or crashed is reported to the liveness core as
@@ -32,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -87,6 +91,22 @@ class _Request:
     outcome: list[Any]
 
 
+@dataclass(frozen=True)
+class _ProbeAnswer:
+    """A probe's outcome (``None``: it failed), for the loop; ``ticket`` tells a probe given up
+    on (its answer is ignored) from the one in flight."""
+
+    node: str
+    ticket: int
+    health: Health | None
+
+
+@dataclass
+class _Outstanding:
+    ticket: int
+    sent: float
+
+
 class FleetService:
     """Lease, loop and events of one fleet (see the module docstring)."""
 
@@ -114,7 +134,9 @@ class FleetService:
         self.bootstrap = bootstrap
         self._nodes_by_domain = {(uri, dom): node for node, (uri, dom) in (domains or {}).items()}
         self._unwatch: list[Callable[[], None]] = []
-        self._events: queue.Queue[Observation | el.Event | _Request] = queue.Queue()
+        self._events: queue.Queue[Observation | el.Event | _Request | _ProbeAnswer] = (
+            queue.Queue()
+        )
         self._published_lock = threading.Condition()
         self._published: FleetMap | None = None
         self._state: el.ElectionState | None = None
@@ -132,6 +154,8 @@ class FleetService:
         self._probes = concurrent.futures.ThreadPoolExecutor(
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
         )
+        self._probing: dict[str, _Outstanding] = {}  # node -> the probe in flight
+        self._tickets = itertools.count(1)
         self._side = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix=f"side-{self.fleet}"
         )
@@ -346,6 +370,7 @@ class FleetService:
 
     def _become_active(self, now: float) -> None:
         self.active_since = self.wall()  # before _state: no report is served under the old one
+        self._probing.clear()  # probes of an earlier term: their answers are ignored
         stored = self.store.load()
         if stored is None:
             if self.bootstrap is None:
@@ -442,6 +467,11 @@ class FleetService:
                 | HypervisorReportedDown | HypervisorReportedUp
             ):
                 self._liveness = self._liveness.observe(item)
+            elif isinstance(item, _ProbeAnswer):
+                held = self._probing.get(item.node)
+                if held is not None and held.ticket == item.ticket:
+                    del self._probing[item.node]
+                    self._observe_probe(item.node, item.health)
             elif isinstance(item, FailureReported):
                 self._liveness = self._liveness.observe(item)
                 self._next_probe = now  # a client says it failed: probe it right now
@@ -510,21 +540,41 @@ class FleetService:
         self._liveness = self._liveness.promoted(node, self.clock.monotonic(), epoch)
 
     def _probe_all(self) -> None:
+        """Send a probe to every member that has none in flight; answers come back through
+        the queue (:class:`_ProbeAnswer`). A probe still unanswered a second past its own
+        timeout counts as failed, and its late answer is ignored."""
         state = self._state
         if state is None:
             return
-        members = [m for m in state.map.members if m.role != "spare"]
         timeout = self.settings.liveness.probe_timeout
-        futures = {m.name: self._probes.submit(self._probe, m, timeout) for m in members}
-        for name, fut in futures.items():
+        now = self.clock.monotonic()
+        for member in state.map.members:
+            if member.role == "spare":
+                continue
+            held = self._probing.get(member.name)
+            if held is not None:
+                if now - held.sent <= timeout + 1.0:
+                    continue
+                del self._probing[member.name]
+                self._observe_probe(member.name, None)
+            ticket = next(self._tickets)
+            self._probing[member.name] = _Outstanding(ticket, now)
             try:
-                health = fut.result(timeout=timeout + 1.0)
-            except (concurrent.futures.TimeoutError, RbdfleetError):
-                health = None
-            self._observe_probe(name, health)
+                self._probes.submit(self._probe, member, timeout, ticket)
+            except RuntimeError:  # the pool is shut down: the service is stopping
+                return
 
-    def _probe(self, member: Member, timeout: float) -> Health:
-        return self.ports.agents.health(member.address, timeout)
+    def _probe(self, member: Member, timeout: float, ticket: int) -> None:
+        """A probe pool thread: ask one member, queue the answer."""
+        health: Health | None = None
+        try:
+            health = self.ports.agents.health(member.address, timeout)
+        except RbdfleetError:
+            pass
+        except Exception:  # a bug: keep the traceback (a pool thread would drop it)
+            LOG.exception("event=probe_error fleet=%s node=%s", self.fleet, member.name)
+        self._events.put(_ProbeAnswer(member.name, ticket, health))
+        self._wake.set()
 
     def _observe_probe(self, name: str, health: Health | None) -> None:
         at = self.clock.monotonic()
