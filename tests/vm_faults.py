@@ -79,7 +79,7 @@ class Recorded:
 
     def finish(self, min_acked: int = 10) -> list[Op]:
         """Stop the threads (a thread that died fails the test) and judge the history."""
-        self.workload.finish()
+        self.workload.finish(min_puts=min_acked)
         return self.check(min_acked)
 
     def check(self, min_acked: int = 10) -> list[Op]:
