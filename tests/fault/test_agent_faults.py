@@ -26,6 +26,7 @@ from agents.core.protocol import PutRequest
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, choose
 from agents.device import ALIGN
+from agents.errors import FormatError
 from tests.fixtures.agents import (
     REPO,
     AgentFleet,
@@ -70,18 +71,17 @@ def _journal_record_offset(path: Path, seq: int) -> int:
     """Image offset of the journal record ``seq``."""
     data = path.read_bytes()
     sb = choose([data[s : s + ALIGN] for s in SLOTS])
-    for off in range(sb.journal_offset, sb.journal_offset + sb.journal_bytes, ALIGN):
-        if data[off : off + 4] != b"RBFR":
-            continue
+    end = sb.journal_offset + sb.journal_bytes
+    off = data.find(b"RBFR", sb.journal_offset, end)
+    while off != -1:  # records are packed: one may start at any byte, not only at 4 KiB
         length = Record.peek_length(data[off : off + ALIGN])
-        if length is None:
-            continue
-        try:
-            record = Record.decode(data[off : off + length])
-        except Exception:
-            continue
-        if record.seq == seq:
-            return off
+        if length is not None:
+            try:
+                if Record.decode(data[off : off + length]).seq == seq:
+                    return off
+            except FormatError:  # client bytes that look like a header, a stale record
+                pass
+        off = data.find(b"RBFR", off + 1, end)
     raise AssertionError(f"journal record {seq} not found")
 
 
