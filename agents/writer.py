@@ -8,15 +8,16 @@ states:
 * ``in sync``: every group commit is queued for it and every write waits for its ack;
 * ``lagging``: nothing is queued for it (each commit only raises its ``missed`` seq); its
   pusher sends it the commit seq every ``retry_interval`` so it catches up from the journal;
-* ``joining``: once a lagging reader acked a commit seq, commits are queued for it again;
-  a write whose record was queued for it (seq above ``missed``) waits for its ack like an
-  in-sync reader's, the older writes do not; it is in sync once its ack reaches ``missed`` —
-  every record it was not sent. So when it flips, it has applied every write acknowledged
-  without it: those at or below ``missed`` by its ack, those above because they waited for
-  it. (Not waiting for the queued ones let a write be acknowledged, the reader flip in sync
-  with that write's record still in its queue and be handed out, and serve the older value:
-  a stale read the fault tests caught. Flipping a lagging reader straight to in sync would
-  never happen under a steady write load: each round trip lets ``missed`` move on.)
+* ``joining``: once a lagging reader acked a commit seq, commits are queued for it again,
+  and writes do not wait for it; each write acknowledged without it raises its ``owed`` seq.
+  Once its ack reaches ``missed`` (every record it was not sent) it is *caught up*: writes
+  wait for it from then on, so ``owed`` stops moving; it is in sync once its ack also reaches
+  ``owed``. So when it flips, it has applied every write acknowledged without it. (Flipping at
+  ``missed`` alone let a write queued for it be acknowledged, the reader flip in sync with that
+  record still in its queue, be handed out and serve the older value: a stale read the fault
+  tests caught. Waiting for it as soon as it joins, instead, stalled writes behind a reader
+  still reading the journal. Flipping a lagging reader straight to in sync would never happen
+  under a steady write load: each round trip lets ``missed`` move on.)
 
 Every write waits for every in-sync link, whatever readers the client named. A reader that
 fails a push or does not ack within ``ack_timeout`` is dropped from the in-sync set and
@@ -87,14 +88,24 @@ class ReaderLink:
     retired: bool = False
     joining: bool = False
     missed: int = -1
+    caught_up: bool = False  # joining, and acked past ``missed``: writes wait for it
+    owed: int = -1  # highest seq acknowledged without it while it was joining
     unreported: LaggingReaderReport | None = None
 
 
 def _holds_up(link: ReaderLink, seq: int) -> bool:
-    """Whether a write of ``seq`` must wait for ``link``'s ack: an in-sync reader, or a joining
-    one the record was queued for (module docstring), that has not applied it yet."""
-    counts = link.in_sync or (link.joining and seq > link.missed)
+    """Whether a write of ``seq`` must wait for ``link``'s ack: an in-sync reader, or a
+    caught-up joining one (module docstring), that has not applied it yet."""
+    counts = link.in_sync or (link.joining and link.caught_up)
     return counts and link.applied_seq < seq
+
+
+def _owe(links: Iterable[ReaderLink], seq: int) -> None:
+    """A write of ``seq`` is being acknowledged (caller holds the condition): each joining
+    link that has not applied it must apply it before it may flip in sync."""
+    for link in links:
+        if link.joining and link.applied_seq < seq:
+            link.owed = max(link.owed, seq)
 
 
 @dataclass
@@ -298,9 +309,11 @@ class WriterRole:
                     waiting = [lk for lk in links if _holds_up(lk, seq)]
                     reporting = [lk for lk in links if lk.reporting]
                     if not waiting and not reporting:
+                        _owe(links, seq)
                         break
                     remaining = deadline - self._clock()
                     if remaining <= 0 and not reporting:
+                        _owe(links, seq)
                         break
                     wait.wake.clear()  # a change from here on sets it again (_notify)
                 wait.wake.wait(remaining if remaining > 0 else 0.05)
@@ -334,7 +347,7 @@ class WriterRole:
             if link.retired or not (link.in_sync or link.joining):
                 return
             was_in_sync = link.in_sync
-            link.in_sync = link.joining = False
+            link.in_sync = link.joining = link.caught_up = False
             link.pending.clear()
             link.missed = max(link.missed, self.volume.applied_seq)
             if not was_in_sync:
@@ -405,7 +418,9 @@ class WriterRole:
                 if not link.in_sync and not link.joining and ack.applied_seq >= commit:
                     link.joining = True  # commits are queued for it from now on
                 if link.joining and link.applied_seq >= link.missed:
-                    link.joining, link.in_sync = False, True
+                    link.caught_up = True  # writes wait for it now: ``owed`` stops moving
+                if link.joining and link.caught_up and link.applied_seq >= link.owed:
+                    link.joining, link.caught_up, link.in_sync = False, False, True
                     self._sync_revision += 1
                     LOG.info("event=reader_in_sync node=%s reader=%s applied_seq=%d "
                              "sync_revision=%d", self.node, link.node, link.applied_seq,

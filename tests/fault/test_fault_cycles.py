@@ -99,6 +99,11 @@ def test_each_pause_or_cut_of_the_writer_is_one_failover_and_nothing_else(
                 faulted.append(victim)
                 assert new_epoch == epoch + 1, (
                     f"seed {seed}: fault {i} on {victim}: epoch {epoch} -> {new_epoch}")
+            # enough checked reads to mean something, however fast the cycles went (faster
+            # failovers leave fewer acknowledged puts in the same ten faults)
+            wait_until(lambda: work.acks > 100
+                       and all(work.checked.get(n, 0) > 20 for n in HOST_OF), 60,
+                       f"100 acknowledged puts and 20 checked reads per node (seed {seed})")
     finally:
         recorded.finish()
     assert_history_clean(recorded.history, loop.client(), seed)
