@@ -148,8 +148,9 @@ def test_a_new_reader_is_waited_for_only_once_it_applied_everything_acknowledged
     thread.start()
     try:
         before = cluster.writer.sync_state()[0]
+        # (no check that r3 is out of sync right after this: with a write just finished its
+        # first catch-up can reach everything before the next one, a race, not the property)
         cluster.writer.set_readers({"r1": "a1", "r2": "a2", "r3": "a3"})
-        assert "r3" not in cluster.writer.sync_state()[1]
         deadline = time.monotonic() + 10
         while "r3" not in cluster.writer.sync_state()[1] and time.monotonic() < deadline:
             time.sleep(0.005)
