@@ -154,7 +154,11 @@ def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
     seen = {h.name: health(h.address, deadline) for h in hosts3.hosts}
     assert {n: (s["node"], s["role"]) for n, s in seen.items()} == {
         "h1": ("h1", "writer"), "h2": ("h2", "reader"), "h3": ("h3", "reader")}
-    assert sorted(seen["h1"]["in_sync"]) == ["h2", "h3"]  # type: ignore[call-overload]
+    # the readers start beside the writer: each joins once its first push is answered
+    while sorted(seen["h1"]["in_sync"]) != ["h2", "h3"]:  # type: ignore[call-overload]
+        assert time.monotonic() < deadline, f"readers never in sync: {seen['h1']}"
+        time.sleep(0.1)
+        seen["h1"] = health(hosts3.hosts[0].address, deadline)
     stopped = deployer.stop(targets)
     assert all(stopped[n].actions == (f"stopped pid {started[n].pid}",) for n in stopped)
     log = Path(targets[0].prefix, "var/log/rbdfleet/agent.log").read_text()
