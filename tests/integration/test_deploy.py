@@ -165,13 +165,22 @@ def test_the_real_agent_runs_as_writer_and_readers_on_a_shared_file(
     assert "event=signal signal=SIGTERM" in log and "event=stopped node=h1" in log
 
 
+# Formatted as root over SSH; under systemd the agent opens it as its own account, which
+# put_files made: the volume is handed to that account, as a disk is by the disk group.
 FORMAT_LOCAL_IMAGE = """
-import sys
+import os, pwd, sys
 sys.path.insert(0, sys.argv[1])
 from agents.daemon import main
 with open(sys.argv[2], "wb") as image:
     image.truncate(16 << 20)
-sys.exit(main(["format", "--backend", "file:" + sys.argv[2], "--fleet", "vmtest"]))
+rc = main(["format", "--backend", "file:" + sys.argv[2], "--fleet", "vmtest"])
+try:
+    account = pwd.getpwnam("rbdfleet-agent")
+except KeyError:  # no systemd: the agent runs as the SSH user
+    pass
+else:
+    os.chown(sys.argv[2], account.pw_uid, account.pw_gid)
+sys.exit(rc)
 """
 
 
