@@ -90,17 +90,8 @@ class Allocator:
         it leaves the quarantine and what the record does not use of it is free. Raises
         OverlappingExtents for bytes that are neither (two owners: a corrupt journal)."""
         extents = list(extents)
-        for extent in extents:
-            i = bisect.bisect_left(self._q_starts, extent.offset)
-            j = max(i - 1, 0)
-            while j < len(self._q_starts) and self._q_starts[j] < extent.end:
-                other = self._q_map[self._q_starts[j]][1]
-                if other.end > extent.offset:
-                    del self._q_map[other.offset]
-                    del self._q_starts[j]
-                    self._insert_free(other)
-                else:
-                    j += 1
+        for other in self._unquarantine_overlapping(extents):
+            self._insert_free(other)
         for extent in extents:
             i = bisect.bisect_right(self._starts, extent.offset) - 1
             s = self._starts[i] if i >= 0 else -1
@@ -203,6 +194,12 @@ class Allocator:
         """A record put data on ``extents``: any quarantined extent they overlap had been
         released and reused by the writer (release_through is not journaled, so a replay
         learns it here). Drops those quarantine entries whole."""
+        self._unquarantine_overlapping(extents)
+
+    def _unquarantine_overlapping(self, extents: Iterable[Extent]) -> list[Extent]:
+        """Take every quarantined extent that overlaps one of ``extents`` out of the
+        quarantine (whole); returns them. Their heap entries go stale (skipped on release)."""
+        dropped: list[Extent] = []
         for extent in extents:
             i = bisect.bisect_left(self._q_starts, extent.offset)
             j = max(i - 1, 0)
@@ -211,8 +208,10 @@ class Allocator:
                 if other.end > extent.offset:
                     del self._q_map[other.offset]
                     del self._q_starts[j]
+                    dropped.append(other)
                 else:
                     j += 1
+        return dropped
 
     def release_through(self, seq: int) -> int:
         """Free the extents quarantined by records with seq <= ``seq``; returns bytes freed."""
