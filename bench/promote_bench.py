@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.backends.file import FileDevice  # noqa: E402
-from agents.core import checkpoint as ckpt  # noqa: E402
-from agents.core.allocator import Allocator, Extent  # noqa: E402
-from agents.core.btree import Tree  # noqa: E402
-from agents.core.index import Entry, Node  # noqa: E402
-from agents.core.pages import encode_entry, path_key  # noqa: E402
 from agents.core.superblock import SLOTS, Superblock, choose  # noqa: E402
 from agents.device import ALIGN  # noqa: E402
-from agents.volume import LAYOUT, TREE_PAGE, Volume  # noqa: E402
+from agents.testing import bulk_format  # noqa: E402
 from bench.run_all import spread  # noqa: E402
 from tests.fixtures.agents import AgentClient, AgentFleet  # noqa: E402
 
@@ -70,26 +64,6 @@ def image_bytes(files: int) -> int:
     return max(2 * GiB, min(files * 8 << 10, 16 * GiB))
 
 
-class _BulkPages:
-    """The bulk loader's PageStore: pages from the data area's allocator, written at once."""
-
-    def __init__(self, device: FileDevice, allocator: Allocator) -> None:
-        self.device = device
-        self.allocator = allocator
-
-    def read_page(self, page_no: int) -> bytes:
-        return self.device.read_at(page_no * ALIGN, TREE_PAGE)
-
-    def allocate(self) -> int:
-        (got,) = self.allocator.allocate(TREE_PAGE)
-        return got.offset // ALIGN
-
-    def write_page(self, page_no: int, data: bytes) -> None:
-        self.device.write_at(page_no * ALIGN, data)
-
-    def free(self, page_no: int) -> None:
-        self.allocator.give_back([Extent(page_no * ALIGN, TREE_PAGE)])
-
 
 def bulk_image(path: Path, fleet: str, files: int) -> float:
     """Format ``path`` and make its checkpoint hold ``files`` files; seconds taken."""
@@ -98,35 +72,7 @@ def bulk_image(path: Path, fleet: str, files: int) -> float:
         f.truncate(image_bytes(files))
     device = FileDevice(str(path))
     try:
-        Volume.format(device, fleet=fleet)
-        sb = choose([device.read_at(s, ALIGN) for s in SLOTS])
-        allocator = Allocator(sb.data_offset, sb.data_offset + sb.data_bytes)
-        pages = _BulkPages(device, allocator)
-        tree = Tree(pages, layout=LAYOUT)
-        seq = files + files // PER_DIR + 2
-        items: list[tuple[bytes, bytes]] = []
-        for d in range(-(-files // PER_DIR)):
-            items.append((path_key(f"/d{d}"), encode_entry(
-                Node(Entry(f"/d{d}", "dir", 0, 1, 1, 0.0, None)))))
-        for i in range(files):
-            data = f"{i:015d}\n".encode()
-            path_ = f"/d{i // PER_DIR}/f{i}"
-            items.append((path_key(path_), encode_entry(Node(
-                Entry(path_, "file", len(data), i + 2, 1, 0.0, zlib.crc32(data)),
-                inline=data))))
-        items.sort()
-        root = None
-        for at in range(0, len(items), TXN_KEYS):
-            txn = tree.begin(root)
-            for key, value in items[at : at + TXN_KEYS]:
-                txn.put(key, value)
-            commit = txn.commit()
-            for page_no in commit.freed:  # the copied right edge: no root reaches it
-                pages.free(page_no)
-            root = commit.root
-        device.write_at(sb.checkpoint_offsets[0], ckpt.encode(
-            seq, 1, root, allocator.free_extents(), [], 0, sb.checkpoint_bytes))
-        device.flush()
+        bulk_format(device, fleet=fleet, files=files, per_dir=PER_DIR, txn_keys=TXN_KEYS)
     finally:
         device.close()
     return time.monotonic() - started
