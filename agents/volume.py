@@ -81,6 +81,7 @@ CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in u
 # RBD's default object size: librbd deletes an object (its space goes back to the pool) only
 # when a discard covers all of it, and merely zeroes the part another discard covers
 DISCARD_UNIT = 4 << 20
+DISCARD_WAIT = 5.0  # seconds between looks at space held by discards in flight
 # metadata tree pages: 32 KiB, so that a key holds any path (4096 bytes: pages.py) and a
 # leaf a few hundred entries; a page number is its device offset in 4 KiB blocks
 TREE_PAGE = 32 << 10
@@ -90,6 +91,16 @@ PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one ru
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints
 # (and readers switch roots when they apply its record), so memory stays bounded
 OVERLAY_MAX = 4096
+# pages a checkpoint may rewrite per changed path (a leaf and its branches: 4 levels of
+# 32 KiB pages hold far more entries than a device holds files)
+PAGES_PER_PATH = 4
+
+
+def reserve_pages(data_bytes: int) -> int:
+    """Tree pages the writer holds back from data (1/64 of the data area, 4 to 2048 pages):
+    a full store can still checkpoint, so deletes go through and give the space back. Held
+    as whole pages because a full data area is fragmented below a page's size."""
+    return max(4, min(data_bytes // 64, 64 << 20) // TREE_PAGE)
 RELOADS = 8  # checkpoint loads a reader tries while a live writer keeps moving
 # I/O buffers kept mapped between puts and reads (a fresh 4 MiB buffer costs its page faults
 # on every use; more than this stays out of an idle agent's RSS)
@@ -160,11 +171,13 @@ class _PageStore:
     TREE_PAGE bytes at device offset ``n * 4096``. The writer allocates them from the volume's
     allocator PAGE_RUN at a time, buffers a commit's writes and writes them out sorted, in
     contiguous runs (:meth:`write_out`); pages a commit frees are quarantined by the volume
-    like data extents."""
+    like data extents. The writer also holds a reserve of pages (:func:`reserve_pages`) that
+    no data may take; they are free in every checkpoint, so a crash leaks none."""
 
     def __init__(self, vol: Volume) -> None:
         self._vol = vol
         self._spare: builtins.list[int] = []
+        self._reserve: builtins.list[int] = []
         self._writes: dict[int, bytes] = {}
         # next fit: a page freed by a checkpoint is reused only after the pages are laid
         # over the rest of the free space, so a reader that is not in sync (not protected
@@ -182,19 +195,57 @@ class _PageStore:
     def allocate(self) -> int:
         if not self._spare:
             allocator = self._vol._allocator
-            got = allocator.allocate_after(self._cursor, PAGE_RUN * TREE_PAGE)
-            if len(got) != 1:  # fragmented: no run of PAGE_RUN pages, take one page
+            try:
+                got = allocator.allocate_after(self._cursor, PAGE_RUN * TREE_PAGE)
+            except NoSpace:  # less free than a run: one page may still fit
+                got = []
+            if len(got) != 1:  # fragmented or nearly full: take one page
                 allocator.give_back(got)
-                got = allocator.allocate_after(self._cursor, TREE_PAGE)
-                if len(got) != 1:
-                    allocator.give_back(got)
-                    raise NoSpace("no free run for a metadata page", needed=TREE_PAGE)
+                got = self._one_page(allocator)
+                if not got:
+                    if not self._reserve:
+                        raise NoSpace("no free run for a metadata page", needed=TREE_PAGE)
+                    got = [Extent(self._reserve.pop() * ALIGN, TREE_PAGE)]
             run = got[0]
             self._spare = [(off // ALIGN) for off in range(run.end - TREE_PAGE,
                                                            run.offset - 1, -TREE_PAGE)]
         page_no = self._spare.pop()
         self._cursor = page_no * ALIGN + TREE_PAGE
         return page_no
+
+    def _one_page(self, allocator: Allocator) -> builtins.list[Extent]:
+        """One free page from ``allocator`` after the cursor, or [] (full or fragmented)."""
+        try:
+            got = allocator.allocate_after(self._cursor, TREE_PAGE)
+        except NoSpace:
+            return []
+        if len(got) != 1:
+            allocator.give_back(got)
+            return []
+        return got
+
+    def refill_reserve(self) -> bool:
+        """Take pages into the reserve (from the end of the data area) while the free map
+        has them; True once full."""
+        allocator = self._vol._allocator
+        want = reserve_pages(self._vol._sb.data_bytes)
+        while len(self._reserve) < want:
+            got = allocator.allocate_last(TREE_PAGE)
+            if got is None:
+                return False
+            self._reserve.append(got.offset // ALIGN)
+        return True
+
+    def drop_reserve(self) -> None:
+        """Forget the reserve (its pages are free in a rebuilt free map)."""
+        self._reserve.clear()
+
+    def reserve_extents(self) -> builtins.list[Extent]:
+        """The reserve's pages: free on the image, held back in memory."""
+        return [Extent(p * ALIGN, TREE_PAGE) for p in self._reserve]
+
+    def reserve_bytes(self) -> int:
+        return len(self._reserve) * TREE_PAGE
 
     def write_page(self, page_no: int, data: bytes) -> None:
         self._writes[page_no] = data
@@ -311,6 +362,10 @@ class Volume:
         self._buffers = _Buffers(KEEP_BUFFERS)
         self._ring = sb.journal_bytes
         self._lock = threading.RLock()  # index, allocator, cursor, pins
+        # free space held while a released run (widened to whole units) is discarded: a put
+        # short of space waits for it instead of failing
+        self._discarding = 0
+        self._discarded = threading.Condition(self._lock)
         self._cond = threading.Condition(threading.Lock())  # group-commit queue, leadership
         self._queue: collections.deque[_Ticket] = collections.deque()
         self._leading = False
@@ -1046,6 +1101,8 @@ class Volume:
                 if self._writer_epoch is None:
                     # a writer's own map also holds extents of puts in flight: keep it
                     self._rebuild_allocator()
+                    self._pages.drop_reserve()
+                    self._pages.refill_reserve()
                 if epoch <= self._index.epoch:
                     raise StaleEpoch(
                         f"epoch {epoch} is not above the highest seen ({self._index.epoch})",
@@ -1071,6 +1128,7 @@ class Volume:
         if size < 0:
             raise BadRequest("negative size")
         if size <= self._sb.inline_max:
+            self._check_room(size)
             data = b"".join(_bounded(chunks, size))
             if len(data) != size:
                 raise BadRequest(f"got {len(data)} bytes, announced {size}", size=size)
@@ -1085,10 +1143,7 @@ class Volume:
                 inline=data,
             )
             return self._commit(self._ticket("put", payload, epoch))
-        with self._lock:
-            free = self._allocator.free_bytes()
-        if free < size:  # refused before any byte is read; nothing is reserved up front
-            raise NoSpace(f"no space for {size} bytes ({free} free)", needed=size)
+        self._check_room(size)  # refused before any byte is read; nothing held up front
         # reserved unit by unit as the data arrives (_write_data): a body that trickles in
         # holds only the space of what it sent, never its announced size
         extents: builtins.list[Extent] = []
@@ -1152,6 +1207,7 @@ class Volume:
             # goes back once the write is done, failed or cancelled
             nonlocal logical
             with self._lock:
+                self._check_room(block.nbytes)  # concurrent puts passed the first check
                 got = self._allocator.allocate(block.nbytes)
             for x in got:
                 if extents and extents[-1].end == x.offset:
@@ -1223,6 +1279,7 @@ class Volume:
         """Create a directory (and its missing parents with ``parents=True``)."""
         path = normalize_path(path)
         self._check_writer(epoch)
+        self._check_room(0)
         payload = {"path": path, "parents": parents, "mtime": time.time()}
         return self._commit(self._ticket("mkdir", payload, epoch))
 
@@ -1250,12 +1307,15 @@ class Volume:
             if not held:
                 return
             self._outside[id(held)] = held
+            self._discarding += 1
         try:
             self._discard(held)
         finally:
             with self._lock:
                 del self._outside[id(held)]
                 allocator.give_back(held)
+                self._discarding -= 1
+                self._discarded.notify_all()
 
     def _discard(self, extents: builtins.list[Extent]) -> None:
         done = 0
@@ -1291,6 +1351,27 @@ class Volume:
         come one at a time in seq order (the journal leader makes them), so the listener must
         be quick: the writer encodes the commit's push once and queues it for every reader."""
         self._on_commit = listener
+
+    def free_bytes(self) -> int:
+        """Free bytes of the data area in this volume's map, the metadata reserve included
+        (a reader's map does not follow the writer's tree pages: only the writer's is exact)."""
+        with self._lock:
+            return self._allocator.free_bytes() + self._pages.reserve_bytes()
+
+    def _check_room(self, nbytes: int) -> None:
+        """NoSpace unless ``nbytes`` are free for new data and the metadata reserve is whole
+        (once no discard in flight holds space back). Deletes and renames skip this: they
+        are how a full store gets its space back."""
+        with self._lock:
+            while True:
+                full = self._pages.refill_reserve()
+                free = self._allocator.free_bytes()
+                if (free >= nbytes and full) or not self._discarding:
+                    break
+                self._discarded.wait(DISCARD_WAIT)
+        if free < nbytes or not full:
+            raise NoSpace(f"no space for {nbytes} bytes ({free} free; the metadata reserve "
+                          f"{'is whole' if full else 'is short'})", needed=nbytes)
 
     # ---- group commit --------------------------------------------------------------------
 
@@ -1385,8 +1466,13 @@ class Volume:
             # placed for all of its tickets (a refused one only leaves the batch shorter):
             # the padded batch, plus at most as much skipped at the end of the ring
             room = journal.align_up(sum(t.nbytes for t in batch))
+            # the overlay's pages must fit in half the free space (the other half holds the
+            # pages the last commit replaced until readers pass them): near full, often
+            pages = self._index.overlay_size * PAGES_PER_PATH * TREE_PAGE
+            room_for_pages = self._allocator.free_bytes() + self._pages.reserve_bytes()
             if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
-                    or self._index.overlay_size >= OVERLAY_MAX):
+                    or self._index.overlay_size >= OVERLAY_MAX
+                    or pages > room_for_pages // 2):
                 batch = [self._checkpoint_locked(), *batch]
                 room = journal.align_up(sum(t.nbytes for t in batch))
             start = at = journal.place_batch(self._cursor.pos, room, self._ring)
@@ -1453,6 +1539,7 @@ class Volume:
                 self._pages.write_out()
             finally:
                 self._pages.give_back_spare()
+                self._pages.refill_reserve()
             self._device.flush()  # the tree is durable before a checkpoint names its root
             # pages the previous commit freed join the quarantine now, under this record's
             # seq: a root stays whole for a whole checkpoint interval after it is replaced,
@@ -1460,7 +1547,7 @@ class Volume:
             # not wait for it) needs to load it and follow the journal from it
             self._allocator.quarantine(seq + 1, self._retired)
             self._retired = _coalesce(Extent(p * ALIGN, TREE_PAGE) for p in commit.freed)
-            free = _coalesce([*self._allocator.free_extents(),
+            free = _coalesce([*self._allocator.free_extents(), *self._pages.reserve_extents(),
                               *(x for xs in self._outside.values() for x in xs)])
             quarantine = sorted([*self._allocator.quarantined(),
                                  *((seq + 1, x) for x in self._retired)],

@@ -156,6 +156,17 @@ class Allocator:
                 return [Extent(s, need)]
         return self.allocate(nbytes)
 
+    def allocate_last(self, nbytes: int) -> Extent | None:
+        """The highest run of ``nbytes`` (rounded up to 4 KiB) in one free extent, or None:
+        space held for long stays out of the way of first-fit allocation."""
+        need = -(-max(nbytes, 0) // ALIGN) * ALIGN
+        for s in reversed(self._starts):
+            if self._lengths[s] >= need:
+                offset = s + self._lengths[s] - need
+                self._take_range(s, offset, need)
+                return Extent(offset, need)
+        return None
+
     def _take(self, start: int, length: int) -> None:
         """Remove ``[start, start+length)`` from the head of the free extent at ``start``."""
         rest = self._lengths.pop(start) - length

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
 from agents.core.allocator import Allocator, Extent
-from agents.errors import DeviceError, NoSpace
+from agents.errors import DeviceError, NoSpace, NotFound
 from agents.testing import MemoryDevice
-from agents.volume import DISCARD_UNIT, Volume
+from agents.volume import DISCARD_UNIT, TREE_PAGE, Volume, reserve_pages
 
 pytestmark = pytest.mark.unit
 
@@ -153,14 +153,15 @@ def test_extents_are_discarded_when_they_leave_quarantine_not_before() -> None:
     assert any(o <= first_unit and first_unit + DISCARD_UNIT <= o + n
                for o, n in device.discards)
     assert counted == [sum(n for _, n in device.discards)]
-    assert vol._allocator.free_bytes() == vol.superblock.data_bytes  # all given back
+    assert vol.free_bytes() == vol.superblock.data_bytes  # all given back
 
 
-def test_a_held_extent_is_not_reused_while_its_discard_is_in_flight() -> None:
+def test_a_put_short_of_space_waits_for_the_discard_in_flight_then_reuses_its_extent() -> None:
     device = RecordingDevice(64 * MiB)
     vol = _writer(device)
     data = vol.superblock.data_bytes
-    _put(vol, "/big", data - 2 * MiB)  # leaves 2 MiB free
+    # leaves 2 MiB free besides the pages held for metadata
+    _put(vol, "/big", data - reserve_pages(data) * TREE_PAGE - 2 * MiB)
     _put(vol, "/small", MiB)
     old = vol._index.get("/small").extents
     _put(vol, "/small", MiB, fill=2)  # the old version is quarantined
@@ -168,11 +169,17 @@ def test_a_held_extent_is_not_reused_while_its_discard_is_in_flight() -> None:
     releasing = threading.Thread(target=vol.release_through, args=(vol.applied_seq,))
     releasing.start()
     assert device.entered.wait(10)
-    with pytest.raises(Exception, match="no space"):
-        _put(vol, "/other", MiB)  # the only free MiB is held by the discard in flight
+    # the only free MiB is held by the discard in flight: the put waits for it, and only
+    # then reuses it (never while the discard could still zero it)
+    putting = threading.Thread(target=_put, args=(vol, "/other", MiB, 3))
+    putting.start()
+    putting.join(0.5)
+    assert putting.is_alive()
+    with pytest.raises(NotFound):
+        vol.stat("/other")
     device.gate.set()
     releasing.join(10)
-    _put(vol, "/other", MiB, fill=3)  # given back: now it can be reused
+    putting.join(10)
     assert vol._index.get("/other").extents == old
     assert b"".join(vol.read("/other")) == b"\x03" * MiB
 
@@ -205,7 +212,7 @@ def test_a_failed_discard_still_frees_the_extents() -> None:
     vol.delete("/f", epoch=1)
     vol.release_through(vol.applied_seq)
     assert vol._allocator.quarantined() == []
-    assert vol._allocator.free_bytes() == vol.superblock.data_bytes
+    assert vol.free_bytes() == vol.superblock.data_bytes
 
 
 # ---- the file backend --------------------------------------------------------------------

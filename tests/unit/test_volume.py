@@ -4,6 +4,7 @@ journal, versions stay consistent under overwrite, the journal wraps through che
 from __future__ import annotations
 
 import os
+import random
 import threading
 import zlib
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ from agents.errors import (
     WrongKind,
 )
 from agents.testing import MemoryDevice
-from agents.volume import Record, Volume
+from agents.volume import TREE_PAGE, Record, Volume
 from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.unit
@@ -214,7 +215,7 @@ def test_epochs_fence_old_writers(opener: Opener) -> None:
 
 def test_bad_puts_leave_no_trace(opener: Opener) -> None:
     vol = writer(opener)
-    free = vol._allocator.free_bytes()
+    free = vol.free_bytes()
     with pytest.raises(BadRequest):
         vol.put("/a", [b"x" * 10_000], 20_000, epoch=1, mtime=0)
     with pytest.raises(BadRequest):
@@ -224,9 +225,46 @@ def test_bad_puts_leave_no_trace(opener: Opener) -> None:
         put(vol, "/d", b"z" * 10_000)
     with pytest.raises(NoSpace):
         vol.put("/huge", iter(()), SIZE, epoch=1, mtime=0)
-    assert vol._allocator.free_bytes() == free
+    assert vol.free_bytes() == free
     with pytest.raises(NotFound):
         vol.stat("/a")
+    assert vol.fsck() == []
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_full_store_refuses_new_data_and_deleting_everything_gives_the_space_back(
+    opener: Opener, seed: int
+) -> None:
+    """Filled with files of mixed sizes until NoSpace: further puts, inline ones and mkdir
+    are refused too, yet every delete (in any order) goes through, because the checkpoints
+    they need take tree pages the writer held back from data. Without that reserve the
+    first delete of a full store failed with NoSpace and the store stayed full for good."""
+    rng = random.Random(seed)
+    vol = writer(opener, journal_bytes=64 << 10)  # small ring: checkpoints all along
+    empty = vol.free_bytes()
+    for d in range(7):
+        vol.mkdir(f"/d{d}", epoch=1)
+    names: list[str] = []
+    for sizes in ([100, 3000, 5000, 20_000, 300_000], [3000, 20_000], [100]):  # to the brim
+        with pytest.raises(NoSpace):
+            for n in range(len(names), 100_000):
+                put(vol, f"/d{n % 7}/f{n}", rng.randbytes(rng.choice(sizes)))
+                names.append(f"/d{n % 7}/f{n}")
+                if n % 10 == 0:
+                    vol.release_through(vol.safe_seq())
+    for refused in (lambda: put(vol, "/tiny", b"x"), lambda: vol.mkdir("/new", epoch=1)):
+        with pytest.raises(NoSpace):
+            refused()
+    rng.shuffle(names)
+    for i, name in enumerate(names):
+        vol.delete(name, epoch=1)
+        if i % 10 == 0:
+            vol.release_through(vol.safe_seq())
+    vol.checkpoint()
+    vol.checkpoint()  # the first one's replaced pages join the quarantine at the second
+    vol.release_through(vol.safe_seq())
+    assert vol.free_bytes() >= empty - 8 * TREE_PAGE  # the tree's few pages stay in use
+    put(vol, "/again", b"y" * 300_000)
     assert vol.fsck() == []
 
 
