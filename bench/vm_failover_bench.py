@@ -58,8 +58,10 @@ from pathlib import Path
 from typing import Any
 
 from agents.errors import NotFound, RbdfleetError
+from agents.service import UNIT_NAME
 from orchestrator.adapters.ssh import ParamikoShell
 from orchestrator.core.remote import shell_script
+from orchestrator.deploy import AgentLayout
 from orchestrator.errors import SandboxError
 from orchestrator.sandbox import lifecycle, vms
 from orchestrator.sandbox.demo import Mission
@@ -68,7 +70,7 @@ from orchestrator.sandbox.lifecycle import COORDINATOR_PORT
 from orchestrator.sandbox.state import StateFile
 
 KINDS = ("kill", "pause", "cutoff", "poweroff")  # the one that reboots a VM last
-PHASES = ("detect", "fence", "switch", "promote", "announce", "first_put")
+PHASES = ("evidence", "detect", "fence", "switch", "promote", "announce", "learn", "first_put")
 TARGET_S = 1.5
 DEPLOY_ATTEMPTS = 3  # seen on a host at load 30: paramiko authentication timeouts
 CUT_TABLE = 87  # the guest routing table of the blackhole route (as tests/vm_faults.py)
@@ -102,8 +104,13 @@ def log_events(text: str, since: float) -> list[tuple[float, str]]:
 def phases(events: list[tuple[float, str]], fault: float, old: str, new: str
            ) -> dict[str, float | None]:
     """Seconds from ``fault`` to each coordinator phase; each phase is looked for after the
-    previous one (a map published for another reason before the promotion does not count)."""
+    previous one (a map published for another reason before the promotion does not count).
+    ``evidence``: the first word against the old writer (a client's report, the hypervisor's
+    event, a failed probe), whichever came first."""
     wanted: list[tuple[str, Callable[[str], bool]]] = [
+        ("evidence", lambda s: f"node={old} " in s + " " and (
+            "event=client_report" in s or "event=probe_failed" in s
+            or ("event=hypervisor_reported" in s and "state=running" not in s))),
         ("detect", lambda s: "event=node_confirmed_dead" in s and f"node={old} " in s + " "),
         ("fence", lambda s: f"action=FenceNode({old}," in s and "event=action_done" in s),
         ("switch", lambda s: "provision step done" in s and "attach rw disk to" in s
@@ -122,12 +129,130 @@ def phases(events: list[tuple[float, str]], fault: float, old: str, new: str
     return out
 
 
+_SECONDS = re.compile(r"seconds=([0-9.]+)")
+_WHAT = re.compile(r"(event=\w+|action='[^']*'|action=\S+|reason=\S+|refused=\S+|state=\S+)")
+
+
+def details(events: list[tuple[float, str]], fault: float, until: float) -> list[str]:
+    """The coordinator's lines of the failover (fault to ``until``), shortened: when each
+    probe failure, report, event, provision step and action came, for the breakdown."""
+    keep = ("event=client_report", "event=probe_failed", "event=hypervisor_reported",
+            "event=node_confirmed_dead", "event=action_done", "provision step done",
+            "event=action_failed", "event=map_published")
+    out = []
+    for t, line in events:
+        if fault <= t <= until + 0.001 and any(k in line for k in keep):
+            node = re.search(r"node=(\S+)", line)
+            out.append(f"+{t - fault:.3f} " + " ".join(_WHAT.findall(line))
+                       + (f" node={node.group(1)}" if node else "")
+                       + (f" seconds={m.group(1)}" if (m := _SECONDS.search(line)) else ""))
+    return out
+
+
+_GUEST_STAMP = re.compile(r"ts=(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def guest_steps(log: str) -> dict[str, float]:
+    """Seconds from the last promotion's start in an agent's log (the guest's own clock, so
+    durations only) to: ``device`` the read-write disk found and opened (the warm adoption's
+    own ``seconds`` before its line), ``adopt`` the warm adoption done (or the cold open),
+    ``epoch`` the journal replayed and the epoch record written, ``writer`` accepting
+    writes; ``cold`` 1 when the promotion was cold."""
+    lines = log.splitlines()
+    start = max((i for i, line in enumerate(lines)
+                 if "event=role_changed" in line and "to=promoting/" in line), default=None)
+    if start is None:
+        return {}
+
+    def stamp(line: str) -> float | None:
+        m = _GUEST_STAMP.search(line)
+        return None if m is None else datetime.strptime(
+            m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+    t0 = stamp(lines[start])
+    if t0 is None:
+        return {}
+    out: dict[str, float] = {}
+    marks = (("adopt", "event=promotion_"), ("epoch", "event=epoch_record"),
+             ("writer", "to=writer/"))
+    for line in lines[start + 1:]:
+        for name, marker in marks:
+            if name not in out and marker in line and (t := stamp(line)) is not None:
+                out[name] = round(t - t0, 3)
+                if name == "adopt" and (took := _SECONDS.search(line)) is not None:
+                    out["device"] = round(t - t0 - float(took.group(1)), 3)
+        if "event=promotion_cold" in line:
+            out["cold"] = 1.0
+    return out
+
+
+def client_steps(targets: list[tuple[float, str, int]],
+                 sent: list[tuple[float, float, str, str]], fault: float, old: str,
+                 new: str) -> dict[str, Any]:
+    """The put client's side (seconds from ``fault``): ``learn`` its first targets naming
+    ``new``; ``attempts`` its requests to ``old`` after the fault (ended at, outcome) and the
+    first to ``new`` (sent, ended, outcome)."""
+    learn = next((t for t, w, _ in targets if t > fault and w == new), None)
+    to_old = [(round(e - fault, 3), o) for s, e, n, o in sent if e > fault and n == old]
+    to_new = next(((round(s - fault, 3), round(e - fault, 3), o) for s, e, n, o in sent
+                   if s > fault and n == new), None)
+    return {"learn": None if learn is None else round(learn - fault, 3),
+            "to_old": to_old[:6], "first_to_new": to_new}
+
+
+class _TimedTargets:
+    """The put client's coordinator client, recording when each write's targets came back
+    and which writer they named: when the client learned the new map."""
+
+    def __init__(self, inner: Any, seen: list[tuple[float, str, int]]) -> None:
+        self._inner = inner
+        self._seen = seen
+
+    def targets(self, kind: str, path: str) -> Any:
+        answer = self._inner.targets(kind, path)
+        self._seen.append((time.time(), answer.ordered[0].node, answer.epoch))
+        return answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _TimedTransport:
+    """The put client's transport, recording each request to a node: (sent, ended, node,
+    outcome), the outcome ``ok`` or the error's class name."""
+
+    def __init__(self, inner: Any, sent: list[tuple[float, float, str, str]]) -> None:
+        self._inner = inner
+        self._sent = sent
+
+    def request(self, node: str, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        outcome = "ok"
+        try:
+            return self._inner.request(node, *args, **kwargs)
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            self._sent.append((started, time.time(), node, outcome))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class Load:
     """One thread putting 4 KiB files one after another, one reading back the last one."""
 
     def __init__(self, mission: Mission, io_timeout: float) -> None:
         self.put_client = mission.client(timeout=120.0)
         self.put_client.io_timeout = io_timeout
+        # what the put client did, for the client's share of a failover
+        self.targets: list[tuple[float, str, int]] = []  # (wall time, writer named, epoch)
+        self.sent: list[tuple[float, float, str, str]] = []  # (sent, ended, node, outcome)
+        self.put_client.coordinator = _TimedTargets(  # type: ignore[assignment]
+            self.put_client.coordinator, self.targets)
+        self.put_client.transport = _TimedTransport(  # type: ignore[assignment]
+            self.put_client.transport, self.sent)
         self.get_client = mission.client(timeout=120.0)
         self.get_client.io_timeout = io_timeout
         self.acks: list[tuple[float, str, int]] = []  # (wall time, node, epoch)
@@ -187,16 +312,23 @@ class Row:
     old: str
     new: str = ""
     fault_at: float = 0.0
+    evidence: float | None = None
     detect: float | None = None
     fence: float | None = None
     switch: float | None = None
     promote: float | None = None
     announce: float | None = None
+    learn: float | None = None
     first_put: float | None = None
     epochs: int = 0  # from the fault to the first put's epoch: 1 unless elections cascaded
     reads: int = 0
     failed_reads: int = 0
     errors: list[str] = field(default_factory=list)
+    # the breakdown: the coordinator's lines of the failover, the new writer's promotion in
+    # its guest (guest_steps), the put client's side (client_steps)
+    log: list[str] = field(default_factory=list)
+    guest: dict[str, float] = field(default_factory=dict)
+    client: dict[str, Any] = field(default_factory=dict)
 
 
 def vm_set(summary: lifecycle.SandboxSummary, directory: Path) -> vms.VmSet:
@@ -296,6 +428,20 @@ class Bench:
                     raise
                 say(f"deploy failed, again: {exc}")
 
+    def guest_steps(self, vm: str) -> dict[str, float]:
+        """:func:`guest_steps` of ``vm``'s agent log (journald, else its log file); empty when
+        the guest does not answer (a breakdown, not the figure)."""
+        marks = "event=(role_changed|promotion_|epoch_record)"
+        script = (f"(journalctl -u {UNIT_NAME} -o cat --no-pager --since=-600s 2>/dev/null; "
+                  f"tail -n 2000 {AgentLayout('/').log_path} 2>/dev/null) "
+                  f"| grep -E '{marks}' | tail -n 40")
+        try:
+            out = self.mission.shell.run(self.mission.config.vm(vm), shell_script(script))
+        except RbdfleetError as exc:
+            say(f"agent log of {vm} not read: {exc}")
+            return {}
+        return guest_steps(out.stdout)
+
     def _cut(self, vm: str, heal: bool) -> None:
         gateway, port = self.vms.gateway, self.mission.config.fleet.agent_port
         script = (
@@ -331,10 +477,13 @@ class Bench:
             row.first_put, row.new = round(first[0] - row.fault_at, 3), first[1]
             row.epochs = first[2] - epoch
             time.sleep(0.5)  # the coordinator log has flushed the lines of the failover
-            got = phases(log_events(self.log.read_text(), row.fault_at), row.fault_at, old,
-                         row.new)
-            for name, value in got.items():
+            events = log_events(self.log.read_text(), row.fault_at)
+            for name, value in phases(events, row.fault_at, old, row.new).items():
                 setattr(row, name, value)
+            row.log = details(events, row.fault_at, first[0])
+            row.client = client_steps(load.targets, load.sent, row.fault_at, old, row.new)
+            row.learn = row.client["learn"]
+            row.guest = self.guest_steps(row.new)
         except SandboxError as exc:
             row.errors.append(str(exc))
         finally:
@@ -349,6 +498,9 @@ class Bench:
         say(f"{kind} {n}: {old} -> {row.new or '?'} "
             + " ".join(f"{p}={getattr(row, p)}" for p in PHASES)
             + f" epochs={row.epochs} reads={row.reads} failed={row.failed_reads}")
+        say(f"{kind} {n} breakdown: guest {row.guest} client {row.client}")
+        for line in row.log:
+            say(f"{kind} {n}   {line}")
         return row
 
 
@@ -419,8 +571,8 @@ def plot(rows: list[Row], png: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = dict(zip(PHASES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3",
-                                "#937860"), strict=True))
+    colours = dict(zip(PHASES, ("#bbbbbb", "#4c72b0", "#dd8452", "#55a868", "#c44e52",
+                                "#8172b3", "#da8bc3", "#937860"), strict=True))
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.6))
     labels = []
     for y, row in enumerate(rows):
@@ -437,8 +589,8 @@ def plot(rows: list[Row], png: Path) -> str:
     ax.axvline(TARGET_S, color="black", linestyle="--", linewidth=1, label="target 1.5 s")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds from the fault (phase ends: detect, fence, switch, promote, "
-                  "announce, first put)")
+    ax.set_xlabel("seconds from the fault (phase ends: first evidence, detect, fence, switch, "
+                  "promote, announce, client learns the map, first put)")
     ax.set_title("Writer failover on 3 TCG sandbox VMs")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -99,6 +99,7 @@ class _ProbeAnswer:
     node: str
     ticket: int
     health: Health | None
+    refused: bool = False  # the connection was refused: the host answered, no agent listens
 
 
 @dataclass
@@ -471,7 +472,7 @@ class FleetService:
                 held = self._probing.get(item.node)
                 if held is not None and held.ticket == item.ticket:
                     del self._probing[item.node]
-                    self._observe_probe(item.node, item.health)
+                    self._observe_probe(item.node, item.health, item.refused)
             elif isinstance(item, FailureReported):
                 self._liveness = self._liveness.observe(item)
                 self._next_probe = now  # a client says it failed: probe it right now
@@ -567,19 +568,26 @@ class FleetService:
     def _probe(self, member: Member, timeout: float, ticket: int) -> None:
         """A probe pool thread: ask one member, queue the answer."""
         health: Health | None = None
+        refused = False
         try:
             health = self.ports.agents.health(member.address, timeout)
-        except RbdfleetError:
-            pass
+        except RbdfleetError as exc:
+            refused = isinstance(exc.__cause__, ConnectionRefusedError)
         except Exception:  # a bug: keep the traceback (a pool thread would drop it)
             LOG.exception("event=probe_error fleet=%s node=%s", self.fleet, member.name)
-        self._events.put(_ProbeAnswer(member.name, ticket, health))
+        self._events.put(_ProbeAnswer(member.name, ticket, health, refused))
         self._wake.set()
 
-    def _observe_probe(self, name: str, health: Health | None) -> None:
+    def _observe_probe(self, name: str, health: Health | None, refused: bool = False) -> None:
         at = self.clock.monotonic()
         if health is None:
-            self._liveness = self._liveness.observe(ProbeFailed(name, at))
+            before = self._liveness.record(name)
+            if before is not None and before.failed_probes == 0:  # the first of a run
+                LOG.info("event=probe_failed fleet=%s node=%s refused=%s", self.fleet, name,
+                         refused)
+            self._liveness = self._liveness.observe(ProbeFailed(name, at, refused))
+            if refused:  # evidence: the confirming probe goes in this very iteration
+                self._next_probe = 0.0
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
         if health.selftest == "failed":

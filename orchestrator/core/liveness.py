@@ -22,6 +22,14 @@ Invariants:
   failed probes with no contact for ``suspect_after`` (a node whose heartbeats still arrive is
   slow, not dead), or at least one failed probe after ``dead_after`` of silence, or the node's
   own failed self-test (a report that a lost packet cannot forge).
+* A refused connection is evidence, not a loss: the node's host answered (a TCP reset) and no
+  agent listens on its port, which a slow or starved agent never causes (its kernel still
+  accepts the connection; an overflowing backlog drops the SYN, it does not refuse it). So
+  ``confirm_refused`` consecutive refused probes (:attr:`ProbeFailed.refused`) are ``DEAD``
+  without waiting for ``suspect_after`` of silence: an agent killed in a running VM is
+  confirmed by two probes a few milliseconds apart (the service sends the second at once)
+  instead of after ``suspect_after`` and a third probe. A single refusal only makes it
+  ``SUSPECT``, and the promotion grace below discounts refusals as any failed probe.
 * Any successful contact (heartbeat or probe) resets the failure count and the reports, and
   clears a failed self-test only when the heartbeat says the self-test passes again.
 * Right after the coordinator swapped a node's disk to promote it (:meth:`Liveness.promoted`),
@@ -32,10 +40,11 @@ Invariants:
 * ``verdict`` is a function of the recorded observations and ``now`` alone.
 
 Defaults meet the failover target (writer killed -> new writer accepting writes <= 3 s p99 on
-processes): a killed agent refuses connections at once, so three probes (sped up by the first
-client's report) confirm it as soon as ``suspect_after`` = 0.5 s passed since its last
-heartbeat; a paused one times out each probe (0.3 s) and is confirmed the same way. That leaves
-> 1.5 s for fence (~0.1 s), promotion (journal replay) and announcement.
+processes): a killed agent refuses connections at once, so two refused probes (the first sped
+up by a client's report) confirm it within a probe interval of the kill; a paused one times
+out each probe (0.3 s) and is confirmed after three of them once ``suspect_after`` = 0.5 s
+passed since its last heartbeat. That leaves > 1.5 s for fence (~0.1 s), promotion (journal
+replay) and announcement.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ class LivenessConfig:
     suspect_after: float = 0.5
     dead_after: float = 1.2
     confirm_failures: int = 3
+    confirm_refused: int = 2
 
     def __post_init__(self) -> None:
         for name in ("probe_interval", "probe_timeout", "suspect_after", "dead_after"):
@@ -70,6 +80,8 @@ class LivenessConfig:
                 raise ConfigError(f"coordinator.{name}", "must be > 0")
         if self.confirm_failures < 2:
             raise ConfigError("coordinator.confirm_failures", "must be >= 2: one loss is no death")
+        if self.confirm_refused < 2:
+            raise ConfigError("liveness.confirm_refused", "must be >= 2: one refusal is no death")
         if self.dead_after <= self.suspect_after:
             raise ConfigError("coordinator.dead_after", "must exceed suspect_after")
 
@@ -96,8 +108,11 @@ class ProbeSucceeded:
 
 @dataclass(frozen=True)
 class ProbeFailed:
+    """A probe got no answer; ``refused``: its connection was refused (module docstring)."""
+
     node: str
     at: float
+    refused: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +169,7 @@ class NodeRecord:
 
     last_ok: float
     failed_probes: int = 0
+    refused_probes: int = 0  # the latest failed probes in a row that were refused
     reports: int = 0
     selftest_failed: bool = False
     hypervisor_down: str = ""
@@ -195,14 +211,16 @@ class Liveness:
         rec = self.record(obs.node) or NodeRecord(last_ok=obs.at)
         if isinstance(obs, HeartbeatReceived):
             failed = not obs.selftest_ok and not self._explained(rec, obs.at, obs.epoch)
-            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0, reports=0,
-                          selftest_failed=failed)
+            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0,
+                          refused_probes=0, reports=0, selftest_failed=failed)
         elif isinstance(obs, ProbeSucceeded):
-            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0, reports=0)
+            rec = replace(rec, last_ok=max(rec.last_ok, obs.at), failed_probes=0,
+                          refused_probes=0, reports=0)
         elif isinstance(obs, ProbeFailed):
             if rec.promoted_at is not None and obs.at < rec.promoted_at + self.config.dead_after:
                 return self._put(obs.node, rec)  # the swap's own slowness
-            rec = replace(rec, failed_probes=rec.failed_probes + 1)
+            rec = replace(rec, failed_probes=rec.failed_probes + 1,
+                          refused_probes=rec.refused_probes + 1 if obs.refused else 0)
         elif isinstance(obs, FailureReported):
             rec = replace(rec, reports=rec.reports + 1)
         elif isinstance(obs, HypervisorReportedDown):
@@ -229,6 +247,8 @@ class Liveness:
         silence = now - rec.last_ok
         if rec.selftest_failed or rec.hypervisor_down:
             return Verdict.DEAD
+        if rec.refused_probes >= cfg.confirm_refused:
+            return Verdict.DEAD  # its host answers, its agent does not listen
         if rec.failed_probes >= cfg.confirm_failures and silence >= cfg.suspect_after:
             return Verdict.DEAD  # probes fail AND no heartbeat came meanwhile
         if rec.failed_probes and silence >= cfg.dead_after:

@@ -84,6 +84,42 @@ def test_truth_table(observations: list[Observation], now: float, expected: Verd
     assert run(observations, now) is expected
 
 
+def refused(at: float) -> ProbeFailed:
+    return ProbeFailed("n", at, refused=True)
+
+
+# Refused connections: the host answered and no agent listens. Evidence, but two in a row.
+@pytest.mark.parametrize(
+    ("observations", "now", "expected"),
+    [
+        ([refused(0.1)], 0.1, S),  # one refusal is no death
+        ([refused(0.1), refused(0.11)], 0.11, D),  # no silence needed: 0.11 < suspect_after
+        ([ProbeFailed("n", 0.1), refused(0.11)], 0.11, S),  # a timeout and one refusal
+        ([refused(0.1), ProbeFailed("n", 0.2)], 0.2, S),  # the refusals were not in a row
+        ([refused(0.1), ProbeFailed("n", 0.2), refused(0.3)], 0.3, S),
+        ([refused(0.1), ProbeFailed("n", 0.2), refused(0.3), refused(0.31)], 0.31, D),
+        ([refused(0.1), ProbeSucceeded("n", 0.2), refused(0.3)], 0.3, S),  # it answered
+        ([refused(0.1), HeartbeatReceived("n", 0.2), refused(0.3)], 0.3, S),
+        # refusals are failed probes: three of them after suspect_after are dead anyway
+        ([refused(0.5), ProbeFailed("n", 0.6), ProbeFailed("n", 0.7)], 0.7, D),
+    ],
+)
+def test_refused_probes_table(observations: list[Observation], now: float,
+                              expected: Verdict) -> None:
+    assert run(observations, now) is expected
+
+
+def test_refusals_within_the_promotion_grace_are_discounted() -> None:
+    """The swap's grace holds for refusals as for any failed probe; after it they count."""
+    lv = Liveness(CFG).watch("n", 0.0).promoted("n", 10.0, epoch=2)
+    for t in (10.1, 10.2, 10.3):
+        lv = lv.observe(ProbeFailed("n", t, refused=True))
+    assert lv.verdict("n", 10.3) is not D
+    for t in (11.3, 11.31):
+        lv = lv.observe(ProbeFailed("n", t, refused=True))
+    assert lv.verdict("n", 11.31) is D
+
+
 def test_unwatched_nodes_are_alive_and_forget_stops_watching() -> None:
     lv = Liveness(CFG).watch("n", 0.0)
     assert lv.verdict("other", 99.0) is A
@@ -93,7 +129,8 @@ def test_unwatched_nodes_are_alive_and_forget_stops_watching() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"confirm_failures": 1}, {"dead_after": 0.4, "suspect_after": 0.5}, {"probe_timeout": 0}],
+    [{"confirm_failures": 1}, {"dead_after": 0.4, "suspect_after": 0.5}, {"probe_timeout": 0},
+     {"confirm_refused": 1}],
 )
 def test_config_refuses_settings_that_act_on_one_loss(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
@@ -106,14 +143,17 @@ def test_config_refuses_settings_that_act_on_one_loss(kwargs: dict[str, float]) 
     n=st.integers(min_value=10, max_value=60),
     lost=st.integers(min_value=0, max_value=59),
     reports=st.lists(st.integers(min_value=0, max_value=59), max_size=5),
+    was_refused=st.booleans(),
 )
-def test_one_lost_heartbeat_or_probe_never_kills(n: int, lost: int, reports: list[int]) -> None:
-    """A node that answers every probe_interval except once is never DEAD, whatever clients say."""
+def test_one_lost_heartbeat_or_probe_never_kills(n: int, lost: int, reports: list[int],
+                                                 was_refused: bool) -> None:
+    """A node that answers every probe_interval except once (a timeout or a refusal) is never
+    DEAD, whatever clients say."""
     lv = Liveness(CFG).watch("n", 0.0)
     for i in range(n):
         t = (i + 1) * CFG.probe_interval
         if i == lost:
-            lv = lv.observe(ProbeFailed("n", t))
+            lv = lv.observe(ProbeFailed("n", t, refused=was_refused))
         else:
             lv = lv.observe(ProbeSucceeded("n", t) if i % 2 else HeartbeatReceived("n", t))
         if i in reports:

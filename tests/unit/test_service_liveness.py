@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from agents.core.protocol import Health
-from orchestrator.coordinator.service import FleetService, ServiceSettings
+from orchestrator.coordinator.service import FleetService, ServiceSettings, _Outstanding
 from orchestrator.core.fleetmap import initial_map
 from orchestrator.core.liveness import (
     HeartbeatReceived,
@@ -19,18 +19,34 @@ from orchestrator.core.liveness import (
     SelfTestFailed,
     Verdict,
 )
+from orchestrator.errors import AgentUnreachable
 from orchestrator.ports import CoordinatorPorts
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore, NeverCalled
 
 pytestmark = pytest.mark.unit
 
 
-def service() -> tuple[FleetService, FakeClock]:
+class Probes:
+    """The agents port's health probe only: each address answers what ``answers`` says
+    (an exception class to raise, as the transport does, from its cause)."""
+
+    def __init__(self, answers: dict[str, type[OSError]]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def health(self, address: str, timeout: float) -> Health:
+        self.asked.append(address)
+        cause = self.answers[address]
+        raise AgentUnreachable(address, address, "probe") from cause()
+
+
+def service(agents: object | None = None) -> tuple[FleetService, FakeClock]:
     clock = FakeClock()
     store = MemoryStateStore(MemoryLeaseBoard(clock), "f", "c1", 10.0)
     settings = ServiceSettings(url="http://c1", liveness=LivenessConfig())
     bootstrap = initial_map("f", "w", {"w": ("w:1", "writer"), "r2": ("r2:1", "reader")})
-    ports = CoordinatorPorts(store=store, fencer=NeverCalled(), agents=NeverCalled(),
+    ports = CoordinatorPorts(store=store, fencer=NeverCalled(),
+                             agents=agents or NeverCalled(),  # type: ignore[arg-type]
                              clock=clock, wall=lambda: 0.0)
     svc = FleetService(ports, settings, secret=b"k", bootstrap=bootstrap)
     assert store.acquire()
@@ -95,3 +111,41 @@ def test_a_failed_self_test_in_the_new_epoch_still_kills_the_new_writer() -> Non
     svc._observe_probe("r2", Health(node="r2", fleet="f", role="writer", epoch=2,
                                     applied_seq=5, safe_seq=5, selftest="failed"))
     assert verdict(svc, "r2", clock) is Verdict.DEAD
+
+
+
+def probe(svc: FleetService, node: str) -> None:
+    """What the loop does for one probe of ``node``: send it (the pool thread's body, run
+    here) and fold its answer in."""
+    assert svc._state is not None
+    ticket = next(svc._tickets)
+    svc._probing[node] = _Outstanding(ticket, svc.clock.monotonic())
+    svc._probe(svc._state.map.member(node), 0.3, ticket)
+    svc._drain(svc.clock.monotonic())
+
+
+def test_a_refused_probe_is_confirmed_by_a_second_one_sent_at_once() -> None:
+    """A killed agent in a running VM: its port refuses. The first refusal asks for the next
+    probe in the same iteration; the second confirms the death, no silence waited for."""
+    agents = Probes({"w:1": ConnectionRefusedError, "r2:1": TimeoutError})
+    svc, clock = service(agents)
+    clock.forward(0.05)  # well within suspect_after of the last contact
+    svc._next_probe = clock.monotonic() + 1.0
+    probe(svc, "w")
+    assert svc._liveness.verdict("w", clock.monotonic()) is Verdict.SUSPECT
+    assert svc._next_probe == 0.0  # the confirming probe is due now
+    probe(svc, "w")
+    assert svc._liveness.verdict("w", clock.monotonic()) is Verdict.DEAD
+
+
+def test_timed_out_probes_are_no_refusals() -> None:
+    agents = Probes({"w:1": ConnectionRefusedError, "r2:1": TimeoutError})
+    svc, clock = service(agents)
+    clock.forward(0.05)
+    svc._next_probe = clock.monotonic() + 1.0
+    for _ in range(3):
+        probe(svc, "r2")
+    assert svc._next_probe == clock.monotonic() + 1.0  # no probe hurried
+    assert svc._liveness.verdict("r2", clock.monotonic()) is Verdict.SUSPECT
+    record = svc._liveness.record("r2")
+    assert record is not None and (record.failed_probes, record.refused_probes) == (3, 0)
