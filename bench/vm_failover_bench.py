@@ -20,14 +20,24 @@ Fault kinds, each injected ``--rounds`` times on whichever VM is the writer at t
 Per fault, seconds from the fault (host wall clock; the coordinator's log lines carry the same
 clock, millisecond resolution):
 
+  evidence  -> the coordinator's first word against the old writer: a client's report, the
+               hypervisor's lifecycle event, or its first failed probe (``event=probe_failed``)
   detect    -> ``event=node_confirmed_dead`` for the old writer
   fence     -> ``action_done FenceNode(old)``
   switch    -> the role switch's last ``provision step done ... attach rw disk to (new)``
   promote   -> ``action_done PromoteNode(new)`` (the agent replayed the journal, accepts writes)
   announce  -> ``action_done PublishMap`` naming the new writer
+  learn     -> the put client's first write targets naming the new writer
   first_put -> the client thread's first put acknowledged by the new writer (the target)
 
-and the reads that failed between the fault and the recovery. Target (docs/architecture.md
+and the reads that failed between the fault and the recovery. The breakdown of each fault is
+printed too (and kept in ``--json``): ``injected``, when the fault command returned (its
+delivery into the guest is part of every phase); the coordinator's lines of the failover
+(probe failures, reports, events, each provision step with its seconds, each action); the new
+writer's promotion steps in its guest, from its agent log (``guest_steps``); the put client's
+requests to the old writer and its first to the new one. A sampler times a health probe of
+every live agent once a second, as the coordinator's probes ask it (``probe_times``): what a
+probe timeout must allow for on this host. Target (docs/architecture.md
 "Targets"): first_put <= 1.5 s p99 per kind on TCG VMs, 0 failed reads.
 
     .venv/bin/python -m bench.vm_failover_bench [--rounds 10] [--kinds kill,pause,cutoff,poweroff]
@@ -312,6 +322,7 @@ class Row:
     old: str
     new: str = ""
     fault_at: float = 0.0
+    injected: float | None = None  # the fault command returned (its delivery, an upper bound)
     evidence: float | None = None
     detect: float | None = None
     fence: float | None = None
@@ -361,6 +372,9 @@ class Bench:
         self.mission = Mission(directory / "rbdfleet.toml",
                                StateFile(lifecycle.state_path(directory)), say, echo_cli=False)
         self.broken = False
+        port = self.mission.config.fleet.agent_port
+        self.probes = ProbeTimes({v.name: f"{v.address}:{port}" for v in self.vms.vms},
+                                 self.mission.config.pki_dir / "ca.pem")
 
     def start(self, io_timeout: float) -> Load:
         self.mission.provision()
@@ -369,6 +383,7 @@ class Bench:
         load = Load(self.mission, io_timeout)
         load.start()
         self.mission.wait(lambda: len(load.acks) >= 5, 120, "the put stream")
+        self.probes.start()
         return load
 
     def stable(self) -> dict[str, Any]:
@@ -466,8 +481,10 @@ class Bench:
         row = Row(kind, n, old)
         reads_before, failed_before = load.reads, len(load.read_failures)
         time.sleep(1.0)  # a steady stream before the fault
+        self.probes.faulted.add(old)
         row.fault_at = time.time()
         self.inject(kind, old)
+        row.injected = round(time.time() - row.fault_at, 3)
         try:
             self.mission.wait(lambda: any(t > row.fault_at and node != old and e > epoch
                                           for t, node, e in load.acks[-20:]),
@@ -492,31 +509,81 @@ class Bench:
             except RbdfleetError as exc:  # the fleet is short of a VM: no further faults
                 row.errors.append(f"recovery of {old}: {exc}")
                 self.broken = True
+            self.probes.faulted.discard(old)
         row.reads = load.reads - reads_before
         row.failed_reads = len(load.read_failures) - failed_before
         row.errors += [why for t, why in load.read_failures[failed_before:]]
         say(f"{kind} {n}: {old} -> {row.new or '?'} "
             + " ".join(f"{p}={getattr(row, p)}" for p in PHASES)
             + f" epochs={row.epochs} reads={row.reads} failed={row.failed_reads}")
-        say(f"{kind} {n} breakdown: guest {row.guest} client {row.client}")
+        say(f"{kind} {n} breakdown: injected {row.injected} guest {row.guest} "
+            f"client {row.client}")
         for line in row.log:
             say(f"{kind} {n}   {line}")
         return row
 
 
-def _epoch(address: str, ca: Path) -> int:
-    """The agent's epoch from its /v1/health over TLS (fleet CA ``ca``); 0 while it does not
-    answer."""
+def _health(address: str, ca: Path, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The agent's /v1/health over a new TLS connection (fleet CA ``ca``), as the
+    coordinator's probes ask it; None while it does not answer."""
     host, _, port = address.rpartition(":")
-    conn = http.client.HTTPSConnection(host, int(port), timeout=5,
+    conn = http.client.HTTPSConnection(host, int(port), timeout=timeout,
                                        context=ssl.create_default_context(cafile=ca))
     try:
         conn.request("GET", "/v1/health")
-        return int(json.loads(conn.getresponse().read()).get("epoch", 0))
+        answer = json.loads(conn.getresponse().read())
+        return answer if isinstance(answer, dict) else None
     except (OSError, ValueError):
-        return 0
+        return None
     finally:
         conn.close()
+
+
+def _epoch(address: str, ca: Path) -> int:
+    """The agent's epoch from its /v1/health; 0 while it does not answer."""
+    return int((_health(address, ca) or {}).get("epoch", 0))
+
+
+class ProbeTimes:
+    """Once a second, a health probe of every VM's agent not under a fault (``faulted``),
+    timed: what a probe timeout must allow for on this host (connect, TLS handshake, answer)
+    while the fleet works. A probe left unanswered for 5 s counts as 5 s."""
+
+    def __init__(self, addresses: dict[str, str], ca: Path) -> None:
+        self.addresses = addresses
+        self.ca = ca
+        self.faulted: set[str] = set()
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            for vm, address in self.addresses.items():
+                if vm in self.faulted:
+                    continue
+                started = time.monotonic()
+                answered = _health(address, self.ca) is not None
+                if vm not in self.faulted:  # a fault injected meanwhile: not a live agent's
+                    self.seconds.append(time.monotonic() - started if answered else 5.0)
+
+    def summary(self) -> dict[str, Any]:
+        if not self.seconds:
+            return {"samples": 0}
+        return {"samples": len(self.seconds), "p50": round(statistics.median(self.seconds), 3),
+                "p99": round(percentile(self.seconds, 99), 3),
+                "max": round(max(self.seconds), 3),
+                "over_0.3": sum(1 for v in self.seconds if v > 0.3),
+                "over_0.5": sum(1 for v in self.seconds if v > 0.5),
+                "over_1.0": sum(1 for v in self.seconds if v > 1.0)}
 
 
 _PROGRESS = re.compile(r"\] (?P<kind>\w+) (?P<round>\d+): (?P<old>\S+) -> (?P<new>\S+) "
@@ -616,6 +683,9 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                         rows.append(row)
         finally:
             load.stop()
+            bench.probes.stop()
+            probe_times = bench.probes.summary()
+            say(f"health probe times of live agents (s): {probe_times}")
             bench.mission.close()
             if args.keep_log:
                 shutil.copy(bench.log, args.keep_log)
@@ -626,6 +696,7 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "rounds": args.rounds, "kinds": list(args.kinds), "io_timeout_s": args.io_timeout,
         "target_first_put_p99_s": TARGET_S, "sandbox_up_s": summary.timings.get("total"),
         "seconds": round(time.time() - started, 1), "load_average": os.getloadavg(),
+        "probe_times": probe_times,
         "summary": summarize(rows), "rows": [asdict(r) for r in rows],
     }
 
