@@ -12,6 +12,11 @@ Invariants of a validated :class:`FleetConfig`:
 * VM names and (uri, domain) pairs are unique, and so are VM addresses;
 * the image size is a positive multiple of 4 KiB (the agents' O_DIRECT alignment);
 * every path is absolute;
+* every libvirt URI is ``driver[+transport]://...`` with a transport libvirt knows; an SSH
+  one (``+ssh``, ``+libssh``, ``+libssh2``) names its host, verifies the host key (no
+  ``no_verify``, no ``known_hosts_verify=auto|ignore``), has absolute ``keyfile`` and
+  ``known_hosts`` paths, carries no password, and a ``+ssh`` one carries none of the
+  libssh-only parameters OpenSSH would silently ignore (``known_hosts`` ...);
 * no key, table or ``RBDFLEET_*`` environment variable is unknown: a typo is refused with a
   suggestion (``config ceph.create_pol: unknown key (did you mean ceph.create_pool?)``), never
   silently ignored.
@@ -24,6 +29,7 @@ import difflib
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,7 @@ __all__ = [
     "SshConfig",
     "TlsConfig",
     "VmConfig",
+    "check_uri",
     "from_mapping",
     "load",
     "validate",
@@ -54,6 +61,11 @@ _ALIGN = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 ENV_PREFIX = "RBDFLEET_"
+# libvirt's remote transports (``driver+transport://``; none: local, or tls with a host)
+_TRANSPORTS = frozenset({"", "unix", "ssh", "libssh", "libssh2", "tls", "tcp", "ext"})
+_SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
+# read by the libssh transports only: on a +ssh URI libvirt drops them without a word
+_LIBSSH_ONLY = ("known_hosts", "known_hosts_verify", "sshauth")
 # The keys of the [coordinator] table, which orchestrator/coordinator/config.py reads (a unit test
 # keeps this equal to its CoordinatorConfig's fields).
 COORDINATOR_KEYS = frozenset({
@@ -411,9 +423,55 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
     return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox, tls)
 
 
+def check_uri(where: str, uri: str) -> None:
+    """Refuse a libvirt URI that libvirt would not open, or whose SSH transport would not
+    verify the hypervisor's host key (module docstring); the message shows the URI without
+    its password, if it has one."""
+    parts = urllib.parse.urlsplit(uri)
+    shown = uri if parts.password is None else uri.replace(f":{parts.password}@", ":***@", 1)
+    driver, _, transport = parts.scheme.partition("+")
+    if not driver or "://" not in uri:
+        raise ConfigError(where, f"{shown!r} is not a libvirt URI: driver[+transport]://"
+                          "[user@][host][:port]/path, e.g. qemu:///system or "
+                          "qemu+ssh://root@hv1.example/system")
+    if transport not in _TRANSPORTS:
+        known = ", ".join(sorted(t for t in _TRANSPORTS if t))
+        raise ConfigError(where, f"{shown!r}: unknown transport {transport!r} (known: {known})")
+    if parts.password is not None:
+        raise ConfigError(where, f"{shown!r}: no password in a URI; log in with a key "
+                          "(keyfile=)")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ConfigError(where, f"{shown!r}: the port is not a number 0-65535") from None
+    if transport not in _SSH_TRANSPORTS:
+        return
+    params = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    if not parts.hostname:
+        raise ConfigError(where, f"{shown!r}: an SSH URI names its host "
+                          "(qemu+ssh://root@hv1.example/system)")
+    if transport == "ssh":
+        ignored = [name for name in _LIBSSH_ONLY if name in params]
+        if ignored:
+            raise ConfigError(where, f"{shown!r}: qemu+ssh ignores {', '.join(ignored)} (the "
+                              "libssh transports read them): pin the host key in the OpenSSH "
+                              "known_hosts of the coordinator's user, or use qemu+libssh://")
+    if params.get("no_verify", "0") not in ("", "0"):
+        raise ConfigError(where, f"{shown!r}: no_verify accepts any new host key; pin the "
+                          "hypervisor's host key instead (docs/provisioning.md)")
+    if params.get("known_hosts_verify", "normal") != "normal":
+        raise ConfigError(where, f"{shown!r}: known_hosts_verify="
+                          f"{params['known_hosts_verify']} does not verify an unknown host "
+                          "key; pin it in the known_hosts file and leave the default (normal)")
+    for name in ("keyfile", "known_hosts"):
+        if name in params and not Path(params[name]).is_absolute():
+            raise ConfigError(where, f"{shown!r}: {name} must be an absolute path")
+
+
 def validate(config: FleetConfig) -> None:
     """Raise ConfigError for the first rule ``config`` breaks (see the module docstring)."""
     fleet = config.fleet
+    check_uri("libvirt.uri", config.libvirt.uri)
     if not _NAME_RE.match(fleet.name):
         raise ConfigError("fleet.name", f"{fleet.name!r}: use letters, digits, '_', '-', '.'")
     if not _IMAGE_RE.match(fleet.image):
@@ -440,6 +498,7 @@ def validate(config: FleetConfig) -> None:
             raise ConfigError(f"vm[{i}].name", f"{vm.name!r}: use letters, digits, '_', '-', '.'")
         if vm.name in seen_names:
             raise ConfigError(f"vm[{i}].name", f"{vm.name!r} appears twice")
+        check_uri(f"vm[{i}].uri", vm.uri)
         if (vm.uri, vm.domain) in seen_domains:
             raise ConfigError(f"vm[{i}].domain", f"{vm.domain!r} on {vm.uri} appears twice")
         if vm.address in seen_addresses:

@@ -8,7 +8,8 @@
     ├── SandboxError                   sandbox up/down could not proceed
     ├── StorageError                   Ceph: ImageNotFound, ImageExists, ImageBusy, LeaseLost,
     │                                  StaleMap
-    ├── HypervisorError                libvirt: DomainNotFound, DeviceAttachError
+    ├── HypervisorError                libvirt: DomainNotFound, DeviceAttachError,
+    │                                  HypervisorUnreachable(uri)
     ├── RemoteError(host)              SSH: HostUnreachable, HostKeyMismatch, UnsafeTarget,
     │                                  RemoteCommandFailed(rc)
     ├── DeployError(results)
@@ -84,6 +85,15 @@ class HypervisorError(OrchestratorError):
 
 class DomainNotFound(HypervisorError):
     pass
+
+
+class HypervisorUnreachable(HypervisorError):
+    """No connection to the hypervisor at ``uri`` (shown without credentials): it refused or
+    never answered, its host key or our key was refused, or the connection broke."""
+
+    def __init__(self, uri: str, message: str) -> None:
+        super().__init__(f"hypervisor {uri} unreachable: {message}")
+        self.uri = uri
 
 
 class DeviceAttachError(HypervisorError):

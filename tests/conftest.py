@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.hosts",
     "tests.fixtures.vms",
     "tests.fixtures.agents",
+    "tests.fixtures.sshd",
 ]
 
 TIERS = {"unit", "contract", "integration", "fault"}

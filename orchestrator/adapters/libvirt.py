@@ -14,12 +14,23 @@ What libvirt does not guarantee, and what we do about it:
   what identifies the disk, here and in the guest.
 * Secrets are defined ``private='yes'``: their value cannot be read back, so an existing
   secret's value is re-set whenever the key is given.
-* Lifecycle events reach only connections opened after an event implementation was
-  registered, and only while some thread runs it: :meth:`LibvirtHypervisor.watch_domains`
-  registers libvirt's default one once per process, runs it on a daemon thread, and opens a
-  connection of its own per watch (so connections opened earlier keep working unchanged).
-  A watch whose connection breaks (libvirtd restarted) says so in the log and delivers
-  nothing more: the coordinator then detects deaths from silence and probes alone.
+* Lifecycle events and keepalives work only on connections opened after an event
+  implementation was registered, and only while some thread runs it: the first
+  :class:`LibvirtHypervisor` registers libvirt's default one for the process and runs it on a
+  daemon thread, so every connection it opens has keepalives (a peer that stops answering,
+  a hypervisor host lost, breaks the connection within ~20 s instead of hanging a call).
+  :meth:`LibvirtHypervisor.watch_domains` opens a connection of its own per watch.
+* Remote hypervisors (``qemu+ssh://``, ``qemu+libssh://``...; docs/provisioning.md): the
+  ``ssh`` transport runs OpenSSH, which would ask for a password or a new host key on a
+  terminal, so the adapter opens ``+ssh`` URIs with ``no_tty=1`` (BatchMode: refuse instead
+  of asking); the libssh transports have nobody to ask (no auth callback) and refuse too. An
+  open is bounded (``connect_timeout``) even when the host swallows packets; a connection
+  found broken is opened again at the next call. Every failure to reach a hypervisor, or a
+  connection lost in a call, is :class:`~orchestrator.errors.HypervisorUnreachable` naming
+  the URI without its query or any password (:func:`display_uri`).
+* A watch whose connection breaks (libvirtd restarted, SSH connection cut, host lost) says so
+  in the log and is opened again in the background, with backoff, until it is ended; events
+  of the gap are lost, so meanwhile the coordinator detects deaths from silence and probes.
 """
 
 from __future__ import annotations
@@ -28,12 +39,19 @@ import contextlib
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from agents.errors import BindingUnavailable
 from orchestrator.adapters import domain_xml
-from orchestrator.errors import DetachPending, DeviceAttachError, DomainNotFound, HypervisorError
+from orchestrator.errors import (
+    DetachPending,
+    DeviceAttachError,
+    DomainNotFound,
+    HypervisorError,
+    HypervisorUnreachable,
+)
 from orchestrator.ports import (
     Characteristics,
     DiskSpec,
@@ -50,10 +68,19 @@ except ImportError:  # pragma: no cover - depends on the host
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["LibvirtHypervisor", "domain_state", "libvirt_module", "translate_libvirt_errors"]
+__all__ = [
+    "LibvirtHypervisor",
+    "display_uri",
+    "domain_state",
+    "libvirt_module",
+    "non_interactive",
+    "translate_libvirt_errors",
+]
 
 DETACH_TIMEOUT_S = 20.0
-KEEPALIVE = (5, 3)  # a watch notices a dead libvirtd within ~20 s (interval s, missed probes)
+KEEPALIVE = (5, 3)  # a dead libvirtd or host is noticed within ~20 s (interval s, missed probes)
+CONNECT_TIMEOUT_S = 15.0  # an SSH open takes 0.5-2 s on a loaded host; a silent one, forever
+WATCH_RETRY_S = (1.0, 30.0)  # first and longest wait between a lost watch's reconnects
 
 # lifecycle event -> the state it means; a detail named here overrides the event's state
 # (None: not a change of run state worth telling, e.g. the end of a migration's source side)
@@ -147,22 +174,117 @@ def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
     """libvirt error callback that keeps quiet (the error is raised as libvirtError)."""
 
 
+# transports whose URI names a remote host (the others: local socket or a command of one's own)
+_SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` fit for a message or a log: scheme, user, host, port and path, without the
+    query (key file paths and options) and without any password."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"  # urlunsplit drops an empty host's //
+
+
+def non_interactive(uri: str) -> str:
+    """``uri`` as opened: an ``+ssh`` URI gets ``no_tty=1`` unless it sets ``no_tty`` itself,
+    so OpenSSH runs in BatchMode and refuses (a password, an unknown host key) instead of
+    asking on a terminal nobody watches."""
+    parts = urllib.parse.urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if transport != "ssh" or any(name == "no_tty" for name, _ in query):
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(
+        query=(parts.query + "&" if parts.query else "") + "no_tty=1"))
+
+
+def _from_libvirt(exc: BaseException | None) -> bool:
+    return _libvirt is not None and isinstance(exc, _libvirt.libvirtError)
+
+
+class _Opening:
+    """One ``libvirt.open`` on a thread of its own, waited for at most a timeout: a host that
+    swallows packets (powered off, cut off) or an SSH server that never answers would hold
+    the caller for minutes (TCP's connect timeout) or forever. A connection that arrives after
+    its caller gave up is closed."""
+
+    def __init__(self, lv: Any, uri: str) -> None:
+        self._lv = lv
+        self._uri = uri
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._abandoned = False
+        self._conn: Any = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="libvirt-open", daemon=True).start()
+
+    def _run(self) -> None:
+        conn: Any = None
+        error: BaseException | None = None
+        try:
+            conn = self._lv.open(non_interactive(self._uri))
+        except Exception as exc:  # handed to the caller as it is
+            error = exc
+        with self._lock:
+            if self._abandoned:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                return
+            self._conn, self._error = conn, error
+            self._done.set()
+
+    def result(self, timeout: float) -> Any:
+        """The connection; HypervisorUnreachable when the open failed or took too long,
+        HypervisorError when libvirt refuses the URI itself."""
+        shown = display_uri(self._uri)
+        self._done.wait(timeout)
+        with self._lock:
+            if not self._done.is_set():
+                self._abandoned = True
+                raise HypervisorUnreachable(shown, f"no answer within {timeout:.0f} s")
+        error = self._error
+        if error is not None:
+            if not _from_libvirt(error):
+                raise error
+            lv = self._lv
+            message = (error.get_error_message() or str(error)).strip()  # type: ignore[attr-defined]
+            if error.get_error_code() in (lv.VIR_ERR_INVALID_ARG,  # type: ignore[attr-defined]
+                                          lv.VIR_ERR_NO_CONNECT):
+                raise HypervisorError(f"connect to libvirt at {shown}: {message}") from error
+            raise HypervisorUnreachable(shown, message) from error
+        if self._conn is None:  # older bindings return None instead of raising
+            raise HypervisorUnreachable(shown, "connect failed")
+        return self._conn
+
+
 class LibvirtHypervisor:
     """Hypervisor over libvirt connections, one per URI, closed by :meth:`close`."""
 
     CHARACTERISTICS = Characteristics.HOT_PLUG | Characteristics.PRIVATE_SECRETS
 
     def __init__(self, monotonic: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         self._libvirt = libvirt_module()
         # libvirt's default handler prints every error to stderr, expected ones too (a
         # secret looked up before it exists); errors reach us as exceptions anyway.
         self._libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+        # before any connection is opened: keepalives and events need it (module docstring)
+        _ensure_event_loop(self._libvirt)
         self._connections: dict[str, Any] = {}
-        self._watches: dict[int, Callable[[], None]] = {}
+        self._watches: dict[int, _Watch] = {}
         self._watch_lock = threading.Lock()
         self._monotonic = monotonic
         self._sleep = sleep
+        self.connect_timeout = connect_timeout
 
     def __enter__(self) -> LibvirtHypervisor:
         return self
@@ -173,45 +295,87 @@ class LibvirtHypervisor:
     def close(self) -> None:
         """End every watch and close every connection opened so far."""
         with self._watch_lock:
-            stops = list(self._watches.values())
-        for stop in stops:
-            stop()
+            watches = list(self._watches.values())
+        for watch in watches:
+            watch.stop()
         for conn in self._connections.values():
             with contextlib.suppress(Exception):
                 conn.close()
         self._connections.clear()
 
+    def open(self, uri: str) -> Any:
+        """A new connection to ``uri`` with keepalives, within ``connect_timeout``
+        (HypervisorUnreachable otherwise); the caller closes it."""
+        conn = _Opening(self._libvirt, uri).result(self.connect_timeout)
+        with contextlib.suppress(Exception):  # 1: the peer does without keepalives
+            conn.setKeepAlive(*KEEPALIVE)
+        return conn
+
     def _conn(self, uri: str) -> Any:
         conn = self._connections.get(uri)
+        if conn is not None and not self._alive(conn):
+            LOG.warning("event=hypervisor_reconnect uri=%s reason=\"connection lost\"",
+                        display_uri(uri))
+            self._forget(uri)
+            conn = None
         if conn is None:
-            with translate_libvirt_errors(f"connect to libvirt at {uri}"):
-                conn = self._libvirt.open(uri)
-            if conn is None:  # older bindings return None instead of raising
-                raise HypervisorError(f"connect to libvirt at {uri}: failed")
+            conn = self.open(uri)
             self._connections[uri] = conn
         return conn
 
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        try:
+            return bool(conn.isAlive())  # local: asks the client's socket, no round trip
+        except Exception:
+            return False
+
+    def _forget(self, uri: str) -> None:
+        conn = self._connections.pop(uri, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    @contextlib.contextmanager
+    def _calling(self, uri: str, what: str, domain: str | None = None,
+                 attach: bool = False) -> Iterator[None]:
+        """:func:`translate_libvirt_errors`, and a libvirt error that left ``uri``'s
+        connection dead is HypervisorUnreachable (the connection is dropped: the next call
+        opens a new one)."""
+        try:
+            with translate_libvirt_errors(what, domain, attach):
+                yield
+        except HypervisorUnreachable:
+            raise
+        except HypervisorError as exc:
+            conn = self._connections.get(uri)
+            if _from_libvirt(exc.__cause__) and conn is not None and not self._alive(conn):
+                self._forget(uri)
+                raise HypervisorUnreachable(display_uri(uri), f"{what}: connection lost "
+                                            f"({exc.__cause__})") from exc
+            raise
+
     def _domain(self, uri: str, name: str) -> Any:
-        with translate_libvirt_errors(f"look up domain {name} on {uri}", domain=name):
+        with self._calling(uri, f"look up domain {name} on {display_uri(uri)}", domain=name):
             return self._conn(uri).lookupByName(name)
 
-    def _xml(self, dom: Any, inactive: bool) -> str:
+    def _xml(self, uri: str, dom: Any, inactive: bool) -> str:
         flags = self._libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
         name = str(dom.name())
-        with translate_libvirt_errors(f"read XML of domain {name}", domain=name):
+        with self._calling(uri, f"read XML of domain {name}", domain=name):
             return str(dom.XMLDesc(flags))
 
     def domain(self, uri: str, name: str) -> DomainInfo:
         """The domain and its RBD disks (live ones when running, else persistent ones)."""
         dom = self._domain(uri, name)
-        with translate_libvirt_errors(f"read state of domain {name}", domain=name):
+        with self._calling(uri, f"read state of domain {name}", domain=name):
             active = bool(dom.isActive())
-        disks = domain_xml.parse_disks(self._xml(dom, inactive=not active))
+        disks = domain_xml.parse_disks(self._xml(uri, dom, inactive=not active))
         return DomainInfo(uri=uri, name=name, active=active, disks=tuple(disks))
 
     def domains(self, uri: str) -> list[DomainInfo]:
         """Every domain on ``uri`` with its RBD disks."""
-        with translate_libvirt_errors(f"list domains on {uri}"):
+        with self._calling(uri, f"list domains on {display_uri(uri)}"):
             names = [str(d.name()) for d in self._conn(uri).listAllDomains(0)]
         result = []
         for name in names:
@@ -222,19 +386,20 @@ class LibvirtHypervisor:
     def secret_uuid(self, uri: str, usage: str) -> str | None:
         """UUID of the ceph secret with this usage name, or None."""
         lv = self._libvirt
-        try:
-            secret = self._conn(uri).secretLookupByUsage(lv.VIR_SECRET_USAGE_TYPE_CEPH, usage)
-        except lv.libvirtError as exc:
-            if exc.get_error_code() == lv.VIR_ERR_NO_SECRET:
-                return None
-            with translate_libvirt_errors(f"look up secret {usage} on {uri}"):
+        with self._calling(uri, f"look up secret {usage} on {display_uri(uri)}"):
+            try:
+                secret = self._conn(uri).secretLookupByUsage(lv.VIR_SECRET_USAGE_TYPE_CEPH,
+                                                             usage)
+            except lv.libvirtError as exc:
+                if exc.get_error_code() == lv.VIR_ERR_NO_SECRET:
+                    return None
                 raise
-        return str(secret.UUIDString())
+            return str(secret.UUIDString())
 
     def list_secrets(self, uri: str, prefix: str) -> list[str]:
         """Usage names of the ceph secrets on ``uri`` that start with ``prefix``."""
         lv = self._libvirt
-        with translate_libvirt_errors(f"list secrets on {uri}"):
+        with self._calling(uri, f"list secrets on {display_uri(uri)}"):
             secrets = self._conn(uri).listAllSecrets(0)
             usages = [str(s.usageID()) for s in secrets
                       if s.usageType() == lv.VIR_SECRET_USAGE_TYPE_CEPH]
@@ -242,8 +407,8 @@ class LibvirtHypervisor:
 
     def ensure_secret(self, uri: str, usage: str, key: SecretKey) -> str:
         """Define (or reuse) the private ceph secret ``usage`` and set its value to ``key``."""
-        conn = self._conn(uri)
-        with translate_libvirt_errors(f"define secret {usage} on {uri}"):
+        with self._calling(uri, f"define secret {usage} on {display_uri(uri)}"):
+            conn = self._conn(uri)
             uuid = self.secret_uuid(uri, usage)
             if uuid is None:
                 secret = conn.secretDefineXML(domain_xml.secret_xml(usage, f"rbdfleet {usage}"))
@@ -257,7 +422,7 @@ class LibvirtHypervisor:
         uuid = self.secret_uuid(uri, usage)
         if uuid is None:
             return
-        with translate_libvirt_errors(f"remove secret {usage} on {uri}"):
+        with self._calling(uri, f"remove secret {usage} on {display_uri(uri)}"):
             self._conn(uri).secretLookupByUUIDString(uuid).undefine()
 
     def attach_disk(self, uri: str, domain: str, disk: DiskSpec) -> None:
@@ -265,11 +430,11 @@ class LibvirtHypervisor:
         lv = self._libvirt
         dom = self._domain(uri, domain)
         what = f"attach {disk.serial} ({disk.mode}) to {domain}"
-        with translate_libvirt_errors(what, domain=domain, attach=True):
+        with self._calling(uri, what, domain=domain, attach=True):
             active = bool(dom.isActive())
-            used = domain_xml.targets(self._xml(dom, inactive=True))
+            used = domain_xml.targets(self._xml(uri, dom, inactive=True))
             if active:
-                used |= domain_xml.targets(self._xml(dom, inactive=False))
+                used |= domain_xml.targets(self._xml(uri, dom, inactive=False))
             spec = DiskSpec(disk.pool, disk.image, disk.serial, disk.user, disk.secret_uuid,
                             disk.mon_hosts, disk.mode, domain_xml.free_target(used))
             flags = lv.VIR_DOMAIN_AFFECT_CONFIG
@@ -291,25 +456,26 @@ class LibvirtHypervisor:
         lv = self._libvirt
         dom = self._domain(uri, domain)
         what = f"detach {serial} from {domain}"
-        with translate_libvirt_errors(what, domain=domain, attach=True):
-            persistent = domain_xml.disk_element_xml(self._xml(dom, inactive=True), serial)
+        with self._calling(uri, what, domain=domain, attach=True):
+            persistent = domain_xml.disk_element_xml(self._xml(uri, dom, inactive=True), serial)
             if persistent is not None and dom.isPersistent():
                 dom.detachDeviceFlags(persistent, lv.VIR_DOMAIN_AFFECT_CONFIG)
             if not dom.isActive():
                 return
-            live = domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial)
+            live = domain_xml.disk_element_xml(self._xml(uri, dom, inactive=False), serial)
             if live is None:
                 return
             if dom.state()[0] == lv.VIR_DOMAIN_PAUSED:
                 raise DetachPending(f"{what}: the domain is paused, its guest cannot release "
                                     "the disk until it runs again", domain)
             dom.detachDeviceFlags(live, lv.VIR_DOMAIN_AFFECT_LIVE)
-        self._wait_gone(dom, serial, what, DETACH_TIMEOUT_S if live_timeout is None
+        self._wait_gone(uri, dom, serial, what, DETACH_TIMEOUT_S if live_timeout is None
                         else live_timeout)
 
-    def _wait_gone(self, dom: Any, serial: str, what: str, timeout: float) -> None:
+    def _wait_gone(self, uri: str, dom: Any, serial: str, what: str, timeout: float) -> None:
         deadline = self._monotonic() + timeout
-        while domain_xml.disk_element_xml(self._xml(dom, inactive=False), serial) is not None:
+        while domain_xml.disk_element_xml(self._xml(uri, dom, inactive=False),
+                                          serial) is not None:
             if self._monotonic() > deadline:
                 raise DetachPending(
                     f"{what}: the guest did not release the disk within {timeout:.1f} s",
@@ -319,45 +485,104 @@ class LibvirtHypervisor:
     def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
                       ) -> Callable[[], None]:
         """Deliver ``uri``'s domain lifecycle events to ``on_event`` from the event loop's
-        thread, over a connection of this watch's own; returns the function that ends it."""
-        lv = self._libvirt
-        _ensure_event_loop(lv)
-        with translate_libvirt_errors(f"watch domains on {uri}"):
-            conn = lv.open(uri)
-            if conn is None:
-                raise HypervisorError(f"watch domains on {uri}: connect failed")
-            conn.setKeepAlive(*KEEPALIVE)
-
-        def lifecycle(_conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
-            found = domain_state(lv, event, detail)
-            if found is None:
-                return
-            try:
-                on_event(DomainEvent(uri, str(dom.name()), found[0], found[1]))
-            except Exception:  # never let one watcher's bug stop the process's event loop
-                LOG.exception("event=domain_event_handler_failed uri=%s", uri)
-
-        def closed(_conn: Any, reason: int, _opaque: object) -> None:
-            LOG.warning("event=domain_watch_lost uri=%s reason=%d: no more lifecycle events "
-                        "from it", uri, reason)
-
-        with translate_libvirt_errors(f"watch domains on {uri}"):
-            callback = conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                                   lifecycle, None)
-            conn.registerCloseCallback(closed, None)
-        key = id(conn)
+        thread, over a connection of this watch's own (opened again in the background when
+        it breaks); returns the function that ends it. HypervisorUnreachable when the first
+        connection cannot be opened."""
+        watch = _Watch(self, uri, on_event)
+        watch.connect()
+        with self._watch_lock:
+            self._watches[id(watch)] = watch
 
         def stop() -> None:
             with self._watch_lock:
-                if self._watches.pop(key, None) is None:
-                    return
-            with contextlib.suppress(Exception):
-                conn.domainEventDeregisterAny(callback)
-            with contextlib.suppress(Exception):
-                conn.unregisterCloseCallback()
+                self._watches.pop(id(watch), None)
+            watch.stop()
+
+        return stop
+
+
+class _Watch:
+    """One :meth:`LibvirtHypervisor.watch_domains`: its connection, callbacks and reconnects."""
+
+    def __init__(self, hv: LibvirtHypervisor, uri: str,
+                 on_event: Callable[[DomainEvent], None]) -> None:
+        self._hv = hv
+        self._lv = hv._libvirt
+        self._uri = uri
+        self._shown = display_uri(uri)
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._conn: Any = None
+        self._callback: int | None = None
+        self.reconnects = 0  # connections opened again after a loss (tests, logs)
+
+    def connect(self) -> None:
+        """Open the watch's connection and register its callbacks (HypervisorError)."""
+        conn = self._hv.open(self._uri)
+        try:
+            with translate_libvirt_errors(f"watch domains on {self._shown}"):
+                callback = conn.domainEventRegisterAny(
+                    None, self._lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None)
+                conn.registerCloseCallback(self._closed, None)
+        except HypervisorError:
             with contextlib.suppress(Exception):
                 conn.close()
+            raise
+        with self._lock:
+            if not self._stopped.is_set():
+                self._conn, self._callback = conn, callback
+                return
+        self._release(conn, callback)  # ended while we connected
 
-        with self._watch_lock:
-            self._watches[key] = stop
-        return stop
+    def _lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
+        found = domain_state(self._lv, event, detail)
+        if found is None:
+            return
+        try:
+            self._on_event(DomainEvent(self._uri, str(dom.name()), found[0], found[1]))
+        except Exception:  # never let one watcher's bug stop the process's event loop
+            LOG.exception("event=domain_event_handler_failed uri=%s", self._shown)
+
+    def _closed(self, conn: Any, reason: int, _opaque: object) -> None:
+        """The connection broke (the event loop's thread: reconnect on another one)."""
+        with self._lock:
+            if self._stopped.is_set() or conn is not self._conn:
+                return
+            self._conn = None
+        LOG.warning("event=domain_watch_lost uri=%s reason=%d: no lifecycle events from it "
+                    "until it is reconnected", self._shown, reason)
+        threading.Thread(target=self._reconnect, name="libvirt-watch-reconnect",
+                         daemon=True).start()
+
+    def _reconnect(self) -> None:
+        wait, longest = WATCH_RETRY_S
+        while not self._stopped.wait(wait):
+            try:
+                self.connect()
+            except HypervisorError as exc:
+                LOG.warning("event=domain_watch_reconnect_failed uri=%s retry_in=%.0f "
+                            "reason=%s", self._shown, min(wait * 2, longest), exc)
+                wait = min(wait * 2, longest)
+                continue
+            self.reconnects += 1
+            LOG.warning("event=domain_watch_restored uri=%s reconnects=%d: events of the gap "
+                        "are lost", self._shown, self.reconnects)
+            return
+
+    def stop(self) -> None:
+        """End the watch (twice is fine); a reconnect in progress gives up."""
+        with self._lock:
+            self._stopped.set()
+            conn, callback, self._conn = self._conn, self._callback, None
+        if conn is not None and callback is not None:
+            self._release(conn, callback)
+
+    @staticmethod
+    def _release(conn: Any, callback: int) -> None:
+        with contextlib.suppress(Exception):
+            conn.domainEventDeregisterAny(callback)
+        with contextlib.suppress(Exception):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(Exception):
+            conn.close()

@@ -9,6 +9,11 @@ ever releases it (DetachPending; libvirt waits ~5 s for the unplug before that).
 does release its disk is covered by the vm-marked tests. Lifecycle events need no guest
 either: a third tiny domain is paused, resumed, destroyed and started through libvirt itself,
 as ``virsh`` would, while the adapter watches.
+
+The real adapter runs twice: over the local socket (``qemu:///system``) and over SSH to the
+same libvirtd (``qemu+ssh://root@127.0.0.1:PORT/system`` through a loopback sshd that pins its
+host key, tests/fixtures/sshd.py): the same contract on both transports, as for a VM on
+another hypervisor host.
 """
 
 from __future__ import annotations
@@ -31,8 +36,19 @@ from orchestrator.testing.contracts import (
     check_same_characteristics,
 )
 from orchestrator.testing.fakes import MemoryHypervisor
+from tests.fixtures.sshd import LoopbackSshd
 
 pytestmark = pytest.mark.contract
+
+TRANSPORTS = ["local", "ssh"]
+
+
+def transport_uri(request: pytest.FixtureRequest, transport: str) -> str:
+    """The sandbox's libvirtd over ``transport``: its socket, or SSH through a loopback sshd."""
+    if transport == "local":
+        return SYSTEM_URI
+    sshd: LoopbackSshd = request.getfixturevalue("loopback_sshd")
+    return sshd.uri("ssh")
 
 
 def libvirt_reads_back(uri: str, secret: str) -> bool:
@@ -49,7 +65,7 @@ def libvirt_reads_back(uri: str, secret: str) -> bool:
     return True
 
 
-@pytest.fixture(params=["libvirt", "memory"])
+@pytest.fixture(params=["libvirt", "libvirt+ssh", "memory"])
 def subject(request: pytest.FixtureRequest) -> Iterator[HypervisorSubject]:
     if request.param == "memory":
         fake = MemoryHypervisor()
@@ -62,6 +78,7 @@ def subject(request: pytest.FixtureRequest) -> Iterator[HypervisorSubject]:
         yield HypervisorSubject(fake, SYSTEM_URI, "d1",
                                 lambda uri, secret: fake.read_secret(uri, secret) is not None, live)
         return
+    uri = transport_uri(request, "ssh" if request.param == "libvirt+ssh" else "local")
     cluster = request.getfixturevalue("ceph_cluster")
     admin = request.getfixturevalue("rados_admin")
     image = request.getfixturevalue("rbd_image_factory")(16 << 20, features=1)
@@ -76,7 +93,7 @@ def subject(request: pytest.FixtureRequest) -> Iterator[HypervisorSubject]:
         cluster.pool, image, "rbdfleet-contract02", user, secret, mons, DiskMode.RO))
     try:
         with LibvirtHypervisor() as hv:
-            yield HypervisorSubject(hv, SYSTEM_URI, stopped, libvirt_reads_back, live)
+            yield HypervisorSubject(hv, uri, stopped, libvirt_reads_back, live)
     finally:
         credentials.remove_user(user)
 
@@ -100,10 +117,13 @@ def virsh(domain: str) -> Callable[[str], None]:
     return act
 
 
-def test_lifecycle_events_of_libvirt(stopped_domains: Callable[..., list[str]]) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_lifecycle_events_of_libvirt(stopped_domains: Callable[..., list[str]],
+                                     request: pytest.FixtureRequest, transport: str) -> None:
+    uri = transport_uri(request, transport)
     [running] = stopped_domains(1, start=True)
     with LibvirtHypervisor() as hv:
-        check_hypervisor_events(hv, SYSTEM_URI, LifecycleTarget(running, virsh(running)))
+        check_hypervisor_events(hv, uri, LifecycleTarget(running, virsh(running)))
 
 
 def test_lifecycle_events_of_the_fake() -> None:
