@@ -29,7 +29,9 @@ fleet without a coordinator). The agent never holds another node's key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import math
 import os
 import threading
 import time
@@ -78,7 +80,9 @@ from agents.errors import (
     FormatError,
     GrantExpired,
     IllegalTransition,
+    NotFound,
     NotWriter,
+    RbdfleetError,
     StaleEpoch,
 )
 from agents.metrics import Registry
@@ -104,6 +108,15 @@ def _release() -> str:
 RELEASE = _release()
 
 OpenDevice = Callable[[bool], BlockDevice]  # read_only -> device
+
+DEVICE_POLL_S = 0.5  # a spare's look for its disk
+DEVICE_WAIT_LOG_S = 60.0  # a spare logs that it is still waiting this often
+
+
+def _device_absent(exc: NotFound | DeviceError) -> bool:
+    """The device is not there (yet): no node, or one udev has not handed to us yet."""
+    return isinstance(exc, NotFound) or exc.fields.get("errno") in (
+        errno.ENOENT, errno.ENXIO, errno.EACCES)
 
 
 @dataclass(frozen=True)
@@ -718,12 +731,30 @@ class Agent:
     def _selftest_and_report(self) -> None:
         self._to_coordinator("/v1/selftest", self.run_selftest())
 
-    def start(self, *, become_writer_at: int | None = None) -> None:
+    def start(self, *, become_writer_at: int | None = None,
+              on_late_failure: Callable[[RbdfleetError], None] | None = None) -> None:
         """Open the device read-only, catch up, optionally promote, start background loops.
 
         ``become_writer_at``: bootstrap without a coordinator (config ``role = "writer"``);
         the epoch is raised above the journal's if needed.
+
+        ``on_late_failure`` makes this a *spare* (config ``role = "spare"``): its disk comes
+        when the coordinator attaches it in place of a failed reader, maybe never. Until then
+        the agent heartbeats (alive, role ``starting``) and serves no file; a background
+        thread waits for the device and then starts as above, calling ``on_late_failure``
+        if that start fails (the daemon exits, as it would at once without the wait).
         """
+        if on_late_failure is None:
+            self._open_and_run(become_writer_at)
+            self._start_heartbeats()
+            return
+        self._start_heartbeats()
+        thread = threading.Thread(target=self._start_once_attached, args=(on_late_failure,),
+                                  name="device-wait", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _open_and_run(self, become_writer_at: int | None) -> None:
         self.handle(roles.Started(0))
         if become_writer_at is not None:
             self.handle(roles.PromoteRequested(max(become_writer_at, self.state.epoch + 1)))
@@ -731,8 +762,36 @@ class Agent:
         self.run_selftest()
         self._loop("tail", self.settings.tail_interval, self._tail)
         self._loop("selftest", self.settings.selftest_interval, self._selftest_and_report)
+
+    def _start_heartbeats(self) -> None:
         if self.settings.coordinator is not None:
             self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat)
+
+    def _start_once_attached(self, on_failure: Callable[[RbdfleetError], None]) -> None:
+        """A spare: wait for the device, however long, then start as a reader."""
+        waiting_since = time.monotonic()
+        told = -math.inf
+        while not self._stop.is_set():
+            try:
+                self._open_device(True).close()
+                break
+            except (NotFound, DeviceError) as exc:
+                if not _device_absent(exc):
+                    on_failure(exc)
+                    return
+                if time.monotonic() - told >= DEVICE_WAIT_LOG_S:
+                    told = time.monotonic()
+                    LOG.info("event=waiting_for_device node=%s waited_s=%.0f error=%s",
+                             self.settings.node, told - waiting_since, exc.code)
+            self._stop.wait(DEVICE_POLL_S)
+        else:
+            return
+        LOG.info("event=device_attached node=%s waited_s=%.1f", self.settings.node,
+                 time.monotonic() - waiting_since)
+        try:
+            self._open_and_run(None)
+        except RbdfleetError as exc:
+            on_failure(exc)
 
     def stop(self) -> None:
         """Stop the loops, stop writes, close every handle (SIGTERM path)."""

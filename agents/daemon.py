@@ -133,8 +133,8 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
     epoch = values.get("epoch", 1)
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
         raise ConfigError("epoch", "must be an integer >= 1")
-    if values.get("role", "reader") not in ("reader", "writer"):
-        raise ConfigError("role", "must be 'reader' or 'writer'")
+    if values.get("role", "reader") not in ("reader", "writer", "spare"):
+        raise ConfigError("role", "must be 'reader', 'writer' or 'spare'")
     readers = values.get("readers", {})
     if not isinstance(readers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in readers.items()):
@@ -313,12 +313,23 @@ def run(config: AgentConfig) -> int:
         selftest_interval=config.selftest_interval)
     agent = Agent(settings, open_device)
     server.agent = agent
-    try:
-        agent.start(become_writer_at=config.epoch if config.role == "writer" else None)
-    except RbdfleetError as exc:
+    failed: list[RbdfleetError] = []
+
+    def start_failed(exc: RbdfleetError) -> None:
         code = exc.code if isinstance(exc, AgentError) else type(exc).__name__
         LOG.error("event=start_failed node=%s code=%s error=%s", config.node, code, exc)
         agent.report_start_failure(exc)
+
+    def late_start_failed(exc: RbdfleetError) -> None:  # a spare, once its disk came
+        start_failed(exc)
+        failed.append(exc)
+        stop.set()
+
+    try:
+        agent.start(become_writer_at=config.epoch if config.role == "writer" else None,
+                    on_late_failure=late_start_failed if config.role == "spare" else None)
+    except RbdfleetError as exc:
+        start_failed(exc)
         server.server_close()
         agent.stop()
         return 1
@@ -335,7 +346,7 @@ def run(config: AgentConfig) -> int:
     agent.stop()
     server.server_close()
     LOG.info("event=stopped node=%s", config.node)
-    return 0
+    return 1 if failed else 0
 
 
 def _reload_tls(server: AgentServer) -> None:

@@ -86,6 +86,7 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
 
     ``writer``/``epoch``: the fleet's current writer (default ``[fleet] writer``) and epoch.
     The agent listens on the VM's address; the writer pushes to every other non-spare VM.
+    A spare's agent waits for the disk the coordinator attaches when it replaces a reader.
     TLS with the files :data:`GUEST_TLS` unless the fleet is ``[tls] insecure_plaintext``.
     """
     me = cfg.vm(vm)
@@ -98,7 +99,7 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
         "secret_file": GUEST_SECRET,
         "listen": f"{me.address}:{port}",
         "advertise": f"{me.address}:{port}",
-        "role": "writer" if me.name == writer else "reader",
+        "role": "writer" if me.name == writer else "spare" if me.spare else "reader",
         "epoch": epoch,
     }
     if me.name == writer:
@@ -187,8 +188,8 @@ class FleetRollout:
         self.progress = progress
 
     def targets(self) -> list[DeployTarget]:
-        """One target per non-spare VM, writer last."""
-        vms = sorted(self.cfg.active_vms, key=lambda v: v.name == self.writer)
+        """One target per VM, spares included (their agents wait for a disk), writer last."""
+        vms = sorted(self.cfg.vms, key=lambda v: v.name == self.writer)
         targets = []
         for vm in vms:
             config = agent_config(self.cfg, vm.name, coordinator=self.coordinator,
@@ -225,8 +226,9 @@ class FleetRollout:
         report.hosts.update(timed("install", lambda: self.deployer.install(todo)))
         self.progress(f"agent {version} installed on {', '.join(t.host.name for t in todo)}")
         timed("secret", lambda: self._each(todo, self._put_secret))
+        attached = [t for t in todo if t.config["role"] != "spare"]  # a spare has no disk yet
         outputs = timed("disk", lambda: self._each(
-            todo, lambda t: self._disk(t, format_if_blank and t in writer)))
+            attached, lambda t: self._disk(t, format_if_blank and t in writer)))
         for name, out in outputs.items():
             lines = out.strip().splitlines()
             report.disks[name] = lines[0].removeprefix("disk ") if lines else ""

@@ -346,7 +346,7 @@ def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
     writer, epoch = cfg.fleet.writer, 1
     if fleet_map is not None:
         writer, epoch = fleet_map.get("writer") or "", int(fleet_map["epoch"])
-    hosts = [InventoryHost(vm.name, vm.address, "/", {} if vm.spare else agent_config(
+    hosts = [InventoryHost(vm.name, vm.address, "/", agent_config(
                  cfg, vm.name, coordinator=coordinator, writer=writer, epoch=epoch),
                  spare=vm.spare)
              for vm in cfg.vms]

@@ -57,7 +57,7 @@ _FATAL = re.compile(r"^fatal: \[(?P<host>[^\]\s]+)[^\]]*\]: (?P<kind>FAILED|UNRE
 @dataclass(frozen=True)
 class InventoryHost:
     """One agent host: address, install prefix and the agent's config (its ``role`` key says
-    writer or reader); a spare is listed but not deployed."""
+    writer, reader or spare: a spare's agent waits for the disk the coordinator attaches)."""
 
     name: str
     address: str
@@ -74,11 +74,8 @@ class InventoryHost:
 
     def hostvars(self) -> dict[str, Any]:
         """What the role reads from the inventory for this host."""
-        host: dict[str, Any] = {"ansible_host": self.address, "ansible_port": 22,
-                                "rbdfleet_agent_prefix": self.prefix}
-        if not self.spare:
-            host["rbdfleet_agent_config"] = dict(self.config)
-        return host
+        return {"ansible_host": self.address, "ansible_port": 22,
+                "rbdfleet_agent_prefix": self.prefix, "rbdfleet_agent_config": dict(self.config)}
 
     @staticmethod
     def from_fleet(config: FleetConfig,
@@ -112,8 +109,8 @@ def ssh_vars(user: str, ssh_key: Path, known_hosts: Path) -> dict[str, Any]:
 class Inventory:
     """Agent hosts in the groups ``deploy-agents.yml`` plays on, with shared variables.
 
-    ``agents`` holds ``rbdfleet_writer`` and ``rbdfleet_readers``; ``rbdfleet_spares`` stands
-    beside it (listed for ad-hoc commands, never deployed).
+    ``agents`` holds ``rbdfleet_writer``, ``rbdfleet_readers`` and ``rbdfleet_spares`` (started
+    with the readers; a spare's agent waits for its disk).
     """
 
     hosts: Sequence[InventoryHost]
@@ -126,8 +123,8 @@ class Inventory:
         """The ``--list`` answer of a dynamic inventory script (hostvars under ``_meta``)."""
         listing: dict[str, Any] = {
             "_meta": {"hostvars": {h.name: h.hostvars() for h in self.hosts}},
-            "all": {"children": ["agents", "rbdfleet_spares"], "vars": dict(self.variables)},
-            "agents": {"children": ["rbdfleet_writer", "rbdfleet_readers"]},
+            "all": {"children": ["agents"], "vars": dict(self.variables)},
+            "agents": {"children": list(GROUPS)},
         }
         for group in GROUPS:
             listing[group] = {"hosts": [h.name for h in self._members(group)]}
@@ -146,8 +143,7 @@ class Inventory:
             return {"hosts": {h.name: h.hostvars() for h in self._members(group)}}
 
         return {"all": {"vars": dict(self.variables), "children": {
-            "agents": {"children": {g: members(g) for g in GROUPS[:2]}},
-            "rbdfleet_spares": members("rbdfleet_spares"),
+            "agents": {"children": {g: members(g) for g in GROUPS}},
         }}}
 
 

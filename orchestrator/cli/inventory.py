@@ -3,8 +3,8 @@
 ``rbdfleet inventory --list`` (or ``--json``) prints every group with ``_meta.hostvars``;
 ``--host NAME`` prints one host's variables; alone it prints a table (VM, group, address).
 The groups are those ``ansible/deploy-agents.yml`` plays on: ``agents`` (children
-``rbdfleet_writer`` and ``rbdfleet_readers``) and ``rbdfleet_spares`` (listed for ad-hoc
-commands, never deployed). Each active VM carries the agent config that ``rbdfleet deploy``
+``rbdfleet_writer``, ``rbdfleet_readers`` and ``rbdfleet_spares``, whose agents wait for the
+disk the coordinator attaches). Each VM carries the agent config that ``rbdfleet deploy``
 would write (:func:`orchestrator.rollout.agent_config`), with the roles of the active
 coordinator's map when one answers, else the config's bootstrap roles.
 

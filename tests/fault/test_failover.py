@@ -241,14 +241,16 @@ def _role(fleet: AgentFleet, node: str) -> tuple[str, int]:
 
 
 class ProcessSpares:
-    """SpareProvisioner for agent processes: 'attach' = start the spare's agent (read-only)."""
+    """SpareProvisioner for agent processes: 'attach' = make the image appear at the path
+    the spare's agent (already running, waiting for its disk) opens."""
 
-    def __init__(self, fleet: AgentFleet) -> None:
-        self.fleet = fleet
+    def __init__(self, image: Path, disks: dict[str, Path]) -> None:
+        self.image = image
+        self.disks = disks
         self.attached: list[tuple[str, float]] = []
 
     def attach_spare(self, node: str) -> None:
-        self.fleet[node].start()
+        self.disks[node].symlink_to(self.image)
         self.attached.append((node, time.monotonic()))
 
 
@@ -260,14 +262,19 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
     fleet = fleet_factory(
         f"file:{image}", name=f"fs-{uuid.uuid4().hex[:8]}", coordinator=coordinator.url
     )
-    spare = fleet.add("s1")  # started once to learn its address, then stopped: not attached
-    spare.stop()
+    # the spare's agent runs from the start, as deployed, with no disk: it heartbeats and
+    # waits for one
+    disk = tmp_path / "s1-disk.raw"
+    fleet.add("s1", role="spare", backend=f"file:{disk}")
+    assert fleet.health("s1")["role"] == "starting"
     store = rados_store(rados_admin, ceph_cluster.pool, fleet.name)
-    spares = ProcessSpares(fleet)
+    spares = ProcessSpares(image, {"s1": disk})
     try:
         service = start_service(coordinator, store, PidFencer(fleet),
                                 bootstrap_map(fleet, spares=("s1",)), spares=spares)
         wait_in_sync(service, 20)
+        grant = fleet.grant("s1", "reader", fleet.epoch("w"))
+        assert fleet.client.get(fleet["s1"].address, "/s0", grant).status == 503
         client = fleet_client([coordinator.url], fleet.name)
         for i in range(20):
             client.put_bytes(f"v{i}".encode(), f"/s{i}")
@@ -282,6 +289,9 @@ def test_killed_reader_is_replaced_by_a_spare_that_catches_up(
         m = service.require_active()
         assert m.member("r1").role == "out" and m.member("s1").role == "reader"
         assert [n for n, _ in spares.attached] == ["s1"]
+        served = fleet.client.get(fleet["s1"].address, "/s5",
+                                  fleet.grant("s1", "reader", m.epoch))
+        assert (served.status, served.body) == (200, b"v5")  # from the disk it waited for
         client.put_bytes(b"after", "/s0")
         assert client.get_with_version("/s0")[0] == b"after"
         print(f"\nreader kill -> spare attached and in sync after {in_sync_after:.2f} s")

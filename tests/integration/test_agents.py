@@ -178,3 +178,37 @@ def test_large_bodies_are_streamed(fleet_factory: FleetFactory, tmp_path: Path) 
         peaks.append((_hwm_mib(w_pid), _hwm_mib(r_pid)))
     assert peaks[1][0] - peaks[0][0] < 48, peaks
     assert peaks[1][1] - peaks[0][1] < 48, peaks
+
+
+def test_a_spare_waits_for_its_disk_then_serves_or_exits_if_it_is_no_volume(
+    fleet_factory: FleetFactory, tmp_path: Path
+) -> None:
+    """A spare's agent (config ``role = "spare"``) starts with no disk: it answers its health
+    as ``starting`` and serves no file; once the disk appears it starts as a reader and
+    catches up. One whose disk turns out to hold no volume exits 1 (its unit restarts it),
+    as an agent with that disk would at once."""
+    image = tmp_path / "image.raw"
+    with image.open("wb") as f:
+        f.truncate(64 << 20)
+    fleet = fleet_factory(f"file:{image}", readers=("r1",))
+    put = fleet.client.put(fleet["w"].address, "/a", b"hello", fleet.grant("w", "writer", 1))
+    assert put.status == 201, put.body
+    later = tmp_path / "attached-later.raw"
+    spare = fleet.add("s1", role="spare", backend=f"file:{later}")
+    time.sleep(1.0)  # a few looks for the disk
+    assert fleet.health("s1")["role"] == "starting" and spare.alive
+    grant = fleet.grant("s1", "reader", 1)
+    assert fleet.client.get(spare.address, "/a", grant).status == 503
+    later.symlink_to(image)  # the coordinator's attach
+    fleet.wait_for(lambda: fleet.health("s1")["role"] == "reader"
+                   and fleet.epoch("s1") == 1, what="the spare a reader")
+    fleet.wait_for(lambda: fleet.client.get(spare.address, "/a", grant).status == 200,
+                   what="the spare serving /a")
+    assert fleet.client.get(spare.address, "/a", grant).body == b"hello"
+
+    garbage = tmp_path / "not-a-volume.raw"
+    broken = fleet.add("s2", role="spare", backend=f"file:{garbage}")
+    garbage.write_bytes(os.urandom(1 << 20))
+    assert broken.proc is not None
+    assert broken.proc.wait(30) == 1
+    assert "event=start_failed" in broken.log.read_text()

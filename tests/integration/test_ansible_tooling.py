@@ -97,6 +97,11 @@ address = "10.87.0.11"
 name = "vm2"
 domain = "d2"
 address = "10.87.0.12"
+[[vm]]
+name = "vm3"
+domain = "d3"
+address = "10.87.0.13"
+spare = true
 """)
     script = tmp_path / "inventory.sh"
     script.write_text(f'#!/bin/sh\nexec {BIN / "rbdfleet"} inventory --config {config} '
@@ -108,9 +113,12 @@ address = "10.87.0.12"
     assert listed.returncode == 0, listed.stderr
     assert "top-secret-value" not in listed.stdout
     data = json.loads(listed.stdout)
-    assert sorted(data["agents"]["children"]) == ["rbdfleet_readers", "rbdfleet_writer"]
+    assert sorted(data["agents"]["children"]) == ["rbdfleet_readers", "rbdfleet_spares",
+                                                  "rbdfleet_writer"]
     assert data["rbdfleet_writer"]["hosts"] == ["vm1"]
     assert data["rbdfleet_readers"]["hosts"] == ["vm2"]
+    assert data["rbdfleet_spares"]["hosts"] == ["vm3"]
+    assert data["_meta"]["hostvars"]["vm3"]["rbdfleet_agent_config"]["role"] == "spare"
     vm1 = data["_meta"]["hostvars"]["vm1"]
     assert vm1["rbdfleet_agent_config"]["role"] == "writer"
     assert Path(vm1["rbdfleet_agent_package"]).is_file()
@@ -120,4 +128,5 @@ address = "10.87.0.12"
     table = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120,
                            check=False)
     assert table.stdout.splitlines()[1:] == ["vm1  rbdfleet_writer   10.87.0.11",
-                                             "vm2  rbdfleet_readers  10.87.0.12"]
+                                             "vm2  rbdfleet_readers  10.87.0.12",
+                                             "vm3  rbdfleet_spares   10.87.0.13"]

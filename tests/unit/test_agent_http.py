@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agents.core.protocol import MAX_PUSH_RECORDS, PushFrame, RecordPush
-from agents.core.record import Record
+from agents.core.record import Record, RecordKey
 from agents.daemon import load_config, read_keys
 from agents.errors import ConfigError, MethodNotAllowed, NotFound, RangeNotSatisfiable
 from agents.httpbase import Deadlines
@@ -94,8 +94,8 @@ def test_a_full_push_fits_its_cap() -> None:
     record = Record(2**40, 2**40, "put", {"path": "/" + "p" * 4000, "size": 1 << 30,
                                           "mtime": 1.5, "crc": 2**31, "chunk": 1 << 20,
                                           "extents": [[1 << 40, 1 << 30]], "sums": sums})
-    assert len(record.encode()) <= 4 * 4096
-    frame = PushFrame(1 << 30, record.encode())
+    assert record.encoded_length() <= 4 * 4096
+    frame = PushFrame(1 << 30, record.encode(RecordKey.for_volume(bytes(16))))
     push = RecordPush(fleet="f" * 255, epoch=2**40, writer="w" * 255, commit_seq=2**40,
                       frames=(frame,) * MAX_PUSH_RECORDS)
     assert len(push.encode()) <= MAX_PUSH_BODY
@@ -175,6 +175,7 @@ ack_timeout = 3
     as_json = _write(tmp_path, "a.json", json.dumps(
         {"node": "n", "fleet": "f", "backend": "file:/x", "secret_file": "/s"}))
     assert load_config(as_json, {"role": "writer"}).role == "writer"
+    assert load_config(as_json, {"role": "spare"}).role == "spare"
 
 
 @pytest.mark.parametrize(

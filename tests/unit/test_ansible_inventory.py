@@ -33,7 +33,8 @@ def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
                             fleet_map=None, package=(tmp_path / "agents-x.tar.gz", "x" * 16),
                             key_dir=tmp_path / "keys")
     listing = found.to_script()
-    assert listing["agents"] == {"children": ["rbdfleet_writer", "rbdfleet_readers"]}
+    assert listing["agents"] == {"children": ["rbdfleet_writer", "rbdfleet_readers",
+                                              "rbdfleet_spares"]}
     assert (listing["rbdfleet_writer"], listing["rbdfleet_readers"], listing["rbdfleet_spares"]) \
         == ({"hosts": ["vm1"]}, {"hosts": ["vm2"]}, {"hosts": ["vm3"]})
     vm1 = listing["_meta"]["hostvars"]["vm1"]
@@ -48,7 +49,8 @@ def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
     assert shared["rbdfleet_agent_package"] == f"{tmp_path}/agents-x.tar.gz"
     assert "StrictHostKeyChecking=yes" in shared["ansible_ssh_common_args"]
     assert found.hostvars("vm1") == {**shared, **vm1}
-    assert "rbdfleet_agent_config" not in listing["_meta"]["hostvars"]["vm3"]
+    # the spare's agent is deployed too: it waits for the disk the coordinator attaches
+    assert listing["_meta"]["hostvars"]["vm3"]["rbdfleet_agent_config"]["role"] == "spare"
     assert found.hostvars("vm2")["rbdfleet_agent_config"]["role"] == "reader"
     with pytest.raises(ConfigError, match="vm9"):
         found.hostvars("vm9")
@@ -84,10 +86,10 @@ def test_roles_follow_the_coordinators_map_after_a_failover(tmp_path: Path) -> N
 def test_the_static_form_holds_the_same_groups_and_hosts() -> None:
     hosts = [InventoryHost("a", "10.0.0.1", "/", {"node": "a", "role": "writer"}),
              InventoryHost("b", "10.0.0.2", "/r", {"node": "b"}),
-             InventoryHost("c", "10.0.0.3", spare=True)]
+             InventoryHost("c", "10.0.0.3", "/", {"node": "c", "role": "spare"}, spare=True)]
     static = Inventory(hosts, {"ansible_user": "root"}).to_static()["all"]
     assert static["vars"] == {"ansible_user": "root"}
     agents = static["children"]["agents"]["children"]
     assert agents["rbdfleet_writer"]["hosts"]["a"]["rbdfleet_agent_config"]["role"] == "writer"
     assert agents["rbdfleet_readers"]["hosts"]["b"]["rbdfleet_agent_prefix"] == "/r"
-    assert list(static["children"]["rbdfleet_spares"]["hosts"]) == ["c"]
+    assert agents["rbdfleet_spares"]["hosts"]["c"]["rbdfleet_agent_config"]["role"] == "spare"

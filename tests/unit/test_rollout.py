@@ -114,6 +114,7 @@ def test_agent_config_writer_pushes_to_the_other_active_vms() -> None:
     reader = agent_config(CFG, "vm2", coordinator=None)
     assert reader["role"] == "reader" and "readers" not in reader and "coordinator" not in reader
     assert reader["backend"] == writer["backend"]  # one disk serial for the whole fleet
+    assert agent_config(CFG, "vm4", coordinator=None)["role"] == "spare"  # waits for a disk
 
 
 def test_agent_config_roles_from_the_current_map() -> None:
@@ -128,11 +129,16 @@ def test_bootstrap_installs_all_formats_on_the_writer_starts_readers_first() -> 
     deployer = FakeDeployer(shell)
     report = FleetRollout(CFG, shell, deployer, SECRET, health=healthy,
                           progress=lambda _: None).deploy()
-    assert deployer.calls == [("status", ["vm2", "vm3", "vm1"]),
-                              ("install", ["vm2", "vm3", "vm1"]),
-                              ("deploy", ["vm2", "vm3"]), ("deploy", ["vm1"])]
+    assert deployer.calls == [("status", ["vm2", "vm3", "vm4", "vm1"]),
+                              ("install", ["vm2", "vm3", "vm4", "vm1"]),
+                              ("deploy", ["vm2", "vm3", "vm4"]), ("deploy", ["vm1"])]
+    # the spare's agent waits for the disk the coordinator attaches: no disk step there
+    assert deployer.configs["vm4"]["role"] == "spare"
     formats = [name for kind, name, args in shell.log if kind == "run" and args[-1] == "format"]
     assert formats == ["vm1"]
+    disk_steps = {name for kind, name, args in shell.log
+                  if kind == "run" and args[-1] in ("format", "wait")}
+    assert disk_steps == {"vm1", "vm2", "vm3"}
     assert report.formatted.startswith("formatted") and report.changed
     assert report.disks == {"vm1": "/dev/vdc", "vm2": "/dev/vdc", "vm3": "/dev/vdc"}
     assert report.hosts["vm1"].actions == ("install", "deploy")
@@ -140,7 +146,7 @@ def test_bootstrap_installs_all_formats_on_the_writer_starts_readers_first() -> 
     keys = FleetKeys(CFG.fleet.name, (SECRET,), time.time)
     puts = {name: args for kind, name, args in shell.log if kind == "put_files"}
     assert puts == {vm: [(keys.node_key_file(vm), GUEST_SECRET, 0o600)]
-                    for vm in ("vm1", "vm2", "vm3")}
+                    for vm in ("vm1", "vm2", "vm3", "vm4")}
     assert not any(SECRET in content for files in puts.values() for content, _, _ in files)
     commands = [" ".join(args) for kind, _, args in shell.log if kind == "run"]
     assert not any(SECRET.decode() in c for c in commands)  # never on a command line
@@ -148,11 +154,11 @@ def test_bootstrap_installs_all_formats_on_the_writer_starts_readers_first() -> 
 
 def test_running_agents_are_left_alone_and_roles_follow_the_map() -> None:
     shell = FakeShell()
-    deployer = FakeDeployer(shell, running=("vm2", "vm3"))
+    deployer = FakeDeployer(shell, running=("vm2", "vm3", "vm4"))
     fleet_map = {"writer": "vm2", "epoch": 2}
     report = FleetRollout(CFG, shell, deployer, SECRET, health=healthy, fleet_map=fleet_map,
                           progress=lambda _: None).deploy()
-    assert deployer.calls == [("status", ["vm1", "vm3", "vm2"]), ("install", ["vm1"]),
+    assert deployer.calls == [("status", ["vm1", "vm3", "vm4", "vm2"]), ("install", ["vm1"]),
                               ("deploy", ["vm1"]), ("deploy", [])]
     assert deployer.configs["vm1"]["role"] == "reader" and deployer.configs["vm1"]["epoch"] == 2
     assert not report.formatted  # the writer is running: its volume is not touched
@@ -161,9 +167,9 @@ def test_running_agents_are_left_alone_and_roles_follow_the_map() -> None:
 
 def test_everything_running_changes_nothing() -> None:
     shell = FakeShell()
-    deployer = FakeDeployer(shell, running=("vm1", "vm2", "vm3"))
+    deployer = FakeDeployer(shell, running=("vm1", "vm2", "vm3", "vm4"))
     report = FleetRollout(CFG, shell, deployer, SECRET, progress=lambda _: None).deploy()
-    assert deployer.calls == [("status", ["vm2", "vm3", "vm1"])]
+    assert deployer.calls == [("status", ["vm2", "vm3", "vm4", "vm1"])]
     assert not report.changed and shell.log == []
 
 
