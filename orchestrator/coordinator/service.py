@@ -579,14 +579,21 @@ class FleetService:
         self._wake.set()
 
     def _observe_probe(self, name: str, health: Health | None, refused: bool = False) -> None:
+        """Fold a probe's answer in (``health`` None: it failed; ``refused``: its connection
+        was refused). A refusal is the writer's quick death (the liveness core's
+        ``confirm_refused``) only: a reader taken out sooner gains the failover nothing, and
+        the writer's in-sync word from before its death could admit it again after a quick
+        restart, before the writer heard it was out (test_admission saw stale reads so)."""
         at = self.clock.monotonic()
         if health is None:
             before = self._liveness.record(name)
             if before is not None and before.failed_probes == 0:  # the first of a run
                 LOG.info("event=probe_failed fleet=%s node=%s refused=%s", self.fleet, name,
                          refused)
-            self._liveness = self._liveness.observe(ProbeFailed(name, at, refused))
-            if refused:  # evidence: the confirming probe goes in this very iteration
+            state = self._state
+            quick = refused and state is not None and state.map.writer == name
+            self._liveness = self._liveness.observe(ProbeFailed(name, at, quick))
+            if quick:  # evidence: the confirming probe goes in this very iteration
                 self._next_probe = 0.0
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))

@@ -149,3 +149,18 @@ def test_timed_out_probes_are_no_refusals() -> None:
     assert svc._liveness.verdict("r2", clock.monotonic()) is Verdict.SUSPECT
     record = svc._liveness.record("r2")
     assert record is not None and (record.failed_probes, record.refused_probes) == (3, 0)
+
+
+def test_a_readers_refusals_take_the_usual_probe_count() -> None:
+    """Only the writer's refusals are its quick death: a reader out sooner would gain the
+    failover nothing and race the writer's word on it (the service's docstring)."""
+    agents = Probes({"w:1": TimeoutError, "r2:1": ConnectionRefusedError})
+    svc, clock = service(agents)
+    clock.forward(0.05)
+    svc._next_probe = clock.monotonic() + 1.0
+    for _ in range(2):
+        probe(svc, "r2")
+    assert svc._liveness.verdict("r2", clock.monotonic()) is Verdict.SUSPECT
+    probe(svc, "r2")
+    clock.forward(svc.settings.liveness.suspect_after)
+    assert svc._liveness.verdict("r2", clock.monotonic()) is Verdict.DEAD  # 3 and the silence
