@@ -30,7 +30,15 @@ from typing import Any, Protocol
 from agents.core.protocol import Health
 from agents.errors import RbdfleetError
 from orchestrator.core.fleetmap import FleetMap
-from orchestrator.core.upgrade import Handover, Observation, Step, Upgrade, next_step, plan
+from orchestrator.core.upgrade import (
+    Handover,
+    Observation,
+    Step,
+    Upgrade,
+    UpgradeSpare,
+    next_step,
+    plan,
+)
 from orchestrator.deploy import AgentDeployer, DeployTarget
 from orchestrator.errors import DeployError, UpgradeStalled
 from orchestrator.ports import Clock
@@ -118,7 +126,7 @@ class FleetUpgrade:
         done: set[Step] = set()
         while (step := next_step(self._observe(installed=True)[0], self.version)) is not None:
             if step in done:  # it was back, and fell out again: not a node to go on from
-                node = step.node if isinstance(step, Upgrade) else step.writer
+                node = step.writer if isinstance(step, Handover) else step.node
                 raise UpgradeStalled(node, f"{step} again: it fell out of sync after its step")
             self.progress(f"{step}")
             started = self.clock.monotonic()
@@ -133,7 +141,7 @@ class FleetUpgrade:
 
     # steps ------------------------------------------------------------------------------------
 
-    def _upgrade(self, step: Upgrade) -> str:
+    def _upgrade(self, step: Upgrade | UpgradeSpare) -> str:
         node = step.node
         fleet_map = self._observe()[0].map
         target = self.targets(fleet_map)[node]
@@ -146,17 +154,19 @@ class FleetUpgrade:
         actions = ", ".join(result.actions) or "unchanged"
         deadline = self.clock.monotonic() + self.node_wait
         while True:
-            seen = self._back(node)
+            seen = self._back(node, spare=isinstance(step, UpgradeSpare))
             if seen is None:
                 return actions
             if self.clock.monotonic() > deadline:
-                raise UpgradeStalled(node, f"not an in-sync reader running {self.version} "
+                wanted = "answering" if isinstance(step, UpgradeSpare) else "an in-sync reader"
+                raise UpgradeStalled(node, f"not {wanted} running {self.version} "
                                      f"{self.node_wait:.0f} s after its restart ({actions}); "
                                      f"last seen: {seen}")
             self.clock.sleep(self.poll)
 
-    def _back(self, node: str) -> str | None:
-        """None once ``node`` is served again on the new version, else what is seen instead."""
+    def _back(self, node: str, *, spare: bool = False) -> str | None:
+        """None once ``node`` is served again on the new version (a ``spare``: answers on
+        it), else what is seen instead."""
         try:
             obs, healths = self._observe()
         except RbdfleetError as exc:  # a coordinator changing hands: seen again at the next poll
@@ -166,9 +176,9 @@ class FleetUpgrade:
         in_map = f"map: {member.role} {'in sync' if member.in_sync else 'not in sync'}"
         if health is None:
             return f"{in_map}, agent not answering"
-        ok = (member.role == "reader" and member.in_sync and health.role == "reader"
-              and health.epoch == obs.map.epoch and not health.catching_up
-              and health.version == self.version)
+        ok = health.version == self.version and (spare or (
+            member.role == "reader" and member.in_sync and health.role == "reader"
+            and health.epoch == obs.map.epoch and not health.catching_up))
         if ok:
             return None
         return (f"{in_map}; agent: {health.role} of epoch {health.epoch}"
@@ -190,7 +200,7 @@ class FleetUpgrade:
         fleet_map = FleetMap.from_json(self.coordinator.map())
         healths: dict[str, Health] = {}
         for member in fleet_map.members:
-            if member.role == "spare" or not member.address:
+            if not member.address:
                 continue
             try:
                 healths[member.name] = self.health(member.address, self.health_timeout)

@@ -2,6 +2,8 @@
 
 A fleet is upgraded one node at a time so that it keeps serving throughout:
 
+0. the spares whose agents answer (no disk, nothing served: restarted on the new package and
+   waited for until they answer on it; a spare that does not answer is left to ``deploy``);
 1. the readers, one at a time (each one restarted on the new package, then waited for until
    the coordinator hands it out again: an in-sync reader running the new version);
 2. a planned handover of the writer role to an upgraded in-sync reader (the coordinator's
@@ -20,8 +22,7 @@ Refused (:class:`~orchestrator.errors.UpgradeRefused`), before anything is touch
 without a writer, whose writer does not answer, or in a failover; a reader out of sync that
 an upgrade did not leave so (more than one node out of sync, or one that runs or has
 installed the writer's old package while the writer still runs it: the fleet is not
-healthy); a writer to hand over with no upgraded in-sync reader to take it. Spares are not
-deployed, so not upgraded.
+healthy); a writer to hand over with no upgraded in-sync reader to take it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from orchestrator.core.fleetmap import FleetMap, Member
 from orchestrator.errors import UpgradeRefused
 
-__all__ = ["Handover", "Observation", "Step", "Upgrade", "next_step", "plan"]
+__all__ = ["Handover", "Observation", "Step", "Upgrade", "UpgradeSpare", "next_step", "plan"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,17 @@ class Upgrade:
 
 
 @dataclass(frozen=True)
+class UpgradeSpare:
+    """Install the new package on spare ``node`` and restart its agent; done once it answers
+    on the new version (it has no disk: nothing to catch up)."""
+
+    node: str
+
+    def __str__(self) -> str:
+        return f"upgrade spare {self.node}"
+
+
+@dataclass(frozen=True)
 class Handover:
     """Planned failover of the writer role from ``writer`` to the upgraded reader ``to``."""
 
@@ -71,7 +83,7 @@ class Handover:
         return f"hand the writer role over from {self.writer} to {self.to}"
 
 
-Step = Upgrade | Handover
+Step = Upgrade | UpgradeSpare | Handover
 
 
 def _done(obs: Observation, member: Member, target: str) -> bool:
@@ -103,6 +115,9 @@ def next_step(obs: Observation, target: str) -> Step | None:
     if len(lagging) > 1 or lagging != resumable:
         raise UpgradeRefused(f"fleet {m.fleet} is not healthy: out of sync: "
                              + ", ".join(f"{x.name} ({x.role})" for x in lagging))
+    for spare in (x for x in m.members if x.role == "spare"):
+        if obs.version(spare.name) not in (None, target):
+            return UpgradeSpare(spare.name)
     if lagging:
         return Upgrade(lagging[0].name)
     for reader in m.in_sync_readers():
@@ -124,6 +139,8 @@ def _assume(obs: Observation, step: Step, target: str) -> Observation:
     if isinstance(step, Handover):
         m = m.begin_failover(step.to).complete_failover()
         return Observation(m, obs.versions, obs.installed)
+    if isinstance(step, UpgradeSpare):
+        return Observation(m, {**obs.versions, step.node: target}, obs.installed)
     member = m.member(step.node)
     m = m.set_role(step.node, "reader", in_sync=True) if member.role == "out" \
         else m.set_progress(step.node, member.applied_seq, True)

@@ -8,7 +8,15 @@ import re
 import pytest
 
 from orchestrator.core.fleetmap import FleetMap, Member, Role
-from orchestrator.core.upgrade import Handover, Observation, Step, Upgrade, next_step, plan
+from orchestrator.core.upgrade import (
+    Handover,
+    Observation,
+    Step,
+    Upgrade,
+    UpgradeSpare,
+    next_step,
+    plan,
+)
 from orchestrator.errors import UpgradeRefused
 
 pytestmark = pytest.mark.unit
@@ -28,11 +36,14 @@ def fleet(*members: tuple[str, Role, bool, str | None], seqs: dict[str, int] | N
 
 
 HEALTHY_OLD = fleet(("w", "writer", False, OLD), ("r1", "reader", True, OLD),
-                    ("r2", "reader", True, OLD), ("s", "spare", False, None))
+                    ("r2", "reader", True, OLD), ("s", "spare", False, OLD))
 
 PLANS: list[tuple[str, Observation, list[Step]]] = [
-    ("fresh fleet: readers by name, handover, old writer", HEALTHY_OLD,
-     [Upgrade("r1"), Upgrade("r2"), Handover("w", "r1"), Upgrade("w")]),
+    ("fresh fleet: the spare first, readers by name, handover, old writer", HEALTHY_OLD,
+     [UpgradeSpare("s"), Upgrade("r1"), Upgrade("r2"), Handover("w", "r1"), Upgrade("w")]),
+    ("a spare that does not answer is left to deploy",
+     fleet(("w", "writer", False, OLD), ("r1", "reader", True, NEW), ("s", "spare", False, None)),
+     [Handover("w", "r1"), Upgrade("w")]),
     ("handover goes to the upgraded reader furthest ahead",
      fleet(("w", "writer", False, OLD), ("r1", "reader", True, NEW), ("r2", "reader", True, NEW),
            seqs={"r1": 4, "r2": 9}),

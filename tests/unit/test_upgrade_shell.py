@@ -41,11 +41,12 @@ class FakeFleet:
     """The coordinator's map and the agents, in memory: a deployed node runs the package at
     once and is an in-sync reader again unless it is in ``stuck`` (down) or ``refuses``."""
 
-    def __init__(self) -> None:
+    def __init__(self, spares: tuple[str, ...] = ()) -> None:
         self.map = FleetMap("f", 1, 1, "w", (
             Member("w", "w:1", "writer", False, 9), Member("r1", "r1:1", "reader", True, 9),
-            Member("r2", "r2:1", "reader", True, 9)))
-        self.versions = {"w": OLD, "r1": OLD, "r2": OLD}
+            Member("r2", "r2:1", "reader", True, 9),
+            *(Member(s, f"{s}:1", "spare", False, 0) for s in spares)))
+        self.versions = dict.fromkeys(("w", "r1", "r2", *spares), OLD)
         self.stuck: set[str] = set()
         self.refuse_handover = False
         self.log: list[str] = []
@@ -68,13 +69,15 @@ class FakeFleet:
         if node in self.stuck:
             raise AgentUnreachable(node, address, "connection refused")
         m = self.map.member(node)
+        if m.role == "spare":  # its agent waits for a disk
+            return Health(node, "f", "starting", 0, -1, -1, "pending", version=self.versions[node])
         return Health(node, "f", "writer" if m.role == "writer" else "reader", self.map.epoch,
                       9, 9, "ok", version=self.versions[node])
 
     def restarted(self, node: str, version: str) -> None:
         self.log.append(f"restart {node}")
         self.versions[node] = version
-        if node not in self.stuck:
+        if node not in self.stuck and self.map.member(node).role != "spare":
             m = self.map.member(node)
             self.map = (self.map.set_role(node, "reader", in_sync=True) if m.role == "out"
                         else self.map.with_member(replace(m, in_sync=True)))
@@ -119,14 +122,16 @@ def upgrade(fleet: FakeFleet, **deployer: Any) -> FleetUpgrade:
                         FakeClock(), node_wait=10.0, poll=1.0, progress=lambda _: None)
 
 
-def test_readers_then_handover_then_the_old_writer_and_a_second_run_does_nothing() -> None:
-    fleet = FakeFleet()
+def test_spares_readers_then_handover_then_the_old_writer_and_a_second_run_does_nothing(
+) -> None:
+    fleet = FakeFleet(spares=("s",))
     report = upgrade(fleet).run()
-    assert fleet.log == ["restart r1", "restart r2", "handover r1", "restart w"]
+    assert fleet.log == ["restart s", "restart r1", "restart r2", "handover r1", "restart w"]
     assert [s.step for s in report.steps] == [
-        "upgrade r1", "upgrade r2", "hand the writer role over from w to r1", "upgrade w"]
+        "upgrade spare s", "upgrade r1", "upgrade r2", "hand the writer role over from w to r1",
+        "upgrade w"]
     assert report.handover_seconds is not None
-    assert fleet.versions == {"w": NEW.version, "r1": NEW.version, "r2": NEW.version}
+    assert set(fleet.versions.values()) == {NEW.version}
     assert upgrade(fleet).run().steps == [] and fleet.log[-1] == "restart w"
 
 
