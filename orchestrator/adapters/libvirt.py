@@ -174,10 +174,6 @@ def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
     """libvirt error callback that keeps quiet (the error is raised as libvirtError)."""
 
 
-# transports whose URI names a remote host (the others: local socket or a command of one's own)
-_SSH_TRANSPORTS = frozenset({"ssh", "libssh", "libssh2"})
-
-
 def display_uri(uri: str) -> str:
     """``uri`` fit for a message or a log: scheme, user, host, port and path, without the
     query (key file paths and options) and without any password."""
@@ -296,6 +292,7 @@ class LibvirtHypervisor:
         """End every watch and close every connection opened so far."""
         with self._watch_lock:
             watches = list(self._watches.values())
+            self._watches.clear()
         for watch in watches:
             watch.stop()
         for conn in self._connections.values():
@@ -515,7 +512,7 @@ class _Watch:
         self._stopped = threading.Event()
         self._conn: Any = None
         self._callback: int | None = None
-        self.reconnects = 0  # connections opened again after a loss (tests, logs)
+        self.reconnects = 0  # connections opened again after a loss (logged)
 
     def connect(self) -> None:
         """Open the watch's connection and register its callbacks (HypervisorError)."""
