@@ -70,6 +70,7 @@ from agents.errors import (
     BadHttp,
     BadPath,
     BadRequest,
+    CatchingUp,
     ChecksumMismatch,
     DecodeError,
     DeviceError,
@@ -504,7 +505,10 @@ class Handler(BoundedRequestHandler):
         if kind != PUSH_CONTENT_TYPE:
             raise DecodeError(f"a record push is sent as {PUSH_CONTENT_TYPE}",
                               field="Content-Type")
-        push = RecordPush.decode(self._whole_body(MAX_PUSH_BODY))
+        volume = self.agent.volume  # the push's records are sealed with its volume's key
+        if volume is None:
+            raise CatchingUp("agent is starting", applied=-1, target=-1)
+        push = RecordPush.decode(self._whole_body(MAX_PUSH_BODY), volume.superblock.record_key)
         _check_push(push)
         return Answer(200, self.agent.receive_push(token, push))
 

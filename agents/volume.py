@@ -298,6 +298,7 @@ class _JournalView:
         self._base = sb.journal_offset
         self._ring = sb.journal_bytes
         self._tag = sb.volume_tag
+        self._key = sb.record_key
         self._start = 0
         # a view of the window's bytes: a record is cut out of it without a copy, and a view
         # handed out keeps its window alive after the next one replaces it
@@ -337,7 +338,7 @@ class _JournalView:
         if nbytes is None:
             return None
         try:
-            return Record.decode(self.read(start, nbytes)), nbytes
+            return Record.decode(self.read(start, nbytes), self._key), nbytes
         except (TornRecord, ChecksumMismatch):
             return None
 
@@ -347,7 +348,7 @@ class _JournalView:
         if nbytes is None:
             return None
         try:
-            seq, epoch, commit_seq, _ = Record.verify(self.read(start, nbytes))
+            seq, epoch, commit_seq, _ = Record.verify(self.read(start, nbytes), self._key)
         except (TornRecord, ChecksumMismatch):
             return None
         return journal.Witness(start, seq, epoch, commit_seq)
@@ -884,7 +885,7 @@ class Volume:
                     got=record.seq,
                 )
             if nbytes is None:
-                nbytes = len(record.encode())
+                nbytes = record.encoded_length()
             if start is None:
                 start = journal.place_batch(self._cursor.pos, journal.align_up(nbytes),
                                             self._ring)
@@ -1376,7 +1377,7 @@ class Volume:
     # ---- group commit --------------------------------------------------------------------
 
     def _ticket(self, op: str, payload: dict[str, Any], epoch: int) -> _Ticket:
-        nbytes = len(Record(0, epoch, op, payload).encode())
+        nbytes = Record(0, epoch, op, payload).encoded_length()
         if nbytes > self._ring // 4:
             raise BadRequest(
                 f"metadata record of {nbytes} bytes exceeds a quarter of the journal",
@@ -1493,7 +1494,7 @@ class Volume:
                     commit_seq=durable,
                     volume_tag=self._sb.volume_tag,
                 )
-                data = record.encode()
+                data = record.encode(self._sb.record_key)
                 try:
                     self._apply_at(record, at, len(data), own=True)
                 except AgentError as exc:

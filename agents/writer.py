@@ -448,7 +448,8 @@ class WriterRole:
         except JournalWrapped:  # long overwritten: a reader finds it in a checkpoint
             LOG.info("event=announce_skipped node=%s seq=%d", self.node, record.seq)
             return
-        self._queue(Commit([record], start, memoryview(record.encode())))
+        key = self.volume.superblock.record_key
+        self._queue(Commit([record], start, memoryview(record.encode(key))))
 
     def _release(self) -> None:
         with self._cond:

@@ -22,10 +22,11 @@ Invariants:
   piece); none of them is acknowledged before the flush that follows
   all of them, and the next group commit is written only after that flush. So after a crash
   any subset of the last batch may be on disk, and nothing after the batch exists.
-- A torn batch: a record cut by a missing piece fails its CRC, so the chain ends there (the
+- A torn batch: a record cut by a missing piece fails its seal, so the chain ends there (the
   records after it in the batch cannot be reached: their start is only known from the
-  lengths before them). Padding and stale bytes never look like the next record: that needs
-  the exact next seq, the volume's tag and a valid CRC.
+  lengths before them). Padding, stale bytes and a client's inline bytes never look like the
+  next record: that needs the exact next seq, the volume's tag and a valid seal (keyed with
+  the volume's record key, which no client knows: :mod:`agents.core.record`).
 - ``commit_seq`` of a record is the highest seq durable (flushed, hence possibly
   acknowledged) when it was written: it is below every seq of its own batch. A valid record
   beyond the chain's end with ``commit_seq`` >= the first missing seq proves that seq was
@@ -66,7 +67,7 @@ class Numbered(Protocol):
 
 @dataclass(frozen=True)
 class Witness:
-    """A valid record seen in the ring (CRC checked, payload not parsed) and where it starts."""
+    """A valid record seen in the ring (seal checked, payload not parsed) and where it starts."""
 
     start: int
     seq: int

@@ -51,7 +51,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, Final, Self, Union, get_args, get_origin, get_type_hints
 
 from agents.core import boundedjson, journal
-from agents.core.record import Record
+from agents.core.record import Record, RecordKey
 from agents.errors import (
     AgentError,
     BadSignature,
@@ -490,7 +490,7 @@ class PushFrame:
 
 @dataclass(frozen=True)
 class PushedRecord:
-    """A record of a push, decoded (CRC checked), and where it lies in the journal ring."""
+    """A record of a push, decoded (seal checked), and where it lies in the journal ring."""
 
     start: int
     nbytes: int
@@ -508,15 +508,17 @@ class RecordPush:
         8  u16 writer length
         then per frame: u64 ring offset, u32 length (> 0), the packed records
 
-    The records are the exact journal bytes, so the reader verifies their checksums as it
-    would on disk, and knows where each one lies in the ring. ``commit_seq`` is the writer's
-    last durable seq (a push without frames makes a lagging reader catch up from it)."""
+    The records are the exact journal bytes, so the reader verifies their seals with its
+    volume's key as it would on disk (``key``: given to :meth:`decode`, needed by
+    :attr:`records`), and knows where each one lies in the ring. ``commit_seq`` is the
+    writer's last durable seq (a push without frames makes a lagging reader catch up from it)."""
 
     fleet: str
     epoch: int
     writer: str
     commit_seq: int
     frames: tuple[PushFrame, ...] = ()
+    key: RecordKey | None = field(default=None, compare=False, repr=False)
 
     def parts(self) -> list[bytes | memoryview]:
         """The body as buffers to send one after the other (the frames' bytes not copied)."""
@@ -533,9 +535,10 @@ class RecordPush:
         return b"".join(self.parts())
 
     @classmethod
-    def decode(cls, body: bytes | memoryview) -> RecordPush:
-        """Parse a push body; DecodeError (400) for anything that is not exactly one (the
-        records themselves are checked by :attr:`records`)."""
+    def decode(cls, body: bytes | memoryview, key: RecordKey) -> RecordPush:
+        """Parse a push body whose records are sealed with ``key`` (the receiving volume's);
+        DecodeError (400) for anything that is not exactly one (the records themselves are
+        checked by :attr:`records`)."""
         view = memoryview(body)
         if len(view) < _PUSH_HEAD.size:
             raise DecodeError("record push shorter than its header", field="body")
@@ -568,13 +571,15 @@ class RecordPush:
             at += length
         if at != len(view):
             raise DecodeError("bytes after the last frame of a record push", field="body")
-        return cls(fleet, epoch, writer, commit, tuple(frames))
+        return cls(fleet, epoch, writer, commit, tuple(frames), key)
 
     @functools.cached_property
     def records(self) -> tuple[PushedRecord, ...]:
         """Every record of the push, decoded once: DecodeError (400) unless each frame is
-        whole records with valid checksums, their seqs follow one another and their epochs
+        whole records sealed with :attr:`key`, their seqs follow one another and their epochs
         never go down nor above the push's; TooLarge (413) past :data:`MAX_PUSH_RECORDS`."""
+        if self.key is None:
+            raise ValueError("a push's records are read with the receiving volume's key")
         out: list[PushedRecord] = []
         try:
             for frame in self.frames:
@@ -582,7 +587,7 @@ class RecordPush:
                     if len(out) == MAX_PUSH_RECORDS:
                         raise TooLarge("record push of too many records",
                                        limit=MAX_PUSH_RECORDS)
-                    record = Record.decode(frame.data[offset : offset + nbytes])
+                    record = Record.decode(frame.data[offset : offset + nbytes], self.key)
                     out.append(PushedRecord(frame.start + offset, nbytes, record))
         except FormatError as exc:
             raise DecodeError(f"record push: {exc.message}", field="records") from exc

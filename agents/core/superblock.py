@@ -12,7 +12,7 @@ Invariants:
 Layout (little endian, one 4 KiB block, zero padded)::
 
     0  8s  magic b"RBDFLEET"     10 u64 generation   18 u32 block size (4096)
-    8  u16 format version (2)    22 u64 device size  30 u64 journal offset  38 u64 journal bytes
+    8  u16 format version (3)    22 u64 device size  30 u64 journal offset  38 u64 journal bytes
     46 u64 checkpoint A offset   54 u64 checkpoint B offset   62 u64 checkpoint bytes
     70 u64 data offset   78 u64 data bytes   86 u32 chunk size   90 u32 inline max
     94 16s volume uuid   110 u16 fleet name length, fleet name (UTF-8), then u32 crc32
@@ -25,6 +25,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
+from agents.core.record import RecordKey
 from agents.device import ALIGN
 from agents.errors import (
     BadMagic,
@@ -35,7 +36,9 @@ from agents.errors import (
 )
 
 MAGIC = b"RBDFLEET"
-VERSION = 2
+# 3: journal records sealed with a key from the volume uuid (2 had a CRC-32 anyone can
+# compute); an agent of format 2 refuses the image here instead of calling records torn
+VERSION = 3
 FIXED = struct.Struct("<8sHQIQQQQQQQQII16sH")
 CRC = struct.Struct("<I")
 SLOTS = (0, ALIGN)
@@ -67,6 +70,12 @@ class Superblock:
     def volume_tag(self) -> int:
         """32 bits of the volume uuid, stamped on every journal record of this format."""
         return uuid.UUID(self.volume_id).int >> 96
+
+    @property
+    def record_key(self) -> RecordKey:
+        """The key that stamps and seals this volume's journal records (never shown to a
+        client: it is derived from the volume uuid, which only the image holds)."""
+        return RecordKey.for_volume(uuid.UUID(self.volume_id).bytes)
 
     @property
     def slot(self) -> int:

@@ -77,7 +77,7 @@ def _journal_record_offset(path: Path, seq: int) -> int:
         length = Record.peek_length(data[off : off + ALIGN])
         if length is not None:
             try:
-                if Record.decode(data[off : off + length]).seq == seq:
+                if Record.decode(data[off : off + length], sb.record_key).seq == seq:
                     return off
             except FormatError:  # client bytes that look like a header, a stale record
                 pass

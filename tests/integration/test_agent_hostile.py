@@ -32,6 +32,7 @@ from agents.backends.file import FileDevice
 from agents.core.grants import WRITE, Grant, agent_key, sign
 from agents.core.protocol import PUSH_CONTENT_TYPE, PushFrame, RecordPush
 from agents.core.record import Record
+from agents.core.superblock import SLOTS, choose
 from agents.server import (
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
@@ -171,8 +172,12 @@ def test_malformed_requests_get_one_4xx_and_change_nothing(fleet: AgentFleet) ->
                       frames=(PushFrame(0, b"not a journal record"),))
     forged = Record(9, 1, "put", {"path": ["no"], "size": 1, "mtime": 1.0, "crc": 0,
                                   "data": b"x"})
+    with open(fleet.backend.removeprefix("file:"), "rb") as image:
+        head = image.read(2 * 4096)
+    # sealed with the volume's key, as only a writer could: its payload is what is refused
+    key = choose([head[s : s + 4096] for s in SLOTS]).record_key
     push_forged = RecordPush(fleet="test", epoch=1, writer="w", commit_seq=9,
-                             frames=(PushFrame(0, forged.encode()),))
+                             frames=(PushFrame(0, forged.encode(key)),))
     pushing = {**_bearer(pg), "Content-Type": PUSH_CONTENT_TYPE}
     cases: list[tuple[str, bytes, int, str]] = [
         ("Content-Length: ²", http("PUT", "/v1/files/f", {**put, "Content-Length": "²"},

@@ -161,7 +161,7 @@ def test_a_pushed_record_outside_the_data_area_is_refused(file_fleet: AgentFleet
     def push(offset: int) -> Any:
         record = _record(sb.volume_tag, seq, offset)
         body = RecordPush(fleet=fleet.name, epoch=1, writer="w", commit_seq=seq,
-                          frames=(PushFrame(at, record.encode()),))
+                          frames=(PushFrame(at, record.encode(sb.record_key)),))
         return _push(c, r1, grant, body)
 
     for offset in (0, sb.data_offset - 4096, sb.data_offset + sb.data_bytes):

@@ -5,7 +5,9 @@ problem report from fsck, quickly; never a TypeError, a RecursionError, a zlib.e
 hang or a memory blow-up.
 
 The structures are forged with their checksums right (an attacker, or a buggy writer, can do
-that): only the decoders' own bounds stand between them and the agent.
+that), journal records sealed with the volume's key (whoever can write the image can read the
+key in its superblock): only the decoders' own bounds stand between them and the agent.
+(Bytes that a *client* plants in the ring, without the key: tests/unit/test_record_forgery.py.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from agents.backends.file import FileDevice
 from agents.core import checkpoint as ckpt
 from agents.core import record as rec
 from agents.core.allocator import Extent
+from agents.core.record import RecordKey
 from agents.core.superblock import FIXED, SLOTS, Superblock, choose
 from agents.device import ALIGN
 from agents.errors import AgentError, CorruptMetadata, FormatError
@@ -264,33 +267,33 @@ def test_a_checkpoint_the_writer_wrote_always_decodes() -> None:
 # ---- journal records ----------------------------------------------------------------------
 
 
-Make = Callable[[int, int, int], bytes]
+Make = Callable[[int, int, RecordKey], bytes]
 
 
 def _append(path: Path, *makes: Make) -> None:
-    """Write ``make(seq, epoch, tag)`` for each of ``makes`` where the next records of the
+    """Write ``make(seq, epoch, key)`` for each of ``makes`` where the next records of the
     chain belong (one after the other: the ring of an 8 MiB image does not wrap here)."""
     device = FileDevice(path, read_only=True)
     try:
         vol = Volume.open(device)
-        seq, pos, tag = vol.applied_seq + 1, vol._cursor.pos, vol.superblock.volume_tag
+        seq, pos, key = vol.applied_seq + 1, vol._cursor.pos, vol.superblock.record_key
         journal_offset = vol.superblock.journal_offset
         vol.close()
     finally:
         device.close()
     for make in makes:
-        data = make(seq, 1, tag)
+        data = make(seq, 1, key)
         _write(path, journal_offset + pos, data)
         seq, pos = seq + 1, pos + len(data)
 
 
-def _raw_record(seq: int, epoch: int, tag: int, op: str, js: bytes) -> bytes:
-    """A record of any JSON bytes, with a correct CRC."""
-    length = rec.HEADER.size + len(js) + rec.CRC.size
-    head = rec.HEADER.pack(rec.MAGIC, rec.VERSION, 0, length, seq, epoch, seq - 1, tag,
+def _raw_record(seq: int, epoch: int, key: RecordKey, op: str, js: bytes) -> bytes:
+    """A record of any JSON bytes, sealed with the volume's key."""
+    length = rec.HEADER.size + len(js) + rec.SEAL
+    head = rec.HEADER.pack(rec.MAGIC, rec.VERSION, 0, length, seq, epoch, seq - 1, key.tag,
                            rec.OPS[op], len(js), 0)
     raw = head + js
-    raw += rec.CRC.pack(zlib.crc32(raw))
+    raw += key.seal(raw)
     return raw + bytes(rec.padded(length) - length)
 
 
@@ -309,8 +312,8 @@ def _raw_record(seq: int, epoch: int, tag: int, op: str, js: bytes) -> bytes:
     ],
 )
 def test_put_records_with_hostile_payloads(image: Path, payload: dict[str, Any]) -> None:
-    _append(image, lambda seq, epoch, tag: Record(seq, epoch, "put", payload,
-                                                  commit_seq=seq - 1, volume_tag=tag).encode())
+    _append(image, lambda seq, epoch, key: Record(seq, epoch, "put", payload,
+                                                  commit_seq=seq - 1).encode(key))
     assert isinstance(_refused(image), CorruptMetadata)
     _fsck(image)
 
@@ -327,7 +330,7 @@ def test_put_records_with_hostile_payloads(image: Path, payload: dict[str, Any])
 def test_record_payloads_that_do_not_parse_end_the_chain(image: Path, js: bytes) -> None:
     """Not JSON within bounds: the record is torn (the chain ends before it), as a torn
     write would; the image still opens, quickly, with everything before it."""
-    _append(image, lambda seq, epoch, tag: _raw_record(seq, epoch, tag, "put", js))
+    _append(image, lambda seq, epoch, key: _raw_record(seq, epoch, key, "put", js))
     device = FileDevice(image, read_only=True)
     started = time.monotonic()
     try:
@@ -340,9 +343,8 @@ def test_record_payloads_that_do_not_parse_end_the_chain(image: Path, js: bytes)
 
 
 def test_record_length_past_the_ring(image: Path) -> None:
-    def huge(seq: int, epoch: int, tag: int) -> bytes:
-        raw = bytearray(Record(seq, epoch, "delete", {"path": "/d/small"},
-                               volume_tag=tag).encode())
+    def huge(seq: int, epoch: int, key: RecordKey) -> bytes:
+        raw = bytearray(Record(seq, epoch, "delete", {"path": "/d/small"}).encode(key))
         raw[8:12] = (0xFFFFFFF0).to_bytes(4, "little")  # announced length: ~4 GiB
         return bytes(raw)
 
@@ -364,8 +366,8 @@ def test_records_that_free_the_same_extent_twice(image: Path) -> None:
                 ("delete", {"path": "/x"}), ("delete", {"path": "/y"})]
 
     def maker(op: str, payload: dict[str, Any]) -> Make:
-        return lambda seq, epoch, tag: Record(seq, epoch, op, payload, commit_seq=seq - 1,
-                                              volume_tag=tag).encode()
+        return lambda seq, epoch, key: Record(seq, epoch, op, payload,
+                                              commit_seq=seq - 1).encode(key)
 
     _append(image, *(maker(op, payload) for op, payload in payloads))
     assert isinstance(_refused(image), CorruptMetadata)
@@ -377,9 +379,9 @@ def test_a_reader_refresh_meets_a_hostile_record(image: Path) -> None:
     device = FileDevice(image, read_only=True)
     try:
         vol = Volume.open(device)
-        _append(image, lambda seq, epoch, tag: Record(
+        _append(image, lambda seq, epoch, key: Record(
             seq, epoch, "mkdir", {"path": ["not", "a", "path"], "mtime": 1.0},
-            commit_seq=seq - 1, volume_tag=tag).encode())
+            commit_seq=seq - 1).encode(key))
         with pytest.raises(CorruptMetadata):
             vol.refresh()
         assert vol.stat("/d/small").size == 100
@@ -391,9 +393,9 @@ def test_a_reader_refresh_meets_a_hostile_record(image: Path) -> None:
 def test_a_rename_that_would_make_a_cycle(image: Path) -> None:
     """A directory moved inside itself would make the namespace a cycle: the record does not
     apply, the open is refused naming it, fsck reports it; nothing loops."""
-    _append(image, lambda seq, epoch, tag: Record(
-        seq, epoch, "rename", {"src": "/d", "dst": "/d/small/d"}, commit_seq=seq - 1,
-        volume_tag=tag).encode())
+    _append(image, lambda seq, epoch, key: Record(
+        seq, epoch, "rename", {"src": "/d", "dst": "/d/small/d"},
+        commit_seq=seq - 1).encode(key))
     device = FileDevice(image, read_only=True)
     try:
         with pytest.raises(AgentError) as info:

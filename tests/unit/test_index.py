@@ -13,6 +13,7 @@ from agents.core.allocator import Extent
 from agents.core.index import Index, crc32_combine, file_crc, locate, normalize_path
 from agents.core.record import Record
 from agents.errors import AgentError, AlreadyExists, BadPath, NotEmpty, NotFound, WrongKind
+from tests.unit.test_record import KEY
 
 pytestmark = pytest.mark.unit
 
@@ -172,7 +173,7 @@ def test_replay_of_the_journal_is_the_live_state(script: list[tuple[Any, ...]]) 
     _consistent(w.index)
     replay = Index()
     for record in w.records:
-        replay.apply(Record.decode(record.encode()))
+        replay.apply(Record.decode(record.encode(KEY), KEY))
     assert replay.snapshot() == w.index.snapshot()
     assert (replay.applied_seq, replay.epoch) == (w.index.applied_seq, w.index.epoch)
     # every extent ever written is either still named by a file or was freed exactly once

@@ -1,104 +1,19 @@
-"""Journal record codec and chain rules: round trip, torn/corrupt records never decode,
-placement is one rule, commit_seq tells corruption from a torn tail."""
+"""Journal placement and chain rules: placement is one rule, split finds exactly the packed
+records, the cursor takes only the next link, commit_seq tells corruption from a torn tail.
+(The record codec itself: tests/unit/test_record.py.)"""
 
 from __future__ import annotations
-
-import struct
-import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.core import journal
-from agents.core.record import OPS, Record
-from agents.errors import ChecksumMismatch, TornRecord, UnsupportedFormat
+from agents.core.record import Record
+from agents.errors import TornRecord
+from tests.unit.test_record import KEY, records
 
 pytestmark = pytest.mark.unit
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-payloads = st.dictionaries(
-    st.text(max_size=12).filter(lambda k: k != "data"), json_values, max_size=6
-).flatmap(lambda d: st.one_of(st.just(d), st.binary(max_size=5000).map(lambda b: {**d, "data": b})))
-records = st.builds(
-    Record,
-    seq=st.integers(0, 2**63 - 1),
-    epoch=st.integers(0, 2**63 - 1),
-    op=st.sampled_from(sorted(OPS)),
-    payload=payloads,
-    commit_seq=st.integers(0, 2**63 - 1),
-    volume_tag=st.integers(0, 2**32 - 1),
-)
-
-
-@given(records)
-def test_round_trip_is_exact_and_unpadded(record: Record) -> None:
-    data = record.encode()
-    assert len(data) == struct.unpack_from("<I", data, 8)[0]  # packed: no padding
-    back = Record.decode(data)
-    assert back == record
-    assert (back.commit_seq, back.volume_tag) == (record.commit_seq, record.volume_tag)
-    assert Record.peek_length(data) == len(data)
-
-
-@given(records, st.data())
-def test_truncated_record_never_decodes(record: Record, data: st.DataObject) -> None:
-    raw = record.encode()
-    length = len(raw)
-    cut = data.draw(st.integers(0, length - 1))
-    with pytest.raises((TornRecord, ChecksumMismatch)):
-        Record.decode(raw[:cut])
-    with pytest.raises((TornRecord, ChecksumMismatch)):
-        Record.verify(raw[:cut])  # the end-of-journal witness check: same verdict
-
-
-@given(records, st.data())
-def test_flipped_bit_never_decodes(record: Record, data: st.DataObject) -> None:
-    raw = bytearray(record.encode())
-    length = struct.unpack_from("<I", raw, 8)[0]
-    bit = data.draw(st.integers(0, length * 8 - 1))
-    raw[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises((TornRecord, ChecksumMismatch, UnsupportedFormat)):
-        Record.verify(bytes(raw))
-    try:
-        got = Record.decode(bytes(raw))
-    except (TornRecord, ChecksumMismatch, UnsupportedFormat):
-        return
-    raise AssertionError(f"flipped bit {bit} went unnoticed: decoded {got}")
-
-
-@given(records)
-def test_verify_gives_the_numbers_decode_gives(record: Record) -> None:
-    got = Record.decode(record.encode())
-    assert Record.verify(record.encode()) == (
-        got.seq,
-        got.epoch,
-        got.commit_seq,
-        got.volume_tag,
-    )
-
-
-@pytest.mark.parametrize("version", [1, 99])
-def test_other_versions_with_valid_crc_are_unsupported(version: int) -> None:
-    raw = bytearray(Record(1, 1, "mkdir", {"path": "/a"}).encode())
-    length = len(raw)
-    struct.pack_into("<H", raw, 4, version)
-    struct.pack_into("<I", raw, length - 4, zlib.crc32(bytes(raw[: length - 4])))
-    with pytest.raises(UnsupportedFormat, match=f"format {version}") as info:
-        Record.decode(bytes(raw))
-    assert ("format the image again" in info.value.message) == (version == 1)
-
-
-def test_garbage_and_zeros_are_not_records() -> None:
-    assert Record.peek_length(bytes(4096)) is None
-    with pytest.raises(TornRecord):
-        Record.decode(bytes(4096))
 
 
 @given(st.integers(0, 64 * 4096), st.integers(1, 16), st.integers(16, 64))
@@ -126,7 +41,7 @@ def test_candidates_are_same_batch_then_boundary_then_zero(pos: int, ring_blocks
 @settings(deadline=None)  # the machine is shared: a slow example is no failure
 @given(st.lists(records, min_size=1, max_size=6))
 def test_split_finds_every_packed_record_and_nothing_else(batch: list[Record]) -> None:
-    encoded = [r.encode() for r in batch]
+    encoded = [r.encode(KEY) for r in batch]
     packed = b"".join(encoded)
     offsets = [sum(map(len, encoded[:i])) for i in range(len(encoded))]
     assert journal.split(packed) == list(zip(offsets, map(len, encoded), strict=True))
@@ -159,15 +74,3 @@ def test_commit_seq_separates_corruption_from_torn_tail() -> None:
     assert journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 1)
     # a fenced writer's leftover (older epoch) proves nothing
     assert not journal.proves_corruption(Record(12, 1, "put", {}, commit_seq=11), 10, 2)
-
-
-@given(records)
-def test_peek_numbers_matches_decode(record: Record) -> None:
-    raw = record.encode()
-    assert Record.peek_numbers(raw) == (
-        record.seq,
-        record.epoch,
-        record.commit_seq,
-        record.volume_tag,
-    )
-    assert Record.peek_numbers(bytes(4096)) is None

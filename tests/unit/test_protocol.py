@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from agents.core import boundedjson
 from agents.core import protocol as p
 from agents.errors import BadSignature, DecodeError, StaleEpoch, UnsupportedVersion
+from tests.unit.test_record import KEY
 
 pytestmark = pytest.mark.unit
 
@@ -124,7 +125,7 @@ def test_put_headers_round_trip_and_checks() -> None:
 def test_record_push_carries_exact_bytes() -> None:
     frames = (p.PushFrame(4096, bytes(range(256)) * 16), p.PushFrame(0, b"x"))
     push = p.RecordPush(fleet="f", epoch=2, writer="w", commit_seq=9, frames=frames)
-    back = p.RecordPush.decode(push.encode())
+    back = p.RecordPush.decode(push.encode(), KEY)
     assert (back.fleet, back.epoch, back.writer, back.commit_seq) == ("f", 2, "w", 9)
     assert [(f.start, bytes(f.data)) for f in back.frames] == [(4096, bytes(range(256)) * 16),
                                                                (0, b"x")]

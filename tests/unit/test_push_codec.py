@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from agents.core.protocol import MAX_PUSH_RECORDS, PushFrame, RecordPush
 from agents.core.record import Record
 from agents.errors import AgentError, DecodeError, TooLarge
+from tests.unit.test_record import KEY
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +24,7 @@ def _records(first: int, count: int, epoch: int = 1) -> list[Record]:
 
 
 def _push(*groups: list[Record], epoch: int = 1) -> RecordPush:
-    frames = tuple(PushFrame(4096 * i, b"".join(r.encode() for r in group))
+    frames = tuple(PushFrame(4096 * i, b"".join(r.encode(KEY) for r in group))
                    for i, group in enumerate(groups))
     return RecordPush(fleet="f", epoch=epoch, writer="w", commit_seq=groups[-1][-1].seq,
                       frames=frames)
@@ -32,7 +33,7 @@ def _push(*groups: list[Record], epoch: int = 1) -> RecordPush:
 def _outcome(body: bytes) -> object:
     """The records a body decodes to, or the AgentError it is refused with (4xx)."""
     try:
-        push = RecordPush.decode(body)
+        push = RecordPush.decode(body, KEY)
         return [p.record for p in push.records]
     except AgentError as exc:
         assert 400 <= exc.status < 500, exc
@@ -41,11 +42,11 @@ def _outcome(body: bytes) -> object:
 
 def test_round_trip_gives_each_record_and_where_it_lies() -> None:
     first, second = _records(5, 3), _records(8, 2)
-    push = RecordPush.decode(_push(first, second).encode())
+    push = RecordPush.decode(_push(first, second).encode(), KEY)
     got = [(p.start, p.nbytes, p.record) for p in push.records]
-    sizes = [len(r.encode()) for r in first]
+    sizes = [r.encoded_length() for r in first]
     assert got == [(sum(sizes[:i]), sizes[i], r) for i, r in enumerate(first)] + [
-        (4096 + sum(len(r.encode()) for r in second[:i]), len(r.encode()), r)
+        (4096 + sum(r.encoded_length() for r in second[:i]), r.encoded_length(), r)
         for i, r in enumerate(second)]
 
 
@@ -96,7 +97,7 @@ def test_more_records_than_a_push_carries_are_refused() -> None:
 
 
 def test_a_frame_of_padding_or_trailing_bytes_is_refused() -> None:
-    record = _records(1, 1)[0].encode()
+    record = _records(1, 1)[0].encode(KEY)
     for frame in (record + bytes(100), bytes(4096)):
         body = RecordPush("f", 1, "w", 1, (PushFrame(0, frame),)).encode()
         assert isinstance(_outcome(body), DecodeError)

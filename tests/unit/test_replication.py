@@ -50,8 +50,10 @@ class Cluster:
     def _send(self, link: ReaderLink, push: RecordPush) -> RecordAck:
         if link.node in self.down:
             raise PeerUnreachable(f"{link.node} is down", address=link.address)
-        self.pushes.append((link.node, push))
-        ack = self.readers[link.node].receive(RecordPush.decode(push.encode()))  # the wire
+        reader = self.readers[link.node]
+        wire = RecordPush.decode(push.encode(), reader.volume.superblock.record_key)
+        self.pushes.append((link.node, wire))
+        ack = reader.receive(wire)
         gate = self.gates.get(link.node)  # the ack's way back, held until released
         if gate is not None:
             self.held.add(link.node)
@@ -256,10 +258,11 @@ def test_reader_fills_a_gap_from_the_journal(cluster: Cluster) -> None:
     before = reader.volume.applied_seq
     volume = cluster.writer.volume
     later = volume.records_since(before)[-1:]
+    key = volume.superblock.record_key
     push = RecordPush(fleet="f", epoch=1, writer="w", commit_seq=later[-1].seq,
                       frames=(PushFrame(volume.journal_position(later[-1].seq),
-                                        later[-1].encode()),))
-    ack = reader.receive(push)
+                                        later[-1].encode(key)),))
+    ack = reader.receive(RecordPush.decode(push.encode(), key))
     assert ack.applied_seq == later[-1].seq
     assert b"".join(reader.volume.read("/a")) == b"1"
 

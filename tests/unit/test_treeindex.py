@@ -16,6 +16,7 @@ from agents.core.record import Record
 from agents.core.treeindex import TreeIndex
 from agents.errors import AgentError
 from tests.unit.test_btree import MemoryPages
+from tests.unit.test_record import KEY
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +100,7 @@ def test_tree_index_is_the_index_across_checkpoints_and_readers(
             assert writer.snapshot() == before, "a refused record changed the tree index"
             continue
         assert writer.apply(record) == want
-        assert reader.apply(Record.decode(record.encode())) == want
+        assert reader.apply(Record.decode(record.encode(KEY), KEY)) == want
         if op == "checkpoint":
             assert reader.root == writer.root and reader.overlay_size == 0
     _same(writer, model)

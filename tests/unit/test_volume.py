@@ -171,8 +171,9 @@ def test_reader_follows_by_push_and_by_journal(opener: Opener) -> None:
     by_disk = Volume.open(opener(True))
     pushed = [put(vol, f"/p{i}", os.urandom(5000 * (i + 1))) for i in range(5)]
     pushed.append(vol.mkdir("/d", epoch=1))
+    key = vol.superblock.record_key
     for record in pushed:
-        by_push.apply(Record.decode(record.encode()))
+        by_push.apply(Record.decode(record.encode(key), key))
     by_push.apply(pushed[0])  # duplicates are ignored
     assert [r.seq for r in by_disk.refresh()] == [r.seq for r in pushed]
     assert by_disk.refresh() == []
