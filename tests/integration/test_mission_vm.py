@@ -47,6 +47,14 @@ def _say(message: str) -> None:
 def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
             sandbox_vms: VmSet) -> Iterator[Mission]:
     """A fleet config for the session's VMs and cluster; everything it made undone after."""
+    with open_mission(tmp_path_factory, ceph_cluster, sandbox_vms) as m:
+        yield m
+
+
+@contextlib.contextmanager
+def open_mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
+                 sandbox_vms: VmSet, spares: tuple[str, ...] = ()) -> Iterator[Mission]:
+    """The ``mission`` fixture's fleet; ``spares``: VMs configured ``spare = true``."""
     directory = tmp_path_factory.mktemp("mission")
     fleet = f"m{uuid.uuid4().hex[:6]}"
     secret = directory / "fleet.secret"
@@ -56,6 +64,10 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
     text = text.replace('name = "demo"', f'name = "{fleet}"')
     text = text.replace('image = "rbdfleet-demo"', f'image = "{fleet}"')
     text = text.replace('size = "1GiB"', 'size = "256MiB"')
+    for vm in spares:
+        at = text.index(f'name = "{vm}"')
+        flag = text.index("spare = false", at)
+        text = text[:flag] + "spare = true" + text[flag + len("spare = false"):]
     config = directory / "rbdfleet.toml"
     config.write_text(text)
     issue_admin_client(config, directory / CLIENT_SECRET)  # as `sandbox up` does
