@@ -56,6 +56,8 @@ from tests.fixtures.sshd import LoopbackSshd, SshdFactory
 pytestmark = pytest.mark.contract
 
 DomainMaker = Callable[..., list[str]]
+# the error tests' connect timeout: short, so a silent host costs little (a working open
+# takes 0.5-2 s, and more on a loaded machine: the fleets use the adapter's default)
 CONNECT_TIMEOUT_S = 4.0
 # an error must come within the adapter's connect timeout plus the slack of a loaded machine
 ERROR_BOUND_S = CONNECT_TIMEOUT_S + 4.0
@@ -236,7 +238,7 @@ def test_a_connection_lost_in_the_middle_of_a_call_is_hypervisor_unreachable(
                 hv.detach_disk(live_disk.uri, live_disk.domain, live_disk.spec.serial, 30.0)
         finally:
             cut.cancel()
-        assert time.monotonic() - started < 10.0
+        assert time.monotonic() - started < 20.0  # the whole wait: 30 s and libvirt's ~5 s
         disks = hv.domain(live_disk.uri, live_disk.domain).disks
         assert [d.serial for d in disks] == [live_disk.spec.serial], disks
 
@@ -296,7 +298,7 @@ def remote_fleet(request: pytest.FixtureRequest, tmp_path: Path, loopback_sshd: 
     fencer = BlocklistFencer(admin, cluster.pool, f"{name}-image",
                              {n: vm_user(name, n) for n in NODES})
     domains = dict(zip(NODES, stopped_domains(len(NODES)), strict=True))
-    with LibvirtHypervisor(connect_timeout=CONNECT_TIMEOUT_S) as hv:
+    with LibvirtHypervisor() as hv:
         fleet = RemoteFleet(cluster, admin, tmp_path, name, domains, loopback_sshd, hv, fencer)
         fleet.provisioner().provision()
         try:
@@ -366,7 +368,7 @@ def test_a_lost_host_fence_needs_no_hypervisor_and_a_switch_names_the_host(
     """The fleet as if spread over two hosts: vm1 (the writer) and vm2 on host A, vm3 and the
     spare on host B. Host A is lost (its sshd stops, connections and all). The fence is the
     blocklist and still works; host B still answers; a role switch, which observes every
-    host of the fleet, fails within the connect timeout naming host A (the coordinator
+    host of the fleet, fails at once (the host refuses) naming host A (the coordinator
     retries it; docs/operations.md, "Multi-host layout")."""
     fleet = remote_fleet
     lost, alive = fleet.host, sshd_factory()
@@ -374,7 +376,7 @@ def test_a_lost_host_fence_needs_no_hypervisor_and_a_switch_names_the_host(
     lost.stop()
     fleet.fencer.fence("vm1")
     assert fleet.fencer.is_fenced("vm1")
-    with LibvirtHypervisor(connect_timeout=CONNECT_TIMEOUT_S) as hv:
+    with LibvirtHypervisor() as hv:
         assert hv.domains(alive.uri("ssh"))
         spread = fleet.provisioner(
             lambda vm: (lost if vm in on_a else alive).uri("ssh"), hv)
