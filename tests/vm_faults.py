@@ -9,7 +9,9 @@ on the fleet's RBD image across the VMs (:class:`Recorded`), injects its fault, 
 failover (:func:`fail_over_under_stream`), judges the history with
 :func:`tests.jepsen.assert_history_clean` (final state read on every node handed out), then
 lets the old writer come back and checks that it changed no byte of the image and steps down
-(:func:`old_writer_steps_down`).
+(:func:`old_writer_steps_down`). tests/fault/test_reboot_vm.py reboots a reader's and the
+writer's guest from inside (:class:`GuestReboot`) and waits for them to come back by
+themselves (:func:`in_sync_reader`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from agents.core.protocol import PutRequest
+from agents.service import UNIT_NAME
 from orchestrator.coordinator.keys import FleetKeys, read_master_keys
+from orchestrator.errors import SandboxError
 from orchestrator.rollout import GUEST_TLS
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.vms import VmSet
@@ -124,6 +128,112 @@ def status_of(fleet: Mission) -> dict[str, Any]:
     return result
 
 
+def agent_health(fleet: Mission, vm: str) -> dict[str, Any]:
+    """``GET /v1/health`` of ``vm``'s agent."""
+    return _health(f"{fleet.config.vm(vm).address}:{fleet.config.fleet.agent_port}")
+
+
+def in_sync_reader(fleet: Mission, vm: str, epoch: int) -> bool:
+    """Whether the map is at ``epoch`` and hands ``vm`` out as an in-sync reader."""
+    status = status_of(fleet)
+    now = member(status, vm)
+    return status["map"]["epoch"] == epoch and now["role"] == "reader" and bool(now["in_sync"])
+
+
+def agent_service(vms: VmSet, vm: str) -> dict[str, str]:
+    """``systemctl show`` of the agent's unit: ActiveState, MainPID, NRestarts, UnitFileState."""
+    shown = vms.exec(vm, ["systemctl", "show", "-p", "ActiveState", "-p", "MainPID",
+                          "-p", "NRestarts", "-p", "UnitFileState", UNIT_NAME])
+    assert shown.returncode == 0, shown.stderr
+    return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+
+
+def domain_running(vms: VmSet, vm: str) -> bool:
+    """Whether libvirt runs ``vm``'s domain."""
+    target = vms.vm(vm)
+    state = subprocess.run(["virsh", "-c", target.uri, "domstate", target.domain],
+                           capture_output=True, text=True, timeout=60, check=True)
+    return state.stdout.strip() == "running"
+
+
+@dataclass(frozen=True)
+class Rebooted:
+    """A guest's reboot, in s from its ``systemctl reboot``."""
+
+    booting: float  # its new boot began (the old one's shutdown took this long)
+    serving: float  # its agent served again (``event=serving`` in the new boot's journal)
+    ssh: float  # it answered SSH again
+    starts: int  # systemd's starts of the agent in the new boot until it served
+    failed: str  # the last start's failure before that (``event=start_failed``), or ""
+
+
+class GuestReboot:
+    """``vm``'s guest rebooted from inside (:meth:`VmSet.reboot`, ``systemctl reboot``):
+    calling it is the fault; :meth:`wait_up` waits for the new boot and times it."""
+
+    def __init__(self, vms: VmSet, vm: str) -> None:
+        self.vms = vms
+        self.vm = vm
+        self.at = 0.0  # monotonic, once the reboot was asked for
+        self._since = 0
+        self._boot_id = ""
+
+    def _boot_id_now(self) -> str:
+        done = self.vms.exec(self.vm, ["cat", "/proc/sys/kernel/random/boot_id"])
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def __call__(self) -> None:
+        self._boot_id = self._boot_id_now()
+        self._since = self.vms.reboot(self.vm)
+        self.at = time.monotonic()
+
+    def wait_up(self, timeout: float = 180.0) -> Rebooted:
+        """Once the guest answers SSH after a new boot and its agent serves: the timeline."""
+        self.vms.wait_booted(self.vm, self._since, timeout)
+        ssh = time.monotonic() - self.at
+        assert self._boot_id_now() != self._boot_id  # booted again, not a network hiccup
+        deadline = time.monotonic() + timeout
+        while True:  # this boot's journal of the agent and the uptime, read together
+            done = self.vms.exec(self.vm, ["sh", "-c", "cat /proc/uptime; journalctl -b -o json "
+                                           f"--output-fields=MESSAGE -u {UNIT_NAME}"])
+            read_at = time.monotonic()
+            uptime, *lines = done.stdout.splitlines()
+            entries = [(int(e["__MONOTONIC_TIMESTAMP"]) / 1e6, str(e.get("MESSAGE", "")))
+                       for e in map(json.loads, lines)]
+            serving = next((i for i, (_, m) in enumerate(entries) if "event=serving" in m), None)
+            if serving is not None:
+                break
+            assert time.monotonic() < deadline, f"{self.vm}'s agent not serving: {entries[-5:]}"
+            time.sleep(1)
+        before = [m for _, m in entries[:serving]]
+        booted = read_at - float(uptime.split()[0])  # host's monotonic when the kernel started
+        return Rebooted(round(booted - self.at, 1),
+                        round(booted + entries[serving][0] - self.at, 1), round(ssh, 1),
+                        sum(1 for m in before if m.startswith("Started ")),
+                        next((m for m in reversed(before) if "event=start_failed" in m), ""))
+
+    def restore(self) -> None:
+        """Power-cycle the guest if it does not answer SSH (a reboot that never came back):
+        the session's guest must run for the tests after this one."""
+        if self.vms.exec(self.vm, ["true"], timeout=30).returncode != 0:
+            self.vms.crash(self.vm)
+            self.vms.start(self.vm)
+
+
+def rejoined(fleet: Mission, vms: VmSet, vm: str, epoch: int, timeout: float = 180.0) -> None:
+    """Wait until ``vm`` is an in-sync reader of ``epoch`` with no command from anyone; when
+    it is not within ``timeout``, fail with what its disk and its agent's journal say."""
+    try:
+        fleet.wait(lambda: in_sync_reader(fleet, vm, epoch), timeout,
+                   f"{vm} an in-sync reader of epoch {epoch}, by itself")
+    except SandboxError as exc:
+        journal = vms.exec(vm, ["journalctl", "-b", "-u", UNIT_NAME, "--no-pager", "-o", "cat",
+                                "-n", "30"])
+        raise AssertionError(f"{exc}; disks: {_modes(fleet)}; {vm}'s agent in this boot:\n"
+                             f"{journal.stdout}") from exc
+
+
 @dataclass
 class Running:
     """A fleet up with its coordinator, a stale writer in the writer's VM and the recorded
@@ -134,16 +244,18 @@ class Running:
     recorded: Recorded
 
 
-def start_under_stream(fleet: Mission, writer: str, prefix: str) -> Running:
+def start_under_stream(fleet: Mission, writer: str | None, prefix: str) -> Running:
     """Provision, deploy, start the coordinator, put a few files, start a stale writer process
-    in ``writer``'s VM (writing to its read-write disk as an old writer would) and the recorded
-    workload from this host; returns once the workload has acknowledged writes."""
+    in ``writer``'s VM (writing to its read-write disk as an old writer would; None: none) and
+    the recorded workload from this host; returns once the workload has acknowledged
+    writes."""
     fleet.provision()
     fleet.deploy()
     log = fleet.config_path.parent / "coordinator.log"
     fleet.start_coordinator(log)
     before = fleet.put_many(5, prefix=f"{prefix}/before")
-    fleet.start_stale_writer(writer)
+    if writer is not None:
+        fleet.start_stale_writer(writer)
     recorded = Recorded(fleet)
     recorded.start()
     fleet.wait(lambda: len(recorded.acks) >= 3, 60, "the recorded workload")

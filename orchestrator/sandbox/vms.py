@@ -183,14 +183,48 @@ class VmSet:
         target.console_log.unlink(missing_ok=True)
         _virsh("start", target.domain)
         balance_vm_cpu_share(len(_virsh("list", "--name").split()))
+        self.wait_booted(target, 0, timeout, progress)
+
+    def reboot(self, vm: SandboxVM | str) -> int:
+        """Reboot the guest from inside, as an operator does (``systemctl reboot``): systemd
+        stops its services (the agent gets its SIGTERM), then the guest resets in place (the
+        domain's ``on_reboot``: libvirt reports no lifecycle change, the domain stays
+        running). Returns at once with the console log's length, the ``since`` of
+        :meth:`wait_booted`.
+
+        ``virsh reboot`` would not do: it presses the ACPI power button, and the guest has
+        no logind to act on it. The SSH master is closed after the command, as for
+        :meth:`crash`: the guest's sshd goes away with the reboot.
+        """
+        target = self._target(vm)
+        since = target.console_log.stat().st_size if target.console_log.exists() else 0
+        # rc 255 when sshd is stopped before the answer came back: the reboot is under way
+        done = self.exec(target, ["systemctl", "reboot"], timeout=30)
+        if done.returncode not in (0, 255):
+            raise SandboxError(f"{target.name}: systemctl reboot failed: {done.stderr.strip()}")
+        close_ssh_master(
+            {"control_path": str(self.control_dir / target.address), "address": target.address}
+        )
+        return since
+
+    def wait_booted(
+        self,
+        vm: SandboxVM | str,
+        since: int,
+        timeout: float = BOOT_TIMEOUT,
+        progress: Progress | None = None,
+    ) -> None:
+        """Wait until the guest booted (its ready marker past byte ``since`` of the console
+        log) and answers SSH; its clock is set from the host's."""
         _wait_ready(
-            target,
+            self._target(vm),
             self.bridge,
             self.ssh_key,
             self.known_hosts,
             self.control_dir,
             time.monotonic() + timeout,
             progress or (lambda _msg: None),
+            since,
         )
 
     def _target(self, vm: SandboxVM | str) -> SandboxVM:
@@ -258,7 +292,8 @@ def domain_xml(
     The root overlay comes first so the guest probes it as ``/dev/vda``; the seed disk is
     read-only and found in the guest by its serial. ``<rom enabled='no'/>`` drops the NIC's
     iPXE ROM (~3.5 s of TCG); the TCG translation cache is capped, else each VM grows to
-    ~1.4 GiB RSS.
+    ~1.4 GiB RSS. A reboot from inside the guest resets it in place (libvirt's default, what
+    users' VMs do): the same QEMU, so the same disks and the same Ceph clients.
     """
     tcg = "<tcg><tb-cache unit='MiB'>128</tb-cache></tcg>" if domain_type == "qemu" else ""
     return f"""<domain type={quoteattr(domain_type)}>
@@ -274,7 +309,7 @@ def domain_xml(
   <features><acpi/>{tcg}</features>
   <clock offset='utc'/>
   <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
+  <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
@@ -543,11 +578,13 @@ def _wait_ready(
     control_dir: Path,
     deadline: float,
     say: Progress,
+    since: int = 0,
 ) -> None:
-    """Ready marker on the serial console, then an SSH banner, then ``ssh ... true``;
-    then the guest's clock is set from the host's."""
+    """Ready marker on the serial console (past byte ``since``: an earlier boot's does not
+    count), then an SSH banner, then ``ssh ... true``; then the guest's clock is set from the
+    host's."""
     while True:
-        text = vm.console_log.read_text(errors="replace") if vm.console_log.exists() else ""
+        text = _console_since(vm.console_log, since)
         if guest.FAILED_MARKER in text:
             raise SandboxError(f"guest init failed; console:\n{_tail(text)}")
         if guest.READY_MARKER in text:
@@ -579,6 +616,16 @@ def _wait_ready(
         control_dir=control_dir,
     )
     say(f"{vm.name}: ssh ok ({vm.address})")
+
+
+def _console_since(log: Path, since: int) -> str:
+    """The console log from byte ``since`` on ("" while it does not exist)."""
+    try:
+        with log.open("rb") as handle:
+            handle.seek(since)
+            return handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _assert_routed_to(address: str, bridge: str) -> None:

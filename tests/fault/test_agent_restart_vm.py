@@ -25,23 +25,24 @@ Budget: ~4 min with the VMs already booted (the power-off test boots a TCG guest
 
 from __future__ import annotations
 
-import subprocess
 import time
-from typing import Any
 
 import pytest
 
 from agents.service import UNIT_NAME
 from orchestrator.sandbox.demo import Mission
 from orchestrator.sandbox.vms import VmSet
-from tests.integration.test_mission_vm import _health, mission  # noqa: F401
+from tests.integration.test_mission_vm import mission  # noqa: F401
 from tests.vm_faults import (
     Recorded,
+    agent_health,
+    agent_service,
     confirmed_dead,
     continue_under_stream,
+    domain_running,
     fail_over_under_stream,
     fsck,
-    member,
+    in_sync_reader,
     say_as,
     status_of,
 )
@@ -52,26 +53,8 @@ WRITER, READER = "vm1", "vm3"
 say = say_as("agent-restart")
 
 
-def _service(vms: VmSet, vm: str) -> dict[str, str]:
-    """``systemctl show`` of the agent's unit: ActiveState, MainPID, NRestarts, UnitFileState."""
-    shown = vms.exec(vm, ["systemctl", "show", "-p", "ActiveState", "-p", "MainPID",
-                          "-p", "NRestarts", "-p", "UnitFileState", UNIT_NAME])
-    assert shown.returncode == 0, shown.stderr
-    return dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
-
-
-def _in_sync_reader(fleet: Mission, vm: str, epoch: int) -> bool:
-    status = status_of(fleet)
-    now = member(status, vm)
-    return status["map"]["epoch"] == epoch and now["role"] == "reader" and bool(now["in_sync"])
-
-
-def _health_of(fleet: Mission, vm: str) -> dict[str, Any]:
-    return _health(f"{fleet.config.vm(vm).address}:{fleet.config.fleet.agent_port}")
-
-
 def _restarted(vms: VmSet, vm: str, before: dict[str, str]) -> bool:
-    now = _service(vms, vm)
+    now = agent_service(vms, vm)
     return (now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"])
             and int(now["NRestarts"]) == int(before["NRestarts"]) + 1)
 
@@ -81,7 +64,7 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     mission.provision()
     mission.deploy()
     for vm in (v.name for v in mission.config.vms):
-        service = _service(sandbox_vms, vm)
+        service = agent_service(sandbox_vms, vm)
         assert service["ActiveState"] == "active" and service["UnitFileState"] == "enabled"
         pidfile = sandbox_vms.exec(vm, ["cat", "/run/rbdfleet/agent.pid"]).stdout.strip()
         assert pidfile == service["MainPID"], (vm, service, pidfile)
@@ -92,17 +75,17 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     mission.wait(lambda: len(recorded.acks) >= 3, 60, "the recorded workload")
 
     # 1. a reader's agent crashes: the demo's step 6
-    service = _service(sandbox_vms, READER)
+    service = agent_service(sandbox_vms, READER)
     mission.crash_and_self_heal(READER)
     assert _restarted(sandbox_vms, READER, service)
     say(f"{READER}: in sync again {mission.timings['self_heal']} s after kill -9, restarted "
         "by systemd")
-    assert _in_sync_reader(mission, READER, 1)
-    assert _health_of(mission, READER)["role"] == "reader"
+    assert in_sync_reader(mission, READER, 1)
+    assert agent_health(mission, READER)["role"] == "reader"
     acked_before_writer_kill = len(recorded.acks)
 
     # 2. the writer's agent crashes
-    service = _service(sandbox_vms, WRITER)
+    service = agent_service(sandbox_vms, WRITER)
     mission.kill_agent(WRITER)
     killed = time.monotonic()
     mission.wait(lambda: mission.fleet_map().get("writer") not in (None, WRITER)
@@ -110,11 +93,11 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     announced = round(time.monotonic() - killed, 1)
     mission.wait(lambda: _restarted(sandbox_vms, WRITER, service), 60,
                  f"systemd restarting {WRITER}'s agent")
-    mission.wait(lambda: _in_sync_reader(mission, WRITER, 2), 180,
+    mission.wait(lambda: in_sync_reader(mission, WRITER, 2), 180,
                  f"{WRITER} back as an in-sync reader of epoch 2")
     say(f"{WRITER}: new writer announced {announced} s after kill -9; the old writer's agent "
         f"back in sync as a reader {time.monotonic() - killed:.1f} s after it")
-    health = _health_of(mission, WRITER)
+    health = agent_health(mission, WRITER)
     assert (health["role"], health["epoch"]) == ("reader", 2)
     journal = sandbox_vms.exec(WRITER, ["journalctl", "-u", UNIT_NAME, "--no-pager", "-o", "cat"])
     assert "started again with the config of its last start" in journal.stdout, journal.stdout
@@ -130,13 +113,6 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     check = fsck(mission)
     assert check.returncode == 0, check.stdout + check.stderr
     say(f"history clean on every node, {recorded.tally()}; fsck clean")
-
-
-def _running(vms: VmSet, vm: str) -> bool:
-    target = vms.vm(vm)
-    state = subprocess.run(["virsh", "-c", target.uri, "domstate", target.domain],
-                           capture_output=True, text=True, timeout=60, check=True)
-    return state.stdout.strip() == "running"
 
 
 def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
@@ -158,13 +134,13 @@ def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
         check = fsck(mission)
         assert check.returncode == 0, check.stdout + check.stderr
     finally:  # the session's guest must run again for the tests after this one
-        if not _running(sandbox_vms, old):
+        if not domain_running(sandbox_vms, old):
             booted = time.monotonic()
             sandbox_vms.start(old)
             say(f"{old} booted again in {time.monotonic() - booted:.1f} s")
-    mission.wait(lambda: _in_sync_reader(mission, old, epoch + 1), 180,
+    mission.wait(lambda: in_sync_reader(mission, old, epoch + 1), 180,
                  f"{old} back as an in-sync reader of epoch {epoch + 1} (systemd started it)")
-    health = _health_of(mission, old)
+    health = agent_health(mission, old)
     assert (health["role"], health["epoch"]) == ("reader", epoch + 1)
     running.recorded.check()  # the rebooted node holds what the others hold
     assert status_of(mission)["map"]["epoch"] == epoch + 1
