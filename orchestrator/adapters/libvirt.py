@@ -24,10 +24,11 @@ What libvirt does not guarantee, and what we do about it:
   ``ssh`` transport runs OpenSSH, which would ask for a password or a new host key on a
   terminal, so the adapter opens ``+ssh`` URIs with ``no_tty=1`` (BatchMode: refuse instead
   of asking); the libssh transports have nobody to ask (no auth callback) and refuse too. An
-  open is bounded (``connect_timeout``) even when the host swallows packets; a connection
-  found broken is opened again at the next call. Every failure to reach a hypervisor, or a
-  connection lost in a call, is :class:`~orchestrator.errors.HypervisorUnreachable` naming
-  the URI without its query or any password (:func:`display_uri`).
+  open of another host's URI is bounded (``connect_timeout``) even when the host swallows
+  packets; a connection found broken is opened again at the next call. Every failure to
+  reach a hypervisor, or a connection lost in a call, is
+  :class:`~orchestrator.errors.HypervisorUnreachable` naming the URI without its query or
+  any password (:func:`display_uri`).
 * A watch whose connection breaks (libvirtd restarted, SSH connection cut, host lost) says so
   in the log and is opened again in the background, with backoff, until it is ended; events
   of the gap are lost, so meanwhile the coordinator detects deaths from silence and probes.
@@ -237,15 +238,15 @@ class _Opening:
             self._conn, self._error = conn, error
             self._done.set()
 
-    def result(self, timeout: float) -> Any:
-        """The connection; HypervisorUnreachable when the open failed or took too long,
-        HypervisorError when libvirt refuses the URI itself."""
+    def result(self, timeout: float | None) -> Any:
+        """The connection; HypervisorUnreachable when the open failed or took longer than
+        ``timeout`` (None: no limit), HypervisorError when libvirt refuses the URI itself."""
         shown = display_uri(self._uri)
         self._done.wait(timeout)
         with self._lock:
             if not self._done.is_set():
                 self._abandoned = True
-                raise HypervisorUnreachable(shown, f"no answer within {timeout:.0f} s")
+                raise HypervisorUnreachable(shown, f"no answer within {timeout or 0:.0f} s")
         error = self._error
         if error is not None:
             if not _from_libvirt(error):
@@ -301,9 +302,12 @@ class LibvirtHypervisor:
         self._connections.clear()
 
     def open(self, uri: str) -> Any:
-        """A new connection to ``uri`` with keepalives, within ``connect_timeout``
-        (HypervisorUnreachable otherwise); the caller closes it."""
-        conn = _Opening(self._libvirt, uri).result(self.connect_timeout)
+        """A new connection to ``uri`` with keepalives; one to another host within
+        ``connect_timeout`` (HypervisorUnreachable otherwise). A local daemon's socket answers
+        or refuses at once, and a busy one is waited for, as before remote hosts existed (a
+        loaded sandbox's libvirtd can take seconds). The caller closes the connection."""
+        remote = bool(urllib.parse.urlsplit(uri).netloc)
+        conn = _Opening(self._libvirt, uri).result(self.connect_timeout if remote else None)
         with contextlib.suppress(Exception):  # 1: the peer does without keepalives
             conn.setKeepAlive(*KEEPALIVE)
         return conn
