@@ -607,6 +607,7 @@ class FleetClient:
         # write is resent at the new writer, but if that does not succeed the caller must hear
         # "unknown", not the later attempt's definite-sounding refusal (a resent delete's 404).
         unknown: list[str] = []
+        moved = [False]  # the watch abandoned the last attempt: it saw a newer map already
 
         def unknown_outcome(exc: BaseException, node: str, address: str) -> BaseException:
             if not unknown or isinstance(exc, RequestOutcomeUnknown):
@@ -615,6 +616,9 @@ class FleetClient:
                                          f"unknown ({unknown[0]}); then: {exc}")
 
         def wait_for_newer_map(delay: float) -> None:
+            if moved[0]:  # no wait, no long poll: the new writer's targets at once
+                moved[0] = False
+                return
             if seen[0] < 0:
                 self.retry.sleep(delay)
                 return
@@ -638,6 +642,7 @@ class FleetClient:
             except Superseded as exc:
                 unknown.append(str(exc))
                 last = exc  # resent at the writer the new map names
+                moved[0] = True
                 continue
             except RequestOutcomeUnknown as exc:
                 self.coordinator.report(writer.node, str(exc))

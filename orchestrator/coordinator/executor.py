@@ -11,8 +11,11 @@ so a coordinator that lost its lease (paused, partitioned) stops before touching
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from agents.core.grants import DEMOTE, PROMOTE, READERS
 from agents.core.protocol import DemoteRequest, PromoteRequest, ReaderAddress, ReaderSet
@@ -31,6 +34,38 @@ from orchestrator.ports import CoordinatorPorts
 LOG = logging.getLogger(__name__)
 
 CONTROL_GRANT_TTL = 10.0
+
+
+@runtime_checkable
+class PreparesWritePath(Protocol):
+    """A role switch that can start a candidate's write path before the fence is done,
+    without giving it one (write_path.FencedWriterRoles: its read-only disk goes)."""
+
+    def prepare_writer(self, node: str) -> None: ...
+
+
+class _Preparation:
+    """``prepare_writer(node)`` on a thread of its own, beside the fence; its failure is
+    only logged (``make_writer`` then does the whole switch itself)."""
+
+    def __init__(self, switch: PreparesWritePath, node: str) -> None:
+        self.node = node
+        self._switch = switch
+        self._thread = threading.Thread(target=self._run, name=f"prepare-{node}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._switch.prepare_writer(self.node)
+        except RbdfleetError as exc:
+            LOG.warning("event=write_path_prepare_failed node=%s reason=%s", self.node, exc)
+            return
+        LOG.info("event=write_path_prepared node=%s seconds=%.3f", self.node,
+                 time.monotonic() - started)
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -69,13 +104,36 @@ class Executor:
         return self.keys.grant(node, purpose, epoch, CONTROL_GRANT_TTL)
 
     def run(self, actions: list[el.Action]) -> BatchResult:
-        """Run ``actions`` in order; stop at the first failure."""
+        """Run ``actions`` in order; stop at the first failure.
+
+        A batch that fences and then grants a write path starts the candidate's preparation
+        (:class:`PreparesWritePath`) beside its first fence, once the new epoch is persisted
+        and the lease renewed; the grant waits for it, and so does the end of the batch (a
+        batch stopped at a failed fence leaves no hot-plug running behind it)."""
         el.assert_law_order(actions)
+        # this batch's own (side threads run batches of background steps on this executor)
+        preparation: list[_Preparation] = []
+        try:
+            return self._run_all(actions, preparation)
+        finally:
+            for started in preparation:
+                started.join()
+
+    def _run_all(self, actions: list[el.Action], preparation: list[_Preparation]
+                 ) -> BatchResult:
         done: list[el.Action] = []
         for action in actions:
             try:
                 if not isinstance(action, el.PersistEpoch | el.PublishMap):
                     self.ports.store.acquire()  # renew; LeaseLost if it ran out: touch nothing
+                switch = self.ports.role_switch
+                grant = next((a for a in actions if isinstance(a, el.GrantWritePath)), None)
+                if isinstance(action, el.FenceNode) and grant is not None and not preparation \
+                        and isinstance(switch, PreparesWritePath):
+                    preparation.append(_Preparation(switch, grant.node))
+                elif isinstance(action, el.GrantWritePath):
+                    for started in preparation:  # its read-only disk is on its way out
+                        started.join()
                 self._run_one(action)
             except (LeaseLost, StaleMap) as exc:
                 LOG.error("event=action_refused action=%s reason=%s", _name(action), exc)

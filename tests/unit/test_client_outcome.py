@@ -111,9 +111,12 @@ class FailingOver(Coordinator):
     def __init__(self) -> None:
         super().__init__()
         self.polled = 0
+        self.polled_by_caller = 0  # not by the client's writer watch
 
     def map(self, after: int = -1, wait: float = 0.0) -> dict[str, Any]:
         self.polled += 1
+        if threading.current_thread().name != "writer-watch":
+            self.polled_by_caller += 1
         self.epoch = 2
         return {"epoch": 2, "revision": 2, "writer": "w2", "phase": "stable"}
 
@@ -128,6 +131,8 @@ def test_a_write_held_by_a_silent_writer_is_abandoned_when_the_map_moves_on() ->
     started = time.monotonic()
     result = fleet.delete("/k")
     assert result.seq == 9 and writers.asked == ["w1", "w2"] and coordinator.polled >= 1
+    # only the watch long-polled: the resend asked for the new targets at once
+    assert coordinator.polled_by_caller == 0
     assert time.monotonic() - started < 5
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -412,6 +414,52 @@ def test_executor_tells_a_failed_role_switch_from_a_failed_promotion() -> None:
     result = ex.run(actions)
     assert result.failed is None and not result.infrastructure
     assert ok.calls == ["fence w", "rw r2", "promote r2@2"]
+
+
+class PreparingPorts(RecordingPorts):
+    """RecordingPorts whose role switch also prepares a write path: slowly (the guest's
+    unplug), on the executor's thread of its own; ``fail_prepare`` makes it fail."""
+
+    def __init__(self, fail_fence: bool = False, fail_prepare: bool = False) -> None:
+        super().__init__(fail_fence=fail_fence)
+        self.fail_prepare = fail_prepare
+        self.prepared = threading.Event()
+
+    def prepare_writer(self, node: str) -> None:
+        time.sleep(0.2)
+        self.calls.append(f"prepared {node}")
+        self.prepared.set()
+        if self.fail_prepare:
+            raise DetachPending(f"detach from {node}: timed out", node)
+
+    def fence(self, vm: str) -> list[str]:
+        assert not self.prepared.is_set()  # the unplug runs beside the fence
+        return super().fence(vm)
+
+
+def test_executor_prepares_the_write_path_beside_the_fence_and_grants_it_after() -> None:
+    _, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    ports = PreparingPorts()
+    ex, _ = executor_for(ports, role_switch=True)
+    assert ex.run(actions).failed is None
+    assert ports.calls == ["fence w", "prepared r2", "rw r2", "promote r2@2"]
+    failing = PreparingPorts(fail_prepare=True)  # only logged: the grant switches it all
+    ex, _ = executor_for(failing, role_switch=True)
+    assert ex.run(actions).failed is None
+    assert failing.calls == ["fence w", "prepared r2", "rw r2", "promote r2@2"]
+
+
+def test_a_batch_stopped_at_its_fence_waits_for_its_preparation() -> None:
+    _, actions = el.step(state3(), el.NodeFailed("w", 1.0))
+    ports = PreparingPorts(fail_fence=True)
+    ex, _ = executor_for(ports, role_switch=True)
+    result = ex.run(actions)
+    assert isinstance(result.failed, el.FenceNode)
+    assert ports.calls == ["fence w", "prepared r2"]  # no hot-plug left running, no grant
+    plain = PreparingPorts()
+    ex, _ = executor_for(plain, role_switch=True)
+    assert ex.run([a for a in actions if not isinstance(a, el.FenceNode)]).failed is None
+    assert plain.calls == ["rw r2", "promote r2@2"]  # nothing to fence: nothing beside it
 
 
 def test_executor_demotes_through_the_hypervisor_then_the_agent() -> None:

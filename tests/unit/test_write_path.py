@@ -107,3 +107,19 @@ def test_the_role_switch_contract_holds() -> None:
             return modes(roles)[node]
         check_role_switch(RoleSwitchSubject(roles, roles, "vm1", ("vm2", "vm3"), "vm4",
                                             mode_of))
+
+
+def test_preparing_the_candidate_takes_only_its_read_only_disk() -> None:
+    """Beside the fence: the candidate's <readonly/> disk goes, nobody gets a write path; the
+    grant after the fence then costs one attach."""
+    with fleet() as (roles, hv, proof):
+        roles.prepare_writer("vm2")
+        assert hv.calls == ["detach d2"]
+        assert modes(roles) == {"vm1": DiskMode.RW, "vm2": None, "vm3": DiskMode.RO}
+        roles.prepare_writer("vm2")  # nothing left to take
+        roles.prepare_writer("vm1")  # a read-write holder is not the preparation's business
+        assert hv.calls == ["detach d2"]
+        assert proof.fence("vm1")
+        roles.make_writer("vm2")
+        assert hv.calls == ["detach d2", "attach d2 rw"]
+        assert modes(roles) == {"vm1": DiskMode.RW, "vm2": DiskMode.RW, "vm3": DiskMode.RO}
