@@ -134,10 +134,12 @@ def agent_health(fleet: Mission, vm: str) -> dict[str, Any]:
 
 
 def in_sync_reader(fleet: Mission, vm: str, epoch: int) -> bool:
-    """Whether the map is at ``epoch`` and hands ``vm`` out as an in-sync reader."""
-    status = status_of(fleet)
-    now = member(status, vm)
-    return status["map"]["epoch"] == epoch and now["role"] == "reader" and bool(now["in_sync"])
+    """Whether the published map is at ``epoch`` and hands ``vm`` out as an in-sync reader
+    (asked in-process: a ``rbdfleet status`` subprocess per poll takes seconds on a loaded
+    machine)."""
+    m = fleet.fleet_map()
+    now: dict[str, Any] = next((x for x in m.get("members", []) if x["name"] == vm), {})
+    return m.get("epoch") == epoch and now.get("role") == "reader" and bool(now.get("in_sync"))
 
 
 def agent_service(vms: VmSet, vm: str) -> dict[str, str]:
