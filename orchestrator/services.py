@@ -30,6 +30,7 @@ from typing import Any
 from agents.tlsreload import ContextSource
 from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
+from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.adapters.ansible import (
     Inventory,
     InventoryHost,
@@ -41,9 +42,8 @@ from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
-from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy, Transport
+from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
 from orchestrator.config import FleetConfig, SshConfig
-from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.config import CoordinatorConfig, coordinator_config
 from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings
@@ -66,6 +66,7 @@ from orchestrator.ports import (
 )
 from orchestrator.provision import Provisioner, SystemClock
 from orchestrator.rollout import agent_config
+from orchestrator.transport import Transport
 
 LOG = logging.getLogger(__name__)
 
