@@ -70,6 +70,7 @@ from agents.core.protocol import (
     SelfTestCheck,
     SelfTestReport,
 )
+from agents.core.record import Record
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
     AgentError,
@@ -88,7 +89,7 @@ from agents.errors import (
 from agents.metrics import Registry
 from agents.peers import Peer, PeerSession
 from agents.reader import ReaderRole
-from agents.volume import Record, Volume
+from agents.volume import Volume
 from agents.writer import ReaderLink, WriterRole
 
 __all__ = ["Agent", "AgentSettings", "OpenDevice"]

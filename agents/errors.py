@@ -220,7 +220,8 @@ class IllegalTransition(Conflict):
     code = "illegal_transition"
 
 
-# Storage engine (agents.volume): additive, owned by the storage engine.
+# Storage engine (agents.follower, agents.committer, agents.volume): additive, owned by the
+# storage engine.
 
 
 class NotEmpty(Conflict):

@@ -4,7 +4,7 @@ Checks both superblocks, the checkpoints, every page of the metadata tree (``btr
 checksums, levels, key ranges, overflow chains, pages reached twice), every journal record of
 the chain (and that its end is a torn tail, not a corrupt record), every file's layout and
 data checksums, and that files, tree pages, quarantine and free space share no byte and cover
-the data area exactly. It goes through Volume's public methods only. Normal after
+the data area exactly. It goes through Follower's public methods only. Normal after
 a crash and not reported: a torn journal tail, and a torn checkpoint slot while the other
 slot is valid (the writer was writing it).
 A hostile or garbage image (bad geometry, lengths past the device, a compression bomb, a
@@ -27,7 +27,7 @@ from agents.core.checkpoint import decode_header
 from agents.core.index import Node, file_crc
 from agents.device import ALIGN, BlockDevice
 from agents.errors import FormatError, RbdfleetError
-from agents.volume import TREE_PAGE, Volume
+from agents.follower import TREE_PAGE, Follower
 
 __all__ = ["Problem", "check", "main"]
 
@@ -49,7 +49,7 @@ def check(device: BlockDevice) -> list[Problem]:
     return _check(device)[0]
 
 
-def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
+def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
     """The problems, and the volume state as far as it could be recovered."""
     problems: list[Problem] = []
     raw = device.read_at(0, 2 * ALIGN)
@@ -68,7 +68,7 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
                                 f"volume of {sb.device_size} bytes on a device of "
                                 f"{device.size()}"))
         return problems, None
-    vol = Volume(device, sb)
+    vol = Follower(device, sb)
     try:
         vol.load()
     except FormatError as exc:
@@ -97,7 +97,7 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Volume | None]:
     return problems, vol
 
 
-def _check_files(vol: Volume, device: BlockDevice, pages: set[int]) -> list[Problem]:
+def _check_files(vol: Follower, device: BlockDevice, pages: set[int]) -> list[Problem]:
     """Each file's layout and data; then that the files, the tree ``pages``, the quarantine
     and the free map share no byte and cover the data area exactly."""
     problems: list[Problem] = []

@@ -13,9 +13,10 @@ import threading
 from collections.abc import Callable
 
 from agents.core.protocol import RecordAck, RecordPush
+from agents.core.record import Record
 from agents.device import BlockDevice
 from agents.errors import CatchingUp, SequenceGap
-from agents.volume import Record, Volume
+from agents.volume import Volume
 
 __all__ = ["OpenVolume", "ReaderRole"]
 

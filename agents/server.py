@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agents.agent import Agent
+from agents.committer import WRITE_UNIT
 from agents.core import boundedjson
 from agents.core.grants import DEMOTE, PROMOTE, PUSH, READERS, verify
-from agents.core.index import check_payload, normalize_path
+from agents.core.index import Entry, check_payload, normalize_path
 from agents.core.protocol import (
     CRC_HEADER,
     EPOCH_HEADER,
@@ -87,7 +88,6 @@ from agents.errors import (
 )
 from agents.httpbase import BoundedHTTPServer, BoundedRequestHandler
 from agents.tlsreload import ReloadingContext, TlsFiles, server_context
-from agents.volume import WRITE_UNIT, Entry
 
 __all__ = ["AgentServer", "serve"]
 

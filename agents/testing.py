@@ -22,7 +22,8 @@ from agents.core.pages import encode_entry, path_key
 from agents.core.superblock import SLOTS, choose
 from agents.device import ALIGN, BlockDevice, check_discard, check_io
 from agents.errors import DeviceError
-from agents.volume import LAYOUT, TREE_PAGE, Volume
+from agents.follower import LAYOUT, TREE_PAGE
+from agents.volume import Volume
 
 __all__ = ["MemoryDevice", "check_block_device"]
 

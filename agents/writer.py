@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from agents.committer import Commit
 from agents.core.protocol import (
     MAX_PUSH_RECORDS,
     LaggingReaderReport,
@@ -49,9 +50,10 @@ from agents.core.protocol import (
     RecordPush,
     WriteAck,
 )
+from agents.core.record import Record
 from agents.device import BlockDevice
 from agents.errors import AgentError, DeviceError, JournalWrapped, LagNotReported, NotWriter
-from agents.volume import Commit, Record, Volume
+from agents.volume import Volume
 
 __all__ = ["QueuedCommit", "ReaderLink", "WriterRole"]
 

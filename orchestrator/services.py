@@ -30,6 +30,7 @@ from typing import Any
 from agents.tlsreload import ContextSource
 from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
+from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.adapters.ansible import (
     Inventory,
     InventoryHost,
@@ -41,9 +42,8 @@ from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
-from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy, Transport
+from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
 from orchestrator.config import FleetConfig, SshConfig
-from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.config import CoordinatorConfig, coordinator_config
 from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings
@@ -51,7 +51,8 @@ from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.placement import vm_user
-from orchestrator.errors import ConfigError, PkiError
+from orchestrator.deploy import AgentDeployer
+from orchestrator.errors import AgentUnreachable, ConfigError, PkiError
 from orchestrator.packaging import AgentPackage
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
 from orchestrator.pki import FleetPki, reloading_server_context
@@ -65,7 +66,8 @@ from orchestrator.ports import (
     RemoteShell,
 )
 from orchestrator.provision import Provisioner, SystemClock
-from orchestrator.rollout import agent_config
+from orchestrator.rollout import FleetRollout, agent_config
+from orchestrator.transport import Transport
 
 LOG = logging.getLogger(__name__)
 
@@ -76,6 +78,7 @@ __all__ = [
     "coordinator_client",
     "fleet_inventory",
     "open_client",
+    "open_rollout",
     "open_services",
     "read_client_secret",
     "read_secret",
@@ -262,6 +265,36 @@ def open_client(config_path: Path, timeout: float = 30.0) -> tuple[FleetClient, 
     nothing to close), and the config."""
     services = Services(config_path)
     return services.fleet_client(timeout), services.config
+
+
+@contextlib.contextmanager
+def open_rollout(config_path: Path, *,
+                 progress: Callable[[str], None] = LOG.info) -> Iterator[FleetRollout]:
+    """``with open_rollout(path) as rollout:`` a FleetRollout for the fleet in
+    ``config_path`` (told each step through ``progress``); its SSH connections close on exit.
+
+    Roles come from the active coordinator's map when one answers, else from the config.
+    """
+    with open_services(config_path) as services:
+        cfg, urls = services.config, services.coordinator.urls
+        secret = services.master_keys
+        transport = services.transport()  # the fleet CA verifies coordinators and agents
+        try:
+            fleet_map: dict[str, Any] | None = services.map_reader(transport).map()
+        except AgentUnreachable:
+            fleet_map = None  # no coordinator yet: the bootstrap roles of the config
+        shell = services.shell
+        deployer = AgentDeployer(shell, AgentPackage.build())
+        yield FleetRollout(
+            cfg,
+            shell,
+            deployer,
+            secret,
+            coordinator=urls[0],
+            health=services.agent_control(transport).health,
+            fleet_map=fleet_map,
+            progress=progress,
+        )
 
 
 # -- what commands need from the config besides adapters -----------------------------------

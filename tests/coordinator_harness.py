@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from agents.core.protocol import ReaderSet
+from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.client import (
     CoordinatorClient,
     FleetClient,
     RetryPolicy,
-    Transport,
 )
-from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.core.clients import ADMIN_SCOPE, ClientCredential
@@ -48,6 +47,7 @@ from orchestrator.ports import (
 )
 from orchestrator.services import state_store
 from orchestrator.testing.clients import MemoryClientStore
+from orchestrator.transport import Transport
 from tests.fixtures.agents import (
     TEST_CLIENT,
     TEST_CLIENT_SECRET,

@@ -42,14 +42,11 @@ from typing import Any, Literal
 from agents.core.protocol import AUTH_HEADER, BEARER
 from agents.errors import AgentError, NotFound, WrongKind
 from orchestrator.client import (
-    CHUNK,
     CoordinatorClient,
     FleetClient,
-    Response,
     RetryPolicy,
     Target,
     Targets,
-    Transport,
     WriteResult,
 )
 from orchestrator.errors import AgentUnreachable, RequestOutcomeUnknown
@@ -62,6 +59,7 @@ from orchestrator.testing.history import (
     check_all,
     value_hash,
 )
+from orchestrator.transport import CHUNK, Response, Transport
 from tests.fixtures.agents import TEST_CA, TEST_CLIENT, TEST_CLIENT_SECRET
 
 SEED = int(os.environ.get("RBDFLEET_TEST_SEED") or random.SystemRandom().randrange(100000))

@@ -36,6 +36,17 @@ class Extent:
         return self.offset + self.length
 
 
+def coalesce(extents: Iterable[Extent]) -> list[Extent]:
+    """``extents`` sorted, adjacent ones merged."""
+    merged: list[Extent] = []
+    for x in sorted(extents):
+        if merged and merged[-1].end == x.offset:
+            merged[-1] = Extent(merged[-1].offset, merged[-1].length + x.length)
+        else:
+            merged.append(x)
+    return merged
+
+
 class Allocator:
     """Free-space map of ``[start, end)`` with a quarantine of recently freed extents."""
 
@@ -243,13 +254,7 @@ class Allocator:
             del self._q_map[offset]
             del self._q_starts[bisect.bisect_left(self._q_starts, offset)]
             taken.append(entry[1])
-        merged: list[Extent] = []
-        for extent in sorted(taken):
-            if merged and merged[-1].end == extent.offset:
-                merged[-1] = Extent(merged[-1].offset, merged[-1].length + extent.length)
-            else:
-                merged.append(extent)
-        return merged
+        return coalesce(taken)
 
     def claim_around(self, extent: Extent, unit: int) -> Extent:
         """``extent`` (held by the caller) widened on each side to the next multiple of

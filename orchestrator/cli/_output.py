@@ -58,6 +58,11 @@ def say(message: str) -> None:
     typer.echo(message, err=True)
 
 
+def say_step(message: str) -> None:
+    """Narrate one step of a rollout or an upgrade (stderr): their ``progress``."""
+    say(f"  {message}")
+
+
 def done(step: str) -> None:
     """Narrate one step a use case has done (stderr): the provisioner's ``progress``."""
     say(f"  done: {step}")

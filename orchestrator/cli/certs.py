@@ -21,12 +21,12 @@ import typer
 from agents.errors import RbdfleetError
 from agents.tlsreload import default_crl
 from orchestrator import config as fleet_config
-from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.cli.deploy import open_rollout
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, coordinator_hosts
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption, coordinator_hosts
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say, say_step
 from orchestrator.errors import ConfigError, DeployError
 from orchestrator.pki import COORDINATOR, CertInfo, FleetPki, node_names
 from orchestrator.rollout import GUEST_TLS
+from orchestrator.services import open_rollout
 
 app = typer.Typer(help="The fleet's TLS certificates: rotate, revoke, change the CA.",
                   no_args_is_help=True)
@@ -78,7 +78,7 @@ def _install(config: Path, vms: Collection[str] | None,
     each VM that could not be reached or written (the others are done)."""
     done: list[str] = []
     failed: dict[str, str] = {}
-    with open_rollout(config) as rollout:
+    with open_rollout(config, progress=say_step) as rollout:
         for target in rollout.targets():
             name = target.host.name
             if vms is not None and name not in vms:

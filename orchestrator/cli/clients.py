@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.core.clients import SCOPES, ClientCredential, check_client_name
 from orchestrator.errors import ConfigError
 from orchestrator.ports import ClientStore

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
 from orchestrator.cli._output import JsonOption, emit_json, say
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.services import open_client, open_services, server_tls
 

@@ -1,27 +1,21 @@
 """`rbdfleet deploy` / `rbdfleet undeploy`: the fleet's agents on its VMs over SSH.
 
-A :class:`~orchestrator.rollout.FleetRollout` over the fleet's services
-(:mod:`orchestrator.services`): SSH with the ``[ssh]`` table's key and pinned known_hosts
-(in a sandbox config only to addresses on a local bridge), the fleet secret and TLS material
-(``[tls] dir``), and the first ``[coordinator]`` URL the agents report to.
+A :class:`~orchestrator.rollout.FleetRollout` from the composition root
+(:func:`orchestrator.services.open_rollout`): SSH with the ``[ssh]`` table's key and pinned
+known_hosts (in a sandbox config only to addresses on a local bridge), the fleet secret and
+TLS material (``[tls] dir``), and the first ``[coordinator]`` URL the agents report to.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
-from orchestrator.deploy import AgentDeployer, HostResult
-from orchestrator.errors import AgentUnreachable
-from orchestrator.packaging import AgentPackage
-from orchestrator.rollout import FleetRollout
-from orchestrator.services import open_services
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say_step
+from orchestrator.deploy import HostResult
+from orchestrator.services import open_rollout
 
 FormatOption = Annotated[
     bool,
@@ -32,34 +26,6 @@ FormatOption = Annotated[
 ]
 
 
-@contextlib.contextmanager
-def open_rollout(config_path: Path) -> Iterator[FleetRollout]:
-    """A FleetRollout for the fleet in ``config_path``; closes its SSH connections.
-
-    Roles come from the active coordinator's map when one answers, else from the config.
-    """
-    with open_services(config_path) as services:
-        cfg, urls = services.config, services.coordinator.urls
-        secret = services.master_keys
-        transport = services.transport()  # the fleet CA verifies coordinators and agents
-        try:
-            fleet_map: dict[str, Any] | None = services.map_reader(transport).map()
-        except AgentUnreachable:
-            fleet_map = None  # no coordinator yet: the bootstrap roles of the config
-        shell = services.shell
-        deployer = AgentDeployer(shell, AgentPackage.build())
-        yield FleetRollout(
-            cfg,
-            shell,
-            deployer,
-            secret,
-            coordinator=urls[0],
-            health=services.agent_control(transport).health,
-            fleet_map=fleet_map,
-            progress=lambda msg: say(f"  {msg}"),
-        )
-
-
 def deploy(
     config: ConfigOption = DEFAULT_CONFIG,
     format_if_blank: FormatOption = True,
@@ -68,7 +34,7 @@ def deploy(
     """Install the agent on every VM, format a blank image on the writer, start the readers
     and then the writer. Agents already running are left alone (running it again changes
     nothing); after a failover a stopped old writer comes back as a reader."""
-    with open_rollout(config) as rollout:
+    with open_rollout(config, progress=say_step) as rollout:
         report = rollout.deploy(format_if_blank=format_if_blank)
     if as_json:
         emit_json(report.to_json())
@@ -81,7 +47,7 @@ def deploy(
 def undeploy(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
     """Stop every VM's agent (SIGTERM, then SIGKILL after a grace period): the fleet serves
     nothing until `rbdfleet deploy` (disruptive; the image and its files stay)."""
-    with open_rollout(config) as rollout:
+    with open_rollout(config, progress=say_step) as rollout:
         results = rollout.stop()
     if as_json:
         emit_json({n: {"actions": list(r.actions)} for n, r in results.items()})

@@ -14,8 +14,8 @@ from typing import IO, Annotated, Any
 
 import typer
 
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
 from orchestrator.cli._output import JsonOption, emit_json, print_table, progress, say
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.services import open_client
 
 STDIO = "-"

@@ -23,8 +23,8 @@ from typing import Annotated, Any
 
 import typer
 
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
 from orchestrator.cli._output import JsonOption, emit_json, print_table
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
 from orchestrator.errors import AgentUnreachable, ConfigError

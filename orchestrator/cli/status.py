@@ -7,8 +7,8 @@ from typing import Any
 import typer
 
 from agents.errors import NotFound
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
 from orchestrator.cli._output import JsonOption, emit_json, print_table
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption
 from orchestrator.services import open_client
 
 

@@ -1,7 +1,7 @@
 """`rbdfleet upgrade`: a rolling upgrade of the fleet's agents (:mod:`orchestrator.upgrade`).
 
 The package is the one `rbdfleet deploy` ships (this tree's agents); the nodes are reached
-the way `rbdfleet deploy` reaches them (:func:`orchestrator.cli.deploy.open_rollout`), each
+the way `rbdfleet deploy` reaches them (:func:`orchestrator.services.open_rollout`), each
 node's config made for the map of the moment (its role and epoch), and the handover is asked
 of the active coordinator with the config's client credential (admin scope).
 """
@@ -13,13 +13,12 @@ from typing import Annotated
 
 import typer
 
-from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.cli.deploy import open_rollout
-from orchestrator.cli.provision import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
+from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say_step
 from orchestrator.core.fleetmap import FleetMap
 from orchestrator.deploy import DeployTarget
 from orchestrator.provision import SystemClock
-from orchestrator.services import open_client
+from orchestrator.services import open_client, open_rollout
 from orchestrator.upgrade import FleetUpgrade
 
 DryRunOption = Annotated[
@@ -45,7 +44,7 @@ def upgrade(
     again continues where it stopped."""
     client, cfg = open_client(config)
     check_fleet(cfg, fleet)
-    with open_rollout(config) as rollout:
+    with open_rollout(config, progress=say_step) as rollout:
         health = rollout.health
         assert health is not None  # open_rollout always gives the agents' health probe
 
@@ -55,7 +54,7 @@ def upgrade(
             return {t.host.name: t for t in at.targets()}
 
         use = FleetUpgrade(client.coordinator, rollout.deployer, targets, health, SystemClock(),
-                           node_wait=node_wait, progress=lambda msg: say(f"  {msg}"))
+                           node_wait=node_wait, progress=say_step)
         if dry_run:
             steps = [str(s) for s in use.plan()]
             if as_json:

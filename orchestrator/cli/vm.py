@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from agents.errors import RbdfleetError
-from orchestrator.cli._output import JsonOption, done, emit_json, print_table
-from orchestrator.cli.provision import (
+from orchestrator.cli._common import (
     DEFAULT_CONFIG,
     ConfigOption,
     DryRunOption,
@@ -18,6 +17,7 @@ from orchestrator.cli.provision import (
     report,
     report_partial,
 )
+from orchestrator.cli._output import JsonOption, done, emit_json, print_table
 from orchestrator.core.placement import vm_user
 from orchestrator.services import open_services
 

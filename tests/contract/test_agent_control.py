@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.coordinator.agent_control import HttpAgentControl
+from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.ports import AgentControl
 from orchestrator.testing.contracts import AgentControlSubject, check_agent_control
 from orchestrator.testing.fakes import MemoryAgents

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from agents.backends.librbd import RbdDevice
-from agents.volume import DISCARD_UNIT, Volume
+from agents.committer import DISCARD_UNIT
+from agents.volume import Volume
 from tests.fixtures.agents import AgentFleet
 
 pytestmark = pytest.mark.integration

@@ -34,9 +34,8 @@ from agents.errors import PeerCertificateRequired
 from agents.peers import Peer, post_message
 from agents.tlsreload import current
 from orchestrator import config as fleet_config
+from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.cli.clients import write_secret_file
-from orchestrator.client import Cancel, Transport
-from orchestrator.coordinator.agent_control import HttpAgentControl
 from orchestrator.coordinator.config import CoordinatorConfig
 from orchestrator.errors import (
     AgentUnreachable,
@@ -47,6 +46,7 @@ from orchestrator.errors import (
 from orchestrator.pki import FleetPki
 from orchestrator.services import server_tls
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
+from orchestrator.transport import Cancel, Transport
 from tests.coordinator_harness import (
     Coordinator,
     PidFencer,

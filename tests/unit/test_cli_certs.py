@@ -8,7 +8,7 @@ import contextlib
 import datetime
 import json
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ address = "10.0.0.2"
     rollout = FakeRollout(["vm1", "vm2"])
 
     @contextlib.contextmanager
-    def open_rollout(path: Path) -> Iterator[FakeRollout]:
+    def open_rollout(path: Path, *, progress: Callable[[str], None]) -> Iterator[FakeRollout]:
         assert path == config
         yield rollout
 

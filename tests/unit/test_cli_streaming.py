@@ -15,10 +15,10 @@ from orchestrator.client import (
     RetryPolicy,
     StreamCut,
     Targets,
-    Transport,
 )
 from orchestrator.core.fleetmap import Target
 from orchestrator.errors import AgentUnreachable
+from orchestrator.transport import Transport
 
 pytestmark = pytest.mark.unit
 

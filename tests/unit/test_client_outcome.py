@@ -17,16 +17,14 @@ import pytest
 
 from agents.errors import NotFound, NotWriter
 from orchestrator.client import (
-    Cancel,
     FleetClient,
     RequestOutcomeUnknown,
-    Response,
     RetryPolicy,
     Superseded,
     Targets,
-    Transport,
 )
 from orchestrator.core.fleetmap import Target
+from orchestrator.transport import Cancel, Response, Transport
 
 pytestmark = pytest.mark.unit
 

@@ -17,10 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
+from agents.committer import DISCARD_UNIT, reserve_pages
 from agents.core.allocator import Allocator, Extent
 from agents.errors import DeviceError, NoSpace, NotFound
+from agents.follower import TREE_PAGE
 from agents.testing import MemoryDevice
-from agents.volume import DISCARD_UNIT, TREE_PAGE, Volume, reserve_pages
+from agents.volume import Volume
 
 pytestmark = pytest.mark.unit
 

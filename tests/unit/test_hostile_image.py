@@ -27,11 +27,11 @@ from agents.backends.file import FileDevice
 from agents.core import checkpoint as ckpt
 from agents.core import record as rec
 from agents.core.allocator import Extent
-from agents.core.record import RecordKey
+from agents.core.record import Record, RecordKey
 from agents.core.superblock import FIXED, SLOTS, Superblock, choose
 from agents.device import ALIGN
 from agents.errors import AgentError, CorruptMetadata, FormatError
-from agents.volume import Record, Volume
+from agents.volume import Volume
 
 pytestmark = pytest.mark.unit
 

@@ -11,10 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents import fsck
+from agents.committer import Commit
 from agents.core import journal
 from agents.errors import BadRequest, ChecksumMismatch
 from agents.testing import MemoryDevice
-from agents.volume import Commit, Volume
+from agents.volume import Volume
 
 pytestmark = pytest.mark.unit
 

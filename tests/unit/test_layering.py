@@ -175,6 +175,83 @@ def test_the_client_never_imports_the_coordinators_server() -> None:
     assert found == set()
 
 
+def test_the_transport_stands_on_neutral_ground() -> None:
+    """The client library and the agents' control adapter both ride orchestrator/transport.py,
+    so it imports neither of them nor anything above: only the config and the error tree."""
+    found = orchestrator_imports(ROOT / "orchestrator/transport.py")
+    assert found <= {"orchestrator.config", "orchestrator.errors"}
+
+
+# The CLI's shared modules: the root app, the generated reference and the helpers every
+# command uses (_common, _output, _exit); every other module of orchestrator/cli/ is a command.
+CLI_SHARED = {"__init__.py", "app.py", "reference.py"}
+
+
+def test_no_cli_command_imports_another() -> None:
+    """A command gets what it shares with others from orchestrator/cli/_*.py or the
+    composition root, never from another command's module."""
+    cli = ROOT / "orchestrator/cli"
+    commands = [p for p in sorted(cli.glob("*.py"))
+                if p.name not in CLI_SHARED and not p.name.startswith("_")]
+    names = tuple(f"orchestrator.cli.{p.stem}" for p in commands)
+    found = {f"{rel(path)} imports {module}" for path in commands
+             for module in orchestrator_imports(path)
+             if module in names and module != f"orchestrator.cli.{path.stem}"}
+    assert found == set()
+
+
+def agents_imports(path: Path) -> set[str]:
+    """Every ``agents.*`` module ``path`` imports, anywhere in the file (``from agents import
+    fsck`` counted as the submodule)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("agents.")}
+        elif (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+              and node.module.split(".")[0] == "agents"):
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names
+                                      if is_module(f"{node.module}.{alias.name}")}
+    return found
+
+
+def agents_graph() -> dict[str, set[str]]:
+    modules = {rel(p).removesuffix(".py").removesuffix("/__init__").replace("/", "."): p
+               for p in python_files("agents")}
+    return {name: agents_imports(path) & modules.keys() for name, path in modules.items()}
+
+
+def test_the_agents_import_graph_has_no_cycle() -> None:
+    """No cycle among the agent's modules, function-local imports included (the volume and
+    fsck once imported each other)."""
+    graph = agents_graph()
+    done: set[str] = set()
+
+    def cycle_from(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return None
+        for imported in sorted(graph[module]):
+            found = cycle_from(imported, [*path, module])
+            if found:
+                return found
+        done.add(module)
+        return None
+
+    assert [c for m in sorted(graph) if (c := cycle_from(m, []))] == []
+
+
+def test_the_follower_knows_nothing_of_the_writer() -> None:
+    """Readers and fsck use agents.follower; the writer's additions (agents.committer) and the
+    façade over both (agents.volume) build on it, never the other way round, and fsck checks
+    an image through the follower alone."""
+    graph = agents_graph()
+    writer = {"agents.committer", "agents.volume"}
+    assert graph["agents.follower"] & {*writer, "agents.fsck"} == set()
+    assert graph["agents.fsck"] & writer == set()
+    assert graph["agents.committer"] & {"agents.volume", "agents.fsck"} == set()
+
+
 def test_the_orchestrator_never_imports_the_agents_server() -> None:
     """The coordinator's HTTP server shares the agent's wire vocabulary (agents.core.protocol,
     agents.errors, agents.httpbase), never the agent's server module."""

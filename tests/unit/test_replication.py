@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from agents.core.protocol import LaggingReaderReport, PushFrame, RecordAck, RecordPush
+from agents.core.record import Record
 from agents.errors import NotFound, NotWriter, PeerUnreachable
 from agents.reader import ReaderRole
 from agents.testing import MemoryDevice
-from agents.volume import Record, Volume
+from agents.volume import Volume
 from agents.writer import ReaderLink, WriterRole
 
 pytestmark = pytest.mark.unit

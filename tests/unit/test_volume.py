@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
+from agents.core.record import Record
 from agents.device import BlockDevice
 from agents.errors import (
     AlreadyExists,
@@ -32,8 +33,9 @@ from agents.errors import (
     StaleEpoch,
     WrongKind,
 )
+from agents.follower import TREE_PAGE, JournalView
 from agents.testing import MemoryDevice
-from agents.volume import TREE_PAGE, Record, Volume
+from agents.volume import Volume
 from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.unit
@@ -358,15 +360,13 @@ def test_replay_learns_released_extents_were_reused(opener: Opener) -> None:
 
 
 def test_records_written_during_the_end_check_are_not_corruption(opener: Opener) -> None:
-    from agents.volume import _JournalView
-
     vol = writer(opener)
     put(vol, "/a", b"1")
     reader = Volume.open(opener(True))
     with reader._lock:
         # witnesses are read first: nothing beyond the reader's end yet
         witnesses = reader._scan_witnesses(
-            _JournalView(reader._device, reader.superblock), reader._index.applied_seq
+            JournalView(reader._device, reader.superblock), reader._index.applied_seq
         )
         # the writer goes on between the reader's scan and its chain walk: /c's commit_seq
         # proves /b was durable, and the walk (after the scan) finds /b

@@ -8,8 +8,9 @@ import tracemalloc
 
 import pytest
 
+from agents.follower import CACHE_PAGES
 from agents.testing import MemoryDevice, bulk_format
-from agents.volume import CACHE_PAGES, Volume
+from agents.volume import Volume
 
 pytestmark = pytest.mark.unit
 

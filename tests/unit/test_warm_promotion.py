@@ -29,9 +29,11 @@ from hypothesis import strategies as st
 
 from agents.agent import Agent, AgentSettings
 from agents.backends.file import FileDevice
+from agents.committer import Commit
 from agents.core import journal, roles
 from agents.core.grants import PUSH, Grant, sign
 from agents.core.protocol import PushFrame, RecordPush
+from agents.core.record import Record
 from agents.core.superblock import SLOTS, Superblock, choose
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
@@ -45,7 +47,7 @@ from agents.errors import (
     StaleEpoch,
     WrongKind,
 )
-from agents.volume import Commit, Record, Volume
+from agents.volume import Volume
 
 pytestmark = pytest.mark.unit
 

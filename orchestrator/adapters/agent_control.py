@@ -1,9 +1,10 @@
 """The coordinator's AgentControl port over HTTP: health probes, promote, demote, reader set.
 
-It rides the client library's :class:`~orchestrator.client.Transport` (TLS against the fleet
-CA, the coordinator's certificate presented for the agents' node-only routes, errors mapped
-once) but is no part of the client library: only the coordinator, and the rollout's health
-checks, control agents. ``orchestrator.services`` builds it from the fleet's config.
+It rides :class:`orchestrator.transport.Transport`, the connection layer the client library
+uses too (TLS against the fleet CA, the coordinator's certificate presented for the agents'
+node-only routes, errors mapped once), but is no part of the client library: only the
+coordinator, and the rollout's health checks, control agents. ``orchestrator.services``
+builds it from the fleet's config.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from agents.core.protocol import (
     PromoteRequest,
     ReaderSet,
 )
-from orchestrator.client import Transport
+from orchestrator.transport import Transport
 
 __all__ = ["HttpAgentControl"]
 
