@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+
+# A property test's examples are judged by what they assert, never by how long one took: on
+# a shared 2-core machine one example can take 10x its usual time, and hypothesis's default
+# 200 ms deadline turned that into failures that said nothing about the code.
+settings.register_profile("rbdfleet", deadline=None)
+settings.load_profile("rbdfleet")
 
 pytest_plugins = [
     "tests.fixtures.ceph",
