@@ -63,9 +63,9 @@ PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one ru
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints
 # (and readers switch roots when they apply its record), so memory stays bounded
 OVERLAY_MAX = 4096
-# pages a checkpoint may rewrite per changed path (a leaf and its branches: 4 levels of
-# 32 KiB pages hold far more entries than a device holds files)
-PAGES_PER_PATH = 4
+# pages a checkpoint writes per changed path at worst: its leaf, split once (a branch page
+# holds hundreds of children, so the branches above are a few pages for the whole overlay)
+PAGES_PER_PATH = 2
 
 
 def reserve_pages(data_bytes: int) -> int:
@@ -746,13 +746,14 @@ class Committer(Follower):
             # placed for all of its tickets (a refused one only leaves the batch shorter):
             # the padded batch, plus at most as much skipped at the end of the ring
             room = journal.align_up(sum(t.nbytes for t in batch))
-            # the overlay's pages must fit in half the free space (the other half holds the
-            # pages the last commit replaced until readers pass them): near full, often
-            pages = self._index.overlay_size * PAGES_PER_PATH * TREE_PAGE
+            # the overlay's worst case must fit in what is free for pages, the reserve
+            # included: near full, the writer checkpoints often (a delete's checkpoint
+            # always fits) rather than once the ring or the overlay fills
+            pages = (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
             room_for_pages = self._allocator.free_bytes() + self._pages.reserve_bytes()
             if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
                     or self._index.overlay_size >= OVERLAY_MAX
-                    or pages > room_for_pages // 2):
+                    or pages > room_for_pages):
                 batch = [self._checkpoint_locked(), *batch]
                 room = journal.align_up(sum(t.nbytes for t in batch))
             start = at = journal.place_batch(self._cursor.pos, room, self._ring)
