@@ -656,8 +656,7 @@ def plot(rows: list[Row], png: Path) -> str:
     ax.axvline(TARGET_S, color="black", linestyle="--", linewidth=1, label="target 1.5 s")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds from the fault (phase ends: first evidence, detect, fence, switch, "
-                  "promote, announce, client learns the map, first put)")
+    ax.set_xlabel("seconds from the fault command (each colour ends where its phase ends)")
     ax.set_title("Writer failover on 3 TCG sandbox VMs")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
