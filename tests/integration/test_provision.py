@@ -9,6 +9,7 @@ VMs already booted (the session fixture's boot is shared with other modules).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -155,14 +156,15 @@ def push_agents(vms: VmSet, vm: str) -> None:
         input=buf.getvalue(), check=True, timeout=60, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def fleet(ceph_cluster: CephCluster, sandbox_vms: VmSet,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@contextlib.contextmanager
+def open_fleet(ceph_cluster: CephCluster, sandbox_vms: VmSet, directory: Path,
+               uri: str | None = None) -> Iterator[Fleet]:
+    """A fleet of its own on the session's VMs (every libvirt call through ``uri`` when
+    given), the agents pushed to the guests; deprovisioned (image deleted) after."""
     name = f"t{secrets.token_hex(3)}"
     handle = ceph.connect(CephConfig(conf=ceph_cluster.conf, keyring=ceph_cluster.keyring))
-    world = Fleet(tmp_path_factory.mktemp("provision"), ceph_cluster, sandbox_vms, handle, name,
-                  f"{name}-img")
-    world.write("main", render(ceph_cluster, sandbox_vms, name, world.image))
+    world = Fleet(directory, ceph_cluster, sandbox_vms, handle, name, f"{name}-img")
+    world.write("main", render(ceph_cluster, sandbox_vms, name, world.image, uri=uri))
     for vm in ("vm1", "vm2", "vm3"):
         push_agents(sandbox_vms, vm)
     try:
@@ -173,8 +175,15 @@ def fleet(ceph_cluster: CephCluster, sandbox_vms: VmSet,
                 world.provisioner(hv).deprovision(delete_image=True)
         finally:
             handle.shutdown()
-            if FIGURES:
-                print("\n[provision figures] " + json.dumps(FIGURES))
+
+
+@pytest.fixture(scope="module")
+def fleet(ceph_cluster: CephCluster, sandbox_vms: VmSet,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    with open_fleet(ceph_cluster, sandbox_vms, tmp_path_factory.mktemp("provision")) as world:
+        yield world
+    if FIGURES:
+        print("\n[provision figures] " + json.dumps(FIGURES))
 
 
 def modes(fleet: Fleet, hv: LibvirtHypervisor, label: str = "main") -> dict[str, DiskMode | None]:

@@ -12,7 +12,6 @@ fenced writer's guest that gets EIO.
 from __future__ import annotations
 
 import queue
-import secrets
 import time
 from collections.abc import Iterator
 
@@ -20,14 +19,13 @@ import pytest
 
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
-from orchestrator.config import CephConfig
 from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.ports import DiskMode, DomainEvent, DomainState
 from orchestrator.provision import Provisioner
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.vms import VmSet
 from tests.fixtures.sshd import LoopbackSshd, loopback_sshd_in
-from tests.integration.test_provision import MIB, Fleet, push_agents, render
+from tests.integration.test_provision import MIB, Fleet, open_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -41,22 +39,9 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackSshd]:
 @pytest.fixture(scope="module")
 def fleet(ceph_cluster: CephCluster, sandbox_vms: VmSet, remote: LoopbackSshd,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    name = f"s{secrets.token_hex(3)}"
-    handle = ceph.connect(CephConfig(conf=ceph_cluster.conf, keyring=ceph_cluster.keyring))
-    world = Fleet(tmp_path_factory.mktemp("remote-fleet"), ceph_cluster, sandbox_vms, handle,
-                  name, f"{name}-img")
-    world.write("main", render(ceph_cluster, sandbox_vms, name, world.image,
-                               uri=remote.uri("ssh")))
-    for vm in ("vm1", "vm2", "vm3"):
-        push_agents(sandbox_vms, vm)
-    try:
+    with open_fleet(ceph_cluster, sandbox_vms, tmp_path_factory.mktemp("remote-fleet"),
+                    uri=remote.uri("ssh")) as world:
         yield world
-    finally:
-        try:
-            with LibvirtHypervisor() as hv:
-                world.provisioner(hv).deprovision(delete_image=True)
-        finally:
-            handle.shutdown()
 
 
 def modes(fleet: Fleet, p: Provisioner) -> dict[str, DiskMode | None]:
