@@ -24,6 +24,7 @@ import dataclasses
 
 from orchestrator.core import placement
 from orchestrator.core.placement import Detach, Plan
+from orchestrator.errors import DetachPending
 from orchestrator.ports import DiskMode
 from orchestrator.provision import Provisioner
 
@@ -64,8 +65,16 @@ class FencedWriterRoles:
 
     def make_reader(self, node: str) -> None:
         """``node`` ``<readonly/>``: a fenced old writer's read-write disk goes (a paused
-        guest's live detach is completed by the next call once it runs)."""
+        guest's live detach is completed by the next call once it runs). While the guest
+        still holds the fenced disk (paused, or rebooting when it was asked: a reset loses
+        the unplug request) the release is not done: DetachPending, retried with the release
+        backoff, so a rebooted old writer gets its read-only disk without anyone running
+        `rbdfleet provision`."""
         self.provisioner.set_role(node, "reader")
+        if node in self.provisioner.pending_detach:
+            domain = next(v.domain for v in self.provisioner.desired.vms if v.name == node)
+            raise DetachPending(f"{node} still holds its fenced read-write disk: its read-only "
+                                "attach waits until the guest lets it go", domain)
 
     def attach_spare(self, node: str) -> None:
         """The spare's disk read-only (its agent, deployed with the fleet, then catches up)."""

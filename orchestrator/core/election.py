@@ -42,7 +42,12 @@ Invariants (the laws; tests check them over random event sequences):
   that reader (:class:`WriterSyncObserved`), never on the reader's own applied seq: the map
   must never promise a reader the writer may acknowledge writes without. The writer's word is
   ordered by its ``sync_revision``; a report older than a lagging report already folded in
-  changes nothing.
+  changes nothing. A reader this coordinator took out on its own (confirmed dead, fenced) is
+  admitted again only on a word *newer* than the newest it had seen then
+  (``sync_floor``): the writer keeps repeating its last in-sync set until it learns of the
+  removal, and that stale word had re-admitted a quickly restarted reader just before the
+  writer retired its link and acknowledged writes without it (stale reads, seen with
+  readers confirmed dead on refused probes).
 
 What a holder of this state may assume (kazoo's habit): ``map`` is the intended map; when
 ``map.phase == "failover"``, clients must not be sent to ``map.writer`` yet, and nodes in
@@ -302,6 +307,9 @@ class ElectionState:
     demoted: tuple[tuple[str, int], ...] = ()
     # (epoch, revision) of the newest writer word on its in-sync set folded in
     sync_seen: tuple[int, int] = (0, 0)
+    # node -> the writer's (epoch, revision) newest seen when this coordinator took the node
+    # out of the in-sync set itself: no word up to that one may put it back
+    sync_floor: tuple[tuple[str, tuple[int, int]], ...] = ()
     # node -> times it was confirmed dead within the flap window
     deaths: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # node -> time before which it may not rejoin (it keeps failing)
@@ -493,7 +501,10 @@ def _node_failed(state: ElectionState, node: str) -> ElectionState:
 
 
 def _reader_out(state: ElectionState, node: str) -> ElectionState:
-    """Route clients around reader ``node`` at once; replace it with a spare if there is one."""
+    """Route clients around reader ``node`` at once; replace it with a spare if there is one.
+    Only a word of the writer newer than the newest seen now may admit it again."""
+    floor = (*(f for f in state.sync_floor if f[0] != node), (node, state.sync_seen))
+    state = replace(state, sync_floor=floor)
     new = state.map.set_role(node, "out")
     to_attach = state.to_attach - {node}
     spare = next((s for s in new.members if s.role == "spare"), None)
@@ -601,9 +612,12 @@ def _writer_sync(state: ElectionState, ev: WriterSyncObserved) -> ElectionState:
     if (ev.epoch, ev.sync_revision) < state.sync_seen:
         return state  # older than a lagging report already folded in
     state = replace(state, sync_seen=(ev.epoch, ev.sync_revision))
+    floor = dict(state.sync_floor)
     for member in m.members:
-        if member.role == "reader" and member.in_sync != (member.name in ev.in_sync):
-            m = m.set_progress(member.name, member.applied_seq, member.name in ev.in_sync)
+        vouched = member.name in ev.in_sync \
+            and (ev.epoch, ev.sync_revision) > floor.get(member.name, (0, 0))
+        if member.role == "reader" and member.in_sync != vouched:
+            m = m.set_progress(member.name, member.applied_seq, vouched)
     return replace(state, map=m, to_attach=state.to_attach - ev.in_sync)
 
 

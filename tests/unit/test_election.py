@@ -486,6 +486,23 @@ def test_a_writer_word_older_than_a_lagging_report_admits_nobody() -> None:
     assert kinds(acts) == ["PublishMap"] and st.map.member("r1").in_sync
 
 
+def test_a_reader_taken_out_is_readmitted_only_on_a_newer_writer_word() -> None:
+    """r1 is confirmed dead and restarts at once; the writer, which has not heard yet, keeps
+    repeating its word of revision 4 naming r1 in sync. That word predates the removal: it
+    must not hand the restarted r1 out (the writer retires r1's link when the reader set
+    reaches it, and acknowledges writes without it). Its next word does."""
+    st = el.step(state3(), el.WriterSyncObserved("w", 1, 4, frozenset({"r1", "r2"}), 1.0))[0]
+    st = el.step(st, el.NodeFailed("r1", 1.5))[0]
+    assert st.map.member("r1").role == "out"
+    st = el.step(st, el.HeartbeatObserved("r1", "reader", 1, 10, 2.0))[0]  # restarted
+    assert st.map.member("r1").role == "reader" and not st.map.member("r1").in_sync
+    st = el.step(st, el.WriterSyncObserved("w", 1, 4, frozenset({"r1", "r2"}), 2.1))[0]
+    assert not st.map.member("r1").in_sync
+    st = el.step(st, el.WriterSyncObserved("w", 1, 5, frozenset({"r2"}), 2.2))[0]  # retired
+    st = el.step(st, el.WriterSyncObserved("w", 1, 6, frozenset({"r1", "r2"}), 3.0))[0]
+    assert st.map.member("r1").in_sync  # earned again: admitted
+
+
 def test_only_the_current_writer_vouches_for_readers() -> None:
     st = el.step(state3(), el.ReaderLagging("r1", 1.0, epoch=1, sync_revision=1))[0]
     for word in (el.WriterSyncObserved("r2", 1, 9, frozenset({"r1"}), 1.1),  # not the writer

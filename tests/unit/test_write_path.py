@@ -12,7 +12,7 @@ import pytest
 from orchestrator.config import FleetConfig, from_mapping
 from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.core.placement import vm_user
-from orchestrator.errors import CoordinationError
+from orchestrator.errors import CoordinationError, DetachPending
 from orchestrator.ports import DiskMode
 from orchestrator.provision import Provisioner
 from orchestrator.testing.contracts import RoleSwitchSubject, check_role_switch
@@ -94,7 +94,10 @@ def test_a_fenced_writer_whose_guest_is_paused_holds_up_nothing() -> None:
         assert proof.fence("vm1")
         roles.make_writer("vm3")
         assert hv.calls == ["detach d3", "attach d3 rw"]
-        roles.make_reader("vm1")  # paused: the config drops it, the live detach waits
+        # paused: the config drops it, the live detach waits, and the release is not done
+        # (DetachPending: the coordinator retries it with its backoff)
+        with pytest.raises(DetachPending):
+            roles.make_reader("vm1")
         assert roles.provisioner.pending_detach == {"vm1"}
         hv.resume(URI, "d1")
         roles.make_reader("vm1")
