@@ -88,6 +88,7 @@ class ReaderLink:
     reporting: bool = False
     pending: list[QueuedCommit] = field(default_factory=list)
     retired: bool = False
+    leaving: bool = False  # retired from the reader set with a lagging report still to send
     joining: bool = False
     missed: int = -1
     caught_up: bool = False  # joining, and acked past ``missed``: writes wait for it
@@ -170,18 +171,33 @@ class WriterRole:
         named in ``in_sync``: at promotion, the map's in-sync readers, which acked every write
         acknowledged so far. A known node at a new address keeps its link's state: its acks
         speak for what it serves, whichever process sends them.
+
+        An in-sync reader that leaves the set is reported lagging like one that missed an ack,
+        and writes are not acknowledged without it before the report got through: the set
+        may reach this writer late (a slow guest), after the coordinator handed the reader
+        out again on this writer's own word, and clients must not read there what they did
+        not write there. Its link stays (retired, not pushed to) until the report is taken.
         """
         readers = {node: address for node, address in readers.items() if node != self.node}
         trusted = set(in_sync or ())
+        leaving: list[ReaderLink] = []
         with self._cond:
             for node, link in list(self._links.items()):
-                if node not in readers:
+                if node in readers:
+                    link.address = readers[node]
+                    if link.leaving:  # back before its leaving was reported: pushed again
+                        link.retired = link.leaving = False
+                        self._start_pusher(link)
+                elif link.leaving:
+                    continue
+                elif link.in_sync or link.unreported is not None:
+                    # kept until its lagging report is taken (in sync: made just below)
+                    link.retired = link.leaving = True
                     if link.in_sync:
-                        self._sync_revision += 1
+                        leaving.append(link)
+                else:
                     link.retired = True
                     del self._links[node]
-                else:
-                    link.address = readers[node]
             for node, address in readers.items():
                 if node not in self._links:
                     synced = node in trusted
@@ -189,11 +205,21 @@ class WriterRole:
                                       missed=-1 if synced else self.volume.applied_seq)
                     self._sync_revision += int(synced)
                     self._links[node] = link
-                    thread = threading.Thread(target=self._pusher, args=(link,),
-                                              name=f"push-{node}", daemon=True)
-                    self._threads.append(thread)
-                    thread.start()
+                    self._start_pusher(link)
             self._notify()
+        # reported from a thread of its own (the coordinator answers once its published map
+        # no longer names the reader); meanwhile the link still counts in sync, so writes
+        # wait for it as before
+        target = self.volume.applied_seq
+        for link in leaving:
+            threading.Thread(target=self._mark_lagging, args=(link, target, "left the reader set"),
+                             name=f"leave-{link.node}", daemon=True).start()
+
+    def _start_pusher(self, link: ReaderLink) -> None:
+        thread = threading.Thread(target=self._pusher, args=(link,), name=f"push-{link.node}",
+                                  daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def readers(self) -> dict[str, ReaderLink]:
         """Snapshot of the links (node → copy of its state)."""
@@ -346,7 +372,7 @@ class WriterRole:
     def _mark_lagging(self, link: ReaderLink, target: int, reason: str) -> None:
         """Drop ``link`` to lagging; if it was in sync, report it (module docstring)."""
         with self._cond:
-            if link.retired or not (link.in_sync or link.joining):
+            if (link.retired and not link.leaving) or not (link.in_sync or link.joining):
                 return
             was_in_sync = link.in_sync
             link.in_sync = link.joining = link.caught_up = False
@@ -380,6 +406,8 @@ class WriterRole:
             with self._cond:
                 if link.unreported is report:
                     link.unreported = None
+                    if link.leaving and self._links.get(link.node) is link:
+                        del self._links[link.node]  # it left the reader set: reported now
         finally:
             with self._cond:
                 link.reporting = False

@@ -236,6 +236,50 @@ def test_a_lagging_report_that_does_not_get_through_blocks_the_ack(cluster: Clus
     assert cluster.reports[0].sync_revision == cluster.writer.sync_state()[0]
 
 
+def test_an_in_sync_reader_leaving_the_reader_set_is_reported_before_any_write_skips_it(
+    cluster: Cluster,
+) -> None:
+    """The coordinator's reader set without r2 reaches the writer late (a slow guest), when
+    the coordinator may have handed r2 out again on the writer's own word: the writer must
+    not acknowledge a write without r2 before the coordinator took the lagging report (else
+    clients read the old value there). Once it is taken, r2's link is gone."""
+    from agents.errors import LagNotReported
+
+    refused: list[LaggingReaderReport] = []
+
+    def coordinator_down(report: LaggingReaderReport) -> None:
+        refused.append(report)
+        raise PeerUnreachable("coordinator unreachable", address="c:1")
+
+    cluster.writer._report = coordinator_down
+    revision = cluster.writer.sync_state()[0]
+    cluster.writer.set_readers({"r1": "a1"})
+    with pytest.raises(LagNotReported):
+        cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    assert {r.reader for r in refused} == {"r2"}
+    assert refused[0].reason == "left the reader set"
+    assert cluster.writer.sync_state() == (revision + 1, ("r1",))
+    cluster.writer._report = cluster.reports.append  # the coordinator answers
+    ack = cluster.writer.put("/b", [b"1"], 1, mtime=1.0)
+    assert ack.acked == ("r1",) and [r.reader for r in cluster.reports] == ["r2"]
+    assert "r2" not in cluster.writer.readers()
+
+
+def test_a_reader_back_in_the_set_before_its_leaving_was_reported_earns_its_place_again(
+    cluster: Cluster,
+) -> None:
+    cluster.writer.set_readers({"r1": "a1"})
+    cluster.writer.set_readers({"r1": "a1", "r2": "a2"})
+    ack = cluster.writer.put("/a", [b"1"], 1, mtime=1.0)
+    assert "r2" in cluster.writer.readers()
+    for _ in range(200):  # lagging, then joining, then in sync once it applied everything
+        if cluster.writer.sync_state()[1] == ("r1", "r2"):
+            break
+        threading.Event().wait(0.02)
+    assert cluster.writer.sync_state()[1] == ("r1", "r2")
+    assert cluster.readers["r2"].volume.applied_seq >= ack.seq
+
+
 def test_a_device_error_is_a_refusal_the_client_follows(cluster: Cluster) -> None:
     from agents.errors import DeviceError
 
