@@ -89,6 +89,7 @@ class ReaderLink:
     pending: list[QueuedCommit] = field(default_factory=list)
     retired: bool = False
     leaving: bool = False  # retired from the reader set with a lagging report still to send
+    pusher: int = 0  # the pusher thread that serves it (a link back in the set gets a new one)
     joining: bool = False
     missed: int = -1
     caught_up: bool = False  # joining, and acked past ``missed``: writes wait for it
@@ -216,8 +217,9 @@ class WriterRole:
                              name=f"leave-{link.node}", daemon=True).start()
 
     def _start_pusher(self, link: ReaderLink) -> None:
-        thread = threading.Thread(target=self._pusher, args=(link,), name=f"push-{link.node}",
-                                  daemon=True)
+        link.pusher += 1
+        thread = threading.Thread(target=self._pusher, args=(link, link.pusher),
+                                  name=f"push-{link.node}", daemon=True)
         self._threads.append(thread)
         thread.start()
 
@@ -413,13 +415,14 @@ class WriterRole:
                 link.reporting = False
                 self._notify()
 
-    def _pusher(self, link: ReaderLink) -> None:
-        """Send ``link``'s queued records in seq order; keep a lagging reader catching up."""
+    def _pusher(self, link: ReaderLink, me: int) -> None:
+        """Send ``link``'s queued records in seq order; keep a lagging reader catching up.
+        Ends when the link is retired, or served by a newer pusher (``me`` is not its own)."""
         while True:
             with self._cond:
                 while link.in_sync and not link.pending and not link.retired and self._accepting:
                     self._cond.wait()
-                if link.retired or not self._accepting:
+                if link.retired or not self._accepting or link.pusher != me:
                     return
                 if not link.in_sync and not link.joining:
                     self._cond.wait(self.retry_interval)
