@@ -224,11 +224,12 @@ class WriterRole:
         thread.start()
 
     def readers(self) -> dict[str, ReaderLink]:
-        """Snapshot of the links (node → copy of its state)."""
+        """Snapshot of the links of the reader set (node → copy of its state); not those that
+        left it and are still to be reported."""
         with self._cond:
             return {n: ReaderLink(lk.node, lk.address, lk.in_sync, lk.applied_seq, lk.safe_seq,
                                   joining=lk.joining, missed=lk.missed)
-                    for n, lk in self._links.items()}
+                    for n, lk in self._links.items() if not lk.leaving}
 
     def sync_state(self) -> tuple[int, tuple[str, ...]]:
         """(revision, names) of the in-sync set, read together."""
