@@ -61,6 +61,15 @@ def verdict(svc: FleetService, node: str, clock: FakeClock) -> Verdict:
     return svc._liveness.verdict(node, clock.monotonic())
 
 
+def _fresh_contact(agents: Probes) -> tuple[FleetService, FakeClock]:
+    """A service whose members were heard from 50 ms ago (well within suspect_after), its
+    next scheduled probe round a second away: only a hurried probe goes out now."""
+    svc, clock = service(agents)
+    clock.forward(0.05)
+    svc._next_probe = clock.monotonic() + 1.0
+    return svc, clock
+
+
 def test_slow_probes_right_after_the_swap_do_not_kill_the_new_writer() -> None:
     svc, clock = service()
     before = clock.monotonic()
@@ -128,9 +137,7 @@ def test_a_refused_probe_is_confirmed_by_a_second_one_sent_at_once() -> None:
     """A killed agent in a running VM: its port refuses. The first refusal asks for the next
     probe in the same iteration; the second confirms the death, no silence waited for."""
     agents = Probes({"w:1": ConnectionRefusedError, "r2:1": TimeoutError})
-    svc, clock = service(agents)
-    clock.forward(0.05)  # well within suspect_after of the last contact
-    svc._next_probe = clock.monotonic() + 1.0
+    svc, clock = _fresh_contact(agents)
     probe(svc, "w")
     assert svc._liveness.verdict("w", clock.monotonic()) is Verdict.SUSPECT
     assert svc._next_probe == 0.0  # the confirming probe is due now
@@ -140,9 +147,7 @@ def test_a_refused_probe_is_confirmed_by_a_second_one_sent_at_once() -> None:
 
 def test_timed_out_probes_are_no_refusals() -> None:
     agents = Probes({"w:1": ConnectionRefusedError, "r2:1": TimeoutError})
-    svc, clock = service(agents)
-    clock.forward(0.05)
-    svc._next_probe = clock.monotonic() + 1.0
+    svc, clock = _fresh_contact(agents)
     for _ in range(3):
         probe(svc, "r2")
     assert svc._next_probe == clock.monotonic() + 1.0  # no probe hurried
@@ -155,9 +160,7 @@ def test_a_readers_refusals_take_the_usual_probe_count() -> None:
     """Only the writer's refusals are its quick death: a reader out sooner would gain the
     failover nothing and race the writer's word on it (the service's docstring)."""
     agents = Probes({"w:1": TimeoutError, "r2:1": ConnectionRefusedError})
-    svc, clock = service(agents)
-    clock.forward(0.05)
-    svc._next_probe = clock.monotonic() + 1.0
+    svc, clock = _fresh_contact(agents)
     for _ in range(2):
         probe(svc, "r2")
     assert svc._liveness.verdict("r2", clock.monotonic()) is Verdict.SUSPECT
