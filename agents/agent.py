@@ -684,7 +684,21 @@ class Agent:
         if not report.ok:
             LOG.error("event=selftest_failed node=%s checks=%s", self.settings.node,
                       ",".join(c.name for c in checks if not c.ok))
+            if not checks[0].ok:
+                self._drop_unreadable_reader()
         return report
+
+    def _drop_unreadable_reader(self) -> None:
+        """A reader whose device no longer reads (its Ceph client fenced, the disk gone)
+        lets its handle go: the tail loop opens the device found by serial again, which
+        succeeds once the coordinator has attached a fresh one."""
+        with self._role_lock:
+            reader = self.reader
+            if reader is None or self.writer is not None or self.state.role != "reader":
+                return
+            self.reader = None
+        LOG.warning("event=reader_device_dropped node=%s", self.settings.node)
+        reader.close()
 
     def _spawn(self, target: Callable[[], None]) -> None:
         threading.Thread(target=target, daemon=True).start()

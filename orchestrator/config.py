@@ -24,6 +24,7 @@ Invariants of a validated :class:`FleetConfig`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -51,6 +52,7 @@ __all__ = [
     "TlsConfig",
     "VmConfig",
     "check_uri",
+    "display_uri",
     "from_mapping",
     "load",
     "validate",
@@ -421,6 +423,20 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
     tls = TlsConfig(dir=_path(tls_t, "dir", "tls") if "dir" in tls_t else None,
                     insecure_plaintext=_bool(tls_t, "insecure_plaintext", "tls", False))
     return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox, tls)
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` fit for a message or a log: scheme, user, host, port and path, without the
+    query (key file paths and options) and without any password."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = (f"{parts.username}@" if parts.username else "") + host
+    with contextlib.suppress(ValueError):
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}{parts.path}"  # urlunsplit drops an empty host's //
 
 
 def check_uri(where: str, uri: str) -> None:

@@ -18,6 +18,7 @@ Without that proof the detach failure stops the plan: never two live writers.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agents.errors import RbdfleetError
-from orchestrator.config import FleetConfig
+from orchestrator.config import FleetConfig, display_uri
 from orchestrator.core import placement
 from orchestrator.core.disks import fleet_serial
 from orchestrator.core.placement import (
@@ -48,6 +49,7 @@ from orchestrator.errors import (
     CoordinationError,
     DetachPending,
     HypervisorError,
+    HypervisorUnreachable,
     ImageBusy,
 )
 from orchestrator.pki import FleetPki, node_names
@@ -197,16 +199,27 @@ class Provisioner:
         """The disk serial of this fleet (what the guests look for)."""
         return self.desired.serial
 
-    def observe(self) -> Observed:
+    def observe(self, tolerate_unreachable: bool = False) -> Observed:
         """Ceph and libvirt as they are: pool, image, domains on the fleet's URIs, users,
-        secrets."""
+        secrets. A hypervisor that does not answer is HypervisorUnreachable, or, with
+        ``tolerate_unreachable``, listed in ``Observed.unreachable`` (its domains unknown)."""
         desired = self.desired
         pool_exists = self._images.pool_exists(desired.pool)
         image = self._images.image_info(desired.pool, desired.image) if pool_exists else None
         domains: dict[tuple[str, str], bool] = {}
         disks: dict[tuple[str, str], AttachedDisk] = {}
+        unreachable: set[str] = set()
         for uri in sorted({vm.uri for vm in desired.vms}):
-            for info in self._hypervisor.domains(uri):
+            try:
+                infos = self._hypervisor.domains(uri)
+            except HypervisorUnreachable as exc:
+                if not tolerate_unreachable:
+                    raise
+                LOG.warning("provision observe hypervisor unreachable uri=%s error=%s",
+                            exc.uri, exc)
+                unreachable.add(uri)
+                continue
+            for info in infos:
                 domains[(uri, info.name)] = info.active
                 ours = [d for d in info.disks if d.serial == desired.serial]
                 if ours:
@@ -220,7 +233,7 @@ class Provisioner:
                     for prefix in (placement.USER_PREFIX, placement.LEGACY_USER_PREFIX)
                     for e in self._credentials.list_users(prefix)}
         secrets = set()
-        pairs = {(vm.uri, vm.user) for vm in desired.vms}
+        pairs = {(vm.uri, vm.user) for vm in desired.vms if vm.uri not in unreachable}
         pairs |= {(uri, d.user) for (uri, _), d in disks.items() if d.user}
         for uri, user in sorted(pairs):
             usage = placement.secret_usage(user)
@@ -228,7 +241,7 @@ class Provisioner:
                 secrets.add((uri, usage))
         return Observed(pool_exists, image, domains, disks,
                         frozenset(u for u in existing if u in wanted_users), frozenset(secrets),
-                        self._fenced_holders(disks))
+                        self._fenced_holders(disks), frozenset(unreachable))
 
     def _fenced_holders(self, disks: dict[tuple[str, str], AttachedDisk]
                         ) -> frozenset[tuple[str, str]]:
@@ -251,10 +264,27 @@ class Provisioner:
         return plan, ([] if dry_run else self.apply(plan, observed))
 
     def set_role(self, vm: str, role: str, dry_run: bool = False) -> tuple[Plan, list[Applied]]:
-        """Make ``vm`` the writer (demoting the old one first) or a reader."""
-        observed = self.observe()
-        plan = placement.plan_set_role(self.desired, observed, vm, role)
+        """Make ``vm`` the writer (demoting the old one first) or a reader.
+
+        A reader's disk is read-only whatever the rest of the fleet holds, so making one
+        passes over the VMs of hypervisors that do not answer (``vm``'s own must); making a
+        writer needs every hypervisor (the coordinator's role switch has its own rule,
+        :class:`~orchestrator.coordinator.write_path.FencedWriterRoles`)."""
+        observed = self.observe(tolerate_unreachable=role == "reader")
+        plan = placement.plan_set_role(self.reachable(observed, vm), observed, vm, role)
         return plan, ([] if dry_run else self.apply(plan, observed))
+
+    def reachable(self, observed: Observed, vm: str) -> Desired:
+        """The fleet without the VMs whose hypervisor did not answer ``observed``'s look;
+        HypervisorUnreachable when ``vm``'s own is one of them."""
+        target = self.desired.vm(vm)
+        if target.uri in observed.unreachable:
+            raise HypervisorUnreachable(display_uri(target.uri),
+                                        f"{vm}'s hypervisor did not answer")
+        if not observed.unreachable:
+            return self.desired
+        return dataclasses.replace(self.desired, vms=tuple(
+            v for v in self.desired.vms if v.uri not in observed.unreachable))
 
     def deprovision(self, delete_image: bool = False,
                     dry_run: bool = False) -> tuple[Plan, list[Applied]]:

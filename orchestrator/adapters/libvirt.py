@@ -46,6 +46,7 @@ from typing import Any
 
 from agents.errors import BindingUnavailable
 from orchestrator.adapters import domain_xml
+from orchestrator.config import display_uri
 from orchestrator.errors import (
     DetachPending,
     DeviceAttachError,
@@ -71,7 +72,6 @@ LOG = logging.getLogger(__name__)
 
 __all__ = [
     "LibvirtHypervisor",
-    "display_uri",
     "domain_state",
     "libvirt_module",
     "non_interactive",
@@ -173,20 +173,6 @@ def _run_event_loop(lv: Any) -> None:
 
 def _ignore_libvirt_error(_ctx: object, _error: object) -> None:
     """libvirt error callback that keeps quiet (the error is raised as libvirtError)."""
-
-
-def display_uri(uri: str) -> str:
-    """``uri`` fit for a message or a log: scheme, user, host, port and path, without the
-    query (key file paths and options) and without any password."""
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = (f"{parts.username}@" if parts.username else "") + host
-    with contextlib.suppress(ValueError):
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    return f"{parts.scheme}://{netloc}{parts.path}"  # urlunsplit drops an empty host's //
 
 
 def non_interactive(uri: str) -> str:

@@ -16,41 +16,79 @@ provisioner's own: the old writer is detached first, never two unfenced read-wri
 being fenced (the executor runs it beside ``FenceNode``): that unplug is the guest round trip
 of the switch (0.5-1.5 s on TCG), and it gives nobody a write path, so it need not wait for
 the fence; the read-write attach still does (:meth:`make_writer`, after the fence proof).
+
+A hypervisor that does not answer (its host lost, or cut off from the coordinator) must not
+hold a failover up, nor may what it hides become a second writer: the coordinator cannot see
+which disks its VMs hold, so each of them is passed over only once proven fenced, and fenced
+then and there when it is not (losing a host fences every VM on it, as a cluster manager
+fences a host it lost). Those VMs' disks are released when their hypervisor answers again:
+the old writer's by its release as always, a fenced reader's by a fresh read-only attach (a
+blocklisted client never reads again). Until then the release is not done (DetachPending),
+so the election retries it with its backoff.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+from orchestrator.config import display_uri
 from orchestrator.core import placement
-from orchestrator.core.placement import Detach, Plan
-from orchestrator.errors import DetachPending
-from orchestrator.ports import DiskMode
+from orchestrator.core.placement import Detach, Observed, Plan
+from orchestrator.errors import DetachPending, HypervisorUnreachable
+from orchestrator.ports import DiskMode, Fencer
 from orchestrator.provision import Provisioner
 
 __all__ = ["FencedWriterRoles"]
 
+LOG = logging.getLogger(__name__)
+
 
 class FencedWriterRoles:
-    """RoleSwitch and SpareProvisioner over a :class:`Provisioner` (module docstring)."""
+    """RoleSwitch and SpareProvisioner over a :class:`Provisioner` (module docstring);
+    ``fencer`` fences the VMs of a hypervisor that does not answer a role switch (without
+    one, such a VM must already be proven fenced)."""
 
-    def __init__(self, provisioner: Provisioner) -> None:
+    def __init__(self, provisioner: Provisioner, fencer: Fencer | None = None) -> None:
         self.provisioner = provisioner
+        self.fencer = fencer
+        # readers fenced because their hypervisor did not answer: re-attached once it does
+        self.cut_off: set[str] = set()
 
     def make_writer(self, node: str) -> None:
         """``node`` read-write; an other read-write holder proven fenced keeps its disk until
-        :meth:`make_reader`, an unproven one is detached first (the provisioner's plan)."""
+        :meth:`make_reader`, an unproven one is detached first (the provisioner's plan); the
+        VMs of a hypervisor that does not answer are fenced (module docstring)."""
         p = self.provisioner
-        observed = p.observe()
+        observed = p.observe(tolerate_unreachable=True)
+        desired = p.reachable(observed, node)
+        self._fence_unseen(observed)
         fenced = set(observed.fenced)
-        for vm in p.desired.vms:
+        for vm in desired.vms:
             disk = observed.disks.get(vm.key)
             if (vm.name != node and disk is not None and disk.mode is DiskMode.RW
                     and vm.key not in fenced and p.fence_proof is not None
                     and p.fence_proof.is_fenced(vm.name)):
                 fenced.add(vm.key)
         observed = dataclasses.replace(observed, fenced=frozenset(fenced))
-        p.apply(placement.plan_set_role(p.desired, observed, node, "writer"), observed)
+        p.apply(placement.plan_set_role(desired, observed, node, "writer"), observed)
+
+    def _fence_unseen(self, observed: Observed) -> None:
+        p = self.provisioner
+        for vm in p.desired.vms:
+            if vm.uri not in observed.unreachable or vm.name in self.cut_off:
+                continue
+            if p.fence_proof is not None and p.fence_proof.is_fenced(vm.name):
+                continue  # the old writer, fenced by the failover; or no client at all
+            if self.fencer is None:
+                raise HypervisorUnreachable(
+                    display_uri(vm.uri), f"{vm.name} may hold the disk read-write there and "
+                    "is not proven fenced")
+            addresses = self.fencer.fence(vm.name)
+            self.cut_off.add(vm.name)
+            LOG.warning("event=unseen_vm_fenced vm=%s uri=%s addresses=%s: its hypervisor "
+                        "does not answer, what it holds is unknown", vm.name,
+                        display_uri(vm.uri), ",".join(addresses))
 
     def prepare_writer(self, node: str) -> None:
         """Detach ``node``'s ``<readonly/>`` disk ahead of :meth:`make_writer` (module
@@ -70,11 +108,30 @@ class FencedWriterRoles:
         the unplug request) the release is not done: DetachPending, retried with the release
         backoff, so a rebooted old writer gets its read-only disk without anyone running
         `rbdfleet provision`."""
-        self.provisioner.set_role(node, "reader")
-        if node in self.provisioner.pending_detach:
-            domain = next(v.domain for v in self.provisioner.desired.vms if v.name == node)
+        p = self.provisioner
+        p.set_role(node, "reader")
+        if node in p.pending_detach:
+            domain = p.desired.vm(node).domain
             raise DetachPending(f"{node} still holds its fenced read-write disk: its read-only "
                                 "attach waits until the guest lets it go", domain)
+        self._reattach_cut_off()
+
+    def _reattach_cut_off(self) -> None:
+        """A fresh read-only attach for each fenced reader whose hypervisor answers again;
+        DetachPending while one does not."""
+        p = self.provisioner
+        for name in sorted(self.cut_off):
+            vm = p.desired.vm(name)
+            observed = p.observe(tolerate_unreachable=True)
+            if vm.uri in observed.unreachable:
+                raise DetachPending(f"{name} was fenced when its hypervisor stopped answering: "
+                                    "its disk is re-attached once it answers", vm.domain)
+            disk = observed.disks.get(vm.key)
+            if disk is not None:  # its client is blocklisted: only a new attach reads again
+                p.apply(Plan((Detach(vm.uri, vm.domain, vm.name, disk.mode),)), observed)
+            p.set_role(name, "reader")
+            self.cut_off.discard(name)
+            LOG.info("event=cut_off_vm_reattached vm=%s", name)
 
     def attach_spare(self, node: str) -> None:
         """The spare's disk read-only (its agent, deployed with the fleet, then catches up)."""

@@ -146,6 +146,9 @@ class Observed:
     users: frozenset[str] = frozenset()
     secrets: frozenset[tuple[str, str]] = frozenset()
     fenced: frozenset[DomainKey] = frozenset()  # read-write holders proven fenced in Ceph
+    # URIs that did not answer (only when the caller tolerates it): nothing is known of
+    # their domains, which appear in neither ``domains`` nor ``disks``
+    unreachable: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -278,18 +281,22 @@ def _check_domains(vms: Iterable[DesiredVm], observed: Observed) -> None:
             raise DomainNotFound(f"vm {vm.name}: no domain {vm.domain!r} on {vm.uri}")
 
 
-def plan_provision(desired: Desired, observed: Observed, writer: str | None = None) -> Plan:
+def plan_provision(desired: Desired, observed: Observed, writer: str | None = None, *,
+                   read_only: bool = False) -> Plan:
     """The plan that makes ``observed`` what ``desired`` asks for.
 
     The writer is ``writer`` when given (a role switch), else the one VM of the fleet that
     already holds the disk read-write (so ``provision`` never undoes ``set-role``), else the
-    configured writer. Raises ConfigError / DomainNotFound before planning any action.
+    configured writer; with ``read_only`` there is none (a reader's part of a plan). Raises
+    ConfigError / DomainNotFound before planning any action.
     """
     actions = _check_storage(desired, observed)
     _check_domains(desired.vms, observed)
     notes: list[str] = []
     holders = _current_writers(desired, observed)
-    if writer is None:
+    if read_only:
+        writer = None
+    elif writer is None:
         if len(holders) == 1:
             writer = holders[0]
             if writer != desired.writer:
@@ -300,7 +307,8 @@ def plan_provision(desired: Desired, observed: Observed, writer: str | None = No
             notes.append(f"several writers found ({', '.join(holders)}): keeping {writer}")
         else:
             writer = desired.writer
-    desired.vm(writer)  # must be a VM of the fleet
+    if writer is not None:
+        desired.vm(writer)  # must be a VM of the fleet
 
     fleet_keys = {vm.key: vm for vm in desired.vms}
     wanted: dict[DomainKey, DiskMode] = {}
@@ -383,8 +391,9 @@ def plan_set_role(desired: Desired, observed: Observed, vm: str, role: str) -> P
         touched = {vm}
         unspared = replace(desired, vms=tuple(replace(v, spare=False) if v.name == vm else v
                                               for v in desired.vms))
-        full = plan_provision(unspared, observed,
-                              writer=holders[0] if len(holders) == 1 else None)
+        # only ``vm``'s actions are kept: planned with no writer, it is never given the
+        # read-write disk (the configured writer would be, when no holder is seen)
+        full = plan_provision(unspared, observed, read_only=True)
     else:
         raise ConfigError("role", f"{role!r}: expected writer or reader")
     actions = tuple(a for a in full.actions

@@ -50,6 +50,7 @@ from orchestrator.errors import (
     DeviceAttachError,
     DomainNotFound,
     HostUnreachable,
+    HypervisorUnreachable,
     ImageBusy,
     ImageExists,
     ImageNotFound,
@@ -428,7 +429,8 @@ class MemoryHypervisor:
     domain's run state as ``virsh`` would and tell the watchers (from the caller's thread).
     ``refuse_detach[domain] = n`` makes the next ``n`` detaches from that domain fail
     (HypervisorError, the disk stays) and ``detach_gate[domain]`` holds every detach from it
-    until the event is set (a guest slow to release its disk).
+    until the event is set (a guest slow to release its disk). A URI in ``unreachable``
+    answers nothing (HypervisorUnreachable), as a lost hypervisor host.
     """
 
     CHARACTERISTICS = Characteristics.HOT_PLUG | Characteristics.PRIVATE_SECRETS
@@ -444,6 +446,7 @@ class MemoryHypervisor:
         self.specs: list[DiskSpec] = []
         self.refuse_detach: dict[str, int] = {}
         self.detach_gate: dict[str, threading.Event] = {}
+        self.unreachable: set[str] = set()
         self._lock = threading.Lock()
         self._watchers: dict[int, tuple[str, Callable[[DomainEvent], None]]] = {}
         self._watch_ids = itertools.count()
@@ -453,7 +456,12 @@ class MemoryHypervisor:
         self.active[(uri, name)] = active
         self.disks[(uri, name)] = []
 
+    def _reach(self, uri: str) -> None:
+        if uri in self.unreachable:
+            raise HypervisorUnreachable(uri, "no answer (the fake's lost host)")
+
     def _key(self, uri: str, name: str) -> tuple[str, str]:
+        self._reach(uri)
         if (uri, name) not in self.active:
             raise DomainNotFound(f"look up domain {name} on {uri}: no domain named {name!r}")
         return (uri, name)
@@ -465,10 +473,12 @@ class MemoryHypervisor:
 
     def domains(self, uri: str) -> list[DomainInfo]:
         """Every domain on ``uri``."""
+        self._reach(uri)
         return [self.domain(u, n) for u, n in sorted(self.active) if u == uri]
 
     def secret_uuid(self, uri: str, usage: str) -> str | None:
         """The secret's UUID, or None."""
+        self._reach(uri)
         found = self.secrets.get((uri, usage))
         return None if found is None else found[0]
 

@@ -37,8 +37,8 @@ from typing import Any
 import pytest
 
 from orchestrator.adapters.ceph import BlocklistFencer, CephxCredentialStore, RbdImageStore
-from orchestrator.adapters.libvirt import LibvirtHypervisor, display_uri
-from orchestrator.config import FleetConfig, from_mapping
+from orchestrator.adapters.libvirt import LibvirtHypervisor
+from orchestrator.config import FleetConfig, display_uri, from_mapping
 from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.core.placement import vm_user
 from orchestrator.errors import HypervisorUnreachable

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.adapters.libvirt import display_uri, non_interactive
-from orchestrator.config import check_uri
+from orchestrator.adapters.libvirt import non_interactive
+from orchestrator.config import check_uri, display_uri
 from orchestrator.errors import ConfigError
 
 pytestmark = pytest.mark.unit

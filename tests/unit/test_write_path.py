@@ -12,7 +12,7 @@ import pytest
 from orchestrator.config import FleetConfig, from_mapping
 from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.core.placement import vm_user
-from orchestrator.errors import CoordinationError, DetachPending
+from orchestrator.errors import CoordinationError, DetachPending, HypervisorUnreachable
 from orchestrator.ports import DiskMode
 from orchestrator.provision import Provisioner
 from orchestrator.testing.contracts import RoleSwitchSubject, check_role_switch
@@ -29,8 +29,13 @@ pytestmark = pytest.mark.unit
 URI = "qemu:///system"
 
 
-def config(spare: bool = False) -> FleetConfig:
-    vms = [{"name": f"vm{i}", "domain": f"d{i}", "address": f"10.0.0.{i}"} for i in (1, 2, 3)]
+LOST = "qemu+ssh://root@hv-b.example/system"  # vm1 and vm3's hypervisor in the two-host fleet
+
+
+def config(spare: bool = False, two_hosts: bool = False) -> FleetConfig:
+    vms: list[dict[str, object]] = [
+        {"name": f"vm{i}", "domain": f"d{i}", "address": f"10.0.0.{i}",
+         "uri": LOST if two_hosts and i != 2 else URI} for i in (1, 2, 3)]
     if spare:
         vms.append({"name": "vm4", "domain": "d4", "address": "10.0.0.4", "spare": True})
     return from_mapping({
@@ -43,23 +48,25 @@ def config(spare: bool = False) -> FleetConfig:
 
 
 @contextlib.contextmanager
-def fleet(spare: bool = False) -> Iterator[tuple[FencedWriterRoles, MemoryHypervisor,
-                                                 MemoryFencer]]:
-    """vm1 writer, vm2/vm3 readers (each VM's QEMU holding a librbd client of the image)."""
+def fleet(spare: bool = False, two_hosts: bool = False
+          ) -> Iterator[tuple[FencedWriterRoles, MemoryHypervisor, MemoryFencer]]:
+    """vm1 writer, vm2/vm3 readers (each VM's QEMU holding a librbd client of the image);
+    ``two_hosts``: vm1 and vm3 on the hypervisor :data:`LOST`, vm2 on :data:`URI`."""
     ceph = MemoryCeph()
     hv = MemoryHypervisor()
-    names = (1, 2, 3, 4) if spare else (1, 2, 3)
-    for i in names:
-        hv.define(URI, f"d{i}", active=True)
-    proof = MemoryFencer(ceph, "rbd", "img", {f"vm{i}": vm_user("demo", f"vm{i}") for i in names})
-    p = Provisioner(config(spare), MemoryImageStore(ceph), MemoryCredentialStore(ceph), hv,
+    cfg = config(spare, two_hosts)
+    for vm in cfg.vms:
+        hv.define(vm.uri, vm.domain, active=True)
+    proof = MemoryFencer(ceph, "rbd", "img", {vm.name: vm_user("demo", vm.name)
+                                              for vm in cfg.vms})
+    p = Provisioner(cfg, MemoryImageStore(ceph), MemoryCredentialStore(ceph), hv,
                     fence_proof=proof)
     p.provision()
     with contextlib.ExitStack() as qemus:
         for i in (1, 2, 3):
             qemus.enter_context(ceph.client(vm_user("demo", f"vm{i}"), "rbd", "img"))
         hv.calls.clear()
-        yield FencedWriterRoles(p), hv, proof
+        yield FencedWriterRoles(p, proof), hv, proof
 
 
 def modes(roles: FencedWriterRoles) -> dict[str | None, DiskMode | None]:
@@ -126,3 +133,54 @@ def test_preparing_the_candidate_takes_only_its_read_only_disk() -> None:
         roles.make_writer("vm2")
         assert hv.calls == ["detach d2", "attach d2 rw"]
         assert modes(roles) == {"vm1": DiskMode.RW, "vm2": DiskMode.RW, "vm3": DiskMode.RO}
+
+
+def test_losing_the_writers_hypervisor_fences_what_it_hides_and_the_failover_goes_on() -> None:
+    """vm1 (the writer) and vm3 lost with their host: vm1 is fenced by the failover, vm3 is
+    fenced by the role switch (nobody can see what it holds), vm2 gets the read-write disk;
+    the release waits for the host and then re-attaches both read-only (fresh clients)."""
+    with fleet(two_hosts=True) as (roles, hv, proof):
+        hv.unreachable.add(LOST)
+        assert proof.fence("vm1")  # the failover's FenceNode
+        roles.make_writer("vm2")
+        assert proof.fenced == ["vm1", "vm3"]
+        assert hv.calls == ["detach d2", "attach d2 rw"]
+        with pytest.raises(HypervisorUnreachable):
+            roles.make_reader("vm1")  # the release, retried by the election's backoff
+        hv.unreachable.clear()
+        roles.make_reader("vm1")
+        assert hv.calls[2:] == ["detach d1", "attach d1 ro", "detach d3", "attach d3 ro"]
+        assert modes(roles) == {"vm1": DiskMode.RO, "vm2": DiskMode.RW, "vm3": DiskMode.RO}
+        assert not roles.cut_off and not roles.provisioner.pending_detach
+
+
+def test_a_lost_hypervisor_without_a_fencer_holds_the_switch_and_never_two_writers() -> None:
+    with fleet(two_hosts=True) as (roles, hv, proof):
+        hv.unreachable.add(LOST)
+        proof.fence("vm1")
+        blind = FencedWriterRoles(roles.provisioner)  # no fencer: vm3 stays unproven
+        with pytest.raises(HypervisorUnreachable, match="vm3"):
+            blind.make_writer("vm2")
+        assert hv.calls == []
+        with pytest.raises(HypervisorUnreachable):
+            roles.make_writer("vm3")  # a candidate on the lost host cannot get a disk
+
+
+def test_a_reader_elsewhere_is_attached_while_a_hypervisor_is_lost() -> None:
+    with fleet(two_hosts=True) as (roles, hv, _proof):
+        hv.unreachable.add(LOST)
+        roles.provisioner.set_role("vm2", "reader")  # already one: nothing to do, no error
+        hv.detach_disk(URI, "d2", roles.provisioner.serial)
+        roles.attach_spare("vm2")
+        assert hv.calls[-1] == "attach d2 ro"
+        with pytest.raises(HypervisorUnreachable):
+            roles.provisioner.set_role("vm2", "writer")  # a writer needs every hypervisor
+
+
+def test_making_the_configured_writer_a_reader_never_gives_it_a_writable_disk() -> None:
+    """No read-write holder seen (the writer detached by hand): the configured writer made a
+    reader gets a read-only disk, not the one its config would name."""
+    with fleet() as (roles, hv, _proof):
+        hv.detach_disk(URI, "d1", roles.provisioner.serial)
+        roles.provisioner.set_role("vm1", "reader")
+        assert hv.calls[-1] == "attach d1 ro"
