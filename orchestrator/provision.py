@@ -22,7 +22,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from agents.errors import RbdfleetError
@@ -247,11 +247,30 @@ class Provisioner:
                         ) -> frozenset[tuple[str, str]]:
         """Among several read-write holders, those proven fenced (the proof costs a few mon
         commands: asked only when there is more than one holder)."""
-        rw = [vm for vm in self.desired.vms
-              if (d := disks.get(vm.key)) is not None and d.mode is DiskMode.RW]
-        if len(rw) < 2 or self.fence_proof is None:
+        rw = {key for key, d in disks.items() if d.mode is DiskMode.RW}
+        return self.proven_fenced(disks, rw) if len(rw) >= 2 else frozenset()
+
+    def proven_fenced(self, disks: dict[tuple[str, str], AttachedDisk],
+                      keys: Iterable[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+        """Those of the domains ``keys`` the fence proof shows cut off: a fleet VM's own, or
+        any domain whose disk uses a fleet VM's cephx user (the proof is of every client of
+        that user)."""
+        if self.fence_proof is None:
             return frozenset()
-        return frozenset(vm.key for vm in rw if self.fence_proof.is_fenced(vm.name))
+        by_key = {vm.key: vm.name for vm in self.desired.vms}
+        by_user = {vm.user: vm.name for vm in self.desired.vms}
+        proofs: dict[str, bool] = {}
+        fenced = set()
+        for key in keys:
+            disk = disks.get(key)
+            name = by_key.get(key) or (by_user.get(disk.user) if disk and disk.user else None)
+            if name is None:
+                continue
+            if name not in proofs:
+                proofs[name] = self.fence_proof.is_fenced(name)
+            if proofs[name]:
+                fenced.add(key)
+        return frozenset(fenced)
 
     def plan(self, observed: Observed | None = None) -> Plan:
         """The provisioning plan from the current (or given) state."""

@@ -63,14 +63,11 @@ class FencedWriterRoles:
         observed = p.observe(tolerate_unreachable=True)
         desired = p.reachable(observed, node)
         self._fence_unseen(observed)
-        fenced = set(observed.fenced)
-        for vm in desired.vms:
-            disk = observed.disks.get(vm.key)
-            if (vm.name != node and disk is not None and disk.mode is DiskMode.RW
-                    and vm.key not in fenced and p.fence_proof is not None
-                    and p.fence_proof.is_fenced(vm.name)):
-                fenced.add(vm.key)
-        observed = dataclasses.replace(observed, fenced=frozenset(fenced))
+        others = {key for key, disk in observed.disks.items()
+                  if disk.mode is DiskMode.RW and key != desired.vm(node).key
+                  and key not in observed.fenced}
+        observed = dataclasses.replace(
+            observed, fenced=observed.fenced | p.proven_fenced(observed.disks, others))
         p.apply(placement.plan_set_role(desired, observed, node, "writer"), observed)
 
     def _fence_unseen(self, observed: Observed) -> None:

@@ -330,6 +330,22 @@ def watching(client: Any, pool: str, image: str) -> Iterator[None]:
                 handle.close()
 
 
+@contextlib.contextmanager
+def qemu_clients(fleet: RemoteFleet, vms: tuple[str, ...]) -> Iterator[None]:
+    """No guest runs: each of ``vms`` gets the Ceph client its QEMU would hold, a librbd
+    handle of the image as the VM's own user (a VM without any client counts as fenced)."""
+    credentials = CephxCredentialStore(fleet.admin)
+    image = f"{fleet.name}-image"
+    with contextlib.ExitStack() as clients:
+        for vm in vms:
+            user = vm_user(fleet.name, vm)
+            key = credentials.ensure_user(user, fleet.cluster.pool, image)  # the same key
+            client = clients.enter_context(connected_as(fleet.cluster, user, key,
+                                                        fleet.tmp / f"{vm}.keyring"))
+            clients.enter_context(watching(client, fleet.cluster.pool, image))
+        yield
+
+
 def test_failover_steps_over_ssh(remote_fleet: RemoteFleet) -> None:
     """The coordinator's steps: fence the writer (the Ceph blocklist: no hypervisor), give a
     candidate the read-write disk without touching the fenced writer's (``FencedWriterRoles``),
@@ -338,16 +354,8 @@ def test_failover_steps_over_ssh(remote_fleet: RemoteFleet) -> None:
     QEMUs would hold it (a VM without any client would count as fenced)."""
     fleet = remote_fleet
     roles = FencedWriterRoles(fleet.provisioner())
-    credentials = CephxCredentialStore(fleet.admin)
-    image = f"{fleet.name}-image"
     earlier = set(fleet.fencer.blocklist())
-    with contextlib.ExitStack() as clients:
-        for vm in ("vm1", "vm3"):
-            user = vm_user(fleet.name, vm)
-            key = credentials.ensure_user(user, fleet.cluster.pool, image)  # the same key
-            client = clients.enter_context(connected_as(fleet.cluster, user, key,
-                                                        fleet.tmp / f"{vm}.keyring"))
-            clients.enter_context(watching(client, fleet.cluster.pool, image))
+    with qemu_clients(fleet, ("vm1", "vm3")):
         try:
             fleet.fencer.fence("vm1")
             assert fleet.fencer.is_fenced("vm1") and not fleet.fencer.is_fenced("vm3")
@@ -363,25 +371,40 @@ def test_failover_steps_over_ssh(remote_fleet: RemoteFleet) -> None:
             fleet.fencer.unfence(sorted(set(fleet.fencer.blocklist()) - earlier))
 
 
-def test_a_lost_host_fence_needs_no_hypervisor_and_a_switch_names_the_host(
+def test_a_lost_host_is_fenced_through_ceph_and_the_switch_passes_it_over(
         remote_fleet: RemoteFleet, sshd_factory: SshdFactory) -> None:
     """The fleet as if spread over two hosts: vm1 (the writer) and vm2 on host A, vm3 and the
-    spare on host B. Host A is lost (its sshd stops, connections and all). The fence is the
-    blocklist and still works; host B still answers; a role switch, which observes every
-    host of the fleet, fails at once (the host refuses) naming host A (the coordinator
-    retries it; docs/operations.md, "Multi-host layout")."""
+    spare on host B; vm1, vm2 and vm3 hold Ceph clients as their QEMUs would. Host A is lost
+    (its sshd stops, connections and all). The fence is the blocklist and still works; host
+    B still answers. A role switch that cannot fence what it cannot see fails at once naming
+    host A (vm2 there may hold anything); the coordinator's, with the fencer, blocklists vm2
+    too and gives vm3 the read-write disk through host B (docs/operations.md, "Multi-host
+    layout")."""
     fleet = remote_fleet
     lost, alive = fleet.host, sshd_factory()
     on_a = {"vm1", "vm2"}
-    lost.stop()
-    fleet.fencer.fence("vm1")
-    assert fleet.fencer.is_fenced("vm1")
-    with LibvirtHypervisor() as hv:
-        assert hv.domains(alive.uri("ssh"))
-        spread = fleet.provisioner(
-            lambda vm: (lost if vm in on_a else alive).uri("ssh"), hv)
-        started = time.monotonic()
-        with pytest.raises(HypervisorUnreachable) as err:
-            FencedWriterRoles(spread).make_writer("vm3")
-        assert time.monotonic() - started < 2 * ERROR_BOUND_S
-    assert err.value.uri == display_uri(lost.uri("ssh")), err.value
+    earlier = set(fleet.fencer.blocklist())
+    with qemu_clients(fleet, ("vm1", "vm2", "vm3")):
+        try:
+            lost.stop()
+            fleet.fencer.fence("vm1")
+            assert fleet.fencer.is_fenced("vm1") and not fleet.fencer.is_fenced("vm2")
+            with LibvirtHypervisor() as hv:
+                assert hv.domains(alive.uri("ssh"))
+                spread = fleet.provisioner(
+                    lambda vm: (lost if vm in on_a else alive).uri("ssh"), hv)
+                started = time.monotonic()
+                with pytest.raises(HypervisorUnreachable) as err:
+                    FencedWriterRoles(spread).make_writer("vm3")
+                assert time.monotonic() - started < 2 * ERROR_BOUND_S
+                assert err.value.uri == display_uri(lost.uri("ssh")), err.value
+                assert "vm2" in str(err.value)
+                roles = FencedWriterRoles(spread, fleet.fencer)
+                roles.make_writer("vm3")
+                assert roles.cut_off == {"vm2"} and fleet.fencer.is_fenced("vm2")
+                observed = spread.observe(tolerate_unreachable=True)
+                assert observed.unreachable == {lost.uri("ssh")}
+                vm3 = spread.desired.vm("vm3")
+                assert observed.disks[vm3.key].mode is DiskMode.RW
+        finally:
+            fleet.fencer.unfence(sorted(set(fleet.fencer.blocklist()) - earlier))

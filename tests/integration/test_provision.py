@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,9 @@ FIGURES: dict[str, float] = {}
 def render(ceph_cluster: CephCluster, vms: VmSet, fleet: str, image: str, *, writer: str = "vm1",
            names: tuple[str, ...] = ("vm1", "vm2", "vm3"), size: str = "64MiB",
            pool: str = "rbd", keyring: Path | None = None, extra_vm: str = "",
-           uri: str | None = None) -> str:
-    """An rbdfleet.toml (docs/config.md) for the sandbox VMs ``names``."""
+           uri: str | Mapping[str, str] | None = None) -> str:
+    """An rbdfleet.toml (docs/config.md) for the sandbox VMs ``names``; ``uri``: every VM's
+    libvirt URI, or each one's by name (default: the VM's own)."""
     lines = [
         "[ceph]", f'conf = "{ceph_cluster.conf}"', f'keyring = "{keyring or ceph_cluster.keyring}"',
         f'pool = "{pool}"', f'mon_host = "{ceph_cluster.mon_v2}"',
@@ -64,8 +65,9 @@ def render(ceph_cluster: CephCluster, vms: VmSet, fleet: str, image: str, *, wri
     ]
     for name in names:
         vm = vms.vm(name)
+        vm_uri = uri.get(name, vm.uri) if isinstance(uri, Mapping) else uri or vm.uri
         lines += ["[[vm]]", f'name = "{vm.name}"', f'domain = "{vm.domain}"',
-                  f'uri = "{uri or vm.uri}"', f'address = "{vm.address}"']
+                  f'uri = "{vm_uri}"', f'address = "{vm.address}"']
     return "\n".join(lines) + "\n" + extra_vm
 
 

@@ -14,18 +14,20 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.coordinator.write_path import FencedWriterRoles
+from orchestrator.errors import DetachPending, HypervisorUnreachable
 from orchestrator.ports import DiskMode, DomainEvent, DomainState
 from orchestrator.provision import Provisioner
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.vms import VmSet
 from tests.fixtures.sshd import LoopbackSshd, loopback_sshd_in
-from tests.integration.test_provision import MIB, Fleet, open_fleet
+from tests.integration.test_provision import MIB, Fleet, open_fleet, render
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -102,6 +104,68 @@ def test_failover_over_ssh_fence_switch_release(fleet: Fleet) -> None:
             assert rc != 0, out
         finally:
             fencer.unfence(addresses)
+
+
+def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
+        fleet: Fleet, remote: LoopbackSshd, tmp_path: Path) -> None:
+    """Two hypervisor hosts: vm1 (the writer) and vm3 behind one sshd, vm2 behind another.
+    The first host is lost (its sshd and every session gone: libvirt there answers nothing).
+    The failover fences vm1; the role switch fences vm3 too (what it holds cannot be seen)
+    and gives vm2 the read-write disk without waiting for the lost host: vm1 and vm3 get EIO,
+    vm2 writes. The release waits for the host; once it is back it re-attaches vm1 and vm3
+    read-only, and vm3 reads again through its fresh client."""
+    with loopback_sshd_in(tmp_path / "host-b") as host_b:
+        fleet.write("two-hosts", render(fleet.cluster, fleet.vms, fleet.name, fleet.image,
+                                        uri={"vm1": host_b.uri(), "vm2": remote.uri(),
+                                             "vm3": host_b.uri()}))
+        fencer = fleet.fencer()
+        back: LoopbackSshd | None = None
+        fenced: list[str] = []
+        with LibvirtHypervisor() as hv:
+            p = Provisioner(fleet.config("two-hosts"), ceph.RbdImageStore(fleet.handle),
+                            ceph.CephxCredentialStore(fleet.handle), hv, fence_proof=fencer)
+            serial = p.serial
+            try:
+                p.set_role("vm1", "writer")
+                assert modes(fleet, p) == {"vm1": DiskMode.RW, "vm2": DiskMode.RO,
+                                           "vm3": DiskMode.RO}
+                fenced += fencer.clients("vm3")  # what the switch will blocklist
+                host_b.stop()
+                lost = time.monotonic()
+                fenced += fencer.fence("vm1")  # the failover's FenceNode
+                roles = FencedWriterRoles(p, fencer)
+                roles.make_writer("vm2")
+                switched = time.monotonic() - lost
+                assert roles.cut_off == {"vm3"}
+                assert fencer.is_fenced("vm3")
+                rc, out = fleet.write_block("vm2", fleet.device("vm2", serial), 7, "token-b")
+                assert rc == 0, out
+                rc, out = fleet.write_block("vm1", fleet.device("vm1", serial), 8, "token-lost")
+                assert rc != 0 and "Input/output error" in out, out
+                assert fleet.read_sha("vm3", fleet.device("vm3", serial), 7)[0] != 0
+                with pytest.raises(HypervisorUnreachable):
+                    roles.make_reader("vm1")  # the release waits for the host
+                back = host_b.restart()
+                deadline = time.monotonic() + 90
+                while True:  # retried as the coordinator's backoff does
+                    try:
+                        roles.make_reader("vm1")
+                        break
+                    except (DetachPending, HypervisorUnreachable):
+                        assert time.monotonic() < deadline, "the release never completed"
+                        time.sleep(1)
+                assert not roles.cut_off and not p.pending_detach
+                assert modes(fleet, p) == {"vm1": DiskMode.RO, "vm2": DiskMode.RW,
+                                           "vm3": DiskMode.RO}
+                rc, sha = fleet.read_sha("vm3", fleet.device("vm3", serial), 7)
+                assert rc == 0 and sha == fleet.read_sha("vm2", fleet.device("vm2", serial),
+                                                         7)[1]
+                print(f"\n[lost host] failover's role switch done {switched:.2f} s after "
+                      f"the host was lost; blocklisted {sorted(set(fenced))}")
+            finally:
+                if back is not None:
+                    back.stop()
+                fencer.unfence(sorted(set(fenced)))
 
 
 def test_a_guest_paused_and_resumed_is_reported_over_ssh(fleet: Fleet,
