@@ -55,7 +55,9 @@ from orchestrator.errors import (
     HypervisorUnreachable,
 )
 from orchestrator.ports import (
+    AttachedDisk,
     Characteristics,
+    DiskMode,
     DiskSpec,
     DomainEvent,
     DomainInfo,
@@ -353,12 +355,28 @@ class LibvirtHypervisor:
             return str(dom.XMLDesc(flags))
 
     def domain(self, uri: str, name: str) -> DomainInfo:
-        """The domain and its RBD disks (live ones when running, else persistent ones)."""
+        """The domain and its RBD disks: the persistent ones, and when it runs the live ones
+        too (by serial; a read-write one wins over a read-only one).
+
+        A disk only in the persistent config of a running domain comes live at its next
+        start: left unseen, a deprovision would leave it there, naming a secret it removes,
+        and the domain would no longer start; a read-write one would be a writer nobody
+        planned for."""
         dom = self._domain(uri, name)
         with self._calling(uri, f"read state of domain {name}", domain=name):
             active = bool(dom.isActive())
-        disks = domain_xml.parse_disks(self._xml(uri, dom, inactive=not active))
-        return DomainInfo(uri=uri, name=name, active=active, disks=tuple(disks))
+            persistent = bool(dom.isPersistent())
+        def key(disk: AttachedDisk) -> str:  # a disk without a serial is none of ours
+            return disk.serial or f"{disk.pool}/{disk.image} on {disk.target}"
+
+        disks = {key(d): d for d in domain_xml.parse_disks(self._xml(uri, dom, inactive=True))
+                 } if persistent or not active else {}
+        if active:
+            for disk in domain_xml.parse_disks(self._xml(uri, dom, inactive=False)):
+                held = disks.get(key(disk))
+                if held is None or held.mode is not DiskMode.RW:
+                    disks[key(disk)] = disk
+        return DomainInfo(uri=uri, name=name, active=active, disks=tuple(disks.values()))
 
     def domains(self, uri: str) -> list[DomainInfo]:
         """Every domain on ``uri`` with its RBD disks."""

@@ -139,3 +139,32 @@ def test_lifecycle_events_of_the_fake() -> None:
 
 def test_the_fake_declares_what_the_adapter_does() -> None:
     check_same_characteristics(LibvirtHypervisor, MemoryHypervisor)
+
+
+def test_a_disk_only_in_a_running_domains_config_is_seen_and_detached(
+        stopped_domains: Callable[..., list[str]]) -> None:
+    """A disk in the persistent config of a running domain but not in the live one (it would
+    come live at the next start) is listed with the domain's disks, and a detach removes it:
+    a deprovision that missed it would leave the domain naming a secret it removed, unable
+    to start."""
+    import libvirt
+
+    from orchestrator.adapters import domain_xml
+
+    [running] = stopped_domains(1, start=True)
+    spec = DiskSpec("rbd", "contract-image", "rbdfleet-contract03", "rbdfleet-contract-u",
+                    str(uuid.uuid4()), (MonHost("127.0.0.1", 3300),), DiskMode.RW, "vdq")
+    conn = libvirt.open(SYSTEM_URI)
+    try:
+        dom = conn.lookupByName(running)
+        dom.attachDeviceFlags(domain_xml.disk_xml(spec), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        with LibvirtHypervisor() as hv:
+            held = [d for d in hv.domain(SYSTEM_URI, running).disks if d.serial == spec.serial]
+            assert [d.mode for d in held] == [DiskMode.RW], held
+            hv.detach_disk(SYSTEM_URI, running, spec.serial)
+            assert not [d for d in hv.domain(SYSTEM_URI, running).disks
+                        if d.serial == spec.serial]
+        inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert domain_xml.disk_element_xml(inactive, spec.serial) is None
+    finally:
+        conn.close()
