@@ -283,12 +283,14 @@ class Hypervisor(Protocol):
         paused, so cannot): the config no longer has it, the live domain still does."""
         ...
 
-    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
-                      ) -> Callable[[], None]:
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None], *,
+                      keep_trying: bool = False) -> Callable[[], None]:
         """Call ``on_event`` for every lifecycle change of any domain on ``uri`` from now on
         (paused, resumed, started, shut off, crashed), possibly from another thread, in the
         order the hypervisor reports them; returns the function that ends the watch. Events
-        that map to no :class:`DomainState` (defined, undefined...) are not delivered."""
+        that map to no :class:`DomainState` (defined, undefined...) are not delivered. A
+        hypervisor that does not answer is HypervisorUnreachable, or, with ``keep_trying``,
+        watched from when it first answers."""
         ...
 
 

@@ -487,14 +487,22 @@ class LibvirtHypervisor:
                     str(dom.name()))
             self._sleep(0.05)
 
-    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
-                      ) -> Callable[[], None]:
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None], *,
+                      keep_trying: bool = False) -> Callable[[], None]:
         """Deliver ``uri``'s domain lifecycle events to ``on_event`` from the event loop's
         thread, over a connection of this watch's own (opened again in the background when
         it breaks); returns the function that ends it. HypervisorUnreachable when the first
-        connection cannot be opened."""
+        connection cannot be opened, unless ``keep_trying``: then it is opened in the
+        background too, as after a loss."""
         watch = _Watch(self, uri, on_event)
-        watch.connect()
+        try:
+            watch.connect()
+        except HypervisorUnreachable as exc:
+            if not keep_trying:
+                raise
+            LOG.warning("event=domain_watch_failed uri=%s reason=%s: no lifecycle events "
+                        "from it until it answers", display_uri(uri), exc)
+            watch.reconnect_in_background()
         with self._watch_lock:
             self._watches[id(watch)] = watch
 
@@ -557,6 +565,11 @@ class _Watch:
             self._conn = None
         LOG.warning("event=domain_watch_lost uri=%s reason=%d: no lifecycle events from it "
                     "until it is reconnected", self._shown, reason)
+        self.reconnect_in_background()
+
+    def reconnect_in_background(self) -> None:
+        """Open the connection again on a thread of its own, with backoff, until it opens or
+        the watch ends."""
         threading.Thread(target=self._reconnect, name="libvirt-watch-reconnect",
                          daemon=True).start()
 

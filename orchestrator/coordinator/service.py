@@ -175,9 +175,9 @@ class FleetService:
         """Watch the fleet's domains (when given a hypervisor), start the loop thread."""
         if self.ports.hypervisor is not None:
             for uri in sorted({uri for uri, _ in self._nodes_by_domain}):
-                try:
-                    self._unwatch.append(
-                        self.ports.hypervisor.watch_domains(uri, self._domain_event))
+                try:  # a host that does not answer yet is watched from when it does
+                    self._unwatch.append(self.ports.hypervisor.watch_domains(
+                        uri, self._domain_event, keep_trying=True))
                 except RbdfleetError as exc:  # detection falls back to probes and silence
                     LOG.warning("event=domain_watch_failed fleet=%s uri=%s reason=%s",
                                 self.fleet, uri, exc)

@@ -528,10 +528,13 @@ class MemoryHypervisor:
             raise DetachPending(f"detach {serial} from {domain}: the domain is paused", domain)
         self.disks[key] = [d for d in self.disks[key] if d.serial != serial]
 
-    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None]
-                      ) -> Callable[[], None]:
+    def watch_domains(self, uri: str, on_event: Callable[[DomainEvent], None], *,
+                      keep_trying: bool = False) -> Callable[[], None]:
         """Deliver this fake's lifecycle changes on ``uri`` to ``on_event`` until the returned
-        function is called."""
+        function is called (an unreachable URI's from when it answers, with ``keep_trying``:
+        events are only told while it answers)."""
+        if not keep_trying:
+            self._reach(uri)
         with self._lock:
             watch = next(self._watch_ids)
             self._watchers[watch] = (uri, on_event)

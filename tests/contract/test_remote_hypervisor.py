@@ -223,6 +223,42 @@ def live_disk(request: pytest.FixtureRequest, loopback_sshd: LoopbackSshd,
         credentials.remove_user(user)
 
 
+def test_a_watch_of_a_host_down_at_the_start_begins_once_it_answers(
+        loopback_sshd: LoopbackSshd, stopped_domains: DomainMaker,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A coordinator starting while a hypervisor host is down watches it from when it
+    answers (``keep_trying``); without it the watch is HypervisorUnreachable at once."""
+    [running] = stopped_domains(1, start=True)
+    uri = loopback_sshd.uri("ssh")
+    paused = threading.Event()
+
+    def on_event(event: DomainEvent) -> None:
+        if event.domain == running and event.state is DomainState.PAUSED:
+            paused.set()
+
+    loopback_sshd.stop()
+    back: LoopbackSshd | None = None
+    with LibvirtHypervisor() as hv, \
+            caplog.at_level(logging.WARNING, "orchestrator.adapters.libvirt"):
+        with pytest.raises(HypervisorUnreachable):
+            hv.watch_domains(uri, on_event)
+        stop = hv.watch_domains(uri, on_event, keep_trying=True)
+        try:
+            assert "event=domain_watch_failed" in caplog.text
+            back = loopback_sshd.restart()
+            deadline = time.monotonic() + 30
+            while "event=domain_watch_restored" not in caplog.text:
+                assert time.monotonic() < deadline, f"never watched: {caplog.text}"
+                time.sleep(0.1)
+            virsh(running, "suspend")
+            assert paused.wait(20), "no event after the host answered"
+        finally:
+            stop()
+            virsh(running, "resume")
+            if back is not None:
+                back.stop()
+
+
 def test_a_connection_lost_in_the_middle_of_a_call_is_hypervisor_unreachable(
         loopback_sshd: LoopbackSshd, live_disk: LiveDisk) -> None:
     """The detach of a disk no guest releases waits (libvirt's unplug wait, then ours); the
