@@ -47,7 +47,9 @@ Invariants (the laws; tests check them over random event sequences):
   (``sync_floor``): the writer keeps repeating its last in-sync set until it learns of the
   removal, and that stale word had re-admitted a quickly restarted reader just before the
   writer retired its link and acknowledged writes without it (stale reads, seen with
-  readers confirmed dead on refused probes).
+  readers confirmed dead on refused probes). A coordinator taking over has not seen its
+  predecessor's floor: for every node out in the map it loads, the first word it sees is
+  the floor (``floor_at_first_word``).
 
 What a holder of this state may assume (kazoo's habit): ``map`` is the intended map; when
 ``map.phase == "failover"``, clients must not be sent to ``map.writer`` yet, and nodes in
@@ -310,6 +312,9 @@ class ElectionState:
     # node -> the writer's (epoch, revision) newest seen when this coordinator took the node
     # out of the in-sync set itself: no word up to that one may put it back
     sync_floor: tuple[tuple[str, tuple[int, int]], ...] = ()
+    # nodes out when this coordinator took over: the predecessor's floor is lost, so the first
+    # writer word this one sees becomes their floor (that word may predate their removal)
+    floor_at_first_word: frozenset[str] = frozenset()
     # node -> times it was confirmed dead within the flap window
     deaths: tuple[tuple[str, tuple[float, ...]], ...] = ()
     # node -> time before which it may not rejoin (it keeps failing)
@@ -336,6 +341,7 @@ def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> Electio
             path_granted=persisted.writer is None,
             to_fence=out,
             to_release=out,
+            floor_at_first_word=out,
             config=cfg,
         )
     return ElectionState(
@@ -343,6 +349,7 @@ def resume(persisted: FleetMap, config: ElectionConfig | None = None) -> Electio
         persisted_epoch=persisted.epoch,
         published_revision=persisted.revision,
         to_release=out,
+        floor_at_first_word=out,
         config=cfg,
     )
 
@@ -611,6 +618,11 @@ def _writer_sync(state: ElectionState, ev: WriterSyncObserved) -> ElectionState:
         return state
     if (ev.epoch, ev.sync_revision) < state.sync_seen:
         return state  # older than a lagging report already folded in
+    if state.floor_at_first_word:
+        word = (ev.epoch, ev.sync_revision)
+        state = replace(state, floor_at_first_word=frozenset(), sync_floor=(
+            *(f for f in state.sync_floor if f[0] not in state.floor_at_first_word),
+            *((n, word) for n in sorted(state.floor_at_first_word))))
     state = replace(state, sync_seen=(ev.epoch, ev.sync_revision))
     floor = dict(state.sync_floor)
     for member in m.members:

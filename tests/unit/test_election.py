@@ -503,6 +503,24 @@ def test_a_reader_taken_out_is_readmitted_only_on_a_newer_writer_word() -> None:
     assert st.map.member("r1").in_sync  # earned again: admitted
 
 
+def test_after_a_takeover_an_out_reader_is_readmitted_only_on_a_word_newer_than_the_first(
+        ) -> None:
+    """The predecessor took r1 out; its successor loads that map but not the floor. The
+    writer, not told yet, repeats its word naming r1: the first word the successor sees may
+    be that stale one, so it admits nobody who was out; a newer one does."""
+    st = el.step(state3(), el.NodeFailed("r1", 1.5))[0]
+    taken_over = el.resume(st.map)
+    assert taken_over.map.member("r1").role == "out"
+    st = el.step(taken_over, el.HeartbeatObserved("r1", "reader", 1, 10, 2.0))[0]
+    assert st.map.member("r1").role == "reader" and not st.map.member("r1").in_sync
+    st = el.step(st, el.WriterSyncObserved("w", 1, 4, frozenset({"r1", "r2"}), 2.1))[0]
+    assert not st.map.member("r1").in_sync and st.map.member("r2").in_sync
+    st = el.step(st, el.WriterSyncObserved("w", 1, 4, frozenset({"r1", "r2"}), 2.2))[0]
+    assert not st.map.member("r1").in_sync  # the same word again
+    st = el.step(st, el.WriterSyncObserved("w", 1, 5, frozenset({"r1", "r2"}), 3.0))[0]
+    assert st.map.member("r1").in_sync
+
+
 def test_only_the_current_writer_vouches_for_readers() -> None:
     st = el.step(state3(), el.ReaderLagging("r1", 1.0, epoch=1, sync_revision=1))[0]
     for word in (el.WriterSyncObserved("r2", 1, 9, frozenset({"r1"}), 1.1),  # not the writer
