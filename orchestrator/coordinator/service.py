@@ -163,7 +163,7 @@ class FleetService:
         self._side_inflight: set[str] = set()  # nodes with a background step running
         self._reader_sets = (
             None if ports.send_reader_set is None
-            else _LatestOnly(ports.send_reader_set, self.fleet)
+            else ReaderSetMailbox(ports.send_reader_set, self.fleet)
         )
         self.stats: dict[str, float] = {"failovers": 0, "terms": 0, "batches_failed": 0}
         # (monotonic time, what, node): deaths confirmed and actions done, for status/benchmarks
@@ -625,12 +625,16 @@ class FleetService:
                     return
 
 
-class _LatestOnly:
+class ReaderSetMailbox:
     """Sends reader sets to the writer from its own thread, the latest first and only: a
-    paused writer then holds up nothing but older reader sets nobody needs."""
+    paused writer then holds up nothing but older reader sets nobody needs. A send that
+    fails is tried again every ``retry_s`` until it gets through or a newer set replaces it
+    (nothing else would tell the writer: a reader it never hears of is never in sync)."""
 
-    def __init__(self, send: Callable[[str, ReaderSet, str], None], fleet: str) -> None:
+    def __init__(self, send: Callable[[str, ReaderSet, str], None], fleet: str,
+                 retry_s: float = 1.0) -> None:
         self._send = send
+        self._retry_s = retry_s
         self._cond = threading.Condition()
         self._latest: tuple[str, ReaderSet, str] | None = None
         self._closed = False
@@ -661,8 +665,12 @@ class _LatestOnly:
             try:
                 self._send(address, request, grant)
             except RbdfleetError as exc:
-                LOG.warning("event=reader_set_not_sent address=%s epoch=%d reason=%s",
-                            address, request.epoch, exc)
+                LOG.warning("event=reader_set_not_sent address=%s epoch=%d reason=%s "
+                            "retry_in=%.1f", address, request.epoch, exc, self._retry_s)
+                with self._cond:
+                    if self._latest is None and not self._closed:
+                        self._latest = latest
+                        self._cond.wait(self._retry_s)  # a newer set, or close, ends it early
 
 
 def _releases(state: el.ElectionState, now: float) -> dict[str, dict[str, Any]]:
@@ -681,4 +689,4 @@ def _describe(action: el.Action) -> str:
     return f"{type(action).__name__}({node})" if node else type(action).__name__
 
 
-__all__ = ["FleetService", "NotActive", "ServiceSettings", "Target"]
+__all__ = ["FleetService", "NotActive", "ReaderSetMailbox", "ServiceSettings", "Target"]
