@@ -440,7 +440,17 @@ class Agent:
 
         Only the writer's own failure counts: a write that was in flight when this agent was
         demoted meets the read-only disk after the step-down, and reporting that (in the new
-        epoch) would get a healthy reader confirmed dead (seen under repeated pauses)."""
+        epoch) would get a healthy reader confirmed dead (seen under repeated pauses).
+
+        A failed *read* is no such evidence: a read that began on a reader's read-only disk,
+        unplugged for its promotion, fails right after the node became the writer, and
+        taking it for a fence stepped the new writer down and failed the fleet over again
+        (seen on the sandbox VMs). The writer's own device is checked by its self-test."""
+        if exc.fields.get("op") == "read":
+            LOG.warning("event=device_read_failed node=%s role=%s errno=%s error=%r",
+                        self.settings.node, self.state.role, exc.fields.get("errno"),
+                        exc.message)
+            return
         with self._role_lock:
             if self.state.role != "writer":
                 LOG.info("event=device_error_after_step_down node=%s role=%s errno=%s",

@@ -35,7 +35,7 @@ from agents.core.grants import PUSH, Grant, sign
 from agents.core.protocol import PushFrame, RecordPush
 from agents.core.record import Record
 from agents.core.superblock import SLOTS, Superblock, choose
-from agents.device import ALIGN, BlockDevice
+from agents.device import ALIGN, BlockDevice, short_io
 from agents.errors import (
     AgentError,
     AlreadyExists,
@@ -477,3 +477,19 @@ def _outcome(agent: Agent, token: str, push: RecordPush) -> object:
         return agent.receive_push(token, push)
     except AgentError as exc:
         return exc
+
+
+def test_a_read_failing_right_after_the_promotion_does_not_step_the_new_writer_down(
+        tmp_path: Path) -> None:
+    """A read that began on the reader's read-only disk (unplugged for the promotion) fails
+    once the node is the writer: no evidence of a fence, the writer stays; a failed write is."""
+    image = _image(tmp_path / "image")
+    _old_writer(image).close()
+    agent, _ = _agent(image)
+    agent.handle(roles.PromoteRequested(2))
+    assert agent.writer is not None
+    agent.fenced(short_io("read", 9474048))
+    assert agent.state.role == "writer" and agent.writer is not None
+    agent.fenced(DeviceError("write at 0 failed", op="write", errno=errno.EIO))
+    assert agent.state.role == "reader"
+    agent.stop()
