@@ -670,7 +670,15 @@ class Agent:
     # -- self-test and background loops --------------------------------------------------
 
     def run_selftest(self) -> SelfTestReport:
-        """Check the device and the journal can be read, and that the role is settled."""
+        """Check the device and the journal can be read, and that the role is settled.
+
+        The report names the role and epoch the checks began under. When those changed
+        while they ran (a promotion or a demotion reopened the device), the result says
+        nothing of the new role: it is not kept (:attr:`selftest` stays) and
+        :meth:`_selftest_and_report` does not send it. A periodic self-test that began on a
+        reader's read-only disk, unplugged for its promotion, had otherwise been reported as
+        the new writer's failure and failed the fleet over again (seen on the sandbox VMs)."""
+        started = (self.state.role, self.state.epoch)
         checks = []
         role = self.writer or self.reader
         if role is None:
@@ -687,9 +695,14 @@ class Agent:
         checks.append(SelfTestCheck("role", self.state.role in ("reader", "writer"),
                                     self.state.role))
         report = SelfTestReport(node=self.settings.node, fleet=self.settings.fleet,
-                                role=self.state.role, epoch=self.state.epoch,
+                                role=started[0], epoch=started[1],
                                 ok=all(c.ok for c in checks), checks=tuple(checks),
                                 at=self._clock())
+        if self._moot(report):
+            LOG.info("event=selftest_moot node=%s began_as=%s/%d now=%s/%d ok=%s",
+                     self.settings.node, started[0], started[1], self.state.role,
+                     self.state.epoch, report.ok)
+            return report
         self.selftest = "ok" if report.ok else "failed"
         if not report.ok:
             LOG.error("event=selftest_failed node=%s checks=%s", self.settings.node,
@@ -753,8 +766,14 @@ class Agent:
         if isinstance(grants, dict):
             self.take_push_grants({str(k): v for k, v in grants.items() if isinstance(v, str)})
 
+    def _moot(self, report: SelfTestReport) -> bool:
+        """Whether the role or epoch changed since ``report``'s checks began."""
+        return (report.role, report.epoch) != (self.state.role, self.state.epoch)
+
     def _selftest_and_report(self) -> None:
-        self._to_coordinator("/v1/selftest", self.run_selftest())
+        report = self.run_selftest()
+        if not self._moot(report):
+            self._to_coordinator("/v1/selftest", report)
 
     def start(self, *, become_writer_at: int | None = None,
               on_late_failure: Callable[[RbdfleetError], None] | None = None) -> None:
