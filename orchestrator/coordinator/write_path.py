@@ -117,9 +117,11 @@ class FencedWriterRoles:
         """A fresh read-only attach for each fenced reader whose hypervisor answers again;
         DetachPending while one does not."""
         p = self.provisioner
+        if not self.cut_off:
+            return
+        observed = p.observe(tolerate_unreachable=True)  # once: each VM's domain is its own
         for name in sorted(self.cut_off):
             vm = p.desired.vm(name)
-            observed = p.observe(tolerate_unreachable=True)
             if vm.uri in observed.unreachable:
                 raise DetachPending(f"{name} was fenced when its hypervisor stopped answering: "
                                     "its disk is re-attached once it answers", vm.domain)
