@@ -33,10 +33,10 @@ from typing import Any
 from agents.core import checkpoint as ckpt
 from agents.core import journal
 from agents.core.allocator import Allocator, Extent, coalesce
-from agents.core.index import file_crc, locate, normalize_path, put_payload
+from agents.core.index import Node, file_crc, locate, normalize_path, put_payload
 from agents.core.record import HEADER, Record
 from agents.core.superblock import SLOTS, Superblock, choose
-from agents.device import ALIGN, BlockDevice, byte_view
+from agents.device import ALIGN, BlockDevice, aligned_buffer, byte_view
 from agents.errors import (
     AgentError,
     BadRequest,
@@ -63,6 +63,12 @@ PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one ru
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints
 # (and readers switch roots when they apply its record), so memory stays bounded
 OVERLAY_MAX = 4096
+# bytes of inline files in the overlay (memory on every agent until they move home): past
+# this the writer checkpoints
+OVERLAY_DATA_MAX = 8 << 20
+# a file up to this size stays in its tree leaf after a checkpoint (a 32 KiB page's cell
+# holds it, and a leaf shares its page); a bigger inline one moves to data extents there
+LEAF_DATA_MAX = 3072
 # pages a checkpoint writes per changed path at worst: its leaf, split once (a branch page
 # holds hundreds of children, so the branches above are a few pages for the whole overlay)
 PAGES_PER_PATH = 2
@@ -753,6 +759,7 @@ class Committer(Follower):
             room_for_pages = self._allocator.free_bytes() + self._pages.reserve_bytes()
             if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
                     or self._index.overlay_size >= OVERLAY_MAX
+                    or self._index.overlay_data >= OVERLAY_DATA_MAX
                     or pages > room_for_pages):
                 batch = [self._checkpoint_locked(), *batch]
                 room = journal.align_up(sum(t.nbytes for t in batch))
@@ -815,6 +822,7 @@ class Committer(Follower):
         base = index.root.generation if index.root is not None else 0
         slot = 1 - self._checkpoint_slot
         try:
+            homes = self._move_home()
             try:
                 commit = index.commit(max(seq + 1, base + 1))
                 self._pages.write_out()
@@ -845,9 +853,52 @@ class Committer(Follower):
         self._effects.clear()
         self._checkpoint_slot = slot
         self._used = 0
-        payload = {"root": None if commit.root is None else list(commit.root), "seq": seq}
+        payload: dict[str, Any] = {
+            "root": None if commit.root is None else list(commit.root), "seq": seq}
+        if homes:  # followers learn the space is in use, as from a put naming it
+            payload["extents"] = [[x.offset, x.length] for x in homes]
         assert self._writer_epoch is not None
         return self._ticket("checkpoint", payload, self._writer_epoch)
+
+
+    def _move_home(self) -> builtins.list[Extent]:
+        """Checkpoint leader, under the lock: the overlay's files that travelled inside their
+        put records and are too big to share a leaf go to data extents, packed back to back
+        in one sequential run (written here, flushed with the tree's pages before the
+        checkpoint names them). A put of a small file is thus one journal write when it is
+        acknowledged, and its bytes cost one 4 KiB block once home. With too little room left
+        for them and the tree's pages, they stay inline (in overflow pages): nothing fails."""
+        moving = self._index.inline_files(LEAF_DATA_MAX)
+        if not moving:
+            return []
+        padded = [journal.align_up(len(node.inline or b"")) for _, node in moving]
+        need = sum(padded)
+        pages = (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
+        if self._allocator.free_bytes() < need + pages:
+            LOG.info("event=move_home_skipped files=%d bytes=%d", len(moving), need)
+            return []
+        got = self._allocator.allocate(need)
+        run = aligned_buffer(need)  # O_DIRECT writes it as it is
+        homes: builtins.list[tuple[str, Node]] = []
+        at = 0
+        chunk = self._sb.chunk_size
+        for (path, node), length in zip(moving, padded, strict=True):
+            data = node.inline or b""
+            run[at : at + len(data)] = data
+            extents = tuple(Extent(o, n) for o, n in locate(got, at, length))
+            sums = tuple(zlib.crc32(data[i : i + chunk]) for i in range(0, len(data), chunk))
+            homes.append((path, Node(node.entry, extents=extents, sums=sums, chunk=chunk)))
+            at += length
+        # not closed here: a failed write's traceback may still hold a view of it, and the
+        # mmap goes with the last one
+        view = memoryview(run)
+        done = 0
+        for extent in got:
+            self._io.writev(extent.offset, [view[done : done + extent.length]])
+            done += extent.length
+        for path, home in homes:
+            self._index.move_home(path, home)
+        return got
 
 
 def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

@@ -428,8 +428,9 @@ class Follower:
         """Apply ``record`` stored at ring offset ``start``; account the ring bytes. ``own``:
         the writer's record, whose extents its allocator handed out."""
         freed = self._index.apply(record)
+        # a put's data, or the files a checkpoint moved home (agents/committer.py)
         claimed = [Extent(o, n) for o, n in record.payload.get("extents") or ()] \
-            if record.op == "put" else []
+            if record.op in ("put", "checkpoint") else []
         if not own:
             self._allocator.forget_quarantined(claimed)
         self._allocator.quarantine(record.seq, freed)

@@ -112,14 +112,18 @@ def _int_list(value: Any, key: str) -> list[int]:
     return value
 
 
-def _file_layout(d: dict[str, Any], entry: Entry) -> tuple[tuple[Extent, ...], tuple[int, ...],
-                                                            int]:
-    """The extents, chunk checksums and chunk size of a stored (not inline) file."""
+def _extent_list(d: dict[str, Any]) -> tuple[Extent, ...]:
     raw = d.get("extents")
     if not isinstance(raw, list) or not all(isinstance(x, list) and len(x) == 2 for x in raw):
         raise CorruptMetadata("field 'extents' is not a list of [offset, length]",
                               field="extents")
-    extents = tuple(Extent(*_int_list(x, "extents")) for x in raw)
+    return tuple(Extent(*_int_list(x, "extents")) for x in raw)
+
+
+def _file_layout(d: dict[str, Any], entry: Entry) -> tuple[tuple[Extent, ...], tuple[int, ...],
+                                                            int]:
+    """The extents, chunk checksums and chunk size of a stored (not inline) file."""
+    extents = _extent_list(d)
     sums = tuple(_int_list(d.get("sums"), "sums"))
     chunk = _int_field(d, "chunk")
     _check_layout(entry, extents=extents, sums=sums, chunk=chunk)
@@ -173,6 +177,8 @@ def check_payload(record: Record) -> None:
         root = p.get("root")
         if root is not None and len(_int_list(root, "root")) != 3:
             raise CorruptMetadata("field 'root' is not [page, generation, crc]", field="root")
+        if "extents" in p:  # where it moved inline files home
+            _extent_list(p)
         if _int_field(p, "seq") != record.seq - 1:
             raise CorruptMetadata("a checkpoint record must follow the seq it covers",
                                   field="seq", seq=record.seq)

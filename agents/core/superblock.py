@@ -44,6 +44,9 @@ CRC = struct.Struct("<I")
 SLOTS = (0, ALIGN)
 MAX_FLEET = 255
 MIN_JOURNAL = 16 * ALIGN
+# files up to this many bytes travel inside their put record (one journal write acknowledges
+# them) and move to data extents at the next checkpoint (agents/committer.py)
+INLINE_MAX = 16 << 10
 # the data area starts on an RBD object boundary (4 MiB, the default object size): a 4 MiB
 # data write then touches one RADOS object, not two
 DATA_ALIGN = 4 << 20
@@ -201,7 +204,7 @@ def layout(
     volume_id: str,
     journal_bytes: int | None = None,
     chunk_size: int = 1 << 20,
-    inline_max: int = 3072,
+    inline_max: int | None = None,
 ) -> Superblock:
     """Plan the regions of a fresh image of ``device_size`` bytes.
 
@@ -214,6 +217,8 @@ def layout(
     if journal_bytes is None:
         journal_bytes = min(max(size // 64, mib), 256 * mib)
     journal_bytes = max(journal_bytes // ALIGN * ALIGN, MIN_JOURNAL)
+    if inline_max is None:
+        inline_max = min(INLINE_MAX, journal_bytes // 8)  # its record, path and all, fits
     checkpoint_bytes = min(max(size // 256, mib), 64 * mib) // ALIGN * ALIGN
     journal_offset = 2 * ALIGN
     ckpt_a = journal_offset + journal_bytes

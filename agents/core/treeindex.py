@@ -49,6 +49,7 @@ class TreeIndex(Namespace):
         self.root_seq = seq
         self._snapshot = tree.snapshot(root)
         self._overlay: dict[str, Node | None] = {}
+        self._overlay_data = 0  # bytes of the overlay's inline files
         self._kids: dict[str, list[str]] = {}  # overlay paths by parent directory, sorted
         self.applied_seq = seq
         self.epoch = epoch
@@ -57,6 +58,27 @@ class TreeIndex(Namespace):
     def overlay_size(self) -> int:
         """Paths changed since the root: what a checkpoint would write."""
         return len(self._overlay)
+
+    @property
+    def overlay_data(self) -> int:
+        """Bytes of the files in the overlay whose data travelled in their records (held in
+        memory until a checkpoint)."""
+        return self._overlay_data
+
+    def inline_files(self, larger_than: int) -> list[tuple[str, Node]]:
+        """The overlay's files whose bytes travelled in their records and are more than
+        ``larger_than`` bytes, in key order: what a checkpoint moves to data extents."""
+        found = [(p, n) for p, n in self._overlay.items()
+                 if n is not None and n.inline is not None and len(n.inline) > larger_than]
+        return sorted(found, key=lambda pn: path_key(pn[0]))
+
+    def move_home(self, path: str, node: Node) -> None:
+        """Replace the overlay's inline file at ``path`` by ``node``, the same version with
+        its bytes in data extents (the caller wrote them there)."""
+        old = self._overlay.get(path)
+        if old is None or old.inline is None or old.entry != node.entry or node.inline:
+            raise ValueError(f"{path} is not an inline file of the overlay at this version")
+        self._set(path, node)
 
     # ---- storage primitives --------------------------------------------------------------
 
@@ -130,6 +152,10 @@ class TreeIndex(Namespace):
     def _set(self, path: str, node: Node | None) -> None:
         if path not in self._overlay:
             bisect.insort(self._kids.setdefault(parent_of(path), []), path)
+        elif (old := self._overlay[path]) is not None and old.inline is not None:
+            self._overlay_data -= len(old.inline)
+        if node is not None and node.inline is not None:
+            self._overlay_data += len(node.inline)
         self._overlay[path] = node
 
     def _no_record(self, record: Record) -> list[Extent]:
@@ -164,4 +190,5 @@ class TreeIndex(Namespace):
         self.root_seq = seq
         self._snapshot = self._tree.snapshot(root)
         self._overlay.clear()
+        self._overlay_data = 0
         self._kids.clear()

@@ -216,7 +216,7 @@ def test_pinned_read_on_the_reader_survives_a_warm_promotion(tmp_path: Path) -> 
     old = _old_writer(image)
     reader = _reader(image)
     old.set_commit_listener(_pushes_to(reader))
-    body = bytes(range(256)) * 64  # 16 KiB: on extents, not inline
+    body = bytes(range(256)) * 256  # 64 KiB: on extents, not inline (see INLINE_MAX)
     old.put("/f", [body], len(body), epoch=1, mtime=0.0)
     stream = reader.read("/f")
     old.delete("/f", epoch=1)  # frees the extents the stream reads, quarantined at this seq
@@ -361,11 +361,12 @@ def test_promoted_reader_takes_the_writers_map_not_its_own(tmp_path: Path) -> No
     old = _old_writer(image)
     reader = _reader(image)
     old.set_commit_listener(_pushes_to(reader))
-    old.put("/f", [b"f" * 8192], 8192, epoch=1, mtime=0.0)
+    size = 32 << 10  # on extents (above INLINE_MAX), the size of a tree page
+    old.put("/f", [b"f" * size], size, epoch=1, mtime=0.0)
     old.delete("/f", epoch=1)
     old.release_through(reader.safe_seq())
     old.checkpoint()
-    old.put("/g", [b"g" * 8192], 8192, epoch=1, mtime=0.0)
+    old.put("/g", [b"g" * size], size, epoch=1, mtime=0.0)
     old.close()
     cold = Volume.open(FileDevice(str(image)))
     assert reader.adopt(FileDevice(str(image))) is None
