@@ -6,7 +6,8 @@ stable keys (docs/benchmarks.md, "make bench"), one figure each with its spread 
 (``min`` / ``median`` / ``max`` and the ``rounds`` themselves), plus each benchmark's full
 output under ``raw``. ``--quick`` (``make bench QUICK=1``) uses fewer and smaller rounds.
 
-    .venv/bin/python bench/run_all.py [--quick] [--only agents,devices,storage,failover,promote,vm]
+    .venv/bin/python bench/run_all.py [--quick]
+        [--only agents,devices,storage,storage4k,failover,promote,vm]
         [--out bench/results/latest.json]
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("agents", "devices", "storage", "failover", "promote", "vm")
+BENCHES = ("agents", "devices", "storage", "storage4k", "failover", "promote", "vm")
 
 
 
@@ -42,6 +43,9 @@ def argv_of(name: str, quick: bool, out: Path) -> list[str]:
     if name == "storage":
         return [py, "bench/storage_bench.py", "--files", "50" if quick else "200",
                 "--file-kib", "1024", "--json", str(out)]
+    if name == "storage4k":  # small files, measured once they moved home
+        return [py, "bench/storage_bench.py", "--files", "2000" if quick else "10000",
+                "--file-kib", "4", "--json", str(out)]
     if name == "promote":
         return [py, "bench/promote_bench.py", "--files",
                 "10000,100000" if quick else "10000,100000,1000000", "--rounds", "7",
@@ -64,8 +68,8 @@ def from_agents(raw: dict[str, Any]) -> dict[str, Any]:
     return {
         "large_write_ratio": spread(raw["write_ratio"]["rounds"]),
         "large_read_ratio": spread(raw["read_ratio"]["rounds"]),
-        "small_put_ratio": spread([small["puts_per_s"] / raw["rbd_bench_4k_randwrite_iops"]]),
-        "small_put_p99_ms": spread([small["p99_ms"]]),
+        "small_put_ratio": spread(small["ratio"]),
+        "small_put_p99_ms": spread([run["p99_ms"] for run in small["rounds"]]),
     }
 
 
@@ -78,6 +82,10 @@ def from_devices(raw: dict[str, Any]) -> dict[str, Any]:
 def from_storage(raw: dict[str, Any]) -> dict[str, Any]:
     return {"storage_1m_ratio": spread([raw["raw_ratio"]]),
             "storage_after_delete_ratio": spread([raw["storage_after_delete_ratio"]])}
+
+
+def from_storage_4k(raw: dict[str, Any]) -> dict[str, Any]:
+    return {"storage_4k_ratio": spread([raw["stored_ratio"]])}
 
 
 def from_failover(raw: dict[str, Any]) -> dict[str, Any]:
@@ -111,6 +119,7 @@ def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
 
 EXTRACT: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "agents": from_agents, "devices": from_devices, "storage": from_storage,
+    "storage4k": from_storage_4k,
     "failover": from_failover, "promote": from_promote, "vm": from_vm}
 
 
