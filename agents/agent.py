@@ -140,9 +140,6 @@ class AgentSettings:
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
     tail_interval: float = 0.5
-    # a writer whose journal saw no commit for this long checkpoints what changed (small
-    # files go home, readers' overlays empty): see Committer.checkpoint_if_idle
-    idle_checkpoint: float = 5.0
     heartbeat_interval: float = 1.0
     selftest_interval: float = 10.0
     report_timeout: float = 2.0
@@ -754,9 +751,6 @@ class Agent:
         if reader is not None and self.writer is None:
             reader.catch_up()
             self.note_epoch(reader.volume.epoch)
-        writer = self.writer
-        if writer is not None:
-            writer.volume.checkpoint_if_idle(self.settings.idle_checkpoint)
 
     def _heartbeat(self) -> None:
         volume = self.volume

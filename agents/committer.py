@@ -239,7 +239,6 @@ class Committer(Follower):
         self._outside: dict[int, builtins.list[Extent]] = {}
         # tree pages the writer's last checkpoint freed, quarantined at its next one
         self._retired: builtins.list[Extent] = []
-        self._last_commit = time.monotonic()  # when the last group commit became durable
         self._on_commit: Callable[[Commit], None] | None = None
         self._on_discard: Callable[[int], None] | None = None
 
@@ -632,19 +631,6 @@ class Committer(Follower):
         with self._leadership():
             self._write_batch([], checkpoint=True)
 
-    def checkpoint_if_idle(self, idle: float) -> bool:
-        """Checkpoint when the overlay holds changes and no group commit was written for
-        ``idle`` seconds: a quiet store gets its small files home and readers' overlays
-        emptied without waiting for the next burst. True when it checkpointed."""
-        with self._lock:
-            quiet = time.monotonic() - self._last_commit >= idle
-            changed = self._index.overlay_size > 0
-        if not (quiet and changed) or self._device.read_only or self._writer_epoch is None:
-            return False
-        self.checkpoint()
-        LOG.info("event=idle_checkpoint seq=%d", self._index.applied_seq)
-        return True
-
     def set_commit_listener(self, listener: Callable[[Commit], None] | None) -> None:
         """Call ``listener`` with each group commit (its records in seq order and their
         packed bytes) once it is durable, before its puts return; None removes it. Calls
@@ -821,7 +807,6 @@ class Committer(Follower):
         committed = [t.record for t in batch if t.record is not None]
         with self._lock:
             self._durable_seq = committed[-1].seq
-            self._last_commit = time.monotonic()
         listener = self._on_commit
         if listener is not None:
             listener(Commit(committed, start, memoryview(packed)[: at - start]))

@@ -3,8 +3,9 @@
 On a throwaway cluster (bluestore, with a mgr: ``ceph df`` needs one), a fresh thin RBD image
 is formatted and served by a writer + 2 reader agents (real processes, librbd backend).
 ``--files`` files of ``--file-kib`` KiB are put through the writer (each acknowledged by both
-readers); then the benchmark waits out the writer's idle checkpoint, which moves small files
-(up to 16 KiB, carried in their journal records) to their data blocks. The pool's ``stored``
+readers). Small files (up to 16 KiB) travel in their journal records and move to their data
+blocks at the writer's next checkpoint: the last of them may still be in the ring when the
+pool is read. The pool's ``stored``
 (logical bytes in RADOS: data, journal records, checkpoints, superblocks) and ``bytes_used``
 (raw, i.e. stored x pool size plus allocation rounding) come from ``ceph df detail --format
 json``, read before the puts and after them once the mgr's numbers settled (OSD stats arrive
@@ -46,7 +47,6 @@ from orchestrator.sandbox.state import StateFile  # noqa: E402
 from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
 
 MiB = 1 << 20
-HOME_WAIT = 7.0  # seconds: past the agents' idle_checkpoint (5 s)
 SETTLE_POLL = 2.0  # seconds between ``ceph df`` reads while the mgr's numbers settle
 STATS_PERIOD = 5.0  # seconds between OSD stats reports to the mgr (mgr_stats_period)
 SETTLE_TIMEOUT = 90.0
@@ -132,7 +132,6 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         started = time.perf_counter()
         write_files(fleet, args.files, args.file_kib * 1024)
         put_seconds = time.perf_counter() - started
-        time.sleep(HOME_WAIT)  # the quiet writer's checkpoint moves small files home
         after = settled_usage(cluster, before)
         write_files(fleet, args.files, 0, delete=True)
         deleted = settled_usage(cluster, after)

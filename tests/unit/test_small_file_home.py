@@ -155,17 +155,3 @@ def test_with_no_room_the_files_stay_inline_and_nothing_fails() -> None:
     vol.close()
     assert _read(Volume.open(medium.reopen(read_only=True)), "/small") == data
 
-
-def test_a_quiet_writer_checkpoints_what_changed_and_only_that() -> None:
-    medium = MemoryDevice(SIZE)
-    vol, _ = _writer(medium)
-    data = os.urandom(4096)
-    _put(vol, "/f", data)
-    assert not vol.checkpoint_if_idle(3600.0)  # a commit just now: not quiet yet
-    assert vol.checkpoint_if_idle(0.0)
-    node = vol._index.lookup("/f")
-    assert node is not None and node.extents and node.inline is None
-    assert not vol.checkpoint_if_idle(0.0)  # nothing changed since
-    reader = Volume.open(medium.reopen(read_only=True))
-    assert not reader.checkpoint_if_idle(0.0)  # only the writer checkpoints
-    assert _read(reader, "/f") == data
