@@ -755,7 +755,7 @@ class Committer(Follower):
             # the overlay's worst case must fit in what is free for pages, the reserve
             # included: near full, the writer checkpoints often (a delete's checkpoint
             # always fits) rather than once the ring or the overlay fills
-            pages = (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
+            pages = self._checkpoint_pages()
             room_for_pages = self._allocator.free_bytes() + self._pages.reserve_bytes()
             if (checkpoint or self._used + 2 * room > self._ring * CHECKPOINT_AT
                     or self._index.overlay_size >= OVERLAY_MAX
@@ -860,6 +860,9 @@ class Committer(Follower):
         assert self._writer_epoch is not None
         return self._ticket("checkpoint", payload, self._writer_epoch)
 
+    def _checkpoint_pages(self) -> int:
+        """Bytes of tree pages the next checkpoint writes at worst."""
+        return (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
 
     def _move_home(self) -> builtins.list[Extent]:
         """Checkpoint leader, under the lock: the overlay's files that travelled inside their
@@ -873,8 +876,7 @@ class Committer(Follower):
             return []
         padded = [journal.align_up(len(node.inline or b"")) for _, node in moving]
         need = sum(padded)
-        pages = (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
-        if self._allocator.free_bytes() < need + pages:
+        if self._allocator.free_bytes() < need + self._checkpoint_pages():
             LOG.info("event=move_home_skipped files=%d bytes=%d", len(moving), need)
             return []
         got = self._allocator.allocate(need)
