@@ -41,6 +41,7 @@ __all__ = [
     "DomainInfo",
     "DomainState",
     "FenceProof",
+    "FencedReaderRecord",
     "Fencer",
     "Hypervisor",
     "ImageInfo",
@@ -309,7 +310,20 @@ class Clock(Protocol):
 # -- coordinator ports (engineer G) -------------------------------------------------------
 
 
-class StateStore(Protocol):
+class FencedReaderRecord(Protocol):
+    """The readers the coordinator fenced because their hypervisor stopped answering, kept
+    across coordinator takeovers (they need a fresh read-only attach once it answers)."""
+
+    def fenced_readers(self) -> frozenset[str]:
+        """The recorded VM names (empty when none)."""
+        ...
+
+    def record_fenced_readers(self, names: frozenset[str]) -> None:
+        """Replace the record (guarded like every state write: LeaseLost when not held)."""
+        ...
+
+
+class StateStore(FencedReaderRecord, Protocol):
     """One fleet's coordinator state, kept behind a lease: one active coordinator per fleet.
 
     Every write is guarded: it succeeds only while the caller holds the lease AND the stored

@@ -239,7 +239,7 @@ class Services:
         lifecycle events as death evidence, agents controlled over ``agents``."""
         ccfg, cfg = self.coordinator, self.config
         control = self.agent_control(agents)
-        roles = FencedWriterRoles(self.provisioner, self.fencer)
+        roles = FencedWriterRoles(self.provisioner, self.state, self.fencer)
         ports = CoordinatorPorts(store=self.state, fencer=self.fencer, agents=control,
                                  clock=self.clock, wall=time.time, role_switch=roles,
                                  spares=roles, send_reader_set=control.send_reader_set,

@@ -1,7 +1,9 @@
 """RadosStateStore: the coordinator's StateStore in one RADOS object per fleet, behind a lease.
 
 Layout: object ``rbdfleet.coordinator.<fleet>`` in the fleet's pool; omap keys ``map`` (the
-encoded :class:`FleetMap`), ``revision``, ``epoch`` and ``url`` (the active coordinator). The
+encoded :class:`FleetMap`), ``revision``, ``epoch``, ``url`` (the active coordinator) and
+``fenced_readers`` (a JSON list: the readers fenced because their hypervisor stopped
+answering, still to be re-attached). The
 lease is the cls ``lock`` exclusive lock ``rbdfleet-coordinator`` on that same object, so the
 OSD can check it inside every write.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import struct
 import threading
 from typing import Any
@@ -43,7 +46,7 @@ LOCK_NAME = "rbdfleet-coordinator"
 LOCK_EXCLUSIVE = 1
 LOCK_FLAG_MAY_RENEW = 1
 LOCK_FLAG_MUST_RENEW = 2
-KEYS = ("map", "revision", "epoch", "url")
+KEYS = ("map", "revision", "epoch", "url", "fenced_readers")
 
 
 def object_name(fleet: str) -> str:
@@ -157,6 +160,23 @@ class RadosStateStore:
         """The URL the active coordinator advertised."""
         raw = self._read().get("url")
         return None if raw is None else raw.decode()
+
+    def fenced_readers(self) -> frozenset[str]:
+        """The readers recorded as fenced for a hypervisor that stopped answering."""
+        raw = self._read().get("fenced_readers")
+        if raw is None:
+            return frozenset()
+        try:
+            names = json.loads(raw)
+        except ValueError:
+            names = None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise StorageError(f"{self._oid}: fenced_readers is not a list of names: {raw!r}")
+        return frozenset(names)
+
+    def record_fenced_readers(self, names: frozenset[str]) -> None:
+        """Guarded write of the fenced readers (the lease is asserted, as for the map)."""
+        self._guarded_write(("fenced_readers",), (json.dumps(sorted(names)).encode(),), None)
 
     def _read(self) -> dict[str, bytes]:
         rados = self._rados

@@ -24,7 +24,9 @@ then and there when it is not (losing a host fences every VM on it, as a cluster
 fences a host it lost). Those VMs' disks are released when their hypervisor answers again:
 the old writer's by its release as always, a fenced reader's by a fresh read-only attach (a
 blocklisted client never reads again). Until then the release is not done (DetachPending),
-so the election retries it with its backoff.
+so the election retries it with its backoff. Which readers were fenced that way is kept in
+the coordinator's state store (:class:`~orchestrator.ports.FencedReaderRecord`), written
+before the fence, so a coordinator that takes over still re-attaches them.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from orchestrator.config import display_uri
 from orchestrator.core import placement
 from orchestrator.core.placement import Detach, Observed, Plan
 from orchestrator.errors import DetachPending, HypervisorUnreachable
-from orchestrator.ports import DiskMode, Fencer
+from orchestrator.ports import DiskMode, FencedReaderRecord, Fencer
 from orchestrator.provision import Provisioner
 
 __all__ = ["FencedWriterRoles"]
@@ -47,13 +49,14 @@ LOG = logging.getLogger(__name__)
 class FencedWriterRoles:
     """RoleSwitch and SpareProvisioner over a :class:`Provisioner` (module docstring);
     ``fencer`` fences the VMs of a hypervisor that does not answer a role switch (without
-    one, such a VM must already be proven fenced)."""
+    one, such a VM must already be proven fenced); ``record`` keeps which readers it fenced
+    that way, to be re-attached once their hypervisor answers."""
 
-    def __init__(self, provisioner: Provisioner, fencer: Fencer | None = None) -> None:
+    def __init__(self, provisioner: Provisioner, record: FencedReaderRecord,
+                 fencer: Fencer | None = None) -> None:
         self.provisioner = provisioner
+        self.record = record
         self.fencer = fencer
-        # readers fenced because their hypervisor did not answer: re-attached once it does
-        self.cut_off: set[str] = set()
 
     def make_writer(self, node: str) -> None:
         """``node`` read-write; an other read-write holder proven fenced keeps its disk until
@@ -72,8 +75,12 @@ class FencedWriterRoles:
 
     def _fence_unseen(self, observed: Observed) -> None:
         p = self.provisioner
-        for vm in p.desired.vms:
-            if vm.uri not in observed.unreachable or vm.name in self.cut_off:
+        unseen = [vm for vm in p.desired.vms if vm.uri in observed.unreachable]
+        if not unseen:
+            return
+        recorded = self.record.fenced_readers()
+        for vm in unseen:
+            if vm.name in recorded:
                 continue
             if p.fence_proof is not None and p.fence_proof.is_fenced(vm.name):
                 continue  # the old writer, fenced by the failover; or no client at all
@@ -81,8 +88,11 @@ class FencedWriterRoles:
                 raise HypervisorUnreachable(
                     display_uri(vm.uri), f"{vm.name} may hold the disk read-write there and "
                     "is not proven fenced")
+            # recorded first: a successor that finds it recorded but not fenced only
+            # re-attaches a healthy reader; fenced but not recorded, it would stay unreadable
+            recorded = recorded | {vm.name}
+            self.record.record_fenced_readers(recorded)
             addresses = self.fencer.fence(vm.name)
-            self.cut_off.add(vm.name)
             LOG.warning("event=unseen_vm_fenced vm=%s uri=%s addresses=%s: its hypervisor "
                         "does not answer, what it holds is unknown", vm.name,
                         display_uri(vm.uri), ",".join(addresses))
@@ -115,12 +125,17 @@ class FencedWriterRoles:
 
     def _reattach_cut_off(self) -> None:
         """A fresh read-only attach for each fenced reader whose hypervisor answers again;
-        DetachPending while one does not."""
+        DetachPending while one does not. A name the config no longer has is forgotten."""
         p = self.provisioner
-        if not self.cut_off:
+        recorded = self.record.fenced_readers()
+        if not recorded:
             return
+        configured = {vm.name for vm in p.desired.vms}
+        if recorded - configured:
+            recorded = recorded & configured
+            self.record.record_fenced_readers(recorded)
         observed = p.observe(tolerate_unreachable=True)  # once: each VM's domain is its own
-        for name in sorted(self.cut_off):
+        for name in sorted(recorded):
             vm = p.desired.vm(name)
             if vm.uri in observed.unreachable:
                 raise DetachPending(f"{name} was fenced when its hypervisor stopped answering: "
@@ -129,7 +144,8 @@ class FencedWriterRoles:
             if disk is not None:  # its client is blocklisted: only a new attach reads again
                 p.apply(Plan((Detach(vm.uri, vm.domain, vm.name, disk.mode),)), observed)
             p.set_role(name, "reader")
-            self.cut_off.discard(name)
+            recorded = recorded - {name}
+            self.record.record_fenced_readers(recorded)
             LOG.info("event=cut_off_vm_reattached vm=%s", name)
 
     def attach_spare(self, node: str) -> None:

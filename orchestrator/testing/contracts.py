@@ -372,9 +372,25 @@ def check_state_store_release(subject: StateStoreSubject) -> None:
     assert not a.acquire()
 
 
+def check_state_store_fenced_readers(subject: StateStoreSubject) -> None:
+    """The fenced-reader record starts empty, is written only by the holder, and is what a
+    successor reads after the lease passes to it (a takeover keeps it)."""
+    a, b = subject.make("a"), subject.make("b")
+    assert a.fenced_readers() == frozenset()
+    _raises(LeaseLost, lambda: a.record_fenced_readers(frozenset({"x"})), "record unheld")
+    assert a.acquire()
+    a.record_fenced_readers(frozenset({"vm3", "vm2"}))
+    _raises(LeaseLost, lambda: b.record_fenced_readers(frozenset()), "record by a non-holder")
+    a.release()
+    assert b.acquire()
+    assert b.fenced_readers() == frozenset({"vm2", "vm3"})
+    b.record_fenced_readers(frozenset())
+    assert a.fenced_readers() == frozenset()
+
+
 STATE_STORE_CHECKS = (check_state_store_empty, check_state_store_guarded_writes,
                       check_state_store_lease_duration, check_state_store_step_down,
-                      check_state_store_release)
+                      check_state_store_release, check_state_store_fenced_readers)
 
 
 # -- ClientStore -------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ pass the same checks (:mod:`orchestrator.testing.contracts`, run in ``tests/cont
 * :class:`FakeClock` (Clock): time that moves only when told.
 * :class:`MemoryStateStore` (StateStore): instances sharing one :class:`MemoryLeaseBoard`
   behave like coordinators sharing one RADOS pool, with exact lease durations on its clock.
+* :class:`MemoryFencedReaderRecord` (FencedReaderRecord): the record alone, no lease, for a
+  role switch tested without a coordinator.
 * :class:`MemoryCeph`: one in-memory cluster behind :class:`MemoryImageStore` (ImageStore),
   :class:`MemoryCredentialStore` (CredentialStore) and :class:`MemoryFencer` (Fencer and
   FenceProof); :meth:`MemoryCeph.client` is a VM's client of an image, which fencing cuts.
@@ -106,6 +108,7 @@ class _Record:
     url: str | None = None
     holder: str | None = None
     expires: float = 0.0
+    fenced_readers: frozenset[str] = frozenset()
 
 
 class MemoryLeaseBoard:
@@ -196,8 +199,37 @@ class MemoryStateStore:
         with self.board.lock:
             return self.board.record(self.fleet).url
 
+    def fenced_readers(self) -> frozenset[str]:
+        """The recorded fenced readers."""
+        with self.board.lock:
+            return self.board.record(self.fleet).fenced_readers
+
+    def record_fenced_readers(self, names: frozenset[str]) -> None:
+        """Guarded write of the fenced readers."""
+        with self.board.lock:
+            rec = self.board.record(self.fleet)
+            if not self._holds(rec):
+                raise LeaseLost(f"fleet {self.fleet}: {self.holder} does not hold the lease")
+            rec.fenced_readers = frozenset(names)
+
 
 # -- Ceph: images, users, sessions, the blocklist ---------------------------------------------
+
+
+class MemoryFencedReaderRecord:
+    """FencedReaderRecord in memory, without a lease (a MemoryStateStore keeps one behind
+    its lease)."""
+
+    def __init__(self) -> None:
+        self.names: frozenset[str] = frozenset()
+
+    def fenced_readers(self) -> frozenset[str]:
+        """The recorded names."""
+        return self.names
+
+    def record_fenced_readers(self, names: frozenset[str]) -> None:
+        """Replace the record."""
+        self.names = frozenset(names)
 
 
 @dataclass

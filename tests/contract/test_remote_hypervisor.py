@@ -50,6 +50,7 @@ from orchestrator.testing.contracts import (
     check_role_switch,
     check_spare_provisioner,
 )
+from orchestrator.testing.fakes import MemoryFencedReaderRecord
 from tests.contract.test_credential_store import connected_as
 from tests.fixtures.sshd import LoopbackSshd, SshdFactory
 
@@ -389,7 +390,7 @@ def test_failover_steps_over_ssh(remote_fleet: RemoteFleet) -> None:
     the candidate's Ceph clients are librbd handles of the image as their VMs' users, as their
     QEMUs would hold it (a VM without any client would count as fenced)."""
     fleet = remote_fleet
-    roles = FencedWriterRoles(fleet.provisioner())
+    roles = FencedWriterRoles(fleet.provisioner(), MemoryFencedReaderRecord())
     earlier = set(fleet.fencer.blocklist())
     with qemu_clients(fleet, ("vm1", "vm3")):
         try:
@@ -419,6 +420,7 @@ def test_a_lost_host_is_fenced_through_ceph_and_the_switch_passes_it_over(
     fleet = remote_fleet
     lost, alive = fleet.host, sshd_factory()
     on_a = {"vm1", "vm2"}
+    record = MemoryFencedReaderRecord()
     earlier = set(fleet.fencer.blocklist())
     with qemu_clients(fleet, ("vm1", "vm2", "vm3")):
         try:
@@ -431,13 +433,13 @@ def test_a_lost_host_is_fenced_through_ceph_and_the_switch_passes_it_over(
                     lambda vm: (lost if vm in on_a else alive).uri("ssh"), hv)
                 started = time.monotonic()
                 with pytest.raises(HypervisorUnreachable) as err:
-                    FencedWriterRoles(spread).make_writer("vm3")
+                    FencedWriterRoles(spread, record).make_writer("vm3")
                 assert time.monotonic() - started < 2 * ERROR_BOUND_S
                 assert err.value.uri == display_uri(lost.uri("ssh")), err.value
                 assert "vm2" in str(err.value)
-                roles = FencedWriterRoles(spread, fleet.fencer)
+                roles = FencedWriterRoles(spread, record, fleet.fencer)
                 roles.make_writer("vm3")
-                assert roles.cut_off == {"vm2"} and fleet.fencer.is_fenced("vm2")
+                assert record.names == {"vm2"} and fleet.fencer.is_fenced("vm2")
                 observed = spread.observe(tolerate_unreachable=True)
                 assert observed.unreachable == {lost.uri("ssh")}
                 vm3 = spread.desired.vm("vm3")

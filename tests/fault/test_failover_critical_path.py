@@ -117,7 +117,7 @@ def vm_fleet(fleet_factory: FleetFactory, tmp_path: Path) -> Iterator[VmFleet]:
             service = start_service(
                 coordinator, store, FenceBoth(PidFencer(agents), proof), bootstrap_map(agents),
                 election=ElectionConfig(release_backoff=0.2, release_backoff_max=0.8),
-                role_switch=FencedWriterRoles(provisioner), hypervisor=hv,
+                role_switch=FencedWriterRoles(provisioner, store), hypervisor=hv,
                 domains={n: (URI, f"d-{n}") for n in NODES})
             wait_in_sync(service, 20)
             hv.calls.clear()

@@ -11,6 +11,7 @@ fenced writer's guest that gets EIO.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import Iterator
@@ -20,12 +21,15 @@ import pytest
 
 from orchestrator.adapters import ceph
 from orchestrator.adapters.libvirt import LibvirtHypervisor
+from orchestrator.adapters.rados_state import RadosStateStore
 from orchestrator.coordinator.write_path import FencedWriterRoles
 from orchestrator.errors import DetachPending, HypervisorUnreachable
 from orchestrator.ports import DiskMode, DomainEvent, DomainState
 from orchestrator.provision import Provisioner
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.vms import VmSet
+from orchestrator.services import state_store
+from orchestrator.testing.fakes import MemoryFencedReaderRecord
 from tests.fixtures.sshd import LoopbackSshd, loopback_sshd_in
 from tests.integration.test_provision import MIB, Fleet, open_fleet, render
 
@@ -85,7 +89,7 @@ def test_failover_over_ssh_fence_switch_release(fleet: Fleet) -> None:
             assert fencer.fence("vm1") == addresses
             rc, out = fleet.write_block("vm1", fleet.device("vm1", serial), 5, "token-fenced")
             assert rc != 0 and "Input/output error" in out, out
-            roles = FencedWriterRoles(p)
+            roles = FencedWriterRoles(p, MemoryFencedReaderRecord())
             roles.make_writer("vm2")
             assert modes(fleet, p) == {"vm1": DiskMode.RW, "vm2": DiskMode.RW,
                                        "vm3": DiskMode.RO}  # vm1's is fenced, kept for now
@@ -106,14 +110,29 @@ def test_failover_over_ssh_fence_switch_release(fleet: Fleet) -> None:
             fencer.unfence(addresses)
 
 
+@contextlib.contextmanager
+def coordinator_state(fleet: Fleet, holder: str) -> Iterator[RadosStateStore]:
+    """The fleet's coordinator state in RADOS, its lease held as ``holder`` (a coordinator
+    without its loop: what the role switch writes and a successor reads)."""
+    store = state_store(fleet.handle, fleet.config().ceph.pool, fleet.name, 30.0, holder)
+    try:
+        assert store.acquire(), f"{holder}: the coordinator lease is held by someone else"
+        yield store
+    finally:
+        store.release()
+        store.close()
+
+
 def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
         fleet: Fleet, remote: LoopbackSshd, tmp_path: Path) -> None:
     """Two hypervisor hosts: vm1 (the writer) and vm3 behind one sshd, vm2 behind another.
     The first host is lost (its sshd and every session gone: libvirt there answers nothing).
     The failover fences vm1; the role switch fences vm3 too (what it holds cannot be seen)
     and gives vm2 the read-write disk without waiting for the lost host: vm1 and vm3 get EIO,
-    vm2 writes. The release waits for the host; once it is back it re-attaches vm1 and vm3
-    read-only, and vm3 reads again through its fresh client."""
+    vm2 writes. The release waits for the host; the coordinator that switched hands over to
+    a successor meanwhile (the record of vm3's fence is in RADOS, not in its memory); once
+    the host is back the successor re-attaches vm1 and vm3 read-only, and vm3 reads again
+    through its fresh client."""
     with loopback_sshd_in(tmp_path / "host-b") as host_b:
         fleet.write("two-hosts", render(fleet.cluster, fleet.vms, fleet.name, fleet.image,
                                         uri={"vm1": host_b.uri(), "vm2": remote.uri(),
@@ -121,7 +140,7 @@ def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
         fencer = fleet.fencer()
         back: LoopbackSshd | None = None
         fenced: list[str] = []
-        with LibvirtHypervisor() as hv:
+        with LibvirtHypervisor() as hv, contextlib.ExitStack() as stack:
             p = Provisioner(fleet.config("two-hosts"), ceph.RbdImageStore(fleet.handle),
                             ceph.CephxCredentialStore(fleet.handle), hv, fence_proof=fencer)
             serial = p.serial
@@ -137,10 +156,11 @@ def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
                 host_b.stop()
                 lost = time.monotonic()
                 fenced += fencer.fence("vm1")  # the failover's FenceNode
-                roles = FencedWriterRoles(p, fencer)
+                first = stack.enter_context(coordinator_state(fleet, "first"))
+                roles = FencedWriterRoles(p, first, fencer)
                 roles.make_writer("vm2")
                 switched = time.monotonic() - lost
-                assert roles.cut_off == {"vm3"}
+                assert first.fenced_readers() == {"vm3"}
                 assert fencer.is_fenced("vm3")
                 rc, out = fleet.write_block("vm2", fleet.device("vm2", serial), 7, "token-b")
                 assert rc == 0, out
@@ -149,6 +169,9 @@ def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
                 assert fleet.read_sha("vm3", fleet.device("vm3", serial), 7)[0] != 0
                 with pytest.raises(HypervisorUnreachable):
                     roles.make_reader("vm1")  # the release waits for the host
+                first.release()  # a takeover: the successor knows only what RADOS holds
+                successor = stack.enter_context(coordinator_state(fleet, "successor"))
+                roles = FencedWriterRoles(p, successor, fencer)
                 back = host_b.restart()
                 deadline = time.monotonic() + 90
                 while True:  # retried as the coordinator's backoff does
@@ -158,7 +181,7 @@ def test_losing_a_whole_hypervisor_host_fences_its_vms_and_the_failover_goes_on(
                     except (DetachPending, HypervisorUnreachable):
                         assert time.monotonic() < deadline, "the release never completed"
                         time.sleep(1)
-                assert not roles.cut_off and not p.pending_detach
+                assert not successor.fenced_readers() and not p.pending_detach
                 assert modes(fleet, one_uri) == {"vm1": DiskMode.RO, "vm2": DiskMode.RW,
                                                  "vm3": DiskMode.RO}
                 rc, sha = fleet.read_sha("vm3", fleet.device("vm3", serial), 7)

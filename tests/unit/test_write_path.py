@@ -17,11 +17,15 @@ from orchestrator.ports import DiskMode
 from orchestrator.provision import Provisioner
 from orchestrator.testing.contracts import RoleSwitchSubject, check_role_switch
 from orchestrator.testing.fakes import (
+    FakeClock,
     MemoryCeph,
     MemoryCredentialStore,
+    MemoryFencedReaderRecord,
     MemoryFencer,
     MemoryHypervisor,
     MemoryImageStore,
+    MemoryLeaseBoard,
+    MemoryStateStore,
 )
 
 pytestmark = pytest.mark.unit
@@ -66,7 +70,7 @@ def fleet(spare: bool = False, two_hosts: bool = False
         for i in (1, 2, 3):
             qemus.enter_context(ceph.client(vm_user("demo", f"vm{i}"), "rbd", "img"))
         hv.calls.clear()
-        yield FencedWriterRoles(p, proof), hv, proof
+        yield FencedWriterRoles(p, MemoryFencedReaderRecord(), proof), hv, proof
 
 
 def modes(roles: FencedWriterRoles) -> dict[str | None, DiskMode | None]:
@@ -151,14 +155,44 @@ def test_losing_the_writers_hypervisor_fences_what_it_hides_and_the_failover_goe
         roles.make_reader("vm1")
         assert hv.calls[2:] == ["detach d1", "attach d1 ro", "detach d3", "attach d3 ro"]
         assert modes(roles) == {"vm1": DiskMode.RO, "vm2": DiskMode.RW, "vm3": DiskMode.RO}
-        assert not roles.cut_off and not roles.provisioner.pending_detach
+        assert not roles.record.fenced_readers() and not roles.provisioner.pending_detach
+
+
+def test_a_coordinator_taking_over_re_attaches_the_readers_its_predecessor_fenced() -> None:
+    """The readers fenced for a lost host are recorded in the state store before the fence:
+    a successor that takes the lease while the host is still lost re-attaches them once it
+    answers (from memory alone, they would stay blocklisted, unreadable, for good)."""
+    with fleet(two_hosts=True) as (roles, hv, proof):
+        board = MemoryLeaseBoard(FakeClock())
+        first, successor = (MemoryStateStore(board, "demo", name) for name in ("a", "b"))
+        assert first.acquire()
+        hv.unreachable.add(LOST)
+        assert proof.fence("vm1")
+        FencedWriterRoles(roles.provisioner, first, proof).make_writer("vm2")
+        assert proof.fenced == ["vm1", "vm3"]
+        first.release()
+        assert successor.acquire()
+        taken_over = FencedWriterRoles(roles.provisioner, successor, proof)
+        with pytest.raises(HypervisorUnreachable):
+            taken_over.make_reader("vm1")
+        hv.unreachable.clear()
+        taken_over.make_reader("vm1")
+        assert hv.calls[2:] == ["detach d1", "attach d1 ro", "detach d3", "attach d3 ro"]
+        assert successor.fenced_readers() == frozenset()
+
+
+def test_a_fenced_reader_dropped_from_the_config_is_forgotten() -> None:
+    with fleet() as (roles, _hv, _proof):
+        roles.record.record_fenced_readers(frozenset({"gone"}))
+        roles.make_reader("vm3")
+        assert roles.record.fenced_readers() == frozenset()
 
 
 def test_a_lost_hypervisor_without_a_fencer_holds_the_switch_and_never_two_writers() -> None:
     with fleet(two_hosts=True) as (roles, hv, proof):
         hv.unreachable.add(LOST)
         proof.fence("vm1")
-        blind = FencedWriterRoles(roles.provisioner)  # no fencer: vm3 stays unproven
+        blind = FencedWriterRoles(roles.provisioner, roles.record)  # no fencer: vm3 stays unproven
         with pytest.raises(HypervisorUnreachable, match="vm3"):
             blind.make_writer("vm2")
         assert hv.calls == []
