@@ -90,18 +90,48 @@ class _HTTPSConnection(http.client.HTTPSConnection):
     cancel: Cancel | None = None
 
     def __init__(self, host: str, port: int, *, timeout: float,
-                 context: ssl.SSLContext) -> None:
+                 context: ssl.SSLContext, resume: ssl.SSLSession | None = None) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self.tls_context = context
+        self.resume = resume
 
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)  # TCP only
         tls = self.tls_context.wrap_socket(self.sock, server_hostname=self.host,
-                                           do_handshake_on_connect=False)
+                                           do_handshake_on_connect=False, session=self.resume)
         self.sock = tls  # what the cancel shuts down (the plain socket is detached now)
         if self.cancel is not None:
             self.cancel.attach(self)
         tls.do_handshake()
+
+
+class _TlsSessions:
+    """The last TLS session each server gave this transport, offered again on the next
+    connection to it: a resumed handshake skips the certificate checks and signatures on
+    both sides, the largest part of a request to an agent in a small VM. Only sessions of the
+    context in use are offered (a reloaded context, after a rotation or a new CRL, starts
+    afresh, and so does an agent whose context was reloaded: its old tickets no longer
+    decrypt, so a revoked certificate never rides a resumed session past a CRL change)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[str, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
+
+    def offer(self, server: tuple[str, int], context: ssl.SSLContext) -> ssl.SSLSession | None:
+        with self._lock:
+            kept = self._sessions.get(server)
+        return kept[1] if kept is not None and kept[0] is context else None
+
+    def keep(self, server: tuple[str, int], conn: _HTTPSConnection) -> None:
+        """After the answer was read (a TLS 1.3 server sends its tickets after the
+        handshake)."""
+        sock = conn.sock
+        if getattr(sock, "session_reused", False):
+            LOG.debug("event=tls_session_resumed server=%s:%d", conn.host, conn.port)
+        session = getattr(sock, "session", None)
+        if session is not None:
+            with self._lock:
+                self._sessions[server] = (conn.tls_context, session)
 
 
 @dataclass(frozen=True)
@@ -134,6 +164,7 @@ class Transport:
         self.identity = identity
         self._context: ReloadingContext | None = None
         self._lock = threading.Lock()
+        self._sessions = _TlsSessions()
 
     @classmethod
     def for_fleet(cls, cfg: FleetConfig, identity: tuple[str, str] | None = None) -> Transport:
@@ -175,9 +206,10 @@ class Transport:
             raise AgentUnreachable("?", address, "address has no host")
         target = url.path + (f"?{url.query}" if url.query else "")
         if url.scheme == "https":
-            return _HTTPSConnection(
-                url.hostname, url.port or 443, timeout=timeout, context=self.context()
-            ), target
+            context, port = self.context(), url.port or 443
+            resume = self._sessions.offer((url.hostname, port), context)
+            return _HTTPSConnection(url.hostname, port, timeout=timeout, context=context,
+                                    resume=resume), target
         return http.client.HTTPConnection(url.hostname, url.port or 80, timeout=timeout), target
 
     def request(
@@ -214,8 +246,10 @@ class Transport:
             resp_headers = {k.lower(): v for k, v in resp.getheaders()}
             if 200 <= status < 300 and sink is not None:
                 sink(resp)
+                self._keep_session(conn)
                 return Response(status, resp_headers, None)
             raw = resp.read()
+            self._keep_session(conn)
         except (OSError, http.client.HTTPException) as exc:
             reason = _reason(exc)
             if cancel is not None and cancel.reason is not None:
@@ -236,6 +270,11 @@ class Transport:
                 raise error_from_wire(data, status)
             raise AgentError(f"{address}: HTTP {status}", status=status)
         return Response(status, resp_headers, data)
+
+
+    def _keep_session(self, conn: http.client.HTTPConnection) -> None:
+        if isinstance(conn, _HTTPSConnection):
+            self._sessions.keep((conn.host, conn.port), conn)
 
 
 def _reason(exc: BaseException) -> str:

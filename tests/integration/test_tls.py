@@ -160,6 +160,29 @@ def test_node_only_routes_need_a_fleet_certificate_data_routes_a_grant(
     assert judged.json()["error"] != "peer_cert_required", judged.body
 
 
+def test_the_coordinators_requests_resume_their_tls_session_and_survive_a_stale_one(
+        fleet: AgentFleet, caplog: pytest.LogCaptureFixture) -> None:
+    """The coordinator's transport (mutual TLS) offers an agent the session it got last time:
+    the next request resumes it. An agent started again has new ticket keys (as has one
+    whose TLS context was reloaded, after a rotation or a new CRL): the stale session is
+    refused, the handshake is a full one, and the request is answered all the same."""
+    cert, key, _ = coordinator_tls()
+    control = HttpAgentControl(Transport(tls=True, ca_file=TEST_CA, identity=(cert, key)))
+    address = fleet["r1"].address
+    caplog.set_level(logging.DEBUG, logger="orchestrator.transport")
+    for _ in range(3):
+        assert control.health(address, 5.0).node == "r1"
+    resumed = [r for r in caplog.records if "event=tls_session_resumed" in r.getMessage()]
+    assert len(resumed) == 2, [r.getMessage() for r in caplog.records]
+    fleet["r1"].stop()
+    fleet["r1"].start()
+    caplog.clear()
+    assert control.health(address, 5.0).node == "r1"  # the stale session: a full handshake
+    assert not [r for r in caplog.records if "event=tls_session_resumed" in r.getMessage()]
+    assert control.health(address, 5.0).node == "r1"
+    assert any("event=tls_session_resumed" in r.getMessage() for r in caplog.records)
+
+
 def test_a_certificate_of_another_ca_is_refused_at_the_handshake(
         fleet: AgentFleet, other_ca: FleetPki) -> None:
     intruder = AgentClient(timeout=5, tls=_context(TEST_CA, other_ca.identity("intruder")))
