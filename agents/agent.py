@@ -140,6 +140,9 @@ class AgentSettings:
     ack_timeout: float = 2.0
     retry_interval: float = 0.5
     tail_interval: float = 0.5
+    # a writer whose journal saw no commit for this long checkpoints what changed (small
+    # files go home, readers' overlays empty, the ring is given back): Writer.settle
+    idle_checkpoint: float = 5.0
     heartbeat_interval: float = 1.0
     selftest_interval: float = 10.0
     report_timeout: float = 2.0
@@ -211,7 +214,8 @@ class Agent:
         self.m_pushes = m.counter("rbdfleet_agent_pushes_total", "Record pushes sent", ("result",),
                                   labelsets=[("ok",), ("failed",)])
         self.m_discarded = m.counter("rbdfleet_agent_discarded_bytes_total",
-                                     "Freed data bytes the writer discarded (given back to Ceph)")
+                                     "Bytes the writer discarded (given back to Ceph): "
+                                     "freed data and tree pages, the journal ring at rest")
         self.m_promotions = m.counter(
             "rbdfleet_agent_promotions_total",
             "Promotions to writer: warm (the reader's state kept) or cold (volume reopened)",
@@ -266,6 +270,7 @@ class Agent:
             catching_up=catching_up, in_sync=in_sync,
             lagging=tuple(sorted(lk.node for lk in self._links(False))),
             sync_revision=revision, version=RELEASE,
+            settled=self.writer is None or self.writer.volume.settled(),
         )
 
     # -- role changes --------------------------------------------------------------------
@@ -751,6 +756,9 @@ class Agent:
         if reader is not None and self.writer is None:
             reader.catch_up()
             self.note_epoch(reader.volume.epoch)
+        writer = self.writer
+        if writer is not None:
+            writer.settle(self.settings.idle_checkpoint)
 
     def _heartbeat(self) -> None:
         volume = self.volume

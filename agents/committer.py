@@ -241,6 +241,19 @@ class Committer(Follower):
         self._retired: builtins.list[Extent] = []
         self._on_commit: Callable[[Commit], None] | None = None
         self._on_discard: Callable[[int], None] | None = None
+        # the journal ring given back at rest (docs/format.md, "Discards"): the newest
+        # checkpoint's position and the older slot's; per checkpoint not yet passed by every
+        # in-sync reader, its record's seq and the position the ring must be kept from once
+        # it is; the position due (every reader passed its checkpoint); where the bytes not
+        # yet given back start (None: unknown, the whole rest of the ring)
+        self._checkpoint_pos = 0
+        self._previous_pos = 0
+        self._ring_marks: collections.deque[tuple[int, int]] = collections.deque()
+        self._ring_keep: int | None = None
+        self._ring_dirty: int | None = None
+        self._ring_clean_end = 0  # self._consumed at which the head reaches _ring_dirty
+        # when the last group commit holding more than a checkpoint became durable
+        self._last_write = time.monotonic()
 
     def _tree_pages(self) -> _PageStore:
         return _PageStore(self)
@@ -389,6 +402,16 @@ class Committer(Follower):
                     self._rebuild_allocator()
                     self._pages.drop_reserve()
                     self._pages.refill_reserve()
+                    headers = self._checkpoint_headers()
+                    newest = ckpt.choose(headers)
+                    header = headers[newest[0]] if newest else None
+                    self._checkpoint_pos = 0 if header is None else header.journal_pos
+                    older = headers[newest[1]] if len(newest) > 1 else None
+                    self._previous_pos = self._checkpoint_pos if older is None \
+                        else older.journal_pos
+                    self._ring_marks.clear()
+                    self._ring_keep = None
+                    self._ring_dirty = None  # what earlier writers left is not known
                 if epoch <= self._index.epoch:
                     raise StaleEpoch(
                         f"epoch {epoch} is not above the highest seen ({self._index.epoch})",
@@ -588,20 +611,55 @@ class Committer(Follower):
                 # the writer allocates; promotion rebuilds it): only its quarantine shrinks
                 allocator.take_released(seq)
                 return
+            while self._ring_marks and self._ring_marks[0][0] <= seq:
+                self._ring_keep = self._ring_marks.popleft()[1]
             held = [allocator.claim_around(e, DISCARD_UNIT)
                     for e in allocator.take_released(seq)]
-            if not held:
-                return
-            self._outside[id(held)] = held
-            self._discarding += 1
-        try:
-            self._discard(held)
-        finally:
+            if held:
+                self._outside[id(held)] = held
+                self._discarding += 1
+        if held:
+            try:
+                self._discard(held)
+            finally:
+                with self._lock:
+                    del self._outside[id(held)]
+                    allocator.give_back(held)
+                    self._discarding -= 1
+                    self._discarded.notify_all()
+
+    def give_back_ring(self, idle: float) -> bool:
+        """Once no write came for ``idle`` seconds, discard the journal ring outside what
+        recovery and readers may still read: from the checkpoint before the newest one every
+        in-sync reader has passed, to the head. At rest only: under load the head rewrites
+        the ring within a ring's worth of records anyway, and a reader opening meanwhile
+        keeps all the history the ring holds. As the journal's leader, so no batch is
+        written meanwhile (docs/format.md, "Discards"). True when it discarded."""
+        if self._device.read_only or self._writer_epoch is None:
+            return False
+        with self._lock:
+            if self._ring_keep is None or time.monotonic() - self._last_write < idle:
+                return False
+        with self._leadership():
             with self._lock:
-                del self._outside[id(held)]
-                allocator.give_back(held)
-                self._discarding -= 1
-                self._discarded.notify_all()
+                keep, self._ring_keep = self._ring_keep, None
+                if keep is None or self._failed is not None or self._writer_epoch is None:
+                    return False
+                head = journal.align_up(self._cursor.pos)
+                dirty = self._ring_dirty
+                if dirty is None or self._consumed >= self._ring_clean_end:
+                    dirty = head  # the head went round since: all but the live span
+                spans = journal.stale_spans(dirty, keep, head, self._ring)
+                # clean now: from the head forward to keep, until the head has gone that far
+                self._ring_dirty = keep
+                self._ring_clean_end = self._consumed + (keep - head) % self._ring
+                gone = [(start, start + length) for start, length in spans]
+                while self._positions and any(lo <= self._positions[0][1] < hi
+                                              for lo, hi in gone):
+                    self._positions.popleft()
+            self._discard([Extent(self._sb.journal_offset + start, length)
+                           for start, length in spans])
+        return bool(spans)
 
     def _discard(self, extents: builtins.list[Extent]) -> None:
         done = 0
@@ -630,6 +688,39 @@ class Committer(Follower):
             raise NotWriter("only the writer checkpoints")
         with self._leadership():
             self._write_batch([], checkpoint=True)
+
+    def checkpoint_if_idle(self, idle: float) -> bool:
+        """Checkpoint when no group commit was written for ``idle`` seconds and a checkpoint
+        would change something: the overlay holds changes (small files go home, readers'
+        overlays empty), or records lie between the two checkpoints the ring is kept from (a
+        checkpoint lets them go: two in a row leave the ring holding little more than the
+        last one's record). True when it checkpointed."""
+        if self._device.read_only or self._writer_epoch is None:
+            return False
+        with self._lock:
+            quiet = time.monotonic() - self._last_write >= idle
+            useful = self._checkpoint_would_change()
+        if not (quiet and useful):
+            return False
+        self.checkpoint()
+        LOG.info("event=idle_checkpoint seq=%d", self._index.applied_seq)
+        return True
+
+    def _checkpoint_would_change(self) -> bool:
+        between = (self._checkpoint_pos - self._previous_pos) % self._ring
+        return self._index.overlay_size > 0 or between > ALIGN
+
+    def settled(self) -> bool:
+        """True when the writer has nothing left to do at rest: no change waiting for a
+        checkpoint, nothing an idle checkpoint or a ring give-back would still write. An
+        image whose writer is settled changes only with the next write (a snapshot taken
+        then is a quiesced backup; a check that nobody else wrote can start then). A
+        volume that is not the writer is settled."""
+        if self._writer_epoch is None or self._device.read_only:
+            return True
+        with self._lock:
+            return not (self._checkpoint_would_change() or self._ring_marks
+                        or self._ring_keep is not None or self._discarding)
 
     def set_commit_listener(self, listener: Callable[[Commit], None] | None) -> None:
         """Call ``listener`` with each group commit (its records in seq order and their
@@ -807,6 +898,8 @@ class Committer(Follower):
         committed = [t.record for t in batch if t.record is not None]
         with self._lock:
             self._durable_seq = committed[-1].seq
+            if any(r.op != "checkpoint" for r in committed):
+                self._last_write = time.monotonic()
         listener = self._on_commit
         if listener is not None:
             listener(Commit(committed, start, memoryview(packed)[: at - start]))
@@ -842,8 +935,9 @@ class Committer(Follower):
                                  *((seq + 1, x) for x in self._retired)],
                                 key=lambda q: (q[0], q[1].offset))
             # the next batch starts on a 4 KiB boundary at or after the cursor (or at 0)
-            data = ckpt.encode(seq, index.epoch, commit.root, free, quarantine,
-                               journal.align_up(self._cursor.pos), self._sb.checkpoint_bytes)
+            position = journal.align_up(self._cursor.pos)
+            data = ckpt.encode(seq, index.epoch, commit.root, free, quarantine, position,
+                               self._sb.checkpoint_bytes)
             self._device.write_at(self._sb.checkpoint_offsets[slot], data)
             self._device.flush()
         except DeviceError as exc:
@@ -853,6 +947,10 @@ class Committer(Follower):
         self._effects.clear()
         self._checkpoint_slot = slot
         self._used = 0
+        # the older slot now holds the previous checkpoint: the ring is kept from its
+        # position until every in-sync reader has passed this one's record
+        self._ring_marks.append((seq + 1, self._checkpoint_pos))
+        self._previous_pos, self._checkpoint_pos = self._checkpoint_pos, position
         payload: dict[str, Any] = {
             "root": None if commit.root is None else list(commit.root), "seq": seq}
         if homes:  # followers learn the space is in use, as from a put naming it

@@ -79,6 +79,7 @@ class AgentConfig:
     tail_interval: float = 0.5
     heartbeat_interval: float = 1.0
     selftest_interval: float = 10.0
+    idle_checkpoint: float = 5.0
     log_level: str = "info"
     ready_file: str | None = None
 
@@ -124,7 +125,7 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
     if "max_body" in values:
         values["max_body"] = parse_size(values["max_body"], "max_body")
     for key in ("ack_timeout", "retry_interval", "tail_interval", "heartbeat_interval",
-                "selftest_interval"):
+                "selftest_interval", "idle_checkpoint"):
         if key in values:
             value = values[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -310,7 +311,7 @@ def run(config: AgentConfig) -> int:
         crl_file=material.crl if material else None,
         ack_timeout=config.ack_timeout, retry_interval=config.retry_interval,
         tail_interval=config.tail_interval, heartbeat_interval=config.heartbeat_interval,
-        selftest_interval=config.selftest_interval)
+        selftest_interval=config.selftest_interval, idle_checkpoint=config.idle_checkpoint)
     agent = Agent(settings, open_device)
     server.agent = agent
     failed: list[RbdfleetError] = []

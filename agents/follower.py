@@ -219,6 +219,7 @@ class Follower:
         self._announced = True
         self._cursor = journal.Cursor(0, 1, 0)
         self._used = 0  # ring bytes consumed since the newest checkpoint
+        self._consumed = 0  # ring bytes consumed since this volume was made (never reset)
         self._checkpoint_slot = 0  # the newest checkpoint's (the writer writes the other)
         self._positions: collections.deque[tuple[int, int, int]] = collections.deque()
         self._pins: collections.Counter[int] = collections.Counter()
@@ -445,7 +446,9 @@ class Follower:
 
     def _note_position(self, seq: int, head: int, start: int, nbytes: int) -> None:
         """Remember where ``seq`` lives; forget records the new bytes overwrote."""
-        self._used += journal.consumed(head, start, nbytes, self._ring)
+        step = journal.consumed(head, start, nbytes, self._ring)
+        self._used += step
+        self._consumed += step
         spans = [(start, start + nbytes)]
         if start == 0 and head != 0:
             spans.append((head, self._ring))

@@ -485,6 +485,14 @@ class WriterRole:
         key = self.volume.superblock.record_key
         self._queue(Commit([record], start, memoryview(record.encode(key))))
 
+    def settle(self, idle: float) -> None:
+        """At rest (no write for ``idle`` seconds): checkpoint when that changes something,
+        release what the readers' acks allow (no write would trigger it now), and give the
+        journal ring back."""
+        self.volume.checkpoint_if_idle(idle)
+        self._release()
+        self.volume.give_back_ring(idle)
+
     def _release(self) -> None:
         with self._cond:
             floors = [lk.safe_seq for lk in self._links.values() if lk.in_sync]

@@ -4,8 +4,9 @@ On a throwaway cluster (bluestore, with a mgr: ``ceph df`` needs one), a fresh t
 is formatted and served by a writer + 2 reader agents (real processes, librbd backend).
 ``--files`` files of ``--file-kib`` KiB are put through the writer (each acknowledged by both
 readers). Small files (up to 16 KiB) travel in their journal records and move to their data
-blocks at the writer's next checkpoint: the last of them may still be in the ring when the
-pool is read. The pool's ``stored``
+blocks at the writer's next checkpoint; every reading is taken once the writer says it has
+settled (``settled`` in its health: its idle checkpoints have moved the last files home and
+the journal ring was given back), so it measures the store at rest. The pool's ``stored``
 (logical bytes in RADOS: data, journal records, checkpoints, superblocks) and ``bytes_used``
 (raw, i.e. stored x pool size plus allocation rounding) come from ``ceph df detail --format
 json``, read before the puts and after them once the mgr's numbers settled (OSD stats arrive
@@ -91,6 +92,16 @@ def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict
     raise RuntimeError(f"pool stats did not settle in {SETTLE_TIMEOUT}s (last {seen})")
 
 
+def wait_settled(fleet: AgentFleet) -> float:
+    """Seconds until the writer reports ``settled`` (nothing left to write at rest)."""
+    started = time.monotonic()
+    while not fleet.health("w")["settled"]:
+        if time.monotonic() - started > SETTLE_TIMEOUT:
+            raise RuntimeError(f"the writer did not settle in {SETTLE_TIMEOUT}s")
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
 def write_files(fleet: AgentFleet, count: int, size: int, *, delete: bool = False) -> None:
     """Put ``count`` distinct files of ``size`` random bytes through the writer (or delete
     them), one keep-alive connection; each must be acknowledged by both readers."""
@@ -128,12 +139,15 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         for node in ("r1", "r2"):
             fleet.add(node)
         fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+        wait_settled(fleet)
         before = settled_usage(cluster, None)
         started = time.perf_counter()
         write_files(fleet, args.files, args.file_kib * 1024)
         put_seconds = time.perf_counter() - started
+        settle_seconds = {"after_puts": wait_settled(fleet)}
         after = settled_usage(cluster, before)
         write_files(fleet, args.files, 0, delete=True)
+        settle_seconds["after_deletes"] = wait_settled(fleet)
         deleted = settled_usage(cluster, after)
     finally:
         fleet.close()
@@ -146,7 +160,7 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         "files": args.files, "file_kib": args.file_kib, "user_bytes": user,
         "pool_size": size, "objectstore": cluster.objectstore,
         "before": before, "after": after, "after_delete": deleted,
-        "put_seconds": round(put_seconds, 2),
+        "put_seconds": round(put_seconds, 2), "writer_settled_after_s": settle_seconds,
         "stored_ratio": stored / user,
         "raw_ratio": raw / user,
         "raw_ratio_whole_image": after["bytes_used"] / user,

@@ -100,7 +100,9 @@ class Recorded:
 
 
 def image_digest(fleet: Mission) -> str:
-    """SHA-256 of every byte of the fleet's RBD image (``rbd export``)."""
+    """SHA-256 of every byte of the fleet's RBD image (``rbd export``), once the writer has
+    settled (its idle checkpoints change the image at rest, and no one else may)."""
+    fleet.settle()
     ceph = fleet.config.ceph
     image = f"{ceph.pool}/{fleet.config.fleet.image}"
     export = subprocess.run(["rbd", "-c", str(ceph.conf), "--keyring", str(ceph.keyring),

@@ -122,6 +122,28 @@ def consumed(pos: int, start: int, nbytes: int, ring: int) -> int:
     return skipped + nbytes
 
 
+def stale_spans(dirty: int, keep: int, head: int, ring: int) -> list[tuple[int, int]]:
+    """Ring bytes to give back: the span from ``dirty`` forward to ``keep`` (bytes that may
+    still hold records no one needs), less whatever the live span from ``keep`` forward to
+    ``head`` has since wrapped over; as (start, length) pieces inside the ring.
+
+    Positions are ring offsets (``head`` may equal ``ring``: a batch that ended at its end).
+    The live span is never touched: when it has wrapped into the stale one, the stale span
+    starts at ``head`` instead."""
+    dirty, keep, head = dirty % ring, keep % ring, head % ring
+    stale = (keep - dirty) % ring
+    live = (head - keep) % ring
+    if stale + live > ring:  # the head wrapped over the stale span's start
+        dirty, stale = head, ring - live
+    if stale == 0:
+        return []
+    first = min(stale, ring - dirty)
+    pieces = [(dirty, first)]
+    if stale > first:
+        pieces.append((0, stale - first))
+    return pieces
+
+
 @dataclass
 class Cursor:
     """Where the chain stands: next record's head position, next seq, highest epoch."""

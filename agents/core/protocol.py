@@ -626,6 +626,9 @@ class Health(Message):
     ``sync_revision`` counts changes of ``in_sync`` (the coordinator orders the writer's words
     on its reader set by it). ``version``: the deployed package version the process runs (its
     release directory's name), ``""`` when it runs from elsewhere (a source tree).
+    ``settled``: false while the writer still has something to write at rest (an idle
+    checkpoint, journal space to give back); an image whose writer is settled changes only
+    with the next write. Always true on a reader.
     """
 
     node: str
@@ -640,6 +643,7 @@ class Health(Message):
     lagging: tuple[str, ...] = ()
     sync_revision: int = 0
     version: str = ""
+    settled: bool = True
 
 
 @dataclass(frozen=True)

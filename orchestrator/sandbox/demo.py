@@ -265,6 +265,25 @@ class Mission:
         """The published map (empty while no coordinator answers)."""
         return self._map()
 
+    def settle(self, timeout: float = 60.0) -> None:
+        """Until the writer has nothing left to write at rest (its health says ``settled``:
+        idle checkpoints done, journal space given back), so the image changes only with
+        the next write; SandboxError after ``timeout``. Comparing the image before and after
+        something that must not write starts here."""
+        control = self.services.agent_control(self.services.transport())
+        port = self.config.fleet.agent_port
+
+        def settled() -> bool:
+            writer = self._map().get("writer")
+            if not writer:
+                return False
+            try:
+                health = control.health(f"{self.config.vm(writer).address}:{port}", 5.0)
+            except RbdfleetError:
+                return False
+            return health.role == "writer" and health.settled
+        self.wait(settled, timeout, "the writer to settle (nothing left to write at rest)")
+
     @staticmethod
     def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``predicate`` every 0.2 s; SandboxError naming ``what`` after ``timeout``."""
@@ -447,6 +466,7 @@ class Mission:
         disk, its agent's key and certificate); the snapshot, the same before and after, or
         SandboxError."""
         target = self.aim()
+        self.settle()
         before = self.snapshot()
         self.raw_write_from(vm, target)
         self.forged_requests_from(vm)

@@ -96,7 +96,10 @@ class LoopFleet:
         )
 
     def image_digest(self) -> str:
-        """SHA-256 of every byte of the shared image."""
+        """SHA-256 of every byte of the shared image, once the map's writer has settled (its
+        idle checkpoints change the image at rest; no one else may)."""
+        wait_until(lambda: self.fleet.health(self.service.require_active().writer)["settled"],
+                   60, "the writer to settle")
         digest = hashlib.sha256()
         with self.image.open("rb") as f:
             while chunk := f.read(1 << 20):

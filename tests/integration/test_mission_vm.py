@@ -175,6 +175,7 @@ def test_a_compromised_reader_vm_cannot_write_the_disk_nor_use_its_key_on_other_
         mission: Mission) -> None:
     reader, landmark = READERS[0], mission.aim()
     assert landmark.path == "/demo/hello.bin"  # located by put_get: the first put's file
+    mission.settle()  # the writer's idle checkpoints are done: only a stray write changes it
     before = mission.snapshot()
     assert before.epoch == 1 and before.writer == WRITER
     # root in the guest, O_DIRECT onto the fleet disk: the <readonly/> attachment refuses it
