@@ -58,6 +58,9 @@ CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in u
 # RBD's default object size: librbd deletes an object (its space goes back to the pool) only
 # when a discard covers all of it, and merely zeroes the part another discard covers
 DISCARD_UNIT = 4 << 20
+# librbd skips a discard, or the part of one, that does not cover whole pieces of this size
+# (rbd_discard_granularity_bytes, with rbd_skip_partial_discard on: Pacific's defaults)
+DISCARD_GRANULE = 64 << 10
 DISCARD_WAIT = 5.0  # seconds between looks at space held by discards in flight
 PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one run)
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints
@@ -72,6 +75,12 @@ LEAF_DATA_MAX = 3072
 # pages a checkpoint writes per changed path at worst: its leaf, split once (a branch page
 # holds hundreds of children, so the branches above are a few pages for the whole overlay)
 PAGES_PER_PATH = 2
+
+
+def _widen(allocator: Allocator, held: Extent) -> Extent:
+    """``held`` widened through free space to whole DISCARD_UNITs (objects deleted whole),
+    else to whole DISCARD_GRANULEs (a part librbd does not skip)."""
+    return allocator.claim_around(allocator.claim_around(held, DISCARD_UNIT), DISCARD_GRANULE)
 
 
 def reserve_pages(data_bytes: int) -> int:
@@ -600,7 +609,8 @@ class Committer(Follower):
 
     def release_through(self, seq: int) -> None:
         """Extents freed by records with seq <= ``seq`` may be reused from now on. The writer
-        first discards them (widened to whole DISCARD_UNITs where free space allows), outside
+        first discards them (widened through free space to whole DISCARD_UNITs, else to whole
+        DISCARD_GRANULEs: librbd skips what a discard does not cover whole), outside
         the lock but before the allocator can hand them out: see docs/format.md, "Discards".
         A discard that fails is logged; the extents are freed all the same."""
         with self._lock:
@@ -613,20 +623,25 @@ class Committer(Follower):
                 return
             while self._ring_marks and self._ring_marks[0][0] <= seq:
                 self._ring_keep = self._ring_marks.popleft()[1]
-            held = [allocator.claim_around(e, DISCARD_UNIT)
-                    for e in allocator.take_released(seq)]
-            if held:
-                self._outside[id(held)] = held
-                self._discarding += 1
-        if held:
-            try:
-                self._discard(held)
-            finally:
-                with self._lock:
-                    del self._outside[id(held)]
-                    allocator.give_back(held)
-                    self._discarding -= 1
-                    self._discarded.notify_all()
+            held = [_widen(allocator, e) for e in allocator.take_released(seq)]
+        self._discard_held(held)
+
+    def _discard_held(self, held: builtins.list[Extent]) -> None:
+        """Discard extents taken out of the free map (caller: under the lock it took them,
+        now released), then give them back: no put can be handed them meanwhile."""
+        if not held:
+            return
+        with self._lock:
+            self._outside[id(held)] = held
+            self._discarding += 1
+        try:
+            self._discard(held)
+        finally:
+            with self._lock:
+                del self._outside[id(held)]
+                self._allocator.give_back(held)
+                self._discarding -= 1
+                self._discarded.notify_all()
 
     def give_back_ring(self, idle: float) -> bool:
         """Once no write came for ``idle`` seconds, discard the journal ring outside what
