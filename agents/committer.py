@@ -710,8 +710,8 @@ class Committer(Follower):
         overlays empty), or records lie between the two checkpoints the ring is kept from (a
         checkpoint lets them go: two in a row leave the ring holding little more than the
         last one's record). True when it checkpointed."""
-        if self._device.read_only or self._writer_epoch is None:
-            return False
+        if self._device.read_only or self._writer_epoch is None or self._failed is not None:
+            return False  # a failed (fenced) writer: its self-test gets it replaced
         with self._lock:
             quiet = time.monotonic() - self._last_write >= idle
             useful = self._checkpoint_would_change()

@@ -202,6 +202,21 @@ def test_a_quiet_writer_settles_with_little_of_the_ring_left_and_then_writes_not
     assert reader.fsck() == []
 
 
+def test_a_writer_whose_writes_failed_stays_quiet_at_rest() -> None:
+    """A fenced writer (its journal write failed) does not retry a checkpoint every look:
+    nothing to write at rest, and no error each time (its self-test gets it replaced)."""
+    medium = MemoryDevice(SIZE)
+    writer, _, _ = _fleet(medium)
+    writer.put("/f", [b"x" * 100], 100, epoch=1, mtime=0.0)
+    medium_handle = writer._device
+    assert isinstance(medium_handle, MemoryDevice)
+    medium_handle.crash_after(0)
+    with pytest.raises(DeviceError):
+        writer.put("/g", [b"y" * 100], 100, epoch=1, mtime=0.0)
+    assert not writer.checkpoint_if_idle(0.0)
+    assert not writer.give_back_ring(0.0)
+
+
 class _CutAtDiscard:
     """A writable handle on ``medium`` whose discard number ``cut`` is where power goes:
     that discard lands whole, in part, or not at all (``how``); every later I/O fails."""
