@@ -6,6 +6,9 @@
 - A reader opens with ``read_only=True`` (no lock, no writes possible).
 - ``rbd_cache=false``: another client's writes are visible at once, and a completed write is
   on the OSDs (so flush has nothing to do and makes no call).
+- ``rbd_skip_partial_discard=false``: a discard that does not cover whole 64 KiB pieces
+  zeroes what librbd would skip, so the OSD frees it (QEMU's librbd, for the ``device:``
+  backend in VMs, takes the same setting from the hypervisor's ceph.conf).
 - After a fence (``osd blocklist``), every call raises ``ConnectionShutdown`` (108): mapped to
   DeviceError errno ESHUTDOWN. The handle cannot recover; a new RbdDevice is needed.
   The next writer's ``lock_acquire`` breaks a blocklisted owner's lock (~80 ms measured); an
@@ -173,7 +176,10 @@ class RbdDevice:
         self.read_only = read_only
         self.pool = pool
         self.image_name = image
-        options = {"rbd_cache": "false"}
+        # a discard librbd would skip (one not covering whole rbd_discard_granularity_bytes
+        # pieces) zeroes its range instead, which the OSD frees: deleted small files and the
+        # journal ring given back at rest leave nothing behind (docs/format.md, "Discards")
+        options = {"rbd_cache": "false", "rbd_skip_partial_discard": "false"}
         if keyring:
             options["keyring"] = keyring
         self._cluster: Any = None
