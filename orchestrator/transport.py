@@ -122,7 +122,7 @@ class _TlsSessions:
             kept = self._sessions.get(server)
         return kept[1] if kept is not None and kept[0] is context else None
 
-    def keep(self, server: tuple[str, int], conn: _HTTPSConnection) -> None:
+    def keep(self, conn: _HTTPSConnection) -> None:
         """After the answer was read (a TLS 1.3 server sends its tickets after the
         handshake)."""
         sock = conn.sock
@@ -131,7 +131,7 @@ class _TlsSessions:
         session = getattr(sock, "session", None)
         if session is not None:
             with self._lock:
-                self._sessions[server] = (conn.tls_context, session)
+                self._sessions[(conn.host, conn.port)] = (conn.tls_context, session)
 
 
 @dataclass(frozen=True)
@@ -271,10 +271,9 @@ class Transport:
             raise AgentError(f"{address}: HTTP {status}", status=status)
         return Response(status, resp_headers, data)
 
-
     def _keep_session(self, conn: http.client.HTTPConnection) -> None:
         if isinstance(conn, _HTTPSConnection):
-            self._sessions.keep((conn.host, conn.port), conn)
+            self._sessions.keep(conn)
 
 
 def _reason(exc: BaseException) -> str:

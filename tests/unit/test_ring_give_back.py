@@ -193,6 +193,8 @@ def test_a_quiet_writer_settles_with_little_of_the_ring_left_and_then_writes_not
             assert rounds <= 4, "the writer never settles"
             _settle(writer, pushed)
         assert _ring_blocks_in_use(medium, writer) <= 3, f"after burst {burst}"
+        node = writer._index.lookup(f"/s/{burst}/0")  # moved home by the idle checkpoints
+        assert node is not None and node.extents and node.inline is None
     before = medium.read_at(0, medium.size())
     _settle(writer, pushed)
     assert medium.read_at(0, medium.size()) == before  # settled: the image is at rest
@@ -217,56 +219,29 @@ def test_a_writer_whose_writes_failed_stays_quiet_at_rest() -> None:
     assert not writer.give_back_ring(0.0)
 
 
-class _CutAtDiscard:
-    """A writable handle on ``medium`` whose discard number ``cut`` is where power goes:
-    that discard lands whole, in part, or not at all (``how``); every later I/O fails."""
+class _CutAtDiscard(MemoryDevice):
+    """A medium whose discard number ``cut`` is where power goes (MemoryDevice's own power
+    cut, armed for that discard: a discard is a write of zeros): it lands whole, in part, or
+    not at all (``how``); every later write fails."""
 
-    def __init__(self, medium: MemoryDevice, cut: int, how: str) -> None:
-        self._dev = medium.reopen()
-        self.read_only = False
-        self.cut, self.how, self.discards, self.dead = cut, how, 0, False
-
-    def size(self) -> int:
-        return self._dev.size()
-
-    def _alive(self) -> None:
-        if self.dead:
-            raise DeviceError("power cut", op="io", errno=5)
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        self._alive()
-        return self._dev.read_at(offset, length)
-
-    def write_at(self, offset: int, data: bytes) -> None:
-        self._alive()
-        self._dev.write_at(offset, data)
-
-    def flush(self) -> None:
-        self._alive()
+    def __init__(self, size: int, cut: int, how: str) -> None:
+        super().__init__(size)
+        self.cut, self.how, self.discards = cut, how, 0
 
     def discard(self, offset: int, length: int) -> bool:
-        self._alive()
         if self.discards == self.cut:
-            self.dead = True
-            if self.how == "whole":
-                self._dev.discard(offset, length)
-            elif self.how == "part" and length > ALIGN:
-                self._dev.discard(offset, length // 2 // ALIGN * ALIGN)
-            raise DeviceError("power cut", op="discard", errno=5)
+            self.crash_after({"none": 0, "part": length // 2 // ALIGN * ALIGN,
+                              "whole": length}[self.how])
         self.discards += 1
-        return self._dev.discard(offset, length)
-
-    def close(self) -> None:
-        self._dev.close()
+        return super().discard(offset, length)
 
 
 @pytest.mark.parametrize("how", ["none", "part", "whole"])
 def test_a_power_cut_during_a_give_back_loses_no_acknowledged_file(how: str) -> None:
     for cut in range(6):
-        medium = MemoryDevice(SIZE)
+        medium = _CutAtDiscard(SIZE, cut, how)
         Volume.format(medium, fleet="cut", journal_bytes=RING)
-        dev = _CutAtDiscard(medium, cut, how)
-        writer = Volume.open(dev)
+        writer = Volume.open(medium)
         writer.start_epoch(1)
         acknowledged: dict[str, bytes] = {}
         try:
@@ -279,7 +254,7 @@ def test_a_power_cut_during_a_give_back_loses_no_acknowledged_file(how: str) -> 
                     writer.give_back_ring(0.0)
         except DeviceError:
             pass  # the cut: the put in flight is not acknowledged
-        assert dev.dead, f"discard {cut} never came"
+        assert medium.discards > cut, f"discard {cut} never came"
         after = Volume.open(medium.reopen(read_only=True))
         got = _contents(after)
         assert {p: got.get(p) for p in acknowledged} == acknowledged, f"cut {cut} ({how})"
@@ -289,35 +264,16 @@ def test_a_power_cut_during_a_give_back_loses_no_acknowledged_file(how: str) -> 
 # ---- discards librbd does not skip -------------------------------------------------------
 
 
-class _Granular:
-    """A writable handle on ``medium`` whose discards act as librbd's do by default: only the
-    whole 64 KiB pieces a discard covers are given back, the rest of it is skipped."""
-
-    def __init__(self, medium: MemoryDevice) -> None:
-        self._dev = medium.reopen()
-        self.read_only = False
-
-    def size(self) -> int:
-        return self._dev.size()
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return self._dev.read_at(offset, length)
-
-    def write_at(self, offset: int, data: bytes) -> None:
-        self._dev.write_at(offset, data)
-
-    def flush(self) -> None:
-        self._dev.flush()
+class _Granular(MemoryDevice):
+    """A medium whose discards act as librbd's do by default: only the whole 64 KiB pieces a
+    discard covers are given back, the rest of it is skipped."""
 
     def discard(self, offset: int, length: int) -> bool:
         lo = -(-offset // DISCARD_GRANULE) * DISCARD_GRANULE
         hi = (offset + length) // DISCARD_GRANULE * DISCARD_GRANULE
         if lo < hi:
-            self._dev.discard(lo, hi - lo)
+            super().discard(lo, hi - lo)
         return True
-
-    def close(self) -> None:
-        self._dev.close()
 
 
 def _data_blocks_in_use(medium: MemoryDevice, vol: Volume) -> int:
@@ -332,9 +288,9 @@ def test_small_files_deleted_one_by_one_give_their_space_back_through_librbd() -
     through the free space around it to whole 64 KiB pieces, so once the last file of a
     piece is gone the piece goes back: after deleting everything the data area holds next
     to nothing (only whole 4 MiB objects went back before: 1.7 MB of 8 were left)."""
-    medium = MemoryDevice(271 << 20)  # the storage benchmark's image for 2,000 such files
+    medium = _Granular(271 << 20)  # the storage benchmark's image for 2,000 such files
     Volume.format(medium, fleet="granule")
-    writer = Volume.open(_Granular(medium))
+    writer = Volume.open(medium)
     pushed = Volume.open(medium.reopen(read_only=True))
     writer.set_commit_listener(_pushes_to(pushed))
     writer.start_epoch(1)
