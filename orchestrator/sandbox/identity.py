@@ -151,9 +151,12 @@ def wait_gone(processes: Mapping[int, int], timeout: float) -> list[int]:
     """
     deadline = time.monotonic() + timeout
     while True:
-        for pid, start in processes.items():
-            reap(pid, start)
         pending = [pid for pid, start in processes.items() if same_process(pid, start)]
+        # Reap after the check: a process that ends between a reap and the check would
+        # otherwise be reported gone yet left a zombie.
+        for pid, start in processes.items():
+            if pid not in pending:
+                reap(pid, start)
         if not pending or time.monotonic() >= deadline:
             return pending
         time.sleep(_POLL_S)

@@ -42,3 +42,21 @@ def test_public_names_are_pinned() -> None:
         "KILL_WAIT_S", "ProcStat", "Termination", "command_line", "parse_stat", "read_stat",
         "reap", "running", "same_process", "send", "start_time", "terminate", "wait_gone",
     }
+
+
+def test_a_child_that_ends_during_the_wait_is_reaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child still runs at the first look and has ended at the next: whichever look sees
+    it gone, the same pass must collect it, or it is reported gone yet left a zombie."""
+    running = ProcStat(state="S", start=7, threads=1)
+    ended = ProcStat(state="Z", start=7, threads=1)
+    looks = iter([running])
+    reaped: list[int] = []
+    monkeypatch.setattr(identity, "read_stat", lambda pid: next(looks, ended))
+
+    def waitpid(pid: int, flags: int) -> tuple[int, int]:
+        reaped.append(pid)
+        return pid, 0
+
+    monkeypatch.setattr("os.waitpid", waitpid)
+    assert identity.wait_gone({42: 7}, timeout=1.0) == []
+    assert reaped == [42]
