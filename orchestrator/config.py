@@ -42,6 +42,7 @@ from orchestrator.errors import ConfigError
 __all__ = [
     "ENV_VARS",
     "TABLES",
+    "AgentTimings",
     "CephConfig",
     "FleetConfig",
     "FleetSettings",
@@ -78,7 +79,7 @@ COORDINATOR_KEYS = frozenset({
 # Tables overridable by RBDFLEET_<TABLE>_<KEY>. Not [sandbox]: RBDFLEET_SANDBOX_DIR is the
 # `rbdfleet sandbox` commands' directory, and a [sandbox] table must not appear from the
 # environment (it narrows where SSH may connect).
-_ENV_TABLES = ("ceph", "libvirt", "ssh", "fleet", "tls", "coordinator")
+_ENV_TABLES = ("ceph", "libvirt", "ssh", "fleet", "tls", "coordinator", "agents")
 # RBDFLEET_* variables that are not key overrides: what each is for.
 OTHER_ENV_VARS: dict[str, str] = {
     "RBDFLEET_CONFIG": "the config file (--config)",
@@ -139,6 +140,24 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class AgentTimings:
+    """The ``[agents]`` table: timings (seconds) that every agent of the fleet is deployed
+    with, the agent's ``[timing]`` keys (docs/agent.md); None leaves the agent's default."""
+
+    ack_timeout: float | None = None
+    retry_interval: float | None = None
+    tail_interval: float | None = None
+    heartbeat_interval: float | None = None
+    selftest_interval: float | None = None
+    idle_checkpoint: float | None = None
+
+    def settings(self) -> dict[str, float]:
+        """The timings that are set, as agent config keys."""
+        return {f.name: value for f in dataclasses.fields(self)
+                if (value := getattr(self, f.name)) is not None}
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """One ``[[vm]]`` table; ``uri`` is already resolved to the default when omitted."""
 
@@ -177,6 +196,7 @@ class FleetConfig:
     hosts: tuple[HostConfig, ...] = ()
     sandbox: SandboxConfig | None = None
     tls: TlsConfig = TlsConfig()
+    agents: AgentTimings = AgentTimings()
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -212,6 +232,7 @@ TABLES: dict[str, frozenset[str]] = {
     "sandbox": _keys(SandboxConfig),
     "tls": _keys(TlsConfig),
     "coordinator": COORDINATOR_KEYS,
+    "agents": _keys(AgentTimings),
 }
 # Every RBDFLEET_* variable rbdfleet reads.
 ENV_VARS: frozenset[str] = frozenset(OTHER_ENV_VARS) | {
@@ -353,6 +374,18 @@ def _int(table: Mapping[str, Any], key: str, where: str, default: int) -> int:
     raise ConfigError(f"{where}.{key}", f"expected an integer, got {value!r}")
 
 
+def _seconds(table: Mapping[str, Any], key: str, where: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise ConfigError(f"{where}.{key}", f"expected a positive number of seconds, got {value!r}")
+    return float(value)
+
+
 def _writer(table: Mapping[str, Any]) -> str:
     value = table.get("writer", "")
     if isinstance(value, list):
@@ -422,7 +455,10 @@ def _build(data: Mapping[str, Any]) -> FleetConfig:
     tls_t = _table(data, "tls", required=False)
     tls = TlsConfig(dir=_path(tls_t, "dir", "tls") if "dir" in tls_t else None,
                     insecure_plaintext=_bool(tls_t, "insecure_plaintext", "tls", False))
-    return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox, tls)
+    agents_t = _table(data, "agents", required=False)
+    agents = AgentTimings(**{f.name: _seconds(agents_t, f.name, "agents")
+                             for f in dataclasses.fields(AgentTimings)})
+    return FleetConfig(ceph, libvirt, ssh, fleet, tuple(vms), tuple(hosts), sandbox, tls, agents)
 
 
 def display_uri(uri: str) -> str:

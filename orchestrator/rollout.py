@@ -87,7 +87,8 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
     ``writer``/``epoch``: the fleet's current writer (default ``[fleet] writer``) and epoch.
     The agent listens on the VM's address; the writer pushes to every other non-spare VM.
     A spare's agent waits for the disk the coordinator attaches when it replaces a reader.
-    TLS with the files :data:`GUEST_TLS` unless the fleet is ``[tls] insecure_plaintext``.
+    TLS with the files :data:`GUEST_TLS` unless the fleet is ``[tls] insecure_plaintext``;
+    the timings of ``[agents]`` that are set.
     """
     me = cfg.vm(vm)
     writer = cfg.fleet.writer if writer is None else writer
@@ -101,6 +102,7 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
         "advertise": f"{me.address}:{port}",
         "role": "writer" if me.name == writer else "spare" if me.spare else "reader",
         "epoch": epoch,
+        **cfg.agents.settings(),
     }
     if me.name == writer:
         config["readers"] = {

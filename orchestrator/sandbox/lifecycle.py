@@ -302,6 +302,9 @@ def render_config(directory: Path, cluster: Any, vm_set: Any, host_set: Any,
     for host in host_set.hosts if host_set else []:
         lines += ["", "[[host]]", f"name = {_toml_str(host.name)}",
                   f"address = {_toml_str(host.address)}", f"root = {_toml_str(host.root)}"]
+    # The writer's idle checkpoints wait 1 s instead of 5: every check that the image stays
+    # unchanged first waits for the writer to settle, and the sandbox runs many of them.
+    lines += ["", "[agents]", "idle_checkpoint = 1.0"]
     lines += ["", "[tls]", f"dir = {_toml_str(directory / TLS_DIR)}"]
     lines += ["", "[sandbox]", f"dir = {_toml_str(directory)}", ""]
     return "\n".join(lines)

@@ -162,7 +162,8 @@ def test_unknown_names_are_refused_with_a_suggestion(
 
 
 def test_unknown_name_without_a_close_match_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown table \(known: \[ceph\], \[coordinator\]"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown table \(known: \[agents\], \[ceph\], \[coordinator\]"):
         config.from_mapping({**BASE, "zzz": {}})
 
 
@@ -191,3 +192,29 @@ def test_coordinator_table_reader_refuses_typos_too(tmp_path: Path) -> None:
         coordinator_config(path, env={"RBDFLEET_COORDINATOR_DEAD_AFTR": "2"})
     cfg = coordinator_config(path, env={"RBDFLEET_COORDINATOR_DEAD_AFTER": "2"})
     assert (cfg.probe_interval, cfg.dead_after) == (0.5, 2.0)
+
+
+def test_agent_timings_are_the_agents_own_timing_settings() -> None:
+    from agents.daemon import AgentConfig
+
+    agent_fields = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
+    assert all(agent_fields[key] == "float" for key in config.TABLES["agents"])
+
+
+def test_agent_timings_set_are_passed_on_and_others_left_to_the_agent() -> None:
+    cfg = config.from_mapping({**BASE, "agents": {"idle_checkpoint": 1, "ack_timeout": 2.5}},
+                              {"RBDFLEET_AGENTS_TAIL_INTERVAL": "0.25"})
+    assert cfg.agents.settings() == {"idle_checkpoint": 1.0, "ack_timeout": 2.5,
+                                     "tail_interval": 0.25}
+    assert config.from_mapping(BASE).agents.settings() == {}
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", True, float("nan"), float("inf"), [1]])
+def test_an_agent_timing_that_is_not_a_positive_number_is_refused(value: Any) -> None:
+    with pytest.raises(ConfigError, match=r"agents\.idle_checkpoint: expected a positive number"):
+        config.from_mapping({**BASE, "agents": {"idle_checkpoint": value}})
+
+
+def test_an_unknown_agent_timing_is_refused_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean agents\.idle_checkpoint\?"):
+        config.from_mapping({**BASE, "agents": {"idle_checkpoints": 1.0}})

@@ -117,6 +117,23 @@ def test_agent_config_writer_pushes_to_the_other_active_vms() -> None:
     assert agent_config(CFG, "vm4", coordinator=None)["role"] == "spare"  # waits for a disk
 
 
+def test_agent_config_carries_the_fleets_agent_timings_which_the_agent_accepts(
+        tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from agents.daemon import load_config
+
+    cfg = dataclasses.replace(CFG, agents=config.AgentTimings(idle_checkpoint=1.0,
+                                                               ack_timeout=3.0))
+    deployed = agent_config(cfg, "vm2", coordinator=None)
+    assert deployed["idle_checkpoint"] == 1.0 and "tail_interval" not in deployed
+    path = tmp_path / "agent.json"
+    path.write_text(json.dumps(deployed))
+    loaded = load_config(str(path), {})
+    assert (loaded.idle_checkpoint, loaded.ack_timeout, loaded.tail_interval) == (1.0, 3.0, 0.5)
+
+
 def test_agent_config_roles_from_the_current_map() -> None:
     assert agent_config(CFG, "vm1", coordinator=None, writer="vm2", epoch=3)["role"] == "reader"
     promoted = agent_config(CFG, "vm2", coordinator=None, writer="vm2", epoch=3)
