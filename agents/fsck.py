@@ -44,13 +44,58 @@ class Problem:
         return f"{self.location}: {self.kind}: {self.detail}"
 
 
+CHECKS = 3  # tries on an image a live writer keeps changing
+
+
 def check(device: BlockDevice) -> list[Problem]:
-    """Every problem found on ``device`` (read-only; nothing is repaired)."""
-    return _check(device)[0]
+    """Every problem found on ``device`` (read-only; nothing is repaired).
+
+    A running writer may checkpoint, reuse freed pages or append records while the check
+    reads, which looks like damage to a reader that is not in sync (seen: pages of the loaded
+    checkpoint rewritten, "bad magic"). So a check that found problems is trusted only if the
+    image did not change under it: the superblocks, the checkpoint headers and the journal's
+    end read the same after it. Otherwise it runs again, up to :data:`CHECKS` times.
+    """
+    return _checked(device)[0]
 
 
-def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
-    """The problems, and the volume state as far as it could be recovered."""
+def _checked(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
+    """:func:`check`'s problems, and the volume state of the last check."""
+    for _ in range(CHECKS):
+        before = _stamp(device)
+        problems, vol, ended = _check(device)
+        if not problems or (_stamp(device) == before
+                            and (vol is None or _ends_again(vol, ended))):
+            return problems, vol
+    return [*problems, Problem(
+        "image", "live", f"a writer changed the image during each of {CHECKS} checks, so the "
+        "problems above may be its changes: check again once the writer is stopped or idle",
+    )], vol
+
+
+def _stamp(device: BlockDevice) -> bytes:
+    """What a checkpoint changes: both superblocks and the checkpoint headers they name."""
+    raw = device.read_at(0, 2 * ALIGN)
+    try:
+        sb = superblock.choose([raw[s : s + ALIGN] for s in superblock.SLOTS])
+    except FormatError:
+        return raw
+    if sb.device_size > device.size():
+        return raw
+    return raw + b"".join(device.read_at(off, ALIGN) for off in sb.checkpoint_offsets)
+
+
+def _ends_again(vol: Follower, ended: tuple[int, int, str] | None) -> bool:
+    """Whether following the journal on from where the check stopped ends there again: no
+    record was appended (and nothing overwrote the chain) while it ran."""
+    seq = vol.applied_seq
+    return vol.replay() == ended and vol.applied_seq == seq
+
+
+def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None,
+                                          tuple[int, int, str] | None]:
+    """The problems, the volume state as far as it could be recovered, and how its journal
+    ended (None: at a torn tail)."""
     problems: list[Problem] = []
     raw = device.read_at(0, 2 * ALIGN)
     names = ("A", "B")
@@ -62,12 +107,12 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
     try:
         sb = superblock.choose([raw[s : s + ALIGN] for s in superblock.SLOTS])
     except FormatError:
-        return problems, None
+        return problems, None, None
     if sb.device_size > device.size():
         problems.append(Problem("superblock", "superblock",
                                 f"volume of {sb.device_size} bytes on a device of "
                                 f"{device.size()}"))
-        return problems, None
+        return problems, None, None
     vol = Follower(device, sb)
     try:
         vol.load()
@@ -80,7 +125,7 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
                     Problem(f"checkpoint {names[i]} (offset {off})", "checkpoint", str(err))
                 )
         problems.append(Problem("checkpoints", "checkpoint", f"no usable checkpoint: {exc}"))
-        return problems, None
+        return problems, None, None
     reached: set[int] = set()
     problems += [Problem(f"metadata page {p.page} (device offset {p.page * ALIGN})"
                          if p.page is not None else "metadata tree", "tree", p.detail)
@@ -94,7 +139,7 @@ def _check(device: BlockDevice) -> tuple[list[Problem], Follower | None]:
         problems += _check_files(vol, device, reached)
     except FormatError as exc:  # a tree page that does not decode (reported above)
         problems.append(Problem("metadata tree", "tree", f"files not checked: {exc}"))
-    return problems, vol
+    return problems, vol, broken
 
 
 def _check_files(vol: Follower, device: BlockDevice, pages: set[int]) -> list[Problem]:
@@ -199,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fsck: cannot open {args.image}: {exc}", file=sys.stderr)
         return 2
     try:
-        problems, vol = _check(device)
+        problems, vol = _checked(device)
     except RbdfleetError as exc:
         print(f"fsck: cannot check {args.image}: {exc}", file=sys.stderr)
         return 2
