@@ -141,23 +141,26 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def small_puts(fleet: AgentFleet, seconds: float, clients: int) -> dict[str, float]:
-    """4 KiB puts from ``clients`` threads (one keep-alive connection each) for ``seconds``."""
-    grant = fleet.grant("w", "writer", fleet.epoch("w"))
+def small_puts(fleet: AgentFleet, seconds: float, clients: int, *, writer: str = "w",
+               readers: tuple[str, ...] = ("r1", "r2"), prefix: str = "small",
+               ) -> dict[str, float]:
+    """4 KiB puts to ``writer`` from ``clients`` threads (one keep-alive connection each) for
+    ``seconds``, each acknowledged by every one of ``readers``."""
+    grant = fleet.grant(writer, "writer", fleet.epoch(writer))
     payload = os.urandom(4096)
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
-    readers = fleet.reader_addresses("r1", "r2")
+    addresses = fleet.reader_addresses(*readers)
 
     def client(n: int) -> None:
-        conn = _conn(fleet["w"].address)
-        headers = PutRequest(grant=grant, size=len(payload), readers=readers).to_headers()
+        conn = _conn(fleet[writer].address)
+        headers = PutRequest(grant=grant, size=len(payload), readers=addresses).to_headers()
         i = 0
         mine = []
         while time.perf_counter() < stop:
             started = time.perf_counter()
-            conn.request("PUT", f"/v1/files/small/c{n}-{i}", body=payload, headers=headers)
+            conn.request("PUT", f"/v1/files/{prefix}/c{n}-{i}", body=payload, headers=headers)
             resp = conn.getresponse()
             body = resp.read()
             if resp.status != 201 or json.loads(body)["lagging"]:
@@ -176,7 +179,8 @@ def small_puts(fleet: AgentFleet, seconds: float, clients: int) -> dict[str, flo
         t.join()
     elapsed = time.perf_counter() - started
     return {"puts": len(latencies), "puts_per_s": len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3}
+            "p50_ms": pct(latencies, 0.5) * 1e3, "p99_ms": pct(latencies, 0.99) * 1e3,
+            "p999_ms": pct(latencies, 0.999) * 1e3, "max_ms": max(latencies) * 1e3}
 
 
 def visibility_lag(fleet: AgentFleet, count: int) -> dict[str, float]:

@@ -17,15 +17,20 @@ rounds), all in the same run on the same image:
    the figure is request sent -> put answered 201. The agent's log must say
    ``event=promotion_warm`` or ``event=promotion_cold`` as intended, or the round fails.
 
-The promoted reader is the next round's writer. Bulk loader: the metadata tree is built in
-this process by the engine's own B+tree (``agents.core.btree``, keys inserted in order,
-1 000 files per directory, 16-byte inline files) on pages allocated from the data area, and
+The promoted reader is the next round's writer. After the rounds, the last writer takes 4 KiB
+puts from ``--growth-clients`` clients for ``--growth-seconds`` (the store keeps growing past
+its ``--files``; no reader is in sync then, so each put waits for its own durability alone):
+their latency percentiles, p99.9 and the slowest included, say whether work that grows with
+the store (checkpoints, the tree's commits) stalls writers. Bulk loader: the metadata tree
+is built in this process by the engine's own B+tree (``agents.core.btree``, keys inserted in
+order, 1 000 files per directory, 16-byte inline files) on pages allocated from the data area, and
 its root and free map written as the image's checkpoint by the engine's codec
 (``agents.core.checkpoint``); the agents then open the image as deployed. Each reader's
 RSS once its volume is open is recorded (``reader_rss_mib``) with its open time. Usage:
 
     .venv/bin/python bench/promote_bench.py [--files 10000,100000] [--rounds 7]
-        [--tail-puts 50] [--workdir DIR] [--json out.json]
+        [--tail-puts 50] [--growth-seconds 30] [--growth-clients 8] [--workdir DIR]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from agents.backends.file import FileDevice  # noqa: E402
 from agents.core.superblock import SLOTS, Superblock, choose  # noqa: E402
 from agents.device import ALIGN  # noqa: E402
 from agents.testing import bulk_format  # noqa: E402
+from bench.agents_bench import small_puts  # noqa: E402
 from bench.run_all import spread  # noqa: E402
 from tests.fixtures.agents import AgentClient, AgentFleet  # noqa: E402
 
@@ -149,7 +155,8 @@ class Chain:
         return elapsed
 
 
-def run(files: int, rounds: int, tail_puts: int, workdir: Path) -> dict[str, Any]:
+def run(files: int, rounds: int, tail_puts: int, growth: tuple[float, int],
+        workdir: Path) -> dict[str, Any]:
     fleet = AgentFleet(f"pb-{uuid.uuid4().hex[:6]}", f"file:{workdir / 'image.raw'}",
                        workdir / "agents")
     fleet.dir.mkdir()
@@ -164,11 +171,15 @@ def run(files: int, rounds: int, tail_puts: int, workdir: Path) -> dict[str, Any
                 times[mode].append(chain.round(mode))
                 print(f"promote_bench: files={files} round={r} {mode} "
                       f"{times[mode][-1]:.3f} s", file=sys.stderr)
+        seconds, clients = growth
+        grown = small_puts(fleet, seconds, clients, writer=chain.writer, readers=(),
+                           prefix="grow")
     finally:
         fleet.close()
     return {"files": files, "bulk_load_s": built, "reader_open_s": spread(chain.open_s),
             "reader_rss_mib": spread(chain.reader_rss),
             "warm_s": spread(times["warm"]), "cold_s": spread(times["cold"]),
+            "growth": {"clients": growth[1], "seconds": growth[0], **grown},
             "cold_over_warm": statistics.median(times["cold"]) / statistics.median(
                 times["warm"])}
 
@@ -180,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[10_000, 100_000])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tail-puts", type=int, default=50)
+    parser.add_argument("--growth-seconds", type=float, default=30.0)
+    parser.add_argument("--growth-clients", type=int, default=8)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where images go (default: a temporary directory under /var/tmp)")
     parser.add_argument("--json", type=Path)
@@ -188,14 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     for files in args.files:
         with tempfile.TemporaryDirectory(prefix="rbdfleet-promote-",
                                          dir=args.workdir or "/var/tmp") as tmp:
-            result["sizes"][str(files)] = run(files, args.rounds, args.tail_puts, Path(tmp))
+            result["sizes"][str(files)] = run(
+                files, args.rounds, args.tail_puts,
+                (args.growth_seconds, args.growth_clients), Path(tmp))
         one = result["sizes"][str(files)]
         print(f"files={files}: warm median {one['warm_s']['median']:.3f} s "
               f"(min {one['warm_s']['min']:.3f}, max {one['warm_s']['max']:.3f}); cold median "
               f"{one['cold_s']['median']:.3f} s (min {one['cold_s']['min']:.3f}, max "
               f"{one['cold_s']['max']:.3f}); reader open median "
               f"{one['reader_open_s']['median']:.2f} s, reader RSS median "
-              f"{one['reader_rss_mib']['median']:.1f} MiB")
+              f"{one['reader_rss_mib']['median']:.1f} MiB; growing: "
+              f"{one['growth']['puts']} puts, p99.9 {one['growth']['p999_ms']:.1f} ms, "
+              f"max {one['growth']['max_ms']:.1f} ms")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

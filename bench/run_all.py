@@ -106,6 +106,7 @@ def from_promote(raw: dict[str, Any]) -> dict[str, Any]:
             keys[f"promote_cold_{tag}_s"] = spread(size["cold_s"]["rounds"])
             keys[f"open_{tag}_s"] = spread(size["reader_open_s"]["rounds"])
             keys[f"files_{tag}_reader_rss_mib"] = spread(size["reader_rss_mib"]["rounds"])
+            keys[f"put_p999_ms_at_{tag}"] = spread([size["growth"]["p999_ms"]])
     return keys
 
 
