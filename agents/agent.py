@@ -87,7 +87,7 @@ from agents.errors import (
     StaleEpoch,
 )
 from agents.metrics import Registry
-from agents.peers import Peer, PeerSession
+from agents.peers import CoordinatorLink, Peer, PeerSession
 from agents.reader import ReaderRole
 from agents.volume import Volume
 from agents.writer import ReaderLink, WriterRole
@@ -130,7 +130,8 @@ class AgentSettings:
     keys: tuple[bytes, ...] = field(repr=False)
     advertise: str
     readers: dict[str, str] = field(default_factory=dict)
-    coordinator: str | None = None
+    # the fleet's coordinators (an active one and its standbys); none: no reports at all
+    coordinators: tuple[str, ...] = ()
     tls: bool = False
     ca_file: str | None = None
     # this node's certificate and key (PEM files), presented on its pushes and reports
@@ -185,7 +186,9 @@ class Agent:
         self._push_lock = threading.Lock()
         self.take_push_grants(settings.push_grants)
         self._sessions: dict[tuple[str, str], PeerSession] = {}  # one per reader link thread
-        self._coordinator_sessions = threading.local()
+        self._coordinator = (CoordinatorLink(settings.coordinators, self._peer,
+                                             settings.report_timeout)
+                             if settings.coordinators else None)
         # closes the handles of readers a promotion replaced, at stop: reads in flight on
         # them go on meanwhile
         self._retired: list[Callable[[], None]] = []
@@ -631,18 +634,13 @@ class Agent:
         return RecordAck.from_json(answer)
 
     def _to_coordinator(self, path: str, message: Message) -> dict[str, Any]:
-        if self.settings.coordinator is None:
+        if self._coordinator is None:
             return {}
-        session: PeerSession | None = getattr(self._coordinator_sessions, "session", None)
-        if session is None:  # one keep-alive connection per reporting thread
-            session = PeerSession(self._peer(self.settings.coordinator),
-                                  self.settings.report_timeout)
-            self._coordinator_sessions.session = session
-        return session.post(path, message, grant=self.report_grant(message))
+        return self._coordinator.post(path, message, grant=self.report_grant(message))
 
     def _report_lagging(self, report: LaggingReaderReport) -> None:
         self.m_lagging.inc()
-        if self.settings.coordinator is None:
+        if self._coordinator is None:
             LOG.warning("event=lagging_not_reported reader=%s reason=no_coordinator",
                         report.reader)
             return
@@ -816,7 +814,7 @@ class Agent:
         self._loop("selftest", self.settings.selftest_interval, self._selftest_and_report)
 
     def _start_heartbeats(self) -> None:
-        if self.settings.coordinator is not None:
+        if self._coordinator is not None:
             self._loop("heartbeat", self.settings.heartbeat_interval, self._heartbeat)
 
     def _start_once_attached(self, on_failure: Callable[[RbdfleetError], None]) -> None:

@@ -62,7 +62,7 @@ class AgentConfig:
     advertise: str | None = None
     role: str = "reader"
     epoch: int = 1
-    coordinator: str | None = None
+    coordinator: tuple[str, ...] = ()  # the active coordinator and its standbys, any order
     readers: dict[str, str] = field(default_factory=dict)
     push_grants: dict[str, str] = field(default_factory=dict)
     ceph_conf: str | None = None
@@ -150,19 +150,29 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> AgentConfig:
         raise ConfigError("insecure_plaintext", "must be true or false")
     if values.get("insecure_plaintext") and values.get("tls_cert"):
         raise ConfigError("insecure_plaintext", "set together with tls.cert: choose one")
-    coordinator = values.get("coordinator")
-    if coordinator is not None and not isinstance(coordinator, str):
-        raise ConfigError("coordinator", "must be a URL (https://HOST:PORT) or host:port")
-    if (coordinator and coordinator.strip().lower().startswith("http://")
-            and not values.get("insecure_plaintext")):
-        # reports would cross the network in the clear, and without this node's certificate
-        raise ConfigError("coordinator", f"{coordinator!r} is plaintext http:// but TLS "
-                                              "is on: write https://HOST:PORT (or host:port), "
-                                              "or set insecure_plaintext = true")
+    if "coordinator" in values:
+        values["coordinator"] = _coordinators(values["coordinator"],
+                                              bool(values.get("insecure_plaintext")))
     if values.get("log_level", "info").upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("log_level", "one of debug, info, warning, error")
     _split_address("listen", values.get("listen", AgentConfig.listen))
     return AgentConfig(**values)
+
+
+def _coordinators(value: Any, plaintext: bool) -> tuple[str, ...]:
+    """The ``coordinator`` setting: one URL, or a list of them (an active coordinator and its
+    standbys); an empty string or list means none."""
+    urls = [value] if isinstance(value, str) else value
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise ConfigError("coordinator", "must be a URL (https://HOST:PORT) or host:port, "
+                                         "or a list of them")
+    for url in urls:
+        if url.strip().lower().startswith("http://") and not plaintext:
+            # reports would cross the network in the clear, and without this node's certificate
+            raise ConfigError("coordinator", f"{url!r} is plaintext http:// but TLS is on: "
+                                             "write https://HOST:PORT (or host:port), or set "
+                                             "insecure_plaintext = true")
+    return tuple(url for url in urls if url)
 
 
 def _split_address(key: str, address: str) -> tuple[str, int]:
@@ -305,7 +315,7 @@ def run(config: AgentConfig) -> int:
         node=config.node, fleet=config.fleet, keys=keys,
         advertise=config.advertise or local, readers=dict(config.readers),
         push_grants=dict(config.push_grants),
-        coordinator=config.coordinator, tls=material is not None, ca_file=config.tls_ca,
+        coordinators=config.coordinator, tls=material is not None, ca_file=config.tls_ca,
         cert_file=material.cert if material else None,
         key_file=material.key if material else None,
         crl_file=material.crl if material else None,
@@ -383,15 +393,18 @@ def _is_blank(device: BlockDevice, fleet: str) -> bool:
 def _serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the agent")
     p.add_argument("--config", help="TOML (.toml) or JSON config file")
+    p.add_argument("--coordinator", action="append", metavar="URL",
+                   help="a coordinator of the fleet (repeatable: the active one and its "
+                        "standbys; replaces the file's)")
     for name in ("node", "fleet", "backend", "secret-file", "listen", "advertise", "role",
-                 "coordinator", "ceph-conf", "ceph-user", "ceph-keyring", "tls-cert", "tls-key",
+                 "ceph-conf", "ceph-user", "ceph-keyring", "tls-cert", "tls-key",
                  "tls-ca", "tls-crl", "max-body", "log-level", "ready-file"):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"))
     p.add_argument("--epoch", type=int)
     p.add_argument("--insecure-plaintext", action="store_true", default=None,
                    help="serve without TLS (logged as a warning; TLS is on by default)")
     for name in ("ack-timeout", "retry-interval", "tail-interval", "heartbeat-interval",
-                 "selftest-interval"):
+                 "selftest-interval", "idle-checkpoint"):
         p.add_argument(f"--{name}", dest=name.replace("-", "_"), type=float)
     p.add_argument("--reader", action="append", default=[], metavar="NODE=ADDRESS",
                    help="a reader the writer pushes to (repeatable; replaces the file's)")

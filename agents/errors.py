@@ -18,6 +18,8 @@
         ├── LagNotReported      503           a write not acknowledged: a dropped reader
         │                                     is not out of the map yet (outcome unknown)
         ├── TooBusy             503           every connection slot of the agent is taken
+        ├── NotActiveCoordinator 503          a standby coordinator (``coordinator``: the
+        │                                     active one's URL)
         ├── FormatError         500           BadMagic, UnsupportedFormat, ChecksumMismatch,
         │                                     TornRecord, CorruptMetadata
         └── DeviceError(op, errno)  500       EIO / EPERM: where a fenced writer stops
@@ -332,6 +334,13 @@ class InternalError(AgentError):
 
 
 # Agent peers (agents.peers).
+
+
+class NotActiveCoordinator(AgentError):
+    """A standby coordinator's answer: ``coordinator`` names the active one's URL."""
+
+    code = "not_active"
+    status = 503
 
 
 class PeerUnreachable(AgentError):

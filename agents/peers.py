@@ -1,5 +1,5 @@
 """Outgoing HTTP/1.1 from an agent: writer → reader pushes (binary), agent → coordinator
-reports (JSON).
+reports (JSON), sent by :class:`CoordinatorLink` to whichever coordinator is active.
 
 :class:`PeerSession` keeps one keep-alive connection per sending thread, with a timeout,
 TLS (the peer verified against a CA file; this node's certificate presented when the
@@ -15,15 +15,15 @@ import json
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agents.core.protocol import AUTH_HEADER, BEARER, ErrorBody, Message
-from agents.errors import AgentError, DecodeError, PeerUnreachable
+from agents.errors import AgentError, DecodeError, NotActiveCoordinator, PeerUnreachable
 from agents.tlsreload import ReloadingContext, TlsFiles, client_context
 
-__all__ = ["Peer", "PeerSession", "post_message", "reload_client_contexts"]
+__all__ = ["CoordinatorLink", "Peer", "PeerSession", "post_message", "reload_client_contexts"]
 
 # files loaded once per (CA, certificate, key, CRL), not per connection, and again when they
 # change (a rotated certificate, a new CRL); a process has one or two of these
@@ -145,6 +145,87 @@ class PeerSession:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class CoordinatorLink:
+    """Reports to the active one of the fleet's coordinators (an active one and standbys).
+
+    A report goes first to the coordinator that took the last one. A standby answers 503
+    ``not_active`` naming the active one, which is tried next if it is one of ``urls``: a
+    coordinator's answer never sends reports anywhere else. An unreachable one passes the
+    report to the next in ``urls``. Each is tried at most once per report; when none takes
+    it, the last error is raised. Thread-safe: one keep-alive connection per coordinator
+    and sending thread.
+    """
+
+    def __init__(self, urls: Sequence[str], peer: Callable[[str], Peer],
+                 timeout: float) -> None:
+        if not urls:
+            raise ValueError("a coordinator link needs at least one URL")
+        self.urls = tuple(urls)
+        self._peer = peer
+        self._timeout = timeout
+        self._current = 0  # index into urls of the last coordinator that took a report
+        self._local = threading.local()
+
+    @property
+    def current(self) -> str:
+        """The URL reports go to first."""
+        return self.urls[self._current]
+
+    def post(self, path: str, message: Message, *, grant: str | None) -> dict[str, Any]:
+        """POST ``message`` to the active coordinator; its JSON answer (see the class)."""
+        tried: list[int] = []
+        at: int | None = self._current
+        error: AgentError | None = None
+        while at is not None:
+            tried.append(at)
+            try:
+                answer = self._session(at).post(path, message, grant=grant)
+            except NotActiveCoordinator as exc:
+                error = exc
+                named = self._index(exc.fields.get("coordinator"))
+                at = named if named is not None and named not in tried else self._next(tried)
+                continue
+            except PeerUnreachable as exc:
+                error = exc
+                at = self._next(tried)
+                continue
+            self._current = at
+            return answer
+        assert error is not None
+        raise error
+
+    def _session(self, at: int) -> PeerSession:
+        sessions: dict[int, PeerSession] | None = getattr(self._local, "sessions", None)
+        if sessions is None:
+            sessions = self._local.sessions = {}
+        session = sessions.get(at)
+        if session is None:
+            session = sessions[at] = PeerSession(self._peer(self.urls[at]), self._timeout)
+        return session
+
+    def _next(self, tried: list[int]) -> int | None:
+        """The next coordinator after the last one tried, in ``urls`` order, not yet tried."""
+        count = len(self.urls)
+        return next((i % count for i in range(tried[-1] + 1, tried[-1] + count)
+                     if i % count not in tried), None)
+
+    def _index(self, url: object) -> int | None:
+        """Which of ``urls`` the coordinator ``url`` is (scheme, host, port compared)."""
+        if not isinstance(url, str):
+            return None
+        wanted = _origin(url)
+        return next((i for i, mine in enumerate(self.urls) if _origin(mine) == wanted), None)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
 
 
 def _answer(peer: Peer, status: int, data: bytes) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.errors import AgentError, ForeignGrant, RbdfleetError
+from agents.errors import AgentError, ForeignGrant, NotActiveCoordinator, RbdfleetError
 from agents.errors import ConfigError as ConfigError
 
 
@@ -236,11 +236,9 @@ class PeerCertificateMismatch(ForeignGrant):
     status = 403
 
 
-class NotActiveError(AgentError):
-    """Wire form of :class:`NotActive`: 503 with the active coordinator's URL."""
-
-    code = "not_active"
-    status = 503
+class NotActiveError(NotActiveCoordinator):
+    """Wire form of :class:`NotActive`: 503 with the active coordinator's URL (the agents'
+    :class:`~agents.errors.NotActiveCoordinator`, the same code)."""
 
 
 class RefusedTransition(AgentError):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +80,7 @@ if mode == "format":
 """
 
 
-def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
+def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | Sequence[str] | None,
                  writer: str | None = None, epoch: int = 1) -> dict[str, Any]:
     """The agent config (docs/agent.md) of ``vm``: its disk by serial, its role.
 
@@ -108,8 +108,9 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | None,
         config["readers"] = {
             v.name: f"{v.address}:{port}" for v in cfg.active_vms if v.name != me.name
         }
-    if coordinator:
-        config["coordinator"] = coordinator
+    urls = [coordinator] if isinstance(coordinator, str) else list(coordinator or ())
+    if urls:  # the active one and its standbys: agents report to whichever is active
+        config["coordinator"] = urls[0] if len(urls) == 1 else urls
     if cfg.tls.insecure_plaintext:
         config["insecure_plaintext"] = True
     else:
@@ -163,7 +164,7 @@ class FleetRollout:
         deployer: AgentDeployer,
         secret: bytes | tuple[bytes, ...],
         *,
-        coordinator: str | None = None,
+        coordinator: str | Sequence[str] | None = None,
         health: Callable[[str, float], Health] | None = None,
         fleet_map: Mapping[str, Any] | None = None,
         disk_wait: float = 60.0,
@@ -171,8 +172,8 @@ class FleetRollout:
         progress: Callable[[str], None] = LOG.info,
     ) -> None:
         """``secret``: the fleet's master key(s) (each VM gets its own derived key, never the
-        master; nothing is logged); ``coordinator``:
-        the URL agents report to; ``health(address, timeout)`` probes a started agent;
+        master; nothing is logged); ``coordinator``: the URL(s) agents report to (the active
+        coordinator and its standbys); ``health(address, timeout)`` probes a started agent;
         ``fleet_map``: the coordinator's current map (None at bootstrap)."""
         self.cfg = cfg
         self.shell = shell

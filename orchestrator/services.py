@@ -22,7 +22,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -228,7 +228,7 @@ class Services:
         tarball written to ``package_dir`` (once per version) and the VMs' keys in
         ``key_dir``."""
         package = AgentPackage.build()
-        return fleet_inventory(self.config, coordinator=self.coordinator.urls[0],
+        return fleet_inventory(self.config, coordinator=self.coordinator.urls,
                                fleet_map=fleet_map,
                                package=(write_package(package, package_dir), package.version),
                                key_dir=key_dir)
@@ -290,7 +290,7 @@ def open_rollout(config_path: Path, *,
             shell,
             deployer,
             secret,
-            coordinator=urls[0],
+            coordinator=urls,
             health=services.agent_control(transport).health,
             fleet_map=fleet_map,
             progress=progress,
@@ -365,7 +365,7 @@ def bootstrap_map(cfg: FleetConfig) -> FleetMap:
     return initial_map(cfg.fleet.name, cfg.fleet.writer, members)
 
 
-def fleet_inventory(cfg: FleetConfig, *, coordinator: str | None,
+def fleet_inventory(cfg: FleetConfig, *, coordinator: str | Sequence[str] | None,
                     fleet_map: Mapping[str, Any] | None,
                     package: tuple[Path, str] | None, key_dir: Path) -> Inventory:
     """The fleet's VMs as an :class:`Inventory` (pure: the map and package are inputs).

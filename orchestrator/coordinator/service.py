@@ -189,7 +189,7 @@ class FleetService:
         self._lease_thread.start()
 
     def stop(self, release: bool = True) -> None:
-        """Stop the loop; release the lease so a standby takes over at once."""
+        """Stop the loop and step down; release the lease so a standby takes over at once."""
         self._stop.set()
         self._wake.set()
         for unwatch in self._unwatch:
@@ -202,7 +202,11 @@ class FleetService:
         self._side.shutdown(wait=False, cancel_futures=True)
         if self._reader_sets is not None:
             self._reader_sets.close()
-        if release and self._state is not None:
+        was_active = self._state is not None
+        # answer not_active from now on: the server may still take requests on open
+        # connections, and no grant may come from a coordinator whose lease a standby takes
+        self._step_down("stopped")
+        if release and was_active:
             try:
                 self.store.release()
             except RbdfleetError as exc:

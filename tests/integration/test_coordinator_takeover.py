@@ -1,5 +1,6 @@
-"""Replay across a coordinator takeover, on real agent processes and two in-process
-coordinators sharing one lease (docs/security.md, "Coordinator API").
+"""A coordinator takeover, on real agent processes and two in-process coordinators sharing
+one lease: agents given both report to whichever is active; and replay across the takeover
+(docs/security.md, "Coordinator API").
 
 Coordinator A admits an agent's report; A stops and standby B, running since before that
 report was signed, takes the lease. The same report sent to B is refused (409
@@ -17,8 +18,11 @@ import pytest
 
 from agents.core.protocol import Heartbeat
 from agents.peers import post_message
+from orchestrator.coordinator.service import FleetService
+from orchestrator.core.election import Event
+from orchestrator.core.liveness import HeartbeatReceived, Observation
 from orchestrator.core.reports import TAKEOVER_SKEW
-from orchestrator.errors import ReplayedReport
+from orchestrator.errors import NotActive, ReplayedReport
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from tests.coordinator_harness import (
     PidFencer,
@@ -83,6 +87,50 @@ def test_a_report_admitted_by_the_old_coordinator_is_refused_by_the_one_taking_o
         assert answer["epoch"] == 1 and answer["writer"] == "w"
         with pytest.raises(ReplayedReport):  # and it, in turn, is admitted once
             post_message(to_b, "/v1/heartbeat", fresh, grant=fresh_grant, timeout=10)
+    finally:
+        a.stop(release=False)
+        b.stop(release=False)
+
+
+def _heartbeats_taken(service: FleetService) -> set[str]:
+    """The nodes whose heartbeats ``service`` takes from now on (filled as they come)."""
+    beating: set[str] = set()
+    submit = service.submit
+
+    def count(event: Observation | Event) -> None:
+        if isinstance(event, HeartbeatReceived):
+            beating.add(event.node)
+        submit(event)
+    service.submit = count  # type: ignore[method-assign]
+    return beating
+
+
+def test_agents_given_both_coordinators_report_to_the_active_one_and_follow_a_takeover(
+        fleet_factory: FleetFactory, tmp_path: Path) -> None:
+    """The standby B is listed first: the agents' heartbeats reach the active A only by
+    following B's ``not_active`` answer. Once A stops, it answers ``not_active`` on the
+    connections still open to it (or nothing), and they pass on to B, active by then."""
+    a, b = start_api(), start_api()
+    fleet = fleet_factory(f"file:{file_image(tmp_path / 'image.raw')}",
+                          name=f"tp-{uuid.uuid4().hex[:8]}", coordinator=[b.url, a.url])
+    board = MemoryLeaseBoard(FakeClock())
+    nodes = {"w", "r1", "r2"}
+    try:
+        service_a = start_service(a, MemoryStateStore(board, fleet.name, "a", 2.0),
+                                  PidFencer(fleet), bootstrap_map(fleet))
+        at_a = _heartbeats_taken(service_a)
+        service_b = start_service(b, MemoryStateStore(board, fleet.name, "b", 2.0),
+                                  PidFencer(fleet), bootstrap_map(fleet))
+        wait_in_sync(service_a, 20)
+        assert not service_b.active
+        wait_until(lambda: at_a == nodes, 20, "every agent's heartbeats at A, past B")
+        at_b = _heartbeats_taken(service_b)
+        a.stop(release=True)
+        with pytest.raises(NotActive):  # stopped: nothing more from A, open connections too
+            service_a.require_active()
+        wait_until(lambda: service_b.active, 10, "B active")
+        wait_until(lambda: at_b == nodes, 20, "every agent's heartbeats at B, once A is gone")
+        wait_in_sync(service_b, 20)
     finally:
         a.stop(release=False)
         b.stop(release=False)

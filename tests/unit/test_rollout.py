@@ -197,3 +197,10 @@ def test_a_vm_without_the_disk_fails_the_deploy_naming_it() -> None:
         FleetRollout(CFG, shell, deployer, SECRET, progress=lambda _: None).deploy()
     assert not caught.value.results["vm3"].ok and caught.value.results["vm1"].ok
     assert [c for c, _ in deployer.calls] == ["status", "install"]  # nothing started
+
+
+def test_agents_are_given_every_coordinator_and_a_lone_one_as_before() -> None:
+    pair = ["https://10.0.0.253:7470", "https://10.0.0.254:7470"]
+    assert agent_config(CFG, "vm2", coordinator=pair)["coordinator"] == pair
+    assert agent_config(CFG, "vm2", coordinator=pair[:1])["coordinator"] == pair[0]
+    assert "coordinator" not in agent_config(CFG, "vm2", coordinator=[])
