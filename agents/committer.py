@@ -35,7 +35,7 @@ from agents.core import journal
 from agents.core.allocator import Allocator, Extent, coalesce
 from agents.core.index import Node, file_crc, locate, normalize_path, put_payload
 from agents.core.record import HEADER, Record
-from agents.core.superblock import SLOTS, Superblock, choose
+from agents.core.superblock import RING_ALIGN, SLOTS, Superblock, choose
 from agents.device import ALIGN, BlockDevice, aligned_buffer, byte_view
 from agents.errors import (
     AgentError,
@@ -60,7 +60,7 @@ CHECKPOINT_AT = 0.5  # checkpoint once this fraction of the journal ring is in u
 DISCARD_UNIT = 4 << 20
 # librbd skips a discard, or the part of one, that does not cover whole pieces of this size
 # (rbd_discard_granularity_bytes, with rbd_skip_partial_discard on: Pacific's defaults)
-DISCARD_GRANULE = 64 << 10
+DISCARD_GRANULE = RING_ALIGN
 DISCARD_WAIT = 5.0  # seconds between looks at space held by discards in flight
 PAGE_RUN = 32  # tree pages allocated at once by a checkpoint (written as one run)
 # paths changed since the last checkpoint kept in memory: past this the writer checkpoints

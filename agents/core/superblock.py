@@ -50,6 +50,10 @@ INLINE_MAX = 16 << 10
 # the data area starts on an RBD object boundary (4 MiB, the default object size): a 4 MiB
 # data write then touches one RADOS object, not two
 DATA_ALIGN = 4 << 20
+# the smallest piece of an RBD image a discard gives back (librbd's discard granularity): the
+# journal ring starts and ends on one, so the ring's give-back never shares a piece with the
+# superblocks or checkpoint slot A
+RING_ALIGN = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,8 @@ def layout(
 ) -> Superblock:
     """Plan the regions of a fresh image of ``device_size`` bytes.
 
-    Superblocks, journal (default 1/64 of the image, 1-256 MiB), two checkpoint slots
+    Superblocks, journal (from 64 KiB on, a multiple of 64 KiB: default 1/64 of the image,
+    1-256 MiB), two checkpoint slots
     (1/256 of the image each, 1-64 MiB: a free map and a quarantine, not the namespace) and
     the data area from the next 4 MiB object boundary on, in that order.
     """
@@ -216,11 +221,12 @@ def layout(
     mib = 1 << 20
     if journal_bytes is None:
         journal_bytes = min(max(size // 64, mib), 256 * mib)
-    journal_bytes = max(journal_bytes // ALIGN * ALIGN, MIN_JOURNAL)
+    unit = RING_ALIGN if journal_bytes >= RING_ALIGN else ALIGN
+    journal_bytes = max(journal_bytes // unit * unit, MIN_JOURNAL)
     if inline_max is None:
         inline_max = min(INLINE_MAX, journal_bytes // 8)  # its record, path and all, fits
     checkpoint_bytes = min(max(size // 256, mib), 64 * mib) // ALIGN * ALIGN
-    journal_offset = 2 * ALIGN
+    journal_offset = RING_ALIGN
     ckpt_a = journal_offset + journal_bytes
     ckpt_b = ckpt_a + checkpoint_bytes
     data_offset = -(-(ckpt_b + checkpoint_bytes) // DATA_ALIGN) * DATA_ALIGN

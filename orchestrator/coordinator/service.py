@@ -264,6 +264,8 @@ class FleetService:
         return published
 
     def _advertised(self) -> str | None:
+        if self._stop.is_set():  # its owner may have closed the store (a RADOS handle) by now
+            return None
         try:
             return self.store.coordinator_url()
         except RbdfleetError:

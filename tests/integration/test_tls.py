@@ -343,7 +343,7 @@ def test_an_agent_with_tls_refuses_a_plaintext_coordinator_url(fleet: AgentFleet
     assert "Traceback" not in done.stderr
     base = {"node": "r1", "fleet": "f", "backend": "file:/x", "secret_file": "/s"}
     for url in ("https://127.0.0.1:9", "127.0.0.1:9"):  # https, or host:port (TLS)
-        assert load_config(None, {**base, "coordinator": url}).coordinator == url
+        assert load_config(None, {**base, "coordinator": url}).coordinator == (url,)
     assert load_config(None, {**base, "coordinator": "http://127.0.0.1:9",
                               "insecure_plaintext": True}).insecure_plaintext
 

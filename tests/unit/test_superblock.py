@@ -55,7 +55,12 @@ def test_torn_write_of_the_next_generation_leaves_a_valid_copy(
 
 def test_geometry_is_ordered_and_aligned() -> None:
     sb = layout(256 << 20, fleet="x", volume_id=VID)
-    assert sb.journal_offset == 8192
+    # the ring on whole 64 KiB pieces (what a discard gives back), none shared with the
+    # superblocks or checkpoint slot A, whatever journal size was asked for
+    assert sb.journal_offset == 64 << 10
+    for asked in (None, 1 << 20, (1 << 20) + 4096, 300 << 10):
+        ring = layout(256 << 20, fleet="x", volume_id=VID, journal_bytes=asked)
+        assert ring.journal_offset % (64 << 10) == ring.journal_bytes % (64 << 10) == 0
     regions = [
         (sb.journal_offset, sb.journal_bytes),
         (sb.checkpoint_offsets[0], sb.checkpoint_bytes),
