@@ -26,6 +26,7 @@ Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -246,6 +247,25 @@ def start_agents(fleet: AgentFleet, ceph: dict[str, str]) -> None:
     for node in ("r1", "r2"):
         fleet.add(node)
     fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+
+
+@contextlib.contextmanager
+def served_image(cluster: CephCluster, image: str, size_mib: int,
+                 work: Path) -> Iterator[AgentFleet]:
+    """A fresh thin image in the cluster's pool, served by :func:`start_agents`'s fleet;
+    afterwards the agents are stopped and the image removed."""
+    ceph = ceph_credentials(cluster)
+    spec = f"{cluster.pool}/{image}"
+    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{size_mib}M", spec],
+                   check=True, timeout=120)
+    fleet = AgentFleet("bench", f"rbd:{spec}", work, extra={**ceph, "log_level": "info"})
+    try:
+        start_agents(fleet, ceph)
+        yield fleet
+    finally:
+        fleet.close()
+        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress", spec],
+                       capture_output=True, timeout=120)
 
 
 def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:

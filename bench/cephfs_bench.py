@@ -68,10 +68,9 @@ from bench.agents_bench import (  # noqa: E402
     BLOCK,
     MiB,
     _conn,
-    ceph_credentials,
     get_large,
     put_large,
-    start_agents,
+    served_image,
 )
 from bench.report import emit  # noqa: E402
 from bench.storage_bench import settled, usage_by_pool, wait_settled  # noqa: E402
@@ -496,29 +495,21 @@ def run(cluster: CephCluster, fs: CephFs, clients: Sequence[ClientProcess],
     size = args.size_mib * MiB
     image = f"bench-cephfs-{uuid.uuid4().hex[:8]}"
     image_mib = args.rounds * (args.size_mib + 2 * args.files * SMALL // MiB) + 512
-    ceph = ceph_credentials(cluster)
-    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{image_mib}M",
-                    f"{cluster.pool}/{image}"], check=True, timeout=120)
-    fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{image}", work,
-                       extra={**ceph, "log_level": "info"})
-    try:
-        start_agents(fleet, ceph)
+    with served_image(cluster, image, image_mib, work) as fleet:
         say("agents up")
         for client in clients:
             client.call("mount", cluster.conf)
-        bench = Bench(cluster, fs, fleet, clients, size, args.files)
-        started = time.monotonic()
-        storage = bench.storage()
-        seconds = {"storage": round(time.monotonic() - started, 1)}
-        started = time.monotonic()
-        rounds = [bench.one_round(r) for r in range(args.rounds)]
-        seconds["rounds"] = round(time.monotonic() - started, 1)
-    finally:
-        for client in clients:
-            client.call("unmount")
-        fleet.close()
-        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress",
-                        f"{cluster.pool}/{image}"], capture_output=True, timeout=120)
+        try:
+            bench = Bench(cluster, fs, fleet, clients, size, args.files)
+            started = time.monotonic()
+            storage = bench.storage()
+            seconds = {"storage": round(time.monotonic() - started, 1)}
+            started = time.monotonic()
+            rounds = [bench.one_round(r) for r in range(args.rounds)]
+            seconds["rounds"] = round(time.monotonic() - started, 1)
+        finally:
+            for client in clients:
+                client.call("unmount")
     return {"size_mib": args.size_mib, "files": args.files, "rounds": args.rounds,
             "create_threads": CREATE_THREADS, "objectstore": cluster.objectstore,
             "order": [list(round_order(r)) for r in range(args.rounds)],

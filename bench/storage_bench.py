@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.core.protocol import PutRequest  # noqa: E402
-from bench.agents_bench import ceph_credentials, start_agents  # noqa: E402
+from bench.agents_bench import served_image  # noqa: E402
 from bench.report import emit  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
@@ -140,13 +140,7 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     user = args.files * args.file_kib * 1024
     image = "storage-bench"
     image_mib = max(256, 2 * user // MiB + 256)
-    ceph = ceph_credentials(cluster)
-    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{image_mib}M",
-                    f"{cluster.pool}/{image}"], check=True, timeout=120)
-    fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{image}", work,
-                       extra={**ceph, "log_level": "info"})
-    try:
-        start_agents(fleet, ceph)
+    with served_image(cluster, image, image_mib, work) as fleet:
         wait_settled(fleet)
         before = settled_usage(cluster, None)
         started = time.perf_counter()
@@ -157,10 +151,6 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         write_files(fleet, args.files, 0, delete=True)
         settle_seconds["after_deletes"] = wait_settled(fleet)
         deleted = settled_usage(cluster, after)
-    finally:
-        fleet.close()
-        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress",
-                        f"{cluster.pool}/{image}"], capture_output=True, timeout=120)
     size = pool_size(cluster)
     stored = after["stored"] - before["stored"]
     raw = after["bytes_used"] - before["bytes_used"]
