@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd python3-libvirt \
-        python3-venv libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-block-extra \
-        qemu-utils openssh-server openssh-client debootstrap busybox-static iproute2 nftables \
-        zstd e2fsprogs procps
+DEBS := ceph-mon ceph-osd ceph-mgr ceph-mds ceph-common python3-rados python3-rbd \
+        python3-cephfs python3-libvirt python3-venv libvirt-daemon-system libvirt-clients \
+        qemu-system-x86 qemu-block-extra qemu-utils openssh-server openssh-client debootstrap \
+        busybox-static iproute2 nftables zstd e2fsprogs procps
 DEMO_DIR ?= /var/tmp/rbdfleet-demo
 PYTEST_ARGS ?=
 

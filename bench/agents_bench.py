@@ -26,6 +26,7 @@ Usage (starts its own throwaway cluster under /var/tmp and stops it by pid):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -237,6 +238,40 @@ def file_agent_rss(work: Path) -> float:
         fleet.close()
 
 
+def ceph_credentials(cluster: CephCluster) -> dict[str, str]:
+    """The agents' (and ``open_backend``'s) Ceph settings for ``cluster``: client.admin."""
+    return {"ceph_conf": str(cluster.conf), "ceph_user": "admin",
+            "ceph_keyring": str(cluster.keyring)}
+
+
+def start_agents(fleet: AgentFleet, ceph: dict[str, str]) -> None:
+    """Format the fleet's image and start readers ``r1``, ``r2`` and writer ``w`` on it (the
+    writer pushes to both): the shape every benchmark of the agents measures."""
+    format_image(fleet.backend, "bench", **ceph)
+    for node in ("r1", "r2"):
+        fleet.add(node)
+    fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+
+
+@contextlib.contextmanager
+def served_image(cluster: CephCluster, image: str, size_mib: int,
+                 work: Path) -> Iterator[AgentFleet]:
+    """A fresh thin image in the cluster's pool, served by :func:`start_agents`'s fleet;
+    afterwards the agents are stopped and the image removed."""
+    ceph = ceph_credentials(cluster)
+    spec = f"{cluster.pool}/{image}"
+    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{size_mib}M", spec],
+                   check=True, timeout=120)
+    fleet = AgentFleet("bench", f"rbd:{spec}", work, extra={**ceph, "log_level": "info"})
+    try:
+        start_agents(fleet, ceph)
+        yield fleet
+    finally:
+        fleet.close()
+        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress", spec],
+                       capture_output=True, timeout=120)
+
+
 def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every measurement on one cluster. Large files: ``args.rounds`` rounds, each agent figure
     bracketed by ``rbd bench`` runs just before and just after it (a fresh bench image per
@@ -250,7 +285,7 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     bench_images = [f"bench-{tag}-{r}" for r in range(rounds + 1)]
     agent_image = f"bench-agents-{tag}"
     conf = cluster.conf
-    ceph = {"ceph_conf": str(conf), "ceph_user": "admin", "ceph_keyring": str(cluster.keyring)}
+    ceph = ceph_credentials(cluster)
     results: dict[str, Any] = {"size_mib": args.size_mib, "objectstore": cluster.objectstore,
                                "rounds": rounds}
     for name in bench_images:
@@ -261,10 +296,7 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{agent_image}", work,
                        extra={**ceph, "log_level": "info"})
     try:
-        format_image(fleet.backend, "bench", **ceph)
-        for node in ("r1", "r2"):
-            fleet.add(node)
-        fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+        start_agents(fleet, ceph)
         time.sleep(2)
         results["agent_idle_rss_mib_librbd"] = {
             n: round(rss_kib(fleet[n].proc.pid) / 1024, 1)  # type: ignore[union-attr]

@@ -7,7 +7,7 @@ stable keys (docs/benchmarks.md, "make bench"), one figure each with its spread 
 output under ``raw``. ``--quick`` (``make bench QUICK=1``) uses fewer and smaller rounds.
 
     .venv/bin/python bench/run_all.py [--quick]
-        [--only agents,devices,storage,storage4k,failover,promote,vm]
+        [--only agents,devices,storage,storage4k,cephfs,failover,promote,vm]
         [--out bench/results/latest.json]
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("agents", "devices", "storage", "storage4k", "failover", "promote", "vm")
+BENCHES = ("agents", "devices", "storage", "storage4k", "cephfs", "failover", "promote", "vm")
 
 
 
@@ -46,6 +46,10 @@ def argv_of(name: str, quick: bool, out: Path) -> list[str]:
     if name == "storage4k":  # small files, measured once they moved home
         return [py, "bench/storage_bench.py", "--files", "2000" if quick else "10000",
                 "--file-kib", "4", "--json", str(out)]
+    if name == "cephfs":  # rbdfleet beside CephFS, same cluster, interleaved rounds
+        sizes = (["--rounds", "3", "--files", "300", "--size-mib", "64"] if quick
+                 else ["--rounds", "7", "--files", "2000", "--size-mib", "256"])
+        return [py, "bench/cephfs_bench.py", *sizes, "--json", str(out)]
     if name == "promote":
         return [py, "bench/promote_bench.py", "--files",
                 "10000,100000" if quick else "10000,100000,1000000",
@@ -92,6 +96,22 @@ def from_storage_4k(raw: dict[str, Any]) -> dict[str, Any]:
     return {"storage_4k_ratio": spread([raw["stored_ratio"]])}
 
 
+def from_cephfs(raw: dict[str, Any]) -> dict[str, Any]:
+    """``cephfs_<metric>``: CephFS's own figure; ``vs_cephfs_<metric>_ratio``: ours ÷ CephFS
+    in the same round (storage: one reading, lower is better for us)."""
+    keys: dict[str, Any] = {}
+    for metric, short in (("large_write_mib_s", "large_write"), ("large_read_mib_s", "large_read"),
+                          ("create_4k_per_s", "create_4k"), ("stat_per_s", "stat"),
+                          ("small_read_per_s", "small_read")):
+        figures = raw["metrics"][metric]
+        keys[f"cephfs_{metric}"] = spread(figures["cephfs"]["rounds"])
+        keys[f"vs_cephfs_{short}_ratio"] = spread(figures["ratio"]["rounds"])
+    storage = raw["storage_4k"]
+    keys["cephfs_storage_4k_ratio"] = spread([storage["cephfs"]])
+    keys["vs_cephfs_storage_4k_ratio"] = spread([storage["ratio"]])
+    return keys
+
+
 def from_failover(raw: dict[str, Any]) -> dict[str, Any]:
     return {"failover_process_p99_s": spread([raw["writable"]["p99"]]),
             "failover_process_failed_reads": raw["reads"]["failed"]}
@@ -124,7 +144,7 @@ def from_vm(raw: dict[str, Any]) -> dict[str, Any]:
 
 EXTRACT: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "agents": from_agents, "devices": from_devices, "storage": from_storage,
-    "storage4k": from_storage_4k,
+    "storage4k": from_storage_4k, "cephfs": from_cephfs,
     "failover": from_failover, "promote": from_promote, "vm": from_vm}
 
 

@@ -35,17 +35,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agents.core.protocol import PutRequest  # noqa: E402
+from bench.agents_bench import served_image  # noqa: E402
 from bench.report import emit  # noqa: E402
 from orchestrator.sandbox.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
 from orchestrator.sandbox.state import StateFile  # noqa: E402
-from tests.fixtures.agents import AgentFleet, client_context, format_image  # noqa: E402
+from tests.fixtures.agents import AgentFleet, client_context  # noqa: E402
 
 MiB = 1 << 20
 SETTLE_POLL = 2.0  # seconds between ``ceph df`` reads while the mgr's numbers settle
@@ -53,17 +55,19 @@ STATS_PERIOD = 5.0  # seconds between OSD stats reports to the mgr (mgr_stats_pe
 SETTLE_TIMEOUT = 90.0
 
 
-def pool_usage(cluster: CephCluster) -> dict[str, int] | None:
-    """``stored``, ``bytes_used`` and ``objects`` of the cluster's pool (``ceph df detail``);
-    None until the mgr knows the pool."""
+def usage_by_pool(cluster: CephCluster) -> dict[str, dict[str, int]]:
+    """``stored``, ``bytes_used`` and ``objects`` of every pool the mgr knows
+    (``ceph df detail``)."""
     out = subprocess.run(
         ["ceph", "-c", str(cluster.conf), "df", "detail", "--format", "json"],
         capture_output=True, text=True, check=True, timeout=60).stdout
-    for pool in json.loads(out)["pools"]:
-        if pool["name"] == cluster.pool:
-            stats = pool["stats"]
-            return {k: int(stats[k]) for k in ("stored", "bytes_used", "objects")}
-    return None
+    return {pool["name"]: {k: int(pool["stats"][k]) for k in ("stored", "bytes_used", "objects")}
+            for pool in json.loads(out)["pools"]}
+
+
+def pool_usage(cluster: CephCluster) -> dict[str, int] | None:
+    """The usage of the cluster's pool; None until the mgr knows the pool."""
+    return usage_by_pool(cluster).get(cluster.pool)
 
 
 def pool_size(cluster: CephCluster) -> int:
@@ -74,15 +78,18 @@ def pool_size(cluster: CephCluster) -> int:
     return int(json.loads(out)["size"])
 
 
-def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict[str, int]:
-    """Pool usage once it differs from ``previous`` (if given) and then held still for two
-    stats periods: the mgr reports what the OSDs sent in their last stats beat, and a beat
-    taken mid-way would otherwise pass for the end."""
+Reading = TypeVar("Reading")
+
+
+def settled(read: Callable[[], Reading | None], previous: Reading | None) -> Reading:
+    """``read()`` (pool usage) once it differs from ``previous`` (if given) and then held
+    still for two stats periods: the mgr reports what the OSDs sent in their last stats beat,
+    and a beat taken mid-way would otherwise pass for the end."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    seen: dict[str, int] | None = None
+    seen: Reading | None = None
     since = 0.0
     while time.monotonic() < deadline:
-        usage = pool_usage(cluster)
+        usage = read()
         now = time.monotonic()
         if usage is None or usage == previous or usage != seen:
             seen, since = usage, now
@@ -90,6 +97,11 @@ def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict
             return usage
         time.sleep(SETTLE_POLL)
     raise RuntimeError(f"pool stats did not settle in {SETTLE_TIMEOUT}s (last {seen})")
+
+
+def settled_usage(cluster: CephCluster, previous: dict[str, int] | None) -> dict[str, int]:
+    """The usage of the cluster's pool, :func:`settled`."""
+    return settled(lambda: pool_usage(cluster), previous)
 
 
 def wait_settled(fleet: AgentFleet) -> float:
@@ -128,17 +140,7 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
     user = args.files * args.file_kib * 1024
     image = "storage-bench"
     image_mib = max(256, 2 * user // MiB + 256)
-    ceph = {"ceph_conf": str(cluster.conf), "ceph_user": "admin",
-            "ceph_keyring": str(cluster.keyring)}
-    subprocess.run(["rbd", "-c", str(cluster.conf), "create", "--size", f"{image_mib}M",
-                    f"{cluster.pool}/{image}"], check=True, timeout=120)
-    fleet = AgentFleet("bench", f"rbd:{cluster.pool}/{image}", work,
-                       extra={**ceph, "log_level": "info"})
-    try:
-        format_image(fleet.backend, "bench", **ceph)
-        for node in ("r1", "r2"):
-            fleet.add(node)
-        fleet.add("w", role="writer", readers={n: fleet[n].address for n in ("r1", "r2")})
+    with served_image(cluster, image, image_mib, work) as fleet:
         wait_settled(fleet)
         before = settled_usage(cluster, None)
         started = time.perf_counter()
@@ -149,10 +151,6 @@ def run(cluster: CephCluster, args: argparse.Namespace, work: Path) -> dict[str,
         write_files(fleet, args.files, 0, delete=True)
         settle_seconds["after_deletes"] = wait_settled(fleet)
         deleted = settled_usage(cluster, after)
-    finally:
-        fleet.close()
-        subprocess.run(["rbd", "-c", str(cluster.conf), "rm", "--no-progress",
-                        f"{cluster.pool}/{image}"], capture_output=True, timeout=120)
     size = pool_size(cluster)
     stored = after["stored"] - before["stored"]
     raw = after["bytes_used"] - before["bytes_used"]

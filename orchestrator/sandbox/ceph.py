@@ -1,5 +1,8 @@
 """A throwaway Ceph cluster on loopback: 1 mon, 1 mgr, 1-3 OSDs, everything inside one directory.
 
+On request (:func:`start_mds`), one MDS and a CephFS file system on two more pools of the same
+cluster, for benchmarks that put rbdfleet beside CephFS.
+
 The recipe: a conf whose every path points into DIR, all keys made up
 front with ``ceph-authtool``, mon mkfs + start while the OSDs mkfs in parallel, every mon
 command through ONE ``ceph`` process on stdin, then the mgr and the OSDs, readiness by polling
@@ -15,7 +18,8 @@ record is the daemon's own from the first instant; each one is recorded in the
 :class:`~orchestrator.sandbox.state.StateFile` right after it is spawned and before anything
 waits on it. Teardown signals a recorded pid only when ``/proc/PID`` still names a ``ceph-``
 binary run with this cluster's conf and its start time (field 22 of ``/proc/PID/stat``) is the
-recorded one, so a reused pid is never hit. OSDs stop first, then the mgr, then the mon.
+recorded one, so a reused pid is never hit. The MDS stops first (it flushes its journal to the
+OSDs on SIGTERM), then the OSDs, then the mgr, then the mon.
 
 Mon ports are picked by a bind test; if another process takes the pair before the mon binds
 it, the mon is stopped and another pair is tried (its own sockets are checked, since a mon that
@@ -56,6 +60,7 @@ __all__ = [
     "REQUIRED_BINARIES",
     "TEARDOWN",
     "CephCluster",
+    "CephFs",
     "OsdStat",
     "OsdState",
     "cluster_from_conf",
@@ -71,6 +76,7 @@ __all__ = [
     "restart_osd",
     "resume_cluster",
     "start_cluster",
+    "start_mds",
     "start_osd",
     "stop_cluster",
     "stop_osd",
@@ -82,6 +88,11 @@ POOL = "rbd"
 OBJECTSTORES = ("memstore", "bluestore")
 MON_ID = "a"
 MGR_ID = "x"
+MDS_ID = "a"
+FS_NAME = "cephfs"
+FS_METADATA_POOL = "cephfs_metadata"
+FS_DATA_POOL = "cephfs_data"
+MDS_START_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 20.0
 POLL_INTERVAL_S = 0.2
@@ -107,9 +118,12 @@ _ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "all
 _MON_CAPS = {"mon": "allow *"}
 _MGR_CAPS = {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
 _OSD_CAPS = {"mon": "allow profile osd", "mgr": "allow profile osd", "osd": "allow *"}
+_MDS_CAPS = {"mon": "allow profile mds", "mgr": "allow profile mds", "osd": "allow rwx",
+             "mds": "allow *"}
 
-# teardown order of daemon groups
-_GROUP_ORDER = ("osd", "mgr", "mon")
+# teardown order of daemon groups: an MDS stopping flushes its journal, so the OSDs stay up
+# until it is gone (without them it would hang until its SIGKILL)
+_GROUP_ORDER = ("mds", "osd", "mgr", "mon")
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,21 @@ class CephCluster:
     def mon_port(self) -> int:
         """The msgr2 port of the mon."""
         return int(self.mon_v2.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class CephFs:
+    """The CephFS file system of a sandbox cluster (:func:`start_mds`)."""
+
+    name: str
+    metadata_pool: str
+    data_pool: str
+    mds: str  # the daemon's name, "mds.a"
+
+    @property
+    def pools(self) -> tuple[str, str]:
+        """Both pools: what the file system stores, metadata and data."""
+        return (self.metadata_pool, self.data_pool)
 
 
 @dataclass(frozen=True)
@@ -216,6 +245,13 @@ bluestore_block_size = 8589934592
 bluestore_fsck_on_mkfs = false
 bdev_aio_poll_ms = 20
 osd_memory_target = 1073741824
+
+[mds]
+mds_data = {d}/mds.$id
+keyring = {d}/keys/$name.keyring
+log_file = {d}/log/$name.log
+pid_file = {d}/run/$name.pid
+admin_socket = {d}/run/$name.asok
 
 [client]
 keyring = {d}/keyring
@@ -380,14 +416,15 @@ PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {
 
 
 class _Deadline:
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, task: str = "ceph cluster start") -> None:
         self.seconds = seconds
+        self.task = task
         self.end = time.monotonic() + seconds
 
     def left(self, what: str) -> float:
         left = self.end - time.monotonic()
         if left <= 0:
-            raise SandboxError(f"ceph cluster start exceeded {self.seconds:.0f}s while {what}")
+            raise SandboxError(f"{self.task} exceeded {self.seconds:.0f}s while {what}")
         return left
 
 
@@ -1046,6 +1083,79 @@ def resume_cluster(
             raise SandboxError(f"resuming the ceph cluster in {dir} failed: {exc}") from exc
         raise
     return cluster
+
+
+def _active_mds(conf: Path, fs_name: str, timeout: float) -> list[str]:
+    """Names of the MDS daemons active for ``fs_name`` (``fs dump``: a mon command, no mgr)."""
+    for fs in json.loads(_ceph_json(conf, ["fs", "dump"], timeout))["filesystems"]:
+        mdsmap = fs["mdsmap"]
+        if mdsmap["fs_name"] == fs_name:
+            return [m["name"] for m in mdsmap["info"].values() if m["state"] == "up:active"]
+    return []
+
+
+def start_mds(
+    cluster: CephCluster,
+    state: StateFile,
+    *,
+    timeout: float = MDS_START_TIMEOUT_S,
+    bound_to_caller: bool = False,
+) -> CephFs:
+    """One MDS and a CephFS file system (pools ``cephfs_metadata`` + ``cephfs_data``) on a
+    running sandbox cluster; returns once the MDS is active for it.
+
+    The MDS is recorded in ``state`` like every daemon, so :func:`stop_cluster` and
+    :data:`TEARDOWN` stop it (first, while the OSDs are still there). A start that fails or
+    overruns ``timeout`` stops the MDS again and raises :class:`SandboxError` with the tail of
+    its log; the pools and the file system stay in the cluster, which goes with it.
+    """
+    if shutil.which("ceph-mds") is None:
+        raise SandboxError("missing Ceph binary ceph-mds: apt-get install ceph-mds")
+    name = f"mds.{MDS_ID}"
+    if any(r["name"] == name and _is_ours(r) for r in _daemon_records(cluster.conf, state)):
+        raise SandboxError(f"{cluster.dir} already runs {name}")
+    conf = cluster.conf
+    deadline = _Deadline(timeout, f"{name} start")
+    keyring = cluster.dir / "keys" / f"{name}.keyring"
+    caps = [word for service, cap in _MDS_CAPS.items() for word in (service, cap)]
+    _run(["ceph", "-c", str(conf), "auth", "get-or-create", name, *caps, "-o", str(keyring)],
+         deadline, f"making the {name} key")
+    keyring.chmod(0o600)
+    _run(
+        ["ceph", "-c", str(conf), "--connect-timeout", "30"],
+        deadline,
+        "creating the file system",
+        input="\n".join([
+            f"osd pool create {FS_METADATA_POOL} 8 8 replicated",
+            f"osd pool create {FS_DATA_POOL} 8 8 replicated",
+            f"fs new {FS_NAME} {FS_METADATA_POOL} {FS_DATA_POOL}",
+        ]) + "\n",
+    )
+    starter = _Starter(cluster.dir, conf, state, deadline, bound_to_caller=bound_to_caller)
+    starter.spawn(name, ["ceph-mds", "-f", "-c", str(conf), "-i", MDS_ID])
+    log = cluster.dir / "log" / f"{name}.log"
+    mds = starter.daemons[name]
+    try:
+        while True:
+            if mds.poll() is not None:
+                raise SandboxError(f"it exited {mds.returncode}")
+            left = deadline.left("waiting for it to become active")
+            try:
+                if MDS_ID in _active_mds(conf, FS_NAME, min(10.0, left)):
+                    break
+            except (SandboxError, ValueError, KeyError):
+                pass  # the mon busy or the map not there yet: asked again until the deadline
+            time.sleep(POLL_INTERVAL_S)
+    except BaseException as exc:
+        records = [r for r in _daemon_records(conf, state) if r["name"] == name]
+        _signal_group(records, 5.0)
+        for r in records:
+            state.forget("ceph.daemon", pid=r["pid"], name=name)
+        if isinstance(exc, SandboxError):
+            raise SandboxError(f"{name} did not become active: {exc}; its log: "
+                               f"{_tail(log)}") from exc
+        raise
+    return CephFs(FS_NAME, FS_METADATA_POOL, FS_DATA_POOL, name)
 
 
 def cluster_health(cluster: CephCluster, *, timeout: float = 5.0) -> dict[str, Any]:

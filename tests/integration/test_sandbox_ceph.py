@@ -1,7 +1,8 @@
 """The sandbox Ceph cluster, for real: I/O through librbd, side-by-side clusters, refusals,
-undo of a start killed mid-way, and bluestore OSD restarts that keep data.
+undo of a start killed mid-way, bluestore OSD restarts that keep data, and an MDS whose
+CephFS serves files and goes with the cluster.
 
-Budget: ~25 s on 2 busy cores (the session cluster, two extra memstore clusters, two killed
+Budget: ~30 s on 2 busy cores (the session cluster, three extra memstore clusters, two killed
 starts, one bluestore cluster).
 """
 
@@ -28,10 +29,12 @@ from orchestrator.sandbox.ceph import (
     cluster_processes,
     resume_cluster,
     start_cluster,
+    start_mds,
     stop_cluster,
 )
+from orchestrator.sandbox.identity import command_line
 from orchestrator.sandbox.state import StateFile
-from tests.fixtures.ceph import ManagedCluster, connect_admin, remove_image
+from tests.fixtures.ceph import ManagedCluster, connect_admin, managed_cluster, remove_image
 
 pytestmark = pytest.mark.integration
 
@@ -363,3 +366,48 @@ def test_image_of_a_killed_client_is_removed_without_blocklisting_the_admin(
         assert name not in rbd.RBD().list(ioctx)
         rbd.RBD().create(ioctx, name, MIB)  # the admin client still works
         rbd.RBD().remove(ioctx, name)
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """``ip:port`` (hex, as /proc/net/tcp writes it) of every TCP socket ``pid`` listens on."""
+    links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in links:  # 0A = LISTEN
+                found.add(fields[1])
+    return found
+
+
+def test_mds_serves_cephfs_and_goes_with_the_cluster() -> None:
+    import cephfs
+
+    data = os.urandom(MIB + 123)
+    with managed_cluster("rbdfleet-test-cephfs-", osds=1, objectstore="memstore",
+                         mgr=False) as managed:
+        cluster, state = managed.cluster, managed.state
+        fs = start_mds(cluster, state, bound_to_caller=True)
+        [mds] = [r for r in state.resources if r.get("name") == fs.mds]
+        assert os.path.basename(command_line(mds["pid"])[0]) == "ceph-mds"
+        addresses = _listening_addresses(mds["pid"])
+        assert addresses and all(a.startswith("0100007F:") for a in addresses), addresses
+        writer, reader = (cephfs.LibCephFS(conffile=str(cluster.conf), auth_id="admin")
+                          for _ in range(2))
+        try:
+            writer.mount()
+            fd = writer.open("/hello", "w", 0o644)
+            writer.write(fd, data, 0)
+            writer.fsync(fd, 0)
+            writer.close(fd)
+            reader.mount()  # another client: the bytes come from the OSD, not a cache
+            fd = reader.open("/hello", "r", 0)
+            assert reader.read(fd, 0, len(data) + 1) == data
+            reader.close(fd)
+        finally:
+            for client in (writer, reader):
+                client.shutdown()
+        with pytest.raises(SandboxError, match=r"already runs mds\.a"):
+            start_mds(cluster, state)
+    assert not _running(mds["pid"]), "ceph-mds survived the cluster's teardown"
+    assert cluster_processes(cluster.conf) == []
