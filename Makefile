@@ -42,7 +42,7 @@ unit: setup
 # (unit, contract, integration, fault; vm included) in one pytest run, so the last line is
 # pytest's summary. The real parts start through orchestrator.sandbox fixtures.
 test: lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --durations=30 $(PYTEST_ARGS)
 
 # Every benchmark on throwaway clusters / a throwaway sandbox (each tears down what it started);
 # merged into bench/results/latest.json, one line per key. QUICK=1: fewer, smaller rounds.
