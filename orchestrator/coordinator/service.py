@@ -205,7 +205,7 @@ class FleetService:
         was_active = self._state is not None
         # answer not_active from now on: the server may still take requests on open
         # connections, and no grant may come from a coordinator whose lease a standby takes
-        self._step_down("stopped")
+        self._step_down("stopped", logging.INFO)  # asked to: no cause for alarm
         if release and was_active:
             try:
                 self.store.release()
@@ -414,10 +414,10 @@ class FleetService:
             self._announce(stored)
         self._execute(el.plan(self._state))
 
-    def _step_down(self, reason: str) -> None:
+    def _step_down(self, reason: str, level: int = logging.WARNING) -> None:
         if self._state is None:
             return
-        LOG.warning("event=stepped_down fleet=%s reason=%s", self.fleet, reason)
+        LOG.log(level, "event=stepped_down fleet=%s reason=%s", self.fleet, reason)
         self._state = None
         self._executor = None
         with self._published_lock:
