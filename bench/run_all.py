@@ -41,25 +41,28 @@ def argv_of(name: str, quick: bool, out: Path) -> list[str]:
         return [py, "bench/device_bench.py", "--size-mib", "64" if quick else "256",
                 "--rounds", "7", "--json", str(out)]
     if name == "storage":
-        return [py, "bench/storage_bench.py", "--files", "50" if quick else "200",
+        return [py, "bench/storage_bench.py", "--files", "20" if quick else "200",
                 "--file-kib", "1024", "--json", str(out)]
     if name == "storage4k":  # small files, measured once they moved home
-        return [py, "bench/storage_bench.py", "--files", "2000" if quick else "10000",
+        return [py, "bench/storage_bench.py", "--files", "1000" if quick else "10000",
                 "--file-kib", "4", "--json", str(out)]
     if name == "cephfs":  # rbdfleet beside CephFS, same cluster, interleaved rounds
-        sizes = (["--rounds", "3", "--files", "300", "--size-mib", "64"] if quick
+        sizes = (["--rounds", "2", "--files", "300", "--size-mib", "64"] if quick
                  else ["--rounds", "7", "--files", "2000", "--size-mib", "256"])
         return [py, "bench/cephfs_bench.py", *sizes, "--json", str(out)]
     if name == "promote":
         return [py, "bench/promote_bench.py", "--files",
                 "10000,100000" if quick else "10000,100000,1000000",
-                "--rounds", "3" if quick else "7", "--json", str(out)]
+                "--rounds", "3" if quick else "7",
+                "--growth-seconds", "10" if quick else "30", "--json", str(out)]
     if name == "failover":
         return [py, "-m", "bench.failover_bench", "--kills", "3" if quick else "20",
                 "--json", str(out)]
-    # QUICK: one fault of each kind (a smoke run inside the 10-minute budget: a power-off's
-    # recovery alone is ~70 s on TCG guests); the figures are the full run's 10 per kind
-    return [py, "-m", "bench.vm_failover_bench", "--rounds", "1" if quick else "10",
+    # QUICK: one kill, pause and cut-off each, a smoke run inside the 10-minute budget (a
+    # power-off's recovery alone is ~70 s on TCG guests, which the budget no longer has room
+    # for beside the CephFS part); the figures are the full run's 10 per kind, all four kinds
+    kinds = ["--rounds", "1", "--kinds", "kill,pause,cutoff"] if quick else ["--rounds", "10"]
+    return [py, "-m", "bench.vm_failover_bench", *kinds,
             "--json", str(out), "--png", str(
                 REPO / ("bench/results/vm_failover.png" if quick
                         else "docs/benchmarks/vm_failover.png"))]
