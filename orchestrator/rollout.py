@@ -80,7 +80,7 @@ if mode == "format":
 """
 
 
-def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | Sequence[str] | None,
+def agent_config(cfg: FleetConfig, vm: str, *, coordinators: Sequence[str] = (),
                  writer: str | None = None, epoch: int = 1) -> dict[str, Any]:
     """The agent config (docs/agent.md) of ``vm``: its disk by serial, its role.
 
@@ -108,9 +108,9 @@ def agent_config(cfg: FleetConfig, vm: str, *, coordinator: str | Sequence[str] 
         config["readers"] = {
             v.name: f"{v.address}:{port}" for v in cfg.active_vms if v.name != me.name
         }
-    urls = [coordinator] if isinstance(coordinator, str) else list(coordinator or ())
-    if urls:  # the active one and its standbys: agents report to whichever is active
-        config["coordinator"] = urls[0] if len(urls) == 1 else urls
+    if coordinators:  # the active one and its standbys: agents report to whichever is active
+        config["coordinator"] = (coordinators[0] if len(coordinators) == 1
+                                 else list(coordinators))
     if cfg.tls.insecure_plaintext:
         config["insecure_plaintext"] = True
     else:
@@ -164,7 +164,7 @@ class FleetRollout:
         deployer: AgentDeployer,
         secret: bytes | tuple[bytes, ...],
         *,
-        coordinator: str | Sequence[str] | None = None,
+        coordinators: Sequence[str] = (),
         health: Callable[[str, float], Health] | None = None,
         fleet_map: Mapping[str, Any] | None = None,
         disk_wait: float = 60.0,
@@ -172,7 +172,7 @@ class FleetRollout:
         progress: Callable[[str], None] = LOG.info,
     ) -> None:
         """``secret``: the fleet's master key(s) (each VM gets its own derived key, never the
-        master; nothing is logged); ``coordinator``: the URL(s) agents report to (the active
+        master; nothing is logged); ``coordinators``: the URLs agents report to (the active
         coordinator and its standbys); ``health(address, timeout)`` probes a started agent;
         ``fleet_map``: the coordinator's current map (None at bootstrap)."""
         self.cfg = cfg
@@ -180,7 +180,7 @@ class FleetRollout:
         self.deployer = deployer
         self._keys = FleetKeys(cfg.fleet.name, (secret,) if isinstance(secret, bytes) else secret,
                                time.time)
-        self.coordinator = coordinator
+        self.coordinators = coordinators
         self.health = health
         self.writer: str | None = cfg.fleet.writer
         self.epoch = 1
@@ -195,7 +195,7 @@ class FleetRollout:
         vms = sorted(self.cfg.vms, key=lambda v: v.name == self.writer)
         targets = []
         for vm in vms:
-            config = agent_config(self.cfg, vm.name, coordinator=self.coordinator,
+            config = agent_config(self.cfg, vm.name, coordinators=self.coordinators,
                                   writer=self.writer or "", epoch=self.epoch)
             if vm.name == self.writer:
                 config["push_grants"] = self._keys.push_grants_to(

@@ -228,7 +228,7 @@ class Services:
         tarball written to ``package_dir`` (once per version) and the VMs' keys in
         ``key_dir``."""
         package = AgentPackage.build()
-        return fleet_inventory(self.config, coordinator=self.coordinator.urls,
+        return fleet_inventory(self.config, coordinators=self.coordinator.urls,
                                fleet_map=fleet_map,
                                package=(write_package(package, package_dir), package.version),
                                key_dir=key_dir)
@@ -290,7 +290,7 @@ def open_rollout(config_path: Path, *,
             shell,
             deployer,
             secret,
-            coordinator=urls,
+            coordinators=urls,
             health=services.agent_control(transport).health,
             fleet_map=fleet_map,
             progress=progress,
@@ -365,7 +365,7 @@ def bootstrap_map(cfg: FleetConfig) -> FleetMap:
     return initial_map(cfg.fleet.name, cfg.fleet.writer, members)
 
 
-def fleet_inventory(cfg: FleetConfig, *, coordinator: str | Sequence[str] | None,
+def fleet_inventory(cfg: FleetConfig, *, coordinators: Sequence[str],
                     fleet_map: Mapping[str, Any] | None,
                     package: tuple[Path, str] | None, key_dir: Path) -> Inventory:
     """The fleet's VMs as an :class:`Inventory` (pure: the map and package are inputs).
@@ -380,7 +380,7 @@ def fleet_inventory(cfg: FleetConfig, *, coordinator: str | Sequence[str] | None
     if fleet_map is not None:
         writer, epoch = fleet_map.get("writer") or "", int(fleet_map["epoch"])
     hosts = [InventoryHost(vm.name, vm.address, "/", agent_config(
-                 cfg, vm.name, coordinator=coordinator, writer=writer, epoch=epoch),
+                 cfg, vm.name, coordinators=coordinators, writer=writer, epoch=epoch),
                  spare=vm.spare)
              for vm in cfg.vms]
     variables = ssh_vars(cfg.ssh.user, cfg.ssh.key, cfg.ssh.known_hosts)

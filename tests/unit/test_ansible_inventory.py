@@ -29,7 +29,7 @@ def fleet(tmp_path: Path) -> FleetConfig:
 
 
 def test_bootstrap_roles_groups_and_hostvars(tmp_path: Path) -> None:
-    found = fleet_inventory(fleet(tmp_path), coordinator="http://10.87.0.1:7470",
+    found = fleet_inventory(fleet(tmp_path), coordinators=["http://10.87.0.1:7470"],
                             fleet_map=None, package=(tmp_path / "agents-x.tar.gz", "x" * 16),
                             key_dir=tmp_path / "keys")
     listing = found.to_script()
@@ -72,7 +72,7 @@ def test_each_vm_gets_its_own_derived_key_file(tmp_path: Path) -> None:
 
 
 def test_roles_follow_the_coordinators_map_after_a_failover(tmp_path: Path) -> None:
-    found = fleet_inventory(fleet(tmp_path), coordinator=None,
+    found = fleet_inventory(fleet(tmp_path), coordinators=(),
                             fleet_map={"writer": "vm2", "epoch": 3}, package=None,
                             key_dir=tmp_path / "keys")
     listing = found.to_script()

@@ -34,7 +34,7 @@ def config() -> FleetConfig:
 def test_agent_configs_name_the_disk_by_serial_and_hold_no_ceph_credential() -> None:
     cfg = config()
     for name in ("vm1", "vm2", "vm3"):
-        shipped = agent_config(cfg, name, coordinator="http://10.0.0.9:1")
+        shipped = agent_config(cfg, name, coordinators=["http://10.0.0.9:1"])
         text = json.dumps(shipped)
         assert str(shipped["backend"]).startswith("device:rbdfleet-"), shipped
         assert not any(key.startswith("ceph") for key in shipped), shipped
@@ -43,11 +43,11 @@ def test_agent_configs_name_the_disk_by_serial_and_hold_no_ceph_credential() -> 
 
 def test_deploy_and_the_ansible_inventory_ship_only_the_agent_config() -> None:
     cfg = config()
-    targets = DeployTarget.from_fleet(cfg, lambda name: agent_config(cfg, name, coordinator=None))
+    targets = DeployTarget.from_fleet(cfg, lambda name: agent_config(cfg, name, coordinators=()))
     for target in targets:
         assert KEYRING.encode() not in target.config_bytes()
     inventory = [h.hostvars() for h in InventoryHost.from_fleet(
-        cfg, lambda name: agent_config(cfg, name, coordinator=None))]
+        cfg, lambda name: agent_config(cfg, name, coordinators=()))]
     inventory.append(ssh_vars("root", Path("/k"), Path("/kh")))
     assert KEYRING not in json.dumps(inventory) and CEPH_CONF not in json.dumps(inventory)
 

@@ -152,14 +152,14 @@ def test_provision_issues_each_vm_and_the_coordinator_and_deploy_points_agents_a
                           (COORDINATOR, "10.0.0.254")):
         info = verify_issued(pki.ca_file.read_bytes(), pki.cert_file(name).read_bytes(), NOW)
         assert set(info.sans) == {address, name}
-    shipped = agent_config(cfg, "vm2", coordinator="https://10.0.0.254:7470")
+    shipped = agent_config(cfg, "vm2", coordinators=["https://10.0.0.254:7470"])
     assert shipped["tls"] == GUEST_TLS and "insecure_plaintext" not in shipped
 
 
 def test_the_insecure_flag_makes_no_pki_and_plaintext_agents(tmp_path: Path) -> None:
     cfg = _fleet(tmp_path, insecure_plaintext=True)
     assert provision_pki(cfg, ["10.0.0.254"], NOW) == [] and not cfg.pki_dir.exists()
-    shipped = agent_config(cfg, "vm1", coordinator=None)
+    shipped = agent_config(cfg, "vm1", coordinators=())
     assert shipped["insecure_plaintext"] is True and "tls" not in shipped
 
 

@@ -105,16 +105,16 @@ def healthy(address: str, timeout: float) -> Health:
 
 
 def test_agent_config_writer_pushes_to_the_other_active_vms() -> None:
-    writer = agent_config(CFG, "vm1", coordinator="http://10.0.0.254:7470")
+    writer = agent_config(CFG, "vm1", coordinators=["http://10.0.0.254:7470"])
     assert writer["role"] == "writer" and writer["epoch"] == 1
     assert writer["readers"] == {"vm2": "10.0.0.2:7480", "vm3": "10.0.0.3:7480"}  # no spare
     assert writer["listen"] == writer["advertise"] == "10.0.0.1:7480"
     assert writer["backend"].startswith("device:rbdfleet-")
     assert writer["secret_file"] == GUEST_SECRET and writer["coordinator"].endswith(":7470")
-    reader = agent_config(CFG, "vm2", coordinator=None)
+    reader = agent_config(CFG, "vm2", coordinators=())
     assert reader["role"] == "reader" and "readers" not in reader and "coordinator" not in reader
     assert reader["backend"] == writer["backend"]  # one disk serial for the whole fleet
-    assert agent_config(CFG, "vm4", coordinator=None)["role"] == "spare"  # waits for a disk
+    assert agent_config(CFG, "vm4", coordinators=())["role"] == "spare"  # waits for a disk
 
 
 def test_agent_config_carries_the_fleets_agent_timings_which_the_agent_accepts(
@@ -126,7 +126,7 @@ def test_agent_config_carries_the_fleets_agent_timings_which_the_agent_accepts(
 
     cfg = dataclasses.replace(CFG, agents=config.AgentTimings(idle_checkpoint=1.0,
                                                                ack_timeout=3.0))
-    deployed = agent_config(cfg, "vm2", coordinator=None)
+    deployed = agent_config(cfg, "vm2", coordinators=())
     assert deployed["idle_checkpoint"] == 1.0 and "tail_interval" not in deployed
     path = tmp_path / "agent.json"
     path.write_text(json.dumps(deployed))
@@ -135,8 +135,8 @@ def test_agent_config_carries_the_fleets_agent_timings_which_the_agent_accepts(
 
 
 def test_agent_config_roles_from_the_current_map() -> None:
-    assert agent_config(CFG, "vm1", coordinator=None, writer="vm2", epoch=3)["role"] == "reader"
-    promoted = agent_config(CFG, "vm2", coordinator=None, writer="vm2", epoch=3)
+    assert agent_config(CFG, "vm1", coordinators=(), writer="vm2", epoch=3)["role"] == "reader"
+    promoted = agent_config(CFG, "vm2", coordinators=(), writer="vm2", epoch=3)
     assert (promoted["role"], promoted["epoch"]) == ("writer", 3)
     assert set(promoted["readers"]) == {"vm1", "vm3"}
 
@@ -201,6 +201,6 @@ def test_a_vm_without_the_disk_fails_the_deploy_naming_it() -> None:
 
 def test_agents_are_given_every_coordinator_and_a_lone_one_as_before() -> None:
     pair = ["https://10.0.0.253:7470", "https://10.0.0.254:7470"]
-    assert agent_config(CFG, "vm2", coordinator=pair)["coordinator"] == pair
-    assert agent_config(CFG, "vm2", coordinator=pair[:1])["coordinator"] == pair[0]
-    assert "coordinator" not in agent_config(CFG, "vm2", coordinator=[])
+    assert agent_config(CFG, "vm2", coordinators=pair)["coordinator"] == pair
+    assert agent_config(CFG, "vm2", coordinators=pair[:1])["coordinator"] == pair[0]
+    assert "coordinator" not in agent_config(CFG, "vm2", coordinators=[])
