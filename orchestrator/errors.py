@@ -19,11 +19,13 @@
     │                                  coordinator), IllegalFleetTransition(subject, from_, to),
     │                                  RoleSwitchFailed, NoSpareProvisioner,
     │                                  UpgradeRefused, UpgradeStalled(node)
-    └── ReportReplayed(node)           an agent's report sent again (core/reports.py)
+    └── ReportReplayed(node)           an agent's report sent again (core/reports.py),
+                                       ReportOutOfOrder (overtaken by a newer one)
 
 The coordinator's answers on the wire are AgentErrors (a code and an HTTP status, rebuilt
 by the client with ``error_from_wire``): NotActiveError 503, RefusedTransition 409,
-CoordinationFailed 503, ReplayedReport 409, LengthRequired 411, PeerCertificateMismatch 403.
+CoordinationFailed 503, ReplayedReport 409, StaleReport 409, LengthRequired 411,
+PeerCertificateMismatch 403.
 """
 
 from __future__ import annotations
@@ -225,6 +227,11 @@ class ReportReplayed(OrchestratorError):
         self.node = node
 
 
+class ReportOutOfOrder(ReportReplayed):
+    """An agent's report about itself signed before one of its reports the coordinator
+    admitted already (held back by the network): refused, it would roll the node back."""
+
+
 # The coordinator's HTTP API (orchestrator.coordinator.api): wire forms.
 
 
@@ -259,6 +266,13 @@ class ReplayedReport(AgentError):
     """Wire form of :class:`ReportReplayed`: 409, the report changed nothing."""
 
     code = "replayed_report"
+    status = 409
+
+
+class StaleReport(AgentError):
+    """Wire form of :class:`ReportOutOfOrder`: 409, the report changed nothing."""
+
+    code = "stale_report"
     status = 409
 
 

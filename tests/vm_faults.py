@@ -357,13 +357,22 @@ def old_writer_steps_down(fleet: Mission, running: Running, old: str, image_befo
     address = f"{fleet.config.vm(old).address}:{fleet.config.fleet.agent_port}"
     fleet.wait(lambda: _health(address)["epoch"] == 2, 30, f"{old} demoted to epoch 2")
     assert _health(address)["role"] == "reader"
-    seen = []
-    for _ in range(24):  # over two self-test periods: never in sync, then out again (flapping)
+    # Over two self-test periods: never in sync, then out again (flapping). The samples miss
+    # a flap between two of them; the coordinator's log does not: no confirmed death of
+    # ``old`` after the first sample that saw it in sync.
+    seen, deaths = [], []
+    dead_line = f"event=node_confirmed_dead fleet={fleet.config.fleet.name} node={old} "
+    for _ in range(24):
         now = member(status_of(fleet), old)
         seen.append((now["role"], now["in_sync"]))
+        deaths.append(running.log.read_text().count(dead_line))
     say(f"{old} as the coordinator saw it after the demotion: {sorted(set(seen))}")
     assert not any(a == ("reader", True) and b[0] == "out"
                    for a, b in itertools.pairwise(seen)), seen
+    if ("reader", True) in seen:
+        first_in_sync = deaths[seen.index(("reader", True))]
+        assert deaths[-1] == first_in_sync, (
+            f"{old} confirmed dead again after it was seen in sync", seen, deaths)
     assert image_digest(fleet) == image_before  # the old writer changed no byte
     check = fsck(fleet)
     assert check.returncode == 0, check.stdout + check.stderr

@@ -23,8 +23,9 @@ read/write/admin: a client token (orchestrator.core.clients: purpose ``client``,
 ``coordinator``, subject the client's name, MACed with that client's own secret from the
 ClientStore) of a client whose scope includes the route's (403 ``foreign_grant`` otherwise; 401
 for an unknown or revoked client). "agent": a report grant MACed with the key of the node the
-message names (purpose ``report``, bound to the body), each admitted once
-(orchestrator.core.reports: a replayed report is 409 ``replayed_report``), sent over TLS with
+message names (purpose ``report``, bound to the body), each admitted once and a node's own in
+the order it signed them (orchestrator.core.reports: a replayed report is 409
+``replayed_report``, one overtaken by a newer report 409 ``stale_report``), sent over TLS with
 the certificate of that node (:class:`PeerCert`: 403 ``peer_cert_required`` without one of the
 fleet CA, 403 ``peer_cert_mismatch`` with another node's; a coordinator serving plaintext, only
 ever started insecure, has no certificate to check). A standby answers
@@ -101,8 +102,12 @@ from orchestrator.coordinator.service import FleetService
 from orchestrator.core import election as el
 from orchestrator.core.clients import ClientCredential, allows
 from orchestrator.core.fleetmap import FleetMap
-from orchestrator.core.liveness import FailureReported, HeartbeatReceived, SelfTestFailed
-from orchestrator.core.reports import ReplayGuard, nonce, watch_from
+from orchestrator.core.liveness import (
+    FailureReported,
+    HeartbeatReceived,
+    Observation,
+    SelfTestFailed,
+)
 from orchestrator.errors import (
     CoordinationError,
     CoordinationFailed,
@@ -113,7 +118,9 @@ from orchestrator.errors import (
     PeerCertificateMismatch,
     RefusedTransition,
     ReplayedReport,
+    ReportOutOfOrder,
     ReportReplayed,
+    StaleReport,
 )
 from orchestrator.ports import ClientStore
 
@@ -215,6 +222,8 @@ def to_wire(exc: RbdfleetError) -> AgentError:
         return RefusedTransition(str(exc), subject=exc.subject, from_=exc.from_, to=exc.to)
     if isinstance(exc, CoordinationError):
         return CoordinationFailed(str(exc))
+    if isinstance(exc, ReportOutOfOrder):
+        return StaleReport(str(exc), node=exc.node[:100])
     if isinstance(exc, ReportReplayed):
         return ReplayedReport(str(exc), node=exc.node[:100])
     return AgentError(str(exc))
@@ -236,10 +245,6 @@ class CoordinatorAPI:
         self.limits = limits or ServerLimits()
         self._client_cache: dict[tuple[str, str], tuple[ClientCredential | None, float]] = {}
         self._cache_lock = threading.Lock()
-        self._started = wall()
-        # fleet -> the reports admitted in the service's current term (since its lease)
-        self._replays: dict[str, tuple[float | None, ReplayGuard]] = {}
-        self._replay_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -426,18 +431,6 @@ class CoordinatorAPI:
                       fleet=service.fleet, audience=COORDINATOR, purposes={REPORT},
                       epoch=None, subject=claimed.subject)
 
-    def _admit_once(self, service: FleetService, grant: Grant, token: str) -> None:
-        """ReportReplayed when this report (its grant) was admitted before: a replay, here or
-        (signed before this term's lease was taken) by a predecessor. Called once the service
-        is active, so ``active_since`` is this term's."""
-        term = service.active_since
-        with self._replay_lock:
-            held = self._replays.get(service.fleet)
-            if held is None or held[0] != term:  # a new term: what came before is unknown
-                held = self._replays[service.fleet] = (
-                    term, ReplayGuard(since=watch_from(self._started, term)))
-            held[1].admit(grant.subject, nonce(token), grant.expires, self.wall())
-
     def _agent_report(self, kind: str, grant: Grant, headers: Mapping[str, str],
                       body: bytes) -> tuple[int, Any]:
         """``grant``: the request's report grant, checked before the body was read."""
@@ -458,31 +451,13 @@ class CoordinatorAPI:
         token = bearer_token(headers)
         verified = service.keys.verify_report(token, sender, body)
         m = service.require_active()
-        self._admit_once(service, verified, token)
         if isinstance(message, LaggingReaderReport):
+            service.admit_report(verified, token, (), ordered=False)
             _check_current_writer(m, message)
-        now = service.clock.monotonic()
-        if isinstance(message, Heartbeat):
-            service.submit(HeartbeatReceived(message.node, now, message.selftest != "failed",
-                                             message.epoch))
-            service.submit(
-                el.HeartbeatObserved(
-                    message.node, message.role, message.epoch, message.applied_seq, now,
-                    message.selftest,
-                )
-            )
-            if message.role == "writer":
-                service.submit(el.WriterSyncObserved(message.node, message.epoch,
-                                                     message.sync_revision,
-                                                     frozenset(message.in_sync), now))
-        elif isinstance(message, SelfTestReport):
-            if message.ok:
-                service.submit(HeartbeatReceived(message.node, now, True))
-            else:
-                failed = ",".join(c.name for c in message.checks if not c.ok)
-                service.submit(SelfTestFailed(message.node, now, failed, message.epoch))
+            m = _take_out_of_the_map(service, message, service.clock.monotonic())
         else:
-            m = _take_out_of_the_map(service, message, now)
+            service.admit_report(verified, token, _report_events(service, message),
+                                 ordered=True)
         writer = m.member(m.writer) if m.writer else None
         answer: dict[str, Any] = {
             "epoch": m.epoch,
@@ -501,6 +476,26 @@ class CoordinatorAPI:
         from orchestrator.coordinator.metrics import coordinator_metrics
 
         return coordinator_metrics(self).render()
+
+
+def _report_events(service: FleetService,
+                   message: Heartbeat | SelfTestReport) -> list[Observation | el.Event]:
+    """What an agent's report about itself tells the failure detector and the election."""
+    now = service.clock.monotonic()
+    if isinstance(message, SelfTestReport):
+        if message.ok:
+            return [HeartbeatReceived(message.node, now, True)]
+        failed = ",".join(c.name for c in message.checks if not c.ok)
+        return [SelfTestFailed(message.node, now, failed, message.epoch)]
+    events: list[Observation | el.Event] = [
+        HeartbeatReceived(message.node, now, message.selftest != "failed", message.epoch),
+        el.HeartbeatObserved(message.node, message.role, message.epoch, message.applied_seq,
+                             now, message.selftest)]
+    if message.role == "writer":
+        events.append(el.WriterSyncObserved(message.node, message.epoch,
+                                            message.sync_revision, frozenset(message.in_sync),
+                                            now))
+    return events
 
 
 def _route(method: str, path: str) -> Route:

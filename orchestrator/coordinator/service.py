@@ -39,11 +39,11 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.core.grants import READ, WRITE
+from agents.core.grants import READ, WRITE, Grant
 from agents.core.protocol import Health, ReaderSet
 from agents.errors import RbdfleetError
 from orchestrator.coordinator.executor import Executor
@@ -63,6 +63,7 @@ from orchestrator.core.liveness import (
     SelfTestFailed,
     Verdict,
 )
+from orchestrator.core.reports import ReplayGuard, nonce, watch_from
 from orchestrator.errors import CoordinationError, LeaseLost, NotActive, StaleMap
 from orchestrator.ports import CoordinatorPorts, DomainEvent, DomainState
 
@@ -146,6 +147,11 @@ class FleetService:
         # wall time this process last took the lease: its API refuses reports signed before
         # (a predecessor may have admitted them; orchestrator.core.reports)
         self.active_since: float | None = None
+        self._created = ports.wall()
+        # the reports admitted in the current term, and the lock that admits each report and
+        # queues what it tells as one step (reports of one node reach the loop in order)
+        self._replays: tuple[float | None, ReplayGuard] | None = None
+        self._report_lock = threading.Lock()
         self._next_lease = 0.0
         self._next_probe = 0.0
         self._stop = threading.Event()
@@ -156,6 +162,7 @@ class FleetService:
             max_workers=8, thread_name_prefix=f"probe-{self.fleet}"
         )
         self._probing: dict[str, _Outstanding] = {}  # node -> the probe in flight
+        self._reported: dict[str, float] = {}  # node -> when its newest report was admitted
         self._tickets = itertools.count(1)
         self._side = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix=f"side-{self.fleet}"
@@ -218,6 +225,22 @@ class FleetService:
         return self._state is not None
 
     # -- API side (any thread) ------------------------------------------------------------
+
+    def admit_report(self, grant: Grant, token: str,
+                     events: Sequence[Observation | el.Event], *, ordered: bool) -> None:
+        """Admit an agent's report (its verified ``grant`` and ``token``) once, and in its
+        sender's order when ``ordered`` (orchestrator.core.reports), and queue ``events``
+        with it: ReportReplayed / ReportOutOfOrder instead when refused. Call it active:
+        ``active_since`` is this term's."""
+        with self._report_lock:
+            term = self.active_since
+            if self._replays is None or self._replays[0] != term:
+                # a new term: what was admitted before it is unknown
+                self._replays = (term, ReplayGuard(since=watch_from(self._created, term)))
+            self._replays[1].admit(grant.subject, nonce(token), grant.expires, self.wall(),
+                                   ordered=ordered)
+            for event in events:
+                self.submit(event)
 
     def submit(self, event: Observation | el.Event) -> None:
         """Queue an observation or election event for the loop."""
@@ -473,12 +496,17 @@ class FleetService:
                 item, HeartbeatReceived | ProbeSucceeded | ProbeFailed | SelfTestFailed
                 | HypervisorReportedDown | HypervisorReportedUp
             ):
+                if isinstance(item, HeartbeatReceived | SelfTestFailed):  # an agent's report
+                    self._reported[item.node] = max(item.at, self._reported.get(item.node,
+                                                                                item.at))
                 self._liveness = self._liveness.observe(item)
             elif isinstance(item, _ProbeAnswer):
                 held = self._probing.get(item.node)
                 if held is not None and held.ticket == item.ticket:
                     del self._probing[item.node]
-                    self._observe_probe(item.node, item.health, item.refused)
+                    overtaken = held.sent < self._reported.get(item.node, float("-inf"))
+                    self._observe_probe(item.node, item.health, item.refused,
+                                        overtaken=overtaken)
             elif isinstance(item, FailureReported):
                 self._liveness = self._liveness.observe(item)
                 self._next_probe = now  # a client says it failed: probe it right now
@@ -584,12 +612,18 @@ class FleetService:
         self._events.put(_ProbeAnswer(member.name, ticket, health, refused))
         self._wake.set()
 
-    def _observe_probe(self, name: str, health: Health | None, refused: bool = False) -> None:
+    def _observe_probe(self, name: str, health: Health | None, refused: bool = False, *,
+                       overtaken: bool = False) -> None:
         """Fold a probe's answer in (``health`` None: it failed; ``refused``: its connection
         was refused). A refusal is the writer's quick death (the liveness core's
         ``confirm_refused``) only: a reader taken out sooner gains the failover nothing, and
         the writer's in-sync word from before its death could admit it again after a quick
-        restart, before the writer heard it was out (test_admission saw stale reads so)."""
+        restart, before the writer heard it was out (test_admission saw stale reads so).
+
+        ``overtaken``: a report of the node was admitted after the probe was sent. The
+        answer is contact, but what it says may be older than that report (across a network
+        cut TCP delivers an answer written during the cut seconds after it healed), so it
+        does not roll the node's state back: the next probe or report tells the rest."""
         at = self.clock.monotonic()
         if health is None:
             before = self._liveness.record(name)
@@ -603,6 +637,8 @@ class FleetService:
                 self._next_probe = 0.0
             return
         self._liveness = self._liveness.observe(ProbeSucceeded(name, at))
+        if overtaken:
+            return
         if health.selftest == "failed":
             self._liveness = self._liveness.observe(SelfTestFailed(name, at, "health",
                                                                    health.epoch))

@@ -1,4 +1,5 @@
-"""Agents' reports the coordinator has accepted: the same report sent again is refused. Pure.
+"""Agents' reports the coordinator has accepted: the same report sent again, or one
+overtaken by a newer one of its sender, is refused. Pure.
 
 An agent's report (heartbeat, self-test, lagging reader) carries a ``report`` grant the agent
 made with its own key, bound to the body by its digest (agents.core.grants): nobody else can
@@ -22,6 +23,20 @@ takes over has not seen what its predecessor admitted, so it refuses every repor
 before it took the lease, plus :data:`TAKEOVER_SKEW` for the clocks of agents running ahead of
 it.
 
+A report about its sender's own state (a heartbeat, a self-test) must also not be older
+than one admitted before it: a network cut lets TCP hold a written report back and deliver it
+seconds after the cut healed, after the newer reports sent since. Admitted, such a late report
+rolls the node's state back (seen on the sandbox VMs: a demoted writer, back in sync, was
+confirmed dead again by its heartbeat from the cut, which still carried the failed self-test of
+its fenced disk, and flapped out and in). The grant's expiry is when the agent signed it plus
+the one lifetime agents use, so it orders one agent's reports: ``admit(..., ordered=True)``
+refuses (:class:`ReportOutOfOrder`) a report expiring before the newest ordered one admitted
+from that node. An agent whose clock steps back has its reports refused until its clock passes
+its newest admitted signing, for at most one REPORT_TTL: a report that expires before that
+one's expiry is refused as expired by then.
+A lagging reader report is not ordered: the writer reports about others, and the in-sync
+word it is weighed against has its own order (``sync_revision``).
+
 Not thread-safe (the caller holds a lock); time is an input.
 """
 
@@ -29,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from orchestrator.errors import ReportReplayed
+from orchestrator.errors import ReportOutOfOrder, ReportReplayed
 
 __all__ = ["CAPACITY", "REPORT_TTL", "TAKEOVER_SKEW", "ReplayGuard", "nonce", "watch_from"]
 
@@ -70,15 +85,19 @@ class ReplayGuard:
     _seen: dict[str, dict[str, float]] = field(default_factory=dict)
     # node -> the latest expiry of a nonce forgotten to stay within ``capacity``
     _forgotten: dict[str, float] = field(default_factory=dict)
+    # node -> the latest expiry of an ordered report admitted
+    _newest: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {self.capacity}")
 
-    def admit(self, node: str, nonce: str, expires: float, now: float) -> None:
+    def admit(self, node: str, nonce: str, expires: float, now: float, *,
+              ordered: bool = False) -> None:
         """Remember the report of ``node`` whose grant (``nonce``, expiring at ``expires``)
         was just verified; :class:`ReportReplayed` if it was admitted before, or may have
-        been without this guard knowing."""
+        been without this guard knowing; :class:`ReportOutOfOrder` if it is ``ordered`` and
+        signed before an ordered report of ``node`` admitted already."""
         if expires < self.since + self.horizon:
             raise ReportReplayed(f"report of {node} was signed before this coordinator "
                                  "started watching its reports (its start or its taking of "
@@ -89,6 +108,11 @@ class ReplayGuard:
         seen = self._seen.setdefault(node, {})
         if nonce in seen:
             raise ReportReplayed(f"report of {node} was received already (a replay)", node)
+        newest = self._newest.get(node, float("-inf"))
+        if ordered and expires < newest:
+            raise ReportOutOfOrder(f"report of {node} was signed {newest - expires:.3f} s "
+                                   "before one of its reports admitted already (delivered "
+                                   "late): it would roll the node's state back", node)
         # nonces admitted first expire first (agents sign with one lifetime): drop those whose
         # grant is refused as expired by now anyway
         while seen and next(iter(seen.values())) <= now:
@@ -98,6 +122,8 @@ class ReplayGuard:
             self._forgotten[node] = max(self._forgotten.get(node, float("-inf")),
                                         seen.pop(oldest))
         seen[nonce] = expires
+        if ordered:
+            self._newest[node] = max(newest, expires)
 
     def remembered(self, node: str) -> int:
         """How many nonces of ``node`` are held (bounded by ``capacity``)."""

@@ -40,6 +40,7 @@ from orchestrator.coordinator.api import (
     ServerLimits,
 )
 from orchestrator.core.clients import client_token
+from orchestrator.core.reports import REPORT_TTL, TAKEOVER_SKEW
 from orchestrator.testing.fakes import FakeClock, MemoryLeaseBoard, MemoryStateStore
 from tests.coordinator_harness import (
     Coordinator,
@@ -159,12 +160,13 @@ class Hostile:
         self.extra.append(api)
         return api.serve("127.0.0.1", 0, tls)
 
-    def heartbeat(self, node: str, **fields: Any) -> bytes:
-        """A heartbeat of ``node`` saying what its agent says (so it changes nothing)."""
+    def heartbeat(self, node: str, selftest: str = "ok", **fields: Any) -> bytes:
+        """A heartbeat of ``node`` saying what its agent says (so it changes nothing, unless
+        ``selftest`` says otherwise)."""
         health = self.fleet.health(node)
         message = Heartbeat(node=node, fleet=self.name, role=health["role"], epoch=1,
                             applied_seq=health["applied_seq"], safe_seq=health["safe_seq"],
-                            selftest="ok", address=self.fleet[node].address,
+                            selftest=selftest, address=self.fleet[node].address,
                             sent_at=time.time(), **fields)
         return message.encode()
 
@@ -471,6 +473,36 @@ def test_a_replayed_report_is_refused_and_changes_nothing(hostile: Hostile) -> N
     # a new report (signed again, as an agent does) is news as usual
     fresh = h.post("/v1/lagging", lagging, h.fleet.report_grant("w", lagging))
     assert fresh.status == 200 and fresh.body["revision"] > before["published"]["revision"]
+
+
+def test_a_report_delivered_late_is_refused_and_changes_nothing(hostile: Hostile) -> None:
+    """A heartbeat a network cut held back arrives after newer ones of its agent: it is 409
+    ``stale_report`` and rolls nothing back. (Seen on the sandbox VMs: a demoted writer back in
+    sync was confirmed dead again by its heartbeat from the cut, which still said its self-test
+    had failed on its fenced disk.) The same heartbeat signed now is news as usual."""
+    h = hostile
+    service = h.coordinator.service
+    assert service is not None and service.active_since is not None
+    # signed after this term began watching (or it would be refused as unknown, not as late)
+    signed = service.active_since + TAKEOVER_SKEW + 0.5
+    time.sleep(max(0.0, signed - time.time()) + 1.5)  # r1's agent reports after `signed`
+    wait_in_sync(service, 10)
+    late = h.heartbeat("r1", selftest="failed")
+    with legit_client(h):
+        before = h.state()
+        for _ in range(3):
+            ttl = REPORT_TTL - (time.time() - signed)
+            answer = h.post("/v1/heartbeat", late, h.fleet.report_grant("r1", late, ttl=ttl))
+            assert (answer.status, answer.error) == (409, "stale_report"), answer
+            assert answer.body["node"] == "r1"
+            time.sleep(0.3)
+        time.sleep(1.0)
+        assert h.state() == before
+    fresh = h.post("/v1/heartbeat", late, h.fleet.report_grant("r1", late))
+    assert fresh.status == 200, fresh
+    # the node goes out of the map (its agent, healthy, is let back in after)
+    wait_until(lambda: h.state()["published"]["revision"] > before["published"]["revision"],
+               10, "r1 taken out for its fresh failed self-test")
 
 
 def test_connections_beyond_the_cap_are_refused_unread_and_idle_ones_closed(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.core.reports import REPORT_TTL, TAKEOVER_SKEW, ReplayGuard, nonce, watch_from
-from orchestrator.errors import ReportReplayed
+from orchestrator.errors import ReportOutOfOrder, ReportReplayed
 
 pytestmark = pytest.mark.unit
 
@@ -93,3 +93,29 @@ def test_a_report_signed_before_a_takeover_is_refused_and_a_fresh_one_admitted()
         guard.admit("w", "mac-skew", took_lease + TAKEOVER_SKEW / 2 + REPORT_TTL,
                     took_lease + 3)
     guard.admit("w", "mac-new", took_lease + TAKEOVER_SKEW + REPORT_TTL, took_lease + 3)
+
+
+def test_a_report_about_its_sender_signed_before_an_admitted_one_is_refused_as_late() -> None:
+    """A heartbeat held back by a network cut and delivered after a newer one must not roll
+    the node's state back; the lagging reports a writer sends about others are not ordered."""
+    guard = ReplayGuard(since=T0)
+    now = T0 + 100
+    guard.admit("w", "hb-2", now + 2 + REPORT_TTL, now + 2, ordered=True)
+    with pytest.raises(ReportOutOfOrder, match=r"signed 2\.000 s before") as late:
+        guard.admit("w", "hb-1", now + REPORT_TTL, now + 7, ordered=True)
+    assert late.value.node == "w" and isinstance(late.value, ReportReplayed)
+    guard.admit("w", "lagging-1", now + REPORT_TTL, now + 7)  # not ordered: admitted
+    guard.admit("r1", "hb-1", now + REPORT_TTL, now + 7, ordered=True)  # per node
+    # one signed at the same instant as the newest (agents' threads) is not late
+    guard.admit("w", "st-2", now + 2 + REPORT_TTL, now + 7, ordered=True)
+    guard.admit("w", "hb-3", now + 3 + REPORT_TTL, now + 7, ordered=True)
+
+
+def test_after_the_newest_report_expired_an_agent_whose_clock_stepped_back_is_heard_again() -> None:
+    guard = ReplayGuard(since=T0)
+    now = T0 + 100
+    guard.admit("w", "ahead", now + 30 + REPORT_TTL, now, ordered=True)  # its clock 30 s fast
+    with pytest.raises(ReportOutOfOrder):  # corrected: refused while the newest is valid...
+        guard.admit("w", "fixed-1", now + 1 + REPORT_TTL, now + 1, ordered=True)
+    later = now + 30 + REPORT_TTL  # ... and heard once that one expired (at most REPORT_TTL)
+    guard.admit("w", "fixed-2", later + REPORT_TTL, later, ordered=True)

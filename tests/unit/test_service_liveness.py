@@ -123,6 +123,43 @@ def test_a_failed_self_test_in_the_new_epoch_still_kills_the_new_writer() -> Non
 
 
 
+class Answers:
+    """The agents port's health probe: each address answers ``health`` (set between probes)."""
+
+    def __init__(self, health: Health) -> None:
+        self.health_answer = health
+
+    def health(self, address: str, timeout: float) -> Health:
+        return self.health_answer
+
+
+def _reader_health(selftest: str) -> Health:
+    return Health(node="r2", fleet="f", role="reader", epoch=1, applied_seq=5, safe_seq=5,
+                  selftest=selftest)
+
+
+@pytest.mark.parametrize("report_between", [True, False])
+def test_a_probe_answer_overtaken_by_a_report_does_not_roll_the_node_back(
+        report_between: bool) -> None:
+    """Seen on VMs across a network cut: a probe answer written during the cut (the node's
+    self-test had failed on its fenced disk) reached the coordinator after the heal, after the
+    node's newer reports (it was healthy again), and confirmed it dead. An answer whose probe
+    was sent before a report admitted since is contact, not news; one sent after is news."""
+    agents = Answers(_reader_health("failed"))
+    svc, clock = service(agents)
+    assert svc._state is not None
+    ticket = next(svc._tickets)
+    svc._probing["r2"] = _Outstanding(ticket, clock.monotonic())  # sent (during the cut)
+    clock.forward(0.3)
+    if report_between:  # its newer heartbeat: healthy
+        svc.submit(HeartbeatReceived("r2", clock.monotonic(), selftest_ok=True, epoch=1))
+        svc._drain(clock.monotonic())
+    clock.forward(0.3)
+    svc._probe(svc._state.map.member("r2"), 0.3, ticket)  # its late answer
+    expected = Verdict.ALIVE if report_between else Verdict.DEAD
+    assert verdict(svc, "r2", clock) is expected
+
+
 def probe(svc: FleetService, node: str) -> None:
     """What the loop does for one probe of ``node``: send it (the pool thread's body, run
     here) and fold its answer in."""
