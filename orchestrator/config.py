@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -56,6 +57,7 @@ __all__ = [
     "display_uri",
     "from_mapping",
     "load",
+    "render",
     "validate",
 ]
 
@@ -562,3 +564,34 @@ def validate(config: FleetConfig) -> None:
         raise ConfigError("fleet.writer", f"{fleet.writer!r} is not a VM of the fleet")
     if config.vm(fleet.writer).spare:
         raise ConfigError("fleet.writer", f"{fleet.writer!r} is a spare; a spare cannot write")
+
+
+def render(data: Mapping[str, Any]) -> str:
+    """``data`` (what :func:`tomllib.loads` gives for an rbdfleet.toml: tables of scalars and
+    lists of scalars, arrays of tables) as TOML text that loads back to the same mapping."""
+    lines: list[str] = []
+    for name, value in data.items():
+        if isinstance(value, Mapping):
+            lines += ["", f"[{name}]", *_render_pairs(value)]
+        elif isinstance(value, list) and all(isinstance(v, Mapping) for v in value):
+            for table in value:
+                lines += ["", f"[[{name}]]", *_render_pairs(table)]
+        else:
+            raise ConfigError(name, "a top-level key outside any table")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _render_pairs(table: Mapping[str, Any]) -> list[str]:
+    return [f"{key} = {_render_value(f'{key}', value)}" for key, value in table.items()]
+
+
+def _render_value(where: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string (\uXXXX escapes alike)
+    if isinstance(value, list):
+        return "[" + ", ".join(_render_value(where, v) for v in value) + "]"
+    raise ConfigError(where, f"{type(value).__name__} has no place in rbdfleet.toml")

@@ -64,7 +64,7 @@ from agents.service import AGENT_USER, DEVICE_GROUP, UNIT_NAME, UnitParams, rend
 from orchestrator.config import FleetConfig
 from orchestrator.core.remote import Executable, RemoteCommand, SshHost
 from orchestrator.errors import DeployError, RemoteCommandFailed
-from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage
+from orchestrator.packaging import DEFAULT_LAUNCH, INSTALL_RELEASE, AgentPackage
 from orchestrator.ports import RemoteShell
 
 LOG = logging.getLogger(__name__)
@@ -119,28 +119,6 @@ else:
 print(json.dumps({"version": version, "config_sha256": config_sha,
                   "pid": running(config, pidfile), "log_tail": tail,
                   "unit_sha256": unit_sha, "systemd": systemd}))
-'''
-
-_INSTALL = r'''
-import os, shutil, sys, tarfile
-install, version, tarball = sys.argv[1:4]
-releases = os.path.join(install, "releases")
-final = os.path.join(releases, version)
-if not os.path.isdir(final):
-    tmp = "%s.tmp-%d" % (final, os.getpid())
-    os.makedirs(tmp)
-    with tarfile.open(tarball) as tar:
-        tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    os.rename(tmp, final)
-current = os.path.join(install, "current")
-previous = os.path.basename(os.readlink(current)) if os.path.islink(current) else None
-link = "%s.tmp-%d" % (current, os.getpid())
-os.symlink(os.path.join("releases", version), link)
-os.replace(link, current)
-os.unlink(tarball)
-for name in os.listdir(releases):
-    if name not in (version, previous):  # keep the one a running agent may still use
-        shutil.rmtree(os.path.join(releases, name), ignore_errors=True)
 '''
 
 # Make the agent's account unless it exists (in the device group), then give each path its
@@ -390,7 +368,7 @@ class AgentDeployer:
                                      f".incoming-{self.package.version}.tar.gz")
             self.shell.put_file(target.host, self.package.tarball, tarball, 0o600,
                                 self.command_timeout)
-            self._python(target, _INSTALL, layout.install_dir, self.package.version, tarball)
+            self._python(target, INSTALL_RELEASE, layout.install_dir, self.package.version, tarball)
             actions.append(f"installed {self.package.version}")
         if stale_config:
             self.shell.put_file(target.host, config, layout.config_path, 0o600,

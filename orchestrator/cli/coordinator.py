@@ -1,7 +1,8 @@
-"""`rbdfleet coordinator run`, `failover` and `fence`.
+"""`rbdfleet coordinator run`, `install`, `uninstall`, `failover` and `fence`.
 
 ``coordinator run`` serves the API over the fleet's services (:mod:`orchestrator.services`);
 its settings are the ``[coordinator]`` table (:mod:`orchestrator.coordinator.config`).
+``coordinator install`` makes it a systemd service on hosts (:mod:`orchestrator.coordinator_hosts`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ from typing import Annotated, Any
 import typer
 
 from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
-from orchestrator.cli._output import JsonOption, emit_json, say
+from orchestrator.cli._output import JsonOption, emit_json, print_table, say
+from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinatorAPI
-from orchestrator.services import open_client, open_services, server_tls
+from orchestrator.coordinator_hosts import (
+    CoordinatorHost,
+    CoordinatorInstaller,
+    CoordinatorResult,
+    coordinator_targets,
+)
+from orchestrator.packaging import CoordinatorPackage
+from orchestrator.services import Services, open_client, open_services, server_tls
 
 LOG = logging.getLogger(__name__)
 
@@ -65,6 +74,75 @@ def run(
             api.shutdown()
 
 
+HostsArg = Annotated[list[str], typer.Argument(
+    help="hosts: VM names of the config or addresses, reached over SSH as [ssh] says")]
+PortOption = Annotated[int, typer.Option("--port", help="the port each coordinator serves on")]
+LibvirtUriOption = Annotated[str | None, typer.Option(
+    "--libvirt-uri", help="how the hosts reach the hypervisor that this machine reaches "
+    "locally (every VM whose URI has no host gets this one), e.g. qemu+ssh://root@hv1/system")]
+
+
+@app.command("install")
+def install(
+    hosts: HostsArg,
+    config: ConfigOption = DEFAULT_CONFIG,
+    port: PortOption = 7470,
+    libvirt_uri: LibvirtUriOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Install the coordinator as a systemd service on HOSTS, one after another: the first
+    to start takes the fleet's lease (active), the others stand by and take over when it
+    dies. Each URL https://HOST:PORT must be one of [coordinator] urls. Idempotent."""
+    with open_services(config) as services:
+        installer, targets = _installer(services, hosts, port, libvirt_uri)
+        _report(installer.install(targets), as_json)
+
+
+@app.command("uninstall")
+def uninstall(
+    hosts: HostsArg,
+    config: ConfigOption = DEFAULT_CONFIG,
+    port: PortOption = 7470,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop the coordinator service on HOSTS and remove its unit and files."""
+    with open_services(config) as services:
+        installer, targets = _installer(services, hosts, port, None)
+        _report(installer.uninstall(targets), as_json)
+
+
+def _installer(services: Services, hosts: list[str], port: int, libvirt_uri: str | None
+               ) -> tuple[CoordinatorInstaller, list[Any]]:
+    cfg, ccfg = services.config, services.coordinator
+    transport = services.transport()
+
+    def health(url: str) -> str:
+        answer = transport.request("coordinator", url, "GET", "/v1/health", timeout=5.0).body
+        return "active" if answer["fleets"].get(cfg.fleet.name) else "standby"
+
+    targets = coordinator_targets(cfg, ccfg, [_host(cfg, h) for h in hosts], port, libvirt_uri)
+    return CoordinatorInstaller(services.shell, CoordinatorPackage.build(), health), targets
+
+
+def _host(cfg: FleetConfig, name: str) -> CoordinatorHost:
+    """A VM of the config by its name, else ``name`` is the address."""
+    for vm in cfg.vms:
+        if vm.name == name:
+            return CoordinatorHost(vm.name, vm.address)
+    return CoordinatorHost(name, name)
+
+
+def _report(results: dict[str, CoordinatorResult], as_json: bool) -> None:
+    if as_json:
+        emit_json({name: {"url": r.url, "role": r.role, "version": r.version,
+                          "actions": list(r.actions), "seconds": r.seconds}
+                   for name, r in results.items()})
+        return
+    print_table(("HOST", "URL", "ROLE", "ACTIONS"),
+                [(name, r.url, r.role or "-", ", ".join(r.actions) or "unchanged")
+                 for name, r in results.items()])
+
+
 def failover(
     fleet: FleetArg,
     to: Annotated[str | None, typer.Option("--to", help="the in-sync reader to promote")] = None,
@@ -107,7 +185,7 @@ def _print_map(m: dict[str, Any], as_json: bool) -> None:
 
 
 def register(root: typer.Typer) -> None:
-    """Add ``coordinator run``, ``failover`` and ``fence`` to the root app."""
+    """Add ``coordinator run``, ``install``, ``uninstall``, ``failover`` and ``fence``."""
     root.add_typer(app, name="coordinator")
     root.command("failover")(failover)
     root.command("fence")(fence)

@@ -66,6 +66,11 @@ GUEST_PACKAGES = (
     "systemd-sysv",  # systemd as PID 1 (no recommends: debootstrap resolves Depends only)
     "busybox-static",  # the initramfs's shell (initramfs.conf BUSYBOX=auto)
     "zstd",  # mkinitramfs needs it in the chroot for COMPRESS=zstd
+    # What a coordinator host needs from Debian (`rbdfleet coordinator install` checks for
+    # them and installs only the rbdfleet package): the Ceph and libvirt bindings.
+    "python3-rados",
+    "python3-rbd",
+    "python3-libvirt",
 )
 IMAGE_SIZE = "2G"
 IMAGE_LABEL = "rbdfleet-root"
