@@ -591,7 +591,9 @@ def _render_value(where: str, value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a TOML basic string (\uXXXX escapes alike)
+        # a JSON string is a TOML basic string, but for DEL (TOML escapes it, JSON need not)
+        # and astral characters (JSON's surrogate-pair escapes are not TOML's): kept literal
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_render_value(where, v) for v in value) + "]"
     raise ConfigError(where, f"{type(value).__name__} has no place in rbdfleet.toml")

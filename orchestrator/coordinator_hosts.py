@@ -422,15 +422,16 @@ def coordinator_targets(cfg: fleet_config.FleetConfig, ccfg: CoordinatorConfig,
     layout = CoordinatorLayout(cfg.fleet.name)
     plaintext = ccfg.insecure_plaintext or cfg.tls.insecure_plaintext
     scheme = "http" if plaintext else "https"
-    shared = _shared_files(cfg, ccfg, layout, plaintext)
-    data = tomllib.loads(cfg.source.read_text())
-    targets = []
-    for host in hosts:
-        url = f"{scheme}://{_url_host(host.address)}:{port}"
+    urls = [f"{scheme}://{_url_host(host.address)}:{port}" for host in hosts]
+    for host, url in zip(hosts, urls, strict=True):
         if url not in ccfg.urls:
             raise ConfigError("coordinator.urls", f"{url} (host {host.name}) is not listed "
                               f"({', '.join(ccfg.urls)}): add it, then `rbdfleet provision` "
                               "to reissue the coordinators' certificate, and deploy the agents")
+    shared = _shared_files(cfg, ccfg, layout, plaintext)
+    data = tomllib.loads(cfg.source.read_text())
+    targets = []
+    for host, url in zip(hosts, urls, strict=True):
         text = fleet_config.render(host_config(data, layout, f"{host.address}:{port}",
                                                libvirt_uri))
         fleet_config.from_mapping(tomllib.loads(text), env={})  # refused here, not there

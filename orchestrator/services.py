@@ -41,7 +41,13 @@ from orchestrator.adapters.ansible import (
 from orchestrator.adapters.libvirt import LibvirtHypervisor
 from orchestrator.adapters.rados_clients import RadosClientStore
 from orchestrator.adapters.rados_state import RadosStateStore
-from orchestrator.adapters.ssh import ParamikoShell, allow_any_target, require_local_target
+from orchestrator.adapters.ssh import (
+    Opener,
+    ParamikoShell,
+    RemoteForwards,
+    allow_any_target,
+    require_local_target,
+)
 from orchestrator.client import CoordinatorClient, FleetClient, RetryPolicy
 from orchestrator.config import FleetConfig, SshConfig
 from orchestrator.coordinator.config import CoordinatorConfig, coordinator_config
@@ -82,6 +88,7 @@ __all__ = [
     "open_services",
     "read_client_secret",
     "read_secret",
+    "remote_forwards",
     "server_tls",
     "ssh_shell",
     "state_store",
@@ -403,6 +410,13 @@ def state_store(handle: Any, pool: str, fleet: str, lease_seconds: float,
     """A fleet's coordinator state and lease in ``pool`` over a connected rados handle;
     the caller closes it."""
     return RadosStateStore(handle, pool, fleet, holder, lease_seconds)
+
+
+def remote_forwards(address: str, user: str, key: Path, known_hosts: Path,
+                    forwards: Callable[[], Mapping[int, Opener]]) -> RemoteForwards:
+    """Ports on a local-bridge host's loopback carried to sockets of this machine over SSH,
+    kept across its reboots (the sandbox's uplink into its guests); not started."""
+    return RemoteForwards(address, user, key, known_hosts, forwards)
 
 
 def ssh_shell(ssh: SshConfig, **options: Any) -> ParamikoShell:

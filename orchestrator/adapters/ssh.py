@@ -20,6 +20,9 @@ The only module that imports paramiko. What it guarantees and what it does not:
   is replaced once (nothing has run on it yet), never after a command started.
 - File writes are atomic on the host: a temporary name (mode 0600 before any byte is
   written), chmod, then ``posix-rename`` over the target.
+
+:class:`RemoteForwards` is the other use of SSH: ports on a host's loopback carried back to
+sockets of this machine (``ssh -R``), kept across the host's reboots.
 """
 
 from __future__ import annotations
@@ -62,7 +65,9 @@ except ImportError:  # reported as BindingUnavailable when a shell is made
     paramiko = None
 
 __all__ = [
+    "Opener",
     "ParamikoShell",
+    "RemoteForwards",
     "allow_any_target",
     "require_local_target",
     "translate_ssh_errors",
@@ -340,3 +345,105 @@ def _collect(chan: Any, deadline: float) -> tuple[int, bytes, bytes]:
                 return -1, bytes(out), bytes(err)
         else:
             select.select([fileno], [], [], min(remaining, 1.0))
+
+
+Opener = Callable[[], Any]  # a connected socket.socket
+
+
+class RemoteForwards:
+    """Ports on ``address``'s 127.0.0.1 whose connections are carried to sockets of this
+    machine (``ssh -R``): ``forwards()`` maps each port to what opens its socket here, and
+    is asked again at every connection. The SSH connection (pinned host key, key login, the
+    target guard) is kept: when it drops it is made again every second until the host
+    answers, and the forwards asked for again. :attr:`connected` is set while they are in
+    place; :attr:`connections` counts how often they were set up."""
+
+    def __init__(self, address: str, user: str, key: Path, known_hosts: Path,
+                 forwards: Callable[[], Mapping[int, Opener]], *,
+                 target_guard: Callable[[str], None] = require_local_target) -> None:
+        if paramiko is None:
+            raise BindingUnavailable("paramiko", "pip install paramiko")
+        self.address = address
+        self._user, self._key, self._known_hosts = user, key, known_hosts
+        self._forwards, self._guard = forwards, target_guard
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.connections = 0
+        self._thread = threading.Thread(target=self._keep, name=f"forwards-{address}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _keep(self) -> None:
+        while not self._stop.is_set():
+            with suppress(OSError, paramiko.SSHException, RemoteError, UnsafeTarget):
+                self._serve_once()
+            self.connected.clear()
+            self._stop.wait(1.0)
+
+    def _serve_once(self) -> None:
+        self._guard(self.address)
+        client = paramiko.SSHClient()
+        client.load_host_keys(str(self._known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(self.address, username=self._user, key_filename=str(self._key),
+                           timeout=5, banner_timeout=10, auth_timeout=10,
+                           look_for_keys=False, allow_agent=False)
+            transport = client.get_transport()
+            if transport is None:
+                return
+            transport.set_keepalive(2)
+            for port, opener in self._forwards().items():
+                transport.request_port_forward("127.0.0.1", port, handler=_forwarder(opener))
+            self.connections += 1
+            self.connected.set()
+            while transport.is_active() and not self._stop.wait(0.5):
+                pass
+        finally:
+            client.close()
+
+
+def _forwarder(opener: Opener) -> Callable[..., None]:
+    """paramiko's handler of one forwarded port: each connection pumped in a thread of its
+    own (the handler runs on the transport's thread and must not block)."""
+    def accept(channel: Any, origin: Any, server: Any) -> None:
+        threading.Thread(target=_pump, args=(channel, opener), daemon=True).start()
+
+    return accept
+
+
+def _pump(channel: Any, opener: Opener) -> None:
+    """Copy bytes both ways between a forwarded channel and a new socket until either side
+    closes."""
+    try:
+        sock = opener()
+    except OSError:
+        channel.close()
+        return
+    try:
+        while not channel.closed:
+            readable, _, _ = select.select([channel, sock], [], [], 5.0)
+            if channel in readable:
+                data = channel.recv(_FORWARD_CHUNK)
+                if not data:
+                    break
+                sock.sendall(data)
+            if sock in readable:
+                data = sock.recv(_FORWARD_CHUNK)
+                if not data:
+                    break
+                channel.sendall(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+        channel.close()
+
+
+_FORWARD_CHUNK = 65536

@@ -53,8 +53,10 @@ def mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
 
 @contextlib.contextmanager
 def open_mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephCluster,
-                 sandbox_vms: VmSet, spares: tuple[str, ...] = ()) -> Iterator[Mission]:
-    """The ``mission`` fixture's fleet; ``spares``: VMs configured ``spare = true``."""
+                 sandbox_vms: VmSet, spares: tuple[str, ...] = (),
+                 coordinators: tuple[str, ...] = ()) -> Iterator[Mission]:
+    """The ``mission`` fixture's fleet; ``spares``: VMs configured ``spare = true``;
+    ``coordinators``: the URLs of ``[coordinator] urls`` instead of the host's one."""
     directory = tmp_path_factory.mktemp("mission")
     fleet = f"m{uuid.uuid4().hex[:6]}"
     secret = directory / "fleet.secret"
@@ -64,6 +66,10 @@ def open_mission(tmp_path_factory: pytest.TempPathFactory, ceph_cluster: CephClu
     text = text.replace('name = "demo"', f'name = "{fleet}"')
     text = text.replace('image = "rbdfleet-demo"', f'image = "{fleet}"')
     text = text.replace('size = "1GiB"', 'size = "256MiB"')
+    if coordinators:
+        start = text.index("urls = [", text.index("[coordinator]"))
+        end = text.index("\n", start)
+        text = text[:start] + f"urls = {json.dumps(list(coordinators))}" + text[end:]
     for vm in spares:
         at = text.index(f'name = "{vm}"')
         flag = text.index("spare = false", at)
