@@ -29,6 +29,7 @@ restarts nothing (every file is compared by sha256).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import hashlib
 import json
 import platform
@@ -46,12 +47,13 @@ from agents.errors import RbdfleetError
 from orchestrator import config as fleet_config
 from orchestrator.coordinator.config import CoordinatorConfig
 from orchestrator.core.remote import Executable, RemoteCommand
-from orchestrator.errors import ConfigError, DeployError, RemoteCommandFailed
+from orchestrator.errors import ConfigError, CoordinationError, DeployError, RemoteCommandFailed
 from orchestrator.packaging import HOST_BINDINGS, INSTALL_RELEASE, CoordinatorPackage
 from orchestrator.pki import COORDINATOR, FleetPki
 from orchestrator.ports import RemoteShell
 
 __all__ = [
+    "ANSIBLE_VARIABLES",
     "INSTALL_DIR",
     "UNIT",
     "CoordinatorHost",
@@ -59,9 +61,11 @@ __all__ = [
     "CoordinatorLayout",
     "CoordinatorResult",
     "CoordinatorTarget",
+    "ansible_template",
     "coordinator_targets",
     "host_config",
     "render_unit",
+    "role_variables",
 ]
 
 INSTALL_DIR = "/opt/rbdfleet/coordinator"
@@ -70,7 +74,8 @@ UNIT_DIR = "/etc/systemd/system"
 DEBIAN_BINDINGS = "python3-rados python3-rbd python3-libvirt"
 
 UNIT = string.Template("""\
-# Installed by `rbdfleet coordinator install` (orchestrator/coordinator_hosts.py).
+# Installed by `rbdfleet coordinator install` or the Ansible role rbdfleet_coordinator, both
+# rendering orchestrator/coordinator_hosts.py: edit it there, not here.
 [Unit]
 Description=rbdfleet coordinator of fleet ${fleet}
 After=network-online.target
@@ -119,6 +124,20 @@ UMask=0077
 [Install]
 WantedBy=multi-user.target
 """)
+
+
+# The role's variables for the unit's placeholders (its vars/main.yml: the same layout).
+ANSIBLE_VARIABLES = {
+    "fleet": "{{ rbdfleet_coordinator_fleet }}",
+    "release": "{{ rbdfleet_coordinator_release_dir }}",
+    "config": "{{ rbdfleet_coordinator_config_path }}",
+    "python": "{{ rbdfleet_coordinator_python }}",
+}
+
+
+def ansible_template() -> str:
+    """The role's ``rbdfleet-coordinator.service.j2``: :data:`UNIT` with Jinja variables."""
+    return UNIT.substitute(ANSIBLE_VARIABLES)
 
 
 def render_unit(fleet: str, release: str, config: str,
@@ -203,6 +222,14 @@ class CoordinatorHost:
     name: str
     address: str
 
+    @staticmethod
+    def named(cfg: fleet_config.FleetConfig, name: str) -> CoordinatorHost:
+        """A VM of ``cfg`` by its name, else ``name`` is the host's address."""
+        for vm in cfg.vms:
+            if vm.name == name:
+                return CoordinatorHost(vm.name, vm.address)
+        return CoordinatorHost(name, name)
+
 
 @dataclass(frozen=True)
 class CoordinatorTarget:
@@ -263,7 +290,8 @@ except FileNotFoundError:
 class CoordinatorInstaller:
     """Installs, checks and removes one fleet's coordinator service on hosts (module
     docstring). ``health(url)`` is the role the coordinator at ``url`` answers
-    (``active``/``standby``) or raises while it does not answer."""
+    (``active``/``standby``) or raises while it does not answer; ``fleet_urls``, where a
+    coordinator already active may answer."""
 
     shell: RemoteShell
     package: CoordinatorPackage
@@ -274,6 +302,7 @@ class CoordinatorInstaller:
     sleep: Callable[[float], None] = time.sleep
     local_python: str = field(default_factory=lambda: "{}.{}".format(*sys.version_info[:2]))
     local_machine: str = field(default_factory=platform.machine)
+    fleet_urls: Sequence[str] = ()  # every coordinator's URL (``[coordinator] urls``)
 
     def install(self, targets: Sequence[CoordinatorTarget]) -> dict[str, CoordinatorResult]:
         """Each host in turn: checked, brought up to date, (re)started if anything changed or
@@ -322,13 +351,14 @@ class CoordinatorInstaller:
             self._run(target, RemoteCommand(Executable.PYTHON3, [
                 "-c", INSTALL_RELEASE, layout.install_dir, self.package.version, tarball]))
             actions.append(f"installed {self.package.version}")
+        written = set()
         for content, path, mode in files:
             if probe["sha256"].get(path) != hashlib.sha256(content).hexdigest():
                 self.shell.put_file(target.host, content, path, mode, self.command_timeout)
+                written.add(path)
                 actions.append(f"wrote {posixpath.basename(path)}")
         shown = self._show(target, "ActiveState", "NeedDaemonReload", "UnitFileState")
-        if shown.get("NeedDaemonReload") == "yes" or any(a.startswith("wrote rbdfleet-coord")
-                                                         for a in actions):
+        if shown.get("NeedDaemonReload") == "yes" or layout.unit_path in written:
             self._systemctl(target, "daemon-reload")
         if shown.get("UnitFileState") != "enabled":
             self._systemctl(target, "enable", layout.unit_name)
@@ -370,22 +400,35 @@ class CoordinatorInstaller:
                 "libraries): install from a machine that matches the hosts", rc=-1)
 
     def _wait_ready(self, target: CoordinatorTarget) -> str:
-        """The role the coordinator answers once it serves; RemoteCommandFailed with its
-        journal's tail if it does not within ``ready_timeout``."""
+        """The role the coordinator answers once it serves and the fleet has an active
+        coordinator (it, or one of ``fleet_urls``: a coordinator serves as a standby until it
+        takes the lease); RemoteCommandFailed with its journal's tail if not within
+        ``ready_timeout``."""
         deadline = self.clock() + self.ready_timeout
         while True:
             try:
-                return self.health(target.url)
+                role = self.health(target.url)
+                if role == "active" or self._active_elsewhere(target.url):
+                    return role
+                raise CoordinationError("no coordinator of the fleet is active yet")
             except RbdfleetError as exc:
                 if self.clock() >= deadline:
                     tail = self._run(target, RemoteCommand(Executable.SH, [
                         "-c", f"journalctl -u {target.layout.unit_name} -n 15 --no-pager -o cat"
                     ]), check=False)
                     raise RemoteCommandFailed(
-                        target.host.name, f"the coordinator did not answer at {target.url} "
+                        target.host.name, f"the coordinator was not ready at {target.url} "
                         f"within {self.ready_timeout:g} s ({exc}); its journal: "
                         f"{tail.strip()[-800:]}", rc=-1) from exc
             self.sleep(1.0)
+
+    def _active_elsewhere(self, url: str) -> bool:
+        for other in self.fleet_urls:
+            if other != url:
+                with contextlib.suppress(RbdfleetError):
+                    if self.health(other) == "active":
+                        return True
+        return False
 
     def _probe(self, target: CoordinatorTarget, paths: Sequence[str]) -> dict[str, Any]:
         out = self._run(target, RemoteCommand(Executable.PYTHON3, [
@@ -468,14 +511,38 @@ def _shared_files(cfg: fleet_config.FleetConfig, ccfg: CoordinatorConfig,
 
 
 def _mon_host(cfg: fleet_config.FleetConfig) -> str:
-    """The monitors: the config's ``mon_host``, else the ``[global] mon_host`` of its
-    ceph.conf."""
-    if cfg.ceph.mon_host:
-        return cfg.ceph.mon_host
+    """The monitors as this machine's librados finds them: the ``[global] mon_host`` of the
+    config's ceph.conf (with its v2/v1 address vectors), else the config's ``mon_host``."""
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.read_string(cfg.ceph.conf.read_text())
     for key in ("mon_host", "mon host"):
         if parser.has_option("global", key):
             return parser.get("global", key)
+    if cfg.ceph.mon_host:
+        return cfg.ceph.mon_host
     raise ConfigError("ceph.conf", f"{cfg.ceph.conf} has no [global] mon_host, and the config "
                       "sets no ceph.mon_host")
+
+
+def role_variables(target: CoordinatorTarget, package: CoordinatorPackage, tarball: Path,
+                   directory: Path, python_version: str) -> dict[str, Any]:
+    """The Ansible role ``rbdfleet_coordinator``'s variables for ``target``: its files staged
+    under ``directory/<host>/`` on this machine (0600 in 0700 directories: the role copies
+    them, those without a group or other bit as secrets, ``no_log``)."""
+    staged = directory / target.host.name
+    staged.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staged.chmod(0o700)
+    files = []
+    for content, dest, mode in target.files:
+        local = staged / posixpath.relpath(dest, target.layout.etc_dir).replace("/", "_")
+        local.touch(mode=0o600)
+        local.chmod(0o600)
+        local.write_bytes(content)
+        files.append({"src": str(local), "dest": dest, "mode": f"{mode:04o}",
+                      "secret": not mode & 0o044})
+    return {"rbdfleet_coordinator_fleet": target.layout.fleet,
+            "rbdfleet_coordinator_version": package.version,
+            "rbdfleet_coordinator_package": str(tarball),
+            "rbdfleet_coordinator_url": target.url,
+            "rbdfleet_coordinator_python_version": python_version,
+            "rbdfleet_coordinator_files": files}

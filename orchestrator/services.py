@@ -16,10 +16,12 @@ TLS, the bootstrap map), and the pieces the test harness wires without a config 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,6 +34,7 @@ from orchestrator import config as fleet_config
 from orchestrator.adapters import ceph
 from orchestrator.adapters.agent_control import HttpAgentControl
 from orchestrator.adapters.ansible import (
+    CoordinatorInventoryHost,
     Inventory,
     InventoryHost,
     TlsFiles,
@@ -54,12 +57,13 @@ from orchestrator.coordinator.config import CoordinatorConfig, coordinator_confi
 from orchestrator.coordinator.keys import read_master_keys
 from orchestrator.coordinator.service import FleetService, ServiceSettings
 from orchestrator.coordinator.write_path import FencedWriterRoles
+from orchestrator.coordinator_hosts import CoordinatorHost, coordinator_targets, role_variables
 from orchestrator.core.election import ElectionConfig
 from orchestrator.core.fleetmap import FleetMap, Role, initial_map
 from orchestrator.core.placement import vm_user
 from orchestrator.deploy import AgentDeployer
 from orchestrator.errors import AgentUnreachable, ConfigError, PkiError
-from orchestrator.packaging import AgentPackage
+from orchestrator.packaging import AgentPackage, CoordinatorPackage
 from orchestrator.pki import COORDINATOR as PKI_COORDINATOR
 from orchestrator.pki import FleetPki, reloading_server_context
 from orchestrator.ports import (
@@ -230,15 +234,29 @@ class Services:
                            retry=RetryPolicy(timeout=timeout))
 
     def inventory(self, fleet_map: Mapping[str, Any] | None, package_dir: Path,
-                  key_dir: Path) -> Inventory:
+                  key_dir: Path, coordinator_hosts: Sequence[CoordinatorHost] = (),
+                  coordinator_port: int = 7470, libvirt_uri: str | None = None) -> Inventory:
         """The fleet as an Ansible inventory (:func:`fleet_inventory`) with the agents
         tarball written to ``package_dir`` (once per version) and the VMs' keys in
-        ``key_dir``."""
+        ``key_dir``; with ``coordinator_hosts``, the group ``rbdfleet_coordinators`` too, its
+        package beside the agents' and each host's files (what ``rbdfleet coordinator
+        install`` would install) staged under ``package_dir/coordinators/<fleet>/``."""
         package = AgentPackage.build()
-        return fleet_inventory(self.config, coordinators=self.coordinator.urls,
-                               fleet_map=fleet_map,
-                               package=(write_package(package, package_dir), package.version),
-                               key_dir=key_dir)
+        found = fleet_inventory(self.config, coordinators=self.coordinator.urls,
+                                fleet_map=fleet_map,
+                                package=(write_package(package, package_dir), package.version),
+                                key_dir=key_dir)
+        if not coordinator_hosts:
+            return found
+        targets = coordinator_targets(self.config, self.coordinator, coordinator_hosts,
+                                      coordinator_port, libvirt_uri)
+        coordinator = CoordinatorPackage.build()
+        tarball = write_package(coordinator, package_dir)
+        staged = package_dir / "coordinators" / self.config.fleet.name
+        python = "{}.{}".format(*sys.version_info[:2])
+        hosts = [CoordinatorInventoryHost(t.host.name, t.host.address, role_variables(
+                     t, coordinator, tarball, staged, python)) for t in targets]
+        return dataclasses.replace(found, coordinators=hosts)
 
     def fleet_service(self, url: str, agents: Transport) -> FleetService:
         """The fleet's coordinator loop, advertised as ``url``: state and lease in RADOS,

@@ -39,10 +39,10 @@ from agents.errors import BindingUnavailable
 from orchestrator.adapters.ssh import require_local_target
 from orchestrator.config import FleetConfig
 from orchestrator.errors import ConfigError, DeployError
-from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage
+from orchestrator.packaging import DEFAULT_LAUNCH, AgentPackage, CoordinatorPackage
 
-__all__ = ["ANSIBLE_DIR", "AnsibleRunner", "Inventory", "InventoryHost", "PlayRecap", "PlaybookRun",
-           "TlsFiles", "ssh_vars", "write_package"]
+__all__ = ["ANSIBLE_DIR", "COORDINATORS", "AnsibleRunner", "CoordinatorInventoryHost", "Inventory",
+           "InventoryHost", "PlayRecap", "PlaybookRun", "TlsFiles", "ssh_vars", "write_package"]
 
 ANSIBLE_DIR = Path(__file__).resolve().parents[2] / "ansible"
 
@@ -89,6 +89,20 @@ class InventoryHost:
 
 
 GROUPS = ("rbdfleet_writer", "rbdfleet_readers", "rbdfleet_spares")
+COORDINATORS = "rbdfleet_coordinators"  # what ansible/deploy-coordinators.yml plays on
+
+
+@dataclass(frozen=True)
+class CoordinatorInventoryHost:
+    """One coordinator host: its address and the role ``rbdfleet_coordinator``'s variables
+    (a VM of the fleet may be one too: its variables are merged with its agent's)."""
+
+    name: str
+    address: str
+    variables: Mapping[str, Any]
+
+    def hostvars(self) -> dict[str, Any]:
+        return {"ansible_host": self.address, "ansible_port": 22, **self.variables}
 
 
 def ssh_vars(user: str, ssh_key: Path, known_hosts: Path) -> dict[str, Any]:
@@ -115,36 +129,51 @@ class Inventory:
 
     hosts: Sequence[InventoryHost]
     variables: Mapping[str, Any] = field(default_factory=dict)
+    coordinators: Sequence[CoordinatorInventoryHost] = ()  # group rbdfleet_coordinators
 
     def _members(self, group: str) -> list[InventoryHost]:
         return [h for h in self.hosts if h.group == group]
 
+    def _hostvars(self) -> dict[str, dict[str, Any]]:
+        """Every host's own variables, an agent's and a coordinator's merged."""
+        found: dict[str, dict[str, Any]] = {}
+        hosts: list[InventoryHost | CoordinatorInventoryHost] = [*self.hosts, *self.coordinators]
+        for host in hosts:
+            found[host.name] = {**found.get(host.name, {}), **host.hostvars()}
+        return found
+
     def to_script(self) -> dict[str, Any]:
         """The ``--list`` answer of a dynamic inventory script (hostvars under ``_meta``)."""
+        children = ["agents", COORDINATORS] if self.coordinators else ["agents"]
         listing: dict[str, Any] = {
-            "_meta": {"hostvars": {h.name: h.hostvars() for h in self.hosts}},
-            "all": {"children": ["agents"], "vars": dict(self.variables)},
+            "_meta": {"hostvars": self._hostvars()},
+            "all": {"children": children, "vars": dict(self.variables)},
             "agents": {"children": list(GROUPS)},
         }
         for group in GROUPS:
             listing[group] = {"hosts": [h.name for h in self._members(group)]}
+        if self.coordinators:
+            listing[COORDINATORS] = {"hosts": [h.name for h in self.coordinators]}
         return listing
 
     def hostvars(self, name: str) -> dict[str, Any]:
         """The ``--host NAME`` answer: shared variables, then the host's own."""
-        for host in self.hosts:
-            if host.name == name:
-                return {**self.variables, **host.hostvars()}
-        raise ConfigError("inventory", f"no host named {name!r} in the inventory")
+        own = self._hostvars()
+        if name not in own:
+            raise ConfigError("inventory", f"no host named {name!r} in the inventory")
+        return {**self.variables, **own[name]}
 
     def to_static(self) -> dict[str, Any]:
         """The same inventory as one YAML/JSON document (Ansible's yaml inventory plugin)."""
-        def members(group: str) -> dict[str, Any]:
-            return {"hosts": {h.name: h.hostvars() for h in self._members(group)}}
+        own = self._hostvars()
 
-        return {"all": {"vars": dict(self.variables), "children": {
-            "agents": {"children": {g: members(g) for g in GROUPS}},
-        }}}
+        def members(group: str) -> dict[str, Any]:
+            return {"hosts": {h.name: own[h.name] for h in self._members(group)}}
+
+        children: dict[str, Any] = {"agents": {"children": {g: members(g) for g in GROUPS}}}
+        if self.coordinators:
+            children[COORDINATORS] = {"hosts": {h.name: own[h.name] for h in self.coordinators}}
+        return {"all": {"vars": dict(self.variables), "children": children}}
 
 
 @dataclass(frozen=True)
@@ -234,9 +263,11 @@ class TlsFiles:
                 "rbdfleet_agent_tls_ca_src": str(self.ca or "")}
 
 
-def write_package(package: AgentPackage, directory: Path) -> Path:
-    """``directory/agents-VERSION.tar.gz`` (written once: the version is its content hash)."""
-    tarball = directory / f"agents-{package.version}.tar.gz"
+def write_package(package: AgentPackage | CoordinatorPackage, directory: Path) -> Path:
+    """``directory/agents-VERSION.tar.gz`` or ``coordinator-VERSION.tar.gz`` (written once:
+    the version is its content hash)."""
+    kind = "agents" if isinstance(package, AgentPackage) else "coordinator"
+    tarball = directory / f"{kind}-{package.version}.tar.gz"
     if not tarball.exists():
         directory.mkdir(parents=True, exist_ok=True)
         partial = tarball.with_name(f".{tarball.name}.{os.getpid()}")

@@ -399,8 +399,11 @@ class RemoteForwards:
             if transport is None:
                 return
             transport.set_keepalive(2)
-            for port, opener in self._forwards().items():
-                transport.request_port_forward("127.0.0.1", port, handler=_forwarder(opener))
+            openers = dict(self._forwards())
+            for port in openers:
+                # paramiko keeps one handler per connection (the last one given), told which
+                # forwarded port each channel came in on
+                transport.request_port_forward("127.0.0.1", port, handler=_forwarder(openers))
             self.connections += 1
             self.connected.set()
             while transport.is_active() and not self._stop.wait(0.5):
@@ -409,10 +412,15 @@ class RemoteForwards:
             client.close()
 
 
-def _forwarder(opener: Opener) -> Callable[..., None]:
-    """paramiko's handler of one forwarded port: each connection pumped in a thread of its
-    own (the handler runs on the transport's thread and must not block)."""
-    def accept(channel: Any, origin: Any, server: Any) -> None:
+def _forwarder(openers: Mapping[int, Opener]) -> Callable[..., None]:
+    """paramiko's handler of the forwarded ports: each connection pumped to the socket of its
+    port (``server``: the address and port it came in on) in a thread of its own (the
+    handler runs on the transport's thread and must not block)."""
+    def accept(channel: Any, origin: Any, server: tuple[str, int]) -> None:
+        opener = openers.get(server[1])
+        if opener is None:
+            channel.close()
+            return
         threading.Thread(target=_pump, args=(channel, opener), daemon=True).start()
 
     return accept

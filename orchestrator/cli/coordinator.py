@@ -17,7 +17,6 @@ import typer
 
 from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption, FleetArg, check_fleet
 from orchestrator.cli._output import JsonOption, emit_json, print_table, say
-from orchestrator.config import FleetConfig
 from orchestrator.coordinator.api import CoordinatorAPI
 from orchestrator.coordinator_hosts import (
     CoordinatorHost,
@@ -120,16 +119,10 @@ def _installer(services: Services, hosts: list[str], port: int, libvirt_uri: str
         answer = transport.request("coordinator", url, "GET", "/v1/health", timeout=5.0).body
         return "active" if answer["fleets"].get(cfg.fleet.name) else "standby"
 
-    targets = coordinator_targets(cfg, ccfg, [_host(cfg, h) for h in hosts], port, libvirt_uri)
-    return CoordinatorInstaller(services.shell, CoordinatorPackage.build(), health), targets
-
-
-def _host(cfg: FleetConfig, name: str) -> CoordinatorHost:
-    """A VM of the config by its name, else ``name`` is the address."""
-    for vm in cfg.vms:
-        if vm.name == name:
-            return CoordinatorHost(vm.name, vm.address)
-    return CoordinatorHost(name, name)
+    targets = coordinator_targets(cfg, ccfg, [CoordinatorHost.named(cfg, h) for h in hosts],
+                                  port, libvirt_uri)
+    return CoordinatorInstaller(services.shell, CoordinatorPackage.build(), health,
+                                fleet_urls=ccfg.urls), targets
 
 
 def _report(results: dict[str, CoordinatorResult], as_json: bool) -> None:

@@ -27,6 +27,7 @@ from orchestrator.cli._common import DEFAULT_CONFIG, ConfigOption
 from orchestrator.cli._output import JsonOption, emit_json, print_table
 from orchestrator.config import FleetConfig
 from orchestrator.coordinator.keys import FleetKeys
+from orchestrator.coordinator_hosts import CoordinatorHost
 from orchestrator.errors import AgentUnreachable, ConfigError
 from orchestrator.services import open_services
 
@@ -54,6 +55,14 @@ def inventory(
     package_dir: Annotated[Path, typer.Option(
         "--package-dir", help="where the agents tarball is written (once per version)")]
     = DEFAULT_PACKAGE_DIR,
+    coordinators: Annotated[list[str] | None, typer.Option(
+        "--coordinator", help="a coordinator host (a VM name or an address; repeat it) for "
+        "group rbdfleet_coordinators (ansible/deploy-coordinators.yml)")] = None,
+    coordinator_port: Annotated[int, typer.Option(
+        "--coordinator-port", help="the port each coordinator serves on")] = 7470,
+    libvirt_uri: Annotated[str | None, typer.Option(
+        "--libvirt-uri", help="how the coordinator hosts reach the hypervisor this machine "
+        "reaches locally (as for `coordinator install`)")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Print the fleet as an Ansible inventory: the VMs, their addresses and roles. With --list
@@ -69,11 +78,15 @@ def inventory(
             fleet_map = None  # no coordinator yet: the bootstrap roles of the config
         key_dir = write_agent_keys(cfg, services.master_keys,
                                    package_dir / "keys" / cfg.fleet.name)
-        found = services.inventory(fleet_map, package_dir, key_dir)
+        hosts = [CoordinatorHost.named(cfg, name) for name in coordinators or ()]
+        found = services.inventory(fleet_map, package_dir, key_dir, hosts, coordinator_port,
+                                   libvirt_uri)
     if host is not None or list_all or as_json:
         emit_json(found.hostvars(host) if host is not None else found.to_script())
         return
-    print_table(["VM", "GROUP", "ADDRESS"], [(vm.name, vm.group, vm.address) for vm in found.hosts])
+    print_table(["HOST", "GROUP", "ADDRESS"],
+                [*((vm.name, vm.group, vm.address) for vm in found.hosts),
+                 *((h.name, "rbdfleet_coordinators", h.address) for h in found.coordinators)])
 
 
 def register(root: typer.Typer) -> None:

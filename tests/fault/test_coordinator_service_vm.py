@@ -17,9 +17,14 @@ follow the active one (a standby answers ``not_active`` naming it).
 3. The active coordinator's guest rebooted under a new workload (its reader's agent goes down
    with it): the other takes over; after the boot the coordinator comes back by itself as the
    standby and the reader as an in-sync reader; still epoch 1, the history clean.
+4. The Ansible path, ``ansible/deploy-coordinators.yml`` with ``rbdfleet inventory
+   --coordinator vm2 --coordinator vm3`` as its dynamic inventory: on the pair the CLI
+   installed, ``--check`` and a run report ``changed=0`` (the same bytes in the same places);
+   on the standby's host made fresh by ``coordinator uninstall``, ``--check`` changes nothing,
+   the run installs it as the standby, a second run reports ``changed=0``.
 
-Budget: ~5 min with the VMs already booted (the package install into two TCG guests, a TCG
-reboot).
+Budget: ~12 min with the VMs already booted (the package install into two TCG guests, a TCG
+reboot, five playbook runs: each module run costs seconds in a TCG guest).
 """
 
 from __future__ import annotations
@@ -27,13 +32,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.adapters.ansible import ANSIBLE_DIR, parse_output
 from orchestrator.coordinator_hosts import CoordinatorLayout
 from orchestrator.sandbox.ceph import CephCluster
 from orchestrator.sandbox.demo import Mission
@@ -194,4 +204,63 @@ def test_rebooted_active_coordinator_host_comes_back_as_the_standby(pair: Pair) 
     say(f"{standby} took over {took_over:.1f} s after the reboot; {active} booted at "
         f"{up.booting} s, its agent served at {up.serving} s; {recorded.tally()}")
     assert pair.unit(active)["UnitFileState"] == "enabled"
+    assert pair.epoch_and_writer() == (1, WRITER)
+
+
+def _playbook(pair: Pair, workdir: Path, *options: str,
+              hosts: tuple[str, ...] = HOSTS) -> dict[str, Any]:
+    """``ansible-playbook deploy-coordinators.yml`` on ``hosts`` as docs/operations.md runs
+    it (from ansible/, ``rbdfleet inventory`` as the dynamic inventory); each host's number
+    of changed tasks."""
+    if hosts != HOSTS:
+        options = (*options, "--limit", ",".join(hosts))
+    bin_dir = Path(sys.executable).parent
+    script = workdir / "fleet-inventory"
+    script.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -m orchestrator.cli.app inventory --config "
+        f"{pair.fleet.config_path} --package-dir {workdir / 'packages'} "
+        + " ".join(f"--coordinator {vm}" for vm in HOSTS)
+        + f' --libvirt-uri {LIBVIRT_URI} "$@"\n')
+    script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(ANSIBLE_HOME=str(workdir / "ansible-home"), ANSIBLE_LOCAL_TEMP=str(workdir / "t"),
+               ANSIBLE_NOCOLOR="1", PATH=f"{bin_dir}:{env.get('PATH', '/usr/bin:/bin')}")
+    say(f"$ ansible-playbook -i fleet-inventory deploy-coordinators.yml {' '.join(options)}")
+    done = subprocess.run([str(bin_dir / "ansible-playbook"), "-i", str(script),
+                           "deploy-coordinators.yml", *options], cwd=ANSIBLE_DIR, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    recaps = parse_output(done.stdout, hosts)
+    assert done.returncode == 0 and all(r.succeeded for r in recaps.values()), \
+        done.stdout[-3000:] + done.stderr[-2000:]
+    return {vm: recap.changed for vm, recap in recaps.items()}
+
+
+def test_the_playbook_finds_the_pair_the_cli_installed_converged(pair: Pair,
+                                                                 tmp_path: Path) -> None:
+    """Both installers put the same bytes in the same places: on the hosts the CLI
+    installed, the playbook's ``--check`` and its run change nothing and restart nothing."""
+    pids = {vm: pair.unit(vm)["MainPID"] for vm in HOSTS}
+    assert _playbook(pair, tmp_path, "--check") == {vm: 0 for vm in HOSTS}
+    assert _playbook(pair, tmp_path) == {vm: 0 for vm in HOSTS}
+    assert {vm: pair.unit(vm)["MainPID"] for vm in HOSTS} == pids
+
+
+def test_the_playbook_installs_a_coordinator_on_a_fresh_host(pair: Pair, tmp_path: Path
+                                                             ) -> None:
+    """The standby's host made fresh (``coordinator uninstall``): ``--check`` changes
+    nothing there, the run installs and starts it as the standby, a second run changes
+    nothing."""
+    active = pair.active()
+    fresh = next(vm for vm in HOSTS if vm != active)
+    pair.fleet.cli("coordinator", "uninstall", fresh, timeout=180)
+    assert pair.unit(fresh)["UnitFileState"] != "enabled" and pair.role(fresh) is None
+    _playbook(pair, tmp_path, "--check", hosts=(fresh,))
+    assert pair.unit(fresh)["ActiveState"] != "active" and pair.role(fresh) is None
+    first = _playbook(pair, tmp_path, hosts=(fresh,))
+    assert first[fresh] > 0, first
+    unit = pair.unit(fresh)
+    assert (unit["ActiveState"], unit["UnitFileState"]) == ("active", "enabled"), unit
+    assert pair.role(fresh) == "standby" and pair.role(active) == "active"
+    assert _playbook(pair, tmp_path, hosts=(fresh,)) == {fresh: 0}
+    assert pair.unit(fresh)["MainPID"] == unit["MainPID"]  # nothing restarted
     assert pair.epoch_and_writer() == (1, WRITER)

@@ -127,6 +127,6 @@ spare = true
     assert json.loads(one.stdout)["rbdfleet_agent_config"]["listen"] == "10.87.0.12:7480"
     table = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=120,
                            check=False)
-    assert table.stdout.splitlines()[1:] == ["vm1  rbdfleet_writer   10.87.0.11",
-                                             "vm2  rbdfleet_readers  10.87.0.12",
-                                             "vm3  rbdfleet_spares   10.87.0.13"]
+    assert table.stdout.splitlines()[1:] == ["vm1   rbdfleet_writer   10.87.0.11",
+                                             "vm2   rbdfleet_readers  10.87.0.12",
+                                             "vm3   rbdfleet_spares   10.87.0.13"]

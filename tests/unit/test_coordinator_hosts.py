@@ -18,14 +18,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator import config as fleet_config
+from orchestrator.adapters.ansible import CoordinatorInventoryHost, Inventory, InventoryHost
 from orchestrator.coordinator.config import CoordinatorConfig
 from orchestrator.coordinator_hosts import (
     CoordinatorHost,
     CoordinatorInstaller,
     CoordinatorLayout,
     CoordinatorTarget,
+    ansible_template,
     coordinator_targets,
     host_config,
+    role_variables,
 )
 from orchestrator.core.remote import Executable, RemoteCommand, RemoteResult, SshHost
 from orchestrator.errors import ConfigError, DeployError, HostUnreachable
@@ -136,7 +139,8 @@ def _installer(shell: SimulatedShell, answers: dict[str, str] | None = None,
 
     installer = CoordinatorInstaller(shell, PACKAGE, health, ready_timeout=timeout,
                                      clock=lambda: now[0], sleep=sleep,
-                                     local_python="3.11", local_machine="x86_64")
+                                     local_python="3.11", local_machine="x86_64",
+                                     fleet_urls=[f"https://{a}:7470" for a in shell.hosts])
     return installer, asked
 
 
@@ -157,7 +161,21 @@ def test_a_fresh_host_gets_package_files_unit_enabled_and_started_then_waits_for
     assert results["h-10.0.0.1"].actions == (
         f"installed {PACKAGE.version}", "wrote rbdfleet.toml", "wrote fleet.secret",
         f"wrote {LAYOUT.unit_name}", "enabled", "started")
-    assert asked == ["https://10.0.0.1:7470", "https://10.0.0.2:7470"]  # one host, then next
+    # one host, then the next; a standby's install also asks whether another is active
+    assert asked == ["https://10.0.0.1:7470", "https://10.0.0.2:7470", "https://10.0.0.1:7470"]
+
+
+def test_a_lone_standby_is_not_ready_until_some_coordinator_is_active() -> None:
+    """A coordinator serves as a standby until it takes the lease: the first host's install
+    waits for that (or for another coordinator that is active)."""
+    hosts = {"10.0.0.1": SimulatedHost()}
+    shell = SimulatedShell(hosts)
+    answers = {"https://10.0.0.1:7470": "standby"}
+    installer, _ = _installer(shell, answers, timeout=3.0)
+    with pytest.raises(DeployError, match="no coordinator of the fleet is active yet"):
+        installer.install([_target("10.0.0.1")])
+    answers["https://10.0.0.1:7470"] = "active"  # it took the lease
+    assert installer.install([_target("10.0.0.1")])["h-10.0.0.1"].role == "active"
 
 
 def test_a_second_install_writes_nothing_and_restarts_nothing() -> None:
@@ -172,7 +190,7 @@ def test_a_second_install_writes_nothing_and_restarts_nothing() -> None:
 
 def test_a_changed_config_is_rewritten_and_the_coordinator_restarted() -> None:
     hosts = {"10.0.0.1": SimulatedHost()}
-    installer, _ = _installer(SimulatedShell(hosts), {"https://10.0.0.1:7470": "standby"})
+    installer, _ = _installer(SimulatedShell(hosts), {"https://10.0.0.1:7470": "active"})
     installer.install([_target("10.0.0.1")])
     changed = installer.install([_target("10.0.0.1", b"[fleet]\nname = 'x'\n")])
     assert changed["h-10.0.0.1"].actions == ("wrote rbdfleet.toml", "restarted")
@@ -211,7 +229,7 @@ def test_a_coordinator_that_never_answers_fails_the_host_and_stops_the_rollout()
     with pytest.raises(DeployError) as caught:
         installer.install([_target("10.0.0.1"), _target("10.0.0.2")])
     error = caught.value.results["h-10.0.0.1"].error or ""
-    assert "did not answer at https://10.0.0.1:7470 within 3 s" in error
+    assert "not ready at https://10.0.0.1:7470 within 3 s" in error
     assert set(asked) == {"https://10.0.0.1:7470"} and hosts["10.0.0.2"].files == {}
 
 
@@ -301,3 +319,53 @@ def test_the_coordinator_package_carries_the_cli_and_its_libraries_not_the_host_
     assert not tops & {"rados.py", "rbd.py", "libvirt.py", "rados", "rbd", "libvirt"}
     assert not any("__pycache__" in name for name in names)
     assert CoordinatorPackage.build().version == package.version  # deterministic
+
+
+ROLE = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "rbdfleet_coordinator"
+
+
+def test_the_roles_unit_template_is_generated_from_the_one_unit_text() -> None:
+    """Regenerate with: python -c 'from orchestrator.coordinator_hosts import ansible_template;
+    print(ansible_template(), end="")' > ansible/roles/rbdfleet_coordinator/templates/..."""
+    template = ROLE / "templates" / "rbdfleet-coordinator.service.j2"
+    assert template.read_text() == ansible_template()
+    role_vars = (ROLE / "vars" / "main.yml").read_text()
+    for variable in ("rbdfleet_coordinator_release_dir", "rbdfleet_coordinator_config_path"):
+        assert f"\n{variable}:" in role_vars  # what the template's placeholders name
+
+
+def test_role_variables_stage_the_hosts_files_privately_and_mark_the_secrets(tmp_path: Path
+                                                                             ) -> None:
+    target = CoordinatorTarget(
+        CoordinatorHost("vm2", "10.0.0.12"), "https://10.0.0.12:7470", LAYOUT,
+        ((b"[fleet]\n", LAYOUT.config_path, 0o600),
+         (b"[global]\n", LAYOUT.at("ceph.conf"), 0o644),
+         (b"KEY", LAYOUT.at("tls", "coordinator.key"), 0o600)))
+    found = role_variables(target, PACKAGE, tmp_path / "coordinator-x.tar.gz",
+                           tmp_path / "staged", "3.11")
+    files = found["rbdfleet_coordinator_files"]
+    assert [(f["dest"], f["mode"], f["secret"]) for f in files] == [
+        (LAYOUT.config_path, "0600", True), (LAYOUT.at("ceph.conf"), "0644", False),
+        (LAYOUT.at("tls", "coordinator.key"), "0600", True)]
+    assert [Path(f["src"]).read_bytes() for f in files] == [b"[fleet]\n", b"[global]\n", b"KEY"]
+    assert all(Path(f["src"]).stat().st_mode & 0o777 == 0o600 for f in files)
+    assert (tmp_path / "staged" / "vm2").stat().st_mode & 0o777 == 0o700
+    assert found["rbdfleet_coordinator_url"] == "https://10.0.0.12:7470"
+    assert found["rbdfleet_coordinator_version"] == PACKAGE.version
+
+
+def test_a_vm_that_is_also_a_coordinator_host_gets_both_roles_variables() -> None:
+    agent = InventoryHost("vm2", "10.0.0.12", "/", {"node": "vm2", "role": "reader"})
+    coordinator = CoordinatorInventoryHost("vm2", "10.0.0.12", {"rbdfleet_coordinator_url": "u"})
+    lone = CoordinatorInventoryHost("c1", "10.0.0.21", {"rbdfleet_coordinator_url": "v"})
+    found = Inventory([agent], {"ansible_user": "root"}, [coordinator, lone])
+    listing = found.to_script()
+    assert listing["rbdfleet_coordinators"] == {"hosts": ["vm2", "c1"]}
+    assert "rbdfleet_coordinators" in listing["all"]["children"]
+    vm2 = listing["_meta"]["hostvars"]["vm2"]
+    assert vm2["rbdfleet_agent_config"]["role"] == "reader"
+    assert vm2["rbdfleet_coordinator_url"] == "u"
+    assert found.hostvars("c1")["ansible_host"] == "10.0.0.21"
+    assert found.hostvars("c1")["ansible_user"] == "root"
+    static = found.to_static()["all"]["children"]
+    assert static["rbdfleet_coordinators"]["hosts"]["vm2"] == vm2
