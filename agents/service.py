@@ -67,6 +67,28 @@ class _Template(string.Template):
     delimiter = "@"  # systemd owns "$" (variables) and "%" (specifiers)
 
 
+# The sandboxing every rbdfleet service shares (the agent's unit here, the coordinator's in
+# orchestrator/coordinator_hosts.py): no capability, a read-only system, no kernel knobs.
+HARDENING = """\
+CapabilityBoundingSet=
+AmbientCapabilities=
+NoNewPrivileges=yes
+PrivateTmp=yes
+ProtectSystem=strict
+ProtectHome=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+LockPersonality=yes
+SystemCallArchitectures=native
+"""
+
 UNIT = _Template("""\
 # Installed by `rbdfleet deploy` or the Ansible role rbdfleet_agent, both rendering
 # agents/service.py: edit it there, not here.
@@ -109,24 +131,7 @@ Group=@{user}
 SupplementaryGroups=@{device_group}
 StateDirectory=rbdfleet
 StateDirectoryMode=0750
-CapabilityBoundingSet=
-AmbientCapabilities=
-NoNewPrivileges=yes
-PrivateTmp=yes
-ProtectSystem=strict
-ProtectHome=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectHostname=yes
-RestrictNamespaces=yes
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-LockPersonality=yes
-SystemCallArchitectures=native
-ReadWritePaths=@{read_write}
+""" + HARDENING + """ReadWritePaths=@{read_write}
 
 [Install]
 WantedBy=multi-user.target

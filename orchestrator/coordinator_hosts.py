@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.errors import RbdfleetError
+from agents.service import HARDENING
 from orchestrator import config as fleet_config
 from orchestrator.coordinator.config import CoordinatorConfig
 from orchestrator.core.remote import Executable, RemoteCommand
@@ -100,25 +101,9 @@ RestartSec=1
 
 # root without a single capability: it reads its own 0600 files (owner), speaks TCP to Ceph,
 # the agents and libvirt (or libvirt's socket), and writes nothing on disk.
-CapabilityBoundingSet=
-AmbientCapabilities=
-NoNewPrivileges=yes
-PrivateTmp=yes
+""" + HARDENING + """\
 PrivateDevices=yes
-ProtectSystem=strict
-ProtectHome=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectHostname=yes
 ProtectClock=yes
-RestrictNamespaces=yes
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-LockPersonality=yes
-SystemCallArchitectures=native
 UMask=0077
 
 [Install]
