@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import dataclasses
 import hashlib
 import json
 import platform
@@ -234,17 +235,21 @@ class CoordinatorResult:
     host: str
     ok: bool
     url: str
-    changed: bool = False
     actions: tuple[str, ...] = ()
     version: str | None = None
     role: str | None = None
     error: str | None = None
     seconds: float = 0.0
 
+    @property
+    def changed(self) -> bool:
+        """Whether anything was written, started or stopped."""
+        return bool(self.actions)
+
 
 _PROBE = r'''
 import hashlib, importlib.util, json, os, platform, sys
-install, unit = sys.argv[1:3]
+install = sys.argv[1]
 def sha(path):
     try:
         return hashlib.sha256(open(path, "rb").read()).hexdigest()
@@ -254,9 +259,9 @@ current = os.path.join(install, "current")
 print(json.dumps({
     "systemd": os.path.isdir("/run/systemd/system"),
     "python": "%d.%d" % sys.version_info[:2], "machine": platform.machine(),
-    "missing": [m for m in sys.argv[4].split(",") if importlib.util.find_spec(m) is None],
+    "missing": [m for m in sys.argv[3].split(",") if importlib.util.find_spec(m) is None],
     "version": os.path.basename(os.readlink(current)) if os.path.islink(current) else None,
-    "sha256": {path: sha(path) for path in sys.argv[3].split("\n") if path},
+    "sha256": {path: sha(path) for path in sys.argv[2].split("\n") if path},
 }))
 '''
 
@@ -311,7 +316,8 @@ class CoordinatorInstaller:
             except RbdfleetError as exc:
                 result = CoordinatorResult(target.host.name, ok=False, url=target.url,
                                            error=str(exc))
-            results[target.host.name] = _timed(result, self.clock() - started)
+            result = dataclasses.replace(result, seconds=round(self.clock() - started, 3))
+            results[target.host.name] = result
             if not result.ok:
                 raise DeployError(f"coordinator {verb} failed on {target.host.name}: "
                                   f"{result.error}", results)
@@ -352,8 +358,8 @@ class CoordinatorInstaller:
             self._systemctl(target, "restart", layout.unit_name)
             actions.append("restarted" if shown.get("ActiveState") == "active" else "started")
         role = self._wait_ready(target)
-        return CoordinatorResult(name, ok=True, url=target.url, changed=bool(actions),
-                                 actions=tuple(actions), version=self.package.version, role=role)
+        return CoordinatorResult(name, ok=True, url=target.url, actions=tuple(actions),
+                                 version=self.package.version, role=role)
 
     def _uninstall_one(self, target: CoordinatorTarget) -> CoordinatorResult:
         layout = target.layout
@@ -367,7 +373,7 @@ class CoordinatorInstaller:
         if probe["systemd"]:
             self._systemctl(target, "daemon-reload")
         return CoordinatorResult(target.host.name, ok=True, url=target.url,
-                                 changed=bool(actions), actions=(*actions, "removed"))
+                                 actions=(*actions, "removed"))
 
     def _check_host(self, name: str, probe: Mapping[str, Any]) -> None:
         """Refuse a host the service cannot run on, saying what it lacks."""
@@ -417,8 +423,8 @@ class CoordinatorInstaller:
 
     def _probe(self, target: CoordinatorTarget, paths: Sequence[str]) -> dict[str, Any]:
         out = self._run(target, RemoteCommand(Executable.PYTHON3, [
-            "-c", _PROBE, target.layout.install_dir, target.layout.unit_path,
-            "\n".join(paths), ",".join(HOST_BINDINGS)]))
+            "-c", _PROBE, target.layout.install_dir, "\n".join(paths),
+            ",".join(HOST_BINDINGS)]))
         probe: dict[str, Any] = json.loads(out)
         return probe
 
@@ -432,10 +438,6 @@ class CoordinatorInstaller:
 
     def _run(self, target: CoordinatorTarget, cmd: RemoteCommand, check: bool = True) -> str:
         return self.shell.run(target.host, cmd, self.command_timeout, check=check).stdout
-
-
-def _timed(result: CoordinatorResult, seconds: float) -> CoordinatorResult:
-    return CoordinatorResult(**{**result.__dict__, "seconds": round(seconds, 3)})
 
 
 def coordinator_targets(cfg: fleet_config.FleetConfig, ccfg: CoordinatorConfig,

@@ -22,6 +22,7 @@ from orchestrator.coordinator_hosts import (
     CoordinatorHost,
     CoordinatorInstaller,
     CoordinatorResult,
+    CoordinatorTarget,
     coordinator_targets,
 )
 from orchestrator.packaging import CoordinatorPackage
@@ -111,7 +112,7 @@ def uninstall(
 
 
 def _installer(services: Services, hosts: list[str], port: int, libvirt_uri: str | None
-               ) -> tuple[CoordinatorInstaller, list[Any]]:
+               ) -> tuple[CoordinatorInstaller, list[CoordinatorTarget]]:
     cfg, ccfg = services.config, services.coordinator
     transport = services.transport()
 

@@ -149,10 +149,10 @@ def test_install_puts_an_active_and_a_standby_under_systemd(pair: Pair) -> None:
     for vm in HOSTS:
         unit = pair.unit(vm)
         assert (unit["ActiveState"], unit["UnitFileState"]) == ("active", "enabled"), unit
+    pids = {vm: pair.unit(vm)["MainPID"] for vm in HOSTS}
     again = _install(pair)
     assert all(r["actions"] == [] for r in again.values()), again  # nothing written, restarted
-    assert {vm: pair.unit(vm)["MainPID"] for vm in HOSTS} == {
-        vm: pair.unit(vm)["MainPID"] for vm in HOSTS}
+    assert {vm: pair.unit(vm)["MainPID"] for vm in HOSTS} == pids
     assert pair.epoch_and_writer() == (1, WRITER)
 
 

@@ -72,7 +72,7 @@ class SimulatedShell:
             sim.version = args[3]
             sim.files.pop(args[4])  # unpacked, then removed
         elif cmd.executable is Executable.PYTHON3 and "find_spec" in args[1]:  # the probe
-            paths = [p for p in args[4].split("\n") if p]
+            paths = [p for p in args[3].split("\n") if p]
             return RemoteResult(0, json.dumps({
                 "systemd": sim.systemd, "python": sim.python, "machine": sim.machine,
                 "missing": sim.missing, "version": sim.version,
