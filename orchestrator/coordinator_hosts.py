@@ -31,6 +31,7 @@ from __future__ import annotations
 import configparser
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -284,7 +285,7 @@ class CoordinatorInstaller:
     coordinator already active may answer."""
 
     shell: RemoteShell
-    package: CoordinatorPackage
+    build_package: Callable[[], CoordinatorPackage]  # called once, by the first install
     health: Callable[[str], str]
     command_timeout: float = 120.0
     ready_timeout: float = 180.0
@@ -293,6 +294,11 @@ class CoordinatorInstaller:
     local_python: str = field(default_factory=lambda: "{}.{}".format(*sys.version_info[:2]))
     local_machine: str = field(default_factory=platform.machine)
     fleet_urls: Sequence[str] = ()  # every coordinator's URL (``[coordinator] urls``)
+
+    @functools.cached_property
+    def package(self) -> CoordinatorPackage:
+        """What is installed (built on first use: ``uninstall`` needs none)."""
+        return self.build_package()
 
     def install(self, targets: Sequence[CoordinatorTarget]) -> dict[str, CoordinatorResult]:
         """Each host in turn: checked, brought up to date, (re)started if anything changed or

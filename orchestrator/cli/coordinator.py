@@ -122,7 +122,7 @@ def _installer(services: Services, hosts: list[str], port: int, libvirt_uri: str
 
     targets = coordinator_targets(cfg, ccfg, [CoordinatorHost.named(cfg, h) for h in hosts],
                                   port, libvirt_uri)
-    return CoordinatorInstaller(services.shell, CoordinatorPackage.build(), health,
+    return CoordinatorInstaller(services.shell, CoordinatorPackage.build, health,
                                 fleet_urls=ccfg.urls), targets
 
 

@@ -137,7 +137,7 @@ def _installer(shell: SimulatedShell, answers: dict[str, str] | None = None,
     def sleep(seconds: float) -> None:
         now[0] += seconds
 
-    installer = CoordinatorInstaller(shell, PACKAGE, health, ready_timeout=timeout,
+    installer = CoordinatorInstaller(shell, lambda: PACKAGE, health, ready_timeout=timeout,
                                      clock=lambda: now[0], sleep=sleep,
                                      local_python="3.11", local_machine="x86_64",
                                      fleet_urls=[f"https://{a}:7470" for a in shell.hosts])
@@ -233,11 +233,17 @@ def test_a_coordinator_that_never_answers_fails_the_host_and_stops_the_rollout()
     assert set(asked) == {"https://10.0.0.1:7470"} and hosts["10.0.0.2"].files == {}
 
 
+def _never_built() -> CoordinatorPackage:
+    raise AssertionError("uninstall builds no package")
+
+
 def test_uninstall_stops_disables_and_removes_the_unit_and_files() -> None:
     hosts = {"10.0.0.1": SimulatedHost()}
     installer, _ = _installer(SimulatedShell(hosts), {"https://10.0.0.1:7470": "active"})
     installer.install([_target("10.0.0.1")])
-    result = installer.uninstall([_target("10.0.0.1")])
+    fresh, _ = _installer(SimulatedShell(hosts))
+    fresh.build_package = _never_built
+    result = fresh.uninstall([_target("10.0.0.1")])
     sim = hosts["10.0.0.1"]
     assert result["h-10.0.0.1"].actions == ("stopped", "removed")
     assert not sim.active and not sim.enabled and sim.files == {}
