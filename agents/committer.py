@@ -110,6 +110,17 @@ class _Ticket:
 
 
 @dataclass(frozen=True)
+class _Staged:
+    """A small file of the overlay written to its home ahead of the checkpoint: ``home`` is
+    ``source`` (the overlay's node when it was written) with its bytes in data extents that
+    no record names yet. The next checkpoint names ``home`` if the file is still ``source``,
+    else gives its extents back."""
+
+    source: Node
+    home: Node
+
+
+@dataclass(frozen=True)
 class Commit:
     """One durable group commit as readers get it: its records (seq order) and their bytes as
     they lie in the journal ring from offset ``start`` (packed, without the batch's
@@ -246,6 +257,10 @@ class Committer(Follower):
         # extents out of the allocator's map that no durable record names: puts in flight,
         # discards in flight. A checkpoint saves them as free (after a crash they are).
         self._outside: dict[int, builtins.list[Extent]] = {}
+        # small files already written home (stage_homes), by path, and the bytes of small
+        # files put since the last staging pass or checkpoint (what the next pass would write)
+        self._staged: dict[str, _Staged] = {}
+        self._unstaged = 0
         # tree pages the writer's last checkpoint freed, quarantined at its next one
         self._retired: builtins.list[Extent] = []
         self._on_commit: Callable[[Commit], None] | None = None
@@ -895,6 +910,9 @@ class Committer(Follower):
                     continue
                 if t.outside is not None:
                     del self._outside[t.outside]  # named by the record from now on
+                inline = t.payload.get("data") if t.op == "put" else None
+                if inline is not None and len(inline) > LEAF_DATA_MAX:
+                    self._unstaged += journal.align_up(len(inline))
                 t.record = record
                 parts.append(data)
                 at += len(data)
@@ -960,6 +978,7 @@ class Committer(Follower):
             raise
         index.switch(commit.root, seq)
         self._effects.clear()
+        self._unstaged = 0
         self._checkpoint_slot = slot
         self._used = 0
         # the older slot now holds the previous checkpoint: the ring is kept from its
@@ -977,24 +996,61 @@ class Committer(Follower):
         """Bytes of tree pages the next checkpoint writes at worst."""
         return (self._index.overlay_size * PAGES_PER_PATH + 4) * TREE_PAGE
 
-    def _move_home(self) -> builtins.list[Extent]:
-        """Checkpoint leader, under the lock: the overlay's files that travelled inside their
-        put records and are too big to share a leaf go to data extents, packed back to back
-        in one sequential run (written here, flushed with the tree's pages before the
-        checkpoint names them). A put of a small file is thus one journal write when it is
-        acknowledged, and its bytes cost one 4 KiB block once home. With too little room left
-        for them and the tree's pages, they stay inline (in overflow pages): nothing fails."""
-        moving = self._index.inline_files(LEAF_DATA_MAX)
-        if not moving:
-            return []
+    def stage_homes(self, at_least: int) -> int:
+        """Writer, between checkpoints: once ``at_least`` bytes of small files were put since
+        the last pass, write the overlay's small files that the next checkpoint would move
+        to data extents (:meth:`_move_home`) to their homes now, in one sequential run,
+        outside the journal's leader: puts go on meanwhile, and the checkpoint, during which
+        every put waits, only names them. Their extents are out of the free map and named by
+        no record until then (a checkpoint taken meanwhile saves them as free: after a crash
+        they are, and the files' bytes are still in their records). Returns the bytes written
+        (0: below ``at_least``, nothing to move, or too little room, which the checkpoint
+        handles as it always does). See docs/format.md, "Small files"."""
+        if self._device.read_only:
+            return 0
+        with self._lock:
+            if (self._writer_epoch is None or self._failed is not None
+                    or self._unstaged < at_least):
+                return 0
+            self._unstaged = 0
+            moving = [(path, node) for path, node in self._index.inline_files(LEAF_DATA_MAX)
+                      if (staged := self._staged.get(path)) is None or staged.source is not node]
+            need = sum(journal.align_up(len(node.inline or b"")) for _, node in moving)
+            if not moving or self._allocator.free_bytes() < need + self._checkpoint_pages():
+                return 0
+            got = self._allocator.allocate(need)
+            self._outside[id(got)] = got
+        try:
+            homes = self._write_home(moving, got)
+        except DeviceError as exc:
+            # a fenced writer's next journal write fails and stops it: nothing more here
+            LOG.warning("event=stage_homes_failed errno=%s error=%s",
+                        exc.fields.get("errno"), exc.message)
+            with self._lock:
+                del self._outside[id(got)]
+                self._allocator.give_back(got)
+            return 0
+        with self._lock:
+            del self._outside[id(got)]
+            for path, source, home in homes:
+                # a checkpoint (which moved it itself) or a newer put may have come meanwhile
+                if self._index.lookup(path) is not source:
+                    self._allocator.give_back(builtins.list(home.extents))
+                    continue
+                older = self._staged.get(path)
+                if older is not None:
+                    self._allocator.give_back(builtins.list(older.home.extents))
+                self._staged[path] = _Staged(source, home)
+        return need
+
+    def _write_home(self, moving: builtins.list[tuple[str, Node]],
+                    got: builtins.list[Extent]) -> builtins.list[tuple[str, Node, Node]]:
+        """Write the bytes of ``moving`` (inline files) back to back into ``got`` (as many
+        bytes as their 4 KiB-padded sizes) as one run; each file's (path, inline node, node
+        with the same entry and its bytes in its part of ``got``)."""
         padded = [journal.align_up(len(node.inline or b"")) for _, node in moving]
-        need = sum(padded)
-        if self._allocator.free_bytes() < need + self._checkpoint_pages():
-            LOG.info("event=move_home_skipped files=%d bytes=%d", len(moving), need)
-            return []
-        got = self._allocator.allocate(need)
-        run = aligned_buffer(need)  # O_DIRECT writes it as it is
-        homes: builtins.list[tuple[str, Node]] = []
+        run = aligned_buffer(sum(padded))  # O_DIRECT writes it as it is
+        homes: builtins.list[tuple[str, Node, Node]] = []
         at = 0
         chunk = self._sb.chunk_size
         for (path, node), length in zip(moving, padded, strict=True):
@@ -1002,7 +1058,7 @@ class Committer(Follower):
             run[at : at + len(data)] = data
             extents = tuple(Extent(o, n) for o, n in locate(got, at, length))
             sums = tuple(zlib.crc32(data[i : i + chunk]) for i in range(0, len(data), chunk))
-            homes.append((path, Node(node.entry, extents=extents, sums=sums, chunk=chunk)))
+            homes.append((path, node, Node(node.entry, extents=extents, sums=sums, chunk=chunk)))
             at += length
         # not closed here: a failed write's traceback may still hold a view of it, and the
         # mmap goes with the last one
@@ -1011,9 +1067,41 @@ class Committer(Follower):
         for extent in got:
             self._io.writev(extent.offset, [view[done : done + extent.length]])
             done += extent.length
-        for path, home in homes:
+        return homes
+
+    def _move_home(self) -> builtins.list[Extent]:
+        """Checkpoint leader, under the lock: the overlay's files that travelled inside their
+        put records and are too big to share a leaf go to data extents (flushed with the
+        tree's pages before the checkpoint names them): those :meth:`stage_homes` wrote
+        ahead are only named; the rest are written here, packed back to back in one
+        sequential run. A put of a small file is thus one journal write when it is
+        acknowledged, and its bytes cost one 4 KiB block once home. With too little room left
+        for them and the tree's pages, they stay inline (in overflow pages): nothing fails.
+        Returns the extents of every file moved."""
+        staged, self._staged = self._staged, {}
+        moved: builtins.list[Extent] = []
+        rest: builtins.list[tuple[str, Node]] = []
+        for path, node in self._index.inline_files(LEAF_DATA_MAX):
+            ahead = staged.pop(path, None)
+            if ahead is not None and ahead.source is node:
+                self._index.move_home(path, ahead.home)
+                moved.extend(ahead.home.extents)
+            else:
+                if ahead is not None:
+                    staged[path] = ahead  # an older version's home: given back below
+                rest.append((path, node))
+        for stale in staged.values():  # overwritten or deleted since they were written
+            self._allocator.give_back(builtins.list(stale.home.extents))
+        if not rest:
+            return moved
+        need = sum(journal.align_up(len(node.inline or b"")) for _, node in rest)
+        if self._allocator.free_bytes() < need + self._checkpoint_pages():
+            LOG.info("event=move_home_skipped files=%d bytes=%d", len(rest), need)
+            return moved
+        got = self._allocator.allocate(need)
+        for path, _, home in self._write_home(rest, got):
             self._index.move_home(path, home)
-        return got
+        return [*moved, *got]
 
 
 def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

@@ -59,6 +59,11 @@ __all__ = ["QueuedCommit", "ReaderLink", "WriterRole"]
 
 LOG = logging.getLogger(__name__)
 
+# bytes of small files put since the last pass past which the writer writes them home ahead of
+# the checkpoint (Volume.stage_homes): a run this long is one sequential write, and the
+# checkpoint, during which every put waits, is left to name them
+STAGE_HOMES_AT = 1 << 20
+
 
 @dataclass(frozen=True)
 class QueuedCommit:
@@ -144,6 +149,7 @@ class WriterRole:
         retry_interval: float,
         on_device_error: OnDeviceError | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stage_homes_at: int = STAGE_HOMES_AT,
     ) -> None:
         self.node, self.fleet, self.epoch = node, fleet, epoch
         self.device, self.volume = device, volume
@@ -160,6 +166,10 @@ class WriterRole:
         # each group commit's records are queued for the readers by the journal leader, in
         # seq order and all at once: one push carries a whole group commit, never a gap
         volume.set_commit_listener(self._queue)
+        self._homes_due, self._stage_homes_at = threading.Event(), stage_homes_at
+        homes = threading.Thread(target=self._stage_homes, name="homes", daemon=True)
+        self._threads.append(homes)
+        homes.start()
 
     # -- readers -------------------------------------------------------------------------
 
@@ -473,6 +483,20 @@ class WriterRole:
                 else:
                     link.missed = max(link.missed, queued.last)
             self._notify()
+        self._homes_due.set()
+
+    def _stage_homes(self) -> None:
+        """After group commits, in a thread of its own: small files put since the last
+        pass go home once there are ``stage_homes_at`` bytes of them."""
+        while True:
+            self._homes_due.wait()
+            self._homes_due.clear()
+            if not self._accepting:
+                return
+            try:
+                self.volume.stage_homes(self._stage_homes_at)
+            except AgentError as exc:
+                LOG.warning("event=stage_homes_failed node=%s error=%s", self.node, exc.message)
 
     def announce(self, record: Record) -> None:
         """Queue ``record`` (e.g. the epoch-start record, committed before this role
@@ -511,6 +535,7 @@ class WriterRole:
             for link in self._links.values():
                 link.retired = True
             self._notify()
+            self._homes_due.set()  # its thread ends
             while self._inflight and self._clock() < deadline:
                 self._cond.wait(0.05)
             if self._inflight:

@@ -458,3 +458,42 @@ def test_announcing_a_record_the_journal_no_longer_holds_queues_nothing(
     cluster.writer.put("/after", [b"a"], 1, mtime=1.0)  # pushes go on as before
     assert all(r.volume.applied_seq == cluster.writer.volume.applied_seq
                for r in cluster.readers.values())
+
+
+def _no_reader(link: ReaderLink, push: RecordPush) -> RecordAck:
+    raise AssertionError(f"a push to {link.node}, a reader of no reader set")
+
+
+def test_small_files_go_home_ahead_once_enough_of_them_were_put() -> None:
+    """The writer's pass (Volume.stage_homes, in a thread of its own) starts once
+    ``stage_homes_at`` bytes of small files were acknowledged; the checkpoint then names
+    them and a reader reads them from their homes."""
+    medium = MemoryDevice(64 << 20)
+    Volume.format(medium, fleet="f")
+    device = medium.reopen()
+    volume = Volume.open(device)
+    volume.start_epoch(1)
+    writer = WriterRole(node="w", fleet="f", epoch=1, device=device, volume=volume,
+                        send_push=_no_reader,
+                        report_lagging=lambda report: None, ack_timeout=5.0,
+                        retry_interval=0.05, stage_homes_at=64 << 10)
+    files = {f"/h/{i}": bytes([i]) * 4096 for i in range(24)}
+    try:
+        for path, data in list(files.items())[:8]:
+            writer.put(path, [data], len(data), mtime=0.0)
+        time.sleep(0.3)
+        assert volume._staged == {}  # 32 KiB: below the threshold
+        for path, data in list(files.items())[8:]:
+            writer.put(path, [data], len(data), mtime=0.0)
+        deadline = time.monotonic() + 10
+        while len(volume._staged) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # at least the first 64 KiB went; the rest (if under 64 KiB) waits for the checkpoint
+        assert len(volume._staged) >= 16 and set(volume._staged) <= set(files)
+        volume.checkpoint()
+        assert volume._staged == {}
+        reader = Volume.open(medium.reopen(read_only=True))
+        assert all(b"".join(reader.read(p)) == d for p, d in files.items())
+        assert volume.fsck() == []
+    finally:
+        writer.close()
