@@ -265,6 +265,7 @@ class Agent:
         if self.reader is not None and self.writer is None:
             catching_up = self.reader.behind()
         revision, in_sync = self.sync_state()
+        unsettled = () if self.writer is None else self.writer.volume.unsettled()
         return Health(
             node=self.settings.node, fleet=self.settings.fleet, role=self.state.role,
             epoch=self.state.epoch,
@@ -273,7 +274,7 @@ class Agent:
             catching_up=catching_up, in_sync=in_sync,
             lagging=tuple(sorted(lk.node for lk in self._links(False))),
             sync_revision=revision, version=RELEASE,
-            settled=self.writer is None or self.writer.volume.settled(),
+            settled=not unsettled, unsettled=unsettled,
         )
 
     # -- role changes --------------------------------------------------------------------

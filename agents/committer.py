@@ -746,11 +746,21 @@ class Committer(Follower):
         image whose writer is settled changes only with the next write (a snapshot taken
         then is a quiesced backup; a check that nobody else wrote can start then). A
         volume that is not the writer is settled."""
+        return not self.unsettled()
+
+    def unsettled(self) -> tuple[str, ...]:
+        """What keeps the writer from being settled (:meth:`settled`): ``checkpoint`` (changes
+        an idle checkpoint would write), ``readers`` (a checkpoint not every in-sync reader
+        has acknowledged yet: the ring is kept until they have), ``ring`` (journal space to
+        give back), ``discards`` (in flight)."""
         if self._writer_epoch is None or self._device.read_only:
-            return True
+            return ()
         with self._lock:
-            return not (self._checkpoint_would_change() or self._ring_marks
-                        or self._ring_keep is not None or self._discarding)
+            pending = {"checkpoint": self._checkpoint_would_change(),
+                       "readers": bool(self._ring_marks),
+                       "ring": self._ring_keep is not None,
+                       "discards": bool(self._discarding)}
+        return tuple(name for name, due in pending.items() if due)
 
     def set_commit_listener(self, listener: Callable[[Commit], None] | None) -> None:
         """Call ``listener`` with each group commit (its records in seq order and their

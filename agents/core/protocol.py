@@ -628,7 +628,9 @@ class Health(Message):
     release directory's name), ``""`` when it runs from elsewhere (a source tree).
     ``settled``: false while the writer still has something to write at rest (an idle
     checkpoint, journal space to give back); an image whose writer is settled changes only
-    with the next write. Always true on a reader.
+    with the next write. Always true on a reader. ``unsettled`` names what is left
+    (``checkpoint``, ``readers``: a checkpoint some in-sync reader has not acknowledged,
+    ``ring``, ``discards``).
     """
 
     node: str
@@ -644,6 +646,7 @@ class Health(Message):
     sync_revision: int = 0
     version: str = ""
     settled: bool = True
+    unsettled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,7 @@ class Mission:
         something that must not write starts here."""
         control = self.services.agent_control(self.services.transport())
         port = self.config.fleet.agent_port
+        last: list[str] = ["no writer in the map"]  # said in the error: what was still left
 
         def settled() -> bool:
             writer = self._map().get("writer")
@@ -279,10 +280,16 @@ class Mission:
                 return False
             try:
                 health = control.health(f"{self.config.vm(writer).address}:{port}", 5.0)
-            except RbdfleetError:
+            except RbdfleetError as exc:
+                last[0] = f"{writer}: {exc}"
                 return False
+            last[0] = (f"{writer}: role {health.role}, left {list(health.unsettled)}, in sync "
+                       f"{list(health.in_sync)}, lagging {list(health.lagging)}")
             return health.role == "writer" and health.settled
-        self.wait(settled, timeout, "the writer to settle (nothing left to write at rest)")
+        try:
+            self.wait(settled, timeout, "the writer to settle (nothing left to write at rest)")
+        except SandboxError as exc:
+            raise SandboxError(f"{exc}; last seen: {last[0]}") from None
 
     @staticmethod
     def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:

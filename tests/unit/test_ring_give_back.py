@@ -306,3 +306,25 @@ def test_small_files_deleted_one_by_one_give_their_space_back_through_librbd() -
     # widened to whole objects only, 1.25 MB of the 8 MB were left here (1.7 MB on Ceph)
     assert _data_blocks_in_use(medium, writer) <= 16
     assert Volume.open(medium.reopen(read_only=True)).fsck() == []
+
+
+def test_unsettled_names_each_step_left_in_the_order_they_clear() -> None:
+    """What ``unsettled`` says at each step of a writer coming to rest: its changes, then
+    the readers' acknowledgement of its checkpoint, then the ring to give back; a reader
+    that does not acknowledge keeps ``readers`` there (the health says whom to look at)."""
+    medium = MemoryDevice(SIZE)
+    writer, pushed, _ = _fleet(medium)
+    while not writer.settled():  # at rest after its epoch started
+        _settle(writer, pushed)
+    for i in range(5):
+        writer.put(f"/u/{i}", [os.urandom(4096)], 4096, epoch=1, mtime=0.0)
+    _release(writer, pushed)
+    assert writer.unsettled() == ("checkpoint",)
+    assert writer.checkpoint_if_idle(0.0) and writer.checkpoint_if_idle(0.0)
+    assert writer.unsettled() == ("readers",)
+    writer.release_through(0)  # the reader's acknowledgement, held back: still waiting
+    assert writer.unsettled() == ("readers",)
+    _release(writer, pushed)
+    assert writer.unsettled() == ("ring",)
+    assert writer.give_back_ring(0.0)
+    assert writer.unsettled() == () and writer.settled()
