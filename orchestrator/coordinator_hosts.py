@@ -521,7 +521,8 @@ def role_variables(target: CoordinatorTarget, package: CoordinatorPackage, tarba
                    directory: Path, python_version: str) -> dict[str, Any]:
     """The Ansible role ``rbdfleet_coordinator``'s variables for ``target``: its files staged
     under ``directory/<host>/`` on this machine (0600 in 0700 directories: the role copies
-    them, those without a group or other bit as secrets, ``no_log``)."""
+    them, those without a group or other bit as secrets, ``no_log``, and only where the host
+    holds other bytes than their recorded ``sha256``)."""
     staged = directory / target.host.name
     staged.mkdir(parents=True, exist_ok=True, mode=0o700)
     staged.chmod(0o700)
@@ -532,6 +533,7 @@ def role_variables(target: CoordinatorTarget, package: CoordinatorPackage, tarba
         local.chmod(0o600)
         local.write_bytes(content)
         files.append({"src": str(local), "dest": dest, "mode": f"{mode:04o}",
+                      "sha256": hashlib.sha256(content).hexdigest(),
                       "secret": not mode & 0o044})
     return {"rbdfleet_coordinator_fleet": target.layout.fleet,
             "rbdfleet_coordinator_version": package.version,
