@@ -225,6 +225,8 @@ class Follower:
         self._pins: collections.Counter[int] = collections.Counter()
         self._pool: ThreadPoolExecutor | None = None
         self._durable_seq = 0
+        # how the last record came ("journal" or "push"): named when a push is refused
+        self._last_from = "journal"
 
     def _tree_pages(self) -> TreePages:
         """The tree's page store (built once, by the constructor)."""
@@ -423,6 +425,7 @@ class Follower:
                 return applied
             record, nbytes = found
             self._apply_at(record, start, nbytes)
+            self._last_from = "journal"
             applied.append(record)
 
     def _apply_at(self, record: Record, start: int, nbytes: int, *, own: bool = False) -> None:
@@ -601,11 +604,14 @@ class Follower:
                                             self._ring)
             if start not in journal.candidates(self._cursor.pos, self._ring) or (
                     start + nbytes > self._ring):
+                last = self._positions[-1] if self._positions else None
                 raise BadRequest(
-                    f"pushed record {record.seq} at journal offset {start} cannot follow the "
-                    f"record that ended at {self._cursor.pos}",
+                    f"pushed record {record.seq} at journal offset {start} ({nbytes} bytes) "
+                    f"cannot follow the record that ended at {self._cursor.pos} (seq, start, "
+                    f"length: {last}, read from the {self._last_from})",
                     seq=record.seq, journal_offset=start)
             self._apply_at(record, start, nbytes)
+            self._last_from = "push"
             self._durable_seq = record.seq
 
     def journal_position(self, seq: int) -> int:

@@ -126,7 +126,10 @@ def test_a_pushed_record_is_applied_only_where_the_next_one_may_start() -> None:
     with pytest.raises(BadRequest):  # not after the record the reader holds
         reader.apply(first, commit.start + 8, n)
     reader.apply(first, commit.start + a, n)
-    with pytest.raises(BadRequest):  # inside the record before it
+    with pytest.raises(BadRequest) as refused:  # inside the record before it
         reader.apply(second, commit.start + b - 8, m)
+    # the refusal says where the reader's last record lies and how it came (diagnosis)
+    assert (f"({first.seq}, {commit.start + a}, {n}), read from the push"
+            in refused.value.message), refused.value.message
     reader.apply(second, commit.start + b, m)
     assert reader.applied_seq == second.seq and reader.journal_head == vol.journal_head
