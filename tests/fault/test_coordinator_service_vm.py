@@ -210,11 +210,12 @@ def test_rebooted_active_coordinator_host_comes_back_as_the_standby(pair: Pair) 
     assert pair.epoch_and_writer() == (1, WRITER)
 
 
-def _playbook(pair: Pair, workdir: Path, *options: str,
-              hosts: tuple[str, ...] = HOSTS) -> dict[str, Any]:
+def _playbook(pair: Pair, workdir: Path, *options: str, hosts: tuple[str, ...] = HOSTS,
+              changed_expected: dict[str, int] | None = None) -> dict[str, Any]:
     """``ansible-playbook deploy-coordinators.yml`` on ``hosts`` as docs/operations.md runs
     it (from ansible/, ``rbdfleet inventory`` as the dynamic inventory); each host's number
-    of changed tasks."""
+    of changed tasks, which must be ``changed_expected`` if given (else the failure names the
+    tasks that changed)."""
     if hosts != HOSTS:
         options = (*options, "--limit", ",".join(hosts))
     bin_dir = Path(sys.executable).parent
@@ -235,14 +236,29 @@ def _playbook(pair: Pair, workdir: Path, *options: str,
     recaps = parse_output(done.stdout, hosts)
     assert done.returncode == 0 and all(r.succeeded for r in recaps.values()), \
         done.stdout[-3000:] + done.stderr[-2000:]
-    return {vm: recap.changed for vm, recap in recaps.items()}
+    changed = {vm: recap.changed for vm, recap in recaps.items()}
+    if changed_expected is not None:
+        assert changed == changed_expected, f"{changed}: {_changed_tasks(done.stdout)}"
+    return changed
+
+
+def _changed_tasks(stdout: str) -> list[str]:
+    """The tasks a playbook's output reports changed (with the item, if any)."""
+    task, found = "", []
+    for line in stdout.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif line.startswith("changed: "):
+            found.append(f"{task}: {line[len('changed: '):][:160]}")
+    return found
 
 
 def test_the_playbook_finds_the_coordinator_the_cli_installed_converged(pair: Pair,
                                                                         tmp_path: Path) -> None:
     """Both installers put the same bytes in the same places: on a host the CLI installed,
     the playbook's ``--check`` finds nothing to change."""
-    assert _playbook(pair, tmp_path, "--check", hosts=(PLAYBOOK_HOST,)) == {PLAYBOOK_HOST: 0}
+    _playbook(pair, tmp_path, "--check", hosts=(PLAYBOOK_HOST,),
+              changed_expected={PLAYBOOK_HOST: 0})
 
 
 @pytest.mark.timeout(900)  # two playbook runs into a TCG guest: each module run costs seconds
@@ -260,6 +276,6 @@ def test_the_playbook_installs_a_coordinator_on_a_fresh_host(pair: Pair, tmp_pat
     unit = pair.unit(fresh)
     assert (unit["ActiveState"], unit["UnitFileState"]) == ("active", "enabled"), unit
     assert pair.role(fresh) == "standby" and pair.role(active) == "active"
-    assert _playbook(pair, tmp_path, hosts=(fresh,)) == {fresh: 0}
+    _playbook(pair, tmp_path, hosts=(fresh,), changed_expected={fresh: 0})
     assert pair.unit(fresh)["MainPID"] == unit["MainPID"]  # nothing restarted
     assert pair.epoch_and_writer() == (1, WRITER)
