@@ -1017,7 +1017,8 @@ class Committer(Follower):
         no record until then (a checkpoint taken meanwhile saves them as free: after a crash
         they are, and the files' bytes are still in their records). Returns the bytes written
         (0: below ``at_least``, nothing to move, or too little room, which the checkpoint
-        handles as it always does). See docs/format.md, "Small files"."""
+        handles as it always does); DeviceError if the write fails. See docs/format.md, "Small
+        files"."""
         if self._device.read_only:
             return 0
         with self._lock:
@@ -1027,21 +1028,20 @@ class Committer(Follower):
             self._unstaged = 0
             moving = [(path, node) for path, node in self._index.inline_files(LEAF_DATA_MAX)
                       if (staged := self._staged.get(path)) is None or staged.source is not node]
-            need = sum(journal.align_up(len(node.inline or b"")) for _, node in moving)
+            need = sum(_home_sizes(moving))
             if not moving or self._allocator.free_bytes() < need + self._checkpoint_pages():
                 return 0
             got = self._allocator.allocate(need)
             self._outside[id(got)] = got
         try:
             homes = self._write_home(moving, got)
-        except DeviceError as exc:
-            # a fenced writer's next journal write fails and stops it: nothing more here
-            LOG.warning("event=stage_homes_failed errno=%s error=%s",
-                        exc.fields.get("errno"), exc.message)
+        except DeviceError:
+            # nothing names the space: back to the free map (a fenced writer's next journal
+            # write fails and stops it; the caller logs this one)
             with self._lock:
                 del self._outside[id(got)]
                 self._allocator.give_back(got)
-            return 0
+            raise
         with self._lock:
             del self._outside[id(got)]
             for path, source, home in homes:
@@ -1060,7 +1060,7 @@ class Committer(Follower):
         """Write the bytes of ``moving`` (inline files) back to back into ``got`` (as many
         bytes as their 4 KiB-padded sizes) as one run; each file's (path, inline node, node
         with the same entry and its bytes in its part of ``got``)."""
-        padded = [journal.align_up(len(node.inline or b"")) for _, node in moving]
+        padded = _home_sizes(moving)
         run = aligned_buffer(sum(padded))  # O_DIRECT writes it as it is
         homes: builtins.list[tuple[str, Node, Node]] = []
         at = 0
@@ -1106,7 +1106,7 @@ class Committer(Follower):
             self._allocator.give_back(builtins.list(stale.home.extents))
         if not rest:
             return moved
-        need = sum(journal.align_up(len(node.inline or b"")) for _, node in rest)
+        need = sum(_home_sizes(rest))
         if self._allocator.free_bytes() < need + self._checkpoint_pages():
             LOG.info("event=move_home_skipped files=%d bytes=%d", len(rest), need)
             return moved
@@ -1114,6 +1114,11 @@ class Committer(Follower):
         for path, _, home in self._write_home(rest, got):
             self._index.move_home(path, home)
         return [*moved, *got]
+
+
+def _home_sizes(files: Iterable[tuple[str, Node]]) -> builtins.list[int]:
+    """Bytes each inline file takes once home (padded to whole 4 KiB blocks)."""
+    return [journal.align_up(len(node.inline or b"")) for _, node in files]
 
 
 def _bounded(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:

@@ -9,6 +9,7 @@ room left the files stay inline and nothing fails.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import threading
@@ -19,6 +20,7 @@ import pytest
 from agents.committer import LEAF_DATA_MAX
 from agents.core.superblock import INLINE_MAX
 from agents.device import ALIGN
+from agents.errors import DeviceError
 from agents.testing import MemoryDevice
 from agents.volume import Volume
 from tests.unit.test_warm_promotion import _pushes_to
@@ -306,3 +308,24 @@ def test_a_checkpoint_during_a_pass_saves_its_space_as_free() -> None:
     assert free - vol.free_bytes() >= run  # the checkpoint's own homes
     vol.close()
     assert Volume.open(medium.reopen(read_only=True)).fsck() == []
+
+
+def test_a_pass_whose_write_fails_gives_its_space_back_and_says_so() -> None:
+    medium = MemoryDevice(SIZE)
+    vol, dev = _writer(medium)
+    for i in range(4):
+        _put(vol, f"/e/{i}", os.urandom(4096))
+    free = vol.free_bytes()
+    write_at = dev.write_at
+
+    def failing(offset: int, data: bytes) -> None:
+        dev.write_at = write_at  # type: ignore[method-assign]
+        raise DeviceError("write refused", op="write", errno=errno.EIO)
+
+    dev.write_at = failing  # type: ignore[method-assign]
+    with pytest.raises(DeviceError):
+        vol.stage_homes(0)
+    assert vol.free_bytes() == free and vol._staged == {} and vol._outside == {}
+    vol.checkpoint()  # the checkpoint moves them itself
+    assert all(vol._index.lookup(f"/e/{i}").extents for i in range(4))  # type: ignore[union-attr]
+    assert vol.fsck() == []
