@@ -169,25 +169,43 @@ class JournalView:
         numbers = Record.peek_numbers(head)
         return nbytes if numbers is not None and numbers[3] == self._tag else None
 
+    def _record_bytes(self, start: int) -> memoryview | None:
+        """The bytes of the record of this volume whose header lies at ``start``, as many as
+        that header announces, taken from one read of the ring (unverified), or None.
+
+        The header alone may come from a window read before the writer's latest batch: an
+        older record's, one lap earlier, at the same place. When the bytes up to the
+        announced length need another read, that read may hold the new record, of another
+        length; the header is then taken again from it. Whatever the writer does meanwhile,
+        the bytes returned start with the header that gives their length."""
+        for _ in range(2):
+            nbytes = self._ours(start)
+            if nbytes is None:
+                return None
+            data = self.read(start, nbytes)
+            if Record.peek_length(data) == nbytes:
+                return data
+        return None  # rewritten under both reads: the record is being written, not there yet
+
     def record_at(self, start: int) -> tuple[Record, int] | None:
         """The valid record starting at ``start`` and its length, or None (torn, corrupt, no
         record or another volume's). A record of this volume in a format this agent does not
         read raises UnsupportedFormat."""
-        nbytes = self._ours(start)
-        if nbytes is None:
+        data = self._record_bytes(start)
+        if data is None:
             return None
         try:
-            return Record.decode(self.read(start, nbytes), self._key), nbytes
+            return Record.decode(data, self._key), len(data)
         except (TornRecord, ChecksumMismatch):
             return None
 
     def witness_at(self, start: int) -> journal.Witness | None:
-        """Like :meth:`record_at` (CRC checked) without parsing the payload."""
-        nbytes = self._ours(start)
-        if nbytes is None:
+        """Like :meth:`record_at` (seal checked) without parsing the payload."""
+        data = self._record_bytes(start)
+        if data is None:
             return None
         try:
-            seq, epoch, commit_seq, _ = Record.verify(self.read(start, nbytes), self._key)
+            seq, epoch, commit_seq, _ = Record.verify(data, self._key)
         except (TornRecord, ChecksumMismatch):
             return None
         return journal.Witness(start, seq, epoch, commit_seq)

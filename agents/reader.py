@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from agents.core.protocol import RecordAck, RecordPush
+from agents.core.protocol import PushedRecord, RecordAck, RecordPush
 from agents.core.record import Record
 from agents.device import BlockDevice
 from agents.errors import CatchingUp, SequenceGap
@@ -63,29 +63,37 @@ class ReaderRole:
         by :attr:`RecordPush.records`); gaps are filled from the journal on the image."""
         with self._lock:
             self.writer = push.writer
-            for pushed in push.records:
-                record = pushed.record
-                if record.seq <= self.volume.applied_seq:
-                    continue
-                if record.seq > self.volume.applied_seq + 1:
-                    # Every pushed record is durable before it is sent, so the journal has the
-                    # missing ones.
+            records = push.records  # DecodeError: nothing in this push is believed
+            try:
+                self._apply_pushed(records)
+                if self.volume.applied_seq < push.commit_seq:
                     self._refresh_locked()
-                    if record.seq <= self.volume.applied_seq:
-                        continue
-                if record.seq != self.volume.applied_seq + 1:
-                    raise SequenceGap(
-                        f"record {record.seq} does not follow {self.volume.applied_seq} and "
-                        "the journal does not have the missing records yet",
-                        applied=self.volume.applied_seq, got=record.seq)
-                self.volume.apply(record, pushed.start, pushed.nbytes)
-            if self.volume.applied_seq < push.commit_seq:
-                self._refresh_locked()
-            # Only now: a read arriving while this push is applied must not see the reader
-            # "behind" a commit seq it is about to reach (it used to answer 503 for that).
-            self.known_commit_seq = max(self.known_commit_seq, push.commit_seq)
+            finally:
+                # Only now: a read arriving while this push is applied must not see the
+                # reader "behind" a commit seq it is about to reach (it used to answer 503
+                # for that). And a push refused still says what was committed: reads wait
+                # for this reader to reach it (503), never answer from before it.
+                self.known_commit_seq = max(self.known_commit_seq, push.commit_seq)
             return RecordAck(node=self.node, epoch=self.volume.epoch,
                              applied_seq=self.volume.applied_seq, safe_seq=self.volume.safe_seq())
+
+    def _apply_pushed(self, records: tuple[PushedRecord, ...]) -> None:
+        for pushed in records:
+            record = pushed.record
+            if record.seq <= self.volume.applied_seq:
+                continue
+            if record.seq > self.volume.applied_seq + 1:
+                # Every pushed record is durable before it is sent, so the journal has the
+                # missing ones.
+                self._refresh_locked()
+                if record.seq <= self.volume.applied_seq:
+                    continue
+            if record.seq != self.volume.applied_seq + 1:
+                raise SequenceGap(
+                    f"record {record.seq} does not follow {self.volume.applied_seq} and "
+                    "the journal does not have the missing records yet",
+                    applied=self.volume.applied_seq, got=record.seq)
+            self.volume.apply(record, pushed.start, pushed.nbytes)
 
     def behind(self) -> bool:
         """Whether this reader is behind what it knows was committed."""

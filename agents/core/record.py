@@ -4,12 +4,13 @@ the volume's record key.
 Invariants:
 - ``Record.decode(r.encode(key), key) == r`` for every record whose payload is JSON-able (plus
   one optional ``data`` bytes value, the inline content of a small file).
-- A record decodes only under the key it was sealed with, complete and unaltered: any
-  truncation below its length, any flipped bit inside it, any other key raises
-  ``TornRecord`` or ``ChecksumMismatch``. So bytes that the volume's writer did not seal are
-  never a record, whoever chose them: a small file's inline bytes lie in the ring verbatim
-  and a client picks them, but a client cannot compute the seal (the CRC-32 of format 2
-  anyone could, and a planted record then passed for the next one after a wrap).
+- A record decodes only under the key it was sealed with, complete and unaltered, from
+  exactly its own bytes: any truncation below its length, any byte beyond it, any flipped
+  bit inside it, any other key raises ``TornRecord`` or ``ChecksumMismatch``. So bytes that
+  the volume's writer did not seal are never a record, whoever chose them: a small file's
+  inline bytes lie in the ring verbatim and a client picks them, but a client cannot compute
+  the seal (the CRC-32 of format 2 anyone could, and a planted record then passed for the
+  next one after a wrap).
 - The key (:class:`RecordKey`) comes from the volume uuid, which only the superblock holds:
   agents, fsck and anyone else who can read the image know it; a client of the HTTP API
   never sees it (docs/security.md).
@@ -203,8 +204,12 @@ def _verified_fields(data: bytes | memoryview, key: RecordKey) -> tuple[Any, ...
         raise TornRecord("journal record of another volume (tag mismatch)")
     if length < HEADER.size + SEAL:
         raise TornRecord("journal record shorter than its header", length=length)
-    if len(data) < length:
-        raise TornRecord("journal record cut short", length=length, got=len(data))
+    if len(data) != length:
+        # longer bytes too: a caller that took the length from another read of the ring
+        # (an older record's header at the same place) must not be told the record has it
+        raise TornRecord("journal record cut short" if len(data) < length else
+                         "journal record bytes longer than the record", length=length,
+                         got=len(data))
     view = memoryview(data)
     if not hmac.compare_digest(key.seal(view[: length - SEAL]), view[length - SEAL : length]):
         raise ChecksumMismatch("journal record seal mismatch (torn, corrupt, or not sealed "

@@ -123,6 +123,18 @@ def test_a_record_cut_short_never_decodes(record: Record, data: st.DataObject) -
 
 
 @settings(deadline=None)
+@given(records, st.binary(min_size=1, max_size=64))
+def test_bytes_past_the_record_never_decode(record: Record, extra: bytes) -> None:
+    """Only a record's own bytes decode: a length taken from another read of the ring (an
+    older header at the same place) must not pass for the record's."""
+    raw = record.encode(KEY) + extra
+    with pytest.raises(TornRecord, match="longer"):
+        Record.decode(raw, KEY)
+    with pytest.raises(TornRecord, match="longer"):
+        Record.verify(raw, KEY)
+
+
+@settings(deadline=None)
 @given(records, st.sampled_from([1, 2, VERSION]))
 def test_crc_sealed_records_are_not_records(record: Record, version: int) -> None:
     """A record with this volume's tag, the magic and a right CRC-32 (what anyone can

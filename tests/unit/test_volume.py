@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
 from agents.core.record import Record
-from agents.device import BlockDevice
+from agents.device import ALIGN, BlockDevice
 from agents.errors import (
     AlreadyExists,
     BadPath,
@@ -376,6 +376,42 @@ def test_records_written_during_the_end_check_are_not_corruption(opener: Opener)
         reader._check_end(witnesses)
     assert reader.applied_seq == vol.applied_seq
     assert read(reader, "/c") == b"3"
+
+
+def _lay(dev: BlockDevice, offset: int, data: bytes) -> None:
+    """Write ``data`` at any ``offset`` (read, patch, write the 4 KiB pages it touches)."""
+    base = offset - offset % ALIGN
+    pages = bytearray(dev.read_at(base, -(-(offset + len(data) - base) // ALIGN) * ALIGN))
+    pages[offset - base : offset - base + len(data)] = data
+    dev.write_at(base, bytes(pages))
+
+
+@pytest.mark.parametrize("longer", [1, 300, -1, -300])
+def test_a_window_read_before_the_writer_never_lends_its_length(longer: int) -> None:
+    """A view's window read one lap earlier holds an older record's header where the writer
+    has since laid a new one, of another length. When the old header's length needs a
+    second read, the record found is the new one, with its own length: the old length put a
+    reader's cursor bytes off, and it refused every push after (make bench, 3 runs in 6)."""
+    dev = MemoryDevice(SIZE)
+    Volume.format(dev, fleet="t")
+    sb = Volume.open(dev).superblock
+    start = 4 * ALIGN - 100  # the header in a new view's first window (16 KiB), the rest past it
+    new = Record(9, 1, "put", {"path": "/new", "data": b"n" * 4000}).encode(sb.record_key)
+    old = Record(1, 1, "put", {"path": "/old", "data": b"o" * (4000 + longer)}
+                 ).encode(sb.record_key)
+    for check in ("record", "witness"):
+        _lay(dev, sb.journal_offset + start, old)
+        view = JournalView(dev, sb)
+        view.read(0, 1)  # the window, with the old record's header
+        _lay(dev, sb.journal_offset + start, new)  # the writer's next lap, after the window
+        if check == "record":
+            found = view.record_at(start)
+            assert found is not None
+            assert (found[0].seq, found[1]) == (9, len(new))
+        else:
+            witness = view.witness_at(start)
+            assert witness is not None and witness.seq == 9
+        assert view.record_at(start + len(new)) is None  # nothing where the old one ended
 
 
 def test_reformat_forgets_the_old_journal(opener: Opener) -> None:
