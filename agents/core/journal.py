@@ -19,16 +19,20 @@ Invariants:
   writer's late write is never part of the history).
 - Write order: the records of one group commit may reach the medium in any order (one
   device write per batch, and a write spanning RBD objects or sectors completes piece by
-  piece); none of them is acknowledged before the flush that follows
-  all of them, and the next group commit is written only after that flush. So after a crash
-  any subset of the last batch may be on disk, and nothing after the batch exists.
+  piece), and so may the few group commits in flight at once (the writer numbers and writes
+  the next batch while earlier ones are being written). None is acknowledged before the
+  flush that follows it and before every batch numbered earlier was acknowledged. So after a
+  crash any subset of the last few batches may be on disk: a later batch whole while an
+  earlier one is torn.
 - A torn batch: a record cut by a missing piece fails its seal, so the chain ends there (the
   records after it in the batch cannot be reached: their start is only known from the
-  lengths before them). Padding, stale bytes and a client's inline bytes never look like the
-  next record: that needs the exact next seq, the volume's tag and a valid seal (keyed with
-  the volume's record key, which no client knows: :mod:`agents.core.record`).
+  lengths before them, and a later batch's first seq is not the missing one). Padding,
+  stale bytes and a client's inline bytes never look like the next record: that needs the
+  exact next seq, the volume's tag and a valid seal (keyed with the volume's record key,
+  which no client knows: :mod:`agents.core.record`).
 - ``commit_seq`` of a record is the highest seq durable (flushed, hence possibly
-  acknowledged) when it was written: it is below every seq of its own batch. A valid record
+  acknowledged) when it was numbered: it is below every seq of its own batch and of every
+  batch still in flight then. A valid record
   beyond the chain's end with ``commit_seq`` >= the first missing seq proves that seq was
   durable: the journal is corrupt, not torn (:func:`proves_corruption`). Without such a
   witness, nothing at or after the missing seq was ever acknowledged: it is the torn tail.

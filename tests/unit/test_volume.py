@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.backends.file import FileDevice
+from agents.committer import COMMITS_IN_FLIGHT
 from agents.core.record import Record
 from agents.device import ALIGN, BlockDevice
 from agents.errors import (
@@ -271,26 +272,31 @@ def test_a_full_store_refuses_new_data_and_deleting_everything_gives_the_space_b
     assert vol.fsck() == []
 
 
+def _journal_write(vol: Volume, offset: int) -> bool:
+    return vol._sb.journal_offset <= offset < vol._sb.journal_offset + vol._sb.journal_bytes
+
+
 def test_group_commit_shares_journal_writes(opener: Opener) -> None:
+    """Puts that arrive while COMMITS_IN_FLIGHT group commits are being written queue, and
+    the next leader writes all of them in one journal write."""
     vol = writer(opener)
-    n_threads = 8
+    n_threads = COMMITS_IN_FLIGHT + 6
     writes: list[int] = []
     real_write, real_flush = vol._device.write_at, vol._device.flush
-    gate = threading.Event()
+    queued = threading.Event()
 
     def counting(offset: int, data: bytes) -> None:
-        if vol._sb.journal_offset <= offset < vol._sb.journal_offset + vol._sb.journal_bytes:
+        if _journal_write(vol, offset):
             writes.append(len(data))
         real_write(offset, data)
 
     def slow_flush() -> None:
-        # the first leader holds its commit until every other put has queued behind it
-        if not gate.is_set():
-            gate.set()
-            for _ in range(1000):
-                if len(vol._queue) >= n_threads - 1:
-                    break
-                threading.Event().wait(0.01)
+        # the commits in flight hold their flush until every other put has queued behind them
+        for _ in range(1000):
+            if queued.is_set() or len(vol._queue) >= n_threads - COMMITS_IN_FLIGHT:
+                queued.set()
+                break
+            threading.Event().wait(0.01)
         real_flush()
 
     vol._device.write_at = counting  # type: ignore[method-assign]
@@ -311,10 +317,104 @@ def test_group_commit_shares_journal_writes(opener: Opener) -> None:
     for t in threads:
         t.join()
     assert not errors
+    assert queued.is_set()
     assert vol.applied_seq == 1 + n_threads
-    assert len(writes) == 2, "the puts queued behind the first leader did not share a write"
+    assert len(writes) <= COMMITS_IN_FLIGHT + 1, (
+        f"the puts queued behind the commits in flight did not share a write: {writes}")
     reader = Volume.open(opener(True))
     assert reader._index.snapshot() == vol._index.snapshot()
+
+
+def _in_thread(fn: Callable[[], Record]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` in a thread; its record or its exception lands in the list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def _wait_for(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if cond():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_group_commits_are_written_at_once_and_acknowledged_in_order(opener: Opener) -> None:
+    """The next batch is numbered and written while the one before is still being written;
+    it is acknowledged only after it, and its records never claim the one before durable."""
+    vol = writer(opener)
+    real_write = vol._device.write_at
+    journal_writes: list[int] = []
+    hold_first = threading.Event()
+
+    def held(offset: int, data: bytes) -> None:
+        if _journal_write(vol, offset):
+            journal_writes.append(offset)
+            if len(journal_writes) == 1:
+                assert hold_first.wait(10)
+        real_write(offset, data)
+
+    vol._device.write_at = held  # type: ignore[method-assign]
+    first, first_out = _in_thread(lambda: put(vol, "/a", b"a"))
+    _wait_for(lambda: len(journal_writes) == 1, "the first commit's journal write")
+    second, second_out = _in_thread(lambda: put(vol, "/b", b"b"))
+    _wait_for(lambda: len(journal_writes) == 2, "the second commit written beside the first")
+    second.join(0.2)
+    assert second.is_alive() and not second_out, "acknowledged before the commit before it"
+    hold_first.set()
+    first.join(10)
+    second.join(10)
+    a, b = first_out[0], second_out[0]
+    assert isinstance(a, Record) and isinstance(b, Record), (a, b)
+    assert b.seq == a.seq + 1 and b.commit_seq < a.seq
+    reader = Volume.open(opener(True))
+    assert read(reader, "/a") == b"a" and read(reader, "/b") == b"b"
+
+
+def test_a_failed_commit_fails_every_commit_after_it_even_written(opener: Opener) -> None:
+    """A fenced writer's journal write fails while the next commit's went through: that
+    one is not acknowledged either (the chain on the image ends before it), the volume
+    refuses every later write, and the image opens at the commit before, no corruption."""
+    vol = writer(opener)
+    put(vol, "/before", b"0")
+    durable = vol.applied_seq
+    real_write = vol._device.write_at
+    journal_writes: list[int] = []
+    second_written = threading.Event()
+
+    def fenced_first(offset: int, data: bytes) -> None:
+        if not _journal_write(vol, offset):
+            real_write(offset, data)
+            return
+        journal_writes.append(offset)
+        if len(journal_writes) == 1:
+            assert second_written.wait(10)
+            raise DeviceError("blocklisted (simulated)", op="write", errno=108)
+        real_write(offset, data)
+        second_written.set()
+
+    vol._device.write_at = fenced_first  # type: ignore[method-assign]
+    first, first_out = _in_thread(lambda: put(vol, "/a", b"a"))
+    _wait_for(lambda: len(journal_writes) == 1, "the first commit's journal write")
+    second, second_out = _in_thread(lambda: put(vol, "/b", b"b"))
+    first.join(10)
+    second.join(10)
+    assert isinstance(first_out[0], DeviceError) and isinstance(second_out[0], DeviceError), (
+        first_out, second_out)
+    with pytest.raises(DeviceError):
+        put(vol, "/c", b"c")
+    reader = Volume.open(opener(True))  # no ChecksumMismatch: nothing after vouches for /a
+    assert reader.applied_seq == durable
+    assert [e.path for e in reader.list("/")] == ["/before"]
 
 
 def test_journal_wraps_through_checkpoints(opener: Opener) -> None:
