@@ -250,6 +250,18 @@ class LiveWriterView:
         self._inner.close()
 
 
+def _same_places(reader: Volume, writer: Volume) -> None:
+    """Every record the reader placed lies where the writer wrote it (seq, ring offset,
+    length): a reader a byte off the writer's chain refuses every push after (make bench
+    caught one that a window read a lap earlier had misled)."""
+    written = {seq: (start, nbytes) for seq, start, nbytes in writer._positions}
+    for seq, start, nbytes in reader._positions:
+        if seq in written:
+            assert (start, nbytes) == written[seq], (
+                f"record {seq}: the reader has it at {start} ({nbytes} bytes), the writer "
+                f"wrote it at {written[seq][0]} ({written[seq][1]} bytes)")
+
+
 @pytest.mark.parametrize("journal_kib", [128, 256, 1024])
 @pytest.mark.parametrize("puts_per_read", [1, 2, 3])
 def test_open_while_the_writer_keeps_committing(journal_kib: int, puts_per_read: int) -> None:
@@ -279,6 +291,7 @@ def test_open_while_the_writer_keeps_committing(journal_kib: int, puts_per_read:
     assert 0 < reader.applied_seq <= writer.applied_seq
     for _ in range(30):
         reader.refresh()
+        _same_places(reader, writer)
     reader.refresh()
     live.live = False  # the writer stops: the reader catches up with it exactly
     stop = writer.applied_seq
