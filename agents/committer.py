@@ -277,9 +277,8 @@ class Committer(Follower):
         self._exclusive = 0  # threads waiting in _leadership(): the next free turn is theirs
         self._failed: DeviceError | None = None
         self._writer_epoch: int | None = None
-        # group commits numbered and not yet acknowledged (under _cond), the order of the last
-        # numbered and of the last acknowledged one
-        self._flights = 0
+        # the order of the last group commit numbered and of the last acknowledged (under
+        # _cond): the ones between are in flight
         self._numbered = 0
         self._landed = 0
         # extents out of the allocator's map that no durable record names: puts in flight,
@@ -840,8 +839,7 @@ class Committer(Follower):
                 self._cond.wait()
             self._exclusive -= 1
             self._leading = True
-            while self._flights:
-                self._cond.wait()
+            self._drain()
         try:
             yield
         finally:
@@ -891,7 +889,7 @@ class Committer(Follower):
         batch: builtins.list[_Ticket] = []
         try:
             with self._cond:
-                while self._flights >= COMMITS_IN_FLIGHT:
+                while self._in_flight() >= COMMITS_IN_FLIGHT:
                     self._cond.wait()
                 total = 0
                 while self._queue and (not batch or total + self._queue[0].nbytes <= budget):
@@ -913,6 +911,15 @@ class Committer(Follower):
             self._finish(batch)
         else:
             self._land(flight)
+
+    def _in_flight(self) -> int:
+        """Group commits numbered and not yet acknowledged."""
+        return self._numbered - self._landed
+
+    def _drain(self) -> None:
+        """Caller holds ``_cond`` and leads (so none starts): wait until none is in flight."""
+        while self._in_flight():
+            self._cond.wait()
 
     def _finish(self, tickets: builtins.list[_Ticket]) -> None:
         with self._cond:
@@ -953,19 +960,17 @@ class Committer(Follower):
                        or self._index.overlay_size >= OVERLAY_MAX
                        or self._index.overlay_data >= OVERLAY_DATA_MAX
                        or pages > room_for_pages)
-                if not due or not self._flights:  # none starts meanwhile: this thread leads
+                if not due or not self._in_flight():  # none starts meanwhile: it leads
                     if due:
                         batch = [self._checkpoint_locked(), *batch]
                         room = journal.align_up(sum(t.nbytes for t in batch))
                     start, parts = self._pack(batch, room)
                     break
             with self._cond:
-                while self._flights:
-                    self._cond.wait()
+                self._drain()
         if not parts:
             return None
         with self._cond:
-            self._flights += 1
             self._numbered += 1
             order = self._numbered
         nbytes = sum(len(part) for part in parts)
@@ -1060,7 +1065,6 @@ class Committer(Follower):
                     t.done = True
                     t.wake.set()
                 self._landed = flight.order
-                self._flights -= 1
                 self._cond.notify_all()
         return error
 
