@@ -37,6 +37,7 @@ from agents.errors import (
 from agents.follower import TREE_PAGE, JournalView
 from agents.testing import MemoryDevice
 from agents.volume import Volume
+from tests.unit.test_replication import _until
 from tests.unit.test_warm_promotion import _pushes_to
 
 pytestmark = pytest.mark.unit
@@ -340,14 +341,6 @@ def _in_thread(fn: Callable[[], Record]) -> tuple[threading.Thread, list[Any]]:
     return thread, out
 
 
-def _wait_for(cond: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if cond():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_group_commits_are_written_at_once_and_acknowledged_in_order(opener: Opener) -> None:
     """The next batch is numbered and written while the one before is still being written;
     it is acknowledged only after it, and its records never claim the one before durable."""
@@ -365,9 +358,9 @@ def test_group_commits_are_written_at_once_and_acknowledged_in_order(opener: Ope
 
     vol._device.write_at = held  # type: ignore[method-assign]
     first, first_out = _in_thread(lambda: put(vol, "/a", b"a"))
-    _wait_for(lambda: len(journal_writes) == 1, "the first commit's journal write")
+    _until("the first commit's journal write", lambda: len(journal_writes) == 1)
     second, second_out = _in_thread(lambda: put(vol, "/b", b"b"))
-    _wait_for(lambda: len(journal_writes) == 2, "the second commit written beside the first")
+    _until("the second commit written beside the first", lambda: len(journal_writes) == 2)
     second.join(0.2)
     assert second.is_alive() and not second_out, "acknowledged before the commit before it"
     hold_first.set()
@@ -404,7 +397,7 @@ def test_a_failed_commit_fails_every_commit_after_it_even_written(opener: Opener
 
     vol._device.write_at = fenced_first  # type: ignore[method-assign]
     first, first_out = _in_thread(lambda: put(vol, "/a", b"a"))
-    _wait_for(lambda: len(journal_writes) == 1, "the first commit's journal write")
+    _until("the first commit's journal write", lambda: len(journal_writes) == 1)
     second, second_out = _in_thread(lambda: put(vol, "/b", b"b"))
     first.join(10)
     second.join(10)
