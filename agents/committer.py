@@ -1058,12 +1058,12 @@ class Committer(Follower):
                     listener(Commit(committed, flight.start,
                                     memoryview(flight.packed)[: flight.nbytes]))
         finally:
-            with self._cond:
+            if error is not None:
                 for t in flight.tickets:
-                    if error is not None and t.record is not None:
+                    if t.record is not None:
                         t.error, t.record = error, None
-                    t.done = True
-                    t.wake.set()
+            self._finish(flight.tickets)
+            with self._cond:
                 self._landed = flight.order
                 self._cond.notify_all()
         return error
