@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+
 import pytest
 from hypothesis import settings
 
@@ -29,3 +34,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             "tests without a tier marker (unit/contract/integration/fault): " + ", ".join(untiered)
         )
+
+
+# How long the end of the session waits for threads a test left running before exiting anyway
+LEFTOVER_THREADS_GRACE_S = 30.0
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+def _leftover_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t is not threading.current_thread() and not t.daemon]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test that failed before stopping its own threads (a client workload, a watcher)
+    kept the interpreter from exiting after pytest's summary: CI ran into its time limit and
+    reported "did not finish" instead of the failure. Such threads get a grace period, then
+    are named, and the process exits with pytest's own status."""
+    deadline = time.monotonic() + LEFTOVER_THREADS_GRACE_S
+    while (leftovers := _leftover_threads()) and time.monotonic() < deadline:
+        leftovers[0].join(0.5)
+    if leftovers:
+        print(f"\nthreads still running after the session, not waited for: "
+              f"{[t.name for t in leftovers]}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(config.stash.get(_EXIT_STATUS, 1))

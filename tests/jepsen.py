@@ -194,7 +194,9 @@ class Workload:
             ((f"w{i}", self._writer) for i in range(writers)),
             ((f"r{i}", self._reader) for i in range(readers)),
         ):
-            thread = threading.Thread(target=self._run, args=(name, loop), name=name)
+            # daemon: a test that fails before finish() must not keep pytest from exiting
+            thread = threading.Thread(target=self._run, args=(name, loop), name=name,
+                                      daemon=True)
             self.threads.append(thread)
         for t in self.threads:
             t.start()
