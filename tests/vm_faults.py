@@ -234,7 +234,11 @@ def rejoined(fleet: Mission, vms: VmSet, vm: str, epoch: int, timeout: float = 1
     except SandboxError as exc:
         journal = vms.exec(vm, ["journalctl", "-b", "-u", UNIT_NAME, "--no-pager", "-o", "cat",
                                 "-n", "30"])
-        raise AssertionError(f"{exc}; disks: {_modes(fleet)}; {vm}'s agent in this boot:\n"
+        m = fleet.fleet_map()
+        members = [(x["name"], x["role"], x["in_sync"]) for x in m.get("members", [])]
+        raise AssertionError(f"{exc}; the map: epoch {m.get('epoch')}, writer {m.get('writer')}, "
+                             f"phase {m.get('phase')}, members {members}; disks: "
+                             f"{_modes(fleet)}; {vm}'s agent in this boot:\n"
                              f"{journal.stdout}") from exc
 
 

@@ -43,6 +43,7 @@ from tests.vm_faults import (
     fail_over_under_stream,
     fsck,
     in_sync_reader,
+    rejoined,
     say_as,
     status_of,
 )
@@ -93,8 +94,7 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     announced = round(time.monotonic() - killed, 1)
     mission.wait(lambda: _restarted(sandbox_vms, WRITER, service), 60,
                  f"systemd restarting {WRITER}'s agent")
-    mission.wait(lambda: in_sync_reader(mission, WRITER, 2), 180,
-                 f"{WRITER} back as an in-sync reader of epoch 2")
+    rejoined(mission, sandbox_vms, WRITER, 2)
     say(f"{WRITER}: new writer announced {announced} s after kill -9; the old writer's agent "
         f"back in sync as a reader {time.monotonic() - killed:.1f} s after it")
     health = agent_health(mission, WRITER)
@@ -138,8 +138,7 @@ def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
             booted = time.monotonic()
             sandbox_vms.start(old)
             say(f"{old} booted again in {time.monotonic() - booted:.1f} s")
-    mission.wait(lambda: in_sync_reader(mission, old, epoch + 1), 180,
-                 f"{old} back as an in-sync reader of epoch {epoch + 1} (systemd started it)")
+    rejoined(mission, sandbox_vms, old, epoch + 1)
     health = agent_health(mission, old)
     assert (health["role"], health["epoch"]) == ("reader", epoch + 1)
     running.recorded.check()  # the rebooted node holds what the others hold
