@@ -1,5 +1,7 @@
-"""Byte layout of the metadata pages of format v2 (the copy-on-write B+tree of
-:mod:`agents.core.btree`), of its keys and of the entry record stored under them.
+"""Byte layout of the metadata pages (the copy-on-write B+tree of :mod:`agents.core.btree`),
+of its keys and of the entry record stored under them: the codec of docs/format.md's
+"Metadata tree", which is the specification (page header, leaf, branch and overflow cells,
+keys, entries, byte by byte).
 
 Pure codecs: bytes in, objects out, nothing read or written here. Every decoder bounds-checks
 what it is given (a page of another image, random bytes, a page whose CRC an attacker
@@ -8,77 +10,22 @@ recomputed) and raises the project's errors naming the page number: ``BadMagic``
 for it: a stale or misdirected page), ``CorruptMetadata`` (anything else that does not
 decode); never IndexError, struct.error or a loop whose length the page chooses unbounded.
 
-Every integer is little endian; every checksum is CRC-32 (``zlib.crc32``, as in v1).
-
-Page (``page_size`` bytes: 4096 by default, a power of two from 4 KiB to 32 KiB)::
-
-    offset size field
-    0      4s   magic b"RBFM"
-    4      u8   version (1)
-    5      u8   kind: 1 leaf, 2 branch, 3 overflow
-    6      u8   level: 0 for leaves and overflow pages; a branch is one above its children
-    7      u8   reserved, 0
-    8      u16  count: cells on the page (0 on an overflow page)
-    10     u16  used: bytes of the page in use (header + cells); the rest is written as
-                zeros (covered by the CRC, otherwise ignored)
-    12     u32  crc32 of bytes [0, 12) followed by [16, page_size)
-    16     u64  page number of this page (a page written to the wrong place is refused)
-    24     u64  generation: the transaction that wrote the page
-    32     cells, packed one after the other, in strictly increasing key order
-
-Leaf cell (``count`` of them)::
-
-    0  u16 key length k        2 u32 value length v        6 u8 flags (1: value in overflow)
-    7  key (k bytes)
-    7+k   flags 0: the value (v bytes)
-          flags 1: u64 first overflow page, u32 overflow page count, u32 crc32 of the value
-
-A value is stored in the cell when ``7 + k + v <= max_cell`` (a quarter of the page after
-the header: 1016 bytes for 4 KiB pages), else in a chain of overflow pages. Keys are at
-most ``max_cell - 23`` bytes (993 for 4 KiB pages), so every cell fits a quarter page and a
-page holds at least four: a split of any full page into two halves always fits. Keys are not
-spilled to overflow: the key of a path is at most one byte longer than the path, so 4 KiB
-pages hold paths up to 992 bytes, and v1's 4096-byte paths need 32 KiB pages (max key
-8161) until long keys get overflow cells too.
-
-Branch cell (``count`` of them, one per child)::
-
-    0  u16 key length k    2 u64 child page    10 u64 child generation    18 u32 child crc32
-    22 key (k bytes): the lowest key the child's subtree may hold; the first cell's key is
-       empty (its lower bound is the parent's). Keys route: child i holds the keys in
-       [key_i, key_i+1).
+:class:`Layout` takes the page size (4 to 32 KiB: the unit tests use small pages to build
+deep trees quickly); images use 32 KiB (``agents.follower.TREE_PAGE``), the only size whose
+keys hold every valid path. A value is stored in its cell when the cell fits a quarter of the
+page after the header (``max_cell``), else in a chain of overflow pages read for exactly the
+count its cell names. Keys are at most ``max_cell - 23`` bytes and are never spilled, so a
+page holds at least four cells and a split of any full page into two halves always fits.
 
 The child's generation and CRC in its parent make the tree a Merkle tree: a reader that
-trusts the root's (page, generation, CRC) triple (its owner keeps it: the superblock, once a
-volume uses the tree) detects a page that
-is self-consistent but not the one its parent was written with (a lost or misdirected write,
-a page number reused too early). A child's generation is never above its parent's.
+trusts the root's (page, generation, CRC) triple (the checkpoint holds it) detects a page
+that is self-consistent but not the one its parent was written with (a lost or misdirected
+write, a page number reused too early). A child's generation is never above its parent's.
 
-Overflow page (kind 3): at 32 ``u64 next page`` (2^64-1 on the last page), at 40 ``u32
-payload length``, at 44 the payload. A value of v bytes takes exactly
-``ceil(v / (page_size - 44))`` pages, every one full but the last; the chain is read for
-exactly the count its cell names (no cycle can lengthen it), and the value's CRC must match.
-Values are at most :data:`MAX_VALUE` bytes.
-
-Keys (the namespace): path ``/`` is the empty key; any other path is its parent directory's
-path, a NUL byte, and its last component (UTF-8)::
-
-    "/"      -> b""            "/a"     -> b"/\\x00a"          "/a/b" -> b"/a\\x00b"
-
-Paths contain no NUL (``normalize_path``), so the keys with prefix ``D + NUL`` are exactly
-the children of directory ``D``, sorted by name bytes (= code point order, the order v1 lists
-in): a listing is one range scan from ``D + NUL + after + NUL``. The deeper descendants of
-``D`` are exactly the keys with prefix ``D + "/"``: a directory rename is two range scans
-(delete + put of the keys found), touching only the pages holding the subtree and the paths
-to them. A (depth, path) key would scatter one subtree over one range per depth.
-
-Entry record (the value under a path's key; the path itself is the key)::
-
-    0  u8  kind: 1 file, 2 directory       1  u8  flags: 1 crc present, 2 inline data
-    2  u64 size        10 u64 version       18 u64 epoch        26 f64 mtime
-    34 u32 crc         38 u32 chunk         42 u32 extent count n
-    46 u32 m: checksum count (stored file) or inline length (inline file)
-    50 n x (u64 offset, u64 length), then m x u32 chunk checksums, or the m inline bytes
+Keys: a path's key is its parent's path, NUL, its last component; so a directory's children
+are one key range (a listing is one range scan) and its deeper descendants one more (a
+directory rename is two). A (depth, path) key would scatter one subtree over one range per
+depth.
 """
 
 from __future__ import annotations
