@@ -36,8 +36,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         )
 
 
-# How long the end of the session waits for threads a test left running before exiting anyway
-LEFTOVER_THREADS_GRACE_S = 30.0
+# How long the interpreter may take to exit after the session before it is made to
+LEFTOVER_THREADS_GRACE_S = 60.0
 _EXIT_STATUS = pytest.StashKey[int]()
 
 
@@ -45,22 +45,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
 
 
-def _leftover_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate()
-            if t is not threading.current_thread() and not t.daemon]
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """A test that failed before stopping its own threads (a client workload, a watcher)
     kept the interpreter from exiting after pytest's summary: CI ran into its time limit and
-    reported "did not finish" instead of the failure. Such threads get a grace period, then
-    are named, and the process exits with pytest's own status."""
-    deadline = time.monotonic() + LEFTOVER_THREADS_GRACE_S
-    while (leftovers := _leftover_threads()) and time.monotonic() < deadline:
-        leftovers[0].join(0.5)
-    if leftovers:
-        print(f"\nthreads still running after the session, not waited for: "
-              f"{[t.name for t in leftovers]}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(config.stash.get(_EXIT_STATUS, 1))
+    reported "did not finish" instead of the failure. A watchdog (a daemon thread: it dies
+    with a process that exits normally, thread pools joined at exit included) names the
+    threads still holding the exit after a grace period and exits with pytest's status."""
+    status = config.stash.get(_EXIT_STATUS, 1)
+
+    def watchdog() -> None:
+        time.sleep(LEFTOVER_THREADS_GRACE_S)
+        holding = [t.name for t in threading.enumerate()
+                   if not t.daemon and t is not threading.main_thread()]
+        print(f"\nthe interpreter did not exit within {LEFTOVER_THREADS_GRACE_S:.0f} s of the "
+              f"session's end; threads still running: {holding}", file=sys.stderr, flush=True)
+        os._exit(status)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
