@@ -2,9 +2,10 @@
 
 Stdlib only, and nothing from ``agents`` or ``orchestrator``: it exists to prove that the
 document specifies the on-disk format completely (tests/unit/test_format_reader.py compares
-its view of an image with the engine's). ``read_image(path)`` returns every path of the
-namespace (``/`` excluded) with its kind, size, version, epoch, mtime, whole-file CRC and, for
-files, the bytes, every checksum on the way verified.
+its view of an image with the engine's). ``read_image(path)`` returns what it read: the
+superblock, the checkpoint, the chain of records after it, and every path of the namespace
+(``/`` excluded) with its kind, size, version, epoch, mtime, whole-file CRC and, for files,
+the bytes, every checksum on the way verified.
 """
 
 from __future__ import annotations
@@ -120,7 +121,6 @@ class FileInfo:
 @dataclass
 class TreeStats:
     levels: int = 0  # 0: empty tree, 1: a root leaf, ...
-    leaves: int = 0
     branches: int = 0
     overflow_pages: int = 0
 
@@ -334,7 +334,6 @@ class Reader:
             if at != len(raw):
                 raise FormatError(f"page {page_no}: cells end at {at}, used says {len(raw)}")
             if kind == 1:
-                stats.leaves += 1
                 return
             stats.branches += 1
             if level == 0 or not children or children[0][0] != b"":
@@ -620,7 +619,8 @@ def apply(ns: dict[str, Node], rec: Record) -> None:
         raise FormatError(f"seq {rec.seq}: checkpoint record for seq {p['seq']}")
 
 
-def read_image_detailed(path: str, *, check_witnesses: bool = True) -> Image:
+def read_image(path: str) -> Image:
+    """Everything the image at ``path`` holds, read and checked as docs/format.md says."""
     r = Reader(path)
     try:
         sb = r.superblock()
@@ -640,7 +640,7 @@ def read_image_detailed(path: str, *, check_witnesses: bool = True) -> Image:
                 apply(ns, rec)
             epoch = max(epoch, rec.epoch)
         applied = records[-1].seq if records else ck.seq
-        if check_witnesses and (w := r.witnesses(sb, applied + 1, epoch)) is not None:
+        if (w := r.witnesses(sb, applied + 1, epoch)) is not None:
             raise FormatError(f"seq {applied + 1} missing, witnessed by seq {w.seq} at "
                               f"ring offset {w.offset}")
         files = {
@@ -651,8 +651,3 @@ def read_image_detailed(path: str, *, check_witnesses: bool = True) -> Image:
         return Image(sb, ck, applied, epoch, records, stats, files)
     finally:
         r.close()
-
-
-def read_image(path: str) -> dict[str, FileInfo]:
-    """Every path of the image at ``path`` (``/`` excluded) -> what it holds."""
-    return read_image_detailed(path).files

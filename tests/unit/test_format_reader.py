@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from agents.backends.file import FileDevice
+from agents.errors import ChecksumMismatch
 from agents.volume import Volume
-from tests.format_reader import FileInfo, FormatError, Image, read_image_detailed
+from tests.format_reader import FileInfo, FormatError, Image, Record, read_image
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +37,7 @@ class Harness:
         self.epoch = 1
         self.vol = self.open(dev)
         self.vol.start_epoch(self.epoch)
+        self.sb = read_image(str(path)).superblock  # the geometry: fixed at format
         self.wrote: dict[str, bytes | None] = {}
 
     def device(self, read_only: bool) -> FileDevice:
@@ -95,7 +97,7 @@ class Harness:
 
     def check(self) -> Image:
         """The independent reader's view == the writer's == a fresh open's == what was put."""
-        image = read_image_detailed(str(self.path))
+        image = read_image(str(self.path))
         mine = {p: _info(f) for p, f in image.files.items()}
         assert mine == engine_view(self.vol)
         assert mine == engine_view(self.open(self.device(True)))
@@ -143,7 +145,7 @@ def _fill(h: Harness, prefix: str) -> None:
     overwrites, a mkdir -p of an existing directory, renames of a file (over a file, onto
     itself) and of a directory with children."""
     rnd = os.urandom
-    sb = read_image_detailed(str(h.path)).superblock
+    sb = h.sb
     h.put(f"{prefix}/empty", b"")
     h.put(f"{prefix}/tiny", b"tiny")
     h.put(f"{prefix}/a/b/leafdata", rnd(3 * 1024))  # stays in its leaf after a checkpoint
@@ -219,7 +221,7 @@ def test_overflow_value(make: Make) -> None:
     """Near full, a checkpoint leaves an inline file above the leaf limit in its tree value,
     which then takes overflow pages (docs/format.md, Small files)."""
     h = make(16 * MiB)
-    sb = read_image_detailed(str(h.path)).superblock
+    sb = h.sb
     reserve = max(4, min(2048, sb.data_bytes // 64 // 32768)) * 32768
     h.put("/filler", bytes(h.vol.free_bytes() - reserve - 32 * 1024))
     h.put("/inline", os.urandom(sb.inline_max))
@@ -235,7 +237,7 @@ def test_ring_wraps(make: Make) -> None:
         h.put(f"/r/{i % 23}", os.urandom(200 + 37 * i % 1500))
         if i % 5 == 0:
             h.rename(f"/r/{i % 23}", f"/r/moved{i % 3}")
-        offsets = [r.offset for r in read_image_detailed(str(h.path)).records]
+        offsets = [r.offset for r in read_image(str(h.path)).records]
         wrapped = any(b < a for a, b in itertools.pairwise(offsets))
         if wrapped and i > 50:
             break
@@ -255,37 +257,64 @@ def test_new_writer_epoch(make: Make) -> None:
     assert image.files["/e/dir/one"].epoch == 7  # a rename gives the moved entry its epoch
 
 
+def _flip_last_byte(h: Harness, rec: Record) -> None:
+    """Break ``rec``'s seal on the image (a torn or corrupt write of it)."""
+    at = h.sb.journal_offset + rec.offset + rec.length - 1
+    with h.path.open("r+b") as f:
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def test_torn_tail_is_dropped_like_the_engine_does(make: Make) -> None:
     h = make(16 * MiB)
     h.put("/t/kept", b"kept")
     h.put("/t/torn", b"torn")
-    last = read_image_detailed(str(h.path)).records[-1]
+    last = read_image(str(h.path)).records[-1]
     assert last.payload["path"] == "/t/torn"
-    at = read_image_detailed(str(h.path)).superblock.journal_offset + last.offset
     h.vol.close()
-    with h.path.open("r+b") as f:  # the last record's seal: a torn write
-        f.seek(at + last.length - 1)
-        byte = f.read(1)
-        f.seek(at + last.length - 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _flip_last_byte(h, last)
     del h.wrote["/t/torn"]
-    image = read_image_detailed(str(h.path))
+    image = read_image(str(h.path))
     assert {p: f.data for p, f in image.files.items()} == h.wrote
     fresh = h.open(h.device(True))
     assert {p: _info(f) for p, f in image.files.items()} == engine_view(fresh)
     assert image.applied_seq == fresh.applied_seq == last.seq - 1
 
 
-def test_corrupt_tree_page_is_refused(make: Make) -> None:
+def test_a_witnessed_gap_is_refused_like_the_engine_does(make: Make) -> None:
+    """A broken record followed by one whose commit_seq covers it is corruption, not a torn
+    tail: the reader and the engine both refuse the image (docs/format.md, Torn tail)."""
+    h = make(16 * MiB)
+    for name in ("one", "two", "three"):  # one group commit each
+        h.put(f"/w/{name}", name.encode())
+    *_, middle, last = read_image(str(h.path)).records
+    assert last.commit_seq >= middle.seq
+    h.vol.close()
+    _flip_last_byte(h, middle)
+    with pytest.raises(FormatError, match=f"seq {middle.seq} missing"):
+        read_image(str(h.path))
+    with pytest.raises(ChecksumMismatch):
+        h.open(h.device(True))
+
+
+def test_a_corrupt_tree_page_is_refused_like_the_engine_does(make: Make) -> None:
     h = make(16 * MiB)
     h.put("/c/file", b"x")
     h.checkpoint()
-    image = read_image_detailed(str(h.path))
+    image = read_image(str(h.path))
     assert image.checkpoint.root is not None
-    page = image.checkpoint.root[0]
+    at = image.checkpoint.root[0] * 4096 + 100
     h.vol.close()
     with h.path.open("r+b") as f:
-        f.seek(page * 4096 + 100)
-        f.write(b"\xff")
-    with pytest.raises(FormatError):
-        read_image_detailed(str(h.path))
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(FormatError, match="bad crc"):
+        read_image(str(h.path))
+    # the engine opens (slot A and the journal before the checkpoint record are whole) and
+    # meets the page when it reads the tree, as the reader does when it walks it
+    with pytest.raises(ChecksumMismatch, match="metadata page"):
+        engine_view(h.open(h.device(True)))
