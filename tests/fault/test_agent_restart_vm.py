@@ -94,7 +94,7 @@ def test_killed_agents_come_back_by_themselves(mission: Mission,  # noqa: F811
     announced = round(time.monotonic() - killed, 1)
     mission.wait(lambda: _restarted(sandbox_vms, WRITER, service), 60,
                  f"systemd restarting {WRITER}'s agent")
-    rejoined(mission, sandbox_vms, WRITER, 2)
+    rejoined(mission, WRITER, 2)
     say(f"{WRITER}: new writer announced {announced} s after kill -9; the old writer's agent "
         f"back in sync as a reader {time.monotonic() - killed:.1f} s after it")
     health = agent_health(mission, WRITER)
@@ -138,7 +138,7 @@ def test_powered_off_writer_vm_is_replaced_and_its_agent_comes_back_by_itself(
             booted = time.monotonic()
             sandbox_vms.start(old)
             say(f"{old} booted again in {time.monotonic() - booted:.1f} s")
-    rejoined(mission, sandbox_vms, old, epoch + 1)
+    rejoined(mission, old, epoch + 1)
     health = agent_health(mission, old)
     assert (health["role"], health["epoch"]) == ("reader", epoch + 1)
     running.recorded.check()  # the rebooted node holds what the others hold

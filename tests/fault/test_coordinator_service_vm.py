@@ -200,7 +200,7 @@ def test_rebooted_active_coordinator_host_comes_back_as_the_standby(pair: Pair) 
         up = reboot.wait_up()
         pair.fleet.wait(lambda: pair.role(active) == "standby", 180,
                         f"{active}'s coordinator back by itself, standing by")
-        rejoined(pair.fleet, pair.vms, active, 1)
+        rejoined(pair.fleet, active, 1)
     finally:
         reboot.restore()
     recorded.finish()

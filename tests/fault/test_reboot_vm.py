@@ -73,7 +73,7 @@ def test_rebooted_reader_vm_comes_back_in_sync_by_itself(mission: Mission,  # no
         up = reboot.wait_up()
     finally:
         reboot.restore()
-    rejoined(mission, sandbox_vms, READER, 1)
+    rejoined(mission, READER, 1)
     back = time.monotonic() - reboot.at
     say(f"{READER}: out of the in-sync set {out:.1f} s after the reboot, new boot at "
         f"{up.booting} s, agent serving at {up.serving} s (started {up.starts} time(s)), SSH "
@@ -115,7 +115,7 @@ def test_rebooted_writer_vm_is_replaced_and_rejoins_as_a_reader(
         up = reboot.wait_up()
     finally:
         reboot.restore()
-    rejoined(mission, sandbox_vms, old, epoch + 1)
+    rejoined(mission, old, epoch + 1)
     say(f"{old}: new boot at {up.booting} s, agent serving at {up.serving} s (started "
         f"{up.starts} time(s){'; before: ' + up.failed if up.failed else ''}), SSH at "
         f"{up.ssh} s, an in-sync reader of epoch {epoch + 1} at "
